@@ -1,0 +1,179 @@
+//! The daemon protocol: newline-delimited JSON over a Unix socket.
+//!
+//! A client writes one [`Envelope`] line; the daemon answers with zero or
+//! more [`Reply::Event`] lines (progress) and exactly one final
+//! [`Reply::Ok`] or [`Reply::Err`] line, then closes. The version is checked
+//! on every request, so a CLI and a daemon of different builds fail with a
+//! clear message instead of misreading each other.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::VmmKind;
+use crate::sizing::SizeRequest;
+use crate::state::VmState;
+
+pub const PROTOCOL_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Envelope {
+    pub version: u32,
+    pub request: Request,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Ping,
+    VmCreate(CreateVm),
+    VmStart { name: String },
+    VmStop { name: String },
+    VmKill { name: String },
+    VmDelete { name: String },
+    VmGet { name: String },
+    VmList,
+    ImageBuild { name: String, force: bool },
+    ImageList,
+    ImageDelete { name: String },
+    Doctor,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    pub name: Option<String>,
+    pub image: Option<String>,
+    pub size: SizeRequest,
+    pub vmm: Option<VmmKind>,
+    /// Boot it right away (what `vm run` does).
+    pub start: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    Event(Event),
+    Ok(Response),
+    Err(ApiError),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// A human-readable progress line.
+    Progress { message: String },
+    /// The one-line VM spec printed on spawn.
+    Spec { line: String },
+    /// A named phase and how long it took, for `--timings`.
+    Phase { name: String, micros: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Response {
+    Pong { version: u32, pid: u32 },
+    Vm(VmInfo),
+    Vms { vms: Vec<VmInfo> },
+    Image(ImageInfo),
+    Images { images: Vec<ImageInfo> },
+    Deleted { name: String },
+    Doctor { checks: Vec<Check> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    NotFound,
+    AlreadyExists,
+    InvalidInput,
+    Conflict,
+    Host,
+    Internal,
+    Version,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+/// What the CLI needs to show a VM and to reach it over SSH.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub id: String,
+    pub name: String,
+    pub state: VmState,
+    pub image: String,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub disk_mib: u64,
+    pub vmm: VmmKind,
+    pub accel: String,
+    pub guest_ip: Option<String>,
+    pub created_at: i64,
+    pub last_error: Option<String>,
+    pub ssh: SshTarget,
+    pub vm_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SshTarget {
+    pub user: String,
+    pub key: PathBuf,
+    pub known_hosts: PathBuf,
+    /// The alias the host key is pinned under in `known_hosts`.
+    pub host_key_alias: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageInfo {
+    pub name: String,
+    pub kernel_version: String,
+    pub rootfs_bytes: u64,
+    pub dir: PathBuf,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Check {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_reject_unknown_fields() {
+        let e = Envelope {
+            version: PROTOCOL_VERSION,
+            request: Request::VmStart { name: "a".into() },
+        };
+        let s = serde_json::to_string(&e).unwrap();
+        assert_eq!(
+            s,
+            r#"{"version":1,"request":{"op":"vm_start","name":"a"}}"#
+        );
+        assert_eq!(serde_json::from_str::<Envelope>(&s).unwrap(), e);
+        let bad = r#"{"version":1,"request":{"op":"vm_start","name":"a","force":true}}"#;
+        assert!(serde_json::from_str::<Envelope>(bad).is_err());
+        let bad = r#"{"version":1,"request":{"op":"vm_explode"}}"#;
+        assert!(serde_json::from_str::<Envelope>(bad).is_err());
+    }
+
+    #[test]
+    fn replies_are_tagged() {
+        let r = Reply::Err(ApiError {
+            kind: ErrorKind::NotFound,
+            message: "vm \"x\" not found".into(),
+        });
+        let s = serde_json::to_string(&r).unwrap();
+        assert!(s.starts_with(r#"{"reply":"err","kind":"not_found""#), "{s}");
+        assert_eq!(serde_json::from_str::<Reply>(&s).unwrap(), r);
+    }
+}

@@ -1,0 +1,17 @@
+//! banger's domain layer: everything that can be decided without touching the
+//! host. VM names, default sizing, the VM state machine, the durable/transient
+//! split of VM state (`VmRuntime` vs `VmHandles`), guest addressing, the path
+//! layout and the daemon protocol. No crate below this one; no I/O in it.
+
+pub mod api;
+pub mod layout;
+pub mod model;
+pub mod name;
+pub mod net;
+pub mod sizing;
+pub mod state;
+
+pub use layout::Layout;
+pub use model::{ImageRecord, VmHandles, VmRecord, VmRuntime, VmSpec, VmmKind};
+pub use name::{validate_name, NameError};
+pub use state::VmState;

@@ -1,0 +1,124 @@
+//! The VM lifecycle as a small state machine. The daemon asks it before it
+//! acts, so "stop a stopped VM" is an error with a reason, not a no-op race.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// Recorded, disks prepared, never booted.
+    Created,
+    /// VMM spawned, waiting for the guest to say it is ready.
+    Starting,
+    Running,
+    Stopping,
+    Stopped,
+    /// The last start or stop failed; `last_error` says why. Can be started
+    /// again or deleted.
+    Error,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("vm {name:?} is {state}: cannot {action} it{hint}")]
+pub struct TransitionError {
+    pub name: String,
+    pub state: VmState,
+    pub action: &'static str,
+    pub hint: &'static str,
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VmState::Created => "created",
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Stopping => "stopping",
+            VmState::Stopped => "stopped",
+            VmState::Error => "error",
+        })
+    }
+}
+
+impl VmState {
+    pub fn can_start(self) -> bool {
+        matches!(self, VmState::Created | VmState::Stopped | VmState::Error)
+    }
+    pub fn can_stop(self) -> bool {
+        matches!(self, VmState::Running)
+    }
+    /// Kill is the forceful stop: allowed whenever a VMM may exist.
+    pub fn can_kill(self) -> bool {
+        matches!(
+            self,
+            VmState::Running | VmState::Starting | VmState::Stopping
+        )
+    }
+    /// Delete tears down whatever exists, so every state may be deleted; a
+    /// running VM is killed first.
+    pub fn can_delete(self) -> bool {
+        true
+    }
+
+    pub fn check(self, name: &str, action: &'static str) -> Result<(), TransitionError> {
+        let (ok, hint) = match action {
+            "start" => (self.can_start(), " (it is already up or busy)"),
+            "stop" => (self.can_stop(), " (only a running VM can be stopped)"),
+            "kill" => (self.can_kill(), " (no VMM is running)"),
+            _ => (self.can_delete(), ""),
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(TransitionError {
+                name: name.to_string(),
+                state: self,
+                action,
+                hint,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use VmState::*;
+
+    #[test]
+    fn transitions() {
+        for s in [Created, Stopped, Error] {
+            assert!(s.can_start(), "{s}");
+            assert!(!s.can_stop(), "{s}");
+            assert!(!s.can_kill(), "{s}");
+        }
+        for s in [Starting, Running, Stopping] {
+            assert!(!s.can_start(), "{s}");
+            assert!(s.can_kill(), "{s}");
+        }
+        assert!(Running.can_stop());
+        assert!(!Stopping.can_stop());
+        for s in [Created, Starting, Running, Stopping, Stopped, Error] {
+            assert!(s.can_delete());
+        }
+    }
+
+    #[test]
+    fn errors_name_the_vm_and_state() {
+        let e = Stopped.check("web", "stop").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "vm \"web\" is stopped: cannot stop it (only a running VM can be stopped)"
+        );
+        assert!(Running.check("web", "start").is_err());
+        assert!(Created.check("web", "start").is_ok());
+    }
+
+    #[test]
+    fn serializes_snake_case() {
+        assert_eq!(serde_json::to_string(&Running).unwrap(), "\"running\"");
+        let s: VmState = serde_json::from_str("\"stopped\"").unwrap();
+        assert_eq!(s, Stopped);
+    }
+}
