@@ -1,0 +1,11 @@
+//! Host subsystems, one narrow module each. Every function acts on the
+//! network namespace and mount namespace of the calling process, so tests
+//! run the daemon inside a namespace they created.
+
+pub mod cmd;
+pub mod fsutil;
+pub mod nat;
+pub mod process;
+pub mod sshkey;
+pub mod sysinfo;
+pub mod tap;
