@@ -1,0 +1,499 @@
+//! Building the default image: a Debian bookworm root filesystem from
+//! Debian's packages (mmdebstrap), with its own cloud kernel and modules,
+//! openssh-server and busybox init; shipped as an ext4 file, the ELF kernel
+//! extracted from it, and a small initramfs (static busybox plus the virtio
+//! modules). The image dir holds a `manifest.json`; the daemon indexes it in
+//! SQLite.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use banger_core::ImageRecord;
+use banger_host::cmd::{self, CmdError};
+use banger_host::fsutil::{self, FsError, WrapIo};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::cpio::Archive;
+use crate::kernel::{self, KernelError};
+
+pub const DEFAULT_IMAGE: &str = "bookworm";
+pub const MANIFEST: &str = "manifest.json";
+pub const KERNEL_FILE: &str = "vmlinux";
+pub const INITRD_FILE: &str = "initrd.img";
+pub const ROOTFS_FILE: &str = "rootfs.ext4";
+
+const INIT: &str = include_str!("../assets/init");
+const INITTAB: &str = include_str!("../assets/inittab");
+const GUEST_INIT: &str = include_str!("../assets/guest-init");
+const GUEST_READY: &str = include_str!("../assets/guest-ready");
+const SSHD_CONFIG: &str = include_str!("../assets/sshd_config");
+
+/// The modules the initramfs loads, with their dependencies resolved from
+/// the kernel's modules.dep.
+const INITRAMFS_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "virtio_net"];
+
+/// What goes into an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recipe {
+    pub suite: String,
+    pub packages: Vec<String>,
+    /// A static busybox from the host, the initramfs' only program.
+    pub busybox: PathBuf,
+}
+
+impl Recipe {
+    pub fn default_for(name: &str) -> Option<Recipe> {
+        (name == DEFAULT_IMAGE).then(|| Recipe {
+            suite: "bookworm".into(),
+            packages: [
+                "linux-image-cloud-amd64",
+                "openssh-server",
+                "busybox",
+                "iproute2",
+                "ca-certificates",
+                "curl",
+                "e2fsprogs",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+            busybox: PathBuf::from("/bin/busybox"),
+        })
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ImageError {
+    #[error("unknown image {0:?}: the images banger can build are: {DEFAULT_IMAGE}")]
+    Unknown(String),
+    #[error("image {name}: {source}")]
+    Fs { name: String, source: FsError },
+    #[error("image {name}: {source}")]
+    Cmd { name: String, source: CmdError },
+    #[error("image {name}: mmdebstrap failed ({status}); its last lines:\n{tail}")]
+    Bootstrap {
+        name: String,
+        status: String,
+        tail: String,
+    },
+    #[error("image {name}: kernel {path}: {source}")]
+    Kernel {
+        name: String,
+        path: PathBuf,
+        source: KernelError,
+    },
+    #[error("image {name}: {what}")]
+    Layout { name: String, what: String },
+    #[error("image {name}: manifest {path}: {detail}")]
+    Manifest {
+        name: String,
+        path: PathBuf,
+        detail: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub name: String,
+    pub kernel_version: String,
+    pub rootfs_bytes: u64,
+    pub created_at: i64,
+}
+
+impl Manifest {
+    pub fn record(&self, dir: &Path) -> ImageRecord {
+        ImageRecord {
+            name: self.name.clone(),
+            dir: dir.to_path_buf(),
+            kernel: dir.join(KERNEL_FILE),
+            initrd: dir.join(INITRD_FILE),
+            rootfs: dir.join(ROOTFS_FILE),
+            rootfs_bytes: self.rootfs_bytes,
+            kernel_version: self.kernel_version.clone(),
+            created_at: self.created_at,
+        }
+    }
+}
+
+/// Reads a finished image's manifest; `None` when the dir holds no complete
+/// image (a build that never finished has no manifest).
+pub fn load(dir: &Path) -> Result<Option<ImageRecord>, ImageError> {
+    let path = dir.join(MANIFEST);
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(ImageError::Manifest {
+                name,
+                path,
+                detail: e.to_string(),
+            })
+        }
+    };
+    let m: Manifest = serde_json::from_str(&text).map_err(|e| ImageError::Manifest {
+        name: name.clone(),
+        path: path.clone(),
+        detail: e.to_string(),
+    })?;
+    let rec = m.record(dir);
+    for f in [&rec.kernel, &rec.initrd, &rec.rootfs] {
+        if !f.is_file() {
+            return Err(ImageError::Manifest {
+                name,
+                path,
+                detail: format!("{} is missing: rebuild with `banger image build --force`", f.display()),
+            });
+        }
+    }
+    Ok(Some(rec))
+}
+
+/// Builds image `name` into `dir` (through `dir.building`, renamed at the
+/// end so a crash never leaves a half image that looks whole).
+pub fn build(
+    name: &str,
+    dir: &Path,
+    recipe: &Recipe,
+    progress: &mut dyn FnMut(&str),
+) -> Result<ImageRecord, ImageError> {
+    let fs = |source| ImageError::Fs {
+        name: name.to_string(),
+        source,
+    };
+    let cmd_err = |source| ImageError::Cmd {
+        name: name.to_string(),
+        source,
+    };
+    let work = dir.with_extension("building");
+    fsutil::remove_dir_all_if_exists(&work).map_err(fs)?;
+    fsutil::create_dir_all(&work).map_err(fs)?;
+    let rootfs = work.join("rootfs");
+
+    progress(&format!(
+        "bootstrapping Debian {} with mmdebstrap (about a minute)",
+        recipe.suite
+    ));
+    bootstrap(name, recipe, &rootfs, progress)?;
+
+    progress("installing banger's guest init and sshd config");
+    customize(&rootfs).map_err(fs)?;
+
+    progress("extracting the kernel");
+    let (kver, vmlinuz) = find_kernel(name, &rootfs)?;
+    let bz = std::fs::read(&vmlinuz)
+        .with_path("read", &vmlinuz)
+        .map_err(fs)?;
+    let elf = kernel::extract_vmlinux(&bz).map_err(|source| ImageError::Kernel {
+        name: name.to_string(),
+        path: vmlinuz.clone(),
+        source,
+    })?;
+    fsutil::write(&work.join(KERNEL_FILE), &elf).map_err(fs)?;
+
+    progress("building the initramfs");
+    let initrd = initramfs(name, &rootfs, &kver, &recipe.busybox)?;
+    fsutil::write(&work.join(INITRD_FILE), &initrd).map_err(fs)?;
+
+    progress("writing the ext4 root filesystem");
+    let used = cmd::run("du", ["-sb".as_ref(), rootfs.as_os_str()]).map_err(cmd_err)?;
+    let used: u64 = used
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1 << 30);
+    // Room for the filesystem's own metadata and for the user's packages.
+    let mib = (used / (1024 * 1024)) * 5 / 4 + 512;
+    let mib = mib.div_ceil(64) * 64;
+    let ext4 = work.join(ROOTFS_FILE);
+    cmd::run(
+        "mkfs.ext4",
+        [
+            "-q".as_ref(),
+            "-F".as_ref(),
+            "-L".as_ref(),
+            "banger-root".as_ref(),
+            "-d".as_ref(),
+            rootfs.as_os_str(),
+            ext4.as_os_str(),
+            format!("{mib}M").as_ref(),
+        ],
+    )
+    .map_err(cmd_err)?;
+    fsutil::remove_dir_all_if_exists(&rootfs).map_err(fs)?;
+
+    let manifest = Manifest {
+        name: name.to_string(),
+        kernel_version: kver,
+        rootfs_bytes: mib * 1024 * 1024,
+        created_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0),
+    };
+    let json = serde_json::to_string_pretty(&manifest).map_err(|e| ImageError::Layout {
+        name: name.to_string(),
+        what: e.to_string(),
+    })?;
+    fsutil::write(&work.join(MANIFEST), json).map_err(fs)?;
+    fsutil::remove_dir_all_if_exists(dir).map_err(fs)?;
+    std::fs::rename(&work, dir)
+        .with_path("rename into", dir)
+        .map_err(fs)?;
+    progress(&format!(
+        "image {name} ready: kernel {}, root filesystem {mib} MiB",
+        manifest.kernel_version
+    ));
+    Ok(manifest.record(dir))
+}
+
+fn bootstrap(
+    name: &str,
+    recipe: &Recipe,
+    rootfs: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(), ImageError> {
+    let mut child = Command::new("mmdebstrap")
+        .args([
+            "--mode=root",
+            "--variant=minbase",
+            "--dpkgopt=path-exclude=/usr/share/man/*",
+            "--dpkgopt=path-exclude=/usr/share/locale/*",
+            "--dpkgopt=path-exclude=/usr/share/doc/*",
+            "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+        ])
+        .arg(format!("--include={}", recipe.packages.join(",")))
+        .arg(&recipe.suite)
+        .arg(rootfs)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| ImageError::Cmd {
+            name: name.to_string(),
+            source: CmdError::Spawn {
+                program: "mmdebstrap".into(),
+                source,
+            },
+        })?;
+    let mut tail: Vec<String> = Vec::new();
+    if let Some(err) = child.stderr.take() {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            if let Some(msg) = line.strip_prefix("I: ") {
+                progress(&format!("mmdebstrap: {msg}"));
+            }
+            tail.push(line);
+            if tail.len() > 20 {
+                tail.remove(0);
+            }
+        }
+    }
+    let status = child.wait().map_err(|source| ImageError::Cmd {
+        name: name.to_string(),
+        source: CmdError::Spawn {
+            program: "mmdebstrap".into(),
+            source,
+        },
+    })?;
+    if !status.success() {
+        return Err(ImageError::Bootstrap {
+            name: name.to_string(),
+            status: status.to_string(),
+            tail: tail.join("\n"),
+        });
+    }
+    Ok(())
+}
+
+fn customize(root: &Path) -> Result<(), FsError> {
+    let lib = root.join("usr/lib/banger");
+    fsutil::create_dir_all(&lib)?;
+    fsutil::create_dir_all(&root.join("work"))?;
+    write_exec(&lib.join("guest-init"), GUEST_INIT)?;
+    write_exec(&lib.join("guest-ready"), GUEST_READY)?;
+    fsutil::write(&root.join("etc/inittab"), INITTAB)?;
+    fsutil::write(&root.join("etc/ssh/sshd_config.d/banger.conf"), SSHD_CONFIG)?;
+    fsutil::write(&root.join("etc/fstab"), "# banger mounts / and /work from its initramfs\n")?;
+    // Host keys come per VM at boot; the ones the package made are shared
+    // by every VM of the image, so they go. So does the generic initrd.
+    for dir in ["etc/ssh", "boot"] {
+        let d = root.join(dir);
+        for e in std::fs::read_dir(&d).with_path("read dir", &d)? {
+            let e = e.with_path("read dir", &d)?;
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with("ssh_host_") || n.starts_with("initrd.img") {
+                fsutil::remove_file_if_exists(&e.path())?;
+            }
+        }
+    }
+    fsutil::write(&root.join("etc/machine-id"), "")?;
+    Ok(())
+}
+
+fn write_exec(path: &Path, text: &str) -> Result<(), FsError> {
+    use std::os::unix::fs::PermissionsExt;
+    fsutil::write(path, text)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).with_path("chmod", path)
+}
+
+fn find_kernel(name: &str, root: &Path) -> Result<(String, PathBuf), ImageError> {
+    let boot = root.join("boot");
+    let entries = std::fs::read_dir(&boot)
+        .with_path("read dir", &boot)
+        .map_err(|source| ImageError::Fs {
+            name: name.to_string(),
+            source,
+        })?;
+    let mut found: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_prefix("vmlinuz-")
+                .map(str::to_string)
+        })
+        .collect();
+    found.sort();
+    let kver = found.pop().ok_or_else(|| ImageError::Layout {
+        name: name.to_string(),
+        what: format!("no kernel (vmlinuz-*) in {}", boot.display()),
+    })?;
+    Ok((kver.clone(), boot.join(format!("vmlinuz-{kver}"))))
+}
+
+/// Resolves `wanted` against modules.dep text into a load order where every
+/// module comes after its dependencies. Paths are relative to the module dir.
+pub fn module_load_order(modules_dep: &str, wanted: &[&str]) -> Result<Vec<String>, String> {
+    let deps: std::collections::HashMap<&str, Vec<&str>> = modules_dep
+        .lines()
+        .filter_map(|l| {
+            let (m, d) = l.split_once(':')?;
+            Some((m.trim(), d.split_whitespace().collect()))
+        })
+        .collect();
+    let by_name = |n: &str| {
+        deps.keys()
+            .find(|p| {
+                let base = p.rsplit('/').next().unwrap_or(p);
+                let stem = base.split(".ko").next().unwrap_or(base);
+                stem == n || stem.replace('-', "_") == n
+            })
+            .copied()
+    };
+    fn visit<'a>(
+        m: &'a str,
+        deps: &std::collections::HashMap<&'a str, Vec<&'a str>>,
+        seen: &mut BTreeSet<&'a str>,
+        out: &mut Vec<String>,
+    ) {
+        if !seen.insert(m) {
+            return;
+        }
+        for d in deps.get(m).map(Vec::as_slice).unwrap_or(&[]) {
+            visit(d, deps, seen, out);
+        }
+        out.push(m.to_string());
+    }
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for w in wanted {
+        let m = by_name(w).ok_or_else(|| format!("module {w} is not in modules.dep"))?;
+        visit(m, &deps, &mut seen, &mut out);
+    }
+    Ok(out)
+}
+
+fn initramfs(name: &str, root: &Path, kver: &str, busybox: &Path) -> Result<Vec<u8>, ImageError> {
+    let fs = |source| ImageError::Fs {
+        name: name.to_string(),
+        source,
+    };
+    let moddir = root.join("lib/modules").join(kver);
+    let dep = fsutil::read_to_string(&moddir.join("modules.dep")).map_err(fs)?;
+    let order = module_load_order(&dep, INITRAMFS_MODULES).map_err(|what| ImageError::Layout {
+        name: name.to_string(),
+        what,
+    })?;
+    let bb = std::fs::read(busybox).with_path("read", busybox).map_err(fs)?;
+    if !bb.starts_with(b"\x7fELF") {
+        return Err(ImageError::Layout {
+            name: name.to_string(),
+            what: format!("{} is not a static busybox: apt-get install busybox-static", busybox.display()),
+        });
+    }
+    let mut a = Archive::new();
+    for d in ["bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules"] {
+        a.dir(d);
+    }
+    a.file("init", 0o755, INIT.as_bytes());
+    a.file("bin/busybox", 0o755, &bb);
+    a.file("bin/sh", 0o755, &bb);
+    let mut load = String::new();
+    for rel in &order {
+        let base = rel.rsplit('/').next().unwrap_or(rel);
+        if !base.ends_with(".ko") {
+            return Err(ImageError::Layout {
+                name: name.to_string(),
+                what: format!("module {rel} is compressed; only plain .ko modules are supported"),
+            });
+        }
+        let data = std::fs::read(moddir.join(rel))
+            .with_path("read", &moddir.join(rel))
+            .map_err(fs)?;
+        a.file(&format!("lib/modules/{base}"), 0o644, &data);
+        load.push_str(base);
+        load.push('\n');
+    }
+    a.file("modules.load", 0o644, load.as_bytes());
+    Ok(a.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_module_dependencies() {
+        let dep = "kernel/drivers/virtio/virtio_pci.ko: kernel/drivers/virtio/virtio_pci_legacy_dev.ko kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko\n\
+                   kernel/drivers/virtio/virtio.ko: kernel/drivers/virtio/virtio_ring.ko\n\
+                   kernel/drivers/virtio/virtio_ring.ko:\n\
+                   kernel/drivers/virtio/virtio_pci_legacy_dev.ko:\n\
+                   kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko\n";
+        let order = module_load_order(dep, &["virtio_pci", "virtio_blk"]).unwrap();
+        let pos = |m: &str| order.iter().position(|o| o.ends_with(m)).unwrap();
+        assert!(pos("/virtio_ring.ko") < pos("/virtio.ko"));
+        assert!(pos("/virtio.ko") < pos("/virtio_pci.ko"));
+        assert!(pos("/virtio_pci_legacy_dev.ko") < pos("/virtio_pci.ko"));
+        assert_eq!(order.len(), 5, "each module once: {order:?}");
+        assert!(module_load_order(dep, &["nope"]).is_err());
+    }
+
+    #[test]
+    fn only_the_default_image_has_a_recipe() {
+        assert!(Recipe::default_for(DEFAULT_IMAGE).is_some());
+        assert!(Recipe::default_for("alpine").is_none());
+    }
+
+    #[test]
+    fn incomplete_image_dirs_are_not_images() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(load(d.path()).unwrap(), None);
+        std::fs::write(
+            d.path().join(MANIFEST),
+            r#"{"name":"x","kernel_version":"6.1","rootfs_bytes":1,"created_at":0}"#,
+        )
+        .unwrap();
+        let e = load(d.path()).unwrap_err().to_string();
+        assert!(e.contains("is missing"), "{e}");
+        for f in [KERNEL_FILE, INITRD_FILE, ROOTFS_FILE] {
+            std::fs::write(d.path().join(f), "x").unwrap();
+        }
+        assert_eq!(load(d.path()).unwrap().unwrap().kernel_version, "6.1");
+    }
+}

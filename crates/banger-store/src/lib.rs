@@ -1,0 +1,381 @@
+//! The durable record: SQLite in WAL mode, one `vms` row per VM (its spec
+//! and its `runtime_json`, the seeds' VMRuntime) and one `images` row per
+//! built image. Schema changes are numbered migrations tracked in
+//! `PRAGMA user_version`.
+
+use std::path::{Path, PathBuf};
+
+use banger_core::{ImageRecord, VmRecord, VmRuntime, VmSpec};
+use rusqlite::{params, Connection, OptionalExtension};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("open database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("database row for {what}: bad JSON: {source}")]
+    Json {
+        what: String,
+        source: serde_json::Error,
+    },
+    #[error("vm {0:?} already exists: pick another name or delete it first")]
+    NameTaken(String),
+    #[error("database schema version {0} is newer than this banger ({1}): upgrade banger")]
+    TooNew(i64, i64),
+}
+
+const MIGRATIONS: &[&str] = &[
+    // 1: VMs and images.
+    "CREATE TABLE vms (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        spec_json TEXT NOT NULL,
+        runtime_json TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+     );
+     CREATE TABLE images (
+        name TEXT PRIMARY KEY,
+        dir TEXT NOT NULL,
+        kernel TEXT NOT NULL,
+        initrd TEXT NOT NULL,
+        rootfs TEXT NOT NULL,
+        rootfs_bytes INTEGER NOT NULL,
+        kernel_version TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+     );",
+];
+
+#[derive(Debug)]
+pub struct Store {
+    conn: Connection,
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn json_err(what: &str) -> impl FnOnce(serde_json::Error) -> StoreError + '_ {
+    move |source| StoreError::Json {
+        what: what.to_string(),
+        source,
+    }
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let conn = Connection::open(path).map_err(|source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::init(conn)
+    }
+
+    pub fn open_in_memory() -> Result<Store, StoreError> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    fn init(conn: Connection) -> Result<Store, StoreError> {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let mut store = Store { conn };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let version: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let latest = MIGRATIONS.len() as i64;
+        if version > latest {
+            return Err(StoreError::TooNew(version, latest));
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?)
+    }
+
+    pub fn insert_vm(&self, vm: &VmRecord) -> Result<(), StoreError> {
+        let spec = serde_json::to_string(&vm.spec).map_err(json_err(&vm.name))?;
+        let rt = serde_json::to_string(&vm.runtime).map_err(json_err(&vm.name))?;
+        let r = self.conn.execute(
+            "INSERT INTO vms (id, name, spec_json, runtime_json, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![vm.id, vm.name, spec, rt, vm.created_at, now()],
+        );
+        match r {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Err(StoreError::NameTaken(vm.name.clone()))
+            }
+            Err(e) => Err(e.into()),
+            Ok(_) => Ok(()),
+        }
+    }
+
+    pub fn update_runtime(&self, id: &str, rt: &VmRuntime) -> Result<(), StoreError> {
+        let rt = serde_json::to_string(rt).map_err(json_err(id))?;
+        self.conn.execute(
+            "UPDATE vms SET runtime_json = ?2, updated_at = ?3 WHERE id = ?1",
+            params![id, rt, now()],
+        )?;
+        Ok(())
+    }
+
+    fn row_to_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, String, String, i64)> {
+        Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?))
+    }
+
+    fn decode(raw: (String, String, String, String, i64)) -> Result<VmRecord, StoreError> {
+        let (id, name, spec, rt, created_at) = raw;
+        let spec: VmSpec = serde_json::from_str(&spec).map_err(json_err(&name))?;
+        let runtime: VmRuntime = serde_json::from_str(&rt).map_err(json_err(&name))?;
+        Ok(VmRecord {
+            id,
+            name,
+            spec,
+            runtime,
+            created_at,
+        })
+    }
+
+    const VM_COLS: &'static str = "SELECT id, name, spec_json, runtime_json, created_at FROM vms";
+
+    pub fn vm_by_name(&self, name: &str) -> Result<Option<VmRecord>, StoreError> {
+        let raw = self
+            .conn
+            .query_row(
+                &format!("{} WHERE name = ?1", Self::VM_COLS),
+                [name],
+                Self::row_to_vm,
+            )
+            .optional()?;
+        raw.map(Self::decode).transpose()
+    }
+
+    pub fn list_vms(&self) -> Result<Vec<VmRecord>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(&format!("{} ORDER BY created_at, name", Self::VM_COLS))?;
+        let rows = stmt.query_map([], Self::row_to_vm)?;
+        let mut out = Vec::new();
+        for r in rows {
+            out.push(Self::decode(r?)?);
+        }
+        Ok(out)
+    }
+
+    pub fn delete_vm(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self.conn.execute("DELETE FROM vms WHERE id = ?1", [id])? > 0)
+    }
+
+    pub fn vm_count(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT COUNT(*) FROM vms", [], |r| r.get(0))?)
+    }
+
+    pub fn upsert_image(&self, img: &ImageRecord) -> Result<(), StoreError> {
+        let p = |p: &Path| p.to_string_lossy().into_owned();
+        self.conn.execute(
+            "INSERT INTO images (name, dir, kernel, initrd, rootfs, rootfs_bytes, kernel_version, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT(name) DO UPDATE SET dir=excluded.dir, kernel=excluded.kernel,
+               initrd=excluded.initrd, rootfs=excluded.rootfs, rootfs_bytes=excluded.rootfs_bytes,
+               kernel_version=excluded.kernel_version, created_at=excluded.created_at",
+            params![
+                img.name,
+                p(&img.dir),
+                p(&img.kernel),
+                p(&img.initrd),
+                p(&img.rootfs),
+                img.rootfs_bytes as i64,
+                img.kernel_version,
+                img.created_at
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn row_to_image(row: &rusqlite::Row<'_>) -> rusqlite::Result<ImageRecord> {
+        let path = |i| row.get::<_, String>(i).map(PathBuf::from);
+        Ok(ImageRecord {
+            name: row.get(0)?,
+            dir: path(1)?,
+            kernel: path(2)?,
+            initrd: path(3)?,
+            rootfs: path(4)?,
+            rootfs_bytes: row.get::<_, i64>(5)? as u64,
+            kernel_version: row.get(6)?,
+            created_at: row.get(7)?,
+        })
+    }
+
+    const IMAGE_COLS: &'static str =
+        "SELECT name, dir, kernel, initrd, rootfs, rootfs_bytes, kernel_version, created_at FROM images";
+
+    pub fn image(&self, name: &str) -> Result<Option<ImageRecord>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                &format!("{} WHERE name = ?1", Self::IMAGE_COLS),
+                [name],
+                Self::row_to_image,
+            )
+            .optional()?)
+    }
+
+    pub fn list_images(&self) -> Result<Vec<ImageRecord>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(&format!("{} ORDER BY name", Self::IMAGE_COLS))?;
+        let rows = stmt.query_map([], Self::row_to_image)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn delete_image(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self.conn.execute("DELETE FROM images WHERE name = ?1", [name])? > 0)
+    }
+
+    /// Names of VMs that use the image.
+    pub fn vms_using_image(&self, image: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .list_vms()?
+            .into_iter()
+            .filter(|v| v.spec.image == image)
+            .map(|v| v.name)
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use banger_core::sizing::Sizing;
+    use banger_core::{VmState, VmmKind};
+
+    use super::*;
+
+    fn vm(id: &str, name: &str) -> VmRecord {
+        VmRecord {
+            id: id.into(),
+            name: name.into(),
+            spec: VmSpec {
+                sizing: Sizing {
+                    cpus: 1,
+                    memory_mib: 512,
+                    disk_mib: 1024,
+                },
+                image: "bookworm".into(),
+                vmm: VmmKind::Qemu,
+                accel: "tcg".into(),
+            },
+            runtime: VmRuntime {
+                state: Some(VmState::Created),
+                guest_ip: Some("172.30.0.6".into()),
+                ..Default::default()
+            },
+            created_at: 1,
+        }
+    }
+
+    #[test]
+    fn vm_rows_round_trip() {
+        let s = Store::open_in_memory().unwrap();
+        let a = vm("aaaa", "alpha");
+        s.insert_vm(&a).unwrap();
+        assert_eq!(s.vm_by_name("alpha").unwrap(), Some(a.clone()));
+        assert_eq!(s.vm_by_name("nope").unwrap(), None);
+        let mut rt = a.runtime.clone();
+        rt.state = Some(VmState::Running);
+        rt.tap_device = Some("bgtap0".into());
+        s.update_runtime("aaaa", &rt).unwrap();
+        assert_eq!(s.vm_by_name("alpha").unwrap().unwrap().runtime, rt);
+        assert!(s.delete_vm("aaaa").unwrap());
+        assert!(!s.delete_vm("aaaa").unwrap());
+        assert_eq!(s.vm_count().unwrap(), 0);
+    }
+
+    #[test]
+    fn duplicate_names_are_refused() {
+        let s = Store::open_in_memory().unwrap();
+        s.insert_vm(&vm("a1", "dup")).unwrap();
+        let e = s.insert_vm(&vm("a2", "dup")).unwrap_err();
+        assert!(matches!(e, StoreError::NameTaken(ref n) if n == "dup"), "{e}");
+        assert_eq!(s.list_vms().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn runtime_json_upgrades_from_older_rows() {
+        // A row written before tap_device existed still decodes.
+        let rt: VmRuntime = serde_json::from_str(r#"{"state":"stopped"}"#).unwrap();
+        assert_eq!(rt.state(), VmState::Stopped);
+        assert_eq!(rt.tap_device, None);
+        let s = serde_json::to_string(&VmRuntime::default()).unwrap();
+        assert!(!s.contains("tap_device"), "omitted when empty: {s}");
+    }
+
+    #[test]
+    fn migrations_persist_and_wal_is_on() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("b.db");
+        {
+            let s = Store::open(&p).unwrap();
+            assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as i64);
+            s.insert_vm(&vm("x", "kept")).unwrap();
+        }
+        let s = Store::open(&p).unwrap();
+        assert!(s.vm_by_name("kept").unwrap().is_some());
+        let mode: String = s
+            .conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        s.conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(s);
+        assert!(matches!(Store::open(&p), Err(StoreError::TooNew(99, _))));
+    }
+
+    #[test]
+    fn images() {
+        let s = Store::open_in_memory().unwrap();
+        let img = ImageRecord {
+            name: "bookworm".into(),
+            dir: "/s/images/bookworm".into(),
+            kernel: "/s/images/bookworm/vmlinux".into(),
+            initrd: "/s/images/bookworm/initrd.img".into(),
+            rootfs: "/s/images/bookworm/rootfs.ext4".into(),
+            rootfs_bytes: 1 << 30,
+            kernel_version: "6.1.0".into(),
+            created_at: 5,
+        };
+        s.upsert_image(&img).unwrap();
+        s.upsert_image(&img).unwrap();
+        assert_eq!(s.image("bookworm").unwrap(), Some(img.clone()));
+        assert_eq!(s.list_images().unwrap().len(), 1);
+        s.insert_vm(&vm("v", "user")).unwrap();
+        assert_eq!(s.vms_using_image("bookworm").unwrap(), vec!["user"]);
+        assert!(s.delete_image("bookworm").unwrap());
+    }
+}
