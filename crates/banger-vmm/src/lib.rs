@@ -1,0 +1,96 @@
+//! The VMM trait and its drivers.
+//!
+//! A driver turns a [`VmConfig`] (kernel, initrd, command line, disks, one
+//! tap, sizes, console log, API socket) into a running VMM process, and asks
+//! that process for a clean guest shutdown. Everything else (taps, disks,
+//! records, readiness) is the daemon's, so the Firecracker driver fits the
+//! same trait: its `spawn` starts `firecracker --api-sock <api_sock>` and
+//! issues PUT /machine-config, /boot-source, /drives/{id},
+//! /network-interfaces/{id}, /actions InstanceStart; its `request_shutdown`
+//! is PUT /actions SendCtrlAltDel, which is exactly what the QEMU driver does
+//! through QMP `send-key`.
+
+use std::path::PathBuf;
+
+use banger_core::VmmKind;
+use thiserror::Error;
+
+pub mod qemu;
+pub mod qmp;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    pub id: String,
+    pub path: PathBuf,
+    /// "raw" or "qcow2" (QEMU only; Firecracker takes raw).
+    pub format: String,
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nic {
+    pub tap: String,
+    pub mac: String,
+}
+
+/// Everything a VMM needs to boot one guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub cmdline: String,
+    /// The first disk is the root disk (/dev/vda).
+    pub disks: Vec<Disk>,
+    pub nics: Vec<Nic>,
+    /// The guest's serial console goes here (the VM's LogPath).
+    pub console_log: PathBuf,
+    /// The VMM's own stdout/stderr.
+    pub vmm_log: PathBuf,
+    /// QMP for QEMU, the REST API socket for Firecracker. The process is
+    /// later found by this path in its command line.
+    pub api_sock: PathBuf,
+}
+
+#[derive(Debug, Error)]
+pub enum VmmError {
+    #[error("start {vmm} for vm {vm:?}: {source}")]
+    Spawn {
+        vmm: String,
+        vm: String,
+        source: std::io::Error,
+    },
+    #[error("{vmm} for vm {vm:?}: {path}: {source}")]
+    Io {
+        vmm: String,
+        vm: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("api socket {path}: {detail}")]
+    Api { path: PathBuf, detail: String },
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// A spawned VMM.
+#[derive(Debug)]
+pub struct VmmProcess {
+    pub pid: i32,
+    /// Present when this process spawned it (reaped by the daemon); absent
+    /// for a VMM found again after a daemon restart.
+    pub child: Option<std::process::Child>,
+}
+
+pub trait Vmm: Send + Sync + std::fmt::Debug {
+    fn kind(&self) -> VmmKind;
+    /// "kvm" or "tcg".
+    fn accel(&self) -> &str;
+    /// Starts the VMM; returns once the process exists (not once the guest
+    /// booted: readiness is the daemon's to detect).
+    fn spawn(&self, cfg: &VmConfig) -> Result<VmmProcess, VmmError>;
+    /// Asks the guest to power off cleanly (Ctrl-Alt-Del).
+    fn request_shutdown(&self, api_sock: &std::path::Path) -> Result<(), VmmError>;
+}

@@ -1,0 +1,228 @@
+//! The QEMU driver: `qemu-system-x86_64 -M pc` with KVM where hardware
+//! virtualisation is usable and TCG otherwise, the ELF kernel booted through
+//! PVH, virtio disks and a virtio-net on the VM's tap, the serial console to
+//! the VM's log file, QMP on the API socket.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use banger_core::VmmKind;
+use serde_json::json;
+
+use crate::{qmp, Vmm, VmConfig, VmmError, VmmProcess};
+
+pub const QEMU_BINARY: &str = "qemu-system-x86_64";
+
+#[derive(Debug, Clone)]
+pub struct Qemu {
+    pub binary: String,
+    /// "kvm" or "tcg".
+    pub accel: String,
+}
+
+impl Qemu {
+    pub fn new(kvm: bool) -> Self {
+        Qemu {
+            binary: QEMU_BINARY.to_string(),
+            accel: if kvm { "kvm" } else { "tcg" }.to_string(),
+        }
+    }
+
+    /// The full argument list (without the binary), a pure function of the
+    /// config so that it is tested as such.
+    pub fn args(&self, cfg: &VmConfig) -> Vec<OsString> {
+        let mut a: Vec<OsString> = Vec::new();
+        let mut push = |s: &str| a.push(OsString::from(s));
+        push("-name");
+        push(&format!("banger-{}", cfg.name));
+        push("-M");
+        push(&format!("pc,accel={},usb=off,vmport=off", self.accel));
+        push("-cpu");
+        push(if self.accel == "kvm" { "host" } else { "max" });
+        push("-smp");
+        push(&cfg.vcpus.to_string());
+        push("-m");
+        push(&format!("{}M", cfg.memory_mib));
+        for s in ["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"] {
+            push(s);
+        }
+        let path = |p: &Path| p.to_string_lossy().into_owned();
+        push("-kernel");
+        push(&path(&cfg.kernel));
+        push("-initrd");
+        push(&path(&cfg.initrd));
+        push("-append");
+        push(&cfg.cmdline);
+        for d in &cfg.disks {
+            push("-drive");
+            // A comma in a path would split QEMU's option; QEMU escapes it
+            // as a double comma.
+            push(&format!(
+                "file={},if=none,id={},format={},cache=unsafe{}",
+                path(&d.path).replace(',', ",,"),
+                d.id,
+                d.format,
+                if d.read_only { ",readonly=on" } else { "" }
+            ));
+            push("-device");
+            push(&format!("virtio-blk-pci,drive={}", d.id));
+        }
+        for (i, n) in cfg.nics.iter().enumerate() {
+            push("-netdev");
+            push(&format!(
+                "tap,id=net{i},ifname={},script=no,downscript=no",
+                n.tap
+            ));
+            push("-device");
+            push(&format!("virtio-net-pci,netdev=net{i},mac={}", n.mac));
+        }
+        push("-serial");
+        push(&format!("file:{}", path(&cfg.console_log)));
+        push("-qmp");
+        push(&format!("unix:{},server=on,wait=off", path(&cfg.api_sock)));
+        a
+    }
+}
+
+impl Vmm for Qemu {
+    fn kind(&self) -> VmmKind {
+        VmmKind::Qemu
+    }
+
+    fn accel(&self) -> &str {
+        &self.accel
+    }
+
+    fn spawn(&self, cfg: &VmConfig) -> Result<VmmProcess, VmmError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            let vm = cfg.name.clone();
+            move |source| VmmError::Io {
+                vmm: "qemu".into(),
+                vm,
+                path,
+                source,
+            }
+        };
+        let log = File::create(&cfg.vmm_log).map_err(io(&cfg.vmm_log))?;
+        let log2 = log.try_clone().map_err(io(&cfg.vmm_log))?;
+        let child = Command::new(&self.binary)
+            .args(self.args(cfg))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            // Its own process group: a signal to the daemon's group (a
+            // Ctrl-C on a foreground daemon) does not reach the guests.
+            .process_group(0)
+            .spawn()
+            .map_err(|source| VmmError::Spawn {
+                vmm: self.binary.clone(),
+                vm: cfg.name.clone(),
+                source,
+            })?;
+        Ok(VmmProcess {
+            pid: child.id() as i32,
+            child: Some(child),
+        })
+    }
+
+    fn request_shutdown(&self, api_sock: &Path) -> Result<(), VmmError> {
+        let keys = json!({"keys": [
+            {"type": "qcode", "data": "ctrl"},
+            {"type": "qcode", "data": "alt"},
+            {"type": "qcode", "data": "delete"}
+        ]});
+        qmp::execute(api_sock, "send-key", Some(keys)).map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Disk, Nic};
+
+    fn cfg() -> VmConfig {
+        VmConfig {
+            name: "hello".into(),
+            vcpus: 2,
+            memory_mib: 1024,
+            kernel: "/img/vmlinux".into(),
+            initrd: "/vm/initrd.img".into(),
+            cmdline: "console=ttyS0 quiet".into(),
+            disks: vec![
+                Disk {
+                    id: "root".into(),
+                    path: "/vm/root.qcow2".into(),
+                    format: "qcow2".into(),
+                    read_only: false,
+                },
+                Disk {
+                    id: "work".into(),
+                    path: "/vm/a,b/work.ext4".into(),
+                    format: "raw".into(),
+                    read_only: false,
+                },
+            ],
+            nics: vec![Nic {
+                tap: "bgtap0".into(),
+                mac: "06:00:ac:1e:00:06".into(),
+            }],
+            console_log: "/vm/console.log".into(),
+            vmm_log: "/vm/vmm.log".into(),
+            api_sock: "/run/vm/api.sock".into(),
+        }
+    }
+
+    fn joined(q: &Qemu) -> String {
+        q.args(&cfg())
+            .iter()
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    #[test]
+    fn command_line() {
+        let s = joined(&Qemu::new(false));
+        assert!(s.contains("-M pc,accel=tcg"), "{s}");
+        assert!(s.contains("-cpu max"), "{s}");
+        assert!(s.contains("-smp 2 -m 1024M"), "{s}");
+        assert!(s.contains("-kernel /img/vmlinux -initrd /vm/initrd.img"), "{s}");
+        assert!(s.contains("file=/vm/root.qcow2,if=none,id=root,format=qcow2"), "{s}");
+        assert!(s.contains("file=/vm/a,,b/work.ext4"), "commas escaped: {s}");
+        assert!(s.contains("tap,id=net0,ifname=bgtap0,script=no,downscript=no"), "{s}");
+        assert!(s.contains("mac=06:00:ac:1e:00:06"), "{s}");
+        assert!(s.contains("-serial file:/vm/console.log"), "{s}");
+        assert!(s.contains("-qmp unix:/run/vm/api.sock,server=on,wait=off"), "{s}");
+        // The root disk comes first so that it is /dev/vda.
+        assert!(s.find("id=root").unwrap() < s.find("id=work").unwrap());
+        let k = joined(&Qemu::new(true));
+        assert!(k.contains("accel=kvm") && k.contains("-cpu host"), "{k}");
+    }
+
+    #[test]
+    fn the_real_qemu_accepts_the_command_line() {
+        // QEMU parses its whole command line before it opens anything; a
+        // missing kernel is the first thing it trips on, which proves every
+        // option before it was understood.
+        let q = Qemu::new(false);
+        if banger_host::cmd::which(QEMU_BINARY).is_none() {
+            panic!("{QEMU_BINARY} is required: run ./scripts/install-deps.sh");
+        }
+        let d = tempfile::tempdir().unwrap();
+        let mut c = cfg();
+        c.kernel = d.path().join("missing-vmlinux");
+        c.console_log = d.path().join("console.log");
+        c.api_sock = d.path().join("api.sock");
+        c.vmm_log = d.path().join("vmm.log");
+        c.disks.clear();
+        c.nics.clear();
+        let out = Command::new(QEMU_BINARY).args(q.args(&c)).output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("missing-vmlinux"), "{err}");
+    }
+}

@@ -1,0 +1,155 @@
+//! The daemon client: one request per connection, events streamed back. The
+//! daemon is started on demand when nobody answers on the socket.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use banger_core::api::{ApiError, Envelope, Event, Reply, Request, Response, PROTOCOL_VERSION};
+use banger_core::Layout;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("{}", .0.message)]
+    Api(ApiError),
+    #[error("talk to bangerd at {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("bangerd at {0} closed the connection without an answer (see its log: {1})")]
+    NoAnswer(PathBuf, PathBuf),
+    #[error("bangerd answered with something unreadable: {0}")]
+    Garbled(String),
+    #[error("cannot start bangerd ({binary}): {source}")]
+    Spawn {
+        binary: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("bangerd did not come up within {secs}s; its log {log} ends with:\n{tail}")]
+    NoDaemon { secs: u64, log: PathBuf, tail: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub layout: Layout,
+    /// Start bangerd when it is not running.
+    pub autostart: bool,
+}
+
+impl Client {
+    fn connect(&self) -> Result<UnixStream, ClientError> {
+        let path = self.layout.socket();
+        match UnixStream::connect(&path) {
+            Ok(s) => Ok(s),
+            Err(e)
+                if self.autostart
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                    ) =>
+            {
+                self.start_daemon()?;
+                UnixStream::connect(&path).map_err(|source| ClientError::Io { path, source })
+            }
+            Err(source) => Err(ClientError::Io { path, source }),
+        }
+    }
+
+    fn daemon_binary() -> PathBuf {
+        std::env::current_exe()
+            .ok()
+            .and_then(|p| Some(p.parent()?.join("bangerd")))
+            .filter(|p| p.is_file())
+            .or_else(|| banger_host::cmd::which("bangerd"))
+            .unwrap_or_else(|| PathBuf::from("bangerd"))
+    }
+
+    /// Starts bangerd detached (own process group, output to its log) and
+    /// waits for its socket to answer.
+    pub fn start_daemon(&self) -> Result<(), ClientError> {
+        let binary = Self::daemon_binary();
+        let log_path = self.layout.daemon_log();
+        let spawn_err = |source| ClientError::Spawn {
+            binary: binary.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&self.layout.state_dir).map_err(spawn_err)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(spawn_err)?;
+        let log2 = log.try_clone().map_err(spawn_err)?;
+        let mut child = Command::new(&binary)
+            .arg("--state-dir")
+            .arg(&self.layout.state_dir)
+            .arg("--runtime-dir")
+            .arg(&self.layout.runtime_dir)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .process_group(0)
+            .spawn()
+            .map_err(spawn_err)?;
+        let start = Instant::now();
+        let limit = Duration::from_secs(10);
+        while start.elapsed() < limit {
+            if UnixStream::connect(self.layout.socket()).is_ok() {
+                return Ok(());
+            }
+            if let Ok(Some(_)) = child.try_wait() {
+                // It exited: most likely another daemon holds the lock and
+                // is just binding its socket; give that one a moment.
+                if UnixStream::connect(self.layout.socket()).is_ok() {
+                    return Ok(());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let tail = std::fs::read_to_string(&log_path)
+            .map(|s| s.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n"))
+            .unwrap_or_default();
+        Err(ClientError::NoDaemon {
+            secs: limit.as_secs(),
+            log: log_path,
+            tail,
+        })
+    }
+
+    /// Sends `req`; `on_event` sees each progress event; returns the answer.
+    pub fn call(
+        &self,
+        req: Request,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<Response, ClientError> {
+        let path = self.layout.socket();
+        let io = |source| ClientError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut stream = self.connect()?;
+        let mut line = serde_json::to_string(&Envelope {
+            version: PROTOCOL_VERSION,
+            request: req,
+        })
+        .map_err(|e| ClientError::Garbled(e.to_string()))?;
+        line.push('\n');
+        stream.write_all(line.as_bytes()).map_err(io)?;
+        let reader = BufReader::new(stream);
+        for l in reader.lines() {
+            let l = l.map_err(io)?;
+            match serde_json::from_str::<Reply>(&l) {
+                Ok(Reply::Event(e)) => on_event(e),
+                Ok(Reply::Ok(r)) => return Ok(r),
+                Ok(Reply::Err(e)) => return Err(ClientError::Api(e)),
+                Err(e) => return Err(ClientError::Garbled(format!("{e}: {l}"))),
+            }
+        }
+        Err(ClientError::NoAnswer(path, self.layout.daemon_log()))
+    }
+}

@@ -1,0 +1,885 @@
+//! The daemon's state and the operations requests map onto.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use banger_core::api::{Event, ImageInfo, SshTarget, VmInfo};
+use banger_core::layout::vmfiles;
+use banger_core::net::{Subnet, GUEST_PREFIX};
+use banger_core::{ImageRecord, Layout, VmHandles, VmRecord, VmState, VmmKind};
+use banger_guest::image::{self, Recipe, DEFAULT_IMAGE};
+use banger_host::fsutil::{self, WrapIo};
+use banger_host::{nat, process, sshkey, sysinfo, tap};
+use banger_store::Store;
+use banger_vmm::qemu::Qemu;
+use banger_vmm::Vmm;
+use tracing::{info, warn};
+
+use crate::error::{DaemonError, Result};
+use crate::handles::{self, HandleCache};
+
+/// Where a request's progress goes (the client connection).
+pub type Events<'a> = &'a mut dyn FnMut(Event);
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub layout: Layout,
+    pub subnet: Subnet,
+    /// How long a guest may take to say it is ready.
+    pub boot_timeout: Duration,
+    /// How long a clean shutdown may take before the VMM is killed.
+    pub stop_timeout: Duration,
+    /// Force a VMM instead of choosing by host capability.
+    pub vmm: Option<VmmKind>,
+}
+
+impl Config {
+    pub fn new(layout: Layout) -> Self {
+        Config {
+            layout,
+            subnet: Subnet::default(),
+            boot_timeout: Duration::from_secs(120),
+            stop_timeout: Duration::from_secs(30),
+            vmm: None,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Daemon {
+    pub cfg: Config,
+    store: Mutex<Store>,
+    pub handles: HandleCache,
+    vm_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Serialises address and tap allocation.
+    net_lock: Mutex<()>,
+    image_lock: Mutex<()>,
+    qemu: Qemu,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// `n` random bytes as hex, from the kernel's RNG.
+pub fn random_hex(n: usize) -> String {
+    let mut buf = vec![0u8; n];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut buf);
+    }
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn micros(since: Instant) -> u64 {
+    since.elapsed().as_micros() as u64
+}
+
+/// The kernel command line for every guest: serial console, no reboot on
+/// panic, and the i8042 probes skipped except the keyboard that carries
+/// Ctrl-Alt-Del.
+pub const KERNEL_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 quiet i8042.noaux i8042.nomux i8042.nopnp";
+
+impl Daemon {
+    pub fn open(cfg: Config) -> Result<Daemon> {
+        let l = &cfg.layout;
+        for d in [
+            l.state_dir.clone(),
+            l.runtime_dir.clone(),
+            l.images_dir(),
+            l.vms_dir(),
+            l.ssh_dir(),
+        ] {
+            fsutil::create_dir_all(&d)?;
+        }
+        sshkey::ensure(&l.client_key(), "banger")?;
+        let store = Store::open(&l.db())?;
+        let kvm = sysinfo::kvm_status().usable;
+        let d = Daemon {
+            store: Mutex::new(store),
+            handles: HandleCache::default(),
+            vm_locks: Mutex::new(HashMap::new()),
+            net_lock: Mutex::new(()),
+            image_lock: Mutex::new(()),
+            qemu: Qemu::new(kvm),
+            cfg,
+        };
+        d.index_images()?;
+        Ok(d)
+    }
+
+    pub fn store(&self) -> MutexGuard<'_, Store> {
+        lock(&self.store)
+    }
+
+    fn vm_lock(&self, name: &str) -> Arc<Mutex<()>> {
+        lock(&self.vm_locks)
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Which VMM a new VM gets: Firecracker needs its binary and usable KVM;
+    /// QEMU serves everywhere else.
+    pub fn select_vmm(&self, forced: Option<VmmKind>) -> Result<(VmmKind, String)> {
+        match forced.or(self.cfg.vmm) {
+            Some(VmmKind::Firecracker) => Err(DaemonError::Unsupported(
+                "the firecracker driver is not part of this build yet: use --vmm qemu".into(),
+            )),
+            _ => Ok((VmmKind::Qemu, self.qemu.accel.clone())),
+        }
+    }
+
+    fn vmm(&self, kind: VmmKind) -> Result<&dyn Vmm> {
+        match kind {
+            VmmKind::Qemu => Ok(&self.qemu),
+            VmmKind::Firecracker => Err(DaemonError::Unsupported(
+                "the firecracker driver is not part of this build yet".into(),
+            )),
+        }
+    }
+
+    // ---- images -------------------------------------------------------
+
+    /// Makes the `images` table match the finished image dirs on disk.
+    fn index_images(&self) -> Result<()> {
+        let dir = self.cfg.layout.images_dir();
+        let mut found = Vec::new();
+        for e in std::fs::read_dir(&dir).with_path("read dir", &dir)? {
+            let e = e.with_path("read dir", &dir)?;
+            if e.path().extension().is_some() {
+                continue; // an unfinished `<name>.building`
+            }
+            match image::load(&e.path()) {
+                Ok(Some(rec)) => found.push(rec),
+                Ok(None) => {}
+                Err(err) => warn!(%err, "skipping image dir"),
+            }
+        }
+        let store = self.store();
+        for rec in &found {
+            store.upsert_image(rec)?;
+        }
+        for rec in store.list_images()? {
+            if !found.iter().any(|f| f.name == rec.name) {
+                store.delete_image(&rec.name)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn image(&self, name: &str) -> Result<ImageRecord> {
+        self.store().image(name)?.ok_or_else(|| {
+            DaemonError::ImageMissing(
+                name.to_string(),
+                if name == DEFAULT_IMAGE {
+                    String::new()
+                } else {
+                    format!(" {name}")
+                },
+            )
+        })
+    }
+
+    pub fn build_image(&self, name: &str, force: bool, events: Events) -> Result<ImageInfo> {
+        let recipe = Recipe::default_for(name)
+            .ok_or_else(|| DaemonError::Image(image::ImageError::Unknown(name.to_string())))?;
+        let _g = lock(&self.image_lock);
+        if let Some(rec) = self.store().image(name)? {
+            if !force {
+                events(Event::Progress {
+                    message: format!("image {name} is already built (use --force to rebuild)"),
+                });
+                return Ok(image_info(&rec));
+            }
+            let users = self.store().vms_using_image(name)?;
+            if !users.is_empty() {
+                return Err(DaemonError::ImageInUse {
+                    name: name.to_string(),
+                    users: users.join(", "),
+                });
+            }
+        }
+        let dir = self.cfg.layout.image_dir(name);
+        let rec = image::build(name, &dir, &recipe, &mut |m| {
+            info!(image = name, "{m}");
+            events(Event::Progress {
+                message: m.to_string(),
+            })
+        })?;
+        self.store().upsert_image(&rec)?;
+        Ok(image_info(&rec))
+    }
+
+    pub fn delete_image(&self, name: &str) -> Result<()> {
+        let _g = lock(&self.image_lock);
+        let rec = self.image(name)?;
+        let users = self.store().vms_using_image(name)?;
+        if !users.is_empty() {
+            return Err(DaemonError::ImageInUse {
+                name: name.to_string(),
+                users: users.join(", "),
+            });
+        }
+        fsutil::remove_dir_all_if_exists(&rec.dir)?;
+        self.store().delete_image(name)?;
+        Ok(())
+    }
+
+    // ---- VM queries ---------------------------------------------------
+
+    pub fn find(&self, name: &str) -> Result<VmRecord> {
+        self.store()
+            .vm_by_name(name)?
+            .ok_or_else(|| DaemonError::VmNotFound(name.to_string()))
+    }
+
+    /// The one liveness check (seed 003): the VM is meant to be up, and its
+    /// VMM process is running with the VM's API socket in its command line.
+    pub fn vm_alive(&self, vm: &VmRecord) -> bool {
+        if !matches!(
+            vm.runtime.state(),
+            VmState::Running | VmState::Starting | VmState::Stopping
+        ) {
+            return false;
+        }
+        let (Some(pid), Some(sock)) = (
+            self.handles.get(&vm.id).and_then(|h| h.pid),
+            vm.runtime.api_sock_path.as_ref(),
+        ) else {
+            return false;
+        };
+        process::matches(pid, &process::path_needle(sock))
+    }
+
+    pub fn info(&self, vm: &VmRecord) -> VmInfo {
+        let dir = self.cfg.layout.vm_dir(&vm.id);
+        VmInfo {
+            id: vm.id.clone(),
+            name: vm.name.clone(),
+            state: vm.runtime.state(),
+            image: vm.spec.image.clone(),
+            cpus: vm.spec.sizing.cpus,
+            memory_mib: vm.spec.sizing.memory_mib,
+            disk_mib: vm.spec.sizing.disk_mib,
+            vmm: vm.spec.vmm,
+            accel: vm.spec.accel.clone(),
+            guest_ip: vm.runtime.guest_ip.clone(),
+            created_at: vm.created_at,
+            last_error: vm.runtime.last_error.clone(),
+            ssh: SshTarget {
+                user: "root".into(),
+                key: self.cfg.layout.client_key(),
+                known_hosts: dir.join(vmfiles::KNOWN_HOSTS),
+                host_key_alias: vm.name.clone(),
+            },
+            vm_dir: dir,
+        }
+    }
+
+    pub fn list(&self) -> Result<Vec<VmInfo>> {
+        let vms = self.store().list_vms()?;
+        Ok(vms.iter().map(|v| self.info(v)).collect())
+    }
+
+    fn save(&self, vm: &VmRecord) -> Result<()> {
+        self.store().update_runtime(&vm.id, &vm.runtime)?;
+        Ok(())
+    }
+
+    // ---- create -------------------------------------------------------
+
+    pub fn create(
+        &self,
+        req: &banger_core::api::CreateVm,
+        events: Events,
+    ) -> Result<VmInfo> {
+        let t0 = Instant::now();
+        let name = match &req.name {
+            Some(n) => {
+                banger_core::validate_name(n)?;
+                n.clone()
+            }
+            None => self.generate_name()?,
+        };
+        let image_name = req.image.clone().unwrap_or_else(|| DEFAULT_IMAGE.to_string());
+        let host = sysinfo::host_resources(&self.cfg.layout.state_dir);
+        let sizing = banger_core::sizing::resolve(&req.size, &host)?;
+        let (vmm, accel) = self.select_vmm(req.vmm)?;
+        if self.store().vm_by_name(&name)?.is_some() {
+            return Err(DaemonError::VmExists(name));
+        }
+        if image_name == DEFAULT_IMAGE && self.store().image(&image_name)?.is_none() {
+            events(Event::Progress {
+                message: format!("image {image_name} is not built yet: building it now"),
+            });
+            self.build_image(&image_name, false, events)?;
+        }
+        let img = self.image(&image_name)?;
+
+        let vl = self.vm_lock(&name);
+        let _g = lock::<()>(&vl);
+        let id = random_hex(16);
+        let dir = self.cfg.layout.vm_dir(&id);
+        let vm = {
+            let _n = lock::<()>(&self.net_lock);
+            let used: Vec<Ipv4Addr> = self
+                .store()
+                .list_vms()?
+                .iter()
+                .filter_map(|v| v.runtime.guest_ip.as_ref()?.parse().ok())
+                .collect();
+            let net = self.cfg.subnet.allocate(&used)?;
+            let vm = VmRecord {
+                id: id.clone(),
+                name: name.clone(),
+                spec: banger_core::VmSpec {
+                    sizing,
+                    image: image_name.clone(),
+                    vmm,
+                    accel: accel.clone(),
+                },
+                runtime: banger_core::VmRuntime {
+                    state: Some(VmState::Created),
+                    guest_ip: Some(net.guest_ip.to_string()),
+                    api_sock_path: Some(
+                        self.cfg.layout.vm_runtime_dir(&id).join(vmfiles::API_SOCK),
+                    ),
+                    log_path: Some(dir.join(vmfiles::CONSOLE_LOG)),
+                    vm_dir: Some(dir.clone()),
+                    system_overlay: Some(dir.join(vmfiles::ROOT_DISK)),
+                    work_disk_path: Some(dir.join(vmfiles::WORK_DISK)),
+                    ..Default::default()
+                },
+                created_at: now(),
+            };
+            self.store().insert_vm(&vm).map_err(|e| match e {
+                banger_store::StoreError::NameTaken(n) => DaemonError::VmExists(n),
+                e => e.into(),
+            })?;
+            vm
+        };
+        events(Event::Spec {
+            line: format!(
+                "{name}: {} vCPU, {} MiB, {} disk, image {image_name}, vmm {vmm} ({accel})",
+                sizing.cpus,
+                sizing.memory_mib,
+                human_mib(sizing.disk_mib)
+            ),
+        });
+        if let Err(e) = self.prepare_disks(&vm, &img) {
+            let _ = fsutil::remove_dir_all_if_exists(&dir);
+            let _ = self.store().delete_vm(&id);
+            return Err(e);
+        }
+        events(Event::Phase {
+            name: "create".into(),
+            micros: micros(t0),
+        });
+        if req.start {
+            let vm = self.start_locked(vm, events)?;
+            return Ok(self.info(&vm));
+        }
+        Ok(self.info(&vm))
+    }
+
+    fn generate_name(&self) -> Result<String> {
+        for _ in 0..32 {
+            let r = u32::from_str_radix(&random_hex(4), 16).unwrap_or(0);
+            let n = banger_core::name::generated_name(r);
+            if self.store().vm_by_name(&n)?.is_none() {
+                return Ok(n);
+            }
+        }
+        Err(DaemonError::Invalid(
+            "could not find a free generated name: pass --name".into(),
+        ))
+    }
+
+    /// VMDir with a copy-on-write root over the image (a qcow2 overlay), a
+    /// fresh ext4 work disk, the guest's host key and the pinned known_hosts.
+    fn prepare_disks(&self, vm: &VmRecord, img: &ImageRecord) -> Result<()> {
+        let dir = self.cfg.layout.vm_dir(&vm.id);
+        fsutil::create_dir_all(&dir)?;
+        let root = dir.join(vmfiles::ROOT_DISK);
+        banger_host::cmd::run(
+            "qemu-img",
+            [
+                "create".as_ref(),
+                "-q".as_ref(),
+                "-f".as_ref(),
+                "qcow2".as_ref(),
+                "-F".as_ref(),
+                "raw".as_ref(),
+                "-b".as_ref(),
+                img.rootfs.as_os_str(),
+                root.as_os_str(),
+            ],
+        )?;
+        let work = dir.join(vmfiles::WORK_DISK);
+        let f = std::fs::File::create(&work).with_path("create", &work)?;
+        f.set_len(banger_core::sizing::mib_to_bytes(vm.spec.sizing.disk_mib))
+            .with_path("size", &work)?;
+        drop(f);
+        banger_host::cmd::run(
+            "mkfs.ext4",
+            [
+                "-q".as_ref(),
+                "-F".as_ref(),
+                "-L".as_ref(),
+                "banger-work".as_ref(),
+                "-E".as_ref(),
+                "lazy_itable_init=1,lazy_journal_init=1".as_ref(),
+                work.as_os_str(),
+            ],
+        )?;
+        let key = dir.join(vmfiles::HOST_KEY);
+        sshkey::generate(&key, &format!("root@{}", vm.name))?;
+        let pubkey = sshkey::public_key(&key)?;
+        fsutil::write(
+            &dir.join(vmfiles::KNOWN_HOSTS),
+            format!("{} {}\n", vm.name, pubkey),
+        )?;
+        Ok(())
+    }
+
+    // ---- start --------------------------------------------------------
+
+    pub fn start(&self, name: &str, events: Events) -> Result<VmInfo> {
+        let vl = self.vm_lock(name);
+        let _g = lock::<()>(&vl);
+        let vm = self.find(name)?;
+        let vm = self.start_locked(vm, events)?;
+        Ok(self.info(&vm))
+    }
+
+    fn start_locked(&self, mut vm: VmRecord, events: Events) -> Result<VmRecord> {
+        vm.runtime.state().check(&vm.name, "start")?;
+        let t0 = Instant::now();
+        vm.runtime.state = Some(VmState::Starting);
+        vm.runtime.last_error = None;
+        self.save(&vm)?;
+        match self.boot(&mut vm, events) {
+            Ok(()) => {
+                vm.runtime.state = Some(VmState::Running);
+                self.save(&vm)?;
+                info!(vm = %vm.name, ms = t0.elapsed().as_millis() as u64, "running");
+                Ok(vm)
+            }
+            Err(e) => {
+                warn!(vm = %vm.name, err = %e, "start failed; rolling back");
+                self.teardown(&mut vm);
+                vm.runtime.state = Some(VmState::Error);
+                vm.runtime.last_error = Some(e.to_string());
+                let _ = self.save(&vm);
+                Err(e)
+            }
+        }
+    }
+
+    fn boot(&self, vm: &mut VmRecord, events: Events) -> Result<()> {
+        fn phase(events: Events, name: &str, t: Instant) {
+            events(Event::Phase {
+                name: name.into(),
+                micros: micros(t),
+            })
+        }
+        let img = self.image(&vm.spec.image)?;
+        let vmm = self.vmm(vm.spec.vmm)?;
+        let dir = self.cfg.layout.vm_dir(&vm.id);
+        let guest_ip: Ipv4Addr = vm
+            .runtime
+            .guest_ip
+            .as_deref()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| DaemonError::Invalid(format!("vm {:?} has no guest address", vm.name)))?;
+        let net = self.cfg.subnet.slot_of(guest_ip)?;
+
+        // Network: a tap from the pool, then NAT when there is an uplink.
+        let t = Instant::now();
+        let tap_name = {
+            let _n = lock::<()>(&self.net_lock);
+            let name = tap::free_name(&[])?;
+            tap::create(&name, net.host_ip, GUEST_PREFIX)?;
+            name
+        };
+        let mut h = VmHandles {
+            tap_device: Some(tap_name.clone()),
+            ..Default::default()
+        };
+        vm.runtime.tap_device = Some(tap_name.clone());
+        self.handles.set(&vm.id, h.clone());
+        handles::write_file(&dir, &h)?;
+        self.save(vm)?;
+        match nat::default_uplink() {
+            Some(uplink) => nat::up(&nat::NatSpec {
+                vm_id: vm.id.clone(),
+                tap: tap_name.clone(),
+                guest_ip,
+                uplink,
+            })?,
+            None => events(Event::Progress {
+                message: "no default route on the host: the guest gets no outbound network".into(),
+            }),
+        }
+        phase(events, "network", t);
+
+        // Per-VM initrd: the image's initramfs plus this VM's config.
+        let t = Instant::now();
+        let boot_id = random_hex(8);
+        let client_pub = sshkey::public_key(&self.cfg.layout.client_key())?;
+        let host_key_path = dir.join(vmfiles::HOST_KEY);
+        let cfg = banger_guest::config::GuestConfig {
+            hostname: vm.name.clone(),
+            guest_ip,
+            gateway: net.host_ip,
+            prefix: GUEST_PREFIX,
+            mac: net.mac(),
+            nameservers: banger_guest::config::guest_nameservers(
+                &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+            ),
+            authorized_keys: format!("{client_pub}\n"),
+            host_key: fsutil::read_to_string(&host_key_path)?,
+            host_key_pub: sshkey::public_key(&host_key_path)?,
+            boot_id: boot_id.clone(),
+        };
+        let mut initrd = std::fs::read(&img.initrd).with_path("read", &img.initrd)?;
+        initrd.extend_from_slice(&cfg.archive());
+        let initrd_path = dir.join(vmfiles::INITRD);
+        fsutil::write(&initrd_path, &initrd)?;
+        let rt_dir = self.cfg.layout.vm_runtime_dir(&vm.id);
+        fsutil::create_dir_all(&rt_dir)?;
+        let api_sock = rt_dir.join(vmfiles::API_SOCK);
+        fsutil::remove_file_if_exists(&api_sock)?;
+        let console = dir.join(vmfiles::CONSOLE_LOG);
+        fsutil::write(&console, "")?;
+        vm.runtime.api_sock_path = Some(api_sock.clone());
+        vm.runtime.log_path = Some(console.clone());
+        phase(events, "config", t);
+
+        let t = Instant::now();
+        let vcfg = banger_vmm::VmConfig {
+            name: vm.name.clone(),
+            vcpus: vm.spec.sizing.cpus,
+            memory_mib: vm.spec.sizing.memory_mib,
+            kernel: img.kernel.clone(),
+            initrd: initrd_path,
+            cmdline: KERNEL_CMDLINE.to_string(),
+            disks: vec![
+                banger_vmm::Disk {
+                    id: "root".into(),
+                    path: dir.join(vmfiles::ROOT_DISK),
+                    format: "qcow2".into(),
+                    read_only: false,
+                },
+                banger_vmm::Disk {
+                    id: "work".into(),
+                    path: dir.join(vmfiles::WORK_DISK),
+                    format: "raw".into(),
+                    read_only: false,
+                },
+            ],
+            nics: vec![banger_vmm::Nic {
+                tap: tap_name,
+                mac: net.mac(),
+            }],
+            console_log: console.clone(),
+            vmm_log: dir.join(vmfiles::VMM_LOG),
+            api_sock,
+        };
+        let proc_ = vmm.spawn(&vcfg)?;
+        h.pid = Some(proc_.pid);
+        self.handles.set(&vm.id, h.clone());
+        handles::write_file(&dir, &h)?;
+        if let Some(child) = proc_.child {
+            crate::reaper::watch(child);
+        }
+        phase(events, "spawn", t);
+        events(Event::Progress {
+            message: format!(
+                "booting {} ({} {})",
+                vm.name, vm.spec.vmm, vm.spec.accel
+            ),
+        });
+
+        let t = Instant::now();
+        self.wait_ready(vm, proc_.pid, &console, &boot_id)?;
+        phase(events, "boot", t);
+        Ok(())
+    }
+
+    /// Waits for the guest's ready line (carrying this boot's id) on the
+    /// console log, failing early if the VMM exits.
+    fn wait_ready(&self, vm: &VmRecord, pid: i32, console: &std::path::Path, boot_id: &str) -> Result<()> {
+        let marker = format!("{}{boot_id}", banger_guest::READY_MARKER);
+        let deadline = Instant::now() + self.cfg.boot_timeout;
+        let mut seen = 0usize;
+        let mut buf = Vec::new();
+        loop {
+            if let Ok(mut f) = std::fs::File::open(console) {
+                use std::io::{Seek, SeekFrom};
+                if f.seek(SeekFrom::Start(seen as u64)).is_ok() {
+                    let mut chunk = Vec::new();
+                    if f.read_to_end(&mut chunk).is_ok() {
+                        seen += chunk.len();
+                        buf.extend_from_slice(&chunk);
+                    }
+                }
+            }
+            if String::from_utf8_lossy(&buf).contains(&marker) {
+                return Ok(());
+            }
+            if !process::is_running(pid) {
+                let dir = self.cfg.layout.vm_dir(&vm.id);
+                return Err(DaemonError::Boot {
+                    vm: vm.name.clone(),
+                    reason: format!(
+                        "the VMM exited. Its log:\n{}\nConsole:\n{}",
+                        tail(&dir.join(vmfiles::VMM_LOG), 10),
+                        tail(console, 10)
+                    ),
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(DaemonError::Boot {
+                    vm: vm.name.clone(),
+                    reason: format!(
+                        "no ready signal within {}s. Console:\n{}",
+                        self.cfg.boot_timeout.as_secs(),
+                        tail(console, 10)
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    // ---- stop, kill, delete -------------------------------------------
+
+    pub fn stop(&self, name: &str) -> Result<VmInfo> {
+        let vl = self.vm_lock(name);
+        let _g = lock::<()>(&vl);
+        let mut vm = self.find(name)?;
+        if !self.vm_alive(&vm) && vm.runtime.state() == VmState::Running {
+            // Stale: the VMM died behind our back. Clean and report stopped.
+            self.teardown(&mut vm);
+            vm.runtime.state = Some(VmState::Stopped);
+            self.save(&vm)?;
+            return Ok(self.info(&vm));
+        }
+        vm.runtime.state().check(&vm.name, "stop")?;
+        vm.runtime.state = Some(VmState::Stopping);
+        self.save(&vm)?;
+        let pid = self.handles.get(&vm.id).and_then(|h| h.pid);
+        let clean = match (pid, vm.runtime.api_sock_path.clone()) {
+            (Some(pid), Some(sock)) => {
+                let asked = self
+                    .vmm(vm.spec.vmm)
+                    .and_then(|v| v.request_shutdown(&sock).map_err(Into::into));
+                if let Err(e) = &asked {
+                    warn!(vm = %vm.name, err = %e, "clean shutdown request failed; killing");
+                }
+                asked.is_ok() && process::wait_gone(pid, self.cfg.stop_timeout)
+            }
+            _ => false,
+        };
+        if !clean {
+            warn!(vm = %vm.name, "guest did not power off in time; killing the VMM");
+        }
+        self.teardown(&mut vm);
+        vm.runtime.state = Some(VmState::Stopped);
+        self.save(&vm)?;
+        Ok(self.info(&vm))
+    }
+
+    pub fn kill(&self, name: &str) -> Result<VmInfo> {
+        let vl = self.vm_lock(name);
+        let _g = lock::<()>(&vl);
+        let mut vm = self.find(name)?;
+        if self.vm_alive(&vm) || vm.runtime.state().can_kill() {
+            self.teardown(&mut vm);
+            vm.runtime.state = Some(VmState::Stopped);
+            self.save(&vm)?;
+            return Ok(self.info(&vm));
+        }
+        vm.runtime.state().check(&vm.name, "kill")?;
+        Ok(self.info(&vm))
+    }
+
+    pub fn delete(&self, name: &str) -> Result<()> {
+        let vl = self.vm_lock(name);
+        let _g = lock::<()>(&vl);
+        let mut vm = self.find(name)?;
+        self.teardown(&mut vm);
+        fsutil::remove_dir_all_if_exists(&self.cfg.layout.vm_runtime_dir(&vm.id))?;
+        fsutil::remove_dir_all_if_exists(&self.cfg.layout.vm_dir(&vm.id))?;
+        self.store().delete_vm(&vm.id)?;
+        lock_remove(&self.vm_locks, name);
+        Ok(())
+    }
+
+    /// Tears down everything a running VM holds: the VMM process, NAT rules,
+    /// the tap, the scratch file and the cache entry; clears the runtime's
+    /// tap. Best effort and idempotent; each source of truth falls back to the
+    /// next (handle cache -> scratch file -> runtime.tap_device).
+    pub fn teardown(&self, vm: &mut VmRecord) {
+        let dir = self.cfg.layout.vm_dir(&vm.id);
+        let cached = self.handles.get(&vm.id);
+        let scratch = handles::read_file(&dir);
+        let pid = cached
+            .as_ref()
+            .and_then(|h| h.pid)
+            .or(scratch.pid)
+            .into_iter()
+            .chain(
+                vm.runtime
+                    .api_sock_path
+                    .as_ref()
+                    .map(|s| process::find_by_arg(&process::path_needle(s)))
+                    .unwrap_or_default(),
+            );
+        let needle = vm
+            .runtime
+            .api_sock_path
+            .as_ref()
+            .map(|s| process::path_needle(s));
+        for p in pid {
+            // Only a process that still carries this VM's socket is ours.
+            if needle.as_ref().is_some_and(|n| process::matches(p, n))
+                && !process::kill_and_wait(p, Duration::from_secs(10))
+            {
+                warn!(vm = %vm.name, pid = p, "VMM did not die after SIGKILL");
+            }
+        }
+        if let Err(e) = nat::down(&vm.id) {
+            warn!(vm = %vm.name, err = %e, "nat teardown failed");
+        }
+        let tap_name = cached
+            .and_then(|h| h.tap_device)
+            .or(scratch.tap_device)
+            .or(vm.runtime.tap_device.clone());
+        if let Some(t) = tap_name {
+            if let Err(e) = tap::delete(&t) {
+                warn!(vm = %vm.name, err = %e, "tap teardown failed");
+            }
+        }
+        if let Some(s) = &vm.runtime.api_sock_path {
+            let _ = fsutil::remove_file_if_exists(s);
+        }
+        let _ = fsutil::remove_file_if_exists(&dir.join(vmfiles::INITRD));
+        let _ = handles::remove_file(&dir);
+        self.handles.remove(&vm.id);
+        vm.runtime.tap_device = None;
+    }
+
+    // ---- reconcile ----------------------------------------------------
+
+    /// At startup: every VM recorded as up is either still running (its
+    /// handles are rebuilt from the scratch file and /proc) or is demoted to
+    /// stopped after its kernel objects are torn down.
+    pub fn reconcile(&self) -> Result<()> {
+        let vms = self.store().list_vms()?;
+        for mut vm in vms {
+            let st = vm.runtime.state();
+            if !matches!(st, VmState::Running | VmState::Starting | VmState::Stopping) {
+                continue;
+            }
+            let dir = self.cfg.layout.vm_dir(&vm.id);
+            let sock = vm.runtime.api_sock_path.clone().unwrap_or_default();
+            let mut h = handles::rediscover(&dir, &sock);
+            if h.tap_device.is_none() {
+                h.tap_device = vm.runtime.tap_device.clone();
+            }
+            self.handles.set(&vm.id, h.clone());
+            if st == VmState::Running && self.vm_alive(&vm) {
+                info!(vm = %vm.name, pid = ?h.pid, "reconcile: still running");
+                let _ = handles::write_file(&dir, &h);
+                continue;
+            }
+            info!(vm = %vm.name, "reconcile: not running; cleaning up");
+            self.teardown(&mut vm);
+            vm.runtime.state = Some(if st == VmState::Starting {
+                VmState::Error
+            } else {
+                VmState::Stopped
+            });
+            if st == VmState::Starting {
+                vm.runtime.last_error = Some("the daemon restarted while the VM was starting".into());
+            }
+            self.save(&vm)?;
+        }
+        Ok(())
+    }
+
+    /// Called by the reaper when a VMM this daemon spawned exits: a VM that
+    /// was meant to be running is cleaned up exactly like `stop` does.
+    pub fn on_vmm_exit(&self, pid: i32) {
+        let Ok(vms) = self.store().list_vms() else {
+            return;
+        };
+        let Some(vm) = vms
+            .into_iter()
+            .find(|v| self.handles.get(&v.id).and_then(|h| h.pid) == Some(pid))
+        else {
+            return;
+        };
+        let vl = self.vm_lock(&vm.name);
+        let _g = lock::<()>(&vl);
+        let Ok(mut vm) = self.find(&vm.name) else {
+            return;
+        };
+        if vm.runtime.state() != VmState::Running
+            || self.handles.get(&vm.id).and_then(|h| h.pid) != Some(pid)
+        {
+            return;
+        }
+        warn!(vm = %vm.name, pid, "VMM exited on its own; cleaning up");
+        self.teardown(&mut vm);
+        vm.runtime.state = Some(VmState::Stopped);
+        vm.runtime.last_error = Some("the guest powered off or its VMM exited".into());
+        let _ = self.save(&vm);
+    }
+}
+
+fn lock_remove(m: &Mutex<HashMap<String, Arc<Mutex<()>>>>, name: &str) {
+    lock(m).remove(name);
+}
+
+pub fn image_info(r: &ImageRecord) -> ImageInfo {
+    ImageInfo {
+        name: r.name.clone(),
+        kernel_version: r.kernel_version.clone(),
+        rootfs_bytes: r.rootfs_bytes,
+        dir: r.dir.clone(),
+        created_at: r.created_at,
+    }
+}
+
+pub fn human_mib(mib: u64) -> String {
+    if mib >= 1024 && mib % 1024 == 0 {
+        format!("{} GiB", mib / 1024)
+    } else {
+        format!("{mib} MiB")
+    }
+}
+
+fn tail(path: &std::path::Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let v: Vec<&str> = text.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+pub fn vm_dir_of(layout: &Layout, vm: &VmRecord) -> PathBuf {
+    layout.vm_dir(&vm.id)
+}

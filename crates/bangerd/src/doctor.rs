@@ -1,0 +1,91 @@
+//! `banger doctor`: what this host can do, and what is missing.
+
+use banger_core::api::Check;
+use banger_guest::image::DEFAULT_IMAGE;
+use banger_host::{cmd, nat, sysinfo};
+
+use crate::daemon::{human_mib, Daemon};
+use crate::server::check;
+
+pub fn checks(d: &Daemon) -> Vec<Check> {
+    let mut v = Vec::new();
+    let kvm = sysinfo::kvm_status();
+    v.push(check("kvm", kvm.usable, kvm.detail));
+    match d.select_vmm(None) {
+        Ok((vmm, accel)) => v.push(check("vmm", true, format!("{vmm} ({accel})"))),
+        Err(e) => v.push(check("vmm", false, e.to_string())),
+    }
+    v.push(check(
+        "firecracker",
+        false,
+        match cmd::which("firecracker") {
+            Some(p) => format!("{} found, but this build has no firecracker driver yet", p.display()),
+            None => "no firecracker binary on PATH; QEMU is used".into(),
+        },
+    ));
+    for tool in [
+        "qemu-system-x86_64",
+        "qemu-img",
+        "mkfs.ext4",
+        "ip",
+        "nft",
+        "ssh",
+        "ssh-keygen",
+        "mmdebstrap",
+    ] {
+        let p = cmd::which(tool);
+        v.push(check(
+            tool,
+            p.is_some(),
+            p.map(|p| p.display().to_string())
+                .unwrap_or_else(|| "missing: run scripts/install-deps.sh".into()),
+        ));
+    }
+    let bb = std::path::Path::new("/bin/busybox");
+    v.push(check(
+        "busybox-static",
+        bb.exists(),
+        if bb.exists() {
+            "/bin/busybox".to_string()
+        } else {
+            "missing: apt-get install busybox-static".to_string()
+        },
+    ));
+    v.push(check(
+        "tun",
+        std::path::Path::new("/dev/net/tun").exists(),
+        "/dev/net/tun",
+    ));
+    match nat::default_uplink() {
+        Some(u) => v.push(check("uplink", true, format!("default route via {u}"))),
+        None => v.push(check("uplink", false, "no default route: guests get no outbound network")),
+    }
+    let host = sysinfo::host_resources(&d.cfg.layout.state_dir);
+    let s = banger_core::sizing::default_sizing(&host);
+    v.push(check(
+        "sizing",
+        true,
+        format!(
+            "host {} cores, {} MiB, {} free -> default VM {} vCPU, {} MiB, {} disk",
+            host.cores,
+            host.memory_mib,
+            human_mib(host.free_disk_mib),
+            s.cpus,
+            s.memory_mib,
+            human_mib(s.disk_mib)
+        ),
+    ));
+    match d.store().image(DEFAULT_IMAGE) {
+        Ok(Some(img)) => v.push(check(
+            "image",
+            true,
+            format!("{DEFAULT_IMAGE}: kernel {}", img.kernel_version),
+        )),
+        _ => v.push(check(
+            "image",
+            false,
+            format!("{DEFAULT_IMAGE} not built: run `banger image build`"),
+        )),
+    }
+    v
+}

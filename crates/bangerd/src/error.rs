@@ -1,0 +1,71 @@
+//! The daemon's error: every failure a request can meet, each mapped to the
+//! protocol's error kind, each naming the VM, image, path or device.
+
+use banger_core::api::{ApiError, ErrorKind};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    #[error("vm {0:?} not found: `banger vm ls` lists the VMs")]
+    VmNotFound(String),
+    #[error("vm {0:?} already exists: pick another name or `banger vm delete {0}`")]
+    VmExists(String),
+    #[error(transparent)]
+    Name(#[from] banger_core::NameError),
+    #[error(transparent)]
+    Sizing(#[from] banger_core::sizing::SizingError),
+    #[error(transparent)]
+    Transition(#[from] banger_core::state::TransitionError),
+    #[error("image {0:?} is not built: run `banger image build{1}`")]
+    ImageMissing(String, String),
+    #[error("image {name:?} is used by vm(s) {users}: delete them first")]
+    ImageInUse { name: String, users: String },
+    #[error(transparent)]
+    Image(#[from] banger_guest::image::ImageError),
+    #[error(transparent)]
+    Store(#[from] banger_store::StoreError),
+    #[error(transparent)]
+    Fs(#[from] banger_host::fsutil::FsError),
+    #[error(transparent)]
+    Cmd(#[from] banger_host::cmd::CmdError),
+    #[error(transparent)]
+    Tap(#[from] banger_host::tap::TapError),
+    #[error(transparent)]
+    Nat(#[from] banger_host::nat::NatError),
+    #[error(transparent)]
+    SshKey(#[from] banger_host::sshkey::SshKeyError),
+    #[error(transparent)]
+    Vmm(#[from] banger_vmm::VmmError),
+    #[error(transparent)]
+    Net(#[from] banger_core::net::NetError),
+    #[error("vm {vm:?} did not boot: {reason}")]
+    Boot { vm: String, reason: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+pub type Result<T, E = DaemonError> = std::result::Result<T, E>;
+
+impl DaemonError {
+    pub fn kind(&self) -> ErrorKind {
+        use DaemonError::*;
+        match self {
+            VmNotFound(_) | ImageMissing(..) => ErrorKind::NotFound,
+            VmExists(_) => ErrorKind::AlreadyExists,
+            Store(banger_store::StoreError::NameTaken(_)) => ErrorKind::AlreadyExists,
+            Name(_) | Sizing(_) | Invalid(_) | Unsupported(_) => ErrorKind::InvalidInput,
+            Transition(_) | ImageInUse { .. } => ErrorKind::Conflict,
+            Store(_) => ErrorKind::Internal,
+            _ => ErrorKind::Host,
+        }
+    }
+
+    pub fn to_api(&self) -> ApiError {
+        ApiError {
+            kind: self.kind(),
+            message: self.to_string(),
+        }
+    }
+}

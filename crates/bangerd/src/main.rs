@@ -1,0 +1,98 @@
+//! bangerd's entry point: flags, the one-daemon-per-state-dir lock, the
+//! socket, signals. Everything else lives in the library.
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use banger_core::layout::{RUNTIME_DIR_ENV, STATE_DIR_ENV};
+use banger_core::Layout;
+use clap::Parser;
+use nix::fcntl::{Flock, FlockArg};
+use nix::sys::signal::{SigSet, Signal};
+
+#[derive(Debug, Parser)]
+#[command(name = "bangerd", version, about = "banger's root daemon")]
+struct Args {
+    /// State dir (database, images, VM disks). Default /var/lib/banger.
+    #[arg(long, env = STATE_DIR_ENV)]
+    state_dir: Option<PathBuf>,
+    /// Runtime dir (sockets). Default /run/banger.
+    #[arg(long, env = RUNTIME_DIR_ENV)]
+    runtime_dir: Option<PathBuf>,
+    /// Seconds a guest may take to become ready.
+    #[arg(long, default_value_t = 120)]
+    boot_timeout: u64,
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("bangerd: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BANGER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if !nix::unistd::geteuid().is_root() {
+        bail!("bangerd must run as root: it creates taps, NAT rules and VMM processes");
+    }
+    let layout = Layout::resolve(args.state_dir, args.runtime_dir, None, None);
+    std::fs::create_dir_all(&layout.state_dir)
+        .with_context(|| format!("create state dir {}", layout.state_dir.display()))?;
+    std::fs::create_dir_all(&layout.runtime_dir)
+        .with_context(|| format!("create runtime dir {}", layout.runtime_dir.display()))?;
+    let lock_path = layout.lock_file();
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("open {}", lock_path.display()))?;
+    let _lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        anyhow::anyhow!(
+            "another bangerd owns {} ({e}): only one daemon per state dir",
+            layout.state_dir.display()
+        )
+    })?;
+    let sock = layout.socket();
+    // We hold the lock, so a socket file left here belongs to a dead daemon.
+    let _ = std::fs::remove_file(&sock);
+    let listener =
+        UnixListener::bind(&sock).with_context(|| format!("bind {}", sock.display()))?;
+
+    // SIGTERM/SIGINT: stop serving; VMs keep running and are reconciled by
+    // the next daemon.
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set.thread_block().context("block signals")?;
+    let shutdown = Arc::new(AtomicBool::new(false));
+    {
+        let shutdown = shutdown.clone();
+        let sock = sock.clone();
+        std::thread::spawn(move || {
+            if let Ok(sig) = set.wait() {
+                tracing::info!(?sig, "shutting down");
+            }
+            shutdown.store(true, Ordering::SeqCst);
+            let _ = UnixStream::connect(&sock);
+        });
+    }
+    let mut cfg = bangerd::Config::new(layout.clone());
+    cfg.boot_timeout = Duration::from_secs(args.boot_timeout);
+    tracing::info!(state = %layout.state_dir.display(), socket = %sock.display(), "bangerd serving");
+    bangerd::run(cfg, listener, shutdown)?;
+    let _ = std::fs::remove_file(&sock);
+    Ok(())
+}

@@ -1,0 +1,193 @@
+//! The Unix-socket server: one thread per connection, one request per
+//! connection, newline-delimited JSON (see `banger_core::api`).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use banger_core::api::{
+    ApiError, Check, Envelope, ErrorKind, Event, Reply, Request, Response, PROTOCOL_VERSION,
+};
+use tracing::{info, info_span, warn};
+
+use crate::daemon::{image_info, Daemon};
+use crate::error::Result;
+
+const MAX_REQUEST: u64 = 1 << 20;
+
+/// Serves until `shutdown` is set (and the listener woken by a connection).
+pub fn run(daemon: Arc<Daemon>, listener: UnixListener, shutdown: Arc<AtomicBool>) {
+    for conn in listener.incoming() {
+        if shutdown.load(Ordering::SeqCst) {
+            break;
+        }
+        match conn {
+            Ok(stream) => {
+                let d = daemon.clone();
+                let r = std::thread::Builder::new()
+                    .name("conn".into())
+                    .spawn(move || handle(&d, stream));
+                if let Err(e) = r {
+                    warn!(err = %e, "cannot start a connection thread");
+                }
+            }
+            Err(e) => warn!(err = %e, "accept failed"),
+        }
+    }
+}
+
+fn write_reply(stream: &mut UnixStream, reply: &Reply) -> bool {
+    let mut line = serde_json::to_string(reply).unwrap_or_else(|_| {
+        r#"{"reply":"err","kind":"internal","message":"unserialisable reply"}"#.into()
+    });
+    line.push('\n');
+    stream.write_all(line.as_bytes()).is_ok()
+}
+
+fn handle(daemon: &Daemon, stream: UnixStream) {
+    let mut writer = match stream.try_clone() {
+        Ok(w) => w,
+        Err(e) => {
+            warn!(err = %e, "cannot clone connection");
+            return;
+        }
+    };
+    let mut line = String::new();
+    let mut reader = BufReader::new(stream.take(MAX_REQUEST));
+    if reader.read_line(&mut line).is_err() || line.trim().is_empty() {
+        return;
+    }
+    let env: Envelope = match serde_json::from_str(&line) {
+        Ok(e) => e,
+        Err(e) => {
+            // Tell an older or newer client apart from garbage.
+            let kind = match serde_json::from_str::<serde_json::Value>(&line)
+                .ok()
+                .and_then(|v| v.get("version")?.as_u64())
+            {
+                Some(v) if v != u64::from(PROTOCOL_VERSION) => ErrorKind::Version,
+                _ => ErrorKind::InvalidInput,
+            };
+            let message = if kind == ErrorKind::Version {
+                format!("this bangerd speaks protocol {PROTOCOL_VERSION}: restart the daemon with the same build as the CLI (`pkill bangerd`)")
+            } else {
+                format!("bad request: {e}")
+            };
+            write_reply(&mut writer, &Reply::Err(ApiError { kind, message }));
+            return;
+        }
+    };
+    if env.version != PROTOCOL_VERSION {
+        write_reply(
+            &mut writer,
+            &Reply::Err(ApiError {
+                kind: ErrorKind::Version,
+                message: format!(
+                    "client speaks protocol {}, this bangerd {PROTOCOL_VERSION}: restart the daemon with the same build as the CLI",
+                    env.version
+                ),
+            }),
+        );
+        return;
+    }
+    let span = info_span!("request", op = op_name(&env.request));
+    let _e = span.enter();
+    let mut connected = true;
+    let mut events = |ev: Event| {
+        if connected {
+            connected = write_reply(&mut writer.try_clone().expect_or_log(), &Reply::Event(ev));
+        }
+    };
+    let result = dispatch(daemon, env.request, &mut events);
+    let reply = match result {
+        Ok(r) => Reply::Ok(r),
+        Err(e) => {
+            info!(err = %e, "request failed");
+            Reply::Err(e.to_api())
+        }
+    };
+    write_reply(&mut writer, &reply);
+}
+
+trait ExpectOrLog {
+    fn expect_or_log(self) -> UnixStream;
+}
+
+impl ExpectOrLog for std::io::Result<UnixStream> {
+    fn expect_or_log(self) -> UnixStream {
+        match self {
+            Ok(s) => s,
+            // A socket pair that cannot be cloned: hand back a dead one so the
+            // write fails and the client is treated as gone.
+            Err(_) => UnixStream::pair().map(|p| p.0).unwrap_or_else(|_| std::process::abort()),
+        }
+    }
+}
+
+fn op_name(r: &Request) -> &'static str {
+    match r {
+        Request::Ping => "ping",
+        Request::VmCreate(_) => "vm_create",
+        Request::VmStart { .. } => "vm_start",
+        Request::VmStop { .. } => "vm_stop",
+        Request::VmKill { .. } => "vm_kill",
+        Request::VmDelete { .. } => "vm_delete",
+        Request::VmGet { .. } => "vm_get",
+        Request::VmList => "vm_list",
+        Request::ImageBuild { .. } => "image_build",
+        Request::ImageList => "image_list",
+        Request::ImageDelete { .. } => "image_delete",
+        Request::Doctor => "doctor",
+    }
+}
+
+pub fn dispatch(daemon: &Daemon, req: Request, events: &mut dyn FnMut(Event)) -> Result<Response> {
+    Ok(match req {
+        Request::Ping => Response::Pong {
+            version: PROTOCOL_VERSION,
+            pid: std::process::id(),
+        },
+        Request::VmCreate(c) => Response::Vm(daemon.create(&c, events)?),
+        Request::VmStart { name } => Response::Vm(daemon.start(&name, events)?),
+        Request::VmStop { name } => Response::Vm(daemon.stop(&name)?),
+        Request::VmKill { name } => Response::Vm(daemon.kill(&name)?),
+        Request::VmDelete { name } => {
+            daemon.delete(&name)?;
+            Response::Deleted { name }
+        }
+        Request::VmGet { name } => {
+            let vm = daemon.find(&name)?;
+            Response::Vm(daemon.info(&vm))
+        }
+        Request::VmList => Response::Vms {
+            vms: daemon.list()?,
+        },
+        Request::ImageBuild { name, force } => {
+            Response::Image(daemon.build_image(&name, force, events)?)
+        }
+        Request::ImageList => Response::Images {
+            images: daemon
+                .store()
+                .list_images()?
+                .iter()
+                .map(image_info)
+                .collect(),
+        },
+        Request::ImageDelete { name } => {
+            daemon.delete_image(&name)?;
+            Response::Deleted { name }
+        }
+        Request::Doctor => Response::Doctor {
+            checks: crate::doctor::checks(daemon),
+        },
+    })
+}
+
+pub fn check(name: &str, ok: bool, detail: impl Into<String>) -> Check {
+    Check {
+        name: name.into(),
+        ok,
+        detail: detail.into(),
+    }
+}
