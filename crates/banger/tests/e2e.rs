@@ -1,0 +1,205 @@
+//! End to end, with real parts: a daemon in a network namespace of the
+//! test's own (with a veth uplink to a second namespace playing the outside
+//! world), real QEMU guests booted from the prebuilt default image, real
+//! taps and nftables rules, real SSH. Needs root; `scripts/test.sh` runs it.
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use test_infra::{text, vm_list, wait_until, Instance};
+
+fn banger_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_banger"))
+}
+
+fn ok(out: &Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+fn taps(inst: &Instance) -> Vec<String> {
+    inst.net
+        .links()
+        .into_iter()
+        .filter(|l| l.starts_with("bgtap"))
+        .collect()
+}
+
+fn vmm_processes(inst: &Instance) -> Vec<(i32, String)> {
+    inst.processes()
+        .into_iter()
+        .filter(|(_, c)| c.contains("qemu-system"))
+        .collect()
+}
+
+/// Nothing of any VM is left: no VMM, tap, NAT rule, VM file or row.
+fn assert_baseline(inst: &Instance) {
+    assert!(vmm_processes(inst).is_empty(), "VMM left: {:?}", vmm_processes(inst));
+    assert!(taps(inst).is_empty(), "taps left: {:?}", taps(inst));
+    let rules = inst.net.ruleset();
+    assert!(!rules.contains("comment \"banger:"), "NAT rules left:\n{rules}");
+    assert!(inst.vm_files().is_empty(), "VM files left: {:?}", inst.vm_files());
+    assert!(vm_list(&inst.banger(&["vm", "ls", "--json"])).is_empty(), "rows left");
+}
+
+#[test]
+fn lifecycle_run_stop_start_crash_delete() {
+    let inst = Instance::new(&banger_bin()).with_image();
+
+    // An HTTP server in the outside namespace, for the NAT check.
+    let www = inst.dir.path().join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("hello.txt"), "hello from outside\n").unwrap();
+    let mut httpd = inst
+        .net
+        .outside_cmd("busybox")
+        .args(["httpd", "-f", "-p", &format!("{}:8080", inst.net.outside_ip), "-h"])
+        .arg(&www)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("busybox httpd");
+
+    // vm run prints the hostname, which is the VM's name.
+    let out = inst.banger(&["vm", "run", "--name", "hello", "--", "cat", "/etc/hostname"]);
+    assert_eq!(ok(&out, "vm run").trim(), "hello");
+    let spec = text(&out.stderr);
+    assert!(
+        spec.contains("hello: ") && spec.contains("vCPU") && spec.contains("vmm qemu"),
+        "spec line: {spec}"
+    );
+
+    // Status and both streams come back separately.
+    let out = inst.banger(&[
+        "vm", "ssh", "hello", "--", "sh", "-c", "echo out; echo err >&2; exit 7",
+    ]);
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+    assert_eq!(text(&out.stdout), "out\n");
+    assert_eq!(text(&out.stderr), "err\n");
+
+    // The VM's NAT rules exist and work: the guest reaches the outside.
+    let vms = vm_list(&inst.banger(&["vm", "ls", "--json"]));
+    assert_eq!(vms.len(), 1);
+    assert_eq!(vms[0]["state"], "running");
+    let id = vms[0]["id"].as_str().unwrap().to_string();
+    let ip = vms[0]["guest_ip"].as_str().unwrap().to_string();
+    let rules = inst.net.ruleset();
+    assert_eq!(
+        rules.matches(&format!("comment \"banger:{id}\"")).count(),
+        3,
+        "{rules}"
+    );
+    assert!(rules.contains(&format!("ip saddr {ip} oifname \"uplink0\" masquerade")), "{rules}");
+    assert_eq!(taps(&inst).len(), 1);
+    let url = format!("http://{}:8080/hello.txt", inst.net.outside_ip);
+    let out = inst.banger(&["vm", "ssh", "hello", "--", "curl", "-fsS", "--max-time", "20", &url]);
+    assert_eq!(ok(&out, "curl from guest"), "hello from outside\n");
+
+    // The work disk survives stop/start; stop tears the network down.
+    ok(
+        &inst.banger(&["vm", "ssh", "hello", "--", "sh", "-c", "echo kept > /work/f"]),
+        "write work disk",
+    );
+    ok(&inst.banger(&["vm", "stop", "hello"]), "vm stop");
+    let vms = vm_list(&inst.banger(&["vm", "ls", "--json"]));
+    assert_eq!(vms[0]["state"], "stopped");
+    assert!(vmm_processes(&inst).is_empty());
+    assert!(taps(&inst).is_empty(), "stop leaves no tap");
+    assert!(!inst.net.ruleset().contains("comment \"banger:"), "stop leaves no rule");
+    ok(&inst.banger(&["vm", "start", "hello"]), "vm start");
+    let out = inst.banger(&["vm", "ssh", "hello", "--", "cat", "/work/f"]);
+    assert_eq!(ok(&out, "read work disk"), "kept\n");
+
+    // kill -9 of the daemon: the next CLI call starts a new one, which finds
+    // the VM still alive; ssh still connects; delete still cleans.
+    let old = inst.daemon_pid();
+    inst.kill_daemon();
+    let out = inst.banger(&["vm", "ssh", "hello", "--", "hostname"]);
+    assert_eq!(ok(&out, "ssh after daemon crash"), "hello\n");
+    let new = inst.daemon_pid();
+    assert_ne!(old, new, "a new daemon answered");
+    let vms = vm_list(&inst.banger(&["vm", "ls", "--json"]));
+    assert_eq!(vms[0]["state"], "running", "reconcile kept the live VM");
+
+    ok(&inst.banger(&["vm", "delete", "hello"]), "vm delete");
+    assert_baseline(&inst);
+    let _ = httpd.kill();
+    let _ = httpd.wait();
+}
+
+#[test]
+fn run_rm_deletes_the_vm_and_keeps_the_status() {
+    let inst = Instance::new(&banger_bin()).with_image();
+    let out = inst.banger(&["vm", "run", "--rm", "--", "sh", "-c", "uname -s; exit 3"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert_eq!(text(&out.stdout), "Linux\n");
+    assert_baseline(&inst);
+}
+
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    let inst = Instance::new(&banger_bin()).with_image();
+    let refused = |args: &[&str], needle: &str| {
+        let out = inst.banger(args);
+        assert!(!out.status.success(), "{args:?} should fail");
+        let err = text(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: error {err:?} lacks {needle:?}");
+        assert!(!err.contains("panicked"), "{err}");
+    };
+    refused(&["vm", "run", "--name", "Foo_1", "--", "true"], "not a DNS label");
+    refused(&["vm", "create", "--name=-x"], "may not start or end with '-'");
+    refused(&["vm", "create", "--name", &"a".repeat(64)], "at most 63");
+    refused(&["vm", "create", "--cpus", "0"], "--cpus 0 is out of range");
+    refused(&["vm", "create", "--cpus", "100000"], "is out of range");
+    refused(&["vm", "create", "--memory", "0"], "--memory 0 MiB is out of range");
+    refused(&["vm", "create", "--memory", "64T"], "is out of range");
+    refused(&["vm", "create", "--disk-size", "0"], "--disk-size 0 MiB is out of range");
+    refused(&["vm", "create", "--disk-size", "lots"], "not a number");
+    refused(&["vm", "create", "--image", "nope"], "image \"nope\" is not built");
+    refused(&["vm", "create", "--vmm", "firecracker"], "firecracker");
+    for verb in ["start", "stop", "kill", "delete", "ssh", "show"] {
+        refused(&["vm", verb, "ghost"], "vm \"ghost\" not found");
+    }
+    assert!(vm_list(&inst.banger(&["vm", "ls", "--json"])).is_empty());
+    assert!(inst.vm_files().is_empty(), "{:?}", inst.vm_files());
+
+    // A duplicate name: the first VM stays, the second leaves nothing.
+    ok(&inst.banger(&["vm", "create", "--name", "dup"]), "create dup");
+    let files = inst.vm_files();
+    refused(&["vm", "create", "--name", "dup"], "vm \"dup\" already exists");
+    refused(&["vm", "stop", "dup"], "cannot stop it");
+    assert_eq!(vm_list(&inst.banger(&["vm", "ls", "--json"])).len(), 1);
+    assert_eq!(inst.vm_files(), files);
+    assert!(taps(&inst).is_empty());
+    ok(&inst.banger(&["vm", "delete", "dup"]), "delete dup");
+    assert_baseline(&inst);
+}
+
+#[test]
+fn one_daemon_per_state_dir() {
+    let inst = Instance::new(&banger_bin());
+    let pid = inst.daemon_pid();
+    let bangerd = banger_bin().with_file_name("bangerd");
+    let out = inst
+        .net
+        .cmd(&bangerd)
+        .arg("--state-dir")
+        .arg(inst.state())
+        .arg("--runtime-dir")
+        .arg(inst.runtime())
+        .output()
+        .expect("second bangerd");
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("only one daemon per state dir"), "{out:?}");
+    assert_eq!(inst.daemon_pid(), pid, "the first daemon still answers");
+    inst.kill_daemon();
+    assert!(wait_until(Duration::from_secs(5), || inst.processes().is_empty()));
+    let _ = Command::new("true").status();
+}

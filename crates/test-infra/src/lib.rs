@@ -1,0 +1,307 @@
+//! Fixtures for tests that create taps, NAT rules and guests. Every such
+//! test runs its daemon inside a network namespace it created, with a veth
+//! "uplink" to a second namespace that plays the outside world; nothing is
+//! sent off the machine and the root namespace is never touched. `Drop`
+//! tears it all down (daemon, namespaces, temp dirs).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Where `scripts/test.sh` leaves the prebuilt default image. Tests never
+/// build images themselves: that would download packages.
+pub fn image_cache() -> PathBuf {
+    std::env::var_os("BANGER_TEST_IMAGE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/banger-test/state/images/bookworm"))
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn require_root() {
+    if !nix_is_root() {
+        panic!(
+            "this test needs root (network namespaces, taps, nftables, QEMU guests): \
+             run it through scripts/test.sh as root"
+        );
+    }
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// A namespace pair: `ns` (where bangerd runs) with a default route over a
+/// veth to `outside`, which holds the other end at `outside_ip`.
+#[derive(Debug)]
+pub struct NetNs {
+    pub ns: String,
+    pub outside: String,
+    pub inside_ip: String,
+    pub outside_ip: String,
+}
+
+impl NetNs {
+    pub fn new() -> NetNs {
+        require_root();
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let id = format!("{}-{n}", std::process::id() % 100_000);
+        let ns = format!("bgt-{id}");
+        let outside = format!("bgt-{id}-out");
+        let octet = (std::process::id() as u32 + n) % 250 + 1;
+        let inside_ip = format!("198.18.{octet}.2");
+        let outside_ip = format!("198.18.{octet}.1");
+        let me = NetNs {
+            ns: ns.clone(),
+            outside: outside.clone(),
+            inside_ip: inside_ip.clone(),
+            outside_ip: outside_ip.clone(),
+        };
+        ip(&["netns", "add", &ns]);
+        ip(&["netns", "add", &outside]);
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        ip(&["-n", &outside, "link", "set", "lo", "up"]);
+        ip(&[
+            "-n", &ns, "link", "add", "uplink0", "type", "veth", "peer", "name", "world0", "netns",
+            &outside,
+        ]);
+        ip(&["-n", &ns, "addr", "add", &format!("{inside_ip}/24"), "dev", "uplink0"]);
+        ip(&["-n", &outside, "addr", "add", &format!("{outside_ip}/24"), "dev", "world0"]);
+        ip(&["-n", &ns, "link", "set", "uplink0", "up"]);
+        ip(&["-n", &outside, "link", "set", "world0", "up"]);
+        ip(&["-n", &ns, "route", "add", "default", "via", &outside_ip]);
+        me
+    }
+
+    /// A command run inside the daemon's namespace.
+    pub fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns]).arg(program);
+        c
+    }
+
+    pub fn outside_cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.outside]).arg(program);
+        c
+    }
+
+    /// Interface names in the daemon's namespace.
+    pub fn links(&self) -> Vec<String> {
+        let out = Command::new("ip")
+            .args(["-n", &self.ns, "-o", "link", "show"])
+            .output()
+            .expect("ip link");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .collect()
+    }
+
+    /// The namespace's nftables ruleset as text.
+    pub fn ruleset(&self) -> String {
+        let out = self.cmd("nft").args(["list", "ruleset"]).output().expect("nft");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Default for NetNs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        // Anything still running in the namespaces dies with them.
+        for ns in [&self.ns, &self.outside] {
+            let _ = Command::new("ip").args(["netns", "pids", ns]).output().map(|o| {
+                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-9", pid]).status();
+                }
+            });
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// An isolated banger instance: its own state and runtime dirs, its daemon
+/// inside a `NetNs`, the prebuilt image linked in.
+#[derive(Debug)]
+pub struct Instance {
+    pub net: NetNs,
+    pub dir: tempfile::TempDir,
+    pub banger: PathBuf,
+}
+
+impl Instance {
+    pub fn new(banger: &Path) -> Instance {
+        let net = NetNs::new();
+        let dir = tempfile::Builder::new()
+            .prefix("banger-test-")
+            .tempdir_in("/var/tmp")
+            .expect("tempdir");
+        let me = Instance {
+            net,
+            dir,
+            banger: banger.to_path_buf(),
+        };
+        std::fs::create_dir_all(me.state().join("images")).expect("mkdir images");
+        me
+    }
+
+    /// Links the prebuilt default image into this instance's state dir.
+    pub fn with_image(self) -> Instance {
+        let cache = image_cache();
+        if !cache.join("manifest.json").is_file() {
+            panic!(
+                "no prebuilt test image at {}: scripts/test.sh builds it before the tests \
+                 (or set BANGER_TEST_IMAGE to an image dir)",
+                cache.display()
+            );
+        }
+        let st = Command::new("cp")
+            .arg("-al")
+            .arg(&cache)
+            .arg(self.state().join("images").join("bookworm"))
+            .status()
+            .expect("cp -al");
+        assert!(st.success(), "link the test image");
+        self
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn runtime(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    /// `banger ARGS` inside the namespace, against this instance.
+    pub fn banger(&self, args: &[&str]) -> Output {
+        self.banger_cmd(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run banger")
+    }
+
+    pub fn banger_cmd(&self, args: &[&str]) -> Command {
+        let mut c = self.net.cmd(&self.banger);
+        c.arg("--state-dir")
+            .arg(self.state())
+            .arg("--runtime-dir")
+            .arg(self.runtime())
+            .args(args);
+        c
+    }
+
+    /// The daemon's pid (starting it if needed).
+    pub fn daemon_pid(&self) -> i32 {
+        let out = self.banger(&["daemon", "ping"]);
+        assert!(out.status.success(), "ping: {}", text(&out.stderr));
+        text(&out.stdout)
+            .split_whitespace()
+            .nth(2)
+            .and_then(|p| p.trim_end_matches(',').parse().ok())
+            .expect("pid in ping output")
+    }
+
+    /// Processes whose command line mentions this instance's dirs.
+    pub fn processes(&self) -> Vec<(i32, String)> {
+        let needle = self.dir.path().to_string_lossy().into_owned();
+        let mut v = Vec::new();
+        if let Ok(rd) = std::fs::read_dir("/proc") {
+            for e in rd.flatten() {
+                let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                    continue;
+                };
+                if let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+                    let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
+                    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                        .map(|s| s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+                        .unwrap_or(true);
+                    if cmd.contains(&needle) && !zombie {
+                        v.push((pid, cmd));
+                    }
+                }
+            }
+        }
+        v
+    }
+
+    pub fn kill_daemon(&self) {
+        for (pid, cmd) in self.processes() {
+            if cmd.contains("bangerd") {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+                wait_until(Duration::from_secs(5), || {
+                    !Path::new(&format!("/proc/{pid}")).exists()
+                        || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                            .map(|s| s.contains(") Z"))
+                            .unwrap_or(true)
+                });
+            }
+        }
+    }
+
+    /// Files under the state dir's `vms/` and the runtime dir's `vms/`.
+    pub fn vm_files(&self) -> Vec<PathBuf> {
+        let mut v = Vec::new();
+        for d in [self.state().join("vms"), self.runtime().join("vms")] {
+            if let Ok(rd) = std::fs::read_dir(&d) {
+                v.extend(rd.flatten().map(|e| e.path()));
+            }
+        }
+        v
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        // VMMs first (they hold taps open), then the daemon; the namespaces
+        // go when `net` drops.
+        for (pid, _) in self.processes() {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+    }
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f()
+}
+
+/// Parses `banger vm ls --json`.
+pub fn vm_list(out: &Output) -> Vec<serde_json::Value> {
+    assert!(out.status.success(), "vm ls: {}", text(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("vm ls --json")
+}
