@@ -74,7 +74,7 @@ pub enum Event {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Response {
     Pong { version: u32, pid: u32 },
-    Vm(VmInfo),
+    Vm(Box<VmInfo>),
     Vms { vms: Vec<VmInfo> },
     Image(ImageInfo),
     Images { images: Vec<ImageInfo> },
@@ -155,10 +155,7 @@ mod tests {
             request: Request::VmStart { name: "a".into() },
         };
         let s = serde_json::to_string(&e).unwrap();
-        assert_eq!(
-            s,
-            r#"{"version":1,"request":{"op":"vm_start","name":"a"}}"#
-        );
+        assert_eq!(s, r#"{"version":1,"request":{"op":"vm_start","name":"a"}}"#);
         assert_eq!(serde_json::from_str::<Envelope>(&s).unwrap(), e);
         let bad = r#"{"version":1,"request":{"op":"vm_start","name":"a","force":true}}"#;
         assert!(serde_json::from_str::<Envelope>(bad).is_err());

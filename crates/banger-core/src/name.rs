@@ -35,7 +35,9 @@ pub fn validate_name(name: &str) -> Result<(), NameError> {
         .bytes()
         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
     {
-        return Err(invalid("only lowercase letters, digits and '-' are allowed"));
+        return Err(invalid(
+            "only lowercase letters, digits and '-' are allowed",
+        ));
     }
     if name.starts_with('-') || name.ends_with('-') {
         return Err(invalid("it may not start or end with '-'"));

@@ -90,9 +90,7 @@ pub fn resolve(req: &SizeRequest, host: &HostResources) -> Result<Sizing, Sizing
 /// is MiB.
 pub fn parse_size_mib(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let n: u64 = num
         .parse()
@@ -167,8 +165,14 @@ mod tests {
         };
         assert!(r(Some(2), Some(1024), Some(2048)).is_ok());
         assert_eq!(r(Some(0), None, None), Err(SizingError::Cpus(0, 2, 2)));
-        assert!(matches!(r(Some(1000), None, None), Err(SizingError::Cpus(..))));
-        assert!(matches!(r(None, Some(0), None), Err(SizingError::Memory(..))));
+        assert!(matches!(
+            r(Some(1000), None, None),
+            Err(SizingError::Cpus(..))
+        ));
+        assert!(matches!(
+            r(None, Some(0), None),
+            Err(SizingError::Memory(..))
+        ));
         assert!(matches!(
             r(None, Some(1 << 30), None),
             Err(SizingError::Memory(..))

@@ -56,7 +56,11 @@ impl GuestConfig {
                 0o600,
                 self.authorized_keys.as_bytes(),
             )
-            .file("banger/ssh_host_ed25519_key", 0o600, self.host_key.as_bytes())
+            .file(
+                "banger/ssh_host_ed25519_key",
+                0o600,
+                self.host_key.as_bytes(),
+            )
             .file(
                 "banger/ssh_host_ed25519_key.pub",
                 0o644,

@@ -40,7 +40,7 @@ impl Archive {
     }
 
     fn pad(&mut self) {
-        while self.buf.len() % 4 != 0 {
+        while !self.buf.len().is_multiple_of(4) {
             self.buf.push(0);
         }
     }
@@ -60,7 +60,7 @@ impl Archive {
     pub fn finish(mut self) -> Vec<u8> {
         self.header("TRAILER!!!", 0, 1, 0);
         // Pad to 512 like cpio(1) does.
-        while self.buf.len() % 512 != 0 {
+        while !self.buf.len().is_multiple_of(512) {
             self.buf.push(0);
         }
         self.buf

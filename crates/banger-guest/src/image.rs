@@ -148,7 +148,10 @@ pub fn load(dir: &Path) -> Result<Option<ImageRecord>, ImageError> {
             return Err(ImageError::Manifest {
                 name,
                 path,
-                detail: format!("{} is missing: rebuild with `banger image build --force`", f.display()),
+                detail: format!(
+                    "{} is missing: rebuild with `banger image build --force`",
+                    f.display()
+                ),
             });
         }
     }
@@ -319,7 +322,10 @@ fn customize(root: &Path) -> Result<(), FsError> {
     write_exec(&lib.join("guest-ready"), GUEST_READY)?;
     fsutil::write(&root.join("etc/inittab"), INITTAB)?;
     fsutil::write(&root.join("etc/ssh/sshd_config.d/banger.conf"), SSHD_CONFIG)?;
-    fsutil::write(&root.join("etc/fstab"), "# banger mounts / and /work from its initramfs\n")?;
+    fsutil::write(
+        &root.join("etc/fstab"),
+        "# banger mounts / and /work from its initramfs\n",
+    )?;
     // Host keys come per VM at boot; the ones the package made are shared
     // by every VM of the image, so they go. So does the generic initrd.
     for dir in ["etc/ssh", "boot"] {
@@ -420,11 +426,16 @@ fn initramfs(name: &str, root: &Path, kver: &str, busybox: &Path) -> Result<Vec<
         name: name.to_string(),
         what,
     })?;
-    let bb = std::fs::read(busybox).with_path("read", busybox).map_err(fs)?;
+    let bb = std::fs::read(busybox)
+        .with_path("read", busybox)
+        .map_err(fs)?;
     if !bb.starts_with(b"\x7fELF") {
         return Err(ImageError::Layout {
             name: name.to_string(),
-            what: format!("{} is not a static busybox: apt-get install busybox-static", busybox.display()),
+            what: format!(
+                "{} is not a static busybox: apt-get install busybox-static",
+                busybox.display()
+            ),
         });
     }
     let mut a = Archive::new();

@@ -51,7 +51,9 @@ fn decode_legacy(mut data: &[u8]) -> Option<Vec<u8>> {
     let mut block = vec![0u8; LZ4_LEGACY_BLOCK];
     while data.len() >= 4 {
         let size = u32::from_le_bytes([data[0], data[1], data[2], data[3]]) as usize;
-        if size == 0 || size > data.len() - 4 || size > LZ4_LEGACY_BLOCK + LZ4_LEGACY_BLOCK / 255 + 16
+        if size == 0
+            || size > data.len() - 4
+            || size > LZ4_LEGACY_BLOCK + LZ4_LEGACY_BLOCK / 255 + 16
         {
             break;
         }
@@ -93,7 +95,10 @@ mod tests {
 
     #[test]
     fn refuses_what_it_cannot_unpack() {
-        assert_eq!(extract_vmlinux(b"MZ xz payload"), Err(KernelError::NoPayload));
+        assert_eq!(
+            extract_vmlinux(b"MZ xz payload"),
+            Err(KernelError::NoPayload)
+        );
         let mut bz = b"MZ".to_vec();
         bz.extend(legacy_frame(b"not an elf at all, just text"));
         assert_eq!(extract_vmlinux(&bz), Err(KernelError::NotElf));

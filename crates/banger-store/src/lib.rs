@@ -144,8 +144,16 @@ impl Store {
         Ok(())
     }
 
-    fn row_to_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, String, String, i64)> {
-        Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?))
+    fn row_to_vm(
+        row: &rusqlite::Row<'_>,
+    ) -> rusqlite::Result<(String, String, String, String, i64)> {
+        Ok((
+            row.get(0)?,
+            row.get(1)?,
+            row.get(2)?,
+            row.get(3)?,
+            row.get(4)?,
+        ))
     }
 
     fn decode(raw: (String, String, String, String, i64)) -> Result<VmRecord, StoreError> {
@@ -256,7 +264,10 @@ impl Store {
     }
 
     pub fn delete_image(&self, name: &str) -> Result<bool, StoreError> {
-        Ok(self.conn.execute("DELETE FROM images WHERE name = ?1", [name])? > 0)
+        Ok(self
+            .conn
+            .execute("DELETE FROM images WHERE name = ?1", [name])?
+            > 0)
     }
 
     /// Names of VMs that use the image.
@@ -322,7 +333,10 @@ mod tests {
         let s = Store::open_in_memory().unwrap();
         s.insert_vm(&vm("a1", "dup")).unwrap();
         let e = s.insert_vm(&vm("a2", "dup")).unwrap_err();
-        assert!(matches!(e, StoreError::NameTaken(ref n) if n == "dup"), "{e}");
+        assert!(
+            matches!(e, StoreError::NameTaken(ref n) if n == "dup"),
+            "{e}"
+        );
         assert_eq!(s.list_vms().unwrap().len(), 1);
     }
 

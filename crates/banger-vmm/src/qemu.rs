@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use banger_core::VmmKind;
 use serde_json::json;
 
-use crate::{qmp, Vmm, VmConfig, VmmError, VmmProcess};
+use crate::{qmp, VmConfig, Vmm, VmmError, VmmProcess};
 
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
 
@@ -46,7 +46,13 @@ impl Qemu {
         push(&cfg.vcpus.to_string());
         push("-m");
         push(&format!("{}M", cfg.memory_mib));
-        for s in ["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"] {
+        for s in [
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ] {
             push(s);
         }
         let path = |p: &Path| p.to_string_lossy().into_owned();
@@ -190,13 +196,25 @@ mod tests {
         assert!(s.contains("-M pc,accel=tcg"), "{s}");
         assert!(s.contains("-cpu max"), "{s}");
         assert!(s.contains("-smp 2 -m 1024M"), "{s}");
-        assert!(s.contains("-kernel /img/vmlinux -initrd /vm/initrd.img"), "{s}");
-        assert!(s.contains("file=/vm/root.qcow2,if=none,id=root,format=qcow2"), "{s}");
+        assert!(
+            s.contains("-kernel /img/vmlinux -initrd /vm/initrd.img"),
+            "{s}"
+        );
+        assert!(
+            s.contains("file=/vm/root.qcow2,if=none,id=root,format=qcow2"),
+            "{s}"
+        );
         assert!(s.contains("file=/vm/a,,b/work.ext4"), "commas escaped: {s}");
-        assert!(s.contains("tap,id=net0,ifname=bgtap0,script=no,downscript=no"), "{s}");
+        assert!(
+            s.contains("tap,id=net0,ifname=bgtap0,script=no,downscript=no"),
+            "{s}"
+        );
         assert!(s.contains("mac=06:00:ac:1e:00:06"), "{s}");
         assert!(s.contains("-serial file:/vm/console.log"), "{s}");
-        assert!(s.contains("-qmp unix:/run/vm/api.sock,server=on,wait=off"), "{s}");
+        assert!(
+            s.contains("-qmp unix:/run/vm/api.sock,server=on,wait=off"),
+            "{s}"
+        );
         // The root disk comes first so that it is /dev/vda.
         assert!(s.find("id=root").unwrap() < s.find("id=work").unwrap());
         let k = joined(&Qemu::new(true));

@@ -31,7 +31,11 @@ pub enum ClientError {
         source: std::io::Error,
     },
     #[error("bangerd did not come up within {secs}s; its log {log} ends with:\n{tail}")]
-    NoDaemon { secs: u64, log: PathBuf, tail: String },
+    NoDaemon {
+        secs: u64,
+        log: PathBuf,
+        tail: String,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -112,7 +116,16 @@ impl Client {
             std::thread::sleep(Duration::from_millis(5));
         }
         let tail = std::fs::read_to_string(&log_path)
-            .map(|s| s.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n"))
+            .map(|s| {
+                s.lines()
+                    .rev()
+                    .take(5)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
             .unwrap_or_default();
         Err(ClientError::NoDaemon {
             secs: limit.as_secs(),

@@ -19,7 +19,11 @@ use clap::{Args, Parser, Subcommand};
 use client::Client;
 
 #[derive(Debug, Parser)]
-#[command(name = "banger", version, about = "Disposable Linux microVMs in one command")]
+#[command(
+    name = "banger",
+    version,
+    about = "Disposable Linux microVMs in one command"
+)]
 struct Cli {
     /// State dir (database, images, VM disks). Default /var/lib/banger.
     #[arg(long, global = true, env = STATE_DIR_ENV)]
@@ -213,7 +217,12 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 println!("{}", serde_json::to_string_pretty(&checks)?);
             } else {
                 for c in &checks {
-                    println!("{:4} {:20} {}", if c.ok { "ok" } else { "--" }, c.name, c.detail);
+                    println!(
+                        "{:4} {:20} {}",
+                        if c.ok { "ok" } else { "--" },
+                        c.name,
+                        c.detail
+                    );
                 }
             }
             Ok(0)
@@ -254,7 +263,12 @@ fn create_request(f: &CreateFlags, start: bool) -> anyhow::Result<CreateVm> {
     if let Some(n) = &f.name {
         banger_core::validate_name(n)?;
     }
-    let mem = f.memory.as_deref().map(parse_size_mib).transpose().map_err(|e| anyhow!("--memory: {e}"))?;
+    let mem = f
+        .memory
+        .as_deref()
+        .map(parse_size_mib)
+        .transpose()
+        .map_err(|e| anyhow!("--memory: {e}"))?;
     let disk = f
         .disk_size
         .as_deref()
@@ -276,7 +290,7 @@ fn create_request(f: &CreateFlags, start: bool) -> anyhow::Result<CreateVm> {
 
 fn expect_vm(r: Response) -> anyhow::Result<VmInfo> {
     match r {
-        Response::Vm(v) => Ok(v),
+        Response::Vm(v) => Ok(*v),
         other => bail!("unexpected answer from bangerd: {other:?}"),
     }
 }
@@ -320,13 +334,19 @@ fn vm(client: &Client, cmd: VmCmd) -> anyhow::Result<i32> {
                 )?;
                 if timings {
                     eprintln!("timing ssh+command   {:>9.1} ms", t_cmd.as_secs_f64() * 1e3);
-                    eprintln!("timing teardown      {:>9.1} ms", t.elapsed().as_secs_f64() * 1e3);
+                    eprintln!(
+                        "timing teardown      {:>9.1} ms",
+                        t.elapsed().as_secs_f64() * 1e3
+                    );
                 }
             } else if timings {
                 eprintln!("timing ssh+command   {:>9.1} ms", t_cmd.as_secs_f64() * 1e3);
             }
             if timings {
-                eprintln!("timing total         {:>9.1} ms", t0.elapsed().as_secs_f64() * 1e3);
+                eprintln!(
+                    "timing total         {:>9.1} ms",
+                    t0.elapsed().as_secs_f64() * 1e3
+                );
             }
             Ok(code)
         }
@@ -432,7 +452,11 @@ fn print_timings(phases: &[(String, u64)], ready_micros: u64) {
         "rpc+cli",
         ready_micros.saturating_sub(accounted) as f64 / 1e3
     );
-    eprintln!("timing {:<13} {:>9.1} ms", "ready", ready_micros as f64 / 1e3);
+    eprintln!(
+        "timing {:<13} {:>9.1} ms",
+        "ready",
+        ready_micros as f64 / 1e3
+    );
 }
 
 fn age(created: i64) -> String {
@@ -482,7 +506,8 @@ fn image(client: &Client, cmd: ImageCmd) -> anyhow::Result<i32> {
             Ok(0)
         }
         ImageCmd::Ls { json } => {
-            let Response::Images { images } = client.call(Request::ImageList, &mut progress)? else {
+            let Response::Images { images } = client.call(Request::ImageList, &mut progress)?
+            else {
                 bail!("unexpected answer to image ls");
             };
             if json {

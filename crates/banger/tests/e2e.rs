@@ -41,12 +41,26 @@ fn vmm_processes(inst: &Instance) -> Vec<(i32, String)> {
 
 /// Nothing of any VM is left: no VMM, tap, NAT rule, VM file or row.
 fn assert_baseline(inst: &Instance) {
-    assert!(vmm_processes(inst).is_empty(), "VMM left: {:?}", vmm_processes(inst));
+    assert!(
+        vmm_processes(inst).is_empty(),
+        "VMM left: {:?}",
+        vmm_processes(inst)
+    );
     assert!(taps(inst).is_empty(), "taps left: {:?}", taps(inst));
     let rules = inst.net.ruleset();
-    assert!(!rules.contains("comment \"banger:"), "NAT rules left:\n{rules}");
-    assert!(inst.vm_files().is_empty(), "VM files left: {:?}", inst.vm_files());
-    assert!(vm_list(&inst.banger(&["vm", "ls", "--json"])).is_empty(), "rows left");
+    assert!(
+        !rules.contains("comment \"banger:"),
+        "NAT rules left:\n{rules}"
+    );
+    assert!(
+        inst.vm_files().is_empty(),
+        "VM files left: {:?}",
+        inst.vm_files()
+    );
+    assert!(
+        vm_list(&inst.banger(&["vm", "ls", "--json"])).is_empty(),
+        "rows left"
+    );
 }
 
 #[test]
@@ -60,7 +74,13 @@ fn lifecycle_run_stop_start_crash_delete() {
     let mut httpd = inst
         .net
         .outside_cmd("busybox")
-        .args(["httpd", "-f", "-p", &format!("{}:8080", inst.net.outside_ip), "-h"])
+        .args([
+            "httpd",
+            "-f",
+            "-p",
+            &format!("{}:8080", inst.net.outside_ip),
+            "-h",
+        ])
         .arg(&www)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -78,7 +98,13 @@ fn lifecycle_run_stop_start_crash_delete() {
 
     // Status and both streams come back separately.
     let out = inst.banger(&[
-        "vm", "ssh", "hello", "--", "sh", "-c", "echo out; echo err >&2; exit 7",
+        "vm",
+        "ssh",
+        "hello",
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 7",
     ]);
     assert_eq!(out.status.code(), Some(7), "{out:?}");
     assert_eq!(text(&out.stdout), "out\n");
@@ -96,15 +122,36 @@ fn lifecycle_run_stop_start_crash_delete() {
         3,
         "{rules}"
     );
-    assert!(rules.contains(&format!("ip saddr {ip} oifname \"uplink0\" masquerade")), "{rules}");
+    assert!(
+        rules.contains(&format!("ip saddr {ip} oifname \"uplink0\" masquerade")),
+        "{rules}"
+    );
     assert_eq!(taps(&inst).len(), 1);
     let url = format!("http://{}:8080/hello.txt", inst.net.outside_ip);
-    let out = inst.banger(&["vm", "ssh", "hello", "--", "curl", "-fsS", "--max-time", "20", &url]);
+    let out = inst.banger(&[
+        "vm",
+        "ssh",
+        "hello",
+        "--",
+        "curl",
+        "-fsS",
+        "--max-time",
+        "20",
+        &url,
+    ]);
     assert_eq!(ok(&out, "curl from guest"), "hello from outside\n");
 
     // The work disk survives stop/start; stop tears the network down.
     ok(
-        &inst.banger(&["vm", "ssh", "hello", "--", "sh", "-c", "echo kept > /work/f"]),
+        &inst.banger(&[
+            "vm",
+            "ssh",
+            "hello",
+            "--",
+            "sh",
+            "-c",
+            "echo kept > /work/f",
+        ]),
         "write work disk",
     );
     ok(&inst.banger(&["vm", "stop", "hello"]), "vm stop");
@@ -112,7 +159,10 @@ fn lifecycle_run_stop_start_crash_delete() {
     assert_eq!(vms[0]["state"], "stopped");
     assert!(vmm_processes(&inst).is_empty());
     assert!(taps(&inst).is_empty(), "stop leaves no tap");
-    assert!(!inst.net.ruleset().contains("comment \"banger:"), "stop leaves no rule");
+    assert!(
+        !inst.net.ruleset().contains("comment \"banger:"),
+        "stop leaves no rule"
+    );
     ok(&inst.banger(&["vm", "start", "hello"]), "vm start");
     let out = inst.banger(&["vm", "ssh", "hello", "--", "cat", "/work/f"]);
     assert_eq!(ok(&out, "read work disk"), "kept\n");
@@ -150,19 +200,37 @@ fn bad_input_is_refused_and_changes_nothing() {
         let out = inst.banger(args);
         assert!(!out.status.success(), "{args:?} should fail");
         let err = text(&out.stderr);
-        assert!(err.contains(needle), "{args:?}: error {err:?} lacks {needle:?}");
+        assert!(
+            err.contains(needle),
+            "{args:?}: error {err:?} lacks {needle:?}"
+        );
         assert!(!err.contains("panicked"), "{err}");
     };
-    refused(&["vm", "run", "--name", "Foo_1", "--", "true"], "not a DNS label");
-    refused(&["vm", "create", "--name=-x"], "may not start or end with '-'");
+    refused(
+        &["vm", "run", "--name", "Foo_1", "--", "true"],
+        "not a DNS label",
+    );
+    refused(
+        &["vm", "create", "--name=-x"],
+        "may not start or end with '-'",
+    );
     refused(&["vm", "create", "--name", &"a".repeat(64)], "at most 63");
     refused(&["vm", "create", "--cpus", "0"], "--cpus 0 is out of range");
     refused(&["vm", "create", "--cpus", "100000"], "is out of range");
-    refused(&["vm", "create", "--memory", "0"], "--memory 0 MiB is out of range");
+    refused(
+        &["vm", "create", "--memory", "0"],
+        "--memory 0 MiB is out of range",
+    );
     refused(&["vm", "create", "--memory", "64T"], "is out of range");
-    refused(&["vm", "create", "--disk-size", "0"], "--disk-size 0 MiB is out of range");
+    refused(
+        &["vm", "create", "--disk-size", "0"],
+        "--disk-size 0 MiB is out of range",
+    );
     refused(&["vm", "create", "--disk-size", "lots"], "not a number");
-    refused(&["vm", "create", "--image", "nope"], "image \"nope\" is not built");
+    refused(
+        &["vm", "create", "--image", "nope"],
+        "image \"nope\" is not built",
+    );
     refused(&["vm", "create", "--vmm", "firecracker"], "firecracker");
     for verb in ["start", "stop", "kill", "delete", "ssh", "show"] {
         refused(&["vm", verb, "ghost"], "vm \"ghost\" not found");
@@ -171,9 +239,15 @@ fn bad_input_is_refused_and_changes_nothing() {
     assert!(inst.vm_files().is_empty(), "{:?}", inst.vm_files());
 
     // A duplicate name: the first VM stays, the second leaves nothing.
-    ok(&inst.banger(&["vm", "create", "--name", "dup"]), "create dup");
+    ok(
+        &inst.banger(&["vm", "create", "--name", "dup"]),
+        "create dup",
+    );
     let files = inst.vm_files();
-    refused(&["vm", "create", "--name", "dup"], "vm \"dup\" already exists");
+    refused(
+        &["vm", "create", "--name", "dup"],
+        "vm \"dup\" already exists",
+    );
     refused(&["vm", "stop", "dup"], "cannot stop it");
     assert_eq!(vm_list(&inst.banger(&["vm", "ls", "--json"])).len(), 1);
     assert_eq!(inst.vm_files(), files);
@@ -197,9 +271,14 @@ fn one_daemon_per_state_dir() {
         .output()
         .expect("second bangerd");
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("only one daemon per state dir"), "{out:?}");
+    assert!(
+        text(&out.stderr).contains("only one daemon per state dir"),
+        "{out:?}"
+    );
     assert_eq!(inst.daemon_pid(), pid, "the first daemon still answers");
     inst.kill_daemon();
-    assert!(wait_until(Duration::from_secs(5), || inst.processes().is_empty()));
+    assert!(wait_until(Duration::from_secs(5), || inst
+        .processes()
+        .is_empty()));
     let _ = Command::new("true").status();
 }

@@ -3,7 +3,6 @@
 use std::collections::HashMap;
 use std::io::Read;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -300,11 +299,7 @@ impl Daemon {
 
     // ---- create -------------------------------------------------------
 
-    pub fn create(
-        &self,
-        req: &banger_core::api::CreateVm,
-        events: Events,
-    ) -> Result<VmInfo> {
+    pub fn create(&self, req: &banger_core::api::CreateVm, events: Events) -> Result<VmInfo> {
         let t0 = Instant::now();
         let name = match &req.name {
             Some(n) => {
@@ -313,7 +308,10 @@ impl Daemon {
             }
             None => self.generate_name()?,
         };
-        let image_name = req.image.clone().unwrap_or_else(|| DEFAULT_IMAGE.to_string());
+        let image_name = req
+            .image
+            .clone()
+            .unwrap_or_else(|| DEFAULT_IMAGE.to_string());
         let host = sysinfo::host_resources(&self.cfg.layout.state_dir);
         let sizing = banger_core::sizing::resolve(&req.size, &host)?;
         let (vmm, accel) = self.select_vmm(req.vmm)?;
@@ -503,7 +501,9 @@ impl Daemon {
             .guest_ip
             .as_deref()
             .and_then(|s| s.parse().ok())
-            .ok_or_else(|| DaemonError::Invalid(format!("vm {:?} has no guest address", vm.name)))?;
+            .ok_or_else(|| {
+                DaemonError::Invalid(format!("vm {:?} has no guest address", vm.name))
+            })?;
         let net = self.cfg.subnet.slot_of(guest_ip)?;
 
         // Network: a tap from the pool, then NAT when there is an uplink.
@@ -607,10 +607,7 @@ impl Daemon {
         }
         phase(events, "spawn", t);
         events(Event::Progress {
-            message: format!(
-                "booting {} ({} {})",
-                vm.name, vm.spec.vmm, vm.spec.accel
-            ),
+            message: format!("booting {} ({} {})", vm.name, vm.spec.vmm, vm.spec.accel),
         });
 
         let t = Instant::now();
@@ -621,7 +618,13 @@ impl Daemon {
 
     /// Waits for the guest's ready line (carrying this boot's id) on the
     /// console log, failing early if the VMM exits.
-    fn wait_ready(&self, vm: &VmRecord, pid: i32, console: &std::path::Path, boot_id: &str) -> Result<()> {
+    fn wait_ready(
+        &self,
+        vm: &VmRecord,
+        pid: i32,
+        console: &std::path::Path,
+        boot_id: &str,
+    ) -> Result<()> {
         let marker = format!("{}{boot_id}", banger_guest::READY_MARKER);
         let deadline = Instant::now() + self.cfg.boot_timeout;
         let mut seen = 0usize;
@@ -815,7 +818,8 @@ impl Daemon {
                 VmState::Stopped
             });
             if st == VmState::Starting {
-                vm.runtime.last_error = Some("the daemon restarted while the VM was starting".into());
+                vm.runtime.last_error =
+                    Some("the daemon restarted while the VM was starting".into());
             }
             self.save(&vm)?;
         }
@@ -867,7 +871,7 @@ pub fn image_info(r: &ImageRecord) -> ImageInfo {
 }
 
 pub fn human_mib(mib: u64) -> String {
-    if mib >= 1024 && mib % 1024 == 0 {
+    if mib >= 1024 && mib.is_multiple_of(1024) {
         format!("{} GiB", mib / 1024)
     } else {
         format!("{mib} MiB")
@@ -878,8 +882,4 @@ fn tail(path: &std::path::Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let v: Vec<&str> = text.lines().collect();
     v[v.len().saturating_sub(lines)..].join("\n")
-}
-
-pub fn vm_dir_of(layout: &Layout, vm: &VmRecord) -> PathBuf {
-    layout.vm_dir(&vm.id)
 }

@@ -19,7 +19,10 @@ pub fn checks(d: &Daemon) -> Vec<Check> {
         "firecracker",
         false,
         match cmd::which("firecracker") {
-            Some(p) => format!("{} found, but this build has no firecracker driver yet", p.display()),
+            Some(p) => format!(
+                "{} found, but this build has no firecracker driver yet",
+                p.display()
+            ),
             None => "no firecracker binary on PATH; QEMU is used".into(),
         },
     ));
@@ -58,7 +61,11 @@ pub fn checks(d: &Daemon) -> Vec<Check> {
     ));
     match nat::default_uplink() {
         Some(u) => v.push(check("uplink", true, format!("default route via {u}"))),
-        None => v.push(check("uplink", false, "no default route: guests get no outbound network")),
+        None => v.push(check(
+            "uplink",
+            false,
+            "no default route: guests get no outbound network",
+        )),
     }
     let host = sysinfo::host_resources(&d.cfg.layout.state_dir);
     let s = banger_core::sizing::default_sizing(&host);

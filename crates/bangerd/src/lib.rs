@@ -20,7 +20,11 @@ pub use error::DaemonError;
 
 /// Opens the daemon's state, reconciles what survived a restart, and serves
 /// on `listener` until `shutdown` is set.
-pub fn run(cfg: Config, listener: UnixListener, shutdown: Arc<AtomicBool>) -> Result<(), DaemonError> {
+pub fn run(
+    cfg: Config,
+    listener: UnixListener,
+    shutdown: Arc<AtomicBool>,
+) -> Result<(), DaemonError> {
     let daemon = Arc::new(Daemon::open(cfg)?);
     daemon.reconcile()?;
     if let Some(rx) = reaper::install() {

@@ -68,8 +68,7 @@ fn real_main() -> anyhow::Result<()> {
     let sock = layout.socket();
     // We hold the lock, so a socket file left here belongs to a dead daemon.
     let _ = std::fs::remove_file(&sock);
-    let listener =
-        UnixListener::bind(&sock).with_context(|| format!("bind {}", sock.display()))?;
+    let listener = UnixListener::bind(&sock).with_context(|| format!("bind {}", sock.display()))?;
 
     // SIGTERM/SIGINT: stop serving; VMs keep running and are reconciled by
     // the next daemon.

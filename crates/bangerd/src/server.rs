@@ -120,7 +120,9 @@ impl ExpectOrLog for std::io::Result<UnixStream> {
             Ok(s) => s,
             // A socket pair that cannot be cloned: hand back a dead one so the
             // write fails and the client is treated as gone.
-            Err(_) => UnixStream::pair().map(|p| p.0).unwrap_or_else(|_| std::process::abort()),
+            Err(_) => UnixStream::pair()
+                .map(|p| p.0)
+                .unwrap_or_else(|_| std::process::abort()),
         }
     }
 }
@@ -148,17 +150,17 @@ pub fn dispatch(daemon: &Daemon, req: Request, events: &mut dyn FnMut(Event)) ->
             version: PROTOCOL_VERSION,
             pid: std::process::id(),
         },
-        Request::VmCreate(c) => Response::Vm(daemon.create(&c, events)?),
-        Request::VmStart { name } => Response::Vm(daemon.start(&name, events)?),
-        Request::VmStop { name } => Response::Vm(daemon.stop(&name)?),
-        Request::VmKill { name } => Response::Vm(daemon.kill(&name)?),
+        Request::VmCreate(c) => Response::Vm(Box::new(daemon.create(&c, events)?)),
+        Request::VmStart { name } => Response::Vm(Box::new(daemon.start(&name, events)?)),
+        Request::VmStop { name } => Response::Vm(Box::new(daemon.stop(&name)?)),
+        Request::VmKill { name } => Response::Vm(Box::new(daemon.kill(&name)?)),
         Request::VmDelete { name } => {
             daemon.delete(&name)?;
             Response::Deleted { name }
         }
         Request::VmGet { name } => {
             let vm = daemon.find(&name)?;
-            Response::Vm(daemon.info(&vm))
+            Response::Vm(Box::new(daemon.info(&vm)))
         }
         Request::VmList => Response::Vms {
             vms: daemon.list()?,

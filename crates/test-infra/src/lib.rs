@@ -83,8 +83,24 @@ impl NetNs {
             "-n", &ns, "link", "add", "uplink0", "type", "veth", "peer", "name", "world0", "netns",
             &outside,
         ]);
-        ip(&["-n", &ns, "addr", "add", &format!("{inside_ip}/24"), "dev", "uplink0"]);
-        ip(&["-n", &outside, "addr", "add", &format!("{outside_ip}/24"), "dev", "world0"]);
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{inside_ip}/24"),
+            "dev",
+            "uplink0",
+        ]);
+        ip(&[
+            "-n",
+            &outside,
+            "addr",
+            "add",
+            &format!("{outside_ip}/24"),
+            "dev",
+            "world0",
+        ]);
         ip(&["-n", &ns, "link", "set", "uplink0", "up"]);
         ip(&["-n", &outside, "link", "set", "world0", "up"]);
         ip(&["-n", &ns, "route", "add", "default", "via", &outside_ip]);
@@ -119,7 +135,11 @@ impl NetNs {
 
     /// The namespace's nftables ruleset as text.
     pub fn ruleset(&self) -> String {
-        let out = self.cmd("nft").args(["list", "ruleset"]).output().expect("nft");
+        let out = self
+            .cmd("nft")
+            .args(["list", "ruleset"])
+            .output()
+            .expect("nft");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
@@ -134,11 +154,14 @@ impl Drop for NetNs {
     fn drop(&mut self) {
         // Anything still running in the namespaces dies with them.
         for ns in [&self.ns, &self.outside] {
-            let _ = Command::new("ip").args(["netns", "pids", ns]).output().map(|o| {
-                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
-                    let _ = Command::new("kill").args(["-9", pid]).status();
-                }
-            });
+            let _ = Command::new("ip")
+                .args(["netns", "pids", ns])
+                .output()
+                .map(|o| {
+                    for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                        let _ = Command::new("kill").args(["-9", pid]).status();
+                    }
+                });
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
     }
@@ -238,7 +261,13 @@ impl Instance {
                 if let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) {
                     let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
                     let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                        .map(|s| s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+                        .map(|s| {
+                            s.rsplit(')')
+                                .next()
+                                .unwrap_or("")
+                                .trim_start()
+                                .starts_with('Z')
+                        })
                         .unwrap_or(true);
                     if cmd.contains(&needle) && !zombie {
                         v.push((pid, cmd));

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs every Debian package banger and its tests use. Idempotent; run as
+# root on a Debian bookworm machine (the Rust toolchain is expected present).
+set -euo pipefail
+
+packages=(
+  qemu-system-x86   # the VMM (TCG here, KVM where hardware virtualisation exists)
+  qemu-utils        # qemu-img: copy-on-write overlays of the image
+  mmdebstrap        # builds the guest root filesystem from Debian's packages
+  e2fsprogs         # mkfs.ext4 for the image and the work disks
+  busybox-static    # the initramfs' only program; also the tests' HTTP server
+  iproute2          # ip: taps, namespaces, veths
+  nftables          # per-VM NAT in banger's own table
+  openssh-client    # ssh/ssh-keygen: banger reaches guests over SSH
+  ca-certificates
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+command -v cargo >/dev/null || { echo "cargo not found: install the Rust toolchain (rustup) first" >&2; exit 1; }
