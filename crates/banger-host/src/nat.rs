@@ -69,30 +69,64 @@ pub fn enable_ip_forward() -> Result<(), NatError> {
     std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(NatError::Forward)
 }
 
-/// The nft script that adds one VM's rules (and the table, if missing).
-pub fn up_script(spec: &NatSpec) -> String {
+/// The comment banger's table carries when forwarding was off before it
+/// existed, so that removing the last rule restores it.
+const FORWARD_WAS_OFF: &str = "banger: ip_forward was 0";
+
+/// The nft script that adds one VM's rules; with `create_table`, the table
+/// and its chains too (with `table_comment`).
+pub fn up_script(spec: &NatSpec, create_table: Option<&str>) -> String {
     let t = tag(&spec.vm_id);
-    format!(
-        "table ip {TABLE} {{\n\
-         \tchain postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}\n\
-         \tchain forward {{ type filter hook forward priority filter; policy accept; }}\n\
-         }}\n\
-         add rule ip {TABLE} postrouting ip saddr {ip} oifname \"{up}\" masquerade comment \"{t}\"\n\
+    let mut s = String::new();
+    if let Some(comment) = create_table {
+        let c = if comment.is_empty() {
+            String::new()
+        } else {
+            format!("\tcomment \"{comment}\"\n")
+        };
+        s.push_str(&format!(
+            "table ip {TABLE} {{\n{c}\
+             \tchain postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}\n\
+             \tchain forward {{ type filter hook forward priority filter; policy accept; }}\n\
+             }}\n"
+        ));
+    }
+    s.push_str(&format!(
+        "add rule ip {TABLE} postrouting ip saddr {ip} oifname \"{up}\" masquerade comment \"{t}\"\n\
          add rule ip {TABLE} forward iifname \"{tap}\" oifname \"{up}\" accept comment \"{t}\"\n\
          add rule ip {TABLE} forward iifname \"{up}\" oifname \"{tap}\" ct state established,related accept comment \"{t}\"\n",
         ip = spec.guest_ip,
         up = spec.uplink,
         tap = spec.tap,
-    )
+    ));
+    s
 }
 
-/// Handles of the rules tagged for `vm_id`, as (chain, handle).
-fn tagged_rules(vm_id: &str) -> Result<Vec<(String, u64)>, NatError> {
+/// What banger's table holds: its comment and every rule as
+/// (chain, handle, comment).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct TableState {
+    pub comment: Option<String>,
+    pub rules: Vec<(String, u64, Option<String>)>,
+}
+
+impl TableState {
+    fn tagged(&self, vm_id: &str) -> Vec<(String, u64)> {
+        let t = tag(vm_id);
+        self.rules
+            .iter()
+            .filter(|r| r.2.as_deref() == Some(t.as_str()))
+            .map(|r| (r.0.clone(), r.1))
+            .collect()
+    }
+}
+
+/// The table's state; `None` when the table does not exist.
+fn table_state(vm_id: &str) -> Result<Option<TableState>, NatError> {
     let out = match cmd::run("nft", ["-j", "-a", "list", "table", "ip", TABLE]) {
         Ok(o) => o,
-        // No table: no rules.
         Err(CmdError::Failed { ref stderr, .. }) if stderr.contains("No such file") => {
-            return Ok(Vec::new())
+            return Ok(None)
         }
         Err(source) => {
             return Err(NatError::Nft {
@@ -101,53 +135,73 @@ fn tagged_rules(vm_id: &str) -> Result<Vec<(String, u64)>, NatError> {
             })
         }
     };
-    parse_tagged(&out, &tag(vm_id)).map_err(|detail| NatError::Parse {
-        vm: vm_id.to_string(),
-        detail,
-    })
+    parse_table(&out)
+        .map(Some)
+        .map_err(|detail| NatError::Parse {
+            vm: vm_id.to_string(),
+            detail,
+        })
 }
 
-pub fn parse_tagged(json: &str, tag: &str) -> Result<Vec<(String, u64)>, String> {
+pub fn parse_table(json: &str) -> Result<TableState, String> {
     let v: Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
     let items = v
         .get("nftables")
         .and_then(Value::as_array)
         .ok_or("no nftables array")?;
-    Ok(items
+    let comment = items
+        .iter()
+        .filter_map(|i| i.get("table"))
+        .find_map(|t| t.get("comment").and_then(Value::as_str).map(str::to_string));
+    let rules = items
         .iter()
         .filter_map(|i| i.get("rule"))
-        .filter(|r| r.get("comment").and_then(Value::as_str) == Some(tag))
         .filter_map(|r| {
             Some((
                 r.get("chain")?.as_str()?.to_string(),
                 r.get("handle")?.as_u64()?,
+                r.get("comment").and_then(Value::as_str).map(str::to_string),
             ))
         })
-        .collect())
+        .collect();
+    Ok(TableState { comment, rules })
 }
 
-/// Installs the VM's rules unless they are there already; enables forwarding.
-pub fn up(spec: &NatSpec) -> Result<(), NatError> {
-    check_ifname(&spec.tap)?;
-    check_ifname(&spec.uplink)?;
-    enable_ip_forward()?;
-    if tagged_rules(&spec.vm_id)?.len() == 3 {
-        return Ok(());
-    }
-    // A partial set (a crash mid-way) is replaced whole.
-    down(&spec.vm_id)?;
-    cmd::run_with_input("nft", ["-f", "-"], Some(&up_script(spec))).map_err(|source| {
-        NatError::Nft {
-            vm: spec.vm_id.clone(),
-            source,
-        }
+fn nft(vm_id: &str, script: &str) -> Result<(), NatError> {
+    cmd::run_with_input("nft", ["-f", "-"], Some(script)).map_err(|source| NatError::Nft {
+        vm: vm_id.to_string(),
+        source,
     })?;
     Ok(())
 }
 
-/// Removes every rule tagged for the VM; none left is success.
-pub fn down(vm_id: &str) -> Result<(), NatError> {
-    let rules = tagged_rules(vm_id)?;
+/// Installs the VM's rules unless they are there already; enables
+/// forwarding (remembering in the table's comment that it was off).
+/// Callers serialise `up` and `down`.
+pub fn up(spec: &NatSpec) -> Result<(), NatError> {
+    check_ifname(&spec.tap)?;
+    check_ifname(&spec.uplink)?;
+    let state = table_state(&spec.vm_id)?;
+    if let Some(st) = &state {
+        if st.tagged(&spec.vm_id).len() == 3 {
+            return Ok(());
+        }
+        // A partial set (a crash mid-way) is replaced whole.
+        delete_rules(&spec.vm_id, &st.tagged(&spec.vm_id))?;
+    }
+    let create = if state.is_none() {
+        let was_off = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
+            .map(|v| v.trim() == "0")
+            .unwrap_or(false);
+        Some(if was_off { FORWARD_WAS_OFF } else { "" })
+    } else {
+        None
+    };
+    nft(&spec.vm_id, &up_script(spec, create))?;
+    enable_ip_forward()
+}
+
+fn delete_rules(vm_id: &str, rules: &[(String, u64)]) -> Result<(), NatError> {
     if rules.is_empty() {
         return Ok(());
     }
@@ -155,16 +209,47 @@ pub fn down(vm_id: &str) -> Result<(), NatError> {
         .iter()
         .map(|(chain, h)| format!("delete rule ip {TABLE} {chain} handle {h}\n"))
         .collect();
-    cmd::run_with_input("nft", ["-f", "-"], Some(&script)).map_err(|source| NatError::Nft {
-        vm: vm_id.to_string(),
-        source,
-    })?;
+    nft(vm_id, &script)
+}
+
+/// Whether the table says forwarding was off before banger. nft 1.0.6 does
+/// not put table comments in its JSON, so the text listing is the fallback.
+fn forward_was_off(st: &TableState, vm_id: &str) -> bool {
+    if let Some(c) = &st.comment {
+        return c == FORWARD_WAS_OFF;
+    }
+    cmd::run("nft", ["list", "table", "ip", TABLE])
+        .map(|text| text.contains(&format!("comment \"{FORWARD_WAS_OFF}\"")))
+        .unwrap_or_else(|e| {
+            tracing::warn!(vm = vm_id, err = %e, "cannot read banger's nft table");
+            false
+        })
+}
+
+/// Removes every rule tagged for the VM; none left is success. When no rule
+/// of any VM remains, the table goes too and forwarding is switched back
+/// off if banger switched it on.
+pub fn down(vm_id: &str) -> Result<(), NatError> {
+    let Some(st) = table_state(vm_id)? else {
+        return Ok(());
+    };
+    let mine = st.tagged(vm_id);
+    delete_rules(vm_id, &mine)?;
+    if st.rules.len() == mine.len() {
+        let restore = forward_was_off(&st, vm_id);
+        nft(vm_id, &format!("delete table ip {TABLE}\n"))?;
+        if restore {
+            std::fs::write("/proc/sys/net/ipv4/ip_forward", "0").map_err(NatError::Forward)?;
+        }
+    }
     Ok(())
 }
 
 /// Number of rules currently tagged for the VM (for tests and doctor).
 pub fn rule_count(vm_id: &str) -> Result<usize, NatError> {
-    Ok(tagged_rules(vm_id)?.len())
+    Ok(table_state(vm_id)?
+        .map(|s| s.tagged(vm_id).len())
+        .unwrap_or(0))
 }
 
 #[cfg(test)]
@@ -182,12 +267,15 @@ mod tests {
 
     #[test]
     fn script_is_keyed_by_tag() {
-        let s = up_script(&NatSpec {
+        let spec = NatSpec {
             vm_id: "abc".into(),
             tap: "bgtap0".into(),
             guest_ip: Ipv4Addr::new(172, 30, 0, 6),
             uplink: "eth0".into(),
-        });
+        };
+        assert!(!up_script(&spec, None).contains("table ip"));
+        let s = up_script(&spec, Some(FORWARD_WAS_OFF));
+        assert!(s.contains("comment \"banger: ip_forward was 0\""), "{s}");
         assert_eq!(s.matches("comment \"banger:abc\"").count(), 3);
         assert!(s.contains("ip saddr 172.30.0.6 oifname \"eth0\" masquerade"));
         assert!(s.contains("iifname \"bgtap0\" oifname \"eth0\" accept"));
@@ -195,15 +283,18 @@ mod tests {
 
     #[test]
     fn parses_tagged_rules() {
-        let j = r#"{"nftables":[{"metainfo":{}},{"table":{"name":"banger"}},
+        let j = r#"{"nftables":[{"metainfo":{}},{"table":{"name":"banger","comment":"c"}},
             {"rule":{"chain":"forward","handle":7,"comment":"banger:abc"}},
             {"rule":{"chain":"forward","handle":8,"comment":"banger:other"}},
             {"rule":{"chain":"postrouting","handle":9,"comment":"banger:abc"}}]}"#;
+        let st = parse_table(j).unwrap();
+        assert_eq!(st.comment.as_deref(), Some("c"));
+        assert_eq!(st.rules.len(), 3);
         assert_eq!(
-            parse_tagged(j, "banger:abc").unwrap(),
+            st.tagged("abc"),
             vec![("forward".into(), 7), ("postrouting".into(), 9)]
         );
-        assert!(parse_tagged("{}", "x").is_err());
+        assert!(parse_table("{}").is_err());
         assert!(check_ifname("eth0").is_ok());
         assert!(check_ifname("a\"b").is_err());
         assert!(check_ifname("").is_err());

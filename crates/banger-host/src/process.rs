@@ -99,7 +99,13 @@ mod tests {
             .unwrap();
         let pid = child.id() as i32;
         assert!(is_running(pid));
+        // Until the child has exec'd, its command line is the parent's.
+        let end = Instant::now() + Duration::from_secs(5);
+        while !matches(pid, "30") && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         assert!(matches(pid, "30"));
+        assert!(find_by_arg("30").contains(&pid));
         assert!(!matches(pid, &marker), "env is not the command line");
         assert!(find_by_arg("no-such-arg-anywhere-banger").is_empty());
         assert!(signal(pid, Signal::SIGKILL).is_ok());

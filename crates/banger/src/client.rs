@@ -16,7 +16,7 @@ use thiserror::Error;
 pub enum ClientError {
     #[error("{}", .0.message)]
     Api(ApiError),
-    #[error("talk to bangerd at {path}: {source}")]
+    #[error("talk to bangerd at {path}: {source} (its log: <state dir>/bangerd.log)")]
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -29,6 +29,12 @@ pub enum ClientError {
     Spawn {
         binary: PathBuf,
         source: std::io::Error,
+    },
+    #[error("bangerd exited ({status}) instead of starting; its log {log} ends with:\n{tail}")]
+    DaemonExited {
+        status: String,
+        log: PathBuf,
+        tail: String,
     },
     #[error("bangerd did not come up within {secs}s; its log {log} ends with:\n{tail}")]
     NoDaemon {
@@ -106,31 +112,26 @@ impl Client {
             if UnixStream::connect(self.layout.socket()).is_ok() {
                 return Ok(());
             }
-            if let Ok(Some(_)) = child.try_wait() {
-                // It exited: most likely another daemon holds the lock and
-                // is just binding its socket; give that one a moment.
-                if UnixStream::connect(self.layout.socket()).is_ok() {
-                    return Ok(());
+            if let Ok(Some(status)) = child.try_wait() {
+                // It exited. If another daemon won the lock race, wait for
+                // that one's socket; otherwise this one failed: say why.
+                let tail = log_tail(&log_path);
+                if tail.contains("only one daemon per state dir") {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
                 }
+                return Err(ClientError::DaemonExited {
+                    status: status.to_string(),
+                    log: log_path.clone(),
+                    tail,
+                });
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        let tail = std::fs::read_to_string(&log_path)
-            .map(|s| {
-                s.lines()
-                    .rev()
-                    .take(5)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            })
-            .unwrap_or_default();
         Err(ClientError::NoDaemon {
             secs: limit.as_secs(),
+            tail: log_tail(&log_path),
             log: log_path,
-            tail,
         })
     }
 
@@ -165,4 +166,11 @@ impl Client {
         }
         Err(ClientError::NoAnswer(path, self.layout.daemon_log()))
     }
+}
+
+/// The last lines of the daemon's log, for errors.
+fn log_tail(path: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(8)..].join("\n")
 }

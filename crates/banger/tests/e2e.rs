@@ -49,9 +49,16 @@ fn assert_baseline(inst: &Instance) {
     assert!(taps(inst).is_empty(), "taps left: {:?}", taps(inst));
     let rules = inst.net.ruleset();
     assert!(
-        !rules.contains("comment \"banger:"),
-        "NAT rules left:\n{rules}"
+        !rules.contains("table ip banger"),
+        "NAT table left:\n{rules}"
     );
+    let fwd = inst
+        .net
+        .cmd("cat")
+        .arg("/proc/sys/net/ipv4/ip_forward")
+        .output()
+        .unwrap();
+    assert_eq!(text(&fwd.stdout).trim(), "0", "ip_forward restored");
     assert!(
         inst.vm_files().is_empty(),
         "VM files left: {:?}",

@@ -523,12 +523,15 @@ impl Daemon {
         handles::write_file(&dir, &h)?;
         self.save(vm)?;
         match nat::default_uplink() {
-            Some(uplink) => nat::up(&nat::NatSpec {
-                vm_id: vm.id.clone(),
-                tap: tap_name.clone(),
-                guest_ip,
-                uplink,
-            })?,
+            Some(uplink) => {
+                let _n = lock::<()>(&self.net_lock);
+                nat::up(&nat::NatSpec {
+                    vm_id: vm.id.clone(),
+                    tap: tap_name.clone(),
+                    guest_ip,
+                    uplink,
+                })?
+            }
             None => events(Event::Progress {
                 message: "no default route on the host: the guest gets no outbound network".into(),
             }),
@@ -765,7 +768,11 @@ impl Daemon {
                 warn!(vm = %vm.name, pid = p, "VMM did not die after SIGKILL");
             }
         }
-        if let Err(e) = nat::down(&vm.id) {
+        let nat_down = {
+            let _n = lock::<()>(&self.net_lock);
+            nat::down(&vm.id)
+        };
+        if let Err(e) = nat_down {
             warn!(vm = %vm.name, err = %e, "nat teardown failed");
         }
         let tap_name = cached

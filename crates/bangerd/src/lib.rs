@@ -25,18 +25,34 @@ pub fn run(
     listener: UnixListener,
     shutdown: Arc<AtomicBool>,
 ) -> Result<(), DaemonError> {
+    let daemon = open(cfg)?;
+    serve(daemon, listener, shutdown);
+    Ok(())
+}
+
+/// Opens the state and reconciles it: everything that can fail before the
+/// daemon is able to answer, so that the socket appears only once it can.
+pub fn open(cfg: Config) -> Result<Arc<Daemon>, DaemonError> {
     let daemon = Arc::new(Daemon::open(cfg)?);
     daemon.reconcile()?;
+    Ok(daemon)
+}
+
+/// Serves requests until `shutdown` is set; VMM exits reported by the
+/// reaper are handled on a thread of their own.
+pub fn serve(daemon: Arc<Daemon>, listener: UnixListener, shutdown: Arc<AtomicBool>) {
     if let Some(rx) = reaper::install() {
         let d = daemon.clone();
-        let _ = std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("vmm-exits".into())
             .spawn(move || {
                 for pid in rx {
                     d.on_vmm_exit(pid);
                 }
             });
+        if let Err(e) = spawned {
+            tracing::warn!(err = %e, "cannot start the VMM exit handler");
+        }
     }
     server::run(daemon, listener, shutdown);
-    Ok(())
 }

@@ -65,6 +65,11 @@ fn real_main() -> anyhow::Result<()> {
             layout.state_dir.display()
         )
     })?;
+    let mut cfg = bangerd::Config::new(layout.clone());
+    cfg.boot_timeout = Duration::from_secs(args.boot_timeout);
+    // Open and reconcile before the socket exists: a client that can connect
+    // talks to a daemon that is ready.
+    let daemon = bangerd::open(cfg)?;
     let sock = layout.socket();
     // We hold the lock, so a socket file left here belongs to a dead daemon.
     let _ = std::fs::remove_file(&sock);
@@ -88,10 +93,8 @@ fn real_main() -> anyhow::Result<()> {
             let _ = UnixStream::connect(&sock);
         });
     }
-    let mut cfg = bangerd::Config::new(layout.clone());
-    cfg.boot_timeout = Duration::from_secs(args.boot_timeout);
     tracing::info!(state = %layout.state_dir.display(), socket = %sock.display(), "bangerd serving");
-    bangerd::run(cfg, listener, shutdown)?;
+    bangerd::serve(daemon, listener, shutdown);
     let _ = std::fs::remove_file(&sock);
     Ok(())
 }

@@ -306,6 +306,10 @@ impl Instance {
 
 impl Drop for Instance {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.state().join("bangerd.log")).unwrap_or_default();
+            eprintln!("---- bangerd.log of the failed test ----\n{log}\n----");
+        }
         // VMMs first (they hold taps open), then the daemon; the namespaces
         // go when `net` drops.
         for (pid, _) in self.processes() {
