@@ -27,4 +27,13 @@ if [ ! -f "$BANGER_TEST_IMAGE/manifest.json" ]; then
   kill "$pid"
 fi
 
-cargo test --locked --workspace -- --test-threads=2
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --locked --workspace --lib --bins --tests -- --test-threads=2 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole suite.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "banger: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"

@@ -338,3 +338,19 @@ pub fn vm_list(out: &Output) -> Vec<serde_json::Value> {
     assert!(out.status.success(), "vm ls: {}", text(&out.stderr));
     serde_json::from_slice(&out.stdout).expect("vm ls --json")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_until_reports_the_outcome() {
+        let mut n = 0;
+        assert!(wait_until(Duration::from_secs(2), || {
+            n += 1;
+            n >= 3
+        }));
+        assert!(!wait_until(Duration::from_millis(50), || false));
+        assert!(image_cache().ends_with("bookworm"));
+    }
+}
