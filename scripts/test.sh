@@ -14,18 +14,8 @@ cargo fmt --all --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
 cargo build --locked --workspace --bins
 
-recipe=$(cat crates/banger-guest/assets/* crates/banger-guest/src/image.rs crates/banger-guest/src/kernel.rs crates/banger-guest/src/cpio.rs | sha256sum | cut -c1-16)
-cache=/var/cache/banger-test/$recipe
-export BANGER_TEST_IMAGE=$cache/state/images/bookworm
-if [ ! -f "$BANGER_TEST_IMAGE/manifest.json" ]; then
-  echo "building the test image into $cache (cached for later runs)"
-  rm -rf /var/cache/banger-test
-  mkdir -p "$cache"
-  b=(target/debug/banger --state-dir "$cache/state" --runtime-dir "$cache/run")
-  "${b[@]}" image build
-  pid=$("${b[@]}" daemon ping | awk '{print $3}' | tr -d ,)
-  kill "$pid"
-fi
+BANGER_TEST_IMAGE=$(./scripts/test-image.sh target/debug/banger)
+export BANGER_TEST_IMAGE
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

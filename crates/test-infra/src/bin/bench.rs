@@ -1,0 +1,416 @@
+//! banger's benchmark: `vm run` latency against a hand-written QEMU command
+//! line, the per-phase breakdown of banger's own overhead, and ten VMs in
+//! parallel. Runs in a network namespace it creates (test_infra::Instance);
+//! prints a table and appends it, with the machine's description, to
+//! docs/BENCHMARKS.md. `scripts/bench.sh` is the way to run it.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use test_infra::{text, Instance};
+
+fn stats(v: &[f64]) -> (f64, f64, f64) {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    if s.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    let mid = s.len() / 2;
+    let median = if s.len() % 2 == 1 {
+        s[mid]
+    } else {
+        (s[mid - 1] + s[mid]) / 2.0
+    };
+    (median, s[0], s[s.len() - 1])
+}
+
+fn row(out: &mut String, name: &str, v: &[f64], unit: &str) {
+    let (m, lo, hi) = stats(v);
+    let line = format!(
+        "| {name} | {m:.1} | {lo:.1} | {hi:.1} | {unit} | {} |\n",
+        v.len()
+    );
+    print!("{line}");
+    out.push_str(&line);
+}
+
+/// Parses `timing NAME  12.3 ms` lines of `vm run --timings`.
+fn timings(stderr: &str) -> BTreeMap<String, f64> {
+    stderr
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next()? == "timing").then_some(())?;
+            let name = w.next()?.to_string();
+            let ms: f64 = w.next()?.parse().ok()?;
+            Some((name, ms))
+        })
+        .collect()
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| s.lines().next().map(|l| l.to_string()))
+        .unwrap_or_default();
+    let kernel = text(
+        &Command::new("uname")
+            .arg("-r")
+            .output()
+            .map(|o| o.stdout)
+            .unwrap_or_default(),
+    );
+    let kvm = std::fs::read_to_string("/proc/cpuinfo")
+        .map(|s| s.contains(" vmx") || s.contains(" svm"))
+        .unwrap_or(false);
+    let qemu = text(
+        &Command::new("qemu-system-x86_64")
+            .arg("--version")
+            .output()
+            .map(|o| o.stdout)
+            .unwrap_or_default(),
+    );
+    format!(
+        "{cpu}, {cores} cores, {}, host kernel {}, hardware virtualisation: {}, {}",
+        mem.replace("MemTotal:", "memory")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" "),
+        kernel.trim(),
+        if kvm { "yes (KVM)" } else { "no (QEMU TCG)" },
+        qemu.lines().next().unwrap_or("").trim()
+    )
+}
+
+fn mem_available_kib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn vmm_rss_kib(inst: &Instance) -> u64 {
+    inst.processes()
+        .iter()
+        .filter(|(_, c)| c.contains("qemu-system"))
+        .filter_map(|(pid, _)| {
+            std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .ok()?
+                .lines()
+                .find(|l| l.starts_with("VmRSS:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+struct Plain {
+    kernel: PathBuf,
+    initrd: PathBuf,
+    root: PathBuf,
+    work: PathBuf,
+    known_hosts: PathBuf,
+    alias: String,
+    key: PathBuf,
+    guest_ip: String,
+    host_ip: String,
+}
+
+/// What a user would write by hand: the same kernel, initrd, disks and tap,
+/// QEMU started directly, and sshd polled until `ssh true` succeeds.
+fn plain_run(inst: &Instance, p: &Plain) -> f64 {
+    let tap = "bgplain0";
+    let ipc = |args: &[&str]| {
+        let st = inst.net.cmd("ip").args(args).status().expect("ip");
+        assert!(st.success(), "ip {args:?}");
+    };
+    ipc(&["tuntap", "add", "dev", tap, "mode", "tap"]);
+    ipc(&["addr", "add", &format!("{}/30", p.host_ip), "dev", tap]);
+    ipc(&["link", "set", tap, "up"]);
+    let t0 = Instant::now();
+    let mut qemu = inst
+        .net
+        .cmd("qemu-system-x86_64")
+        .args([
+            "-M",
+            "pc,accel=tcg",
+            "-cpu",
+            "max",
+            "-smp",
+            "1",
+            "-m",
+            "1024M",
+        ])
+        .args([
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-serial",
+            "null",
+        ])
+        .arg("-kernel")
+        .arg(&p.kernel)
+        .arg("-initrd")
+        .arg(&p.initrd)
+        .args(["-append", "console=ttyS0 quiet panic=-1"])
+        .arg("-drive")
+        .arg(format!("file={},if=virtio,format=qcow2", p.root.display()))
+        .arg("-drive")
+        .arg(format!("file={},if=virtio,format=raw", p.work.display()))
+        .args([
+            "-netdev",
+            &format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
+        ])
+        .args(["-device", "virtio-net-pci,netdev=n0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu");
+    // The daemon's namespace is where the guest is reachable, so the probe
+    // runs there too: `ssh -o ConnectTimeout=1` in a loop is what people do.
+    let mut elapsed = f64::NAN;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        let st = inst
+            .net
+            .cmd("ssh")
+            .args(["-F", "/dev/null", "-i"])
+            .arg(&p.key)
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", p.known_hosts.display()))
+            .args([
+                "-o",
+                "StrictHostKeyChecking=yes",
+                "-o",
+                "ConnectTimeout=1",
+                "-o",
+                "LogLevel=QUIET",
+            ])
+            .arg("-o")
+            .arg(format!("HostKeyAlias={}", p.alias))
+            .arg(format!("root@{}", p.guest_ip))
+            .arg("true")
+            .stdin(Stdio::null())
+            .status()
+            .expect("ssh");
+        if st.success() {
+            elapsed = t0.elapsed().as_secs_f64() * 1e3;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+    ipc(&["link", "del", tap]);
+    elapsed
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let runs: usize = args
+        .iter()
+        .position(|a| a == "--runs")
+        .and_then(|i| args.get(i + 1)?.parse().ok())
+        .unwrap_or(5);
+    let parallel: usize = args
+        .iter()
+        .position(|a| a == "--parallel")
+        .and_then(|i| args.get(i + 1)?.parse().ok())
+        .unwrap_or(10);
+    let banger = std::env::current_exe()
+        .expect("current exe")
+        .with_file_name("banger");
+    assert!(
+        banger.is_file(),
+        "{} missing: build with --release",
+        banger.display()
+    );
+    let inst = Instance::new(&banger).with_image();
+    let _ = inst.daemon_pid();
+    let mut table = String::from(
+        "| scenario | median | min | max | unit | runs |\n|---|---|---|---|---|---|\n",
+    );
+    println!("{table}");
+
+    // 1 + 3: cold `vm run --rm -- true`, with the phase breakdown.
+    let mut walls = Vec::new();
+    let mut phases: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut overhead = Vec::new();
+    for i in 0..runs {
+        let name = format!("bench-{i}");
+        let t = Instant::now();
+        let out = inst.banger(&[
+            "vm",
+            "run",
+            "--rm",
+            "--timings",
+            "--name",
+            &name,
+            "--",
+            "true",
+        ]);
+        let wall = t.elapsed().as_secs_f64() * 1e3;
+        assert!(out.status.success(), "vm run: {}", text(&out.stderr));
+        let t = timings(&text(&out.stderr));
+        let guest =
+            t.get("boot").copied().unwrap_or(0.0) + t.get("ssh+command").copied().unwrap_or(0.0);
+        overhead.push(wall - guest);
+        for (k, v) in t {
+            phases.entry(k).or_default().push(v);
+        }
+        walls.push(wall);
+    }
+    row(
+        &mut table,
+        "`vm run --rm -- true`, cold, wall",
+        &walls,
+        "ms",
+    );
+    row(
+        &mut table,
+        "banger overhead (wall - boot - ssh+command)",
+        &overhead,
+        "ms",
+    );
+    for (k, v) in &phases {
+        row(&mut table, &format!("phase `{k}`"), v, "ms");
+    }
+
+    // 2: the same guest by a plain QEMU command line.
+    let out = inst.banger(&["vm", "create", "--name", "plain"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = inst.banger(&["vm", "start", "plain"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let info: serde_json::Value =
+        serde_json::from_slice(&inst.banger(&["vm", "show", "plain", "--json"]).stdout)
+            .expect("json");
+    let dir = PathBuf::from(info["vm_dir"].as_str().expect("vm_dir"));
+    let kept = inst.dir.path().join("plain-initrd.img");
+    std::fs::copy(dir.join("initrd.img"), &kept).expect("copy initrd");
+    let out = inst.banger(&["vm", "stop", "plain"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let guest_ip = info["guest_ip"].as_str().expect("ip").to_string();
+    let host_ip = {
+        let ip: std::net::Ipv4Addr = guest_ip.parse().expect("ipv4");
+        std::net::Ipv4Addr::from(u32::from(ip) - 1).to_string()
+    };
+    let img = inst.state().join("images/bookworm");
+    let p = Plain {
+        kernel: img.join("vmlinux"),
+        initrd: kept,
+        root: dir.join("root.qcow2"),
+        work: dir.join("work.ext4"),
+        known_hosts: dir.join("known_hosts"),
+        alias: "plain".into(),
+        key: PathBuf::from(info["ssh"]["key"].as_str().expect("key")),
+        guest_ip,
+        host_ip,
+    };
+    let plain: Vec<f64> = (0..runs).map(|_| plain_run(&inst, &p)).collect();
+    row(
+        &mut table,
+        "plain QEMU command line to `ssh true`",
+        &plain,
+        "ms",
+    );
+    let (bm, _, _) = stats(&walls);
+    let (pm, _, _) = stats(&plain);
+    let ratio = format!(
+        "| banger / plain (medians) | {:.2} | | | ratio | |\n",
+        bm / pm
+    );
+    print!("{ratio}");
+    table.push_str(&ratio);
+    let _ = inst.banger(&["vm", "delete", "plain"]);
+
+    // 4: N VMs started in parallel.
+    let base_avail = mem_available_kib();
+    let t = Instant::now();
+    let children: Vec<_> = (0..parallel)
+        .map(|i| {
+            inst.banger_cmd(&["vm", "run", "--name", &format!("par-{i}"), "--", "true"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn vm run")
+        })
+        .collect();
+    let mut peak_used = 0u64;
+    let mut peak_rss = 0u64;
+    let mut pending = children;
+    let mut failures = 0;
+    while !pending.is_empty() {
+        peak_used = peak_used.max(base_avail.saturating_sub(mem_available_kib()));
+        peak_rss = peak_rss.max(vmm_rss_kib(&inst));
+        let mut still = Vec::new();
+        for mut c in pending {
+            match c.try_wait() {
+                Ok(Some(st)) => failures += usize::from(!st.success()),
+                _ => still.push(c),
+            }
+        }
+        pending = still;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let wall = t.elapsed().as_secs_f64() * 1e3;
+    peak_rss = peak_rss.max(vmm_rss_kib(&inst));
+    let par = format!(
+        "| {parallel} × `vm run -- true` in parallel, wall | {wall:.0} | | | ms | {} ok |\n\
+         | … peak host memory used (MemAvailable drop) | {:.0} | | | MiB | |\n\
+         | … peak VMM resident memory, all VMs | {:.0} | | | MiB | |\n",
+        parallel - failures,
+        peak_used as f64 / 1024.0,
+        peak_rss as f64 / 1024.0
+    );
+    print!("{par}");
+    table.push_str(&par);
+    for i in 0..parallel {
+        let _ = inst.banger(&["vm", "delete", &format!("par-{i}")]);
+    }
+
+    let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/BENCHMARKS.md");
+    let date = text(
+        &Command::new("date")
+            .arg("-u")
+            .arg("+%Y-%m-%d %H:%M UTC")
+            .output()
+            .map(|o| o.stdout)
+            .unwrap_or_default(),
+    );
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&doc)
+        .expect("open docs/BENCHMARKS.md");
+    let _ = write!(
+        f,
+        "\n## {}\n\nMachine: {}\n\n{}",
+        date.trim(),
+        machine(),
+        table
+    );
+    println!("\nappended to {}", doc.display());
+}
