@@ -27,7 +27,6 @@ pub const ROOTFS_FILE: &str = "rootfs.ext4";
 
 const INIT: &str = include_str!("../assets/init");
 const INITTAB: &str = include_str!("../assets/inittab");
-const GUEST_INIT: &str = include_str!("../assets/guest-init");
 const GUEST_READY: &str = include_str!("../assets/guest-ready");
 const SSHD_CONFIG: &str = include_str!("../assets/sshd_config");
 
@@ -51,7 +50,6 @@ impl Recipe {
             packages: [
                 "linux-image-cloud-amd64",
                 "openssh-server",
-                "busybox",
                 "iproute2",
                 "ca-certificates",
                 "curl",
@@ -186,7 +184,7 @@ pub fn build(
     bootstrap(name, recipe, &rootfs, progress)?;
 
     progress("installing banger's guest init and sshd config");
-    customize(&rootfs).map_err(fs)?;
+    customize(&rootfs, &recipe.busybox).map_err(fs)?;
 
     progress("extracting the kernel");
     let (kver, vmlinuz) = find_kernel(name, &rootfs)?;
@@ -314,11 +312,14 @@ fn bootstrap(
     Ok(())
 }
 
-fn customize(root: &Path) -> Result<(), FsError> {
+fn customize(root: &Path, busybox: &Path) -> Result<(), FsError> {
     let lib = root.join("usr/lib/banger");
     fsutil::create_dir_all(&lib)?;
     fsutil::create_dir_all(&root.join("work"))?;
-    write_exec(&lib.join("guest-init"), GUEST_INIT)?;
+    // The static busybox runs PID 1 and the guest scripts: no dynamic
+    // loader on every call.
+    let bb = std::fs::read(busybox).with_path("read", busybox)?;
+    write_exec_bytes(&lib.join("busybox"), &bb)?;
     write_exec(&lib.join("guest-ready"), GUEST_READY)?;
     fsutil::write(&root.join("etc/inittab"), INITTAB)?;
     fsutil::write(&root.join("etc/ssh/sshd_config.d/banger.conf"), SSHD_CONFIG)?;
@@ -343,8 +344,12 @@ fn customize(root: &Path) -> Result<(), FsError> {
 }
 
 fn write_exec(path: &Path, text: &str) -> Result<(), FsError> {
+    write_exec_bytes(path, text.as_bytes())
+}
+
+fn write_exec_bytes(path: &Path, data: &[u8]) -> Result<(), FsError> {
     use std::os::unix::fs::PermissionsExt;
-    fsutil::write(path, text)?;
+    fsutil::write(path, data)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).with_path("chmod", path)
 }
 
