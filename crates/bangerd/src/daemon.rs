@@ -427,7 +427,9 @@ impl Daemon {
             let keys = create_host_key(&dir, &vm.name);
             let join = |h: std::thread::ScopedJoinHandle<'_, Result<()>>| {
                 h.join().unwrap_or_else(|_| {
-                    Err(DaemonError::Invalid("a disk preparation thread panicked".into()))
+                    Err(DaemonError::Invalid(
+                        "a disk preparation thread panicked".into(),
+                    ))
                 })
             };
             let root = join(root);
@@ -724,6 +726,7 @@ impl Daemon {
     /// tap. Best effort and idempotent; each source of truth falls back to the
     /// next (handle cache -> scratch file -> runtime.tap_device).
     pub fn teardown(&self, vm: &mut VmRecord) {
+        let t0 = Instant::now();
         let dir = self.cfg.layout.vm_dir(&vm.id);
         let cached = self.handles.get(&vm.id);
         let scratch = handles::read_file(&dir);
@@ -752,6 +755,7 @@ impl Daemon {
                 warn!(vm = %vm.name, pid = p, "VMM did not die after SIGKILL");
             }
         }
+        let t_vmm = micros(t0);
         let nat_down = {
             let _n = lock::<()>(&self.net_lock);
             nat::down(&vm.id)
@@ -759,6 +763,7 @@ impl Daemon {
         if let Err(e) = nat_down {
             warn!(vm = %vm.name, err = %e, "nat teardown failed");
         }
+        let t_nat = micros(t0);
         let tap_name = cached
             .and_then(|h| h.tap_device)
             .or(scratch.tap_device)
@@ -775,6 +780,13 @@ impl Daemon {
         let _ = handles::remove_file(&dir);
         self.handles.remove(&vm.id);
         vm.runtime.tap_device = None;
+        tracing::debug!(
+            vm = %vm.name,
+            vmm_us = t_vmm,
+            nat_us = t_nat - t_vmm,
+            total_us = micros(t0),
+            "teardown"
+        );
     }
 
     // ---- reconcile ----------------------------------------------------
@@ -923,6 +935,9 @@ fn create_host_key(dir: &std::path::Path, name: &str) -> Result<()> {
     let key = dir.join(vmfiles::HOST_KEY);
     sshkey::generate(&key, &format!("root@{name}"))?;
     let pubkey = sshkey::public_key(&key)?;
-    fsutil::write(&dir.join(vmfiles::KNOWN_HOSTS), format!("{name} {pubkey}\n"))?;
+    fsutil::write(
+        &dir.join(vmfiles::KNOWN_HOSTS),
+        format!("{name} {pubkey}\n"),
+    )?;
     Ok(())
 }
