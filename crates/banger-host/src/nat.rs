@@ -7,7 +7,6 @@
 
 use std::net::Ipv4Addr;
 
-use serde_json::Value;
 use thiserror::Error;
 
 use crate::cmd::{self, CmdError};
@@ -121,50 +120,49 @@ impl TableState {
     }
 }
 
-/// The table's state; `None` when the table does not exist.
+/// The table's state; `None` when the table does not exist. One `nft`
+/// call: the text listing carries the rule handles and, unlike nft 1.0.6's
+/// JSON, the table's comment.
 fn table_state(vm_id: &str) -> Result<Option<TableState>, NatError> {
-    let out = match cmd::run("nft", ["-j", "-a", "list", "table", "ip", TABLE]) {
-        Ok(o) => o,
-        Err(CmdError::Failed { ref stderr, .. }) if stderr.contains("No such file") => {
-            return Ok(None)
-        }
-        Err(source) => {
-            return Err(NatError::Nft {
-                vm: vm_id.to_string(),
-                source,
-            })
-        }
-    };
-    parse_table(&out)
-        .map(Some)
-        .map_err(|detail| NatError::Parse {
+    match cmd::run("nft", ["-a", "list", "table", "ip", TABLE]) {
+        Ok(text) => Ok(Some(parse_table(&text))),
+        Err(CmdError::Failed { ref stderr, .. }) if stderr.contains("No such file") => Ok(None),
+        Err(source) => Err(NatError::Nft {
             vm: vm_id.to_string(),
-            detail,
-        })
+            source,
+        }),
+    }
 }
 
-pub fn parse_table(json: &str) -> Result<TableState, String> {
-    let v: Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
-    let items = v
-        .get("nftables")
-        .and_then(Value::as_array)
-        .ok_or("no nftables array")?;
-    let comment = items
-        .iter()
-        .filter_map(|i| i.get("table"))
-        .find_map(|t| t.get("comment").and_then(Value::as_str).map(str::to_string));
-    let rules = items
-        .iter()
-        .filter_map(|i| i.get("rule"))
-        .filter_map(|r| {
-            Some((
-                r.get("chain")?.as_str()?.to_string(),
-                r.get("handle")?.as_u64()?,
-                r.get("comment").and_then(Value::as_str).map(str::to_string),
-            ))
-        })
-        .collect();
-    Ok(TableState { comment, rules })
+/// Parses `nft -a list table ip banger`.
+pub fn parse_table(text: &str) -> TableState {
+    let mut st = TableState::default();
+    let mut chain: Option<String> = None;
+    for line in text.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("chain ") {
+            chain = rest.split_whitespace().next().map(str::to_string);
+            continue;
+        }
+        if line.starts_with('}') {
+            chain = None;
+            continue;
+        }
+        let quoted = |l: &str| -> Option<String> {
+            let i = l.find("comment \"")? + "comment \"".len();
+            let j = l[i..].find('"')?;
+            Some(l[i..i + j].to_string())
+        };
+        match (&chain, line.rsplit_once("# handle ")) {
+            (Some(c), Some((body, h))) => {
+                if let Ok(handle) = h.trim().parse::<u64>() {
+                    st.rules.push((c.clone(), handle, quoted(body)));
+                }
+            }
+            (None, None) if line.starts_with("comment \"") => st.comment = quoted(line),
+            _ => {}
+        }
+    }
+    st
 }
 
 fn nft(vm_id: &str, script: &str) -> Result<(), NatError> {
@@ -212,20 +210,6 @@ fn delete_rules(vm_id: &str, rules: &[(String, u64)]) -> Result<(), NatError> {
     nft(vm_id, &script)
 }
 
-/// Whether the table says forwarding was off before banger. nft 1.0.6 does
-/// not put table comments in its JSON, so the text listing is the fallback.
-fn forward_was_off(st: &TableState, vm_id: &str) -> bool {
-    if let Some(c) = &st.comment {
-        return c == FORWARD_WAS_OFF;
-    }
-    cmd::run("nft", ["list", "table", "ip", TABLE])
-        .map(|text| text.contains(&format!("comment \"{FORWARD_WAS_OFF}\"")))
-        .unwrap_or_else(|e| {
-            tracing::warn!(vm = vm_id, err = %e, "cannot read banger's nft table");
-            false
-        })
-}
-
 /// Removes every rule tagged for the VM; none left is success. When no rule
 /// of any VM remains, the table goes too and forwarding is switched back
 /// off if banger switched it on.
@@ -234,13 +218,15 @@ pub fn down(vm_id: &str) -> Result<(), NatError> {
         return Ok(());
     };
     let mine = st.tagged(vm_id);
-    delete_rules(vm_id, &mine)?;
-    if st.rules.len() == mine.len() {
-        let restore = forward_was_off(&st, vm_id);
+    let last = st.rules.len() == mine.len();
+    if last {
+        // Deleting the table takes its chains and rules along: one call.
         nft(vm_id, &format!("delete table ip {TABLE}\n"))?;
-        if restore {
+        if st.comment.as_deref() == Some(FORWARD_WAS_OFF) {
             std::fs::write("/proc/sys/net/ipv4/ip_forward", "0").map_err(NatError::Forward)?;
         }
+    } else {
+        delete_rules(vm_id, &mine)?;
     }
     Ok(())
 }
@@ -282,19 +268,29 @@ mod tests {
     }
 
     #[test]
-    fn parses_tagged_rules() {
-        let j = r#"{"nftables":[{"metainfo":{}},{"table":{"name":"banger","comment":"c"}},
-            {"rule":{"chain":"forward","handle":7,"comment":"banger:abc"}},
-            {"rule":{"chain":"forward","handle":8,"comment":"banger:other"}},
-            {"rule":{"chain":"postrouting","handle":9,"comment":"banger:abc"}}]}"#;
-        let st = parse_table(j).unwrap();
-        assert_eq!(st.comment.as_deref(), Some("c"));
-        assert_eq!(st.rules.len(), 3);
+    fn parses_the_table_listing() {
+        let text = "table ip banger { # handle 5\n\
+            \tcomment \"banger: ip_forward was 0\"\n\
+            \tchain postrouting { # handle 1\n\
+            \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+            \t\tip saddr 172.30.0.6 oifname \"up0\" masquerade comment \"banger:abc\" # handle 3\n\
+            \t}\n\
+            \tchain forward { # handle 2\n\
+            \t\ttype filter hook forward priority filter; policy accept;\n\
+            \t\tiifname \"bgtap0\" oifname \"up0\" accept comment \"banger:abc\" # handle 7\n\
+            \t\tiifname \"bgtap1\" oifname \"up0\" accept comment \"banger:other\" # handle 8\n\
+            \t\tiifname \"x\" accept # handle 9\n\
+            \t}\n\
+            }\n";
+        let st = parse_table(text);
+        assert_eq!(st.comment.as_deref(), Some(FORWARD_WAS_OFF));
+        assert_eq!(st.rules.len(), 4);
         assert_eq!(
             st.tagged("abc"),
-            vec![("forward".into(), 7), ("postrouting".into(), 9)]
+            vec![("postrouting".into(), 3), ("forward".into(), 7)]
         );
-        assert!(parse_table("{}").is_err());
+        assert_eq!(st.tagged("other"), vec![("forward".into(), 8)]);
+        assert_eq!(parse_table(""), TableState::default());
         assert!(check_ifname("eth0").is_ok());
         assert!(check_ifname("a\"b").is_err());
         assert!(check_ifname("").is_err());
