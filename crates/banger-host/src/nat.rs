@@ -21,6 +21,8 @@ pub enum NatError {
     Parse { vm: String, detail: String },
     #[error("enable ip_forward: {0}")]
     Forward(std::io::Error),
+    #[error("the NAT worker thread panicked")]
+    Thread,
     #[error("interface name {0:?} is not valid for a rule")]
     BadIfname(String),
 }

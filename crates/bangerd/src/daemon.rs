@@ -84,6 +84,13 @@ fn micros(since: Instant) -> u64 {
     since.elapsed().as_micros() as u64
 }
 
+fn phase(events: Events, name: &str, t: Instant) {
+    events(Event::Phase {
+        name: name.into(),
+        micros: micros(t),
+    })
+}
+
 /// The kernel command line for every guest: serial console, no reboot on
 /// panic, the i8042 probes skipped except the keyboard that carries
 /// Ctrl-Alt-Del, PCI interrupts routed without evaluating ACPI's AML link
@@ -473,14 +480,8 @@ impl Daemon {
     }
 
     fn boot(&self, vm: &mut VmRecord, events: Events) -> Result<()> {
-        fn phase(events: Events, name: &str, t: Instant) {
-            events(Event::Phase {
-                name: name.into(),
-                micros: micros(t),
-            })
-        }
         let img = self.image(&vm.spec.image)?;
-        let vmm = self.vmm(vm.spec.vmm)?;
+        self.vmm(vm.spec.vmm)?;
         let dir = self.cfg.layout.vm_dir(&vm.id);
         let guest_ip: Ipv4Addr = vm
             .runtime
@@ -500,7 +501,7 @@ impl Daemon {
             tap::create(&name, net.host_ip, GUEST_PREFIX)?;
             name
         };
-        let mut h = VmHandles {
+        let h = VmHandles {
             tap_device: Some(tap_name.clone()),
             ..Default::default()
         };
@@ -508,21 +509,61 @@ impl Daemon {
         self.handles.set(&vm.id, h.clone());
         handles::write_file(&dir, &h)?;
         self.save(vm)?;
-        match nat::default_uplink() {
-            Some(uplink) => {
-                let _n = lock::<()>(&self.net_lock);
-                nat::up(&nat::NatSpec {
-                    vm_id: vm.id.clone(),
-                    tap: tap_name.clone(),
-                    guest_ip,
-                    uplink,
-                })?
-            }
-            None => events(Event::Progress {
-                message: "no default route on the host: the guest gets no outbound network".into(),
-            }),
-        }
         phase(events, "network", t);
+
+        // NAT is not needed until the guest is up: it is installed on a
+        // thread of its own while the VMM boots, and joined before the VM
+        // counts as started (its failure fails the start).
+        let uplink = nat::default_uplink();
+        if uplink.is_none() {
+            events(Event::Progress {
+                message: "no default route on the host: the guest gets no outbound network".into(),
+            });
+        }
+        let spec = uplink.map(|uplink| nat::NatSpec {
+            vm_id: vm.id.clone(),
+            tap: tap_name.clone(),
+            guest_ip,
+            uplink,
+        });
+        std::thread::scope(|s| {
+            let job = spec.map(|spec| {
+                s.spawn(move || {
+                    let t = Instant::now();
+                    let _n = lock::<()>(&self.net_lock);
+                    nat::up(&spec).map(|()| micros(t))
+                })
+            });
+            let booted = self.boot_vmm(vm, &img, net, tap_name, h, events);
+            let nat = match job {
+                Some(j) => j.join().unwrap_or(Err(nat::NatError::Thread)),
+                None => Ok(0),
+            };
+            booted?;
+            let us = nat?;
+            if us > 0 {
+                events(Event::Phase {
+                    name: "nat-async".into(),
+                    micros: us,
+                });
+            }
+            Ok(())
+        })
+    }
+
+    /// The part of start after the tap: per-VM initrd, VMM, readiness.
+    fn boot_vmm(
+        &self,
+        vm: &mut VmRecord,
+        img: &ImageRecord,
+        net: banger_core::net::GuestNet,
+        tap_name: String,
+        mut h: VmHandles,
+        events: Events,
+    ) -> Result<()> {
+        let vmm = self.vmm(vm.spec.vmm)?;
+        let dir = self.cfg.layout.vm_dir(&vm.id);
+        let guest_ip = net.guest_ip;
 
         // Per-VM initrd: the image's initramfs plus this VM's config.
         let t = Instant::now();
@@ -747,23 +788,26 @@ impl Daemon {
             .api_sock_path
             .as_ref()
             .map(|s| process::path_needle(s));
-        for p in pid {
-            // Only a process that still carries this VM's socket is ours.
-            if needle.as_ref().is_some_and(|n| process::matches(p, n))
-                && !process::kill_and_wait(p, Duration::from_secs(10))
-            {
-                warn!(vm = %vm.name, pid = p, "VMM did not die after SIGKILL");
+        // NAT rules do not depend on the VMM: they go while it dies.
+        let nat_down = std::thread::scope(|s| {
+            let job = s.spawn(|| {
+                let _n = lock::<()>(&self.net_lock);
+                nat::down(&vm.id)
+            });
+            for p in pid {
+                // Only a process that still carries this VM's socket is ours.
+                if needle.as_ref().is_some_and(|n| process::matches(p, n))
+                    && !process::kill_and_wait(p, Duration::from_secs(10))
+                {
+                    warn!(vm = %vm.name, pid = p, "VMM did not die after SIGKILL");
+                }
             }
-        }
-        let t_vmm = micros(t0);
-        let nat_down = {
-            let _n = lock::<()>(&self.net_lock);
-            nat::down(&vm.id)
-        };
+            job.join().unwrap_or(Err(nat::NatError::Thread))
+        });
         if let Err(e) = nat_down {
             warn!(vm = %vm.name, err = %e, "nat teardown failed");
         }
-        let t_nat = micros(t0);
+        let t_vmm = micros(t0);
         let tap_name = cached
             .and_then(|h| h.tap_device)
             .or(scratch.tap_device)
@@ -782,8 +826,7 @@ impl Daemon {
         vm.runtime.tap_device = None;
         tracing::debug!(
             vm = %vm.name,
-            vmm_us = t_vmm,
-            nat_us = t_nat - t_vmm,
+            vmm_and_nat_us = t_vmm,
             total_us = micros(t0),
             "teardown"
         );
