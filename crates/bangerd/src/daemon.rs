@@ -788,12 +788,19 @@ impl Daemon {
             .api_sock_path
             .as_ref()
             .map(|s| process::path_needle(s));
-        // NAT rules do not depend on the VMM: they go while it dies.
-        let nat_down = std::thread::scope(|s| {
-            let job = s.spawn(|| {
+        let tap_name = cached
+            .and_then(|h| h.tap_device)
+            .or(scratch.tap_device)
+            .or(vm.runtime.tap_device.clone());
+        // The VMM, the NAT rules and the tap go side by side: the rules do
+        // not depend on the VMM, and a tap can be deleted while a dying VMM
+        // still holds it (the kernel's unregister is most of the cost).
+        let (nat_down, tap_down) = std::thread::scope(|s| {
+            let nat_job = s.spawn(|| {
                 let _n = lock::<()>(&self.net_lock);
                 nat::down(&vm.id)
             });
+            let tap_job = tap_name.as_deref().map(|t| s.spawn(move || tap::delete(t)));
             for p in pid {
                 // Only a process that still carries this VM's socket is ours.
                 if needle.as_ref().is_some_and(|n| process::matches(p, n))
@@ -802,21 +809,20 @@ impl Daemon {
                     warn!(vm = %vm.name, pid = p, "VMM did not die after SIGKILL");
                 }
             }
-            job.join().unwrap_or(Err(nat::NatError::Thread))
+            (
+                nat_job.join().unwrap_or(Err(nat::NatError::Thread)),
+                tap_job.map(|j| j.join()),
+            )
         });
         if let Err(e) = nat_down {
             warn!(vm = %vm.name, err = %e, "nat teardown failed");
         }
-        let t_vmm = micros(t0);
-        let tap_name = cached
-            .and_then(|h| h.tap_device)
-            .or(scratch.tap_device)
-            .or(vm.runtime.tap_device.clone());
-        if let Some(t) = tap_name {
-            if let Err(e) = tap::delete(&t) {
-                warn!(vm = %vm.name, err = %e, "tap teardown failed");
-            }
+        match tap_down {
+            Some(Ok(Err(e))) => warn!(vm = %vm.name, err = %e, "tap teardown failed"),
+            Some(Err(_)) => warn!(vm = %vm.name, "tap teardown thread panicked"),
+            _ => {}
         }
+        let t_vmm = micros(t0);
         if let Some(s) = &vm.runtime.api_sock_path {
             let _ = fsutil::remove_file_if_exists(s);
         }
@@ -826,7 +832,7 @@ impl Daemon {
         vm.runtime.tap_device = None;
         tracing::debug!(
             vm = %vm.name,
-            vmm_and_nat_us = t_vmm,
+            vmm_nat_tap_us = t_vmm,
             total_us = micros(t0),
             "teardown"
         );
@@ -966,7 +972,7 @@ fn create_work_disk(dir: &std::path::Path, mib: u64) -> Result<()> {
             "-L".as_ref(),
             "banger-work".as_ref(),
             "-E".as_ref(),
-            "lazy_itable_init=1,lazy_journal_init=1".as_ref(),
+            "lazy_itable_init=1,lazy_journal_init=1,nodiscard".as_ref(),
             work.as_os_str(),
         ],
     )?;
