@@ -351,26 +351,11 @@ fn vm(client: &Client, cmd: VmCmd) -> anyhow::Result<i32> {
             Ok(code)
         }
         VmCmd::Create { create } => {
-            let req = create_request(&create, false)?;
-            let vm = expect_vm(client.call(Request::VmCreate(req), &mut progress)?)?;
-            println!("{}", vm.name);
-            Ok(0)
+            vm_action(client, Request::VmCreate(create_request(&create, false)?))
         }
-        VmCmd::Start { name } => {
-            let vm = expect_vm(client.call(Request::VmStart { name }, &mut progress)?)?;
-            println!("{}", vm.name);
-            Ok(0)
-        }
-        VmCmd::Stop { name } => {
-            let vm = expect_vm(client.call(Request::VmStop { name }, &mut progress)?)?;
-            println!("{}", vm.name);
-            Ok(0)
-        }
-        VmCmd::Kill { name } => {
-            let vm = expect_vm(client.call(Request::VmKill { name }, &mut progress)?)?;
-            println!("{}", vm.name);
-            Ok(0)
-        }
+        VmCmd::Start { name } => vm_action(client, Request::VmStart { name }),
+        VmCmd::Stop { name } => vm_action(client, Request::VmStop { name }),
+        VmCmd::Kill { name } => vm_action(client, Request::VmKill { name }),
         VmCmd::Delete { names } => {
             let mut failed = false;
             for name in names {
@@ -419,6 +404,13 @@ fn vm(client: &Client, cmd: VmCmd) -> anyhow::Result<i32> {
             Err(err).context("exec ssh")
         }
     }
+}
+
+/// A request answered with a VM: prints its name.
+fn vm_action(client: &Client, req: Request) -> anyhow::Result<i32> {
+    let vm = expect_vm(client.call(req, &mut progress)?)?;
+    println!("{}", vm.name);
+    Ok(0)
 }
 
 fn ssh_command(vm: &VmInfo, command: &[String], tty: bool) -> anyhow::Result<Command> {
