@@ -289,3 +289,69 @@ fn one_daemon_per_state_dir() {
         .is_empty()));
     let _ = Command::new("true").status();
 }
+
+/// Crashes are cleaned up: a VMM that dies under a running daemon (the
+/// reaper path), and one that dies while no daemon runs (the reconcile
+/// path), both leave the VM stopped with no tap or NAT rule behind.
+#[test]
+fn dead_vmms_are_cleaned_up_with_or_without_a_daemon() {
+    let inst = Instance::new(&banger_bin()).with_image();
+    let kill_vmm = |inst: &Instance| {
+        let vmms = vmm_processes(inst);
+        assert_eq!(vmms.len(), 1, "{vmms:?}");
+        let _ = Command::new("kill")
+            .args(["-9", &vmms[0].0.to_string()])
+            .status();
+    };
+    let state = |inst: &Instance| {
+        vm_list(&inst.banger(&["vm", "ls", "--json"]))[0]["state"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    ok(
+        &inst.banger(&["vm", "run", "--name", "crashy", "--", "true"]),
+        "vm run",
+    );
+
+    // The daemon is alive: its reaper notices and tears down.
+    kill_vmm(&inst);
+    assert!(
+        wait_until(Duration::from_secs(10), || state(&inst) == "stopped"),
+        "reaper demoted the VM"
+    );
+    assert!(taps(&inst).is_empty(), "reaper removed the tap");
+    assert!(
+        !inst.net.ruleset().contains("table ip banger"),
+        "and the rules"
+    );
+    let vms = vm_list(&inst.banger(&["vm", "ls", "--json"]));
+    assert!(
+        vms[0]["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("exited"),
+        "{vms:?}"
+    );
+
+    // No daemon: the next one reconciles.
+    ok(&inst.banger(&["vm", "start", "crashy"]), "vm start");
+    assert_eq!(taps(&inst).len(), 1);
+    inst.kill_daemon();
+    kill_vmm(&inst);
+    assert!(wait_until(Duration::from_secs(5), || vmm_processes(&inst).is_empty()));
+    assert_eq!(state(&inst), "stopped", "reconcile demoted the VM");
+    assert!(taps(&inst).is_empty(), "reconcile removed the tap");
+    assert!(
+        !inst.net.ruleset().contains("table ip banger"),
+        "and the rules"
+    );
+
+    // And it still boots afterwards.
+    let out = inst.banger(&["vm", "start", "crashy"]);
+    ok(&out, "start after crash");
+    let out = inst.banger(&["vm", "ssh", "crashy", "--", "hostname"]);
+    assert_eq!(ok(&out, "ssh after crash"), "crashy\n");
+    ok(&inst.banger(&["vm", "delete", "crashy"]), "vm delete");
+    assert_baseline(&inst);
+}

@@ -84,10 +84,14 @@ fn micros(since: Instant) -> u64 {
     since.elapsed().as_micros() as u64
 }
 
+/// Reports a finished phase to the client (`--timings`) and to the log
+/// (`BANGER_LOG=debug`).
 fn phase(events: Events, name: &str, t: Instant) {
+    let us = micros(t);
+    tracing::debug!(phase = name, us, "phase done");
     events(Event::Phase {
         name: name.into(),
-        micros: micros(t),
+        micros: us,
     })
 }
 
@@ -397,10 +401,7 @@ impl Daemon {
             let _ = self.store().delete_vm(&id);
             return Err(e);
         }
-        events(Event::Phase {
-            name: "create".into(),
-            micros: micros(t0),
-        });
+        phase(events, "create", t0);
         if req.start {
             let vm = self.start_locked(vm, events)?;
             return Ok(self.info(&vm));
@@ -542,6 +543,7 @@ impl Daemon {
             booted?;
             let us = nat?;
             if us > 0 {
+                tracing::debug!(phase = "nat-async", us, "phase done");
                 events(Event::Phase {
                     name: "nat-async".into(),
                     micros: us,
