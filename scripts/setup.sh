@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 
 ./scripts/install-deps.sh
 cargo build --release --locked -p banger -p bangerd
+# A daemon from an older install would keep serving the old code: stop it
+# (its VMs keep running; the new daemon reconciles them).
+if pkill -TERM -x bangerd; then sleep 0.5; fi
 install -m 0755 target/release/banger target/release/bangerd /usr/local/bin/
 banger image build
 banger vm run --rm -- cat /etc/os-release
