@@ -449,7 +449,6 @@ fn initramfs(name: &str, root: &Path, kver: &str, busybox: &Path) -> Result<Vec<
     }
     a.file("init", 0o755, INIT.as_bytes());
     a.file("bin/busybox", 0o755, &bb);
-    a.file("bin/sh", 0o755, &bb);
     let mut load = String::new();
     for rel in &order {
         let base = rel.rsplit('/').next().unwrap_or(rel);
