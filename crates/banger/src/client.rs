@@ -136,7 +136,40 @@ impl Client {
     }
 
     /// Sends `req`; `on_event` sees each progress event; returns the answer.
+    ///
+    /// A daemon that dies as the request arrives (killed a moment before,
+    /// its last thread still closing the socket) resets the connection
+    /// before any reply; requests that change nothing are then sent once
+    /// more, to the daemon that replaces it.
     pub fn call(
+        &self,
+        req: Request,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<Response, ClientError> {
+        let read_only = matches!(
+            req,
+            Request::Ping
+                | Request::VmGet { .. }
+                | Request::VmList
+                | Request::ImageList
+                | Request::Doctor
+        );
+        match self.call_once(req.clone(), on_event) {
+            Err(ClientError::Io { source, .. })
+                if read_only
+                    && matches!(
+                        source.kind(),
+                        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+                    ) =>
+            {
+                std::thread::sleep(Duration::from_millis(50));
+                self.call_once(req, on_event)
+            }
+            r => r,
+        }
+    }
+
+    fn call_once(
         &self,
         req: Request,
         on_event: &mut dyn FnMut(Event),

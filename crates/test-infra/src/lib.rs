@@ -278,18 +278,22 @@ impl Instance {
         v
     }
 
+    /// SIGKILLs the daemon and waits until its socket refuses connections:
+    /// a killed multi-threaded process shows as a zombie while its last
+    /// threads still hold the listening socket open.
     pub fn kill_daemon(&self) {
         for (pid, cmd) in self.processes() {
             if cmd.contains("bangerd") {
                 let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-                wait_until(Duration::from_secs(5), || {
-                    !Path::new(&format!("/proc/{pid}")).exists()
-                        || std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                            .map(|s| s.contains(") Z"))
-                            .unwrap_or(true)
-                });
             }
         }
+        let sock = self.runtime().join("bangerd.sock");
+        assert!(
+            wait_until(Duration::from_secs(5), || {
+                std::os::unix::net::UnixStream::connect(&sock).is_err()
+            }),
+            "the killed daemon's socket still accepts connections"
+        );
     }
 
     /// Files under the state dir's `vms/` and the runtime dir's `vms/`.
