@@ -93,10 +93,14 @@ fn handle(daemon: &Daemon, stream: UnixStream) {
     }
     let span = info_span!("request", op = op_name(&env.request));
     let _e = span.enter();
-    let mut connected = true;
+    // Events go through a second handle on the same socket; if the client
+    // has gone (or the handle cannot be made), the work still finishes.
+    let mut event_writer = writer.try_clone().ok();
     let mut events = |ev: Event| {
-        if connected {
-            connected = write_reply(&mut writer.try_clone().expect_or_log(), &Reply::Event(ev));
+        if let Some(w) = event_writer.as_mut() {
+            if !write_reply(w, &Reply::Event(ev)) {
+                event_writer = None;
+            }
         }
     };
     let result = dispatch(daemon, env.request, &mut events);
@@ -108,23 +112,6 @@ fn handle(daemon: &Daemon, stream: UnixStream) {
         }
     };
     write_reply(&mut writer, &reply);
-}
-
-trait ExpectOrLog {
-    fn expect_or_log(self) -> UnixStream;
-}
-
-impl ExpectOrLog for std::io::Result<UnixStream> {
-    fn expect_or_log(self) -> UnixStream {
-        match self {
-            Ok(s) => s,
-            // A socket pair that cannot be cloned: hand back a dead one so the
-            // write fails and the client is treated as gone.
-            Err(_) => UnixStream::pair()
-                .map(|p| p.0)
-                .unwrap_or_else(|_| std::process::abort()),
-        }
-    }
 }
 
 fn op_name(r: &Request) -> &'static str {
