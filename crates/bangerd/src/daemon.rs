@@ -57,8 +57,15 @@ pub struct Daemon {
     /// Serialises address and tap allocation.
     net_lock: Mutex<()>,
     image_lock: Mutex<()>,
+    /// The last image initramfs read, keyed by path, size and mtime.
+    initrd_cache: Mutex<Option<InitrdCacheEntry>>,
     qemu: Qemu,
 }
+
+type InitrdCacheEntry = (
+    (std::path::PathBuf, u64, Option<std::time::SystemTime>),
+    Vec<u8>,
+);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -131,6 +138,7 @@ impl Daemon {
             vm_locks: Mutex::new(HashMap::new()),
             net_lock: Mutex::new(()),
             image_lock: Mutex::new(()),
+            initrd_cache: Mutex::new(None),
             qemu: Qemu::new(kvm),
             cfg,
         };
@@ -209,6 +217,22 @@ impl Daemon {
                 },
             )
         })
+    }
+
+    /// The image's initramfs, read once per image file and kept in memory
+    /// (every start appends the VM's config archive to it).
+    fn image_initrd(&self, img: &ImageRecord) -> Result<Vec<u8>> {
+        let meta = std::fs::metadata(&img.initrd).with_path("stat", &img.initrd)?;
+        let key = (img.initrd.clone(), meta.len(), meta.modified().ok());
+        let mut cache = lock(&self.initrd_cache);
+        if let Some((k, bytes)) = cache.as_ref() {
+            if *k == key {
+                return Ok(bytes.clone());
+            }
+        }
+        let bytes = std::fs::read(&img.initrd).with_path("read", &img.initrd)?;
+        *cache = Some((key, bytes.clone()));
+        Ok(bytes)
     }
 
     pub fn build_image(&self, name: &str, force: bool, events: Events) -> Result<ImageInfo> {
@@ -586,7 +610,7 @@ impl Daemon {
             host_key_pub: sshkey::public_key(&host_key_path)?,
             boot_id: boot_id.clone(),
         };
-        let mut initrd = std::fs::read(&img.initrd).with_path("read", &img.initrd)?;
+        let mut initrd = self.image_initrd(img)?;
         initrd.extend_from_slice(&cfg.archive());
         let initrd_path = dir.join(vmfiles::INITRD);
         fsutil::write(&initrd_path, &initrd)?;
@@ -800,9 +824,17 @@ impl Daemon {
         let (nat_down, tap_down) = std::thread::scope(|s| {
             let nat_job = s.spawn(|| {
                 let _n = lock::<()>(&self.net_lock);
-                nat::down(&vm.id)
+                let r = nat::down(&vm.id);
+                tracing::debug!(vm = %vm.name, us = micros(t0), "teardown: nat done");
+                r
             });
-            let tap_job = tap_name.as_deref().map(|t| s.spawn(move || tap::delete(t)));
+            let tap_job = tap_name.as_deref().map(|t| {
+                s.spawn(move || {
+                    let r = tap::delete(t);
+                    tracing::debug!(tap = t, us = micros(t0), "teardown: tap done");
+                    r
+                })
+            });
             for p in pid {
                 // Only a process that still carries this VM's socket is ours.
                 if needle.as_ref().is_some_and(|n| process::matches(p, n))
@@ -811,6 +843,7 @@ impl Daemon {
                     warn!(vm = %vm.name, pid = p, "VMM did not die after SIGKILL");
                 }
             }
+            tracing::debug!(vm = %vm.name, us = micros(t0), "teardown: vmm gone");
             (
                 nat_job.join().unwrap_or(Err(nat::NatError::Thread)),
                 tap_job.map(|j| j.join()),
