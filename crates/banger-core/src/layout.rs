@@ -1,7 +1,7 @@
 //! Every path banger uses derives from one state dir and one runtime dir, so
 //! that several instances (tests, benchmarks) run side by side unseen.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/banger";
 pub const DEFAULT_RUNTIME_DIR: &str = "/run/banger";
@@ -90,10 +90,6 @@ pub mod vmfiles {
     pub const API_SOCK: &str = "api.sock";
 }
 
-pub fn is_within(path: &Path, dir: &Path) -> bool {
-    path.starts_with(dir)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,6 +103,6 @@ mod tests {
         assert_eq!(l.socket(), PathBuf::from("/e/r/bangerd.sock"));
         let l = Layout::resolve(Some("/f".into()), None, Some("/e/s".into()), None);
         assert_eq!(l.db(), PathBuf::from("/f/banger.db"));
-        assert!(is_within(&l.vm_dir("abc"), &l.state_dir));
+        assert!(l.vm_dir("abc").starts_with(&l.state_dir));
     }
 }

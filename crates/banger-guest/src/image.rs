@@ -164,6 +164,22 @@ pub fn build(
     recipe: &Recipe,
     progress: &mut dyn FnMut(&str),
 ) -> Result<ImageRecord, ImageError> {
+    let work = dir.with_extension("building");
+    let r = build_into(name, dir, &work, recipe, progress);
+    if r.is_err() {
+        // A failed build leaves nothing (it can be gigabytes).
+        let _ = fsutil::remove_dir_all_if_exists(&work);
+    }
+    r
+}
+
+fn build_into(
+    name: &str,
+    dir: &Path,
+    work: &Path,
+    recipe: &Recipe,
+    progress: &mut dyn FnMut(&str),
+) -> Result<ImageRecord, ImageError> {
     let fs = |source| ImageError::Fs {
         name: name.to_string(),
         source,
@@ -172,9 +188,8 @@ pub fn build(
         name: name.to_string(),
         source,
     };
-    let work = dir.with_extension("building");
-    fsutil::remove_dir_all_if_exists(&work).map_err(fs)?;
-    fsutil::create_dir_all(&work).map_err(fs)?;
+    fsutil::remove_dir_all_if_exists(work).map_err(fs)?;
+    fsutil::create_dir_all(work).map_err(fs)?;
     let rootfs = work.join("rootfs");
 
     progress(&format!(
@@ -243,10 +258,20 @@ pub fn build(
         what: e.to_string(),
     })?;
     fsutil::write(&work.join(MANIFEST), json).map_err(fs)?;
-    fsutil::remove_dir_all_if_exists(dir).map_err(fs)?;
-    std::fs::rename(&work, dir)
-        .with_path("rename into", dir)
-        .map_err(fs)?;
+    // Swap: the old image is moved aside first and removed only once the
+    // new one is in place.
+    let old = dir.with_extension("old");
+    fsutil::remove_dir_all_if_exists(&old).map_err(fs)?;
+    if dir.exists() {
+        std::fs::rename(dir, &old)
+            .with_path("move aside", dir)
+            .map_err(fs)?;
+    }
+    if let Err(e) = std::fs::rename(work, dir).with_path("rename into", dir) {
+        let _ = std::fs::rename(&old, dir);
+        return Err(fs(e));
+    }
+    fsutil::remove_dir_all_if_exists(&old).map_err(fs)?;
     progress(&format!(
         "image {name} ready: kernel {}, root filesystem {mib} MiB",
         manifest.kernel_version

@@ -10,3 +10,6 @@ pub mod kernel;
 /// The line the guest prints on its console when sshd listens, followed by
 /// the boot id.
 pub const READY_MARKER: &str = "banger-ready ";
+
+/// The line the guest prints when sshd never came up, with the boot id.
+pub const FAILED_MARKER: &str = "banger-failed ";

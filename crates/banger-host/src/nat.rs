@@ -19,12 +19,14 @@ pub enum NatError {
     Nft { vm: String, source: CmdError },
     #[error("nat for {vm}: cannot parse `nft -j` output: {detail}")]
     Parse { vm: String, detail: String },
-    #[error("enable ip_forward: {0}")]
+    #[error("write /proc/sys/net/ipv4/ip_forward: {0}")]
     Forward(std::io::Error),
     #[error("the NAT worker thread panicked")]
     Thread,
     #[error("interface name {0:?} is not valid for a rule")]
     BadIfname(String),
+    #[error("vm id {0:?} is not valid for a rule tag: use a-z, 0-9 and '-'")]
+    BadId(String),
 }
 
 /// What one VM's rules are keyed on.
@@ -46,6 +48,19 @@ fn check_ifname(n: &str) -> Result<(), NatError> {
         Ok(())
     } else {
         Err(NatError::BadIfname(n.to_string()))
+    }
+}
+
+fn check_id(id: &str) -> Result<(), NatError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(NatError::BadId(id.to_string()))
     }
 }
 
@@ -179,6 +194,7 @@ fn nft(vm_id: &str, script: &str) -> Result<(), NatError> {
 /// forwarding (remembering in the table's comment that it was off).
 /// Callers serialise `up` and `down`.
 pub fn up(spec: &NatSpec) -> Result<(), NatError> {
+    check_id(&spec.vm_id)?;
     check_ifname(&spec.tap)?;
     check_ifname(&spec.uplink)?;
     let state = table_state(&spec.vm_id)?;
@@ -216,6 +232,7 @@ fn delete_rules(vm_id: &str, rules: &[(String, u64)]) -> Result<(), NatError> {
 /// of any VM remains, the table goes too and forwarding is switched back
 /// off if banger switched it on.
 pub fn down(vm_id: &str) -> Result<(), NatError> {
+    check_id(vm_id)?;
     let Some(st) = table_state(vm_id)? else {
         return Ok(());
     };
@@ -231,13 +248,6 @@ pub fn down(vm_id: &str) -> Result<(), NatError> {
         delete_rules(vm_id, &mine)?;
     }
     Ok(())
-}
-
-/// Number of rules currently tagged for the VM (for tests and doctor).
-pub fn rule_count(vm_id: &str) -> Result<usize, NatError> {
-    Ok(table_state(vm_id)?
-        .map(|s| s.tagged(vm_id).len())
-        .unwrap_or(0))
 }
 
 #[cfg(test)]
@@ -295,6 +305,9 @@ mod tests {
         assert_eq!(parse_table(""), TableState::default());
         assert!(check_ifname("eth0").is_ok());
         assert!(check_ifname("a\"b").is_err());
+        assert!(check_id("0af3-x").is_ok());
+        assert!(check_id("a\" counter").is_err());
+        assert!(check_id("").is_err());
         assert!(check_ifname("").is_err());
     }
 }

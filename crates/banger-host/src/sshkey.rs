@@ -20,7 +20,7 @@ pub enum SshKeyError {
 
 /// Creates `path` and `path.pub` unless `path` exists already.
 pub fn ensure(path: &Path, comment: &str) -> Result<(), SshKeyError> {
-    if path.exists() {
+    if path.exists() && pub_path(path).exists() {
         return Ok(());
     }
     generate(path, comment)

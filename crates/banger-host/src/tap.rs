@@ -25,20 +25,6 @@ pub fn exists(name: &str) -> bool {
     nix::net::if_::if_nametoindex(name).is_ok()
 }
 
-/// Names of the interfaces in this namespace that start with `prefix`.
-pub fn list_with_prefix(prefix: &str) -> Vec<String> {
-    let mut names: Vec<String> = match nix::ifaddrs::getifaddrs() {
-        Ok(addrs) => addrs
-            .map(|a| a.interface_name)
-            .filter(|n| n.starts_with(prefix))
-            .collect(),
-        Err(_) => Vec::new(),
-    };
-    names.sort();
-    names.dedup();
-    names
-}
-
 /// The lowest `bgtapN` that neither exists nor is in `reserved`.
 pub fn free_name(reserved: &[String]) -> Result<String, TapError> {
     const MAX: u32 = 65_536;

@@ -71,8 +71,6 @@ pub enum VmmError {
     },
     #[error("api socket {path}: {detail}")]
     Api { path: PathBuf, detail: String },
-    #[error("{0}")]
-    Unavailable(String),
 }
 
 /// A spawned VMM.

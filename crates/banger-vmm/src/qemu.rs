@@ -86,9 +86,15 @@ impl Qemu {
             push(&format!("virtio-net-pci,netdev=net{i},mac={}", n.mac));
         }
         push("-serial");
-        push(&format!("file:{}", path(&cfg.console_log)));
+        push(&format!(
+            "file:{}",
+            path(&cfg.console_log).replace(',', ",,")
+        ));
         push("-qmp");
-        push(&format!("unix:{},server=on,wait=off", path(&cfg.api_sock)));
+        push(&format!(
+            "unix:{},server=on,wait=off",
+            path(&cfg.api_sock).replace(',', ",,")
+        ));
         a
     }
 }

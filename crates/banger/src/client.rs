@@ -16,9 +16,10 @@ use thiserror::Error;
 pub enum ClientError {
     #[error("{}", .0.message)]
     Api(ApiError),
-    #[error("talk to bangerd at {path}: {source} (its log: <state dir>/bangerd.log)")]
+    #[error("talk to bangerd at {path}: {source} (its log: {log})")]
     Io {
         path: PathBuf,
+        log: PathBuf,
         source: std::io::Error,
     },
     #[error("bangerd at {0} closed the connection without an answer (see its log: {1})")]
@@ -47,8 +48,6 @@ pub enum ClientError {
 #[derive(Debug, Clone)]
 pub struct Client {
     pub layout: Layout,
-    /// Start bangerd when it is not running.
-    pub autostart: bool,
 }
 
 impl Client {
@@ -57,16 +56,23 @@ impl Client {
         match UnixStream::connect(&path) {
             Ok(s) => Ok(s),
             Err(e)
-                if self.autostart
-                    && matches!(
-                        e.kind(),
-                        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-                    ) =>
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) =>
             {
                 self.start_daemon()?;
-                UnixStream::connect(&path).map_err(|source| ClientError::Io { path, source })
+                UnixStream::connect(&path).map_err(|source| ClientError::Io {
+                    path,
+                    log: self.layout.daemon_log(),
+                    source,
+                })
             }
-            Err(source) => Err(ClientError::Io { path, source }),
+            Err(source) => Err(ClientError::Io {
+                path,
+                log: self.layout.daemon_log(),
+                source,
+            }),
         }
     }
 
@@ -177,6 +183,7 @@ impl Client {
         let path = self.layout.socket();
         let io = |source| ClientError::Io {
             path: path.clone(),
+            log: self.layout.daemon_log(),
             source,
         };
         let mut stream = self.connect()?;

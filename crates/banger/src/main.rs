@@ -202,10 +202,7 @@ fn progress(e: Event) {
 
 fn run(cli: Cli) -> anyhow::Result<i32> {
     let layout = Layout::resolve(cli.state_dir, cli.runtime_dir, None, None);
-    let client = Client {
-        layout,
-        autostart: true,
-    };
+    let client = Client { layout };
     match cli.cmd {
         Cmd::Vm(v) => vm(&client, v),
         Cmd::Image(i) => image(&client, i),
@@ -306,11 +303,27 @@ fn vm(client: &Client, cmd: VmCmd) -> anyhow::Result<i32> {
             let t0 = Instant::now();
             let req = create_request(&create, true)?;
             let mut phases: Vec<(String, u64)> = Vec::new();
+            // The spec line comes once the VM exists: with --rm, a VM this
+            // call created and then failed to start is deleted again.
+            let mut created: Option<String> = None;
             let mut on_event = |e: Event| match e {
                 Event::Phase { name, micros } => phases.push((name, micros)),
+                Event::Spec { line } => {
+                    created = line.split(':').next().map(str::to_string);
+                    progress(Event::Spec { line });
+                }
                 other => progress(other),
             };
-            let vm = expect_vm(client.call(Request::VmCreate(req), &mut on_event)?)?;
+            let answer = client.call(Request::VmCreate(req), &mut on_event);
+            let vm = match answer.map_err(anyhow::Error::from).and_then(expect_vm) {
+                Ok(vm) => vm,
+                Err(e) => {
+                    if let (true, Some(name)) = (rm, created) {
+                        let _ = client.call(Request::VmDelete { name }, &mut progress);
+                    }
+                    return Err(e);
+                }
+            };
             let ready = t0.elapsed();
             if timings {
                 print_timings(&phases, ready.as_micros() as u64);
@@ -322,7 +335,8 @@ fn vm(client: &Client, cmd: VmCmd) -> anyhow::Result<i32> {
                 return Err(err).context("exec ssh");
             }
             let t_ssh = Instant::now();
-            let code = run_ssh(&vm, &command, tty)?;
+            // With --rm the VM goes even when ssh itself cannot run.
+            let code = run_ssh(&vm, &command, tty);
             let t_cmd = t_ssh.elapsed();
             if rm {
                 let t = Instant::now();
@@ -348,7 +362,7 @@ fn vm(client: &Client, cmd: VmCmd) -> anyhow::Result<i32> {
                     t0.elapsed().as_secs_f64() * 1e3
                 );
             }
-            Ok(code)
+            code
         }
         VmCmd::Create { create } => {
             vm_action(client, Request::VmCreate(create_request(&create, false)?))

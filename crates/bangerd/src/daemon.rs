@@ -79,12 +79,13 @@ pub fn now() -> i64 {
 }
 
 /// `n` random bytes as hex, from the kernel's RNG.
-pub fn random_hex(n: usize) -> String {
+pub fn random_hex(n: usize) -> Result<String> {
+    let path = std::path::Path::new("/dev/urandom");
     let mut buf = vec![0u8; n];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = f.read_exact(&mut buf);
-    }
-    buf.iter().map(|b| format!("{b:02x}")).collect()
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .with_path("read", path)?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 fn micros(since: Instant) -> u64 {
@@ -128,6 +129,13 @@ impl Daemon {
             l.ssh_dir(),
         ] {
             fsutil::create_dir_all(&d)?;
+        }
+        // VM dirs hold guests' private host keys (also inside each per-VM
+        // initrd) and the client key lives in ssh/: root only.
+        for d in [l.vms_dir(), l.ssh_dir(), l.runtime_dir.clone()] {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700))
+                .with_path("chmod", &d)?;
         }
         sshkey::ensure(&l.client_key(), "banger")?;
         let store = Store::open(&l.db())?;
@@ -211,9 +219,9 @@ impl Daemon {
             DaemonError::ImageMissing(
                 name.to_string(),
                 if name == DEFAULT_IMAGE {
-                    String::new()
+                    "run `banger image build`".to_string()
                 } else {
-                    format!(" {name}")
+                    format!("the image banger can build is {DEFAULT_IMAGE} (`banger image build`); `banger image ls` lists the built ones")
                 },
             )
         })
@@ -239,7 +247,10 @@ impl Daemon {
         let recipe = Recipe::default_for(name)
             .ok_or_else(|| DaemonError::Image(image::ImageError::Unknown(name.to_string())))?;
         let _g = lock(&self.image_lock);
-        if let Some(rec) = self.store().image(name)? {
+        // Bind first: the store guard must be gone before the store is
+        // locked again below.
+        let existing = self.store().image(name)?;
+        if let Some(rec) = existing {
             if !force {
                 events(Event::Progress {
                     message: format!("image {name} is already built (use --force to rebuild)"),
@@ -368,11 +379,14 @@ impl Daemon {
             });
             self.build_image(&image_name, false, events)?;
         }
+        // The image may not be deleted or rebuilt between this lookup and
+        // the row that makes it "in use".
+        let image_guard = lock(&self.image_lock);
         let img = self.image(&image_name)?;
 
         let vl = self.vm_lock(&name);
         let _g = lock::<()>(&vl);
-        let id = random_hex(16);
+        let id = random_hex(16)?;
         let dir = self.cfg.layout.vm_dir(&id);
         let vm = {
             let _n = lock::<()>(&self.net_lock);
@@ -412,6 +426,7 @@ impl Daemon {
             })?;
             vm
         };
+        drop(image_guard);
         events(Event::Spec {
             line: format!(
                 "{name}: {} vCPU, {} MiB, {} disk, image {image_name}, vmm {vmm} ({accel})",
@@ -435,7 +450,7 @@ impl Daemon {
 
     fn generate_name(&self) -> Result<String> {
         for _ in 0..32 {
-            let r = u32::from_str_radix(&random_hex(4), 16).unwrap_or(0);
+            let r = u32::from_str_radix(&random_hex(4)?, 16).unwrap_or(0);
             let n = banger_core::name::generated_name(r);
             if self.store().vm_by_name(&n)?.is_none() {
                 return Ok(n);
@@ -486,10 +501,12 @@ impl Daemon {
         vm.runtime.state = Some(VmState::Starting);
         vm.runtime.last_error = None;
         self.save(&vm)?;
-        match self.boot(&mut vm, events) {
+        let booted = self.boot(&mut vm, events).and_then(|()| {
+            vm.runtime.state = Some(VmState::Running);
+            self.save(&vm)
+        });
+        match booted {
             Ok(()) => {
-                vm.runtime.state = Some(VmState::Running);
-                self.save(&vm)?;
                 info!(vm = %vm.name, ms = t0.elapsed().as_millis() as u64, "running");
                 Ok(vm)
             }
@@ -593,7 +610,7 @@ impl Daemon {
 
         // Per-VM initrd: the image's initramfs plus this VM's config.
         let t = Instant::now();
-        let boot_id = random_hex(8);
+        let boot_id = random_hex(8)?;
         let client_pub = sshkey::public_key(&self.cfg.layout.client_key())?;
         let host_key_path = dir.join(vmfiles::HOST_KEY);
         let cfg = banger_guest::config::GuestConfig {
@@ -655,12 +672,13 @@ impl Daemon {
             api_sock,
         };
         let proc_ = vmm.spawn(&vcfg)?;
-        h.pid = Some(proc_.pid);
-        self.handles.set(&vm.id, h.clone());
-        handles::write_file(&dir, &h)?;
+        // Watched (and so reaped) before anything else can fail.
         if let Some(child) = proc_.child {
             crate::reaper::watch(child);
         }
+        h.pid = Some(proc_.pid);
+        self.handles.set(&vm.id, h.clone());
+        handles::write_file(&dir, &h)?;
         phase(events, "spawn", t);
         events(Event::Progress {
             message: format!("booting {} ({} {})", vm.name, vm.spec.vmm, vm.spec.accel),
@@ -682,22 +700,40 @@ impl Daemon {
         boot_id: &str,
     ) -> Result<()> {
         let marker = format!("{}{boot_id}", banger_guest::READY_MARKER);
+        let fail_marker = format!("{}{boot_id}", banger_guest::FAILED_MARKER);
         let deadline = Instant::now() + self.cfg.boot_timeout;
         let mut seen = 0usize;
         let mut buf = Vec::new();
         loop {
+            let mut new = 0usize;
             if let Ok(mut f) = std::fs::File::open(console) {
                 use std::io::{Seek, SeekFrom};
                 if f.seek(SeekFrom::Start(seen as u64)).is_ok() {
                     let mut chunk = Vec::new();
                     if f.read_to_end(&mut chunk).is_ok() {
                         seen += chunk.len();
+                        new = chunk.len();
                         buf.extend_from_slice(&chunk);
                     }
                 }
             }
-            if String::from_utf8_lossy(&buf).contains(&marker) {
+            // Only the new bytes (and a marker's length before them) can
+            // hold a line that was not there at the last look.
+            let from = buf
+                .len()
+                .saturating_sub(new + fail_marker.len().max(marker.len()));
+            let window = String::from_utf8_lossy(&buf[from..]);
+            if window.contains(&marker) {
                 return Ok(());
+            }
+            if window.contains(&fail_marker) {
+                return Err(DaemonError::Boot {
+                    vm: vm.name.clone(),
+                    reason: format!(
+                        "sshd never listened in the guest. Console:\n{}",
+                        tail(console, 10)
+                    ),
+                });
             }
             if !process::is_running(pid) {
                 let dir = self.cfg.layout.vm_dir(&vm.id);
@@ -766,13 +802,10 @@ impl Daemon {
         let vl = self.vm_lock(name);
         let _g = lock::<()>(&vl);
         let mut vm = self.find(name)?;
-        if self.vm_alive(&vm) || vm.runtime.state().can_kill() {
-            self.teardown(&mut vm);
-            vm.runtime.state = Some(VmState::Stopped);
-            self.save(&vm)?;
-            return Ok(self.info(&vm));
-        }
         vm.runtime.state().check(&vm.name, "kill")?;
+        self.teardown(&mut vm);
+        vm.runtime.state = Some(VmState::Stopped);
+        self.save(&vm)?;
         Ok(self.info(&vm))
     }
 
@@ -784,7 +817,8 @@ impl Daemon {
         fsutil::remove_dir_all_if_exists(&self.cfg.layout.vm_runtime_dir(&vm.id))?;
         fsutil::remove_dir_all_if_exists(&self.cfg.layout.vm_dir(&vm.id))?;
         self.store().delete_vm(&vm.id)?;
-        lock_remove(&self.vm_locks, name);
+        // The name's lock stays: a request may be waiting on it, and a new
+        // VM of the same name must share it.
         Ok(())
     }
 
@@ -797,18 +831,16 @@ impl Daemon {
         let dir = self.cfg.layout.vm_dir(&vm.id);
         let cached = self.handles.get(&vm.id);
         let scratch = handles::read_file(&dir);
-        let pid = cached
-            .as_ref()
-            .and_then(|h| h.pid)
-            .or(scratch.pid)
-            .into_iter()
-            .chain(
-                vm.runtime
-                    .api_sock_path
-                    .as_ref()
-                    .map(|s| process::find_by_arg(&process::path_needle(s)))
-                    .unwrap_or_default(),
-            );
+        // The cached or scratch PID, else a /proc search by API socket.
+        let pid: Vec<i32> = match cached.as_ref().and_then(|h| h.pid).or(scratch.pid) {
+            Some(p) => vec![p],
+            None => vm
+                .runtime
+                .api_sock_path
+                .as_ref()
+                .map(|s| process::find_by_arg(&process::path_needle(s)))
+                .unwrap_or_default(),
+        };
         let needle = vm
             .runtime
             .api_sock_path
@@ -828,13 +860,17 @@ impl Daemon {
                 tracing::debug!(vm = %vm.name, us = micros(t0), "teardown: nat done");
                 r
             });
-            let tap_job = tap_name.as_deref().map(|t| {
-                s.spawn(move || {
-                    let r = tap::delete(t);
-                    tracing::debug!(tap = t, us = micros(t0), "teardown: tap done");
-                    r
-                })
-            });
+            // Only a tap banger names is banger's to delete.
+            let tap_job = tap_name
+                .as_deref()
+                .filter(|t| t.starts_with(tap::TAP_PREFIX))
+                .map(|t| {
+                    s.spawn(move || {
+                        let r = tap::delete(t);
+                        tracing::debug!(tap = t, us = micros(t0), "teardown: tap done");
+                        r
+                    })
+                });
             for p in pid {
                 // Only a process that still carries this VM's socket is ours.
                 if needle.as_ref().is_some_and(|n| process::matches(p, n))
@@ -852,19 +888,31 @@ impl Daemon {
         if let Err(e) = nat_down {
             warn!(vm = %vm.name, err = %e, "nat teardown failed");
         }
-        match tap_down {
-            Some(Ok(Err(e))) => warn!(vm = %vm.name, err = %e, "tap teardown failed"),
-            Some(Err(_)) => warn!(vm = %vm.name, "tap teardown thread panicked"),
-            _ => {}
-        }
+        // A tap that could not be deleted stays recorded, so that the next
+        // teardown (stop, delete, reconcile) tries again.
+        let tap_left = match tap_down {
+            Some(Ok(Err(e))) => {
+                warn!(vm = %vm.name, err = %e, "tap teardown failed");
+                true
+            }
+            Some(Err(_)) => {
+                warn!(vm = %vm.name, "tap teardown thread panicked");
+                true
+            }
+            _ => false,
+        };
         let t_vmm = micros(t0);
         if let Some(s) = &vm.runtime.api_sock_path {
             let _ = fsutil::remove_file_if_exists(s);
         }
         let _ = fsutil::remove_file_if_exists(&dir.join(vmfiles::INITRD));
-        let _ = handles::remove_file(&dir);
-        self.handles.remove(&vm.id);
-        vm.runtime.tap_device = None;
+        if tap_left {
+            vm.runtime.tap_device = tap_name;
+        } else {
+            let _ = handles::remove_file(&dir);
+            self.handles.remove(&vm.id);
+            vm.runtime.tap_device = None;
+        }
         tracing::debug!(
             vm = %vm.name,
             vmm_nat_tap_us = t_vmm,
@@ -913,6 +961,25 @@ impl Daemon {
         Ok(())
     }
 
+    /// Watches the VMMs reconcile kept (not children of this daemon), so
+    /// that their exit is cleaned up like a child's.
+    pub fn watch_adopted(&self) {
+        let Ok(vms) = self.store().list_vms() else {
+            return;
+        };
+        for vm in vms {
+            if vm.runtime.state() != VmState::Running {
+                continue;
+            }
+            if let (Some(pid), Some(sock)) = (
+                self.handles.get(&vm.id).and_then(|h| h.pid),
+                vm.runtime.api_sock_path.as_ref(),
+            ) {
+                crate::reaper::watch_pid(pid, process::path_needle(sock));
+            }
+        }
+    }
+
     /// Called by the reaper when a VMM this daemon spawned exits: a VM that
     /// was meant to be running is cleaned up exactly like `stop` does.
     pub fn on_vmm_exit(&self, pid: i32) {
@@ -941,10 +1008,6 @@ impl Daemon {
         vm.runtime.last_error = Some("the guest powered off or its VMM exited".into());
         let _ = self.save(&vm);
     }
-}
-
-fn lock_remove(m: &Mutex<HashMap<String, Arc<Mutex<()>>>>, name: &str) {
-    lock(m).remove(name);
 }
 
 pub fn image_info(r: &ImageRecord) -> ImageInfo {
@@ -1024,4 +1087,92 @@ fn create_host_key(dir: &std::path::Path, name: &str) -> Result<()> {
         format!("{name} {pubkey}\n"),
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use banger_core::sizing::Sizing;
+    use banger_core::{VmRuntime, VmSpec};
+
+    use super::*;
+
+    fn daemon(dir: &std::path::Path) -> Daemon {
+        let layout = Layout::new(dir.join("state"), dir.join("run"));
+        // A finished image dir, as `image build` leaves it.
+        let img = layout.image_dir(DEFAULT_IMAGE);
+        std::fs::create_dir_all(&img).unwrap();
+        for f in ["vmlinux", "initrd.img", "rootfs.ext4"] {
+            std::fs::write(img.join(f), "x").unwrap();
+        }
+        std::fs::write(
+            img.join("manifest.json"),
+            r#"{"name":"bookworm","kernel_version":"6.1","rootfs_bytes":1,"created_at":0}"#,
+        )
+        .unwrap();
+        Daemon::open(Config::new(layout)).unwrap()
+    }
+
+    #[test]
+    fn rebuilding_an_image_in_use_is_refused_without_hanging() {
+        let d = tempfile::tempdir().unwrap();
+        let daemon = Arc::new(daemon(d.path()));
+        daemon
+            .store()
+            .insert_vm(&VmRecord {
+                id: "v1".into(),
+                name: "user".into(),
+                spec: VmSpec {
+                    sizing: Sizing {
+                        cpus: 1,
+                        memory_mib: 512,
+                        disk_mib: 1024,
+                    },
+                    image: DEFAULT_IMAGE.into(),
+                    vmm: VmmKind::Qemu,
+                    accel: "tcg".into(),
+                },
+                runtime: VmRuntime::default(),
+                created_at: 0,
+            })
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let d2 = daemon.clone();
+        std::thread::spawn(move || {
+            let r = d2.build_image(DEFAULT_IMAGE, true, &mut |_| {});
+            let _ = tx.send(r.map(|_| ()).map_err(|e| e.to_string()));
+        });
+        let r = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("build_image --force hung (store lock taken twice)");
+        let e = r.unwrap_err();
+        assert!(e.contains("used by vm(s) user"), "{e}");
+        // Without --force the built image is reported, not rebuilt.
+        let info = daemon
+            .build_image(DEFAULT_IMAGE, false, &mut |_| {})
+            .unwrap();
+        assert_eq!(info.kernel_version, "6.1");
+    }
+
+    #[test]
+    fn unknown_images_are_named_and_unused_ones_deleted() {
+        let d = tempfile::tempdir().unwrap();
+        let daemon = daemon(d.path());
+        assert!(daemon.image(DEFAULT_IMAGE).is_ok());
+        let e = daemon.image("other").unwrap_err().to_string();
+        assert!(e.contains("image \"other\" is not built"), "{e}");
+        daemon.delete_image(DEFAULT_IMAGE).unwrap();
+        assert!(daemon.image(DEFAULT_IMAGE).is_err());
+        assert!(!daemon.cfg.layout.image_dir(DEFAULT_IMAGE).exists());
+    }
+
+    #[test]
+    fn private_dirs_are_root_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let daemon = daemon(d.path());
+        for dir in [daemon.cfg.layout.vms_dir(), daemon.cfg.layout.ssh_dir()] {
+            let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{}", dir.display());
+        }
+    }
 }

@@ -16,7 +16,7 @@ pub enum DaemonError {
     Sizing(#[from] banger_core::sizing::SizingError),
     #[error(transparent)]
     Transition(#[from] banger_core::state::TransitionError),
-    #[error("image {0:?} is not built: run `banger image build{1}`")]
+    #[error("image {0:?} is not built: {1}")]
     ImageMissing(String, String),
     #[error("image {name:?} is used by vm(s) {users}: delete them first")]
     ImageInUse { name: String, users: String },

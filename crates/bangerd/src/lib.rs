@@ -53,6 +53,7 @@ pub fn serve(daemon: Arc<Daemon>, listener: UnixListener, shutdown: Arc<AtomicBo
         if let Err(e) = spawned {
             tracing::warn!(err = %e, "cannot start the VMM exit handler");
         }
+        daemon.watch_adopted();
     }
     server::run(daemon, listener, shutdown);
 }

@@ -74,6 +74,12 @@ fn real_main() -> anyhow::Result<()> {
     // We hold the lock, so a socket file left here belongs to a dead daemon.
     let _ = std::fs::remove_file(&sock);
     let listener = UnixListener::bind(&sock).with_context(|| format!("bind {}", sock.display()))?;
+    // The socket is root's: whoever talks to it can create VMs.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("chmod {}", sock.display()))?;
+    }
 
     // SIGTERM/SIGINT: stop serving; VMs keep running and are reconciled by
     // the next daemon.
