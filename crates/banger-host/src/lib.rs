@@ -6,6 +6,7 @@ pub mod cmd;
 pub mod fsutil;
 pub mod nat;
 pub mod process;
+pub mod qcow2;
 pub mod sshkey;
 pub mod sysinfo;
 pub mod tap;

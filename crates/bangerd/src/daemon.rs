@@ -1034,23 +1034,10 @@ fn tail(path: &std::path::Path, lines: usize) -> String {
     v[v.len().saturating_sub(lines)..].join("\n")
 }
 
-/// The VM's root disk: a qcow2 overlay over the image's read-only ext4.
+/// The VM's root disk: a qcow2 overlay over the image's read-only ext4,
+/// written in-process (banger_host::qcow2).
 fn create_root_overlay(dir: &std::path::Path, img: &ImageRecord) -> Result<()> {
-    let root = dir.join(vmfiles::ROOT_DISK);
-    banger_host::cmd::run(
-        "qemu-img",
-        [
-            "create".as_ref(),
-            "-q".as_ref(),
-            "-f".as_ref(),
-            "qcow2".as_ref(),
-            "-F".as_ref(),
-            "raw".as_ref(),
-            "-b".as_ref(),
-            img.rootfs.as_os_str(),
-            root.as_os_str(),
-        ],
-    )?;
+    banger_host::qcow2::create_overlay(&dir.join(vmfiles::ROOT_DISK), &img.rootfs)?;
     Ok(())
 }
 

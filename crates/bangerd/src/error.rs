@@ -33,6 +33,8 @@ pub enum DaemonError {
     #[error(transparent)]
     Nat(#[from] banger_host::nat::NatError),
     #[error(transparent)]
+    Qcow2(#[from] banger_host::qcow2::Qcow2Error),
+    #[error(transparent)]
     SshKey(#[from] banger_host::sshkey::SshKeyError),
     #[error(transparent)]
     Vmm(#[from] banger_vmm::VmmError),
