@@ -1042,7 +1042,9 @@ fn create_root_overlay(dir: &std::path::Path, img: &ImageRecord) -> Result<()> {
 }
 
 /// The work disk: a sparse file with an ext4 on it (inode tables left for
-/// the guest, which mounts it with `noinit_itable`).
+/// the guest, which mounts it with `noinit_itable`; no discard of a file
+/// that is all holes anyway; no reserved GDT blocks for online growth, which
+/// banger never does: 7 ms instead of 17).
 fn create_work_disk(dir: &std::path::Path, mib: u64) -> Result<()> {
     let work = dir.join(vmfiles::WORK_DISK);
     let f = std::fs::File::create(&work).with_path("create", &work)?;
@@ -1056,6 +1058,8 @@ fn create_work_disk(dir: &std::path::Path, mib: u64) -> Result<()> {
             "-F".as_ref(),
             "-L".as_ref(),
             "banger-work".as_ref(),
+            "-O".as_ref(),
+            "^resize_inode".as_ref(),
             "-E".as_ref(),
             "lazy_itable_init=1,lazy_journal_init=1,nodiscard".as_ref(),
             work.as_os_str(),
