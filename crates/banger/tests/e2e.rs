@@ -355,3 +355,85 @@ fn dead_vmms_are_cleaned_up_with_or_without_a_daemon() {
     ok(&inst.banger(&["vm", "delete", "crashy"]), "vm delete");
     assert_baseline(&inst);
 }
+
+/// Two VMs started at once share the NAT table: each gets its own tap,
+/// address and three rules; deleting one leaves the other's rules (and its
+/// network) intact; deleting the last removes the table.
+#[test]
+fn two_vms_at_once_share_the_nat_table_safely() {
+    let inst = Instance::new(&banger_bin()).with_image();
+    let www = inst.dir.path().join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("ok"), "reachable\n").unwrap();
+    let mut httpd = inst
+        .net
+        .outside_cmd("busybox")
+        .args([
+            "httpd",
+            "-f",
+            "-p",
+            &format!("{}:8080", inst.net.outside_ip),
+            "-h",
+        ])
+        .arg(&www)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("busybox httpd");
+    let _ = inst.daemon_pid();
+    let runs: Vec<_> = ["one", "two"]
+        .iter()
+        .map(|n| {
+            inst.banger_cmd(&["vm", "run", "--name", n, "--", "true"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn vm run")
+        })
+        .collect();
+    for r in runs {
+        let out = r.wait_with_output().expect("vm run");
+        ok(&out, "parallel vm run");
+    }
+    let vms = vm_list(&inst.banger(&["vm", "ls", "--json"]));
+    assert_eq!(vms.len(), 2);
+    assert_ne!(vms[0]["guest_ip"], vms[1]["guest_ip"], "distinct addresses");
+    assert_eq!(taps(&inst).len(), 2, "a tap each");
+    let rules = inst.net.ruleset();
+    for v in &vms {
+        let tag = format!("comment \"banger:{}\"", v["id"].as_str().unwrap());
+        assert_eq!(rules.matches(&tag).count(), 3, "{rules}");
+    }
+
+    ok(&inst.banger(&["vm", "delete", "one"]), "delete one");
+    let rules = inst.net.ruleset();
+    assert!(
+        rules.contains("table ip banger"),
+        "the table stays for two:\n{rules}"
+    );
+    let vm_rules = rules
+        .lines()
+        .filter(|l| l.contains("comment \"banger:") && !l.contains("ip_forward"))
+        .count();
+    assert_eq!(vm_rules, 3, "{rules}");
+    assert_eq!(taps(&inst).len(), 1);
+    let url = format!("http://{}:8080/ok", inst.net.outside_ip);
+    let out = inst.banger(&[
+        "vm",
+        "ssh",
+        "two",
+        "--",
+        "curl",
+        "-fsS",
+        "--max-time",
+        "20",
+        &url,
+    ]);
+    assert_eq!(ok(&out, "two still reaches the outside"), "reachable\n");
+
+    ok(&inst.banger(&["vm", "delete", "two"]), "delete two");
+    assert_baseline(&inst);
+    let _ = httpd.kill();
+    let _ = httpd.wait();
+}
