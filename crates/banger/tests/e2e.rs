@@ -78,21 +78,7 @@ fn lifecycle_run_stop_start_crash_delete() {
     let www = inst.dir.path().join("www");
     std::fs::create_dir_all(&www).unwrap();
     std::fs::write(www.join("hello.txt"), "hello from outside\n").unwrap();
-    let mut httpd = inst
-        .net
-        .outside_cmd("busybox")
-        .args([
-            "httpd",
-            "-f",
-            "-p",
-            &format!("{}:8080", inst.net.outside_ip),
-            "-h",
-        ])
-        .arg(&www)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("busybox httpd");
+    let _httpd = inst.net.http_server(&www, 8080);
 
     // vm run prints the hostname, which is the VM's name.
     let out = inst.banger(&["vm", "run", "--name", "hello", "--", "cat", "/etc/hostname"]);
@@ -187,8 +173,6 @@ fn lifecycle_run_stop_start_crash_delete() {
 
     ok(&inst.banger(&["vm", "delete", "hello"]), "vm delete");
     assert_baseline(&inst);
-    let _ = httpd.kill();
-    let _ = httpd.wait();
 }
 
 #[test]
@@ -365,21 +349,7 @@ fn two_vms_at_once_share_the_nat_table_safely() {
     let www = inst.dir.path().join("www");
     std::fs::create_dir_all(&www).unwrap();
     std::fs::write(www.join("ok"), "reachable\n").unwrap();
-    let mut httpd = inst
-        .net
-        .outside_cmd("busybox")
-        .args([
-            "httpd",
-            "-f",
-            "-p",
-            &format!("{}:8080", inst.net.outside_ip),
-            "-h",
-        ])
-        .arg(&www)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("busybox httpd");
+    let _httpd = inst.net.http_server(&www, 8080);
     let _ = inst.daemon_pid();
     let runs: Vec<_> = ["one", "two"]
         .iter()
@@ -434,6 +404,4 @@ fn two_vms_at_once_share_the_nat_table_safely() {
 
     ok(&inst.banger(&["vm", "delete", "two"]), "delete two");
     assert_baseline(&inst);
-    let _ = httpd.kill();
-    let _ = httpd.wait();
 }

@@ -125,6 +125,26 @@ impl NetNs {
         c
     }
 
+    /// A busybox HTTP server in the outside namespace serving `root` on
+    /// `outside_ip:port`; stopped when the guard drops.
+    pub fn http_server(&self, root: &Path, port: u16) -> HttpServer {
+        let child = self
+            .outside_cmd("busybox")
+            .args([
+                "httpd",
+                "-f",
+                "-p",
+                &format!("{}:{port}", self.outside_ip),
+                "-h",
+            ])
+            .arg(root)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("busybox httpd (busybox-static)");
+        HttpServer { child }
+    }
+
     /// Interface names in the daemon's namespace.
     pub fn links(&self) -> Vec<String> {
         let out = Command::new("ip")
@@ -169,6 +189,19 @@ impl Drop for NetNs {
                 });
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
+    }
+}
+
+/// A server in the outside namespace, killed on drop.
+#[derive(Debug)]
+pub struct HttpServer {
+    child: std::process::Child,
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
