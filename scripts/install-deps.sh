@@ -5,13 +5,13 @@ set -euo pipefail
 
 packages=(
   qemu-system-x86   # the VMM (TCG here, KVM where hardware virtualisation exists)
-  qemu-utils        # qemu-img: copy-on-write overlays of the image
+  qemu-utils        # qemu-img/qemu-io: the tests check banger's qcow2 overlays with them
   mmdebstrap        # builds the guest root filesystem from Debian's packages
   e2fsprogs         # mkfs.ext4 for the image and the work disks
   busybox-static    # the initramfs' only program; also the tests' HTTP server
   iproute2          # ip: taps, namespaces, veths
   nftables          # per-VM NAT in banger's own table
-  openssh-client    # ssh/ssh-keygen: banger reaches guests over SSH
+  openssh-client    # ssh: banger reaches guests over SSH (ssh-keygen checks keys in tests)
   ca-certificates
 )
 

@@ -28,12 +28,10 @@ pub fn checks(d: &Daemon) -> Vec<Check> {
     ));
     for tool in [
         "qemu-system-x86_64",
-        "qemu-img",
         "mkfs.ext4",
         "ip",
         "nft",
         "ssh",
-        "ssh-keygen",
         "mmdebstrap",
     ] {
         let p = cmd::which(tool);
