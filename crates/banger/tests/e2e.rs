@@ -405,3 +405,39 @@ fn two_vms_at_once_share_the_nat_table_safely() {
     ok(&inst.banger(&["vm", "delete", "two"]), "delete two");
     assert_baseline(&inst);
 }
+
+/// SIGTERM lets requests in flight finish: a `vm run` whose daemon is told
+/// to stop mid-boot still succeeds, and the next daemon finds the VM.
+#[test]
+fn sigterm_drains_requests_in_flight() {
+    let inst = Instance::new(&banger_bin()).with_image();
+    let pid = inst.daemon_pid();
+    let run = inst
+        .banger_cmd(&["vm", "run", "--name", "drained", "--", "hostname"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vm run");
+    // Once the VMM runs, the boot wait is in flight.
+    assert!(wait_until(Duration::from_secs(20), || !vmm_processes(
+        &inst
+    )
+    .is_empty()));
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let out = run.wait_with_output().expect("vm run");
+    assert_eq!(ok(&out, "vm run across a SIGTERM"), "drained\n");
+    assert!(
+        wait_until(Duration::from_secs(10), || !inst
+            .processes()
+            .iter()
+            .any(|(p, _)| *p == pid)),
+        "the old daemon exits once drained"
+    );
+    let vms = vm_list(&inst.banger(&["vm", "ls", "--json"]));
+    assert_eq!(vms[0]["state"], "running", "a new daemon kept the VM");
+    ok(&inst.banger(&["vm", "delete", "drained"]), "vm delete");
+    assert_baseline(&inst);
+}

@@ -16,8 +16,15 @@ use crate::error::Result;
 
 const MAX_REQUEST: u64 = 1 << 20;
 
-/// Serves until `shutdown` is set (and the listener woken by a connection).
+/// How long a shutdown waits for requests in flight (a boot wait, an image
+/// build) before it gives up on them.
+const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(180);
+
+/// Serves until `shutdown` is set (and the listener woken by a connection),
+/// then lets the requests in flight finish, so that a SIGTERM never leaves a
+/// half-created VM or a half-torn-down one.
 pub fn run(daemon: Arc<Daemon>, listener: UnixListener, shutdown: Arc<AtomicBool>) {
+    let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for conn in listener.incoming() {
         if shutdown.load(Ordering::SeqCst) {
             break;
@@ -25,15 +32,33 @@ pub fn run(daemon: Arc<Daemon>, listener: UnixListener, shutdown: Arc<AtomicBool
         match conn {
             Ok(stream) => {
                 let d = daemon.clone();
+                let count = in_flight.clone();
+                count.fetch_add(1, Ordering::SeqCst);
                 let r = std::thread::Builder::new()
                     .name("conn".into())
-                    .spawn(move || handle(&d, stream));
+                    .spawn(move || {
+                        handle(&d, stream);
+                        count.fetch_sub(1, Ordering::SeqCst);
+                    });
                 if let Err(e) = r {
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
                     warn!(err = %e, "cannot start a connection thread");
                 }
             }
             Err(e) => warn!(err = %e, "accept failed"),
         }
+    }
+    drop(listener);
+    let start = std::time::Instant::now();
+    while in_flight.load(Ordering::SeqCst) > 0 {
+        if start.elapsed() > DRAIN_LIMIT {
+            warn!(
+                requests = in_flight.load(Ordering::SeqCst),
+                "shutting down with requests still in flight"
+            );
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 
