@@ -15,3 +15,12 @@ pub use layout::Layout;
 pub use model::{ImageRecord, VmHandles, VmRecord, VmRuntime, VmSpec, VmmKind};
 pub use name::{validate_name, NameError};
 pub use state::VmState;
+
+/// Seconds since the Unix epoch (0 if the clock is before it): the one
+/// timestamp every record uses.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

@@ -248,10 +248,7 @@ fn build_into(
         name: name.to_string(),
         kernel_version: kver,
         rootfs_bytes: mib * 1024 * 1024,
-        created_at: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0),
+        created_at: banger_core::unix_now(),
     };
     let json = serde_json::to_string_pretty(&manifest).map_err(|e| ImageError::Layout {
         name: name.to_string(),

@@ -45,6 +45,14 @@ pub fn read_to_string(path: &Path) -> Result<String, FsError> {
     std::fs::read_to_string(path).with_path("read", path)
 }
 
+/// The last `n` lines of a text file, for error messages (empty if the file
+/// cannot be read).
+pub fn tail_lines(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// Removes a file; a missing file is not an error (teardown is idempotent).
 pub fn remove_file_if_exists(path: &Path) -> Result<(), FsError> {
     match std::fs::remove_file(path) {

@@ -56,13 +56,6 @@ pub struct Store {
     conn: Connection,
 }
 
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 fn json_err(what: &str) -> impl FnOnce(serde_json::Error) -> StoreError + '_ {
     move |source| StoreError::Json {
         what: what.to_string(),
@@ -122,7 +115,14 @@ impl Store {
         let r = self.conn.execute(
             "INSERT INTO vms (id, name, spec_json, runtime_json, created_at, updated_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![vm.id, vm.name, spec, rt, vm.created_at, now()],
+            params![
+                vm.id,
+                vm.name,
+                spec,
+                rt,
+                vm.created_at,
+                banger_core::unix_now()
+            ],
         );
         match r {
             Err(rusqlite::Error::SqliteFailure(e, _))
@@ -139,7 +139,7 @@ impl Store {
         let rt = serde_json::to_string(rt).map_err(json_err(id))?;
         self.conn.execute(
             "UPDATE vms SET runtime_json = ?2, updated_at = ?3 WHERE id = ?1",
-            params![id, rt, now()],
+            params![id, rt, banger_core::unix_now()],
         )?;
         Ok(())
     }

@@ -121,7 +121,7 @@ impl Client {
             if let Ok(Some(status)) = child.try_wait() {
                 // It exited. If another daemon won the lock race, wait for
                 // that one's socket; otherwise this one failed: say why.
-                let tail = log_tail(&log_path);
+                let tail = banger_host::fsutil::tail_lines(&log_path, 8);
                 if tail.contains("only one daemon per state dir") {
                     std::thread::sleep(Duration::from_millis(5));
                     continue;
@@ -136,7 +136,7 @@ impl Client {
         }
         Err(ClientError::NoDaemon {
             secs: limit.as_secs(),
-            tail: log_tail(&log_path),
+            tail: banger_host::fsutil::tail_lines(&log_path, 8),
             log: log_path,
         })
     }
@@ -206,11 +206,4 @@ impl Client {
         }
         Err(ClientError::NoAnswer(path, self.layout.daemon_log()))
     }
-}
-
-/// The last lines of the daemon's log, for errors.
-fn log_tail(path: &std::path::Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(8)..].join("\n")
 }

@@ -387,21 +387,15 @@ fn vm(client: &Client, cmd: VmCmd) -> anyhow::Result<i32> {
             let Response::Vms { vms } = client.call(Request::VmList, &mut progress)? else {
                 bail!("unexpected answer to vm ls");
             };
-            if json {
-                println!("{}", serde_json::to_string_pretty(&vms)?);
-            } else {
-                print_vms(&vms);
-            }
-            Ok(0)
+            emit(json, &vms, print_vms)
         }
         VmCmd::Show { name, json } => {
             let vm = expect_vm(client.call(Request::VmGet { name }, &mut progress)?)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&vm)?);
-            } else {
-                print_vms(std::slice::from_ref(&vm));
+                return Ok(0);
             }
-            Ok(0)
+            emit(false, std::slice::from_ref(&vm), print_vms)
         }
         VmCmd::Ssh { name, command } => {
             let vm = expect_vm(client.call(Request::VmGet { name }, &mut progress)?)?;
@@ -418,6 +412,16 @@ fn vm(client: &Client, cmd: VmCmd) -> anyhow::Result<i32> {
             Err(err).context("exec ssh")
         }
     }
+}
+
+/// Prints `items` as pretty JSON (`--json`) or with `table`.
+fn emit<T: serde::Serialize>(json: bool, items: &[T], table: fn(&[T])) -> anyhow::Result<i32> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(items)?);
+    } else {
+        table(items);
+    }
+    Ok(0)
 }
 
 /// A request answered with a VM: prints its name.
@@ -469,10 +473,7 @@ fn print_timings(phases: &[(String, u64)], ready_micros: u64) {
 }
 
 fn age(created: i64) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(created);
+    let now = banger_core::unix_now();
     let s = (now - created).max(0);
     match s {
         0..=59 => format!("{s}s"),
@@ -519,12 +520,7 @@ fn image(client: &Client, cmd: ImageCmd) -> anyhow::Result<i32> {
             else {
                 bail!("unexpected answer to image ls");
             };
-            if json {
-                println!("{}", serde_json::to_string_pretty(&images)?);
-            } else {
-                print_images(&images);
-            }
-            Ok(0)
+            emit(json, &images, print_images)
         }
         ImageCmd::Rm { name } => {
             client.call(Request::ImageDelete { name: name.clone() }, &mut progress)?;

@@ -39,6 +39,22 @@ fn vmm_processes(inst: &Instance) -> Vec<(i32, String)> {
         .collect()
 }
 
+/// `curl` in the guest of a file served by the outside namespace on :8080.
+fn fetch_from_outside(inst: &Instance, vm: &str, file: &str) -> Output {
+    let url = format!("http://{}:8080/{file}", inst.net.outside_ip);
+    inst.banger(&[
+        "vm",
+        "ssh",
+        vm,
+        "--",
+        "curl",
+        "-fsS",
+        "--max-time",
+        "20",
+        &url,
+    ])
+}
+
 /// Nothing of any VM is left: no VMM, tap, NAT rule, VM file or row.
 fn assert_baseline(inst: &Instance) {
     assert!(
@@ -120,18 +136,7 @@ fn lifecycle_run_stop_start_crash_delete() {
         "{rules}"
     );
     assert_eq!(taps(&inst).len(), 1);
-    let url = format!("http://{}:8080/hello.txt", inst.net.outside_ip);
-    let out = inst.banger(&[
-        "vm",
-        "ssh",
-        "hello",
-        "--",
-        "curl",
-        "-fsS",
-        "--max-time",
-        "20",
-        &url,
-    ]);
+    let out = fetch_from_outside(&inst, "hello", "hello.txt");
     assert_eq!(ok(&out, "curl from guest"), "hello from outside\n");
 
     // The work disk survives stop/start; stop tears the network down.
@@ -388,18 +393,7 @@ fn two_vms_at_once_share_the_nat_table_safely() {
         .count();
     assert_eq!(vm_rules, 3, "{rules}");
     assert_eq!(taps(&inst).len(), 1);
-    let url = format!("http://{}:8080/ok", inst.net.outside_ip);
-    let out = inst.banger(&[
-        "vm",
-        "ssh",
-        "two",
-        "--",
-        "curl",
-        "-fsS",
-        "--max-time",
-        "20",
-        &url,
-    ]);
+    let out = fetch_from_outside(&inst, "two", "ok");
     assert_eq!(ok(&out, "two still reaches the outside"), "reachable\n");
 
     ok(&inst.banger(&["vm", "delete", "two"]), "delete two");

@@ -71,13 +71,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-pub fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 /// `n` random bytes as hex, from the kernel's RNG.
 pub fn random_hex(n: usize) -> Result<String> {
     let path = std::path::Path::new("/dev/urandom");
@@ -418,7 +411,7 @@ impl Daemon {
                     work_disk_path: Some(dir.join(vmfiles::WORK_DISK)),
                     ..Default::default()
                 },
-                created_at: now(),
+                created_at: banger_core::unix_now(),
             };
             self.store().insert_vm(&vm).map_err(|e| match e {
                 banger_store::StoreError::NameTaken(n) => DaemonError::VmExists(n),
@@ -731,7 +724,7 @@ impl Daemon {
                     vm: vm.name.clone(),
                     reason: format!(
                         "sshd never listened in the guest. Console:\n{}",
-                        tail(console, 10)
+                        fsutil::tail_lines(console, 10)
                     ),
                 });
             }
@@ -741,8 +734,8 @@ impl Daemon {
                     vm: vm.name.clone(),
                     reason: format!(
                         "the VMM exited. Its log:\n{}\nConsole:\n{}",
-                        tail(&dir.join(vmfiles::VMM_LOG), 10),
-                        tail(console, 10)
+                        fsutil::tail_lines(&dir.join(vmfiles::VMM_LOG), 10),
+                        fsutil::tail_lines(console, 10)
                     ),
                 });
             }
@@ -752,7 +745,7 @@ impl Daemon {
                     reason: format!(
                         "no ready signal within {}s. Console:\n{}",
                         self.cfg.boot_timeout.as_secs(),
-                        tail(console, 10)
+                        fsutil::tail_lines(console, 10)
                     ),
                 });
             }
@@ -1026,12 +1019,6 @@ pub fn human_mib(mib: u64) -> String {
     } else {
         format!("{mib} MiB")
     }
-}
-
-fn tail(path: &std::path::Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let v: Vec<&str> = text.lines().collect();
-    v[v.len().saturating_sub(lines)..].join("\n")
 }
 
 /// The VM's root disk: a qcow2 overlay over the image's read-only ext4,
