@@ -28,16 +28,34 @@ pub struct Envelope {
 pub enum Request {
     Ping,
     VmCreate(CreateVm),
-    VmStart { name: String },
-    VmStop { name: String },
-    VmKill { name: String },
-    VmDelete { name: String },
-    VmGet { name: String },
+    VmStart {
+        name: String,
+    },
+    VmStop {
+        name: String,
+    },
+    VmKill {
+        name: String,
+    },
+    VmDelete {
+        name: String,
+    },
+    VmGet {
+        name: String,
+    },
     VmList,
-    ImageBuild { name: String, force: bool },
+    ImageBuild {
+        name: String,
+        force: bool,
+    },
     ImageList,
-    ImageDelete { name: String },
+    ImageDelete {
+        name: String,
+    },
     Doctor,
+    /// Waits until the taps and NAT rules of ended VMs are released
+    /// (retrying failed releases): the host is at baseline after it.
+    Settle,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,13 +91,28 @@ pub enum Event {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Response {
-    Pong { version: u32, pid: u32 },
+    Pong {
+        version: u32,
+        pid: u32,
+    },
     Vm(Box<VmInfo>),
-    Vms { vms: Vec<VmInfo> },
+    Vms {
+        vms: Vec<VmInfo>,
+    },
     Image(ImageInfo),
-    Images { images: Vec<ImageInfo> },
-    Deleted { name: String },
-    Doctor { checks: Vec<Check> },
+    Images {
+        images: Vec<ImageInfo>,
+    },
+    Deleted {
+        name: String,
+    },
+    Doctor {
+        checks: Vec<Check>,
+    },
+    /// Every release is done; `retried` failed ones were redone.
+    Settled {
+        retried: u32,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -55,6 +55,15 @@ impl Layout {
     pub fn image_dir(&self, name: &str) -> PathBuf {
         self.images_dir().join(name)
     }
+    /// Caches the daemon can rebuild at will (work-disk templates).
+    pub fn cache_dir(&self) -> PathBuf {
+        self.state_dir.join("cache")
+    }
+    /// A freshly made, empty ext4 of `mib` MiB that new work disks are
+    /// sparse copies of. The suffix names the mkfs options' version.
+    pub fn work_template(&self, mib: u64) -> PathBuf {
+        self.cache_dir().join(format!("work-{mib}m-v1.ext4"))
+    }
     pub fn vms_dir(&self) -> PathBuf {
         self.state_dir.join("vms")
     }

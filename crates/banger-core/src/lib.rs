@@ -12,7 +12,7 @@ pub mod sizing;
 pub mod state;
 
 pub use layout::Layout;
-pub use model::{ImageRecord, VmHandles, VmRecord, VmRuntime, VmSpec, VmmKind};
+pub use model::{ImageRecord, Release, VmHandles, VmRecord, VmRuntime, VmSpec, VmmKind};
 pub use name::{validate_name, NameError};
 pub use state::VmState;
 

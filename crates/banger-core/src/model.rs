@@ -89,6 +89,23 @@ pub struct VmHandles {
     pub dm_dev: Option<String>,
 }
 
+/// What a VM still holds in the kernel once its VMM is gone: its tap and
+/// the NAT rules tagged with its id. Recorded in the store until the
+/// daemon's janitor has released both, so that a restart finishes the job,
+/// and so that the guest address stays reserved until its tap is gone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Release {
+    pub vm_id: String,
+    pub vm_name: String,
+    pub tap: String,
+    pub guest_ip: Option<String>,
+    /// A VMM that was sent SIGKILL but not waited for (`delete`): the
+    /// release waits for it first. With the argument that identifies it
+    /// (its API socket path), so that a recycled pid is never touched.
+    pub vmm_pid: Option<i32>,
+    pub vmm_needle: Option<String>,
+}
+
 impl VmHandles {
     pub fn is_empty(&self) -> bool {
         *self == VmHandles::default()

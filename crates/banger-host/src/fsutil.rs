@@ -68,3 +68,110 @@ pub fn remove_dir_all_if_exists(path: &Path) -> Result<(), FsError> {
         r => r.with_path("remove dir", path),
     }
 }
+
+/// Copies `src` to a new file `dst` keeping its holes: only the extents
+/// `SEEK_DATA`/`SEEK_HOLE` report are copied (`copy_file_range`, in the
+/// kernel), the rest stays sparse. A fresh ext4 image of several GiB holds a
+/// few hundred KiB of data, so this costs a fraction of a millisecond where
+/// `mkfs.ext4` costs several. On failure `dst` is removed.
+pub fn copy_sparse(src: &Path, dst: &Path) -> Result<(), FsError> {
+    let input = std::fs::File::open(src).with_path("open", src)?;
+    let output = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dst)
+        .with_path("create", dst)?;
+    // From here on the file is ours to remove if the copy fails.
+    let r = copy_extents(&input, src, &output, dst);
+    if r.is_err() {
+        let _ = std::fs::remove_file(dst);
+    }
+    r
+}
+
+fn copy_extents(
+    input: &std::fs::File,
+    src: &Path,
+    output: &std::fs::File,
+    dst: &Path,
+) -> Result<(), FsError> {
+    use nix::unistd::{lseek, Whence};
+    use std::os::fd::AsRawFd;
+
+    let errno = |e: nix::errno::Errno| std::io::Error::from_raw_os_error(e as i32);
+    let len = input.metadata().with_path("stat", src)?.len();
+    output.set_len(len).with_path("size", dst)?;
+    let end = i64::try_from(len).unwrap_or(i64::MAX);
+    let mut pos: i64 = 0;
+    while pos < end {
+        let data = match lseek(input.as_raw_fd(), pos, Whence::SeekData) {
+            Ok(d) => d,
+            // No data after pos: the rest is a hole.
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(e) => return Err(errno(e)).with_path("seek data in", src),
+        };
+        let hole = lseek(input.as_raw_fd(), data, Whence::SeekHole)
+            .map_err(errno)
+            .with_path("seek hole in", src)?;
+        let (mut off_in, mut off_out) = (data, data);
+        while off_in < hole {
+            let want = usize::try_from(hole - off_in).unwrap_or(usize::MAX);
+            let n = nix::fcntl::copy_file_range(
+                input,
+                Some(&mut off_in),
+                output,
+                Some(&mut off_out),
+                want,
+            )
+            .map_err(errno)
+            .with_path("copy into", dst)?;
+            if n == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "source shrank while copying",
+                ))
+                .with_path("copy from", src);
+            }
+        }
+        pos = hole;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Seek, SeekFrom, Write};
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    #[test]
+    fn sparse_copy_keeps_data_and_holes() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        let mut f = std::fs::File::create(&src).unwrap();
+        f.set_len(64 << 20).unwrap();
+        for (off, byte) in [(0u64, 1u8), (8 << 20, 2), ((64 << 20) - 4096, 3)] {
+            f.seek(SeekFrom::Start(off)).unwrap();
+            f.write_all(&vec![byte; 4096]).unwrap();
+        }
+        drop(f);
+        let dst = d.path().join("dst");
+        copy_sparse(&src, &dst).unwrap();
+        assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+        let m = std::fs::metadata(&dst).unwrap();
+        assert_eq!(m.len(), 64 << 20);
+        assert!(
+            m.blocks() * 512 < 1 << 20,
+            "holes kept: {} bytes allocated",
+            m.blocks() * 512
+        );
+        // An existing destination is refused and left alone.
+        let e = copy_sparse(&src, &dst).unwrap_err();
+        assert!(e.to_string().contains("dst"), "{e}");
+        assert!(dst.exists());
+        // A missing source names itself.
+        let e = copy_sparse(&d.path().join("nope"), &d.path().join("x")).unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+    }
+}

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use banger_core::{ImageRecord, VmRecord, VmRuntime, VmSpec};
+use banger_core::{ImageRecord, Release, VmRecord, VmRuntime, VmSpec};
 use rusqlite::{params, Connection, OptionalExtension};
 use thiserror::Error;
 
@@ -47,6 +47,16 @@ const MIGRATIONS: &[&str] = &[
         rootfs TEXT NOT NULL,
         rootfs_bytes INTEGER NOT NULL,
         kernel_version TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+     );",
+    // 2: kernel objects of gone VMMs still to be released (taps, NAT rules).
+    "CREATE TABLE releases (
+        vm_id TEXT PRIMARY KEY,
+        vm_name TEXT NOT NULL,
+        tap TEXT NOT NULL,
+        guest_ip TEXT,
+        vmm_pid INTEGER,
+        vmm_needle TEXT,
         created_at INTEGER NOT NULL
      );",
 ];
@@ -199,6 +209,50 @@ impl Store {
         Ok(self.conn.execute("DELETE FROM vms WHERE id = ?1", [id])? > 0)
     }
 
+    /// Records what a VM leaves to release; a VM has at most one pending.
+    pub fn insert_release(&self, r: &Release) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO releases
+                (vm_id, vm_name, tap, guest_ip, vmm_pid, vmm_needle, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                r.vm_id,
+                r.vm_name,
+                r.tap,
+                r.guest_ip,
+                r.vmm_pid,
+                r.vmm_needle,
+                banger_core::unix_now()
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_release(&self, vm_id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn
+            .execute("DELETE FROM releases WHERE vm_id = ?1", [vm_id])?
+            > 0)
+    }
+
+    pub fn list_releases(&self) -> Result<Vec<Release>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT vm_id, vm_name, tap, guest_ip, vmm_pid, vmm_needle FROM releases
+             ORDER BY created_at, vm_id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(Release {
+                vm_id: r.get(0)?,
+                vm_name: r.get(1)?,
+                tap: r.get(2)?,
+                guest_ip: r.get(3)?,
+                vmm_pid: r.get(4)?,
+                vmm_needle: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
     pub fn vm_count(&self) -> Result<i64, StoreError> {
         Ok(self
             .conn
@@ -348,6 +402,29 @@ mod tests {
         assert_eq!(rt.tap_device, None);
         let s = serde_json::to_string(&VmRuntime::default()).unwrap();
         assert!(!s.contains("tap_device"), "omitted when empty: {s}");
+    }
+
+    #[test]
+    fn releases_round_trip_one_per_vm() {
+        let s = Store::open_in_memory().unwrap();
+        let r = Release {
+            vm_id: "a1".into(),
+            vm_name: "one".into(),
+            tap: "bgtap0".into(),
+            guest_ip: Some("172.30.0.2".into()),
+            vmm_pid: Some(42),
+            vmm_needle: Some("/run/x/api.sock".into()),
+        };
+        s.insert_release(&r).unwrap();
+        let r2 = Release {
+            tap: "bgtap3".into(),
+            ..r.clone()
+        };
+        s.insert_release(&r2).unwrap();
+        assert_eq!(s.list_releases().unwrap(), vec![r2]);
+        assert!(s.delete_release("a1").unwrap());
+        assert!(!s.delete_release("a1").unwrap());
+        assert!(s.list_releases().unwrap().is_empty());
     }
 
     #[test]

@@ -159,6 +159,7 @@ impl Client {
                 | Request::VmList
                 | Request::ImageList
                 | Request::Doctor
+                | Request::Settle
         );
         match self.call_once(req.clone(), on_event) {
             Err(ClientError::Io { source, .. })

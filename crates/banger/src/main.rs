@@ -153,6 +153,10 @@ enum ImageCmd {
 enum DaemonCmd {
     /// Start the daemon if needed and print its pid.
     Ping,
+    /// Wait until the taps and NAT rules of deleted or stopped VMs are
+    /// released (the daemon does that just after replying); retries failed
+    /// releases. After it, the host holds nothing of VMs that are gone.
+    Settle,
 }
 
 #[derive(Debug, Subcommand)]
@@ -229,6 +233,15 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 bail!("unexpected answer to ping");
             };
             println!("bangerd pid {pid}, protocol {version}");
+            Ok(0)
+        }
+        Cmd::Daemon(DaemonCmd::Settle) => {
+            let Response::Settled { retried } = client.call(Request::Settle, &mut progress)? else {
+                bail!("unexpected answer to settle");
+            };
+            if retried > 0 {
+                eprintln!("retried {retried} release(s) that had failed");
+            }
             Ok(0)
         }
         Cmd::Internal(InternalCmd::Nat(n)) => {

@@ -55,8 +55,16 @@ fn fetch_from_outside(inst: &Instance, vm: &str, file: &str) -> Output {
     ])
 }
 
-/// Nothing of any VM is left: no VMM, tap, NAT rule, VM file or row.
+/// Waits (`banger daemon settle`) for the releases the daemon does after
+/// its replies: taps and NAT rules of VMs that ended.
+fn settle(inst: &Instance) {
+    ok(&inst.banger(&["daemon", "settle"]), "daemon settle");
+}
+
+/// Nothing of any VM is left once released: no VMM, tap, NAT rule, VM file
+/// or row.
 fn assert_baseline(inst: &Instance) {
+    settle(inst);
     assert!(
         vmm_processes(inst).is_empty(),
         "VMM left: {:?}",
@@ -155,7 +163,8 @@ fn lifecycle_run_stop_start_crash_delete() {
     ok(&inst.banger(&["vm", "stop", "hello"]), "vm stop");
     let vms = vm_list(&inst.banger(&["vm", "ls", "--json"]));
     assert_eq!(vms[0]["state"], "stopped");
-    assert!(vmm_processes(&inst).is_empty());
+    assert!(vmm_processes(&inst).is_empty(), "stop waits for the VMM");
+    settle(&inst);
     assert!(taps(&inst).is_empty(), "stop leaves no tap");
     assert!(
         !inst.net.ruleset().contains("comment \"banger:"),
@@ -309,6 +318,7 @@ fn dead_vmms_are_cleaned_up_with_or_without_a_daemon() {
         wait_until(Duration::from_secs(10), || state(&inst) == "stopped"),
         "reaper demoted the VM"
     );
+    settle(&inst);
     assert!(taps(&inst).is_empty(), "reaper removed the tap");
     assert!(
         !inst.net.ruleset().contains("table ip banger"),
@@ -330,6 +340,7 @@ fn dead_vmms_are_cleaned_up_with_or_without_a_daemon() {
     kill_vmm(&inst);
     assert!(wait_until(Duration::from_secs(5), || vmm_processes(&inst).is_empty()));
     assert_eq!(state(&inst), "stopped", "reconcile demoted the VM");
+    settle(&inst);
     assert!(taps(&inst).is_empty(), "reconcile removed the tap");
     assert!(
         !inst.net.ruleset().contains("table ip banger"),
@@ -382,6 +393,7 @@ fn two_vms_at_once_share_the_nat_table_safely() {
     }
 
     ok(&inst.banger(&["vm", "delete", "one"]), "delete one");
+    settle(&inst);
     let rules = inst.net.ruleset();
     assert!(
         rules.contains("table ip banger"),
@@ -433,5 +445,67 @@ fn sigterm_drains_requests_in_flight() {
     let vms = vm_list(&inst.banger(&["vm", "ls", "--json"]));
     assert_eq!(vms[0]["state"], "running", "a new daemon kept the VM");
     ok(&inst.banger(&["vm", "delete", "drained"]), "vm delete");
+    assert_baseline(&inst);
+}
+
+/// Taps and NAT rules are released after the reply, and that is safe: a
+/// restart of the VM waits for its previous boot's release (its new rules
+/// survive it), a new VM does not get the address of a tap still being
+/// released, and a release pending when the daemon dies is finished by the
+/// next daemon. The janitor is slowed down with the daemon's test hook so
+/// that "pending" lasts long enough to look at.
+#[test]
+fn releases_after_the_reply_are_ordered_and_survive_a_daemon_crash() {
+    let inst = Instance::new(&banger_bin()).with_image();
+    let slow_daemon = || {
+        let out = inst
+            .banger_cmd(&["daemon", "ping"])
+            .env("BANGER_TEST_RELEASE_DELAY_MS", "1500")
+            .output()
+            .unwrap();
+        ok(&out, "start a daemon with a slow janitor");
+    };
+    slow_daemon();
+    ok(
+        &inst.banger(&["vm", "run", "--name", "a", "--", "true"]),
+        "vm run",
+    );
+    let a = vm_list(&inst.banger(&["vm", "ls", "--json"]));
+    let (a_id, a_ip) = (
+        a[0]["id"].as_str().unwrap().to_string(),
+        a[0]["guest_ip"].as_str().unwrap().to_string(),
+    );
+
+    // Stop returns with the VMM gone and the tap still being released.
+    ok(&inst.banger(&["vm", "stop", "a"]), "vm stop");
+    assert!(vmm_processes(&inst).is_empty());
+    assert_eq!(taps(&inst).len(), 1, "release deferred past the reply");
+    // Start waits for that release: the rules it adds are not deleted by
+    // the release of the previous boot.
+    ok(&inst.banger(&["vm", "start", "a"]), "vm start");
+    settle(&inst);
+    let rules = inst.net.ruleset();
+    assert_eq!(
+        rules.matches(&format!("comment \"banger:{a_id}\"")).count(),
+        3,
+        "the restarted VM keeps its rules:\n{rules}"
+    );
+    assert_eq!(taps(&inst).len(), 1);
+
+    // A deleted VM's address stays reserved while its tap is released.
+    ok(&inst.banger(&["vm", "delete", "a"]), "vm delete");
+    assert_eq!(taps(&inst).len(), 1, "release deferred past the reply");
+    ok(&inst.banger(&["vm", "create", "--name", "b"]), "vm create");
+    let b = vm_list(&inst.banger(&["vm", "ls", "--json"]));
+    assert_ne!(
+        b[0]["guest_ip"].as_str().unwrap(),
+        a_ip,
+        "address reused too early"
+    );
+    ok(&inst.banger(&["vm", "delete", "b"]), "vm delete b");
+
+    // The daemon dies with a's release pending; the next one finishes it.
+    inst.kill_daemon();
+    assert_eq!(taps(&inst).len(), 1, "still pending at the crash");
     assert_baseline(&inst);
 }

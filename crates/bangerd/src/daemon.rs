@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use banger_core::api::{Event, ImageInfo, SshTarget, VmInfo};
 use banger_core::layout::vmfiles;
 use banger_core::net::{Subnet, GUEST_PREFIX};
-use banger_core::{ImageRecord, Layout, VmHandles, VmRecord, VmState, VmmKind};
+use banger_core::{ImageRecord, Layout, Release, VmHandles, VmRecord, VmState, VmmKind};
 use banger_guest::image::{self, Recipe, DEFAULT_IMAGE};
 use banger_host::fsutil::{self, WrapIo};
 use banger_host::{nat, process, sshkey, sysinfo, tap};
@@ -20,6 +20,7 @@ use tracing::{info, warn};
 
 use crate::error::{DaemonError, Result};
 use crate::handles::{self, HandleCache};
+use crate::janitor::Janitor;
 
 /// Where a request's progress goes (the client connection).
 pub type Events<'a> = &'a mut dyn FnMut(Event);
@@ -34,6 +35,10 @@ pub struct Config {
     pub stop_timeout: Duration,
     /// Force a VMM instead of choosing by host capability.
     pub vmm: Option<VmmKind>,
+    /// A pause before each release the janitor does: a test hook
+    /// (`BANGER_TEST_RELEASE_DELAY_MS`) that makes "the daemon died with a
+    /// release pending" reproducible. Zero otherwise.
+    pub release_delay: Duration,
 }
 
 impl Config {
@@ -44,6 +49,7 @@ impl Config {
             boot_timeout: Duration::from_secs(120),
             stop_timeout: Duration::from_secs(30),
             vmm: None,
+            release_delay: Duration::ZERO,
         }
     }
 }
@@ -54,9 +60,17 @@ pub struct Daemon {
     store: Mutex<Store>,
     pub handles: HandleCache,
     vm_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
-    /// Serialises address and tap allocation.
+    /// Serialises guest address allocation.
     net_lock: Mutex<()>,
+    /// Serialises picking a free tap name with creating it.
+    tap_lock: Mutex<()>,
+    /// Serialises changes to banger's nftables table.
+    nat_lock: Mutex<()>,
+    /// Releases of gone VMs' taps and NAT rules, done after the reply.
+    pub janitor: Janitor,
     image_lock: Mutex<()>,
+    /// Serialises making a work-disk template.
+    template_lock: Mutex<()>,
     /// The last image initramfs read, keyed by path, size and mtime.
     initrd_cache: Mutex<Option<InitrdCacheEntry>>,
     qemu: Qemu,
@@ -64,7 +78,7 @@ pub struct Daemon {
 
 type InitrdCacheEntry = (
     (std::path::PathBuf, u64, Option<std::time::SystemTime>),
-    Vec<u8>,
+    Arc<Vec<u8>>,
 );
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -111,6 +125,9 @@ pub const KERNEL_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet \
      mitigations=off tsc=reliable no_timer_check cryptomgr.notests audit=0 \
      initcall_blacklist=init_kprobe_trace,crypto_kdf108_init";
 
+/// How long a start or `settle` waits for releases in progress.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
+
 impl Daemon {
     pub fn open(cfg: Config) -> Result<Daemon> {
         let l = &cfg.layout;
@@ -138,7 +155,11 @@ impl Daemon {
             handles: HandleCache::default(),
             vm_locks: Mutex::new(HashMap::new()),
             net_lock: Mutex::new(()),
+            tap_lock: Mutex::new(()),
+            nat_lock: Mutex::new(()),
+            janitor: Janitor::default(),
             image_lock: Mutex::new(()),
+            template_lock: Mutex::new(()),
             initrd_cache: Mutex::new(None),
             qemu: Qemu::new(kvm),
             cfg,
@@ -222,7 +243,7 @@ impl Daemon {
 
     /// The image's initramfs, read once per image file and kept in memory
     /// (every start appends the VM's config archive to it).
-    fn image_initrd(&self, img: &ImageRecord) -> Result<Vec<u8>> {
+    fn image_initrd(&self, img: &ImageRecord) -> Result<Arc<Vec<u8>>> {
         let meta = std::fs::metadata(&img.initrd).with_path("stat", &img.initrd)?;
         let key = (img.initrd.clone(), meta.len(), meta.modified().ok());
         let mut cache = lock(&self.initrd_cache);
@@ -231,7 +252,7 @@ impl Daemon {
                 return Ok(bytes.clone());
             }
         }
-        let bytes = std::fs::read(&img.initrd).with_path("read", &img.initrd)?;
+        let bytes = Arc::new(std::fs::read(&img.initrd).with_path("read", &img.initrd)?);
         *cache = Some((key, bytes.clone()));
         Ok(bytes)
     }
@@ -383,12 +404,18 @@ impl Daemon {
         let dir = self.cfg.layout.vm_dir(&id);
         let vm = {
             let _n = lock::<()>(&self.net_lock);
-            let used: Vec<Ipv4Addr> = self
-                .store()
-                .list_vms()?
-                .iter()
-                .filter_map(|v| v.runtime.guest_ip.as_ref()?.parse().ok())
-                .collect();
+            // Addresses of VMs and of releases still pending (their tap
+            // still carries the /30).
+            let used: Vec<Ipv4Addr> = {
+                let store = self.store();
+                let vms = store.list_vms()?;
+                let releases = store.list_releases()?;
+                vms.iter()
+                    .filter_map(|v| v.runtime.guest_ip.as_deref())
+                    .chain(releases.iter().filter_map(|r| r.guest_ip.as_deref()))
+                    .filter_map(|ip| ip.parse().ok())
+                    .collect()
+            };
             let net = self.cfg.subnet.allocate(&used)?;
             let vm = VmRecord {
                 id: id.clone(),
@@ -456,26 +483,39 @@ impl Daemon {
 
     /// VMDir with a copy-on-write root over the image (a qcow2 overlay), a
     /// fresh ext4 work disk, the guest's host key and the pinned known_hosts.
+    /// All in-process and each well under a millisecond (the work disk is a
+    /// sparse copy of a cached template), so they run one after the other.
     fn prepare_disks(&self, vm: &VmRecord, img: &ImageRecord) -> Result<()> {
         let dir = self.cfg.layout.vm_dir(&vm.id);
+        let template = self.work_template(vm.spec.sizing.disk_mib)?;
         fsutil::create_dir_all(&dir)?;
-        // Three independent tools; run side by side, create costs the
-        // slowest of them instead of their sum.
-        std::thread::scope(|s| {
-            let root = s.spawn(|| create_root_overlay(&dir, img));
-            let work = s.spawn(|| create_work_disk(&dir, vm.spec.sizing.disk_mib));
-            let keys = create_host_key(&dir, &vm.name);
-            let join = |h: std::thread::ScopedJoinHandle<'_, Result<()>>| {
-                h.join().unwrap_or_else(|_| {
-                    Err(DaemonError::Invalid(
-                        "a disk preparation thread panicked".into(),
-                    ))
-                })
-            };
-            let root = join(root);
-            let work = join(work);
-            root.and(work).and(keys)
-        })
+        create_root_overlay(&dir, img)?;
+        fsutil::copy_sparse(&template, &dir.join(vmfiles::WORK_DISK))?;
+        create_host_key(&dir, &vm.name)
+    }
+
+    /// The empty ext4 of `mib` MiB new work disks are copied from, made on
+    /// first use (into a temporary name, then renamed, so that a crash never
+    /// leaves half a template).
+    fn work_template(&self, mib: u64) -> Result<std::path::PathBuf> {
+        let path = self.cfg.layout.work_template(mib);
+        if path.is_file() {
+            return Ok(path);
+        }
+        let _t = lock::<()>(&self.template_lock);
+        if path.is_file() {
+            return Ok(path);
+        }
+        fsutil::create_dir_all(&self.cfg.layout.cache_dir())?;
+        let tmp = path.with_extension("tmp");
+        fsutil::remove_file_if_exists(&tmp)?;
+        if let Err(e) = make_work_fs(&tmp, mib) {
+            let _ = fsutil::remove_file_if_exists(&tmp);
+            return Err(e);
+        }
+        std::fs::rename(&tmp, &path).with_path("rename into", &path)?;
+        info!(path = %path.display(), mib, "made a work-disk template");
+        Ok(path)
     }
 
     // ---- start --------------------------------------------------------
@@ -491,6 +531,7 @@ impl Daemon {
     fn start_locked(&self, mut vm: VmRecord, events: Events) -> Result<VmRecord> {
         vm.runtime.state().check(&vm.name, "start")?;
         let t0 = Instant::now();
+        self.settle_vm(&vm.id)?;
         vm.runtime.state = Some(VmState::Starting);
         vm.runtime.last_error = None;
         self.save(&vm)?;
@@ -505,7 +546,7 @@ impl Daemon {
             }
             Err(e) => {
                 warn!(vm = %vm.name, err = %e, "start failed; rolling back");
-                self.teardown(&mut vm);
+                self.teardown(&mut vm, true);
                 vm.runtime.state = Some(VmState::Error);
                 vm.runtime.last_error = Some(e.to_string());
                 let _ = self.save(&vm);
@@ -531,7 +572,7 @@ impl Daemon {
         // Network: a tap from the pool, then NAT when there is an uplink.
         let t = Instant::now();
         let tap_name = {
-            let _n = lock::<()>(&self.net_lock);
+            let _n = lock::<()>(&self.tap_lock);
             let name = tap::free_name(&[])?;
             tap::create(&name, net.host_ip, GUEST_PREFIX)?;
             name
@@ -547,8 +588,10 @@ impl Daemon {
         phase(events, "network", t);
 
         // NAT is not needed until the guest is up: it is installed on a
-        // thread of its own while the VMM boots, and joined before the VM
-        // counts as started (its failure fails the start).
+        // thread of its own once the VMM is spawned, while the guest boots
+        // (so that its `nft` runs do not compete with config and spawn for
+        // the CPU), and joined before the VM counts as started (its failure
+        // fails the start).
         let uplink = nat::default_uplink();
         if uplink.is_none() {
             events(Event::Progress {
@@ -561,15 +604,20 @@ impl Daemon {
             guest_ip,
             uplink,
         });
+        let (pid, console, boot_id) = self.launch(vm, &img, net, tap_name, h, events)?;
         std::thread::scope(|s| {
             let job = spec.map(|spec| {
                 s.spawn(move || {
                     let t = Instant::now();
-                    let _n = lock::<()>(&self.net_lock);
+                    let _n = lock::<()>(&self.nat_lock);
                     nat::up(&spec).map(|()| micros(t))
                 })
             });
-            let booted = self.boot_vmm(vm, &img, net, tap_name, h, events);
+            let t = Instant::now();
+            let booted = self.wait_ready(vm, pid, &console, &boot_id);
+            if booted.is_ok() {
+                phase(events, "boot", t);
+            }
             let nat = match job {
                 Some(j) => j.join().unwrap_or(Err(nat::NatError::Thread)),
                 None => Ok(0),
@@ -587,8 +635,9 @@ impl Daemon {
         })
     }
 
-    /// The part of start after the tap: per-VM initrd, VMM, readiness.
-    fn boot_vmm(
+    /// The part of start after the tap: per-VM initrd and the VMM. Returns
+    /// the VMM's pid, the console log and this boot's id for `wait_ready`.
+    fn launch(
         &self,
         vm: &mut VmRecord,
         img: &ImageRecord,
@@ -596,7 +645,7 @@ impl Daemon {
         tap_name: String,
         mut h: VmHandles,
         events: Events,
-    ) -> Result<()> {
+    ) -> Result<(i32, std::path::PathBuf, String)> {
         let vmm = self.vmm(vm.spec.vmm)?;
         let dir = self.cfg.layout.vm_dir(&vm.id);
         let guest_ip = net.guest_ip;
@@ -620,10 +669,15 @@ impl Daemon {
             host_key_pub: sshkey::public_key(&host_key_path)?,
             boot_id: boot_id.clone(),
         };
-        let mut initrd = self.image_initrd(img)?;
-        initrd.extend_from_slice(&cfg.archive());
+        let base = self.image_initrd(img)?;
         let initrd_path = dir.join(vmfiles::INITRD);
-        fsutil::write(&initrd_path, &initrd)?;
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&initrd_path).with_path("create", &initrd_path)?;
+            f.write_all(&base)
+                .and_then(|()| f.write_all(&cfg.archive()))
+                .with_path("write", &initrd_path)?;
+        }
         let rt_dir = self.cfg.layout.vm_runtime_dir(&vm.id);
         fsutil::create_dir_all(&rt_dir)?;
         let api_sock = rt_dir.join(vmfiles::API_SOCK);
@@ -677,10 +731,7 @@ impl Daemon {
             message: format!("booting {} ({} {})", vm.name, vm.spec.vmm, vm.spec.accel),
         });
 
-        let t = Instant::now();
-        self.wait_ready(vm, proc_.pid, &console, &boot_id)?;
-        phase(events, "boot", t);
-        Ok(())
+        Ok((proc_.pid, console, boot_id))
     }
 
     /// Waits for the guest's ready line (carrying this boot's id) on the
@@ -761,7 +812,7 @@ impl Daemon {
         let mut vm = self.find(name)?;
         if !self.vm_alive(&vm) && vm.runtime.state() == VmState::Running {
             // Stale: the VMM died behind our back. Clean and report stopped.
-            self.teardown(&mut vm);
+            self.teardown(&mut vm, true);
             vm.runtime.state = Some(VmState::Stopped);
             self.save(&vm)?;
             return Ok(self.info(&vm));
@@ -785,7 +836,7 @@ impl Daemon {
         if !clean {
             warn!(vm = %vm.name, "guest did not power off in time; killing the VMM");
         }
-        self.teardown(&mut vm);
+        self.teardown(&mut vm, true);
         vm.runtime.state = Some(VmState::Stopped);
         self.save(&vm)?;
         Ok(self.info(&vm))
@@ -796,7 +847,7 @@ impl Daemon {
         let _g = lock::<()>(&vl);
         let mut vm = self.find(name)?;
         vm.runtime.state().check(&vm.name, "kill")?;
-        self.teardown(&mut vm);
+        self.teardown(&mut vm, true);
         vm.runtime.state = Some(VmState::Stopped);
         self.save(&vm)?;
         Ok(self.info(&vm))
@@ -806,7 +857,10 @@ impl Daemon {
         let vl = self.vm_lock(name);
         let _g = lock::<()>(&vl);
         let mut vm = self.find(name)?;
-        self.teardown(&mut vm);
+        // The VMM is sent SIGKILL and not waited for: its files go now
+        // (unlinking open files is fine), and the janitor waits for its
+        // exit before releasing its tap.
+        self.teardown(&mut vm, false);
         fsutil::remove_dir_all_if_exists(&self.cfg.layout.vm_runtime_dir(&vm.id))?;
         fsutil::remove_dir_all_if_exists(&self.cfg.layout.vm_dir(&vm.id))?;
         self.store().delete_vm(&vm.id)?;
@@ -815,11 +869,17 @@ impl Daemon {
         Ok(())
     }
 
-    /// Tears down everything a running VM holds: the VMM process, NAT rules,
-    /// the tap, the scratch file and the cache entry; clears the runtime's
-    /// tap. Best effort and idempotent; each source of truth falls back to the
-    /// next (handle cache -> scratch file -> runtime.tap_device).
-    pub fn teardown(&self, vm: &mut VmRecord) {
+    /// Ends what a VM holds. Its VMM is sent SIGKILL and, with `wait_vmm`,
+    /// waited for (a VM that is stopped, killed or restarted must not share
+    /// its disks with a dying VMM; a deleted one's disks go away, so
+    /// `delete` lets the janitor wait instead: the process exit of a guest
+    /// of a GiB costs the kernel several milliseconds). Its per-boot files
+    /// are removed. Its tap and NAT rules (and a VMM not waited for) are
+    /// recorded as a [`Release`] and handed to the janitor, which finishes
+    /// them after the reply (see `janitor.rs`); the runtime's tap is
+    /// cleared. Best effort and idempotent; each source of truth falls back
+    /// to the next (handle cache -> scratch file -> runtime.tap_device).
+    pub fn teardown(&self, vm: &mut VmRecord, wait_vmm: bool) {
         let t0 = Instant::now();
         let dir = self.cfg.layout.vm_dir(&vm.id);
         let cached = self.handles.get(&vm.id);
@@ -843,75 +903,159 @@ impl Daemon {
             .and_then(|h| h.tap_device)
             .or(scratch.tap_device)
             .or(vm.runtime.tap_device.clone());
-        // The VMM, the NAT rules and the tap go side by side: the rules do
-        // not depend on the VMM, and a tap can be deleted while a dying VMM
-        // still holds it (the kernel's unregister is most of the cost).
-        let (nat_down, tap_down) = std::thread::scope(|s| {
-            let nat_job = s.spawn(|| {
-                let _n = lock::<()>(&self.net_lock);
-                let r = nat::down(&vm.id);
-                tracing::debug!(vm = %vm.name, us = micros(t0), "teardown: nat done");
-                r
-            });
-            // Only a tap banger names is banger's to delete.
-            let tap_job = tap_name
-                .as_deref()
-                .filter(|t| t.starts_with(tap::TAP_PREFIX))
-                .map(|t| {
-                    s.spawn(move || {
-                        let r = tap::delete(t);
-                        tracing::debug!(tap = t, us = micros(t0), "teardown: tap done");
-                        r
-                    })
-                });
-            for p in pid {
-                // Only a process that still carries this VM's socket is ours.
-                if needle.as_ref().is_some_and(|n| process::matches(p, n))
-                    && !process::kill_and_wait(p, Duration::from_secs(10))
-                {
+        let mut dying = None;
+        for p in pid {
+            // Only a process that still carries this VM's socket is ours.
+            let Some(n) = needle.as_ref().filter(|n| process::matches(p, n)) else {
+                continue;
+            };
+            if wait_vmm || tap_name.is_none() {
+                if !process::kill_and_wait(p, Duration::from_secs(10)) {
                     warn!(vm = %vm.name, pid = p, "VMM did not die after SIGKILL");
                 }
+            } else {
+                process::deprioritize(p);
+                let _ = process::signal(p, nix::sys::signal::Signal::SIGKILL);
+                dying = Some((p, n.clone()));
             }
-            tracing::debug!(vm = %vm.name, us = micros(t0), "teardown: vmm gone");
-            (
-                nat_job.join().unwrap_or(Err(nat::NatError::Thread)),
-                tap_job.map(|j| j.join()),
-            )
-        });
-        if let Err(e) = nat_down {
-            warn!(vm = %vm.name, err = %e, "nat teardown failed");
         }
-        // A tap that could not be deleted stays recorded, so that the next
-        // teardown (stop, delete, reconcile) tries again.
-        let tap_left = match tap_down {
-            Some(Ok(Err(e))) => {
-                warn!(vm = %vm.name, err = %e, "tap teardown failed");
-                true
-            }
-            Some(Err(_)) => {
-                warn!(vm = %vm.name, "tap teardown thread panicked");
-                true
-            }
-            _ => false,
-        };
         let t_vmm = micros(t0);
         if let Some(s) = &vm.runtime.api_sock_path {
             let _ = fsutil::remove_file_if_exists(s);
         }
         let _ = fsutil::remove_file_if_exists(&dir.join(vmfiles::INITRD));
-        if tap_left {
-            vm.runtime.tap_device = tap_name;
-        } else {
-            let _ = handles::remove_file(&dir);
-            self.handles.remove(&vm.id);
-            vm.runtime.tap_device = None;
+        // NAT rules exist only after the tap is recorded: no tap, nothing
+        // to release.
+        if let Some(tap) = tap_name {
+            let r = Release {
+                vm_id: vm.id.clone(),
+                vm_name: vm.name.clone(),
+                tap: tap.clone(),
+                guest_ip: vm.runtime.guest_ip.clone(),
+                vmm_pid: dying.as_ref().map(|d| d.0),
+                vmm_needle: dying.map(|d| d.1),
+            };
+            let recorded = self.store().insert_release(&r);
+            match recorded {
+                Ok(()) => self.janitor.submit(r),
+                Err(e) => {
+                    // Without the record the release cannot be deferred.
+                    warn!(vm = %vm.name, err = %e, "cannot record the release; releasing now");
+                    if let Err(e) = self.release_now(&r) {
+                        // The tap stays recorded: the next teardown retries.
+                        warn!(vm = %vm.name, err = %e, "release failed");
+                        vm.runtime.tap_device = Some(tap);
+                        return;
+                    }
+                }
+            }
         }
-        tracing::debug!(
-            vm = %vm.name,
-            vmm_nat_tap_us = t_vmm,
-            total_us = micros(t0),
-            "teardown"
-        );
+        let _ = handles::remove_file(&dir);
+        self.handles.remove(&vm.id);
+        vm.runtime.tap_device = None;
+        tracing::debug!(vm = %vm.name, vmm_us = t_vmm, total_us = micros(t0), "teardown");
+    }
+
+    /// Does one release: the VM's NAT rules, then its tap (unless a VM in
+    /// the store records a tap of that name now: a daemon that died between
+    /// deleting a tap and its record), then the record.
+    pub fn release_now(&self, r: &Release) -> Result<()> {
+        let t = Instant::now();
+        let failed = |reason: String| DaemonError::Release {
+            vm: r.vm_name.clone(),
+            tap: r.tap.clone(),
+            reason,
+        };
+        if let (Some(pid), Some(needle)) = (r.vmm_pid, r.vmm_needle.as_deref()) {
+            // Signalled by `teardown`; waited for here. A pid that no
+            // longer carries the VM's socket is someone else's (or gone).
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while process::matches(pid, needle) {
+                if Instant::now() >= deadline {
+                    return Err(failed(format!("its VMM (pid {pid}) survives SIGKILL")));
+                }
+                let _ = process::signal(pid, nix::sys::signal::Signal::SIGKILL);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        {
+            let _n = lock::<()>(&self.nat_lock);
+            nat::down(&r.vm_id).map_err(|e| failed(e.to_string()))?;
+        }
+        let owned = self
+            .store()
+            .list_vms()?
+            .iter()
+            .any(|v| v.runtime.tap_device.as_deref() == Some(r.tap.as_str()));
+        // Only a tap banger names is banger's to delete.
+        if r.tap.starts_with(tap::TAP_PREFIX) && !owned {
+            tap::delete(&r.tap).map_err(|e| failed(e.to_string()))?;
+        }
+        self.store().delete_release(&r.vm_id)?;
+        tracing::debug!(vm = %r.vm_name, tap = %r.tap, us = micros(t), "released");
+        Ok(())
+    }
+
+    /// The janitor's worker (a thread of `serve`): runs until the process
+    /// exits. A failed release keeps its record, for `settle`, the next
+    /// start of that VM and the next daemon start.
+    pub fn run_janitor(&self) {
+        // Housekeeping yields to requests: a niced thread (and the `nft`
+        // processes it starts inherit the nice value).
+        if let Err(e) = process::set_thread_nice(0, 10) {
+            warn!(err = %e, "cannot lower the janitor's priority");
+        }
+        loop {
+            let r = self.janitor.next();
+            if !self.cfg.release_delay.is_zero() {
+                std::thread::sleep(self.cfg.release_delay);
+            }
+            if let Err(e) = self.release_now(&r) {
+                warn!(vm = %r.vm_name, err = %e, "release failed; kept for a retry");
+            }
+            self.janitor.done(&r.vm_id);
+        }
+    }
+
+    /// Waits for the VM's pending release and retries a failed one: a VM
+    /// starts only once its previous tap (which carries the same /30) and
+    /// rules are gone.
+    fn settle_vm(&self, vm_id: &str) -> Result<()> {
+        let pending = |d: &Self| -> Result<Option<Release>> {
+            Ok(d.store()
+                .list_releases()?
+                .into_iter()
+                .find(|r| r.vm_id == vm_id))
+        };
+        if !self.janitor.wait_vm(vm_id, SETTLE_TIMEOUT) {
+            if let Some(r) = pending(self)? {
+                return Err(DaemonError::Release {
+                    vm: r.vm_name,
+                    tap: r.tap,
+                    reason: format!("still in progress after {SETTLE_TIMEOUT:?}"),
+                });
+            }
+        }
+        if let Some(r) = pending(self)? {
+            self.release_now(&r)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every pending release is done, retrying failed ones;
+    /// `banger daemon settle`. Returns how many were retried.
+    pub fn settle(&self) -> Result<usize> {
+        if !self.janitor.wait_idle(SETTLE_TIMEOUT) {
+            return Err(DaemonError::Invalid(format!(
+                "{} release(s) still in progress after {SETTLE_TIMEOUT:?}: see bangerd.log",
+                self.janitor.pending()
+            )));
+        }
+        let left = self.store().list_releases()?;
+        for r in &left {
+            self.release_now(r)?;
+        }
+        Ok(left.len())
     }
 
     // ---- reconcile ----------------------------------------------------
@@ -920,6 +1064,12 @@ impl Daemon {
     /// handles are rebuilt from the scratch file and /proc) or is demoted to
     /// stopped after its kernel objects are torn down.
     pub fn reconcile(&self) -> Result<()> {
+        // Releases a previous daemon left undone are queued first; the
+        // janitor starts with `serve`.
+        for r in self.store().list_releases()? {
+            info!(vm = %r.vm_name, tap = %r.tap, "reconcile: release left pending");
+            self.janitor.submit(r);
+        }
         let vms = self.store().list_vms()?;
         for mut vm in vms {
             let st = vm.runtime.state();
@@ -939,7 +1089,7 @@ impl Daemon {
                 continue;
             }
             info!(vm = %vm.name, "reconcile: not running; cleaning up");
-            self.teardown(&mut vm);
+            self.teardown(&mut vm, true);
             vm.runtime.state = Some(if st == VmState::Starting {
                 VmState::Error
             } else {
@@ -996,7 +1146,7 @@ impl Daemon {
             return;
         }
         warn!(vm = %vm.name, pid, "VMM exited on its own; cleaning up");
-        self.teardown(&mut vm);
+        self.teardown(&mut vm, true);
         vm.runtime.state = Some(VmState::Stopped);
         vm.runtime.last_error = Some("the guest powered off or its VMM exited".into());
         let _ = self.save(&vm);
@@ -1028,15 +1178,15 @@ fn create_root_overlay(dir: &std::path::Path, img: &ImageRecord) -> Result<()> {
     Ok(())
 }
 
-/// The work disk: a sparse file with an ext4 on it (inode tables left for
-/// the guest, which mounts it with `noinit_itable`; no discard of a file
-/// that is all holes anyway; no reserved GDT blocks for online growth, which
-/// banger never does: 7 ms instead of 17).
-fn create_work_disk(dir: &std::path::Path, mib: u64) -> Result<()> {
-    let work = dir.join(vmfiles::WORK_DISK);
-    let f = std::fs::File::create(&work).with_path("create", &work)?;
+/// A work-disk template: a sparse file with an empty ext4 on it (inode
+/// tables left for the guest, which mounts it with `noinit_itable`; no
+/// discard of a file that is all holes anyway; no reserved GDT blocks for
+/// online growth, which banger never does). Changing these options means
+/// bumping the version in `Layout::work_template`.
+fn make_work_fs(work: &std::path::Path, mib: u64) -> Result<()> {
+    let f = std::fs::File::create(work).with_path("create", work)?;
     f.set_len(banger_core::sizing::mib_to_bytes(mib))
-        .with_path("size", &work)?;
+        .with_path("size", work)?;
     drop(f);
     banger_host::cmd::run(
         "mkfs.ext4",

@@ -29,7 +29,6 @@ pub fn checks(d: &Daemon) -> Vec<Check> {
     for tool in [
         "qemu-system-x86_64",
         "mkfs.ext4",
-        "ip",
         "nft",
         "ssh",
         "mmdebstrap",
@@ -42,6 +41,16 @@ pub fn checks(d: &Daemon) -> Vec<Check> {
                 .unwrap_or_else(|| "missing: run scripts/install-deps.sh".into()),
         ));
     }
+    let tun = std::path::Path::new("/dev/net/tun");
+    v.push(check(
+        "tun",
+        tun.exists(),
+        if tun.exists() {
+            "/dev/net/tun".to_string()
+        } else {
+            "/dev/net/tun missing: modprobe tun".to_string()
+        },
+    ));
     let bb = std::path::Path::new("/bin/busybox");
     v.push(check(
         "busybox-static",

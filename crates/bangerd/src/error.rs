@@ -42,6 +42,12 @@ pub enum DaemonError {
     Net(#[from] banger_core::net::NetError),
     #[error("vm {vm:?} did not boot: {reason}")]
     Boot { vm: String, reason: String },
+    #[error("releasing the tap {tap} and NAT rules of vm {vm:?}: {reason}")]
+    Release {
+        vm: String,
+        tap: String,
+        reason: String,
+    },
     #[error("{0}")]
     Invalid(String),
     #[error("{0}")]

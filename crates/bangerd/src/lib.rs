@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod doctor;
 pub mod error;
 pub mod handles;
+pub mod janitor;
 pub mod reaper;
 pub mod server;
 
@@ -54,6 +55,15 @@ pub fn serve(daemon: Arc<Daemon>, listener: UnixListener, shutdown: Arc<AtomicBo
             tracing::warn!(err = %e, "cannot start the VMM exit handler");
         }
         daemon.watch_adopted();
+    }
+    let d = daemon.clone();
+    let janitor = std::thread::Builder::new()
+        .name("janitor".into())
+        .spawn(move || d.run_janitor());
+    if let Err(e) = janitor {
+        // Releases then happen at `settle`, a start of the same VM, or the
+        // next daemon start.
+        tracing::warn!(err = %e, "cannot start the janitor");
     }
     server::run(daemon, listener, shutdown);
 }

@@ -67,6 +67,13 @@ fn real_main() -> anyhow::Result<()> {
     })?;
     let mut cfg = bangerd::Config::new(layout.clone());
     cfg.boot_timeout = Duration::from_secs(args.boot_timeout);
+    // Test hook (see Config::release_delay); ignored unless set to a number.
+    if let Some(ms) = std::env::var("BANGER_TEST_RELEASE_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        cfg.release_delay = Duration::from_millis(ms);
+    }
     // Open and reconcile before the socket exists: a client that can connect
     // talks to a daemon that is ready.
     let daemon = bangerd::open(cfg)?;

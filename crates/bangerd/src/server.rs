@@ -60,6 +60,13 @@ pub fn run(daemon: Arc<Daemon>, listener: UnixListener, shutdown: Arc<AtomicBool
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    // Releases the requests queued (taps, NAT rules) are finished too.
+    if !daemon.janitor.wait_idle(DRAIN_LIMIT) {
+        warn!(
+            releases = daemon.janitor.pending(),
+            "shutting down with releases pending; the next daemon finishes them"
+        );
+    }
 }
 
 fn write_reply(stream: &mut UnixStream, reply: &Reply) -> bool {
@@ -153,6 +160,7 @@ fn op_name(r: &Request) -> &'static str {
         Request::ImageList => "image_list",
         Request::ImageDelete { .. } => "image_delete",
         Request::Doctor => "doctor",
+        Request::Settle => "settle",
     }
 }
 
@@ -194,6 +202,9 @@ pub fn dispatch(daemon: &Daemon, req: Request, events: &mut dyn FnMut(Event)) ->
         }
         Request::Doctor => Response::Doctor {
             checks: crate::doctor::checks(daemon),
+        },
+        Request::Settle => Response::Settled {
+            retried: daemon.settle()? as u32,
         },
     })
 }

@@ -281,6 +281,14 @@ fn main() {
             phases.entry(k).or_default().push(v);
         }
         walls.push(wall);
+        // Each run starts cold and alone: the previous run's tap and NAT
+        // release (done by the daemon after its reply) is finished first.
+        let settled = inst.banger(&["daemon", "settle"]);
+        assert!(
+            settled.status.success(),
+            "settle: {}",
+            text(&settled.stderr)
+        );
     }
     row(
         &mut table,

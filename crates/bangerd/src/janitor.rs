@@ -1,0 +1,182 @@
+//! The queue of releases: what a VM held in the kernel once its VMM is gone
+//! (its NAT rules and its tap). A request that ends a VM (`delete`, `stop`,
+//! `kill`, a failed start, a VMM that exits) kills the VMM and waits for it,
+//! records a [`Release`] in the store and hands it here; one worker thread
+//! does the kernel work after the reply. Deleting a tap costs the kernel an
+//! RCU grace period (about 20 ms here, measured in the `RTM_DELLINK` call
+//! itself) and the NAT listing and delete two `nft` runs, so doing them
+//! after the reply takes them off every request's latency.
+//!
+//! What keeps this correct:
+//! - the store row is written before the request returns and deleted only
+//!   once both are gone, so a daemon that dies in between finishes the job
+//!   at its next start (`reconcile`);
+//! - a pending release keeps its guest address reserved (a new VM's tap with
+//!   the same /30 would route to the old tap), and `start` of the same VM
+//!   waits for its release, so the rules it is about to add cannot be
+//!   deleted by the release of its previous boot;
+//! - a tap name is not reused until the tap is gone (the allocator reads the
+//!   kernel's list);
+//! - shutdown waits for the queue, and `banger daemon settle` waits for it
+//!   (and retries what failed) for anyone who needs the host at baseline.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use banger_core::Release;
+
+#[derive(Debug, Default)]
+struct State {
+    queue: VecDeque<Release>,
+    /// VM ids queued or in flight.
+    busy: HashSet<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct Janitor {
+    st: Mutex<State>,
+    cv: Condvar,
+}
+
+impl Janitor {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a release (already recorded in the store).
+    pub fn submit(&self, r: Release) {
+        let mut st = self.lock();
+        if st.busy.insert(r.vm_id.clone()) {
+            st.queue.push_back(r);
+        } else if let Some(q) = st.queue.iter_mut().find(|q| q.vm_id == r.vm_id) {
+            // Still queued: the newer record is the one the store keeps.
+            *q = r;
+        } else {
+            // In flight for the previous record; run this one after it.
+            st.queue.push_back(r);
+        }
+        self.cv.notify_all();
+    }
+
+    /// The next release to do; blocks until there is one.
+    pub fn next(&self) -> Release {
+        let mut st = self.lock();
+        loop {
+            if let Some(r) = st.queue.pop_front() {
+                return r;
+            }
+            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Marks a release finished (done or failed).
+    pub fn done(&self, vm_id: &str) {
+        let mut st = self.lock();
+        if !st.queue.iter().any(|q| q.vm_id == vm_id) {
+            st.busy.remove(vm_id);
+        }
+        self.cv.notify_all();
+    }
+
+    /// Waits until `pred` holds for the state; false on timeout.
+    fn wait(&self, timeout: Duration, pred: impl Fn(&State) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.lock();
+        while !pred(&st) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            st = self
+                .cv
+                .wait_timeout(st, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// Waits until nothing of `vm_id` is queued or in flight.
+    pub fn wait_vm(&self, vm_id: &str, timeout: Duration) -> bool {
+        self.wait(timeout, |st| !st.busy.contains(vm_id))
+    }
+
+    /// Waits until the queue is empty and nothing is in flight.
+    pub fn wait_idle(&self, timeout: Duration) -> bool {
+        self.wait(timeout, |st| st.busy.is_empty())
+    }
+
+    pub fn pending(&self) -> usize {
+        self.lock().busy.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn rel(id: &str, tap: &str) -> Release {
+        Release {
+            vm_id: id.into(),
+            vm_name: format!("vm-{id}"),
+            tap: tap.into(),
+            guest_ip: None,
+            vmm_pid: None,
+            vmm_needle: None,
+        }
+    }
+
+    #[test]
+    fn waits_follow_the_worker() {
+        let j = Arc::new(Janitor::default());
+        j.submit(rel("a", "bgtap0"));
+        j.submit(rel("b", "bgtap1"));
+        assert_eq!(j.pending(), 2);
+        assert!(!j.wait_vm("a", Duration::from_millis(5)));
+        assert!(j.wait_vm("zzz", Duration::ZERO), "nothing pending for it");
+
+        let worker = {
+            let j = j.clone();
+            std::thread::spawn(move || {
+                let mut seen = Vec::new();
+                for _ in 0..2 {
+                    let r = j.next();
+                    seen.push(r.tap.clone());
+                    j.done(&r.vm_id);
+                }
+                seen
+            })
+        };
+        assert!(j.wait_idle(Duration::from_secs(10)));
+        assert_eq!(worker.join().unwrap(), vec!["bgtap0", "bgtap1"]);
+        assert_eq!(j.pending(), 0);
+    }
+
+    #[test]
+    fn a_resubmitted_release_replaces_the_queued_one() {
+        let j = Janitor::default();
+        j.submit(rel("a", "bgtap0"));
+        j.submit(rel("a", "bgtap2"));
+        let r = j.next();
+        assert_eq!(r.tap, "bgtap2");
+        j.done("a");
+        assert_eq!(j.pending(), 0);
+    }
+
+    #[test]
+    fn a_release_submitted_while_one_is_in_flight_runs_after_it() {
+        let j = Janitor::default();
+        j.submit(rel("a", "bgtap0"));
+        let first = j.next();
+        j.submit(rel("a", "bgtap1"));
+        j.done(&first.vm_id);
+        assert_eq!(j.pending(), 1, "the second is still queued");
+        let second = j.next();
+        assert_eq!(second.tap, "bgtap1");
+        j.done(&second.vm_id);
+        assert!(j.wait_vm("a", Duration::ZERO));
+    }
+}
