@@ -856,6 +856,7 @@ impl Daemon {
     pub fn delete(&self, name: &str) -> Result<()> {
         let vl = self.vm_lock(name);
         let _g = lock::<()>(&vl);
+        let t0 = Instant::now();
         let mut vm = self.find(name)?;
         // The VMM is sent SIGKILL and not waited for: its files go now
         // (unlinking open files is fine), and the janitor waits for its
@@ -864,6 +865,7 @@ impl Daemon {
         fsutil::remove_dir_all_if_exists(&self.cfg.layout.vm_runtime_dir(&vm.id))?;
         fsutil::remove_dir_all_if_exists(&self.cfg.layout.vm_dir(&vm.id))?;
         self.store().delete_vm(&vm.id)?;
+        tracing::debug!(vm = %vm.name, us = micros(t0), "deleted");
         // The name's lock stays: a request may be waiting on it, and a new
         // VM of the same name must share it.
         Ok(())
@@ -982,11 +984,12 @@ impl Daemon {
             let _n = lock::<()>(&self.nat_lock);
             nat::down(&r.vm_id).map_err(|e| failed(e.to_string()))?;
         }
-        let owned = self
-            .store()
-            .list_vms()?
-            .iter()
-            .any(|v| v.runtime.tap_device.as_deref() == Some(r.tap.as_str()));
+        // (The released VM's own row may still name the tap: its request
+        // saves the cleared runtime after handing the release over.)
+        let owned =
+            self.store().list_vms()?.iter().any(|v| {
+                v.id != r.vm_id && v.runtime.tap_device.as_deref() == Some(r.tap.as_str())
+            });
         // Only a tap banger names is banger's to delete.
         if r.tap.starts_with(tap::TAP_PREFIX) && !owned {
             tap::delete(&r.tap).map_err(|e| failed(e.to_string()))?;
@@ -1279,6 +1282,77 @@ mod tests {
             .build_image(DEFAULT_IMAGE, false, &mut |_| {})
             .unwrap();
         assert_eq!(info.kernel_version, "6.1");
+    }
+
+    fn vm_with_tap(id: &str, name: &str, tap: Option<&str>) -> VmRecord {
+        VmRecord {
+            id: id.into(),
+            name: name.into(),
+            spec: VmSpec {
+                sizing: Sizing {
+                    cpus: 1,
+                    memory_mib: 512,
+                    disk_mib: 1024,
+                },
+                image: DEFAULT_IMAGE.into(),
+                vmm: VmmKind::Qemu,
+                accel: "tcg".into(),
+            },
+            runtime: VmRuntime {
+                tap_device: tap.map(str::to_string),
+                ..Default::default()
+            },
+            created_at: 0,
+        }
+    }
+
+    /// A release deletes its tap even while its own VM's row still names it
+    /// (the request saves the cleared runtime after handing the release to
+    /// the janitor), but never a tap another VM's row names. Real taps, in
+    /// a network namespace private to the test's thread.
+    #[test]
+    fn releases_delete_their_tap_unless_another_vm_owns_it() {
+        let d = tempfile::tempdir().unwrap();
+        let daemon = Arc::new(daemon(d.path()));
+        let dm = daemon.clone();
+        std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("unshare(CLONE_NEWNET): the tests run as root");
+            let ip = Ipv4Addr::new(172, 30, 0, 1);
+            let release = |vm_id: &str, tap: &str| Release {
+                vm_id: vm_id.into(),
+                vm_name: format!("vm-{vm_id}"),
+                tap: tap.into(),
+                guest_ip: Some("172.30.0.2".into()),
+                vmm_pid: None,
+                vmm_needle: None,
+            };
+            // Its own row still names the tap: deleted all the same.
+            tap::create("bgtap0", ip, 30).unwrap();
+            dm.store()
+                .insert_vm(&vm_with_tap("a1", "a", Some("bgtap0")))
+                .unwrap();
+            let r = release("a1", "bgtap0");
+            dm.store().insert_release(&r).unwrap();
+            dm.release_now(&r).unwrap();
+            assert!(!tap::exists("bgtap0"), "its own VM's row does not keep it");
+            assert!(dm.store().list_releases().unwrap().is_empty());
+
+            // Another VM's row names it (a daemon died between deleting a
+            // tap and its record, and the name was reused): kept.
+            tap::create("bgtap1", ip, 30).unwrap();
+            dm.store()
+                .insert_vm(&vm_with_tap("b2", "b", Some("bgtap1")))
+                .unwrap();
+            let r = release("gone", "bgtap1");
+            dm.store().insert_release(&r).unwrap();
+            dm.release_now(&r).unwrap();
+            assert!(tap::exists("bgtap1"), "b's tap is left alone");
+            assert!(dm.store().list_releases().unwrap().is_empty());
+            tap::delete("bgtap1").unwrap();
+        })
+        .join()
+        .expect("release test thread");
     }
 
     #[test]
