@@ -746,21 +746,18 @@ impl Daemon {
         let marker = format!("{}{boot_id}", banger_guest::READY_MARKER);
         let fail_marker = format!("{}{boot_id}", banger_guest::FAILED_MARKER);
         let deadline = Instant::now() + self.cfg.boot_timeout;
-        let mut seen = 0usize;
+        // Woken by inotify when the VMM writes the console (no polling
+        // sleep between the ready line and its detection); the timeout
+        // only bounds how late a VMM's death or the deadline is noticed.
+        let watch = ConsoleWatch::new(console);
+        let mut file = std::fs::File::open(console).with_path("open", console)?;
         let mut buf = Vec::new();
         loop {
-            let mut new = 0usize;
-            if let Ok(mut f) = std::fs::File::open(console) {
-                use std::io::{Seek, SeekFrom};
-                if f.seek(SeekFrom::Start(seen as u64)).is_ok() {
-                    let mut chunk = Vec::new();
-                    if f.read_to_end(&mut chunk).is_ok() {
-                        seen += chunk.len();
-                        new = chunk.len();
-                        buf.extend_from_slice(&chunk);
-                    }
-                }
-            }
+            let mut chunk = Vec::new();
+            // The file is only appended to: reading on from where the last
+            // read stopped yields exactly the new bytes.
+            let new = file.read_to_end(&mut chunk).unwrap_or(0);
+            buf.extend_from_slice(&chunk);
             // Only the new bytes (and a marker's length before them) can
             // hold a line that was not there at the last look.
             let from = buf
@@ -800,7 +797,7 @@ impl Daemon {
                     ),
                 });
             }
-            std::thread::sleep(Duration::from_millis(10));
+            watch.wait(Duration::from_millis(100));
         }
     }
 
@@ -1153,6 +1150,42 @@ impl Daemon {
         vm.runtime.state = Some(VmState::Stopped);
         vm.runtime.last_error = Some("the guest powered off or its VMM exited".into());
         let _ = self.save(&vm);
+    }
+}
+
+/// Wakes `wait_ready` when the console log changes: an inotify watch, or
+/// (if inotify is unavailable, e.g. out of watches) a 10 ms sleep.
+struct ConsoleWatch(Option<nix::sys::inotify::Inotify>);
+
+impl ConsoleWatch {
+    fn new(path: &std::path::Path) -> Self {
+        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+        let ino = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)
+            .and_then(|i| i.add_watch(path, AddWatchFlags::IN_MODIFY).map(|_| i));
+        match ino {
+            Ok(i) => ConsoleWatch(Some(i)),
+            Err(e) => {
+                warn!(path = %path.display(), err = %e, "no inotify on the console log; polling it");
+                ConsoleWatch(None)
+            }
+        }
+    }
+
+    /// Returns when the file was written since the last call, or after
+    /// `timeout`.
+    fn wait(&self, timeout: Duration) {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        let Some(ino) = &self.0 else {
+            std::thread::sleep(Duration::from_millis(10));
+            return;
+        };
+        let ms = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(ino.as_fd(), PollFlags::POLLIN)];
+        if poll(&mut fds, ms).is_ok_and(|n| n > 0) {
+            // Drain: one wake-up per batch of writes is enough.
+            while ino.read_events().is_ok_and(|ev| !ev.is_empty()) {}
+        }
     }
 }
 
