@@ -12,3 +12,6 @@ if pkill -TERM -x bangerd; then sleep 0.5; fi
 install -m 0755 target/release/banger target/release/bangerd /usr/local/bin/
 banger image build
 banger vm run --rm -- cat /etc/os-release
+# The VM is gone; wait for the daemon to release its tap and NAT rules too,
+# so that the host is back to how it was when this script returns.
+banger daemon settle
