@@ -89,7 +89,11 @@ impl Layout {
 /// Per-VM file names inside VMDir.
 pub mod vmfiles {
     pub const HANDLES: &str = "handles.json";
+    /// The root disk: a qcow2 overlay over the image (QEMU)...
     pub const ROOT_DISK: &str = "root.qcow2";
+    /// ...or a raw copy of the image, reflinked where the filesystem can
+    /// (Firecracker, which takes raw disks only).
+    pub const ROOT_RAW: &str = "root.ext4";
     pub const WORK_DISK: &str = "work.ext4";
     pub const CONSOLE_LOG: &str = "console.log";
     pub const VMM_LOG: &str = "vmm.log";

@@ -31,8 +31,9 @@ const GUEST_READY: &str = include_str!("../assets/guest-ready");
 const SSHD_CONFIG: &str = include_str!("../assets/sshd_config");
 
 /// The modules the initramfs loads, with their dependencies resolved from
-/// the kernel's modules.dep.
-const INITRAMFS_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "virtio_net"];
+/// the kernel's modules.dep: virtio over PCI (QEMU's `pc`) and over MMIO
+/// (Firecracker), block and net.
+const INITRAMFS_MODULES: &[&str] = &["virtio_pci", "virtio_mmio", "virtio_blk", "virtio_net"];
 
 /// What goes into an image.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -4,7 +4,7 @@
 //! tap, sizes, console log, API socket) into a running VMM process, and asks
 //! that process for a clean guest shutdown. Everything else (taps, disks,
 //! records, readiness) is the daemon's, so the Firecracker driver fits the
-//! same trait: its `spawn` starts `firecracker --api-sock <api_sock>` and
+//! same trait: the Firecracker driver's `spawn` starts `firecracker --api-sock <api_sock>` and
 //! issues PUT /machine-config, /boot-source, /drives/{id},
 //! /network-interfaces/{id}, /actions InstanceStart; its `request_shutdown`
 //! is PUT /actions SendCtrlAltDel, which is exactly what the QEMU driver does
@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use banger_core::VmmKind;
 use thiserror::Error;
 
+pub mod firecracker;
 pub mod qemu;
 pub mod qmp;
 
@@ -71,6 +72,12 @@ pub enum VmmError {
     },
     #[error("api socket {path}: {detail}")]
     Api { path: PathBuf, detail: String },
+    #[error("{vmm} cannot run vm {vm:?}: {detail}")]
+    Config {
+        vmm: String,
+        vm: String,
+        detail: String,
+    },
 }
 
 /// A spawned VMM.

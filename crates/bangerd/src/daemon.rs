@@ -14,6 +14,7 @@ use banger_guest::image::{self, Recipe, DEFAULT_IMAGE};
 use banger_host::fsutil::{self, WrapIo};
 use banger_host::{nat, process, sshkey, sysinfo, tap};
 use banger_store::Store;
+use banger_vmm::firecracker::Firecracker;
 use banger_vmm::qemu::Qemu;
 use banger_vmm::Vmm;
 use tracing::{info, warn};
@@ -39,6 +40,9 @@ pub struct Config {
     /// (`BANGER_TEST_RELEASE_DELAY_MS`) that makes "the daemon died with a
     /// release pending" reproducible. Zero otherwise.
     pub release_delay: Duration,
+    /// The firecracker binary (`BANGER_FIRECRACKER`, else `firecracker`
+    /// on PATH); none means QEMU only.
+    pub firecracker: Option<std::path::PathBuf>,
 }
 
 impl Config {
@@ -50,6 +54,7 @@ impl Config {
             stop_timeout: Duration::from_secs(30),
             vmm: None,
             release_delay: Duration::ZERO,
+            firecracker: None,
         }
     }
 }
@@ -74,6 +79,8 @@ pub struct Daemon {
     /// The last image initramfs read, keyed by path, size and mtime.
     initrd_cache: Mutex<Option<InitrdCacheEntry>>,
     qemu: Qemu,
+    firecracker: Option<Firecracker>,
+    kvm_usable: bool,
 }
 
 type InitrdCacheEntry = (
@@ -162,6 +169,8 @@ impl Daemon {
             template_lock: Mutex::new(()),
             initrd_cache: Mutex::new(None),
             qemu: Qemu::new(kvm),
+            firecracker: cfg.firecracker.clone().map(Firecracker::new),
+            kvm_usable: kvm,
             cfg,
         };
         d.index_images()?;
@@ -182,19 +191,28 @@ impl Daemon {
     /// Which VMM a new VM gets: Firecracker needs its binary and usable KVM;
     /// QEMU serves everywhere else.
     pub fn select_vmm(&self, forced: Option<VmmKind>) -> Result<(VmmKind, String)> {
-        match forced.or(self.cfg.vmm) {
-            Some(VmmKind::Firecracker) => Err(DaemonError::Unsupported(
-                "the firecracker driver is not part of this build yet: use --vmm qemu".into(),
+        match (forced.or(self.cfg.vmm), &self.firecracker) {
+            // Forced: the user vouches for the host (Firecracker itself
+            // refuses to start without KVM, and says so).
+            (Some(VmmKind::Firecracker), Some(fc)) => Ok((VmmKind::Firecracker, fc.accel().into())),
+            (Some(VmmKind::Firecracker), None) => Err(DaemonError::Unsupported(
+                "no firecracker binary: put it on PATH or set BANGER_FIRECRACKER, or use --vmm qemu"
+                    .into(),
             )),
-            _ => Ok((VmmKind::Qemu, self.qemu.accel.clone())),
+            (Some(VmmKind::Qemu), _) | (None, None) => Ok((VmmKind::Qemu, self.qemu.accel.clone())),
+            (None, Some(fc)) if self.kvm_usable => Ok((VmmKind::Firecracker, fc.accel().into())),
+            (None, Some(_)) => Ok((VmmKind::Qemu, self.qemu.accel.clone())),
         }
     }
 
     fn vmm(&self, kind: VmmKind) -> Result<&dyn Vmm> {
-        match kind {
-            VmmKind::Qemu => Ok(&self.qemu),
-            VmmKind::Firecracker => Err(DaemonError::Unsupported(
-                "the firecracker driver is not part of this build yet".into(),
+        match (kind, &self.firecracker) {
+            (VmmKind::Qemu, _) => Ok(&self.qemu),
+            (VmmKind::Firecracker, Some(fc)) => Ok(fc),
+            (VmmKind::Firecracker, None) => Err(DaemonError::Unsupported(
+                "this VM runs on firecracker, and no firecracker binary is configured \
+                 (PATH or BANGER_FIRECRACKER)"
+                    .into(),
             )),
         }
     }
@@ -382,8 +400,19 @@ impl Daemon {
             .clone()
             .unwrap_or_else(|| DEFAULT_IMAGE.to_string());
         let host = sysinfo::host_resources(&self.cfg.layout.state_dir);
-        let sizing = banger_core::sizing::resolve(&req.size, &host)?;
+        let mut sizing = banger_core::sizing::resolve(&req.size, &host)?;
         let (vmm, accel) = self.select_vmm(req.vmm)?;
+        // Firecracker takes 1 or an even number of vCPUs: a default is
+        // rounded down, an explicit odd count refused before anything exists.
+        if vmm == VmmKind::Firecracker && sizing.cpus > 1 && !sizing.cpus.is_multiple_of(2) {
+            if req.size.cpus.is_some() {
+                return Err(DaemonError::Invalid(format!(
+                    "--cpus {}: Firecracker takes 1 or an even number of vCPUs",
+                    sizing.cpus
+                )));
+            }
+            sizing.cpus -= 1;
+        }
         if self.store().vm_by_name(&name)?.is_some() {
             return Err(DaemonError::VmExists(name));
         }
@@ -434,7 +463,7 @@ impl Daemon {
                     ),
                     log_path: Some(dir.join(vmfiles::CONSOLE_LOG)),
                     vm_dir: Some(dir.clone()),
-                    system_overlay: Some(dir.join(vmfiles::ROOT_DISK)),
+                    system_overlay: Some(dir.join(root_disk_name(vmm))),
                     work_disk_path: Some(dir.join(vmfiles::WORK_DISK)),
                     ..Default::default()
                 },
@@ -489,7 +518,16 @@ impl Daemon {
         let dir = self.cfg.layout.vm_dir(&vm.id);
         let template = self.work_template(vm.spec.sizing.disk_mib)?;
         fsutil::create_dir_all(&dir)?;
-        create_root_overlay(&dir, img)?;
+        match vm.spec.vmm {
+            VmmKind::Qemu => create_root_overlay(&dir, img)?,
+            VmmKind::Firecracker => {
+                // Raw: a reflink where the filesystem has them, else a
+                // sparse copy of the image (the copy-on-write strategies
+                // of a later issue make this instant everywhere).
+                let reflinked = fsutil::clone_or_copy(&img.rootfs, &dir.join(vmfiles::ROOT_RAW))?;
+                tracing::debug!(vm = %vm.name, reflinked, "raw root disk");
+            }
+        }
         fsutil::copy_sparse(&template, &dir.join(vmfiles::WORK_DISK))?;
         create_host_key(&dir, &vm.name)
     }
@@ -699,8 +737,11 @@ impl Daemon {
             disks: vec![
                 banger_vmm::Disk {
                     id: "root".into(),
-                    path: dir.join(vmfiles::ROOT_DISK),
-                    format: "qcow2".into(),
+                    path: dir.join(root_disk_name(vm.spec.vmm)),
+                    format: match vm.spec.vmm {
+                        VmmKind::Qemu => "qcow2".into(),
+                        VmmKind::Firecracker => "raw".into(),
+                    },
                     read_only: false,
                 },
                 banger_vmm::Disk {
@@ -1204,6 +1245,15 @@ pub fn human_mib(mib: u64) -> String {
         format!("{} GiB", mib / 1024)
     } else {
         format!("{mib} MiB")
+    }
+}
+
+/// The root disk's file name: a qcow2 overlay for QEMU, a raw copy for
+/// Firecracker.
+fn root_disk_name(vmm: VmmKind) -> &'static str {
+    match vmm {
+        VmmKind::Qemu => vmfiles::ROOT_DISK,
+        VmmKind::Firecracker => vmfiles::ROOT_RAW,
     }
 }
 

@@ -17,13 +17,14 @@ pub fn checks(d: &Daemon) -> Vec<Check> {
     }
     v.push(check(
         "firecracker",
-        false,
-        match cmd::which("firecracker") {
-            Some(p) => format!(
-                "{} found, but this build has no firecracker driver yet",
+        d.cfg.firecracker.is_some() && kvm.usable,
+        match (&d.cfg.firecracker, kvm.usable) {
+            (Some(p), true) => format!("{}: the default VMM", p.display()),
+            (Some(p), false) => format!(
+                "{}: no usable KVM, so only with --vmm firecracker",
                 p.display()
             ),
-            None => "no firecracker binary on PATH; QEMU is used".into(),
+            (None, _) => "no firecracker binary (PATH or BANGER_FIRECRACKER); QEMU is used".into(),
         },
     ));
     for tool in [

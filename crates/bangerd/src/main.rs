@@ -67,6 +67,10 @@ fn real_main() -> anyhow::Result<()> {
     })?;
     let mut cfg = bangerd::Config::new(layout.clone());
     cfg.boot_timeout = Duration::from_secs(args.boot_timeout);
+    cfg.firecracker = std::env::var_os("BANGER_FIRECRACKER")
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
+        .or_else(|| banger_host::cmd::which("firecracker"));
     // Test hook (see Config::release_delay); ignored unless set to a number.
     if let Some(ms) = std::env::var("BANGER_TEST_RELEASE_DELAY_MS")
         .ok()

@@ -4,6 +4,8 @@
 //! sent off the machine and the root namespace is never touched. `Drop`
 //! tears it all down (daemon, namespaces, temp dirs).
 
+pub mod fcspec;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -1,0 +1,378 @@
+//! A Firecracker stand-in for hosts without hardware KVM (these machines),
+//! for testing banger's Firecracker driver end to end.
+//!
+//! It takes Firecracker's command line (`--api-sock`, `--id`,
+//! `--log-path`; anything else is refused, as Firecracker refuses it),
+//! serves the REST API on the socket, and checks every request against the
+//! official spec file (`test_infra::fcspec`) plus the rules Firecracker
+//! enforces beyond the schema: a body id equal to the path's id, pre-boot
+//! resources refused after `InstanceStart`, `InstanceStart` only with a
+//! boot source, `SendCtrlAltDel` only once started. A refused request gets
+//! HTTP 400 with `{"fault_message": ...}`, like Firecracker's.
+//!
+//! `InstanceStart` boots the configured guest for real, with QEMU under
+//! TCG: the same kernel (PVH), initrd, boot arguments, raw drives (root
+//! first) and tap, the serial console on this process's stdout, and
+//! `SendCtrlAltDel` sent through QMP; the guest's reboot ends the VMM. The
+//! double exits when the guest does, as Firecracker does; its QEMU dies
+//! with it (PDEATHSIG).
+//!
+//! Not exercised: Firecracker's virtio-mmio devices. The double's are
+//! virtio-pci (`-M pc`): QEMU's `microvm` machine, which has virtio-mmio
+//! devices announced on the kernel command line like Firecracker's, hangs
+//! under TCG at the guest kernel's clock calibration, intermittently, with
+//! this kernel. The guest side is ready for it (the initramfs loads
+//! `virtio_mmio` and passes it its `virtio_mmio.device=` parameters).
+//!
+//! Every request and its verdict go to `--log-path`.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use serde_json::{json, Value};
+use test_infra::fcspec::Spec;
+
+#[derive(Debug, Default)]
+struct Vm {
+    machine: Option<Value>,
+    boot: Option<Value>,
+    drives: BTreeMap<String, Value>,
+    nics: BTreeMap<String, Value>,
+    started: bool,
+}
+
+struct Double {
+    spec: Spec,
+    vm: Mutex<Vm>,
+    api_sock: PathBuf,
+    log: Mutex<std::fs::File>,
+}
+
+fn die(msg: &str) -> ! {
+    eprintln!("firecracker-double: {msg}");
+    std::process::exit(1);
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (mut sock, mut id, mut log) = (None, None, None);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = || {
+            it.next()
+                .cloned()
+                .unwrap_or_else(|| die(&format!("{a} needs a value")))
+        };
+        match a.as_str() {
+            "--api-sock" => sock = Some(val()),
+            "--id" => id = Some(val()),
+            "--log-path" => log = Some(val()),
+            other => die(&format!("unknown argument {other:?}")),
+        }
+    }
+    let sock = PathBuf::from(sock.unwrap_or_else(|| die("--api-sock is required")));
+    if let Some(id) = &id {
+        let ok = !id.is_empty()
+            && id.len() <= 64
+            && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !ok {
+            die(&format!("invalid --id {id:?}"));
+        }
+    }
+    let log = log.unwrap_or_else(|| die("this double wants --log-path (banger passes it)"));
+    // Like Firecracker, the log file must exist already.
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&log)
+        .unwrap_or_else(|e| die(&format!("--log-path {log}: {e}")));
+    let listener =
+        UnixListener::bind(&sock).unwrap_or_else(|e| die(&format!("bind {}: {e}", sock.display())));
+    let d = Arc::new(Double {
+        spec: Spec::load(),
+        vm: Mutex::new(Vm::default()),
+        api_sock: sock,
+        log: Mutex::new(log),
+    });
+    for conn in listener.incoming() {
+        match conn {
+            Ok(s) => {
+                let d = d.clone();
+                std::thread::spawn(move || serve(&d, s));
+            }
+            Err(e) => die(&format!("accept: {e}")),
+        }
+    }
+}
+
+fn serve(d: &Double, s: UnixStream) {
+    let Ok(w) = s.try_clone() else { return };
+    let mut w = w;
+    let mut r = BufReader::new(s);
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut parts = line.split_whitespace();
+        let (method, path) = (
+            parts.next().unwrap_or("").to_string(),
+            parts.next().unwrap_or("").to_string(),
+        );
+        let mut len = 0usize;
+        loop {
+            let mut h = String::new();
+            if r.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut body = vec![0u8; len];
+        if r.read_exact(&mut body).is_err() {
+            return;
+        }
+        let verdict = handle(d, &method, &path, &body);
+        if let Ok(mut l) = d.log.lock() {
+            let _ = writeln!(
+                l,
+                "{method} {path} {} -> {}",
+                String::from_utf8_lossy(&body),
+                match &verdict {
+                    Ok(()) => "204".to_string(),
+                    Err(e) => format!("400 {e}"),
+                }
+            );
+        }
+        let reply = match verdict {
+            Ok(()) => "HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n".to_string(),
+            Err(e) => {
+                let b = json!({ "fault_message": e }).to_string();
+                format!(
+                    "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+                    b.len()
+                )
+            }
+        };
+        if w.write_all(reply.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+fn handle(d: &Double, method: &str, path: &str, body: &[u8]) -> Result<(), String> {
+    let body: Option<Value> = if body.is_empty() {
+        None
+    } else {
+        Some(serde_json::from_slice(body).map_err(|e| format!("bad JSON: {e}"))?)
+    };
+    let params = d.spec.check(method, path, body.as_ref())?;
+    let body = body.unwrap_or(Value::Null);
+    // Firecracker: the id in the body must be the one in the path.
+    for (name, val) in &params {
+        if body[name.as_str()].as_str() != Some(val.as_str()) {
+            return Err(format!(
+                "the {name} in the body ({}) differs from the path's ({val})",
+                body[name.as_str()]
+            ));
+        }
+    }
+    let mut vm = d.vm.lock().map_err(|_| "state poisoned".to_string())?;
+    let pre_boot = |vm: &Vm| {
+        if vm.started {
+            Err("The requested operation is not supported after starting the microVM.".to_string())
+        } else {
+            Ok(())
+        }
+    };
+    match (method, path.split('/').nth(1).unwrap_or("")) {
+        ("PUT", "machine-config") => {
+            pre_boot(&vm)?;
+            let n = body["vcpu_count"].as_i64().unwrap_or(0);
+            if n > 1 && n % 2 != 0 {
+                return Err("The vCPU number is invalid! The vCPU number can only be 1 or an even number when SMT is enabled.".into());
+            }
+            vm.machine = Some(body);
+        }
+        ("PUT", "boot-source") => {
+            pre_boot(&vm)?;
+            vm.boot = Some(body);
+        }
+        ("PUT", "drives") => {
+            pre_boot(&vm)?;
+            let id = body["drive_id"].as_str().unwrap_or("").to_string();
+            if body["is_root_device"] == true
+                && vm
+                    .drives
+                    .iter()
+                    .any(|(k, v)| *k != id && v["is_root_device"] == true)
+            {
+                return Err("A root block device already exists!".into());
+            }
+            // Firecracker opens the backing file when the drive is added.
+            let f = body["path_on_host"].as_str().unwrap_or("");
+            std::fs::metadata(f).map_err(|e| format!("drive {id}: {f}: {e}"))?;
+            vm.drives.insert(id, body);
+        }
+        ("PUT", "network-interfaces") => {
+            pre_boot(&vm)?;
+            let id = body["iface_id"].as_str().unwrap_or("").to_string();
+            vm.nics.insert(id, body);
+        }
+        ("PUT", "actions") => match body["action_type"].as_str() {
+            Some("InstanceStart") => {
+                pre_boot(&vm)?;
+                let boot = vm
+                    .boot
+                    .clone()
+                    .ok_or("Cannot start microvm without kernel configuration.")?;
+                start(d, &vm, &boot)?;
+                vm.started = true;
+            }
+            Some("SendCtrlAltDel") => {
+                if !vm.started {
+                    return Err(
+                        "The requested operation is not supported before starting the microVM."
+                            .into(),
+                    );
+                }
+                qmp_ctrl_alt_del(d)?;
+            }
+            other => return Err(format!("action {other:?} is not implemented by the double")),
+        },
+        _ => {
+            return Err(format!(
+                "{method} {path} is valid but not implemented by the double"
+            ))
+        }
+    }
+    Ok(())
+}
+
+fn qmp_sock(d: &Double) -> PathBuf {
+    let mut p = d.api_sock.clone().into_os_string();
+    p.push(".qmp");
+    PathBuf::from(p)
+}
+
+/// Boots the configured guest with QEMU; the double
+/// exits with it.
+fn start(d: &Double, vm: &Vm, boot: &Value) -> Result<(), String> {
+    let s = |v: &Value| v.as_str().unwrap_or("").to_string();
+    let machine = vm
+        .machine
+        .clone()
+        .unwrap_or(json!({"vcpu_count": 1, "mem_size_mib": 128}));
+    let mut c = Command::new("qemu-system-x86_64");
+    c.args(["-M", "pc,accel=tcg,usb=off,vmport=off"])
+        .args(["-cpu", "max"])
+        .args(["-smp", &machine["vcpu_count"].to_string()])
+        .args(["-m", &format!("{}M", machine["mem_size_mib"])])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(s(&boot["kernel_image_path"]));
+    if boot.get("initrd_path").is_some() {
+        c.arg("-initrd").arg(s(&boot["initrd_path"]));
+    }
+    c.arg("-append").arg(s(&boot["boot_args"]));
+    c.args(["-serial", "stdio"]);
+    // Root first: it is /dev/vda, as under Firecracker.
+    let mut drives: Vec<&Value> = vm.drives.values().collect();
+    drives.sort_by_key(|v| v["is_root_device"] != true);
+    for (i, dr) in drives.iter().enumerate() {
+        let ro = if dr["is_read_only"] == true {
+            "on"
+        } else {
+            "off"
+        };
+        let file = s(&dr["path_on_host"]).replace(',', ",,");
+        c.arg("-drive").arg(format!(
+            "id=d{i},file={file},format=raw,if=none,readonly={ro}"
+        ));
+        c.args(["-device", &format!("virtio-blk-pci,drive=d{i}")]);
+    }
+    for (i, n) in vm.nics.values().enumerate() {
+        c.arg("-netdev").arg(format!(
+            "tap,id=n{i},ifname={},script=no,downscript=no",
+            s(&n["host_dev_name"])
+        ));
+        let mut dev = format!("virtio-net-pci,netdev=n{i}");
+        if n.get("guest_mac").is_some() {
+            dev.push_str(&format!(",mac={}", s(&n["guest_mac"])));
+        }
+        c.args(["-device", &dev]);
+    }
+    let qmp = qmp_sock(d).to_string_lossy().replace(',', ",,");
+    c.arg("-qmp").arg(format!("unix:{qmp},server=on,wait=off"));
+    c.stdin(Stdio::null());
+    // SAFETY: only async-signal-safe work between fork and exec: one
+    // prctl, so that QEMU dies with the double (SIGKILL included).
+    unsafe {
+        c.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)
+        });
+    }
+    // PDEATHSIG fires when the spawning *thread* exits, so QEMU is
+    // spawned by a thread that lives as long as it does (and then ends the
+    // double: Firecracker exits when its guest reboots or stops).
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || match c.spawn() {
+        Ok(mut child) => {
+            let _ = tx.send(Ok(()));
+            let code = child.wait().map(|s| s.code().unwrap_or(1)).unwrap_or(1);
+            std::process::exit(code);
+        }
+        Err(e) => {
+            let _ = tx.send(Err(format!("start qemu: {e}")));
+        }
+    });
+    rx.recv().map_err(|e| e.to_string())?
+}
+
+fn qmp_ctrl_alt_del(d: &Double) -> Result<(), String> {
+    let sock = qmp_sock(d);
+    let s = UnixStream::connect(&sock).map_err(|e| format!("qmp {}: {e}", sock.display()))?;
+    let mut w = s.try_clone().map_err(|e| e.to_string())?;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).map_err(|e| e.to_string())?; // greeting
+    for cmd in [
+        json!({"execute": "qmp_capabilities"}),
+        json!({"execute": "send-key", "arguments": {"keys": [
+            {"type": "qcode", "data": "ctrl"},
+            {"type": "qcode", "data": "alt"},
+            {"type": "qcode", "data": "delete"}
+        ]}}),
+    ] {
+        writeln!(w, "{cmd}").map_err(|e| e.to_string())?;
+        loop {
+            line.clear();
+            r.read_line(&mut line).map_err(|e| e.to_string())?;
+            if line.contains("\"return\"") {
+                break;
+            }
+            if line.contains("\"error\"") || line.is_empty() {
+                return Err(format!("qmp: {line}"));
+            }
+        }
+    }
+    Ok(())
+}
