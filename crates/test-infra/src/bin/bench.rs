@@ -239,6 +239,16 @@ fn main() {
         .position(|a| a == "--parallel")
         .and_then(|i| args.get(i + 1)?.parse().ok())
         .unwrap_or(10);
+    // `--vmm qemu|firecracker` forces the VMM of the banger runs (default:
+    // the daemon's choice, Firecracker where KVM and its binary are there).
+    let vmm: Vec<String> = args
+        .iter()
+        .position(|a| a == "--vmm")
+        .and_then(|i| args.get(i + 1))
+        .map(|v| vec!["--vmm".to_string(), v.clone()])
+        .unwrap_or_default();
+    let vmm_args: Vec<&str> = vmm.iter().map(String::as_str).collect();
+    let mut spec_line = String::new();
     let banger = std::env::current_exe()
         .expect("current exe")
         .with_file_name("banger");
@@ -266,18 +276,15 @@ fn main() {
             for i in 0..runs {
                 let name = format!("bench-{i}");
                 let t = Instant::now();
-                let out = inst.banger_direct(&[
-                    "vm",
-                    "run",
-                    "--rm",
-                    "--timings",
-                    "--name",
-                    &name,
-                    "--",
-                    "true",
-                ]);
+                let mut a = vec!["vm", "run", "--rm", "--timings", "--name", &name];
+                a.extend(&vmm_args);
+                a.extend(["--", "true"]);
+                let out = inst.banger_direct(&a);
                 let wall = t.elapsed().as_secs_f64() * 1e3;
                 assert!(out.status.success(), "vm run: {}", text(&out.stderr));
+                if let Some(l) = text(&out.stderr).lines().find(|l| l.contains(", vmm ")) {
+                    spec_line = l.to_string();
+                }
                 let t = timings(&text(&out.stderr));
                 let guest = t.get("boot").copied().unwrap_or(0.0)
                     + t.get("ssh+command").copied().unwrap_or(0.0);
@@ -316,7 +323,9 @@ fn main() {
     }
 
     // 2: the same guest by a plain QEMU command line.
-    let out = inst.banger(&["vm", "create", "--name", "plain"]);
+    // The reference is always the hand-written QEMU line, on a QEMU VM's
+    // files.
+    let out = inst.banger(&["vm", "create", "--name", "plain", "--vmm", "qemu"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let out = inst.banger(&["vm", "start", "plain"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -367,7 +376,11 @@ fn main() {
     let t = Instant::now();
     let children: Vec<_> = (0..parallel)
         .map(|i| {
-            inst.banger_cmd(&["vm", "run", "--name", &format!("par-{i}"), "--", "true"])
+            let name = format!("par-{i}");
+            let mut a = vec!["vm", "run", "--name", &name];
+            a.extend(&vmm_args);
+            a.extend(["--", "true"]);
+            inst.banger_cmd(&a)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
@@ -424,9 +437,10 @@ fn main() {
         .expect("open docs/BENCHMARKS.md");
     let _ = write!(
         f,
-        "\n## {}\n\nMachine: {}\n\n{}",
+        "\n## {}\n\nMachine: {}\n\nbanger's VMs: `{}`\n\n{}",
         date.trim(),
         machine(),
+        spec_line.trim(),
         table
     );
     println!("\nappended to {}", doc.display());
