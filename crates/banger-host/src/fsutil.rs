@@ -75,18 +75,7 @@ pub fn remove_dir_all_if_exists(path: &Path) -> Result<(), FsError> {
 /// few hundred KiB of data, so this costs a fraction of a millisecond where
 /// `mkfs.ext4` costs several. On failure `dst` is removed.
 pub fn copy_sparse(src: &Path, dst: &Path) -> Result<(), FsError> {
-    let input = std::fs::File::open(src).with_path("open", src)?;
-    let output = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(dst)
-        .with_path("create", dst)?;
-    // From here on the file is ours to remove if the copy fails.
-    let r = copy_extents(&input, src, &output, dst);
-    if r.is_err() {
-        let _ = std::fs::remove_file(dst);
-    }
-    r
+    copy_file(src, dst, false).map(|_| ())
 }
 
 nix::ioctl_write_int!(ficlone, 0x94, 9);
@@ -95,6 +84,10 @@ nix::ioctl_write_int!(ficlone, 0x94, 9);
 /// sharing blocks, on btrfs and xfs) where the filesystem can, else
 /// [`copy_sparse`]. Returns whether it reflinked.
 pub fn clone_or_copy(src: &Path, dst: &Path) -> Result<bool, FsError> {
+    copy_file(src, dst, true)
+}
+
+fn copy_file(src: &Path, dst: &Path, try_reflink: bool) -> Result<bool, FsError> {
     use std::os::fd::AsRawFd;
     let input = std::fs::File::open(src).with_path("open", src)?;
     let output = std::fs::OpenOptions::new()
@@ -102,12 +95,16 @@ pub fn clone_or_copy(src: &Path, dst: &Path) -> Result<bool, FsError> {
         .create_new(true)
         .open(dst)
         .with_path("create", dst)?;
-    // SAFETY: both descriptors are open for the duration of the call; the
-    // argument is the source descriptor, as FICLONE expects.
-    let cloned = unsafe { ficlone(output.as_raw_fd(), input.as_raw_fd() as nix::libc::c_ulong) };
-    if cloned.is_ok() {
-        return Ok(true);
+    if try_reflink {
+        // SAFETY: both descriptors are open for the duration of the call;
+        // the argument is the source descriptor, as FICLONE expects.
+        let cloned =
+            unsafe { ficlone(output.as_raw_fd(), input.as_raw_fd() as nix::libc::c_ulong) };
+        if cloned.is_ok() {
+            return Ok(true);
+        }
     }
+    // From here on the file is ours to remove if the copy fails.
     let r = copy_extents(&input, src, &output, dst);
     if r.is_err() {
         let _ = std::fs::remove_file(dst);

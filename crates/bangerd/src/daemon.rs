@@ -1332,22 +1332,7 @@ mod tests {
         let daemon = Arc::new(daemon(d.path()));
         daemon
             .store()
-            .insert_vm(&VmRecord {
-                id: "v1".into(),
-                name: "user".into(),
-                spec: VmSpec {
-                    sizing: Sizing {
-                        cpus: 1,
-                        memory_mib: 512,
-                        disk_mib: 1024,
-                    },
-                    image: DEFAULT_IMAGE.into(),
-                    vmm: VmmKind::Qemu,
-                    accel: "tcg".into(),
-                },
-                runtime: VmRuntime::default(),
-                created_at: 0,
-            })
+            .insert_vm(&vm_with_tap("v1", "user", None))
             .unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let d2 = daemon.clone();
