@@ -126,6 +126,8 @@ fn copy_extents(
     output.set_len(len).with_path("size", dst)?;
     let end = i64::try_from(len).unwrap_or(i64::MAX);
     let mut pos: i64 = 0;
+    let mut in_kernel = true;
+    let mut buf = Vec::new();
     while pos < end {
         let data = match lseek(input.as_raw_fd(), pos, Whence::SeekData) {
             Ok(d) => d,
@@ -139,15 +141,44 @@ fn copy_extents(
         let (mut off_in, mut off_out) = (data, data);
         while off_in < hole {
             let want = usize::try_from(hole - off_in).unwrap_or(usize::MAX);
-            let n = nix::fcntl::copy_file_range(
-                input,
-                Some(&mut off_in),
-                output,
-                Some(&mut off_out),
-                want,
-            )
-            .map_err(errno)
-            .with_path("copy into", dst)?;
+            let n = if in_kernel {
+                match nix::fcntl::copy_file_range(
+                    input,
+                    Some(&mut off_in),
+                    output,
+                    Some(&mut off_out),
+                    want,
+                ) {
+                    Ok(n) => n,
+                    // Across filesystems, or a filesystem without it:
+                    // through a buffer from here on.
+                    Err(
+                        nix::errno::Errno::EXDEV
+                        | nix::errno::Errno::EINVAL
+                        | nix::errno::Errno::EOPNOTSUPP
+                        | nix::errno::Errno::ENOSYS,
+                    ) => {
+                        in_kernel = false;
+                        continue;
+                    }
+                    Err(e) => return Err(errno(e)).with_path("copy into", dst),
+                }
+            } else {
+                use std::os::unix::fs::FileExt;
+                if buf.is_empty() {
+                    buf = vec![0u8; 1 << 20];
+                }
+                let chunk = want.min(buf.len());
+                let n = input
+                    .read_at(&mut buf[..chunk], off_in as u64)
+                    .with_path("read", src)?;
+                output
+                    .write_all_at(&buf[..n], off_out as u64)
+                    .with_path("write", dst)?;
+                off_in += n as i64;
+                off_out += n as i64;
+                n
+            };
             if n == 0 {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
@@ -196,6 +227,15 @@ mod tests {
         // A missing source names itself.
         let e = copy_sparse(&d.path().join("nope"), &d.path().join("x")).unwrap_err();
         assert!(e.to_string().contains("nope"), "{e}");
+        // Across filesystems (tmpfs to this one): copy_file_range may
+        // refuse (EXDEV), the buffered path takes over.
+        if let Ok(shm) = tempfile::tempdir_in("/dev/shm") {
+            let other = shm.path().join("src");
+            std::fs::copy(&src, &other).unwrap();
+            let dst3 = d.path().join("dst3");
+            copy_sparse(&other, &dst3).unwrap();
+            assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst3).unwrap());
+        }
         // clone_or_copy: a reflink where the filesystem has them, else the
         // same sparse copy.
         let dst2 = d.path().join("dst2");

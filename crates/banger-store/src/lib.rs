@@ -228,11 +228,17 @@ impl Store {
         Ok(())
     }
 
-    pub fn delete_release(&self, vm_id: &str) -> Result<bool, StoreError> {
-        Ok(self
-            .conn
-            .execute("DELETE FROM releases WHERE vm_id = ?1", [vm_id])?
-            > 0)
+    /// Deletes the VM's release if it is still the one for `tap` (a newer
+    /// record for another tap is kept).
+    pub fn delete_release(&self, vm_id: &str, tap: &str) -> Result<bool, StoreError> {
+        Ok(self.conn.execute(
+            "DELETE FROM releases WHERE vm_id = ?1 AND tap = ?2",
+            [vm_id, tap],
+        )? > 0)
+    }
+
+    pub fn release(&self, vm_id: &str) -> Result<Option<Release>, StoreError> {
+        Ok(self.list_releases()?.into_iter().find(|r| r.vm_id == vm_id))
     }
 
     pub fn list_releases(&self) -> Result<Vec<Release>, StoreError> {
@@ -422,8 +428,14 @@ mod tests {
         };
         s.insert_release(&r2).unwrap();
         assert_eq!(s.list_releases().unwrap(), vec![r2]);
-        assert!(s.delete_release("a1").unwrap());
-        assert!(!s.delete_release("a1").unwrap());
+        assert!(
+            !s.delete_release("a1", "bgtap0").unwrap(),
+            "not the stored tap"
+        );
+        assert_eq!(s.release("a1").unwrap().unwrap().tap, "bgtap3");
+        assert!(s.delete_release("a1", "bgtap3").unwrap());
+        assert!(!s.delete_release("a1", "bgtap3").unwrap());
+        assert!(s.release("a1").unwrap().is_none());
         assert!(s.list_releases().unwrap().is_empty());
     }
 

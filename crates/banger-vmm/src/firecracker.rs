@@ -27,6 +27,8 @@ use crate::{VmConfig, Vmm, VmmError, VmmProcess};
 const SOCKET_WAIT: Duration = Duration::from_secs(5);
 /// Per API call.
 const API_TIMEOUT: Duration = Duration::from_secs(10);
+/// The spec's `vcpu_count` maximum.
+pub const MAX_VCPUS: u32 = 32;
 
 #[derive(Debug, Clone)]
 pub struct Firecracker {
@@ -58,9 +60,11 @@ pub fn requests(cfg: &VmConfig) -> Result<Vec<(String, Value)>, VmmError> {
         vm: cfg.name.clone(),
         detail,
     };
-    if cfg.vcpus == 0 || cfg.vcpus > 32 || (cfg.vcpus > 1 && !cfg.vcpus.is_multiple_of(2)) {
+    // (Odd counts above 1 are refused only with SMT on, which banger
+    // leaves at its default, off.)
+    if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
         return Err(bad(format!(
-            "{} vCPUs: Firecracker takes 1 or an even number up to 32 (--cpus)",
+            "{} vCPUs: Firecracker takes 1 to {MAX_VCPUS} (--cpus)",
             cfg.vcpus
         )));
     }
@@ -184,10 +188,13 @@ impl Vmm for Firecracker {
         }
         let console =
             std::fs::File::create(&cfg.console_log).map_err(|e| io(&cfg.console_log, e))?;
-        // --log-path wants an existing file; Firecracker's stderr goes there too.
-        let log = std::fs::File::create(&cfg.vmm_log).map_err(|e| io(&cfg.vmm_log, e))?;
-        let log2 = log.try_clone().map_err(|e| io(&cfg.vmm_log, e))?;
-        drop(log);
+        // --log-path wants an existing file; Firecracker's stderr goes there
+        // too, appended, so the two writers do not overwrite each other.
+        std::fs::File::create(&cfg.vmm_log).map_err(|e| io(&cfg.vmm_log, e))?;
+        let log2 = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&cfg.vmm_log)
+            .map_err(|e| io(&cfg.vmm_log, e))?;
         let child = Command::new(&self.binary)
             .arg("--api-sock")
             .arg(&cfg.api_sock)
@@ -312,9 +319,11 @@ mod tests {
     #[test]
     fn what_firecracker_refuses_is_refused_first() {
         let mut c = cfg();
-        c.vcpus = 3;
+        c.vcpus = 33;
         let e = requests(&c).unwrap_err().to_string();
-        assert!(e.contains("3 vCPUs") && e.contains("fc1"), "{e}");
+        assert!(e.contains("33 vCPUs") && e.contains("fc1"), "{e}");
+        c.vcpus = 3;
+        requests(&c).expect("odd counts are fine with SMT off");
         let mut c = cfg();
         c.disks[0].format = "qcow2".into();
         let e = requests(&c).unwrap_err().to_string();

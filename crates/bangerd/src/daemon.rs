@@ -65,6 +65,9 @@ pub struct Daemon {
     store: Mutex<Store>,
     pub handles: HandleCache,
     vm_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    release_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Whether the janitor thread runs; without it releases are done inline.
+    janitor_running: std::sync::atomic::AtomicBool,
     /// Serialises guest address allocation.
     net_lock: Mutex<()>,
     /// Serialises picking a free tap name with creating it.
@@ -161,6 +164,8 @@ impl Daemon {
             store: Mutex::new(store),
             handles: HandleCache::default(),
             vm_locks: Mutex::new(HashMap::new()),
+            release_locks: Mutex::new(HashMap::new()),
+            janitor_running: std::sync::atomic::AtomicBool::new(false),
             net_lock: Mutex::new(()),
             tap_lock: Mutex::new(()),
             nat_lock: Mutex::new(()),
@@ -184,6 +189,15 @@ impl Daemon {
     fn vm_lock(&self, name: &str) -> Arc<Mutex<()>> {
         lock(&self.vm_locks)
             .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Serialises the releases of one VM (janitor, `settle`, a `start`
+    /// waiting for its own): each takes this, then re-reads the record.
+    fn release_lock(&self, vm_id: &str) -> Arc<Mutex<()>> {
+        lock(&self.release_locks)
+            .entry(vm_id.to_string())
             .or_default()
             .clone()
     }
@@ -402,16 +416,16 @@ impl Daemon {
         let host = sysinfo::host_resources(&self.cfg.layout.state_dir);
         let mut sizing = banger_core::sizing::resolve(&req.size, &host)?;
         let (vmm, accel) = self.select_vmm(req.vmm)?;
-        // Firecracker takes 1 or an even number of vCPUs: a default is
-        // rounded down, an explicit odd count refused before anything exists.
-        if vmm == VmmKind::Firecracker && sizing.cpus > 1 && !sizing.cpus.is_multiple_of(2) {
+        // Firecracker's limit, refused before anything exists.
+        let fc_max = banger_vmm::firecracker::MAX_VCPUS;
+        if vmm == VmmKind::Firecracker && sizing.cpus > fc_max {
             if req.size.cpus.is_some() {
                 return Err(DaemonError::Invalid(format!(
-                    "--cpus {}: Firecracker takes 1 or an even number of vCPUs",
+                    "--cpus {}: Firecracker takes at most {fc_max} vCPUs",
                     sizing.cpus
                 )));
             }
-            sizing.cpus -= 1;
+            sizing.cpus = fc_max;
         }
         if self.store().vm_by_name(&name)?.is_some() {
             return Err(DaemonError::VmExists(name));
@@ -537,11 +551,17 @@ impl Daemon {
     /// leaves half a template).
     fn work_template(&self, mib: u64) -> Result<std::path::PathBuf> {
         let path = self.cfg.layout.work_template(mib);
-        if path.is_file() {
+        let size = banger_core::sizing::mib_to_bytes(mib);
+        // Only a template of the right size counts (a crash can leave a
+        // short one behind despite the rename; it is made again).
+        let usable = |p: &std::path::Path| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.len() == size)
+        };
+        if usable(&path) {
             return Ok(path);
         }
         let _t = lock::<()>(&self.template_lock);
-        if path.is_file() {
+        if usable(&path) {
             return Ok(path);
         }
         fsutil::create_dir_all(&self.cfg.layout.cache_dir())?;
@@ -551,6 +571,9 @@ impl Daemon {
             let _ = fsutil::remove_file_if_exists(&tmp);
             return Err(e);
         }
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .with_path("sync", &tmp)?;
         std::fs::rename(&tmp, &path).with_path("rename into", &path)?;
         info!(path = %path.display(), mib, "made a work-disk template");
         Ok(path)
@@ -900,6 +923,9 @@ impl Daemon {
         // (unlinking open files is fine), and the janitor waits for its
         // exit before releasing its tap.
         self.teardown(&mut vm, false);
+        // If removing the files fails, the row must not claim a VMM or tap.
+        vm.runtime.state = Some(VmState::Stopped);
+        self.save(&vm)?;
         fsutil::remove_dir_all_if_exists(&self.cfg.layout.vm_runtime_dir(&vm.id))?;
         fsutil::remove_dir_all_if_exists(&self.cfg.layout.vm_dir(&vm.id))?;
         self.store().delete_vm(&vm.id)?;
@@ -976,12 +1002,21 @@ impl Daemon {
                 vmm_needle: dying.map(|d| d.1),
             };
             let recorded = self.store().insert_release(&r);
+            let deferred = self
+                .janitor_running
+                .load(std::sync::atomic::Ordering::SeqCst);
             match recorded {
-                Ok(()) => self.janitor.submit(r),
+                Ok(()) if deferred => self.janitor.submit(r),
+                Ok(()) => {
+                    // No janitor (before `serve`, or it could not start).
+                    if let Err(e) = self.release_now(&r.vm_id) {
+                        warn!(vm = %vm.name, err = %e, "release failed; kept for a retry");
+                    }
+                }
                 Err(e) => {
                     // Without the record the release cannot be deferred.
                     warn!(vm = %vm.name, err = %e, "cannot record the release; releasing now");
-                    if let Err(e) = self.release_now(&r) {
+                    if let Err(e) = self.release(&r) {
                         // The tap stays recorded: the next teardown retries.
                         warn!(vm = %vm.name, err = %e, "release failed");
                         vm.runtime.tap_device = Some(tap);
@@ -996,10 +1031,26 @@ impl Daemon {
         tracing::debug!(vm = %vm.name, vmm_us = t_vmm, total_us = micros(t0), "teardown");
     }
 
-    /// Does one release: the VM's NAT rules, then its tap (unless a VM in
-    /// the store records a tap of that name now: a daemon that died between
-    /// deleting a tap and its record), then the record.
-    pub fn release_now(&self, r: &Release) -> Result<()> {
+    /// Does the VM's recorded release, if it still has one: under the VM's
+    /// release lock, the record is read again (a `settle` or a `start` may
+    /// have done it meanwhile, and a stale copy must never touch a tap or
+    /// rules the VM has since been given), released, and deleted.
+    pub fn release_now(&self, vm_id: &str) -> Result<()> {
+        let rl = self.release_lock(vm_id);
+        let _g = lock::<()>(&rl);
+        let Some(r) = self.store().release(vm_id)? else {
+            return Ok(());
+        };
+        self.release(&r)?;
+        self.store().delete_release(&r.vm_id, &r.tap)?;
+        Ok(())
+    }
+
+    /// The kernel side of a release: waits for a VMM that was signalled but
+    /// not waited for, removes the VM's NAT rules, then its tap (unless a VM
+    /// in the store records a tap of that name now: a daemon that died
+    /// between deleting a tap and its record).
+    fn release(&self, r: &Release) -> Result<()> {
         let t = Instant::now();
         let failed = |reason: String| DaemonError::Release {
             vm: r.vm_name.clone(),
@@ -1032,7 +1083,6 @@ impl Daemon {
         if r.tap.starts_with(tap::TAP_PREFIX) && !owned {
             tap::delete(&r.tap).map_err(|e| failed(e.to_string()))?;
         }
-        self.store().delete_release(&r.vm_id)?;
         tracing::debug!(vm = %r.vm_name, tap = %r.tap, us = micros(t), "released");
         Ok(())
     }
@@ -1051,7 +1101,7 @@ impl Daemon {
             if !self.cfg.release_delay.is_zero() {
                 std::thread::sleep(self.cfg.release_delay);
             }
-            if let Err(e) = self.release_now(&r) {
+            if let Err(e) = self.release_now(&r.vm_id) {
                 warn!(vm = %r.vm_name, err = %e, "release failed; kept for a retry");
             }
             self.janitor.done(&r.vm_id);
@@ -1062,14 +1112,9 @@ impl Daemon {
     /// starts only once its previous tap (which carries the same /30) and
     /// rules are gone.
     fn settle_vm(&self, vm_id: &str) -> Result<()> {
-        let pending = |d: &Self| -> Result<Option<Release>> {
-            Ok(d.store()
-                .list_releases()?
-                .into_iter()
-                .find(|r| r.vm_id == vm_id))
-        };
         if !self.janitor.wait_vm(vm_id, SETTLE_TIMEOUT) {
-            if let Some(r) = pending(self)? {
+            let pending = self.store().release(vm_id)?;
+            if let Some(r) = pending {
                 return Err(DaemonError::Release {
                     vm: r.vm_name,
                     tap: r.tap,
@@ -1077,10 +1122,8 @@ impl Daemon {
                 });
             }
         }
-        if let Some(r) = pending(self)? {
-            self.release_now(&r)?;
-        }
-        Ok(())
+        // A failed one is retried now; its error fails the start.
+        self.release_now(vm_id)
     }
 
     /// Waits until every pending release is done, retrying failed ones;
@@ -1093,10 +1136,27 @@ impl Daemon {
             )));
         }
         let left = self.store().list_releases()?;
+        let mut failed = Vec::new();
         for r in &left {
-            self.release_now(r)?;
+            if let Err(e) = self.release_now(&r.vm_id) {
+                failed.push(e.to_string());
+            }
+        }
+        if !failed.is_empty() {
+            return Err(DaemonError::Invalid(format!(
+                "{} release(s) failed (kept; retried at the next settle, start or daemon start):\n{}",
+                failed.len(),
+                failed.join("\n")
+            )));
         }
         Ok(left.len())
+    }
+
+    /// Called by `serve` once the janitor thread runs: from then on
+    /// releases are deferred to it.
+    pub fn janitor_started(&self) {
+        self.janitor_running
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     // ---- reconcile ----------------------------------------------------
@@ -1105,11 +1165,16 @@ impl Daemon {
     /// handles are rebuilt from the scratch file and /proc) or is demoted to
     /// stopped after its kernel objects are torn down.
     pub fn reconcile(&self) -> Result<()> {
-        // Releases a previous daemon left undone are queued first; the
-        // janitor starts with `serve`.
-        for r in self.store().list_releases()? {
+        // Releases a previous daemon left undone are done first (the
+        // janitor starts only with `serve`).
+        // (Listed first: a store guard must not live through the loop,
+        // whose releases take the store again.)
+        let leftover = self.store().list_releases()?;
+        for r in leftover {
             info!(vm = %r.vm_name, tap = %r.tap, "reconcile: release left pending");
-            self.janitor.submit(r);
+            if let Err(e) = self.release_now(&r.vm_id) {
+                warn!(vm = %r.vm_name, err = %e, "release failed; kept for a retry");
+            }
         }
         let vms = self.store().list_vms()?;
         for mut vm in vms {
@@ -1402,7 +1467,7 @@ mod tests {
                 .unwrap();
             let r = release("a1", "bgtap0");
             dm.store().insert_release(&r).unwrap();
-            dm.release_now(&r).unwrap();
+            dm.release_now("a1").unwrap();
             assert!(!tap::exists("bgtap0"), "its own VM's row does not keep it");
             assert!(dm.store().list_releases().unwrap().is_empty());
 
@@ -1414,7 +1479,7 @@ mod tests {
                 .unwrap();
             let r = release("gone", "bgtap1");
             dm.store().insert_release(&r).unwrap();
-            dm.release_now(&r).unwrap();
+            dm.release_now("gone").unwrap();
             assert!(tap::exists("bgtap1"), "b's tap is left alone");
             assert!(dm.store().list_releases().unwrap().is_empty());
             tap::delete("bgtap1").unwrap();

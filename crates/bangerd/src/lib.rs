@@ -60,10 +60,10 @@ pub fn serve(daemon: Arc<Daemon>, listener: UnixListener, shutdown: Arc<AtomicBo
     let janitor = std::thread::Builder::new()
         .name("janitor".into())
         .spawn(move || d.run_janitor());
-    if let Err(e) = janitor {
-        // Releases then happen at `settle`, a start of the same VM, or the
-        // next daemon start.
-        tracing::warn!(err = %e, "cannot start the janitor");
+    match janitor {
+        Ok(_) => daemon.janitor_started(),
+        // Releases are then done inline, before each reply.
+        Err(e) => tracing::warn!(err = %e, "cannot start the janitor; releasing inline"),
     }
     server::run(daemon, listener, shutdown);
 }

@@ -199,8 +199,9 @@ fn handle(d: &Double, method: &str, path: &str, body: &[u8]) -> Result<(), Strin
     match (method, path.split('/').nth(1).unwrap_or("")) {
         ("PUT", "machine-config") => {
             pre_boot(&vm)?;
+            // Firecracker refuses odd counts above 1 only with SMT on.
             let n = body["vcpu_count"].as_i64().unwrap_or(0);
-            if n > 1 && n % 2 != 0 {
+            if body["smt"] == true && n > 1 && n % 2 != 0 {
                 return Err("The vCPU number is invalid! The vCPU number can only be 1 or an even number when SMT is enabled.".into());
             }
             vm.machine = Some(body);
