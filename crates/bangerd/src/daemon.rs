@@ -111,6 +111,29 @@ fn micros(since: Instant) -> u64 {
 
 /// Reports a finished phase to the client (`--timings`) and to the log
 /// (`BANGER_LOG=debug`).
+/// One phase of a request: a `phase` tracing span for its duration (its
+/// close, logged with `BANGER_LOG=debug`, carries the time) and, when done,
+/// an `Event::Phase` with the same number for `--timings`.
+struct Phase {
+    name: &'static str,
+    t: Instant,
+    _span: tracing::span::EnteredSpan,
+}
+
+impl Phase {
+    fn start(name: &'static str) -> Phase {
+        Phase {
+            name,
+            t: Instant::now(),
+            _span: tracing::debug_span!("phase", name).entered(),
+        }
+    }
+
+    fn done(self, events: Events) {
+        phase(events, self.name, self.t);
+    }
+}
+
 fn phase(events: Events, name: &str, t: Instant) {
     let us = micros(t);
     tracing::debug!(phase = name, us, "phase done");
@@ -401,7 +424,7 @@ impl Daemon {
     // ---- create -------------------------------------------------------
 
     pub fn create(&self, req: &banger_core::api::CreateVm, events: Events) -> Result<VmInfo> {
-        let t0 = Instant::now();
+        let t0 = Phase::start("create");
         let name = match &req.name {
             Some(n) => {
                 banger_core::validate_name(n)?;
@@ -503,7 +526,7 @@ impl Daemon {
             let _ = self.store().delete_vm(&id);
             return Err(e);
         }
-        phase(events, "create", t0);
+        t0.done(events);
         if req.start {
             let vm = self.start_locked(vm, events)?;
             return Ok(self.info(&vm));
@@ -631,7 +654,7 @@ impl Daemon {
         let net = self.cfg.subnet.slot_of(guest_ip)?;
 
         // Network: a tap from the pool, then NAT when there is an uplink.
-        let t = Instant::now();
+        let t = Phase::start("network");
         let tap_name = {
             let _n = lock::<()>(&self.tap_lock);
             let name = tap::free_name(&[])?;
@@ -646,7 +669,7 @@ impl Daemon {
         self.handles.set(&vm.id, h.clone());
         handles::write_file(&dir, &h)?;
         self.save(vm)?;
-        phase(events, "network", t);
+        t.done(events);
 
         // NAT is not needed until the guest is up: it is installed on a
         // thread of its own once the VMM is spawned, while the guest boots
@@ -674,10 +697,10 @@ impl Daemon {
                     nat::up(&spec).map(|()| micros(t))
                 })
             });
-            let t = Instant::now();
+            let t = Phase::start("boot");
             let booted = self.wait_ready(vm, pid, &console, &boot_id);
             if booted.is_ok() {
-                phase(events, "boot", t);
+                t.done(events);
             }
             let nat = match job {
                 Some(j) => j.join().unwrap_or(Err(nat::NatError::Thread)),
@@ -712,7 +735,7 @@ impl Daemon {
         let guest_ip = net.guest_ip;
 
         // Per-VM initrd: the image's initramfs plus this VM's config.
-        let t = Instant::now();
+        let t = Phase::start("config");
         let boot_id = random_hex(8)?;
         let client_pub = sshkey::public_key(&self.cfg.layout.client_key())?;
         let host_key_path = dir.join(vmfiles::HOST_KEY);
@@ -747,9 +770,9 @@ impl Daemon {
         fsutil::write(&console, "")?;
         vm.runtime.api_sock_path = Some(api_sock.clone());
         vm.runtime.log_path = Some(console.clone());
-        phase(events, "config", t);
+        t.done(events);
 
-        let t = Instant::now();
+        let t = Phase::start("spawn");
         let vcfg = banger_vmm::VmConfig {
             name: vm.name.clone(),
             vcpus: vm.spec.sizing.cpus,
@@ -790,7 +813,7 @@ impl Daemon {
         h.pid = Some(proc_.pid);
         self.handles.set(&vm.id, h.clone());
         handles::write_file(&dir, &h)?;
-        phase(events, "spawn", t);
+        t.done(events);
         events(Event::Progress {
             message: format!("booting {} ({} {})", vm.name, vm.spec.vmm, vm.spec.accel),
         });

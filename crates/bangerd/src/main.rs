@@ -43,6 +43,9 @@ fn real_main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // A span's close carries its time: per request (info) and per
+        // phase of a request (debug).
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
         .init();
     if !nix::unistd::geteuid().is_root() {
         bail!("bangerd must run as root: it creates taps, NAT rules and VMM processes");
