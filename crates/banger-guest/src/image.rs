@@ -45,6 +45,28 @@ pub struct Recipe {
 }
 
 impl Recipe {
+    /// What the image is made of, as a short stable id (FNV-1a over the
+    /// suite, packages, initramfs modules and the guest assets compiled into
+    /// this banger): an image whose manifest carries another id was built by
+    /// a different banger and may lack what this one relies on (e.g. the
+    /// initramfs' virtio_mmio for Firecracker).
+    pub fn id(&self) -> String {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut feed = |s: &str| {
+            for b in s.bytes().chain([0u8]) {
+                h ^= u64::from(b);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        feed(&self.suite);
+        self.packages.iter().for_each(|p| feed(p));
+        INITRAMFS_MODULES.iter().for_each(|m| feed(m));
+        for asset in [INIT, INITTAB, GUEST_READY, SSHD_CONFIG] {
+            feed(asset);
+        }
+        format!("{h:016x}")
+    }
+
     pub fn default_for(name: &str) -> Option<Recipe> {
         (name == DEFAULT_IMAGE).then(|| Recipe {
             suite: "bookworm".into(),
@@ -100,6 +122,9 @@ pub struct Manifest {
     pub kernel_version: String,
     pub rootfs_bytes: u64,
     pub created_at: i64,
+    /// `Recipe::id` of what built it; empty for images older than the field.
+    #[serde(default)]
+    pub recipe: String,
 }
 
 impl Manifest {
@@ -119,6 +144,15 @@ impl Manifest {
 
 /// Reads a finished image's manifest; `None` when the dir holds no complete
 /// image (a build that never finished has no manifest).
+/// Whether the image in `dir` was built from `recipe` as this banger has it
+/// (false for a missing or unreadable manifest).
+pub fn is_current(dir: &Path, recipe: &Recipe) -> bool {
+    std::fs::read_to_string(dir.join(MANIFEST))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Manifest>(&t).ok())
+        .is_some_and(|m| m.recipe == recipe.id())
+}
+
 pub fn load(dir: &Path) -> Result<Option<ImageRecord>, ImageError> {
     let path = dir.join(MANIFEST);
     let name = dir
@@ -250,6 +284,7 @@ fn build_into(
         kernel_version: kver,
         rootfs_bytes: mib * 1024 * 1024,
         created_at: banger_core::unix_now(),
+        recipe: recipe.id(),
     };
     let json = serde_json::to_string_pretty(&manifest).map_err(|e| ImageError::Layout {
         name: name.to_string(),
@@ -494,6 +529,35 @@ fn initramfs(name: &str, root: &Path, kver: &str, busybox: &Path) -> Result<Vec<
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn recipe_ids_are_stable_and_follow_the_recipe() {
+        let r = super::Recipe::default_for(super::DEFAULT_IMAGE).unwrap();
+        assert_eq!(r.id(), r.id());
+        assert_eq!(r.id().len(), 16);
+        let mut other = r.clone();
+        other.packages.push("vim".into());
+        assert_ne!(r.id(), other.id());
+
+        let d = tempfile::tempdir().unwrap();
+        assert!(!super::is_current(d.path(), &r), "no manifest");
+        let m = |recipe: &str| {
+            format!(
+                r#"{{"name":"bookworm","kernel_version":"6.1","rootfs_bytes":1,"created_at":0{recipe}}}"#
+            )
+        };
+        std::fs::write(d.path().join(super::MANIFEST), m("")).unwrap();
+        assert!(
+            !super::is_current(d.path(), &r),
+            "older manifest, no recipe id"
+        );
+        std::fs::write(
+            d.path().join(super::MANIFEST),
+            m(&format!(r#","recipe":"{}""#, r.id())),
+        )
+        .unwrap();
+        assert!(super::is_current(d.path(), &r));
+    }
+
     use super::*;
 
     #[test]

@@ -195,6 +195,34 @@ fn run_rm_deletes_the_vm_and_keeps_the_status() {
     let out = inst.banger(&["vm", "run", "--rm", "--", "sh", "-c", "uname -s; exit 3"]);
     assert_eq!(out.status.code(), Some(3), "{out:?}");
     assert_eq!(text(&out.stdout), "Linux\n");
+    assert!(
+        !text(&out.stderr).contains("another version of banger"),
+        "the test image is current: {}",
+        text(&out.stderr)
+    );
+    assert_baseline(&inst);
+
+    // An image built by another banger (its manifest names another recipe)
+    // is said to be one, by create and by doctor. The manifest is replaced,
+    // not edited: the image is hard-linked from the shared test cache.
+    let m = inst.state().join("images/bookworm/manifest.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&m).unwrap()).unwrap();
+    assert!(v["recipe"].as_str().is_some_and(|r| r.len() == 16), "{v}");
+    v["recipe"] = "0000000000000000".into();
+    let tmp = m.with_extension("tmp");
+    std::fs::write(&tmp, v.to_string()).unwrap();
+    std::fs::rename(&tmp, &m).unwrap();
+    let out = inst.banger(&["vm", "create", "--name", "old"]);
+    ok(&out, "create on an old image");
+    assert!(
+        text(&out.stderr).contains("built by another version of banger"),
+        "{}",
+        text(&out.stderr)
+    );
+    let doctor = text(&inst.banger(&["doctor"]).stdout);
+    assert!(doctor.contains("built by another version"), "{doctor}");
+    ok(&inst.banger(&["vm", "delete", "old"]), "delete");
     assert_baseline(&inst);
 }
 

@@ -463,6 +463,16 @@ impl Daemon {
         // the row that makes it "in use".
         let image_guard = lock(&self.image_lock);
         let img = self.image(&image_name)?;
+        if let Some(recipe) = Recipe::default_for(&image_name) {
+            if !image::is_current(&img.dir, &recipe) {
+                events(Event::Progress {
+                    message: format!(
+                        "image {image_name} was built by another version of banger (its guest \
+                         recipe differs): `banger image build --force` rebuilds it"
+                    ),
+                });
+            }
+        }
 
         let vl = self.vm_lock(&name);
         let _g = lock::<()>(&vl);

@@ -1,7 +1,7 @@
 //! `banger doctor`: what this host can do, and what is missing.
 
 use banger_core::api::Check;
-use banger_guest::image::DEFAULT_IMAGE;
+use banger_guest::image::{self, Recipe, DEFAULT_IMAGE};
 use banger_host::{cmd, nat, sysinfo};
 
 use crate::daemon::{human_mib, Daemon};
@@ -90,12 +90,24 @@ pub fn checks(d: &Daemon) -> Vec<Check> {
             human_mib(s.disk_mib)
         ),
     ));
-    match d.store().image(DEFAULT_IMAGE) {
-        Ok(Some(img)) => v.push(check(
-            "image",
-            true,
-            format!("{DEFAULT_IMAGE}: kernel {}", img.kernel_version),
-        )),
+    let image = d.store().image(DEFAULT_IMAGE);
+    match image {
+        Ok(Some(img)) => {
+            let current =
+                Recipe::default_for(DEFAULT_IMAGE).is_some_and(|r| image::is_current(&img.dir, &r));
+            v.push(check(
+                "image",
+                current,
+                if current {
+                    format!("{DEFAULT_IMAGE}: kernel {}", img.kernel_version)
+                } else {
+                    format!(
+                        "{DEFAULT_IMAGE} was built by another version of banger: \
+                         `banger image build --force` rebuilds it"
+                    )
+                },
+            ))
+        }
         _ => v.push(check(
             "image",
             false,
