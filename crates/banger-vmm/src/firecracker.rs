@@ -114,6 +114,33 @@ pub fn requests(cfg: &VmConfig) -> Result<Vec<(String, Value)>, VmmError> {
     Ok(v)
 }
 
+/// Reads the head of an HTTP/1.1 message: its first line (empty at end of
+/// stream) and its `Content-Length` (0 without one). The API client here
+/// and the test double's server share it.
+pub fn read_head(r: &mut impl BufRead) -> std::io::Result<(String, usize)> {
+    let mut first = String::new();
+    if r.read_line(&mut first)? == 0 {
+        return Ok((first, 0));
+    }
+    let mut len = 0usize;
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h)? == 0 {
+            break;
+        }
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+        }
+    }
+    Ok((first, len))
+}
+
 /// One `PUT` on the API socket; a non-2xx answer is an error carrying
 /// Firecracker's `fault_message`.
 pub fn put(sock: &Path, path: &str, body: &Value) -> Result<(), VmmError> {
@@ -130,27 +157,12 @@ pub fn put(sock: &Path, path: &str, body: &Value) -> Result<(), VmmError> {
     );
     s.write_all(req.as_bytes()).map_err(|e| io("write", e))?;
     let mut r = BufReader::new(s);
-    let mut status = String::new();
-    r.read_line(&mut status).map_err(|e| io("read", e))?;
+    let (status, len) = read_head(&mut r).map_err(|e| io("read", e))?;
     let code: u16 = status
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| api_err(sock, format!("PUT {path}: bad status line {status:?}")))?;
-    let mut len = 0usize;
-    loop {
-        let mut h = String::new();
-        r.read_line(&mut h).map_err(|e| io("read", e))?;
-        let h = h.trim_end();
-        if h.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            if k.eq_ignore_ascii_case("content-length") {
-                len = v.trim().parse().unwrap_or(0);
-            }
-        }
-    }
     let mut answer = vec![0u8; len.min(1 << 20)];
     r.read_exact(&mut answer).map_err(|e| io("read body", e))?;
     if (200..300).contains(&code) {

@@ -114,8 +114,10 @@ fn serve(d: &Double, s: UnixStream) {
     let mut w = w;
     let mut r = BufReader::new(s);
     loop {
-        let mut line = String::new();
-        if r.read_line(&mut line).unwrap_or(0) == 0 {
+        let Ok((line, len)) = banger_vmm::firecracker::read_head(&mut r) else {
+            return;
+        };
+        if line.is_empty() {
             return;
         }
         let mut parts = line.split_whitespace();
@@ -123,22 +125,6 @@ fn serve(d: &Double, s: UnixStream) {
             parts.next().unwrap_or("").to_string(),
             parts.next().unwrap_or("").to_string(),
         );
-        let mut len = 0usize;
-        loop {
-            let mut h = String::new();
-            if r.read_line(&mut h).unwrap_or(0) == 0 {
-                return;
-            }
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = h.split_once(':') {
-                if k.eq_ignore_ascii_case("content-length") {
-                    len = v.trim().parse().unwrap_or(0);
-                }
-            }
-        }
         let mut body = vec![0u8; len];
         if r.read_exact(&mut body).is_err() {
             return;
