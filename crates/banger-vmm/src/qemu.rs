@@ -10,7 +10,6 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use banger_core::VmmKind;
-use serde_json::json;
 
 use crate::{qmp, VmConfig, Vmm, VmmError, VmmProcess};
 
@@ -142,12 +141,7 @@ impl Vmm for Qemu {
     }
 
     fn request_shutdown(&self, api_sock: &Path) -> Result<(), VmmError> {
-        let keys = json!({"keys": [
-            {"type": "qcode", "data": "ctrl"},
-            {"type": "qcode", "data": "alt"},
-            {"type": "qcode", "data": "delete"}
-        ]});
-        qmp::execute(api_sock, "send-key", Some(keys)).map(|_| ())
+        qmp::send_ctrl_alt_del(api_sock)
     }
 }
 

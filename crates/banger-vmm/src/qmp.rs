@@ -16,6 +16,17 @@ fn api_err(path: &Path, detail: impl std::fmt::Display) -> VmmError {
     }
 }
 
+/// Presses Ctrl-Alt-Del on the guest's keyboard (QEMU's twin of
+/// Firecracker's `SendCtrlAltDel`).
+pub fn send_ctrl_alt_del(path: &Path) -> Result<(), VmmError> {
+    let keys = json!({"keys": [
+        {"type": "qcode", "data": "ctrl"},
+        {"type": "qcode", "data": "alt"},
+        {"type": "qcode", "data": "delete"}
+    ]});
+    execute(path, "send-key", Some(keys)).map(|_| ())
+}
+
 /// Executes one QMP command and returns its `return` value.
 pub fn execute(path: &Path, command: &str, arguments: Option<Value>) -> Result<Value, VmmError> {
     let stream = UnixStream::connect(path).map_err(|e| api_err(path, e))?;

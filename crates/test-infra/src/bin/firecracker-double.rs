@@ -27,7 +27,7 @@
 //! Every request and its verdict go to `--log-path`.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -335,31 +335,5 @@ fn start(d: &Double, vm: &Vm, boot: &Value) -> Result<(), String> {
 }
 
 fn qmp_ctrl_alt_del(d: &Double) -> Result<(), String> {
-    let sock = qmp_sock(d);
-    let s = UnixStream::connect(&sock).map_err(|e| format!("qmp {}: {e}", sock.display()))?;
-    let mut w = s.try_clone().map_err(|e| e.to_string())?;
-    let mut r = BufReader::new(s);
-    let mut line = String::new();
-    r.read_line(&mut line).map_err(|e| e.to_string())?; // greeting
-    for cmd in [
-        json!({"execute": "qmp_capabilities"}),
-        json!({"execute": "send-key", "arguments": {"keys": [
-            {"type": "qcode", "data": "ctrl"},
-            {"type": "qcode", "data": "alt"},
-            {"type": "qcode", "data": "delete"}
-        ]}}),
-    ] {
-        writeln!(w, "{cmd}").map_err(|e| e.to_string())?;
-        loop {
-            line.clear();
-            r.read_line(&mut line).map_err(|e| e.to_string())?;
-            if line.contains("\"return\"") {
-                break;
-            }
-            if line.contains("\"error\"") || line.is_empty() {
-                return Err(format!("qmp: {line}"));
-            }
-        }
-    }
-    Ok(())
+    banger_vmm::qmp::send_ctrl_alt_del(&qmp_sock(d)).map_err(|e| e.to_string())
 }
