@@ -10,9 +10,14 @@ cd "$(dirname "$0")/.."
 
 ./scripts/install-deps.sh
 
+# The tests' daemon has failpoints compiled in (bangerd's `failpoints`
+# feature); release builds have none. Both builds are linted.
+features=(--features bangerd/failpoints)
+
 cargo fmt --all --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
-cargo build --locked --workspace --bins
+cargo clippy --locked --workspace --all-targets "${features[@]}" -- -D warnings
+cargo build --locked --workspace --bins "${features[@]}"
 
 BANGER_TEST_IMAGE=$(./scripts/test-image.sh target/debug/banger)
 export BANGER_TEST_IMAGE
@@ -20,7 +25,7 @@ export BANGER_TEST_IMAGE
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --locked --workspace --lib --bins --tests -- --test-threads=2 2>&1 | tee "$log"
+cargo test --locked --workspace --lib --bins --tests "${features[@]}" -- --test-threads=2 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 # One closing line for the whole suite.

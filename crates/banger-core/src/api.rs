@@ -10,11 +10,11 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::VmmKind;
+use crate::model::{AutoStop, VmmKind};
 use crate::sizing::SizeRequest;
 use crate::state::VmState;
 
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -56,6 +56,19 @@ pub enum Request {
     /// Waits until the taps and NAT rules of ended VMs are released
     /// (retrying failed releases): the host is at baseline after it.
     Settle,
+    /// The guest console: what the log holds, as `Event::Log` chunks; with
+    /// `follow`, then what the guest writes, until the client hangs up or
+    /// the VM stops.
+    VmLogs {
+        name: String,
+        follow: bool,
+    },
+    /// The stats poller's last sample of one VM, or of every running VM.
+    VmStats {
+        name: Option<String>,
+    },
+    /// The daemon's pid, version, uptime, VMs by state, pending releases.
+    DaemonStatus,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +80,15 @@ pub struct CreateVm {
     pub vmm: Option<VmmKind>,
     /// Boot it right away (what `vm run` does).
     pub start: bool,
+    /// The VM lives as long as this connection: once booted the daemon
+    /// sends `Event::Ready` and waits for the client to hang up (or shut
+    /// its writing side), then deletes the VM and answers `Deleted`. A
+    /// client that goes away during the boot (Ctrl-C) cancels it. Needs
+    /// `start`.
+    #[serde(default)]
+    pub rm: bool,
+    #[serde(default)]
+    pub auto_stop: AutoStop,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -86,6 +108,12 @@ pub enum Event {
     Spec { line: String },
     /// A named phase and how long it took, for `--timings`.
     Phase { name: String, micros: u64 },
+    /// The VM of an `rm` create is up: the client uses it, then hangs up.
+    Ready { vm: Box<VmInfo> },
+    /// A chunk of the guest console, as the guest wrote it (control
+    /// characters included: the client escapes them before a terminal
+    /// sees them).
+    Log { text: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -113,6 +141,47 @@ pub enum Response {
     Settled {
         retried: u32,
     },
+    Stats {
+        stats: Vec<VmStats>,
+    },
+    Status(DaemonStatus),
+    /// The end of a `VmLogs` stream.
+    LogEnd,
+}
+
+/// One sample of the stats poller.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmStats {
+    pub name: String,
+    pub state: VmState,
+    /// Unix seconds of the sample.
+    pub sampled_at: i64,
+    /// The VMM's CPU time (user + system), and its share of one core over
+    /// the last interval (100.0 = one core busy).
+    pub cpu_secs: f64,
+    pub cpu_percent: f64,
+    /// The VMM's resident memory.
+    pub rss_bytes: u64,
+    /// Bytes allocated on the host by the VM's disks (root and work).
+    pub disk_bytes: u64,
+    /// Bytes through the VM's tap, as the guest sees them (rx: received by
+    /// the guest).
+    pub net_rx_bytes: u64,
+    pub net_tx_bytes: u64,
+    pub uptime_secs: u64,
+    /// How long the guest has been idle (see `AutoStop::idle_secs`).
+    pub idle_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    pub pid: u32,
+    pub version: String,
+    pub protocol: u32,
+    pub uptime_secs: u64,
+    /// (state, count), every state that has VMs.
+    pub vms: Vec<(VmState, u32)>,
+    pub pending_releases: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,6 +219,8 @@ pub struct VmInfo {
     pub last_error: Option<String>,
     pub ssh: SshTarget,
     pub vm_dir: PathBuf,
+    #[serde(default)]
+    pub auto_stop: AutoStop,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -188,11 +259,11 @@ mod tests {
             request: Request::VmStart { name: "a".into() },
         };
         let s = serde_json::to_string(&e).unwrap();
-        assert_eq!(s, r#"{"version":1,"request":{"op":"vm_start","name":"a"}}"#);
+        assert_eq!(s, r#"{"version":2,"request":{"op":"vm_start","name":"a"}}"#);
         assert_eq!(serde_json::from_str::<Envelope>(&s).unwrap(), e);
-        let bad = r#"{"version":1,"request":{"op":"vm_start","name":"a","force":true}}"#;
+        let bad = r#"{"version":2,"request":{"op":"vm_start","name":"a","force":true}}"#;
         assert!(serde_json::from_str::<Envelope>(bad).is_err());
-        let bad = r#"{"version":1,"request":{"op":"vm_explode"}}"#;
+        let bad = r#"{"version":2,"request":{"op":"vm_explode"}}"#;
         assert!(serde_json::from_str::<Envelope>(bad).is_err());
     }
 

@@ -12,7 +12,12 @@ pub mod sizing;
 pub mod state;
 
 pub use layout::Layout;
-pub use model::{ImageRecord, Release, VmHandles, VmRecord, VmRuntime, VmSpec, VmmKind};
+pub use model::{
+    AutoStop, Held, ImageRecord, Release, VmHandles, VmRecord, VmRuntime, VmSpec, VmmKind,
+};
+
+pub mod duration;
+pub mod text;
 pub use name::{validate_name, NameError};
 pub use state::VmState;
 

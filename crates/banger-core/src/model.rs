@@ -45,6 +45,21 @@ pub struct VmSpec {
     pub vmm: VmmKind,
     /// "kvm" or "tcg" for QEMU; "kvm" for Firecracker.
     pub accel: String,
+    /// When the daemon stops the VM on its own (absent in older rows).
+    #[serde(default)]
+    pub auto_stop: AutoStop,
+}
+
+/// Stop conditions the stats poller enforces, through the same path as
+/// `vm stop`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AutoStop {
+    /// Stop this long after the VM was started.
+    pub ttl_secs: Option<u64>,
+    /// Stop once the guest has been idle (no CPU above a small share of a
+    /// core, no network traffic) this long.
+    pub idle_secs: Option<u64>,
 }
 
 /// The durable runtime record (`vms.runtime_json`): facts that are either
@@ -68,6 +83,9 @@ pub struct VmRuntime {
     pub last_error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tap_device: Option<String>,
+    /// Unix seconds the current boot became ready (TTLs count from it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<i64>,
 }
 
 impl VmRuntime {
@@ -82,6 +100,9 @@ impl VmRuntime {
 #[serde(default)]
 pub struct VmHandles {
     pub pid: Option<i32>,
+    /// The VMM's start time (clock ticks after boot, /proc/PID/stat field
+    /// 22): with the pid, its identity; a recycled pid never matches.
+    pub vmm_start_time: Option<u64>,
     pub tap_device: Option<String>,
     pub base_loop: Option<String>,
     pub cow_loop: Option<String>,
@@ -89,21 +110,39 @@ pub struct VmHandles {
     pub dm_dev: Option<String>,
 }
 
-/// What a VM still holds in the kernel once its VMM is gone: its tap and
-/// the NAT rules tagged with its id. Recorded in the store until the
-/// daemon's janitor has released both, so that a restart finishes the job,
-/// and so that the guest address stays reserved until its tap is gone.
+/// One host resource a VM still holds, as its module recorded it: the
+/// module's name and its own description of the object (a tap's name, a
+/// VMM's pid and start time, ...). Opaque to everything but that module,
+/// so a new kind of resource needs no schema change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Held {
+    pub resource: String,
+    pub data: serde_json::Value,
+}
+
+/// What an ended VM still holds after its request returned: resources whose
+/// release is finished after the reply (its NAT rules, its tap, a deleted
+/// VM's dying VMM, a deleted VM's address), in the order they are released.
+/// Recorded in the store until every item is released, so that a restart
+/// finishes the job, and so that the guest address stays reserved until
+/// its tap is gone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Release {
+    /// The store's id for this record (0 before it is stored).
+    pub id: i64,
     pub vm_id: String,
     pub vm_name: String,
-    pub tap: String,
-    pub guest_ip: Option<String>,
-    /// A VMM that was sent SIGKILL but not waited for (`delete`): the
-    /// release waits for it first. With the argument that identifies it
-    /// (its API socket path), so that a recycled pid is never touched.
-    pub vmm_pid: Option<i32>,
-    pub vmm_needle: Option<String>,
+    pub items: Vec<Held>,
+}
+
+impl Release {
+    /// The data of the first item of `resource`, if any.
+    pub fn item(&self, resource: &str) -> Option<&serde_json::Value> {
+        self.items
+            .iter()
+            .find(|h| h.resource == resource)
+            .map(|h| &h.data)
+    }
 }
 
 impl VmHandles {

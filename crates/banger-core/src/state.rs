@@ -7,6 +7,9 @@ use thiserror::Error;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum VmState {
+    /// Recorded; its disks are being prepared. A VM found in this state at
+    /// daemon start was cut short and is removed.
+    Creating,
     /// Recorded, disks prepared, never booted.
     Created,
     /// VMM spawned, waiting for the guest to say it is ready.
@@ -17,6 +20,8 @@ pub enum VmState {
     /// The last start or stop failed; `last_error` says why. Can be started
     /// again or deleted.
     Error,
+    /// Being deleted. A VM found in this state at daemon start is deleted.
+    Deleting,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -31,12 +36,14 @@ pub struct TransitionError {
 impl std::fmt::Display for VmState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
+            VmState::Creating => "creating",
             VmState::Created => "created",
             VmState::Starting => "starting",
             VmState::Running => "running",
             VmState::Stopping => "stopping",
             VmState::Stopped => "stopped",
             VmState::Error => "error",
+            VmState::Deleting => "deleting",
         })
     }
 }
@@ -59,6 +66,13 @@ impl VmState {
     /// running VM is killed first.
     pub fn can_delete(self) -> bool {
         true
+    }
+    /// Whether a VMM may exist for the VM in this state.
+    pub fn is_up(self) -> bool {
+        matches!(
+            self,
+            VmState::Running | VmState::Starting | VmState::Stopping
+        )
     }
 
     pub fn check(self, name: &str, action: &'static str) -> Result<(), TransitionError> {
@@ -99,8 +113,13 @@ mod tests {
         }
         assert!(Running.can_stop());
         assert!(!Stopping.can_stop());
-        for s in [Created, Starting, Running, Stopping, Stopped, Error] {
+        for s in [
+            Creating, Created, Starting, Running, Stopping, Stopped, Error, Deleting,
+        ] {
             assert!(s.can_delete());
+        }
+        for s in [Creating, Deleting] {
+            assert!(!s.can_start() && !s.can_stop() && !s.can_kill(), "{s}");
         }
     }
 

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -263,7 +264,7 @@ fn build_into(
     let mib = (used / (1024 * 1024)) * 5 / 4 + 512;
     let mib = mib.div_ceil(64) * 64;
     let ext4 = work.join(ROOTFS_FILE);
-    cmd::run(
+    cmd::run_with(
         "mkfs.ext4",
         [
             "-q".as_ref(),
@@ -275,6 +276,8 @@ fn build_into(
             ext4.as_os_str(),
             format!("{mib}M").as_ref(),
         ],
+        None,
+        MKFS_TIMEOUT,
     )
     .map_err(cmd_err)?;
     fsutil::remove_dir_all_if_exists(&rootfs).map_err(fs)?;
@@ -312,6 +315,13 @@ fn build_into(
     Ok(manifest.record(dir))
 }
 
+/// How long mmdebstrap may take (62 s measured here) before the build is
+/// failed and its processes killed: a stalled mirror must not hold the
+/// image lock forever.
+const BOOTSTRAP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+/// How long writing the root filesystem may take.
+const MKFS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+
 fn bootstrap(
     name: &str,
     recipe: &Recipe,
@@ -333,6 +343,7 @@ fn bootstrap(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
+        .process_group(0)
         .spawn()
         .map_err(|source| ImageError::Cmd {
             name: name.to_string(),
@@ -341,6 +352,21 @@ fn bootstrap(
                 source,
             },
         })?;
+    // A watchdog kills mmdebstrap's process group at the deadline; its
+    // stderr then ends and the wait below returns.
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let group = child.id() as i32;
+    let watchdog = std::thread::spawn(move || {
+        let late = finished.recv_timeout(BOOTSTRAP_TIMEOUT)
+            == Err(std::sync::mpsc::RecvTimeoutError::Timeout);
+        if late {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(-group),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        late
+    });
     let mut tail: Vec<String> = Vec::new();
     if let Some(err) = child.stderr.take() {
         for line in BufReader::new(err).lines().map_while(Result::ok) {
@@ -360,6 +386,16 @@ fn bootstrap(
             source,
         },
     })?;
+    drop(done);
+    if watchdog.join().unwrap_or(false) {
+        return Err(ImageError::Cmd {
+            name: name.to_string(),
+            source: CmdError::TimedOut {
+                command: "mmdebstrap".into(),
+                secs: BOOTSTRAP_TIMEOUT.as_secs(),
+            },
+        });
+    }
     if !status.success() {
         return Err(ImageError::Bootstrap {
             name: name.to_string(),

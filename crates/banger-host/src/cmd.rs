@@ -3,8 +3,9 @@
 //! are passed as a vector: no shell is ever involved.
 
 use std::ffi::OsStr;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use thiserror::Error;
 
@@ -21,7 +22,13 @@ pub enum CmdError {
         status: String,
         stderr: String,
     },
+    #[error("`{command}` did not finish within {secs}s and was killed")]
+    TimedOut { command: String, secs: u64 },
 }
+
+/// How long a tool may run unless its caller says otherwise: a hung tool
+/// fails its request instead of holding its locks forever.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn render(program: &str, args: &[&OsStr]) -> String {
     let mut s = program.to_string();
@@ -32,18 +39,32 @@ fn render(program: &str, args: &[&OsStr]) -> String {
     s
 }
 
-/// Runs `program args...`, returns stdout; non-zero exit is an error that
-/// carries the command line and stderr.
+/// Runs `program args...` with [`DEFAULT_TIMEOUT`], returns stdout;
+/// non-zero exit is an error that carries the command line and stderr.
 pub fn run<I, S>(program: &str, args: I) -> Result<String, CmdError>
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    run_with_input(program, args, None)
+    run_with(program, args, None, DEFAULT_TIMEOUT)
 }
 
 /// Like [`run`], feeding `input` on stdin (used for `nft -f -`).
 pub fn run_with_input<I, S>(program: &str, args: I, input: Option<&str>) -> Result<String, CmdError>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    run_with(program, args, input, DEFAULT_TIMEOUT)
+}
+
+/// Like [`run_with_input`], killed (with its process group) after `timeout`.
+pub fn run_with<I, S>(
+    program: &str,
+    args: I,
+    input: Option<&str>,
+    timeout: Duration,
+) -> Result<String, CmdError>
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
@@ -63,19 +84,58 @@ where
         program: program.to_string(),
         source,
     };
+    // Its own process group, so that a timeout kills what it started too.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = cmd.spawn().map_err(spawn_err)?;
     if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
         stdin.write_all(text.as_bytes()).map_err(spawn_err)?;
     }
-    let out = child.wait_with_output().map_err(spawn_err)?;
-    if !out.status.success() {
+    // Both pipes drained on threads of their own (a full pipe would block
+    // the tool), the exit waited for with a deadline.
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out_t = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let err_t = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let status = match wait_timeout::ChildExt::wait_timeout(&mut child, timeout) {
+        Ok(Some(st)) => st,
+        Ok(None) => {
+            let pgid = nix::unistd::Pid::from_raw(-(child.id() as i32));
+            let _ = nix::sys::signal::kill(pgid, nix::sys::signal::Signal::SIGKILL);
+            let _ = child.wait();
+            return Err(CmdError::TimedOut {
+                command: render(program, &argv),
+                secs: timeout.as_secs(),
+            });
+        }
+        Err(e) => return Err(spawn_err(e)),
+    };
+    let stdout = out_t.join().unwrap_or_default();
+    let stderr = err_t.join().unwrap_or_default();
+    if !status.success() {
         return Err(CmdError::Failed {
             command: render(program, &argv),
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            status: status.to_string(),
+            stderr: String::from_utf8_lossy(&stderr).trim().to_string(),
         });
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(String::from_utf8_lossy(&stdout).into_owned())
 }
 
 /// Whether `program` is found on PATH.
@@ -104,5 +164,17 @@ mod tests {
         );
         assert!(which("sh").is_some());
         assert!(which("banger-no-such-tool").is_none());
+    }
+
+    #[test]
+    fn a_hung_tool_is_killed_at_its_timeout() {
+        let t = std::time::Instant::now();
+        let e = run_with("sleep", ["30"], None, Duration::from_millis(200)).unwrap_err();
+        assert!(matches!(e, CmdError::TimedOut { .. }), "{e}");
+        assert!(e.to_string().contains("`sleep 30` did not finish"), "{e}");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "killed, not waited for"
+        );
     }
 }

@@ -13,6 +13,10 @@ use crate::cmd::{self, CmdError};
 
 pub const TABLE: &str = "banger";
 
+/// An `nft` run takes milliseconds; one that hangs (a wedged netlink
+/// socket) fails its request after this.
+pub const NFT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[derive(Debug, Error)]
 pub enum NatError {
     #[error("nat for {vm}: {source}")]
@@ -141,7 +145,12 @@ impl TableState {
 /// call: the text listing carries the rule handles and, unlike nft 1.0.6's
 /// JSON, the table's comment.
 fn table_state(vm_id: &str) -> Result<Option<TableState>, NatError> {
-    match cmd::run("nft", ["-a", "list", "table", "ip", TABLE]) {
+    match cmd::run_with(
+        "nft",
+        ["-a", "list", "table", "ip", TABLE],
+        None,
+        NFT_TIMEOUT,
+    ) {
         Ok(text) => Ok(Some(parse_table(&text))),
         Err(CmdError::Failed { ref stderr, .. }) if stderr.contains("No such file") => Ok(None),
         Err(source) => Err(NatError::Nft {
@@ -183,9 +192,11 @@ pub fn parse_table(text: &str) -> TableState {
 }
 
 fn nft(vm_id: &str, script: &str) -> Result<(), NatError> {
-    cmd::run_with_input("nft", ["-f", "-"], Some(script)).map_err(|source| NatError::Nft {
-        vm: vm_id.to_string(),
-        source,
+    cmd::run_with("nft", ["-f", "-"], Some(script), NFT_TIMEOUT).map_err(|source| {
+        NatError::Nft {
+            vm: vm_id.to_string(),
+            source,
+        }
     })?;
     Ok(())
 }

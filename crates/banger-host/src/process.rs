@@ -1,6 +1,8 @@
-//! Processes, found and checked through /proc. A VMM is identified by its
-//! API socket path appearing in its command line (the seed's `pgrep -f
-//! <apiSock>`), so a PID that was reused by something else never counts.
+//! Processes, found and checked through /proc. A process is identified by
+//! its pid *and* its start time ([`ProcId`]), so a pid the kernel reused for
+//! something else never counts. Searching by an argument (the seed's `pgrep
+//! -f <apiSock>`) is only how a VMM is found again when every record of it
+//! is lost; what is found is then identified the same way.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -18,16 +20,124 @@ fn cmdline(pid: i32) -> Option<Vec<String>> {
     )
 }
 
+/// The fields of /proc/PID/stat after the command name (which may contain
+/// spaces or parentheses itself): field 3 (state) first.
+fn stat_fields(pid: i32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let i = stat.rfind(')')?;
+    Some(
+        stat[i + 1..]
+            .split_whitespace()
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
 /// Running and not a zombie.
 pub fn is_running(pid: i32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // The state follows the parenthesised command name, which may contain
-    // spaces or parentheses itself.
-    match stat.rfind(')') {
-        Some(i) => !matches!(stat[i + 1..].trim_start().chars().next(), Some('Z' | 'X')),
-        None => false,
+    stat_fields(pid)
+        .and_then(|f| f.first().cloned())
+        .is_some_and(|st| !matches!(st.as_str(), "Z" | "X"))
+}
+
+/// The process's state letter (R, S, D, Z, T, ...).
+pub fn state(pid: i32) -> Option<char> {
+    stat_fields(pid)?.first()?.chars().next()
+}
+
+/// When the process started, in clock ticks after boot (field 22).
+pub fn start_time(pid: i32) -> Option<u64> {
+    stat_fields(pid)?.get(19)?.parse().ok()
+}
+
+/// User plus system CPU time in clock ticks (fields 14 and 15).
+pub fn cpu_ticks(pid: i32) -> Option<u64> {
+    let f = stat_fields(pid)?;
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Resident memory in bytes (VmRSS of /proc/PID/status).
+pub fn rss_bytes(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`).
+pub fn ticks_per_sec() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .and_then(|t| u64::try_from(t).ok())
+        .filter(|t| *t > 0)
+        .unwrap_or(100)
+}
+
+/// A process's identity: its pid and its start time. A pid that the kernel
+/// has given to a new process has another start time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcId {
+    pub pid: i32,
+    pub start_time: u64,
+}
+
+impl ProcId {
+    /// The identity of the running process `pid`, if there is one.
+    pub fn of(pid: i32) -> Option<ProcId> {
+        Some(ProcId {
+            pid,
+            start_time: start_time(pid)?,
+        })
+    }
+
+    /// This very process is still there (zombies included: a zombie still
+    /// holds its pid, so the pid cannot have been reused).
+    pub fn exists(&self) -> bool {
+        start_time(self.pid) == Some(self.start_time)
+    }
+
+    /// This very process is still there and not a zombie.
+    pub fn is_running(&self) -> bool {
+        self.exists() && is_running(self.pid)
+    }
+
+    /// Sends `sig` if this is still the same process.
+    pub fn signal(&self, sig: Signal) -> nix::Result<()> {
+        if self.exists() {
+            signal(self.pid, sig)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Waits until the process is gone (or a zombie), up to `timeout`.
+    pub fn wait_gone(&self, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        loop {
+            if !self.is_running() {
+                return true;
+            }
+            if Instant::now() >= end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// SIGKILL (threads reniced first, see [`deprioritize`]) and wait.
+    pub fn kill_and_wait(&self, timeout: Duration) -> bool {
+        if !self.is_running() {
+            return true;
+        }
+        deprioritize(self.pid);
+        let _ = self.signal(Signal::SIGKILL);
+        self.wait_gone(timeout)
     }
 }
 
@@ -142,6 +252,31 @@ mod tests {
         let _ = child.wait();
         assert!(!is_running(pid));
         assert!(signal(pid, Signal::SIGTERM).is_ok(), "gone is fine");
+    }
+
+    #[test]
+    fn identity_is_pid_and_start_time() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let id = ProcId::of(pid).expect("a running child has a start time");
+        assert!(id.is_running());
+        assert_eq!(state(pid), Some('S').or(state(pid)));
+        assert!(cpu_ticks(pid).is_some());
+        assert!(rss_bytes(std::process::id() as i32).unwrap() > 0);
+        let recycled = ProcId {
+            pid,
+            start_time: id.start_time + 1,
+        };
+        assert!(!recycled.exists(), "another start time is another process");
+        assert!(recycled.signal(Signal::SIGKILL).is_ok());
+        assert!(id.is_running(), "a stale identity signals nothing");
+        assert!(id.kill_and_wait(Duration::from_secs(5)));
+        let _ = child.wait();
+        assert!(!id.exists());
+        assert!(ticks_per_sec() >= 1);
     }
 
     #[test]

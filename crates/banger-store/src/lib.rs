@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use banger_core::{ImageRecord, Release, VmRecord, VmRuntime, VmSpec};
+use banger_core::{Held, ImageRecord, Release, VmRecord, VmRuntime, VmSpec};
 use rusqlite::{params, Connection, OptionalExtension};
 use thiserror::Error;
 
@@ -59,7 +59,40 @@ const MIGRATIONS: &[&str] = &[
         vmm_needle TEXT,
         created_at INTEGER NOT NULL
      );",
+    // 3: releases as a list of typed items (one per resource module), so
+    // that a new kind of resource needs no migration; several records per
+    // VM. Rows of version 2 become their NAT rules, tap and address.
+    "CREATE TABLE releases_v3 (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        vm_id TEXT NOT NULL,
+        vm_name TEXT NOT NULL,
+        items_json TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+     );
+     INSERT INTO releases_v3 (vm_id, vm_name, items_json, created_at)
+       SELECT vm_id, vm_name, json_array(
+           json_object('resource', 'nat', 'data', json_object('vm_id', vm_id)),
+           json_object('resource', 'tap', 'data', json_object('name', tap)),
+           json_object('resource', 'address', 'data', json_object('ip', guest_ip))),
+         created_at
+       FROM releases;
+     DROP TABLE releases;
+     ALTER TABLE releases_v3 RENAME TO releases;
+     CREATE INDEX releases_vm ON releases (vm_id);",
 ];
+
+/// A `vms` row that does not decode (written by a newer banger, or damaged):
+/// listed with the reason, deletable, otherwise left alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokenVm {
+    pub id: String,
+    pub name: String,
+    pub created_at: i64,
+    pub reason: String,
+}
+
+/// A `vms` row as stored: id, name, spec JSON, runtime JSON, created_at.
+type RawVm = (String, String, String, String, i64);
 
 #[derive(Debug)]
 pub struct Store {
@@ -113,6 +146,13 @@ impl Store {
         Ok(())
     }
 
+    /// Runs one SQL statement as is; returns the rows changed. For tests
+    /// that damage a database on purpose.
+    #[doc(hidden)]
+    pub fn raw_execute(&self, sql: &str) -> Result<usize, StoreError> {
+        Ok(self.conn.execute(sql, [])?)
+    }
+
     pub fn schema_version(&self) -> Result<i64, StoreError> {
         Ok(self
             .conn
@@ -154,9 +194,7 @@ impl Store {
         Ok(())
     }
 
-    fn row_to_vm(
-        row: &rusqlite::Row<'_>,
-    ) -> rusqlite::Result<(String, String, String, String, i64)> {
+    fn row_to_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawVm> {
         Ok((
             row.get(0)?,
             row.get(1)?,
@@ -166,7 +204,7 @@ impl Store {
         ))
     }
 
-    fn decode(raw: (String, String, String, String, i64)) -> Result<VmRecord, StoreError> {
+    fn decode(raw: RawVm) -> Result<VmRecord, StoreError> {
         let (id, name, spec, rt, created_at) = raw;
         let spec: VmSpec = serde_json::from_str(&spec).map_err(json_err(&name))?;
         let runtime: VmRuntime = serde_json::from_str(&rt).map_err(json_err(&name))?;
@@ -193,14 +231,36 @@ impl Store {
         raw.map(Self::decode).transpose()
     }
 
-    pub fn list_vms(&self) -> Result<Vec<VmRecord>, StoreError> {
+    fn raw_vms(&self) -> Result<Vec<RawVm>, StoreError> {
         let mut stmt = self
             .conn
             .prepare(&format!("{} ORDER BY created_at, name", Self::VM_COLS))?;
         let rows = stmt.query_map([], Self::row_to_vm)?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    /// Every VM whose row decodes; see [`Store::broken_vms`] for the rest.
+    pub fn list_vms(&self) -> Result<Vec<VmRecord>, StoreError> {
+        Ok(self
+            .raw_vms()?
+            .into_iter()
+            .filter_map(|raw| Self::decode(raw).ok())
+            .collect())
+    }
+
+    /// The rows that do not decode, with the reason.
+    pub fn broken_vms(&self) -> Result<Vec<BrokenVm>, StoreError> {
         let mut out = Vec::new();
-        for r in rows {
-            out.push(Self::decode(r?)?);
+        for raw in self.raw_vms()? {
+            let (id, name, created_at) = (raw.0.clone(), raw.1.clone(), raw.4);
+            if let Err(e) = Self::decode(raw) {
+                out.push(BrokenVm {
+                    id,
+                    name,
+                    created_at,
+                    reason: e.to_string(),
+                });
+            }
         }
         Ok(out)
     }
@@ -209,54 +269,67 @@ impl Store {
         Ok(self.conn.execute("DELETE FROM vms WHERE id = ?1", [id])? > 0)
     }
 
-    /// Records what a VM leaves to release; a VM has at most one pending.
-    pub fn insert_release(&self, r: &Release) -> Result<(), StoreError> {
+    /// Records what a VM leaves to release; returns the record's id.
+    pub fn insert_release(&self, r: &Release) -> Result<i64, StoreError> {
+        let items = serde_json::to_string(&r.items).map_err(json_err(&r.vm_name))?;
         self.conn.execute(
-            "INSERT OR REPLACE INTO releases
-                (vm_id, vm_name, tap, guest_ip, vmm_pid, vmm_needle, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                r.vm_id,
-                r.vm_name,
-                r.tap,
-                r.guest_ip,
-                r.vmm_pid,
-                r.vmm_needle,
-                banger_core::unix_now()
-            ],
+            "INSERT INTO releases (vm_id, vm_name, items_json, created_at)
+             VALUES (?1, ?2, ?3, ?4)",
+            params![r.vm_id, r.vm_name, items, banger_core::unix_now()],
+        )?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// What is left of a release after some of its items were done.
+    pub fn update_release_items(&self, id: i64, items: &[Held]) -> Result<(), StoreError> {
+        let items = serde_json::to_string(items).map_err(json_err("release"))?;
+        self.conn.execute(
+            "UPDATE releases SET items_json = ?2 WHERE id = ?1",
+            params![id, items],
         )?;
         Ok(())
     }
 
-    /// Deletes the VM's release if it is still the one for `tap` (a newer
-    /// record for another tap is kept).
-    pub fn delete_release(&self, vm_id: &str, tap: &str) -> Result<bool, StoreError> {
-        Ok(self.conn.execute(
-            "DELETE FROM releases WHERE vm_id = ?1 AND tap = ?2",
-            [vm_id, tap],
-        )? > 0)
+    pub fn delete_release(&self, id: i64) -> Result<bool, StoreError> {
+        Ok(self
+            .conn
+            .execute("DELETE FROM releases WHERE id = ?1", [id])?
+            > 0)
     }
 
-    pub fn release(&self, vm_id: &str) -> Result<Option<Release>, StoreError> {
-        Ok(self.list_releases()?.into_iter().find(|r| r.vm_id == vm_id))
+    /// The VM's pending releases, oldest first.
+    pub fn releases_of(&self, vm_id: &str) -> Result<Vec<Release>, StoreError> {
+        Ok(self
+            .list_releases()?
+            .into_iter()
+            .filter(|r| r.vm_id == vm_id)
+            .collect())
     }
 
     pub fn list_releases(&self) -> Result<Vec<Release>, StoreError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT vm_id, vm_name, tap, guest_ip, vmm_pid, vmm_needle FROM releases
-             ORDER BY created_at, vm_id",
-        )?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, vm_id, vm_name, items_json FROM releases ORDER BY id")?;
         let rows = stmt.query_map([], |r| {
-            Ok(Release {
-                vm_id: r.get(0)?,
-                vm_name: r.get(1)?,
-                tap: r.get(2)?,
-                guest_ip: r.get(3)?,
-                vmm_pid: r.get(4)?,
-                vmm_needle: r.get(5)?,
-            })
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+            ))
         })?;
-        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, vm_id, vm_name, items) = row?;
+            let items: Vec<Held> = serde_json::from_str(&items).map_err(json_err(&vm_name))?;
+            out.push(Release {
+                id,
+                vm_id,
+                vm_name,
+                items,
+            });
+        }
+        Ok(out)
     }
 
     pub fn vm_count(&self) -> Result<i64, StoreError> {
@@ -361,6 +434,7 @@ mod tests {
                 image: "bookworm".into(),
                 vmm: VmmKind::Qemu,
                 accel: "tcg".into(),
+                auto_stop: Default::default(),
             },
             runtime: VmRuntime {
                 state: Some(VmState::Created),
@@ -411,32 +485,86 @@ mod tests {
     }
 
     #[test]
-    fn releases_round_trip_one_per_vm() {
+    fn releases_round_trip_as_typed_items() {
         let s = Store::open_in_memory().unwrap();
-        let r = Release {
+        let held = |resource: &str, data: serde_json::Value| Held {
+            resource: resource.into(),
+            data,
+        };
+        let mut r = Release {
+            id: 0,
             vm_id: "a1".into(),
             vm_name: "one".into(),
-            tap: "bgtap0".into(),
-            guest_ip: Some("172.30.0.2".into()),
-            vmm_pid: Some(42),
-            vmm_needle: Some("/run/x/api.sock".into()),
+            items: vec![
+                held("nat", serde_json::json!({"vm_id": "a1"})),
+                held("tap", serde_json::json!({"name": "bgtap0"})),
+            ],
         };
-        s.insert_release(&r).unwrap();
-        let r2 = Release {
-            tap: "bgtap3".into(),
-            ..r.clone()
-        };
-        s.insert_release(&r2).unwrap();
-        assert_eq!(s.list_releases().unwrap(), vec![r2]);
-        assert!(
-            !s.delete_release("a1", "bgtap0").unwrap(),
-            "not the stored tap"
+        r.id = s.insert_release(&r).unwrap();
+        let mut r2 = r.clone();
+        r2.items.truncate(1);
+        r2.id = s.insert_release(&r2).unwrap();
+        assert_ne!(r.id, r2.id);
+        assert_eq!(s.releases_of("a1").unwrap(), vec![r.clone(), r2.clone()]);
+        s.update_release_items(r.id, &r.items[1..]).unwrap();
+        assert_eq!(s.list_releases().unwrap()[0].items, r.items[1..].to_vec());
+        assert_eq!(
+            s.list_releases().unwrap()[0].item("tap"),
+            Some(&serde_json::json!({"name": "bgtap0"}))
         );
-        assert_eq!(s.release("a1").unwrap().unwrap().tap, "bgtap3");
-        assert!(s.delete_release("a1", "bgtap3").unwrap());
-        assert!(!s.delete_release("a1", "bgtap3").unwrap());
-        assert!(s.release("a1").unwrap().is_none());
-        assert!(s.list_releases().unwrap().is_empty());
+        assert!(s.delete_release(r.id).unwrap());
+        assert!(!s.delete_release(r.id).unwrap());
+        assert!(s.delete_release(r2.id).unwrap());
+        assert!(s.releases_of("a1").unwrap().is_empty());
+    }
+
+    #[test]
+    fn version_2_releases_become_typed_items() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("old.db");
+        {
+            let conn = Connection::open(&p).unwrap();
+            for sql in &MIGRATIONS[..2] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 2).unwrap();
+            conn.execute(
+                "INSERT INTO releases VALUES ('v1', 'old', 'bgtap4', '172.30.0.6', NULL, NULL, 7)",
+                [],
+            )
+            .unwrap();
+        }
+        let s = Store::open(&p).unwrap();
+        let r = s.list_releases().unwrap();
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].vm_name, "old");
+        let kinds: Vec<&str> = r[0].items.iter().map(|h| h.resource.as_str()).collect();
+        assert_eq!(kinds, ["nat", "tap", "address"]);
+        assert_eq!(r[0].item("tap").unwrap()["name"], "bgtap4");
+        assert_eq!(r[0].item("address").unwrap()["ip"], "172.30.0.6");
+    }
+
+    #[test]
+    fn an_undecodable_row_is_listed_as_broken_and_the_rest_work() {
+        let s = Store::open_in_memory().unwrap();
+        s.insert_vm(&vm("good", "fine")).unwrap();
+        s.insert_vm(&vm("bad", "mangled")).unwrap();
+        s.conn
+            .execute(
+                "UPDATE vms SET spec_json = '{\"from\":\"the future\"}' WHERE id = 'bad'",
+                [],
+            )
+            .unwrap();
+        let vms = s.list_vms().unwrap();
+        assert_eq!(vms.len(), 1);
+        assert_eq!(vms[0].name, "fine");
+        let broken = s.broken_vms().unwrap();
+        assert_eq!(broken.len(), 1);
+        assert_eq!(broken[0].name, "mangled");
+        assert!(broken[0].reason.contains("mangled"), "{}", broken[0].reason);
+        assert!(s.vm_by_name("mangled").is_err());
+        assert!(s.delete_vm("bad").unwrap());
+        assert!(s.broken_vms().unwrap().is_empty());
     }
 
     #[test]

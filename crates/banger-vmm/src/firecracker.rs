@@ -198,8 +198,13 @@ impl Vmm for Firecracker {
             }
             _ => {}
         }
-        let console =
-            std::fs::File::create(&cfg.console_log).map_err(|e| io(&cfg.console_log, e))?;
+        // Appended to (never truncated here): the daemon rotates the
+        // console log under the running VMM, which needs O_APPEND writes.
+        let console = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&cfg.console_log)
+            .map_err(|e| io(&cfg.console_log, e))?;
         // --log-path wants an existing file; Firecracker's stderr goes there
         // too, appended, so the two writers do not overwrite each other.
         std::fs::File::create(&cfg.vmm_log).map_err(|e| io(&cfg.vmm_log, e))?;

@@ -84,11 +84,15 @@ impl Qemu {
             push("-device");
             push(&format!("virtio-net-pci,netdev=net{i},mac={}", n.mac));
         }
-        push("-serial");
+        // Appended to (O_APPEND), so that the daemon can rotate the console
+        // log under the running VMM.
+        push("-chardev");
         push(&format!(
-            "file:{}",
+            "file,id=console,path={},append=on",
             path(&cfg.console_log).replace(',', ",,")
         ));
+        push("-serial");
+        push("chardev:console");
         push("-qmp");
         push(&format!(
             "unix:{},server=on,wait=off",
@@ -210,7 +214,12 @@ mod tests {
             "{s}"
         );
         assert!(s.contains("mac=06:00:ac:1e:00:06"), "{s}");
-        assert!(s.contains("-serial file:/vm/console.log"), "{s}");
+        assert!(
+            s.contains(
+                "-chardev file,id=console,path=/vm/console.log,append=on -serial chardev:console"
+            ),
+            "{s}"
+        );
         assert!(
             s.contains("-qmp unix:/run/vm/api.sock,server=on,wait=off"),
             "{s}"

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use banger_core::api::{ApiError, Envelope, Event, Reply, Request, Response, PROTOCOL_VERSION};
+use banger_core::api::{
+    ApiError, Envelope, Event, Reply, Request, Response, VmInfo, PROTOCOL_VERSION,
+};
 use banger_core::Layout;
 use thiserror::Error;
 
@@ -160,6 +162,8 @@ impl Client {
                 | Request::ImageList
                 | Request::Doctor
                 | Request::Settle
+                | Request::VmStats { .. }
+                | Request::DaemonStatus
         );
         match self.call_once(req.clone(), on_event) {
             Err(ClientError::Io { source, .. })
@@ -181,12 +185,20 @@ impl Client {
         req: Request,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<Response, ClientError> {
-        let path = self.layout.socket();
-        let io = |source| ClientError::Io {
-            path: path.clone(),
+        let stream = self.send(req)?;
+        self.answer(stream, on_event)
+    }
+
+    fn io_err(&self, source: std::io::Error) -> ClientError {
+        ClientError::Io {
+            path: self.layout.socket(),
             log: self.layout.daemon_log(),
             source,
-        };
+        }
+    }
+
+    /// Connects and writes the request line.
+    fn send(&self, req: Request) -> Result<UnixStream, ClientError> {
         let mut stream = self.connect()?;
         let mut line = serde_json::to_string(&Envelope {
             version: PROTOCOL_VERSION,
@@ -194,10 +206,21 @@ impl Client {
         })
         .map_err(|e| ClientError::Garbled(e.to_string()))?;
         line.push('\n');
-        stream.write_all(line.as_bytes()).map_err(io)?;
+        stream
+            .write_all(line.as_bytes())
+            .map_err(|e| self.io_err(e))?;
+        Ok(stream)
+    }
+
+    /// Reads events until the final reply.
+    fn answer(
+        &self,
+        stream: UnixStream,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<Response, ClientError> {
         let reader = BufReader::new(stream);
         for l in reader.lines() {
-            let l = l.map_err(io)?;
+            let l = l.map_err(|e| self.io_err(e))?;
             match serde_json::from_str::<Reply>(&l) {
                 Ok(Reply::Event(e)) => on_event(e),
                 Ok(Reply::Ok(r)) => return Ok(r),
@@ -205,6 +228,37 @@ impl Client {
                 Err(e) => return Err(ClientError::Garbled(format!("{e}: {l}"))),
             }
         }
-        Err(ClientError::NoAnswer(path, self.layout.daemon_log()))
+        Err(ClientError::NoAnswer(
+            self.layout.socket(),
+            self.layout.daemon_log(),
+        ))
+    }
+
+    /// An `rm` create: the VM lives as long as this connection. `use_vm`
+    /// runs once the daemon says the VM is up; then this side of the
+    /// connection is shut, the daemon deletes the VM and answers. If this
+    /// process dies (Ctrl-C) the connection closes and the daemon deletes
+    /// the VM all the same, or cancels its boot.
+    pub fn call_lease<T>(
+        &self,
+        req: Request,
+        on_event: &mut dyn FnMut(Event),
+        use_vm: impl FnOnce(&VmInfo) -> T,
+    ) -> Result<(Option<T>, Response), ClientError> {
+        let stream = self.send(req)?;
+        let writer = stream.try_clone().map_err(|e| self.io_err(e))?;
+        let mut used = None;
+        let mut use_vm = Some(use_vm);
+        let mut events = |e: Event| match e {
+            Event::Ready { vm } => {
+                if let Some(f) = use_vm.take() {
+                    used = Some(f(&vm));
+                }
+                let _ = writer.shutdown(std::net::Shutdown::Write);
+            }
+            other => on_event(other),
+        };
+        let r = self.answer(stream, &mut events)?;
+        Ok((used, r))
     }
 }

@@ -1,20 +1,17 @@
 //! banger, the CLI: a thin client of bangerd plus ssh.
 
 mod client;
+mod output;
 mod ssh;
+mod vm;
 
-use std::io::IsTerminal;
 use std::net::Ipv4Addr;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
-use std::process::Command;
-use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context};
-use banger_core::api::{CreateVm, Event, ImageInfo, Request, Response, VmInfo};
+use anyhow::{anyhow, bail};
+use banger_core::api::{Event, Request, Response};
 use banger_core::layout::{RUNTIME_DIR_ENV, STATE_DIR_ENV};
-use banger_core::sizing::{parse_size_mib, SizeRequest};
-use banger_core::{Layout, VmState, VmmKind};
+use banger_core::{Layout, VmmKind};
 use clap::{Args, Parser, Subcommand};
 use client::Client;
 
@@ -57,7 +54,7 @@ enum Cmd {
 }
 
 #[derive(Debug, Args, Clone)]
-struct CreateFlags {
+pub struct CreateFlags {
     /// VM name: a DNS label (a-z, 0-9, '-'); generated when absent.
     #[arg(long)]
     name: Option<String>,
@@ -76,15 +73,23 @@ struct CreateFlags {
     /// Force a VMM: qemu or firecracker (default: chosen by host).
     #[arg(long)]
     vmm: Option<VmmKind>,
+    /// Stop the VM this long after it started (e.g. 30m, 2h).
+    #[arg(long, value_name = "DUR")]
+    ttl: Option<String>,
+    /// Stop the VM once it has been idle this long (no CPU to speak of,
+    /// no network traffic), e.g. 10m.
+    #[arg(long, value_name = "DUR")]
+    idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
-enum VmCmd {
+pub enum VmCmd {
     /// Create and boot a VM, then run CMD in it (or open a shell).
     Run {
         #[command(flatten)]
         create: CreateFlags,
-        /// Delete the VM when the command or shell ends.
+        /// Delete the VM when the command or shell ends (or when this
+        /// command is interrupted: the daemon sees it go).
         #[arg(long)]
         rm: bool,
         /// Print how long each phase took.
@@ -103,7 +108,7 @@ enum VmCmd {
     Start { name: String },
     /// Power a VM off cleanly (Ctrl-Alt-Del), killing it after a timeout.
     Stop { name: String },
-    /// Kill a VM's VMM at once.
+    /// Kill a VM's VMM at once (a boot in progress is cancelled).
     Kill { name: String },
     /// Delete a VM and everything it has (process, tap, disks, files).
     #[command(alias = "rm")]
@@ -128,6 +133,23 @@ enum VmCmd {
         name: String,
         #[arg(last = true)]
         command: Vec<String>,
+    },
+    /// Print the guest's console (control characters escaped).
+    Logs {
+        name: String,
+        /// Keep printing what the guest writes until it stops.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// CPU, memory, disk and network of running VMs (sampled every few
+    /// seconds by the daemon).
+    Stats {
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+        /// Print again at each new sample, until interrupted.
+        #[arg(long)]
+        watch: bool,
     },
 }
 
@@ -157,6 +179,11 @@ enum DaemonCmd {
     /// released (the daemon does that just after replying); retries failed
     /// releases. After it, the host holds nothing of VMs that are gone.
     Settle,
+    /// The daemon's pid, version, uptime, VMs by state, pending releases.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -190,17 +217,24 @@ fn main() {
     match run(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("banger: {e:#}");
+            eprintln!(
+                "banger: {}",
+                banger_core::text::escape_control(&format!("{e:#}"), true)
+            );
             std::process::exit(1);
         }
     }
 }
 
-fn progress(e: Event) {
+/// Progress lines go to stderr; text that may come from a guest is escaped.
+pub fn progress(e: Event) {
     match e {
-        Event::Progress { message } => eprintln!("{message}"),
+        Event::Progress { message } => {
+            eprintln!("{}", banger_core::text::escape_control(&message, true))
+        }
         Event::Spec { line } => eprintln!("{line}"),
-        Event::Phase { .. } => {}
+        Event::Log { text } => print!("{}", banger_core::text::escape_control(&text, true)),
+        Event::Phase { .. } | Event::Ready { .. } => {}
     }
 }
 
@@ -208,7 +242,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     let layout = Layout::resolve(cli.state_dir, cli.runtime_dir, None, None);
     let client = Client { layout };
     match cli.cmd {
-        Cmd::Vm(v) => vm(&client, v),
+        Cmd::Vm(v) => vm::run(&client, v),
         Cmd::Image(i) => image(&client, i),
         Cmd::Doctor { json } => {
             let Response::Doctor { checks } = client.call(Request::Doctor, &mut progress)? else {
@@ -217,14 +251,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&checks)?);
             } else {
-                for c in &checks {
-                    println!(
-                        "{:4} {:20} {}",
-                        if c.ok { "ok" } else { "--" },
-                        c.name,
-                        c.detail
-                    );
-                }
+                output::print_checks(&checks);
             }
             Ok(0)
         }
@@ -241,6 +268,17 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             };
             if retried > 0 {
                 eprintln!("retried {retried} release(s) that had failed");
+            }
+            Ok(0)
+        }
+        Cmd::Daemon(DaemonCmd::Status { json }) => {
+            let Response::Status(st) = client.call(Request::DaemonStatus, &mut progress)? else {
+                bail!("unexpected answer to daemon status");
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                output::print_status(&st);
             }
             Ok(0)
         }
@@ -269,256 +307,6 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     }
 }
 
-fn create_request(f: &CreateFlags, start: bool) -> anyhow::Result<CreateVm> {
-    if let Some(n) = &f.name {
-        banger_core::validate_name(n)?;
-    }
-    let mem = f
-        .memory
-        .as_deref()
-        .map(parse_size_mib)
-        .transpose()
-        .map_err(|e| anyhow!("--memory: {e}"))?;
-    let disk = f
-        .disk_size
-        .as_deref()
-        .map(parse_size_mib)
-        .transpose()
-        .map_err(|e| anyhow!("--disk-size: {e}"))?;
-    Ok(CreateVm {
-        name: f.name.clone(),
-        image: f.image.clone(),
-        size: SizeRequest {
-            cpus: f.cpus,
-            memory_mib: mem,
-            disk_mib: disk,
-        },
-        vmm: f.vmm,
-        start,
-    })
-}
-
-fn expect_vm(r: Response) -> anyhow::Result<VmInfo> {
-    match r {
-        Response::Vm(v) => Ok(*v),
-        other => bail!("unexpected answer from bangerd: {other:?}"),
-    }
-}
-
-fn vm(client: &Client, cmd: VmCmd) -> anyhow::Result<i32> {
-    match cmd {
-        VmCmd::Run {
-            create,
-            rm,
-            timings,
-            command,
-        } => {
-            let t0 = Instant::now();
-            let req = create_request(&create, true)?;
-            let mut phases: Vec<(String, u64)> = Vec::new();
-            // The spec line comes once the VM exists: with --rm, a VM this
-            // call created and then failed to start is deleted again.
-            let mut created: Option<String> = None;
-            let mut on_event = |e: Event| match e {
-                Event::Phase { name, micros } => phases.push((name, micros)),
-                Event::Spec { line } => {
-                    created = line.split(':').next().map(str::to_string);
-                    progress(Event::Spec { line });
-                }
-                other => progress(other),
-            };
-            let answer = client.call(Request::VmCreate(req), &mut on_event);
-            let vm = match answer.map_err(anyhow::Error::from).and_then(expect_vm) {
-                Ok(vm) => vm,
-                Err(e) => {
-                    if let (true, Some(name)) = (rm, created) {
-                        let _ = client.call(Request::VmDelete { name }, &mut progress);
-                    }
-                    return Err(e);
-                }
-            };
-            let ready = t0.elapsed();
-            if timings {
-                print_timings(&phases, ready.as_micros() as u64);
-            }
-            let tty = command.is_empty() && std::io::stdin().is_terminal();
-            if !rm && !timings {
-                // Nothing left to do after ssh: become it.
-                let err = ssh_command(&vm, &command, tty)?.exec();
-                return Err(err).context("exec ssh");
-            }
-            let t_ssh = Instant::now();
-            // With --rm the VM goes even when ssh itself cannot run.
-            let code = run_ssh(&vm, &command, tty);
-            let t_cmd = t_ssh.elapsed();
-            if rm {
-                let t = Instant::now();
-                client.call(
-                    Request::VmDelete {
-                        name: vm.name.clone(),
-                    },
-                    &mut progress,
-                )?;
-                if timings {
-                    eprintln!("timing ssh+command   {:>9.1} ms", t_cmd.as_secs_f64() * 1e3);
-                    eprintln!(
-                        "timing teardown      {:>9.1} ms",
-                        t.elapsed().as_secs_f64() * 1e3
-                    );
-                }
-            } else if timings {
-                eprintln!("timing ssh+command   {:>9.1} ms", t_cmd.as_secs_f64() * 1e3);
-            }
-            if timings {
-                eprintln!(
-                    "timing total         {:>9.1} ms",
-                    t0.elapsed().as_secs_f64() * 1e3
-                );
-            }
-            code
-        }
-        VmCmd::Create { create } => {
-            vm_action(client, Request::VmCreate(create_request(&create, false)?))
-        }
-        VmCmd::Start { name } => vm_action(client, Request::VmStart { name }),
-        VmCmd::Stop { name } => vm_action(client, Request::VmStop { name }),
-        VmCmd::Kill { name } => vm_action(client, Request::VmKill { name }),
-        VmCmd::Delete { names } => {
-            let mut failed = false;
-            for name in names {
-                match client.call(Request::VmDelete { name: name.clone() }, &mut progress) {
-                    Ok(_) => println!("{name}"),
-                    Err(e) => {
-                        eprintln!("banger: {e}");
-                        failed = true;
-                    }
-                }
-            }
-            Ok(i32::from(failed))
-        }
-        VmCmd::Ls { json } => {
-            let Response::Vms { vms } = client.call(Request::VmList, &mut progress)? else {
-                bail!("unexpected answer to vm ls");
-            };
-            emit(json, &vms, print_vms)
-        }
-        VmCmd::Show { name, json } => {
-            let vm = expect_vm(client.call(Request::VmGet { name }, &mut progress)?)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&vm)?);
-                return Ok(0);
-            }
-            emit(false, std::slice::from_ref(&vm), print_vms)
-        }
-        VmCmd::Ssh { name, command } => {
-            let vm = expect_vm(client.call(Request::VmGet { name }, &mut progress)?)?;
-            if vm.state != VmState::Running {
-                bail!(
-                    "vm {:?} is {}: start it with `banger vm start {}`",
-                    vm.name,
-                    vm.state,
-                    vm.name
-                );
-            }
-            let tty = command.is_empty() && std::io::stdin().is_terminal();
-            let err = ssh_command(&vm, &command, tty)?.exec();
-            Err(err).context("exec ssh")
-        }
-    }
-}
-
-/// Prints `items` as pretty JSON (`--json`) or with `table`.
-fn emit<T: serde::Serialize>(json: bool, items: &[T], table: fn(&[T])) -> anyhow::Result<i32> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(items)?);
-    } else {
-        table(items);
-    }
-    Ok(0)
-}
-
-/// A request answered with a VM: prints its name.
-fn vm_action(client: &Client, req: Request) -> anyhow::Result<i32> {
-    let vm = expect_vm(client.call(req, &mut progress)?)?;
-    println!("{}", vm.name);
-    Ok(0)
-}
-
-fn ssh_command(vm: &VmInfo, command: &[String], tty: bool) -> anyhow::Result<Command> {
-    let ip = vm
-        .guest_ip
-        .as_deref()
-        .ok_or_else(|| anyhow!("vm {:?} has no address", vm.name))?;
-    let mut c = Command::new("ssh");
-    c.args(ssh::args(vm, ip, command, tty));
-    Ok(c)
-}
-
-/// Runs ssh as a child and returns the exit code a shell would report.
-fn run_ssh(vm: &VmInfo, command: &[String], tty: bool) -> anyhow::Result<i32> {
-    let status = ssh_command(vm, command, tty)?
-        .status()
-        .context("run ssh (apt-get install openssh-client)")?;
-    Ok(status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
-}
-
-fn print_timings(phases: &[(String, u64)], ready_micros: u64) {
-    let mut accounted = 0;
-    for (name, us) in phases {
-        eprintln!("timing {:<13} {:>9.1} ms", name, *us as f64 / 1e3);
-        // "-async" phases overlap the others (NAT runs during the boot).
-        if !name.ends_with("-async") {
-            accounted += us;
-        }
-    }
-    eprintln!(
-        "timing {:<13} {:>9.1} ms",
-        "rpc+cli",
-        ready_micros.saturating_sub(accounted) as f64 / 1e3
-    );
-    eprintln!(
-        "timing {:<13} {:>9.1} ms",
-        "ready",
-        ready_micros as f64 / 1e3
-    );
-}
-
-fn age(created: i64) -> String {
-    let now = banger_core::unix_now();
-    let s = (now - created).max(0);
-    match s {
-        0..=59 => format!("{s}s"),
-        60..=3599 => format!("{}m", s / 60),
-        3600..=86399 => format!("{}h", s / 3600),
-        _ => format!("{}d", s / 86400),
-    }
-}
-
-fn print_vms(vms: &[VmInfo]) {
-    println!(
-        "{:<24} {:<9} {:<15} {:>4} {:>8} {:<11} {:>5}  LAST ERROR",
-        "NAME", "STATE", "IP", "VCPU", "MEMORY", "VMM", "AGE"
-    );
-    for v in vms {
-        println!(
-            "{:<24} {:<9} {:<15} {:>4} {:>8} {:<11} {:>5}  {}",
-            v.name,
-            v.state.to_string(),
-            v.guest_ip.as_deref().unwrap_or("-"),
-            v.cpus,
-            format!("{}M", v.memory_mib),
-            format!("{}/{}", v.vmm, v.accel),
-            age(v.created_at),
-            v.last_error
-                .as_deref()
-                .map(|e| e.lines().next().unwrap_or(""))
-                .unwrap_or("")
-        );
-    }
-}
-
 fn image(client: &Client, cmd: ImageCmd) -> anyhow::Result<i32> {
     match cmd {
         ImageCmd::Build { name, force } => {
@@ -533,25 +321,12 @@ fn image(client: &Client, cmd: ImageCmd) -> anyhow::Result<i32> {
             else {
                 bail!("unexpected answer to image ls");
             };
-            emit(json, &images, print_images)
+            output::emit(json, &images, output::print_images)
         }
         ImageCmd::Rm { name } => {
             client.call(Request::ImageDelete { name: name.clone() }, &mut progress)?;
             println!("{name}");
             Ok(0)
         }
-    }
-}
-
-fn print_images(images: &[ImageInfo]) {
-    println!("{:<16} {:<24} {:>10}  DIR", "NAME", "KERNEL", "ROOTFS");
-    for i in images {
-        println!(
-            "{:<16} {:<24} {:>9}M  {}",
-            i.name,
-            i.kernel_version,
-            i.rootfs_bytes / (1024 * 1024),
-            i.dir.display()
-        );
     }
 }

@@ -42,12 +42,24 @@ pub enum DaemonError {
     Net(#[from] banger_core::net::NetError),
     #[error("vm {vm:?} did not boot: {reason}")]
     Boot { vm: String, reason: String },
-    #[error("releasing the tap {tap} and NAT rules of vm {vm:?}: {reason}")]
+    #[error("releasing the {resource} of vm {vm:?}: {reason}")]
     Release {
         vm: String,
-        tap: String,
+        resource: &'static str,
         reason: String,
     },
+    #[error(
+        "the VMM of vm {vm:?} (pid {pid}, state {state}) survives SIGKILL (state D: stuck in \
+         the kernel, e.g. on I/O): its tap and disks stay in use, so the VM is not stopped and \
+         cannot start again until it is gone; `banger vm kill {vm}` tries again"
+    )]
+    VmmSurvives { vm: String, pid: i32, state: char },
+    #[error("the boot of vm {0:?} was cancelled")]
+    Cancelled(String),
+    #[error("failpoint {0} (injected by a test)")]
+    Injected(String),
+    #[error("vm {name:?} has a database record this banger cannot read ({reason}): `banger vm delete {name}` removes it")]
+    Broken { name: String, reason: String },
     #[error("{0}")]
     Invalid(String),
     #[error("{0}")]
@@ -64,7 +76,11 @@ impl DaemonError {
             VmExists(_) => ErrorKind::AlreadyExists,
             Store(banger_store::StoreError::NameTaken(_)) => ErrorKind::AlreadyExists,
             Name(_) | Sizing(_) | Invalid(_) | Unsupported(_) => ErrorKind::InvalidInput,
-            Transition(_) | ImageInUse { .. } => ErrorKind::Conflict,
+            Transition(_)
+            | ImageInUse { .. }
+            | VmmSurvives { .. }
+            | Cancelled(_)
+            | Broken { .. } => ErrorKind::Conflict,
             Store(_) => ErrorKind::Internal,
             _ => ErrorKind::Host,
         }

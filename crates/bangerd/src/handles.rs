@@ -53,16 +53,25 @@ pub fn remove_file(vm_dir: &Path) -> Result<(), FsError> {
     fsutil::remove_file_if_exists(&vm_dir.join(vmfiles::HANDLES))
 }
 
-/// Handles as the OS shows them: the VMM found by its API socket wins over
-/// the scratch file's PID; the rest of the scratch file is kept even when the
+/// Handles as the OS shows them: the scratch file's VMM if that very
+/// process (pid and start time) is still there; else the process whose
+/// command line carries the VM's API socket, found again and identified by
+/// its own start time. The rest of the scratch file is kept even when the
 /// process is gone, so that cleanup can still tear kernel objects down.
 pub fn rediscover(vm_dir: &Path, api_sock: &Path) -> VmHandles {
     let mut h = read_file(vm_dir);
+    if let (Some(pid), Some(start_time)) = (h.pid, h.vmm_start_time) {
+        if (process::ProcId { pid, start_time }).is_running() {
+            return h;
+        }
+    }
     let needle = process::path_needle(api_sock);
-    h.pid = process::find_by_arg(&needle)
+    let found = process::find_by_arg(&needle)
         .into_iter()
         .next()
-        .or(h.pid.filter(|p| process::matches(*p, &needle)));
+        .and_then(process::ProcId::of);
+    h.pid = found.map(|p| p.pid);
+    h.vmm_start_time = found.map(|p| p.start_time);
     h
 }
 
@@ -125,6 +134,7 @@ mod tests {
         let _ = child.kill();
         let _ = child.wait();
         assert_eq!(r.pid, Some(pid));
+        assert!(r.vmm_start_time.is_some(), "identified by its start time");
         let cache = HandleCache::default();
         cache.set("v", r.clone());
         assert_eq!(cache.get("v"), Some(r));

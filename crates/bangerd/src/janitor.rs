@@ -1,8 +1,9 @@
-//! The queue of releases: what a VM held in the kernel once its VMM is gone
-//! (its NAT rules and its tap). A request that ends a VM (`delete`, `stop`,
-//! `kill`, a failed start, a VMM that exits) kills the VMM and waits for it,
-//! records a [`Release`] in the store and hands it here; one worker thread
-//! does the kernel work after the reply. Deleting a tap costs the kernel an
+//! The queue of releases: what a VM held once its request returned (its NAT
+//! rules, its tap, a deleted VM's dying VMM and reserved address). A
+//! request that ends a VM (`delete`, `stop`, `kill`, a failed start, a VMM
+//! that exits) ends what must end before it answers, records the rest as
+//! a [`banger_core::Release`] in the store and queues the VM here; one
+//! worker thread does the rest after the reply. Deleting a tap costs the kernel an
 //! RCU grace period (about 20 ms here, measured in the `RTM_DELLINK` call
 //! itself) and the NAT listing and delete two `nft` runs, so doing them
 //! after the reply takes them off every request's latency.
@@ -24,11 +25,16 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use banger_core::Release;
+/// A VM whose recorded releases are to be done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    pub vm_id: String,
+    pub vm_name: String,
+}
 
 #[derive(Debug, Default)]
 struct State {
-    queue: VecDeque<Release>,
+    queue: VecDeque<Job>,
     /// VM ids queued or in flight.
     busy: HashSet<String>,
 }
@@ -44,23 +50,21 @@ impl Janitor {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues a release (already recorded in the store).
-    pub fn submit(&self, r: Release) {
+    /// Queues a VM whose release is recorded in the store.
+    pub fn submit(&self, r: Job) {
         let mut st = self.lock();
         if st.busy.insert(r.vm_id.clone()) {
             st.queue.push_back(r);
-        } else if let Some(q) = st.queue.iter_mut().find(|q| q.vm_id == r.vm_id) {
-            // Still queued: the newer record is the one the store keeps.
-            *q = r;
-        } else {
-            // In flight for the previous record; run this one after it.
+        } else if !st.queue.iter().any(|q| q.vm_id == r.vm_id) {
+            // In flight: run again after it, for the newer record.
             st.queue.push_back(r);
         }
+        // (Still queued: that run does every record of the VM.)
         self.cv.notify_all();
     }
 
-    /// The next release to do; blocks until there is one.
-    pub fn next(&self) -> Release {
+    /// The next VM to release; blocks until there is one.
+    pub fn next(&self) -> Job {
         let mut st = self.lock();
         loop {
             if let Some(r) = st.queue.pop_front() {
@@ -118,14 +122,10 @@ mod tests {
 
     use super::*;
 
-    fn rel(id: &str, tap: &str) -> Release {
-        Release {
+    fn rel(id: &str, _tap: &str) -> Job {
+        Job {
             vm_id: id.into(),
             vm_name: format!("vm-{id}"),
-            tap: tap.into(),
-            guest_ip: None,
-            vmm_pid: None,
-            vmm_needle: None,
         }
     }
 
@@ -144,24 +144,24 @@ mod tests {
                 let mut seen = Vec::new();
                 for _ in 0..2 {
                     let r = j.next();
-                    seen.push(r.tap.clone());
+                    seen.push(r.vm_id.clone());
                     j.done(&r.vm_id);
                 }
                 seen
             })
         };
         assert!(j.wait_idle(Duration::from_secs(10)));
-        assert_eq!(worker.join().unwrap(), vec!["bgtap0", "bgtap1"]);
+        assert_eq!(worker.join().unwrap(), vec!["a", "b"]);
         assert_eq!(j.pending(), 0);
     }
 
     #[test]
-    fn a_resubmitted_release_replaces_the_queued_one() {
+    fn a_resubmitted_vm_is_queued_once() {
         let j = Janitor::default();
         j.submit(rel("a", "bgtap0"));
         j.submit(rel("a", "bgtap2"));
         let r = j.next();
-        assert_eq!(r.tap, "bgtap2");
+        assert_eq!(r.vm_id, "a");
         j.done("a");
         assert_eq!(j.pending(), 0);
     }
@@ -175,7 +175,7 @@ mod tests {
         j.done(&first.vm_id);
         assert_eq!(j.pending(), 1, "the second is still queued");
         let second = j.next();
-        assert_eq!(second.tap, "bgtap1");
+        assert_eq!(second.vm_id, "a");
         j.done(&second.vm_id);
         assert!(j.wait_vm("a", Duration::ZERO));
     }

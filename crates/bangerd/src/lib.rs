@@ -4,13 +4,25 @@
 //! `run(listener, shutdown)`), so tests can start a daemon on a temporary
 //! socket and state dir.
 
+pub mod cancel;
+pub mod config;
+pub mod console;
 pub mod daemon;
 pub mod doctor;
 pub mod error;
+pub mod failpoint;
 pub mod handles;
+pub mod images;
 pub mod janitor;
+pub mod lifecycle;
+pub mod locks;
+pub mod readiness;
 pub mod reaper;
+pub mod reconcile;
+pub mod releases;
+pub mod resources;
 pub mod server;
+pub mod stats;
 
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::AtomicBool;
@@ -64,6 +76,13 @@ pub fn serve(daemon: Arc<Daemon>, listener: UnixListener, shutdown: Arc<AtomicBo
         Ok(_) => daemon.janitor_started(),
         // Releases are then done inline, before each reply.
         Err(e) => tracing::warn!(err = %e, "cannot start the janitor; releasing inline"),
+    }
+    let d = daemon.clone();
+    if let Err(e) = std::thread::Builder::new()
+        .name("stats".into())
+        .spawn(move || d.run_poller())
+    {
+        tracing::warn!(err = %e, "cannot start the stats poller: no stats, no auto-stop");
     }
     server::run(daemon, listener, shutdown);
 }

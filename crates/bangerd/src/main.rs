@@ -47,6 +47,8 @@ fn real_main() -> anyhow::Result<()> {
         // phase of a request (debug).
         .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
         .init();
+    // Test builds only (the `failpoints` feature): FAILPOINTS=name=action.
+    let _failpoints = bangerd::failpoint::setup();
     if !nix::unistd::geteuid().is_root() {
         bail!("bangerd must run as root: it creates taps, NAT rules and VMM processes");
     }

@@ -7,12 +7,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use banger_core::api::{
-    ApiError, Check, Envelope, ErrorKind, Event, Reply, Request, Response, PROTOCOL_VERSION,
+    ApiError, Check, DaemonStatus, Envelope, ErrorKind, Event, Reply, Request, Response,
+    PROTOCOL_VERSION,
 };
 use tracing::{info, info_span, warn};
 
-use crate::daemon::{image_info, Daemon};
-use crate::error::Result;
+use crate::cancel::Cancel;
+use crate::daemon::Daemon;
+use crate::error::{DaemonError, Result};
+use crate::images::image_info;
 
 const MAX_REQUEST: u64 = 1 << 20;
 
@@ -33,11 +36,12 @@ pub fn run(daemon: Arc<Daemon>, listener: UnixListener, shutdown: Arc<AtomicBool
             Ok(stream) => {
                 let d = daemon.clone();
                 let count = in_flight.clone();
+                let stop = shutdown.clone();
                 count.fetch_add(1, Ordering::SeqCst);
                 let r = std::thread::Builder::new()
                     .name("conn".into())
                     .spawn(move || {
-                        handle(&d, stream);
+                        handle(&d, stream, &stop, &count);
                         count.fetch_sub(1, Ordering::SeqCst);
                     });
                 if let Err(e) = r {
@@ -77,7 +81,47 @@ fn write_reply(stream: &mut UnixStream, reply: &Reply) -> bool {
     stream.write_all(line.as_bytes()).is_ok()
 }
 
-fn handle(daemon: &Daemon, stream: UnixStream) {
+/// What a request can know of its connection: whether the client hung up
+/// (for requests that outlive their reply's start: an `rm` create, a
+/// followed log), and whether the daemon is shutting down.
+pub struct Conn<'a> {
+    stream: &'a UnixStream,
+    shutdown: &'a AtomicBool,
+    in_flight: &'a std::sync::atomic::AtomicUsize,
+}
+
+impl Conn<'_> {
+    /// A token cancelled when the client hangs up (or shuts its writing
+    /// side down), watched by a thread that reads the connection.
+    fn hangup(&self) -> Result<Cancel> {
+        let token = Cancel::default();
+        let t = token.clone();
+        let mut reader = self
+            .stream
+            .try_clone()
+            .map_err(|e| DaemonError::Invalid(format!("cannot watch the connection: {e}")))?;
+        std::thread::Builder::new()
+            .name("hangup".into())
+            .spawn(move || {
+                let mut buf = [0u8; 64];
+                while matches!(reader.read(&mut buf), Ok(n) if n > 0) {}
+                t.cancel();
+            })
+            .map_err(|e| DaemonError::Invalid(format!("cannot watch the connection: {e}")))?;
+        Ok(token)
+    }
+
+    fn shutting_down(&self) -> bool {
+        self.shutdown.load(Ordering::SeqCst)
+    }
+}
+
+fn handle(
+    daemon: &Daemon,
+    stream: UnixStream,
+    shutdown: &AtomicBool,
+    in_flight: &std::sync::atomic::AtomicUsize,
+) {
     let mut writer = match stream.try_clone() {
         Ok(w) => w,
         Err(e) => {
@@ -135,7 +179,12 @@ fn handle(daemon: &Daemon, stream: UnixStream) {
             }
         }
     };
-    let result = dispatch(daemon, env.request, &mut events);
+    let conn = Conn {
+        stream: &writer,
+        shutdown,
+        in_flight,
+    };
+    let result = dispatch(daemon, env.request, &mut events, &conn);
     let reply = match result {
         Ok(r) => Reply::Ok(r),
         Err(e) => {
@@ -161,16 +210,27 @@ fn op_name(r: &Request) -> &'static str {
         Request::ImageDelete { .. } => "image_delete",
         Request::Doctor => "doctor",
         Request::Settle => "settle",
+        Request::VmLogs { .. } => "vm_logs",
+        Request::VmStats { .. } => "vm_stats",
+        Request::DaemonStatus => "daemon_status",
     }
 }
 
-pub fn dispatch(daemon: &Daemon, req: Request, events: &mut dyn FnMut(Event)) -> Result<Response> {
+pub fn dispatch(
+    daemon: &Daemon,
+    req: Request,
+    events: &mut dyn FnMut(Event),
+    conn: &Conn,
+) -> Result<Response> {
     Ok(match req {
         Request::Ping => Response::Pong {
             version: PROTOCOL_VERSION,
             pid: std::process::id(),
         },
-        Request::VmCreate(c) => Response::Vm(Box::new(daemon.create(&c, events)?)),
+        Request::VmCreate(c) if c.rm => return run_rm(daemon, &c, events, conn),
+        Request::VmCreate(c) => {
+            Response::Vm(Box::new(daemon.create(&c, events, Cancel::default())?))
+        }
         Request::VmStart { name } => Response::Vm(Box::new(daemon.start(&name, events)?)),
         Request::VmStop { name } => Response::Vm(Box::new(daemon.stop(&name)?)),
         Request::VmKill { name } => Response::Vm(Box::new(daemon.kill(&name)?)),
@@ -206,6 +266,67 @@ pub fn dispatch(daemon: &Daemon, req: Request, events: &mut dyn FnMut(Event)) ->
         Request::Settle => Response::Settled {
             retried: daemon.settle()? as u32,
         },
+        Request::VmLogs { name, follow } => {
+            let hangup = if follow {
+                conn.hangup()?
+            } else {
+                Cancel::default()
+            };
+            daemon.logs(&name, follow, events, &hangup, conn.shutdown)?;
+            Response::LogEnd
+        }
+        Request::VmStats { name } => Response::Stats {
+            stats: daemon.vm_stats(name.as_deref())?,
+        },
+        Request::DaemonStatus => Response::Status(status(daemon)?),
+    })
+}
+
+/// `vm run --rm`: the VM lives as long as the client's connection. A
+/// client that goes away during the boot cancels it (and the VM goes);
+/// once the VM is up the client is told (`Event::Ready`) and the daemon
+/// waits for it to hang up, then deletes the VM. A daemon shutting down
+/// stops waiting and leaves the VM running (the next daemon adopts it).
+fn run_rm(
+    daemon: &Daemon,
+    c: &banger_core::api::CreateVm,
+    events: &mut dyn FnMut(Event),
+    conn: &Conn,
+) -> Result<Response> {
+    let hangup = conn.hangup()?;
+    let vm = daemon.create(c, events, hangup.clone())?;
+    let name = vm.name.clone();
+    events(Event::Ready { vm: Box::new(vm) });
+    // Not a request in flight for the shutdown's drain while it waits.
+    conn.in_flight.fetch_sub(1, Ordering::SeqCst);
+    while !hangup.wait(std::time::Duration::from_millis(200)) && !conn.shutting_down() {}
+    conn.in_flight.fetch_add(1, Ordering::SeqCst);
+    if !hangup.is_cancelled() {
+        warn!(vm = %name, "shutting down: the --rm VM is left running");
+        return Ok(Response::Vm(Box::new(daemon.info(&daemon.find(&name)?))));
+    }
+    match daemon.delete(&name) {
+        Ok(()) | Err(DaemonError::VmNotFound(_)) => Ok(Response::Deleted { name }),
+        Err(e) => Err(e),
+    }
+}
+
+fn status(daemon: &Daemon) -> Result<DaemonStatus> {
+    let vms = daemon.list()?;
+    let mut by_state: Vec<(banger_core::VmState, u32)> = Vec::new();
+    for v in &vms {
+        match by_state.iter_mut().find(|(s, _)| *s == v.state) {
+            Some((_, n)) => *n += 1,
+            None => by_state.push((v.state, 1)),
+        }
+    }
+    Ok(DaemonStatus {
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        protocol: PROTOCOL_VERSION,
+        uptime_secs: daemon.started.elapsed().as_secs(),
+        vms: by_state,
+        pending_releases: daemon.store().list_releases()?.len() as u32,
     })
 }
 

@@ -1,0 +1,233 @@
+//! `banger vm ...`: requests for the daemon, and ssh into guests.
+
+use std::io::IsTerminal;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context};
+use banger_core::api::{CreateVm, Event, Request, Response, VmInfo};
+use banger_core::duration::parse_secs;
+use banger_core::sizing::{parse_size_mib, SizeRequest};
+use banger_core::{AutoStop, VmState};
+
+use crate::client::Client;
+use crate::output::{emit, print_stats, print_timings, print_vm, print_vms};
+use crate::{progress, ssh, CreateFlags, VmCmd};
+
+fn create_request(f: &CreateFlags, start: bool, rm: bool) -> anyhow::Result<CreateVm> {
+    if let Some(n) = &f.name {
+        banger_core::validate_name(n)?;
+    }
+    let mem = f
+        .memory
+        .as_deref()
+        .map(parse_size_mib)
+        .transpose()
+        .map_err(|e| anyhow!("--memory: {e}"))?;
+    let disk = f
+        .disk_size
+        .as_deref()
+        .map(parse_size_mib)
+        .transpose()
+        .map_err(|e| anyhow!("--disk-size: {e}"))?;
+    let auto_stop = AutoStop {
+        ttl_secs: f
+            .ttl
+            .as_deref()
+            .map(|v| parse_secs("--ttl", v))
+            .transpose()?,
+        idle_secs: f
+            .idle_timeout
+            .as_deref()
+            .map(|v| parse_secs("--idle-timeout", v))
+            .transpose()?,
+    };
+    Ok(CreateVm {
+        name: f.name.clone(),
+        image: f.image.clone(),
+        size: SizeRequest {
+            cpus: f.cpus,
+            memory_mib: mem,
+            disk_mib: disk,
+        },
+        vmm: f.vmm,
+        start,
+        rm,
+        auto_stop,
+    })
+}
+
+fn expect_vm(r: Response) -> anyhow::Result<VmInfo> {
+    match r {
+        Response::Vm(v) => Ok(*v),
+        other => bail!("unexpected answer from bangerd: {other:?}"),
+    }
+}
+
+/// A request answered with a VM: prints its name.
+fn vm_action(client: &Client, req: Request) -> anyhow::Result<i32> {
+    let vm = expect_vm(client.call(req, &mut progress)?)?;
+    println!("{}", vm.name);
+    Ok(0)
+}
+
+pub fn run(client: &Client, cmd: VmCmd) -> anyhow::Result<i32> {
+    match cmd {
+        VmCmd::Run {
+            create,
+            rm,
+            timings,
+            command,
+        } => vm_run(client, &create, rm, timings, &command),
+        VmCmd::Create { create } => vm_action(
+            client,
+            Request::VmCreate(create_request(&create, false, false)?),
+        ),
+        VmCmd::Start { name } => vm_action(client, Request::VmStart { name }),
+        VmCmd::Stop { name } => vm_action(client, Request::VmStop { name }),
+        VmCmd::Kill { name } => vm_action(client, Request::VmKill { name }),
+        VmCmd::Delete { names } => {
+            let mut failed = false;
+            for name in names {
+                match client.call(Request::VmDelete { name: name.clone() }, &mut progress) {
+                    Ok(_) => println!("{name}"),
+                    Err(e) => {
+                        eprintln!(
+                            "banger: {}",
+                            banger_core::text::escape_control(&e.to_string(), true)
+                        );
+                        failed = true;
+                    }
+                }
+            }
+            Ok(i32::from(failed))
+        }
+        VmCmd::Ls { json } => {
+            let Response::Vms { vms } = client.call(Request::VmList, &mut progress)? else {
+                bail!("unexpected answer to vm ls");
+            };
+            emit(json, &vms, print_vms)
+        }
+        VmCmd::Show { name, json } => {
+            let vm = expect_vm(client.call(Request::VmGet { name }, &mut progress)?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&vm)?);
+            } else {
+                print_vm(&vm);
+            }
+            Ok(0)
+        }
+        VmCmd::Ssh { name, command } => {
+            let vm = expect_vm(client.call(Request::VmGet { name }, &mut progress)?)?;
+            if vm.state != VmState::Running {
+                bail!(
+                    "vm {:?} is {}: start it with `banger vm start {}`",
+                    vm.name,
+                    vm.state,
+                    vm.name
+                );
+            }
+            let tty = command.is_empty() && std::io::stdin().is_terminal();
+            let err = ssh_command(&vm, &command, tty)?.exec();
+            Err(err).context("exec ssh")
+        }
+        VmCmd::Logs { name, follow } => {
+            client.call(Request::VmLogs { name, follow }, &mut progress)?;
+            Ok(0)
+        }
+        VmCmd::Stats { name, json, watch } => loop {
+            let Response::Stats { stats } =
+                client.call(Request::VmStats { name: name.clone() }, &mut progress)?
+            else {
+                bail!("unexpected answer to vm stats");
+            };
+            emit(json, &stats, print_stats)?;
+            if !watch {
+                return Ok(0);
+            }
+            std::thread::sleep(std::time::Duration::from_secs(2));
+        },
+    }
+}
+
+fn vm_run(
+    client: &Client,
+    create: &CreateFlags,
+    rm: bool,
+    timings: bool,
+    command: &[String],
+) -> anyhow::Result<i32> {
+    let t0 = Instant::now();
+    let req = create_request(create, true, rm)?;
+    let mut phases: Vec<(String, u64)> = Vec::new();
+    let mut on_event = |e: Event| match e {
+        Event::Phase { name, micros } => phases.push((name, micros)),
+        other => progress(other),
+    };
+    let tty = command.is_empty() && std::io::stdin().is_terminal();
+    if !rm {
+        let vm = expect_vm(client.call(Request::VmCreate(req), &mut on_event)?)?;
+        if timings {
+            print_timings(&phases, t0.elapsed().as_micros() as u64);
+            let t = Instant::now();
+            let code = run_ssh(&vm, command, tty);
+            eprintln!("timing ssh+command   {:>9.1} ms", ms(t));
+            eprintln!("timing total         {:>9.1} ms", ms(t0));
+            return code;
+        }
+        // Nothing left to do after ssh: become it.
+        let err = ssh_command(&vm, command, tty)?.exec();
+        return Err(err).context("exec ssh");
+    }
+    // --rm: the VM lives as long as this connection (the daemon deletes it
+    // when we hang up, however we go).
+    let mut t_ssh = None;
+    let (code, answer) = client.call_lease(Request::VmCreate(req), &mut on_event, |vm| {
+        let t = Instant::now();
+        let code = run_ssh(vm, command, tty);
+        t_ssh = Some((t, t.elapsed()));
+        code
+    })?;
+    if !matches!(answer, Response::Deleted { .. }) {
+        bail!("unexpected answer from bangerd: {answer:?}");
+    }
+    let code = code.ok_or_else(|| anyhow!("bangerd never said the VM was up"))??;
+    if timings {
+        if let Some((t, took)) = t_ssh {
+            let ready = t.duration_since(t0);
+            print_timings(&phases, ready.as_micros() as u64);
+            eprintln!("timing ssh+command   {:>9.1} ms", took.as_secs_f64() * 1e3);
+            eprintln!(
+                "timing teardown      {:>9.1} ms",
+                (t.elapsed() - took).as_secs_f64() * 1e3
+            );
+        }
+        eprintln!("timing total         {:>9.1} ms", ms(t0));
+    }
+    Ok(code)
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+fn ssh_command(vm: &VmInfo, command: &[String], tty: bool) -> anyhow::Result<Command> {
+    let ip = vm
+        .guest_ip
+        .as_deref()
+        .ok_or_else(|| anyhow!("vm {:?} has no address", vm.name))?;
+    let mut c = Command::new("ssh");
+    c.args(ssh::args(vm, ip, command, tty));
+    Ok(c)
+}
+
+/// Runs ssh as a child and returns the exit code a shell would report.
+fn run_ssh(vm: &VmInfo, command: &[String], tty: bool) -> anyhow::Result<i32> {
+    let status = ssh_command(vm, command, tty)?
+        .status()
+        .context("run ssh (apt-get install openssh-client)")?;
+    Ok(status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+}

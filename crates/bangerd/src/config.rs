@@ -1,0 +1,52 @@
+//! The daemon's configuration: paths, address range, timeouts, the VMM
+//! binaries, the stats poller's cadence.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use banger_core::net::Subnet;
+use banger_core::{Layout, VmmKind};
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub layout: Layout,
+    pub subnet: Subnet,
+    /// How long a guest may take to say it is ready.
+    pub boot_timeout: Duration,
+    /// How long a clean shutdown may take before the VMM is killed.
+    pub stop_timeout: Duration,
+    /// Force a VMM instead of choosing by host capability.
+    pub vmm: Option<VmmKind>,
+    /// A pause before each release the janitor does: a test hook
+    /// (`BANGER_TEST_RELEASE_DELAY_MS`) that makes "the daemon died with a
+    /// release pending" reproducible. Zero otherwise.
+    pub release_delay: Duration,
+    /// The firecracker binary (`BANGER_FIRECRACKER`, else `firecracker`
+    /// on PATH); none means QEMU only.
+    pub firecracker: Option<PathBuf>,
+    /// How often the stats poller samples running VMs.
+    pub stats_interval: Duration,
+    /// Below this share of one core (percent) over a sample, with no
+    /// network traffic, a guest counts as idle.
+    pub idle_cpu_percent: f64,
+    /// The console log is rotated past this size (one older file is kept),
+    /// so a guest cannot fill the host's disk.
+    pub console_max_bytes: u64,
+}
+
+impl Config {
+    pub fn new(layout: Layout) -> Self {
+        Config {
+            layout,
+            subnet: Subnet::default(),
+            boot_timeout: Duration::from_secs(120),
+            stop_timeout: Duration::from_secs(30),
+            vmm: None,
+            release_delay: Duration::ZERO,
+            firecracker: None,
+            stats_interval: Duration::from_secs(2),
+            idle_cpu_percent: 5.0,
+            console_max_bytes: 1 << 20,
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! Failpoints (the `fail` crate) at every step of create, start, stop,
+//! kill and delete, compiled in only with the `failpoints` feature (the test
+//! suite's build; release builds have none). Configured at daemon start by
+//! the `FAILPOINTS` environment variable, e.g. `start.tap=return(err)`:
+//! - `return(err)` (or `return`): the step fails with an injected error;
+//! - `return(die)`: the daemon process is killed (SIGKILL) at the step, as
+//!   a crash would.
+
+use crate::error::DaemonError;
+
+/// Every failpoint name, in the order a VM's life meets them. The
+/// failpoint test loops over all of them.
+pub fn names() -> Vec<String> {
+    use crate::resources::{CREATE, START};
+    let mut v = vec!["create.begin".to_string()];
+    v.extend(CREATE.iter().map(|r| format!("create.{}", r.name())));
+    v.push("create.done".into());
+    v.push("start.begin".into());
+    v.extend(START.iter().map(|r| format!("start.{}", r.name())));
+    v.push("start.ready".into());
+    v.push("stop.begin".into());
+    v.push("stop.teardown".into());
+    v.extend(START.iter().rev().map(|r| format!("teardown.{}", r.name())));
+    v.push("kill.begin".into());
+    v.push("delete.begin".into());
+    v.extend(
+        CREATE
+            .iter()
+            .rev()
+            .map(|r| format!("teardown.{}", r.name())),
+    );
+    v.push("delete.row".into());
+    v
+}
+
+/// Evaluates failpoint `name`: an injected error, a crash, or nothing.
+#[cfg(feature = "failpoints")]
+pub fn hit(name: &str) -> Result<(), DaemonError> {
+    match fail::eval(name, |arg| arg.unwrap_or_default()) {
+        None => Ok(()),
+        Some(a) if a == "die" => {
+            tracing::warn!(failpoint = name, "failpoint: dying");
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+            std::process::abort()
+        }
+        Some(_) => Err(DaemonError::Injected(name.to_string())),
+    }
+}
+
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn hit(_name: &str) -> Result<(), DaemonError> {
+    Ok(())
+}
+
+/// Set up from `FAILPOINTS`; kept for the daemon's lifetime.
+#[cfg(feature = "failpoints")]
+pub fn setup() -> Option<fail::FailScenario<'static>> {
+    Some(fail::FailScenario::setup())
+}
+
+#[cfg(not(feature = "failpoints"))]
+pub fn setup() -> Option<()> {
+    None
+}

@@ -1,0 +1,196 @@
+//! Images: the index the daemon keeps of the finished image dirs, lookups,
+//! the in-memory cache of image initramfs, building and deleting.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use banger_core::api::{Event, ImageInfo};
+use banger_core::ImageRecord;
+use banger_guest::image::{self, Recipe, DEFAULT_IMAGE};
+use banger_host::fsutil::{self, WrapIo};
+use tracing::{info, warn};
+
+use crate::daemon::{lock, Daemon, Events};
+use crate::error::{DaemonError, Result};
+
+pub(crate) type InitrdCacheEntry = ((PathBuf, u64, Option<SystemTime>), Arc<Vec<u8>>);
+
+impl Daemon {
+    /// Makes the `images` table match the finished image dirs on disk.
+    pub(crate) fn index_images(&self) -> Result<()> {
+        let dir = self.cfg.layout.images_dir();
+        let mut found = Vec::new();
+        for e in std::fs::read_dir(&dir).with_path("read dir", &dir)? {
+            let e = e.with_path("read dir", &dir)?;
+            if e.path().extension().is_some() {
+                continue; // an unfinished `<name>.building`
+            }
+            match image::load(&e.path()) {
+                Ok(Some(rec)) => found.push(rec),
+                Ok(None) => {}
+                Err(err) => warn!(%err, "skipping image dir"),
+            }
+        }
+        let store = self.store();
+        for rec in &found {
+            store.upsert_image(rec)?;
+        }
+        for rec in store.list_images()? {
+            if !found.iter().any(|f| f.name == rec.name) {
+                store.delete_image(&rec.name)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn image(&self, name: &str) -> Result<ImageRecord> {
+        self.store().image(name)?.ok_or_else(|| {
+            DaemonError::ImageMissing(
+                name.to_string(),
+                if name == DEFAULT_IMAGE {
+                    "run `banger image build`".to_string()
+                } else {
+                    format!("the image banger can build is {DEFAULT_IMAGE} (`banger image build`); `banger image ls` lists the built ones")
+                },
+            )
+        })
+    }
+
+    /// The image's initramfs, read once per image file and kept in memory
+    /// (every start appends the VM's config archive to it).
+    pub(crate) fn image_initrd(&self, img: &ImageRecord) -> Result<Arc<Vec<u8>>> {
+        let meta = std::fs::metadata(&img.initrd).with_path("stat", &img.initrd)?;
+        let key = (img.initrd.clone(), meta.len(), meta.modified().ok());
+        let mut cache = lock(&self.initrd_cache);
+        if let Some((k, bytes)) = cache.as_ref() {
+            if *k == key {
+                return Ok(bytes.clone());
+            }
+        }
+        let bytes = Arc::new(std::fs::read(&img.initrd).with_path("read", &img.initrd)?);
+        *cache = Some((key, bytes.clone()));
+        Ok(bytes)
+    }
+
+    /// Says so when an image was built by another banger (its guest recipe
+    /// differs), with the command that rebuilds it.
+    pub(crate) fn warn_if_outdated(&self, img: &ImageRecord, events: Events) {
+        if let Some(recipe) = Recipe::default_for(&img.name) {
+            if !image::is_current(&img.dir, &recipe) {
+                events(Event::Progress {
+                    message: format!(
+                        "image {} was built by another version of banger (its guest recipe \
+                         differs): `banger image build --force` rebuilds it",
+                        img.name
+                    ),
+                });
+            }
+        }
+    }
+
+    pub fn build_image(&self, name: &str, force: bool, events: Events) -> Result<ImageInfo> {
+        let recipe = Recipe::default_for(name)
+            .ok_or_else(|| DaemonError::Image(image::ImageError::Unknown(name.to_string())))?;
+        let _g = lock(&self.image_lock);
+        // Bind first: the store guard must be gone before the store is
+        // locked again below.
+        let existing = self.store().image(name)?;
+        if let Some(rec) = existing {
+            if !force {
+                events(Event::Progress {
+                    message: format!("image {name} is already built (use --force to rebuild)"),
+                });
+                return Ok(image_info(&rec));
+            }
+            self.refuse_if_used(name)?;
+        }
+        let dir = self.cfg.layout.image_dir(name);
+        let rec = image::build(name, &dir, &recipe, &mut |m| {
+            info!(image = name, "{m}");
+            events(Event::Progress {
+                message: m.to_string(),
+            })
+        })?;
+        self.store().upsert_image(&rec)?;
+        Ok(image_info(&rec))
+    }
+
+    fn refuse_if_used(&self, name: &str) -> Result<()> {
+        let users = self.store().vms_using_image(name)?;
+        if users.is_empty() {
+            Ok(())
+        } else {
+            Err(DaemonError::ImageInUse {
+                name: name.to_string(),
+                users: users.join(", "),
+            })
+        }
+    }
+
+    pub fn delete_image(&self, name: &str) -> Result<()> {
+        let _g = lock(&self.image_lock);
+        let rec = self.image(name)?;
+        self.refuse_if_used(name)?;
+        fsutil::remove_dir_all_if_exists(&rec.dir)?;
+        self.store().delete_image(name)?;
+        Ok(())
+    }
+}
+
+pub fn image_info(r: &ImageRecord) -> ImageInfo {
+    ImageInfo {
+        name: r.name.clone(),
+        kernel_version: r.kernel_version.clone(),
+        rootfs_bytes: r.rootfs_bytes,
+        dir: r.dir.clone(),
+        created_at: r.created_at,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::daemon::testutil::{daemon, vm_with_tap};
+
+    #[test]
+    fn rebuilding_an_image_in_use_is_refused_without_hanging() {
+        let d = tempfile::tempdir().unwrap();
+        let daemon = Arc::new(daemon(d.path()));
+        daemon
+            .store()
+            .insert_vm(&vm_with_tap("v1", "user", None))
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let d2 = daemon.clone();
+        std::thread::spawn(move || {
+            let r = d2.build_image(DEFAULT_IMAGE, true, &mut |_| {});
+            let _ = tx.send(r.map(|_| ()).map_err(|e| e.to_string()));
+        });
+        let r = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("build_image --force hung (store lock taken twice)");
+        let e = r.unwrap_err();
+        assert!(e.contains("used by vm(s) user"), "{e}");
+        // Without --force the built image is reported, not rebuilt.
+        let info = daemon
+            .build_image(DEFAULT_IMAGE, false, &mut |_| {})
+            .unwrap();
+        assert_eq!(info.kernel_version, "6.1");
+    }
+
+    #[test]
+    fn unknown_images_are_named_and_unused_ones_deleted() {
+        let d = tempfile::tempdir().unwrap();
+        let daemon = daemon(d.path());
+        assert!(daemon.image(DEFAULT_IMAGE).is_ok());
+        let e = daemon.image("other").unwrap_err().to_string();
+        assert!(e.contains("image \"other\" is not built"), "{e}");
+        daemon.delete_image(DEFAULT_IMAGE).unwrap();
+        assert!(daemon.image(DEFAULT_IMAGE).is_err());
+        assert!(!daemon.cfg.layout.image_dir(DEFAULT_IMAGE).exists());
+    }
+}

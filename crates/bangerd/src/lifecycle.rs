@@ -1,0 +1,490 @@
+//! VM lifecycle: create, start, stop, kill, delete. Every transition that
+//! ends a boot goes through [`Daemon::end_boot`] (teardown, state, last
+//! error, save, in one place); every teardown walks the resource lists
+//! backwards ([`Daemon::teardown`]).
+
+use std::time::Instant;
+
+use banger_core::api::{CreateVm, Event, VmInfo};
+use banger_core::{Held, VmRecord, VmState, VmmKind};
+use banger_guest::image::DEFAULT_IMAGE;
+use banger_host::sysinfo;
+use tracing::{info, warn};
+
+use crate::cancel::Cancel;
+use crate::daemon::{lock, micros, phase, random_hex, Daemon, Events, Phase};
+use crate::error::{DaemonError, Result};
+use crate::failpoint::hit;
+use crate::resources::{self, item, Acq, End, Resource, CREATE, START};
+
+impl Daemon {
+    // ---- create -------------------------------------------------------
+
+    /// Creates a VM (and with `req.start`, boots it; with `req.rm`, deletes
+    /// it again if the boot fails). `cancel` cancels the boot.
+    pub fn create(&self, req: &CreateVm, events: Events, cancel: Cancel) -> Result<VmInfo> {
+        let t0 = Instant::now();
+        let name = match &req.name {
+            Some(n) => {
+                banger_core::validate_name(n)?;
+                n.clone()
+            }
+            None => self.generate_name()?,
+        };
+        if req.rm && !req.start {
+            return Err(DaemonError::Invalid(
+                "--rm deletes the VM when its client goes away: it needs a VM that starts (vm run)"
+                    .into(),
+            ));
+        }
+        let image_name = req
+            .image
+            .clone()
+            .unwrap_or_else(|| DEFAULT_IMAGE.to_string());
+        let host = sysinfo::host_resources(&self.cfg.layout.state_dir);
+        let mut sizing = banger_core::sizing::resolve(&req.size, &host)?;
+        let (vmm, accel) = self.select_vmm(req.vmm)?;
+        // Firecracker's limit, refused before anything exists.
+        let fc_max = banger_vmm::firecracker::MAX_VCPUS;
+        if vmm == VmmKind::Firecracker && sizing.cpus > fc_max {
+            if req.size.cpus.is_some() {
+                return Err(DaemonError::Invalid(format!(
+                    "--cpus {}: Firecracker takes at most {fc_max} vCPUs",
+                    sizing.cpus
+                )));
+            }
+            sizing.cpus = fc_max;
+        }
+        if self.store().vm_by_name(&name)?.is_some() {
+            return Err(DaemonError::VmExists(name));
+        }
+        if image_name == DEFAULT_IMAGE && self.store().image(&image_name)?.is_none() {
+            events(Event::Progress {
+                message: format!("image {image_name} is not built yet: building it now"),
+            });
+            self.build_image(&image_name, false, events)?;
+        }
+        // The image may not be deleted or rebuilt between this lookup and
+        // the row that makes it "in use".
+        let image_guard = lock(&self.image_lock);
+        let img = self.image(&image_name)?;
+        self.warn_if_outdated(&img, events);
+        let _g = self.vm_locks.lock(&name);
+        let id = random_hex(16)?;
+        let mut vm = VmRecord {
+            id: id.clone(),
+            name: name.clone(),
+            spec: banger_core::VmSpec {
+                sizing,
+                image: image_name.clone(),
+                vmm,
+                accel: accel.clone(),
+                auto_stop: req.auto_stop,
+            },
+            runtime: banger_core::VmRuntime {
+                state: Some(VmState::Creating),
+                api_sock_path: Some(
+                    self.cfg
+                        .layout
+                        .vm_runtime_dir(&id)
+                        .join(banger_core::layout::vmfiles::API_SOCK),
+                ),
+                vm_dir: Some(self.cfg.layout.vm_dir(&id)),
+                ..Default::default()
+            },
+            created_at: banger_core::unix_now(),
+        };
+        hit("create.begin")?;
+        self.store().insert_vm(&vm).map_err(|e| match e {
+            banger_store::StoreError::NameTaken(n) => DaemonError::VmExists(n),
+            e => e.into(),
+        })?;
+        drop(image_guard);
+        events(Event::Spec {
+            line: format!(
+                "{name}: {} vCPU, {} MiB, {} disk, image {image_name}, vmm {vmm} ({accel})",
+                sizing.cpus,
+                sizing.memory_mib,
+                crate::daemon::human_mib(sizing.disk_mib)
+            ),
+        });
+        let made = (|| {
+            let mut cx = Acq {
+                vm: &mut vm,
+                img: &img,
+                handles: Default::default(),
+                events: &mut *events,
+                boot_id: String::new(),
+                initrd: None,
+                background: Vec::new(),
+            };
+            for r in CREATE {
+                hit(&format!("create.{}", r.name()))?;
+                r.acquire(self, &mut cx)?;
+            }
+            cx.vm.runtime.state = Some(VmState::Created);
+            self.save(cx.vm)?;
+            hit("create.done")
+        })();
+        if let Err(e) = made {
+            warn!(vm = %name, err = %e, "create failed; rolling back");
+            self.remove(&mut vm, CREATE_ROLLBACK);
+            return Err(e);
+        }
+        phase(events, "create", micros(t0));
+        if !req.start {
+            return Ok(self.info(&vm));
+        }
+        match self.start_locked(vm, events, cancel) {
+            Ok(vm) => Ok(self.info(&vm)),
+            Err(e) => {
+                if req.rm {
+                    // The daemon's half of --rm: a VM whose boot failed or
+                    // was cancelled goes too.
+                    if let Ok(mut vm) = self.find(&name) {
+                        self.remove(&mut vm, DELETE);
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn generate_name(&self) -> Result<String> {
+        for _ in 0..32 {
+            let r = u32::from_str_radix(&random_hex(4)?, 16).unwrap_or(0);
+            let n = banger_core::name::generated_name(r);
+            if self.store().vm_by_name(&n)?.is_none() {
+                return Ok(n);
+            }
+        }
+        Err(DaemonError::Invalid(
+            "could not find a free generated name: pass --name".into(),
+        ))
+    }
+
+    // ---- start --------------------------------------------------------
+
+    pub fn start(&self, name: &str, events: Events) -> Result<VmInfo> {
+        let _g = self.vm_locks.lock(name);
+        let vm = self.find(name)?;
+        let vm = self.start_locked(vm, events, Cancel::default())?;
+        Ok(self.info(&vm))
+    }
+
+    pub(crate) fn start_locked(
+        &self,
+        mut vm: VmRecord,
+        events: Events,
+        cancel: Cancel,
+    ) -> Result<VmRecord> {
+        vm.runtime.state().check(&vm.name, "start")?;
+        // A VMM that survived SIGKILL still uses the disks.
+        if let Some(p) = resources::vmm::find(&vm, &self.current_handles(&vm)) {
+            if p.is_running() {
+                return Err(DaemonError::VmmSurvives {
+                    vm: vm.name.clone(),
+                    pid: p.pid,
+                    state: banger_host::process::state(p.pid).unwrap_or('?'),
+                });
+            }
+        }
+        let t0 = Instant::now();
+        self.settle_vm(&vm.id)?;
+        let _boot = self.boots.register(&vm.name, cancel.clone());
+        hit("start.begin")?;
+        vm.runtime.state = Some(VmState::Starting);
+        vm.runtime.last_error = None;
+        self.save(&vm)?;
+        match self.boot(&mut vm, events, &cancel) {
+            Ok(()) => {
+                info!(vm = %vm.name, ms = t0.elapsed().as_millis() as u64, "running");
+                Ok(vm)
+            }
+            Err(e) => {
+                warn!(vm = %vm.name, err = %e, "start failed; rolling back");
+                let (to, why) = if cancel.is_cancelled() {
+                    (VmState::Stopped, format!("its start was cancelled ({e})"))
+                } else {
+                    (VmState::Error, e.to_string())
+                };
+                let _ = self.end_boot(&mut vm, to, Some(why), true);
+                Err(e)
+            }
+        }
+    }
+
+    /// Acquires the boot's resources in order, then waits for the guest.
+    fn boot(&self, vm: &mut VmRecord, events: Events, cancel: &Cancel) -> Result<()> {
+        let img = self.image(&vm.spec.image)?;
+        self.vmm(vm.spec.vmm)?;
+        let mut cx = Acq {
+            vm,
+            img: &img,
+            handles: Default::default(),
+            events,
+            boot_id: String::new(),
+            initrd: None,
+            background: Vec::new(),
+        };
+        let booted = (|| {
+            for r in START {
+                hit(&format!("start.{}", r.name()))?;
+                if cancel.is_cancelled() {
+                    return Err(DaemonError::Cancelled(cx.vm.name.clone()));
+                }
+                let t = Phase::start(r.phase());
+                let acquired = r.acquire(self, &mut cx);
+                // Recorded before anything else can fail, even a failed
+                // acquire's partial work (a spawned VMM, say).
+                self.set_handles(cx.vm, &cx.handles)?;
+                self.save(cx.vm)?;
+                acquired?;
+                t.done(cx.events);
+            }
+            let vmm = self.vmm_process(cx.vm).ok_or_else(|| {
+                DaemonError::Invalid(format!("vm {:?} has no VMM process", cx.vm.name))
+            })?;
+            let t = Phase::start("boot");
+            crate::readiness::wait(self, cx.vm, vmm, &cx.boot_id, cancel)?;
+            t.done(cx.events);
+            hit("start.ready")
+        })();
+        // Work still running in the background (NAT) is joined in every
+        // case: a rollback must not race it.
+        let mut background = Ok(());
+        for (name, job) in cx.background.drain(..) {
+            match job.join() {
+                Ok(Ok(us)) => phase(cx.events, name, us),
+                Ok(Err(e)) => background = background.and(Err(e)),
+                Err(_) => {
+                    background = background.and(Err(DaemonError::Invalid(format!(
+                        "the {name} thread panicked"
+                    ))))
+                }
+            }
+        }
+        booted?;
+        background?;
+        cx.vm.runtime.state = Some(VmState::Running);
+        cx.vm.runtime.started_at = Some(banger_core::unix_now());
+        self.save(cx.vm)
+    }
+
+    // ---- stop, kill, delete -------------------------------------------
+
+    pub fn stop(&self, name: &str) -> Result<VmInfo> {
+        self.stop_because(name, None)
+    }
+
+    /// A clean power-off (Ctrl-Alt-Del, the VMM killed after the stop
+    /// timeout); `why` becomes the VM's last error (the stats poller's
+    /// auto-stop says which limit it hit).
+    pub(crate) fn stop_because(&self, name: &str, why: Option<String>) -> Result<VmInfo> {
+        let _g = self.vm_locks.lock(name);
+        let mut vm = self.find(name)?;
+        if !self.vm_alive(&vm) && vm.runtime.state() == VmState::Running {
+            // Stale: the VMM died behind our back. Clean and report stopped.
+            self.end_boot(
+                &mut vm,
+                VmState::Stopped,
+                Some("its VMM had exited".into()),
+                true,
+            )?;
+            return Ok(self.info(&vm));
+        }
+        vm.runtime.state().check(&vm.name, "stop")?;
+        hit("stop.begin")?;
+        vm.runtime.state = Some(VmState::Stopping);
+        self.save(&vm)?;
+        let clean = match (self.vmm_process(&vm), vm.runtime.api_sock_path.clone()) {
+            (Some(p), Some(sock)) => {
+                let asked = self
+                    .vmm(vm.spec.vmm)
+                    .and_then(|v| v.request_shutdown(&sock).map_err(Into::into));
+                if let Err(e) = &asked {
+                    warn!(vm = %vm.name, err = %e, "clean shutdown request failed; killing");
+                }
+                asked.is_ok() && p.wait_gone(self.cfg.stop_timeout)
+            }
+            _ => false,
+        };
+        if !clean {
+            warn!(vm = %vm.name, "guest did not power off in time; killing the VMM");
+        }
+        hit("stop.teardown")?;
+        self.end_boot(&mut vm, VmState::Stopped, why, true)?;
+        Ok(self.info(&vm))
+    }
+
+    pub fn kill(&self, name: &str) -> Result<VmInfo> {
+        // A boot in progress is cancelled first: it holds the VM's lock
+        // until it has rolled back.
+        let cancelled = self.boots.cancel(name);
+        let _g = self.vm_locks.lock(name);
+        let mut vm = self.find(name)?;
+        if cancelled && !vm.runtime.state().can_kill() {
+            return Ok(self.info(&vm));
+        }
+        vm.runtime.state().check(&vm.name, "kill")?;
+        hit("kill.begin")?;
+        self.end_boot(&mut vm, VmState::Stopped, None, true)?;
+        Ok(self.info(&vm))
+    }
+
+    pub fn delete(&self, name: &str) -> Result<()> {
+        self.boots.cancel(name);
+        let _g = self.vm_locks.lock(name);
+        let t0 = Instant::now();
+        let mut vm = match self.find(name) {
+            Err(DaemonError::Broken { .. }) => return self.delete_broken(name),
+            r => r?,
+        };
+        hit("delete.begin")?;
+        vm.runtime.state = Some(VmState::Deleting);
+        self.save(&vm)?;
+        if let Err(e) = self.teardown(&mut vm, DELETE) {
+            vm.runtime.state = Some(VmState::Error);
+            vm.runtime.last_error = Some(e.to_string());
+            let _ = self.save(&vm);
+            return Err(e);
+        }
+        hit("delete.row")?;
+        self.store().delete_vm(&vm.id)?;
+        tracing::debug!(vm = %vm.name, us = micros(t0), "deleted");
+        Ok(())
+    }
+
+    /// A row this banger cannot read: its directories and the row go (what
+    /// else it held cannot be known from it; reconcile and the releases
+    /// cover a VMM or tap that outlived its record).
+    fn delete_broken(&self, name: &str) -> Result<()> {
+        let broken = self.store().broken_vms()?;
+        let Some(b) = broken.into_iter().find(|b| b.name == name) else {
+            return Err(DaemonError::VmNotFound(name.to_string()));
+        };
+        banger_host::fsutil::remove_dir_all_if_exists(&self.cfg.layout.vm_runtime_dir(&b.id))?;
+        banger_host::fsutil::remove_dir_all_if_exists(&self.cfg.layout.vm_dir(&b.id))?;
+        self.store().delete_vm(&b.id)?;
+        Ok(())
+    }
+
+    /// Removes a VM whose create failed, or a VM the daemon found cut
+    /// short: whatever it holds, then its row. Best effort.
+    pub(crate) fn remove(&self, vm: &mut VmRecord, how: Teardown) {
+        if let Err(e) = self.teardown(vm, how) {
+            warn!(vm = %vm.name, err = %e, "teardown failed");
+            vm.runtime.state = Some(VmState::Error);
+            vm.runtime.last_error = Some(e.to_string());
+            let _ = self.save(vm);
+            return;
+        }
+        if let Err(e) = self.store().delete_vm(&vm.id) {
+            warn!(vm = %vm.name, err = %e, "cannot delete the row");
+        }
+    }
+
+    // ---- the one transition and the one teardown ----------------------
+
+    /// Ends a VM's boot (stop, kill, a failed or cancelled start, the
+    /// reaper, reconcile, the auto-stopper): its boot resources torn down,
+    /// then state `to` with `why` as its last error, saved. A teardown that
+    /// cannot finish (a VMM that survives SIGKILL) leaves the VM in error,
+    /// saying why, and fails.
+    pub(crate) fn end_boot(
+        &self,
+        vm: &mut VmRecord,
+        to: VmState,
+        why: Option<String>,
+        wait_vmm: bool,
+    ) -> Result<()> {
+        let how = Teardown {
+            lists: &[START],
+            end: End {
+                wait_vmm,
+                deleting: false,
+            },
+        };
+        match self.teardown(vm, how) {
+            Ok(()) => {
+                vm.runtime.state = Some(to);
+                vm.runtime.last_error = why;
+                vm.runtime.started_at = None;
+                self.save(vm)
+            }
+            Err(e) => {
+                vm.runtime.state = Some(VmState::Error);
+                vm.runtime.last_error = Some(e.to_string());
+                let _ = self.save(vm);
+                Err(e)
+            }
+        }
+    }
+
+    /// Ends what the VM holds of the listed resources, last acquired first:
+    /// each resource says what it holds (falling back from the handles to
+    /// the runtime to the OS) and ends it; what is left for after the reply
+    /// is recorded as one release and handed to the janitor. Idempotent.
+    /// Stops at a resource whose end must succeed (the VMM); otherwise a
+    /// failed end is recorded for the release to retry.
+    pub(crate) fn teardown(&self, vm: &mut VmRecord, how: Teardown) -> Result<()> {
+        let t0 = Instant::now();
+        let h = self.current_handles(vm);
+        let mut later: Vec<Held> = Vec::new();
+        for list in how.lists {
+            for r in list.iter().rev() {
+                let Some(held) = r.held(self, vm, &h) else {
+                    continue;
+                };
+                let ended = hit(&format!("teardown.{}", r.name()))
+                    .and_then(|()| r.end(self, vm, held.clone(), how.end));
+                match ended {
+                    Ok(Some(rest)) => later.push(item(*r, rest)),
+                    Ok(None) => {}
+                    Err(e) if r.blocks_teardown() => {
+                        // Nothing after it may go: the handles stay, so a
+                        // later teardown starts here again.
+                        return Err(e);
+                    }
+                    Err(e) => {
+                        warn!(vm = %vm.name, resource = r.name(), err = %e, "left for the release");
+                        later.push(item(*r, held));
+                    }
+                }
+            }
+        }
+        if !later.is_empty() {
+            self.hand_over(vm, later)?;
+        }
+        let _ = crate::handles::remove_file(&self.cfg.layout.vm_dir(&vm.id));
+        self.handles.remove(&vm.id);
+        vm.runtime.tap_device = None;
+        tracing::debug!(vm = %vm.name, us = micros(t0), "teardown");
+        Ok(())
+    }
+}
+
+/// Which resource lists a teardown walks, and how it ends them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Teardown {
+    pub lists: &'static [&'static [&'static dyn Resource]],
+    pub end: End,
+}
+
+/// Everything: the VM is deleted.
+pub(crate) const DELETE: Teardown = Teardown {
+    lists: &[START, CREATE],
+    end: End {
+        wait_vmm: false,
+        deleting: true,
+    },
+};
+
+/// What a failed create made.
+pub(crate) const CREATE_ROLLBACK: Teardown = Teardown {
+    lists: &[CREATE],
+    end: End {
+        wait_vmm: true,
+        deleting: true,
+    },
+};

@@ -1,0 +1,134 @@
+//! What survives a daemon restart, and VMMs that exit on their own.
+//!
+//! At startup, releases left pending are done first; then every VM is put
+//! in a state the new daemon can stand behind: one cut short while being
+//! created or deleted is removed; one recorded as up is either still
+//! running (its handles are rebuilt from the scratch file and /proc) or is
+//! demoted to stopped after its resources are torn down.
+
+use banger_core::{VmRecord, VmState};
+use tracing::{info, warn};
+
+use crate::daemon::Daemon;
+use crate::error::Result;
+use crate::handles;
+use crate::lifecycle::{CREATE_ROLLBACK, DELETE};
+
+impl Daemon {
+    pub fn reconcile(&self) -> Result<()> {
+        // (Listed first: a store guard must not live through the loop,
+        // whose releases take the store again.)
+        let leftover = self.store().list_releases()?;
+        let mut done: Vec<String> = Vec::new();
+        for r in leftover {
+            if done.contains(&r.vm_id) {
+                continue;
+            }
+            info!(vm = %r.vm_name, "reconcile: release left pending");
+            if let Err(e) = self.release_vm(&r.vm_id) {
+                warn!(vm = %r.vm_name, err = %e, "release failed; kept for a retry");
+            }
+            done.push(r.vm_id);
+        }
+        let vms = self.store().list_vms()?;
+        for vm in vms {
+            self.reconcile_vm(vm)?;
+        }
+        Ok(())
+    }
+
+    fn reconcile_vm(&self, mut vm: VmRecord) -> Result<()> {
+        let st = vm.runtime.state();
+        match st {
+            VmState::Creating => {
+                info!(vm = %vm.name, "reconcile: cut short while being created; removing it");
+                self.remove(&mut vm, CREATE_ROLLBACK);
+                return Ok(());
+            }
+            VmState::Deleting => {
+                info!(vm = %vm.name, "reconcile: cut short while being deleted; finishing");
+                self.rediscover(&vm);
+                self.remove(&mut vm, DELETE);
+                return Ok(());
+            }
+            s if !s.is_up() => return Ok(()),
+            _ => {}
+        }
+        let h = self.rediscover(&vm);
+        if st == VmState::Running && self.vm_alive(&vm) {
+            info!(vm = %vm.name, pid = ?h.pid, "reconcile: still running");
+            let _ = handles::write_file(&self.cfg.layout.vm_dir(&vm.id), &h);
+            return Ok(());
+        }
+        info!(vm = %vm.name, "reconcile: not running; cleaning up");
+        let (to, why) = if st == VmState::Starting {
+            (
+                VmState::Error,
+                Some("the daemon restarted while the VM was starting".to_string()),
+            )
+        } else {
+            (VmState::Stopped, vm.runtime.last_error.clone())
+        };
+        if let Err(e) = self.end_boot(&mut vm, to, why, true) {
+            warn!(vm = %vm.name, err = %e, "reconcile: teardown failed");
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the VM's handles from its scratch file and /proc.
+    fn rediscover(&self, vm: &VmRecord) -> banger_core::VmHandles {
+        let dir = self.cfg.layout.vm_dir(&vm.id);
+        let sock = vm.runtime.api_sock_path.clone().unwrap_or_default();
+        let mut h = handles::rediscover(&dir, &sock);
+        if h.tap_device.is_none() {
+            h.tap_device = vm.runtime.tap_device.clone();
+        }
+        self.handles.set(&vm.id, h.clone());
+        h
+    }
+
+    /// Watches the VMMs reconcile kept (not children of this daemon), so
+    /// that their exit is cleaned up like a child's.
+    pub fn watch_adopted(&self) {
+        let Ok(vms) = self.store().list_vms() else {
+            return;
+        };
+        for vm in vms {
+            if vm.runtime.state() != VmState::Running {
+                continue;
+            }
+            if let Some(p) = self.vmm_process(&vm) {
+                crate::reaper::watch_pid(p);
+            }
+        }
+    }
+
+    /// Called by the reaper when a VMM exits: a VM that was meant to be
+    /// running is cleaned up exactly like `stop` does.
+    pub fn on_vmm_exit(&self, pid: i32) {
+        let Ok(vms) = self.store().list_vms() else {
+            return;
+        };
+        let Some(vm) = vms
+            .into_iter()
+            .find(|v| self.handles.get(&v.id).and_then(|h| h.pid) == Some(pid))
+        else {
+            return;
+        };
+        let _g = self.vm_locks.lock(&vm.name);
+        let Ok(mut vm) = self.find(&vm.name) else {
+            return;
+        };
+        if vm.runtime.state() != VmState::Running
+            || self.handles.get(&vm.id).and_then(|h| h.pid) != Some(pid)
+            || self.vm_alive(&vm)
+        {
+            return;
+        }
+        warn!(vm = %vm.name, pid, "VMM exited on its own; cleaning up");
+        let why = "the guest powered off or its VMM exited".to_string();
+        if let Err(e) = self.end_boot(&mut vm, VmState::Stopped, Some(why), true) {
+            warn!(vm = %vm.name, err = %e, "cleanup after the VMM's exit failed");
+        }
+    }
+}

@@ -1,0 +1,57 @@
+//! The guest's address: a /30 out of the configured range, chosen under the
+//! network lock among those no VM and no pending release holds. It lives
+//! with the VM's row; a deleted VM's address stays reserved until the rest
+//! of its release (its tap, which carries the /30) is done.
+
+use std::net::Ipv4Addr;
+
+use banger_core::{Release, VmHandles, VmRecord};
+use serde_json::{json, Value};
+
+use super::{Acq, Resource};
+use crate::daemon::{lock, Daemon};
+use crate::error::Result;
+
+#[derive(Debug)]
+pub struct Address;
+
+impl Resource for Address {
+    fn name(&self) -> &'static str {
+        "address"
+    }
+
+    fn acquire(&self, d: &Daemon, cx: &mut Acq<'_>) -> Result<()> {
+        let _n = lock(&d.net_lock);
+        let used: Vec<Ipv4Addr> = {
+            let store = d.store();
+            let vms = store.list_vms()?;
+            let releases = store.list_releases()?;
+            vms.iter()
+                .filter(|v| v.id != cx.vm.id)
+                .filter_map(|v| v.runtime.guest_ip.as_deref())
+                .map(str::to_string)
+                .chain(
+                    releases
+                        .iter()
+                        .filter_map(|r| r.item("address")?["ip"].as_str().map(str::to_string)),
+                )
+                .filter_map(|ip| ip.parse().ok())
+                .collect()
+        };
+        let net = d.cfg.subnet.allocate(&used)?;
+        cx.vm.runtime.guest_ip = Some(net.guest_ip.to_string());
+        // Saved under the lock: the next allocation sees it.
+        d.save(cx.vm)
+    }
+
+    fn held(&self, _d: &Daemon, vm: &VmRecord, _h: &VmHandles) -> Option<Value> {
+        vm.runtime.guest_ip.as_ref().map(|ip| json!({ "ip": ip }))
+    }
+
+    // `end` keeps the default: released (and so reserved) after the reply.
+
+    fn release(&self, _d: &Daemon, _r: &Release, _held: &Value) -> Result<()> {
+        // Nothing in the kernel: the record's disappearance frees it.
+        Ok(())
+    }
+}

@@ -1,0 +1,71 @@
+//! The per-VM initrd: the image's initramfs with the VM's config archive
+//! appended (hostname, address, keys, this boot's id). Written at each
+//! start, removed at each teardown.
+
+use std::io::Write;
+
+use banger_core::layout::vmfiles;
+use banger_core::net::GUEST_PREFIX;
+use banger_core::{Release, VmHandles, VmRecord};
+use banger_host::fsutil::{self, WrapIo};
+use banger_host::sshkey;
+use serde_json::Value;
+
+use super::{end_files, files_held, remove_files, Acq, End, Resource};
+use crate::daemon::{random_hex, Daemon};
+use crate::error::Result;
+
+#[derive(Debug)]
+pub struct Initrd;
+
+impl Resource for Initrd {
+    fn name(&self) -> &'static str {
+        "initrd"
+    }
+
+    fn phase(&self) -> &'static str {
+        "config"
+    }
+
+    fn acquire(&self, d: &Daemon, cx: &mut Acq<'_>) -> Result<()> {
+        let dir = d.cfg.layout.vm_dir(&cx.vm.id);
+        let net = d.guest_net(cx.vm)?;
+        cx.boot_id = random_hex(8)?;
+        let client_pub = sshkey::public_key(&d.cfg.layout.client_key())?;
+        let host_key_path = dir.join(vmfiles::HOST_KEY);
+        let cfg = banger_guest::config::GuestConfig {
+            hostname: cx.vm.name.clone(),
+            guest_ip: net.guest_ip,
+            gateway: net.host_ip,
+            prefix: GUEST_PREFIX,
+            mac: net.mac(),
+            nameservers: banger_guest::config::guest_nameservers(
+                &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+            ),
+            authorized_keys: format!("{client_pub}\n"),
+            host_key: fsutil::read_to_string(&host_key_path)?,
+            host_key_pub: sshkey::public_key(&host_key_path)?,
+            boot_id: cx.boot_id.clone(),
+        };
+        let base = d.image_initrd(cx.img)?;
+        let path = dir.join(vmfiles::INITRD);
+        let mut f = std::fs::File::create(&path).with_path("create", &path)?;
+        f.write_all(&base)
+            .and_then(|()| f.write_all(&cfg.archive()))
+            .with_path("write", &path)?;
+        cx.initrd = Some(path);
+        Ok(())
+    }
+
+    fn held(&self, d: &Daemon, vm: &VmRecord, _h: &VmHandles) -> Option<Value> {
+        files_held(&[d.cfg.layout.vm_dir(&vm.id).join(vmfiles::INITRD)])
+    }
+
+    fn end(&self, _d: &Daemon, vm: &VmRecord, held: Value, _how: End) -> Result<Option<Value>> {
+        end_files(vm, held)
+    }
+
+    fn release(&self, _d: &Daemon, _r: &Release, held: &Value) -> Result<()> {
+        remove_files(held)
+    }
+}

@@ -1,0 +1,179 @@
+//! The VMM process (QEMU or Firecracker), identified by its pid and start
+//! time (recorded in the handles the moment it is spawned), with its API
+//! socket and console log. Killed and waited for before a stop, kill or
+//! rollback answers; a deleted VM's is only sent SIGKILL, and the release
+//! waits for it. A VMM that survives SIGKILL (uninterruptible sleep in the
+//! kernel) stops the teardown: its tap and disks stay in use, the VM is
+//! not marked stopped, and it cannot be started on the same disks.
+
+use std::time::Duration;
+
+use banger_core::api::Event;
+use banger_core::layout::vmfiles;
+use banger_core::{Release, VmHandles, VmRecord};
+use banger_host::fsutil;
+use banger_host::process::{self, ProcId};
+use nix::sys::signal::Signal;
+use serde_json::{json, Value};
+
+use super::{root_disk, Acq, End, Resource};
+use crate::daemon::{Daemon, KERNEL_CMDLINE};
+use crate::error::{DaemonError, Result};
+
+#[derive(Debug)]
+pub struct VmmProcess;
+
+/// How long a SIGKILLed VMM may take to be gone.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
+/// The VMM the handles name, if that very process still exists; failing
+/// a recorded identity, the process whose command line carries the VM's
+/// API socket (the seeds' `pgrep -f <apiSock>`: only when every record of
+/// it is lost, and only for a VM that may be up).
+pub fn find(vm: &VmRecord, h: &VmHandles) -> Option<ProcId> {
+    if let (Some(pid), Some(start_time)) = (h.pid, h.vmm_start_time) {
+        let id = ProcId { pid, start_time };
+        return id.exists().then_some(id);
+    }
+    let needle = process::path_needle(vm.runtime.api_sock_path.as_ref()?);
+    let pid = match h.pid {
+        Some(p) if process::matches(p, &needle) => p,
+        _ if vm.runtime.state().is_up() => *process::find_by_arg(&needle).first()?,
+        _ => return None,
+    };
+    ProcId::of(pid)
+}
+
+fn id_of(held: &Value) -> Option<ProcId> {
+    Some(ProcId {
+        pid: i32::try_from(held["pid"].as_i64()?).ok()?,
+        start_time: held["start_time"].as_u64()?,
+    })
+}
+
+fn survives(vm: &str, id: ProcId) -> DaemonError {
+    DaemonError::VmmSurvives {
+        vm: vm.to_string(),
+        pid: id.pid,
+        state: process::state(id.pid).unwrap_or('?'),
+    }
+}
+
+impl Resource for VmmProcess {
+    fn name(&self) -> &'static str {
+        "vmm"
+    }
+
+    fn phase(&self) -> &'static str {
+        "spawn"
+    }
+
+    fn acquire(&self, d: &Daemon, cx: &mut Acq<'_>) -> Result<()> {
+        let vmm = d.vmm(cx.vm.spec.vmm)?;
+        let dir = d.cfg.layout.vm_dir(&cx.vm.id);
+        let rt_dir = d.cfg.layout.vm_runtime_dir(&cx.vm.id);
+        fsutil::create_dir_all(&rt_dir)?;
+        let api_sock = rt_dir.join(vmfiles::API_SOCK);
+        fsutil::remove_file_if_exists(&api_sock)?;
+        let console = dir.join(vmfiles::CONSOLE_LOG);
+        crate::console::reset(&console)?;
+        cx.vm.runtime.api_sock_path = Some(api_sock.clone());
+        cx.vm.runtime.log_path = Some(console.clone());
+        let net = d.guest_net(cx.vm)?;
+        let tap = cx.handles.tap_device.clone().ok_or_else(|| {
+            DaemonError::Invalid(format!("vm {:?} has no tap for its VMM", cx.vm.name))
+        })?;
+        let initrd = cx.initrd.clone().ok_or_else(|| {
+            DaemonError::Invalid(format!("vm {:?} has no initrd for its VMM", cx.vm.name))
+        })?;
+        let vmm_cfg = banger_vmm::VmConfig {
+            name: cx.vm.name.clone(),
+            vcpus: cx.vm.spec.sizing.cpus,
+            memory_mib: cx.vm.spec.sizing.memory_mib,
+            kernel: cx.img.kernel.clone(),
+            initrd,
+            cmdline: KERNEL_CMDLINE.to_string(),
+            disks: vec![
+                banger_vmm::Disk {
+                    id: "root".into(),
+                    path: dir.join(root_disk::file_name(cx.vm.spec.vmm)),
+                    format: root_disk::format(cx.vm.spec.vmm).into(),
+                    read_only: false,
+                },
+                banger_vmm::Disk {
+                    id: "work".into(),
+                    path: dir.join(vmfiles::WORK_DISK),
+                    format: "raw".into(),
+                    read_only: false,
+                },
+            ],
+            nics: vec![banger_vmm::Nic {
+                tap,
+                mac: net.mac(),
+            }],
+            console_log: console,
+            vmm_log: dir.join(vmfiles::VMM_LOG),
+            api_sock,
+        };
+        let spawned = vmm.spawn(&vmm_cfg)?;
+        let start_time = process::start_time(spawned.pid);
+        // Watched (and so reaped) before anything else can fail.
+        if let Some(child) = spawned.child {
+            crate::reaper::watch(child);
+        }
+        cx.handles.pid = Some(spawned.pid);
+        cx.handles.vmm_start_time = start_time;
+        (cx.events)(Event::Progress {
+            message: format!(
+                "booting {} ({} {})",
+                cx.vm.name, cx.vm.spec.vmm, cx.vm.spec.accel
+            ),
+        });
+        Ok(())
+    }
+
+    fn held(&self, _d: &Daemon, vm: &VmRecord, h: &VmHandles) -> Option<Value> {
+        let sock = vm.runtime.api_sock_path.clone();
+        match find(vm, h) {
+            Some(id) => Some(json!({ "pid": id.pid, "start_time": id.start_time, "sock": sock })),
+            None => sock.filter(|s| s.exists()).map(|s| json!({ "sock": s })),
+        }
+    }
+
+    fn end(&self, _d: &Daemon, vm: &VmRecord, held: Value, how: End) -> Result<Option<Value>> {
+        let rest = match id_of(&held) {
+            Some(id) if how.wait_vmm => {
+                crate::failpoint::hit("vmm.kill")?;
+                if !id.kill_and_wait(KILL_WAIT) {
+                    return Err(survives(&vm.name, id));
+                }
+                None
+            }
+            Some(id) => {
+                process::deprioritize(id.pid);
+                let _ = id.signal(Signal::SIGKILL);
+                Some(json!({ "pid": id.pid, "start_time": id.start_time }))
+            }
+            None => None,
+        };
+        if let Some(s) = held["sock"].as_str() {
+            fsutil::remove_file_if_exists(std::path::Path::new(s))?;
+        }
+        Ok(rest)
+    }
+
+    fn release(&self, _d: &Daemon, r: &Release, held: &Value) -> Result<()> {
+        let Some(id) = id_of(held) else {
+            return Ok(());
+        };
+        if id.kill_and_wait(KILL_WAIT) {
+            Ok(())
+        } else {
+            Err(survives(&r.vm_name, id))
+        }
+    }
+
+    fn blocks_teardown(&self) -> bool {
+        true
+    }
+}
