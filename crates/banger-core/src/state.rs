@@ -55,11 +55,13 @@ impl VmState {
     pub fn can_stop(self) -> bool {
         matches!(self, VmState::Running)
     }
-    /// Kill is the forceful stop: allowed whenever a VMM may exist.
+    /// Kill is the forceful stop: allowed whenever a VMM may exist, and in
+    /// error (a teardown that could not finish, e.g. a VMM that survived
+    /// SIGKILL, is tried again).
     pub fn can_kill(self) -> bool {
         matches!(
             self,
-            VmState::Running | VmState::Starting | VmState::Stopping
+            VmState::Running | VmState::Starting | VmState::Stopping | VmState::Error
         )
     }
     /// Delete tears down whatever exists, so every state may be deleted; a
@@ -105,8 +107,9 @@ mod tests {
         for s in [Created, Stopped, Error] {
             assert!(s.can_start(), "{s}");
             assert!(!s.can_stop(), "{s}");
-            assert!(!s.can_kill(), "{s}");
         }
+        assert!(!Created.can_kill() && !Stopped.can_kill());
+        assert!(Error.can_kill(), "retries a teardown that could not finish");
         for s in [Starting, Running, Stopping] {
             assert!(!s.can_start(), "{s}");
             assert!(s.can_kill(), "{s}");

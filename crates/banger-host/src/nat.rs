@@ -211,7 +211,8 @@ pub fn up(spec: &NatSpec) -> Result<(), NatError> {
     let state = table_state(&spec.vm_id)?;
     if let Some(st) = &state {
         if st.tagged(&spec.vm_id).len() == 3 {
-            return Ok(());
+            // (A crash may have come between the rules and forwarding.)
+            return enable_ip_forward();
         }
         // A partial set (a crash mid-way) is replaced whole.
         delete_rules(&spec.vm_id, &st.tagged(&spec.vm_id))?;
@@ -250,11 +251,14 @@ pub fn down(vm_id: &str) -> Result<(), NatError> {
     let mine = st.tagged(vm_id);
     let last = st.rules.len() == mine.len();
     if last {
-        // Deleting the table takes its chains and rules along: one call.
-        nft(vm_id, &format!("delete table ip {TABLE}\n"))?;
+        // Forwarding first: the table's comment is the only record that it
+        // was off, so a crash between the two steps must leave the table
+        // (the next `down` finishes) rather than forwarding on.
         if st.comment.as_deref() == Some(FORWARD_WAS_OFF) {
             std::fs::write("/proc/sys/net/ipv4/ip_forward", "0").map_err(NatError::Forward)?;
         }
+        // Deleting the table takes its chains and rules along: one call.
+        nft(vm_id, &format!("delete table ip {TABLE}\n"))?;
     } else {
         delete_rules(vm_id, &mine)?;
     }

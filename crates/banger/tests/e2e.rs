@@ -7,36 +7,10 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use test_infra::{text, vm_list, wait_until, Instance};
+use test_infra::{ok, text, vm_list, wait_until, Instance};
 
 fn banger_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_banger"))
-}
-
-fn ok(out: &Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
-
-fn taps(inst: &Instance) -> Vec<String> {
-    inst.net
-        .links()
-        .into_iter()
-        .filter(|l| l.starts_with("bgtap"))
-        .collect()
-}
-
-fn vmm_processes(inst: &Instance) -> Vec<(i32, String)> {
-    inst.processes()
-        .into_iter()
-        .filter(|(_, c)| c.contains("qemu-system"))
-        .collect()
 }
 
 /// `curl` in the guest of a file served by the outside namespace on :8080.
@@ -55,43 +29,20 @@ fn fetch_from_outside(inst: &Instance, vm: &str, file: &str) -> Output {
     ])
 }
 
-/// Waits (`banger daemon settle`) for the releases the daemon does after
-/// its replies: taps and NAT rules of VMs that ended.
 fn settle(inst: &Instance) {
-    ok(&inst.banger(&["daemon", "settle"]), "daemon settle");
+    inst.settle();
 }
 
-/// Nothing of any VM is left once released: no VMM, tap, NAT rule, VM file
-/// or row.
 fn assert_baseline(inst: &Instance) {
-    settle(inst);
-    assert!(
-        vmm_processes(inst).is_empty(),
-        "VMM left: {:?}",
-        vmm_processes(inst)
-    );
-    assert!(taps(inst).is_empty(), "taps left: {:?}", taps(inst));
-    let rules = inst.net.ruleset();
-    assert!(
-        !rules.contains("table ip banger"),
-        "NAT table left:\n{rules}"
-    );
-    let fwd = inst
-        .net
-        .cmd("cat")
-        .arg("/proc/sys/net/ipv4/ip_forward")
-        .output()
-        .unwrap();
-    assert_eq!(text(&fwd.stdout).trim(), "0", "ip_forward restored");
-    assert!(
-        inst.vm_files().is_empty(),
-        "VM files left: {:?}",
-        inst.vm_files()
-    );
-    assert!(
-        vm_list(&inst.banger(&["vm", "ls", "--json"])).is_empty(),
-        "rows left"
-    );
+    inst.assert_baseline();
+}
+
+fn taps(inst: &Instance) -> Vec<String> {
+    inst.taps()
+}
+
+fn vmm_processes(inst: &Instance) -> Vec<(i32, String)> {
+    inst.vmm_processes()
 }
 
 #[test]

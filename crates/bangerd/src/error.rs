@@ -49,9 +49,9 @@ pub enum DaemonError {
         reason: String,
     },
     #[error(
-        "the VMM of vm {vm:?} (pid {pid}, state {state}) survives SIGKILL (state D: stuck in \
-         the kernel, e.g. on I/O): its tap and disks stay in use, so the VM is not stopped and \
-         cannot start again until it is gone; `banger vm kill {vm}` tries again"
+        "the VMM of vm {vm:?} (pid {pid}) survives SIGKILL (its state is {state}; D means stuck \
+         in the kernel, e.g. on I/O): its tap and disks stay in use, so the VM is not stopped \
+         and cannot start again until it is gone; `banger vm kill {vm}` tries again"
     )]
     VmmSurvives { vm: String, pid: i32, state: char },
     #[error("the boot of vm {0:?} was cancelled")]

@@ -39,11 +39,14 @@ pub fn hit(name: &str) -> Result<(), DaemonError> {
     match fail::eval(name, |arg| arg.unwrap_or_default()) {
         None => Ok(()),
         Some(a) if a == "die" => {
-            tracing::warn!(failpoint = name, "failpoint: dying");
+            tracing::warn!("failpoint {name}: dying");
             let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
             std::process::abort()
         }
-        Some(_) => Err(DaemonError::Injected(name.to_string())),
+        Some(_) => {
+            tracing::warn!("failpoint {name}: injecting an error");
+            Err(DaemonError::Injected(name.to_string()))
+        }
     }
 }
 

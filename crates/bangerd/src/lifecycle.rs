@@ -189,6 +189,9 @@ impl Daemon {
                 });
             }
         }
+        // Whatever an earlier boot left (a teardown that could not finish)
+        // goes first; nothing held, nothing done.
+        self.teardown(&mut vm, BOOT)?;
         let t0 = Instant::now();
         self.settle_vm(&vm.id)?;
         let _boot = self.boots.register(&vm.name, cancel.clone());
@@ -399,11 +402,11 @@ impl Daemon {
         wait_vmm: bool,
     ) -> Result<()> {
         let how = Teardown {
-            lists: &[START],
             end: End {
                 wait_vmm,
                 deleting: false,
             },
+            ..BOOT
         };
         match self.teardown(vm, how) {
             Ok(()) => {
@@ -470,6 +473,15 @@ pub(crate) struct Teardown {
     pub lists: &'static [&'static [&'static dyn Resource]],
     pub end: End,
 }
+
+/// What a boot holds, the VMM waited for.
+pub(crate) const BOOT: Teardown = Teardown {
+    lists: &[START],
+    end: End {
+        wait_vmm: true,
+        deleting: false,
+    },
+};
 
 /// Everything: the VM is deleted.
 pub(crate) const DELETE: Teardown = Teardown {

@@ -26,6 +26,10 @@ struct Args {
     /// Seconds a guest may take to become ready.
     #[arg(long, default_value_t = 120)]
     boot_timeout: u64,
+    /// A guest's console log is rotated past this many bytes (one older
+    /// file kept).
+    #[arg(long, env = "BANGER_CONSOLE_MAX_BYTES", default_value_t = 1 << 20)]
+    console_max_bytes: u64,
 }
 
 fn main() {
@@ -72,6 +76,7 @@ fn real_main() -> anyhow::Result<()> {
     })?;
     let mut cfg = bangerd::Config::new(layout.clone());
     cfg.boot_timeout = Duration::from_secs(args.boot_timeout);
+    cfg.console_max_bytes = args.console_max_bytes;
     cfg.firecracker = std::env::var_os("BANGER_FIRECRACKER")
         .filter(|v| !v.is_empty())
         .map(std::path::PathBuf::from)

@@ -51,6 +51,9 @@ impl Daemon {
                 self.remove(&mut vm, DELETE);
                 return Ok(());
             }
+            // A VM in error may still hold what a teardown that could not
+            // finish left (its tap, a VMM that survived SIGKILL).
+            VmState::Error if vm.runtime.tap_device.is_some() => {}
             s if !s.is_up() => return Ok(()),
             _ => {}
         }
@@ -61,7 +64,9 @@ impl Daemon {
             return Ok(());
         }
         info!(vm = %vm.name, "reconcile: not running; cleaning up");
-        let (to, why) = if st == VmState::Starting {
+        let (to, why) = if st == VmState::Error {
+            (VmState::Error, vm.runtime.last_error.clone())
+        } else if st == VmState::Starting {
             (
                 VmState::Error,
                 Some("the daemon restarted while the VM was starting".to_string()),
@@ -119,14 +124,20 @@ impl Daemon {
         let Ok(mut vm) = self.find(&vm.name) else {
             return;
         };
-        if vm.runtime.state() != VmState::Running
+        let st = vm.runtime.state();
+        if !matches!(st, VmState::Running | VmState::Error)
             || self.handles.get(&vm.id).and_then(|h| h.pid) != Some(pid)
             || self.vm_alive(&vm)
         {
             return;
         }
         warn!(vm = %vm.name, pid, "VMM exited on its own; cleaning up");
-        let why = "the guest powered off or its VMM exited".to_string();
+        let why = if st == VmState::Error {
+            // Its teardown had failed (it survived SIGKILL); now it is gone.
+            "its VMM, which had survived SIGKILL, has exited; the VM is stopped".to_string()
+        } else {
+            "the guest powered off or its VMM exited".to_string()
+        };
         if let Err(e) = self.end_boot(&mut vm, VmState::Stopped, Some(why), true) {
             warn!(vm = %vm.name, err = %e, "cleanup after the VMM's exit failed");
         }

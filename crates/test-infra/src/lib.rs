@@ -387,6 +387,83 @@ impl Drop for Instance {
     }
 }
 
+/// Asserts a command succeeded; returns its stdout.
+pub fn ok(out: &Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+impl Instance {
+    /// banger's taps in the daemon's namespace.
+    pub fn taps(&self) -> Vec<String> {
+        self.net
+            .links()
+            .into_iter()
+            .filter(|l| l.starts_with("bgtap"))
+            .collect()
+    }
+
+    /// VMM processes of this instance.
+    pub fn vmm_processes(&self) -> Vec<(i32, String)> {
+        self.processes()
+            .into_iter()
+            .filter(|(_, c)| c.contains("qemu-system") || c.contains("firecracker"))
+            .collect()
+    }
+
+    /// Waits (`banger daemon settle`) for the releases the daemon does
+    /// after its replies: taps and NAT rules of VMs that ended.
+    pub fn settle(&self) {
+        ok(&self.banger(&["daemon", "settle"]), "daemon settle");
+    }
+
+    /// `vm ls --json`.
+    pub fn vms(&self) -> Vec<serde_json::Value> {
+        vm_list(&self.banger(&["vm", "ls", "--json"]))
+    }
+
+    /// One VM's record as `vm ls --json` shows it.
+    pub fn vm(&self, name: &str) -> Option<serde_json::Value> {
+        self.vms().into_iter().find(|v| v["name"] == name)
+    }
+
+    /// Nothing of any VM is left once released: no VMM, tap, NAT rule, VM
+    /// file or row, and ip_forward back to 0.
+    pub fn assert_baseline(&self) {
+        self.settle();
+        assert!(
+            self.vmm_processes().is_empty(),
+            "VMM left: {:?}",
+            self.vmm_processes()
+        );
+        assert!(self.taps().is_empty(), "taps left: {:?}", self.taps());
+        let rules = self.net.ruleset();
+        assert!(
+            !rules.contains("table ip banger"),
+            "NAT table left:\n{rules}"
+        );
+        let fwd = self
+            .net
+            .cmd("cat")
+            .arg("/proc/sys/net/ipv4/ip_forward")
+            .output()
+            .expect("read ip_forward");
+        assert_eq!(text(&fwd.stdout).trim(), "0", "ip_forward restored");
+        assert!(
+            self.vm_files().is_empty(),
+            "VM files left: {:?}",
+            self.vm_files()
+        );
+        assert!(self.vms().is_empty(), "rows left: {:?}", self.vms());
+    }
+}
+
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }

@@ -1,0 +1,330 @@
+//! The daemon's lifecycle end to end, with real guests in a network
+//! namespace of the test's own: boots that are cancelled (by `vm kill`, by
+//! `vm delete`, by a `vm run --rm` client interrupted or killed), ten boots
+//! at once, the stats poller's TTL and idle auto-stop, `vm stats`,
+//! `daemon status` and `vm logs`. Needs root; `scripts/test.sh` runs it.
+
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use test_infra::{ok, text, wait_until, Instance};
+
+fn banger_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_banger"))
+}
+
+fn spawn(inst: &Instance, args: &[&str]) -> Child {
+    inst.banger_cmd(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn banger")
+}
+
+fn state(inst: &Instance, name: &str) -> String {
+    inst.vm(name)
+        .map(|v| v["state"].as_str().unwrap_or("").to_string())
+        .unwrap_or_else(|| "gone".into())
+}
+
+/// Waits until the VM's boot is under way: its VMM runs and it is still
+/// starting.
+fn wait_booting(inst: &Instance, name: &str) {
+    assert!(
+        wait_until(Duration::from_secs(30), || !inst.vmm_processes().is_empty()
+            && state(inst, name) == "starting"),
+        "{name} never started booting: {:?}",
+        inst.vms()
+    );
+}
+
+/// `vm kill` and `vm delete` end a boot in progress: the boot is cancelled
+/// and rolled back (its `vm run` fails saying so), nothing it acquired is
+/// left. How long the cancel took is printed (a measurement, not a check).
+#[test]
+fn kill_and_delete_cancel_a_boot_in_progress() {
+    let inst = Instance::new(&banger_bin()).with_image();
+    let run = spawn(&inst, &["vm", "run", "--name", "slow", "--", "true"]);
+    wait_booting(&inst, "slow");
+    let t = Instant::now();
+    let out = inst.banger(&["vm", "kill", "slow"]);
+    eprintln!("vm kill of a booting VM took {:?}", t.elapsed());
+    ok(&out, "vm kill during boot");
+    let out = run.wait_with_output().unwrap();
+    assert!(!out.status.success(), "the cancelled run fails");
+    assert!(
+        text(&out.stderr).contains("cancelled"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(state(&inst, "slow"), "stopped");
+    assert!(inst.vmm_processes().is_empty());
+    let vm = inst.vm("slow").unwrap();
+    assert!(
+        vm["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("cancelled"),
+        "{vm}"
+    );
+    inst.settle();
+    assert!(inst.taps().is_empty(), "{:?}", inst.taps());
+
+    // Started again, and deleted while it boots.
+    let start = spawn(&inst, &["vm", "start", "slow"]);
+    wait_booting(&inst, "slow");
+    let t = Instant::now();
+    ok(
+        &inst.banger(&["vm", "delete", "slow"]),
+        "vm delete during boot",
+    );
+    eprintln!("vm delete of a booting VM took {:?}", t.elapsed());
+    let out = start.wait_with_output().unwrap();
+    assert!(!out.status.success(), "the cancelled start fails");
+    inst.assert_baseline();
+}
+
+/// `--rm` is the daemon's job: a `vm run --rm` interrupted during its boot
+/// (Ctrl-C) cancels the boot and the VM goes; one killed while its command
+/// runs in the guest takes the VM with it too.
+#[test]
+fn run_rm_clients_that_go_away_take_their_vm_with_them() {
+    let inst = Instance::new(&banger_bin()).with_image();
+    let run = spawn(
+        &inst,
+        &["vm", "run", "--rm", "--name", "intr", "--", "true"],
+    );
+    wait_booting(&inst, "intr");
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &run.id().to_string()])
+        .status();
+    let out = run.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        wait_until(Duration::from_secs(30), || inst.vm("intr").is_none()),
+        "the interrupted run's VM is deleted: {:?}",
+        inst.vms()
+    );
+    inst.assert_baseline();
+
+    // Up and running its command: the client is killed outright.
+    let mut run = spawn(
+        &inst,
+        &["vm", "run", "--rm", "--name", "lease", "--", "sleep", "600"],
+    );
+    assert!(
+        wait_until(Duration::from_secs(60), || state(&inst, "lease")
+            == "running"),
+        "{:?}",
+        inst.vms()
+    );
+    let _ = run.kill();
+    let _ = run.wait();
+    assert!(
+        wait_until(Duration::from_secs(30), || inst.vm("lease").is_none()),
+        "the killed client's VM is deleted: {:?}",
+        inst.vms()
+    );
+    inst.assert_baseline();
+}
+
+/// Ten `vm run` at once all succeed with distinct names, addresses and
+/// taps, and `vm ls` answers while they boot (it returns VMs still
+/// starting: it did not wait for the boots).
+#[test]
+fn ten_runs_at_once_and_ls_answers_during_the_boots() {
+    let inst = Instance::new(&banger_bin()).with_image();
+    let _ = inst.daemon_pid();
+    let names: Vec<String> = (0..10).map(|i| format!("par{i}")).collect();
+    let runs: Vec<Child> = names
+        .iter()
+        .map(|n| {
+            spawn(
+                &inst,
+                &[
+                    "vm", "run", "--name", n, "--memory", "384M", "--", "hostname",
+                ],
+            )
+        })
+        .collect();
+    let mut saw_starting = false;
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            let vms = inst.vms();
+            saw_starting = vms.iter().any(|v| v["state"] == "starting");
+            saw_starting
+        }),
+        "vm ls never showed a VM while it booted"
+    );
+    for (n, r) in names.iter().zip(runs) {
+        let out = r.wait_with_output().unwrap();
+        assert_eq!(ok(&out, "parallel vm run").trim(), n);
+    }
+    let vms = inst.vms();
+    assert_eq!(vms.len(), 10);
+    let mut ips: Vec<&str> = vms
+        .iter()
+        .map(|v| v["guest_ip"].as_str().unwrap())
+        .collect();
+    ips.sort_unstable();
+    ips.dedup();
+    assert_eq!(ips.len(), 10, "distinct addresses");
+    assert_eq!(inst.taps().len(), 10, "a tap each");
+    let mut args = vec!["vm", "delete"];
+    args.extend(names.iter().map(String::as_str));
+    ok(&inst.banger(&args), "delete all");
+    inst.assert_baseline();
+}
+
+/// The stats poller's TTL and idle timeout stop their VMs through the same
+/// path as `vm stop` (clean, everything released, LastError saying which
+/// limit).
+#[test]
+fn ttl_and_idle_timeout_stop_their_vms() {
+    let inst = Instance::new(&banger_bin()).with_image();
+    let _ = inst.daemon_pid();
+    let runs = [
+        spawn(
+            &inst,
+            &["vm", "run", "--name", "ttl", "--ttl", "5s", "--", "true"],
+        ),
+        spawn(
+            &inst,
+            &[
+                "vm",
+                "run",
+                "--name",
+                "idle",
+                "--idle-timeout",
+                "4s",
+                "--",
+                "true",
+            ],
+        ),
+    ];
+    for r in runs {
+        ok(&r.wait_with_output().unwrap(), "vm run");
+    }
+    for (name, why) in [("ttl", "TTL (5s)"), ("idle", "idle for 4s")] {
+        assert!(
+            wait_until(Duration::from_secs(90), || state(&inst, name) == "stopped"),
+            "{name} was not stopped: {:?}",
+            inst.vm(name)
+        );
+        let vm = inst.vm(name).unwrap();
+        let err = vm["last_error"].as_str().unwrap_or("");
+        assert!(err.contains(why), "{name}: {err}");
+    }
+    inst.settle();
+    assert!(inst.taps().is_empty(), "auto-stop released the taps");
+    assert!(inst.vmm_processes().is_empty());
+    let out = inst.banger(&["vm", "stats", "ttl"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("is stopped"), "{out:?}");
+    ok(&inst.banger(&["vm", "delete", "ttl", "idle"]), "delete");
+    inst.assert_baseline();
+}
+
+/// `vm stats` and `daemon status` report on a running VM; `vm logs` shows
+/// the guest console with control characters escaped, and the console log
+/// stays bounded however much the guest prints.
+#[test]
+fn stats_status_and_logs_escaped_and_bounded() {
+    let inst = Instance::new(&banger_bin()).with_image();
+    let max = 64 * 1024;
+    let out = inst
+        .banger_cmd(&["daemon", "ping"])
+        .env("BANGER_CONSOLE_MAX_BYTES", max.to_string())
+        .output()
+        .unwrap();
+    ok(&out, "start a daemon with a small console bound");
+    ok(
+        &inst.banger(&["vm", "run", "--name", "noisy", "--", "true"]),
+        "vm run",
+    );
+    let out = inst.banger(&["vm", "stats", "noisy", "--json"]);
+    let stats: Vec<serde_json::Value> = serde_json::from_str(&ok(&out, "vm stats")).unwrap();
+    assert_eq!(stats.len(), 1);
+    let s = &stats[0];
+    assert_eq!(s["name"], "noisy");
+    assert!(s["rss_bytes"].as_u64().unwrap() > 1 << 20, "{s}");
+    assert!(s["disk_bytes"].as_u64().unwrap() > 0, "{s}");
+    assert!(s["cpu_secs"].as_f64().unwrap() > 0.0, "{s}");
+    assert!(
+        s["net_rx_bytes"].as_u64().unwrap() > 0,
+        "ssh went through the tap: {s}"
+    );
+    let table = ok(&inst.banger(&["vm", "stats"]), "vm stats table");
+    assert!(
+        table.starts_with("NAME") && table.contains("noisy"),
+        "{table}"
+    );
+    let st: serde_json::Value =
+        serde_json::from_str(&ok(&inst.banger(&["daemon", "status", "--json"]), "status")).unwrap();
+    assert_eq!(st["pid"].as_i64().unwrap(), i64::from(inst.daemon_pid()));
+    assert_eq!(st["protocol"], 2);
+    assert_eq!(st["vms"], serde_json::json!([["running", 1]]), "{st}");
+    assert_eq!(st["pending_releases"], 0);
+    ok(
+        &inst.banger(&[
+            "vm",
+            "ssh",
+            "noisy",
+            "--",
+            "sh",
+            "-c",
+            "printf 'evil\\033]0;pwned\\007\\033[2Jdone\\n' > /dev/ttyS0",
+        ]),
+        "write to the console",
+    );
+    let logs = ok(&inst.banger(&["vm", "logs", "noisy"]), "vm logs");
+    assert!(logs.contains("banger-ready"), "{logs}");
+    assert!(
+        logs.contains("evil\\x1b]0;pwned\\x07\\x1b[2Jdone"),
+        "escaped: {logs:?}"
+    );
+    assert!(!logs.contains('\u{1b}'), "no raw escape reaches a terminal");
+
+    // A guest that prints on: bursts of 100 KB, each time until the daemon
+    // has rotated the log; on disk it never holds more than the two files'
+    // bound plus a burst.
+    let id = inst.vm("noisy").unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let log = inst.state().join("vms").join(&id).join("console.log");
+    let older = inst.state().join("vms").join(&id).join("console.log.1");
+    let burst = 100_000u64;
+    let mut written = 0;
+    for _ in 0..4 {
+        ok(
+            &inst.banger(&[
+                "vm",
+                "ssh",
+                "noisy",
+                "--",
+                "sh",
+                "-c",
+                &format!("head -c {burst} /dev/zero | tr '\\0' x > /dev/ttyS0"),
+            ]),
+            "a burst on the console",
+        );
+        written += burst;
+        assert!(
+            wait_until(Duration::from_secs(30), || std::fs::metadata(&log)
+                .map(|m| m.len() <= max)
+                .unwrap_or(false)),
+            "the console log was not rotated"
+        );
+        let kept = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0)
+            + std::fs::metadata(&older).map(|m| m.len()).unwrap_or(0);
+        assert!(
+            kept <= 2 * max + burst,
+            "{kept} bytes kept after {written} written"
+        );
+    }
+    ok(&inst.banger(&["vm", "delete", "noisy"]), "delete");
+    inst.assert_baseline();
+}
