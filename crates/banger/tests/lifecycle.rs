@@ -325,6 +325,45 @@ fn stats_status_and_logs_escaped_and_bounded() {
             "{kept} bytes kept after {written} written"
         );
     }
+    // `vm logs -f` follows what the guest writes, and ends when the VM
+    // stops.
+    let mut follow = inst
+        .banger_cmd(&["vm", "logs", "-f", "noisy"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    ok(
+        &inst.banger(&[
+            "vm",
+            "ssh",
+            "noisy",
+            "--",
+            "sh",
+            "-c",
+            "echo followed-line > /dev/ttyS0",
+        ]),
+        "write a line to follow",
+    );
+    let seen = rx.iter().any(|l| l.contains("followed-line"));
+    assert!(seen, "vm logs -f never showed the new line");
+    ok(&inst.banger(&["vm", "stop", "noisy"]), "stop");
+    let st = follow.wait().unwrap();
+    assert!(st.success(), "vm logs -f ends cleanly when the VM stops");
     ok(&inst.banger(&["vm", "delete", "noisy"]), "delete");
     inst.assert_baseline();
 }

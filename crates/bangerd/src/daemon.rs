@@ -209,6 +209,14 @@ impl Daemon {
         }
     }
 
+    /// The lock of the VM named `name`, held until dropped. Names are
+    /// checked first: a lock entry exists only for valid names, and only
+    /// while someone holds or waits for it.
+    pub(crate) fn lock_vm(&self, name: &str) -> Result<crate::locks::KeyGuard<'_>> {
+        banger_core::validate_name(name)?;
+        Ok(self.vm_locks.lock(name))
+    }
+
     /// The VM named `name`; a row this banger cannot read is an error that
     /// says how to remove it.
     pub fn find(&self, name: &str) -> Result<VmRecord> {

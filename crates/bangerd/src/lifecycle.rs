@@ -69,7 +69,7 @@ impl Daemon {
         let image_guard = lock(&self.image_lock);
         let img = self.image(&image_name)?;
         self.warn_if_outdated(&img, events);
-        let _g = self.vm_locks.lock(&name);
+        let _g = self.lock_vm(&name)?;
         let id = random_hex(16)?;
         let mut vm = VmRecord {
             id: id.clone(),
@@ -166,7 +166,7 @@ impl Daemon {
     // ---- start --------------------------------------------------------
 
     pub fn start(&self, name: &str, events: Events) -> Result<VmInfo> {
-        let _g = self.vm_locks.lock(name);
+        let _g = self.lock_vm(name)?;
         let vm = self.find(name)?;
         let vm = self.start_locked(vm, events, Cancel::default())?;
         Ok(self.info(&vm))
@@ -284,7 +284,7 @@ impl Daemon {
     /// timeout); `why` becomes the VM's last error (the stats poller's
     /// auto-stop says which limit it hit).
     pub(crate) fn stop_because(&self, name: &str, why: Option<String>) -> Result<VmInfo> {
-        let _g = self.vm_locks.lock(name);
+        let _g = self.lock_vm(name)?;
         let mut vm = self.find(name)?;
         if !self.vm_alive(&vm) && vm.runtime.state() == VmState::Running {
             // Stale: the VMM died behind our back. Clean and report stopped.
@@ -324,7 +324,7 @@ impl Daemon {
         // A boot in progress is cancelled first: it holds the VM's lock
         // until it has rolled back.
         let cancelled = self.boots.cancel(name);
-        let _g = self.vm_locks.lock(name);
+        let _g = self.lock_vm(name)?;
         let mut vm = self.find(name)?;
         if cancelled && !vm.runtime.state().can_kill() {
             return Ok(self.info(&vm));
@@ -337,7 +337,7 @@ impl Daemon {
 
     pub fn delete(&self, name: &str) -> Result<()> {
         self.boots.cancel(name);
-        let _g = self.vm_locks.lock(name);
+        let _g = self.lock_vm(name)?;
         let t0 = Instant::now();
         let mut vm = match self.find(name) {
             Err(DaemonError::Broken { .. }) => return self.delete_broken(name),

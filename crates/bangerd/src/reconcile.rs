@@ -120,7 +120,9 @@ impl Daemon {
         else {
             return;
         };
-        let _g = self.vm_locks.lock(&vm.name);
+        let Ok(_g) = self.lock_vm(&vm.name) else {
+            return;
+        };
         let Ok(mut vm) = self.find(&vm.name) else {
             return;
         };
