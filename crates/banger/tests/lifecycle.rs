@@ -359,7 +359,15 @@ fn stats_status_and_logs_escaped_and_bounded() {
         ]),
         "write a line to follow",
     );
-    let seen = rx.iter().any(|l| l.contains("followed-line"));
+    // (Bounded: a follower that never shows the line fails, not hangs.)
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = false;
+    while let Ok(l) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        if l.contains("followed-line") {
+            seen = true;
+            break;
+        }
+    }
     assert!(seen, "vm logs -f never showed the new line");
     ok(&inst.banger(&["vm", "stop", "noisy"]), "stop");
     let st = follow.wait().unwrap();
