@@ -8,7 +8,10 @@ cd "$(dirname "$0")/.."
 cargo build --release --locked -p banger -p bangerd
 # A daemon from an older install would keep serving the old code: stop it
 # (its VMs keep running; the new daemon reconciles them).
-if pkill -TERM -x bangerd; then sleep 0.5; fi
+# Waited for, not slept on: a draining daemon finishes its requests first.
+if pkill -TERM -x bangerd; then
+  for _ in $(seq 600); do pgrep -x bangerd >/dev/null || break; sleep 0.1; done
+fi
 install -m 0755 target/release/banger target/release/bangerd /usr/local/bin/
 banger image build
 banger vm run --rm -- cat /etc/os-release
