@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{AutoStop, VmmKind};
+use crate::model::{AutoStop, NetPolicy, VmmKind};
 use crate::sizing::SizeRequest;
 use crate::state::VmState;
 
@@ -89,6 +89,8 @@ pub struct CreateVm {
     pub rm: bool,
     #[serde(default)]
     pub auto_stop: AutoStop,
+    #[serde(default)]
+    pub net: NetPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -221,6 +223,8 @@ pub struct VmInfo {
     pub vm_dir: PathBuf,
     #[serde(default)]
     pub auto_stop: AutoStop,
+    #[serde(default)]
+    pub net: NetPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

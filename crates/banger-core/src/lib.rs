@@ -13,7 +13,8 @@ pub mod state;
 
 pub use layout::Layout;
 pub use model::{
-    AutoStop, Held, ImageRecord, Release, VmHandles, VmRecord, VmRuntime, VmSpec, VmmKind,
+    AutoStop, Held, ImageRecord, NetPolicy, Release, VmHandles, VmRecord, VmRuntime, VmSpec,
+    VmmKind,
 };
 
 pub mod duration;

@@ -48,6 +48,21 @@ pub struct VmSpec {
     /// When the daemon stops the VM on its own (absent in older rows).
     #[serde(default)]
     pub auto_stop: AutoStop,
+    /// What the guest may reach (absent in older rows: the default).
+    #[serde(default)]
+    pub net: NetPolicy,
+}
+
+/// What a guest may reach beyond itself. By default: the outside world
+/// through NAT, and nothing of the host, its networks or other guests.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetPolicy {
+    /// No outside access at all (`--net none`).
+    pub none: bool,
+    /// Ranges reachable despite the isolation (`--allow-net`), e.g. a LAN
+    /// service the guest needs.
+    pub allow: Vec<crate::net::Cidr>,
 }
 
 /// Stop conditions the stats poller enforces, through the same path as

@@ -13,10 +13,92 @@ pub const GUEST_PREFIX: u8 = 30;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum NetError {
+    #[error("{0:?} is not an IPv4 network: write it as a.b.c.d/n, e.g. 10.1.0.0/16")]
+    BadCidr(String),
+    #[error("{0}: the host bits are set; the network is {1}")]
+    HostBits(String, Cidr),
+    #[error("guest subnet {0} is too small: use a prefix of /28 or shorter")]
+    SubnetTooSmall(Cidr),
     #[error("no free guest address left in {0}/{1}: delete unused VMs")]
     Exhausted(Ipv4Addr, u8),
     #[error("{0} is not a guest address of subnet {1}/{2}")]
     Foreign(Ipv4Addr, Ipv4Addr, u8),
+}
+
+/// An IPv4 network, validated: four octets, a prefix of at most 32, no
+/// host bits. What `--allow-net` and `--subnet` take, and what goes into a
+/// firewall rule (so nothing else can).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub const fn new(addr: Ipv4Addr, prefix: u8) -> Cidr {
+        Cidr { addr, prefix }
+    }
+
+    fn mask(&self) -> u32 {
+        if self.prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(self.prefix))
+        }
+    }
+
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & self.mask() == u32::from(self.addr)
+    }
+
+    pub fn overlaps(&self, other: &Cidr) -> bool {
+        self.contains(other.addr) || other.contains(self.addr)
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = NetError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || NetError::BadCidr(s.to_string());
+        let (a, p) = s.split_once('/').ok_or_else(bad)?;
+        let addr: Ipv4Addr = a.parse().map_err(|_| bad())?;
+        if p.is_empty() || p.len() > 2 || !p.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        let prefix: u8 = p.parse().map_err(|_| bad())?;
+        if prefix > 32 {
+            return Err(bad());
+        }
+        let c = Cidr { addr, prefix };
+        let net = Cidr {
+            addr: Ipv4Addr::from(u32::from(addr) & c.mask()),
+            prefix,
+        };
+        if net.addr != addr {
+            return Err(NetError::HostBits(s.to_string(), net));
+        }
+        Ok(c)
+    }
+}
+
+impl TryFrom<String> for Cidr {
+    type Error = NetError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<Cidr> for String {
+    fn from(c: Cidr) -> String {
+        c.to_string()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +134,21 @@ impl GuestNet {
 }
 
 impl Subnet {
+    /// A guest subnet from a network: room for at least four VMs.
+    pub fn from_cidr(c: Cidr) -> Result<Subnet, NetError> {
+        if c.prefix > 28 {
+            return Err(NetError::SubnetTooSmall(c));
+        }
+        Ok(Subnet {
+            base: c.addr,
+            prefix: c.prefix,
+        })
+    }
+
+    pub fn cidr(&self) -> Cidr {
+        Cidr::new(self.base, self.prefix)
+    }
+
     pub fn slots(&self) -> u32 {
         1u32 << (32 - u32::from(self.prefix) - 2)
     }
@@ -104,6 +201,36 @@ mod tests {
         assert_eq!(s.slot_of(g.guest_ip), Ok(g));
         assert!(s.slot_of(g.host_ip).is_err());
         assert!(s.slot_of(Ipv4Addr::new(10, 0, 0, 2)).is_err());
+    }
+
+    #[test]
+    fn cidrs_are_validated() {
+        let c: Cidr = "10.1.0.0/16".parse().unwrap();
+        assert_eq!(c.to_string(), "10.1.0.0/16");
+        assert!(c.contains(Ipv4Addr::new(10, 1, 200, 3)));
+        assert!(!c.contains(Ipv4Addr::new(10, 2, 0, 1)));
+        assert!(c.overlaps(&"10.0.0.0/8".parse().unwrap()));
+        assert!(!c.overlaps(&"192.168.0.0/16".parse().unwrap()));
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains(Ipv4Addr::new(8, 8, 8, 8)));
+        for bad in [
+            "10.1.0.0",
+            "10.1.0.0/33",
+            "10.1.0/16",
+            "x/8",
+            "10.0.0.0/+8",
+            "1.2.3.4/8 ",
+            "10.0.0.0/8\"; drop",
+        ] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
+        let e = "10.1.2.3/16".parse::<Cidr>().unwrap_err().to_string();
+        assert!(e.contains("the network is 10.1.0.0/16"), "{e}");
+        let j = serde_json::to_string(&c).unwrap();
+        assert_eq!(j, "\"10.1.0.0/16\"");
+        assert!(serde_json::from_str::<Cidr>("\"10.1.0.1/16\"").is_err());
+        assert!(Subnet::from_cidr("10.9.0.0/29".parse().unwrap()).is_err());
+        assert_eq!(Subnet::from_cidr(c).unwrap().cidr(), c);
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! run the daemon inside a namespace they created.
 
 pub mod cmd;
+pub mod firewall;
 pub mod fsutil;
-pub mod nat;
 pub mod process;
 pub mod qcow2;
 pub mod sshkey;

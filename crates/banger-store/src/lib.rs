@@ -435,6 +435,7 @@ mod tests {
                 vmm: VmmKind::Qemu,
                 accel: "tcg".into(),
                 auto_stop: Default::default(),
+                net: Default::default(),
             },
             runtime: VmRuntime {
                 state: Some(VmState::Created),

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use anyhow::{anyhow, bail};
 use banger_core::api::{Event, Request, Response};
 use banger_core::layout::{RUNTIME_DIR_ENV, STATE_DIR_ENV};
+use banger_core::net::Cidr;
 use banger_core::{Layout, VmmKind};
 use clap::{Args, Parser, Subcommand};
 use client::Client;
@@ -80,6 +81,14 @@ pub struct CreateFlags {
     /// no network traffic), e.g. 10m.
     #[arg(long, value_name = "DUR")]
     idle_timeout: Option<String>,
+    /// What the guest may reach: nat (the outside world; never the host,
+    /// its networks or other guests) or none.
+    #[arg(long, value_enum, default_value = "nat")]
+    net: NetMode,
+    /// A range the guest may reach despite the isolation, e.g. a LAN
+    /// service: 192.168.1.0/24 (repeatable).
+    #[arg(long = "allow-net", value_name = "CIDR")]
+    allow_net: Vec<Cidr>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -188,13 +197,13 @@ enum DaemonCmd {
 
 #[derive(Debug, Subcommand)]
 enum InternalCmd {
-    /// Per-VM NAT rules (the same code the daemon uses).
+    /// A VM's firewall and NAT rules (the same code the daemon uses).
     #[command(subcommand)]
-    Nat(NatCmd),
+    Firewall(FirewallCmd),
 }
 
 #[derive(Debug, Subcommand)]
-enum NatCmd {
+enum FirewallCmd {
     Up {
         #[arg(long)]
         id: String,
@@ -205,11 +214,27 @@ enum NatCmd {
         /// Uplink interface (default: the default route's).
         #[arg(long)]
         uplink: Option<String>,
+        /// Ranges the guest may reach despite the isolation.
+        #[arg(long = "allow-net")]
+        allow: Vec<Cidr>,
+        /// The guests' subnet.
+        #[arg(long, default_value = "172.30.0.0/16")]
+        guests: Cidr,
     },
     Down {
         #[arg(long)]
         id: String,
     },
+}
+
+/// `--net`: what a guest may reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NetMode {
+    /// The outside world through NAT (the host, its networks and other
+    /// guests stay closed).
+    Nat,
+    /// Nothing beyond the VM.
+    None,
 }
 
 fn main() {
@@ -282,25 +307,31 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        Cmd::Internal(InternalCmd::Nat(n)) => {
-            match n {
-                NatCmd::Up {
+        Cmd::Internal(InternalCmd::Firewall(f)) => {
+            use banger_host::firewall;
+            match f {
+                FirewallCmd::Up {
                     id,
                     tap,
                     guest_ip,
                     uplink,
+                    allow,
+                    guests,
                 } => {
                     let uplink = uplink
-                        .or_else(banger_host::nat::default_uplink)
+                        .or_else(firewall::default_uplink)
                         .ok_or_else(|| anyhow!("no default route: pass --uplink"))?;
-                    banger_host::nat::up(&banger_host::nat::NatSpec {
+                    firewall::up(&firewall::GuestRules {
                         vm_id: id,
                         tap,
                         guest_ip,
-                        uplink,
+                        uplink: Some(uplink),
+                        allow,
+                        dns: Vec::new(),
+                        guests,
                     })?
                 }
-                NatCmd::Down { id } => banger_host::nat::down(&id)?,
+                FirewallCmd::Down { id } => firewall::down(&id)?,
             }
             Ok(0)
         }

@@ -55,6 +55,10 @@ fn create_request(f: &CreateFlags, start: bool, rm: bool) -> anyhow::Result<Crea
         start,
         rm,
         auto_stop,
+        net: banger_core::NetPolicy {
+            none: f.net == crate::NetMode::None,
+            allow: f.allow_net.clone(),
+        },
     })
 }
 

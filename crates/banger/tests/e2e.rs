@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use test_infra::{ok, text, vm_list, wait_until, Instance};
+use test_infra::{ok, rules_per_vm, text, vm_list, wait_until, Instance};
 
 fn banger_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_banger"))
@@ -85,14 +85,14 @@ fn lifecycle_run_stop_start_crash_delete() {
     let id = vms[0]["id"].as_str().unwrap().to_string();
     let ip = vms[0]["guest_ip"].as_str().unwrap().to_string();
     let rules = inst.net.ruleset();
-    assert_eq!(
-        rules.matches(&format!("comment \"banger:{id}\"")).count(),
-        3,
+    assert_eq!(inst.vm_rules(&id), rules_per_vm(), "{rules}");
+    assert!(
+        rules.contains(&format!("ip saddr {ip} oifname != \"bgtap*\" masquerade")),
         "{rules}"
     );
     assert!(
-        rules.contains(&format!("ip saddr {ip} oifname \"uplink0\" masquerade")),
-        "{rules}"
+        rules.contains(&format!("ip saddr != {ip} drop")),
+        "anti-spoofing: {rules}"
     );
     assert_eq!(taps(&inst).len(), 1);
     let out = fetch_from_outside(&inst, "hello", "hello.txt");
@@ -303,7 +303,7 @@ fn dead_vmms_are_cleaned_up_with_or_without_a_daemon() {
     settle(&inst);
     assert!(taps(&inst).is_empty(), "reaper removed the tap");
     assert!(
-        !inst.net.ruleset().contains("table ip banger"),
+        !inst.net.ruleset().contains("table inet banger"),
         "and the rules"
     );
     let vms = vm_list(&inst.banger(&["vm", "ls", "--json"]));
@@ -325,7 +325,7 @@ fn dead_vmms_are_cleaned_up_with_or_without_a_daemon() {
     settle(&inst);
     assert!(taps(&inst).is_empty(), "reconcile removed the tap");
     assert!(
-        !inst.net.ruleset().contains("table ip banger"),
+        !inst.net.ruleset().contains("table inet banger"),
         "and the rules"
     );
 
@@ -368,24 +368,23 @@ fn two_vms_at_once_share_the_nat_table_safely() {
     assert_eq!(vms.len(), 2);
     assert_ne!(vms[0]["guest_ip"], vms[1]["guest_ip"], "distinct addresses");
     assert_eq!(taps(&inst).len(), 2, "a tap each");
-    let rules = inst.net.ruleset();
     for v in &vms {
-        let tag = format!("comment \"banger:{}\"", v["id"].as_str().unwrap());
-        assert_eq!(rules.matches(&tag).count(), 3, "{rules}");
+        let id = v["id"].as_str().unwrap();
+        assert_eq!(inst.vm_rules(id), rules_per_vm(), "{}", inst.net.ruleset());
     }
 
     ok(&inst.banger(&["vm", "delete", "one"]), "delete one");
     settle(&inst);
     let rules = inst.net.ruleset();
     assert!(
-        rules.contains("table ip banger"),
+        rules.contains("table inet banger"),
         "the table stays for two:\n{rules}"
     );
     let vm_rules = rules
         .lines()
         .filter(|l| l.contains("comment \"banger:") && !l.contains("ip_forward"))
         .count();
-    assert_eq!(vm_rules, 3, "{rules}");
+    assert_eq!(vm_rules, rules_per_vm(), "{rules}");
     assert_eq!(taps(&inst).len(), 1);
     let out = fetch_from_outside(&inst, "two", "ok");
     assert_eq!(ok(&out, "two still reaches the outside"), "reachable\n");
@@ -466,11 +465,11 @@ fn releases_after_the_reply_are_ordered_and_survive_a_daemon_crash() {
     // the release of the previous boot.
     ok(&inst.banger(&["vm", "start", "a"]), "vm start");
     settle(&inst);
-    let rules = inst.net.ruleset();
     assert_eq!(
-        rules.matches(&format!("comment \"banger:{a_id}\"")).count(),
-        3,
-        "the restarted VM keeps its rules:\n{rules}"
+        inst.vm_rules(&a_id),
+        rules_per_vm(),
+        "the restarted VM keeps its rules:\n{}",
+        inst.net.ruleset()
     );
     assert_eq!(taps(&inst).len(), 1);
 

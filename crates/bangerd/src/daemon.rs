@@ -310,6 +310,7 @@ impl Daemon {
             },
             vm_dir: dir,
             auto_stop: vm.spec.auto_stop,
+            net: vm.spec.net.clone(),
         }
     }
 
@@ -350,6 +351,7 @@ impl Daemon {
                 },
                 vm_dir: dir,
                 auto_stop: Default::default(),
+                net: Default::default(),
             });
         }
         Ok(out)
@@ -408,6 +410,7 @@ pub(crate) mod testutil {
                 vmm: VmmKind::Qemu,
                 accel: "tcg".into(),
                 auto_stop: Default::default(),
+                net: Default::default(),
             },
             runtime: VmRuntime {
                 tap_device: tap.map(str::to_string),

@@ -2,7 +2,7 @@
 
 use banger_core::api::Check;
 use banger_guest::image::{self, Recipe, DEFAULT_IMAGE};
-use banger_host::{cmd, nat, sysinfo};
+use banger_host::{cmd, firewall, sysinfo};
 
 use crate::daemon::{human_mib, Daemon};
 use crate::server::check;
@@ -67,12 +67,62 @@ pub fn checks(d: &Daemon) -> Vec<Check> {
         std::path::Path::new("/dev/net/tun").exists(),
         "/dev/net/tun",
     ));
-    match nat::default_uplink() {
+    match firewall::default_uplink() {
         Some(u) => v.push(check("uplink", true, format!("default route via {u}"))),
         None => v.push(check(
             "uplink",
             false,
             "no default route: guests get no outbound network",
+        )),
+    }
+    let guests = d.cfg.subnet.cidr();
+    let overlapping: Vec<String> = firewall::routes()
+        .into_iter()
+        .filter(|(net, dev)| !dev.starts_with("bgtap") && net.overlaps(&guests))
+        .map(|(net, dev)| format!("{net} on {dev}"))
+        .collect();
+    v.push(check(
+        "guest subnet",
+        overlapping.is_empty(),
+        if overlapping.is_empty() {
+            format!("{guests}: no host route overlaps it")
+        } else {
+            format!(
+                "{guests} overlaps the host's route(s) {} (Docker's pools cover 172.16.0.0/12): \
+                 start bangerd with --subnet (or BANGER_SUBNET) set to a free range",
+                overlapping.join(", ")
+            )
+        },
+    ));
+    match std::process::Command::new("nft")
+        .args(["list", "ruleset"])
+        .output()
+    {
+        Ok(out) if out.status.success() => {
+            let rs = firewall::parse_ruleset(&String::from_utf8_lossy(&out.stdout));
+            let dropping: Vec<String> = rs
+                .dropping_forward
+                .iter()
+                .map(|c| format!("{} {} {}", c.family, c.table, c.chain))
+                .collect();
+            v.push(check(
+                "host firewall",
+                true,
+                if dropping.is_empty() {
+                    "no forward chain drops by policy".to_string()
+                } else {
+                    format!(
+                        "{} drop forwarded traffic by policy (Docker does): banger adds two \
+                         accepts per VM at their top, tagged banger:<vm id>",
+                        dropping.join(", ")
+                    )
+                },
+            ));
+        }
+        _ => v.push(check(
+            "host firewall",
+            false,
+            "cannot list the nftables ruleset: run scripts/install-deps.sh (nftables)",
         )),
     }
     let host = sysinfo::host_resources(&d.cfg.layout.state_dir);

@@ -31,7 +31,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Tap(#[from] banger_host::tap::TapError),
     #[error(transparent)]
-    Nat(#[from] banger_host::nat::NatError),
+    Firewall(#[from] banger_host::firewall::FirewallError),
     #[error(transparent)]
     Qcow2(#[from] banger_host::qcow2::Qcow2Error),
     #[error(transparent)]

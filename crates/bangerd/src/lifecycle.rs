@@ -80,6 +80,7 @@ impl Daemon {
                 vmm,
                 accel: accel.clone(),
                 auto_stop: req.auto_stop,
+                net: req.net.clone(),
             },
             runtime: banger_core::VmRuntime {
                 state: Some(VmState::Creating),

@@ -30,6 +30,9 @@ struct Args {
     /// file kept).
     #[arg(long, env = "BANGER_CONSOLE_MAX_BYTES", default_value_t = 1 << 20)]
     console_max_bytes: u64,
+    /// The guests' addresses: a /30 per VM out of this network.
+    #[arg(long, env = "BANGER_SUBNET", default_value = "172.30.0.0/16")]
+    subnet: banger_core::net::Cidr,
 }
 
 fn main() {
@@ -77,6 +80,7 @@ fn real_main() -> anyhow::Result<()> {
     let mut cfg = bangerd::Config::new(layout.clone());
     cfg.boot_timeout = Duration::from_secs(args.boot_timeout);
     cfg.console_max_bytes = args.console_max_bytes;
+    cfg.subnet = banger_core::net::Subnet::from_cidr(args.subnet)?;
     cfg.firecracker = std::env::var_os("BANGER_FIRECRACKER")
         .filter(|v| !v.is_empty())
         .map(std::path::PathBuf::from)

@@ -34,6 +34,9 @@ impl Daemon {
         for vm in vms {
             self.reconcile_vm(vm)?;
         }
+        // The VMs kept running get their firewall back if it went (a host
+        // reboot of the firewall, a flush while no daemon ran).
+        self.repair_firewalls();
         Ok(())
     }
 

@@ -22,6 +22,10 @@ use crate::error::{DaemonError, Result};
 /// counts as quiet (ARP and the like do not keep a VM awake).
 const QUIET_NET_BYTES_PER_SEC: f64 = 512.0;
 
+/// How often running VMs' firewall rules are checked (and put back if a
+/// firewall reload removed them): one `nft list ruleset` per VM.
+const FIREWALL_CHECK: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Clone)]
 struct Sample {
     at: Instant,
@@ -80,8 +84,13 @@ impl Daemon {
         }
         let tick = self.cfg.stats_interval.min(Duration::from_secs(1));
         let mut next_sample = Instant::now();
+        let mut next_firewall_check = Instant::now() + FIREWALL_CHECK;
         loop {
             std::thread::sleep(tick);
+            if Instant::now() >= next_firewall_check {
+                next_firewall_check = Instant::now() + FIREWALL_CHECK;
+                self.repair_firewalls();
+            }
             let Ok(vms) = self.store().list_vms() else {
                 continue;
             };
@@ -248,6 +257,7 @@ mod tests {
                 vmm: VmmKind::Qemu,
                 accel: "tcg".into(),
                 auto_stop,
+                net: Default::default(),
             },
             runtime: VmRuntime {
                 started_at,

@@ -72,7 +72,7 @@ fn assert_consistent(inst: &Instance, what: &str) {
                 inst.taps()
             );
             assert!(
-                !inst.net.ruleset().contains("table ip banger"),
+                !inst.net.ruleset().contains("table inet banger"),
                 "{what}: NAT rules left"
             );
             assert!(

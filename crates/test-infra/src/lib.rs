@@ -211,6 +211,13 @@ pub struct HttpServer {
     child: std::process::Child,
 }
 
+impl HttpServer {
+    /// Guards a server the test started itself.
+    pub fn from_child(child: std::process::Child) -> HttpServer {
+        HttpServer { child }
+    }
+}
+
 impl Drop for HttpServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -423,6 +430,15 @@ impl Instance {
         ok(&self.banger(&["daemon", "settle"]), "daemon settle");
     }
 
+    /// How many rules the VM `id` has (tagged `banger:<id>`) in the
+    /// daemon's namespace.
+    pub fn vm_rules(&self, id: &str) -> usize {
+        self.net
+            .ruleset()
+            .matches(&format!("comment \"banger:{id}\""))
+            .count()
+    }
+
     /// `vm ls --json`.
     pub fn vms(&self) -> Vec<serde_json::Value> {
         vm_list(&self.banger(&["vm", "ls", "--json"]))
@@ -445,7 +461,7 @@ impl Instance {
         assert!(self.taps().is_empty(), "taps left: {:?}", self.taps());
         let rules = self.net.ruleset();
         assert!(
-            !rules.contains("table ip banger"),
+            !rules.contains("table inet banger"),
             "NAT table left:\n{rules}"
         );
         let fwd = self
@@ -462,6 +478,20 @@ impl Instance {
         );
         assert!(self.vms().is_empty(), "rows left: {:?}", self.vms());
     }
+}
+
+/// The rules a default VM gets (see `banger_host::firewall::vm_script`):
+/// anti-spoofing, the block of the host's ranges, the way out, NAT, and
+/// one DNS accept per resolver of the daemon's /etc/resolv.conf.
+pub fn rules_per_vm() -> usize {
+    let resolvers = std::fs::read_to_string("/etc/resolv.conf")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|v| v.trim().parse::<std::net::Ipv4Addr>().ok())
+        .filter(|ip| !ip.is_loopback())
+        .count();
+    4 + resolvers
 }
 
 pub fn text(b: &[u8]) -> String {

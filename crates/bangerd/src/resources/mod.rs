@@ -29,9 +29,9 @@ use crate::daemon::Daemon;
 use crate::error::Result;
 
 pub mod address;
+pub mod firewall;
 pub mod host_key;
 pub mod initrd;
-pub mod nat;
 pub mod root_disk;
 pub mod tap;
 pub mod vm_dir;
@@ -49,10 +49,17 @@ pub const CREATE: &[&dyn Resource] = &[
 
 /// What a VM's boot holds, in the order it is acquired; the guest is then
 /// waited for (`readiness`).
-pub const START: &[&dyn Resource] = &[&tap::Tap, &initrd::Initrd, &vmm::VmmProcess, &nat::Nat];
+pub const START: &[&dyn Resource] = &[
+    &tap::Tap,
+    &initrd::Initrd,
+    &vmm::VmmProcess,
+    &firewall::Firewall,
+];
 
 /// The module of a recorded item.
 pub fn by_name(name: &str) -> Option<&'static dyn Resource> {
+    // Records of older daemons call the firewall "nat".
+    let name = if name == "nat" { "firewall" } else { name };
     CREATE
         .iter()
         .chain(START.iter())
@@ -184,6 +191,7 @@ mod tests {
             assert_eq!(by_name(n).map(|r| r.name()), Some(*n));
         }
         assert!(by_name("no-such-thing").is_none());
+        assert_eq!(by_name("nat").map(|r| r.name()), Some("firewall"));
     }
 
     #[test]

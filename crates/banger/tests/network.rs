@@ -1,0 +1,321 @@
+//! Guest isolation end to end: what a guest can and cannot reach, seen
+//! from inside real guests. The daemon runs in a network namespace of the
+//! test's own with a veth uplink to an "outside" namespace that holds the
+//! servers (a web server, a "metadata" server on 169.254.169.254, a server
+//! on a private range); nothing leaves the machine. Needs root;
+//! `scripts/test.sh` runs it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use test_infra::{ok, rules_per_vm, text, wait_until, HttpServer, Instance};
+
+fn banger_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_banger"))
+}
+
+fn spawn(inst: &Instance, args: &[&str]) -> Child {
+    inst.banger_cmd(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn banger")
+}
+
+fn sh(ns: &str, args: &[&str]) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .output()
+        .expect("ip netns exec");
+    assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+}
+
+/// curl's exit status for each probe, run at once inside the guest (each
+/// bounded by --max-time 3: a dropped packet times out, exit 28).
+fn probes(inst: &Instance, vm: &str, probes: &[(&str, String)]) -> BTreeMap<String, i32> {
+    let mut script = String::new();
+    for (name, args) in probes {
+        script.push_str(&format!(
+            "( curl -s -o /dev/null --max-time 3 {args}; echo \"{name} $?\" ) &\n"
+        ));
+    }
+    script.push_str("wait\n");
+    let out = inst.banger(&["vm", "ssh", vm, "--", "sh", "-c", &script]);
+    let stdout = ok(&out, "probes");
+    stdout
+        .lines()
+        .filter_map(|l| {
+            let (n, c) = l.split_once(' ')?;
+            Some((n.to_string(), c.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+fn busybox_httpd(ns: &str, addr: &str, root: &std::path::Path) -> HttpServer {
+    let child = Command::new("ip")
+        .args([
+            "netns", "exec", ns, "busybox", "httpd", "-f", "-p", addr, "-h",
+        ])
+        .arg(root)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("busybox httpd");
+    HttpServer::from_child(child)
+}
+
+/// The default policy, and `--net none` and `--allow-net`: a guest reaches
+/// the outside world (and nothing else): not the host's services on its
+/// gateway or its uplink address, not 169.254.169.254, not a private range
+/// beyond the host, not another guest; a spoofed source address does not
+/// get out.
+#[test]
+fn guests_reach_the_outside_world_and_nothing_else() {
+    let inst = Instance::new(&banger_bin()).with_image();
+    let net = &inst.net;
+    let www = inst.dir.path().join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("ok"), "ok\n").unwrap();
+    // The outside world: a web server, a metadata server and a server on
+    // a private range routed through the uplink.
+    let _web = net.http_server(&www, 8080);
+    sh(
+        &net.outside,
+        &["ip", "addr", "add", "169.254.169.254/32", "dev", "world0"],
+    );
+    sh(
+        &net.outside,
+        &["ip", "addr", "add", "10.77.0.1/32", "dev", "world0"],
+    );
+    sh(
+        &net.ns,
+        &["ip", "route", "add", "10.77.0.0/24", "via", &net.outside_ip],
+    );
+    let _metadata = busybox_httpd(&net.outside, "169.254.169.254:80", &www);
+    let _lan = busybox_httpd(&net.outside, "10.77.0.1:8080", &www);
+    // A service of the host itself (the daemon's namespace), on every
+    // address it has.
+    let _host = busybox_httpd(&net.ns, "8081", &www);
+
+    let _ = inst.daemon_pid();
+    let runs = [
+        spawn(&inst, &["vm", "run", "--name", "a", "--", "true"]),
+        spawn(&inst, &["vm", "run", "--name", "b", "--", "true"]),
+        spawn(
+            &inst,
+            &["vm", "run", "--name", "c", "--net", "none", "--", "true"],
+        ),
+        spawn(
+            &inst,
+            &[
+                "vm",
+                "run",
+                "--name",
+                "d",
+                "--allow-net",
+                "10.77.0.0/24",
+                "--",
+                "true",
+            ],
+        ),
+    ];
+    for r in runs {
+        ok(&r.wait_with_output().unwrap(), "vm run");
+    }
+    let ip = |name: &str| {
+        inst.vm(name).unwrap()["guest_ip"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (a_ip, b_ip) = (ip("a"), ip("b"));
+    // The guest's gateway is the host end of its /30: the address before it.
+    let gw = {
+        let o: Vec<u8> = a_ip.split('.').map(|x| x.parse().unwrap()).collect();
+        format!("{}.{}.{}.{}", o[0], o[1], o[2], o[3] - 1)
+    };
+    let outside = format!("http://{}:8080/ok", net.outside_ip);
+    let r = probes(
+        &inst,
+        "a",
+        &[
+            ("outside", outside.clone()),
+            ("host-gateway", format!("http://{gw}:8081/ok")),
+            ("host-uplink", format!("http://{}:8081/ok", net.inside_ip)),
+            ("metadata", "http://169.254.169.254/ok".into()),
+            ("private", "http://10.77.0.1:8080/ok".into()),
+            ("other-guest-ssh", format!("telnet://{b_ip}:22")),
+        ],
+    );
+    assert_eq!(r.get("outside"), Some(&0), "{r:?}");
+    for blocked in [
+        "host-gateway",
+        "host-uplink",
+        "metadata",
+        "private",
+        "other-guest-ssh",
+    ] {
+        assert_eq!(r.get(blocked), Some(&28), "{blocked} must time out: {r:?}");
+    }
+    // The other guest's sshd is up: the host reaches it.
+    let out = inst.banger(&["vm", "ssh", "b", "--", "hostname"]);
+    assert_eq!(ok(&out, "ssh b").trim(), "b");
+
+    // Anti-spoofing: only the guest's own address leaves its tap.
+    let spoof = "172.30.250.2";
+    ok(
+        &inst.banger(&[
+            "vm",
+            "ssh",
+            "a",
+            "--",
+            "ip",
+            "addr",
+            "add",
+            &format!("{spoof}/32"),
+            "dev",
+            "eth0",
+        ]),
+        "add a spoofed address",
+    );
+    let r = probes(
+        &inst,
+        "a",
+        &[
+            ("own", outside.clone()),
+            ("spoofed", format!("--interface {spoof} {outside}")),
+        ],
+    );
+    assert_eq!(r.get("own"), Some(&0), "{r:?}");
+    assert_eq!(r.get("spoofed"), Some(&28), "{r:?}");
+
+    // --net none: nothing out; --allow-net: the range opens, the rest stays.
+    let r = probes(&inst, "c", &[("outside", outside.clone())]);
+    assert_eq!(r.get("outside"), Some(&28), "--net none: {r:?}");
+    let r = probes(
+        &inst,
+        "d",
+        &[
+            ("outside", outside.clone()),
+            ("private", "http://10.77.0.1:8080/ok".into()),
+            ("metadata", "http://169.254.169.254/ok".into()),
+        ],
+    );
+    assert_eq!(r.get("outside"), Some(&0), "{r:?}");
+    assert_eq!(
+        r.get("private"),
+        Some(&0),
+        "--allow-net 10.77.0.0/24: {r:?}"
+    );
+    assert_eq!(r.get("metadata"), Some(&28), "{r:?}");
+
+    ok(
+        &inst.banger(&["vm", "delete", "a", "b", "c", "d"]),
+        "delete",
+    );
+    inst.assert_baseline();
+}
+
+/// banger's rules keep working under a host firewall that drops forwarded
+/// traffic by policy (Docker's `FORWARD DROP`, made here the way
+/// iptables-nft makes it), and a firewall reload that removed them is
+/// noticed and repaired. ip_forward, on before banger (Docker turned it
+/// on), stays on after it.
+#[test]
+fn docker_forward_drop_and_a_firewall_reload() {
+    let inst = Instance::new(&banger_bin()).with_image();
+    let net = &inst.net;
+    let www = inst.dir.path().join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("ok"), "ok\n").unwrap();
+    let _web = net.http_server(&www, 8080);
+    let docker = "table ip filter {\n\tchain FORWARD {\n\t\ttype filter hook forward priority filter; policy drop;\n\t}\n}\n";
+    let mut nft = net
+        .cmd("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    nft.stdin
+        .take()
+        .unwrap()
+        .write_all(docker.as_bytes())
+        .unwrap();
+    assert!(nft.wait().unwrap().success());
+    sh(&net.ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+
+    ok(
+        &inst.banger(&["vm", "run", "--name", "e", "--", "true"]),
+        "vm run",
+    );
+    let id = inst.vm("e").unwrap()["id"].as_str().unwrap().to_string();
+    let outside = format!("http://{}:8080/ok", net.outside_ip);
+    let r = probes(&inst, "e", &[("outside", outside.clone())]);
+    assert_eq!(
+        r.get("outside"),
+        Some(&0),
+        "through Docker's FORWARD DROP: {r:?}"
+    );
+    let rules = net.ruleset();
+    assert!(
+        rules.contains(&format!(
+            "iifname \"{}\" accept comment \"banger:{id}\"",
+            inst.taps()[0]
+        )),
+        "{rules}"
+    );
+    let doctor = ok(&inst.banger(&["doctor"]), "doctor");
+    assert!(
+        doctor.contains("ip filter FORWARD drop forwarded traffic"),
+        "{doctor}"
+    );
+
+    // A firewall reload: everything flushed. The daemon puts its rules
+    // back (it checks every 10 s) and the guest is online again.
+    sh(&net.ns, &["nft", "flush", "ruleset"]);
+    assert!(
+        wait_until(Duration::from_secs(40), || inst.vm_rules(&id)
+            == rules_per_vm()),
+        "the rules were not put back:\n{}",
+        net.ruleset()
+    );
+    let r = probes(&inst, "e", &[("outside", outside)]);
+    assert_eq!(r.get("outside"), Some(&0), "{r:?}");
+
+    // Docker's table again, then the VM goes: no banger rule anywhere, and
+    // forwarding stays on for the firewall that relies on it.
+    let mut nft = net
+        .cmd("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    nft.stdin
+        .take()
+        .unwrap()
+        .write_all(docker.as_bytes())
+        .unwrap();
+    assert!(nft.wait().unwrap().success());
+    ok(&inst.banger(&["vm", "delete", "e"]), "delete");
+    inst.settle();
+    let rules = net.ruleset();
+    assert!(!rules.contains("banger"), "{rules}");
+    let fwd = net
+        .cmd("cat")
+        .arg("/proc/sys/net/ipv4/ip_forward")
+        .output()
+        .unwrap();
+    assert_eq!(
+        text(&fwd.stdout).trim(),
+        "1",
+        "forwarding left on for Docker"
+    );
+    sh(&net.ns, &["nft", "delete", "table", "ip", "filter"]);
+    sh(&net.ns, &["sysctl", "-qw", "net.ipv4.ip_forward=0"]);
+    inst.assert_baseline();
+}
