@@ -227,6 +227,85 @@ fn plain_run(inst: &Instance, p: &Plain) -> f64 {
     elapsed
 }
 
+/// Per-VM network setup (tap + firewall rules) and teardown, alone and
+/// with `present` other VMs' rules in place, in a namespace of its own.
+fn network_bench(table: &mut String, iters: usize, present: u32) {
+    use banger_core::net::Subnet;
+    use banger_host::firewall::{self, GuestRules};
+    use banger_host::tap;
+    let ns = test_infra::NetNs::new();
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
+    let subnet = Subnet::default();
+    let rules = |i: u32, tap: &str| GuestRules {
+        vm_id: format!("bench{i}"),
+        tap: tap.to_string(),
+        guest_ip: subnet.slot(i).guest_ip,
+        uplink: Some("uplink0".into()),
+        allow: Vec::new(),
+        dns: Vec::new(),
+        guests: subnet.cidr(),
+    };
+    let measure = |base: u32| {
+        let (mut up, mut down) = (Vec::new(), Vec::new());
+        for k in 0..iters as u32 {
+            let i = base + k;
+            let t = Instant::now();
+            let name = tap::free_name(&[]).expect("tap name");
+            tap::create(&name, subnet.slot(i).host_ip, 30).expect("tap");
+            firewall::up(&rules(i, &name)).expect("firewall up");
+            up.push(ms(t));
+            let t = Instant::now();
+            firewall::down(&rules(i, &name).vm_id).expect("firewall down");
+            tap::delete(&name).expect("tap delete");
+            down.push(ms(t));
+        }
+        (up, down)
+    };
+    let (a_up, a_down, b_up, b_down) = std::thread::scope(|s| {
+        s.spawn(|| {
+            ns.enter_on_this_thread();
+            let (a_up, a_down) = measure(1000);
+            let mut others = Vec::new();
+            for i in 1..=present {
+                let name = tap::free_name(&[]).expect("tap name");
+                tap::create(&name, subnet.slot(i).host_ip, 30).expect("tap");
+                firewall::up(&rules(i, &name)).expect("firewall up");
+                others.push((i, name));
+            }
+            let (b_up, b_down) = measure(2000);
+            for (i, name) in others {
+                firewall::down(&rules(i, &name).vm_id).expect("firewall down");
+                tap::delete(&name).expect("tap delete");
+            }
+            (a_up, a_down, b_up, b_down)
+        })
+        .join()
+        .expect("network bench thread")
+    });
+    row(table, "network setup (tap + firewall), alone", &a_up, "ms");
+    row(table, "network teardown (firewall + tap), alone", &a_down, "ms");
+    row(
+        table,
+        &format!("network setup, {present} other VMs' rules present"),
+        &b_up,
+        "ms",
+    );
+    row(
+        table,
+        &format!("network teardown, {present} other VMs' rules present"),
+        &b_down,
+        "ms",
+    );
+    for (what, a, b) in [("setup", &a_up, &b_up), ("teardown", &a_down, &b_down)] {
+        let line = format!(
+            "| network {what}: with {present} / alone (medians) | {:.2} | | | ratio | |\n",
+            stats(b).0 / stats(a).0
+        );
+        print!("{line}");
+        table.push_str(&line);
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let runs: usize = args
@@ -248,6 +327,15 @@ fn main() {
         .map(|v| vec!["--vmm".to_string(), v.clone()])
         .unwrap_or_default();
     let vmm_args: Vec<&str> = vmm.iter().map(String::as_str).collect();
+    // `--network-only`: the network setup/teardown section alone.
+    if args.iter().any(|a| a == "--network-only") {
+        let mut table = String::from(
+            "| scenario | median | min | max | unit | runs |\n|---|---|---|---|---|---|\n",
+        );
+        network_bench(&mut table, 20, 100);
+        append(&table, "(no VMs: network setup only)");
+        return;
+    }
     let mut spec_line = String::new();
     let banger = std::env::current_exe()
         .expect("current exe")
@@ -420,7 +508,13 @@ fn main() {
     for i in 0..parallel {
         let _ = inst.banger(&["vm", "delete", &format!("par-{i}")]);
     }
+    network_bench(&mut table, 20, 100);
+    append(&table, &spec_line);
+}
 
+/// Appends the table, dated and with the machine's description, to
+/// docs/BENCHMARKS.md.
+fn append(table: &str, spec_line: &str) {
     let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/BENCHMARKS.md");
     let date = text(
         &Command::new("date")
