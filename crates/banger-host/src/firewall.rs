@@ -14,10 +14,16 @@
 //! - traffic to a tap is only the replies to what its guest opened;
 //! - anything not IPv4 from a tap is dropped.
 //!
+//! The rules are fixed; what is per VM lives in nftables sets (its tap and
+//! address, whether it may go out, its allowed ranges), so adding or
+//! removing a VM is adding or deleting set elements: its cost, and the cost
+//! of a packet's way through the chains, do not grow with the number of
+//! VMs.
+//!
 //! banger's chains run before the usual filter chains (priority filter -
 //! 10), and a host firewall that drops forwarded traffic by policy (Docker's
-//! `FORWARD DROP`, a distribution's nftables.conf) gets two accepts per VM
-//! at the top of its forward chain, tagged like every banger rule, so that
+//! `FORWARD DROP`, a distribution's nftables.conf) gets two accepts for
+//! banger's taps at the top of its forward chain, tagged `banger`, so that
 //! what banger's chains let through is not dropped there.
 
 use std::net::Ipv4Addr;
@@ -65,20 +71,19 @@ pub enum FirewallError {
     BadId(String),
 }
 
-/// One VM's rules.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One VM's place in the firewall.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GuestRules {
-    /// The comment tag on the rules: `banger:<vm id>`.
+    /// Names the VM in errors.
     pub vm_id: String,
     pub tap: String,
     pub guest_ip: Ipv4Addr,
-    /// The interface NAT goes out of; `None` (`--net none`, or no default
-    /// route) gives the guest no outside access.
-    pub uplink: Option<String>,
+    /// Whether the guest may go out through NAT (not with `--net none`).
+    pub outside: bool,
     /// Ranges the guest may reach despite `BLOCKED` (`--allow-net`).
     pub allow: Vec<Cidr>,
-    /// The host's resolvers the guest may query on port 53 (they are often
-    /// on the LAN, which is otherwise closed to guests).
+    /// The host's resolvers guests may query on port 53 (they are often on
+    /// the LAN, which is otherwise closed to guests).
     pub dns: Vec<Ipv4Addr>,
     /// The guests' subnet (other guests are never reachable).
     pub guests: Cidr,
@@ -107,10 +112,6 @@ fn check_id(id: &str) -> Result<(), FirewallError> {
     } else {
         Err(FirewallError::BadId(id.to_string()))
     }
-}
-
-fn tag(vm_id: &str) -> String {
-    format!("banger:{vm_id}")
 }
 
 /// The interface of this namespace's IPv4 default route, from /proc/net/route.
@@ -156,80 +157,86 @@ pub fn enable_ip_forward() -> Result<(), FirewallError> {
 }
 
 /// The comment banger's table carries when forwarding was off before it
-/// existed, so that removing the last rule restores it.
+/// existed, so that removing the last VM restores it.
 const FORWARD_WAS_OFF: &str = "banger: ip_forward was 0";
 
-/// The table and its fixed chains, created with the first VM's rules.
-pub fn table_script(comment: &str) -> String {
+/// The comment on banger's accepts in other tables' forward chains.
+const FOREIGN_TAG: &str = "banger";
+
+/// The table, its sets and its fixed chains, created with the first VM.
+pub fn table_script(comment: &str, guests: Cidr) -> String {
     let c = if comment.is_empty() {
         String::new()
     } else {
         format!("\tcomment \"{comment}\"\n")
     };
+    let mut blocked: Vec<String> = BLOCKED.iter().map(|b| b.to_string()).collect();
+    blocked.push(guests.to_string());
     format!(
         "table inet {TABLE} {{\n{c}\
+         \tset guests {{ type ifname . ipv4_addr; }}\n\
+         \tset outside {{ type ifname; }}\n\
+         \tset allow {{ type ifname . ipv4_addr; flags interval; }}\n\
+         \tset dns {{ type ipv4_addr; }}\n\
+         \tset blocked {{ type ipv4_addr; flags interval; auto-merge; elements = {{ {blocked} }} }}\n\
          \tchain input {{ type filter hook input priority filter - 10; policy accept;\n\
          \t\tiifname \"bgtap*\" ct state established,related accept\n\
          \t\tiifname \"bgtap*\" drop\n\t}}\n\
-         \tchain from_guest {{\n\t\tmeta nfproto != ipv4 drop\n\t}}\n\
+         \tchain from_guest {{\n\
+         \t\tmeta nfproto != ipv4 drop\n\
+         \t\tiifname . ip saddr != @guests drop\n\
+         \t\tiifname @outside ip daddr @dns meta l4proto {{ tcp, udp }} th dport 53 accept\n\
+         \t\tiifname . ip daddr @allow accept\n\
+         \t\tip daddr @blocked drop\n\
+         \t\tiifname @outside oifname != \"bgtap*\" accept\n\t}}\n\
          \tchain to_guest {{\n\t\tct state established,related accept\n\t}}\n\
          \tchain forward {{ type filter hook forward priority filter - 10; policy accept;\n\
          \t\tiifname \"bgtap*\" jump from_guest\n\
          \t\tiifname \"bgtap*\" drop\n\
          \t\toifname \"bgtap*\" jump to_guest\n\
          \t\toifname \"bgtap*\" drop\n\t}}\n\
-         \tchain postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}\n\
-         }}\n"
+         \tchain postrouting {{ type nat hook postrouting priority srcnat; policy accept;\n\
+         \t\tiifname \"bgtap*\" oifname != \"bgtap*\" masquerade\n\t}}\n\
+         }}\n",
+        blocked = blocked.join(", ")
     )
 }
 
-/// The nft script that adds one VM's rules to banger's table, and its two
-/// accepts to each foreign forward chain that drops by policy.
-pub fn vm_script(r: &GuestRules, foreign: &[ChainRef]) -> String {
-    let t = tag(&r.vm_id);
+/// The set elements of one VM: (set, element).
+fn elements(r: &GuestRules) -> Vec<(&'static str, String)> {
     let tap = &r.tap;
-    let g = r.guest_ip;
-    let add = |rule: String| {
-        format!("add rule inet {TABLE} from_guest iifname \"{tap}\" {rule} comment \"{t}\"\n")
-    };
-    let mut s = add(format!("ip saddr != {g} drop"));
-    for ns in &r.dns {
-        s.push_str(&add(format!(
-            "ip daddr {ns} meta l4proto {{ tcp, udp }} th dport 53 accept"
-        )));
+    let mut v = vec![("guests", format!("\"{tap}\" . {}", r.guest_ip))];
+    if r.outside {
+        v.push(("outside", format!("\"{tap}\"")));
     }
     for a in &r.allow {
-        s.push_str(&add(format!("ip daddr {a} accept")));
+        v.push(("allow", format!("\"{tap}\" . {a}")));
     }
-    let mut blocked: Vec<String> = BLOCKED.iter().map(|b| b.to_string()).collect();
-    if !BLOCKED
+    v
+}
+
+/// The nft script that adds one VM (and the host's resolvers).
+pub fn add_script(r: &GuestRules) -> String {
+    let mut s: String = elements(r)
         .iter()
-        .filter_map(|b| b.parse::<Cidr>().ok())
-        .any(|b| b.contains(r.guests.addr))
-    {
-        blocked.push(r.guests.to_string());
-    }
-    s.push_str(&add(format!("ip daddr {{ {} }} drop", blocked.join(", "))));
-    if let Some(up) = &r.uplink {
-        s.push_str(&add(format!("oifname \"{up}\" accept")));
-    }
-    s.push_str(&format!(
-        "add rule inet {TABLE} postrouting ip saddr {g} oifname != \"bgtap*\" masquerade comment \"{t}\"\n"
-    ));
-    for c in foreign {
-        for rule in [format!("iifname \"{tap}\""), format!("oifname \"{tap}\"")] {
-            s.push_str(&format!(
-                "insert rule {} {} {} {rule} accept comment \"{t}\"\n",
-                c.family, c.table, c.chain
-            ));
-        }
+        .map(|(set, e)| format!("add element inet {TABLE} {set} {{ {e} }}\n"))
+        .collect();
+    if r.outside && !r.dns.is_empty() {
+        let dns: Vec<String> = r.dns.iter().map(|d| d.to_string()).collect();
+        s.push_str(&format!(
+            "add element inet {TABLE} dns {{ {} }}\n",
+            dns.join(", ")
+        ));
     }
     s
 }
 
-/// How many rules `vm_script` adds for `r` (with `foreign` chains).
-pub fn expected_rules(r: &GuestRules, foreign: usize) -> usize {
-    1 + r.dns.len() + r.allow.len() + 1 + usize::from(r.uplink.is_some()) + 1 + 2 * foreign
+/// The nft commands that remove one VM, one per element.
+pub fn delete_commands(r: &GuestRules) -> Vec<String> {
+    elements(r)
+        .iter()
+        .map(|(set, e)| format!("delete element inet {TABLE} {set} {{ {e} }}\n"))
+        .collect()
 }
 
 /// A chain in the ruleset.
@@ -240,104 +247,76 @@ pub struct ChainRef {
     pub chain: String,
 }
 
-/// What the ruleset holds that banger cares about.
+impl std::fmt::Display for ChainRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} {}", self.family, self.table, self.chain)
+    }
+}
+
+/// The base chains of the ruleset (`nft list chains`: no rules, no set
+/// elements, so its size does not grow with the VMs).
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Ruleset {
-    /// Whether banger's table exists, and its comment.
+pub struct Chains {
+    /// Whether banger's table exists.
     pub table: bool,
-    pub comment: Option<String>,
-    /// Every rule: (chain, handle, comment).
-    pub rules: Vec<(ChainRef, u64, Option<String>)>,
-    /// Base chains of other tables hooked at forward with policy drop.
+    /// Other tables' base chains hooked at forward with policy drop.
     pub dropping_forward: Vec<ChainRef>,
     /// Other tables' base chains that forward or NAT (someone else relies
     /// on ip_forward).
     pub other_forwarders: Vec<ChainRef>,
 }
 
-impl Ruleset {
-    pub fn tagged(&self, vm_id: &str) -> Vec<(ChainRef, u64)> {
-        let t = tag(vm_id);
-        self.rules
-            .iter()
-            .filter(|r| r.2.as_deref() == Some(t.as_str()))
-            .map(|r| (r.0.clone(), r.1))
-            .collect()
-    }
-
-    /// Rules in banger's table that belong to a VM.
-    fn vm_rules_in_table(&self) -> usize {
-        self.rules
-            .iter()
-            .filter(|r| r.0.family == "inet" && r.0.table == TABLE)
-            .filter(|r| r.2.as_deref().is_some_and(|c| c.starts_with("banger:")))
-            .count()
-    }
-}
-
-/// Parses `nft -a list ruleset` (text: it carries rule handles and table
-/// comments; nft 1.0.6's JSON drops the latter).
-pub fn parse_ruleset(text: &str) -> Ruleset {
-    let mut rs = Ruleset::default();
+/// Parses `nft list chains` (or a whole ruleset listing: rules and set
+/// contents are skipped).
+pub fn parse_chains(text: &str) -> Chains {
+    let mut cs = Chains::default();
     let mut depth = 0usize;
     let mut table: Option<(String, String)> = None;
     let mut chain: Option<ChainRef> = None;
     for raw in text.lines() {
         let line = raw.trim();
-        let quoted = |l: &str| -> Option<String> {
-            let i = l.find("comment \"")? + "comment \"".len();
-            let j = l[i..].find('"')?;
-            Some(l[i..i + j].to_string())
-        };
         // Braces in a comment do not count.
         let code = match line.find('"') {
             Some(i) => &line[..i],
             None => line,
         };
-        let opens = code.matches('{').count();
-        let closes = code.matches('}').count();
-        if depth == 0 {
-            if let Some(rest) = line.strip_prefix("table ") {
-                let mut w = rest.split_whitespace();
-                if let (Some(f), Some(n)) = (w.next(), w.next()) {
-                    table = Some((f.to_string(), n.to_string()));
-                    if f == "inet" && n == TABLE {
-                        rs.table = true;
+        let (opens, closes) = (code.matches('{').count(), code.matches('}').count());
+        match depth {
+            0 => {
+                if let Some(rest) = line.strip_prefix("table ") {
+                    let mut w = rest.split_whitespace();
+                    if let (Some(f), Some(n)) = (w.next(), w.next()) {
+                        table = Some((f.to_string(), n.to_string()));
+                        cs.table |= f == "inet" && n == TABLE;
                     }
                 }
             }
-        } else if depth == 1 {
-            if let (Some(rest), Some((f, t))) = (line.strip_prefix("chain "), &table) {
-                chain = rest.split_whitespace().next().map(|c| ChainRef {
-                    family: f.clone(),
-                    table: t.clone(),
-                    chain: c.to_string(),
-                });
-            } else if line.starts_with("comment \"") {
-                if let Some((f, t)) = &table {
-                    if f == "inet" && t == TABLE {
-                        rs.comment = quoted(line);
+            1 => {
+                if let (Some(rest), Some((f, t))) = (line.strip_prefix("chain "), &table) {
+                    chain = rest.split_whitespace().next().map(|c| ChainRef {
+                        family: f.clone(),
+                        table: t.clone(),
+                        chain: c.to_string(),
+                    });
+                }
+            }
+            2 => {
+                if let Some(c) = chain
+                    .as_ref()
+                    .filter(|c| !(c.family == "inet" && c.table == TABLE))
+                {
+                    if line.starts_with("type ") {
+                        let hook = line.split_whitespace().skip_while(|w| *w != "hook").nth(1);
+                        if hook == Some("forward") && line.contains("policy drop") {
+                            cs.dropping_forward.push(c.clone());
+                        }
+                        if hook == Some("forward") || line.starts_with("type nat") {
+                            cs.other_forwarders.push(c.clone());
+                        }
                     }
                 }
             }
-        } else if depth == 2 {
-            if let Some(c) = &chain {
-                let ours = c.family == "inet" && c.table == TABLE;
-                if line.starts_with("type ") && !ours {
-                    let hook = line.split_whitespace().skip_while(|w| *w != "hook").nth(1);
-                    let drop = line.contains("policy drop");
-                    if hook == Some("forward") && drop {
-                        rs.dropping_forward.push(c.clone());
-                    }
-                    if hook == Some("forward") || line.starts_with("type nat") {
-                        rs.other_forwarders.push(c.clone());
-                    }
-                } else if let Some((body, h)) = line.rsplit_once("# handle ") {
-                    if let Ok(handle) = h.trim().parse::<u64>() {
-                        rs.rules.push((c.clone(), handle, quoted(body)));
-                    }
-                }
-            }
+            _ => {}
         }
         depth = (depth + opens).saturating_sub(closes);
         if depth < 2 {
@@ -347,115 +326,219 @@ pub fn parse_ruleset(text: &str) -> Ruleset {
             table = None;
         }
     }
-    rs
+    cs
 }
 
-fn ruleset(vm_id: &str) -> Result<Ruleset, FirewallError> {
-    cmd::run_with("nft", ["-a", "list", "ruleset"], None, NFT_TIMEOUT)
-        .map(|t| parse_ruleset(&t))
-        .map_err(|source| FirewallError::Nft {
-            vm: vm_id.to_string(),
-            source,
-        })
-}
-
-fn nft(vm_id: &str, script: &str) -> Result<(), FirewallError> {
-    cmd::run_with("nft", ["-f", "-"], Some(script), NFT_TIMEOUT).map_err(|source| {
-        FirewallError::Nft {
-            vm: vm_id.to_string(),
-            source,
-        }
-    })?;
-    Ok(())
-}
-
-fn validate(r: &GuestRules) -> Result<(), FirewallError> {
-    check_id(&r.vm_id)?;
-    check_ifname(&r.tap)?;
-    if let Some(u) = &r.uplink {
-        check_ifname(u)?;
-    }
-    Ok(())
-}
-
-/// Whether the VM's rules are all in place (none missing after a firewall
-/// reload, say).
-pub fn is_up(r: &GuestRules) -> Result<bool, FirewallError> {
-    validate(r)?;
-    let rs = ruleset(&r.vm_id)?;
-    Ok(rs.table && rs.tagged(&r.vm_id).len() == expected_rules(r, rs.dropping_forward.len()))
-}
-
-/// Installs the VM's rules unless they are all there already (a partial
-/// set, after a crash or a firewall reload, is replaced whole); enables
-/// forwarding, remembering in the table's comment that it was off.
-/// Callers serialise `up` and `down`.
-pub fn up(r: &GuestRules) -> Result<(), FirewallError> {
-    validate(r)?;
-    let rs = ruleset(&r.vm_id)?;
-    let mine = rs.tagged(&r.vm_id);
-    if rs.table && mine.len() == expected_rules(r, rs.dropping_forward.len()) {
-        // (A crash may have come between the rules and forwarding.)
-        return enable_ip_forward();
-    }
-    let mut script = delete_script(&mine);
-    if !rs.table {
-        let was_off = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
-            .map(|v| v.trim() == "0")
-            .unwrap_or(false);
-        script.push_str(&table_script(if was_off { FORWARD_WAS_OFF } else { "" }));
-    }
-    script.push_str(&vm_script(r, &rs.dropping_forward));
-    nft(&r.vm_id, &script)?;
-    enable_ip_forward()
-}
-
-fn delete_script(rules: &[(ChainRef, u64)]) -> String {
-    rules
-        .iter()
-        .map(|(c, h)| {
-            format!(
-                "delete rule {} {} {} handle {h}\n",
-                c.family, c.table, c.chain
-            )
+/// The handles of the rules in one chain listing (`nft -a list chain`)
+/// whose comment is exactly `tag`.
+pub fn tagged_handles(listing: &str, tag: &str) -> Vec<u64> {
+    let want = format!("comment \"{tag}\"");
+    listing
+        .lines()
+        .filter_map(|l| {
+            let (body, h) = l.rsplit_once("# handle ")?;
+            body.contains(&want)
+                .then(|| h.trim().parse().ok())
+                .flatten()
         })
         .collect()
 }
 
-/// Removes every rule tagged for the VM, wherever it is; none left is
-/// success. When no VM's rule remains in banger's table, the table goes
-/// too, and forwarding is switched back off if banger switched it on and
-/// nothing else forwards (another table hooked at forward or NAT: Docker,
-/// libvirt, the host's own firewall).
-pub fn down(vm_id: &str) -> Result<(), FirewallError> {
-    check_id(vm_id)?;
-    let rs = ruleset(vm_id)?;
-    let mine = rs.tagged(vm_id);
-    let ours_left = rs.vm_rules_in_table()
-        - mine
-            .iter()
-            .filter(|(c, _)| c.family == "inet" && c.table == TABLE)
-            .count();
-    if rs.table && ours_left == 0 {
-        let foreign: Vec<(ChainRef, u64)> = mine
-            .into_iter()
-            .filter(|(c, _)| !(c.family == "inet" && c.table == TABLE))
-            .collect();
-        if !foreign.is_empty() {
-            nft(vm_id, &delete_script(&foreign))?;
-        }
-        // Forwarding first: the table's comment is the only record that
-        // it was off, so a crash between the two steps must leave the
-        // table (the next `down` finishes) rather than forwarding on.
-        if rs.comment.as_deref() == Some(FORWARD_WAS_OFF) && rs.other_forwarders.is_empty() {
-            std::fs::write("/proc/sys/net/ipv4/ip_forward", "0").map_err(FirewallError::Forward)?;
-        }
-        // Deleting the table takes its chains and rules along: one call.
-        nft(vm_id, &format!("delete table inet {TABLE}\n"))?;
-    } else if !mine.is_empty() {
-        nft(vm_id, &delete_script(&mine))?;
+fn nft_out(what: &str, args: &[&str], input: Option<&str>) -> Result<String, FirewallError> {
+    cmd::run_with("nft", args, input, NFT_TIMEOUT).map_err(|source| FirewallError::Nft {
+        vm: what.to_string(),
+        source,
+    })
+}
+
+fn nft(what: &str, script: &str) -> Result<(), FirewallError> {
+    nft_out(what, &["-f", "-"], Some(script)).map(|_| ())
+}
+
+fn chains(what: &str) -> Result<Chains, FirewallError> {
+    nft_out(what, &["list", "chains"], None).map(|t| parse_chains(&t))
+}
+
+fn validate(r: &GuestRules) -> Result<(), FirewallError> {
+    check_id(&r.vm_id)?;
+    check_ifname(&r.tap)
+}
+
+/// The VMs in the firewall now, as (tap, address) pairs; empty when
+/// banger's table is gone (a firewall reload, a flush). One `nft` run for
+/// all VMs: what the periodic check compares the running VMs with.
+pub fn present() -> Result<Vec<(String, Ipv4Addr)>, FirewallError> {
+    if !chains("firewall")?.table {
+        return Ok(Vec::new());
     }
-    Ok(())
+    let text = nft_out("firewall", &["list", "set", "inet", TABLE, "guests"], None)?;
+    Ok(parse_guests(&text))
+}
+
+/// The (tap, address) elements of a `nft list set ... guests` listing.
+pub fn parse_guests(text: &str) -> Vec<(String, Ipv4Addr)> {
+    let Some(i) = text.find("elements = {") else {
+        return Vec::new();
+    };
+    let rest = &text[i + "elements = {".len()..];
+    let body = &rest[..rest.find('}').unwrap_or(rest.len())];
+    body.split(',')
+        .filter_map(|e| {
+            let (tap, ip) = e.split_once(" . ")?;
+            Some((
+                tap.trim().trim_matches('"').to_string(),
+                ip.trim().parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// Adds the VM to the firewall (creating the table first if need be,
+/// remembering in its comment whether forwarding was off); enables
+/// forwarding. Idempotent: adding an element that is there is no error.
+/// Callers serialise `up` and `down`.
+pub fn up(r: &GuestRules) -> Result<(), FirewallError> {
+    validate(r)?;
+    let cs = chains(&r.vm_id)?;
+    let mut script = String::new();
+    if !cs.table {
+        let was_off = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
+            .map(|v| v.trim() == "0")
+            .unwrap_or(false);
+        script.push_str(&table_script(
+            if was_off { FORWARD_WAS_OFF } else { "" },
+            r.guests,
+        ));
+        script.push_str(&foreign_accepts(&cs.dropping_forward));
+    }
+    script.push_str(&add_script(r));
+    nft(&r.vm_id, &script)?;
+    enable_ip_forward()
+}
+
+/// banger's two accepts at the top of foreign forward chains.
+fn foreign_accepts(chains: &[ChainRef]) -> String {
+    let mut s = String::new();
+    for c in chains {
+        for dir in ["iifname", "oifname"] {
+            s.push_str(&format!(
+                "insert rule {c} {dir} \"bgtap*\" accept comment \"{FOREIGN_TAG}\"\n"
+            ));
+        }
+    }
+    s
+}
+
+/// Puts banger's accepts into foreign forward chains that drop by policy
+/// and lack them (a firewall that started after banger's table); returns
+/// the chains it fixed. Nothing to do without banger's table.
+pub fn repair_foreign() -> Result<Vec<ChainRef>, FirewallError> {
+    let cs = chains("firewall")?;
+    if !cs.table {
+        return Ok(Vec::new());
+    }
+    let mut missing = Vec::new();
+    for c in cs.dropping_forward {
+        let listing = nft_out(
+            "firewall",
+            &["-a", "list", "chain", &c.family, &c.table, &c.chain],
+            None,
+        )?;
+        if tagged_handles(&listing, FOREIGN_TAG).len() < 2 {
+            missing.push(c);
+        }
+    }
+    if !missing.is_empty() {
+        nft("firewall", &foreign_accepts(&missing))?;
+    }
+    Ok(missing)
+}
+
+/// Removes the VM from the firewall; what is already gone counts as
+/// removed. When no VM is left, the table goes too (with banger's accepts
+/// in foreign chains), and forwarding is switched back off if banger
+/// switched it on and nothing else forwards (another table hooked at
+/// forward or NAT: Docker, libvirt, the host's own firewall).
+pub fn down(r: &GuestRules) -> Result<(), FirewallError> {
+    validate(r)?;
+    let cs = chains(&r.vm_id)?;
+    if !cs.table {
+        return Ok(());
+    }
+    let cmds = delete_commands(r);
+    if nft(&r.vm_id, &cmds.concat()).is_err() {
+        // Some element was gone already (a half-done up, a repeated
+        // down): one at a time, the missing ones skipped.
+        for c in &cmds {
+            match nft(&r.vm_id, c) {
+                Err(FirewallError::Nft {
+                    source: CmdError::Failed { ref stderr, .. },
+                    ..
+                }) if stderr.contains("No such file") || stderr.contains("not exist") => {}
+                other => other?,
+            }
+        }
+    }
+    let guests = nft_out(&r.vm_id, &["list", "set", "inet", TABLE, "guests"], None)?;
+    if !parse_guests(&guests).is_empty() {
+        return Ok(()); // other VMs remain
+    }
+    let table = nft_out(&r.vm_id, &["list", "table", "inet", TABLE], None)?;
+    let was_off = table.contains(&format!("comment \"{FORWARD_WAS_OFF}\""));
+    let mut script = String::new();
+    for c in &cs.dropping_forward {
+        let listing = nft_out(
+            &r.vm_id,
+            &["-a", "list", "chain", &c.family, &c.table, &c.chain],
+            None,
+        )?;
+        for h in tagged_handles(&listing, FOREIGN_TAG) {
+            script.push_str(&format!("delete rule {c} handle {h}\n"));
+        }
+    }
+    // Forwarding first: the table's comment is the only record that it
+    // was off, so a crash between the two steps must leave the table (the
+    // next `down` finishes) rather than forwarding on.
+    if was_off && cs.other_forwarders.is_empty() {
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "0").map_err(FirewallError::Forward)?;
+    }
+    script.push_str(&format!("delete table inet {TABLE}\n"));
+    nft(&r.vm_id, &script)
+}
+
+/// Removes what an older banger (rules tagged `banger:<vm id>` in a table
+/// `ip banger`) left for a VM, and that table once it holds no VM's rule.
+pub fn down_legacy(vm_id: &str) -> Result<(), FirewallError> {
+    check_id(vm_id)?;
+    let tables = nft_out(vm_id, &["list", "tables"], None)?;
+    if !tables
+        .lines()
+        .any(|l| l.trim() == format!("table ip {TABLE}"))
+    {
+        return Ok(());
+    }
+    let listing = nft_out(vm_id, &["-a", "list", "table", "ip", TABLE], None)?;
+    let mut script = String::new();
+    let mut chain = String::new();
+    let mut others = 0;
+    for line in listing.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("chain ") {
+            chain = rest.split_whitespace().next().unwrap_or("").to_string();
+        } else if let Some((body, h)) = line.rsplit_once("# handle ") {
+            if body.contains(&format!("comment \"banger:{vm_id}\"")) {
+                script.push_str(&format!(
+                    "delete rule ip {TABLE} {chain} handle {}\n",
+                    h.trim()
+                ));
+            } else if body.contains("comment \"banger:") {
+                others += 1;
+            }
+        }
+    }
+    if others == 0 {
+        script = format!("delete table ip {TABLE}\n");
+    }
+    nft(vm_id, &script)
 }
 
 #[cfg(test)]
@@ -467,7 +550,7 @@ mod tests {
             vm_id: "abc".into(),
             tap: "bgtap0".into(),
             guest_ip: Ipv4Addr::new(172, 30, 0, 6),
-            uplink: Some("eth0".into()),
+            outside: true,
             allow: vec!["10.1.0.0/16".parse().unwrap()],
             dns: vec![Ipv4Addr::new(192, 168, 1, 1)],
             guests: "172.30.0.0/16".parse().unwrap(),
@@ -488,112 +571,166 @@ mod tests {
     }
 
     #[test]
-    fn a_vms_rules_are_tagged_and_complete() {
+    fn a_vm_is_set_elements_and_the_rules_are_fixed() {
         let r = rules();
-        let s = vm_script(&r, &[]);
-        assert_eq!(
-            s.matches("comment \"banger:abc\"").count(),
-            expected_rules(&r, 0)
-        );
+        let add = add_script(&r);
         assert!(
-            s.contains("iifname \"bgtap0\" ip saddr != 172.30.0.6 drop"),
-            "{s}"
+            add.contains("add element inet banger guests { \"bgtap0\" . 172.30.0.6 }"),
+            "{add}"
         );
-        assert!(s.contains("ip daddr 192.168.1.1 meta l4proto { tcp, udp } th dport 53 accept"));
-        assert!(s.contains("ip daddr 10.1.0.0/16 accept"));
-        assert!(s.contains("169.254.0.0/16") && s.contains("172.16.0.0/12"));
-        assert!(s.contains("oifname \"eth0\" accept"));
-        assert!(s.contains("ip saddr 172.30.0.6 oifname != \"bgtap*\" masquerade"));
-        // The allow and DNS accepts come before the block.
-        assert!(s.find("10.1.0.0/16 accept").unwrap() < s.find("169.254.0.0/16").unwrap());
+        assert!(add.contains("add element inet banger outside { \"bgtap0\" }"));
+        assert!(add.contains("add element inet banger allow { \"bgtap0\" . 10.1.0.0/16 }"));
+        assert!(add.contains("add element inet banger dns { 192.168.1.1 }"));
+        assert!(!add.contains("add rule"), "no rule per VM: {add}");
+        let del = delete_commands(&r);
+        assert_eq!(del.len(), 3);
+        assert!(del
+            .iter()
+            .all(|c| c.starts_with("delete element inet banger ")));
 
         let none = GuestRules {
-            uplink: None,
+            outside: false,
             allow: vec![],
-            dns: vec![],
             ..r.clone()
         };
-        let s = vm_script(&none, &[]);
+        let add = add_script(&none);
         assert!(
-            !s.contains("oifname \"eth0\""),
-            "--net none: no way out: {s}"
+            !add.contains("outside") && !add.contains("dns"),
+            "--net none: {add}"
         );
-        assert_eq!(s.matches("comment").count(), expected_rules(&none, 0));
 
-        // A guest subnet outside the private ranges is blocked explicitly.
-        let odd = GuestRules {
-            guests: "198.19.0.0/16".parse().unwrap(),
-            ..r.clone()
-        };
-        assert!(vm_script(&odd, &[]).contains("198.19.0.0/16"));
+        let t = table_script(FORWARD_WAS_OFF, "198.19.0.0/16".parse().unwrap());
+        assert!(t.contains("comment \"banger: ip_forward was 0\""));
+        assert!(
+            t.contains("iifname . ip saddr != @guests drop"),
+            "anti-spoofing: {t}"
+        );
+        assert!(t.contains("169.254.0.0/16") && t.contains("172.16.0.0/12"));
+        assert!(
+            t.contains("198.19.0.0/16"),
+            "the guests' own subnet is blocked"
+        );
+        // The allow and DNS accepts come before the block, the way out after.
+        let (dns, allow, block, out) = (
+            t.find("@dns").unwrap(),
+            t.find("@allow accept").unwrap(),
+            t.find("@blocked drop").unwrap(),
+            t.find("iifname @outside oifname").unwrap(),
+        );
+        assert!(dns < block && allow < block && block < out, "{t}");
+        assert!(
+            t.contains("iifname \"bgtap*\" drop"),
+            "nothing reaches the host"
+        );
 
         let docker = ChainRef {
             family: "ip".into(),
             table: "filter".into(),
             chain: "FORWARD".into(),
         };
-        let s = vm_script(&r, std::slice::from_ref(&docker));
-        assert!(s.contains(
-            "insert rule ip filter FORWARD iifname \"bgtap0\" accept comment \"banger:abc\""
+        let f = foreign_accepts(std::slice::from_ref(&docker));
+        assert!(f.contains(
+            "insert rule ip filter FORWARD iifname \"bgtap*\" accept comment \"banger\""
         ));
-        assert!(s.contains(
-            "insert rule ip filter FORWARD oifname \"bgtap0\" accept comment \"banger:abc\""
+        assert!(f.contains(
+            "insert rule ip filter FORWARD oifname \"bgtap*\" accept comment \"banger\""
         ));
-        assert_eq!(
-            s.matches("comment \"banger:abc\"").count(),
-            expected_rules(&r, 1)
-        );
-        assert!(table_script(FORWARD_WAS_OFF).contains("comment \"banger: ip_forward was 0\""));
+    }
+
+    /// The real nft, in a network namespace private to the test's thread:
+    /// the table is accepted, VMs come and go as elements, up and down are
+    /// idempotent, a foreign dropping chain gets banger's accepts (and
+    /// loses them with the last VM), ip_forward is restored.
+    #[test]
+    fn real_nft_takes_the_table_and_its_elements() {
+        std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("unshare(CLONE_NEWNET): the tests run as root");
+            let docker = "table ip filter {\n\tchain FORWARD {\n\t\ttype filter hook forward priority filter; policy drop;\n\t}\n}\n";
+            nft("test", docker).unwrap();
+            let a = rules();
+            let b = GuestRules {
+                vm_id: "def".into(),
+                tap: "bgtap1".into(),
+                guest_ip: Ipv4Addr::new(172, 30, 0, 10),
+                outside: false,
+                allow: vec![],
+                ..rules()
+            };
+            up(&a).unwrap();
+            up(&a).unwrap();
+            up(&b).unwrap();
+            let mut p = present().unwrap();
+            p.sort();
+            assert_eq!(p, vec![("bgtap0".into(), a.guest_ip), ("bgtap1".into(), b.guest_ip)]);
+            assert_eq!(repair_foreign().unwrap(), vec![], "accepts already there");
+            let fwd = |_: ()| std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap();
+            assert_eq!(fwd(()).trim(), "1");
+            down(&a).unwrap();
+            down(&a).unwrap();
+            assert_eq!(present().unwrap(), vec![("bgtap1".into(), b.guest_ip)]);
+            down(&b).unwrap();
+            assert!(present().unwrap().is_empty());
+            let listing = nft_out("test", &["-a", "list", "ruleset"], None).unwrap();
+            assert!(!listing.contains("banger"), "{listing}");
+            // Another table forwards (Docker's): forwarding is left on.
+            assert_eq!(fwd(()).trim(), "1");
+            nft("test", "delete table ip filter\n").unwrap();
+            std::fs::write("/proc/sys/net/ipv4/ip_forward", "0").unwrap();
+            up(&a).unwrap();
+            down(&a).unwrap();
+            assert_eq!(fwd(()).trim(), "0", "banger turned it on, nobody else forwards");
+            down(&a).unwrap();
+        })
+        .join()
+        .expect("firewall test thread");
     }
 
     #[test]
-    fn parses_the_ruleset() {
-        let text = "table ip filter { # handle 3\n\
-            \tset blocked { # handle 9\n\
-            \t\ttype ipv4_addr\n\
-            \t\telements = { 10.0.0.1, 10.0.0.2,\n\
-            \t\t\t     10.0.0.3 }\n\
-            \t}\n\
-            \tchain FORWARD { # handle 1\n\
+    fn parses_chains_elements_and_tagged_rules() {
+        let text = "table ip filter {\n\
+            \tchain FORWARD {\n\
             \t\ttype filter hook forward priority filter; policy drop;\n\
-            \t\tiifname \"bgtap0\" accept comment \"banger:abc\" # handle 12\n\
-            \t\tcounter packets 0 bytes 0 jump DOCKER-USER # handle 4\n\
             \t}\n\
             }\n\
-            table inet banger { # handle 5\n\
-            \tcomment \"banger: ip_forward was 0\"\n\
-            \tchain from_guest { # handle 2\n\
-            \t\tmeta nfproto != ipv4 drop # handle 6\n\
-            \t\tiifname \"bgtap0\" ip saddr != 172.30.0.6 drop comment \"banger:abc\" # handle 7\n\
-            \t\tiifname \"bgtap1\" oifname \"up0\" accept comment \"banger:other\" # handle 8\n\
+            table inet banger {\n\
+            \tchain from_guest {\n\
             \t}\n\
-            \tchain postrouting { # handle 3\n\
+            \tchain postrouting {\n\
             \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
             \t}\n\
             }\n\
-            table ip nat { # handle 8\n\
-            \tchain POSTROUTING { # handle 1\n\
+            table ip nat {\n\
+            \tchain POSTROUTING {\n\
             \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
             \t}\n\
             }\n";
-        let rs = parse_ruleset(text);
-        assert!(rs.table);
-        assert_eq!(rs.comment.as_deref(), Some(FORWARD_WAS_OFF));
-        let forward = ChainRef {
-            family: "ip".into(),
-            table: "filter".into(),
-            chain: "FORWARD".into(),
-        };
-        assert_eq!(rs.dropping_forward, vec![forward.clone()]);
-        assert_eq!(rs.other_forwarders.len(), 2, "{:?}", rs.other_forwarders);
-        let mine = rs.tagged("abc");
-        assert_eq!(mine.len(), 2);
-        assert_eq!(mine[0], (forward, 12));
-        assert_eq!(mine[1].1, 7);
-        assert_eq!(rs.tagged("other").len(), 1);
-        assert_eq!(rs.vm_rules_in_table(), 2);
-        assert_eq!(rs.rules.len(), 5, "{:?}", rs.rules);
-        assert_eq!(parse_ruleset(""), Ruleset::default());
+        let cs = parse_chains(text);
+        assert!(cs.table);
+        assert_eq!(cs.dropping_forward.len(), 1);
+        assert_eq!(cs.dropping_forward[0].to_string(), "ip filter FORWARD");
+        assert_eq!(cs.other_forwarders.len(), 2, "{:?}", cs.other_forwarders);
+        assert_eq!(parse_chains(""), Chains::default());
+
+        let set = "table inet banger {\n\tset guests {\n\t\ttype ifname . ipv4_addr\n\
+                   \t\telements = { \"bgtap0\" . 172.30.0.6,\n\t\t\t     \"bgtap1\" . 172.30.0.10 }\n\t}\n}\n";
+        assert_eq!(
+            parse_guests(set),
+            vec![
+                ("bgtap0".to_string(), Ipv4Addr::new(172, 30, 0, 6)),
+                ("bgtap1".to_string(), Ipv4Addr::new(172, 30, 0, 10))
+            ]
+        );
+        assert!(
+            parse_guests("table inet banger { set guests { type ifname . ipv4_addr } }").is_empty()
+        );
+
+        let chain = "table ip filter {\n\tchain FORWARD { # handle 1\n\
+            \t\toifname \"bgtap*\" accept comment \"banger\" # handle 9\n\
+            \t\tiifname \"bgtap*\" accept comment \"banger\" # handle 8\n\
+            \t\tcounter packets 0 bytes 0 jump DOCKER-USER # handle 4\n\
+            \t\taccept comment \"bangers and mash\" # handle 5\n\t}\n}\n";
+        assert_eq!(tagged_handles(chain, "banger"), vec![9, 8]);
         assert!(check_ifname("eth0").is_ok());
         assert!(check_ifname("a\"b").is_err());
         assert!(check_id("0af3-x").is_ok());

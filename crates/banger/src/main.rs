@@ -8,7 +8,7 @@ mod vm;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
-use anyhow::{anyhow, bail};
+use anyhow::bail;
 use banger_core::api::{Event, Request, Response};
 use banger_core::layout::{RUNTIME_DIR_ENV, STATE_DIR_ENV};
 use banger_core::net::Cidr;
@@ -211,9 +211,9 @@ enum FirewallCmd {
         tap: String,
         #[arg(long)]
         guest_ip: Ipv4Addr,
-        /// Uplink interface (default: the default route's).
+        /// No way out (`--net none`).
         #[arg(long)]
-        uplink: Option<String>,
+        no_outside: bool,
         /// Ranges the guest may reach despite the isolation.
         #[arg(long = "allow-net")]
         allow: Vec<Cidr>,
@@ -224,6 +224,12 @@ enum FirewallCmd {
     Down {
         #[arg(long)]
         id: String,
+        #[arg(long)]
+        tap: String,
+        #[arg(long)]
+        guest_ip: Ipv4Addr,
+        #[arg(long = "allow-net")]
+        allow: Vec<Cidr>,
     },
 }
 
@@ -308,30 +314,38 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Cmd::Internal(InternalCmd::Firewall(f)) => {
-            use banger_host::firewall;
+            use banger_host::firewall::{self, GuestRules};
             match f {
                 FirewallCmd::Up {
                     id,
                     tap,
                     guest_ip,
-                    uplink,
+                    no_outside,
                     allow,
                     guests,
-                } => {
-                    let uplink = uplink
-                        .or_else(firewall::default_uplink)
-                        .ok_or_else(|| anyhow!("no default route: pass --uplink"))?;
-                    firewall::up(&firewall::GuestRules {
-                        vm_id: id,
-                        tap,
-                        guest_ip,
-                        uplink: Some(uplink),
-                        allow,
-                        dns: Vec::new(),
-                        guests,
-                    })?
-                }
-                FirewallCmd::Down { id } => firewall::down(&id)?,
+                } => firewall::up(&GuestRules {
+                    vm_id: id,
+                    tap,
+                    guest_ip,
+                    outside: !no_outside,
+                    allow,
+                    dns: Vec::new(),
+                    guests,
+                })?,
+                FirewallCmd::Down {
+                    id,
+                    tap,
+                    guest_ip,
+                    allow,
+                } => firewall::down(&GuestRules {
+                    vm_id: id,
+                    tap,
+                    guest_ip,
+                    outside: true,
+                    allow,
+                    dns: Vec::new(),
+                    guests: banger_core::net::Subnet::default().cidr(),
+                })?,
             }
             Ok(0)
         }

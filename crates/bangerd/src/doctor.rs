@@ -94,17 +94,10 @@ pub fn checks(d: &Daemon) -> Vec<Check> {
             )
         },
     ));
-    match std::process::Command::new("nft")
-        .args(["list", "ruleset"])
-        .output()
-    {
-        Ok(out) if out.status.success() => {
-            let rs = firewall::parse_ruleset(&String::from_utf8_lossy(&out.stdout));
-            let dropping: Vec<String> = rs
-                .dropping_forward
-                .iter()
-                .map(|c| format!("{} {} {}", c.family, c.table, c.chain))
-                .collect();
+    match cmd::run_with("nft", ["list", "chains"], None, firewall::NFT_TIMEOUT) {
+        Ok(out) => {
+            let rs = firewall::parse_chains(&out);
+            let dropping: Vec<String> = rs.dropping_forward.iter().map(|c| c.to_string()).collect();
             v.push(check(
                 "host firewall",
                 true,
@@ -113,13 +106,13 @@ pub fn checks(d: &Daemon) -> Vec<Check> {
                 } else {
                     format!(
                         "{} drop forwarded traffic by policy (Docker does): banger adds two \
-                         accepts per VM at their top, tagged banger:<vm id>",
+                         accepts for its taps at their top, tagged banger",
                         dropping.join(", ")
                     )
                 },
             ));
         }
-        _ => v.push(check(
+        Err(_) => v.push(check(
             "host firewall",
             false,
             "cannot list the nftables ruleset: run scripts/install-deps.sh (nftables)",

@@ -430,13 +430,16 @@ impl Instance {
         ok(&self.banger(&["daemon", "settle"]), "daemon settle");
     }
 
-    /// How many rules the VM `id` has (tagged `banger:<id>`) in the
-    /// daemon's namespace.
-    pub fn vm_rules(&self, id: &str) -> usize {
-        self.net
-            .ruleset()
-            .matches(&format!("comment \"banger:{id}\""))
-            .count()
+    /// Whether the guest address `ip` is in banger's firewall (its
+    /// `guests` set) in the daemon's namespace.
+    pub fn in_firewall(&self, ip: &str) -> bool {
+        let rules = self.net.ruleset();
+        let Some(i) = rules.find("set guests {") else {
+            return false;
+        };
+        let set = &rules[i..];
+        let set = &set[..set.find('}').unwrap_or(set.len())];
+        set.contains(&format!("\" . {ip}"))
     }
 
     /// `vm ls --json`.
@@ -478,20 +481,6 @@ impl Instance {
         );
         assert!(self.vms().is_empty(), "rows left: {:?}", self.vms());
     }
-}
-
-/// The rules a default VM gets (see `banger_host::firewall::vm_script`):
-/// anti-spoofing, the block of the host's ranges, the way out, NAT, and
-/// one DNS accept per resolver of the daemon's /etc/resolv.conf.
-pub fn rules_per_vm() -> usize {
-    let resolvers = std::fs::read_to_string("/etc/resolv.conf")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("nameserver"))
-        .filter_map(|v| v.trim().parse::<std::net::Ipv4Addr>().ok())
-        .filter(|ip| !ip.is_loopback())
-        .count();
-    4 + resolvers
 }
 
 pub fn text(b: &[u8]) -> String {

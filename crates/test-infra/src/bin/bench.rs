@@ -240,7 +240,7 @@ fn network_bench(table: &mut String, iters: usize, present: u32) {
         vm_id: format!("bench{i}"),
         tap: tap.to_string(),
         guest_ip: subnet.slot(i).guest_ip,
-        uplink: Some("uplink0".into()),
+        outside: true,
         allow: Vec::new(),
         dns: Vec::new(),
         guests: subnet.cidr(),
@@ -255,7 +255,7 @@ fn network_bench(table: &mut String, iters: usize, present: u32) {
             firewall::up(&rules(i, &name)).expect("firewall up");
             up.push(ms(t));
             let t = Instant::now();
-            firewall::down(&rules(i, &name).vm_id).expect("firewall down");
+            firewall::down(&rules(i, &name)).expect("firewall down");
             tap::delete(&name).expect("tap delete");
             down.push(ms(t));
         }
@@ -274,7 +274,7 @@ fn network_bench(table: &mut String, iters: usize, present: u32) {
             }
             let (b_up, b_down) = measure(2000);
             for (i, name) in others {
-                firewall::down(&rules(i, &name).vm_id).expect("firewall down");
+                firewall::down(&rules(i, &name)).expect("firewall down");
                 tap::delete(&name).expect("tap delete");
             }
             (a_up, a_down, b_up, b_down)
@@ -283,7 +283,12 @@ fn network_bench(table: &mut String, iters: usize, present: u32) {
         .expect("network bench thread")
     });
     row(table, "network setup (tap + firewall), alone", &a_up, "ms");
-    row(table, "network teardown (firewall + tap), alone", &a_down, "ms");
+    row(
+        table,
+        "network teardown (firewall + tap), alone",
+        &a_down,
+        "ms",
+    );
     row(
         table,
         &format!("network setup, {present} other VMs' rules present"),
