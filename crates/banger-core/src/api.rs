@@ -69,6 +69,16 @@ pub enum Request {
     },
     /// The daemon's pid, version, uptime, VMs by state, pending releases.
     DaemonStatus,
+    /// Publishes a host port to a guest port (at once if the VM runs).
+    VmPortAdd {
+        name: String,
+        port: crate::net::PortMap,
+    },
+    /// Unpublishes the host port `host` (`ADDR:PORT/PROTO` or `PORT`).
+    VmPortRm {
+        name: String,
+        host: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -63,6 +63,8 @@ pub struct NetPolicy {
     /// Ranges reachable despite the isolation (`--allow-net`), e.g. a LAN
     /// service the guest needs.
     pub allow: Vec<crate::net::Cidr>,
+    /// Host ports that reach guest ports (`-p`, `vm port add|rm`).
+    pub ports: Vec<crate::net::PortMap>,
 }
 
 /// Stop conditions the stats poller enforces, through the same path as

@@ -17,6 +17,8 @@ pub enum NetError {
     BadCidr(String),
     #[error("{0}: the host bits are set; the network is {1}")]
     HostBits(String, Cidr),
+    #[error("{0:?} is not a port mapping: write [ADDR:]HOST:GUEST[/udp], e.g. 8080:80 or 127.0.0.1:5353:53/udp (ports 1-65535)")]
+    BadPort(String),
     #[error("guest subnet {0} is too small: use a prefix of /28 or shorter")]
     SubnetTooSmall(Cidr),
     #[error("no free guest address left in {0}/{1}: delete unused VMs")]
@@ -98,6 +100,97 @@ impl TryFrom<String> for Cidr {
 impl From<Cidr> for String {
     fn from(c: Cidr) -> String {
         c.to_string()
+    }
+}
+
+/// A published port's transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl std::fmt::Display for Proto {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        })
+    }
+}
+
+/// A published port: a host address and port that reach a guest port
+/// (`-p [ADDR:]HOST:GUEST[/udp]`, docker's syntax). The host address
+/// defaults to 127.0.0.1: a port is published to the host, not its LAN,
+/// unless the user names an address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PortMap {
+    pub host_addr: Ipv4Addr,
+    pub host_port: u16,
+    pub guest_port: u16,
+    pub proto: Proto,
+}
+
+impl PortMap {
+    /// The host side, as `port rm` names it: `127.0.0.1:8080/tcp`.
+    pub fn host_side(&self) -> String {
+        format!("{}:{}/{}", self.host_addr, self.host_port, self.proto)
+    }
+}
+
+impl std::fmt::Display for PortMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}/{}",
+            self.host_addr, self.host_port, self.guest_port, self.proto
+        )
+    }
+}
+
+impl std::str::FromStr for PortMap {
+    type Err = NetError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || NetError::BadPort(s.to_string());
+        let (spec, proto) = match s.rsplit_once('/') {
+            Some((spec, "tcp")) => (spec, Proto::Tcp),
+            Some((spec, "udp")) => (spec, Proto::Udp),
+            Some(_) => return Err(bad()),
+            None => (s, Proto::Tcp),
+        };
+        let parts: Vec<&str> = spec.split(':').collect();
+        let (addr, host, guest) = match parts.as_slice() {
+            [h, g] => (Ipv4Addr::LOCALHOST, *h, *g),
+            [a, h, g] => (a.parse().map_err(|_| bad())?, *h, *g),
+            _ => return Err(bad()),
+        };
+        let port = |p: &str| -> Result<u16, NetError> {
+            if p.is_empty() || p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(bad());
+            }
+            p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(bad)
+        };
+        Ok(PortMap {
+            host_addr: addr,
+            host_port: port(host)?,
+            guest_port: port(guest)?,
+            proto,
+        })
+    }
+}
+
+impl TryFrom<String> for PortMap {
+    type Error = NetError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<PortMap> for String {
+    fn from(p: PortMap) -> String {
+        p.to_string()
     }
 }
 
@@ -231,6 +324,36 @@ mod tests {
         assert!(serde_json::from_str::<Cidr>("\"10.1.0.1/16\"").is_err());
         assert!(Subnet::from_cidr("10.9.0.0/29".parse().unwrap()).is_err());
         assert_eq!(Subnet::from_cidr(c).unwrap().cidr(), c);
+    }
+
+    #[test]
+    fn port_maps_read_like_dockers() {
+        let p: PortMap = "8080:80".parse().unwrap();
+        assert_eq!(p.host_addr, Ipv4Addr::LOCALHOST);
+        assert_eq!((p.host_port, p.guest_port, p.proto), (8080, 80, Proto::Tcp));
+        assert_eq!(p.to_string(), "127.0.0.1:8080:80/tcp");
+        assert_eq!(p.host_side(), "127.0.0.1:8080/tcp");
+        let u: PortMap = "0.0.0.0:5353:53/udp".parse().unwrap();
+        assert_eq!(u.proto, Proto::Udp);
+        assert_eq!(u.host_addr, Ipv4Addr::UNSPECIFIED);
+        assert_eq!(u.to_string().parse::<PortMap>().unwrap(), u);
+        for bad in [
+            "80",
+            "0:80",
+            "8080:0",
+            "70000:80",
+            "a:80",
+            "8080:80/sctp",
+            "1.2.3:80:80",
+            ":80",
+            "8080:+80",
+            "1:2:3:4",
+        ] {
+            let e = bad.parse::<PortMap>().unwrap_err().to_string();
+            assert!(e.contains("not a port mapping"), "{bad}: {e}");
+        }
+        let j = serde_json::to_string(&p).unwrap();
+        assert_eq!(serde_json::from_str::<PortMap>(&j).unwrap(), p);
     }
 
     #[test]

@@ -185,6 +185,16 @@ impl Store {
         }
     }
 
+    /// A VM's spec changes only where the user asks (published ports).
+    pub fn update_spec(&self, id: &str, spec: &VmSpec) -> Result<(), StoreError> {
+        let spec = serde_json::to_string(spec).map_err(json_err(id))?;
+        self.conn.execute(
+            "UPDATE vms SET spec_json = ?2, updated_at = ?3 WHERE id = ?1",
+            params![id, spec, banger_core::unix_now()],
+        )?;
+        Ok(())
+    }
+
     pub fn update_runtime(&self, id: &str, rt: &VmRuntime) -> Result<(), StoreError> {
         let rt = serde_json::to_string(rt).map_err(json_err(id))?;
         self.conn.execute(

@@ -89,6 +89,10 @@ pub struct CreateFlags {
     /// service: 192.168.1.0/24 (repeatable).
     #[arg(long = "allow-net", value_name = "CIDR")]
     allow_net: Vec<Cidr>,
+    /// Publish a guest port on the host: [ADDR:]HOST:GUEST[/udp]; ADDR
+    /// defaults to 127.0.0.1 (repeatable).
+    #[arg(short = 'p', long = "publish", value_name = "PORTS")]
+    publish: Vec<banger_core::net::PortMap>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -150,6 +154,9 @@ pub enum VmCmd {
         #[arg(short, long)]
         follow: bool,
     },
+    /// Published ports: add, remove, list.
+    #[command(subcommand)]
+    Port(PortCmd),
     /// CPU, memory, disk and network of running VMs (sampled every few
     /// seconds by the daemon).
     Stats {
@@ -159,6 +166,24 @@ pub enum VmCmd {
         /// Print again at each new sample, until interrupted.
         #[arg(long)]
         watch: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PortCmd {
+    /// Publish a guest port: [ADDR:]HOST:GUEST[/udp] (at once if the VM
+    /// runs).
+    Add {
+        name: String,
+        port: banger_core::net::PortMap,
+    },
+    /// Stop publishing a host port: PORT, ADDR:PORT or ADDR:PORT/PROTO.
+    Rm { name: String, host: String },
+    /// The VM's published ports.
+    Ls {
+        name: String,
+        #[arg(long)]
+        json: bool,
     },
 }
 

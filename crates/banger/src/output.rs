@@ -91,6 +91,22 @@ pub fn print_vm(v: &VmInfo) {
     if let Some(t) = v.auto_stop.idle_secs {
         row("idle stop", format_secs(t));
     }
+    if v.net.none {
+        row("network", "none".into());
+    }
+    if !v.net.allow.is_empty() {
+        let a: Vec<String> = v.net.allow.iter().map(|c| c.to_string()).collect();
+        row("allow-net", a.join(", "));
+    }
+    if !v.net.ports.is_empty() {
+        let p: Vec<String> = v
+            .net
+            .ports
+            .iter()
+            .map(|p| format!("{} -> {}/{}", p.host_side(), p.guest_port, p.proto))
+            .collect();
+        row("ports", p.join(", "));
+    }
     row("age", age(v.created_at));
     row("dir", v.vm_dir.display().to_string());
     if let Some(e) = &v.last_error {
@@ -130,6 +146,18 @@ pub fn print_stats(stats: &[VmStats]) {
             bytes(s.net_tx_bytes),
             format_secs(s.uptime_secs),
             format_secs(s.idle_secs)
+        );
+    }
+}
+
+pub fn print_ports(ports: &[banger_core::net::PortMap]) {
+    println!("{:<22} {:>5}  PROTO", "HOST", "GUEST");
+    for p in ports {
+        println!(
+            "{:<22} {:>5}  {}",
+            format!("{}:{}", p.host_addr, p.host_port),
+            p.guest_port,
+            p.proto
         );
     }
 }

@@ -12,8 +12,8 @@ use banger_core::sizing::{parse_size_mib, SizeRequest};
 use banger_core::{AutoStop, VmState};
 
 use crate::client::Client;
-use crate::output::{emit, print_stats, print_timings, print_vm, print_vms};
-use crate::{progress, ssh, CreateFlags, VmCmd};
+use crate::output::{emit, print_ports, print_stats, print_timings, print_vm, print_vms};
+use crate::{progress, ssh, CreateFlags, PortCmd, VmCmd};
 
 fn create_request(f: &CreateFlags, start: bool, rm: bool) -> anyhow::Result<CreateVm> {
     if let Some(n) = &f.name {
@@ -58,6 +58,7 @@ fn create_request(f: &CreateFlags, start: bool, rm: bool) -> anyhow::Result<Crea
         net: banger_core::NetPolicy {
             none: f.net == crate::NetMode::None,
             allow: f.allow_net.clone(),
+            ports: f.publish.clone(),
         },
     })
 }
@@ -135,6 +136,16 @@ pub fn run(client: &Client, cmd: VmCmd) -> anyhow::Result<i32> {
             let tty = command.is_empty() && std::io::stdin().is_terminal();
             let err = ssh_command(&vm, &command, tty)?.exec();
             Err(err).context("exec ssh")
+        }
+        VmCmd::Port(PortCmd::Add { name, port }) => {
+            vm_action(client, Request::VmPortAdd { name, port })
+        }
+        VmCmd::Port(PortCmd::Rm { name, host }) => {
+            vm_action(client, Request::VmPortRm { name, host })
+        }
+        VmCmd::Port(PortCmd::Ls { name, json }) => {
+            let vm = expect_vm(client.call(Request::VmGet { name }, &mut progress)?)?;
+            emit(json, &vm.net.ports, print_ports)
         }
         VmCmd::Logs { name, follow } => {
             client.call(Request::VmLogs { name, follow }, &mut progress)?;

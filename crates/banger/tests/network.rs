@@ -318,3 +318,114 @@ fn docker_forward_drop_and_a_firewall_reload() {
     sh(&net.ns, &["sysctl", "-qw", "net.ipv4.ip_forward=0"]);
     inst.assert_baseline();
 }
+
+/// `busybox wget` of `url` from the daemon's namespace (the host's side):
+/// the body, or None when it fails.
+fn host_get(inst: &Instance, url: &str) -> Option<String> {
+    let out = inst
+        .net
+        .cmd("timeout")
+        // (Bounded by `timeout`: this busybox's wget crashes on -T.)
+        .args(["10", "busybox", "wget", "-q", "-O", "-", url])
+        .output()
+        .ok()?;
+    out.status.success().then(|| text(&out.stdout))
+}
+
+/// Published ports: a host port on 127.0.0.1 reaches the guest's port;
+/// they are listed, added and removed while the VM runs, come back after a
+/// daemon crash, and go with the VM; a port in use is a clear error that
+/// changes nothing.
+#[test]
+fn published_ports_reach_the_guest_and_go_with_it() {
+    let inst = Instance::new(&banger_bin()).with_image();
+    let serve = "mkdir -p /tmp/w && echo published > /tmp/w/x && \
+                 /usr/lib/banger/busybox setsid /usr/lib/banger/busybox httpd -f -p 8000 -h /tmp/w \
+                 </dev/null >/dev/null 2>&1 &";
+    let out = inst.banger(&[
+        "vm",
+        "run",
+        "--name",
+        "p",
+        "-p",
+        "18080:8000",
+        "--",
+        "sh",
+        "-c",
+        serve,
+    ]);
+    ok(&out, "vm run -p");
+    // (The guest's server starts in the background: waited for.)
+    assert!(
+        wait_until(Duration::from_secs(20), || host_get(
+            &inst,
+            "http://127.0.0.1:18080/x"
+        )
+        .as_deref()
+            == Some("published\n")),
+        "the published port never reached the guest's server"
+    );
+    let show = ok(&inst.banger(&["vm", "show", "p"]), "vm show");
+    assert!(show.contains("127.0.0.1:18080/tcp -> 8000/tcp"), "{show}");
+
+    // A port something else holds.
+    let www = inst.dir.path().join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("s"), "squat\n").unwrap();
+    let _busy = busybox_httpd(&inst.net.ns, "127.0.0.1:18081", &www);
+    assert!(
+        wait_until(Duration::from_secs(10), || host_get(
+            &inst,
+            "http://127.0.0.1:18081/s"
+        )
+        .is_some()),
+        "the squatter never listened"
+    );
+    let out = inst.banger(&["vm", "port", "add", "p", "18081:8000"]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("127.0.0.1:18081/tcp") && err.contains("in use"),
+        "{err}"
+    );
+    let out = inst.banger(&["vm", "run", "--name", "q", "-p", "18081:80", "--", "true"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("18081"), "{out:?}");
+    assert!(inst.vm("q").is_none(), "a refused port creates nothing");
+    let ls = ok(
+        &inst.banger(&["vm", "port", "ls", "p", "--json"]),
+        "port ls",
+    );
+    assert_eq!(
+        serde_json::from_str::<Vec<String>>(&ls).unwrap(),
+        ["127.0.0.1:18080:8000/tcp"]
+    );
+
+    // Added and removed while it runs.
+    ok(
+        &inst.banger(&["vm", "port", "add", "p", "18082:8000"]),
+        "port add",
+    );
+    assert_eq!(
+        host_get(&inst, "http://127.0.0.1:18082/x").as_deref(),
+        Some("published\n")
+    );
+    ok(&inst.banger(&["vm", "port", "rm", "p", "18080"]), "port rm");
+    assert_eq!(host_get(&inst, "http://127.0.0.1:18080/x"), None);
+
+    // The daemon dies: the next one publishes the kept VM's ports again.
+    inst.kill_daemon();
+    let _ = inst.daemon_pid();
+    assert_eq!(
+        host_get(&inst, "http://127.0.0.1:18082/x").as_deref(),
+        Some("published\n")
+    );
+
+    ok(&inst.banger(&["vm", "delete", "p"]), "delete");
+    assert_eq!(
+        host_get(&inst, "http://127.0.0.1:18082/x"),
+        None,
+        "gone with the VM"
+    );
+    inst.assert_baseline();
+}

@@ -59,6 +59,8 @@ pub struct Daemon {
     pub(crate) boots: Boots,
     /// The stats poller's last samples.
     pub(crate) stats: crate::stats::Samples,
+    /// Published ports' listeners, per running VM.
+    pub(crate) forwarders: crate::resources::ports::Forwarders,
     pub(crate) started: Instant,
     qemu: Qemu,
     firecracker: Option<Firecracker>,
@@ -166,6 +168,7 @@ impl Daemon {
             initrd_cache: Mutex::new(None),
             boots: Boots::default(),
             stats: Default::default(),
+            forwarders: Default::default(),
             started: Instant::now(),
             qemu: Qemu::new(kvm),
             firecracker: cfg.firecracker.clone().map(Firecracker::new),

@@ -54,6 +54,12 @@ pub enum DaemonError {
          and cannot start again until it is gone; `banger vm kill {vm}` tries again"
     )]
     VmmSurvives { vm: String, pid: i32, state: char },
+    #[error("vm {vm:?}: host port {port} cannot be published: {reason} (something else listens there: pick another host port)")]
+    PortInUse {
+        vm: String,
+        port: String,
+        reason: String,
+    },
     #[error("the boot of vm {0:?} was cancelled")]
     Cancelled(String),
     #[error("failpoint {0} (injected by a test)")]
@@ -80,7 +86,8 @@ impl DaemonError {
             | ImageInUse { .. }
             | VmmSurvives { .. }
             | Cancelled(_)
-            | Broken { .. } => ErrorKind::Conflict,
+            | Broken { .. }
+            | PortInUse { .. } => ErrorKind::Conflict,
             Store(_) => ErrorKind::Internal,
             _ => ErrorKind::Host,
         }

@@ -58,6 +58,8 @@ impl Daemon {
         if self.store().vm_by_name(&name)?.is_some() {
             return Err(DaemonError::VmExists(name));
         }
+        // A published port in use is refused before anything exists.
+        crate::resources::ports::check_free(&name, &req.net.ports)?;
         if image_name == DEFAULT_IMAGE && self.store().image(&image_name)?.is_none() {
             events(Event::Progress {
                 message: format!("image {image_name} is not built yet: building it now"),

@@ -64,6 +64,10 @@ impl Daemon {
         if st == VmState::Running && self.vm_alive(&vm) {
             info!(vm = %vm.name, pid = ?h.pid, "reconcile: still running");
             let _ = handles::write_file(&self.cfg.layout.vm_dir(&vm.id), &h);
+            // Its published ports' listeners died with the old daemon.
+            if let Err(e) = self.open_ports(&vm) {
+                warn!(vm = %vm.name, err = %e, "reconcile: cannot publish its ports again");
+            }
             return Ok(());
         }
         info!(vm = %vm.name, "reconcile: not running; cleaning up");

@@ -213,6 +213,8 @@ fn op_name(r: &Request) -> &'static str {
         Request::VmLogs { .. } => "vm_logs",
         Request::VmStats { .. } => "vm_stats",
         Request::DaemonStatus => "daemon_status",
+        Request::VmPortAdd { .. } => "vm_port_add",
+        Request::VmPortRm { .. } => "vm_port_rm",
     }
 }
 
@@ -279,6 +281,8 @@ pub fn dispatch(
             stats: daemon.vm_stats(name.as_deref())?,
         },
         Request::DaemonStatus => Response::Status(status(daemon)?),
+        Request::VmPortAdd { name, port } => Response::Vm(Box::new(daemon.port_add(&name, port)?)),
+        Request::VmPortRm { name, host } => Response::Vm(Box::new(daemon.port_rm(&name, &host)?)),
     })
 }
 

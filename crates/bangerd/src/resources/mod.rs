@@ -32,6 +32,7 @@ pub mod address;
 pub mod firewall;
 pub mod host_key;
 pub mod initrd;
+pub mod ports;
 pub mod root_disk;
 pub mod tap;
 pub mod vm_dir;
@@ -54,6 +55,7 @@ pub const START: &[&dyn Resource] = &[
     &initrd::Initrd,
     &vmm::VmmProcess,
     &firewall::Firewall,
+    &ports::Ports,
 ];
 
 /// The module of a recorded item.
