@@ -429,3 +429,76 @@ fn published_ports_reach_the_guest_and_go_with_it() {
     );
     inst.assert_baseline();
 }
+
+/// banger's DNS: a guest resolves its own `<name>.vm` through its gateway,
+/// not another VM's; the host resolves every VM's on its loopback
+/// address; other names are forwarded to the host's resolvers, a loopback
+/// stub included (systemd-resolved's 127.0.0.53 here is a stub the test
+/// runs in the daemon's namespace: no guest could reach it directly).
+#[test]
+fn vm_names_resolve_and_other_names_are_forwarded() {
+    let inst = Instance::new(&banger_bin()).with_image();
+    let stub_addr: std::net::SocketAddr = "127.0.0.53:53".parse().unwrap();
+    let _stub = test_infra::DnsStub::start(
+        &inst.net.ns,
+        stub_addr,
+        "upstream.example",
+        std::net::Ipv4Addr::new(192, 0, 2, 7),
+    );
+    let resolv = inst.dir.path().join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 127.0.0.53\n").unwrap();
+    let out = inst
+        .banger_cmd(&["daemon", "ping"])
+        .env("BANGER_RESOLV_CONF", &resolv)
+        .output()
+        .unwrap();
+    ok(&out, "a daemon whose resolver is a loopback stub");
+    let runs = [
+        spawn(&inst, &["vm", "run", "--name", "a", "--", "true"]),
+        spawn(&inst, &["vm", "run", "--name", "b", "--", "true"]),
+    ];
+    for r in runs {
+        ok(&r.wait_with_output().unwrap(), "vm run");
+    }
+    let ip = |n: &str| {
+        inst.vm(n).unwrap()["guest_ip"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (a_ip, b_ip) = (ip("a"), ip("b"));
+    let getent = |vm: &str, name: &str| {
+        let out = inst.banger(&["vm", "ssh", vm, "--", "getent", "hosts", name]);
+        out.status.success().then(|| text(&out.stdout))
+    };
+    let own = getent("a", "a.vm").expect("a resolves itself");
+    assert!(own.starts_with(&a_ip), "{own}");
+    assert_eq!(
+        getent("a", "b.vm"),
+        None,
+        "a guest does not resolve another VM"
+    );
+    assert_eq!(getent("a", "nobody.vm"), None);
+    let fwd = getent("a", "upstream.example").expect("forwarded to the host's resolver");
+    assert!(fwd.starts_with("192.0.2.7"), "{fwd}");
+
+    // The host asks the loopback listener.
+    let lookup = |name: &str| {
+        let out = inst
+            .net
+            .cmd("busybox")
+            .args(["nslookup", name, "127.0.0.153"])
+            .output()
+            .unwrap();
+        text(&out.stdout)
+    };
+    assert!(lookup("a.vm").contains(&a_ip), "{}", lookup("a.vm"));
+    assert!(lookup("b.vm").contains(&b_ip), "{}", lookup("b.vm"));
+
+    // A stopped VM's name goes with its listener; a deleted VM's name
+    // stops resolving.
+    ok(&inst.banger(&["vm", "delete", "b"]), "delete b");
+    assert!(!lookup("b.vm").contains(&b_ip));
+    ok(&inst.banger(&["vm", "delete", "a"]), "delete a");
+    inst.assert_baseline();
+}

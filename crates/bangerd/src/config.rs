@@ -32,6 +32,12 @@ pub struct Config {
     /// The console log is rotated past this size (one older file is kept),
     /// so a guest cannot fill the host's disk.
     pub console_max_bytes: u64,
+    /// VMs are named `<name>.<dns_suffix>` in banger's DNS.
+    pub dns_suffix: String,
+    /// Where the host answers banger's DNS (none: not at all).
+    pub dns_listen: Option<std::net::SocketAddr>,
+    /// The resolv.conf whose nameservers banger forwards other names to.
+    pub resolv_conf: PathBuf,
 }
 
 impl Config {
@@ -47,6 +53,9 @@ impl Config {
             stats_interval: Duration::from_secs(2),
             idle_cpu_percent: 5.0,
             console_max_bytes: 1 << 20,
+            dns_suffix: "vm".into(),
+            dns_listen: None,
+            resolv_conf: PathBuf::from("/etc/resolv.conf"),
         }
     }
 }

@@ -3,6 +3,7 @@
 //! What requests do lives in `lifecycle` (VMs), `images`, `releases`,
 //! `reconcile` and `stats`; what a VM holds lives in `resources`.
 
+use std::collections::HashMap;
 use std::io::Read;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -61,6 +62,11 @@ pub struct Daemon {
     pub(crate) stats: crate::stats::Samples,
     /// Published ports' listeners, per running VM.
     pub(crate) forwarders: crate::resources::ports::Forwarders,
+    /// DNS listeners on running VMs' gateways, and the host's.
+    pub(crate) dns_listeners: Mutex<HashMap<String, crate::dns::Listener>>,
+    pub(crate) host_dns: Mutex<Option<crate::dns::Listener>>,
+    /// This daemon, for the threads it starts (set by `lib::open`).
+    me: std::sync::OnceLock<std::sync::Weak<Daemon>>,
     pub(crate) started: Instant,
     qemu: Qemu,
     firecracker: Option<Firecracker>,
@@ -169,6 +175,9 @@ impl Daemon {
             boots: Boots::default(),
             stats: Default::default(),
             forwarders: Default::default(),
+            dns_listeners: Default::default(),
+            host_dns: Default::default(),
+            me: Default::default(),
             started: Instant::now(),
             qemu: Qemu::new(kvm),
             firecracker: cfg.firecracker.clone().map(Firecracker::new),
@@ -177,6 +186,16 @@ impl Daemon {
         };
         d.index_images()?;
         Ok(d)
+    }
+
+    /// Called once the daemon is in its `Arc`.
+    pub fn set_self(&self, me: std::sync::Weak<Daemon>) {
+        let _ = self.me.set(me);
+    }
+
+    /// A weak handle on this daemon (dangling before `set_self`).
+    pub fn weak(&self) -> std::sync::Weak<Daemon> {
+        self.me.get().cloned().unwrap_or_default()
     }
 
     pub fn store(&self) -> MutexGuard<'_, Store> {

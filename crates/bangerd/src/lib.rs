@@ -8,6 +8,7 @@ pub mod cancel;
 pub mod config;
 pub mod console;
 pub mod daemon;
+pub mod dns;
 pub mod doctor;
 pub mod error;
 pub mod failpoint;
@@ -47,6 +48,7 @@ pub fn run(
 /// daemon is able to answer, so that the socket appears only once it can.
 pub fn open(cfg: Config) -> Result<Arc<Daemon>, DaemonError> {
     let daemon = Arc::new(Daemon::open(cfg)?);
+    daemon.set_self(Arc::downgrade(&daemon));
     daemon.reconcile()?;
     Ok(daemon)
 }
@@ -76,6 +78,12 @@ pub fn serve(daemon: Arc<Daemon>, listener: UnixListener, shutdown: Arc<AtomicBo
         Ok(_) => daemon.janitor_started(),
         // Releases are then done inline, before each reply.
         Err(e) => tracing::warn!(err = %e, "cannot start the janitor; releasing inline"),
+    }
+    if let Some(addr) = daemon.cfg.dns_listen {
+        match dns::Listener::start(Arc::downgrade(&daemon), addr, dns::Asker::Host) {
+            Ok(l) => *daemon.host_dns.lock().unwrap_or_else(|p| p.into_inner()) = Some(l),
+            Err(e) => tracing::warn!(err = %e, "no DNS for the host"),
+        }
     }
     let d = daemon.clone();
     if let Err(e) = std::thread::Builder::new()

@@ -119,6 +119,7 @@ impl Daemon {
                 events: &mut *events,
                 boot_id: String::new(),
                 initrd: None,
+                nameserver: None,
                 background: Vec::new(),
             };
             for r in CREATE {
@@ -231,6 +232,7 @@ impl Daemon {
             events,
             boot_id: String::new(),
             initrd: None,
+            nameserver: None,
             background: Vec::new(),
         };
         let booted = (|| {

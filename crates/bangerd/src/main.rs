@@ -30,6 +30,15 @@ struct Args {
     /// file kept).
     #[arg(long, env = "BANGER_CONSOLE_MAX_BYTES", default_value_t = 1 << 20)]
     console_max_bytes: u64,
+    /// VMs are named `<name>.<suffix>` in banger's DNS.
+    #[arg(long, env = "BANGER_DNS_SUFFIX", default_value = "vm")]
+    dns_suffix: String,
+    /// Where the host can ask banger's DNS (`off`: nowhere).
+    #[arg(long, env = "BANGER_DNS_LISTEN", default_value = "127.0.0.153:53")]
+    dns_listen: String,
+    /// The resolv.conf whose nameservers banger forwards other names to.
+    #[arg(long, env = "BANGER_RESOLV_CONF", default_value = "/etc/resolv.conf")]
+    resolv_conf: PathBuf,
     /// The guests' addresses: a /30 per VM out of this network.
     #[arg(long, env = "BANGER_SUBNET", default_value = "172.30.0.0/16")]
     subnet: banger_core::net::Cidr,
@@ -80,6 +89,17 @@ fn real_main() -> anyhow::Result<()> {
     let mut cfg = bangerd::Config::new(layout.clone());
     cfg.boot_timeout = Duration::from_secs(args.boot_timeout);
     cfg.console_max_bytes = args.console_max_bytes;
+    banger_core::validate_name(&args.dns_suffix)
+        .map_err(|e| anyhow::anyhow!("--dns-suffix: {e}"))?;
+    cfg.dns_suffix = args.dns_suffix;
+    cfg.dns_listen = match args.dns_listen.as_str() {
+        "off" => None,
+        a => Some(
+            a.parse()
+                .with_context(|| format!("--dns-listen {a:?}: want ADDR:PORT or off"))?,
+        ),
+    };
+    cfg.resolv_conf = args.resolv_conf;
     cfg.subnet = banger_core::net::Subnet::from_cidr(args.subnet)?;
     cfg.firecracker = std::env::var_os("BANGER_FIRECRACKER")
         .filter(|v| !v.is_empty())

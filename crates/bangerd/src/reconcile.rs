@@ -64,9 +64,11 @@ impl Daemon {
         if st == VmState::Running && self.vm_alive(&vm) {
             info!(vm = %vm.name, pid = ?h.pid, "reconcile: still running");
             let _ = handles::write_file(&self.cfg.layout.vm_dir(&vm.id), &h);
-            // Its published ports' listeners died with the old daemon.
-            if let Err(e) = self.open_ports(&vm) {
-                warn!(vm = %vm.name, err = %e, "reconcile: cannot publish its ports again");
+            // What lived in the old daemon's process (listeners).
+            for r in crate::resources::START {
+                if let Err(e) = r.adopt(self, &vm) {
+                    warn!(vm = %vm.name, resource = r.name(), err = %e, "reconcile: cannot take it up again");
+                }
             }
             return Ok(());
         }

@@ -205,6 +205,77 @@ impl Drop for NetNs {
     }
 }
 
+/// A DNS resolver a test runs in a namespace of its own (the stand-in for
+/// an upstream or a host's loopback stub): answers `name` with `ip`, every
+/// other name with NXDOMAIN. Stops when dropped.
+#[derive(Debug)]
+pub struct DnsStub {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl DnsStub {
+    pub fn start(
+        ns: &str,
+        addr: std::net::SocketAddr,
+        name: &str,
+        ip: std::net::Ipv4Addr,
+    ) -> DnsStub {
+        use hickory_proto::op::{Message, ResponseCode};
+        use hickory_proto::rr::rdata::A;
+        use hickory_proto::rr::{RData, Record};
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let (ns, name) = (ns.to_string(), name.to_lowercase());
+        std::thread::spawn(move || {
+            let path = format!("/run/netns/{ns}");
+            let f = std::fs::File::open(&path).expect("open netns");
+            nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            let sock = std::net::UdpSocket::bind(addr).expect("bind the DNS stub");
+            sock.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let _ = ready_tx.send(());
+            let mut buf = [0u8; 1500];
+            while !flag.load(Ordering::SeqCst) {
+                let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                    continue;
+                };
+                let Ok(q) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
+                let mut r = Message::response(q.metadata.id, q.metadata.op_code);
+                r.metadata.recursion_available = true;
+                r.add_queries(q.queries.clone());
+                match q.queries.first() {
+                    Some(query)
+                        if query.name().to_lowercase().to_ascii().trim_end_matches('.') == name =>
+                    {
+                        r.add_answer(Record::from_rdata(
+                            query.name().clone(),
+                            60,
+                            RData::A(A(ip)),
+                        ));
+                    }
+                    _ => r.metadata.response_code = ResponseCode::NXDomain,
+                }
+                if let Ok(b) = r.to_vec() {
+                    let _ = sock.send_to(&b, from);
+                }
+            }
+        });
+        ready
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the DNS stub started");
+        DnsStub { stop }
+    }
+}
+
+impl Drop for DnsStub {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
 /// A server in the outside namespace, killed on drop.
 #[derive(Debug)]
 pub struct HttpServer {

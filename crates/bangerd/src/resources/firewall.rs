@@ -30,7 +30,7 @@ pub fn rules(d: &Daemon, vm: &VmRecord, tap: &str) -> Result<GuestRules> {
         allow: vm.spec.net.allow.clone(),
         dns: if outside {
             banger_guest::config::guest_nameservers(
-                &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+                &std::fs::read_to_string(&d.cfg.resolv_conf).unwrap_or_default(),
             )
         } else {
             Vec::new()

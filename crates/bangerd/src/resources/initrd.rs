@@ -39,9 +39,12 @@ impl Resource for Initrd {
             gateway: net.host_ip,
             prefix: GUEST_PREFIX,
             mac: net.mac(),
-            nameservers: banger_guest::config::guest_nameservers(
-                &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
-            ),
+            nameservers: match cx.nameserver {
+                Some(std::net::SocketAddr::V4(ns)) => vec![*ns.ip()],
+                _ => banger_guest::config::guest_nameservers(
+                    &std::fs::read_to_string(&d.cfg.resolv_conf).unwrap_or_default(),
+                ),
+            },
             authorized_keys: format!("{client_pub}\n"),
             host_key: fsutil::read_to_string(&host_key_path)?,
             host_key_pub: sshkey::public_key(&host_key_path)?,

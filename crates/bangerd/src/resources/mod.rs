@@ -29,6 +29,7 @@ use crate::daemon::Daemon;
 use crate::error::Result;
 
 pub mod address;
+pub mod dns;
 pub mod firewall;
 pub mod host_key;
 pub mod initrd;
@@ -52,6 +53,7 @@ pub const CREATE: &[&dyn Resource] = &[
 /// waited for (`readiness`).
 pub const START: &[&dyn Resource] = &[
     &tap::Tap,
+    &dns::Dns,
     &initrd::Initrd,
     &vmm::VmmProcess,
     &firewall::Firewall,
@@ -96,6 +98,9 @@ pub struct Acq<'a> {
     pub boot_id: String,
     /// The per-VM initrd (initrd's, for the VMM).
     pub initrd: Option<PathBuf>,
+    /// The guest's nameserver (dns's, for the initrd): banger's listener on
+    /// its gateway, or none (the host's resolvers).
+    pub nameserver: Option<std::net::SocketAddr>,
     pub background: Vec<Background>,
 }
 
@@ -135,6 +140,13 @@ pub trait Resource: Sync + std::fmt::Debug {
     /// released). Other failures are recorded and retried after the reply.
     fn blocks_teardown(&self) -> bool {
         false
+    }
+
+    /// Takes up again, for a VM reconcile keeps running, what lived in the
+    /// previous daemon's process (listeners); kernel objects need nothing.
+    fn adopt(&self, d: &Daemon, vm: &VmRecord) -> Result<()> {
+        let _ = (d, vm);
+        Ok(())
     }
 }
 

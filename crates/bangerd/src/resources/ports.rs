@@ -265,6 +265,10 @@ impl Resource for Ports {
         d.forwarders.stop(&r.vm_id, None);
         Ok(())
     }
+
+    fn adopt(&self, d: &Daemon, vm: &VmRecord) -> Result<()> {
+        d.open_ports(vm)
+    }
 }
 
 impl Daemon {

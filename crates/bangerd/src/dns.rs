@@ -1,0 +1,373 @@
+//! bangerd's DNS: `<name>.<suffix>` (default `vm`) answered with the VM's
+//! address; every other name forwarded to the host's resolvers as the
+//! daemon sees them (a loopback stub such as systemd-resolved's 127.0.0.53
+//! included, which guests could never reach themselves). Messages are
+//! parsed and built with hickory-proto; nothing of a query is trusted: a
+//! message that does not parse is dropped, names are compared lowercased,
+//! answers are built from the store, forwarded replies are relayed only if
+//! they parse and carry the query's id.
+//!
+//! Who may resolve what: the host (the loopback listener) every VM; a guest
+//! (the listener on its gateway address) only itself, since VMs on no
+//! common network cannot reach each other either.
+
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{RData, Record, RecordType};
+use tracing::{debug, warn};
+
+use crate::daemon::Daemon;
+use crate::error::{DaemonError, Result};
+
+/// TTL of banger's answers: short, VMs come and go.
+const TTL: u32 = 5;
+/// How long an upstream resolver may take.
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Who asks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Asker {
+    Host,
+    /// A guest, by VM id.
+    Guest(String),
+}
+
+/// The upstream resolvers: the nameservers of the daemon's resolv.conf
+/// (`BANGER_RESOLV_CONF` overrides the path), loopback ones included.
+pub fn upstreams(resolv_conf: &str) -> Vec<SocketAddr> {
+    resolv_conf
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|v| v.trim().parse::<Ipv4Addr>().ok())
+        .map(|ip| SocketAddr::from((ip, 53)))
+        .collect()
+}
+
+/// What to answer, decided from the query alone.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Plan {
+    /// Drop it (not a DNS query we can make sense of).
+    Ignore,
+    /// Answer now with these bytes.
+    Reply(Vec<u8>),
+    /// Not ours: forward as is.
+    Forward,
+}
+
+/// Decides the answer to `query`; `lookup` maps a VM name to its address
+/// (None: no such VM, or not for this asker).
+pub fn plan(query: &[u8], suffix: &str, lookup: &dyn Fn(&str) -> Option<Ipv4Addr>) -> Plan {
+    let Ok(msg) = Message::from_vec(query) else {
+        return Plan::Ignore;
+    };
+    if msg.metadata.message_type != MessageType::Query {
+        return Plan::Ignore;
+    }
+    let id = msg.metadata.id;
+    let reply = |code: ResponseCode, answers: Vec<Record>| {
+        let mut r = Message::response(id, msg.metadata.op_code);
+        r.metadata.recursion_desired = msg.metadata.recursion_desired;
+        r.metadata.recursion_available = true;
+        r.metadata.authoritative = code != ResponseCode::FormErr;
+        r.metadata.response_code = code;
+        r.add_queries(msg.queries.iter().cloned());
+        for a in answers {
+            r.add_answer(a);
+        }
+        r.to_vec().map(Plan::Reply).unwrap_or(Plan::Ignore)
+    };
+    let [q] = msg.queries.as_slice() else {
+        return reply(ResponseCode::FormErr, Vec::new());
+    };
+    if msg.metadata.op_code != OpCode::Query {
+        return reply(ResponseCode::NotImp, Vec::new());
+    }
+    let name = q.name().to_lowercase().to_ascii();
+    let name = name.trim_end_matches('.');
+    let Some(label) = name.strip_suffix(suffix).and_then(|n| n.strip_suffix('.')) else {
+        return if name == suffix {
+            reply(ResponseCode::NoError, Vec::new())
+        } else {
+            Plan::Forward
+        };
+    };
+    match lookup(label) {
+        None => reply(ResponseCode::NXDomain, Vec::new()),
+        Some(ip) if q.query_type() == RecordType::A || q.query_type() == RecordType::ANY => reply(
+            ResponseCode::NoError,
+            vec![Record::from_rdata(q.name().clone(), TTL, RData::A(A(ip)))],
+        ),
+        // The name exists, with no record of that type (AAAA, ...).
+        Some(_) => reply(ResponseCode::NoError, Vec::new()),
+    }
+}
+
+/// Asks the upstreams in turn; the first reply that parses and carries the
+/// query's id is relayed.
+pub fn forward(query: &[u8], upstreams: &[SocketAddr]) -> Option<Vec<u8>> {
+    let id = Message::from_vec(query).ok()?.metadata.id;
+    for up in upstreams {
+        let Ok(sock) = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) else {
+            continue;
+        };
+        if sock.set_read_timeout(Some(UPSTREAM_TIMEOUT)).is_err()
+            || sock.connect(up).is_err()
+            || sock.send(query).is_err()
+        {
+            continue;
+        }
+        // Replies that do not parse or carry another id (stray, or
+        // spoofed) are skipped until the deadline.
+        let deadline = std::time::Instant::now() + UPSTREAM_TIMEOUT;
+        let mut buf = vec![0u8; 4096];
+        while let Ok(n) = sock.recv(&mut buf) {
+            if Message::from_vec(&buf[..n]).is_ok_and(|m| m.metadata.id == id) {
+                buf.truncate(n);
+                return Some(buf);
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() || sock.set_read_timeout(Some(left)).is_err() {
+                break;
+            }
+        }
+    }
+    None
+}
+
+/// A SERVFAIL for a query no upstream answered.
+fn servfail(query: &[u8]) -> Option<Vec<u8>> {
+    let msg = Message::from_vec(query).ok()?;
+    let mut r = Message::error_msg(
+        msg.metadata.id,
+        msg.metadata.op_code,
+        ResponseCode::ServFail,
+    );
+    r.add_queries(msg.queries);
+    r.to_vec().ok()
+}
+
+/// A listener: a UDP socket answered by a thread of its own until `stop`.
+#[derive(Debug)]
+pub struct Listener {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl Listener {
+    pub fn start(d: DaemonRef, addr: SocketAddr, asker: Asker) -> Result<Listener> {
+        let sock = UdpSocket::bind(addr)
+            .map_err(|e| DaemonError::Invalid(format!("cannot answer DNS on {addr}: {e}")))?;
+        sock.set_read_timeout(Some(Duration::from_millis(500)))
+            .map_err(|e| DaemonError::Invalid(format!("DNS socket {addr}: {e}")))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        std::thread::Builder::new()
+            .name("dns".into())
+            .spawn(move || serve(&d, &sock, &asker, &flag))
+            .map_err(|e| DaemonError::Invalid(format!("cannot start the DNS thread: {e}")))?;
+        Ok(Listener { addr, stop })
+    }
+
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// What a listener thread needs of the daemon (a weak handle, so that a
+/// listener never keeps a daemon alive).
+pub type DaemonRef = std::sync::Weak<Daemon>;
+
+fn serve(d: &DaemonRef, sock: &UdpSocket, asker: &Asker, stop: &AtomicBool) {
+    let mut buf = [0u8; 4096];
+    while !stop.load(Ordering::SeqCst) {
+        let Ok((n, from)) = sock.recv_from(&mut buf) else {
+            continue;
+        };
+        let Some(daemon) = d.upgrade() else { return };
+        let query = buf[..n].to_vec();
+        match daemon.dns_plan(&query, asker) {
+            Plan::Ignore => {}
+            Plan::Reply(r) => {
+                let _ = sock.send_to(&r, from);
+            }
+            Plan::Forward => {
+                // Upstreams can be slow: not on the listener's thread.
+                let ups = daemon.dns_upstreams();
+                let Ok(reply_sock) = sock.try_clone() else {
+                    continue;
+                };
+                let _ = std::thread::Builder::new()
+                    .name("dns-fwd".into())
+                    .spawn(move || {
+                        if let Some(r) = forward(&query, &ups).or_else(|| servfail(&query)) {
+                            let _ = reply_sock.send_to(&r, from);
+                        }
+                    });
+            }
+        }
+    }
+    debug!(addr = ?sock.local_addr().ok(), "dns listener stopped");
+}
+
+impl Daemon {
+    /// The answer plan for a query from `asker`.
+    pub fn dns_plan(&self, query: &[u8], asker: &Asker) -> Plan {
+        let lookup = |name: &str| -> Option<Ipv4Addr> {
+            let vm = self.store().vm_by_name(name).ok()??;
+            if let Asker::Guest(id) = asker {
+                if *id != vm.id {
+                    return None;
+                }
+            }
+            vm.runtime.guest_ip.as_deref()?.parse().ok()
+        };
+        plan(query, &self.cfg.dns_suffix, &lookup)
+    }
+
+    pub fn dns_upstreams(&self) -> Vec<SocketAddr> {
+        let text = std::fs::read_to_string(&self.cfg.resolv_conf).unwrap_or_default();
+        let ups = upstreams(&text);
+        if ups.is_empty() {
+            warn!(path = %self.cfg.resolv_conf.display(), "no upstream resolver to forward to");
+        }
+        ups
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hickory_proto::op::Query;
+    use hickory_proto::rr::Name;
+
+    use super::*;
+
+    fn query(name: &str, t: RecordType) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.id = 4242;
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), t));
+        m.to_vec().unwrap()
+    }
+
+    fn answer(p: Plan) -> Message {
+        match p {
+            Plan::Reply(b) => Message::from_vec(&b).unwrap(),
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn vm_names_are_answered_and_the_rest_forwarded() {
+        let lookup = |n: &str| (n == "web").then_some(Ipv4Addr::new(172, 30, 0, 6));
+        let r = answer(plan(&query("Web.VM.", RecordType::A), "vm", &lookup));
+        assert_eq!(r.metadata.id, 4242);
+        assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(r.answers.len(), 1);
+        assert_eq!(r.answers[0].data, RData::A(A(Ipv4Addr::new(172, 30, 0, 6))));
+        let r = answer(plan(&query("web.vm.", RecordType::AAAA), "vm", &lookup));
+        assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+        assert!(r.answers.is_empty(), "no IPv6: an empty answer");
+        let r = answer(plan(&query("ghost.vm.", RecordType::A), "vm", &lookup));
+        assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+        let r = answer(plan(&query("a.b.vm.", RecordType::A), "vm", &lookup));
+        assert_eq!(
+            r.metadata.response_code,
+            ResponseCode::NXDomain,
+            "one label only"
+        );
+        assert_eq!(
+            plan(&query("example.com.", RecordType::A), "vm", &lookup),
+            Plan::Forward
+        );
+        assert_eq!(
+            plan(&query("notvm.", RecordType::A), "vm", &lookup),
+            Plan::Forward,
+            "the suffix is a whole label"
+        );
+        let r = answer(plan(&query("web.test.", RecordType::A), "test", &lookup));
+        assert_eq!(r.answers.len(), 1, "the suffix is configurable");
+    }
+
+    #[test]
+    fn garbage_is_dropped_and_odd_queries_refused() {
+        let none = |_: &str| None;
+        assert_eq!(plan(b"\x00\x01garbage", "vm", &none), Plan::Ignore);
+        assert_eq!(plan(&[], "vm", &none), Plan::Ignore);
+        let mut two = Message::query();
+        two.metadata.id = 7;
+        two.add_query(Query::query(
+            Name::from_ascii("a.vm.").unwrap(),
+            RecordType::A,
+        ));
+        two.add_query(Query::query(
+            Name::from_ascii("b.vm.").unwrap(),
+            RecordType::A,
+        ));
+        let r = answer(plan(&two.to_vec().unwrap(), "vm", &none));
+        assert_eq!(r.metadata.response_code, ResponseCode::FormErr);
+        let mut resp = Message::response(9, OpCode::Query);
+        resp.add_query(Query::query(
+            Name::from_ascii("a.vm.").unwrap(),
+            RecordType::A,
+        ));
+        assert_eq!(
+            plan(&resp.to_vec().unwrap(), "vm", &none),
+            Plan::Ignore,
+            "not a query"
+        );
+    }
+
+    #[test]
+    fn forwarding_relays_only_a_matching_reply() {
+        // An upstream on loopback that answers everything with 192.0.2.7,
+        // once with the wrong id first.
+        let up = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = up.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let mut b = [0u8; 512];
+            while let Ok((n, from)) = up.recv_from(&mut b) {
+                let q = Message::from_vec(&b[..n]).unwrap();
+                let mut wrong = Message::response(q.metadata.id.wrapping_add(1), OpCode::Query);
+                wrong.add_queries(q.queries.clone());
+                let _ = up.send_to(&wrong.to_vec().unwrap(), from);
+                let mut r = Message::response(q.metadata.id, OpCode::Query);
+                r.add_queries(q.queries.clone());
+                r.add_answer(Record::from_rdata(
+                    q.queries[0].name().clone(),
+                    60,
+                    RData::A(A(Ipv4Addr::new(192, 0, 2, 7))),
+                ));
+                let _ = up.send_to(&r.to_vec().unwrap(), from);
+            }
+        });
+        let q = query("example.com.", RecordType::A);
+        let dead = UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let r = forward(&q, &[dead, addr]).expect("the second upstream answers");
+        let m = Message::from_vec(&r).unwrap();
+        assert_eq!(m.metadata.id, 4242);
+        assert_eq!(m.answers.len(), 1);
+        let sf = Message::from_vec(&servfail(&q).unwrap()).unwrap();
+        assert_eq!(sf.metadata.response_code, ResponseCode::ServFail);
+        assert_eq!(
+            upstreams("nameserver 127.0.0.53\n# x\nnameserver 10.0.0.1\nsearch lan\n"),
+            vec![
+                SocketAddr::from(([127, 0, 0, 53], 53)),
+                SocketAddr::from(([10, 0, 0, 1], 53))
+            ]
+        );
+    }
+}

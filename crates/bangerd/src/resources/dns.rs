@@ -1,0 +1,77 @@
+//! The VM's DNS listener: a UDP socket on its gateway address (the host end
+//! of its /30), port 53, answered by `crate::dns` (its own name, and every
+//! other name forwarded to the host's resolvers). The guest is given that
+//! address as its nameserver. If it cannot be bound (a resolver of the
+//! host's holds port 53 on every address), the guest is given the host's
+//! resolvers instead, and told so. Lives in the daemon: reconcile opens it
+//! again for the VMs it keeps.
+
+use std::net::SocketAddr;
+
+use banger_core::api::Event;
+use banger_core::{Release, VmHandles, VmRecord};
+use serde_json::{json, Value};
+
+use super::{Acq, End, Resource};
+use crate::daemon::{lock, Daemon};
+use crate::dns::{Asker, Listener};
+use crate::error::Result;
+
+#[derive(Debug)]
+pub struct Dns;
+
+impl Daemon {
+    /// Opens the VM's listener unless it is open; returns its address.
+    fn open_dns(&self, vm: &VmRecord) -> Result<SocketAddr> {
+        let addr = SocketAddr::from((self.guest_net(vm)?.host_ip, 53));
+        let mut map = lock(&self.dns_listeners);
+        if !map.contains_key(&vm.id) {
+            let l = Listener::start(self.weak(), addr, Asker::Guest(vm.id.clone()))?;
+            map.insert(vm.id.clone(), l);
+        }
+        Ok(addr)
+    }
+}
+
+impl Resource for Dns {
+    fn name(&self) -> &'static str {
+        "dns"
+    }
+
+    fn acquire(&self, d: &Daemon, cx: &mut Acq<'_>) -> Result<()> {
+        match d.open_dns(cx.vm) {
+            Ok(addr) => cx.nameserver = Some(addr),
+            Err(e) => {
+                (cx.events)(Event::Progress {
+                    message: format!(
+                        "{e}: the guest uses the host's resolvers, and `<name>.{}` names do not \
+                         resolve in it",
+                        d.cfg.dns_suffix
+                    ),
+                });
+                cx.nameserver = None;
+            }
+        }
+        Ok(())
+    }
+
+    fn held(&self, d: &Daemon, vm: &VmRecord, _h: &VmHandles) -> Option<Value> {
+        lock(&d.dns_listeners)
+            .contains_key(&vm.id)
+            .then(|| json!({}))
+    }
+
+    fn end(&self, d: &Daemon, vm: &VmRecord, _held: Value, _how: End) -> Result<Option<Value>> {
+        lock(&d.dns_listeners).remove(&vm.id);
+        Ok(None)
+    }
+
+    fn release(&self, d: &Daemon, r: &Release, _held: &Value) -> Result<()> {
+        lock(&d.dns_listeners).remove(&r.vm_id);
+        Ok(())
+    }
+
+    fn adopt(&self, d: &Daemon, vm: &VmRecord) -> Result<()> {
+        d.open_dns(vm).map(|_| ())
+    }
+}
