@@ -14,6 +14,7 @@ use std::time::Instant;
 use test_infra::{ok, text, Instance};
 
 const VM: &str = "fp";
+const PORT: &str = "127.0.0.1:19999:8000";
 
 fn banger_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_bangerd")).with_file_name("banger")
@@ -27,7 +28,10 @@ fn plan(step: &str) -> (Pre, Vec<&'static str>) {
         .map(|r| format!("teardown.{}", r.name()))
         .collect();
     match stage {
-        "create" => (Pre::Nothing, vec!["vm", "run", "--name", VM, "--", "true"]),
+        "create" => (
+            Pre::Nothing,
+            vec!["vm", "run", "--name", VM, "-p", PORT, "--", "true"],
+        ),
         "start" => (Pre::Created, vec!["vm", "start", VM]),
         "kill" => (Pre::Running, vec!["vm", "kill", VM]),
         "delete" => (Pre::Running, vec!["vm", "delete", VM]),
@@ -113,12 +117,16 @@ fn one(inst: &Instance, step: &str, mode: &str) {
     // The precondition, with a daemon without failpoints.
     match pre {
         Pre::Nothing => {}
+        // (With a published port, so that its listener is a resource too.)
         Pre::Created => {
-            ok(&inst.banger(&["vm", "create", "--name", VM]), &what);
+            ok(
+                &inst.banger(&["vm", "create", "--name", VM, "-p", PORT]),
+                &what,
+            );
         }
         Pre::Running => {
             ok(
-                &inst.banger(&["vm", "run", "--name", VM, "--", "true"]),
+                &inst.banger(&["vm", "run", "--name", VM, "-p", PORT, "--", "true"]),
                 &what,
             );
         }
