@@ -513,8 +513,53 @@ fn main() {
     for i in 0..parallel {
         let _ = inst.banger(&["vm", "delete", &format!("par-{i}")]);
     }
+    dns_bench(&mut table, &inst, 200);
     network_bench(&mut table, 20, 100);
     append(&table, &spec_line);
+}
+
+/// banger's DNS answer time as the host sees it: `n` queries for a VM's
+/// name to the daemon's loopback listener, one at a time.
+fn dns_bench(table: &mut String, inst: &Instance, n: usize) {
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RecordType};
+    let out = inst.banger(&["vm", "create", "--name", "dnsbench"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut times = Vec::new();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            inst.net.enter_on_this_thread();
+            let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+            sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            sock.connect("127.0.0.153:53").expect("connect");
+            let mut buf = [0u8; 512];
+            for i in 0..n {
+                let mut m = Message::query();
+                m.metadata.id = i as u16;
+                m.add_query(Query::query(
+                    Name::from_ascii("dnsbench.vm.").unwrap(),
+                    RecordType::A,
+                ));
+                let q = m.to_vec().unwrap();
+                let t = Instant::now();
+                sock.send(&q).expect("send");
+                let got = sock.recv(&mut buf).expect("an answer");
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+                let r = Message::from_vec(&buf[..got]).expect("a DNS answer");
+                assert_eq!(r.answers.len(), 1, "dnsbench.vm resolves");
+            }
+        })
+        .join()
+        .expect("dns bench thread");
+    });
+    let _ = inst.banger(&["vm", "delete", "dnsbench"]);
+    let mut sorted = times.clone();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    let p99 = sorted[(sorted.len() * 99 / 100).min(sorted.len() - 1)];
+    row(table, "DNS answer, `<vm>.vm` from the host", &times, "ms");
+    let line = format!("| … p99 | {p99:.2} | | | ms | {n} |\n");
+    print!("{line}");
+    table.push_str(&line);
 }
 
 /// Appends the table, dated and with the machine's description, to
