@@ -14,15 +14,6 @@ fn banger_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_banger"))
 }
 
-fn spawn(inst: &Instance, args: &[&str]) -> Child {
-    inst.banger_cmd(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn banger")
-}
-
 fn state(inst: &Instance, name: &str) -> String {
     inst.vm(name)
         .map(|v| v["state"].as_str().unwrap_or("").to_string())
@@ -46,7 +37,7 @@ fn wait_booting(inst: &Instance, name: &str) {
 #[test]
 fn kill_and_delete_cancel_a_boot_in_progress() {
     let inst = Instance::new(&banger_bin()).with_image();
-    let run = spawn(&inst, &["vm", "run", "--name", "slow", "--", "true"]);
+    let run = inst.spawn(&["vm", "run", "--name", "slow", "--", "true"]);
     wait_booting(&inst, "slow");
     let t = Instant::now();
     let out = inst.banger(&["vm", "kill", "slow"]);
@@ -73,7 +64,7 @@ fn kill_and_delete_cancel_a_boot_in_progress() {
     assert!(inst.taps().is_empty(), "{:?}", inst.taps());
 
     // Started again, and deleted while it boots.
-    let start = spawn(&inst, &["vm", "start", "slow"]);
+    let start = inst.spawn(&["vm", "start", "slow"]);
     wait_booting(&inst, "slow");
     let t = Instant::now();
     ok(
@@ -92,10 +83,7 @@ fn kill_and_delete_cancel_a_boot_in_progress() {
 #[test]
 fn run_rm_clients_that_go_away_take_their_vm_with_them() {
     let inst = Instance::new(&banger_bin()).with_image();
-    let run = spawn(
-        &inst,
-        &["vm", "run", "--rm", "--name", "intr", "--", "true"],
-    );
+    let run = inst.spawn(&["vm", "run", "--rm", "--name", "intr", "--", "true"]);
     wait_booting(&inst, "intr");
     let _ = std::process::Command::new("kill")
         .args(["-INT", &run.id().to_string()])
@@ -110,10 +98,7 @@ fn run_rm_clients_that_go_away_take_their_vm_with_them() {
     inst.assert_baseline();
 
     // Up and running its command: the client is killed outright.
-    let mut run = spawn(
-        &inst,
-        &["vm", "run", "--rm", "--name", "lease", "--", "sleep", "600"],
-    );
+    let mut run = inst.spawn(&["vm", "run", "--rm", "--name", "lease", "--", "sleep", "600"]);
     assert!(
         wait_until(Duration::from_secs(60), || state(&inst, "lease")
             == "running"),
@@ -141,12 +126,9 @@ fn ten_runs_at_once_and_ls_answers_during_the_boots() {
     let runs: Vec<Child> = names
         .iter()
         .map(|n| {
-            spawn(
-                &inst,
-                &[
-                    "vm", "run", "--name", n, "--memory", "384M", "--", "hostname",
-                ],
-            )
+            inst.spawn(&[
+                "vm", "run", "--name", n, "--memory", "384M", "--", "hostname",
+            ])
         })
         .collect();
     let mut saw_starting = false;
@@ -186,23 +168,17 @@ fn ttl_and_idle_timeout_stop_their_vms() {
     let inst = Instance::new(&banger_bin()).with_image();
     let _ = inst.daemon_pid();
     let runs = [
-        spawn(
-            &inst,
-            &["vm", "run", "--name", "ttl", "--ttl", "5s", "--", "true"],
-        ),
-        spawn(
-            &inst,
-            &[
-                "vm",
-                "run",
-                "--name",
-                "idle",
-                "--idle-timeout",
-                "4s",
-                "--",
-                "true",
-            ],
-        ),
+        inst.spawn(&["vm", "run", "--name", "ttl", "--ttl", "5s", "--", "true"]),
+        inst.spawn(&[
+            "vm",
+            "run",
+            "--name",
+            "idle",
+            "--idle-timeout",
+            "4s",
+            "--",
+            "true",
+        ]),
     ];
     for r in runs {
         ok(&r.wait_with_output().unwrap(), "vm run");

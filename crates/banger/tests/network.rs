@@ -7,22 +7,13 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use test_infra::{ok, text, wait_until, HttpServer, Instance};
 
 fn banger_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_banger"))
-}
-
-fn spawn(inst: &Instance, args: &[&str]) -> Child {
-    inst.banger_cmd(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn banger")
 }
 
 fn sh(ns: &str, args: &[&str]) {
@@ -103,25 +94,19 @@ fn guests_reach_the_outside_world_and_nothing_else() {
 
     let _ = inst.daemon_pid();
     let runs = [
-        spawn(&inst, &["vm", "run", "--name", "a", "--", "true"]),
-        spawn(&inst, &["vm", "run", "--name", "b", "--", "true"]),
-        spawn(
-            &inst,
-            &["vm", "run", "--name", "c", "--net", "none", "--", "true"],
-        ),
-        spawn(
-            &inst,
-            &[
-                "vm",
-                "run",
-                "--name",
-                "d",
-                "--allow-net",
-                "10.77.0.0/24",
-                "--",
-                "true",
-            ],
-        ),
+        inst.spawn(&["vm", "run", "--name", "a", "--", "true"]),
+        inst.spawn(&["vm", "run", "--name", "b", "--", "true"]),
+        inst.spawn(&["vm", "run", "--name", "c", "--net", "none", "--", "true"]),
+        inst.spawn(&[
+            "vm",
+            "run",
+            "--name",
+            "d",
+            "--allow-net",
+            "10.77.0.0/24",
+            "--",
+            "true",
+        ]),
     ];
     for r in runs {
         ok(&r.wait_with_output().unwrap(), "vm run");
@@ -234,19 +219,7 @@ fn docker_forward_drop_and_a_firewall_reload() {
     std::fs::write(www.join("ok"), "ok\n").unwrap();
     let _web = net.http_server(&www, 8080);
     let docker = "table ip filter {\n\tchain FORWARD {\n\t\ttype filter hook forward priority filter; policy drop;\n\t}\n}\n";
-    let mut nft = net
-        .cmd("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    nft.stdin
-        .take()
-        .unwrap()
-        .write_all(docker.as_bytes())
-        .unwrap();
-    assert!(nft.wait().unwrap().success());
+    net.nft(docker);
     sh(&net.ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
 
     ok(
@@ -288,18 +261,7 @@ fn docker_forward_drop_and_a_firewall_reload() {
 
     // Docker's table again, then the VM goes: no banger rule anywhere, and
     // forwarding stays on for the firewall that relies on it.
-    let mut nft = net
-        .cmd("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    nft.stdin
-        .take()
-        .unwrap()
-        .write_all(docker.as_bytes())
-        .unwrap();
-    assert!(nft.wait().unwrap().success());
+    net.nft(docker);
     ok(&inst.banger(&["vm", "delete", "e"]), "delete");
     inst.settle();
     let rules = net.ruleset();
@@ -454,8 +416,8 @@ fn vm_names_resolve_and_other_names_are_forwarded() {
         .unwrap();
     ok(&out, "a daemon whose resolver is a loopback stub");
     let runs = [
-        spawn(&inst, &["vm", "run", "--name", "a", "--", "true"]),
-        spawn(&inst, &["vm", "run", "--name", "b", "--", "true"]),
+        inst.spawn(&["vm", "run", "--name", "a", "--", "true"]),
+        inst.spawn(&["vm", "run", "--name", "b", "--", "true"]),
     ];
     for r in runs {
         ok(&r.wait_with_output().unwrap(), "vm run");

@@ -238,33 +238,15 @@ impl Daemon {
 
 #[cfg(test)]
 mod tests {
-    use banger_core::sizing::Sizing;
-    use banger_core::{AutoStop, VmRuntime, VmSpec, VmmKind};
+    use banger_core::AutoStop;
 
     use super::*;
 
     fn vm(auto_stop: AutoStop, started_at: Option<i64>) -> VmRecord {
-        VmRecord {
-            id: "i".into(),
-            name: "n".into(),
-            spec: VmSpec {
-                sizing: Sizing {
-                    cpus: 1,
-                    memory_mib: 512,
-                    disk_mib: 1024,
-                },
-                image: "bookworm".into(),
-                vmm: VmmKind::Qemu,
-                accel: "tcg".into(),
-                auto_stop,
-                net: Default::default(),
-            },
-            runtime: VmRuntime {
-                started_at,
-                ..Default::default()
-            },
-            created_at: 0,
-        }
+        let mut vm = crate::daemon::testutil::vm_with_tap("i", "n", None);
+        vm.spec.auto_stop = auto_stop;
+        vm.runtime.started_at = started_at;
+        vm
     }
 
     #[test]

@@ -171,6 +171,23 @@ impl NetNs {
             .collect()
     }
 
+    /// Loads an nftables script in the daemon's namespace.
+    pub fn nft(&self, script: &str) {
+        use std::io::Write;
+        let mut nft = self
+            .cmd("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("nft");
+        nft.stdin
+            .take()
+            .expect("nft stdin")
+            .write_all(script.as_bytes())
+            .expect("write the nft script");
+        assert!(nft.wait().expect("nft").success(), "nft -f: {script}");
+    }
+
     /// The namespace's nftables ruleset as text.
     pub fn ruleset(&self) -> String {
         let out = self
@@ -355,6 +372,17 @@ impl Instance {
             .stdin(Stdio::null())
             .output()
             .expect("run banger")
+    }
+
+    /// `banger ARGS` inside the namespace, in the background, its output
+    /// piped.
+    pub fn spawn(&self, args: &[&str]) -> std::process::Child {
+        self.banger_cmd(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn banger")
     }
 
     /// `banger ARGS` started directly, in the caller's namespace (see
