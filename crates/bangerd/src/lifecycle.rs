@@ -236,6 +236,7 @@ impl Daemon {
             background: Vec::new(),
         };
         let booted = (|| {
+            let (mut handles, mut runtime) = (None, None);
             for r in START {
                 hit(&format!("start.{}", r.name()))?;
                 if cancel.is_cancelled() {
@@ -244,9 +245,16 @@ impl Daemon {
                 let t = Phase::start(r.phase());
                 let acquired = r.acquire(self, &mut cx);
                 // Recorded before anything else can fail, even a failed
-                // acquire's partial work (a spawned VMM, say).
-                self.set_handles(cx.vm, &cx.handles)?;
-                self.save(cx.vm)?;
+                // acquire's partial work (a spawned VMM, say); written
+                // only when the step changed them.
+                if handles.as_ref() != Some(&cx.handles) {
+                    self.set_handles(cx.vm, &cx.handles)?;
+                    handles = Some(cx.handles.clone());
+                }
+                if runtime.as_ref() != Some(&cx.vm.runtime) {
+                    self.save(cx.vm)?;
+                    runtime = Some(cx.vm.runtime.clone());
+                }
                 acquired?;
                 t.done(cx.events);
             }

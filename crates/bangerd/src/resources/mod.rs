@@ -56,8 +56,9 @@ pub const START: &[&dyn Resource] = &[
     &dns::Dns,
     &initrd::Initrd,
     &vmm::VmmProcess,
-    &firewall::Firewall,
     &ports::Ports,
+    // Last: it starts `nft` on a thread, which competes for the CPU.
+    &firewall::Firewall,
 ];
 
 /// The module of a recorded item.

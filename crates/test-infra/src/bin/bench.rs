@@ -544,7 +544,7 @@ fn dns_bench(table: &mut String, inst: &Instance, n: usize) {
                 let t = Instant::now();
                 sock.send(&q).expect("send");
                 let got = sock.recv(&mut buf).expect("an answer");
-                times.push(t.elapsed().as_secs_f64() * 1e3);
+                times.push(t.elapsed().as_secs_f64() * 1e6);
                 let r = Message::from_vec(&buf[..got]).expect("a DNS answer");
                 assert_eq!(r.answers.len(), 1, "dnsbench.vm resolves");
             }
@@ -556,8 +556,8 @@ fn dns_bench(table: &mut String, inst: &Instance, n: usize) {
     let mut sorted = times.clone();
     sorted.sort_by(|a, b| a.total_cmp(b));
     let p99 = sorted[(sorted.len() * 99 / 100).min(sorted.len() - 1)];
-    row(table, "DNS answer, `<vm>.vm` from the host", &times, "ms");
-    let line = format!("| … p99 | {p99:.2} | | | ms | {n} |\n");
+    row(table, "DNS answer, `<vm>.vm` from the host", &times, "µs");
+    let line = format!("| … p99 | {p99:.1} | | | µs | {n} |\n");
     print!("{line}");
     table.push_str(&line);
 }
