@@ -65,6 +65,9 @@ pub struct NetPolicy {
     pub allow: Vec<crate::net::Cidr>,
     /// Host ports that reach guest ports (`-p`, `vm port add|rm`).
     pub ports: Vec<crate::net::PortMap>,
+    /// A shared network (`--network NAME`, a DNS label): VMs on one reach
+    /// and resolve each other.
+    pub network: Option<String>,
 }
 
 /// Stop conditions the stats poller enforces, through the same path as

@@ -93,6 +93,10 @@ pub struct CreateFlags {
     /// defaults to 127.0.0.1 (repeatable).
     #[arg(short = 'p', long = "publish", value_name = "PORTS")]
     publish: Vec<banger_core::net::PortMap>,
+    /// Put the VM on a shared network (created on first use): its VMs
+    /// reach and resolve each other as <name>.vm; others cannot.
+    #[arg(long, value_name = "NAME")]
+    network: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -356,6 +360,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     allow,
                     dns: Vec::new(),
                     guests,
+                    networked: false,
+                    peers: Vec::new(),
                 })?,
                 FirewallCmd::Down {
                     id,
@@ -370,6 +376,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     allow,
                     dns: Vec::new(),
                     guests: banger_core::net::Subnet::default().cidr(),
+                    networked: false,
+                    peers: Vec::new(),
                 })?,
             }
             Ok(0)

@@ -94,6 +94,9 @@ pub fn print_vm(v: &VmInfo) {
     if v.net.none {
         row("network", "none".into());
     }
+    if let Some(n) = &v.net.network {
+        row("network", n.clone());
+    }
     if !v.net.allow.is_empty() {
         let a: Vec<String> = v.net.allow.iter().map(|c| c.to_string()).collect();
         row("allow-net", a.join(", "));

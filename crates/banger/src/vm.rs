@@ -59,6 +59,7 @@ fn create_request(f: &CreateFlags, start: bool, rm: bool) -> anyhow::Result<Crea
             none: f.net == crate::NetMode::None,
             allow: f.allow_net.clone(),
             ports: f.publish.clone(),
+            network: f.network.clone(),
         },
     })
 }

@@ -464,3 +464,66 @@ fn vm_names_resolve_and_other_names_are_forwarded() {
     ok(&inst.banger(&["vm", "delete", "a"]), "delete a");
     inst.assert_baseline();
 }
+
+/// A shared network: VMs on it reach each other and resolve each other's
+/// names; a VM on no common network reaches and resolves neither, and is
+/// not reached.
+#[test]
+fn vms_on_one_network_reach_and_resolve_each_other() {
+    let inst = Instance::new(&banger_bin()).with_image();
+    let _ = inst.daemon_pid();
+    let runs = [
+        inst.spawn(&["vm", "run", "--name", "x", "--network", "lab", "--", "true"]),
+        inst.spawn(&["vm", "run", "--name", "y", "--network", "lab", "--", "true"]),
+        inst.spawn(&["vm", "run", "--name", "z", "--", "true"]),
+    ];
+    for r in runs {
+        ok(&r.wait_with_output().unwrap(), "vm run");
+    }
+    let ip = |n: &str| {
+        inst.vm(n).unwrap()["guest_ip"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (x, y, z) = (ip("x"), ip("y"), ip("z"));
+    // An HTTP request to sshd: answered with its banner (curl exits 1, 8
+    // or 56), refused (7), or dropped (28).
+    let reached = |code: Option<&i32>| code.is_some_and(|c| *c != 7 && *c != 28);
+    let r = probes(
+        &inst,
+        "x",
+        &[
+            ("peer", format!("http://{y}:22/")),
+            ("stranger", format!("http://{z}:22/")),
+        ],
+    );
+    assert!(reached(r.get("peer")), "x reaches y: {r:?}");
+    assert_eq!(r.get("stranger"), Some(&28), "x does not reach z: {r:?}");
+    let r = probes(&inst, "z", &[("x", format!("http://{x}:22/"))]);
+    assert_eq!(r.get("x"), Some(&28), "z does not reach x: {r:?}");
+    let getent = |vm: &str, name: &str| {
+        let out = inst.banger(&["vm", "ssh", vm, "--", "getent", "hosts", name]);
+        out.status.success().then(|| text(&out.stdout))
+    };
+    assert!(getent("x", "y.vm").is_some_and(|o| o.starts_with(&y)));
+    assert!(getent("y", "x.vm").is_some_and(|o| o.starts_with(&x)));
+    assert_eq!(getent("z", "x.vm"), None);
+    assert_eq!(getent("x", "z.vm"), None);
+    let show = ok(&inst.banger(&["vm", "show", "x"]), "show");
+    assert!(show.contains("network      lab"), "{show}");
+
+    // y goes: its pairs go with it.
+    ok(&inst.banger(&["vm", "delete", "y"]), "delete y");
+    inst.settle();
+    assert!(
+        !inst.net.ruleset().contains(&format!(". {y}")),
+        "{}",
+        inst.net.ruleset()
+    );
+    let out = inst.banger(&["vm", "create", "--network", "Not_A_Label"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("--network"), "{out:?}");
+    ok(&inst.banger(&["vm", "delete", "x", "z"]), "delete");
+    inst.assert_baseline();
+}

@@ -226,7 +226,19 @@ impl Daemon {
         let lookup = |name: &str| -> Option<Ipv4Addr> {
             let vm = self.store().vm_by_name(name).ok()??;
             if let Asker::Guest(id) = asker {
-                if *id != vm.id {
+                // Itself, or a VM of its network.
+                let same_net = || -> Option<bool> {
+                    let me = self
+                        .store()
+                        .list_vms()
+                        .ok()?
+                        .into_iter()
+                        .find(|v| v.id == *id)?;
+                    Some(
+                        me.spec.net.network.is_some() && me.spec.net.network == vm.spec.net.network,
+                    )
+                };
+                if *id != vm.id && !same_net().unwrap_or(false) {
                     return None;
                 }
             }

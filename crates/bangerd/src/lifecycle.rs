@@ -58,6 +58,10 @@ impl Daemon {
         if self.store().vm_by_name(&name)?.is_some() {
             return Err(DaemonError::VmExists(name));
         }
+        if let Some(n) = &req.net.network {
+            banger_core::validate_name(n)
+                .map_err(|e| DaemonError::Invalid(format!("--network {n:?}: {e}")))?;
+        }
         // A published port in use is refused before anything exists.
         crate::resources::ports::check_free(&name, &req.net.ports)?;
         if image_name == DEFAULT_IMAGE && self.store().image(&image_name)?.is_none() {

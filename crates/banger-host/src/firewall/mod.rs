@@ -91,8 +91,16 @@ pub struct GuestRules {
     /// The host's resolvers guests may query on port 53 (they are often on
     /// the LAN, which is otherwise closed to guests).
     pub dns: Vec<Ipv4Addr>,
-    /// The guests' subnet (other guests are never reachable).
+    /// The guests' subnet (other guests are never reachable, except
+    /// `peers`).
     pub guests: Cidr,
+    /// Whether the VM is on a shared network (`--network`).
+    #[serde(default)]
+    pub networked: bool,
+    /// The VMs on its network that have a tap now: (tap, address). Each
+    /// pair is opened both ways; VMs that join later open theirs with it.
+    #[serde(default)]
+    pub peers: Vec<(String, Ipv4Addr)>,
 }
 
 fn check_ifname(n: &str) -> Result<(), FirewallError> {
@@ -145,6 +153,7 @@ pub fn table_script(comment: &str, guests: Cidr) -> String {
          \tset guests {{ type ifname . ipv4_addr; }}\n\
          \tset outside {{ type ifname; }}\n\
          \tset allow {{ type ifname . ipv4_addr; flags interval; }}\n\
+         \tset peers {{ type ifname . ipv4_addr; }}\n\
          \tset dns {{ type ipv4_addr; }}\n\
          \tset blocked {{ type ipv4_addr; flags interval; auto-merge; elements = {{ {blocked} }} }}\n\
          \tchain input {{ type filter hook input priority filter - 10; policy accept;\n\
@@ -154,11 +163,13 @@ pub fn table_script(comment: &str, guests: Cidr) -> String {
          \tchain from_guest {{\n\
          \t\tmeta nfproto != ipv4 drop\n\
          \t\tiifname . ip saddr != @guests drop\n\
+         \t\tiifname . ip daddr @peers accept\n\
          \t\tiifname @outside ip daddr @dns meta l4proto {{ tcp, udp }} th dport 53 accept\n\
          \t\tiifname . ip daddr @allow accept\n\
          \t\tip daddr @blocked drop\n\
          \t\tiifname @outside oifname != \"bgtap*\" accept\n\t}}\n\
-         \tchain to_guest {{\n\t\tct state established,related accept\n\t}}\n\
+         \tchain to_guest {{\n\t\tct state established,related accept\n\
+         \t\tiifname . ip daddr @peers accept\n\t}}\n\
          \tchain forward {{ type filter hook forward priority filter - 10; policy accept;\n\
          \t\tiifname \"bgtap*\" jump from_guest\n\
          \t\tiifname \"bgtap*\" drop\n\
@@ -180,6 +191,10 @@ fn elements(r: &GuestRules) -> Vec<(&'static str, String)> {
     }
     for a in &r.allow {
         v.push(("allow", format!("\"{tap}\" . {a}")));
+    }
+    for (ptap, pip) in &r.peers {
+        v.push(("peers", format!("\"{tap}\" . {pip}")));
+        v.push(("peers", format!("\"{ptap}\" . {}", r.guest_ip)));
     }
     v
 }
@@ -225,7 +240,11 @@ fn chains(what: &str) -> Result<Chains, FirewallError> {
 
 fn validate(r: &GuestRules) -> Result<(), FirewallError> {
     check_id(&r.vm_id)?;
-    check_ifname(&r.tap)
+    check_ifname(&r.tap)?;
+    for (t, _) in &r.peers {
+        check_ifname(t)?;
+    }
+    Ok(())
 }
 
 /// The VMs in the firewall now, as (tap, address) pairs; empty when
@@ -311,7 +330,20 @@ pub fn down(r: &GuestRules) -> Result<(), FirewallError> {
     if !cs.table {
         return Ok(());
     }
-    let cmds = delete_commands(r);
+    let mut cmds = delete_commands(r);
+    if r.networked {
+        // Peers that joined after it opened pairs with it too: every pair
+        // naming its tap or its address goes.
+        let listing = nft_out(&r.vm_id, &["list", "set", "inet", TABLE, "peers"], None)?;
+        for (t, ip) in parse_guests(&listing) {
+            if t == r.tap || ip == r.guest_ip {
+                let c = format!("delete element inet {TABLE} peers {{ \"{t}\" . {ip} }}\n");
+                if !cmds.contains(&c) {
+                    cmds.push(c);
+                }
+            }
+        }
+    }
     if nft(&r.vm_id, &cmds.concat()).is_err() {
         // Some element was gone already (a half-done up, a repeated
         // down): one at a time, the missing ones skipped.
@@ -400,6 +432,8 @@ mod tests {
             allow: vec!["10.1.0.0/16".parse().unwrap()],
             dns: vec![Ipv4Addr::new(192, 168, 1, 1)],
             guests: "172.30.0.0/16".parse().unwrap(),
+            networked: false,
+            peers: vec![],
         }
     }
 
@@ -502,7 +536,33 @@ mod tests {
             down(&a).unwrap();
             down(&a).unwrap();
             assert_eq!(present().unwrap(), vec![("bgtap1".into(), b.guest_ip)]);
-            down(&b).unwrap();
+            // A peer on a shared network: pairs both ways, and all of them
+            // gone with either VM.
+            let c = GuestRules {
+                vm_id: "ghi".into(),
+                tap: "bgtap2".into(),
+                guest_ip: Ipv4Addr::new(172, 30, 0, 14),
+                networked: true,
+                peers: vec![("bgtap1".into(), b.guest_ip)],
+                ..rules()
+            };
+            up(&c).unwrap();
+            let pairs = || {
+                parse_guests(&nft_out("test", &["list", "set", "inet", TABLE, "peers"], None).unwrap())
+            };
+            let mut p = pairs();
+            p.sort();
+            assert_eq!(
+                p,
+                vec![("bgtap1".into(), c.guest_ip), ("bgtap2".into(), b.guest_ip)]
+            );
+            down(&GuestRules {
+                networked: true,
+                ..b.clone()
+            })
+            .unwrap();
+            assert!(pairs().is_empty(), "the pairs go with either VM");
+            down(&c).unwrap();
             assert!(present().unwrap().is_empty());
             let listing = nft_out("test", &["-a", "list", "ruleset"], None).unwrap();
             assert!(!listing.contains("banger"), "{listing}");

@@ -36,7 +36,26 @@ pub fn rules(d: &Daemon, vm: &VmRecord, tap: &str) -> Result<GuestRules> {
             Vec::new()
         },
         guests: d.cfg.subnet.cidr(),
+        networked: vm.spec.net.network.is_some(),
+        peers: peers(d, vm)?,
     })
+}
+
+/// The other VMs of the VM's network that have a tap now.
+fn peers(d: &Daemon, vm: &VmRecord) -> Result<Vec<(String, std::net::Ipv4Addr)>> {
+    let Some(net) = &vm.spec.net.network else {
+        return Ok(Vec::new());
+    };
+    let others = d.store().list_vms()?;
+    Ok(others
+        .iter()
+        .filter(|o| o.id != vm.id && o.spec.net.network.as_ref() == Some(net))
+        .filter_map(|o| {
+            let tap = d.current_handles(o).tap_device?;
+            let ip = o.runtime.guest_ip.as_deref()?.parse().ok()?;
+            Some((tap, ip))
+        })
+        .collect())
 }
 
 impl Resource for Firewall {

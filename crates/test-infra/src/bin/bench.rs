@@ -244,6 +244,8 @@ fn network_bench(table: &mut String, iters: usize, present: u32) {
         allow: Vec::new(),
         dns: Vec::new(),
         guests: subnet.cidr(),
+        networked: false,
+        peers: Vec::new(),
     };
     let measure = |base: u32| {
         let (mut up, mut down) = (Vec::new(), Vec::new());
