@@ -194,6 +194,9 @@ pub struct DaemonStatus {
     /// (state, count), every state that has VMs.
     pub vms: Vec<(VmState, u32)>,
     pub pending_releases: u32,
+    /// VMs are `<name>.<dns_suffix>` in banger's DNS and ssh config.
+    #[serde(default)]
+    pub dns_suffix: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

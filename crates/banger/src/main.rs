@@ -41,6 +41,10 @@ enum Cmd {
     /// Build and list guest images.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// An ssh config snippet for `ssh <name>.vm` (Include it from
+    /// ~/.ssh/config): banger's key, the pinned host keys, and a proxy
+    /// that finds the VM through the daemon (no DNS setup needed).
+    SshConfig,
     /// Check what this host can do.
     Doctor {
         #[arg(long)]
@@ -226,6 +230,9 @@ enum DaemonCmd {
 
 #[derive(Debug, Subcommand)]
 enum InternalCmd {
+    /// ssh's ProxyCommand of `banger ssh-config`: connects stdin/stdout to
+    /// port 22 of the VM named by HOST (`<name>.vm` or `<name>`).
+    SshProxy { host: String },
     /// A VM's firewall and NAT rules (the same code the daemon uses).
     #[command(subcommand)]
     Firewall(FirewallCmd),
@@ -342,6 +349,14 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        Cmd::SshConfig => {
+            let Response::Status(st) = client.call(Request::DaemonStatus, &mut progress)? else {
+                bail!("unexpected answer to daemon status");
+            };
+            print!("{}", ssh::config_snippet(&client.layout, &st.dns_suffix)?);
+            Ok(0)
+        }
+        Cmd::Internal(InternalCmd::SshProxy { host }) => ssh::proxy(&client, &host),
         Cmd::Internal(InternalCmd::Firewall(f)) => {
             use banger_host::firewall::{self, GuestRules};
             match f {

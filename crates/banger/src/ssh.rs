@@ -54,6 +54,82 @@ pub fn args(vm: &VmInfo, ip: &str, cmd: &[String], tty: bool) -> Vec<OsString> {
     a
 }
 
+/// The `Host *.<suffix>` block `banger ssh-config` prints: banger's key,
+/// its known_hosts of every VM's pinned key, and this binary as the proxy.
+pub fn config_snippet(layout: &banger_core::Layout, suffix: &str) -> anyhow::Result<String> {
+    let exe = std::env::current_exe()?;
+    let q = |p: &std::path::Path| -> anyhow::Result<String> {
+        let s = p.to_string_lossy();
+        if s.chars()
+            .any(|c| c.is_whitespace() || c == '"' || c == '%' || c.is_control())
+        {
+            anyhow::bail!("{s:?} cannot go into an ssh config (white space, quotes or %)");
+        }
+        Ok(s.into_owned())
+    };
+    Ok(format!(
+        "# banger's VMs as <name>.{suffix}: `Include` this file from ~/.ssh/config\n\
+         Host *.{suffix}\n\
+         \tUser root\n\
+         \tIdentityFile {key}\n\
+         \tIdentitiesOnly yes\n\
+         \tUserKnownHostsFile {known}\n\
+         \tGlobalKnownHostsFile /dev/null\n\
+         \tStrictHostKeyChecking yes\n\
+         \tUpdateHostKeys no\n\
+         \tKexAlgorithms curve25519-sha256,curve25519-sha256@libssh.org\n\
+         \tProxyCommand {exe} --state-dir {state} --runtime-dir {run} internal ssh-proxy %h\n",
+        key = q(&layout.client_key())?,
+        known = q(&layout.ssh_dir().join("known_hosts"))?,
+        exe = q(&exe)?,
+        state = q(&layout.state_dir)?,
+        run = q(&layout.runtime_dir)?,
+    ))
+}
+
+/// Pipes stdin/stdout to port 22 of the VM named by `host`.
+pub fn proxy(client: &crate::client::Client, host: &str) -> anyhow::Result<i32> {
+    use std::io::{Read, Write};
+    let name = host.split('.').next().unwrap_or(host).to_string();
+    let r = client.call(
+        banger_core::api::Request::VmGet { name },
+        &mut crate::progress,
+    )?;
+    let banger_core::api::Response::Vm(vm) = r else {
+        anyhow::bail!("unexpected answer from bangerd");
+    };
+    let ip: std::net::Ipv4Addr = vm
+        .guest_ip
+        .as_deref()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("vm {:?} has no address", vm.name))?;
+    let sock = std::net::TcpStream::connect_timeout(
+        &std::net::SocketAddr::from((ip, 22)),
+        std::time::Duration::from_secs(20),
+    )?;
+    let mut up = sock.try_clone()?;
+    let mut down = sock;
+    let t = std::thread::spawn(move || {
+        let mut buf = [0u8; 32 * 1024];
+        let mut stdin = std::io::stdin().lock();
+        while let Ok(n) = stdin.read(&mut buf) {
+            if n == 0 || up.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = up.shutdown(std::net::Shutdown::Write);
+    });
+    let mut buf = [0u8; 32 * 1024];
+    let mut stdout = std::io::stdout().lock();
+    while let Ok(n) = down.read(&mut buf) {
+        if n == 0 || stdout.write_all(&buf[..n]).is_err() || stdout.flush().is_err() {
+            break;
+        }
+    }
+    drop(t);
+    Ok(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

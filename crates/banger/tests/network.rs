@@ -457,8 +457,24 @@ fn vm_names_resolve_and_other_names_are_forwarded() {
     assert!(lookup("a.vm").contains(&a_ip), "{}", lookup("a.vm"));
     assert!(lookup("b.vm").contains(&b_ip), "{}", lookup("b.vm"));
 
-    // A stopped VM's name goes with its listener; a deleted VM's name
-    // stops resolving.
+    // `ssh <name>.vm` with the snippet `banger ssh-config` prints: banger's
+    // key, the pinned host key, the daemon as the way to the VM.
+    let cfg = ok(&inst.banger(&["ssh-config"]), "ssh-config");
+    assert!(cfg.contains("Host *.vm"), "{cfg}");
+    let file = inst.dir.path().join("ssh_config");
+    std::fs::write(&file, &cfg).unwrap();
+    let out = inst
+        .net
+        .cmd("ssh")
+        .arg("-F")
+        .arg(&file)
+        .args(["b.vm", "hostname"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(ok(&out, "ssh b.vm").trim(), "b");
+
+    // A deleted VM's name stops resolving.
     ok(&inst.banger(&["vm", "delete", "b"]), "delete b");
     assert!(!lookup("b.vm").contains(&b_ip));
     ok(&inst.banger(&["vm", "delete", "a"]), "delete a");

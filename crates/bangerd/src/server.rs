@@ -331,6 +331,7 @@ fn status(daemon: &Daemon) -> Result<DaemonStatus> {
         uptime_secs: daemon.started.elapsed().as_secs(),
         vms: by_state,
         pending_releases: daemon.store().list_releases()?.len() as u32,
+        dns_suffix: daemon.cfg.dns_suffix.clone(),
     })
 }
 

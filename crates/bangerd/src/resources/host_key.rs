@@ -13,6 +13,24 @@ use crate::error::Result;
 #[derive(Debug)]
 pub struct HostKey;
 
+/// Rewrites `<state>/ssh/known_hosts` (what `banger ssh-config` points
+/// ssh at) from every VM's pinned key, as `<name>.<suffix> <key>`.
+fn publish_known_hosts(d: &Daemon) -> Result<()> {
+    let mut text = String::new();
+    let vms = d.store().list_vms()?;
+    for vm in vms {
+        let file = d.cfg.layout.vm_dir(&vm.id).join(vmfiles::KNOWN_HOSTS);
+        let Ok(line) = std::fs::read_to_string(&file) else {
+            continue;
+        };
+        if let Some((_, key)) = line.trim().split_once(' ') {
+            text.push_str(&format!("{}.{} {key}\n", vm.name, d.cfg.dns_suffix));
+        }
+    }
+    fsutil::write_atomic(&d.cfg.layout.ssh_dir().join("known_hosts"), text)?;
+    Ok(())
+}
+
 impl Resource for HostKey {
     fn name(&self) -> &'static str {
         "host_key"
@@ -27,7 +45,7 @@ impl Resource for HostKey {
             &dir.join(vmfiles::KNOWN_HOSTS),
             format!("{} {pubkey}\n", cx.vm.name),
         )?;
-        Ok(())
+        publish_known_hosts(d)
     }
 
     fn held(&self, d: &Daemon, vm: &VmRecord, _h: &VmHandles) -> Option<Value> {
@@ -39,8 +57,10 @@ impl Resource for HostKey {
         ])
     }
 
-    fn end(&self, _d: &Daemon, vm: &VmRecord, held: Value, _how: End) -> Result<Option<Value>> {
-        end_files(vm, held)
+    fn end(&self, d: &Daemon, vm: &VmRecord, held: Value, _how: End) -> Result<Option<Value>> {
+        let rest = end_files(vm, held)?;
+        publish_known_hosts(d)?;
+        Ok(rest)
     }
 
     fn release(&self, _d: &Daemon, _r: &Release, held: &Value) -> Result<()> {
