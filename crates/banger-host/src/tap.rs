@@ -94,6 +94,63 @@ pub fn create(name: &str, host_ip: Ipv4Addr, prefix: u8) -> Result<(), TapError>
     Ok(())
 }
 
+/// Creates a persistent tap `name`, down and without an address: a spare
+/// for the pool, configured when a VM gets it ([`assign`]).
+pub fn create_bare(name: &str) -> Result<(), TapError> {
+    check_name(name)?;
+    make_persistent_tap(name)
+}
+
+/// Puts `host_ip/prefix` on an existing tap and brings it up.
+pub fn assign(name: &str, host_ip: Ipv4Addr, prefix: u8) -> Result<(), TapError> {
+    check_name(name)?;
+    let index = nix::net::if_::if_nametoindex(name).map_err(|source| TapError::Ioctl {
+        tap: name.to_string(),
+        op: "look up the tap's index",
+        source,
+    })?;
+    configure(name, index, host_ip, prefix)
+}
+
+/// Takes `host_ip/prefix` off the tap and brings it down: a tap back in
+/// the pool, as [`create_bare`] made it. An address already gone is fine.
+pub fn reset(name: &str, host_ip: Ipv4Addr, prefix: u8) -> Result<(), TapError> {
+    check_name(name)?;
+    let index = nix::net::if_::if_nametoindex(name).map_err(|source| TapError::Ioctl {
+        tap: name.to_string(),
+        op: "look up the tap's index",
+        source,
+    })?;
+    let mut addr = AddressMessage::default();
+    addr.header.family = AddressFamily::Inet;
+    addr.header.prefix_len = prefix;
+    addr.header.index = index;
+    addr.attributes
+        .push(AddressAttribute::Local(IpAddr::V4(host_ip)));
+    addr.attributes
+        .push(AddressAttribute::Address(IpAddr::V4(host_ip)));
+    match rtnetlink(
+        name,
+        "remove the address",
+        vec![(RouteNetlinkMessage::DelAddress(addr), 0)],
+    ) {
+        Err(TapError::Io { ref source, .. })
+            if matches!(
+                source.raw_os_error(),
+                Some(libc::EADDRNOTAVAIL) | Some(libc::ENOENT)
+            ) => {}
+        r => r?,
+    }
+    let mut link = LinkMessage::default();
+    link.header.index = index;
+    link.header.change_mask = LinkFlags::Up;
+    rtnetlink(
+        name,
+        "bring down",
+        vec![(RouteNetlinkMessage::SetLink(link), 0)],
+    )
+}
+
 /// `TUNSETIFF` with `IFF_TUN_EXCL` (a new tap or an error, never someone
 /// else's), then `TUNSETPERSIST` so that the tap outlives this descriptor.
 fn make_persistent_tap(name: &str) -> Result<(), TapError> {
@@ -274,6 +331,27 @@ mod tests {
 
             delete("bgtap0").unwrap();
             assert!(!exists("bgtap0"));
+            delete("bgtap0").unwrap();
+        });
+    }
+
+    #[test]
+    fn a_spare_is_assigned_and_reset_for_the_pool() {
+        in_new_netns(|| {
+            let ip4 = Ipv4Addr::new(172, 30, 0, 9);
+            create_bare("bgtap0").unwrap();
+            assert!(!ip(&["link", "show", "dev", "bgtap0"]).contains(",UP"));
+            assign("bgtap0", ip4, 30).unwrap();
+            assert!(ip(&["link", "show", "dev", "bgtap0"]).contains(",UP"));
+            let addr = ip(&["-4", "-o", "addr", "show", "dev", "bgtap0"]);
+            assert!(addr.contains("inet 172.30.0.9/30"), "{addr}");
+            reset("bgtap0", ip4, 30).unwrap();
+            reset("bgtap0", ip4, 30).unwrap();
+            let addr = ip(&["-4", "-o", "addr", "show", "dev", "bgtap0"]);
+            assert!(addr.trim().is_empty(), "{addr}");
+            assert!(!ip(&["link", "show", "dev", "bgtap0"]).contains(",UP"));
+            // Reused with another address.
+            assign("bgtap0", Ipv4Addr::new(172, 30, 0, 13), 30).unwrap();
             delete("bgtap0").unwrap();
         });
     }

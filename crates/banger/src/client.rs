@@ -97,23 +97,26 @@ impl Client {
             source,
         };
         std::fs::create_dir_all(&self.layout.state_dir).map_err(spawn_err)?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(spawn_err)?;
-        let log2 = log.try_clone().map_err(spawn_err)?;
-        let mut child = Command::new(&binary)
-            .arg("--state-dir")
-            .arg(&self.layout.state_dir)
-            .arg("--runtime-dir")
-            .arg(&self.layout.runtime_dir)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .process_group(0)
-            .spawn()
-            .map_err(spawn_err)?;
+        let spawn = || {
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+                .map_err(spawn_err)?;
+            let log2 = log.try_clone().map_err(spawn_err)?;
+            Command::new(&binary)
+                .arg("--state-dir")
+                .arg(&self.layout.state_dir)
+                .arg("--runtime-dir")
+                .arg(&self.layout.runtime_dir)
+                .stdin(Stdio::null())
+                .stdout(log)
+                .stderr(log2)
+                .process_group(0)
+                .spawn()
+                .map_err(spawn_err)
+        };
+        let mut child = spawn()?;
         let start = Instant::now();
         let limit = Duration::from_secs(10);
         while start.elapsed() < limit {
@@ -121,11 +124,17 @@ impl Client {
                 return Ok(());
             }
             if let Ok(Some(status)) = child.try_wait() {
-                // It exited. If another daemon won the lock race, wait for
-                // that one's socket; otherwise this one failed: say why.
+                // It exited. If another daemon holds the lock (one starting
+                // for another client, or one still exiting), wait a moment
+                // and start another: whichever is left serves. Otherwise
+                // this one failed: say why.
                 let tail = banger_host::fsutil::tail_lines(&log_path, 8);
                 if tail.contains("only one daemon per state dir") {
-                    std::thread::sleep(Duration::from_millis(5));
+                    std::thread::sleep(Duration::from_millis(20));
+                    if UnixStream::connect(self.layout.socket()).is_ok() {
+                        return Ok(());
+                    }
+                    child = spawn()?;
                     continue;
                 }
                 return Err(ClientError::DaemonExited {

@@ -351,3 +351,66 @@ fn stats_status_and_logs_escaped_and_bounded() {
     ok(&inst.banger(&["vm", "delete", "noisy"]), "delete");
     inst.assert_baseline();
 }
+
+/// The tap pool (`BANGER_TAP_POOL`): spares are made warm, a start takes
+/// one (and the pool is refilled), a release gives it back or deletes it,
+/// a clean shutdown deletes the spares, and after a crash the next daemon
+/// does.
+#[test]
+fn a_warm_tap_pool_hands_out_and_takes_back_taps() {
+    let inst = Instance::new(&banger_bin()).with_image();
+    let pooled_daemon = || {
+        let out = inst
+            .banger_cmd(&["daemon", "ping"])
+            .env("BANGER_TAP_POOL", "2")
+            .output()
+            .unwrap();
+        ok(&out, "a daemon with a pool of two taps");
+        assert!(
+            wait_until(Duration::from_secs(10), || inst.taps().len() == 2),
+            "{:?}",
+            inst.taps()
+        );
+    };
+    pooled_daemon();
+    let spares = inst.taps();
+    ok(
+        &inst.banger(&["vm", "run", "--name", "w", "--", "true"]),
+        "run",
+    );
+    let ip = inst.vm("w").unwrap()["guest_ip"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let rules = inst.net.ruleset();
+    let used = spares
+        .iter()
+        .find(|t| rules.contains(&format!("\"{t}\" . {ip}")))
+        .unwrap_or_else(|| panic!("w's tap is not one of the spares {spares:?}:\n{rules}"));
+    assert!(
+        wait_until(Duration::from_secs(10), || inst.taps().len() == 3),
+        "the pool is refilled: {:?}",
+        inst.taps()
+    );
+    ok(&inst.banger(&["vm", "delete", "w"]), "delete");
+    inst.settle();
+    let left = inst.taps();
+    assert_eq!(left.len(), 2, "back to the pool's size: {left:?}");
+    let _ = used;
+
+    // A clean shutdown deletes the spares.
+    let pid = inst.daemon_pid();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    assert!(
+        wait_until(Duration::from_secs(30), || inst.taps().is_empty()),
+        "spares left after a clean shutdown: {:?}",
+        inst.taps()
+    );
+    // After a crash, the next daemon (without a pool) deletes them.
+    pooled_daemon();
+    inst.kill_daemon();
+    assert_eq!(inst.taps().len(), 2);
+    inst.assert_baseline();
+}

@@ -38,6 +38,8 @@ pub struct Config {
     pub dns_listen: Option<std::net::SocketAddr>,
     /// The resolv.conf whose nameservers banger forwards other names to.
     pub resolv_conf: PathBuf,
+    /// Spare taps kept warm (0: none; see `resources::tap`).
+    pub tap_pool: usize,
 }
 
 impl Config {
@@ -56,6 +58,7 @@ impl Config {
             dns_suffix: "vm".into(),
             dns_listen: None,
             resolv_conf: PathBuf::from("/etc/resolv.conf"),
+            tap_pool: 0,
         }
     }
 }

@@ -60,6 +60,8 @@ pub struct Daemon {
     pub(crate) boots: Boots,
     /// The stats poller's last samples.
     pub(crate) stats: crate::stats::Samples,
+    /// Spare taps.
+    pub(crate) tap_pool: crate::resources::tap::TapPool,
     /// Published ports' listeners, per running VM.
     pub(crate) forwarders: crate::resources::ports::Forwarders,
     /// DNS listeners on running VMs' gateways, and the host's.
@@ -174,6 +176,7 @@ impl Daemon {
             initrd_cache: Mutex::new(None),
             boots: Boots::default(),
             stats: Default::default(),
+            tap_pool: Default::default(),
             forwarders: Default::default(),
             dns_listeners: Default::default(),
             host_dns: Default::default(),

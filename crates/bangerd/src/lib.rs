@@ -32,6 +32,11 @@ use std::sync::Arc;
 pub use daemon::{Config, Daemon};
 pub use error::DaemonError;
 
+/// Lowers the calling thread's priority: housekeeping yields to requests.
+pub(crate) fn process_nice() -> std::io::Result<()> {
+    banger_host::process::set_thread_nice(0, 10)
+}
+
 /// Opens the daemon's state, reconciles what survived a restart, and serves
 /// on `listener` until `shutdown` is set.
 pub fn run(

@@ -39,6 +39,9 @@ struct Args {
     /// The resolv.conf whose nameservers banger forwards other names to.
     #[arg(long, env = "BANGER_RESOLV_CONF", default_value = "/etc/resolv.conf")]
     resolv_conf: PathBuf,
+    /// Spare taps kept warm for starts (0: none).
+    #[arg(long, env = "BANGER_TAP_POOL", default_value_t = 0)]
+    tap_pool: usize,
     /// The guests' addresses: a /30 per VM out of this network.
     #[arg(long, env = "BANGER_SUBNET", default_value = "172.30.0.0/16")]
     subnet: banger_core::net::Cidr,
@@ -100,6 +103,7 @@ fn real_main() -> anyhow::Result<()> {
         ),
     };
     cfg.resolv_conf = args.resolv_conf;
+    cfg.tap_pool = args.tap_pool.min(1024);
     cfg.subnet = banger_core::net::Subnet::from_cidr(args.subnet)?;
     cfg.firecracker = std::env::var_os("BANGER_FIRECRACKER")
         .filter(|v| !v.is_empty())

@@ -30,6 +30,8 @@ impl Daemon {
             }
             done.push(r.vm_id);
         }
+        // Spare taps a previous daemon left (it died with its pool).
+        self.drain_tap_pool();
         let vms = self.store().list_vms()?;
         for vm in vms {
             self.reconcile_vm(vm)?;

@@ -100,6 +100,7 @@ impl Daemon {
         if let Err(e) = process::set_thread_nice(0, 10) {
             warn!(err = %e, "cannot lower the janitor's priority");
         }
+        self.fill_tap_pool();
         loop {
             let job = self.janitor.next();
             if !self.cfg.release_delay.is_zero() {
@@ -109,6 +110,7 @@ impl Daemon {
                 warn!(vm = %job.vm_name, err = %e, "release failed; kept for a retry");
             }
             self.janitor.done(&job.vm_id);
+            self.fill_tap_pool();
         }
     }
 

@@ -71,6 +71,7 @@ pub fn run(daemon: Arc<Daemon>, listener: UnixListener, shutdown: Arc<AtomicBool
             "shutting down with releases pending; the next daemon finishes them"
         );
     }
+    daemon.drain_tap_pool();
 }
 
 fn write_reply(stream: &mut UnixStream, reply: &Reply) -> bool {
