@@ -284,6 +284,44 @@ fn network_bench(table: &mut String, iters: usize, present: u32) {
         .join()
         .expect("network bench thread")
     });
+    // The tap pool: a tap made at start and deleted at release, against one
+    // taken from the pool (address and link up) and given back (address
+    // off, link down).
+    let (made, deleted, taken, given) = std::thread::scope(|s| {
+        s.spawn(|| {
+            ns.enter_on_this_thread();
+            let ip = subnet.slot(3000).host_ip;
+            let (mut made, mut deleted, mut taken, mut given) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..iters {
+                let name = tap::free_name(&[]).expect("tap name");
+                let t = Instant::now();
+                tap::create(&name, ip, 30).expect("tap");
+                made.push(ms(t));
+                let t = Instant::now();
+                tap::delete(&name).expect("tap delete");
+                deleted.push(ms(t));
+            }
+            let name = tap::free_name(&[]).expect("tap name");
+            tap::create_bare(&name).expect("spare");
+            for _ in 0..iters {
+                let t = Instant::now();
+                tap::assign(&name, ip, 30).expect("assign");
+                taken.push(ms(t));
+                let t = Instant::now();
+                tap::reset(&name, ip, 30).expect("reset");
+                given.push(ms(t));
+            }
+            tap::delete(&name).expect("tap delete");
+            (made, deleted, taken, given)
+        })
+        .join()
+        .expect("tap pool bench thread")
+    });
+    row(table, "tap made at start (no pool)", &made, "ms");
+    row(table, "tap taken from the pool", &taken, "ms");
+    row(table, "tap deleted at release (no pool)", &deleted, "ms");
+    row(table, "tap given back to the pool", &given, "ms");
     row(table, "network setup (tap + firewall), alone", &a_up, "ms");
     row(
         table,
