@@ -52,6 +52,8 @@ pub struct Daemon {
     /// Releases of ended VMs' resources, done after the reply.
     pub janitor: Janitor,
     pub(crate) image_lock: Mutex<()>,
+    /// Serialises rewriting `ssh/known_hosts`.
+    pub(crate) known_hosts_lock: Mutex<()>,
     /// Serialises making a work-disk template.
     pub(crate) template_lock: Mutex<()>,
     /// The last image initramfs read, keyed by path, size and mtime.
@@ -173,6 +175,7 @@ impl Daemon {
             janitor: Janitor::default(),
             image_lock: Mutex::new(()),
             template_lock: Mutex::new(()),
+            known_hosts_lock: Mutex::new(()),
             initrd_cache: Mutex::new(None),
             boots: Boots::default(),
             stats: Default::default(),

@@ -28,6 +28,10 @@ use crate::error::{DaemonError, Result};
 const TTL: u32 = 5;
 /// How long an upstream resolver may take.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
+/// Forwarded queries in flight per listener; past it a query gets SERVFAIL
+/// at once (a guest flooding its resolver cannot make the daemon start
+/// threads without bound).
+pub const MAX_FORWARDS: usize = 16;
 
 /// Who asks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -189,6 +193,7 @@ impl Drop for Listener {
 pub type DaemonRef = std::sync::Weak<Daemon>;
 
 fn serve(d: &DaemonRef, sock: &UdpSocket, asker: &Asker, stop: &AtomicBool) {
+    let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut buf = [0u8; 4096];
     while !stop.load(Ordering::SeqCst) {
         let Ok((n, from)) = sock.recv_from(&mut buf) else {
@@ -202,18 +207,31 @@ fn serve(d: &DaemonRef, sock: &UdpSocket, asker: &Asker, stop: &AtomicBool) {
                 let _ = sock.send_to(&r, from);
             }
             Plan::Forward => {
+                if in_flight.fetch_add(1, Ordering::SeqCst) >= MAX_FORWARDS {
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
+                    if let Some(r) = servfail(&query) {
+                        let _ = sock.send_to(&r, from);
+                    }
+                    continue;
+                }
                 // Upstreams can be slow: not on the listener's thread.
                 let ups = daemon.dns_upstreams();
                 let Ok(reply_sock) = sock.try_clone() else {
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
                     continue;
                 };
-                let _ = std::thread::Builder::new()
+                let count = in_flight.clone();
+                let spawned = std::thread::Builder::new()
                     .name("dns-fwd".into())
                     .spawn(move || {
                         if let Some(r) = forward(&query, &ups).or_else(|| servfail(&query)) {
                             let _ = reply_sock.send_to(&r, from);
                         }
+                        count.fetch_sub(1, Ordering::SeqCst);
                     });
+                if spawned.is_err() {
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
+                }
             }
         }
     }

@@ -14,8 +14,18 @@ use crate::error::Result;
 pub struct HostKey;
 
 /// Rewrites `<state>/ssh/known_hosts` (what `banger ssh-config` points
-/// ssh at) from every VM's pinned key, as `<name>.<suffix> <key>`.
+/// ssh at) from every VM's pinned key, as `<name>.<suffix> <key>`; one
+/// writer at a time. A convenience for the user's ssh: a failure is
+/// logged, it never fails a create or a delete.
 fn publish_known_hosts(d: &Daemon) -> Result<()> {
+    let _g = crate::daemon::lock(&d.known_hosts_lock);
+    if let Err(e) = write_known_hosts(d) {
+        tracing::warn!(err = %e, "cannot update ssh/known_hosts for `banger ssh-config`");
+    }
+    Ok(())
+}
+
+fn write_known_hosts(d: &Daemon) -> Result<()> {
     let mut text = String::new();
     let vms = d.store().list_vms()?;
     for vm in vms {

@@ -31,6 +31,10 @@ pub struct Ports;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A UDP client silent this long is forgotten.
 const UDP_IDLE: Duration = Duration::from_secs(60);
+/// Connections (TCP) or clients (UDP) served at once per published port;
+/// past it new ones are closed or dropped, so that a flood cannot make the
+/// daemon start threads without bound.
+const MAX_CLIENTS: usize = 256;
 
 /// One published port's listener.
 #[derive(Debug)]
@@ -98,19 +102,29 @@ fn spawn(port: &PortMap, f: impl FnOnce() + Send + 'static) -> Result<()> {
 }
 
 fn serve_tcp(l: TcpListener, target: SocketAddr, stop: &AtomicBool) {
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for conn in l.incoming() {
         if stop.load(Ordering::SeqCst) {
             return;
         }
         let Ok(client) = conn else { continue };
-        let _ = std::thread::Builder::new()
+        if open.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+            open.fetch_sub(1, Ordering::SeqCst);
+            continue; // dropped: closed at once
+        }
+        let count = open.clone();
+        let spawned = std::thread::Builder::new()
             .name("port-conn".into())
             .spawn(move || {
-                let Ok(guest) = TcpStream::connect_timeout(&target, CONNECT_TIMEOUT) else {
-                    return; // the guest's port is closed: so is the client's
-                };
-                pipe(client, guest);
+                // (The guest's port closed: so is the client's.)
+                if let Ok(guest) = TcpStream::connect_timeout(&target, CONNECT_TIMEOUT) {
+                    pipe(client, guest);
+                }
+                count.fetch_sub(1, Ordering::SeqCst);
             });
+        if spawned.is_err() {
+            open.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -149,11 +163,13 @@ fn serve_udp(s: UdpSocket, target: SocketAddr, stop: &AtomicBool) {
         let Ok((n, from)) = s.recv_from(&mut buf) else {
             continue;
         };
+        let full = clients.len() >= MAX_CLIENTS;
         let up = match clients.get_mut(&from) {
             Some((sock, seen)) => {
                 *seen = Instant::now();
                 sock.clone()
             }
+            None if full => continue,
             None => {
                 let Ok(sock) = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) else {
                     continue;
