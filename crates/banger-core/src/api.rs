@@ -197,6 +197,9 @@ pub struct DaemonStatus {
     /// VMs are `<name>.<dns_suffix>` in banger's DNS and ssh config.
     #[serde(default)]
     pub dns_suffix: String,
+    /// Where the host can ask banger's DNS, if anywhere.
+    #[serde(default)]
+    pub dns_listen: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

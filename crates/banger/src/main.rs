@@ -1,6 +1,7 @@
 //! banger, the CLI: a thin client of bangerd plus ssh.
 
 mod client;
+mod dnsinstall;
 mod output;
 mod ssh;
 mod vm;
@@ -41,6 +42,9 @@ enum Cmd {
     /// Build and list guest images.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Route the host's `<name>.vm` lookups to banger's DNS, or stop.
+    #[command(subcommand)]
+    Dns(DnsCmd),
     /// An ssh config snippet for `ssh <name>.vm` (Include it from
     /// ~/.ssh/config): banger's key, the pinned host keys, and a proxy
     /// that finds the VM through the daemon (no DNS setup needed).
@@ -229,6 +233,22 @@ enum DaemonCmd {
 }
 
 #[derive(Debug, Subcommand)]
+enum DnsCmd {
+    /// Give banger's DNS the `.vm` routing domain of systemd-resolved (or
+    /// NetworkManager's dnsmasq).
+    Install {
+        /// Write under this root instead of / (and reload nothing).
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
+    /// Remove what `dns install` wrote.
+    Uninstall {
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum InternalCmd {
     /// ssh's ProxyCommand of `banger ssh-config`: connects stdin/stdout to
     /// port 22 of the VM named by HOST (`<name>.vm` or `<name>`).
@@ -346,6 +366,23 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 println!("{}", serde_json::to_string_pretty(&st)?);
             } else {
                 output::print_status(&st);
+            }
+            Ok(0)
+        }
+        Cmd::Dns(DnsCmd::Install { root }) => {
+            let Response::Status(st) = client.call(Request::DaemonStatus, &mut progress)? else {
+                bail!("unexpected answer to daemon status");
+            };
+            let Some(listen) = st.dns_listen else {
+                bail!("bangerd offers no DNS to the host (--dns-listen off)");
+            };
+            let path = dnsinstall::install(&root, &st.dns_suffix, &listen)?;
+            println!("{}", path.display());
+            Ok(0)
+        }
+        Cmd::Dns(DnsCmd::Uninstall { root }) => {
+            for p in dnsinstall::uninstall(&root)? {
+                println!("{}", p.display());
             }
             Ok(0)
         }

@@ -455,6 +455,18 @@ fn vm_names_resolve_and_other_names_are_forwarded() {
         text(&out.stdout)
     };
     assert!(lookup("a.vm").contains(&a_ip), "{}", lookup("a.vm"));
+    // The name `doctor` uses to see whether the host routes `.vm` to
+    // banger; this namespace's resolver does not (no `dns install`).
+    assert!(
+        lookup("_banger.vm").contains("127.0.0.153"),
+        "{}",
+        lookup("_banger.vm")
+    );
+    let doctor = ok(&inst.banger(&["doctor"]), "doctor");
+    assert!(
+        doctor.contains("host dns") && doctor.contains("banger dns install"),
+        "{doctor}"
+    );
     assert!(lookup("b.vm").contains(&b_ip), "{}", lookup("b.vm"));
 
     // `ssh <name>.vm` with the snippet `banger ssh-config` prints: banger's

@@ -33,6 +33,11 @@ const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 /// threads without bound).
 pub const MAX_FORWARDS: usize = 16;
 
+/// `_banger.<suffix>` answers with the host listener's address: what
+/// `doctor` resolves to see whether the host's resolver routes `.vm`
+/// names to banger.
+pub const CHECK_LABEL: &str = "_banger";
+
 /// Who asks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Asker {
@@ -242,6 +247,14 @@ impl Daemon {
     /// The answer plan for a query from `asker`.
     pub fn dns_plan(&self, query: &[u8], asker: &Asker) -> Plan {
         let lookup = |name: &str| -> Option<Ipv4Addr> {
+            // A name no VM can have (VM names are DNS labels): the host's
+            // check that `.vm` names reach banger (`doctor`).
+            if name == CHECK_LABEL {
+                return match self.cfg.dns_listen {
+                    Some(SocketAddr::V4(a)) => Some(*a.ip()),
+                    _ => Some(Ipv4Addr::LOCALHOST),
+                };
+            }
             let vm = self.store().vm_by_name(name).ok()??;
             if let Asker::Guest(id) = asker {
                 // Itself, or a VM of its network.

@@ -118,6 +118,7 @@ pub fn checks(d: &Daemon) -> Vec<Check> {
             "cannot list the nftables ruleset: run scripts/install-deps.sh (nftables)",
         )),
     }
+    v.push(host_dns_check(d));
     let host = sysinfo::host_resources(&d.cfg.layout.state_dir);
     let s = banger_core::sizing::default_sizing(&host);
     v.push(check(
@@ -158,4 +159,45 @@ pub fn checks(d: &Daemon) -> Vec<Check> {
         )),
     }
     v
+}
+
+/// Whether the host's own resolver sends `.vm` names to banger: resolves
+/// `_banger.<suffix>` (which only banger answers) through getaddrinfo, on
+/// a thread, for at most 3 seconds.
+fn host_dns_check(d: &Daemon) -> Check {
+    let suffix = d.cfg.dns_suffix.clone();
+    let Some(listen) = d.cfg.dns_listen else {
+        return check(
+            "host dns",
+            false,
+            "banger's DNS is not offered to the host (--dns-listen off); `banger ssh-config` still works",
+        );
+    };
+    let name = format!("{}.{suffix}", crate::dns::CHECK_LABEL);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let n = name.clone();
+    std::thread::spawn(move || {
+        use std::net::ToSocketAddrs;
+        let _ = tx.send(
+            (n.as_str(), 0)
+                .to_socket_addrs()
+                .map(|a| a.collect::<Vec<_>>()),
+        );
+    });
+    let resolved = rx.recv_timeout(std::time::Duration::from_secs(3));
+    match resolved {
+        Ok(Ok(addrs)) if addrs.iter().any(|a| a.ip() == listen.ip()) => check(
+            "host dns",
+            true,
+            format!("the host resolves <name>.{suffix} through banger ({listen})"),
+        ),
+        _ => check(
+            "host dns",
+            false,
+            format!(
+                "the host does not resolve <name>.{suffix}: `banger dns install` routes them to \
+                 banger ({listen}); `ssh NAME.{suffix}` works without it through `banger ssh-config`"
+            ),
+        ),
+    }
 }

@@ -333,6 +333,7 @@ fn status(daemon: &Daemon) -> Result<DaemonStatus> {
         vms: by_state,
         pending_releases: daemon.store().list_releases()?.len() as u32,
         dns_suffix: daemon.cfg.dns_suffix.clone(),
+        dns_listen: daemon.cfg.dns_listen.map(|a| a.to_string()),
     })
 }
 
