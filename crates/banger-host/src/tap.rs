@@ -121,14 +121,7 @@ pub fn reset(name: &str, host_ip: Ipv4Addr, prefix: u8) -> Result<(), TapError> 
         op: "look up the tap's index",
         source,
     })?;
-    let mut addr = AddressMessage::default();
-    addr.header.family = AddressFamily::Inet;
-    addr.header.prefix_len = prefix;
-    addr.header.index = index;
-    addr.attributes
-        .push(AddressAttribute::Local(IpAddr::V4(host_ip)));
-    addr.attributes
-        .push(AddressAttribute::Address(IpAddr::V4(host_ip)));
+    let addr = address(index, host_ip, prefix);
     match rtnetlink(
         name,
         "remove the address",
@@ -190,8 +183,8 @@ fn make_persistent_tap(name: &str) -> Result<(), TapError> {
     Ok(())
 }
 
-/// The host address and link up, in one rtnetlink exchange.
-fn configure(name: &str, index: u32, host_ip: Ipv4Addr, prefix: u8) -> Result<(), TapError> {
+/// The message naming `host_ip/prefix` on interface `index`.
+fn address(index: u32, host_ip: Ipv4Addr, prefix: u8) -> AddressMessage {
     let mut addr = AddressMessage::default();
     addr.header.family = AddressFamily::Inet;
     addr.header.prefix_len = prefix;
@@ -200,6 +193,12 @@ fn configure(name: &str, index: u32, host_ip: Ipv4Addr, prefix: u8) -> Result<()
         .push(AddressAttribute::Local(IpAddr::V4(host_ip)));
     addr.attributes
         .push(AddressAttribute::Address(IpAddr::V4(host_ip)));
+    addr
+}
+
+/// The host address and link up, in one rtnetlink exchange.
+fn configure(name: &str, index: u32, host_ip: Ipv4Addr, prefix: u8) -> Result<(), TapError> {
+    let addr = address(index, host_ip, prefix);
     let mut link = LinkMessage::default();
     link.header.index = index;
     link.header.flags = LinkFlags::Up;

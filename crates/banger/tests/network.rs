@@ -25,6 +25,14 @@ fn sh(ns: &str, args: &[&str]) {
     assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
 }
 
+/// The outside namespace's web server on :8080, serving `ok`.
+fn outside_web(inst: &Instance) -> (HttpServer, std::path::PathBuf) {
+    let www = inst.dir.path().join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("ok"), "ok\n").unwrap();
+    (inst.net.http_server(&www, 8080), www)
+}
+
 /// curl's exit status for each probe, run at once inside the guest (each
 /// bounded by --max-time 3: a dropped packet times out, exit 28).
 fn probes(inst: &Instance, vm: &str, probes: &[(&str, String)]) -> BTreeMap<String, i32> {
@@ -68,12 +76,9 @@ fn busybox_httpd(ns: &str, addr: &str, root: &std::path::Path) -> HttpServer {
 fn guests_reach_the_outside_world_and_nothing_else() {
     let inst = Instance::new(&banger_bin()).with_image();
     let net = &inst.net;
-    let www = inst.dir.path().join("www");
-    std::fs::create_dir_all(&www).unwrap();
-    std::fs::write(www.join("ok"), "ok\n").unwrap();
     // The outside world: a web server, a metadata server and a server on
     // a private range routed through the uplink.
-    let _web = net.http_server(&www, 8080);
+    let (_web, www) = outside_web(&inst);
     sh(
         &net.outside,
         &["ip", "addr", "add", "169.254.169.254/32", "dev", "world0"],
@@ -214,10 +219,7 @@ fn guests_reach_the_outside_world_and_nothing_else() {
 fn docker_forward_drop_and_a_firewall_reload() {
     let inst = Instance::new(&banger_bin()).with_image();
     let net = &inst.net;
-    let www = inst.dir.path().join("www");
-    std::fs::create_dir_all(&www).unwrap();
-    std::fs::write(www.join("ok"), "ok\n").unwrap();
-    let _web = net.http_server(&www, 8080);
+    let (_web, _) = outside_web(&inst);
     let docker = "table ip filter {\n\tchain FORWARD {\n\t\ttype filter hook forward priority filter; policy drop;\n\t}\n}\n";
     net.nft(docker);
     sh(&net.ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
