@@ -96,6 +96,9 @@ fn guests_reach_the_outside_world_and_nothing_else() {
     // A service of the host itself (the daemon's namespace), on every
     // address it has.
     let _host = busybox_httpd(&net.ns, "8081", &www);
+    // A resolver of the host's own, on port 53 of its uplink address:
+    // guests may only use banger's, on their gateway.
+    let _host53 = busybox_httpd(&net.ns, &format!("{}:53", net.inside_ip), &www);
 
     let _ = inst.daemon_pid();
     let runs = [
@@ -136,6 +139,7 @@ fn guests_reach_the_outside_world_and_nothing_else() {
             ("outside", outside.clone()),
             ("host-gateway", format!("http://{gw}:8081/ok")),
             ("host-uplink", format!("http://{}:8081/ok", net.inside_ip)),
+            ("host-port-53", format!("http://{}:53/ok", net.inside_ip)),
             ("metadata", "http://169.254.169.254/ok".into()),
             ("private", "http://10.77.0.1:8080/ok".into()),
             ("other-guest-ssh", format!("telnet://{b_ip}:22")),
@@ -145,6 +149,7 @@ fn guests_reach_the_outside_world_and_nothing_else() {
     for blocked in [
         "host-gateway",
         "host-uplink",
+        "host-port-53",
         "metadata",
         "private",
         "other-guest-ssh",

@@ -158,7 +158,7 @@ pub fn table_script(comment: &str, guests: Cidr) -> String {
          \tset blocked {{ type ipv4_addr; flags interval; auto-merge; elements = {{ {blocked} }} }}\n\
          \tchain input {{ type filter hook input priority filter - 10; policy accept;\n\
          \t\tiifname \"bgtap*\" ct state established,related accept\n\
-         \t\tiifname \"bgtap*\" fib daddr type local meta l4proto {{ tcp, udp }} th dport 53 accept\n\
+         \t\tiifname \"bgtap*\" fib daddr . iif type local meta l4proto {{ tcp, udp }} th dport 53 accept\n\
          \t\tiifname \"bgtap*\" drop\n\t}}\n\
          \tchain from_guest {{\n\
          \t\tmeta nfproto != ipv4 drop\n\
