@@ -101,14 +101,18 @@ pub fn create_bare(name: &str) -> Result<(), TapError> {
     make_persistent_tap(name)
 }
 
-/// Puts `host_ip/prefix` on an existing tap and brings it up.
-pub fn assign(name: &str, host_ip: Ipv4Addr, prefix: u8) -> Result<(), TapError> {
-    check_name(name)?;
-    let index = nix::net::if_::if_nametoindex(name).map_err(|source| TapError::Ioctl {
+fn index_of(name: &str) -> Result<u32, TapError> {
+    nix::net::if_::if_nametoindex(name).map_err(|source| TapError::Ioctl {
         tap: name.to_string(),
         op: "look up the tap's index",
         source,
-    })?;
+    })
+}
+
+/// Puts `host_ip/prefix` on an existing tap and brings it up.
+pub fn assign(name: &str, host_ip: Ipv4Addr, prefix: u8) -> Result<(), TapError> {
+    check_name(name)?;
+    let index = index_of(name)?;
     configure(name, index, host_ip, prefix)
 }
 
@@ -116,11 +120,7 @@ pub fn assign(name: &str, host_ip: Ipv4Addr, prefix: u8) -> Result<(), TapError>
 /// the pool, as [`create_bare`] made it. An address already gone is fine.
 pub fn reset(name: &str, host_ip: Ipv4Addr, prefix: u8) -> Result<(), TapError> {
     check_name(name)?;
-    let index = nix::net::if_::if_nametoindex(name).map_err(|source| TapError::Ioctl {
-        tap: name.to_string(),
-        op: "look up the tap's index",
-        source,
-    })?;
+    let index = index_of(name)?;
     let addr = address(index, host_ip, prefix);
     match rtnetlink(
         name,

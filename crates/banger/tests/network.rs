@@ -119,12 +119,7 @@ fn guests_reach_the_outside_world_and_nothing_else() {
     for r in runs {
         ok(&r.wait_with_output().unwrap(), "vm run");
     }
-    let ip = |name: &str| {
-        inst.vm(name).unwrap()["guest_ip"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let ip = |name: &str| inst.guest_ip(name);
     let (a_ip, b_ip) = (ip("a"), ip("b"));
     // The guest's gateway is the host end of its /30: the address before it.
     let gw = {
@@ -429,12 +424,7 @@ fn vm_names_resolve_and_other_names_are_forwarded() {
     for r in runs {
         ok(&r.wait_with_output().unwrap(), "vm run");
     }
-    let ip = |n: &str| {
-        inst.vm(n).unwrap()["guest_ip"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let ip = |name: &str| inst.guest_ip(name);
     let (a_ip, b_ip) = (ip("a"), ip("b"));
     let getent = |vm: &str, name: &str| {
         let out = inst.banger(&["vm", "ssh", vm, "--", "getent", "hosts", name]);
@@ -515,12 +505,7 @@ fn vms_on_one_network_reach_and_resolve_each_other() {
     for r in runs {
         ok(&r.wait_with_output().unwrap(), "vm run");
     }
-    let ip = |n: &str| {
-        inst.vm(n).unwrap()["guest_ip"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let ip = |name: &str| inst.guest_ip(name);
     let (x, y, z) = (ip("x"), ip("y"), ip("z"));
     // An HTTP request to sshd: answered with its banner (curl exits 1, 8
     // or 56), refused (7), or dropped (28).

@@ -541,6 +541,13 @@ impl Instance {
         set.contains(&format!("\" . {ip}"))
     }
 
+    /// The guest address of the VM `name` (which must exist).
+    pub fn guest_ip(&self, name: &str) -> String {
+        self.vm(name)
+            .and_then(|v| v["guest_ip"].as_str().map(str::to_string))
+            .unwrap_or_else(|| panic!("vm {name} has no address: {:?}", self.vms()))
+    }
+
     /// `vm ls --json`.
     pub fn vms(&self) -> Vec<serde_json::Value> {
         vm_list(&self.banger(&["vm", "ls", "--json"]))
