@@ -1,0 +1,591 @@
+//! Processes started for the host: with pipes or a PTY, attached to the
+//! connection that started them or detached (output kept for a later
+//! attach), listed, given input and signalled by pid or tag.
+//!
+//! Each process has pump threads that read its output and write it to the
+//! attached connection (blocking: the connection's flow control is the
+//! process's backpressure) or, with nobody attached, keep the last
+//! [`KEEP_OUTPUT`] bytes. A waiter thread reaps it, lets the pumps drain,
+//! and sends the exit status.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use banger_agent::proto::{
+    read_frame, write_frame, write_msg, ExecSpec, ExitStatus, Frame, Kind, Msg, ProcInfo,
+    ProtoError, Target, WinSize, KEEP_OUTPUT, MAX_ARGS,
+};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// Finished detached processes kept for `ps` and a late attach.
+const KEEP_EXITED: usize = 64;
+/// How long output may go on after the process exited (a background child
+/// holding its stdout) before the exit is reported anyway.
+const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(1);
+
+type Sink = Arc<Mutex<UnixStream>>;
+
+struct Proc {
+    pid: u32,
+    tag: Option<String>,
+    argv: Vec<String>,
+    tty: bool,
+    detached: bool,
+    started: u64,
+    stdin: Mutex<Option<File>>,
+    /// The PTY's master, for resizes.
+    master: Option<File>,
+    st: Mutex<State>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct State {
+    sink: Option<Sink>,
+    kept: VecDeque<(Kind, Vec<u8>)>,
+    kept_bytes: usize,
+    pumps: usize,
+    exit: Option<ExitStatus>,
+}
+
+fn table() -> MutexGuard<'static, HashMap<u32, Arc<Proc>>> {
+    static T: OnceLock<Mutex<HashMap<u32, Arc<Proc>>>> = OnceLock::new();
+    T.get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn find(target: &Target) -> Result<Arc<Proc>, String> {
+    let t = table();
+    let found = match target {
+        Target::Pid(p) => t.get(p).cloned(),
+        Target::Tag(tag) => t.values().find(|p| p.tag.as_deref() == Some(tag)).cloned(),
+    };
+    found.ok_or_else(|| format!("no process with {target} (see `banger vm ps`)"))
+}
+
+pub fn ps() -> Vec<ProcInfo> {
+    let mut list: Vec<ProcInfo> = table()
+        .values()
+        .map(|p| {
+            let st = lock(&p.st);
+            ProcInfo {
+                pid: p.pid,
+                tag: p.tag.clone(),
+                argv: p.argv.clone(),
+                tty: p.tty,
+                detached: p.detached,
+                started: p.started,
+                exit: st.exit,
+                attached: st.sink.is_some(),
+            }
+        })
+        .collect();
+    list.sort_by_key(|p| p.pid);
+    list
+}
+
+pub fn signal(target: &Target, signal: i32) -> Result<(), String> {
+    let p = find(target)?;
+    send_signal(&p, signal)
+}
+
+fn send_signal(p: &Proc, signal: i32) -> Result<(), String> {
+    let sig = Signal::try_from(signal).map_err(|_| format!("{signal} is not a signal"))?;
+    if lock(&p.st).exit.is_some() {
+        return Err(format!("process {} has exited", p.pid));
+    }
+    kill(Pid::from_raw(p.pid as i32), sig).map_err(|e| format!("signal process {}: {e}", p.pid))
+}
+
+/// A user as docker's `-u`: `name|uid[:group|gid]`, from the guest's
+/// /etc/passwd and /etc/group (no NSS in a static binary).
+#[derive(Debug)]
+struct User {
+    uid: u32,
+    gid: u32,
+    groups: Vec<u32>,
+    home: String,
+    name: String,
+}
+
+fn lookup_user(spec: Option<&str>) -> Result<User, String> {
+    let spec = spec.unwrap_or("root");
+    let (user, group) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    let entry = passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() >= 7 && (f[0] == user || (user.parse::<u32>().is_ok() && f[2] == user)));
+    let (uid, mut gid, home, name) = match entry {
+        Some(f) => (
+            f[2].parse().map_err(|_| format!("bad uid for {user}"))?,
+            f[3].parse().map_err(|_| format!("bad gid for {user}"))?,
+            f[5].to_string(),
+            f[0].to_string(),
+        ),
+        None => match user.parse::<u32>() {
+            Ok(uid) => (uid, uid, "/".to_string(), user.to_string()),
+            Err(_) => return Err(format!("no user {user:?} in the guest's /etc/passwd")),
+        },
+    };
+    let gfields: Vec<Vec<&str>> = groups.lines().map(|l| l.split(':').collect()).collect();
+    if let Some(g) = group {
+        gid = match gfields.iter().find(|f| f.len() >= 3 && f[0] == g) {
+            Some(f) => f[2].parse().map_err(|_| format!("bad gid for group {g}"))?,
+            None => g
+                .parse()
+                .map_err(|_| format!("no group {g:?} in the guest's /etc/group"))?,
+        };
+    }
+    let mut sup: Vec<u32> = gfields
+        .iter()
+        .filter(|f| f.len() >= 4 && f[3].split(',').any(|m| m == name))
+        .filter_map(|f| f[2].parse().ok())
+        .collect();
+    sup.push(gid);
+    sup.sort_unstable();
+    sup.dedup();
+    Ok(User {
+        uid,
+        gid,
+        groups: sup,
+        home,
+        name,
+    })
+}
+
+fn validate(spec: &ExecSpec) -> Result<(), String> {
+    if spec.argv.is_empty() {
+        return Err("exec: no command".into());
+    }
+    if spec.argv.len() + spec.env.len() > MAX_ARGS {
+        return Err(format!("exec: over {MAX_ARGS} arguments and variables"));
+    }
+    for (k, _) in &spec.env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            return Err(format!("exec: {k:?} is not an environment variable name"));
+        }
+    }
+    if spec
+        .argv
+        .iter()
+        .chain(spec.env.iter().map(|(_, v)| v))
+        .any(|a| a.contains('\0'))
+    {
+        return Err("exec: an argument or value holds a NUL byte".into());
+    }
+    if let Some(tag) = &spec.tag {
+        if tag.is_empty() || tag.len() > 64 || tag.parse::<u32>().is_ok() {
+            return Err(format!(
+                "exec: tag {tag:?} must be 1-64 characters and not a number"
+            ));
+        }
+        if table()
+            .values()
+            .any(|p| p.tag.as_deref() == Some(tag) && lock(&p.st).exit.is_none())
+        {
+            return Err(format!("exec: a running process already has tag {tag:?}"));
+        }
+    }
+    Ok(())
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn set_winsize(fd: &impl AsRawFd, ws: WinSize) -> Result<(), String> {
+    let w = nix::libc::winsize {
+        ws_row: ws.rows,
+        ws_col: ws.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one `winsize` from the pointer, which
+    // points to a live local of that type; the fd is a PTY master we own.
+    let r = unsafe { nix::libc::ioctl(fd.as_raw_fd(), nix::libc::TIOCSWINSZ, &w) };
+    if r < 0 {
+        return Err(format!("resize: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Starts the process; what it reads and writes is wired up by the caller.
+fn spawn(spec: &ExecSpec) -> Result<Arc<Proc>, String> {
+    validate(spec)?;
+    let user = lookup_user(spec.user.as_deref())?;
+    let mut cmd = Command::new(&spec.argv[0]);
+    cmd.args(&spec.argv[1..]);
+    cmd.env_clear();
+    cmd.env(
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    );
+    cmd.env("HOME", &user.home);
+    cmd.env("USER", &user.name);
+    cmd.env("LOGNAME", &user.name);
+    if let Ok(h) = nix::unistd::gethostname() {
+        cmd.env("HOSTNAME", h);
+    }
+    if spec.tty.is_some() {
+        cmd.env("TERM", "xterm");
+    }
+    for (k, v) in &spec.env {
+        cmd.env(k, v);
+    }
+    cmd.current_dir(spec.cwd.as_deref().unwrap_or(&user.home));
+    let mut master = None;
+    let mut out_pipes = None;
+    let mut stdin_w = None;
+    if let Some(ws) = spec.tty {
+        let pty = nix::pty::openpty(None, None).map_err(|e| format!("open a pty: {e}"))?;
+        let m = File::from(pty.master);
+        set_winsize(&m, ws)?;
+        let slave = File::from(pty.slave);
+        let dup = |f: &File| {
+            f.try_clone()
+                .map(Stdio::from)
+                .map_err(|e| format!("pty: {e}"))
+        };
+        cmd.stdin(dup(&slave)?)
+            .stdout(dup(&slave)?)
+            .stderr(Stdio::from(slave));
+        stdin_w = Some(m.try_clone().map_err(|e| format!("pty: {e}"))?);
+        master = Some(m);
+    } else {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.stdin(if spec.stdin || spec.detach {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
+        out_pipes = Some(());
+    }
+    let tty = spec.tty.is_some();
+    let (uid, gid, groups) = (user.uid, user.gid, user.groups.clone());
+    // SAFETY: the closure runs between fork and exec and only makes
+    // async-signal-safe system calls (setsid, ioctl, setgroups, setgid,
+    // setuid, signal) on values computed before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            use nix::libc;
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::setgroups(groups.len(), groups.as_ptr()) < 0
+                || libc::setgid(gid) < 0
+                || libc::setuid(uid) < 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The agent ignores SIGPIPE (Rust's runtime); its children get
+            // the default back, as from a shell.
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("exec {:?}: {e}", spec.argv[0]))?;
+    drop(cmd); // the parent's copies of the PTY's slave
+    let pid = child.id();
+    if out_pipes.is_some() {
+        stdin_w = child.stdin.take().map(|s| File::from(OwnedFd::from(s)));
+    }
+    let p = Arc::new(Proc {
+        pid,
+        tag: spec.tag.clone(),
+        argv: spec.argv.clone(),
+        tty,
+        detached: spec.detach,
+        started: now(),
+        stdin: Mutex::new(stdin_w),
+        master,
+        st: Mutex::new(State::default()),
+        cv: Condvar::new(),
+    });
+    let mut outputs: Vec<(Kind, File)> = Vec::new();
+    if let Some(m) = &p.master {
+        outputs.push((
+            Kind::Stdout,
+            m.try_clone().map_err(|e| format!("pty: {e}"))?,
+        ));
+    }
+    if let Some(o) = child.stdout.take() {
+        outputs.push((Kind::Stdout, File::from(OwnedFd::from(o))));
+    }
+    if let Some(e) = child.stderr.take() {
+        outputs.push((Kind::Stderr, File::from(OwnedFd::from(e))));
+    }
+    lock(&p.st).pumps = outputs.len();
+    table().insert(pid, p.clone());
+    for (kind, f) in outputs {
+        let p = p.clone();
+        std::thread::spawn(move || pump(&p, kind, f));
+    }
+    let waiter = p.clone();
+    std::thread::spawn(move || wait(&waiter, child));
+    Ok(p)
+}
+
+fn pump(p: &Proc, kind: Kind, mut f: File) {
+    let mut buf = vec![0u8; 32 << 10];
+    loop {
+        // A PTY's master reads EIO once the last slave is closed: its end.
+        let n = match f.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let sink = {
+            let mut st = lock(&p.st);
+            match &st.sink {
+                Some(s) => s.clone(),
+                None => {
+                    st.kept_bytes += n;
+                    st.kept.push_back((kind, buf[..n].to_vec()));
+                    while st.kept_bytes > KEEP_OUTPUT {
+                        match st.kept.pop_front() {
+                            Some((_, b)) => st.kept_bytes -= b.len(),
+                            None => break,
+                        }
+                    }
+                    continue;
+                }
+            }
+        };
+        let sent = write_frame(&mut *lock(&sink), kind, &buf[..n]);
+        if sent.is_err() {
+            gone(p, &sink);
+        }
+    }
+    let mut st = lock(&p.st);
+    st.pumps -= 1;
+    p.cv.notify_all();
+}
+
+/// The attached connection failed: a detached process carries on alone,
+/// an attached one is killed with its session (as ssh's would be).
+fn gone(p: &Proc, sink: &Sink) {
+    let mut st = lock(&p.st);
+    if st.sink.as_ref().is_some_and(|s| Arc::ptr_eq(s, sink)) {
+        st.sink = None;
+        if !p.detached && st.exit.is_none() {
+            let _ = kill(Pid::from_raw(-(p.pid as i32)), Signal::SIGKILL);
+        }
+    }
+}
+
+fn wait(p: &Proc, mut child: std::process::Child) {
+    let status = child.wait().ok();
+    let exit = match status {
+        Some(s) => ExitStatus {
+            code: s.code(),
+            signal: s.signal(),
+        },
+        None => ExitStatus {
+            code: None,
+            signal: None,
+        },
+    };
+    let mut st = lock(&p.st);
+    let deadline = std::time::Instant::now() + DRAIN_AFTER_EXIT;
+    while st.pumps > 0 {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        st =
+            p.cv.wait_timeout(st, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+    }
+    st.exit = Some(exit);
+    *lock(&p.stdin) = None;
+    if let Some(sink) = st.sink.take() {
+        let mut s = lock(&sink);
+        let _ = write_msg(&mut *s, &Msg::Exited(exit));
+        // Wakes the connection's reader: the call is over.
+        let _ = s.shutdown(Shutdown::Read);
+    }
+    p.cv.notify_all();
+    drop(st);
+    let mut t = table();
+    if !p.detached {
+        t.remove(&p.pid);
+    } else {
+        let mut done: Vec<(u64, u32)> = t
+            .values()
+            .filter(|q| q.detached && lock(&q.st).exit.is_some())
+            .map(|q| (q.started, q.pid))
+            .collect();
+        done.sort_unstable();
+        for (_, pid) in done.iter().take(done.len().saturating_sub(KEEP_EXITED)) {
+            t.remove(pid);
+        }
+    }
+}
+
+/// The host's side of a running call: stdin, stdin's end, signals and
+/// resizes, until the connection ends.
+fn serve_input(p: &Proc, c: &mut UnixStream, until_done: bool) -> Result<(), ProtoError> {
+    loop {
+        match read_frame(c)? {
+            None => return Ok(()),
+            Some(Frame::Bytes(Kind::Stdin, data)) => {
+                let mut stdin = lock(&p.stdin);
+                if let Some(w) = stdin.as_mut() {
+                    if w.write_all(&data).is_err() {
+                        // The process closed its stdin: later input is
+                        // dropped, as a pipe's reader that went away.
+                        *stdin = None;
+                    }
+                }
+            }
+            Some(Frame::Msg(Msg::CloseStdin)) => *lock(&p.stdin) = None,
+            Some(Frame::Msg(Msg::Signal { signal })) => {
+                if let Err(e) = send_signal(p, signal) {
+                    crate::log(&e);
+                }
+            }
+            Some(Frame::Msg(Msg::Resize(ws))) => {
+                if let Some(m) = &p.master {
+                    let _ = set_winsize(m, ws);
+                }
+            }
+            Some(Frame::Msg(Msg::Done)) if until_done => return Ok(()),
+            Some(other) => {
+                return Err(ProtoError::Unexpected(format!("{other:?}")));
+            }
+        }
+    }
+}
+
+pub fn exec(mut c: UnixStream, spec: ExecSpec) -> Result<(), ProtoError> {
+    let p = match spawn(&spec) {
+        Ok(p) => p,
+        Err(e) => return write_msg(&mut c, &Msg::error(e)),
+    };
+    let sink: Sink = Arc::new(Mutex::new(c.try_clone()?));
+    {
+        let mut st = lock(&p.st);
+        let mut w = lock(&sink);
+        write_msg(&mut *w, &Msg::Started { pid: p.pid })?;
+        if spec.detach {
+            return write_msg(&mut *w, &Msg::Done);
+        }
+        // What it wrote before the connection was its sink.
+        for (kind, data) in st.kept.drain(..) {
+            write_frame(&mut *w, kind, &data)?;
+        }
+        st.kept_bytes = 0;
+        if let Some(exit) = st.exit {
+            return write_msg(&mut *w, &Msg::Exited(exit));
+        }
+        st.sink = Some(sink.clone());
+    }
+    let r = serve_input(&p, &mut c, false);
+    gone(&p, &sink);
+    r
+}
+
+pub fn attach(mut c: UnixStream, target: &Target) -> Result<(), ProtoError> {
+    let p = match find(target) {
+        Ok(p) => p,
+        Err(e) => return write_msg(&mut c, &Msg::error(e)),
+    };
+    let sink: Sink = Arc::new(Mutex::new(c.try_clone()?));
+    {
+        let mut st = lock(&p.st);
+        if st.sink.is_some() {
+            return write_msg(
+                &mut c,
+                &Msg::error(format!("process {} is attached to another client", p.pid)),
+            );
+        }
+        let mut w = lock(&sink);
+        write_msg(&mut *w, &Msg::Started { pid: p.pid })?;
+        for (kind, data) in st.kept.drain(..) {
+            write_frame(&mut *w, kind, &data)?;
+        }
+        st.kept_bytes = 0;
+        if let Some(exit) = st.exit {
+            return write_msg(&mut *w, &Msg::Exited(exit));
+        }
+        st.sink = Some(sink.clone());
+    }
+    let r = serve_input(&p, &mut c, false);
+    gone(&p, &sink);
+    r
+}
+
+pub fn input(mut c: UnixStream, target: &Target) -> Result<(), ProtoError> {
+    let p = match find(target) {
+        Ok(p) => p,
+        Err(e) => return write_msg(&mut c, &Msg::error(e)),
+    };
+    serve_input(&p, &mut c, true)?;
+    write_msg(&mut c, &Msg::Done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_specs_are_refused_before_anything_runs() {
+        let spec = |argv: &[&str]| ExecSpec {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        assert!(validate(&spec(&[])).is_err());
+        assert!(validate(&spec(&["a\0b"])).is_err());
+        let mut s = spec(&["true"]);
+        s.env = vec![("A=B".into(), "c".into())];
+        assert!(validate(&s).is_err());
+        s.env = vec![];
+        s.tag = Some("123".into());
+        assert!(validate(&s).unwrap_err().contains("not a number"));
+        s.tag = Some("web".into());
+        assert!(validate(&s).is_ok());
+    }
+
+    #[test]
+    fn users_resolve_from_passwd() {
+        let root = lookup_user(None).unwrap();
+        assert_eq!((root.uid, root.gid), (0, 0));
+        assert_eq!(lookup_user(Some("0:0")).unwrap().uid, 0);
+        let n = lookup_user(Some("4242")).unwrap();
+        assert_eq!(
+            (n.uid, n.gid),
+            (4242, 4242),
+            "a bare uid is allowed, as docker's"
+        );
+        assert!(lookup_user(Some("no-such-user-here"))
+            .unwrap_err()
+            .contains("/etc/passwd"));
+    }
+}

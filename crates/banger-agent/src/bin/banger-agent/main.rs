@@ -1,0 +1,187 @@
+//! banger-agent: the guest's agent, started (and restarted) by the guest's
+//! init. It listens on vsock port [`AGENT_PORT`], accepts connections from
+//! the host only (CID 2), serves one call per connection on its own thread,
+//! and says hello to the host's [`HELLO_PORT`] when it starts, which is how
+//! the daemon learns that the guest is up.
+//!
+//! `banger-agent --unix PATH` serves the same protocol on a Unix socket
+//! instead: the host-side tests of exec and files use it.
+
+mod exec;
+mod files;
+mod system;
+
+use std::os::fd::OwnedFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+
+use banger_agent::proto::{
+    self, write_msg, Call, Msg, ProtoError, AGENT_PORT, HELLO_PORT, VERSION,
+};
+
+/// VMADDR_CID_HOST: the only peer the agent serves.
+const HOST_CID: u32 = 2;
+/// VMADDR_CID_ANY.
+const ANY_CID: u32 = u32::MAX;
+
+const BOOT_ID_FILE: &str = "/etc/banger-boot-id";
+
+fn log(msg: &str) {
+    // The console; a full or missing one is no reason to stop.
+    eprintln!("banger-agent: {msg}");
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("--unix") => {
+            let Some(path) = args.get(2) else {
+                log("usage: banger-agent [--unix PATH]");
+                std::process::exit(2);
+            };
+            let _ = std::fs::remove_file(path);
+            let l = match UnixListener::bind(path) {
+                Ok(l) => l,
+                Err(e) => {
+                    log(&format!("bind {path}: {e}"));
+                    std::process::exit(1);
+                }
+            };
+            // The caller (a test) waits for this line, not for a delay.
+            println!("listening");
+            for c in l.incoming().flatten() {
+                serve(c);
+            }
+        }
+        Some(other) => {
+            log(&format!(
+                "unknown argument {other:?}; usage: banger-agent [--unix PATH]"
+            ));
+            std::process::exit(2);
+        }
+        None => vsock_main(),
+    }
+}
+
+fn vsock_main() {
+    let l = match vsock::VsockListener::bind_with_cid_port(ANY_CID, AGENT_PORT) {
+        Ok(l) => l,
+        Err(e) => {
+            log(&format!(
+                "listen on vsock port {AGENT_PORT}: {e} (no virtio-vsock device?)"
+            ));
+            // init restarts the agent; do not spin.
+            std::thread::sleep(std::time::Duration::from_secs(5));
+            std::process::exit(1);
+        }
+    };
+    std::thread::spawn(hello);
+    for c in l.incoming() {
+        let c = match c {
+            Ok(c) => c,
+            Err(e) => {
+                log(&format!("accept: {e}"));
+                continue;
+            }
+        };
+        match c.peer_addr() {
+            Ok(a) if a.cid() == HOST_CID => {}
+            Ok(a) => {
+                log(&format!("refused a connection from cid {}", a.cid()));
+                continue;
+            }
+            Err(_) => continue,
+        }
+        // Every call is served through the plain socket calls (read,
+        // write, shutdown, dup) that AF_VSOCK streams share with Unix
+        // ones, so one type serves both.
+        serve(UnixStream::from(OwnedFd::from(c)));
+    }
+}
+
+/// Tells the host the agent is up (with this boot's id, so that a hello
+/// from an earlier boot never counts). A host that does not listen (a
+/// restarted daemon) is no error.
+fn hello() {
+    let boot_id = boot_id();
+    match vsock::VsockStream::connect_with_cid_port(HOST_CID, HELLO_PORT) {
+        Ok(mut s) => {
+            if let Err(e) = write_msg(
+                &mut s,
+                &Msg::Hello {
+                    version: VERSION,
+                    boot_id,
+                },
+            ) {
+                log(&format!("hello: {e}"));
+            }
+        }
+        Err(e) => log(&format!("hello to the host: {e}")),
+    }
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string(BOOT_ID_FILE)
+        .map(|s| s.trim().chars().take(64).collect())
+        .unwrap_or_default()
+}
+
+fn serve(c: UnixStream) {
+    let r = std::thread::Builder::new()
+        .name("call".into())
+        .spawn(move || {
+            if let Err(e) = call(c) {
+                if !matches!(e, ProtoError::Closed) {
+                    log(&format!("call: {e}"));
+                }
+            }
+        });
+    if let Err(e) = r {
+        log(&format!("cannot start a thread: {e}"));
+    }
+}
+
+fn call(mut c: UnixStream) -> Result<(), ProtoError> {
+    let req = proto::read_request(&mut c)?;
+    if req.v != VERSION {
+        return write_msg(
+            &mut c,
+            &Msg::error(format!(
+                "the agent speaks protocol {VERSION}, the host {}: rebuild the image or update banger",
+                req.v
+            )),
+        );
+    }
+    let reply = match req.call {
+        Call::Ping => Ok(Msg::Pong {
+            version: VERSION,
+            boot_id: boot_id(),
+            hostname: nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        }),
+        Call::Exec(spec) => return exec::exec(c, spec),
+        Call::Attach { target } => return exec::attach(c, &target),
+        Call::Input { target } => return exec::input(c, &target),
+        Call::Ps => Ok(Msg::Processes { list: exec::ps() }),
+        Call::Signal { target, signal } => exec::signal(&target, signal).map(|()| Msg::Done),
+        Call::GetTar { path } => return files::get_tar(c, &path),
+        Call::PutTar { dir } => return files::put_tar(c, &dir),
+        Call::Stat { path } => files::stat(&path).map(Msg::Stat),
+        Call::List { path } => files::list(&path).map(|list| Msg::Entries { list }),
+        Call::Mkdir {
+            path,
+            mode,
+            parents,
+        } => files::mkdir(&path, mode, parents).map(|()| Msg::Done),
+        Call::Move { from, to } => files::rename(&from, &to).map(|()| Msg::Done),
+        Call::Remove { path, recursive } => files::remove(&path, recursive).map(|()| Msg::Done),
+        Call::Watch { path, recursive } => return files::watch(c, &path, recursive),
+        Call::Stats => system::stats().map(Msg::Stats),
+        Call::SetClock { unix_ns } => system::set_clock(unix_ns).map(|()| Msg::Done),
+        Call::SetIdentity(id) => system::set_identity(&id).map(|()| Msg::Done),
+        Call::WaitListen { port, timeout_ms } => {
+            system::wait_listen(port, timeout_ms).map(|()| Msg::Done)
+        }
+    };
+    write_msg(&mut c, &reply.unwrap_or_else(Msg::error))
+}

@@ -1,0 +1,230 @@
+//! The guest as a whole: stats for the daemon's poller, the clock, the
+//! guest's identity (for restored clones), and waiting for a listener.
+
+use std::time::{Duration, Instant};
+
+use banger_agent::proto::{GuestStats, Identity};
+
+/// The guest's CPU, memory and load, from /proc.
+pub fn stats() -> Result<GuestStats, String> {
+    let read = |p: &str| std::fs::read_to_string(p).map_err(|e| format!("{p}: {e}"));
+    let stat = read("/proc/stat")?;
+    let cpu: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = cpu.iter().take(8).sum();
+    let idle = cpu.get(3).copied().unwrap_or(0) + cpu.get(4).copied().unwrap_or(0);
+    let mem = read("/proc/meminfo")?;
+    let kib = |key: &str| {
+        mem.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let load: Vec<f64> = read("/proc/loadavg")?
+        .split_whitespace()
+        .take(3)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let uptime = read("/proc/uptime")?
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    let processes = std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .bytes()
+                        .all(|b| b.is_ascii_digit())
+                })
+                .count() as u32
+        })
+        .unwrap_or(0);
+    Ok(GuestStats {
+        cpu_busy: total.saturating_sub(idle),
+        cpu_total: total,
+        mem_total_kib: kib("MemTotal:"),
+        mem_available_kib: kib("MemAvailable:"),
+        load: [
+            load.first().copied().unwrap_or(0.0),
+            load.get(1).copied().unwrap_or(0.0),
+            load.get(2).copied().unwrap_or(0.0),
+        ],
+        uptime_secs: uptime,
+        processes,
+    })
+}
+
+pub fn set_clock(unix_ns: u64) -> Result<(), String> {
+    use nix::sys::time::TimeSpec;
+    use nix::time::{clock_settime, ClockId};
+    let ts = TimeSpec::new(
+        (unix_ns / 1_000_000_000) as i64,
+        (unix_ns % 1_000_000_000) as i64,
+    );
+    clock_settime(ClockId::CLOCK_REALTIME, ts).map_err(|e| format!("set the clock: {e}"))
+}
+
+/// A DNS label, as the daemon validates VM names (the host is trusted, but
+/// a name goes into files and a command line here).
+fn valid_hostname(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 63
+        && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !h.starts_with('-')
+}
+
+pub fn set_identity(id: &Identity) -> Result<(), String> {
+    if let Some(h) = &id.hostname {
+        if !valid_hostname(h) {
+            return Err(format!("hostname {h:?} is not a DNS label"));
+        }
+        nix::unistd::sethostname(h).map_err(|e| format!("sethostname {h}: {e}"))?;
+        write("/etc/hostname", &format!("{h}\n"), 0o644)?;
+        write(
+            "/etc/hosts",
+            &format!("127.0.0.1\tlocalhost\n127.0.1.1\t{h}\n"),
+            0o644,
+        )?;
+    }
+    if let Some((cidr, gw)) = &id.address {
+        let (ip, prefix) = cidr
+            .split_once('/')
+            .ok_or_else(|| format!("address {cidr:?} is not ADDRESS/PREFIX"))?;
+        ip.parse::<std::net::Ipv4Addr>()
+            .map_err(|_| format!("address {ip:?} is not IPv4"))?;
+        prefix
+            .parse::<u8>()
+            .ok()
+            .filter(|p| *p <= 32)
+            .ok_or_else(|| format!("prefix {prefix:?} is not 0-32"))?;
+        gw.parse::<std::net::Ipv4Addr>()
+            .map_err(|_| format!("gateway {gw:?} is not IPv4"))?;
+        ip_cmd(&["addr", "flush", "dev", "eth0"])?;
+        ip_cmd(&["addr", "add", cidr, "dev", "eth0"])?;
+        ip_cmd(&["route", "replace", "default", "via", gw, "dev", "eth0"])?;
+    }
+    if let Some((key, public)) = &id.host_key {
+        write("/etc/ssh/ssh_host_ed25519_key", key, 0o600)?;
+        write("/etc/ssh/ssh_host_ed25519_key.pub", public, 0o644)?;
+        restart_sshd();
+    }
+    Ok(())
+}
+
+fn write(path: &str, text: &str, mode: u32) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = format!("{path}.banger-tmp");
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)))
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| format!("write {path}: {e}"))
+}
+
+fn ip_cmd(args: &[&str]) -> Result<(), String> {
+    let busybox = "/usr/lib/banger/busybox";
+    let mut cmd = if std::path::Path::new(busybox).exists() {
+        let mut c = std::process::Command::new(busybox);
+        c.arg("ip");
+        c
+    } else {
+        std::process::Command::new("ip")
+    };
+    let out = cmd
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// The listening sshd (a child of init) is told to go; init starts it
+/// again with the new key. Sessions already open stay.
+fn restart_sshd() {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in dir.filter_map(Result::ok) {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ..."
+        let Some((comm, rest)) = stat.split_once(") ") else {
+            continue;
+        };
+        let ppid = rest.split_whitespace().nth(1);
+        if comm.ends_with("(sshd") && ppid == Some("1") {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+}
+
+/// Whether something listens on TCP `port` (IPv4 or IPv6), from
+/// /proc/net/tcp{,6}: state 0A is LISTEN.
+fn listening(port: u16) -> bool {
+    let want = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|p| {
+        std::fs::read_to_string(p).is_ok_and(|t| {
+            t.lines().skip(1).any(|l| {
+                let mut f = l.split_whitespace();
+                let local = f.nth(1).unwrap_or_default();
+                let state = f.nth(1).unwrap_or_default();
+                local.ends_with(&want) && state == "0A"
+            })
+        })
+    })
+}
+
+pub fn wait_listen(port: u16, timeout_ms: u64) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_millis(timeout_ms.min(600_000));
+    // The kernel has no event for a new listener; a 10 ms look at a
+    // /proc file costs the guest nothing measurable.
+    while !listening(port) {
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "nothing listens on port {port} after {timeout_ms} ms"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn hostnames_are_labels() {
+        assert!(super::valid_hostname("web-1"));
+        assert!(!super::valid_hostname("a;reboot"));
+        assert!(!super::valid_hostname("-x"));
+        assert!(!super::valid_hostname(""));
+    }
+
+    #[test]
+    fn stats_read_proc() {
+        let s = super::stats().unwrap();
+        assert!(s.cpu_total >= s.cpu_busy && s.cpu_total > 0);
+        assert!(s.mem_total_kib > 0 && s.processes > 0);
+    }
+}

@@ -1,0 +1,158 @@
+//! The host's side of agent calls, over any connection to the agent (the
+//! daemon's proxy for the CLI, the vsock socket for the daemon, a Unix
+//! socket in tests).
+
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+
+use crate::proto::{
+    read_frame, read_msg, write_frame, write_msg, write_request, Call, ExitStatus, Frame,
+    FrameReader, FrameWriter, Kind, Msg, ProtoError, WinSize, CHUNK,
+};
+
+/// A one-shot call: the request and its one answer.
+pub fn call(mut c: UnixStream, call: Call) -> Result<Msg, ProtoError> {
+    write_request(&mut c, call)?;
+    read_msg(&mut c)
+}
+
+/// What a session's user sends while the process runs; cheap to clone and
+/// usable from any thread (a signal handler's thread, a stdin pump).
+#[derive(Clone)]
+pub struct Control(Arc<Mutex<UnixStream>>);
+
+impl Control {
+    fn send(&self, m: &Msg) -> Result<(), ProtoError> {
+        let mut w = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        write_msg(&mut *w, m)
+    }
+
+    pub fn signal(&self, signal: i32) -> Result<(), ProtoError> {
+        self.send(&Msg::Signal { signal })
+    }
+
+    pub fn resize(&self, ws: WinSize) -> Result<(), ProtoError> {
+        self.send(&Msg::Resize(ws))
+    }
+
+    pub fn close_stdin(&self) -> Result<(), ProtoError> {
+        self.send(&Msg::CloseStdin)
+    }
+
+    pub fn stdin(&self, data: &[u8]) -> Result<(), ProtoError> {
+        let mut w = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        write_frame(&mut *w, Kind::Stdin, data)
+    }
+
+    /// Copies `input` to the process's stdin until its end, then closes
+    /// the process's stdin (what `docker exec -i` does at EOF).
+    pub fn feed(&self, mut input: impl Read) -> Result<(), ProtoError> {
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = match input.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            };
+            self.stdin(&buf[..n])?;
+        }
+        self.close_stdin()
+    }
+
+    /// Ends an `Input` call.
+    pub fn done(&self) -> Result<(), ProtoError> {
+        self.send(&Msg::Done)
+    }
+}
+
+/// A process started (or attached to) through the agent.
+pub struct Session {
+    r: UnixStream,
+    control: Control,
+    pub pid: u32,
+}
+
+impl Session {
+    /// Sends `call` (an `Exec` or an `Attach`) and waits for the process's
+    /// pid.
+    pub fn start(mut c: UnixStream, call: Call) -> Result<Session, ProtoError> {
+        write_request(&mut c, call)?;
+        let pid = match read_msg(&mut c)? {
+            Msg::Started { pid } => pid,
+            other => return Err(ProtoError::Unexpected(format!("{other:?}"))),
+        };
+        let w = c.try_clone()?;
+        Ok(Session {
+            r: c,
+            control: Control(Arc::new(Mutex::new(w))),
+            pid,
+        })
+    }
+
+    /// For a detached exec (which answers `Done` instead of output):
+    /// reads that `Done` and returns the pid.
+    pub fn detached_done(mut self) -> Result<u32, ProtoError> {
+        match read_msg(&mut self.r)? {
+            Msg::Done => Ok(self.pid),
+            other => Err(ProtoError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    pub fn control(&self) -> Control {
+        self.control.clone()
+    }
+
+    /// Writes the process's output until it exits; returns its status.
+    pub fn wait(
+        mut self,
+        out: &mut dyn Write,
+        err: &mut dyn Write,
+    ) -> Result<ExitStatus, ProtoError> {
+        loop {
+            match read_frame(&mut self.r)? {
+                Some(Frame::Bytes(Kind::Stdout, b)) => {
+                    out.write_all(&b)?;
+                    out.flush()?;
+                }
+                Some(Frame::Bytes(Kind::Stderr, b)) => {
+                    err.write_all(&b)?;
+                    err.flush()?;
+                }
+                Some(Frame::Msg(Msg::Exited(s))) => {
+                    let _ = self.r.shutdown(Shutdown::Both);
+                    return Ok(s);
+                }
+                Some(Frame::Msg(Msg::Error { message })) => {
+                    return Err(ProtoError::Remote(message))
+                }
+                Some(other) => return Err(ProtoError::Unexpected(format!("{other:?}"))),
+                None => return Err(ProtoError::Closed),
+            }
+        }
+    }
+}
+
+/// Writes `path`'s tar stream (from the guest) to `out`.
+pub fn get_tar(mut c: UnixStream, path: &str, out: &mut dyn Write) -> Result<(), ProtoError> {
+    write_request(&mut c, Call::GetTar { path: path.into() })?;
+    let mut r = FrameReader::new(c);
+    std::io::copy(&mut r, out)?;
+    Ok(())
+}
+
+/// Sends the tar stream `input` to be unpacked in the guest's directory
+/// `dir`.
+pub fn put_tar(mut c: UnixStream, dir: &str, input: &mut dyn Read) -> Result<(), ProtoError> {
+    write_request(&mut c, Call::PutTar { dir: dir.into() })?;
+    let mut w = FrameWriter::new(c.try_clone()?, Kind::Data);
+    std::io::copy(input, &mut w)?;
+    let mut c2 = w.finish()?;
+    write_msg(&mut c2, &Msg::Done)?;
+    match read_msg(&mut c)? {
+        Msg::Done => Ok(()),
+        other => Err(ProtoError::Unexpected(format!("{other:?}"))),
+    }
+}

@@ -1,0 +1,49 @@
+//! banger's guest agent protocol ([`proto`]) and the host's side of the
+//! hybrid vsock ([`connect`]): the daemon, the CLI and the agent share both.
+
+pub mod client;
+pub mod proto;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+/// Opens a connection to guest port `port` through a hybrid vsock's Unix
+/// socket (Firecracker's and vhost-device-vsock's convention: write
+/// `CONNECT <port>\n`, read `OK <host port>\n`). `timeout` bounds the
+/// handshake; the stream returned has no timeouts.
+pub fn connect(uds: &Path, port: u32, timeout: Duration) -> std::io::Result<UnixStream> {
+    let mut s = UnixStream::connect(uds)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes())?;
+    // Byte by byte: nothing after the line may be consumed here.
+    let mut line = Vec::with_capacity(16);
+    let mut b = [0u8; 1];
+    while line.len() < 64 {
+        match s.read(&mut b)? {
+            0 => break,
+            _ if b[0] == b'\n' => {
+                let text = String::from_utf8_lossy(&line);
+                if text.starts_with("OK ") {
+                    s.set_read_timeout(None)?;
+                    s.set_write_timeout(None)?;
+                    return Ok(s);
+                }
+                return Err(std::io::Error::other(format!(
+                    "vsock {}: port {port} refused: {text}",
+                    uds.display()
+                )));
+            }
+            _ => line.push(b[0]),
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::ConnectionRefused,
+        format!(
+            "vsock {}: nothing listens on guest port {port} (the guest agent is not running)",
+            uds.display()
+        ),
+    ))
+}

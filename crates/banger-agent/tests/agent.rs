@@ -1,0 +1,473 @@
+//! The agent served on a Unix socket (`--unix`), driven through the host's
+//! client: everything but the vsock transport, which the end-to-end tests
+//! cover on real guests.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use banger_agent::client::{self, Session};
+use banger_agent::proto::{read_msg, write_request, Call, ExecSpec, Msg, Target, WinSize};
+
+struct Agent {
+    child: Child,
+    sock: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Agent {
+    fn start() -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("agent.sock");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_banger-agent"))
+            .arg("--unix")
+            .arg(&sock)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line, "listening\n");
+        Agent {
+            child,
+            sock,
+            _dir: dir,
+        }
+    }
+
+    fn conn(&self) -> UnixStream {
+        UnixStream::connect(&self.sock).unwrap()
+    }
+
+    fn exec(&self, spec: ExecSpec, stdin: Option<Vec<u8>>) -> (Vec<u8>, Vec<u8>, i32) {
+        let s = Session::start(self.conn(), Call::Exec(spec)).unwrap();
+        let feeder = stdin.map(|data| {
+            let c = s.control();
+            std::thread::spawn(move || c.feed(&data[..]).unwrap())
+        });
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let status = s.wait(&mut out, &mut err).unwrap();
+        if let Some(f) = feeder {
+            f.join().unwrap();
+        }
+        (out, err, status.shell_code())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sh(script: &str) -> ExecSpec {
+    ExecSpec {
+        argv: vec!["sh".into(), "-c".into(), script.into()],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn exit_codes_signals_and_separate_streams() {
+    let a = Agent::start();
+    let (out, err, code) = a.exec(sh("echo out; echo err >&2; exit 7"), None);
+    assert_eq!(
+        (&out[..], &err[..], code),
+        (&b"out\n"[..], &b"err\n"[..], 7)
+    );
+    let (_, _, code) = a.exec(sh("kill -TERM $$"), None);
+    assert_eq!(code, 128 + 15, "a signal is 128 + its number");
+    let mut spec = sh("pwd; echo $GREETING; id -u");
+    spec.cwd = Some("/tmp".into());
+    spec.env = vec![("GREETING".into(), "hi there".into())];
+    spec.user = Some("nobody".into());
+    let (out, _, code) = a.exec(spec, None);
+    assert_eq!(String::from_utf8(out).unwrap(), "/tmp\nhi there\n65534\n");
+    assert_eq!(code, 0);
+    let e = Session::start(
+        a.conn(),
+        Call::Exec(ExecSpec {
+            argv: vec!["/no/such/program".into()],
+            ..Default::default()
+        }),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("/no/such/program"), "{e}");
+}
+
+#[test]
+fn binary_data_both_ways_and_a_hundred_megabytes_out() {
+    let a = Agent::start();
+    let data: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let mut spec = sh("cat");
+    spec.stdin = true;
+    let (out, _, code) = a.exec(spec, Some(data.clone()));
+    assert_eq!(code, 0);
+    assert!(
+        out == data,
+        "stdin came back byte for byte ({} bytes)",
+        out.len()
+    );
+
+    let s = Session::start(a.conn(), Call::Exec(sh("head -c 100000000 /dev/zero"))).unwrap();
+    struct Count(u64);
+    impl Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            assert!(b.iter().all(|&x| x == 0));
+            self.0 += b.len() as u64;
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut n = Count(0);
+    let st = s.wait(&mut n, &mut std::io::sink()).unwrap();
+    assert_eq!((n.0, st.shell_code()), (100_000_000, 0));
+}
+
+#[test]
+fn a_pty_with_resizes_and_concurrent_execs() {
+    let a = Agent::start();
+    let mut spec = sh("tty; stty size; trap 'stty size; exit 3' WINCH; echo waiting; while :; do sleep 0.05; done");
+    spec.tty = Some(WinSize { rows: 24, cols: 80 });
+    let s = Session::start(a.conn(), Call::Exec(spec)).unwrap();
+    let ctl = s.control();
+    // Resize once the shell says it has its trap.
+    struct Watch(Vec<u8>, Option<banger_agent::client::Control>);
+    impl Write for Watch {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.extend_from_slice(b);
+            if String::from_utf8_lossy(&self.0).contains("waiting") {
+                if let Some(c) = self.1.take() {
+                    c.resize(WinSize {
+                        rows: 40,
+                        cols: 100,
+                    })
+                    .unwrap();
+                }
+            }
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut w = Watch(Vec::new(), Some(ctl));
+    let st = s.wait(&mut w, &mut std::io::sink()).unwrap();
+    let out = String::from_utf8_lossy(&w.0).replace('\r', "");
+    assert!(
+        out.starts_with("/dev/pts/"),
+        "tty says it is a terminal: {out}"
+    );
+    assert!(out.contains("24 80\n") && out.contains("40 100\n"), "{out}");
+    assert_eq!(st.shell_code(), 3);
+
+    let threads: Vec<_> = (0..8)
+        .map(|i| {
+            let sock = a.sock.clone();
+            std::thread::spawn(move || {
+                let c = UnixStream::connect(sock).unwrap();
+                let s = Session::start(c, Call::Exec(sh(&format!("sleep 0.2; echo {i}")))).unwrap();
+                let mut out = Vec::new();
+                s.wait(&mut out, &mut std::io::sink()).unwrap();
+                assert_eq!(out, format!("{i}\n").into_bytes());
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
+#[test]
+fn detached_processes_are_listed_fed_attached_and_signalled() {
+    let a = Agent::start();
+    let spec = ExecSpec {
+        argv: vec!["cat".into()],
+        detach: true,
+        tag: Some("echoer".into()),
+        ..Default::default()
+    };
+    let pid = Session::start(a.conn(), Call::Exec(spec.clone()))
+        .unwrap()
+        .detached_done()
+        .unwrap();
+    let e = Session::start(a.conn(), Call::Exec(spec))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("already has tag"), "{e}");
+
+    // Input without attaching; the output is kept.
+    let mut c = a.conn();
+    write_request(
+        &mut c,
+        Call::Input {
+            target: Target::Tag("echoer".into()),
+        },
+    )
+    .unwrap();
+    let ctl_conn = c.try_clone().unwrap();
+    banger_agent::proto::write_frame(
+        &mut &ctl_conn,
+        banger_agent::proto::Kind::Stdin,
+        b"kept line\n",
+    )
+    .unwrap();
+    banger_agent::proto::write_msg(&mut &ctl_conn, &Msg::Done).unwrap();
+    assert_eq!(read_msg(&mut c).unwrap(), Msg::Done);
+
+    let ps = match client::call(a.conn(), Call::Ps).unwrap() {
+        Msg::Processes { list } => list,
+        m => panic!("{m:?}"),
+    };
+    let p = ps.iter().find(|p| p.pid == pid).expect("listed");
+    assert_eq!(
+        (p.tag.as_deref(), p.detached, p.exit),
+        (Some("echoer"), true, None)
+    );
+
+    // Attach by pid: the kept output first, then live until stdin closes.
+    let s = Session::start(
+        a.conn(),
+        Call::Attach {
+            target: Target::Pid(pid),
+        },
+    )
+    .unwrap();
+    let ctl = s.control();
+    ctl.stdin(b"live line\n").unwrap();
+    ctl.close_stdin().unwrap();
+    let mut out = Vec::new();
+    let st = s.wait(&mut out, &mut std::io::sink()).unwrap();
+    assert_eq!(String::from_utf8(out).unwrap(), "kept line\nlive line\n");
+    assert_eq!(st.shell_code(), 0);
+
+    // A signal by tag, to a second detached process.
+    let spec = ExecSpec {
+        argv: vec!["sleep".into(), "600".into()],
+        detach: true,
+        tag: Some("sleeper".into()),
+        ..Default::default()
+    };
+    let pid = Session::start(a.conn(), Call::Exec(spec))
+        .unwrap()
+        .detached_done()
+        .unwrap();
+    let m = client::call(
+        a.conn(),
+        Call::Signal {
+            target: Target::Tag("sleeper".into()),
+            signal: 9,
+        },
+    )
+    .unwrap();
+    assert_eq!(m, Msg::Done);
+    let s = Session::start(
+        a.conn(),
+        Call::Attach {
+            target: Target::Pid(pid),
+        },
+    )
+    .unwrap();
+    let st = s.wait(&mut std::io::sink(), &mut std::io::sink()).unwrap();
+    assert_eq!(st.signal, Some(9));
+}
+
+#[test]
+fn a_connection_that_drops_kills_its_attached_process() {
+    let a = Agent::start();
+    let marker = format!("/tmp/banger-agent-test-{}", std::process::id());
+    let s = Session::start(
+        a.conn(),
+        Call::Exec(sh(&format!("echo $$ > {marker}.pid; exec sleep 600"))),
+    )
+    .unwrap();
+    let pid = s.pid;
+    drop(s);
+    // The agent notices the closed connection when it reads it; the
+    // process is gone once `ps` no longer lists it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let Msg::Processes { list } = client::call(a.conn(), Call::Ps).unwrap() else {
+            panic!()
+        };
+        if !list.iter().any(|p| p.pid == pid) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running: {list:?}"
+        );
+        std::thread::yield_now();
+    }
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+    let _ = std::fs::remove_file(format!("{marker}.pid"));
+}
+
+#[test]
+fn trees_go_in_and_out_with_modes_and_times() {
+    let a = Agent::start();
+    let src = tempfile::tempdir().unwrap();
+    let tree = src.path().join("tree");
+    std::fs::create_dir_all(tree.join("sub")).unwrap();
+    std::fs::write(tree.join("sub/secret"), b"\x00\x01binary\xff").unwrap();
+    std::fs::set_permissions(
+        tree.join("sub/secret"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    std::fs::write(tree.join("run.sh"), "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(tree.join("run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink("run.sh", tree.join("link")).unwrap();
+    let old = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000_000);
+    std::fs::File::options()
+        .write(true)
+        .open(tree.join("run.sh"))
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+
+    // In: a tar of the tree into the agent's directory.
+    let dst = tempfile::tempdir().unwrap();
+    let mut tar = tar::Builder::new(Vec::new());
+    tar.follow_symlinks(false);
+    tar.append_dir_all("tree", &tree).unwrap();
+    let bytes = tar.into_inner().unwrap();
+    client::put_tar(a.conn(), dst.path().to_str().unwrap(), &mut &bytes[..]).unwrap();
+    let got = dst.path().join("tree");
+    assert_eq!(
+        std::fs::read(got.join("sub/secret")).unwrap(),
+        b"\x00\x01binary\xff"
+    );
+    let mode = |p: PathBuf| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(got.join("sub/secret")), 0o600);
+    assert_eq!(mode(got.join("run.sh")), 0o755);
+    assert_eq!(
+        std::fs::read_link(got.join("link")).unwrap(),
+        PathBuf::from("run.sh")
+    );
+    assert_eq!(
+        std::fs::metadata(got.join("run.sh"))
+            .unwrap()
+            .modified()
+            .unwrap(),
+        old
+    );
+
+    // Out: the same tree back as a stream.
+    let mut out = Vec::new();
+    client::get_tar(a.conn(), got.to_str().unwrap(), &mut out).unwrap();
+    let mut ar = tar::Archive::new(&out[..]);
+    let mut names: Vec<(String, u32)> = ar
+        .entries()
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.path().unwrap().to_string_lossy().into_owned(),
+                e.header().mode().unwrap() & 0o777,
+            )
+        })
+        .collect();
+    names.sort();
+    assert!(
+        names.contains(&("tree/sub/secret".into(), 0o600)),
+        "{names:?}"
+    );
+    assert!(names.contains(&("tree/run.sh".into(), 0o755)), "{names:?}");
+
+    let e = client::put_tar(a.conn(), "/no/such/dir", &mut &bytes[..])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a directory"), "{e}");
+    let mut sink = Vec::new();
+    let e = client::get_tar(a.conn(), "/no/such/file", &mut sink)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("/no/such/file"), "{e}");
+}
+
+#[test]
+fn file_operations_and_watch() {
+    let a = Agent::start();
+    let d = tempfile::tempdir().unwrap();
+    let p = |s: &str| d.path().join(s).to_string_lossy().into_owned();
+    let ok = |call| assert_eq!(client::call(a.conn(), call).unwrap(), Msg::Done);
+    ok(Call::Mkdir {
+        path: p("a/b"),
+        mode: 0o750,
+        parents: true,
+    });
+    std::fs::write(p("a/b/f"), "x").unwrap();
+    match client::call(a.conn(), Call::Stat { path: p("a/b") }).unwrap() {
+        Msg::Stat(s) => assert_eq!((s.kind.as_str(), s.mode & 0o777), ("dir", 0o750)),
+        m => panic!("{m:?}"),
+    }
+    ok(Call::Move {
+        from: p("a/b/f"),
+        to: p("a/g"),
+    });
+    match client::call(a.conn(), Call::List { path: p("a") }).unwrap() {
+        Msg::Entries { list } => {
+            let names: Vec<_> = list
+                .iter()
+                .map(|e| (e.path.clone(), e.kind.clone()))
+                .collect();
+            assert_eq!(
+                names,
+                vec![(p("a/b"), "dir".into()), (p("a/g"), "file".into())]
+            );
+        }
+        m => panic!("{m:?}"),
+    }
+    let e = client::call(
+        a.conn(),
+        Call::Remove {
+            path: p("a"),
+            recursive: false,
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("remove"), "{e}");
+    ok(Call::Remove {
+        path: p("a"),
+        recursive: true,
+    });
+    assert!(!d.path().join("a").exists());
+
+    let mut c = a.conn();
+    write_request(
+        &mut c,
+        Call::Watch {
+            path: p(""),
+            recursive: true,
+        },
+    )
+    .unwrap();
+    assert_eq!(read_msg(&mut c).unwrap(), Msg::Done, "watching");
+    std::fs::write(p("new"), "y").unwrap();
+    match read_msg(&mut c).unwrap() {
+        Msg::Event { path, kind } => assert_eq!((path, kind.as_str()), (p("new"), "create")),
+        m => panic!("{m:?}"),
+    }
+    drop(c);
+    let mut buf = [0u8; 1];
+    let mut c = a.conn();
+    write_request(&mut c, Call::Ping).unwrap();
+    assert!(matches!(
+        read_msg(&mut c).unwrap(),
+        Msg::Pong { version: 1, .. }
+    ));
+    assert_eq!(c.read(&mut buf).unwrap(), 0, "one call per connection");
+}
