@@ -32,3 +32,14 @@ for p in "${packages[@]}"; do
   }
 done
 command -v cargo >/dev/null || { echo "cargo not found: install the Rust toolchain (rustup) first" >&2; exit 1; }
+
+# QEMU's vsock backend: vhost-device-vsock from the rust-vmm project
+# (crates.io; Debian does not package it). It serves a guest's
+# vhost-user-vsock device with Firecracker's hybrid-vsock interface on a
+# Unix socket, and needs no vhost-vsock kernel module.
+vsock_version=0.3.0
+if ! /usr/local/bin/vhost-device-vsock --version 2>/dev/null | grep -q "$vsock_version"; then
+  echo "installing vhost-device-vsock $vsock_version from crates.io"
+  cargo install --quiet --locked --root /usr/local vhost-device-vsock --version "$vsock_version"
+fi
+/usr/local/bin/vhost-device-vsock --version >/dev/null

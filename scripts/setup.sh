@@ -12,7 +12,9 @@ cargo build --release --locked -p banger -p bangerd
 if pkill -TERM -x bangerd; then
   for _ in $(seq 600); do pgrep -x bangerd >/dev/null || break; sleep 0.1; done
 fi
+agent=$(./scripts/build-agent.sh)
 install -m 0755 target/release/banger target/release/bangerd /usr/local/bin/
+install -D -m 0755 "$agent" /usr/local/lib/banger/banger-agent
 banger image build
 banger vm run --rm -- cat /etc/os-release
 # The VM is gone; wait for the daemon to release its tap and NAT rules too,

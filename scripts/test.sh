@@ -19,6 +19,9 @@ cargo clippy --locked --workspace --all-targets -- -D warnings
 cargo clippy --locked --workspace --all-targets "${features[@]}" -- -D warnings
 cargo build --locked --workspace --bins "${features[@]}"
 
+# The guest agent every test VM boots with (a static executable).
+BANGER_AGENT=$(./scripts/build-agent.sh)
+export BANGER_AGENT
 BANGER_TEST_IMAGE=$(./scripts/test-image.sh target/debug/banger)
 export BANGER_TEST_IMAGE
 

@@ -143,15 +143,23 @@ pub fn get_tar(mut c: UnixStream, path: &str, out: &mut dyn Write) -> Result<(),
     Ok(())
 }
 
-/// Sends the tar stream `input` to be unpacked in the guest's directory
-/// `dir`.
-pub fn put_tar(mut c: UnixStream, dir: &str, input: &mut dyn Read) -> Result<(), ProtoError> {
+/// Sends a tar stream, written by `fill`, to be unpacked in the guest's
+/// directory `dir`.
+pub fn put_tar(
+    mut c: UnixStream,
+    dir: &str,
+    fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<(), ProtoError> {
     write_request(&mut c, Call::PutTar { dir: dir.into() })?;
     let mut w = FrameWriter::new(c.try_clone()?, Kind::Data);
-    std::io::copy(input, &mut w)?;
+    let filled = fill(&mut w);
+    // Whatever happened, the stream is ended, so the agent answers (with
+    // its own error first, if it had one: a missing directory).
     let mut c2 = w.finish()?;
     write_msg(&mut c2, &Msg::Done)?;
-    match read_msg(&mut c)? {
+    let answer = read_msg(&mut c);
+    filled?;
+    match answer? {
         Msg::Done => Ok(()),
         other => Err(ProtoError::Unexpected(format!("{other:?}"))),
     }

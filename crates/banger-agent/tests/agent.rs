@@ -344,7 +344,10 @@ fn trees_go_in_and_out_with_modes_and_times() {
     tar.follow_symlinks(false);
     tar.append_dir_all("tree", &tree).unwrap();
     let bytes = tar.into_inner().unwrap();
-    client::put_tar(a.conn(), dst.path().to_str().unwrap(), &mut &bytes[..]).unwrap();
+    client::put_tar(a.conn(), dst.path().to_str().unwrap(), |w| {
+        w.write_all(&bytes)
+    })
+    .unwrap();
     let got = dst.path().join("tree");
     assert_eq!(
         std::fs::read(got.join("sub/secret")).unwrap(),
@@ -387,7 +390,7 @@ fn trees_go_in_and_out_with_modes_and_times() {
     );
     assert!(names.contains(&("tree/run.sh".into(), 0o755)), "{names:?}");
 
-    let e = client::put_tar(a.conn(), "/no/such/dir", &mut &bytes[..])
+    let e = client::put_tar(a.conn(), "/no/such/dir", |w| w.write_all(&bytes))
         .unwrap_err()
         .to_string();
     assert!(e.contains("not a directory"), "{e}");

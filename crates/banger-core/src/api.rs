@@ -14,7 +14,7 @@ use crate::model::{AutoStop, NetPolicy, VmmKind};
 use crate::sizing::SizeRequest;
 use crate::state::VmState;
 
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -78,6 +78,13 @@ pub enum Request {
     VmPortRm {
         name: String,
         host: String,
+    },
+    /// A connection to the VM's guest agent: the reply (`Response::Agent`)
+    /// carries its file descriptor (SCM_RIGHTS), already past the vsock
+    /// handshake; the client then speaks the agent protocol on it directly
+    /// (so a session outlives a daemon restart).
+    VmAgent {
+        name: String,
     },
 }
 
@@ -159,6 +166,8 @@ pub enum Response {
     Status(DaemonStatus),
     /// The end of a `VmLogs` stream.
     LogEnd,
+    /// Sent with the agent connection's descriptor.
+    Agent,
 }
 
 /// One sample of the stats poller.
@@ -241,6 +250,9 @@ pub struct VmInfo {
     pub auto_stop: AutoStop,
     #[serde(default)]
     pub net: NetPolicy,
+    /// The guest's vsock context id while it runs.
+    #[serde(default)]
+    pub vsock_cid: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -101,6 +101,13 @@ pub mod vmfiles {
     pub const HOST_KEY: &str = "ssh_host_ed25519_key";
     pub const KNOWN_HOSTS: &str = "known_hosts";
     pub const API_SOCK: &str = "api.sock";
+    /// The hybrid vsock's Unix socket (in the runtime dir); the agent's
+    /// hello arrives on `vsock.sock_1025`.
+    pub const VSOCK: &str = "vsock.sock";
+    /// QEMU's vhost-user socket to its vsock backend (runtime dir).
+    pub const VSOCK_BACKEND: &str = "vhost-vsock.sock";
+    /// The vsock backend's own output.
+    pub const VSOCK_LOG: &str = "vsock.log";
 }
 
 #[cfg(test)]

@@ -124,6 +124,12 @@ pub struct VmHandles {
     /// 22): with the pid, its identity; a recycled pid never matches.
     pub vmm_start_time: Option<u64>,
     pub tap_device: Option<String>,
+    /// QEMU's vsock backend process (vhost-device-vsock): pid and start
+    /// time, as the VMM's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vsock_pid: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vsock_start_time: Option<u64>,
     pub base_loop: Option<String>,
     pub cow_loop: Option<String>,
     pub dm_name: Option<String>,

@@ -70,6 +70,14 @@ impl GuestConfig {
     }
 }
 
+/// The archive that carries the guest agent (a static binary) into every
+/// VM's initramfs, as `/banger/agent`; built once per daemon.
+pub fn agent_archive(agent: &[u8]) -> Vec<u8> {
+    let mut a = Archive::new();
+    a.dir("banger").file("banger/agent", 0o755, agent);
+    a.finish()
+}
+
 /// Nameservers from a resolv.conf that a guest can reach: loopback resolvers
 /// (systemd-resolved's 127.0.0.53) are host-local, so they are dropped.
 pub fn guest_nameservers(resolv_conf: &str) -> Vec<Ipv4Addr> {

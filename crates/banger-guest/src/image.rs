@@ -28,13 +28,18 @@ pub const ROOTFS_FILE: &str = "rootfs.ext4";
 
 const INIT: &str = include_str!("../assets/init");
 const INITTAB: &str = include_str!("../assets/inittab");
-const GUEST_READY: &str = include_str!("../assets/guest-ready");
 const SSHD_CONFIG: &str = include_str!("../assets/sshd_config");
 
 /// The modules the initramfs loads, with their dependencies resolved from
 /// the kernel's modules.dep: virtio over PCI (QEMU's `pc`) and over MMIO
-/// (Firecracker), block and net.
-const INITRAMFS_MODULES: &[&str] = &["virtio_pci", "virtio_mmio", "virtio_blk", "virtio_net"];
+/// (Firecracker), block, net and vsock (the agent's channel).
+const INITRAMFS_MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_mmio",
+    "virtio_blk",
+    "virtio_net",
+    "vmw_vsock_virtio_transport",
+];
 
 /// What goes into an image.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,7 +67,7 @@ impl Recipe {
         feed(&self.suite);
         self.packages.iter().for_each(|p| feed(p));
         INITRAMFS_MODULES.iter().for_each(|m| feed(m));
-        for asset in [INIT, INITTAB, GUEST_READY, SSHD_CONFIG] {
+        for asset in [INIT, INITTAB, SSHD_CONFIG] {
             feed(asset);
         }
         format!("{h:016x}")
@@ -414,7 +419,6 @@ fn customize(root: &Path, busybox: &Path) -> Result<(), FsError> {
     // loader on every call.
     let bb = std::fs::read(busybox).with_path("read", busybox)?;
     write_exec_bytes(&lib.join("busybox"), &bb)?;
-    write_exec(&lib.join("guest-ready"), GUEST_READY)?;
     fsutil::write(&root.join("etc/inittab"), INITTAB)?;
     fsutil::write(&root.join("etc/ssh/sshd_config.d/banger.conf"), SSHD_CONFIG)?;
     fsutil::write(
@@ -435,10 +439,6 @@ fn customize(root: &Path, busybox: &Path) -> Result<(), FsError> {
     }
     fsutil::write(&root.join("etc/machine-id"), "")?;
     Ok(())
-}
-
-fn write_exec(path: &Path, text: &str) -> Result<(), FsError> {
-    write_exec_bytes(path, text.as_bytes())
 }
 
 fn write_exec_bytes(path: &Path, data: &[u8]) -> Result<(), FsError> {

@@ -107,6 +107,12 @@ pub fn requests(cfg: &VmConfig) -> Result<Vec<(String, Value)>, VmmError> {
             json!({"iface_id": id, "host_dev_name": n.tap, "guest_mac": n.mac}),
         ));
     }
+    if let Some(vs) = &cfg.vsock {
+        v.push((
+            "/vsock".to_string(),
+            json!({"guest_cid": vs.cid, "uds_path": path(&vs.uds_path)}),
+        ));
+    }
     v.push((
         "/actions".to_string(),
         json!({"action_type": "InstanceStart"}),
@@ -308,6 +314,11 @@ mod tests {
             console_log: "/v/console.log".into(),
             vmm_log: "/v/vmm.log".into(),
             api_sock: "/r/api.sock".into(),
+            vsock: Some(crate::Vsock {
+                cid: 7,
+                uds_path: "/r/vsock.sock".into(),
+                backend: "/r/unused".into(),
+            }),
         }
     }
 
@@ -323,14 +334,16 @@ mod tests {
                 "/drives/root",
                 "/drives/work",
                 "/network-interfaces/eth0",
+                "/vsock",
                 "/actions"
             ]
         );
+        assert_eq!(r[5].1, json!({"guest_cid": 7, "uds_path": "/r/vsock.sock"}));
         assert_eq!(r[0].1, json!({"vcpu_count": 2, "mem_size_mib": 512}));
         assert_eq!(r[2].1["is_root_device"], true);
         assert_eq!(r[3].1["is_root_device"], false);
         assert_eq!(r[4].1["host_dev_name"], "bgtap0");
-        assert_eq!(r[5].1["action_type"], "InstanceStart");
+        assert_eq!(r[6].1["action_type"], "InstanceStart");
     }
 
     #[test]

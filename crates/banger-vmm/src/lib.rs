@@ -53,6 +53,19 @@ pub struct VmConfig {
     /// QMP for QEMU, the REST API socket for Firecracker. The process is
     /// later found by this path in its command line.
     pub api_sock: PathBuf,
+    pub vsock: Option<Vsock>,
+}
+
+/// A virtio-vsock device with Firecracker's host side (hybrid vsock): the
+/// host connects to `uds_path` and writes `CONNECT <port>`; the guest's
+/// connections to host port P arrive on `<uds_path>_P`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vsock {
+    pub cid: u32,
+    pub uds_path: PathBuf,
+    /// QEMU only: the vhost-user socket of the device's backend
+    /// (`vhost-device-vsock`, which serves `uds_path`).
+    pub backend: PathBuf,
 }
 
 #[derive(Debug, Error)]

@@ -38,7 +38,17 @@ impl Qemu {
         push("-name");
         push(&format!("banger-{}", cfg.name));
         push("-M");
-        push(&format!("pc,accel={},usb=off,vmport=off", self.accel));
+        // vhost-user devices need the guest's memory shared with their
+        // backend process: a memfd.
+        let shared = if cfg.vsock.is_some() {
+            ",memory-backend=mem"
+        } else {
+            ""
+        };
+        push(&format!(
+            "pc,accel={},usb=off,vmport=off{shared}",
+            self.accel
+        ));
         push("-cpu");
         push(if self.accel == "kvm" { "host" } else { "max" });
         push("-smp");
@@ -55,6 +65,24 @@ impl Qemu {
             push(s);
         }
         let path = |p: &Path| p.to_string_lossy().into_owned();
+        if let Some(v) = &cfg.vsock {
+            push("-object");
+            push(&format!(
+                "memory-backend-memfd,id=mem,size={}M,share=on",
+                cfg.memory_mib
+            ));
+            // The backend (vhost-device-vsock) listens before QEMU starts:
+            // the daemon waits for its socket. (No `reconnect`: with it,
+            // QEMU 7.2 connects asynchronously and the device's setup,
+            // which needs the connection, fails.)
+            push("-chardev");
+            push(&format!(
+                "socket,id=vsock,path={}",
+                path(&v.backend).replace(',', ",,")
+            ));
+            push("-device");
+            push(&format!("vhost-user-vsock-pci,chardev=vsock"));
+        }
         push("-kernel");
         push(&path(&cfg.kernel));
         push("-initrd");
@@ -183,6 +211,7 @@ mod tests {
             console_log: "/vm/console.log".into(),
             vmm_log: "/vm/vmm.log".into(),
             api_sock: "/run/vm/api.sock".into(),
+            vsock: None,
         }
     }
 
@@ -228,6 +257,35 @@ mod tests {
         assert!(s.find("id=root").unwrap() < s.find("id=work").unwrap());
         let k = joined(&Qemu::new(true));
         assert!(k.contains("accel=kvm") && k.contains("-cpu host"), "{k}");
+        assert!(
+            !s.contains("memory-backend"),
+            "no shared memory without vsock: {s}"
+        );
+
+        let mut c = cfg();
+        c.vsock = Some(crate::Vsock {
+            cid: 9,
+            uds_path: "/run/vm/vsock.sock".into(),
+            backend: "/run/vm/vhost,vsock.sock".into(),
+        });
+        let v = Qemu::new(false)
+            .args(&c)
+            .iter()
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(
+            v.contains("-M pc,accel=tcg,usb=off,vmport=off,memory-backend=mem"),
+            "{v}"
+        );
+        assert!(
+            v.contains("-object memory-backend-memfd,id=mem,size=1024M,share=on"),
+            "{v}"
+        );
+        assert!(
+            v.contains("-chardev socket,id=vsock,path=/run/vm/vhost,,vsock.sock -device vhost-user-vsock-pci,chardev=vsock"),
+            "{v}"
+        );
     }
 
     #[test]

@@ -243,6 +243,58 @@ impl Client {
         ))
     }
 
+    /// A connection to VM `name`'s guest agent, handed over by the daemon
+    /// (SCM_RIGHTS) past the vsock handshake.
+    pub fn agent(&self, name: &str) -> Result<UnixStream, ClientError> {
+        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let stream = self.send(Request::VmAgent {
+            name: name.to_string(),
+        })?;
+        let mut line: Vec<u8> = Vec::new();
+        let mut fd: Option<OwnedFd> = None;
+        let mut buf = vec![0u8; 64 << 10];
+        while !line.contains(&b'\n') {
+            let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 2]);
+            let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+            let msg = recvmsg::<()>(
+                stream.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            )
+            .map_err(|e| self.io_err(e.into()))?;
+            for c in msg.cmsgs().map_err(|e| self.io_err(e.into()))? {
+                if let ControlMessageOwned::ScmRights(fds) = c {
+                    for f in fds {
+                        // SAFETY: the kernel just installed this descriptor
+                        // in our table for us; nothing else owns it.
+                        let owned = unsafe { OwnedFd::from_raw_fd(f) };
+                        fd.get_or_insert(owned);
+                    }
+                }
+            }
+            let n = msg.bytes;
+            if n == 0 {
+                return Err(ClientError::NoAnswer(
+                    self.layout.socket(),
+                    self.layout.daemon_log(),
+                ));
+            }
+            line.extend_from_slice(&buf[..n]);
+        }
+        let end = line.iter().position(|b| *b == b'\n').unwrap_or(line.len());
+        let text = String::from_utf8_lossy(&line[..end]).into_owned();
+        match serde_json::from_str::<Reply>(&text) {
+            Ok(Reply::Ok(Response::Agent)) => fd.map(UnixStream::from).ok_or_else(|| {
+                ClientError::Garbled("the agent connection came without its descriptor".into())
+            }),
+            Ok(Reply::Err(e)) => Err(ClientError::Api(e)),
+            Ok(other) => Err(ClientError::Garbled(format!("{other:?}"))),
+            Err(e) => Err(ClientError::Garbled(format!("{e}: {text}"))),
+        }
+    }
+
     /// An `rm` create: the VM lives as long as this connection. `use_vm`
     /// runs once the daemon says the VM is up; then this side of the
     /// connection is shut, the daemon deletes the VM and answers. If this

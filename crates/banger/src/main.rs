@@ -2,6 +2,7 @@
 
 mod client;
 mod dnsinstall;
+mod guest;
 mod output;
 mod ssh;
 mod vm;
@@ -159,6 +160,43 @@ pub enum VmCmd {
         #[arg(last = true)]
         command: Vec<String>,
     },
+    /// Run CMD in a running VM through its agent (docker exec's flags and
+    /// exit status; no SSH).
+    Exec {
+        name: String,
+        #[command(flatten)]
+        flags: guest::ExecFlags,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Processes started in a VM through its agent.
+    Ps {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Join a process started with `vm exec -d`: its kept output, then
+    /// live, until it exits.
+    Attach {
+        name: String,
+        /// Its pid or tag.
+        target: String,
+        /// Send this terminal's input to it.
+        #[arg(short, long)]
+        interactive: bool,
+    },
+    /// Send a signal to a process started through the agent.
+    Signal {
+        name: String,
+        /// Its pid or tag.
+        target: String,
+        /// A name (TERM, KILL, ...) or number.
+        #[arg(short, long, default_value = "TERM")]
+        signal: String,
+    },
+    /// Copy a file or tree between a VM and the host: NAME:/path on one
+    /// side (docker cp's syntax); `-` is a tar stream on stdin or stdout.
+    Cp { src: String, dst: String },
     /// Print the guest's console (control characters escaped).
     Logs {
         name: String,

@@ -110,6 +110,9 @@ pub fn print_vm(v: &VmInfo) {
             .collect();
         row("ports", p.join(", "));
     }
+    if let Some(cid) = v.vsock_cid {
+        row("vsock cid", cid.to_string());
+    }
     row("age", age(v.created_at));
     row("dir", v.vm_dir.display().to_string());
     if let Some(e) = &v.last_error {
@@ -149,6 +152,36 @@ pub fn print_stats(stats: &[VmStats]) {
             bytes(s.net_tx_bytes),
             format_secs(s.uptime_secs),
             format_secs(s.idle_secs)
+        );
+    }
+}
+
+/// Processes a guest agent reports: what the guest controls (argv, tag)
+/// is escaped before it reaches the terminal.
+pub fn print_procs(procs: &[banger_agent::proto::ProcInfo]) {
+    println!(
+        "{:>7} {:<12} {:<9} {:<10} COMMAND",
+        "PID", "TAG", "MODE", "STATUS"
+    );
+    for p in procs {
+        let status = match p.exit {
+            None if p.attached => "attached".to_string(),
+            None => "running".to_string(),
+            Some(e) => format!("exited {}", e.shell_code()),
+        };
+        let mode = match (p.detached, p.tty) {
+            (true, true) => "bg,tty",
+            (true, false) => "bg",
+            (false, true) => "tty",
+            (false, false) => "-",
+        };
+        println!(
+            "{:>7} {:<12} {:<9} {:<10} {}",
+            p.pid,
+            escape_control(p.tag.as_deref().unwrap_or("-"), false),
+            mode,
+            status,
+            escape_control(&banger_core::text::one_line(&p.argv.join(" ")), false)
         );
     }
 }

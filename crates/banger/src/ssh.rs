@@ -103,6 +103,7 @@ pub fn proxy(client: &crate::client::Client, host: &str) -> anyhow::Result<i32> 
         .as_deref()
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| anyhow::anyhow!("vm {:?} has no address", vm.name))?;
+    crate::guest::wait_ssh(client, &vm.name)?;
     let sock = std::net::TcpStream::connect_timeout(
         &std::net::SocketAddr::from((ip, 22)),
         std::time::Duration::from_secs(20),

@@ -1,7 +1,7 @@
 //! `banger vm ...`: requests for the daemon, and ssh into guests.
 
 use std::io::IsTerminal;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::Instant;
 
@@ -134,9 +134,37 @@ pub fn run(client: &Client, cmd: VmCmd) -> anyhow::Result<i32> {
                     vm.name
                 );
             }
+            // Ready means the agent is; sshd may still be starting.
+            crate::guest::wait_ssh(client, &vm.name)?;
             let tty = command.is_empty() && std::io::stdin().is_terminal();
             let err = ssh_command(&vm, &command, tty)?.exec();
             Err(err).context("exec ssh")
+        }
+        VmCmd::Exec {
+            name,
+            flags,
+            command,
+        } => crate::guest::exec(client, &name, &flags, &command),
+        VmCmd::Ps { name, json } => {
+            let list = crate::guest::ps(client, &name)?;
+            emit(json, &list, crate::output::print_procs)
+        }
+        VmCmd::Attach {
+            name,
+            target,
+            interactive,
+        } => crate::guest::attach(client, &name, &target, interactive),
+        VmCmd::Signal {
+            name,
+            target,
+            signal,
+        } => {
+            crate::guest::signal(client, &name, &target, &signal)?;
+            Ok(0)
+        }
+        VmCmd::Cp { src, dst } => {
+            crate::guest::cp(client, &src, &dst)?;
+            Ok(0)
         }
         VmCmd::Port(PortCmd::Add { name, port }) => {
             vm_action(client, Request::VmPortAdd { name, port })
@@ -181,27 +209,25 @@ fn vm_run(
         Event::Phase { name, micros } => phases.push((name, micros)),
         other => progress(other),
     };
-    let tty = command.is_empty() && std::io::stdin().is_terminal();
     if !rm {
         let vm = expect_vm(client.call(Request::VmCreate(req), &mut on_event)?)?;
         if timings {
             print_timings(&phases, t0.elapsed().as_micros() as u64);
-            let t = Instant::now();
-            let code = run_ssh(&vm, command, tty);
-            eprintln!("timing ssh+command   {:>9.1} ms", ms(t));
-            eprintln!("timing total         {:>9.1} ms", ms(t0));
-            return code;
         }
-        // Nothing left to do after ssh: become it.
-        let err = ssh_command(&vm, command, tty)?.exec();
-        return Err(err).context("exec ssh");
+        let t = Instant::now();
+        let code = crate::guest::run_in(client, &vm.name, command);
+        if timings {
+            eprintln!("timing command       {:>9.1} ms", ms(t));
+            eprintln!("timing total         {:>9.1} ms", ms(t0));
+        }
+        return code;
     }
     // --rm: the VM lives as long as this connection (the daemon deletes it
     // when we hang up, however we go).
     let mut t_ssh = None;
     let (code, answer) = client.call_lease(Request::VmCreate(req), &mut on_event, |vm| {
         let t = Instant::now();
-        let code = run_ssh(vm, command, tty);
+        let code = crate::guest::run_in(client, &vm.name, command);
         t_ssh = Some((t, t.elapsed()));
         code
     })?;
@@ -213,7 +239,7 @@ fn vm_run(
         if let Some((t, took)) = t_ssh {
             let ready = t.duration_since(t0);
             print_timings(&phases, ready.as_micros() as u64);
-            eprintln!("timing ssh+command   {:>9.1} ms", took.as_secs_f64() * 1e3);
+            eprintln!("timing command       {:>9.1} ms", took.as_secs_f64() * 1e3);
             eprintln!(
                 "timing teardown      {:>9.1} ms",
                 (t.elapsed() - took).as_secs_f64() * 1e3
@@ -236,14 +262,4 @@ fn ssh_command(vm: &VmInfo, command: &[String], tty: bool) -> anyhow::Result<Com
     let mut c = Command::new("ssh");
     c.args(ssh::args(vm, ip, command, tty));
     Ok(c)
-}
-
-/// Runs ssh as a child and returns the exit code a shell would report.
-fn run_ssh(vm: &VmInfo, command: &[String], tty: bool) -> anyhow::Result<i32> {
-    let status = ssh_command(vm, command, tty)?
-        .status()
-        .context("run ssh (apt-get install openssh-client)")?;
-    Ok(status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
 }

@@ -40,6 +40,13 @@ pub struct Config {
     pub resolv_conf: PathBuf,
     /// Spare taps kept warm (0: none; see `resources::tap`).
     pub tap_pool: usize,
+    /// The guest agent, a static binary put in every VM's initramfs
+    /// (`BANGER_AGENT`, else `banger-agent` beside bangerd or in
+    /// `../lib/banger/`).
+    pub agent: Option<PathBuf>,
+    /// QEMU's vsock backend (`BANGER_VHOST_VSOCK`, else
+    /// `vhost-device-vsock` on PATH).
+    pub vsock_backend: Option<PathBuf>,
 }
 
 impl Config {
@@ -59,6 +66,8 @@ impl Config {
             dns_listen: None,
             resolv_conf: PathBuf::from("/etc/resolv.conf"),
             tap_pool: 0,
+            agent: None,
+            vsock_backend: None,
         }
     }
 }

@@ -58,6 +58,8 @@ pub struct Daemon {
     pub(crate) template_lock: Mutex<()>,
     /// The last image initramfs read, keyed by path, size and mtime.
     pub(crate) initrd_cache: Mutex<Option<crate::images::InitrdCacheEntry>>,
+    /// The guest agent's archive, keyed by path, size and mtime.
+    pub(crate) agent_cache: Mutex<Option<crate::agent::AgentCacheEntry>>,
     /// Boots in progress, cancellable by name.
     pub(crate) boots: Boots,
     /// The stats poller's last samples.
@@ -177,6 +179,7 @@ impl Daemon {
             template_lock: Mutex::new(()),
             known_hosts_lock: Mutex::new(()),
             initrd_cache: Mutex::new(None),
+            agent_cache: Mutex::new(None),
             boots: Boots::default(),
             stats: Default::default(),
             tap_pool: Default::default(),
@@ -328,6 +331,7 @@ impl Daemon {
             vmm: vm.spec.vmm,
             accel: vm.spec.accel.clone(),
             guest_ip: vm.runtime.guest_ip.clone(),
+            vsock_cid: vm.runtime.vsock_cid,
             created_at: vm.created_at,
             last_error: vm.runtime.last_error.clone(),
             ssh: SshTarget {
@@ -363,6 +367,7 @@ impl Daemon {
                 vmm: VmmKind::Qemu,
                 accel: String::new(),
                 guest_ip: None,
+                vsock_cid: None,
                 created_at: b.created_at,
                 last_error: Some(
                     DaemonError::Broken {

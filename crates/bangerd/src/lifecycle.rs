@@ -124,6 +124,7 @@ impl Daemon {
                 boot_id: String::new(),
                 initrd: None,
                 nameserver: None,
+                hello: None,
                 background: Vec::new(),
             };
             for r in CREATE {
@@ -237,6 +238,7 @@ impl Daemon {
             boot_id: String::new(),
             initrd: None,
             nameserver: None,
+            hello: None,
             background: Vec::new(),
         };
         let booted = (|| {
@@ -266,7 +268,10 @@ impl Daemon {
                 DaemonError::Invalid(format!("vm {:?} has no VMM process", cx.vm.name))
             })?;
             let t = Phase::start("boot");
-            crate::readiness::wait(self, cx.vm, vmm, &cx.boot_id, cancel)?;
+            let hello = cx.hello.take().ok_or_else(|| {
+                DaemonError::Invalid(format!("vm {:?} has no vsock to hear from", cx.vm.name))
+            })?;
+            crate::readiness::wait(self, cx.vm, vmm, &hello, &cx.boot_id, cancel)?;
             t.done(cx.events);
             hit("start.ready")
         })();
@@ -479,6 +484,9 @@ impl Daemon {
         let _ = crate::handles::remove_file(&self.cfg.layout.vm_dir(&vm.id));
         self.handles.remove(&vm.id);
         vm.runtime.tap_device = None;
+        // The CID stays reserved by the release record until it is done.
+        vm.runtime.vsock_cid = None;
+        vm.runtime.vsock_path = None;
         tracing::debug!(vm = %vm.name, us = micros(t0), "teardown");
         Ok(())
     }

@@ -109,6 +109,23 @@ fn real_main() -> anyhow::Result<()> {
         .filter(|v| !v.is_empty())
         .map(std::path::PathBuf::from)
         .or_else(|| banger_host::cmd::which("firecracker"));
+    let env_path = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(std::path::PathBuf::from)
+    };
+    cfg.agent = env_path("BANGER_AGENT").or_else(|| {
+        let exe = std::env::current_exe().ok()?;
+        let dir = exe.parent()?;
+        [
+            dir.join("banger-agent"),
+            dir.join("../lib/banger/banger-agent"),
+        ]
+        .into_iter()
+        .find(|p| p.is_file())
+    });
+    cfg.vsock_backend =
+        env_path("BANGER_VHOST_VSOCK").or_else(|| banger_host::cmd::which("vhost-device-vsock"));
     // Test hook (see Config::release_delay); ignored unless set to a number.
     if let Some(ms) = std::env::var("BANGER_TEST_RELEASE_DELAY_MS")
         .ok()

@@ -1,11 +1,16 @@
-//! Waiting for a guest to say it is ready: the ready line with this boot's
-//! id on the serial console, read as inotify reports writes. Fails early
-//! when the VMM exits, the guest reports a failed sshd, the deadline
-//! passes, or the boot is cancelled.
+//! Waiting for a guest to say it is ready: the guest agent's hello, with
+//! this boot's id, on the VM's vsock (`<socket>_1025`), the moment it
+//! connects (poll on the listener; no console scraping). Fails early when
+//! the VMM exits, the deadline passes, or the boot is cancelled; the
+//! console's last lines say why.
 
+use std::io::Read;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use banger_agent::proto::{read_msg, Msg, VERSION};
 use banger_core::layout::vmfiles;
 use banger_core::text::escape_control;
 use banger_core::VmRecord;
@@ -23,67 +28,72 @@ pub fn guest_tail(path: &Path, n: usize) -> String {
     escape_control(&fsutil::tail_lines(path, n), true)
 }
 
-pub fn wait(d: &Daemon, vm: &VmRecord, vmm: ProcId, boot_id: &str, cancel: &Cancel) -> Result<()> {
+/// How long a guest may take to finish its hello once connected.
+const HELLO_READ: Duration = Duration::from_secs(2);
+
+pub fn wait(
+    d: &Daemon,
+    vm: &VmRecord,
+    vmm: ProcId,
+    hello: &UnixListener,
+    boot_id: &str,
+    cancel: &Cancel,
+) -> Result<()> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let dir = d.cfg.layout.vm_dir(&vm.id);
     let console = dir.join(vmfiles::CONSOLE_LOG);
-    let marker = format!("{}{boot_id}", banger_guest::READY_MARKER);
-    let fail_marker = format!("{}{boot_id}", banger_guest::FAILED_MARKER);
-    let keep = fail_marker.len().max(marker.len());
     let deadline = Instant::now() + d.cfg.boot_timeout;
-    // Woken by inotify when the VMM writes the console (no polling sleep
-    // between the ready line and its detection); the timeout only bounds
-    // how late a VMM's death, a cancel or the deadline is noticed.
-    let watch = ConsoleWatch::new(&console);
-    let mut pos = 0;
-    let mut tail: Vec<u8> = Vec::new();
+    let boot_err = |reason: String| DaemonError::Boot {
+        vm: vm.name.clone(),
+        reason,
+    };
     loop {
-        let (new, next) = crate::console::read_from(&console, pos)?;
-        if next < pos {
-            tail.clear(); // rotated under us
-        }
-        pos = next;
-        // Only the new bytes (and a marker's length before them) can hold
-        // a line that was not there at the last look.
-        tail.extend_from_slice(&new);
-        let window = String::from_utf8_lossy(&tail).into_owned();
-        if window.contains(&marker) {
-            return Ok(());
-        }
-        if window.contains(&fail_marker) {
-            return Err(DaemonError::Boot {
-                vm: vm.name.clone(),
-                reason: format!(
-                    "sshd never listened in the guest. Console:\n{}",
-                    guest_tail(&console, 10)
-                ),
-            });
-        }
-        let cut = tail.len().saturating_sub(keep);
-        tail.drain(..cut);
         if cancel.is_cancelled() {
             return Err(DaemonError::Cancelled(vm.name.clone()));
         }
         if !vmm.is_running() {
-            return Err(DaemonError::Boot {
-                vm: vm.name.clone(),
-                reason: format!(
-                    "the VMM exited. Its log:\n{}\nConsole:\n{}",
-                    guest_tail(&dir.join(vmfiles::VMM_LOG), 10),
-                    guest_tail(&console, 10)
-                ),
-            });
+            return Err(boot_err(format!(
+                "the VMM exited. Its log:\n{}\nConsole:\n{}",
+                guest_tail(&dir.join(vmfiles::VMM_LOG), 10),
+                guest_tail(&console, 10)
+            )));
         }
         if Instant::now() >= deadline {
-            return Err(DaemonError::Boot {
-                vm: vm.name.clone(),
-                reason: format!(
-                    "no ready signal within {}s. Console:\n{}",
-                    d.cfg.boot_timeout.as_secs(),
-                    guest_tail(&console, 10)
-                ),
-            });
+            return Err(boot_err(format!(
+                "the guest agent did not say hello within {}s. Console:\n{}",
+                d.cfg.boot_timeout.as_secs(),
+                guest_tail(&console, 10)
+            )));
         }
-        watch.wait(Duration::from_millis(100));
+        // The timeout only bounds how late a VMM's death, a cancel or the
+        // deadline is noticed.
+        let mut fds = [PollFd::new(hello.as_fd(), PollFlags::POLLIN)];
+        if !poll(&mut fds, PollTimeout::from(100u8)).is_ok_and(|n| n > 0) {
+            continue;
+        }
+        let Ok((mut conn, _)) = hello.accept() else {
+            continue;
+        };
+        let _ = conn.set_read_timeout(Some(HELLO_READ));
+        // A guest controls what it sends: bounded, and only a hello with
+        // this boot's id counts.
+        match read_msg(&mut (&mut conn).take(4096)) {
+            Ok(Msg::Hello {
+                version,
+                boot_id: b,
+            }) if b == boot_id => {
+                if version != VERSION {
+                    return Err(boot_err(format!(
+                        "the guest agent speaks protocol {version}, this banger {VERSION}"
+                    )));
+                }
+                return Ok(());
+            }
+            Ok(other) => {
+                warn!(vm = %vm.name, msg = %escape_control(&format!("{other:?}"), true), "not this boot's hello; ignored")
+            }
+            Err(e) => warn!(vm = %vm.name, err = %e, "a bad hello; ignored"),
+        }
     }
 }
 

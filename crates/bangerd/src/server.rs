@@ -170,6 +170,22 @@ fn handle(
     }
     let span = info_span!("request", op = op_name(&env.request));
     let _e = span.enter();
+    if let Request::VmAgent { name } = &env.request {
+        // Not a request in flight: the daemon only hands the connection
+        // over.
+        match daemon.find(name).and_then(|vm| daemon.agent_connect(&vm)) {
+            Ok(agent) => {
+                if let Err(e) = send_with_fd(&writer, &Reply::Ok(Response::Agent), &agent) {
+                    info!(err = %e, "could not hand the agent connection over");
+                }
+            }
+            Err(e) => {
+                info!(err = %e, "request failed");
+                write_reply(&mut writer, &Reply::Err(e.to_api()));
+            }
+        }
+        return;
+    }
     // Events go through a second handle on the same socket; if the client
     // has gone (or the handle cannot be made), the work still finishes.
     let mut event_writer = writer.try_clone().ok();
@@ -196,6 +212,26 @@ fn handle(
     write_reply(&mut writer, &reply);
 }
 
+/// Writes a reply line with a file descriptor attached (SCM_RIGHTS).
+fn send_with_fd(
+    stream: &UnixStream,
+    reply: &Reply,
+    fd: &impl std::os::fd::AsRawFd,
+) -> std::io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let mut line = serde_json::to_vec(reply).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    let fds = [fd.as_raw_fd()];
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    let iov = [std::io::IoSlice::new(&line)];
+    let n = sendmsg::<()>(stream.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None)
+        .map_err(std::io::Error::from)?;
+    // The descriptor went with the first byte; the rest (never, for a
+    // line this short) follows plainly.
+    (&*stream).write_all(&line[n..])
+}
+
 fn op_name(r: &Request) -> &'static str {
     match r {
         Request::Ping => "ping",
@@ -216,6 +252,7 @@ fn op_name(r: &Request) -> &'static str {
         Request::DaemonStatus => "daemon_status",
         Request::VmPortAdd { .. } => "vm_port_add",
         Request::VmPortRm { .. } => "vm_port_rm",
+        Request::VmAgent { .. } => "vm_agent",
     }
 }
 
@@ -284,6 +321,12 @@ pub fn dispatch(
         Request::DaemonStatus => Response::Status(status(daemon)?),
         Request::VmPortAdd { name, port } => Response::Vm(Box::new(daemon.port_add(&name, port)?)),
         Request::VmPortRm { name, host } => Response::Vm(Box::new(daemon.port_rm(&name, &host)?)),
+        // Served by `handle` (it passes a descriptor).
+        Request::VmAgent { name } => {
+            return Err(DaemonError::Invalid(format!(
+                "vm {name:?}: the agent connection is handed over by the server only"
+            )))
+        }
     })
 }
 

@@ -1,5 +1,6 @@
-//! The per-VM initrd: the image's initramfs with the VM's config archive
-//! appended (hostname, address, keys, this boot's id). Written at each
+//! The per-VM initrd: the image's initramfs with the guest agent's archive
+//! and the VM's config archive appended (hostname, address, keys, this
+//! boot's id). Written at each
 //! start, removed at each teardown.
 
 use std::io::Write;
@@ -51,9 +52,11 @@ impl Resource for Initrd {
             boot_id: cx.boot_id.clone(),
         };
         let base = d.image_initrd(cx.img)?;
+        let agent = d.agent_archive()?;
         let path = dir.join(vmfiles::INITRD);
         let mut f = std::fs::File::create(&path).with_path("create", &path)?;
         f.write_all(&base)
+            .and_then(|()| f.write_all(&agent))
             .and_then(|()| f.write_all(&cfg.archive()))
             .with_path("write", &path)?;
         cx.initrd = Some(path);

@@ -38,6 +38,7 @@ pub mod root_disk;
 pub mod tap;
 pub mod vm_dir;
 pub mod vmm;
+pub mod vsock;
 pub mod work_disk;
 
 /// What a VM's create holds, in the order it is acquired.
@@ -55,6 +56,7 @@ pub const START: &[&dyn Resource] = &[
     &tap::Tap,
     &dns::Dns,
     &initrd::Initrd,
+    &vsock::Vsock,
     &vmm::VmmProcess,
     &ports::Ports,
     // Last: it starts `nft` on a thread, which competes for the CPU.
@@ -102,6 +104,8 @@ pub struct Acq<'a> {
     /// The guest's nameserver (dns's, for the initrd): banger's listener on
     /// its gateway, or none (the host's resolvers).
     pub nameserver: Option<std::net::SocketAddr>,
+    /// Where the guest agent says hello (vsock's, for `readiness`).
+    pub hello: Option<std::os::unix::net::UnixListener>,
     pub background: Vec<Background>,
 }
 

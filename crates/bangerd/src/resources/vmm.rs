@@ -114,6 +114,16 @@ impl Resource for VmmProcess {
             console_log: console,
             vmm_log: dir.join(vmfiles::VMM_LOG),
             api_sock,
+            vsock: cx
+                .vm
+                .runtime
+                .vsock_cid
+                .zip(cx.vm.runtime.vsock_path.clone())
+                .map(|(cid, uds_path)| banger_vmm::Vsock {
+                    cid,
+                    uds_path,
+                    backend: rt_dir.join(vmfiles::VSOCK_BACKEND),
+                }),
         };
         let spawned = vmm.spawn(&vmm_cfg)?;
         let start_time = process::start_time(spawned.pid);

@@ -420,7 +420,7 @@ fn main() {
                 }
                 let t = timings(&text(&out.stderr));
                 let guest = t.get("boot").copied().unwrap_or(0.0)
-                    + t.get("ssh+command").copied().unwrap_or(0.0);
+                    + t.get("command").copied().unwrap_or(0.0);
                 overhead.push(wall - guest);
                 for (k, v) in t {
                     phases.entry(k).or_default().push(v);
@@ -447,7 +447,7 @@ fn main() {
     );
     row(
         &mut table,
-        "banger overhead (wall - boot - ssh+command)",
+        "banger overhead (wall - boot - command)",
         &overhead,
         "ms",
     );

@@ -43,6 +43,7 @@ struct Vm {
     boot: Option<Value>,
     drives: BTreeMap<String, Value>,
     nics: BTreeMap<String, Value>,
+    vsock: Option<Value>,
     started: bool,
 }
 
@@ -217,6 +218,16 @@ fn handle(d: &Double, method: &str, path: &str, body: &[u8]) -> Result<(), Strin
             let id = body["iface_id"].as_str().unwrap_or("").to_string();
             vm.nics.insert(id, body);
         }
+        ("PUT", "vsock") => {
+            pre_boot(&vm)?;
+            // Firecracker binds the socket itself: one already there is
+            // refused (EADDRINUSE).
+            let uds = body["uds_path"].as_str().unwrap_or("");
+            if std::path::Path::new(uds).exists() {
+                return Err(format!("vsock: {uds}: Address in use (os error 98)"));
+            }
+            vm.vsock = Some(body);
+        }
         ("PUT", "actions") => match body["action_type"].as_str() {
             Some("InstanceStart") => {
                 pre_boot(&vm)?;
@@ -309,29 +320,91 @@ fn start(d: &Double, vm: &Vm, boot: &Value) -> Result<(), String> {
     let qmp = qmp_sock(d).to_string_lossy().replace(',', ",,");
     c.arg("-qmp").arg(format!("unix:{qmp},server=on,wait=off"));
     c.stdin(Stdio::null());
+    // Firecracker's hybrid vsock, played by vhost-device-vsock (the same
+    // host-side protocol on `uds_path`) behind a vhost-user-vsock device.
+    let mut backend = None;
+    let mut be_wait = None;
+    if let Some(v) = &vm.vsock {
+        let mut be_sock = d.api_sock.clone().into_os_string();
+        be_sock.push(".vhost-vsock");
+        let be_sock = PathBuf::from(be_sock);
+        let _ = std::fs::remove_file(&be_sock);
+        let bin =
+            std::env::var_os("BANGER_VHOST_VSOCK").unwrap_or_else(|| "vhost-device-vsock".into());
+        let mut b = Command::new(bin);
+        b.arg("--guest-cid")
+            .arg(v["guest_cid"].to_string())
+            .arg("--socket")
+            .arg(&be_sock)
+            .arg("--uds-path")
+            .arg(s(&v["uds_path"]))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        die_with_double(&mut b);
+        backend = Some(b);
+        be_wait = Some(be_sock.clone());
+        c.args([
+            "-object",
+            &format!(
+                "memory-backend-memfd,id=mem,size={}M,share=on",
+                machine["mem_size_mib"]
+            ),
+            "-machine",
+            "memory-backend=mem",
+            "-chardev",
+            &format!(
+                "socket,id=vsock,path={}",
+                be_sock.to_string_lossy().replace(',', ",,")
+            ),
+            "-device",
+            "vhost-user-vsock-pci,chardev=vsock",
+        ]);
+    }
+    die_with_double(&mut c);
+    // PDEATHSIG fires when the spawning *thread* exits, so QEMU (and the
+    // vsock backend) are spawned by a thread that lives as long as QEMU
+    // does (and then ends the double: Firecracker exits when its guest
+    // reboots or stops).
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _backend = match backend.as_mut().map(Command::spawn).transpose() {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = tx.send(Err(format!("start vhost-device-vsock: {e}")));
+                return;
+            }
+        };
+        // QEMU needs the backend listening (bangerd's own QEMU driver
+        // waits with inotify; the double looks every millisecond, bounded).
+        if let Some(sock) = &be_wait {
+            let t = std::time::Instant::now();
+            while !sock.exists() && t.elapsed() < std::time::Duration::from_secs(10) {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+        match c.spawn() {
+            Ok(mut child) => {
+                let _ = tx.send(Ok(()));
+                let code = child.wait().map(|s| s.code().unwrap_or(1)).unwrap_or(1);
+                std::process::exit(code);
+            }
+            Err(e) => {
+                let _ = tx.send(Err(format!("start qemu: {e}")));
+            }
+        }
+    });
+    rx.recv().map_err(|e| e.to_string())?
+}
+
+fn die_with_double(c: &mut Command) {
     // SAFETY: only async-signal-safe work between fork and exec: one
-    // prctl, so that QEMU dies with the double (SIGKILL included).
+    // prctl, so that the child dies with the double (SIGKILL included).
     unsafe {
         c.pre_exec(|| {
             nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
                 .map_err(std::io::Error::from)
         });
     }
-    // PDEATHSIG fires when the spawning *thread* exits, so QEMU is
-    // spawned by a thread that lives as long as it does (and then ends the
-    // double: Firecracker exits when its guest reboots or stops).
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || match c.spawn() {
-        Ok(mut child) => {
-            let _ = tx.send(Ok(()));
-            let code = child.wait().map(|s| s.code().unwrap_or(1)).unwrap_or(1);
-            std::process::exit(code);
-        }
-        Err(e) => {
-            let _ = tx.send(Err(format!("start qemu: {e}")));
-        }
-    });
-    rx.recv().map_err(|e| e.to_string())?
 }
 
 fn qmp_ctrl_alt_del(d: &Double) -> Result<(), String> {

@@ -1,0 +1,466 @@
+//! Commands served by the guest agent over vsock (no SSH): `vm exec`,
+//! `vm ps`, `vm attach`, `vm signal`, `vm cp`, and `vm run`'s command.
+//! The daemon hands this process a connection to the agent; everything
+//! after that is the agent protocol (`banger_agent::proto`).
+
+use std::io::{IsTerminal, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context};
+use banger_agent::client::{self, Control, Session};
+use banger_agent::proto::{Call, ExecSpec, FileStat, Msg, ProcInfo, Target, WinSize};
+use clap::Args;
+use nix::sys::signal::{SigSet, Signal};
+
+use crate::client::Client;
+
+#[derive(Debug, Clone, Default, Args)]
+pub struct ExecFlags {
+    /// Keep stdin open and send it to the command.
+    #[arg(short, long)]
+    pub interactive: bool,
+    /// Give the command a terminal (a PTY; its size follows this one's).
+    #[arg(short, long)]
+    pub tty: bool,
+    /// Set an environment variable (repeatable).
+    #[arg(short, long = "env", value_name = "K=V")]
+    pub env: Vec<String>,
+    /// Working directory in the guest (default: the user's home).
+    #[arg(short, long, value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// User (name or uid, optionally :group or :gid).
+    #[arg(short, long)]
+    pub user: Option<String>,
+    /// Run in the background and print its pid; `vm attach` joins it.
+    #[arg(short, long)]
+    pub detach: bool,
+    /// A name for the process, usable instead of its pid.
+    #[arg(long)]
+    pub tag: Option<String>,
+}
+
+fn agent(client: &Client, name: &str) -> anyhow::Result<UnixStream> {
+    Ok(client.agent(name)?)
+}
+
+fn spec(flags: &ExecFlags, command: &[String]) -> anyhow::Result<ExecSpec> {
+    let mut env = Vec::new();
+    for kv in &flags.env {
+        let (k, v) = match kv.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            // docker's `-e NAME`: this environment's value.
+            None => (kv.clone(), std::env::var(kv).unwrap_or_default()),
+        };
+        if k.is_empty() {
+            bail!("-e {kv:?}: want NAME=VALUE");
+        }
+        env.push((k, v));
+    }
+    if flags.tty {
+        if let Ok(term) = std::env::var("TERM") {
+            env.insert(0, ("TERM".into(), term));
+        }
+    }
+    Ok(ExecSpec {
+        argv: command.to_vec(),
+        env,
+        cwd: flags.workdir.clone(),
+        user: flags.user.clone(),
+        tty: flags.tty.then(terminal_size),
+        stdin: flags.interactive,
+        detach: flags.detach,
+        tag: flags.tag.clone(),
+    })
+}
+
+fn terminal_size() -> WinSize {
+    let mut w = nix::libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one `winsize` through the pointer, which
+    // points to a live local of that type.
+    let r = unsafe { nix::libc::ioctl(1, nix::libc::TIOCGWINSZ, &mut w) };
+    if r < 0 || w.ws_row == 0 {
+        return WinSize { rows: 24, cols: 80 };
+    }
+    WinSize {
+        rows: w.ws_row,
+        cols: w.ws_col,
+    }
+}
+
+/// The local terminal in raw mode for as long as this lives.
+struct RawMode(Option<nix::sys::termios::Termios>);
+
+impl RawMode {
+    fn enter(tty: bool) -> RawMode {
+        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+        let stdin = std::io::stdin();
+        if !tty || !stdin.is_terminal() {
+            return RawMode(None);
+        }
+        let Ok(saved) = tcgetattr(&stdin) else {
+            return RawMode(None);
+        };
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        let _ = tcsetattr(&stdin, SetArg::TCSANOW, &raw);
+        RawMode(Some(saved))
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        if let Some(t) = &self.0 {
+            let _ = nix::sys::termios::tcsetattr(
+                std::io::stdin(),
+                nix::sys::termios::SetArg::TCSANOW,
+                t,
+            );
+        }
+    }
+}
+
+/// Forwards this process's signals to the guest's process: window
+/// changes as resizes, the rest as signals (with a PTY, Ctrl-C is a byte
+/// on stdin, as with ssh -t). Blocked here and taken by one thread with
+/// sigwait: no handler, no polling.
+fn forward_signals(ctl: Control, tty: bool) {
+    let mut set = SigSet::empty();
+    for s in [
+        Signal::SIGWINCH,
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ] {
+        set.add(s);
+    }
+    if set.thread_block().is_err() {
+        return;
+    }
+    std::thread::spawn(move || loop {
+        let Ok(sig) = set.wait() else { return };
+        let r = match sig {
+            Signal::SIGWINCH if tty => ctl.resize(terminal_size()),
+            Signal::SIGWINCH => Ok(()),
+            s => ctl.signal(s as i32),
+        };
+        if r.is_err() {
+            return;
+        }
+    });
+}
+
+/// Runs `command` in VM `name` through its agent, as `docker exec` does;
+/// returns the exit status a shell would report.
+pub fn exec(
+    client: &Client,
+    name: &str,
+    flags: &ExecFlags,
+    command: &[String],
+) -> anyhow::Result<i32> {
+    if command.is_empty() {
+        bail!("vm exec {name}: no command (banger vm exec {name} -- CMD...)");
+    }
+    let spec = spec(flags, command)?;
+    let conn = agent(client, name)?;
+    let session = Session::start(conn, Call::Exec(spec)).map_err(|e| anyhow!("vm {name}: {e}"))?;
+    if flags.detach {
+        let pid = session
+            .detached_done()
+            .map_err(|e| anyhow!("vm {name}: {e}"))?;
+        println!("{pid}");
+        return Ok(0);
+    }
+    attach_session(name, session, flags.interactive, flags.tty)
+}
+
+fn attach_session(name: &str, session: Session, stdin: bool, tty: bool) -> anyhow::Result<i32> {
+    let ctl = session.control();
+    forward_signals(ctl.clone(), tty);
+    let _raw = RawMode::enter(tty && stdin);
+    if stdin {
+        let c = ctl.clone();
+        std::thread::spawn(move || {
+            let _ = c.feed(std::io::stdin().lock());
+        });
+    }
+    let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
+    let status = session
+        .wait(&mut out, &mut err)
+        .map_err(|e| anyhow!("vm {name}: {e}"))?;
+    Ok(status.shell_code())
+}
+
+/// `vm run`'s command (or, with none and a terminal, a login shell).
+pub fn run_in(client: &Client, name: &str, command: &[String]) -> anyhow::Result<i32> {
+    let interactive_shell = command.is_empty();
+    let tty = interactive_shell && std::io::stdin().is_terminal();
+    let argv: Vec<String> = if interactive_shell {
+        // A fixed script, no user input: the image's bash if it has one.
+        [
+            "/bin/sh",
+            "-c",
+            "command -v bash >/dev/null && exec bash -l; exec sh -l",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    } else {
+        command.to_vec()
+    };
+    let flags = ExecFlags {
+        interactive: true,
+        tty,
+        ..Default::default()
+    };
+    exec(client, name, &flags, &argv)
+}
+
+pub fn ps(client: &Client, name: &str) -> anyhow::Result<Vec<ProcInfo>> {
+    match client::call(agent(client, name)?, Call::Ps).map_err(|e| anyhow!("vm {name}: {e}"))? {
+        Msg::Processes { list } => Ok(list),
+        other => bail!("vm {name}: unexpected agent answer {other:?}"),
+    }
+}
+
+pub fn attach(client: &Client, name: &str, target: &str, interactive: bool) -> anyhow::Result<i32> {
+    let target: Target = target.parse().unwrap_or_else(|e| match e {});
+    let tty = ps(client, name)?
+        .iter()
+        .any(|p| p.tty && matches_target(p, &target));
+    let session = Session::start(agent(client, name)?, Call::Attach { target })
+        .map_err(|e| anyhow!("vm {name}: {e}"))?;
+    attach_session(name, session, interactive, tty)
+}
+
+fn matches_target(p: &ProcInfo, t: &Target) -> bool {
+    match t {
+        Target::Pid(pid) => p.pid == *pid,
+        Target::Tag(tag) => p.tag.as_deref() == Some(tag),
+    }
+}
+
+/// A signal by name (TERM, SIGTERM) or number.
+pub fn parse_signal(s: &str) -> anyhow::Result<i32> {
+    if let Ok(n) = s.parse::<i32>() {
+        return Signal::try_from(n)
+            .map(|s| s as i32)
+            .map_err(|_| anyhow!("{n} is not a signal"));
+    }
+    let up = s.to_ascii_uppercase();
+    let full = if up.starts_with("SIG") {
+        up
+    } else {
+        format!("SIG{up}")
+    };
+    full.parse::<Signal>()
+        .map(|s| s as i32)
+        .map_err(|_| anyhow!("{s:?} is not a signal name (TERM, KILL, INT, HUP, ...)"))
+}
+
+pub fn signal(client: &Client, name: &str, target: &str, sig: &str) -> anyhow::Result<()> {
+    let signal = parse_signal(sig)?;
+    let target: Target = target.parse().unwrap_or_else(|e| match e {});
+    client::call(agent(client, name)?, Call::Signal { target, signal })
+        .map_err(|e| anyhow!("vm {name}: {e}"))?;
+    Ok(())
+}
+
+/// One side of a `vm cp`: a VM's path or a local one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Place {
+    Vm { name: String, path: String },
+    Local(String),
+}
+
+/// docker cp's syntax: `NAME:PATH` is in a VM when NAME is a valid VM
+/// name; anything else (`./a:b`, `/x:y`, `-`) is local.
+pub fn parse_place(s: &str) -> Place {
+    match s.split_once(':') {
+        Some((name, path)) if banger_core::validate_name(name).is_ok() && !name.is_empty() => {
+            Place::Vm {
+                name: name.to_string(),
+                path: if path.is_empty() {
+                    "/".into()
+                } else {
+                    path.to_string()
+                },
+            }
+        }
+        _ => Place::Local(s.to_string()),
+    }
+}
+
+fn guest_stat(client: &Client, name: &str, path: &str) -> anyhow::Result<Option<FileStat>> {
+    match client::call(agent(client, name)?, Call::Stat { path: path.into() }) {
+        Ok(Msg::Stat(s)) => Ok(Some(s)),
+        Ok(other) => bail!("vm {name}: unexpected agent answer {other:?}"),
+        Err(banger_agent::proto::ProtoError::Remote(m)) if m.contains("No such file") => Ok(None),
+        Err(e) => Err(anyhow!("vm {name}: {e}")),
+    }
+}
+
+fn base_name(p: &str) -> anyhow::Result<String> {
+    Path::new(p.trim_end_matches('/'))
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| anyhow!("{p:?} names no file"))
+}
+
+fn parent_of(p: &str) -> String {
+    match Path::new(p.trim_end_matches('/')).parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_string_lossy().into_owned(),
+        _ => if p.starts_with('/') { "/" } else { "." }.into(),
+    }
+}
+
+pub fn cp(client: &Client, src: &str, dst: &str) -> anyhow::Result<()> {
+    match (parse_place(src), parse_place(dst)) {
+        (Place::Local(from), Place::Vm { name, path }) => cp_in(client, &from, &name, &path),
+        (Place::Vm { name, path }, Place::Local(to)) => cp_out(client, &name, &path, &to),
+        (Place::Vm { .. }, Place::Vm { .. }) => {
+            bail!("vm cp: copy between two VMs through the host (two `vm cp`s)")
+        }
+        (Place::Local(_), Place::Local(_)) => {
+            bail!("vm cp: one side must be in a VM, as NAME:/path (use cp for local copies)")
+        }
+    }
+}
+
+fn cp_in(client: &Client, from: &str, name: &str, path: &str) -> anyhow::Result<()> {
+    if from == "-" {
+        // A tar stream on stdin, unpacked into the (existing) directory.
+        let conn = agent(client, name)?;
+        return client::put_tar(conn, path, |w| {
+            std::io::copy(&mut std::io::stdin().lock(), w).map(drop)
+        })
+        .map_err(|e| anyhow!("vm {name}: {e}"));
+    }
+    let meta = std::fs::symlink_metadata(from).with_context(|| format!("vm cp: {from}"))?;
+    // Into the directory if there is one at `path`; else `path` is the
+    // new name, in its parent.
+    let (dir, entry) = match guest_stat(client, name, path)? {
+        Some(s) if s.kind == "dir" => (path.to_string(), base_name(from)?),
+        _ => (parent_of(path), base_name(path)?),
+    };
+    let conn = agent(client, name)?;
+    client::put_tar(conn, &dir, |w| {
+        let mut b = tar::Builder::new(w);
+        b.follow_symlinks(false);
+        if meta.is_dir() {
+            b.append_dir_all(&entry, from)?;
+        } else {
+            b.append_path_with_name(from, &entry)?;
+        }
+        b.finish()
+    })
+    .map_err(|e| anyhow!("vm {name}: copy {from} to {path}: {e}"))
+}
+
+fn cp_out(client: &Client, name: &str, path: &str, to: &str) -> anyhow::Result<()> {
+    let conn = agent(client, name)?;
+    if to == "-" {
+        let mut out = std::io::stdout().lock();
+        client::get_tar(conn, path, &mut out).map_err(|e| anyhow!("vm {name}: {e}"))?;
+        return out.flush().context("stdout");
+    }
+    let top = base_name(path).unwrap_or_else(|_| ".".into());
+    let to_path = PathBuf::from(to);
+    let (dir, rename_to) = if to_path.is_dir() {
+        (to_path.clone(), None)
+    } else {
+        (PathBuf::from(parent_of(to)), Some(to_path.clone()))
+    };
+    if !dir.is_dir() {
+        bail!("vm cp: {} is not a directory", dir.display());
+    }
+    // Unpacked into a scratch directory beside the destination (the tar
+    // crate refuses `..` and links out of it), then moved into place: a
+    // failed copy leaves nothing half-written under the final name.
+    let scratch = tempfile::Builder::new()
+        .prefix(".banger-cp-")
+        .tempdir_in(&dir)
+        .with_context(|| format!("vm cp: a scratch directory in {}", dir.display()))?;
+    let (rx, tx) = std::os::unix::net::UnixStream::pair().context("vm cp: a pipe")?;
+    let path_owned = path.to_string();
+    let fetch = std::thread::spawn(move || {
+        let mut tx = tx;
+        client::get_tar(conn, &path_owned, &mut tx)
+    });
+    let mut ar = tar::Archive::new(rx);
+    ar.set_preserve_permissions(true);
+    ar.set_preserve_mtime(true);
+    let unpacked = ar.unpack(scratch.path());
+    let fetched = fetch
+        .join()
+        .map_err(|_| anyhow!("vm cp: the copy thread panicked"))?;
+    fetched.map_err(|e| anyhow!("vm {name}: {e}"))?;
+    unpacked.with_context(|| format!("vm cp: unpack into {}", dir.display()))?;
+    let got = scratch.path().join(&top);
+    let dest = rename_to.unwrap_or_else(|| dir.join(&top));
+    if dest.is_dir() && got.is_dir() {
+        bail!(
+            "vm cp: {} exists; copy into it as {}/ or remove it first",
+            dest.display(),
+            dest.display()
+        );
+    }
+    std::fs::rename(&got, &dest).with_context(|| format!("vm cp: move into {}", dest.display()))?;
+    Ok(())
+}
+
+/// Waits (through the agent) until the guest's sshd listens: a VM is
+/// ready when its agent is, which can be before sshd.
+pub fn wait_ssh(client: &Client, name: &str) -> anyhow::Result<()> {
+    client::call(
+        agent(client, name)?,
+        Call::WaitListen {
+            port: 22,
+            timeout_ms: 60_000,
+        },
+    )
+    .map_err(|e| anyhow!("vm {name}: waiting for sshd: {e}"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn places_follow_docker_cp() {
+        assert_eq!(
+            parse_place("web:/etc/hosts"),
+            Place::Vm {
+                name: "web".into(),
+                path: "/etc/hosts".into()
+            }
+        );
+        assert_eq!(parse_place("./a:b"), Place::Local("./a:b".into()));
+        assert_eq!(parse_place("/x:y"), Place::Local("/x:y".into()));
+        assert_eq!(parse_place("-"), Place::Local("-".into()));
+        assert_eq!(
+            parse_place("Bad_Name:/x"),
+            Place::Local("Bad_Name:/x".into())
+        );
+        assert_eq!(parent_of("/a/b"), "/a");
+        assert_eq!(parent_of("/a"), "/");
+        assert_eq!(parent_of("b"), ".");
+        assert_eq!(base_name("/a/b/").unwrap(), "b");
+    }
+
+    #[test]
+    fn signals_by_name_or_number() {
+        assert_eq!(parse_signal("TERM").unwrap(), 15);
+        assert_eq!(parse_signal("sigkill").unwrap(), 9);
+        assert_eq!(parse_signal("2").unwrap(), 2);
+        assert!(parse_signal("NOPE").is_err());
+        assert!(parse_signal("999").is_err());
+    }
+}

@@ -1,0 +1,121 @@
+//! The daemon's side of the guest agent: the agent binary that goes into
+//! every VM's initramfs (checked to be a static executable, read once,
+//! cached by size and mtime), and connections to a running VM's agent over
+//! its hybrid vsock.
+
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use banger_agent::proto::{Call, Msg, AGENT_PORT};
+use banger_core::VmRecord;
+use banger_host::fsutil::WrapIo;
+
+use crate::daemon::{lock, Daemon};
+use crate::error::{DaemonError, Result};
+
+/// How long the vsock handshake may take (a guest under load).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub(crate) type AgentCacheEntry = (
+    (std::path::PathBuf, u64, Option<std::time::SystemTime>),
+    Arc<Vec<u8>>,
+);
+
+/// Why `path` cannot be the guest agent, if it cannot: the guest has no
+/// library the host has, so only a static ELF executable runs everywhere.
+pub fn check_static(path: &Path, data: &[u8]) -> std::result::Result<(), String> {
+    let bad = |why: &str| {
+        Err(format!(
+            "guest agent {}: {why}; build it with ./scripts/build-agent.sh",
+            path.display()
+        ))
+    };
+    if data.len() < 64 || &data[..4] != b"\x7fELF" || data[4] != 2 {
+        return bad("not a 64-bit ELF executable");
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([data[o], data[o + 1]]) as usize;
+    let phoff = u64::from_le_bytes(data[32..40].try_into().unwrap_or([0; 8])) as usize;
+    let (phentsize, phnum) = (u16_at(54), u16_at(56));
+    for i in 0..phnum {
+        let o = phoff + i * phentsize;
+        if o + 4 > data.len() {
+            return bad("truncated program headers");
+        }
+        // PT_INTERP: it needs a dynamic loader.
+        if u32::from_le_bytes([data[o], data[o + 1], data[o + 2], data[o + 3]]) == 3 {
+            return bad("dynamically linked");
+        }
+    }
+    Ok(())
+}
+
+impl Daemon {
+    /// The cpio archive that carries the agent into a VM's initramfs.
+    pub(crate) fn agent_archive(&self) -> Result<Arc<Vec<u8>>> {
+        let path = self.cfg.agent.clone().ok_or_else(|| {
+            DaemonError::Invalid(
+                "no guest agent: install banger-agent beside bangerd (./scripts/setup.sh does) or set BANGER_AGENT".into(),
+            )
+        })?;
+        let meta = std::fs::metadata(&path).with_path("stat", &path)?;
+        let key = (path.clone(), meta.len(), meta.modified().ok());
+        let mut cache = lock(&self.agent_cache);
+        if let Some((k, bytes)) = cache.as_ref() {
+            if *k == key {
+                return Ok(bytes.clone());
+            }
+        }
+        let data = std::fs::read(&path).with_path("read", &path)?;
+        check_static(&path, &data).map_err(DaemonError::Invalid)?;
+        let bytes = Arc::new(banger_guest::config::agent_archive(&data));
+        *cache = Some((key, bytes.clone()));
+        Ok(bytes)
+    }
+
+    /// A connection to the agent of running VM `vm`.
+    pub fn agent_connect(&self, vm: &VmRecord) -> Result<UnixStream> {
+        if !vm.runtime.state().is_up() {
+            return Err(DaemonError::Invalid(format!(
+                "vm {:?} is {}: start it first (`banger vm start {}`)",
+                vm.name,
+                vm.runtime.state(),
+                vm.name
+            )));
+        }
+        let uds = vm.runtime.vsock_path.clone().ok_or_else(|| {
+            DaemonError::Invalid(format!(
+                "vm {:?} has no vsock (it was started by an older banger): restart it",
+                vm.name
+            ))
+        })?;
+        banger_agent::connect(&uds, AGENT_PORT, CONNECT_TIMEOUT)
+            .map_err(|e| DaemonError::Invalid(format!("vm {:?}: guest agent: {e}", vm.name)))
+    }
+
+    /// A one-shot call to a VM's agent.
+    pub fn agent_call(&self, vm: &VmRecord, call: Call) -> Result<Msg> {
+        let c = self.agent_connect(vm)?;
+        c.set_read_timeout(Some(CONNECT_TIMEOUT))
+            .and_then(|()| c.set_write_timeout(Some(CONNECT_TIMEOUT)))
+            .map_err(|e| DaemonError::Invalid(format!("vm {:?}: guest agent: {e}", vm.name)))?;
+        banger_agent::client::call(c, call)
+            .map_err(|e| DaemonError::Invalid(format!("vm {:?}: guest agent: {e}", vm.name)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_static_executables_are_agents() {
+        let me = std::fs::read("/proc/self/exe").unwrap();
+        let e = check_static(Path::new("/t"), &me).unwrap_err();
+        assert!(e.contains("dynamically linked"), "{e}");
+        assert!(check_static(Path::new("/t"), b"#!/bin/sh\n").is_err());
+        let busybox = std::fs::read("/bin/busybox").expect("busybox-static (install-deps.sh)");
+        check_static(Path::new("/bin/busybox"), &busybox).expect("a static busybox");
+    }
+}

@@ -1,0 +1,289 @@
+//! The VM's vsock: a context id unique among live VMs (chosen under the
+//! network lock, durable in the runtime, reserved until the VM's release
+//! is done), the hybrid vsock's Unix socket in the VM's runtime dir, the
+//! listener the guest agent says hello on (`<socket>_1025`), and for QEMU
+//! the device's backend process, `vhost-device-vsock`, which speaks
+//! Firecracker's host-side protocol on that socket: above the socket,
+//! both VMMs are one code path.
+
+use std::os::unix::net::UnixListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use banger_agent::proto::HELLO_PORT;
+use banger_core::layout::vmfiles;
+use banger_core::{Release, VmHandles, VmRecord, VmmKind};
+use banger_host::fsutil::{self, WrapIo};
+use banger_host::process::{self, ProcId};
+use serde_json::{json, Value};
+
+use super::{Acq, End, Resource};
+use crate::daemon::{lock, Daemon};
+use crate::error::{DaemonError, Result};
+
+#[derive(Debug)]
+pub struct Vsock;
+
+/// The first CID a guest may have (0-2 are the hypervisor, loopback and
+/// the host).
+const FIRST_CID: u32 = 3;
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// Where guest-initiated connections to host port `port` arrive.
+pub fn port_path(uds: &Path, port: u32) -> PathBuf {
+    let mut s = uds.as_os_str().to_owned();
+    s.push(format!("_{port}"));
+    PathBuf::from(s)
+}
+
+/// The lowest CID from 3 up that `used` does not hold.
+pub fn lowest_free(used: &[u32]) -> u32 {
+    (FIRST_CID..)
+        .find(|c| !used.contains(c))
+        .unwrap_or(FIRST_CID)
+}
+
+fn backend_id(held: &Value) -> Option<ProcId> {
+    Some(ProcId {
+        pid: i32::try_from(held["pid"].as_i64()?).ok()?,
+        start_time: held["start_time"].as_u64()?,
+    })
+}
+
+impl Resource for Vsock {
+    fn name(&self) -> &'static str {
+        "vsock"
+    }
+
+    fn acquire(&self, d: &Daemon, cx: &mut Acq<'_>) -> Result<()> {
+        let rt_dir = d.cfg.layout.vm_runtime_dir(&cx.vm.id);
+        fsutil::create_dir_all(&rt_dir)?;
+        let uds = rt_dir.join(vmfiles::VSOCK);
+        {
+            let _n = lock(&d.net_lock);
+            let store = d.store();
+            let used: Vec<u32> = store
+                .list_vms()?
+                .iter()
+                .filter(|v| v.id != cx.vm.id)
+                .filter_map(|v| v.runtime.vsock_cid)
+                .chain(
+                    store
+                        .list_releases()?
+                        .iter()
+                        .filter_map(|r| r.item("vsock")?["cid"].as_u64())
+                        .filter_map(|c| u32::try_from(c).ok()),
+                )
+                .collect();
+            drop(store);
+            cx.vm.runtime.vsock_cid = Some(lowest_free(&used));
+            cx.vm.runtime.vsock_path = Some(uds.clone());
+            // Saved under the lock: the next allocation sees it.
+            d.save(cx.vm)?;
+        }
+        let hello = port_path(&uds, HELLO_PORT);
+        for p in [&uds, &hello, &rt_dir.join(vmfiles::VSOCK_BACKEND)] {
+            fsutil::remove_file_if_exists(p)?;
+        }
+        cx.hello = Some(UnixListener::bind(&hello).with_path("listen on", &hello)?);
+        if cx.vm.spec.vmm == VmmKind::Qemu {
+            let cid = cx.vm.runtime.vsock_cid.unwrap_or(FIRST_CID);
+            let (id, up) = spawn_backend(d, cx.vm, cid, &uds)?;
+            cx.handles.vsock_pid = Some(id.pid);
+            cx.handles.vsock_start_time = Some(id.start_time);
+            up?;
+        }
+        Ok(())
+    }
+
+    fn held(&self, d: &Daemon, vm: &VmRecord, h: &VmHandles) -> Option<Value> {
+        let rt_dir = d.cfg.layout.vm_runtime_dir(&vm.id);
+        let uds = vm
+            .runtime
+            .vsock_path
+            .clone()
+            .unwrap_or_else(|| rt_dir.join(vmfiles::VSOCK));
+        let backend = match (h.vsock_pid, h.vsock_start_time) {
+            (Some(pid), Some(start_time)) => {
+                Some(ProcId { pid, start_time }).filter(ProcId::exists)
+            }
+            // Every record lost: the process whose command line names the
+            // VM's socket.
+            _ => process::find_by_arg(&process::path_needle(&uds))
+                .first()
+                .and_then(|p| ProcId::of(*p)),
+        };
+        let files: Vec<PathBuf> = [
+            uds.clone(),
+            port_path(&uds, HELLO_PORT),
+            rt_dir.join(vmfiles::VSOCK_BACKEND),
+        ]
+        .into_iter()
+        .filter(|p| p.symlink_metadata().is_ok())
+        .collect();
+        if backend.is_none() && files.is_empty() && vm.runtime.vsock_cid.is_none() {
+            return None;
+        }
+        Some(json!({
+            "cid": vm.runtime.vsock_cid,
+            "pid": backend.map(|b| b.pid),
+            "start_time": backend.map(|b| b.start_time),
+            "paths": files,
+        }))
+    }
+
+    fn end(&self, _d: &Daemon, vm: &VmRecord, held: Value, _how: End) -> Result<Option<Value>> {
+        // The backend only serves the VMM, which is gone (or going) by
+        // now; a backend that will not die is retried after the reply.
+        if let Some(id) = backend_id(&held) {
+            let _ = id.signal(nix::sys::signal::Signal::SIGKILL);
+        }
+        match super::remove_files(&held) {
+            Ok(()) => {}
+            Err(e) => {
+                tracing::warn!(vm = %vm.name, err = %e, "removing vsock sockets; retried after the reply")
+            }
+        }
+        // What is left: the CID's reservation (and a backend still dying),
+        // released after the reply.
+        Ok(Some(held))
+    }
+
+    fn release(&self, _d: &Daemon, r: &Release, held: &Value) -> Result<()> {
+        if let Some(id) = backend_id(held) {
+            if !id.kill_and_wait(KILL_WAIT) {
+                return Err(DaemonError::Release {
+                    vm: r.vm_name.clone(),
+                    resource: "vsock".into(),
+                    reason: format!("vhost-device-vsock (pid {}) survives SIGKILL", id.pid),
+                });
+            }
+        }
+        super::remove_files(held)
+    }
+}
+
+/// Starts QEMU's vsock backend for the VM; QEMU connects to it (retrying
+/// until it listens).
+/// The process is returned even when it failed to listen, so that the
+/// caller records it for the teardown.
+fn spawn_backend(d: &Daemon, vm: &VmRecord, cid: u32, uds: &Path) -> Result<(ProcId, Result<()>)> {
+    let binary = d.cfg.vsock_backend.clone().ok_or_else(|| DaemonError::Invalid(format!(
+        "vm {:?}: QEMU's vsock backend vhost-device-vsock is not installed: run ./scripts/install-deps.sh (it installs it from crates.io)",
+        vm.name
+    )))?;
+    let rt_dir = d.cfg.layout.vm_runtime_dir(&vm.id);
+    let log_path = d.cfg.layout.vm_dir(&vm.id).join(vmfiles::VSOCK_LOG);
+    let log = std::fs::File::create(&log_path).with_path("create", &log_path)?;
+    let log2 = log.try_clone().with_path("dup", &log_path)?;
+    let mut child = Command::new(&binary)
+        .arg("--guest-cid")
+        .arg(cid.to_string())
+        .arg("--socket")
+        .arg(rt_dir.join(vmfiles::VSOCK_BACKEND))
+        .arg("--uds-path")
+        .arg(uds)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        // Not in the daemon's process group: a Ctrl-C on a foreground
+        // daemon leaves running guests their vsock.
+        .process_group(0)
+        .spawn()
+        .map_err(|e| {
+            DaemonError::Invalid(format!("vm {:?}: start {}: {e}", vm.name, binary.display()))
+        })?;
+    let pid = child.id() as i32;
+    let start_time = process::start_time(pid).unwrap_or(0);
+    let id = ProcId { pid, start_time };
+    let socket = rt_dir.join(vmfiles::VSOCK_BACKEND);
+    // Created on a thread-free path: inotify on the runtime dir reports the
+    // socket's creation; the loop only bounds how late a dead backend is
+    // noticed.
+    let watch = DirWatch::new(&rt_dir);
+    let deadline = std::time::Instant::now() + BACKEND_START;
+    let up = loop {
+        if socket.exists() {
+            break Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            break Err(format!(
+                "vhost-device-vsock exited ({status}): {}",
+                crate::readiness::guest_tail(&log_path, 5)
+            ));
+        }
+        if std::time::Instant::now() >= deadline {
+            break Err(format!(
+                "vhost-device-vsock did not listen within {}s",
+                BACKEND_START.as_secs()
+            ));
+        }
+        watch.wait(Duration::from_millis(100));
+    };
+    // Reaped by a thread of its own; its exit is no event (the VMM's is).
+    let _ = std::thread::Builder::new()
+        .name(format!("reap-vsock-{pid}"))
+        .spawn(move || child.wait());
+    let up = up.map_err(|reason| DaemonError::Boot {
+        vm: vm.name.clone(),
+        reason,
+    });
+    Ok((id, up))
+}
+
+/// How long the vsock backend may take to listen.
+const BACKEND_START: Duration = Duration::from_secs(10);
+
+/// Wakes a waiter when an entry is created in a directory.
+struct DirWatch(Option<nix::sys::inotify::Inotify>);
+
+impl DirWatch {
+    fn new(dir: &Path) -> Self {
+        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+        DirWatch(
+            Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)
+                .and_then(|i| i.add_watch(dir, AddWatchFlags::IN_CREATE).map(|_| i))
+                .ok(),
+        )
+    }
+
+    fn wait(&self, timeout: Duration) {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        let Some(ino) = &self.0 else {
+            std::thread::sleep(Duration::from_millis(5));
+            return;
+        };
+        let mut fds = [PollFd::new(ino.as_fd(), PollFlags::POLLIN)];
+        if poll(
+            &mut fds,
+            PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX),
+        )
+        .is_ok_and(|n| n > 0)
+        {
+            while ino.read_events().is_ok_and(|e| !e.is_empty()) {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cids_start_at_three_and_fill_gaps() {
+        assert_eq!(lowest_free(&[]), 3);
+        assert_eq!(lowest_free(&[3, 4, 6]), 5);
+        assert_eq!(lowest_free(&[4]), 3);
+    }
+
+    #[test]
+    fn guest_connections_arrive_on_port_suffixed_sockets() {
+        assert_eq!(
+            port_path(Path::new("/run/banger/vms/x/vsock.sock"), 1025),
+            PathBuf::from("/run/banger/vms/x/vsock.sock_1025")
+        );
+    }
+}
