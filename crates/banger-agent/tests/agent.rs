@@ -474,3 +474,52 @@ fn file_operations_and_watch() {
     ));
     assert_eq!(c.read(&mut buf).unwrap(), 0, "one call per connection");
 }
+
+#[test]
+fn detached_output_is_kept_for_a_late_attach() {
+    let a = Agent::start();
+    let d = tempfile::tempdir().unwrap();
+    let up = d.path().join("up");
+    let spec = ExecSpec {
+        argv: vec![
+            "sh".into(),
+            "-c".into(),
+            format!("echo hello; touch {}; exec sleep 600", up.display()),
+        ],
+        detach: true,
+        tag: Some("srv".into()),
+        ..Default::default()
+    };
+    let pid = Session::start(a.conn(), Call::Exec(spec))
+        .unwrap()
+        .detached_done()
+        .unwrap();
+    // Signalled only once it has printed (the file comes after the echo).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !up.exists() {
+        assert!(std::time::Instant::now() < deadline, "never started");
+        std::thread::yield_now();
+    }
+    let m = client::call(
+        a.conn(),
+        Call::Signal {
+            target: Target::Tag("srv".into()),
+            signal: 9,
+        },
+    )
+    .unwrap();
+    assert_eq!(m, Msg::Done);
+    let s = Session::start(
+        a.conn(),
+        Call::Attach {
+            target: Target::Pid(pid),
+        },
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    let st = s.wait(&mut out, &mut std::io::sink()).unwrap();
+    assert_eq!(
+        (String::from_utf8(out).unwrap(), st.signal),
+        ("hello\n".to_string(), Some(9))
+    );
+}

@@ -220,6 +220,11 @@ fn stats_status_and_logs_escaped_and_bounded() {
         &inst.banger(&["vm", "run", "--name", "noisy", "--", "true"]),
         "vm run",
     );
+    // (The command ran over vsock; ssh puts traffic on the tap.)
+    ok(
+        &inst.banger(&["vm", "ssh", "noisy", "--", "true"]),
+        "vm ssh",
+    );
     let out = inst.banger(&["vm", "stats", "noisy", "--json"]);
     let stats: Vec<serde_json::Value> = serde_json::from_str(&ok(&out, "vm stats")).unwrap();
     assert_eq!(stats.len(), 1);
@@ -240,7 +245,7 @@ fn stats_status_and_logs_escaped_and_bounded() {
     let st: serde_json::Value =
         serde_json::from_str(&ok(&inst.banger(&["daemon", "status", "--json"]), "status")).unwrap();
     assert_eq!(st["pid"].as_i64().unwrap(), i64::from(inst.daemon_pid()));
-    assert_eq!(st["protocol"], 2);
+    assert_eq!(st["protocol"], banger_core::api::PROTOCOL_VERSION);
     assert_eq!(st["vms"], serde_json::json!([["running", 1]]), "{st}");
     assert_eq!(st["pending_releases"], 0);
     ok(
@@ -256,7 +261,10 @@ fn stats_status_and_logs_escaped_and_bounded() {
         "write to the console",
     );
     let logs = ok(&inst.banger(&["vm", "logs", "noisy"]), "vm logs");
-    assert!(logs.contains("banger-ready"), "{logs}");
+    assert!(
+        logs.contains("banger-agent: listening"),
+        "the agent's line: {logs}"
+    );
     assert!(
         logs.contains("evil\\x1b]0;pwned\\x07\\x1b[2Jdone"),
         "escaped: {logs:?}"

@@ -567,6 +567,13 @@ impl Instance {
             "VMM left: {:?}",
             self.vmm_processes()
         );
+        // Nothing else of the instance runs either (vsock backends).
+        let others: Vec<(i32, String)> = self
+            .processes()
+            .into_iter()
+            .filter(|(_, c)| !c.contains("bangerd"))
+            .collect();
+        assert!(others.is_empty(), "processes left: {others:?}");
         assert!(self.taps().is_empty(), "taps left: {:?}", self.taps());
         let rules = self.net.ruleset();
         assert!(

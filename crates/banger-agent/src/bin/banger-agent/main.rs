@@ -74,6 +74,7 @@ fn vsock_main() {
             std::process::exit(1);
         }
     };
+    log(&format!("listening on vsock port {AGENT_PORT}"));
     std::thread::spawn(hello);
     for c in l.incoming() {
         let c = match c {
