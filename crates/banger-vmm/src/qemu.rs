@@ -81,7 +81,7 @@ impl Qemu {
                 path(&v.backend).replace(',', ",,")
             ));
             push("-device");
-            push(&format!("vhost-user-vsock-pci,chardev=vsock"));
+            push("vhost-user-vsock-pci,chardev=vsock");
         }
         push("-kernel");
         push(&path(&cfg.kernel));

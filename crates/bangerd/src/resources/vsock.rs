@@ -156,7 +156,7 @@ impl Resource for Vsock {
             if !id.kill_and_wait(KILL_WAIT) {
                 return Err(DaemonError::Release {
                     vm: r.vm_name.clone(),
-                    resource: "vsock".into(),
+                    resource: "vsock",
                     reason: format!("vhost-device-vsock (pid {}) survives SIGKILL", id.pid),
                 });
             }
