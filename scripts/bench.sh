@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark: `vm run` latency (cold, 5 runs) against a plain QEMU command
-# line, banger's own overhead by phase, and 10 VMs in parallel. Runs inside a
+# line, banger's own overhead by phase, 10 VMs in parallel, and the guest
+# agent (exec round trips, 256 MiB copies against ssh). Runs inside a
 # network namespace it creates; prints a table and appends it to
 # docs/BENCHMARKS.md. Options: --runs N, --parallel N, --vmm qemu|firecracker,
 # --network-only (per-VM network setup and teardown, alone and among 100).
@@ -9,6 +10,8 @@ cd "$(dirname "$0")/.."
 
 ./scripts/install-deps.sh
 cargo build --release --locked -p banger -p bangerd -p test-infra
+BANGER_AGENT=$(./scripts/build-agent.sh)
+export BANGER_AGENT
 BANGER_TEST_IMAGE=$(./scripts/test-image.sh target/release/banger)
 export BANGER_TEST_IMAGE
 exec target/release/bench "$@"

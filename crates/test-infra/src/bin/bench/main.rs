@@ -1,6 +1,7 @@
 //! banger's benchmark: `vm run` latency against a hand-written QEMU command
-//! line, the per-phase breakdown of banger's own overhead, and ten VMs in
-//! parallel. Runs in a network namespace it creates (test_infra::Instance);
+//! line, the per-phase breakdown of banger's own overhead, ten VMs in
+//! parallel, the guest agent (exec round trips, copies), DNS and network
+//! setup. Runs in a network namespace it creates (test_infra::Instance);
 //! prints a table and appends it, with the machine's description, to
 //! docs/BENCHMARKS.md. `scripts/bench.sh` is the way to run it.
 
@@ -11,6 +12,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use test_infra::{text, Instance};
+
+mod agent;
 
 fn stats(v: &[f64]) -> (f64, f64, f64) {
     let mut s = v.to_vec();
@@ -553,6 +556,7 @@ fn main() {
     for i in 0..parallel {
         let _ = inst.banger(&["vm", "delete", &format!("par-{i}")]);
     }
+    agent::bench(&mut table, &inst, &vmm_args, 100);
     dns_bench(&mut table, &inst, 200);
     network_bench(&mut table, 20, 100);
     append(&table, &spec_line);
