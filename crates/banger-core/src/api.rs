@@ -192,6 +192,18 @@ pub struct VmStats {
     pub uptime_secs: u64,
     /// How long the guest has been idle (see `AutoStop::idle_secs`).
     pub idle_secs: u64,
+    /// What the guest itself says (its agent), when it answers.
+    #[serde(default)]
+    pub guest: Option<GuestSample>,
+}
+
+/// The guest's own view, from its agent: memory, load, processes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuestSample {
+    pub mem_total_bytes: u64,
+    pub mem_available_bytes: u64,
+    pub load1: f64,
+    pub processes: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

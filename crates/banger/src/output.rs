@@ -138,12 +138,21 @@ fn bytes(n: u64) -> String {
 pub fn print_stats(stats: &[VmStats]) {
     let w = stats.iter().map(|s| s.name.len()).max().unwrap_or(0).max(4);
     println!(
-        "{:<w$} {:>6} {:>10} {:>10} {:>10} {:>10} {:>9} {:>8}",
-        "NAME", "CPU%", "MEMORY", "DISK", "NET RX", "NET TX", "UPTIME", "IDLE"
+        "{:<w$} {:>6} {:>10} {:>10} {:>10} {:>10} {:>9} {:>8} {:>10} {:>5}",
+        "NAME", "CPU%", "MEMORY", "DISK", "NET RX", "NET TX", "UPTIME", "IDLE", "GUEST MEM", "LOAD"
     );
     for s in stats {
+        // The guest's own numbers (used memory, 1-minute load), if its
+        // agent answered.
+        let (gmem, load) = match &s.guest {
+            Some(g) => (
+                bytes(g.mem_total_bytes.saturating_sub(g.mem_available_bytes)),
+                format!("{:.2}", g.load1),
+            ),
+            None => ("-".into(), "-".into()),
+        };
         println!(
-            "{:<w$} {:>6.1} {:>10} {:>10} {:>10} {:>10} {:>9} {:>8}",
+            "{:<w$} {:>6.1} {:>10} {:>10} {:>10} {:>10} {:>9} {:>8} {:>10} {:>5}",
             s.name,
             s.cpu_percent,
             bytes(s.rss_bytes),
@@ -151,7 +160,9 @@ pub fn print_stats(stats: &[VmStats]) {
             bytes(s.net_rx_bytes),
             bytes(s.net_tx_bytes),
             format_secs(s.uptime_secs),
-            format_secs(s.idle_secs)
+            format_secs(s.idle_secs),
+            gmem,
+            load
         );
     }
 }

@@ -233,6 +233,14 @@ fn stats_status_and_logs_escaped_and_bounded() {
     assert!(s["rss_bytes"].as_u64().unwrap() > 1 << 20, "{s}");
     assert!(s["disk_bytes"].as_u64().unwrap() > 0, "{s}");
     assert!(s["cpu_secs"].as_f64().unwrap() > 0.0, "{s}");
+    // The guest's own numbers, from its agent: at most the VM's memory
+    // (the kernel keeps some), and a few processes.
+    let g = &s["guest"];
+    let total = g["mem_total_bytes"].as_u64().expect("the agent's sample");
+    let mib = inst.vm("noisy").unwrap()["memory_mib"].as_u64().unwrap();
+    assert!(total > (mib << 20) / 2 && total <= mib << 20, "{s}");
+    assert!(g["mem_available_bytes"].as_u64().unwrap() < total, "{s}");
+    assert!(g["processes"].as_u64().unwrap() > 3, "{s}");
     assert!(
         s["net_rx_bytes"].as_u64().unwrap() > 0,
         "ssh went through the tap: {s}"

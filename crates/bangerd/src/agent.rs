@@ -94,14 +94,44 @@ impl Daemon {
             .map_err(|e| DaemonError::Invalid(format!("vm {:?}: guest agent: {e}", vm.name)))
     }
 
-    /// A one-shot call to a VM's agent.
-    pub fn agent_call(&self, vm: &VmRecord, call: Call) -> Result<Msg> {
+    /// A one-shot call to a VM's agent, answered within `timeout`.
+    pub fn agent_call(&self, vm: &VmRecord, call: Call, timeout: Duration) -> Result<Msg> {
         let c = self.agent_connect(vm)?;
-        c.set_read_timeout(Some(CONNECT_TIMEOUT))
-            .and_then(|()| c.set_write_timeout(Some(CONNECT_TIMEOUT)))
+        c.set_read_timeout(Some(timeout))
+            .and_then(|()| c.set_write_timeout(Some(timeout)))
             .map_err(|e| DaemonError::Invalid(format!("vm {:?}: guest agent: {e}", vm.name)))?;
         banger_agent::client::call(c, call)
             .map_err(|e| DaemonError::Invalid(format!("vm {:?}: guest agent: {e}", vm.name)))
+    }
+}
+
+/// How long `vm stats` waits for a guest's own numbers.
+const STATS_TIMEOUT: Duration = Duration::from_secs(1);
+
+impl Daemon {
+    /// The guest's memory, load and process count, if its agent answers
+    /// in time (a busy or broken guest leaves them out).
+    pub(crate) fn guest_sample(&self, vm: &VmRecord) -> Option<banger_core::api::GuestSample> {
+        match self.agent_call(vm, Call::Stats, STATS_TIMEOUT) {
+            Ok(Msg::Stats(s)) => Some(banger_core::api::GuestSample {
+                mem_total_bytes: s.mem_total_kib.saturating_mul(1024),
+                mem_available_bytes: s.mem_available_kib.saturating_mul(1024),
+                load1: if s.load[0].is_finite() { s.load[0] } else { 0.0 },
+                processes: s.processes,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Sets the guest's clock from the host's (Firecracker guests have no
+    /// RTC; a restored guest's clock is the snapshot's).
+    pub(crate) fn sync_clock(&self, vm: &VmRecord) -> Result<()> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        self.agent_call(vm, Call::SetClock { unix_ns: now }, CONNECT_TIMEOUT)
+            .map(drop)
     }
 }
 

@@ -273,6 +273,16 @@ impl Daemon {
             })?;
             crate::readiness::wait(self, cx.vm, vmm, &hello, &cx.boot_id, cancel)?;
             t.done(cx.events);
+            // Firecracker's guests have no RTC: their clock comes from the
+            // host, through the agent that just said hello. (QEMU's read
+            // the emulated RTC at boot.)
+            if cx.vm.spec.vmm == banger_core::VmmKind::Firecracker {
+                let t = Phase::start("clock");
+                if let Err(e) = self.sync_clock(cx.vm) {
+                    warn!(vm = %cx.vm.name, err = %e, "could not set the guest's clock");
+                }
+                t.done(cx.events);
+            }
             hit("start.ready")
         })();
         // Work still running in the background (NAT) is joined in every

@@ -176,6 +176,7 @@ impl Daemon {
                 net_tx_bytes: tx,
                 uptime_secs: (banger_core::unix_now() - started).max(0) as u64,
                 idle_secs: now.duration_since(idle_since).as_secs(),
+                guest: None,
             },
         };
         lock(&self.stats.last).insert(vm.id.clone(), s.clone());
@@ -228,7 +229,8 @@ impl Daemon {
         let mut out = Vec::new();
         for vm in vms {
             let known = lock(&self.stats.last).get(&vm.id).map(|s| s.stats.clone());
-            if let Some(s) = known.or_else(|| self.sample(&vm).map(|s| s.stats)) {
+            if let Some(mut s) = known.or_else(|| self.sample(&vm).map(|s| s.stats)) {
+                s.guest = self.guest_sample(&vm);
                 out.push(s);
             }
         }
