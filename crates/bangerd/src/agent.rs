@@ -116,7 +116,11 @@ impl Daemon {
             Ok(Msg::Stats(s)) => Some(banger_core::api::GuestSample {
                 mem_total_bytes: s.mem_total_kib.saturating_mul(1024),
                 mem_available_bytes: s.mem_available_kib.saturating_mul(1024),
-                load1: if s.load[0].is_finite() { s.load[0] } else { 0.0 },
+                load1: if s.load[0].is_finite() {
+                    s.load[0]
+                } else {
+                    0.0
+                },
                 processes: s.processes,
             }),
             _ => None,
