@@ -4,7 +4,8 @@
 # agent (exec round trips, 256 MiB copies against ssh). Runs inside a
 # network namespace it creates; prints a table and appends it to
 # docs/BENCHMARKS.md. Options: --runs N, --parallel N, --vmm qemu|firecracker,
-# --network-only (per-VM network setup and teardown, alone and among 100).
+# --network-only (per-VM network setup and teardown, alone and among 100),
+# --agent-only (exec round trips and copies).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -411,6 +411,59 @@ fn trees_copy_both_ways_and_the_agent_and_daemon_come_back() {
     assert_eq!(text(&exec(&inst, &["c", "--", "hostname"]).stdout), "c\n");
     assert_eq!(cid(&inst, "c"), before, "the CID is durable");
 
+    // Identity and clock at runtime (what a restored clone will need),
+    // straight on the VM's vsock socket as the daemon speaks to it.
+    let id = inst.vm("c").unwrap()["id"].as_str().unwrap().to_string();
+    let uds = inst.runtime().join("vms").join(&id).join("vsock.sock");
+    let call = |c: banger_agent::proto::Call| {
+        let s = banger_agent::connect(
+            &uds,
+            banger_agent::proto::AGENT_PORT,
+            Duration::from_secs(10),
+        )
+        .expect("connect to the agent");
+        banger_agent::client::call(s, c).expect("agent call")
+    };
+    let ident = banger_agent::proto::Identity {
+        hostname: Some("renamed".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        call(banger_agent::proto::Call::SetIdentity(ident)),
+        banger_agent::proto::Msg::Done
+    );
+    assert_eq!(
+        text(&exec(&inst, &["c", "--", "hostname"]).stdout),
+        "renamed\n"
+    );
+    assert_eq!(
+        text(&exec(&inst, &["c", "--", "cat", "/etc/hostname"]).stdout),
+        "renamed\n"
+    );
+    let bad = banger_agent::proto::Identity {
+        hostname: Some("a;reboot".into()),
+        ..Default::default()
+    };
+    let s = banger_agent::connect(
+        &uds,
+        banger_agent::proto::AGENT_PORT,
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert!(banger_agent::client::call(s, banger_agent::proto::Call::SetIdentity(bad)).is_err());
+    // 2033-05-18: the guest's clock follows.
+    let t = 2_000_000_000u64 * 1_000_000_000;
+    assert_eq!(
+        call(banger_agent::proto::Call::SetClock { unix_ns: t }),
+        banger_agent::proto::Msg::Done
+    );
+    let year = text(&exec(&inst, &["c", "--", "date", "-u", "+%Y"]).stdout);
+    assert_eq!(year, "2033\n");
+    match call(banger_agent::proto::Call::Stats) {
+        banger_agent::proto::Msg::Stats(st) => assert!(st.mem_total_kib > 0 && st.processes > 3),
+        m => panic!("{m:?}"),
+    }
+
     ok(&inst.banger(&["vm", "delete", "c"]), "delete");
     inst.assert_baseline();
 }

@@ -385,6 +385,8 @@ fn main() {
         return;
     }
     let mut spec_line = String::new();
+    // `--agent-only`: the guest agent's section alone.
+    let agent_only = args.iter().any(|a| a == "--agent-only");
     let banger = std::env::current_exe()
         .expect("current exe")
         .with_file_name("banger");
@@ -399,6 +401,11 @@ fn main() {
         "| scenario | median | min | max | unit | runs |\n|---|---|---|---|---|---|\n",
     );
     println!("{table}");
+    if agent_only {
+        agent::bench(&mut table, &inst, &vmm_args, 100);
+        append(&table, "(the agent section alone)");
+        return;
+    }
 
     // 1 + 3: cold `vm run --rm -- true`, with the phase breakdown.
     let mut walls = Vec::new();
