@@ -28,7 +28,7 @@ export BANGER_TEST_IMAGE
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --locked --workspace --lib --bins --tests "${features[@]}" -- --test-threads=2 2>&1 | tee "$log"
+cargo test --locked --no-fail-fast --workspace --lib --bins --tests "${features[@]}" -- --test-threads=2 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 # One closing line for the whole suite.
