@@ -283,6 +283,12 @@ pub struct ImageInfo {
     pub rootfs_bytes: u64,
     pub dir: PathBuf,
     pub created_at: i64,
+    /// What its files take on disk.
+    #[serde(default)]
+    pub disk_bytes: u64,
+    /// The VMs made from it (it cannot be removed while there are any).
+    #[serde(default)]
+    pub used_by: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -210,13 +210,23 @@ pub fn print_ports(ports: &[banger_core::net::PortMap]) {
 }
 
 pub fn print_images(images: &[ImageInfo]) {
-    println!("{:<16} {:<24} {:>10}  DIR", "NAME", "KERNEL", "ROOTFS");
+    println!(
+        "{:<16} {:<24} {:>10} {:>10}  {:<20} DIR",
+        "NAME", "KERNEL", "ROOTFS", "ON DISK", "USED BY"
+    );
     for i in images {
+        let users = if i.used_by.is_empty() {
+            "-".to_string()
+        } else {
+            i.used_by.join(",")
+        };
         println!(
-            "{:<16} {:<24} {:>9}M  {}",
+            "{:<16} {:<24} {:>9}M {:>10}  {:<20} {}",
             i.name,
             i.kernel_version,
             i.rootfs_bytes / (1024 * 1024),
+            bytes(i.disk_bytes),
+            users,
             i.dir.display()
         );
     }

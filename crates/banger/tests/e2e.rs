@@ -64,6 +64,25 @@ fn lifecycle_run_stop_start_crash_delete() {
         "spec line: {spec}"
     );
 
+    // The image lists its size and its VM, and cannot go while it has one.
+    let images: Vec<serde_json::Value> =
+        serde_json::from_str(&ok(&inst.banger(&["image", "ls", "--json"]), "image ls")).unwrap();
+    assert_eq!(
+        images[0]["used_by"],
+        serde_json::json!(["hello"]),
+        "{images:?}"
+    );
+    assert!(
+        images[0]["disk_bytes"].as_u64().unwrap() > 1 << 20,
+        "{images:?}"
+    );
+    let out = inst.banger(&["image", "rm", "bookworm"]);
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("hello"),
+        "{}",
+        text(&out.stderr)
+    );
+
     // Status and both streams come back separately.
     let out = inst.banger(&[
         "vm",

@@ -15,7 +15,6 @@ use tracing::{info, info_span, warn};
 use crate::cancel::Cancel;
 use crate::daemon::Daemon;
 use crate::error::{DaemonError, Result};
-use crate::images::image_info;
 
 const MAX_REQUEST: u64 = 1 << 20;
 
@@ -289,12 +288,7 @@ pub fn dispatch(
             Response::Image(daemon.build_image(&name, force, events)?)
         }
         Request::ImageList => Response::Images {
-            images: daemon
-                .store()
-                .list_images()?
-                .iter()
-                .map(image_info)
-                .collect(),
+            images: daemon.list_images()?,
         },
         Request::ImageDelete { name } => {
             daemon.delete_image(&name)?;
