@@ -286,6 +286,9 @@ pub enum Call {
     },
     /// [`Msg::Stats`].
     Stats,
+    /// Writes the guest's dirty pages to its disks (`sync`), before the
+    /// host kills a VM whose volumes must keep what it wrote.
+    Sync,
     /// Sets the guest's realtime clock.
     SetClock {
         unix_ns: u64,

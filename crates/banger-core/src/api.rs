@@ -79,6 +79,16 @@ pub enum Request {
         name: String,
         host: String,
     },
+    /// A named volume: an ext4 disk of `size_mib` that outlives VMs.
+    VolumeCreate {
+        name: String,
+        size_mib: u64,
+    },
+    VolumeList,
+    /// Refused while a VM mounts it (the VMs are named).
+    VolumeDelete {
+        name: String,
+    },
     /// A connection to the VM's guest agent: the reply (`Response::Agent`)
     /// carries its file descriptor (SCM_RIGHTS), already past the vsock
     /// handshake; the client then speaks the agent protocol on it directly
@@ -108,6 +118,8 @@ pub struct CreateVm {
     pub auto_stop: AutoStop,
     #[serde(default)]
     pub net: NetPolicy,
+    #[serde(default)]
+    pub volumes: Vec<crate::volume::VolumeMount>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -168,6 +180,10 @@ pub enum Response {
     LogEnd,
     /// Sent with the agent connection's descriptor.
     Agent,
+    Volume(VolumeInfo),
+    Volumes {
+        volumes: Vec<VolumeInfo>,
+    },
 }
 
 /// One sample of the stats poller.
@@ -274,6 +290,19 @@ pub struct SshTarget {
     pub known_hosts: PathBuf,
     /// The alias the host key is pinned under in `known_hosts`.
     pub host_key_alias: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeInfo {
+    pub name: String,
+    pub size_mib: u64,
+    /// What its file takes on disk (sparse: what it holds).
+    pub disk_bytes: u64,
+    pub path: PathBuf,
+    /// VMs whose spec mounts it.
+    pub used_by: Vec<String>,
+    /// The running VM that has it now, if any.
+    pub attached_to: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

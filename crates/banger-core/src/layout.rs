@@ -49,6 +49,13 @@ impl Layout {
     pub fn daemon_log(&self) -> PathBuf {
         self.state_dir.join("bangerd.log")
     }
+    /// Named volumes: `<name>.ext4` each.
+    pub fn volumes_dir(&self) -> PathBuf {
+        self.state_dir.join("volumes")
+    }
+    pub fn volume(&self, name: &str) -> PathBuf {
+        self.volumes_dir().join(format!("{name}.ext4"))
+    }
     pub fn images_dir(&self) -> PathBuf {
         self.state_dir.join("images")
     }

@@ -10,6 +10,7 @@ pub mod name;
 pub mod net;
 pub mod sizing;
 pub mod state;
+pub mod volume;
 
 pub use layout::Layout;
 pub use model::{

@@ -51,6 +51,9 @@ pub struct VmSpec {
     /// What the guest may reach (absent in older rows: the default).
     #[serde(default)]
     pub net: NetPolicy,
+    /// Named volumes mounted in the guest (`--volume NAME:/path`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<crate::volume::VolumeMount>,
 }
 
 /// What a guest may reach beyond itself. By default: the outside world

@@ -19,8 +19,11 @@ pub struct GuestConfig {
     pub authorized_keys: String,
     pub host_key: String,
     pub host_key_pub: String,
-    /// Echoed back in the ready line so a stale log never counts.
+    /// Echoed back in the agent's hello so a stale one never counts.
     pub boot_id: String,
+    /// Named volumes: (block device, mount path), both validated
+    /// (`banger_core::volume`): nothing in them needs quoting.
+    pub volumes: Vec<(String, String)>,
 }
 
 impl GuestConfig {
@@ -28,9 +31,20 @@ impl GuestConfig {
     /// validated name, an address or hex, so nothing needs quoting beyond
     /// the single quotes.
     pub fn env_file(&self) -> String {
+        let volumes: Vec<String> = self
+            .volumes
+            .iter()
+            .map(|(dev, path)| format!("{dev}:{path}"))
+            .collect();
         format!(
-            "HOSTNAME='{}'\nIP='{}'\nPREFIX='{}'\nGW='{}'\nMAC='{}'\nBOOT_ID='{}'\n",
-            self.hostname, self.guest_ip, self.prefix, self.gateway, self.mac, self.boot_id
+            "HOSTNAME='{}'\nIP='{}'\nPREFIX='{}'\nGW='{}'\nMAC='{}'\nBOOT_ID='{}'\nVOLUMES='{}'\n",
+            self.hostname,
+            self.guest_ip,
+            self.prefix,
+            self.gateway,
+            self.mac,
+            self.boot_id,
+            volumes.join(" ")
         )
     }
 
@@ -105,6 +119,7 @@ mod tests {
             host_key: "PRIVATE".into(),
             host_key_pub: "ssh-ed25519 BBBB host".into(),
             boot_id: "00ff".into(),
+            volumes: vec![("vdc".into(), "/srv/data".into())],
         }
     }
 
@@ -115,6 +130,7 @@ mod tests {
         assert!(env.contains("HOSTNAME='hello'\n"));
         assert!(env.contains("IP='172.30.0.6'\n"));
         assert!(env.contains("GW='172.30.0.5'\n"));
+        assert!(env.contains("VOLUMES='vdc:/srv/data'\n"));
         assert_eq!(c.resolv_conf(), "nameserver 172.30.0.5\n");
         let ns = guest_nameservers("# x\nnameserver 127.0.0.53\nnameserver 10.1.2.3\nsearch lan\n");
         assert_eq!(ns, vec![Ipv4Addr::new(10, 1, 2, 3)]);

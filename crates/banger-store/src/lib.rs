@@ -446,6 +446,7 @@ mod tests {
                 accel: "tcg".into(),
                 auto_stop: Default::default(),
                 net: Default::default(),
+                volumes: Default::default(),
             },
             runtime: VmRuntime {
                 state: Some(VmState::Created),

@@ -6,6 +6,7 @@ mod guest;
 mod output;
 mod ssh;
 mod vm;
+mod volume;
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -43,6 +44,9 @@ enum Cmd {
     /// Build and list guest images.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Named volumes: disks that outlive VMs (`vm run --volume NAME:/path`).
+    #[command(subcommand)]
+    Volume(volume::VolumeCmd),
     /// Route the host's `<name>.vm` lookups to banger's DNS, or stop.
     #[command(subcommand)]
     Dns(DnsCmd),
@@ -102,6 +106,10 @@ pub struct CreateFlags {
     /// defaults to 127.0.0.1 (repeatable).
     #[arg(short = 'p', long = "publish", value_name = "PORTS")]
     publish: Vec<banger_core::net::PortMap>,
+    /// Mount a named volume at a path in the guest: NAME:/path
+    /// (repeatable; `banger volume create` makes one).
+    #[arg(long = "volume", short = 'v', value_name = "NAME:/PATH")]
+    volume: Vec<banger_core::volume::VolumeMount>,
     /// Put the VM on a shared network (created on first use): its VMs
     /// reach and resolve each other as <name>.vm; others cannot.
     #[arg(long, value_name = "NAME")]
@@ -369,6 +377,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.cmd {
         Cmd::Vm(v) => vm::run(&client, v),
         Cmd::Image(i) => image(&client, i),
+        Cmd::Volume(v) => volume::run(&client, v),
         Cmd::Doctor { json } => {
             let Response::Doctor { checks } = client.call(Request::Doctor, &mut progress)? else {
                 bail!("unexpected answer to doctor");

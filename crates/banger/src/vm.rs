@@ -61,6 +61,7 @@ fn create_request(f: &CreateFlags, start: bool, rm: bool) -> anyhow::Result<Crea
             ports: f.publish.clone(),
             network: f.network.clone(),
         },
+        volumes: f.volume.clone(),
     })
 }
 

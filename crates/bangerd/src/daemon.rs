@@ -58,6 +58,10 @@ pub struct Daemon {
     pub(crate) template_lock: Mutex<()>,
     /// The last image initramfs read, keyed by path, size and mtime.
     pub(crate) initrd_cache: Mutex<Option<crate::images::InitrdCacheEntry>>,
+    /// Serialises creating, deleting and attaching volumes.
+    pub(crate) volume_lock: Mutex<()>,
+    /// Which running VM has each volume.
+    pub(crate) attached: crate::volumes::Attached,
     /// The guest agent's archive, keyed by path, size and mtime.
     pub(crate) agent_cache: Mutex<Option<crate::agent::AgentCacheEntry>>,
     /// Boots in progress, cancellable by name.
@@ -180,6 +184,8 @@ impl Daemon {
             known_hosts_lock: Mutex::new(()),
             initrd_cache: Mutex::new(None),
             agent_cache: Mutex::new(None),
+            volume_lock: Mutex::new(()),
+            attached: Default::default(),
             boots: Boots::default(),
             stats: Default::default(),
             tap_pool: Default::default(),
@@ -444,6 +450,7 @@ pub(crate) mod testutil {
                 accel: "tcg".into(),
                 auto_stop: Default::default(),
                 net: Default::default(),
+                volumes: Default::default(),
             },
             runtime: VmRuntime {
                 tap_device: tap.map(str::to_string),

@@ -25,6 +25,7 @@ pub mod releases;
 pub mod resources;
 pub mod server;
 pub mod stats;
+pub mod volumes;
 
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::AtomicBool;

@@ -64,6 +64,7 @@ impl Daemon {
         }
         // A published port in use is refused before anything exists.
         crate::resources::ports::check_free(&name, &req.net.ports)?;
+        self.check_mounts(&req.volumes)?;
         if image_name == DEFAULT_IMAGE && self.store().image(&image_name)?.is_none() {
             events(Event::Progress {
                 message: format!("image {image_name} is not built yet: building it now"),
@@ -87,6 +88,7 @@ impl Daemon {
                 accel: accel.clone(),
                 auto_stop: req.auto_stop,
                 net: req.net.clone(),
+                volumes: req.volumes.clone(),
             },
             runtime: banger_core::VmRuntime {
                 state: Some(VmState::Creating),
@@ -376,6 +378,9 @@ impl Daemon {
             r => r?,
         };
         hit("delete.begin")?;
+        // A delete kills the VMM; what the guest wrote to its volumes is
+        // written out first.
+        self.flush_volumes(&vm);
         vm.runtime.state = Some(VmState::Deleting);
         self.save(&vm)?;
         if let Err(e) = self.teardown(&mut vm, DELETE) {

@@ -252,6 +252,9 @@ fn op_name(r: &Request) -> &'static str {
         Request::VmPortAdd { .. } => "vm_port_add",
         Request::VmPortRm { .. } => "vm_port_rm",
         Request::VmAgent { .. } => "vm_agent",
+        Request::VolumeCreate { .. } => "volume_create",
+        Request::VolumeList => "volume_list",
+        Request::VolumeDelete { .. } => "volume_delete",
     }
 }
 
@@ -315,6 +318,16 @@ pub fn dispatch(
         Request::DaemonStatus => Response::Status(status(daemon)?),
         Request::VmPortAdd { name, port } => Response::Vm(Box::new(daemon.port_add(&name, port)?)),
         Request::VmPortRm { name, host } => Response::Vm(Box::new(daemon.port_rm(&name, &host)?)),
+        Request::VolumeCreate { name, size_mib } => {
+            Response::Volume(daemon.create_volume(&name, size_mib)?)
+        }
+        Request::VolumeList => Response::Volumes {
+            volumes: daemon.list_volumes()?,
+        },
+        Request::VolumeDelete { name } => {
+            daemon.delete_volume(&name)?;
+            Response::Deleted { name }
+        }
         // Served by `handle` (it passes a descriptor).
         Request::VmAgent { name } => {
             return Err(DaemonError::Invalid(format!(

@@ -50,6 +50,14 @@ impl Resource for Initrd {
             host_key: fsutil::read_to_string(&host_key_path)?,
             host_key_pub: sshkey::public_key(&host_key_path)?,
             boot_id: cx.boot_id.clone(),
+            volumes: cx
+                .vm
+                .spec
+                .volumes
+                .iter()
+                .enumerate()
+                .map(|(i, m)| (banger_core::volume::guest_device(i), m.path.clone()))
+                .collect(),
         };
         let base = d.image_initrd(cx.img)?;
         let agent = d.agent_archive()?;

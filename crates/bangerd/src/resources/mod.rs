@@ -38,6 +38,7 @@ pub mod root_disk;
 pub mod tap;
 pub mod vm_dir;
 pub mod vmm;
+pub mod volumes;
 pub mod vsock;
 pub mod work_disk;
 
@@ -55,6 +56,7 @@ pub const CREATE: &[&dyn Resource] = &[
 pub const START: &[&dyn Resource] = &[
     &tap::Tap,
     &dns::Dns,
+    &volumes::Volumes,
     &initrd::Initrd,
     &vsock::Vsock,
     &vmm::VmmProcess,

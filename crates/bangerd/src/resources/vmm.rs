@@ -106,7 +106,16 @@ impl Resource for VmmProcess {
                     format: "raw".into(),
                     read_only: false,
                 },
-            ],
+            ]
+            .into_iter()
+            // Named volumes after them, in the spec's order (vdc, vdd, ...).
+            .chain(cx.vm.spec.volumes.iter().map(|m| banger_vmm::Disk {
+                id: format!("vol-{}", m.name),
+                path: d.cfg.layout.volume(&m.name),
+                format: "raw".into(),
+                read_only: false,
+            }))
+            .collect(),
             nics: vec![banger_vmm::Nic {
                 tap,
                 mac: net.mac(),

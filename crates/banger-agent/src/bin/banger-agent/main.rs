@@ -178,6 +178,10 @@ fn call(mut c: UnixStream) -> Result<(), ProtoError> {
         Call::Remove { path, recursive } => files::remove(&path, recursive).map(|()| Msg::Done),
         Call::Watch { path, recursive } => return files::watch(c, &path, recursive),
         Call::Stats => system::stats().map(Msg::Stats),
+        Call::Sync => {
+            nix::unistd::sync();
+            Ok(Msg::Done)
+        }
         Call::SetClock { unix_ns } => system::set_clock(unix_ns).map(|()| Msg::Done),
         Call::SetIdentity(id) => system::set_identity(&id).map(|()| Msg::Done),
         Call::WaitListen { port, timeout_ms } => {

@@ -1,0 +1,86 @@
+//! The VM's named volumes, attached for its boot: each volume is held by
+//! one running VM at a time (the daemon's `attached` map, under the volume
+//! lock, rebuilt from running VMs by `adopt` after a restart). The VMM
+//! gets them as disks after root and work (`/dev/vdc`, ...), the guest's
+//! init mounts them at their paths.
+
+use banger_core::{Release, VmHandles, VmRecord};
+use serde_json::{json, Value};
+
+use super::{Acq, End, Resource};
+use crate::daemon::{lock, Daemon};
+use crate::error::{DaemonError, Result};
+
+#[derive(Debug)]
+pub struct Volumes;
+
+fn detach(d: &Daemon, vm_id: &str) {
+    lock(&d.attached).retain(|_, holder| holder != vm_id);
+}
+
+impl Resource for Volumes {
+    fn name(&self) -> &'static str {
+        "volumes"
+    }
+
+    fn acquire(&self, d: &Daemon, cx: &mut Acq<'_>) -> Result<()> {
+        if cx.vm.spec.volumes.is_empty() {
+            return Ok(());
+        }
+        let _g = lock(&d.volume_lock);
+        let vms = d.store().list_vms()?;
+        let mut attached = lock(&d.attached);
+        for m in &cx.vm.spec.volumes {
+            if !d.cfg.layout.volume(&m.name).is_file() {
+                return Err(DaemonError::Invalid(format!(
+                    "vm {:?}: volume {:?} is gone (`banger volume ls`)",
+                    cx.vm.name, m.name
+                )));
+            }
+            if let Some(holder) = attached.get(&m.name).filter(|h| **h != cx.vm.id) {
+                let holder = vms
+                    .iter()
+                    .find(|v| &v.id == holder)
+                    .map(|v| v.name.clone())
+                    .unwrap_or_else(|| holder.clone());
+                return Err(DaemonError::Invalid(format!(
+                    "vm {:?}: volume {:?} is attached to running vm {holder:?}: stop it first",
+                    cx.vm.name, m.name
+                )));
+            }
+        }
+        for m in &cx.vm.spec.volumes {
+            attached.insert(m.name.clone(), cx.vm.id.clone());
+        }
+        Ok(())
+    }
+
+    fn held(&self, d: &Daemon, vm: &VmRecord, _h: &VmHandles) -> Option<Value> {
+        let names: Vec<String> = lock(&d.attached)
+            .iter()
+            .filter(|(_, holder)| **holder == vm.id)
+            .map(|(n, _)| n.clone())
+            .collect();
+        (!names.is_empty()).then(|| json!({ "names": names }))
+    }
+
+    /// Detached before the reply: the VMM, ended before this, no longer
+    /// writes the disks.
+    fn end(&self, d: &Daemon, vm: &VmRecord, _held: Value, _how: End) -> Result<Option<Value>> {
+        detach(d, &vm.id);
+        Ok(None)
+    }
+
+    fn release(&self, d: &Daemon, r: &Release, _held: &Value) -> Result<()> {
+        detach(d, &r.vm_id);
+        Ok(())
+    }
+
+    fn adopt(&self, d: &Daemon, vm: &VmRecord) -> Result<()> {
+        let mut attached = lock(&d.attached);
+        for m in &vm.spec.volumes {
+            attached.insert(m.name.clone(), vm.id.clone());
+        }
+        Ok(())
+    }
+}

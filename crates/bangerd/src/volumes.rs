@@ -1,0 +1,175 @@
+//! Named volumes: sparse ext4 files under `<state>/volumes/`, made with
+//! `mkfs.ext4`, listed with the VMs that mount them, removed only when no
+//! VM does. Which running VM has a volume now is the `volumes` resource's
+//! (one at a time).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use banger_core::api::VolumeInfo;
+use banger_core::volume::{VolumeMount, MAX_VOLUMES};
+use banger_host::cmd;
+use banger_host::fsutil::{self, WrapIo};
+
+use crate::daemon::{lock, Daemon};
+use crate::error::{DaemonError, Result};
+
+/// Volume name -> id of the running VM that has it.
+pub(crate) type Attached = Mutex<HashMap<String, String>>;
+
+/// The smallest and largest volume banger makes.
+const MIN_MIB: u64 = 16;
+const MAX_MIB: u64 = 16 << 20;
+
+impl Daemon {
+    pub fn create_volume(&self, name: &str, size_mib: u64) -> Result<VolumeInfo> {
+        banger_core::validate_name(name)
+            .map_err(|e| DaemonError::Invalid(format!("volume {name:?}: {e}")))?;
+        if !(MIN_MIB..=MAX_MIB).contains(&size_mib) {
+            return Err(DaemonError::Invalid(format!(
+                "volume {name:?}: --size must be {MIN_MIB} MiB to 16 TiB"
+            )));
+        }
+        let _g = lock(&self.volume_lock);
+        let path = self.cfg.layout.volume(name);
+        if path.exists() {
+            return Err(DaemonError::Invalid(format!(
+                "volume {name:?} exists: `banger volume rm {name}` first, or pick another name"
+            )));
+        }
+        fsutil::create_dir_all(&self.cfg.layout.volumes_dir())?;
+        // Made under a temporary name and renamed: a failed mkfs leaves
+        // nothing that looks like a volume.
+        let tmp = path.with_extension("making");
+        let made = (|| {
+            let f = std::fs::File::create(&tmp).with_path("create", &tmp)?;
+            f.set_len(size_mib << 20).with_path("size", &tmp)?;
+            drop(f);
+            cmd::run_with(
+                "mkfs.ext4",
+                [
+                    "-q".as_ref(),
+                    "-F".as_ref(),
+                    "-L".as_ref(),
+                    name.as_ref(),
+                    "-E".as_ref(),
+                    "lazy_itable_init=1,lazy_journal_init=1".as_ref(),
+                    tmp.as_os_str(),
+                ],
+                None,
+                std::time::Duration::from_secs(300),
+            )?;
+            std::fs::rename(&tmp, &path).with_path("rename into", &path)?;
+            Ok::<(), DaemonError>(())
+        })();
+        if let Err(e) = made {
+            let _ = fsutil::remove_file_if_exists(&tmp);
+            return Err(e);
+        }
+        self.volume_info(name)
+    }
+
+    pub fn list_volumes(&self) -> Result<Vec<VolumeInfo>> {
+        let dir = self.cfg.layout.volumes_dir();
+        let mut names: Vec<String> = match std::fs::read_dir(&dir) {
+            Ok(d) => d
+                .filter_map(|e| {
+                    let n = e.ok()?.file_name().to_string_lossy().into_owned();
+                    n.strip_suffix(".ext4").map(str::to_string)
+                })
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => {
+                return Err(fsutil::FsError {
+                    op: "read dir",
+                    path: dir,
+                    source: e,
+                }
+                .into())
+            }
+        };
+        names.sort();
+        names.iter().map(|n| self.volume_info(n)).collect()
+    }
+
+    fn volume_info(&self, name: &str) -> Result<VolumeInfo> {
+        use std::os::unix::fs::MetadataExt;
+        let path = self.cfg.layout.volume(name);
+        let m = std::fs::metadata(&path).map_err(|_| {
+            DaemonError::Invalid(format!(
+                "no volume {name:?}: `banger volume create {name}` makes one; `banger volume ls` lists them"
+            ))
+        })?;
+        let vms = self.store().list_vms()?;
+        let used_by = vms
+            .iter()
+            .filter(|v| v.spec.volumes.iter().any(|m| m.name == name))
+            .map(|v| v.name.clone())
+            .collect();
+        let attached_to = lock(&self.attached)
+            .get(name)
+            .and_then(|id| vms.iter().find(|v| &v.id == id))
+            .map(|v| v.name.clone());
+        Ok(VolumeInfo {
+            name: name.to_string(),
+            size_mib: m.len() >> 20,
+            disk_bytes: m.blocks() * 512,
+            path,
+            used_by,
+            attached_to,
+        })
+    }
+
+    pub fn delete_volume(&self, name: &str) -> Result<()> {
+        let _g = lock(&self.volume_lock);
+        let info = self.volume_info(name)?;
+        if !info.used_by.is_empty() {
+            return Err(DaemonError::Invalid(format!(
+                "volume {name:?} is mounted by vm(s) {}: delete them first",
+                info.used_by.join(", ")
+            )));
+        }
+        fsutil::remove_file_if_exists(&info.path)?;
+        Ok(())
+    }
+
+    /// Asks a running VM with volumes to write its dirty pages out (its
+    /// VMM is about to be killed). Best effort, bounded: a guest that does
+    /// not answer loses what it had not written, as on a power cut.
+    pub(crate) fn flush_volumes(&self, vm: &banger_core::VmRecord) {
+        if vm.spec.volumes.is_empty() || !self.vm_alive(vm) {
+            return;
+        }
+        let call = banger_agent::proto::Call::Sync;
+        if let Err(e) = self.agent_call(vm, call, std::time::Duration::from_secs(10)) {
+            tracing::warn!(vm = %vm.name, err = %e, "could not flush the guest's volumes");
+        }
+    }
+
+    /// A create's `--volume`s: existing volumes, each once, at distinct
+    /// paths, not too many.
+    pub(crate) fn check_mounts(&self, mounts: &[VolumeMount]) -> Result<()> {
+        if mounts.len() > MAX_VOLUMES {
+            return Err(DaemonError::Invalid(format!(
+                "{} volumes: a VM takes at most {MAX_VOLUMES}",
+                mounts.len()
+            )));
+        }
+        for (i, m) in mounts.iter().enumerate() {
+            self.volume_info(&m.name)?;
+            if mounts[..i].iter().any(|o| o.name == m.name) {
+                return Err(DaemonError::Invalid(format!(
+                    "--volume {m}: volume {:?} is given twice",
+                    m.name
+                )));
+            }
+            if mounts[..i].iter().any(|o| o.path == m.path) || m.path == "/work" {
+                return Err(DaemonError::Invalid(format!(
+                    "--volume {m}: {} is already a mount point",
+                    m.path
+                )));
+            }
+        }
+        Ok(())
+    }
+}
