@@ -15,6 +15,8 @@ use test_infra::{ok, text, Instance};
 
 const VM: &str = "fp";
 const PORT: &str = "127.0.0.1:19999:8000";
+/// A volume, so that the volumes resource is held too.
+const VOLUME: &str = "fpvol:/data";
 
 fn banger_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_bangerd")).with_file_name("banger")
@@ -30,7 +32,9 @@ fn plan(step: &str) -> (Pre, Vec<&'static str>) {
     match stage {
         "create" => (
             Pre::Nothing,
-            vec!["vm", "run", "--name", VM, "-p", PORT, "--", "true"],
+            vec![
+                "vm", "run", "--name", VM, "-p", PORT, "--volume", VOLUME, "--", "true",
+            ],
         ),
         "start" => (Pre::Created, vec!["vm", "start", VM]),
         "kill" => (Pre::Running, vec!["vm", "kill", VM]),
@@ -113,6 +117,8 @@ fn assert_consistent(inst: &Instance, what: &str) {
 
 fn one(inst: &Instance, step: &str, mode: &str) {
     let what = format!("{step}={mode}");
+    // (Refused once it exists: the volume outlives the iterations.)
+    let _ = inst.banger(&["volume", "create", "fpvol", "--size", "16M"]);
     let (pre, op) = plan(step);
     // The precondition, with a daemon without failpoints.
     match pre {
@@ -120,13 +126,15 @@ fn one(inst: &Instance, step: &str, mode: &str) {
         // (With a published port, so that its listener is a resource too.)
         Pre::Created => {
             ok(
-                &inst.banger(&["vm", "create", "--name", VM, "-p", PORT]),
+                &inst.banger(&["vm", "create", "--name", VM, "-p", PORT, "--volume", VOLUME]),
                 &what,
             );
         }
         Pre::Running => {
             ok(
-                &inst.banger(&["vm", "run", "--name", VM, "-p", PORT, "--", "true"]),
+                &inst.banger(&[
+                    "vm", "run", "--name", VM, "-p", PORT, "--volume", VOLUME, "--", "true",
+                ]),
                 &what,
             );
         }
