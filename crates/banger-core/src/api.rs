@@ -120,6 +120,9 @@ pub struct CreateVm {
     pub net: NetPolicy,
     #[serde(default)]
     pub volumes: Vec<crate::volume::VolumeMount>,
+    /// `--root-size`: at least the image's root filesystem.
+    #[serde(default)]
+    pub root_mib: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -51,6 +51,10 @@ pub struct VmSpec {
     /// What the guest may reach (absent in older rows: the default).
     #[serde(default)]
     pub net: NetPolicy,
+    /// The root disk's size when it is larger than the image's root
+    /// filesystem (`--root-size`); the guest grows its filesystem to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_mib: Option<u64>,
     /// Named volumes mounted in the guest (`--volume NAME:/path`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<crate::volume::VolumeMount>,

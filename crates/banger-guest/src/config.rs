@@ -21,6 +21,8 @@ pub struct GuestConfig {
     pub host_key_pub: String,
     /// Echoed back in the agent's hello so a stale one never counts.
     pub boot_id: String,
+    /// The root disk is larger than its filesystem (`--root-size`).
+    pub grow_root: bool,
     /// Named volumes: (block device, mount path), both validated
     /// (`banger_core::volume`): nothing in them needs quoting.
     pub volumes: Vec<(String, String)>,
@@ -37,14 +39,15 @@ impl GuestConfig {
             .map(|(dev, path)| format!("{dev}:{path}"))
             .collect();
         format!(
-            "HOSTNAME='{}'\nIP='{}'\nPREFIX='{}'\nGW='{}'\nMAC='{}'\nBOOT_ID='{}'\nVOLUMES='{}'\n",
+            "HOSTNAME='{}'\nIP='{}'\nPREFIX='{}'\nGW='{}'\nMAC='{}'\nBOOT_ID='{}'\nVOLUMES='{}'\nGROW_ROOT='{}'\n",
             self.hostname,
             self.guest_ip,
             self.prefix,
             self.gateway,
             self.mac,
             self.boot_id,
-            volumes.join(" ")
+            volumes.join(" "),
+            u8::from(self.grow_root)
         )
     }
 
@@ -120,6 +123,7 @@ mod tests {
             host_key_pub: "ssh-ed25519 BBBB host".into(),
             boot_id: "00ff".into(),
             volumes: vec![("vdc".into(), "/srv/data".into())],
+            grow_root: false,
         }
     }
 

@@ -84,14 +84,16 @@ pub fn overlay_bytes(backing: &Path, size: u64) -> Result<Vec<u8>, (bool, u64)> 
     Ok(buf)
 }
 
-/// Writes `path` as an empty qcow2 overlay of raw `backing` (whose size it
-/// takes), failing if `path` exists.
-pub fn create_overlay(path: &Path, backing: &Path) -> Result<(), Qcow2Error> {
+/// Writes `path` as an empty qcow2 overlay of raw `backing`, failing if
+/// `path` exists. Its size is the backing file's, or `grow_to` bytes if
+/// that is larger (reads past the backing file's end are zeros).
+pub fn create_overlay(path: &Path, backing: &Path, grow_to: Option<u64>) -> Result<(), Qcow2Error> {
     let io = |source| Qcow2Error::Io {
         path: path.to_path_buf(),
         source,
     };
     let size = std::fs::metadata(backing).map_err(io)?.len();
+    let size = size.max(grow_to.unwrap_or(0));
     let bytes = overlay_bytes(backing, size).map_err(|(name, size)| {
         if name {
             Qcow2Error::BackingTooLong {
@@ -126,8 +128,22 @@ mod tests {
         f.set_len(3 << 30).unwrap();
         drop(f);
         let ov = d.path().join("root.qcow2");
-        create_overlay(&ov, &base).unwrap();
-        assert!(create_overlay(&ov, &base).is_err(), "never overwrites");
+        create_overlay(&ov, &base, None).unwrap();
+        assert!(
+            create_overlay(&ov, &base, None).is_err(),
+            "never overwrites"
+        );
+        let big = d.path().join("big.qcow2");
+        create_overlay(&big, &base, Some(5 << 30)).unwrap();
+        let info = crate::cmd::run(
+            "qemu-img",
+            ["info".as_ref(), "--output=json".as_ref(), big.as_os_str()],
+        )
+        .unwrap();
+        assert!(
+            info.contains("\"virtual-size\": 5368709120"),
+            "grown: {info}"
+        );
         if crate::cmd::which("qemu-img").is_none() {
             panic!("qemu-img is required for this test: run scripts/install-deps.sh");
         }

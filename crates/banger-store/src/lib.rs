@@ -447,6 +447,7 @@ mod tests {
                 auto_stop: Default::default(),
                 net: Default::default(),
                 volumes: Default::default(),
+                root_mib: None,
             },
             runtime: VmRuntime {
                 state: Some(VmState::Created),

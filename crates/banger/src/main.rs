@@ -106,6 +106,10 @@ pub struct CreateFlags {
     /// defaults to 127.0.0.1 (repeatable).
     #[arg(short = 'p', long = "publish", value_name = "PORTS")]
     publish: Vec<banger_core::net::PortMap>,
+    /// Make the root filesystem this large (at least the image's; the
+    /// guest grows it at boot): 4G, 10240M.
+    #[arg(long, value_name = "SIZE")]
+    root_size: Option<String>,
     /// Mount a named volume at a path in the guest: NAME:/path
     /// (repeatable; `banger volume create` makes one).
     #[arg(long = "volume", short = 'v', value_name = "NAME:/PATH")]

@@ -62,6 +62,12 @@ fn create_request(f: &CreateFlags, start: bool, rm: bool) -> anyhow::Result<Crea
             network: f.network.clone(),
         },
         volumes: f.volume.clone(),
+        root_mib: f
+            .root_size
+            .as_deref()
+            .map(parse_size_mib)
+            .transpose()
+            .map_err(|e| anyhow!("--root-size: {e}"))?,
     })
 }
 

@@ -106,3 +106,38 @@ fn a_volume_outlives_its_vm_and_has_one_running_vm_at_a_time() {
     assert!(volumes(&inst).is_empty());
     inst.assert_baseline();
 }
+
+/// `--root-size` grows the root filesystem beyond the image's; the guest
+/// sees the space. Too small a size is refused before anything exists.
+#[test]
+fn root_size_grows_the_root_filesystem() {
+    let inst = Instance::new(&banger_bin()).with_image();
+    let out = inst.banger(&["vm", "create", "--name", "tiny", "--root-size", "64M"]);
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("root filesystem is"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(inst.vms().is_empty());
+    let out = inst.banger(&[
+        "vm",
+        "run",
+        "--name",
+        "big",
+        "--root-size",
+        "4G",
+        "--",
+        "sh",
+        "-c",
+        "df -m / | tail -1",
+    ]);
+    let line = ok(&out, "vm run --root-size");
+    let size_mib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .expect("df's size");
+    assert!(size_mib > 3500, "the guest sees about 4 GiB: {line}");
+    ok(&inst.banger(&["vm", "delete", "big"]), "delete");
+    inst.assert_baseline();
+}

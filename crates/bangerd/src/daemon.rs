@@ -451,6 +451,7 @@ pub(crate) mod testutil {
                 auto_stop: Default::default(),
                 net: Default::default(),
                 volumes: Default::default(),
+                root_mib: None,
             },
             runtime: VmRuntime {
                 tap_device: tap.map(str::to_string),

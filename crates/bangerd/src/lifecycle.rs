@@ -17,6 +17,10 @@ use crate::error::{DaemonError, Result};
 use crate::failpoint::hit;
 use crate::resources::{self, item, Acq, End, Resource, CREATE, START};
 
+/// The largest root disk `--root-size` makes (sparse: it costs what the
+/// guest writes).
+const MAX_ROOT_MIB: u64 = 1 << 20;
+
 impl Daemon {
     // ---- create -------------------------------------------------------
 
@@ -76,6 +80,14 @@ impl Daemon {
         let image_guard = lock(&self.image_lock);
         let img = self.image(&image_name)?;
         self.warn_if_outdated(&img, events);
+        if let Some(mib) = req.root_mib {
+            let image_mib = img.rootfs_bytes.div_ceil(1 << 20);
+            if mib < image_mib || mib > MAX_ROOT_MIB {
+                return Err(DaemonError::Invalid(format!(
+                    "--root-size {mib} MiB: image {image_name}'s root filesystem is {image_mib} MiB; give {image_mib} MiB to 1 TiB"
+                )));
+            }
+        }
         let _g = self.lock_vm(&name)?;
         let id = random_hex(16)?;
         let mut vm = VmRecord {
@@ -89,6 +101,7 @@ impl Daemon {
                 auto_stop: req.auto_stop,
                 net: req.net.clone(),
                 volumes: req.volumes.clone(),
+                root_mib: req.root_mib,
             },
             runtime: banger_core::VmRuntime {
                 state: Some(VmState::Creating),

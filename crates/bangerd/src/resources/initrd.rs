@@ -50,6 +50,7 @@ impl Resource for Initrd {
             host_key: fsutil::read_to_string(&host_key_path)?,
             host_key_pub: sshkey::public_key(&host_key_path)?,
             boot_id: cx.boot_id.clone(),
+            grow_root: cx.vm.spec.root_mib.is_some(),
             volumes: cx
                 .vm
                 .spec

@@ -4,7 +4,7 @@
 
 use banger_core::layout::vmfiles;
 use banger_core::{Release, VmHandles, VmRecord, VmmKind};
-use banger_host::fsutil;
+use banger_host::fsutil::{self, WrapIo};
 use serde_json::Value;
 
 use super::{end_files, files_held, remove_files, Acq, End, Resource};
@@ -41,11 +41,23 @@ impl Resource for RootDisk {
             .layout
             .vm_dir(&cx.vm.id)
             .join(file_name(cx.vm.spec.vmm));
+        // `--root-size`: the disk is made larger than the image (sparse);
+        // the guest's init grows the filesystem into it.
+        let grow_to = cx.vm.spec.root_mib.map(|m| m << 20);
         match cx.vm.spec.vmm {
-            VmmKind::Qemu => banger_host::qcow2::create_overlay(&path, &cx.img.rootfs)?,
+            VmmKind::Qemu => banger_host::qcow2::create_overlay(&path, &cx.img.rootfs, grow_to)?,
             VmmKind::Firecracker => {
                 let reflinked = fsutil::clone_or_copy(&cx.img.rootfs, &path)?;
                 tracing::debug!(vm = %cx.vm.name, reflinked, "raw root disk");
+                if let Some(size) = grow_to {
+                    let f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .with_path("open", &path)?;
+                    if f.metadata().with_path("stat", &path)?.len() < size {
+                        f.set_len(size).with_path("grow", &path)?;
+                    }
+                }
             }
         }
         cx.vm.runtime.system_overlay = Some(path);
