@@ -394,7 +394,12 @@ fn cp_out(client: &Client, name: &str, path: &str, to: &str) -> anyhow::Result<(
         client::get_tar(conn, &path_owned, &mut tx)
     });
     let mut ar = tar::Archive::new(rx);
-    ar.set_preserve_permissions(true);
+    // The guest wrote this stream: the permission bits are kept, but not
+    // setuid, setgid or sticky (a guest must not plant a setuid file on
+    // the host), nor ownership (files belong to whoever runs the copy).
+    ar.set_preserve_permissions(false);
+    ar.set_preserve_ownerships(false);
+    ar.set_unpack_xattrs(false);
     ar.set_preserve_mtime(true);
     let unpacked = ar.unpack(scratch.path());
     let fetched = fetch

@@ -40,7 +40,7 @@ struct Cli {
 enum Cmd {
     /// Create, run and manage VMs.
     #[command(subcommand)]
-    Vm(VmCmd),
+    Vm(Box<VmCmd>),
     /// Build and list guest images.
     #[command(subcommand)]
     Image(ImageCmd),
@@ -379,7 +379,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     let layout = Layout::resolve(cli.state_dir, cli.runtime_dir, None, None);
     let client = Client { layout };
     match cli.cmd {
-        Cmd::Vm(v) => vm::run(&client, v),
+        Cmd::Vm(v) => vm::run(&client, *v),
         Cmd::Image(i) => image(&client, i),
         Cmd::Volume(v) => volume::run(&client, v),
         Cmd::Doctor { json } => {

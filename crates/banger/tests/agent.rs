@@ -368,6 +368,27 @@ fn trees_copy_both_ways_and_the_agent_and_daemon_come_back() {
             .starts_with(".banger-cp")),
         "no scratch left"
     );
+    // A hostile guest cannot plant a setuid file on the host.
+    let out = exec(
+        &inst,
+        &[
+            "c",
+            "--",
+            "sh",
+            "-c",
+            "cp /bin/true /root/suid && chmod 4755 /root/suid",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    ok(
+        &inst.banger(&["vm", "cp", "c:/root/suid", local.path().to_str().unwrap()]),
+        "cp suid out",
+    );
+    let m = std::fs::metadata(local.path().join("suid"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(m & 0o7777, 0o755, "setuid dropped, the rest kept: {m:o}");
     // A tar stream on stdout.
     let out = inst.banger(&["vm", "cp", "c:/etc/hostname", "-"]);
     let mut ar = tar::Archive::new(&out.stdout[..]);
