@@ -65,6 +65,26 @@ impl Drop for Agent {
     }
 }
 
+/// SIGKILLs the process tagged `tag`, then attaches to it by `pid`.
+fn kill_and_attach(a: &Agent, tag: &str, pid: u32) -> Session {
+    let m = client::call(
+        a.conn(),
+        Call::Signal {
+            target: Target::Tag(tag.into()),
+            signal: 9,
+        },
+    )
+    .unwrap();
+    assert_eq!(m, Msg::Done);
+    Session::start(
+        a.conn(),
+        Call::Attach {
+            target: Target::Pid(pid),
+        },
+    )
+    .unwrap()
+}
+
 fn sh(script: &str) -> ExecSpec {
     ExecSpec {
         argv: vec!["sh".into(), "-c".into(), script.into()],
@@ -264,22 +284,7 @@ fn detached_processes_are_listed_fed_attached_and_signalled() {
         .unwrap()
         .detached_done()
         .unwrap();
-    let m = client::call(
-        a.conn(),
-        Call::Signal {
-            target: Target::Tag("sleeper".into()),
-            signal: 9,
-        },
-    )
-    .unwrap();
-    assert_eq!(m, Msg::Done);
-    let s = Session::start(
-        a.conn(),
-        Call::Attach {
-            target: Target::Pid(pid),
-        },
-    )
-    .unwrap();
+    let s = kill_and_attach(&a, "sleeper", pid);
     let st = s.wait(&mut std::io::sink(), &mut std::io::sink()).unwrap();
     assert_eq!(st.signal, Some(9));
 }
@@ -500,22 +505,7 @@ fn detached_output_is_kept_for_a_late_attach() {
         assert!(std::time::Instant::now() < deadline, "never started");
         std::thread::yield_now();
     }
-    let m = client::call(
-        a.conn(),
-        Call::Signal {
-            target: Target::Tag("srv".into()),
-            signal: 9,
-        },
-    )
-    .unwrap();
-    assert_eq!(m, Msg::Done);
-    let s = Session::start(
-        a.conn(),
-        Call::Attach {
-            target: Target::Pid(pid),
-        },
-    )
-    .unwrap();
+    let s = kill_and_attach(&a, "srv", pid);
     let mut out = Vec::new();
     let st = s.wait(&mut out, &mut std::io::sink()).unwrap();
     assert_eq!(

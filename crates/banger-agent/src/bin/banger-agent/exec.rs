@@ -485,38 +485,23 @@ fn serve_input(p: &Proc, c: &mut UnixStream, until_done: bool) -> Result<(), Pro
 }
 
 pub fn exec(mut c: UnixStream, spec: ExecSpec) -> Result<(), ProtoError> {
-    let p = match spawn(&spec) {
-        Ok(p) => p,
-        Err(e) => return write_msg(&mut c, &Msg::error(e)),
-    };
-    let sink: Sink = Arc::new(Mutex::new(c.try_clone()?));
-    {
-        let mut st = lock(&p.st);
-        let mut w = lock(&sink);
-        write_msg(&mut *w, &Msg::Started { pid: p.pid })?;
-        if spec.detach {
-            return write_msg(&mut *w, &Msg::Done);
-        }
-        // What it wrote before the connection was its sink.
-        for (kind, data) in st.kept.drain(..) {
-            write_frame(&mut *w, kind, &data)?;
-        }
-        st.kept_bytes = 0;
-        if let Some(exit) = st.exit {
-            return write_msg(&mut *w, &Msg::Exited(exit));
-        }
-        st.sink = Some(sink.clone());
+    match spawn(&spec) {
+        Ok(p) => join(&p, c, spec.detach),
+        Err(e) => write_msg(&mut c, &Msg::error(e)),
     }
-    let r = serve_input(&p, &mut c, false);
-    gone(&p, &sink);
-    r
 }
 
 pub fn attach(mut c: UnixStream, target: &Target) -> Result<(), ProtoError> {
-    let p = match find(target) {
-        Ok(p) => p,
-        Err(e) => return write_msg(&mut c, &Msg::error(e)),
-    };
+    match find(target) {
+        Ok(p) => join(&p, c, false),
+        Err(e) => write_msg(&mut c, &Msg::error(e)),
+    }
+}
+
+/// Makes the connection the process's sink: its pid, the output kept so
+/// far, then live output (or its exit, if it is over); then serves the
+/// connection's input until it ends. A detached exec only gets the pid.
+fn join(p: &Proc, mut c: UnixStream, detach: bool) -> Result<(), ProtoError> {
     let sink: Sink = Arc::new(Mutex::new(c.try_clone()?));
     {
         let mut st = lock(&p.st);
@@ -528,6 +513,9 @@ pub fn attach(mut c: UnixStream, target: &Target) -> Result<(), ProtoError> {
         }
         let mut w = lock(&sink);
         write_msg(&mut *w, &Msg::Started { pid: p.pid })?;
+        if detach {
+            return write_msg(&mut *w, &Msg::Done);
+        }
         for (kind, data) in st.kept.drain(..) {
             write_frame(&mut *w, kind, &data)?;
         }
@@ -537,8 +525,8 @@ pub fn attach(mut c: UnixStream, target: &Target) -> Result<(), ProtoError> {
         }
         st.sink = Some(sink.clone());
     }
-    let r = serve_input(&p, &mut c, false);
-    gone(&p, &sink);
+    let r = serve_input(p, &mut c, false);
+    gone(p, &sink);
     r
 }
 
