@@ -16,6 +16,17 @@ fn percentile(v: &[f64], p: usize) -> f64 {
     s[(s.len() * p / 100).min(s.len() - 1)]
 }
 
+/// The `… p99` row under a row of milliseconds.
+fn p99_row(table: &mut String, v: &[f64]) {
+    let line = format!(
+        "| … p99 | {:.1} | | | ms | {} |\n",
+        percentile(v, 99),
+        v.len()
+    );
+    print!("{line}");
+    table.push_str(&line);
+}
+
 pub fn bench(table: &mut String, inst: &Instance, vmm_args: &[&str], execs: usize) {
     let mut a = vec!["vm", "run", "--name", "agentbench"];
     a.extend(vmm_args);
@@ -134,26 +145,14 @@ pub fn bench(table: &mut String, inst: &Instance, vmm_args: &[&str], execs: usiz
         &exec,
         "ms",
     );
-    let line = format!(
-        "| … p99 | {:.1} | | | ms | {} |\n",
-        percentile(&exec, 99),
-        exec.len()
-    );
-    print!("{line}");
-    table.push_str(&line);
+    p99_row(table, &exec);
     row(
         table,
         "`vm exec -- busybox true` (a static program) round trip",
         &exec_static,
         "ms",
     );
-    let line = format!(
-        "| … p99 | {:.1} | | | ms | {} |\n",
-        percentile(&exec_static, 99),
-        exec_static.len()
-    );
-    print!("{line}");
-    table.push_str(&line);
+    p99_row(table, &exec_static);
     row(
         table,
         "`vm ssh -- true` round trip (for comparison)",
