@@ -8,6 +8,8 @@ packages=(
   qemu-utils        # qemu-img/qemu-io: the tests check banger's qcow2 overlays with them
   mmdebstrap        # builds the guest root filesystem from Debian's packages
   e2fsprogs         # mkfs.ext4 for the image and the work disks
+  xfsprogs          # mkfs.xfs: the tests' reflink state dir (a real XFS on a loop device)
+  dmsetup           # device-mapper's tool: the dm-snapshot root disks, where the kernel has it
   busybox-static    # the initramfs' only program; also the tests' HTTP server
   iproute2          # ip: taps, namespaces, veths
   nftables          # per-VM NAT in banger's own table

@@ -284,6 +284,9 @@ pub struct VmInfo {
     /// The guest's vsock context id while it runs.
     #[serde(default)]
     pub vsock_cid: Option<u32>,
+    /// How its root disk is made over the image.
+    #[serde(default)]
+    pub root_disk: Option<crate::RootDiskKind>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -101,6 +101,10 @@ pub mod vmfiles {
     /// ...or a raw copy of the image, reflinked where the filesystem can
     /// (Firecracker, which takes raw disks only).
     pub const ROOT_RAW: &str = "root.ext4";
+    /// The overlay strategy's upper disk (the image itself is the lower).
+    pub const ROOT_UPPER: &str = "root-upper.ext4";
+    /// The dm-snapshot strategy's copy-on-write store.
+    pub const ROOT_COW: &str = "root.cow";
     pub const WORK_DISK: &str = "work.ext4";
     pub const CONSOLE_LOG: &str = "console.log";
     pub const VMM_LOG: &str = "vmm.log";

@@ -58,6 +58,81 @@ pub struct VmSpec {
     /// Named volumes mounted in the guest (`--volume NAME:/path`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<crate::volume::VolumeMount>,
+    /// How the root disk is made over the image, chosen by the daemon at
+    /// create for this host and VMM (absent in older rows: see
+    /// [`VmSpec::root_disk`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_disk: Option<RootDiskKind>,
+}
+
+impl VmSpec {
+    /// The VM's root-disk strategy; rows from before strategies were
+    /// recorded used a qcow2 overlay on QEMU and a copy on Firecracker.
+    pub fn root_disk(&self) -> RootDiskKind {
+        self.root_disk.unwrap_or(match self.vmm {
+            VmmKind::Qemu => RootDiskKind::Qcow2,
+            VmmKind::Firecracker => RootDiskKind::Copy,
+        })
+    }
+}
+
+/// How a VM's root disk is made copy-on-write over its image's read-only
+/// ext4 (`resources::root_disk` in the daemon has one module for each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RootDiskKind {
+    /// A qcow2 file backed by the image (QEMU only).
+    Qcow2,
+    /// A device-mapper snapshot of a read-only loop device of the image,
+    /// with a sparse COW file on a second loop device.
+    DmSnapshot,
+    /// A reflink (FICLONE) of the image, where the filesystem has them.
+    Reflink,
+    /// The image itself, read-only, joined to a sparse per-VM upper disk
+    /// by overlayfs in the guest's initramfs.
+    Overlay,
+    /// A sparse copy of the image: the last resort, linear in its size.
+    Copy,
+}
+
+impl RootDiskKind {
+    pub const ALL: [RootDiskKind; 5] = [
+        RootDiskKind::Qcow2,
+        RootDiskKind::DmSnapshot,
+        RootDiskKind::Reflink,
+        RootDiskKind::Overlay,
+        RootDiskKind::Copy,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RootDiskKind::Qcow2 => "qcow2",
+            RootDiskKind::DmSnapshot => "dm-snapshot",
+            RootDiskKind::Reflink => "reflink",
+            RootDiskKind::Overlay => "overlay",
+            RootDiskKind::Copy => "copy",
+        }
+    }
+}
+
+impl std::fmt::Display for RootDiskKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for RootDiskKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        RootDiskKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown root disk strategy {s:?}: use qcow2, dm-snapshot, reflink, overlay or copy"
+                )
+            })
+    }
 }
 
 /// What a guest may reach beyond itself. By default: the outside world

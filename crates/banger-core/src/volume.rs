@@ -81,8 +81,9 @@ pub fn guest_device(i: usize) -> String {
     format!("vd{letter}")
 }
 
-/// How many volumes a VM may have (devices vdc..vdz).
-pub const MAX_VOLUMES: usize = 24;
+/// How many volumes a VM may have (devices vdc..vdy; vdz is left for the
+/// overlay root disk strategy's upper disk).
+pub const MAX_VOLUMES: usize = 23;
 
 #[cfg(test)]
 mod tests {

@@ -26,6 +26,9 @@ pub struct GuestConfig {
     /// Named volumes: (block device, mount path), both validated
     /// (`banger_core::volume`): nothing in them needs quoting.
     pub volumes: Vec<(String, String)>,
+    /// The overlay root's upper disk (`vdX`), if the root is an overlay of
+    /// the read-only image on /dev/vda.
+    pub root_upper: Option<String>,
 }
 
 impl GuestConfig {
@@ -39,7 +42,7 @@ impl GuestConfig {
             .map(|(dev, path)| format!("{dev}:{path}"))
             .collect();
         format!(
-            "HOSTNAME='{}'\nIP='{}'\nPREFIX='{}'\nGW='{}'\nMAC='{}'\nBOOT_ID='{}'\nVOLUMES='{}'\nGROW_ROOT='{}'\n",
+            "HOSTNAME='{}'\nIP='{}'\nPREFIX='{}'\nGW='{}'\nMAC='{}'\nBOOT_ID='{}'\nVOLUMES='{}'\nGROW_ROOT='{}'\nROOT_UPPER='{}'\n",
             self.hostname,
             self.guest_ip,
             self.prefix,
@@ -47,7 +50,8 @@ impl GuestConfig {
             self.mac,
             self.boot_id,
             volumes.join(" "),
-            u8::from(self.grow_root)
+            u8::from(self.grow_root),
+            self.root_upper.as_deref().unwrap_or("")
         )
     }
 
@@ -124,6 +128,7 @@ mod tests {
             boot_id: "00ff".into(),
             volumes: vec![("vdc".into(), "/srv/data".into())],
             grow_root: false,
+            root_upper: Some("vdd".into()),
         }
     }
 
@@ -135,6 +140,7 @@ mod tests {
         assert!(env.contains("IP='172.30.0.6'\n"));
         assert!(env.contains("GW='172.30.0.5'\n"));
         assert!(env.contains("VOLUMES='vdc:/srv/data'\n"));
+        assert!(env.contains("ROOT_UPPER='vdd'\n"));
         assert_eq!(c.resolv_conf(), "nameserver 172.30.0.5\n");
         let ns = guest_nameservers("# x\nnameserver 127.0.0.53\nnameserver 10.1.2.3\nsearch lan\n");
         assert_eq!(ns, vec![Ipv4Addr::new(10, 1, 2, 3)]);

@@ -32,13 +32,15 @@ const SSHD_CONFIG: &str = include_str!("../assets/sshd_config");
 
 /// The modules the initramfs loads, with their dependencies resolved from
 /// the kernel's modules.dep: virtio over PCI (QEMU's `pc`) and over MMIO
-/// (Firecracker), block, net and vsock (the agent's channel).
+/// (Firecracker), block, net, vsock (the agent's channel) and overlayfs
+/// (the `overlay` root-disk strategy).
 const INITRAMFS_MODULES: &[&str] = &[
     "virtio_pci",
     "virtio_mmio",
     "virtio_blk",
     "virtio_net",
     "vmw_vsock_virtio_transport",
+    "overlay",
 ];
 
 /// What goes into an image.

@@ -448,6 +448,7 @@ mod tests {
                 net: Default::default(),
                 volumes: Default::default(),
                 root_mib: None,
+                root_disk: None,
             },
             runtime: VmRuntime {
                 state: Some(VmState::Created),

@@ -85,6 +85,9 @@ pub fn print_vm(v: &VmInfo) {
         ),
     );
     row("vmm", format!("{} ({})", v.vmm, v.accel));
+    if let Some(k) = v.root_disk {
+        row("root disk", k.to_string());
+    }
     if let Some(t) = v.auto_stop.ttl_secs {
         row("ttl", format_secs(t));
     }

@@ -47,6 +47,8 @@ pub struct Config {
     /// QEMU's vsock backend (`BANGER_VHOST_VSOCK`, else
     /// `vhost-device-vsock` on PATH).
     pub vsock_backend: Option<PathBuf>,
+    /// Force a root-disk strategy instead of choosing by host and VMM.
+    pub root_disk: Option<banger_core::RootDiskKind>,
 }
 
 impl Config {
@@ -68,6 +70,7 @@ impl Config {
             tap_pool: 0,
             agent: None,
             vsock_backend: None,
+            root_disk: None,
         }
     }
 }

@@ -60,6 +60,11 @@ pub struct Daemon {
     pub(crate) initrd_cache: Mutex<Option<crate::images::InitrdCacheEntry>>,
     /// Serialises creating, deleting and attaching volumes.
     pub(crate) volume_lock: Mutex<()>,
+    /// Serialises setting up and tearing down dm-snapshots (their base
+    /// loop devices are shared by an image's VMs).
+    pub(crate) dm_lock: Mutex<()>,
+    /// What this host offers root disks, probed on first use.
+    host_disks: std::sync::OnceLock<crate::resources::root_disk::HostDisks>,
     /// Which running VM has each volume.
     pub(crate) attached: crate::volumes::Attached,
     /// The guest agent's archive, keyed by path, size and mtime.
@@ -185,6 +190,8 @@ impl Daemon {
             initrd_cache: Mutex::new(None),
             agent_cache: Mutex::new(None),
             volume_lock: Mutex::new(()),
+            dm_lock: Mutex::new(()),
+            host_disks: std::sync::OnceLock::new(),
             attached: Default::default(),
             boots: Boots::default(),
             stats: Default::default(),
@@ -324,6 +331,16 @@ impl Daemon {
         Ok(self.cfg.subnet.slot_of(ip)?)
     }
 
+    /// What this host offers root disks (device-mapper, reflinks in the
+    /// state dir), probed once.
+    pub fn host_disks(&self) -> crate::resources::root_disk::HostDisks {
+        *self.host_disks.get_or_init(|| {
+            let dir = self.cfg.layout.images_dir();
+            let _ = fsutil::create_dir_all(&dir);
+            crate::resources::root_disk::HostDisks::probe(&dir)
+        })
+    }
+
     pub fn info(&self, vm: &VmRecord) -> VmInfo {
         let dir = self.cfg.layout.vm_dir(&vm.id);
         VmInfo {
@@ -338,6 +355,7 @@ impl Daemon {
             accel: vm.spec.accel.clone(),
             guest_ip: vm.runtime.guest_ip.clone(),
             vsock_cid: vm.runtime.vsock_cid,
+            root_disk: Some(vm.spec.root_disk()),
             created_at: vm.created_at,
             last_error: vm.runtime.last_error.clone(),
             ssh: SshTarget {
@@ -374,6 +392,7 @@ impl Daemon {
                 accel: String::new(),
                 guest_ip: None,
                 vsock_cid: None,
+                root_disk: None,
                 created_at: b.created_at,
                 last_error: Some(
                     DaemonError::Broken {
@@ -452,6 +471,7 @@ pub(crate) mod testutil {
                 net: Default::default(),
                 volumes: Default::default(),
                 root_mib: None,
+                root_disk: None,
             },
             runtime: VmRuntime {
                 tap_device: tap.map(str::to_string),

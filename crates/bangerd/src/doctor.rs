@@ -15,6 +15,7 @@ pub fn checks(d: &Daemon) -> Vec<Check> {
         Ok((vmm, accel)) => v.push(check("vmm", true, format!("{vmm} ({accel})"))),
         Err(e) => v.push(check("vmm", false, e.to_string())),
     }
+    v.push(root_disk_check(d));
     v.push(check(
         "firecracker",
         d.cfg.firecracker.is_some() && kvm.usable,
@@ -200,4 +201,35 @@ fn host_dns_check(d: &Daemon) -> Check {
             ),
         ),
     }
+}
+
+/// Which root-disk strategy new VMs get on each VMM, and why.
+fn root_disk_check(d: &Daemon) -> Check {
+    use crate::resources::root_disk;
+    let host = d.host_disks();
+    let mut parts = Vec::new();
+    let mut ok = true;
+    let default_vmm = d.select_vmm(None).ok().map(|v| v.0);
+    for vmm in [
+        banger_core::VmmKind::Qemu,
+        banger_core::VmmKind::Firecracker,
+    ] {
+        match d.cfg.root_disk {
+            Some(k) => match root_disk::usable(k, vmm, host) {
+                Ok(()) => parts.push(format!("{vmm}: {k} (forced)")),
+                Err(e) => {
+                    // A strategy only the other VMM cannot take is fine.
+                    ok &= default_vmm != Some(vmm);
+                    parts.push(format!("{vmm}: {e}"));
+                }
+            },
+            None => parts.push(format!("{vmm}: {}", root_disk::best(vmm, host))),
+        }
+    }
+    parts.push(format!(
+        "device-mapper {}, reflinks in the state dir {}",
+        if host.device_mapper { "yes" } else { "no" },
+        if host.reflink { "yes" } else { "no" }
+    ));
+    check("root-disk", ok, parts.join("; "))
 }

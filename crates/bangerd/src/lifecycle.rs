@@ -80,7 +80,14 @@ impl Daemon {
         let image_guard = lock(&self.image_lock);
         let img = self.image(&image_name)?;
         self.warn_if_outdated(&img, events);
+        let root_disk = crate::resources::root_disk::choose(self, vmm)?;
         if let Some(mib) = req.root_mib {
+            if root_disk == banger_core::RootDiskKind::DmSnapshot {
+                return Err(DaemonError::Invalid(format!(
+                    "--root-size: a dm-snapshot root disk is the image's size ({root_disk} cannot grow); \
+                     leave --root-size out and put data on a volume or /work (--disk-size)"
+                )));
+            }
             let image_mib = img.rootfs_bytes.div_ceil(1 << 20);
             if mib < image_mib || mib > MAX_ROOT_MIB {
                 return Err(DaemonError::Invalid(format!(
@@ -102,6 +109,7 @@ impl Daemon {
                 net: req.net.clone(),
                 volumes: req.volumes.clone(),
                 root_mib: req.root_mib,
+                root_disk: Some(root_disk),
             },
             runtime: banger_core::VmRuntime {
                 state: Some(VmState::Creating),

@@ -45,6 +45,11 @@ struct Args {
     /// The guests' addresses: a /30 per VM out of this network.
     #[arg(long, env = "BANGER_SUBNET", default_value = "172.30.0.0/16")]
     subnet: banger_core::net::Cidr,
+    /// How new VMs' root disks are made: qcow2, dm-snapshot, reflink,
+    /// overlay or copy. Default: the best this host and the VMM allow
+    /// (`banger doctor` says which).
+    #[arg(long, env = "BANGER_ROOT_DISK")]
+    root_disk: Option<banger_core::RootDiskKind>,
 }
 
 fn main() {
@@ -104,6 +109,7 @@ fn real_main() -> anyhow::Result<()> {
     };
     cfg.resolv_conf = args.resolv_conf;
     cfg.tap_pool = args.tap_pool.min(1024);
+    cfg.root_disk = args.root_disk;
     cfg.subnet = banger_core::net::Subnet::from_cidr(args.subnet)?;
     cfg.firecracker = std::env::var_os("BANGER_FIRECRACKER")
         .filter(|v| !v.is_empty())

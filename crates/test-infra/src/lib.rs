@@ -320,6 +320,11 @@ pub struct Instance {
     pub net: NetNs,
     pub dir: tempfile::TempDir,
     pub banger: PathBuf,
+    /// Environment for banger and the daemon it starts (`with_env`).
+    env: Vec<(String, String)>,
+    /// The state dir is an XFS filesystem on a loop device, unmounted on
+    /// drop (`on_xfs`).
+    xfs: bool,
 }
 
 impl Instance {
@@ -333,12 +338,63 @@ impl Instance {
             net,
             dir,
             banger: banger.to_path_buf(),
+            env: Vec::new(),
+            xfs: false,
         };
         std::fs::create_dir_all(me.state().join("images")).expect("mkdir images");
         me
     }
 
-    /// Links the prebuilt default image into this instance's state dir.
+    /// Sets `key=value` in the environment of banger and of the daemon it
+    /// starts (e.g. `BANGER_ROOT_DISK`).
+    pub fn with_env(mut self, key: &str, value: &str) -> Instance {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Puts the state dir on a fresh XFS filesystem (reflinks on) in a
+    /// sparse 4 GiB file on a loop device (`mount -o loop`: the loop is
+    /// freed when it is unmounted, on drop). Call before `with_image`.
+    pub fn on_xfs(mut self) -> Instance {
+        let img = self.dir.path().join("state.xfs");
+        std::fs::File::create(&img)
+            .and_then(|f| f.set_len(4 << 30))
+            .expect("xfs image file");
+        let st = Command::new("mkfs.xfs")
+            .args(["-q", "-m", "reflink=1"])
+            .arg(&img)
+            .status()
+            .expect("mkfs.xfs (scripts/install-deps.sh installs xfsprogs)");
+        assert!(st.success(), "mkfs.xfs");
+        let st = Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(self.state())
+            .status()
+            .expect("mount");
+        assert!(st.success(), "mount the xfs state dir");
+        self.xfs = true;
+        std::fs::create_dir_all(self.state().join("images")).expect("mkdir images");
+        self
+    }
+
+    /// The loop devices backing this instance's files (its XFS state dir
+    /// while mounted).
+    pub fn loops(&self) -> Vec<String> {
+        let out = Command::new("losetup")
+            .args(["--list", "--noheadings", "--output", "NAME,BACK-FILE"])
+            .output()
+            .expect("losetup");
+        let dir = self.dir.path().to_string_lossy().into_owned();
+        text(&out.stdout)
+            .lines()
+            .filter(|l| l.contains(&dir))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Links the prebuilt default image into this instance's state dir
+    /// (copies it, reflinked where it can, onto another filesystem).
     pub fn with_image(self) -> Instance {
         let cache = image_cache();
         if !cache.join("manifest.json").is_file() {
@@ -348,12 +404,13 @@ impl Instance {
                 cache.display()
             );
         }
+        let flags = if self.xfs { "-a" } else { "-al" };
         let st = Command::new("cp")
-            .arg("-al")
+            .arg(flags)
             .arg(&cache)
             .arg(self.state().join("images").join("bookworm"))
             .status()
-            .expect("cp -al");
+            .expect("cp");
         assert!(st.success(), "link the test image");
         self
     }
@@ -401,6 +458,7 @@ impl Instance {
 
     pub fn banger_cmd(&self, args: &[&str]) -> Command {
         let mut c = self.net.cmd(&self.banger);
+        c.envs(self.env.iter().map(|(k, v)| (k, v)));
         c.arg("--state-dir")
             .arg(self.state())
             .arg("--runtime-dir")
@@ -489,6 +547,22 @@ impl Drop for Instance {
         // go when `net` drops.
         for (pid, _) in self.processes() {
             let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+        if self.xfs {
+            // The killed processes' files close as they exit: wait for the
+            // filesystem to be free rather than detaching it lazily.
+            let state = self.state();
+            let done = wait_until(Duration::from_secs(10), || {
+                Command::new("umount")
+                    .arg(&state)
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            });
+            if !done {
+                eprintln!("could not unmount {}: unmounting lazily", state.display());
+                let _ = Command::new("umount").arg("-l").arg(&state).status();
+            }
         }
     }
 }

@@ -50,7 +50,11 @@ impl Resource for Initrd {
             host_key: fsutil::read_to_string(&host_key_path)?,
             host_key_pub: sshkey::public_key(&host_key_path)?,
             boot_id: cx.boot_id.clone(),
-            grow_root: cx.vm.spec.root_mib.is_some(),
+            // An overlay root has no ext4 to grow: its upper disk was made
+            // the size asked for.
+            grow_root: cx.vm.spec.root_mib.is_some()
+                && cx.vm.spec.root_disk() != banger_core::RootDiskKind::Overlay,
+            root_upper: crate::resources::root_disk::overlay::guest_device(cx.vm),
             volumes: cx
                 .vm
                 .spec

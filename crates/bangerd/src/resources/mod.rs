@@ -57,6 +57,7 @@ pub const START: &[&dyn Resource] = &[
     &tap::Tap,
     &dns::Dns,
     &volumes::Volumes,
+    &root_disk::dm::DmSnapshot,
     &initrd::Initrd,
     &vsock::Vsock,
     &vmm::VmmProcess,

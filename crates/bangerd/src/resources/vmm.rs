@@ -86,6 +86,7 @@ impl Resource for VmmProcess {
         let initrd = cx.initrd.clone().ok_or_else(|| {
             DaemonError::Invalid(format!("vm {:?} has no initrd for its VMM", cx.vm.name))
         })?;
+        let (root, upper) = root_disk::vmm_disks(d, cx.vm, cx.img, &cx.handles)?;
         let vmm_cfg = banger_vmm::VmConfig {
             name: cx.vm.name.clone(),
             vcpus: cx.vm.spec.sizing.cpus,
@@ -94,12 +95,7 @@ impl Resource for VmmProcess {
             initrd,
             cmdline: KERNEL_CMDLINE.to_string(),
             disks: vec![
-                banger_vmm::Disk {
-                    id: "root".into(),
-                    path: dir.join(root_disk::file_name(cx.vm.spec.vmm)),
-                    format: root_disk::format(cx.vm.spec.vmm).into(),
-                    read_only: false,
-                },
+                root,
                 banger_vmm::Disk {
                     id: "work".into(),
                     path: dir.join(vmfiles::WORK_DISK),
@@ -115,6 +111,8 @@ impl Resource for VmmProcess {
                 format: "raw".into(),
                 read_only: false,
             }))
+            // The overlay strategy's upper disk last (`overlay::guest_device`).
+            .chain(upper)
             .collect(),
             nics: vec![banger_vmm::Nic {
                 tap,

@@ -50,7 +50,7 @@ impl Resource for WorkDisk {
 /// The empty ext4 of `mib` MiB new work disks are copied from, made on
 /// first use (into a temporary name, then renamed, so that a crash never
 /// leaves half a template).
-fn work_template(d: &Daemon, mib: u64) -> Result<PathBuf> {
+pub(crate) fn work_template(d: &Daemon, mib: u64) -> Result<PathBuf> {
     let path = d.cfg.layout.work_template(mib);
     let size = banger_core::sizing::mib_to_bytes(mib);
     // Only a template of the right size counts (a crash can leave a short
