@@ -141,6 +141,9 @@ pub enum VmCmd {
     Create {
         #[command(flatten)]
         create: CreateFlags,
+        /// Print how long each phase took (root disk, work disk, ...).
+        #[arg(long)]
+        timings: bool,
     },
     /// Boot a created or stopped VM.
     Start { name: String },

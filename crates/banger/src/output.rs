@@ -19,7 +19,7 @@ pub fn emit<T: serde::Serialize>(json: bool, items: &[T], table: fn(&[T])) -> an
 pub fn print_timings(phases: &[(String, u64)], ready_micros: u64) {
     let mut accounted = 0;
     for (name, us) in phases {
-        eprintln!("timing {:<13} {:>9.1} ms", name, *us as f64 / 1e3);
+        eprintln!("timing {:<13} {:>9.3} ms", name, *us as f64 / 1e3);
         // "-async" phases overlap the others (NAT runs during the boot).
         if !name.ends_with("-async") {
             accounted += us;

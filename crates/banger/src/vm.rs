@@ -93,10 +93,21 @@ pub fn run(client: &Client, cmd: VmCmd) -> anyhow::Result<i32> {
             timings,
             command,
         } => vm_run(client, &create, rm, timings, &command),
-        VmCmd::Create { create } => vm_action(
-            client,
-            Request::VmCreate(create_request(&create, false, false)?),
-        ),
+        VmCmd::Create { create, timings } => {
+            let t0 = Instant::now();
+            let mut phases: Vec<(String, u64)> = Vec::new();
+            let mut on_event = |e: Event| match e {
+                Event::Phase { name, micros } => phases.push((name, micros)),
+                other => progress(other),
+            };
+            let req = Request::VmCreate(create_request(&create, false, false)?);
+            let vm = expect_vm(client.call(req, &mut on_event)?)?;
+            if timings {
+                print_timings(&phases, t0.elapsed().as_micros() as u64);
+            }
+            println!("{}", vm.name);
+            Ok(0)
+        }
         VmCmd::Start { name } => vm_action(client, Request::VmStart { name }),
         VmCmd::Stop { name } => vm_action(client, Request::VmStop { name }),
         VmCmd::Kill { name } => vm_action(client, Request::VmKill { name }),

@@ -152,7 +152,9 @@ impl Daemon {
             };
             for r in CREATE {
                 hit(&format!("create.{}", r.name()))?;
+                let t = Phase::start(r.phase());
                 r.acquire(self, &mut cx)?;
+                t.done(cx.events);
             }
             cx.vm.runtime.state = Some(VmState::Created);
             self.save(cx.vm)?;

@@ -355,10 +355,15 @@ impl Instance {
     /// Puts the state dir on a fresh XFS filesystem (reflinks on) in a
     /// sparse 4 GiB file on a loop device (`mount -o loop`: the loop is
     /// freed when it is unmounted, on drop). Call before `with_image`.
-    pub fn on_xfs(mut self) -> Instance {
+    pub fn on_xfs(self) -> Instance {
+        self.on_xfs_sized(4)
+    }
+
+    /// `on_xfs` with a filesystem of `gib` GiB.
+    pub fn on_xfs_sized(mut self, gib: u64) -> Instance {
         let img = self.dir.path().join("state.xfs");
         std::fs::File::create(&img)
-            .and_then(|f| f.set_len(4 << 30))
+            .and_then(|f| f.set_len(gib << 30))
             .expect("xfs image file");
         let st = Command::new("mkfs.xfs")
             .args(["-q", "-m", "reflink=1"])

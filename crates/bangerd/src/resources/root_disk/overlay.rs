@@ -20,12 +20,19 @@ use banger_host::fsutil;
 use crate::daemon::Daemon;
 use crate::error::Result;
 
-/// The upper disk's size: what `--root-size` asks for, else the image's
-/// size (the room the guest would have had on a copy of it), at least
-/// 1 GiB.
+/// The upper disk's size when `--root-size` does not say: room for 8 GiB
+/// of writes (sparse: it takes what the guest writes). One size for most
+/// images, so one template serves them all.
+pub const UPPER_DEFAULT_MIB: u64 = 8 << 10;
+
+/// The upper disk's size: what `--root-size` asks for, else the default
+/// or the image's size if that is larger (the room the guest would have
+/// had on a copy of it).
 pub fn upper_mib(vm: &VmRecord, img: &ImageRecord) -> u64 {
     let image_mib = img.rootfs_bytes.div_ceil(1 << 20);
-    vm.spec.root_mib.unwrap_or(image_mib).max(1024)
+    vm.spec
+        .root_mib
+        .unwrap_or_else(|| image_mib.max(UPPER_DEFAULT_MIB))
 }
 
 /// Makes the VM's upper disk; returns its path.

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use test_infra::{text, Instance};
 
 mod agent;
+mod storage;
 
 fn stats(v: &[f64]) -> (f64, f64, f64) {
     let mut s = v.to_vec();
@@ -385,6 +386,18 @@ fn main() {
         return;
     }
     let mut spec_line = String::new();
+    // `--storage-only`: the root-disk strategies alone.
+    if args.iter().any(|a| a == "--storage-only") {
+        let banger = std::env::current_exe()
+            .expect("current exe")
+            .with_file_name("banger");
+        let mut table = String::from(
+            "| scenario | median | min | max | unit | runs |\n|---|---|---|---|---|---|\n",
+        );
+        storage::bench(&mut table, &banger, 20);
+        append(&table, "(`vm create` only: the root disk's preparation)");
+        return;
+    }
     // `--agent-only`: the guest agent's section alone.
     let agent_only = args.iter().any(|a| a == "--agent-only");
     let banger = std::env::current_exe()
