@@ -395,7 +395,10 @@ fn main() {
             "| scenario | median | min | max | unit | runs |\n|---|---|---|---|---|---|\n",
         );
         storage::bench(&mut table, &banger, 20);
-        append(&table, "(`vm create` only: the root disk's preparation)");
+        append(
+            &table,
+            "none booted (vm create only: the root disk's preparation)",
+        );
         return;
     }
     // `--agent-only`: the guest agent's section alone.

@@ -48,7 +48,10 @@ fn make_image(scratch: &Path, name: &str, gib: u64) -> PathBuf {
         .stderr(std::process::Stdio::null()));
     let mnt = scratch.join(format!("{name}.mnt"));
     std::fs::create_dir_all(&mnt).expect("mkdir");
-    run(Command::new("mount").args(["-o", "loop"]).arg(&rootfs).arg(&mnt));
+    run(Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&rootfs)
+        .arg(&mnt));
     // 90% of the filesystem minus what the base image holds already.
     let fill_mib = (bytes >> 20) * 9 / 10 - 400;
     run(Command::new("dd")
@@ -90,7 +93,8 @@ pub fn bench(table: &mut String, banger: &Path, vms: usize) {
             let mut ms = Vec::new();
             for i in 0..vms {
                 let vm = format!("d{gib}x{i}");
-                let out = inst.banger(&["vm", "create", "--name", &vm, "--image", &name, "--timings"]);
+                let out =
+                    inst.banger(&["vm", "create", "--name", &vm, "--image", &name, "--timings"]);
                 assert!(out.status.success(), "{}", text(&out.stderr));
                 let t = crate::timings(&text(&out.stderr));
                 // In µs: the instant strategies take a fraction of a ms.
