@@ -546,8 +546,10 @@ fn firecracker_driver_runs_stops_and_deletes_through_the_spec_checked_double() {
     let vms = vm_list(&inst.banger(&["vm", "ls", "--json"]));
     let id = vms[0]["id"].as_str().unwrap().to_string();
     let dir = inst.state().join("vms").join(&id);
-    assert!(dir.join("root.ext4").is_file(), "a raw root disk");
-    assert!(!dir.join("root.qcow2").exists());
+    // No device-mapper and no reflinks here: the overlay strategy, the
+    // image itself read-only as the root drive and a per-VM upper drive.
+    assert!(dir.join("root-upper.ext4").is_file(), "an upper disk");
+    assert!(!dir.join("root.qcow2").exists() && !dir.join("root.ext4").exists());
     // Every call of the getting-started sequence, each accepted.
     let log = std::fs::read_to_string(dir.join("vmm.log")).unwrap();
     for call in [
@@ -555,13 +557,16 @@ fn firecracker_driver_runs_stops_and_deletes_through_the_spec_checked_double() {
         "PUT /boot-source ",
         "PUT /drives/root ",
         "PUT /drives/work ",
+        "PUT /drives/upper ",
+        "\"is_read_only\":true",
         "PUT /network-interfaces/eth0 ",
         "PUT /actions {\"action_type\":\"InstanceStart\"} -> 204",
     ] {
         assert!(log.contains(call), "{call:?} missing:\n{log}");
     }
     assert!(!log.contains("-> 400"), "a request was refused:\n{log}");
-    // Its root disk is the raw copy, writable, and kept across stop/start.
+    // Its root is writable (the overlay's upper disk), and kept across
+    // stop/start.
     let out = inst.banger(&["vm", "ssh", "fc", "--", "sh", "-c", "echo kept > /root/f"]);
     ok(&out, "write to the root disk");
 

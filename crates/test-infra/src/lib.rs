@@ -36,6 +36,23 @@ fn ip(args: &[&str]) {
     );
 }
 
+/// Says, loudly, that a test (or part of one) cannot run on this host and
+/// why: on stderr, and in the file `BANGER_TEST_NOT_RUN` names, which
+/// `scripts/test.sh` lists at the end of the run.
+pub fn not_run_here(what: &str, why: &str) {
+    eprintln!("NOT RUN HERE: {what}: {why}");
+    if let Some(f) = std::env::var_os("BANGER_TEST_NOT_RUN") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(f)
+        {
+            let _ = writeln!(f, "{what}: {why}");
+        }
+    }
+}
+
 pub fn require_root() {
     if !nix_is_root() {
         panic!(

@@ -41,7 +41,10 @@ use test_infra::fcspec::Spec;
 struct Vm {
     machine: Option<Value>,
     boot: Option<Value>,
-    drives: BTreeMap<String, Value>,
+    /// In the order they were added (a PUT of a known id replaces it in
+    /// place): Firecracker attaches them in that order, the root first,
+    /// so the guest's /dev/vdX follow it.
+    drives: Vec<(String, Value)>,
     nics: BTreeMap<String, Value>,
     vsock: Option<Value>,
     started: bool,
@@ -211,7 +214,10 @@ fn handle(d: &Double, method: &str, path: &str, body: &[u8]) -> Result<(), Strin
             // Firecracker opens the backing file when the drive is added.
             let f = body["path_on_host"].as_str().unwrap_or("");
             std::fs::metadata(f).map_err(|e| format!("drive {id}: {f}: {e}"))?;
-            vm.drives.insert(id, body);
+            match vm.drives.iter_mut().find(|(k, _)| *k == id) {
+                Some(slot) => slot.1 = body,
+                None => vm.drives.push((id, body)),
+            }
         }
         ("PUT", "network-interfaces") => {
             pre_boot(&vm)?;
@@ -292,7 +298,8 @@ fn start(d: &Double, vm: &Vm, boot: &Value) -> Result<(), String> {
     c.arg("-append").arg(s(&boot["boot_args"]));
     c.args(["-serial", "stdio"]);
     // Root first: it is /dev/vda, as under Firecracker.
-    let mut drives: Vec<&Value> = vm.drives.values().collect();
+    let mut drives: Vec<&Value> = vm.drives.iter().map(|(_, v)| v).collect();
+    // Stable: the others keep the order they were added in.
     drives.sort_by_key(|v| v["is_root_device"] != true);
     for (i, dr) in drives.iter().enumerate() {
         let ro = if dr["is_read_only"] == true {

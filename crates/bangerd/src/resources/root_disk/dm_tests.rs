@@ -287,16 +287,7 @@ fn dm_snapshot_on_the_real_device_mapper() {
     if !available() {
         let why = "this kernel has no device-mapper (/dev/mapper/control is missing): \
                    the dm-snapshot strategy was checked against the recording fake only";
-        eprintln!("NOT RUN HERE: dm_snapshot_on_the_real_device_mapper: {why}");
-        if let Some(f) = std::env::var_os("BANGER_TEST_NOT_RUN") {
-            use std::io::Write;
-            let mut f = std::fs::OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(f)
-                .unwrap();
-            writeln!(f, "dm_snapshot_on_the_real_device_mapper: {why}").unwrap();
-        }
+        test_infra::not_run_here("dm_snapshot_on_the_real_device_mapper", why);
         return;
     }
     let s = scratch(1);
