@@ -91,22 +91,32 @@ pub fn clone_or_copy(src: &Path, dst: &Path) -> Result<bool, FsError> {
 /// one is written), or fails: no copy behind the caller's back. `dst` must
 /// not exist; nothing is left of it on failure.
 pub fn reflink(src: &Path, dst: &Path) -> Result<(), FsError> {
-    use std::os::fd::AsRawFd;
+    let (input, output) = open_pair(src, dst)?;
+    if let Err(e) = clone_fd(&input, &output) {
+        drop(output);
+        let _ = std::fs::remove_file(dst);
+        return Err(std::io::Error::from_raw_os_error(e as i32)).with_path("reflink into", dst);
+    }
+    Ok(())
+}
+
+/// `src` opened for reading and `dst` created (it must not exist).
+fn open_pair(src: &Path, dst: &Path) -> Result<(std::fs::File, std::fs::File), FsError> {
     let input = std::fs::File::open(src).with_path("open", src)?;
     let output = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(dst)
         .with_path("create", dst)?;
+    Ok((input, output))
+}
+
+/// FICLONE of `input` into `output`.
+fn clone_fd(input: &std::fs::File, output: &std::fs::File) -> nix::Result<()> {
+    use std::os::fd::AsRawFd;
     // SAFETY: both descriptors are open for the duration of the call; the
     // argument is the source descriptor, as FICLONE expects.
-    let r = unsafe { ficlone(output.as_raw_fd(), input.as_raw_fd() as nix::libc::c_ulong) };
-    if let Err(e) = r {
-        drop(output);
-        let _ = std::fs::remove_file(dst);
-        return Err(std::io::Error::from_raw_os_error(e as i32)).with_path("reflink into", dst);
-    }
-    Ok(())
+    unsafe { ficlone(output.as_raw_fd(), input.as_raw_fd() as nix::libc::c_ulong) }.map(|_| ())
 }
 
 /// Whether files in `dir` can be reflinked (tried on two scratch files,
@@ -122,21 +132,9 @@ pub fn reflink_supported(dir: &Path) -> bool {
 }
 
 fn copy_file(src: &Path, dst: &Path, try_reflink: bool) -> Result<bool, FsError> {
-    use std::os::fd::AsRawFd;
-    let input = std::fs::File::open(src).with_path("open", src)?;
-    let output = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(dst)
-        .with_path("create", dst)?;
-    if try_reflink {
-        // SAFETY: both descriptors are open for the duration of the call;
-        // the argument is the source descriptor, as FICLONE expects.
-        let cloned =
-            unsafe { ficlone(output.as_raw_fd(), input.as_raw_fd() as nix::libc::c_ulong) };
-        if cloned.is_ok() {
-            return Ok(true);
-        }
+    let (input, output) = open_pair(src, dst)?;
+    if try_reflink && clone_fd(&input, &output).is_ok() {
+        return Ok(true);
     }
     // From here on the file is ours to remove if the copy fails.
     let r = copy_extents(&input, src, &output, dst);
