@@ -5,6 +5,7 @@
 //! tears it all down (daemon, namespaces, temp dirs).
 
 pub mod fcspec;
+mod xfs;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -367,52 +368,6 @@ impl Instance {
     pub fn with_env(mut self, key: &str, value: &str) -> Instance {
         self.env.push((key.into(), value.into()));
         self
-    }
-
-    /// Puts the state dir on a fresh XFS filesystem (reflinks on) in a
-    /// sparse 4 GiB file on a loop device (`mount -o loop`: the loop is
-    /// freed when it is unmounted, on drop). Call before `with_image`.
-    pub fn on_xfs(self) -> Instance {
-        self.on_xfs_sized(4)
-    }
-
-    /// `on_xfs` with a filesystem of `gib` GiB.
-    pub fn on_xfs_sized(mut self, gib: u64) -> Instance {
-        let img = self.dir.path().join("state.xfs");
-        std::fs::File::create(&img)
-            .and_then(|f| f.set_len(gib << 30))
-            .expect("xfs image file");
-        let st = Command::new("mkfs.xfs")
-            .args(["-q", "-m", "reflink=1"])
-            .arg(&img)
-            .status()
-            .expect("mkfs.xfs (scripts/install-deps.sh installs xfsprogs)");
-        assert!(st.success(), "mkfs.xfs");
-        let st = Command::new("mount")
-            .args(["-o", "loop"])
-            .arg(&img)
-            .arg(self.state())
-            .status()
-            .expect("mount");
-        assert!(st.success(), "mount the xfs state dir");
-        self.xfs = true;
-        std::fs::create_dir_all(self.state().join("images")).expect("mkdir images");
-        self
-    }
-
-    /// The loop devices backing this instance's files (its XFS state dir
-    /// while mounted).
-    pub fn loops(&self) -> Vec<String> {
-        let out = Command::new("losetup")
-            .args(["--list", "--noheadings", "--output", "NAME,BACK-FILE"])
-            .output()
-            .expect("losetup");
-        let dir = self.dir.path().to_string_lossy().into_owned();
-        text(&out.stdout)
-            .lines()
-            .filter(|l| l.contains(&dir))
-            .map(str::to_string)
-            .collect()
     }
 
     /// Links the prebuilt default image into this instance's state dir
