@@ -19,6 +19,7 @@ use thiserror::Error;
 
 use crate::cpio::Archive;
 use crate::kernel::{self, KernelError};
+use crate::tree;
 
 pub const DEFAULT_IMAGE: &str = "bookworm";
 pub const MANIFEST: &str = "manifest.json";
@@ -34,7 +35,7 @@ const SSHD_CONFIG: &str = include_str!("../assets/sshd_config");
 /// the kernel's modules.dep: virtio over PCI (QEMU's `pc`) and over MMIO
 /// (Firecracker), block, net, vsock (the agent's channel) and overlayfs
 /// (the `overlay` root-disk strategy).
-const INITRAMFS_MODULES: &[&str] = &[
+pub(crate) const INITRAMFS_MODULES: &[&str] = &[
     "virtio_pci",
     "virtio_mmio",
     "virtio_blk",
@@ -116,6 +117,11 @@ pub enum ImageError {
     },
     #[error("image {name}: {what}")]
     Layout { name: String, what: String },
+    #[error("image {name}: {source}")]
+    Import {
+        name: String,
+        source: crate::import::ImportError,
+    },
     #[error("image {name}: manifest {path}: {detail}")]
     Manifest {
         name: String,
@@ -227,10 +233,6 @@ fn build_into(
         name: name.to_string(),
         source,
     };
-    let cmd_err = |source| ImageError::Cmd {
-        name: name.to_string(),
-        source,
-    };
     fsutil::remove_dir_all_if_exists(work).map_err(fs)?;
     fsutil::create_dir_all(work).map_err(fs)?;
     let rootfs = work.join("rootfs");
@@ -243,9 +245,50 @@ fn build_into(
 
     progress("installing banger's guest init and sshd config");
     customize(&rootfs, &recipe.busybox).map_err(fs)?;
+    let kernel = KernelFrom::Tree {
+        busybox: recipe.busybox.clone(),
+    };
+    assemble(name, dir, work, &rootfs, &kernel, &recipe.id(), progress)
+}
 
+/// Where an image's kernel, initramfs and modules come from.
+pub(crate) enum KernelFrom<'a> {
+    /// The root tree's own `/boot/vmlinuz-*` and `/lib/modules`.
+    Tree { busybox: PathBuf },
+    /// Another image's (an imported tree without a kernel): its vmlinux
+    /// and initramfs, and its modules copied into the tree.
+    Image(&'a ImageRecord),
+}
+
+/// The second half of every image: the kernel and initramfs, the ext4 root
+/// filesystem written from `rootfs`, the manifest, and the swap of `work`
+/// into `dir`.
+pub(crate) fn assemble(
+    name: &str,
+    dir: &Path,
+    work: &Path,
+    rootfs: &Path,
+    kernel: &KernelFrom,
+    recipe: &str,
+    progress: &mut dyn FnMut(&str),
+) -> Result<ImageRecord, ImageError> {
+    let fs = |source| ImageError::Fs {
+        name: name.to_string(),
+        source,
+    };
+    let busybox = match kernel {
+        KernelFrom::Tree { busybox } => busybox,
+        KernelFrom::Image(base) => {
+            progress(&format!(
+                "no kernel in the tree: using image {}'s (kernel {})",
+                base.name, base.kernel_version
+            ));
+            crate::import::borrow_kernel(name, base, rootfs, work)?;
+            return finish(name, dir, work, rootfs, &base.kernel_version, recipe, progress);
+        }
+    };
     progress("extracting the kernel");
-    let (kver, vmlinuz) = find_kernel(name, &rootfs)?;
+    let (kver, vmlinuz) = find_kernel(name, rootfs)?;
     let bz = std::fs::read(&vmlinuz)
         .with_path("read", &vmlinuz)
         .map_err(fs)?;
@@ -257,9 +300,30 @@ fn build_into(
     fsutil::write(&work.join(KERNEL_FILE), &elf).map_err(fs)?;
 
     progress("building the initramfs");
-    let initrd = initramfs(name, &rootfs, &kver, &recipe.busybox)?;
+    let initrd = initramfs(name, rootfs, &kver, busybox)?;
     fsutil::write(&work.join(INITRD_FILE), &initrd).map_err(fs)?;
+    finish(name, dir, work, rootfs, &kver, recipe, progress)
+}
 
+/// Writes the ext4 root filesystem and the manifest next to the kernel and
+/// initramfs in `work`, then swaps `work` into `dir`.
+fn finish(
+    name: &str,
+    dir: &Path,
+    work: &Path,
+    rootfs: &Path,
+    kver: &str,
+    recipe: &str,
+    progress: &mut dyn FnMut(&str),
+) -> Result<ImageRecord, ImageError> {
+    let fs = |source| ImageError::Fs {
+        name: name.to_string(),
+        source,
+    };
+    let cmd_err = |source| ImageError::Cmd {
+        name: name.to_string(),
+        source,
+    };
     progress("writing the ext4 root filesystem");
     let used = cmd::run("du", ["-sb".as_ref(), rootfs.as_os_str()]).map_err(cmd_err)?;
     let used: u64 = used
@@ -287,14 +351,14 @@ fn build_into(
         MKFS_TIMEOUT,
     )
     .map_err(cmd_err)?;
-    fsutil::remove_dir_all_if_exists(&rootfs).map_err(fs)?;
+    fsutil::remove_dir_all_if_exists(rootfs).map_err(fs)?;
 
     let manifest = Manifest {
         name: name.to_string(),
-        kernel_version: kver,
+        kernel_version: kver.to_string(),
         rootfs_bytes: mib * 1024 * 1024,
         created_at: banger_core::unix_now(),
-        recipe: recipe.id(),
+        recipe: recipe.to_string(),
     };
     let json = serde_json::to_string_pretty(&manifest).map_err(|e| ImageError::Layout {
         name: name.to_string(),
@@ -413,24 +477,45 @@ fn bootstrap(
     Ok(())
 }
 
-fn customize(root: &Path, busybox: &Path) -> Result<(), FsError> {
-    let lib = root.join("usr/lib/banger");
-    fsutil::create_dir_all(&lib)?;
-    fsutil::create_dir_all(&root.join("work"))?;
-    // The static busybox runs PID 1 and the guest scripts: no dynamic
-    // loader on every call.
+/// Installs banger's guest side into a root tree: the static busybox (PID 1
+/// and the guest scripts), inittab, sshd config, an empty fstab and
+/// machine-id, the dirs init mounts on; removes the shared host keys and
+/// generic initrd. Every path is resolved inside `root` ([`tree`]): an
+/// imported tree's symlinks never lead a write out of it.
+pub(crate) fn customize(root: &Path, busybox: &Path) -> Result<(), FsError> {
+    let io = |what: &str| {
+        let p = root.join(what.trim_start_matches('/'));
+        move |e: std::io::Error| FsError {
+            op: "write in the image tree",
+            path: p,
+            source: e,
+        }
+    };
+    for d in ["/work", "/root", "/run", "/tmp", "/proc", "/sys", "/dev"] {
+        tree::create_dir_all(root, d).map_err(io(d))?;
+    }
     let bb = std::fs::read(busybox).with_path("read", busybox)?;
-    write_exec_bytes(&lib.join("busybox"), &bb)?;
-    fsutil::write(&root.join("etc/inittab"), INITTAB)?;
-    fsutil::write(&root.join("etc/ssh/sshd_config.d/banger.conf"), SSHD_CONFIG)?;
-    fsutil::write(
-        &root.join("etc/fstab"),
-        "# banger mounts / and /work from its initramfs\n",
-    )?;
+    let files: [(&str, &[u8], u32); 5] = [
+        ("/usr/lib/banger/busybox", &bb, 0o755),
+        ("/etc/inittab", INITTAB.as_bytes(), 0o644),
+        ("/etc/ssh/sshd_config.d/banger.conf", SSHD_CONFIG.as_bytes(), 0o644),
+        (
+            "/etc/fstab",
+            b"# banger mounts / and /work from its initramfs\n",
+            0o644,
+        ),
+        ("/etc/machine-id", b"", 0o444),
+    ];
+    for (path, data, mode) in files {
+        tree::write(root, path, data, mode).map_err(io(path))?;
+    }
     // Host keys come per VM at boot; the ones the package made are shared
     // by every VM of the image, so they go. So does the generic initrd.
-    for dir in ["etc/ssh", "boot"] {
-        let d = root.join(dir);
+    for dir in ["/etc/ssh", "/boot"] {
+        let d = tree::resolve(root, Path::new(dir)).map_err(io(dir))?;
+        if !d.is_dir() {
+            continue;
+        }
         for e in std::fs::read_dir(&d).with_path("read dir", &d)? {
             let e = e.with_path("read dir", &d)?;
             let n = e.file_name().to_string_lossy().into_owned();
@@ -439,18 +524,16 @@ fn customize(root: &Path, busybox: &Path) -> Result<(), FsError> {
             }
         }
     }
-    fsutil::write(&root.join("etc/machine-id"), "")?;
     Ok(())
 }
 
-fn write_exec_bytes(path: &Path, data: &[u8]) -> Result<(), FsError> {
-    use std::os::unix::fs::PermissionsExt;
-    fsutil::write(path, data)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).with_path("chmod", path)
-}
-
-fn find_kernel(name: &str, root: &Path) -> Result<(String, PathBuf), ImageError> {
-    let boot = root.join("boot");
+pub(crate) fn find_kernel(name: &str, root: &Path) -> Result<(String, PathBuf), ImageError> {
+    let boot = tree::resolve(root, Path::new("/boot"))
+        .with_path("resolve", &root.join("boot"))
+        .map_err(|source| ImageError::Fs {
+            name: name.to_string(),
+            source,
+        })?;
     let entries = std::fs::read_dir(&boot)
         .with_path("read dir", &boot)
         .map_err(|source| ImageError::Fs {
@@ -465,13 +548,25 @@ fn find_kernel(name: &str, root: &Path) -> Result<(String, PathBuf), ImageError>
                 .strip_prefix("vmlinuz-")
                 .map(str::to_string)
         })
+        // A version names files and is shown to users: plain characters.
+        .filter(|v| {
+            v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._+-~".contains(&b))
+        })
         .collect();
     found.sort();
     let kver = found.pop().ok_or_else(|| ImageError::Layout {
         name: name.to_string(),
         what: format!("no kernel (vmlinuz-*) in {}", boot.display()),
     })?;
-    Ok((kver.clone(), boot.join(format!("vmlinuz-{kver}"))))
+    let file = format!("/boot/vmlinuz-{kver}");
+    let path = tree::resolve(root, Path::new(&file))
+        .with_path("resolve", &boot.join(&file[6..]))
+        .map_err(|source| ImageError::Fs {
+            name: name.to_string(),
+            source,
+        })?;
+    Ok((kver, path))
 }
 
 /// Resolves `wanted` against modules.dep text into a load order where every
@@ -521,7 +616,9 @@ fn initramfs(name: &str, root: &Path, kver: &str, busybox: &Path) -> Result<Vec<
         name: name.to_string(),
         source,
     };
-    let moddir = root.join("lib/modules").join(kver);
+    let moddir = tree::resolve(root, &Path::new("/lib/modules").join(kver))
+        .with_path("resolve", &root.join("lib/modules"))
+        .map_err(fs)?;
     let dep = fsutil::read_to_string(&moddir.join("modules.dep")).map_err(fs)?;
     let order = module_load_order(&dep, INITRAMFS_MODULES).map_err(|what| ImageError::Layout {
         name: name.to_string(),
@@ -554,9 +651,11 @@ fn initramfs(name: &str, root: &Path, kver: &str, busybox: &Path) -> Result<Vec<
                 what: format!("module {rel} is compressed; only plain .ko modules are supported"),
             });
         }
-        let data = std::fs::read(moddir.join(rel))
-            .with_path("read", &moddir.join(rel))
+        // modules.dep is the tree's: its paths stay inside the tree.
+        let path = tree::resolve(root, &Path::new("/lib/modules").join(kver).join(rel))
+            .with_path("resolve", &moddir.join(rel))
             .map_err(fs)?;
+        let data = std::fs::read(&path).with_path("read", &path).map_err(fs)?;
         a.file(&format!("lib/modules/{base}"), 0o644, &data);
         load.push_str(base);
         load.push('\n');

@@ -69,6 +69,21 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
+    run_both(program, args, input, timeout).map(|(out, _)| out)
+}
+
+/// Like [`run_with`], returning stderr as well (for tools such as debugfs
+/// that report failures there with a zero exit status).
+pub fn run_both<I, S>(
+    program: &str,
+    args: I,
+    input: Option<&str>,
+    timeout: Duration,
+) -> Result<(String, String), CmdError>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
     let args: Vec<S> = args.into_iter().collect();
     let argv: Vec<&OsStr> = args.iter().map(|a| a.as_ref()).collect();
     let mut cmd = Command::new(program);
@@ -135,7 +150,10 @@ where
             stderr: String::from_utf8_lossy(&stderr).trim().to_string(),
         });
     }
-    Ok(String::from_utf8_lossy(&stdout).into_owned())
+    Ok((
+        String::from_utf8_lossy(&stdout).into_owned(),
+        String::from_utf8_lossy(&stderr).into_owned(),
+    ))
 }
 
 /// Whether `program` is found on PATH.
