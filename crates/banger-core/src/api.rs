@@ -14,7 +14,7 @@ use crate::model::{AutoStop, NetPolicy, VmmKind};
 use crate::sizing::SizeRequest;
 use crate::state::VmState;
 
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -51,6 +51,17 @@ pub enum Request {
     ImageList,
     ImageDelete {
         name: String,
+    },
+    /// A new image from an ext4 image, a root tarball, a directory or an
+    /// OCI image at `source` (an absolute path on the daemon's host).
+    ImageImport {
+        name: String,
+        source: PathBuf,
+    },
+    /// A new image from a stopped VM's root filesystem.
+    VmCommit {
+        name: String,
+        image: String,
     },
     Doctor,
     /// Waits until the taps and NAT rules of ended VMs are released

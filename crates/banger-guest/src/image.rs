@@ -284,7 +284,15 @@ pub(crate) fn assemble(
                 base.name, base.kernel_version
             ));
             crate::import::borrow_kernel(name, base, rootfs, work)?;
-            return finish(name, dir, work, rootfs, &base.kernel_version, recipe, progress);
+            return finish(
+                name,
+                dir,
+                work,
+                rootfs,
+                &base.kernel_version,
+                recipe,
+                progress,
+            );
         }
     };
     progress("extracting the kernel");
@@ -360,13 +368,29 @@ fn finish(
         created_at: banger_core::unix_now(),
         recipe: recipe.to_string(),
     };
-    let json = serde_json::to_string_pretty(&manifest).map_err(|e| ImageError::Layout {
+    let rec = install(dir, work, &manifest)?;
+    progress(&format!(
+        "image {name} ready: kernel {}, root filesystem {mib} MiB",
+        manifest.kernel_version
+    ));
+    Ok(rec)
+}
+
+/// Finishes an image whose kernel, initramfs and root filesystem are in
+/// `work` (the `.building` dir next to `dir`): writes its manifest and
+/// swaps it into `dir` (an old image there is moved aside first and removed
+/// only once the new one is in place).
+pub fn install(dir: &Path, work: &Path, manifest: &Manifest) -> Result<ImageRecord, ImageError> {
+    let name = &manifest.name;
+    let fs = |source| ImageError::Fs {
+        name: name.to_string(),
+        source,
+    };
+    let json = serde_json::to_string_pretty(manifest).map_err(|e| ImageError::Layout {
         name: name.to_string(),
         what: e.to_string(),
     })?;
     fsutil::write(&work.join(MANIFEST), json).map_err(fs)?;
-    // Swap: the old image is moved aside first and removed only once the
-    // new one is in place.
     let old = dir.with_extension("old");
     fsutil::remove_dir_all_if_exists(&old).map_err(fs)?;
     if dir.exists() {
@@ -379,10 +403,6 @@ fn finish(
         return Err(fs(e));
     }
     fsutil::remove_dir_all_if_exists(&old).map_err(fs)?;
-    progress(&format!(
-        "image {name} ready: kernel {}, root filesystem {mib} MiB",
-        manifest.kernel_version
-    ));
     Ok(manifest.record(dir))
 }
 
@@ -498,7 +518,11 @@ pub(crate) fn customize(root: &Path, busybox: &Path) -> Result<(), FsError> {
     let files: [(&str, &[u8], u32); 5] = [
         ("/usr/lib/banger/busybox", &bb, 0o755),
         ("/etc/inittab", INITTAB.as_bytes(), 0o644),
-        ("/etc/ssh/sshd_config.d/banger.conf", SSHD_CONFIG.as_bytes(), 0o644),
+        (
+            "/etc/ssh/sshd_config.d/banger.conf",
+            SSHD_CONFIG.as_bytes(),
+            0o644,
+        ),
         (
             "/etc/fstab",
             b"# banger mounts / and /work from its initramfs\n",

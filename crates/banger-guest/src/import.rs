@@ -110,7 +110,9 @@ fn import_into(
     match format {
         Format::Ext4 => ext4_tree(src, &rootfs).map_err(err)?,
         Format::Dir => copy_dir(src, &rootfs).map_err(err)?,
-        Format::OciLayout => oci::unpack_layout(src, &rootfs, progress).map_err(|e| err(e.into()))?,
+        Format::OciLayout => {
+            oci::unpack_layout(src, &rootfs, progress).map_err(|e| err(e.into()))?
+        }
         Format::DockerArchive => {
             oci::unpack_docker(src, &rootfs, progress).map_err(|e| err(e.into()))?
         }
@@ -236,7 +238,8 @@ fn read_up_to(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
 /// `blobs/`), `docker save` output (`manifest.json` and no `/etc`), or a
 /// root tree.
 fn classify_dir(d: &Path) -> Format {
-    if d.join("oci-layout").is_file() || (d.join("index.json").is_file() && d.join("blobs").is_dir())
+    if d.join("oci-layout").is_file()
+        || (d.join("index.json").is_file() && d.join("blobs").is_dir())
     {
         Format::OciLayout
     } else if d.join("manifest.json").is_file() && !d.join("etc").exists() {
@@ -415,8 +418,7 @@ fn ext4_tree(src: &Path, rootfs: &Path) -> Result<(), ImportError> {
 /// A word debugfs' command parser takes as is.
 fn plain_word(s: &str) -> bool {
     !s.is_empty()
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_graphic() && !matches!(c, '"' | '\'' | '\\'))
 }
 
@@ -450,10 +452,14 @@ fn check_tree(root: &Path) -> Result<(), ImportError> {
 /// Whether the tree's own kernel can boot it: a `/boot/vmlinuz-*` whose
 /// modules dir has the initramfs' modules uncompressed.
 fn own_kernel(name: &str, root: &Path) -> Result<(), String> {
-    let (kver, _) = image::find_kernel(name, root).map_err(|_| "the tree has no kernel".to_string())?;
-    let dep = tree::resolve(root, &Path::new("/lib/modules").join(&kver).join("modules.dep"))
-        .and_then(std::fs::read_to_string)
-        .map_err(|_| format!("the tree's kernel {kver} has no modules.dep"))?;
+    let (kver, _) =
+        image::find_kernel(name, root).map_err(|_| "the tree has no kernel".to_string())?;
+    let dep = tree::resolve(
+        root,
+        &Path::new("/lib/modules").join(&kver).join("modules.dep"),
+    )
+    .and_then(std::fs::read_to_string)
+    .map_err(|_| format!("the tree's kernel {kver} has no modules.dep"))?;
     let order = image::module_load_order(&dep, image::INITRAMFS_MODULES)
         .map_err(|e| format!("the tree's kernel {kver}: {e}"))?;
     match order.iter().find(|m| !m.ends_with(".ko")) {

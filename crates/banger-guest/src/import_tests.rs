@@ -55,7 +55,10 @@ fn formats_are_told_apart_by_content() {
     assert_eq!(detect(&p("a.tgz")).unwrap(), Format::Tar);
     std::fs::write(p("a.xz"), b"\xfd7zXZ\0rest").unwrap();
     let e = detect(&p("a.xz")).unwrap_err().to_string();
-    assert!(e.contains("compressed with xz") && e.contains("xz -d"), "{e}");
+    assert!(
+        e.contains("compressed with xz") && e.contains("xz -d"),
+        "{e}"
+    );
     std::fs::write(p("junk"), b"hello").unwrap();
     let e = detect(&p("junk")).unwrap_err().to_string();
     assert!(e.contains("junk: not an ext4 image"), "{e}");
@@ -172,9 +175,16 @@ fn a_failed_import_leaves_nothing() {
     std::fs::create_dir_all(src.join("etc")).unwrap();
     let dir = d.path().join("images/x");
     std::fs::create_dir_all(d.path().join("images")).unwrap();
-    let e = import("x", &dir, &src, None, Path::new("/bin/busybox"), &mut |_| {})
-        .unwrap_err()
-        .to_string();
+    let e = import(
+        "x",
+        &dir,
+        &src,
+        None,
+        Path::new("/bin/busybox"),
+        &mut |_| {},
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("image x: the imported tree has no shell"), "{e}");
     assert!(!dir.exists());
     assert!(!dir.with_extension("building").exists());

@@ -7,7 +7,7 @@
 pub mod config;
 pub mod cpio;
 pub mod image;
-pub mod kernel;
 pub mod import;
+pub mod kernel;
 pub mod oci;
 pub mod tree;

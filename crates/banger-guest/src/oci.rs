@@ -66,7 +66,9 @@ fn pick_manifest(dir: &Path, descs: &[Descriptor], depth: u32) -> Result<ImageMa
         what,
     };
     if depth > MAX_INDEX_DEPTH {
-        return Err(bad(format!("indexes nested more than {MAX_INDEX_DEPTH} deep")));
+        return Err(bad(format!(
+            "indexes nested more than {MAX_INDEX_DEPTH} deep"
+        )));
     }
     let fits = |d: &&Descriptor| {
         d.platform()
@@ -99,15 +101,17 @@ fn blob_path(dir: &Path, d: &Descriptor) -> Result<String, OciError> {
     let hex = d.digest().digest();
     let plain = |s: &str| {
         !s.is_empty()
-            && s
-                .bytes()
+            && s.bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+._-".contains(&b))
             && !s.starts_with('.')
     };
     if !plain(&alg) || !plain(hex) {
         return Err(OciError::Layout {
             dir: dir.to_path_buf(),
-            what: format!("digest {:?} is not of the form ALGORITHM:HEX", d.digest().to_string()),
+            what: format!(
+                "digest {:?} is not of the form ALGORITHM:HEX",
+                d.digest().to_string()
+            ),
         });
     }
     Ok(format!("blobs/{alg}/{hex}"))

@@ -122,7 +122,10 @@ mod tests {
             root.join("etc/passwd"),
             "re-rooted, and missing below"
         );
-        assert_eq!(resolve(&root, Path::new("/up/x")).unwrap(), root.join("tmp/x"));
+        assert_eq!(
+            resolve(&root, Path::new("/up/x")).unwrap(),
+            root.join("tmp/x")
+        );
         assert_eq!(
             resolve(&root, Path::new("../../x")).unwrap(),
             root.join("x")

@@ -3,6 +3,7 @@
 mod client;
 mod dnsinstall;
 mod guest;
+mod image;
 mod output;
 mod ssh;
 mod vm;
@@ -212,6 +213,9 @@ pub enum VmCmd {
     /// Copy a file or tree between a VM and the host: NAME:/path on one
     /// side (docker cp's syntax); `-` is a tar stream on stdin or stdout.
     Cp { src: String, dst: String },
+    /// Save a stopped VM's root filesystem as a new image (it boots with
+    /// the VM's image's kernel).
+    Commit { name: String, image: String },
     /// Print the guest's console (control characters escaped).
     Logs {
         name: String,
@@ -268,6 +272,27 @@ enum ImageCmd {
     },
     /// Delete an image no VM uses.
     Rm { name: String },
+    /// Import an image: an ext4 image, a root filesystem tarball (plain or
+    /// gzip), a directory, or an OCI image (an OCI layout dir, or `docker
+    /// save` output). banger's init and sshd config are added; the tree
+    /// needs /bin/sh and /usr/sbin/sshd. Without a kernel of its own it
+    /// boots bookworm's.
+    Import { name: String, source: PathBuf },
+    /// Boot IMAGE with outside access, run SCRIPT in it as root, power it
+    /// off and save its root filesystem as image NAME (the VM is deleted
+    /// either way).
+    Customize {
+        name: String,
+        /// The image to start from.
+        #[arg(long, default_value = "bookworm")]
+        from: String,
+        /// A script (run with /bin/sh in the guest).
+        #[arg(long, value_name = "SCRIPT")]
+        run: PathBuf,
+        /// The VMM to boot it with (default: the host's).
+        #[arg(long)]
+        vmm: Option<VmmKind>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -512,5 +537,12 @@ fn image(client: &Client, cmd: ImageCmd) -> anyhow::Result<i32> {
             println!("{name}");
             Ok(0)
         }
+        ImageCmd::Import { name, source } => image::import(client, &name, &source),
+        ImageCmd::Customize {
+            name,
+            from,
+            run,
+            vmm,
+        } => image::customize(client, &name, &from, &run, vmm),
     }
 }

@@ -180,6 +180,7 @@ pub fn run(client: &Client, cmd: VmCmd) -> anyhow::Result<i32> {
             crate::guest::signal(client, &name, &target, &signal)?;
             Ok(0)
         }
+        VmCmd::Commit { name, image } => crate::image::commit(client, &name, &image),
         VmCmd::Cp { src, dst } => {
             crate::guest::cp(client, &src, &dst)?;
             Ok(0)

@@ -116,6 +116,51 @@ impl Daemon {
         Ok(image_info(&rec))
     }
 
+    /// `banger image import NAME SOURCE`: see [`banger_guest::import`].
+    /// The default image, when built, lends its kernel to a tree without
+    /// one.
+    pub fn import_image(
+        &self,
+        name: &str,
+        source: &std::path::Path,
+        events: Events,
+    ) -> Result<ImageInfo> {
+        banger_core::validate_name(name)?;
+        if !source.is_absolute() {
+            return Err(DaemonError::Invalid(format!(
+                "image import: {} is not an absolute path",
+                source.display()
+            )));
+        }
+        let _g = lock(&self.image_lock);
+        self.refuse_existing(name)?;
+        let base = self.store().image(DEFAULT_IMAGE)?;
+        let busybox = Recipe::default_for(DEFAULT_IMAGE)
+            .map(|r| r.busybox)
+            .unwrap_or_else(|| PathBuf::from("/bin/busybox"));
+        let dir = self.cfg.layout.image_dir(name);
+        let rec =
+            banger_guest::import::import(name, &dir, source, base.as_ref(), &busybox, &mut |m| {
+                info!(image = name, "{m}");
+                events(Event::Progress {
+                    message: m.to_string(),
+                })
+            })?;
+        self.store().upsert_image(&rec)?;
+        Ok(image_info(&rec))
+    }
+
+    /// A new image's name must be free (imports and commits never replace
+    /// an image).
+    pub(crate) fn refuse_existing(&self, name: &str) -> Result<()> {
+        if self.store().image(name)?.is_some() || self.cfg.layout.image_dir(name).exists() {
+            return Err(DaemonError::Invalid(format!(
+                "image {name:?} already exists: pick another name or `banger image rm {name}`"
+            )));
+        }
+        Ok(())
+    }
+
     fn refuse_if_used(&self, name: &str) -> Result<()> {
         let users = self.store().vms_using_image(name)?;
         if users.is_empty() {

@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod cancel;
+pub mod commit;
 pub mod config;
 pub mod console;
 pub mod daemon;

@@ -244,6 +244,8 @@ fn op_name(r: &Request) -> &'static str {
         Request::ImageBuild { .. } => "image_build",
         Request::ImageList => "image_list",
         Request::ImageDelete { .. } => "image_delete",
+        Request::ImageImport { .. } => "image_import",
+        Request::VmCommit { .. } => "vm_commit",
         Request::Doctor => "doctor",
         Request::Settle => "settle",
         Request::VmLogs { .. } => "vm_logs",
@@ -297,6 +299,10 @@ pub fn dispatch(
             daemon.delete_image(&name)?;
             Response::Deleted { name }
         }
+        Request::ImageImport { name, source } => {
+            Response::Image(daemon.import_image(&name, &source, events)?)
+        }
+        Request::VmCommit { name, image } => Response::Image(daemon.commit(&name, &image, events)?),
         Request::Doctor => Response::Doctor {
             checks: crate::doctor::checks(daemon),
         },

@@ -1,0 +1,357 @@
+//! Images made from what users have, on real guests: `image import` of an
+//! ext4 image, a directory, a gzip tarball, an OCI layout and a `docker
+//! save` archive (two layers, whiteouts, no kernel: it borrows the default
+//! image's) each boot and show their own files; a tree without sshd is
+//! refused naming it and leaves nothing. `image customize` runs a script
+//! in a booted VM and saves the result; a failing script saves nothing;
+//! `vm commit` flattens an overlay VM (mounted in a private mount
+//! namespace, nothing left mounted or attached). Needs root;
+//! `scripts/test.sh` runs it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use test_infra::{ok, text, Instance};
+
+fn banger_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_banger"))
+}
+
+fn run(cmd: &mut Command, what: &str) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    ok(&out, what)
+}
+
+/// The test image's tree, copied out through a read-only loop mount in a
+/// mount namespace of its own (gone with the command).
+fn image_tree(inst: &Instance, dest: &Path) {
+    let mnt = dest.with_extension("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    std::fs::create_dir_all(dest).unwrap();
+    run(
+        Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "--", "sh", "-ec"])
+            .arg(r#"mount -o loop,ro,noload "$1" "$2"; cp -a "$2"/. "$3"/"#)
+            .arg("sh")
+            .arg(inst.state().join("images/bookworm/rootfs.ext4"))
+            .arg(&mnt)
+            .arg(dest),
+        "copy the test image's tree",
+    );
+}
+
+fn sha256(p: &Path) -> String {
+    let out = run(Command::new("sha256sum").arg(p), "sha256sum");
+    out.split_whitespace().next().unwrap().to_string()
+}
+
+/// A tar of `(path, data)` files (`None`: an empty file, as whiteouts are).
+fn layer(entries: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, data) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1);
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, path, *data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+/// Boots `image` and runs `script` in it.
+fn in_guest(inst: &Instance, image: &str, script: &str) -> String {
+    ok(
+        &inst.banger(&[
+            "vm", "run", "--rm", "--image", image, "--", "sh", "-c", script,
+        ]),
+        &format!("vm run --image {image}: {script}"),
+    )
+}
+
+fn leftovers(inst: &Instance) -> Vec<String> {
+    std::fs::read_dir(inst.state().join("images"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains('.'))
+        .collect()
+}
+
+#[test]
+fn imports_of_every_format_boot() {
+    let inst = Instance::new(&banger_bin()).with_image();
+    let scratch = tempfile::tempdir().unwrap();
+    let s = |n: &str| scratch.path().join(n);
+
+    // An ext4 image: its own kernel and tree.
+    let ext4 = inst.state().join("images/bookworm/rootfs.ext4");
+    ok(
+        &inst.banger(&["image", "import", "imp-ext4", ext4.to_str().unwrap()]),
+        "import ext4",
+    );
+    assert_eq!(
+        in_guest(
+            &inst,
+            "imp-ext4",
+            "test -x /usr/sbin/sshd && echo sshd; cut -d. -f1 /etc/debian_version"
+        ),
+        "sshd\n12\n"
+    );
+
+    // A directory, with a file of its own.
+    let tree = s("tree");
+    image_tree(&inst, &tree);
+    std::fs::write(tree.join("etc/banger-import"), "from a dir\n").unwrap();
+    ok(
+        &inst.banger(&["image", "import", "imp-dir", tree.to_str().unwrap()]),
+        "import dir",
+    );
+    assert_eq!(
+        in_guest(&inst, "imp-dir", "cat /etc/banger-import"),
+        "from a dir\n"
+    );
+
+    // A gzip tarball of it.
+    std::fs::write(tree.join("etc/banger-import"), "from a tarball\n").unwrap();
+    let tgz = s("root.tar.gz");
+    run(
+        Command::new("tar")
+            .arg("-C")
+            .arg(&tree)
+            .arg("-czf")
+            .arg(&tgz)
+            .arg("."),
+        "tar",
+    );
+    ok(
+        &inst.banger(&["image", "import", "imp-tgz", tgz.to_str().unwrap()]),
+        "import tarball",
+    );
+    assert_eq!(
+        in_guest(&inst, "imp-tgz", "cat /etc/banger-import"),
+        "from a tarball\n"
+    );
+
+    // An OCI layout: the tarball as layer 1; layer 2 whites out the marker
+    // and everything in /boot (so the image has no kernel) and adds a file.
+    let oci = s("oci");
+    std::fs::create_dir_all(oci.join("blobs/sha256")).unwrap();
+    let l2 = s("l2.tar");
+    std::fs::write(
+        &l2,
+        layer(&[
+            ("etc/.wh.banger-import", b""),
+            ("boot/.wh..wh..opq", b""),
+            ("etc/layer2", b"layer 2\n"),
+        ]),
+    )
+    .unwrap();
+    let blob = |p: &Path| -> (String, u64) {
+        let d = sha256(p);
+        std::fs::copy(p, oci.join("blobs/sha256").join(&d)).unwrap();
+        (d, std::fs::metadata(p).unwrap().len())
+    };
+    let (d1, n1) = blob(&tgz);
+    let (d2, n2) = blob(&l2);
+    let config = s("config.json");
+    std::fs::write(
+        &config,
+        r#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#,
+    )
+    .unwrap();
+    let (dc, nc) = blob(&config);
+    let manifest = s("manifest.json");
+    std::fs::write(
+        &manifest,
+        format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json",
+            "config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{dc}","size":{nc}}},
+            "layers":[
+              {{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:{d1}","size":{n1}}},
+              {{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:{d2}","size":{n2}}}]}}"#
+        ),
+    )
+    .unwrap();
+    let (dm, nm) = blob(&manifest);
+    std::fs::write(
+        oci.join("index.json"),
+        format!(
+            r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json",
+            "digest":"sha256:{dm}","size":{nm},"platform":{{"architecture":"amd64","os":"linux"}}}}]}}"#
+        ),
+    )
+    .unwrap();
+    std::fs::write(oci.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let out = inst.banger(&["image", "import", "imp-oci", oci.to_str().unwrap()]);
+    ok(&out, "import OCI layout");
+    assert!(
+        text(&out.stderr).contains("the kernel will be image bookworm's"),
+        "{}",
+        text(&out.stderr)
+    );
+    let seen = in_guest(
+        &inst,
+        "imp-oci",
+        "cat /etc/layer2; test -e /etc/banger-import && echo marker; ls /boot | wc -l; \
+         test -f /lib/modules/$(uname -r)/modules.dep && echo modules",
+    );
+    assert_eq!(seen, "layer 2\n0\nmodules\n");
+
+    // `docker save` output, as an archive: the same two layers.
+    let docker = s("docker");
+    std::fs::create_dir_all(docker.join("a")).unwrap();
+    std::fs::create_dir_all(docker.join("b")).unwrap();
+    std::fs::copy(&tgz, docker.join("a/layer.tar")).unwrap();
+    std::fs::copy(&l2, docker.join("b/layer.tar")).unwrap();
+    std::fs::write(
+        docker.join("manifest.json"),
+        r#"[{"Config":"c.json","RepoTags":["t:latest"],"Layers":["a/layer.tar","b/layer.tar"]}]"#,
+    )
+    .unwrap();
+    let archive = s("docker.tar");
+    run(
+        Command::new("tar")
+            .arg("-C")
+            .arg(&docker)
+            .arg("-cf")
+            .arg(&archive)
+            .arg("."),
+        "tar the docker archive",
+    );
+    ok(
+        &inst.banger(&["image", "import", "imp-docker", archive.to_str().unwrap()]),
+        "import docker archive",
+    );
+    assert_eq!(
+        in_guest(&inst, "imp-docker", "cat /etc/layer2"),
+        "layer 2\n"
+    );
+
+    // No sshd: refused, naming it; nothing left.
+    std::fs::remove_file(tree.join("usr/sbin/sshd")).unwrap();
+    let out = inst.banger(&["image", "import", "no-sshd", tree.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("no SSH server (/usr/sbin/sshd)") && err.contains("openssh-server"),
+        "{err}"
+    );
+    // Names are checked; existing images are not replaced.
+    let out = inst.banger(&["image", "import", "imp-dir", tree.to_str().unwrap()]);
+    assert!(text(&out.stderr).contains("image \"imp-dir\" already exists"));
+
+    let ls = ok(&inst.banger(&["image", "ls"]), "image ls");
+    assert!(!ls.contains("no-sshd"), "{ls}");
+    assert!(leftovers(&inst).is_empty(), "{:?}", leftovers(&inst));
+    for img in ["imp-ext4", "imp-dir", "imp-tgz", "imp-oci", "imp-docker"] {
+        ok(&inst.banger(&["image", "rm", img]), "image rm");
+    }
+    inst.assert_baseline();
+}
+
+/// On QEMU's default strategy: the commit is a `qemu-img convert`.
+#[test]
+fn customize_saves_what_a_script_did() {
+    let inst = Instance::new(&banger_bin()).with_image();
+    let scratch = tempfile::tempdir().unwrap();
+    let script = scratch.path().join("setup.sh");
+    // With outside access: a default route through the VM's NAT.
+    std::fs::write(
+        &script,
+        "set -e\nip route | grep -q '^default'\necho customized > /etc/banger-custom\nrm /etc/debian_version\n",
+    )
+    .unwrap();
+    let out = inst.banger(&[
+        "image",
+        "customize",
+        "cust",
+        "--from",
+        "bookworm",
+        "--run",
+        script.to_str().unwrap(),
+    ]);
+    ok(&out, "image customize");
+    assert!(inst.vms().is_empty(), "the customize VM is gone");
+    assert_eq!(
+        in_guest(
+            &inst,
+            "cust",
+            "cat /etc/banger-custom; test -e /etc/debian_version && echo kept; true"
+        ),
+        "customized\n"
+    );
+
+    // A failing script saves nothing and leaves no VM.
+    std::fs::write(&script, "exit 3\n").unwrap();
+    let out = inst.banger(&[
+        "image",
+        "customize",
+        "bad",
+        "--run",
+        script.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("exited with status 3"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(inst.vms().is_empty());
+    let ls = ok(&inst.banger(&["image", "ls"]), "image ls");
+    assert!(!ls.contains("bad"), "{ls}");
+
+    assert!(leftovers(&inst).is_empty(), "{:?}", leftovers(&inst));
+    ok(&inst.banger(&["image", "rm", "cust"]), "image rm");
+    inst.assert_baseline();
+}
+
+#[test]
+fn commit_flattens_an_overlay_vm() {
+    let inst = Instance::new(&banger_bin())
+        .with_env("BANGER_ROOT_DISK", "overlay")
+        .with_image();
+    // Refused while running, then flattened from the overlay: the image
+    // and the VM's upper disk merged in a private mount namespace.
+    ok(&inst.banger(&["vm", "run", "--name", "c1", "--", "sh", "-c",
+        "echo committed > /etc/banger-commit && rm /etc/hostname.old 2>/dev/null; rm /etc/issue"]),
+        "write in c1");
+    let out = inst.banger(&["vm", "commit", "c1", "from-c1"]);
+    assert!(
+        text(&out.stderr).contains("`banger vm stop c1` first"),
+        "{}",
+        text(&out.stderr)
+    );
+    ok(&inst.banger(&["vm", "stop", "c1"]), "stop c1");
+    ok(
+        &inst.banger(&["vm", "commit", "c1", "from-c1"]),
+        "commit c1",
+    );
+    ok(&inst.banger(&["vm", "delete", "c1"]), "delete c1");
+    assert_eq!(
+        in_guest(
+            &inst,
+            "from-c1",
+            "cat /etc/banger-commit; test -e /etc/issue && echo issue; true"
+        ),
+        "committed\n"
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(&inst.state().to_string_lossy().into_owned()),
+        "a commit mount is visible:\n{mounts}"
+    );
+    let state = inst.state().to_string_lossy().into_owned();
+    let loops = || run(Command::new("losetup").arg("--list"), "losetup");
+    // Autoclear detaches them as their mounts go.
+    assert!(
+        test_infra::wait_until(std::time::Duration::from_secs(10), || !loops()
+            .contains(&state)),
+        "loop devices left:\n{}",
+        loops()
+    );
+    assert!(leftovers(&inst).is_empty(), "{:?}", leftovers(&inst));
+    ok(&inst.banger(&["image", "rm", "from-c1"]), "image rm");
+    inst.assert_baseline();
+}
