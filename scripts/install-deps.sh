@@ -5,9 +5,9 @@ set -euo pipefail
 
 packages=(
   qemu-system-x86   # the VMM (TCG here, KVM where hardware virtualisation exists)
-  qemu-utils        # qemu-img/qemu-io: the tests check banger's qcow2 overlays with them
+  qemu-utils        # qemu-img: vm commit flattens qcow2 roots; qemu-io: the tests check overlays
   mmdebstrap        # builds the guest root filesystem from Debian's packages
-  e2fsprogs         # mkfs.ext4 for the image and the work disks
+  e2fsprogs         # mkfs.ext4 (images, work disks), e2fsck + debugfs (image import, vm commit)
   xfsprogs          # mkfs.xfs: the tests' reflink state dir (a real XFS on a loop device)
   dmsetup           # device-mapper's tool: the dm-snapshot root disks, where the kernel has it
   busybox-static    # the initramfs' only program; also the tests' HTTP server
