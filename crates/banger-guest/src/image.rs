@@ -333,32 +333,7 @@ fn finish(
         source,
     };
     progress("writing the ext4 root filesystem");
-    let used = cmd::run("du", ["-sb".as_ref(), rootfs.as_os_str()]).map_err(cmd_err)?;
-    let used: u64 = used
-        .split_whitespace()
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(1 << 30);
-    // Room for the filesystem's own metadata and for the user's packages.
-    let mib = (used / (1024 * 1024)) * 5 / 4 + 512;
-    let mib = mib.div_ceil(64) * 64;
-    let ext4 = work.join(ROOTFS_FILE);
-    cmd::run_with(
-        "mkfs.ext4",
-        [
-            "-q".as_ref(),
-            "-F".as_ref(),
-            "-L".as_ref(),
-            "banger-root".as_ref(),
-            "-d".as_ref(),
-            rootfs.as_os_str(),
-            ext4.as_os_str(),
-            format!("{mib}M").as_ref(),
-        ],
-        None,
-        MKFS_TIMEOUT,
-    )
-    .map_err(cmd_err)?;
+    let mib = write_ext4(rootfs, &work.join(ROOTFS_FILE), 0).map_err(cmd_err)?;
     fsutil::remove_dir_all_if_exists(rootfs).map_err(fs)?;
 
     let manifest = Manifest {
@@ -374,6 +349,38 @@ fn finish(
         manifest.kernel_version
     ));
     Ok(rec)
+}
+
+/// Writes the tree at `tree` as a new ext4 file `out` (`mkfs.ext4 -d`),
+/// sized for what the tree holds plus a quarter and 512 MiB (the
+/// filesystem's own metadata and the user's packages), at least
+/// `min_bytes`; returns its size in MiB.
+pub fn write_ext4(tree: &Path, out: &Path, min_bytes: u64) -> Result<u64, CmdError> {
+    let used: u64 = cmd::run("du", ["-sb".as_ref(), tree.as_os_str()])?
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1 << 30);
+    let mib = ((used >> 20) * 5 / 4 + 512)
+        .max(min_bytes >> 20)
+        .div_ceil(64)
+        * 64;
+    cmd::run_with(
+        "mkfs.ext4",
+        [
+            "-q".as_ref(),
+            "-F".as_ref(),
+            "-L".as_ref(),
+            "banger-root".as_ref(),
+            "-d".as_ref(),
+            tree.as_os_str(),
+            out.as_os_str(),
+            format!("{mib}M").as_ref(),
+        ],
+        None,
+        MKFS_TIMEOUT,
+    )?;
+    Ok(mib)
 }
 
 /// Finishes an image whose kernel, initramfs and root filesystem are in

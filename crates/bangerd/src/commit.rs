@@ -236,30 +236,7 @@ fn merge_overlay(lower: &Path, upper: &Path, out: &Path, min_bytes: u64) -> Resu
                 Some(opts.as_str()),
             )
             .map_err(|e| sys("mount the merged overlay", e))?;
-            let used = cmd::run("du", ["-sb".as_ref(), m.as_os_str()])?
-                .split_whitespace()
-                .next()
-                .and_then(|n| n.parse::<u64>().ok())
-                .unwrap_or(min_bytes);
-            let mib = ((used >> 20) * 5 / 4 + 512)
-                .max(min_bytes >> 20)
-                .div_ceil(64)
-                * 64;
-            cmd::run_with(
-                "mkfs.ext4",
-                [
-                    "-q".as_ref(),
-                    "-F".as_ref(),
-                    "-L".as_ref(),
-                    "banger-root".as_ref(),
-                    "-d".as_ref(),
-                    m.as_os_str(),
-                    out.as_os_str(),
-                    format!("{mib}M").as_ref(),
-                ],
-                None,
-                FLATTEN_TIMEOUT,
-            )?;
+            image::write_ext4(&m, out, min_bytes)?;
             // Unmounted here, synchronously, so the loop devices are
             // detached (autoclear) before the request answers; a failure
             // above leaves them to the namespace's end with the thread.
