@@ -352,6 +352,16 @@ fn commit_flattens_an_overlay_vm() {
         loops()
     );
     assert!(leftovers(&inst).is_empty(), "{:?}", leftovers(&inst));
-    ok(&inst.banger(&["image", "rm", "from-c1"]), "image rm");
+    // A VM created but never booted: its root is the image's.
+    ok(&inst.banger(&["vm", "create", "--name", "c0"]), "create c0");
+    ok(&inst.banger(&["vm", "commit", "c0", "from-c0"]), "commit c0");
+    ok(&inst.banger(&["vm", "delete", "c0"]), "delete c0");
+    assert_eq!(
+        in_guest(&inst, "from-c0", "cut -d. -f1 /etc/debian_version"),
+        "12\n"
+    );
+    for img in ["from-c1", "from-c0"] {
+        ok(&inst.banger(&["image", "rm", img]), "image rm");
+    }
     inst.assert_baseline();
 }

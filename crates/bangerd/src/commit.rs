@@ -227,20 +227,31 @@ fn merge_overlay(lower: &Path, upper: &Path, out: &Path, min_bytes: u64) -> Resu
                     ],
                 )?;
             }
-            let opts = format!("lowerdir={}:{}", u.join("root").display(), l.display());
-            mount(
-                Some("overlay"),
-                &m,
-                Some("overlay"),
-                MsFlags::MS_RDONLY,
-                Some(opts.as_str()),
-            )
-            .map_err(|e| sys("mount the merged overlay", e))?;
-            image::write_ext4(&m, out, min_bytes)?;
+            // A VM created but never booted has no upper tree yet: its
+            // root is the image's.
+            let upper_root = u.join("root");
+            let merged = upper_root.is_dir();
+            if merged {
+                let opts = format!("lowerdir={}:{}", upper_root.display(), l.display());
+                mount(
+                    Some("overlay"),
+                    &m,
+                    Some("overlay"),
+                    MsFlags::MS_RDONLY,
+                    Some(opts.as_str()),
+                )
+                .map_err(|e| sys("mount the merged overlay", e))?;
+            }
+            image::write_ext4(if merged { &m } else { &l }, out, min_bytes)?;
             // Unmounted here, synchronously, so the loop devices are
             // detached (autoclear) before the request answers; a failure
             // above leaves them to the namespace's end with the thread.
-            for d in [&m, &u, &l] {
+            let mounted = if merged {
+                vec![&m, &u, &l]
+            } else {
+                vec![&u, &l]
+            };
+            for d in mounted {
                 nix::mount::umount(d.as_path()).map_err(|e| sys("unmount", e))?;
             }
             Ok(())
