@@ -27,7 +27,7 @@ pub struct Envelope {
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     Ping,
-    VmCreate(CreateVm),
+    VmCreate(Box<CreateVm>),
     VmStart {
         name: String,
     },
@@ -134,6 +134,9 @@ pub struct CreateVm {
     /// `--root-size`: at least the image's root filesystem.
     #[serde(default)]
     pub root_mib: Option<u64>,
+    /// `--mount /host:/guest[:ro]` (virtio-fs, QEMU only).
+    #[serde(default)]
+    pub mounts: Vec<crate::mount::HostMount>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod layout;
 pub mod model;
+pub mod mount;
 pub mod name;
 pub mod net;
 pub mod sizing;

@@ -58,6 +58,9 @@ pub struct VmSpec {
     /// Named volumes mounted in the guest (`--volume NAME:/path`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<crate::volume::VolumeMount>,
+    /// Host directories shared through virtio-fs (`--mount`; QEMU only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<crate::mount::HostMount>,
     /// How the root disk is made over the image, chosen by the daemon at
     /// create for this host and VMM (absent in older rows: see
     /// [`VmSpec::root_disk`]).
@@ -216,6 +219,9 @@ pub struct VmHandles {
     pub cow_loop: Option<String>,
     pub dm_name: Option<String>,
     pub dm_dev: Option<String>,
+    /// The `virtiofsd` of each `--mount` (pid, start time), in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub virtiofsd: Vec<(i32, u64)>,
 }
 
 /// One host resource a VM still holds, as its module recorded it: the

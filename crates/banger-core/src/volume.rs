@@ -39,33 +39,38 @@ impl std::str::FromStr for VolumeMount {
             spec: s.to_string(),
             why: e.to_string(),
         })?;
-        let bad = |why: &str| VolumeError::Path {
+        let path = guest_path(path).map_err(|why| VolumeError::Path {
             spec: s.to_string(),
             why: why.to_string(),
-        };
-        if !path.starts_with('/') || path == "/" {
-            return Err(bad("the guest path must be absolute and not /"));
-        }
-        if path.len() > MAX_PATH {
-            return Err(bad("the guest path is over 256 characters"));
-        }
-        if !path
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._/-".contains(&b))
-        {
-            return Err(bad(
-                "the guest path may hold only letters, digits, '.', '_', '-' and '/'",
-            ));
-        }
-        if path.split('/').any(|c| c == "." || c == "..") {
-            return Err(bad("the guest path may not hold . or .. components"));
-        }
-        let path = path.trim_end_matches('/').to_string();
+        })?;
         Ok(VolumeMount {
             name: name.to_string(),
             path,
         })
     }
+}
+
+/// A mount point in the guest (volumes, `--mount`): absolute, not `/`, at
+/// most [`MAX_PATH`] characters of `[A-Za-z0-9._/-]`, no `.` or `..`
+/// components (it is written into the guest's init config and used by its
+/// shell); returned without a trailing `/`.
+pub fn guest_path(path: &str) -> Result<String, &'static str> {
+    if !path.starts_with('/') || path.trim_end_matches('/').is_empty() {
+        return Err("the guest path must be absolute and not /");
+    }
+    if path.len() > MAX_PATH {
+        return Err("the guest path is over 256 characters");
+    }
+    if !path
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._/-".contains(&b))
+    {
+        return Err("the guest path may hold only letters, digits, '.', '_', '-' and '/'");
+    }
+    if path.split('/').any(|c| c == "." || c == "..") {
+        return Err("the guest path may not hold . or .. components");
+    }
+    Ok(path.trim_end_matches('/').to_string())
 }
 
 impl std::fmt::Display for VolumeMount {

@@ -29,6 +29,9 @@ pub struct GuestConfig {
     /// The overlay root's upper disk (`vdX`), if the root is an overlay of
     /// the read-only image on /dev/vda.
     pub root_upper: Option<String>,
+    /// virtio-fs mounts: (tag, mount path, read-only), all validated
+    /// (`banger_core::mount`).
+    pub mounts: Vec<(String, String, bool)>,
 }
 
 impl GuestConfig {
@@ -41,8 +44,13 @@ impl GuestConfig {
             .iter()
             .map(|(dev, path)| format!("{dev}:{path}"))
             .collect();
+        let mounts: Vec<String> = self
+            .mounts
+            .iter()
+            .map(|(tag, path, ro)| format!("{tag}:{path}:{}", if *ro { "ro" } else { "rw" }))
+            .collect();
         format!(
-            "HOSTNAME='{}'\nIP='{}'\nPREFIX='{}'\nGW='{}'\nMAC='{}'\nBOOT_ID='{}'\nVOLUMES='{}'\nGROW_ROOT='{}'\nROOT_UPPER='{}'\n",
+            "HOSTNAME='{}'\nIP='{}'\nPREFIX='{}'\nGW='{}'\nMAC='{}'\nBOOT_ID='{}'\nVOLUMES='{}'\nGROW_ROOT='{}'\nROOT_UPPER='{}'\nMOUNTS='{}'\n",
             self.hostname,
             self.guest_ip,
             self.prefix,
@@ -51,7 +59,8 @@ impl GuestConfig {
             self.boot_id,
             volumes.join(" "),
             u8::from(self.grow_root),
-            self.root_upper.as_deref().unwrap_or("")
+            self.root_upper.as_deref().unwrap_or(""),
+            mounts.join(" ")
         )
     }
 
@@ -129,6 +138,7 @@ mod tests {
             volumes: vec![("vdc".into(), "/srv/data".into())],
             grow_root: false,
             root_upper: Some("vdd".into()),
+            mounts: vec![("banger0".into(), "/src".into(), true)],
         }
     }
 
@@ -140,6 +150,7 @@ mod tests {
         assert!(env.contains("IP='172.30.0.6'\n"));
         assert!(env.contains("GW='172.30.0.5'\n"));
         assert!(env.contains("VOLUMES='vdc:/srv/data'\n"));
+        assert!(env.contains("MOUNTS='banger0:/src:ro'\n"));
         assert!(env.contains("ROOT_UPPER='vdd'\n"));
         assert_eq!(c.resolv_conf(), "nameserver 172.30.0.5\n");
         let ns = guest_nameservers("# x\nnameserver 127.0.0.53\nnameserver 10.1.2.3\nsearch lan\n");

@@ -44,6 +44,11 @@ pub(crate) const INITRAMFS_MODULES: &[&str] = &[
     "overlay",
 ];
 
+/// Modules the initramfs loads when the kernel has them: virtio-fs
+/// (`--mount`); a kernel without it boots, and a `--mount` on it fails at
+/// its mount, naming it.
+const OPTIONAL_MODULES: &[&str] = &["virtiofs"];
+
 /// What goes into an image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recipe {
@@ -69,7 +74,10 @@ impl Recipe {
         };
         feed(&self.suite);
         self.packages.iter().for_each(|p| feed(p));
-        INITRAMFS_MODULES.iter().for_each(|m| feed(m));
+        INITRAMFS_MODULES
+            .iter()
+            .chain(OPTIONAL_MODULES)
+            .for_each(|m| feed(m));
         for asset in [INIT, INITTAB, SSHD_CONFIG] {
             feed(asset);
         }
@@ -651,7 +659,17 @@ fn initramfs(name: &str, root: &Path, kver: &str, busybox: &Path) -> Result<Vec<
         .with_path("resolve", &root.join("lib/modules"))
         .map_err(fs)?;
     let dep = fsutil::read_to_string(&moddir.join("modules.dep")).map_err(fs)?;
-    let order = module_load_order(&dep, INITRAMFS_MODULES).map_err(|what| ImageError::Layout {
+    let wanted: Vec<&str> = INITRAMFS_MODULES
+        .iter()
+        .copied()
+        .chain(
+            OPTIONAL_MODULES
+                .iter()
+                .copied()
+                .filter(|m| module_load_order(&dep, &[m]).is_ok()),
+        )
+        .collect();
+    let order = module_load_order(&dep, &wanted).map_err(|what| ImageError::Layout {
         name: name.to_string(),
         what,
     })?;

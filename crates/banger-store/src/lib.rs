@@ -447,6 +447,7 @@ mod tests {
                 auto_stop: Default::default(),
                 net: Default::default(),
                 volumes: Default::default(),
+                mounts: Vec::new(),
                 root_mib: None,
                 root_disk: None,
             },

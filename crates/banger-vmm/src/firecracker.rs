@@ -68,6 +68,11 @@ pub fn requests(cfg: &VmConfig) -> Result<Vec<(String, Value)>, VmmError> {
             cfg.vcpus
         )));
     }
+    if !cfg.shares.is_empty() {
+        return Err(bad(
+            "Firecracker has no virtio-fs: host directories need QEMU (or a volume)".into(),
+        ));
+    }
     let path = |p: &Path| p.to_string_lossy().into_owned();
     let mut v = vec![
         (
@@ -314,6 +319,7 @@ mod tests {
             console_log: "/v/console.log".into(),
             vmm_log: "/v/vmm.log".into(),
             api_sock: "/r/api.sock".into(),
+            shares: Vec::new(),
             vsock: Some(crate::Vsock {
                 cid: 7,
                 uds_path: "/r/vsock.sock".into(),

@@ -54,6 +54,16 @@ pub struct VmConfig {
     /// later found by this path in its command line.
     pub api_sock: PathBuf,
     pub vsock: Option<Vsock>,
+    /// Host directories over virtio-fs (QEMU only).
+    pub shares: Vec<FsShare>,
+}
+
+/// A `vhost-user-fs` device: its backend's (virtiofsd's) socket and the
+/// tag the guest mounts it by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsShare {
+    pub tag: String,
+    pub socket: PathBuf,
 }
 
 /// A virtio-vsock device with Firecracker's host side (hybrid vsock): the

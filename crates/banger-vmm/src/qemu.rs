@@ -83,6 +83,16 @@ impl Qemu {
             push("-device");
             push("vhost-user-vsock-pci,chardev=vsock");
         }
+        // virtiofsd listens before QEMU starts (as the vsock backend).
+        for (i, s) in cfg.shares.iter().enumerate() {
+            push("-chardev");
+            push(&format!(
+                "socket,id=fs{i},path={}",
+                path(&s.socket).replace(',', ",,")
+            ));
+            push("-device");
+            push(&format!("vhost-user-fs-pci,chardev=fs{i},tag={}", s.tag));
+        }
         push("-kernel");
         push(&path(&cfg.kernel));
         push("-initrd");
@@ -212,6 +222,7 @@ mod tests {
             vmm_log: "/vm/vmm.log".into(),
             api_sock: "/run/vm/api.sock".into(),
             vsock: None,
+            shares: Vec::new(),
         }
     }
 

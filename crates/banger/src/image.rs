@@ -62,7 +62,7 @@ pub fn customize(
     banger_core::validate_name(name).map_err(|e| anyhow!("image customize: {e}"))?;
     let body = std::fs::read(script)
         .with_context(|| format!("image customize: --run {}", script.display()))?;
-    let req = Request::VmCreate(CreateVm {
+    let req = Request::VmCreate(Box::new(CreateVm {
         name: None,
         image: Some(from.to_string()),
         size: SizeRequest::default(),
@@ -73,7 +73,8 @@ pub fn customize(
         net: Default::default(),
         volumes: Vec::new(),
         root_mib: None,
-    });
+        mounts: Vec::new(),
+    }));
     let (done, _) = client.call_lease(req, &mut progress, |vm| -> anyhow::Result<i32> {
         let vm_name = vm.name.clone();
         let conn = client.agent(&vm_name)?;

@@ -115,6 +115,11 @@ pub struct CreateFlags {
     /// (repeatable; `banger volume create` makes one).
     #[arg(long = "volume", short = 'v', value_name = "NAME:/PATH")]
     volume: Vec<banger_core::volume::VolumeMount>,
+    /// Share a host directory with the guest through virtio-fs (QEMU):
+    /// /host/dir:/guest/dir, :ro for read-only (enforced on the host);
+    /// repeatable.
+    #[arg(long = "mount", value_name = "HOST:GUEST[:ro]")]
+    mount: Vec<banger_core::mount::HostMount>,
     /// Put the VM on a shared network (created on first use): its VMs
     /// reach and resolve each other as <name>.vm; others cannot.
     #[arg(long, value_name = "NAME")]

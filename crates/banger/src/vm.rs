@@ -62,6 +62,22 @@ fn create_request(f: &CreateFlags, start: bool, rm: bool) -> anyhow::Result<Crea
             network: f.network.clone(),
         },
         volumes: f.volume.clone(),
+        mounts: f
+            .mount
+            .iter()
+            .map(|m| {
+                // The daemon gets the directory's real path.
+                let host = std::fs::canonicalize(&m.host)
+                    .map_err(|e| anyhow!("--mount {m}: {}: {e}", m.host.display()))?;
+                if host.to_string_lossy().contains(',') {
+                    bail!(
+                        "--mount {m}: {} holds a ',', which virtiofsd cannot take",
+                        host.display()
+                    );
+                }
+                Ok(banger_core::mount::HostMount { host, ..m.clone() })
+            })
+            .collect::<anyhow::Result<_>>()?,
         root_mib: f
             .root_size
             .as_deref()
@@ -100,7 +116,7 @@ pub fn run(client: &Client, cmd: VmCmd) -> anyhow::Result<i32> {
                 Event::Phase { name, micros } => phases.push((name, micros)),
                 other => progress(other),
             };
-            let req = Request::VmCreate(create_request(&create, false, false)?);
+            let req = Request::VmCreate(Box::new(create_request(&create, false, false)?));
             let vm = expect_vm(client.call(req, &mut on_event)?)?;
             if timings {
                 print_timings(&phases, t0.elapsed().as_micros() as u64);
@@ -229,7 +245,7 @@ fn vm_run(
         other => progress(other),
     };
     if !rm {
-        let vm = expect_vm(client.call(Request::VmCreate(req), &mut on_event)?)?;
+        let vm = expect_vm(client.call(Request::VmCreate(Box::new(req)), &mut on_event)?)?;
         if timings {
             print_timings(&phases, t0.elapsed().as_micros() as u64);
         }
@@ -244,12 +260,13 @@ fn vm_run(
     // --rm: the VM lives as long as this connection (the daemon deletes it
     // when we hang up, however we go).
     let mut t_ssh = None;
-    let (code, answer) = client.call_lease(Request::VmCreate(req), &mut on_event, |vm| {
-        let t = Instant::now();
-        let code = crate::guest::run_in(client, &vm.name, command);
-        t_ssh = Some((t, t.elapsed()));
-        code
-    })?;
+    let (code, answer) =
+        client.call_lease(Request::VmCreate(Box::new(req)), &mut on_event, |vm| {
+            let t = Instant::now();
+            let code = crate::guest::run_in(client, &vm.name, command);
+            t_ssh = Some((t, t.elapsed()));
+            code
+        })?;
     if !matches!(answer, Response::Deleted { .. }) {
         bail!("unexpected answer from bangerd: {answer:?}");
     }

@@ -354,7 +354,10 @@ fn commit_flattens_an_overlay_vm() {
     assert!(leftovers(&inst).is_empty(), "{:?}", leftovers(&inst));
     // A VM created but never booted: its root is the image's.
     ok(&inst.banger(&["vm", "create", "--name", "c0"]), "create c0");
-    ok(&inst.banger(&["vm", "commit", "c0", "from-c0"]), "commit c0");
+    ok(
+        &inst.banger(&["vm", "commit", "c0", "from-c0"]),
+        "commit c0",
+    );
     ok(&inst.banger(&["vm", "delete", "c0"]), "delete c0");
     assert_eq!(
         in_guest(&inst, "from-c0", "cut -d. -f1 /etc/debian_version"),

@@ -47,6 +47,8 @@ pub struct Config {
     /// QEMU's vsock backend (`BANGER_VHOST_VSOCK`, else
     /// `vhost-device-vsock` on PATH).
     pub vsock_backend: Option<PathBuf>,
+    /// virtiofsd, for `--mount` (QEMU).
+    pub virtiofsd: Option<PathBuf>,
     /// Force a root-disk strategy instead of choosing by host and VMM.
     pub root_disk: Option<banger_core::RootDiskKind>,
 }
@@ -70,6 +72,7 @@ impl Config {
             tap_pool: 0,
             agent: None,
             vsock_backend: None,
+            virtiofsd: None,
             root_disk: None,
         }
     }

@@ -470,6 +470,7 @@ pub(crate) mod testutil {
                 auto_stop: Default::default(),
                 net: Default::default(),
                 volumes: Default::default(),
+                mounts: Default::default(),
                 root_mib: None,
                 root_disk: None,
             },

@@ -53,6 +53,14 @@ pub fn checks(d: &Daemon) -> Vec<Check> {
             "/dev/net/tun missing: modprobe tun".to_string()
         },
     ));
+    v.push(check(
+        "virtiofsd",
+        d.cfg.virtiofsd.is_some(),
+        match &d.cfg.virtiofsd {
+            Some(p) => format!("{} (--mount, QEMU)", p.display()),
+            None => "missing (only --mount needs it): run scripts/install-deps.sh".into(),
+        },
+    ));
     let bb = std::path::Path::new("/bin/busybox");
     v.push(check(
         "busybox-static",

@@ -69,6 +69,7 @@ impl Daemon {
         // A published port in use is refused before anything exists.
         crate::resources::ports::check_free(&name, &req.net.ports)?;
         self.check_mounts(&req.volumes)?;
+        self.check_host_mounts(&name, vmm, &req.mounts, &req.volumes)?;
         if image_name == DEFAULT_IMAGE && self.store().image(&image_name)?.is_none() {
             events(Event::Progress {
                 message: format!("image {image_name} is not built yet: building it now"),
@@ -108,6 +109,7 @@ impl Daemon {
                 auto_stop: req.auto_stop,
                 net: req.net.clone(),
                 volumes: req.volumes.clone(),
+                mounts: req.mounts.clone(),
                 root_mib: req.root_mib,
                 root_disk: Some(root_disk),
             },

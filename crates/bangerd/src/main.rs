@@ -132,6 +132,15 @@ fn real_main() -> anyhow::Result<()> {
     });
     cfg.vsock_backend =
         env_path("BANGER_VHOST_VSOCK").or_else(|| banger_host::cmd::which("vhost-device-vsock"));
+    // Debian ships QEMU's virtiofsd outside PATH.
+    cfg.virtiofsd = env_path("BANGER_VIRTIOFSD")
+        .or_else(|| banger_host::cmd::which("virtiofsd"))
+        .or_else(|| {
+            ["/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"]
+                .iter()
+                .map(PathBuf::from)
+                .find(|p| p.is_file())
+        });
     // Test hook (see Config::release_delay); ignored unless set to a number.
     if let Some(ms) = std::env::var("BANGER_TEST_RELEASE_DELAY_MS")
         .ok()

@@ -17,6 +17,9 @@ const VM: &str = "fp";
 const PORT: &str = "127.0.0.1:19999:8000";
 /// A volume, so that the volumes resource is held too.
 const VOLUME: &str = "fpvol:/data";
+/// A host directory every Debian has, shared read-only: the VM holds a
+/// virtiofsd at every step.
+const MOUNT: &str = "/usr/share/common-licenses:/licenses:ro";
 
 fn banger_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_bangerd")).with_file_name("banger")
@@ -33,7 +36,8 @@ fn plan(step: &str) -> (Pre, Vec<&'static str>) {
         "create" => (
             Pre::Nothing,
             vec![
-                "vm", "run", "--name", VM, "-p", PORT, "--volume", VOLUME, "--", "true",
+                "vm", "run", "--name", VM, "-p", PORT, "--volume", VOLUME, "--mount", MOUNT, "--",
+                "true",
             ],
         ),
         "start" => (Pre::Created, vec!["vm", "start", VM]),
@@ -126,14 +130,17 @@ fn one(inst: &Instance, step: &str, mode: &str) {
         // (With a published port, so that its listener is a resource too.)
         Pre::Created => {
             ok(
-                &inst.banger(&["vm", "create", "--name", VM, "-p", PORT, "--volume", VOLUME]),
+                &inst.banger(&[
+                    "vm", "create", "--name", VM, "-p", PORT, "--volume", VOLUME, "--mount", MOUNT,
+                ]),
                 &what,
             );
         }
         Pre::Running => {
             ok(
                 &inst.banger(&[
-                    "vm", "run", "--name", VM, "-p", PORT, "--volume", VOLUME, "--", "true",
+                    "vm", "run", "--name", VM, "-p", PORT, "--volume", VOLUME, "--mount", MOUNT,
+                    "--", "true",
                 ]),
                 &what,
             );

@@ -55,6 +55,20 @@ impl Resource for Initrd {
             grow_root: cx.vm.spec.root_mib.is_some()
                 && cx.vm.spec.root_disk() != banger_core::RootDiskKind::Overlay,
             root_upper: crate::resources::root_disk::overlay::guest_device(cx.vm),
+            mounts: cx
+                .vm
+                .spec
+                .mounts
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    (
+                        banger_core::mount::HostMount::tag(i),
+                        m.path.clone(),
+                        m.read_only,
+                    )
+                })
+                .collect(),
             volumes: cx
                 .vm
                 .spec

@@ -36,6 +36,7 @@ pub mod initrd;
 pub mod ports;
 pub mod root_disk;
 pub mod tap;
+pub mod virtiofs;
 pub mod vm_dir;
 pub mod vmm;
 pub mod volumes;
@@ -60,6 +61,7 @@ pub const START: &[&dyn Resource] = &[
     &root_disk::dm::DmSnapshot,
     &initrd::Initrd,
     &vsock::Vsock,
+    &virtiofs::Virtiofs,
     &vmm::VmmProcess,
     &ports::Ports,
     // Last: it starts `nft` on a thread, which competes for the CPU.

@@ -131,6 +131,12 @@ impl Resource for VmmProcess {
                     uds_path,
                     backend: rt_dir.join(vmfiles::VSOCK_BACKEND),
                 }),
+            shares: (0..cx.vm.spec.mounts.len())
+                .map(|i| banger_vmm::FsShare {
+                    tag: banger_core::mount::HostMount::tag(i),
+                    socket: super::virtiofs::socket(&rt_dir, i),
+                })
+                .collect(),
         };
         let spawned = vmm.spawn(&vmm_cfg)?;
         let start_time = process::start_time(spawned.pid);

@@ -237,10 +237,10 @@ fn spawn_backend(d: &Daemon, vm: &VmRecord, cid: u32, uds: &Path) -> Result<(Pro
 const BACKEND_START: Duration = Duration::from_secs(10);
 
 /// Wakes a waiter when an entry is created in a directory.
-struct DirWatch(Option<nix::sys::inotify::Inotify>);
+pub(crate) struct DirWatch(Option<nix::sys::inotify::Inotify>);
 
 impl DirWatch {
-    fn new(dir: &Path) -> Self {
+    pub(crate) fn new(dir: &Path) -> Self {
         use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
         DirWatch(
             Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)
@@ -249,7 +249,7 @@ impl DirWatch {
         )
     }
 
-    fn wait(&self, timeout: Duration) {
+    pub(crate) fn wait(&self, timeout: Duration) {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         use std::os::fd::AsFd;
         let Some(ino) = &self.0 else {

@@ -1,0 +1,91 @@
+//! Host directories in real guests (`--mount`, virtio-fs through
+//! virtiofsd): a guest reads and writes a read-write mount and the host
+//! sees its writes; a read-only mount stays read-only even when the guest
+//! remounts it read-write (the host's side enforces it); mounts come back
+//! after a stop and a start; bad mounts are refused before anything
+//! exists; no virtiofsd is left. Needs root; `scripts/test.sh` runs it.
+
+use std::path::PathBuf;
+
+use test_infra::{ok, text, Instance};
+
+fn banger_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_banger"))
+}
+
+#[test]
+fn host_directories_are_shared_and_read_only_ones_stay_so() {
+    let inst = Instance::new(&banger_bin()).with_image();
+    let rw = tempfile::tempdir().unwrap();
+    let ro = tempfile::tempdir().unwrap();
+    std::fs::write(rw.path().join("hello"), "from the host\n").unwrap();
+    std::fs::write(ro.path().join("keep"), "read only\n").unwrap();
+    let rw_arg = format!("{}:/host", rw.path().display());
+    let ro_arg = format!("{}:/ro:ro", ro.path().display());
+
+    let out = ok(
+        &inst.banger(&[
+            "vm",
+            "run",
+            "--name",
+            "m1",
+            "--mount",
+            &rw_arg,
+            "--mount",
+            &ro_arg,
+            "--",
+            "sh",
+            "-c",
+            "cat /host/hello /ro/keep; echo from the guest > /host/out; \
+             echo x > /ro/y 2>/dev/null && echo wrote; \
+             mount -o remount,rw /ro; awk '$2 == \"/ro\" {print substr($4, 1, 2)}' /proc/mounts; \
+             echo x > /ro/y 2>/dev/null && echo wrote; true",
+        ]),
+        "vm run with mounts",
+    );
+    // The guest's remount succeeds (rw), its write still fails: the host's
+    // side is read-only.
+    assert_eq!(out, "from the host\nread only\nrw\n");
+    assert_eq!(
+        std::fs::read_to_string(rw.path().join("out")).unwrap(),
+        "from the guest\n"
+    );
+    assert!(
+        !ro.path().join("y").exists(),
+        "the guest wrote a read-only mount"
+    );
+
+    // After a stop and a start the shares are back (new virtiofsds).
+    ok(&inst.banger(&["vm", "stop", "m1"]), "stop");
+    ok(&inst.banger(&["vm", "start", "m1"]), "start");
+    std::fs::write(rw.path().join("hello"), "changed on the host\n").unwrap();
+    assert_eq!(
+        ok(
+            &inst.banger(&["vm", "exec", "m1", "--", "cat", "/host/hello"]),
+            "exec"
+        ),
+        "changed on the host\n"
+    );
+    ok(&inst.banger(&["vm", "delete", "m1"]), "delete");
+
+    // Bad mounts: refused with the reason, nothing created.
+    let missing = format!("{}/nope:/x", rw.path().display());
+    let work = format!("{}:/work", rw.path().display());
+    let twice = [rw_arg.as_str(), "--mount", rw_arg.as_str()];
+    for (args, says) in [
+        (vec!["relative:/x"], "must be absolute"),
+        (vec![missing.as_str()], "No such file"),
+        (vec![work.as_str()], "/work is already a mount point"),
+        (twice.to_vec(), "/host is already a mount point"),
+    ] {
+        let mut a = vec!["vm", "create", "--mount"];
+        a.extend(args);
+        let out = inst.banger(&a);
+        assert!(
+            !out.status.success() && text(&out.stderr).contains(says),
+            "{a:?}: {}",
+            text(&out.stderr)
+        );
+    }
+    inst.assert_baseline();
+}
