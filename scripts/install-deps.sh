@@ -4,7 +4,7 @@
 set -euo pipefail
 
 packages=(
-  qemu-system-x86   # the VMM (TCG here, KVM where hardware virtualisation exists)
+  qemu-system-x86   # the VMM (TCG here, KVM where hardware virtualisation exists); brings virtiofsd (--mount)
   qemu-utils        # qemu-img: vm commit flattens qcow2 roots; qemu-io: the tests check overlays
   mmdebstrap        # builds the guest root filesystem from Debian's packages
   e2fsprogs         # mkfs.ext4 (images, work disks), e2fsck + debugfs (image import, vm commit)
