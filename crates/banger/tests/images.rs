@@ -368,3 +368,43 @@ fn commit_flattens_an_overlay_vm() {
     }
     inst.assert_baseline();
 }
+
+/// Where the kernel has device-mapper: a dm-snapshot VM (on QEMU, which
+/// takes the snapshot device as a raw disk) committed and booted. This
+/// kernel has none: the test says so and does not run.
+#[test]
+fn commit_flattens_a_dm_snapshot_vm() {
+    if !Path::new("/dev/mapper/control").exists() {
+        test_infra::not_run_here(
+            "commit_flattens_a_dm_snapshot_vm",
+            "this kernel has no device-mapper (/dev/mapper/control is missing): vm commit's \
+             dm-snapshot path (re-activate, copy the device, tear down) was not exercised",
+        );
+        return;
+    }
+    let inst = Instance::new(&banger_bin())
+        .with_env("BANGER_ROOT_DISK", "dm-snapshot")
+        .with_image();
+    ok(
+        &inst.banger(&[
+            "vm",
+            "run",
+            "--name",
+            "d1",
+            "--",
+            "sh",
+            "-c",
+            "echo dm > /etc/banger-dm",
+        ]),
+        "write in d1",
+    );
+    ok(&inst.banger(&["vm", "stop", "d1"]), "stop d1");
+    ok(
+        &inst.banger(&["vm", "commit", "d1", "from-d1"]),
+        "commit d1",
+    );
+    ok(&inst.banger(&["vm", "delete", "d1"]), "delete d1");
+    assert_eq!(in_guest(&inst, "from-d1", "cat /etc/banger-dm"), "dm\n");
+    ok(&inst.banger(&["image", "rm", "from-d1"]), "image rm");
+    inst.assert_baseline();
+}
