@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 banger=${1:?usage: test-image.sh PATH-TO-BANGER}
 
 recipe=$(cat crates/banger-guest/assets/* crates/banger-guest/src/image.rs \
+  crates/banger-guest/src/initramfs.rs crates/banger-guest/src/tree.rs \
   crates/banger-guest/src/kernel.rs crates/banger-guest/src/cpio.rs | sha256sum | cut -c1-16)
 cache=/var/cache/banger-test/$recipe
 image=$cache/state/images/bookworm

@@ -5,7 +5,6 @@
 //! modules). The image dir holds a `manifest.json`; the daemon indexes it in
 //! SQLite.
 
-use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -17,7 +16,7 @@ use banger_host::fsutil::{self, FsError, WrapIo};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::cpio::Archive;
+use crate::initramfs::{initramfs, INITRAMFS_MODULES, OPTIONAL_MODULES};
 use crate::kernel::{self, KernelError};
 use crate::tree;
 
@@ -27,27 +26,9 @@ pub const KERNEL_FILE: &str = "vmlinux";
 pub const INITRD_FILE: &str = "initrd.img";
 pub const ROOTFS_FILE: &str = "rootfs.ext4";
 
-const INIT: &str = include_str!("../assets/init");
+pub(crate) const INIT: &str = include_str!("../assets/init");
 const INITTAB: &str = include_str!("../assets/inittab");
 const SSHD_CONFIG: &str = include_str!("../assets/sshd_config");
-
-/// The modules the initramfs loads, with their dependencies resolved from
-/// the kernel's modules.dep: virtio over PCI (QEMU's `pc`) and over MMIO
-/// (Firecracker), block, net, vsock (the agent's channel) and overlayfs
-/// (the `overlay` root-disk strategy).
-pub(crate) const INITRAMFS_MODULES: &[&str] = &[
-    "virtio_pci",
-    "virtio_mmio",
-    "virtio_blk",
-    "virtio_net",
-    "vmw_vsock_virtio_transport",
-    "overlay",
-];
-
-/// Modules the initramfs loads when the kernel has them: virtio-fs
-/// (`--mount`); a kernel without it boots, and a `--mount` on it fails at
-/// its mount, naming it.
-const OPTIONAL_MODULES: &[&str] = &["virtiofs"];
 
 /// What goes into an image.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -608,111 +589,6 @@ pub(crate) fn find_kernel(name: &str, root: &Path) -> Result<(String, PathBuf), 
     Ok((kver, path))
 }
 
-/// Resolves `wanted` against modules.dep text into a load order where every
-/// module comes after its dependencies. Paths are relative to the module dir.
-pub fn module_load_order(modules_dep: &str, wanted: &[&str]) -> Result<Vec<String>, String> {
-    let deps: std::collections::HashMap<&str, Vec<&str>> = modules_dep
-        .lines()
-        .filter_map(|l| {
-            let (m, d) = l.split_once(':')?;
-            Some((m.trim(), d.split_whitespace().collect()))
-        })
-        .collect();
-    let by_name = |n: &str| {
-        deps.keys()
-            .find(|p| {
-                let base = p.rsplit('/').next().unwrap_or(p);
-                let stem = base.split(".ko").next().unwrap_or(base);
-                stem == n || stem.replace('-', "_") == n
-            })
-            .copied()
-    };
-    fn visit<'a>(
-        m: &'a str,
-        deps: &std::collections::HashMap<&'a str, Vec<&'a str>>,
-        seen: &mut BTreeSet<&'a str>,
-        out: &mut Vec<String>,
-    ) {
-        if !seen.insert(m) {
-            return;
-        }
-        for d in deps.get(m).map(Vec::as_slice).unwrap_or(&[]) {
-            visit(d, deps, seen, out);
-        }
-        out.push(m.to_string());
-    }
-    let mut seen = BTreeSet::new();
-    let mut out = Vec::new();
-    for w in wanted {
-        let m = by_name(w).ok_or_else(|| format!("module {w} is not in modules.dep"))?;
-        visit(m, &deps, &mut seen, &mut out);
-    }
-    Ok(out)
-}
-
-fn initramfs(name: &str, root: &Path, kver: &str, busybox: &Path) -> Result<Vec<u8>, ImageError> {
-    let fs = |source| ImageError::Fs {
-        name: name.to_string(),
-        source,
-    };
-    let moddir = tree::resolve(root, &Path::new("/lib/modules").join(kver))
-        .with_path("resolve", &root.join("lib/modules"))
-        .map_err(fs)?;
-    let dep = fsutil::read_to_string(&moddir.join("modules.dep")).map_err(fs)?;
-    let wanted: Vec<&str> = INITRAMFS_MODULES
-        .iter()
-        .copied()
-        .chain(
-            OPTIONAL_MODULES
-                .iter()
-                .copied()
-                .filter(|m| module_load_order(&dep, &[m]).is_ok()),
-        )
-        .collect();
-    let order = module_load_order(&dep, &wanted).map_err(|what| ImageError::Layout {
-        name: name.to_string(),
-        what,
-    })?;
-    let bb = std::fs::read(busybox)
-        .with_path("read", busybox)
-        .map_err(fs)?;
-    if !bb.starts_with(b"\x7fELF") {
-        return Err(ImageError::Layout {
-            name: name.to_string(),
-            what: format!(
-                "{} is not a static busybox: apt-get install busybox-static",
-                busybox.display()
-            ),
-        });
-    }
-    let mut a = Archive::new();
-    for d in ["bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules"] {
-        a.dir(d);
-    }
-    a.file("init", 0o755, INIT.as_bytes());
-    a.file("bin/busybox", 0o755, &bb);
-    let mut load = String::new();
-    for rel in &order {
-        let base = rel.rsplit('/').next().unwrap_or(rel);
-        if !base.ends_with(".ko") {
-            return Err(ImageError::Layout {
-                name: name.to_string(),
-                what: format!("module {rel} is compressed; only plain .ko modules are supported"),
-            });
-        }
-        // modules.dep is the tree's: its paths stay inside the tree.
-        let path = tree::resolve(root, &Path::new("/lib/modules").join(kver).join(rel))
-            .with_path("resolve", &moddir.join(rel))
-            .map_err(fs)?;
-        let data = std::fs::read(&path).with_path("read", &path).map_err(fs)?;
-        a.file(&format!("lib/modules/{base}"), 0o644, &data);
-        load.push_str(base);
-        load.push('\n');
-    }
-    a.file("modules.load", 0o644, load.as_bytes());
-    Ok(a.finish())
-}
-
 #[cfg(test)]
 mod tests {
     #[test]
@@ -745,22 +621,6 @@ mod tests {
     }
 
     use super::*;
-
-    #[test]
-    fn resolves_module_dependencies() {
-        let dep = "kernel/drivers/virtio/virtio_pci.ko: kernel/drivers/virtio/virtio_pci_legacy_dev.ko kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko\n\
-                   kernel/drivers/virtio/virtio.ko: kernel/drivers/virtio/virtio_ring.ko\n\
-                   kernel/drivers/virtio/virtio_ring.ko:\n\
-                   kernel/drivers/virtio/virtio_pci_legacy_dev.ko:\n\
-                   kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko\n";
-        let order = module_load_order(dep, &["virtio_pci", "virtio_blk"]).unwrap();
-        let pos = |m: &str| order.iter().position(|o| o.ends_with(m)).unwrap();
-        assert!(pos("/virtio_ring.ko") < pos("/virtio.ko"));
-        assert!(pos("/virtio.ko") < pos("/virtio_pci.ko"));
-        assert!(pos("/virtio_pci_legacy_dev.ko") < pos("/virtio_pci.ko"));
-        assert_eq!(order.len(), 5, "each module once: {order:?}");
-        assert!(module_load_order(dep, &["nope"]).is_err());
-    }
 
     #[test]
     fn only_the_default_image_has_a_recipe() {

@@ -460,7 +460,7 @@ fn own_kernel(name: &str, root: &Path) -> Result<(), String> {
     )
     .and_then(std::fs::read_to_string)
     .map_err(|_| format!("the tree's kernel {kver} has no modules.dep"))?;
-    let order = image::module_load_order(&dep, image::INITRAMFS_MODULES)
+    let order = crate::initramfs::module_load_order(&dep, crate::initramfs::INITRAMFS_MODULES)
         .map_err(|e| format!("the tree's kernel {kver}: {e}"))?;
     match order.iter().find(|m| !m.ends_with(".ko")) {
         Some(m) => Err(format!(

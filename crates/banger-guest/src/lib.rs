@@ -8,6 +8,7 @@ pub mod config;
 pub mod cpio;
 pub mod image;
 pub mod import;
+pub mod initramfs;
 pub mod kernel;
 pub mod oci;
 pub mod tree;
