@@ -17,16 +17,39 @@ use crate::error::{DaemonError, Result};
 pub(crate) type InitrdCacheEntry = ((PathBuf, u64, Option<SystemTime>), Arc<Vec<u8>>);
 
 impl Daemon {
-    /// Makes the `images` table match the finished image dirs on disk.
+    /// Makes the `images` table match the finished image dirs on disk,
+    /// after clearing what a build, import or commit that died left
+    /// (nothing makes images before the daemon serves): a half-made
+    /// `<name>.building` goes; a `<name>.old` moved aside for a rebuild
+    /// goes back if the new one never took its place, else goes.
     pub(crate) fn index_images(&self) -> Result<()> {
         let dir = self.cfg.layout.images_dir();
-        let mut found = Vec::new();
-        for e in std::fs::read_dir(&dir).with_path("read dir", &dir)? {
-            let e = e.with_path("read dir", &dir)?;
-            if e.path().extension().is_some() {
-                continue; // an unfinished `<name>.building`
+        let entries = || -> Result<Vec<PathBuf>> {
+            let mut v = Vec::new();
+            for e in std::fs::read_dir(&dir).with_path("read dir", &dir)? {
+                v.push(e.with_path("read dir", &dir)?.path());
             }
-            match image::load(&e.path()) {
+            Ok(v)
+        };
+        for path in entries()? {
+            let whole = path.with_extension("");
+            let r = match path.extension().and_then(|x| x.to_str()) {
+                Some("old") if !whole.exists() => {
+                    std::fs::rename(&path, &whole).with_path("restore", &whole)
+                }
+                Some("old" | "building") => fsutil::remove_dir_all_if_exists(&path),
+                _ => Ok(()),
+            };
+            if let Err(err) = r {
+                warn!(%err, "cleaning an unfinished image dir");
+            }
+        }
+        let mut found = Vec::new();
+        for path in entries()? {
+            if path.extension().is_some() {
+                continue;
+            }
+            match image::load(&path) {
                 Ok(Some(rec)) => found.push(rec),
                 Ok(None) => {}
                 Err(err) => warn!(%err, "skipping image dir"),
@@ -254,6 +277,25 @@ mod tests {
             .build_image(DEFAULT_IMAGE, false, &mut |_| {})
             .unwrap();
         assert_eq!(info.kernel_version, "6.1");
+    }
+
+    #[test]
+    fn what_a_dead_build_left_is_cleared_at_start() {
+        let d = tempfile::tempdir().unwrap();
+        let daemon = daemon(d.path());
+        let images = daemon.cfg.layout.images_dir();
+        let bookworm = daemon.cfg.layout.image_dir(DEFAULT_IMAGE);
+        // A half import, and a rebuild that died between its two renames.
+        std::fs::create_dir_all(images.join("half.building/rootfs")).unwrap();
+        std::fs::rename(&bookworm, bookworm.with_extension("old")).unwrap();
+        daemon.index_images().unwrap();
+        assert!(!images.join("half.building").exists());
+        assert!(bookworm.is_dir() && !bookworm.with_extension("old").exists());
+        assert!(daemon.image(DEFAULT_IMAGE).is_ok(), "the old image is back");
+        // An `.old` beside a finished image is the replaced one.
+        std::fs::create_dir_all(bookworm.with_extension("old")).unwrap();
+        daemon.index_images().unwrap();
+        assert!(!bookworm.with_extension("old").exists());
     }
 
     #[test]
