@@ -17,15 +17,20 @@ packages=(
   ca-certificates
 )
 
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  echo "installing: ${missing[*]}"
-  apt-get update -qq
+# Two passes: installing one package can make apt remove another that was
+# there (a machine image with a newer backported qemu-utils loses it to
+# qemu-system-x86's Breaks); the second pass installs the matching version.
+updated=
+for pass in 1 2; do
+  missing=()
+  for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  [ "${#missing[@]}" -gt 0 ] || break
+  echo "installing (pass $pass): ${missing[*]}"
+  [ -n "$updated" ] || { apt-get update -qq; updated=1; }
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+done
 # Verified, not assumed: a package that is still missing is named.
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || {
