@@ -9,12 +9,39 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
+/// Connects to the Unix socket at `path`, which must be a socket itself,
+/// not a symlink: a VM's sockets live in a directory its unprivileged VMM
+/// owns, and a VMM that swapped one for a link to another VM's socket
+/// (or the daemon's) must not turn the daemon's connection into a
+/// connection there. The socket is pinned by an `O_PATH|O_NOFOLLOW`
+/// descriptor, checked with `fstat`, and connected through that
+/// descriptor's `/proc/self/fd` name, so nothing can be swapped between
+/// the check and the connect.
+pub fn connect_nofollow(path: &Path) -> std::io::Result<UnixStream> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let pinned = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_PATH | nix::libc::O_NOFOLLOW)
+        .open(path)?;
+    if !pinned.metadata()?.file_type().is_socket() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "{} is not a socket (a link or a file in its place): not connecting",
+                path.display()
+            ),
+        ));
+    }
+    UnixStream::connect(format!("/proc/self/fd/{}", pinned.as_raw_fd()))
+}
+
 /// Opens a connection to guest port `port` through a hybrid vsock's Unix
 /// socket (Firecracker's and vhost-device-vsock's convention: write
 /// `CONNECT <port>\n`, read `OK <host port>\n`). `timeout` bounds the
 /// handshake; the stream returned has no timeouts.
 pub fn connect(uds: &Path, port: u32, timeout: Duration) -> std::io::Result<UnixStream> {
-    let mut s = UnixStream::connect(uds)?;
+    let mut s = connect_nofollow(uds)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
     s.write_all(format!("CONNECT {port}\n").as_bytes())?;

@@ -222,6 +222,9 @@ pub struct VmHandles {
     /// The `virtiofsd` of each `--mount` (pid, start time), in order.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub virtiofsd: Vec<(i32, u64)>,
+    /// The VM's cgroup directories (one per hierarchy), as made.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cgroup_dirs: Vec<std::path::PathBuf>,
 }
 
 /// One host resource a VM still holds, as its module recorded it: the

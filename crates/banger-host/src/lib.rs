@@ -2,7 +2,9 @@
 //! network namespace and mount namespace of the calling process, so tests
 //! run the daemon inside a namespace they created.
 
+pub mod cgroup;
 pub mod cmd;
+pub mod confine;
 pub mod firewall;
 pub mod fsutil;
 pub mod process;

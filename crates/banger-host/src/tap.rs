@@ -147,13 +147,28 @@ pub fn reset(name: &str, host_ip: Ipv4Addr, prefix: u8) -> Result<(), TapError> 
 /// `TUNSETIFF` with `IFF_TUN_EXCL` (a new tap or an error, never someone
 /// else's), then `TUNSETPERSIST` so that the tap outlives this descriptor.
 fn make_persistent_tap(name: &str) -> Result<(), TapError> {
-    let ioctl_err = |op: &'static str| {
-        move |source| TapError::Ioctl {
+    let tun = attach(
+        name,
+        libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_TUN_EXCL,
+        "create (TUNSETIFF)",
+    )?;
+    // SAFETY: `tun` is now attached to the tap just created; the argument
+    // is a plain int.
+    if let Err(source) = unsafe { tun_set_persist(tun.as_raw_fd(), 1) } {
+        // Closing the descriptor of a non-persistent tap removes it.
+        return Err(TapError::Ioctl {
             tap: name.to_string(),
-            op,
+            op: "make persistent (TUNSETPERSIST)",
             source,
-        }
-    };
+        });
+    }
+    Ok(())
+}
+
+/// A fresh `/dev/net/tun` descriptor attached (`TUNSETIFF`) to the tap
+/// `name` with `flags`: creating it, or attaching to an existing one.
+fn attach(name: &str, flags: libc::c_int, op: &'static str) -> Result<std::fs::File, TapError> {
+    check_name(name)?;
     let tun = OpenOptions::new()
         .read(true)
         .write(true)
@@ -168,19 +183,30 @@ fn make_persistent_tap(name: &str) -> Result<(), TapError> {
     for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
         *dst = src as libc::c_char;
     }
-    ifr.ifr_ifru.ifru_flags =
-        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_TUN_EXCL) as libc::c_short;
+    ifr.ifr_ifru.ifru_flags = flags as libc::c_short;
     // SAFETY: `tun` is an open /dev/net/tun descriptor and `ifr` a valid
     // ifreq (NUL-terminated name: check_name bounds it below IFNAMSIZ) that
     // outlives the call.
-    unsafe { tun_set_iff(tun.as_raw_fd(), &ifr) }.map_err(ioctl_err("create (TUNSETIFF)"))?;
-    // SAFETY: `tun` is now attached to the tap just created; the argument
-    // is a plain int.
-    if let Err(e) = unsafe { tun_set_persist(tun.as_raw_fd(), 1) } {
-        // Closing the descriptor of a non-persistent tap removes it.
-        return Err(ioctl_err("make persistent (TUNSETPERSIST)")(e));
-    }
-    Ok(())
+    unsafe { tun_set_iff(tun.as_raw_fd(), &ifr) }.map_err(|source| TapError::Ioctl {
+        tap: name.to_string(),
+        op,
+        source,
+    })?;
+    Ok(tun)
+}
+
+/// Attaches a descriptor to the existing tap `name` (with virtio-net
+/// headers on), for a VMM that gets its tap as a descriptor and so never
+/// opens `/dev/net/tun` itself (the confined QEMU). The descriptor is
+/// close-on-exec; the tap's one queue is this descriptor's until every
+/// copy of it is closed.
+pub fn open_queue(name: &str) -> Result<std::os::fd::OwnedFd, TapError> {
+    let tun = attach(
+        name,
+        libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR,
+        "attach (TUNSETIFF)",
+    )?;
+    Ok(tun.into())
 }
 
 /// The message naming `host_ip/prefix` on interface `index`.

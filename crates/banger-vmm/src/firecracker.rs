@@ -12,7 +12,6 @@
 //! log). Disks must be raw: the daemon gives a Firecracker VM a raw root disk.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -156,7 +155,7 @@ pub fn read_head(r: &mut impl BufRead) -> std::io::Result<(String, usize)> {
 /// Firecracker's `fault_message`.
 pub fn put(sock: &Path, path: &str, body: &Value) -> Result<(), VmmError> {
     let io = |what: &str, e: std::io::Error| api_err(sock, format!("PUT {path}: {what}: {e}"));
-    let mut s = UnixStream::connect(sock).map_err(|e| io("connect", e))?;
+    let mut s = banger_agent::connect_nofollow(sock).map_err(|e| io("connect", e))?;
     s.set_read_timeout(Some(API_TIMEOUT))
         .and_then(|()| s.set_write_timeout(Some(API_TIMEOUT)))
         .map_err(|e| io("set timeout", e))?;
@@ -223,7 +222,15 @@ impl Vmm for Firecracker {
             .append(true)
             .open(&cfg.vmm_log)
             .map_err(|e| io(&cfg.vmm_log, e))?;
-        let child = Command::new(&self.binary)
+        let mut cmd = Command::new(&self.binary);
+        cfg.confine
+            .apply(&mut cmd)
+            .map_err(|source| VmmError::Confine {
+                vmm: "firecracker".into(),
+                vm: cfg.name.clone(),
+                source,
+            })?;
+        let child = cmd
             .arg("--api-sock")
             .arg(&cfg.api_sock)
             .arg("--id")
@@ -245,7 +252,7 @@ impl Vmm for Firecracker {
         let mut child = child;
         let configured = (|| {
             let deadline = Instant::now() + SOCKET_WAIT;
-            while UnixStream::connect(&cfg.api_sock).is_err() {
+            while banger_agent::connect_nofollow(&cfg.api_sock).is_err() {
                 if let Ok(Some(st)) = child.try_wait() {
                     return Err(api_err(
                         &cfg.api_sock,
@@ -315,7 +322,9 @@ mod tests {
             nics: vec![Nic {
                 tap: "bgtap0".into(),
                 mac: "06:00:ac:1e:00:02".into(),
+                fd: None,
             }],
+            confine: Default::default(),
             console_log: "/v/console.log".into(),
             vmm_log: "/v/vmm.log".into(),
             api_sock: "/r/api.sock".into(),

@@ -32,6 +32,10 @@ pub struct Disk {
 pub struct Nic {
     pub tap: String,
     pub mac: String,
+    /// A descriptor attached to the tap (`banger_host::tap::open_queue`),
+    /// which the caller keeps open until `spawn` returns: the VMM gets it
+    /// instead of opening `/dev/net/tun` (QEMU only).
+    pub fd: Option<i32>,
 }
 
 /// Everything a VMM needs to boot one guest.
@@ -56,6 +60,8 @@ pub struct VmConfig {
     pub vsock: Option<Vsock>,
     /// Host directories over virtio-fs (QEMU only).
     pub shares: Vec<FsShare>,
+    /// Who the VMM runs as and the cgroups it starts in.
+    pub confine: banger_host::confine::Confinement,
 }
 
 /// A `vhost-user-fs` device: its backend's (virtiofsd's) socket and the
@@ -95,6 +101,12 @@ pub enum VmmError {
     },
     #[error("api socket {path}: {detail}")]
     Api { path: PathBuf, detail: String },
+    #[error("confine {vmm} for vm {vm:?}: {source}")]
+    Confine {
+        vmm: String,
+        vm: String,
+        source: banger_host::confine::ConfineError,
+    },
     #[error("{vmm} cannot run vm {vm:?}: {detail}")]
     Config {
         vmm: String,

@@ -15,6 +15,9 @@ use crate::{qmp, VmConfig, Vmm, VmmError, VmmProcess};
 
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
 
+/// `-sandbox`: QEMU's own seccomp filter with every optional deny on.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
 #[derive(Debug, Clone)]
 pub struct Qemu {
     pub binary: String,
@@ -61,6 +64,11 @@ impl Qemu {
             "-display",
             "none",
             "-no-reboot",
+            // QEMU's seccomp filter: no obsolete system calls, no setuid
+            // and friends, no fork or exec, no scheduler or resource
+            // changes.
+            "-sandbox",
+            SANDBOX,
         ] {
             push(s);
         }
@@ -115,10 +123,12 @@ impl Qemu {
         }
         for (i, n) in cfg.nics.iter().enumerate() {
             push("-netdev");
-            push(&format!(
-                "tap,id=net{i},ifname={},script=no,downscript=no",
-                n.tap
-            ));
+            push(&match n.fd {
+                // An unprivileged QEMU cannot open /dev/net/tun: it gets
+                // the tap as a descriptor.
+                Some(fd) => format!("tap,id=net{i},fd={fd}"),
+                None => format!("tap,id=net{i},ifname={},script=no,downscript=no", n.tap),
+            });
             push("-device");
             push(&format!("virtio-net-pci,netdev=net{i},mac={}", n.mac));
         }
@@ -162,7 +172,30 @@ impl Vmm for Qemu {
         };
         let log = File::create(&cfg.vmm_log).map_err(io(&cfg.vmm_log))?;
         let log2 = log.try_clone().map_err(io(&cfg.vmm_log))?;
-        let child = Command::new(&self.binary)
+        let mut cmd = Command::new(&self.binary);
+        cfg.confine
+            .apply(&mut cmd)
+            .map_err(|source| VmmError::Confine {
+                vmm: "qemu".into(),
+                vm: cfg.name.clone(),
+                source,
+            })?;
+        // The taps' descriptors stay open across exec (under the numbers
+        // the command line names).
+        let keep: Vec<i32> = cfg.nics.iter().filter_map(|n| n.fd).collect();
+        // SAFETY: fcntl on descriptors the caller keeps open; no allocation
+        // in the child.
+        unsafe {
+            cmd.pre_exec(move || {
+                for fd in &keep {
+                    if nix::libc::fcntl(*fd, nix::libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
             .args(self.args(cfg))
             .stdin(Stdio::null())
             .stdout(log)
@@ -217,12 +250,14 @@ mod tests {
             nics: vec![Nic {
                 tap: "bgtap0".into(),
                 mac: "06:00:ac:1e:00:06".into(),
+                fd: None,
             }],
             console_log: "/vm/console.log".into(),
             vmm_log: "/vm/vmm.log".into(),
             api_sock: "/run/vm/api.sock".into(),
             vsock: None,
             shares: Vec::new(),
+            confine: Default::default(),
         }
     }
 
@@ -254,6 +289,22 @@ mod tests {
             "{s}"
         );
         assert!(s.contains("mac=06:00:ac:1e:00:06"), "{s}");
+        assert!(
+            s.contains(
+                "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+            ),
+            "{s}"
+        );
+        let mut f = cfg();
+        f.nics[0].fd = Some(7);
+        let fd = Qemu::new(false)
+            .args(&f)
+            .iter()
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(fd.contains("-netdev tap,id=net0,fd=7 "), "{fd}");
+        assert!(!fd.contains("ifname="), "{fd}");
         assert!(
             s.contains(
                 "-chardev file,id=console,path=/vm/console.log,append=on -serial chardev:console"

@@ -1,7 +1,6 @@
 //! A minimal QMP client: greeting, capabilities negotiation, one command.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
@@ -29,7 +28,7 @@ pub fn send_ctrl_alt_del(path: &Path) -> Result<(), VmmError> {
 
 /// Executes one QMP command and returns its `return` value.
 pub fn execute(path: &Path, command: &str, arguments: Option<Value>) -> Result<Value, VmmError> {
-    let stream = UnixStream::connect(path).map_err(|e| api_err(path, e))?;
+    let stream = banger_agent::connect_nofollow(path).map_err(|e| api_err(path, e))?;
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| api_err(path, e))?;

@@ -61,7 +61,7 @@ impl Daemon {
             let _ = fsutil::remove_dir_all_if_exists(&work);
         }
         let rec = r?;
-        self.store().upsert_image(&rec)?;
+        self.add_image(&rec)?;
         Ok(image_info(&rec))
     }
 

@@ -51,7 +51,27 @@ pub struct Config {
     pub virtiofsd: Option<PathBuf>,
     /// Force a root-disk strategy instead of choosing by host and VMM.
     pub root_disk: Option<banger_core::RootDiskKind>,
+    /// VMMs run as uid/gid `base + slot` (`resources::jail`); `base` itself
+    /// is the group that reads images.
+    pub vmm_uid_base: u32,
+    /// What a VM's cgroup allows beyond its guest memory: the VMM's own
+    /// memory (QEMU's, TCG's translation cache, the vsock backend).
+    pub vmm_memory_overhead_mib: u64,
+    /// The pids limit of a VM's cgroup (the VMM's threads and helpers).
+    pub vmm_pids_max: u64,
+    /// The VMs' parent cgroup's name (default `banger` under the daemon's
+    /// own in cgroup v1, `banger.slice` at the root in v2).
+    pub cgroup_parent: Option<String>,
 }
+
+/// QEMU under TCG with its translation cache bounded (`-accel
+/// tcg,tb-size`), the vsock backend and virtiofsd: measured in
+/// docs/BENCHMARKS.md.
+pub const DEFAULT_VMM_MEMORY_OVERHEAD_MIB: u64 = 384;
+
+/// Above systemd's container range (524288..1879048191) and below its
+/// foreign range (2147352576..): uids no account uses.
+pub const DEFAULT_VMM_UID_BASE: u32 = 1_879_048_192;
 
 impl Config {
     pub fn new(layout: Layout) -> Self {
@@ -74,6 +94,10 @@ impl Config {
             vsock_backend: None,
             virtiofsd: None,
             root_disk: None,
+            vmm_uid_base: DEFAULT_VMM_UID_BASE,
+            vmm_memory_overhead_mib: DEFAULT_VMM_MEMORY_OVERHEAD_MIB,
+            vmm_pids_max: 512,
+            cgroup_parent: None,
         }
     }
 }

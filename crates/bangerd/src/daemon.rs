@@ -86,6 +86,8 @@ pub struct Daemon {
     qemu: Qemu,
     firecracker: Option<Firecracker>,
     kvm_usable: bool,
+    /// The host's cgroup hierarchy (or why there is none), found at open.
+    pub(crate) cgroups: std::result::Result<banger_host::cgroup::Cgroups, String>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -164,15 +166,10 @@ impl Daemon {
         ] {
             fsutil::create_dir_all(&d)?;
         }
-        // VM dirs hold guests' private host keys (also inside each per-VM
-        // initrd) and the client key lives in ssh/: root only.
-        for d in [l.vms_dir(), l.ssh_dir(), l.runtime_dir.clone()] {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700))
-                .with_path("chmod", &d)?;
-        }
         sshkey::ensure(&l.client_key(), "banger")?;
         let store = Store::open(&l.db())?;
+        // Who may read what, now that VMMs run as users of their own.
+        crate::perms::prepare(l, cfg.vmm_uid_base)?;
         let kvm = sysinfo::kvm_status().usable;
         let d = Daemon {
             store: Mutex::new(store),
@@ -204,6 +201,8 @@ impl Daemon {
             qemu: Qemu::new(kvm),
             firecracker: cfg.firecracker.clone().map(Firecracker::new),
             kvm_usable: kvm,
+            cgroups: banger_host::cgroup::Cgroups::detect(cfg.cgroup_parent.as_deref())
+                .map_err(|e| e.to_string()),
             cfg,
         };
         d.index_images()?;
@@ -493,9 +492,15 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let d = tempfile::tempdir().unwrap();
         let daemon = daemon(d.path());
-        for dir in [daemon.cfg.layout.vms_dir(), daemon.cfg.layout.ssh_dir()] {
-            let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
-            assert_eq!(mode, 0o700, "{}", dir.display());
+        // VMMs pass through vms/ to their own dir (never list it); ssh/
+        // and the database are root's alone.
+        for (p, want) in [
+            (daemon.cfg.layout.vms_dir(), 0o711),
+            (daemon.cfg.layout.ssh_dir(), 0o700),
+            (daemon.cfg.layout.db(), 0o600),
+        ] {
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, want, "{}", p.display());
         }
     }
 

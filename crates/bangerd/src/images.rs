@@ -67,6 +67,13 @@ impl Daemon {
         Ok(())
     }
 
+    /// A new image in the index, its files readable by the VMMs' group.
+    pub(crate) fn add_image(&self, rec: &ImageRecord) -> Result<()> {
+        crate::perms::share_image(&self.cfg.layout.image_dir(&rec.name), self.cfg.vmm_uid_base)?;
+        self.store().upsert_image(rec)?;
+        Ok(())
+    }
+
     pub fn image(&self, name: &str) -> Result<ImageRecord> {
         self.store().image(name)?.ok_or_else(|| {
             DaemonError::ImageMissing(
@@ -135,7 +142,7 @@ impl Daemon {
                 message: m.to_string(),
             })
         })?;
-        self.store().upsert_image(&rec)?;
+        self.add_image(&rec)?;
         Ok(image_info(&rec))
     }
 
@@ -169,7 +176,7 @@ impl Daemon {
                     message: m.to_string(),
                 })
             })?;
-        self.store().upsert_image(&rec)?;
+        self.add_image(&rec)?;
         Ok(image_info(&rec))
     }
 

@@ -19,6 +19,7 @@ pub mod images;
 pub mod janitor;
 pub mod lifecycle;
 pub mod locks;
+pub mod perms;
 pub mod readiness;
 pub mod reaper;
 pub mod reconcile;

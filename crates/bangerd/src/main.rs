@@ -50,6 +50,17 @@ struct Args {
     /// (`banger doctor` says which).
     #[arg(long, env = "BANGER_ROOT_DISK")]
     root_disk: Option<banger_core::RootDiskKind>,
+    /// VMMs run as uid/gid BASE + the VM's address slot; BASE is the group
+    /// that reads images.
+    #[arg(long, env = "BANGER_VMM_UID_BASE", default_value_t = bangerd::config::DEFAULT_VMM_UID_BASE)]
+    vmm_uid_base: u32,
+    /// MiB a VM's cgroup allows beyond its guest memory, for the VMM itself.
+    #[arg(long, env = "BANGER_VMM_MEMORY_OVERHEAD", default_value_t = bangerd::config::DEFAULT_VMM_MEMORY_OVERHEAD_MIB)]
+    vmm_memory_overhead: u64,
+    /// The VMs' parent cgroup (default `banger` under the daemon's own in
+    /// cgroup v1, `banger.slice` in v2).
+    #[arg(long, env = "BANGER_CGROUP_PARENT")]
+    cgroup_parent: Option<String>,
 }
 
 fn main() {
@@ -61,6 +72,10 @@ fn main() {
 
 fn real_main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // The tools the daemon runs (nft, mkfs, losetup, qemu-img, ...) are
+    // found on a fixed PATH, not on the PATH of whichever shell started
+    // it. (Before any thread exists.)
+    std::env::set_var("PATH", banger_host::confine::SAFE_PATH);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("BANGER_LOG")
@@ -110,7 +125,25 @@ fn real_main() -> anyhow::Result<()> {
     cfg.resolv_conf = args.resolv_conf;
     cfg.tap_pool = args.tap_pool.min(1024);
     cfg.root_disk = args.root_disk;
+    if args.vmm_uid_base < 65_536 {
+        bail!(
+            "--vmm-uid-base {}: below 65536 it would share uids with accounts; the default is {}",
+            args.vmm_uid_base,
+            bangerd::config::DEFAULT_VMM_UID_BASE
+        );
+    }
+    cfg.vmm_uid_base = args.vmm_uid_base;
+    cfg.vmm_memory_overhead_mib = args.vmm_memory_overhead;
+    cfg.cgroup_parent = args.cgroup_parent;
     cfg.subnet = banger_core::net::Subnet::from_cidr(args.subnet)?;
+    if cfg.vmm_uid_base.checked_add(cfg.subnet.slots()).is_none() {
+        bail!(
+            "--vmm-uid-base {} + the {} VMs --subnet {} holds overflow a uid: lower the base",
+            cfg.vmm_uid_base,
+            cfg.subnet.slots(),
+            args.subnet
+        );
+    }
     cfg.firecracker = std::env::var_os("BANGER_FIRECRACKER")
         .filter(|v| !v.is_empty())
         .map(std::path::PathBuf::from)

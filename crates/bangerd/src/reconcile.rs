@@ -148,6 +148,9 @@ impl Daemon {
         let why = if st == VmState::Error {
             // Its teardown had failed (it survived SIGKILL); now it is gone.
             "its VMM, which had survived SIGKILL, has exited; the VM is stopped".to_string()
+        } else if let Some(oom) = crate::resources::jail::oom_message(self, &vm) {
+            warn!(vm = %vm.name, "{oom}");
+            oom
         } else {
             "the guest powered off or its VMM exited".to_string()
         };

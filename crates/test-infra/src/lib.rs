@@ -82,6 +82,8 @@ pub struct NetNs {
     pub outside: String,
     pub inside_ip: String,
     pub outside_ip: String,
+    /// A process whose mount namespace commands in `ns` run in (`cmd`).
+    holder: Option<std::process::Child>,
 }
 
 impl NetNs {
@@ -94,7 +96,8 @@ impl NetNs {
         let octet = (std::process::id() as u32 + n) % 250 + 1;
         let inside_ip = format!("198.18.{octet}.2");
         let outside_ip = format!("198.18.{octet}.1");
-        let me = NetNs {
+        let mut me = NetNs {
+            holder: None,
             ns: ns.clone(),
             outside: outside.clone(),
             inside_ip: inside_ip.clone(),
@@ -129,13 +132,26 @@ impl NetNs {
         ip(&["-n", &ns, "link", "set", "uplink0", "up"]);
         ip(&["-n", &outside, "link", "set", "world0", "up"]);
         ip(&["-n", &ns, "route", "add", "default", "via", &outside_ip]);
+        me.holder = Some(mount_holder(&ns));
         me
     }
 
     /// A command run inside the daemon's namespace.
+    ///
+    /// It runs in the mount namespace of the holder (`mount_holder`): the
+    /// one `ip netns exec` makes, whose fresh sysfs shows the namespace's
+    /// `/sys/class/net`, with the host's cgroup hierarchies mounted again
+    /// under `/sys/fs/cgroup`, as a daemon in the host's namespaces sees
+    /// them.
     pub fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.ns]).arg(program);
+        let Some(holder) = &self.holder else {
+            panic!("namespace {} has no mount holder", self.ns);
+        };
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--mount=/proc/{}/ns/mnt", holder.id()))
+            .arg(format!("--net=/run/netns/{}", self.ns))
+            .arg("--")
+            .arg(program);
         c
     }
 
@@ -223,8 +239,47 @@ impl Default for NetNs {
     }
 }
 
+/// A process in namespace `ns` (under `ip netns exec`, which gives it a
+/// mount namespace with the namespace's sysfs) that mounts the host's
+/// cgroup hierarchies again in that mount namespace (sysfs hid them; a
+/// bind from the host's namespace is not allowed, a mount of an existing
+/// hierarchy is), says `ready`, and sleeps until the namespace is deleted.
+fn mount_holder(ns: &str) -> std::process::Child {
+    const SCRIPT: &str = r#"
+mount -t tmpfs -o mode=755 cgroup /sys/fs/cgroup
+awk '{ split($0, p, " - "); split(p[1], l, " "); split(p[2], r, " ");
+       if (r[1] != "cgroup" && r[1] != "cgroup2") next;
+       o = ""; n = split(r[3], s, ",");
+       for (i = 1; i <= n; i++) if (s[i] != "rw" && s[i] != "ro") o = o (o == "" ? "" : ",") s[i];
+       print r[1], l[5], o }' /proc/1/mountinfo |
+while read -r t mp o; do
+  mkdir -p "$mp"
+  if [ -n "$o" ]; then mount -t "$t" -o "$o" "$t" "$mp"; else mount -t "$t" "$t" "$mp"; fi
+done
+echo ready
+exec sleep infinity
+"#;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "sh", "-c", SCRIPT])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn the namespace's mount holder");
+    let mut line = String::new();
+    let out = child.stdout.take().expect("holder stdout");
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line)
+        .expect("read the holder's ready line");
+    assert_eq!(line.trim(), "ready", "the mount holder of {ns} failed");
+    child
+}
+
 impl Drop for NetNs {
     fn drop(&mut self) {
+        if let Some(mut h) = self.holder.take() {
+            let _ = h.kill();
+            let _ = h.wait();
+        }
         // Anything still running in the namespaces dies with them.
         for ns in [&self.ns, &self.outside] {
             let _ = Command::new("ip")
@@ -352,11 +407,20 @@ impl Instance {
             .prefix("banger-test-")
             .tempdir_in("/var/tmp")
             .expect("tempdir");
+        // VMMs run as users of their own and pass through here (search
+        // only) to their VM's files.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
+                .expect("chmod instance dir");
+        }
+        // Its VMs' cgroups under a parent of its own (gone with its last VM).
+        let cgroup_parent = cgroup_parent_of(dir.path());
         let me = Instance {
             net,
             dir,
             banger: banger.to_path_buf(),
-            env: Vec::new(),
+            env: vec![("BANGER_CGROUP_PARENT".into(), cgroup_parent)],
             xfs: false,
         };
         std::fs::create_dir_all(me.state().join("images")).expect("mkdir images");
@@ -390,6 +454,17 @@ impl Instance {
             .expect("cp");
         assert!(st.success(), "link the test image");
         self
+    }
+
+    /// The cgroup directories of this instance's VMs' parent (none exist
+    /// once its last VM is gone).
+    pub fn cgroup_parents(&self) -> Vec<PathBuf> {
+        let name = cgroup_parent_of(self.dir.path());
+        let c = banger_host::cgroup::Cgroups::detect(Some(&name)).expect("cgroups");
+        c.dirs("x")
+            .into_iter()
+            .filter_map(|d| d.parent().map(Path::to_path_buf))
+            .collect()
     }
 
     pub fn state(&self) -> PathBuf {
@@ -650,7 +725,23 @@ impl Instance {
             self.vm_files()
         );
         assert!(self.vms().is_empty(), "rows left: {:?}", self.vms());
+        let cgroups: Vec<PathBuf> = self
+            .cgroup_parents()
+            .into_iter()
+            .filter(|p| p.exists())
+            .collect();
+        assert!(cgroups.is_empty(), "cgroups left: {cgroups:?}");
     }
+}
+
+/// `banger-test-<the instance dir's random suffix>`.
+fn cgroup_parent_of(dir: &Path) -> String {
+    let n = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tail: String = n.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
+    format!("banger-t-{tail}")
 }
 
 pub fn text(b: &[u8]) -> String {

@@ -33,6 +33,7 @@ pub mod dns;
 pub mod firewall;
 pub mod host_key;
 pub mod initrd;
+pub mod jail;
 pub mod ports;
 pub mod root_disk;
 pub mod tap;
@@ -60,6 +61,8 @@ pub const START: &[&dyn Resource] = &[
     &volumes::Volumes,
     &root_disk::dm::DmSnapshot,
     &initrd::Initrd,
+    // Before every process of the VM: they start in its cgroup, as its user.
+    &jail::Jail,
     &vsock::Vsock,
     &virtiofs::Virtiofs,
     &vmm::VmmProcess,

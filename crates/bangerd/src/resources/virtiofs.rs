@@ -135,10 +135,14 @@ impl Resource for Virtiofs {
                 .layout
                 .vm_dir(&cx.vm.id)
                 .join(format!("virtiofsd-{i}.log"));
-            let (id, up) = spawn(&binary, m, &sock, &log, &cx.vm.name)?;
+            // virtiofsd keeps root (its own sandbox needs it) but starts in
+            // the VM's cgroup; its socket is the VMM's to connect to.
+            let confine = super::jail::confinement(d, cx.vm, None)?;
+            let (id, up) = spawn(&binary, m, &sock, &log, &cx.vm.name, &confine)?;
             // Recorded before it is known to be up: a teardown kills it.
             cx.handles.virtiofsd.push((id.pid, id.start_time));
             up?;
+            super::jail::hand_over(super::jail::identity(d, cx.vm)?.as_ref(), &[&sock])?;
         }
         Ok(())
     }
@@ -214,6 +218,7 @@ fn spawn(
     sock: &Path,
     log_path: &Path,
     vm: &str,
+    confine: &banger_host::confine::Confinement,
 ) -> Result<(ProcId, Result<()>)> {
     let log = std::fs::File::create(log_path).with_path("create", log_path)?;
     let log2 = log.try_clone().with_path("dup", log_path)?;
@@ -221,6 +226,9 @@ fn spawn(
     let mut source = std::ffi::OsString::from("source=");
     source.push(&m.host);
     let mut cmd = Command::new(binary);
+    confine
+        .apply(&mut cmd)
+        .map_err(|e| DaemonError::Invalid(format!("vm {vm:?}: {e}")))?;
     cmd.arg(format!("--socket-path={}", sock.display()))
         .arg("-o")
         .arg(&source)

@@ -87,6 +87,13 @@ impl Resource for VmmProcess {
             DaemonError::Invalid(format!("vm {:?} has no initrd for its VMM", cx.vm.name))
         })?;
         let (root, upper) = root_disk::vmm_disks(d, cx.vm, cx.img, &cx.handles)?;
+        let id = super::jail::identity(d, cx.vm)?;
+        // A confined QEMU cannot open /dev/net/tun: it gets its tap as a
+        // descriptor (held here until the spawn is done).
+        let tap_fd = match (&id, cx.vm.spec.vmm) {
+            (Some(_), banger_core::VmmKind::Qemu) => Some(banger_host::tap::open_queue(&tap)?),
+            _ => None,
+        };
         let vmm_cfg = banger_vmm::VmConfig {
             name: cx.vm.name.clone(),
             vcpus: cx.vm.spec.sizing.cpus,
@@ -117,6 +124,7 @@ impl Resource for VmmProcess {
             nics: vec![banger_vmm::Nic {
                 tap,
                 mac: net.mac(),
+                fd: tap_fd.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
             }],
             console_log: console,
             vmm_log: dir.join(vmfiles::VMM_LOG),
@@ -137,8 +145,21 @@ impl Resource for VmmProcess {
                     socket: super::virtiofs::socket(&rt_dir, i),
                 })
                 .collect(),
+            confine: super::jail::confinement(d, cx.vm, id.clone())?,
         };
+        // The files it opens become its identity's (the read-only ones are
+        // the image's, which it reads through the images' group).
+        let mut mine: Vec<&std::path::Path> = vec![&vmm_cfg.console_log, &vmm_cfg.initrd];
+        mine.extend(
+            vmm_cfg
+                .disks
+                .iter()
+                .filter(|disk| !disk.read_only)
+                .map(|disk| disk.path.as_path()),
+        );
+        super::jail::hand_over(id.as_ref(), &mine)?;
         let spawned = vmm.spawn(&vmm_cfg)?;
+        drop(tap_fd);
         let start_time = process::start_time(spawned.pid);
         // Watched (and so reaped) before anything else can fail.
         if let Some(child) = spawned.child {

@@ -88,9 +88,13 @@ impl Resource for Vsock {
             fsutil::remove_file_if_exists(p)?;
         }
         cx.hello = Some(UnixListener::bind(&hello).with_path("listen on", &hello)?);
+        let id = super::jail::identity(d, cx.vm)?;
+        // The backend, as the VM's user, connects to it.
+        super::jail::hand_over(id.as_ref(), &[&hello])?;
         if cx.vm.spec.vmm == VmmKind::Qemu {
             let cid = cx.vm.runtime.vsock_cid.unwrap_or(FIRST_CID);
-            let (id, up) = spawn_backend(d, cx.vm, cid, &uds)?;
+            let confine = super::jail::confinement(d, cx.vm, id)?;
+            let (id, up) = spawn_backend(d, cx.vm, cid, &uds, &confine)?;
             cx.handles.vsock_pid = Some(id.pid);
             cx.handles.vsock_start_time = Some(id.start_time);
             up?;
@@ -169,7 +173,13 @@ impl Resource for Vsock {
 /// until it listens).
 /// The process is returned even when it failed to listen, so that the
 /// caller records it for the teardown.
-fn spawn_backend(d: &Daemon, vm: &VmRecord, cid: u32, uds: &Path) -> Result<(ProcId, Result<()>)> {
+fn spawn_backend(
+    d: &Daemon,
+    vm: &VmRecord,
+    cid: u32,
+    uds: &Path,
+    confine: &banger_host::confine::Confinement,
+) -> Result<(ProcId, Result<()>)> {
     let binary = d.cfg.vsock_backend.clone().ok_or_else(|| DaemonError::Invalid(format!(
         "vm {:?}: QEMU's vsock backend vhost-device-vsock is not installed: run ./scripts/install-deps.sh (it installs it from crates.io)",
         vm.name
@@ -178,7 +188,11 @@ fn spawn_backend(d: &Daemon, vm: &VmRecord, cid: u32, uds: &Path) -> Result<(Pro
     let log_path = d.cfg.layout.vm_dir(&vm.id).join(vmfiles::VSOCK_LOG);
     let log = std::fs::File::create(&log_path).with_path("create", &log_path)?;
     let log2 = log.try_clone().with_path("dup", &log_path)?;
-    let mut child = Command::new(&binary)
+    let mut cmd = Command::new(&binary);
+    confine
+        .apply(&mut cmd)
+        .map_err(|e| DaemonError::Invalid(format!("vm {:?}: {e}", vm.name)))?;
+    let mut child = cmd
         .arg("--guest-cid")
         .arg(cid.to_string())
         .arg("--socket")

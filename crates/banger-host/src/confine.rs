@@ -1,0 +1,211 @@
+//! Starting a VMM (or one of its helpers) confined: in its VM's control
+//! groups from its first instruction, as an unprivileged user of its own,
+//! with no supplementary groups but the ones named, no way to gain
+//! privileges back (`PR_SET_NO_NEW_PRIVS`), and an empty environment but
+//! what the caller sets.
+//!
+//! Everything happens in the child between `fork` and `exec`, in this
+//! order: write "0" into each `cgroup.procs` (the files are opened by the
+//! daemon before the fork, so no path is resolved in the child), then
+//! `setgroups`, `setgid`, `setuid` (which drops every capability), then
+//! `prctl(PR_SET_NO_NEW_PRIVS)`. Only async-signal-safe system calls run
+//! there.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use nix::libc;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfineError {
+    #[error("open {path} to join the VM's cgroup: {source}")]
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Who a confined process runs as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups (the images' group; `kvm` where KVM is used).
+    pub groups: Vec<u32>,
+}
+
+/// What a confined process gets.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Confinement {
+    /// None: it keeps the daemon's identity (virtiofsd, which needs root
+    /// for its own sandbox), but still joins the cgroups.
+    pub identity: Option<Identity>,
+    /// `cgroup.procs` files, one per hierarchy.
+    pub cgroup_procs: Vec<PathBuf>,
+}
+
+/// The environment a confined process starts with: nothing of the
+/// daemon's (or of whichever CLI started the daemon) but a fixed PATH.
+pub const SAFE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+impl Confinement {
+    /// Sets `cmd` up to start confined.
+    pub fn apply(&self, cmd: &mut Command) -> Result<(), ConfineError> {
+        let files: Vec<OwnedFd> = self
+            .cgroup_procs
+            .iter()
+            .map(|p| open_procs(p))
+            .collect::<Result<_, _>>()?;
+        let id = self.identity.clone();
+        cmd.env_clear().env("PATH", SAFE_PATH);
+        // SAFETY: the closure runs in the forked child before exec and
+        // makes only async-signal-safe system calls (write, setgroups,
+        // setgid, setuid, prctl) on data prepared before the fork; it
+        // allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                for f in &files {
+                    let b = b"0";
+                    // SAFETY: a valid descriptor and a 1-byte buffer.
+                    if libc::write(f.as_raw_fd(), b.as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if let Some(id) = &id {
+                    // SAFETY: a pointer to `len` gid_t values that outlive
+                    // the call.
+                    if libc::setgroups(id.groups.len(), id.groups.as_ptr()) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    if libc::setgid(id.gid) != 0 || libc::setuid(id.uid) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(())
+    }
+}
+
+fn open_procs(p: &Path) -> Result<OwnedFd, ConfineError> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(p)
+        .map(|f: File| f.into())
+        .map_err(|source| ConfineError::Cgroup {
+            path: p.to_path_buf(),
+            source,
+        })
+}
+
+/// What `/proc/<pid>/status` says of a process's confinement.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Observed {
+    /// Real, effective, saved and filesystem uids.
+    pub uids: Vec<u32>,
+    pub gids: Vec<u32>,
+    pub groups: Vec<u32>,
+    /// 0 off, 1 strict, 2 filter.
+    pub seccomp: Option<u32>,
+    pub no_new_privs: bool,
+    /// The effective capability set, as the kernel prints it (hex).
+    pub cap_eff: Option<String>,
+}
+
+/// Reads `/proc/<pid>/status`.
+pub fn observe(pid: i32) -> Option<Observed> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    Some(parse_status(&s))
+}
+
+fn parse_status(s: &str) -> Observed {
+    let nums = |v: &str| -> Vec<u32> {
+        v.split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect()
+    };
+    let mut o = Observed::default();
+    for l in s.lines() {
+        let Some((k, v)) = l.split_once(':') else {
+            continue;
+        };
+        match k {
+            "Uid" => o.uids = nums(v),
+            "Gid" => o.gids = nums(v),
+            "Groups" => o.groups = nums(v),
+            "Seccomp" => o.seccomp = v.trim().parse().ok(),
+            "NoNewPrivs" => o.no_new_privs = v.trim() == "1",
+            "CapEff" => o.cap_eff = Some(v.trim().to_string()),
+            _ => {}
+        }
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_is_read() {
+        let o = parse_status(
+            "Name:\tqemu\nUid:\t5\t5\t5\t5\nGid:\t7\t7\t7\t7\nGroups:\t7 36 \nCapEff:\t0000000000000000\nNoNewPrivs:\t1\nSeccomp:\t2\n",
+        );
+        assert_eq!(o.uids, vec![5; 4]);
+        assert_eq!(o.groups, vec![7, 36]);
+        assert_eq!(o.seccomp, Some(2));
+        assert!(o.no_new_privs);
+        assert_eq!(o.cap_eff.as_deref(), Some("0000000000000000"));
+    }
+
+    /// A real child, confined: its uid, groups, no_new_privs, environment
+    /// and capabilities are what was asked, and it cannot read a root-only
+    /// file.
+    #[test]
+    fn a_confined_child_is_who_it_was_told() {
+        assert!(nix::unistd::geteuid().is_root(), "this test needs root");
+        let t = tempfile::tempdir().unwrap();
+        let secret = t.path().join("secret");
+        std::fs::write(&secret, "x").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        let c = Confinement {
+            identity: Some(Identity {
+                uid: 1_879_000_001,
+                gid: 1_879_000_000,
+                groups: vec![1_879_000_000],
+            }),
+            cgroup_procs: Vec::new(),
+        };
+        let mut cmd = Command::new("/bin/sh");
+        cmd.env("KEPT", "no")
+            .arg("-c")
+            .arg("grep -E '^(Uid|Groups|NoNewPrivs|CapEff):' /proc/self/status; echo \"KEPT=$KEPT\"; cat \"$1\" && echo READ")
+            .arg("sh")
+            .arg(&secret);
+        c.apply(&mut cmd).unwrap();
+        // (KEPT was set before apply: the environment is cleared.)
+        let out = cmd.output().unwrap();
+        let s = String::from_utf8_lossy(&out.stdout);
+        let o = parse_status(&s);
+        assert_eq!(o.uids, vec![1_879_000_001; 4], "{s}");
+        assert_eq!(o.groups, vec![1_879_000_000], "{s}");
+        assert!(o.no_new_privs, "{s}");
+        assert_eq!(o.cap_eff.as_deref(), Some("0000000000000000"), "{s}");
+        assert!(s.contains("KEPT=\n"), "the environment is cleared: {s}");
+        assert!(!s.contains("READ"), "a root-only file was read: {s}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+            "{out:?}"
+        );
+    }
+}

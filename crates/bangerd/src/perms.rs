@@ -1,0 +1,146 @@
+//! Who may read what under the state and runtime dirs, now that each VMM
+//! runs as a user of its own (`resources::jail`): a VMM passes through
+//! the dirs above its own VM's (search permission only, never a listing),
+//! reads the images through their group, and nothing else. The daemon's
+//! own files (the database, its log, the client key, other VMs' files)
+//! are root's alone.
+//!
+//! | path | owner, mode |
+//! |---|---|
+//! | state dir, runtime dir, `vms/` (both), `volumes/` | root, 0711 |
+//! | `images/`, each image dir | root:`<vmm gid>`, 0750 |
+//! | an image's files | root:`<vmm gid>`, 0640 |
+//! | `banger.db` (and `-wal`, `-shm`), `bangerd.log` | root, 0600 |
+//! | `ssh/`, `cache/` | root, 0700 |
+//! | a VM's state dir | root:`<vm uid>`, 0710 (jail) |
+//! | a VM's runtime dir | `<vm uid>`, 0700 (jail) |
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use banger_core::Layout;
+use banger_host::fsutil::{self, WrapIo};
+use nix::unistd::{Gid, Uid};
+
+use crate::error::{DaemonError, Result};
+
+fn set(path: &Path, gid: u32, mode: u32) -> Result<()> {
+    nix::unistd::fchownat(
+        None,
+        path,
+        Some(Uid::from_raw(0)),
+        Some(Gid::from_raw(gid)),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .map_err(|e| DaemonError::Invalid(format!("chown {}: {e}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_path("chmod", path)?;
+    Ok(())
+}
+
+/// Sets the modes above on what exists (idempotent; run at every start,
+/// so older state dirs are brought in line).
+pub fn prepare(l: &Layout, vmm_gid: u32) -> Result<()> {
+    for d in [
+        l.state_dir.clone(),
+        l.runtime_dir.clone(),
+        l.vms_dir(),
+        l.runtime_dir.join("vms"),
+        l.volumes_dir(),
+        l.ssh_dir(),
+        l.cache_dir(),
+        l.images_dir(),
+    ] {
+        fsutil::create_dir_all(&d)?;
+    }
+    for d in [
+        l.state_dir.clone(),
+        l.runtime_dir.clone(),
+        l.vms_dir(),
+        l.runtime_dir.join("vms"),
+        l.volumes_dir(),
+    ] {
+        set(&d, 0, 0o711)?;
+    }
+    for d in [l.ssh_dir(), l.cache_dir()] {
+        set(&d, 0, 0o700)?;
+    }
+    for f in [
+        l.db(),
+        PathBuf::from(format!("{}-wal", l.db().display())),
+        PathBuf::from(format!("{}-shm", l.db().display())),
+        l.daemon_log(),
+        l.lock_file(),
+    ] {
+        if f.exists() {
+            set(&f, 0, 0o600)?;
+        }
+    }
+    set(&l.images_dir(), vmm_gid, 0o750)?;
+    for e in std::fs::read_dir(l.images_dir()).with_path("list", &l.images_dir())? {
+        let p = e.with_path("list", &l.images_dir())?.path();
+        if p.is_dir() && p.extension().is_none() {
+            share_image(&p, vmm_gid)?;
+        }
+    }
+    Ok(())
+}
+
+/// An image dir readable by the VMMs' group: the dir and its files (the
+/// kernel, the initramfs, the root filesystem a qcow2 overlay or an
+/// overlay root reads).
+pub fn share_image(dir: &Path, vmm_gid: u32) -> Result<()> {
+    set(dir, vmm_gid, 0o750)?;
+    for e in std::fs::read_dir(dir).with_path("list", dir)? {
+        let p = e.with_path("list", dir)?.path();
+        let m = p.symlink_metadata().with_path("stat", &p)?;
+        if m.is_file() {
+            set(&p, vmm_gid, 0o640)?;
+        }
+    }
+    Ok(())
+}
+
+/// The first dir above `path` (inclusive) that a user other than root
+/// cannot pass through: a confined VMM could not reach its files.
+pub fn unreachable_ancestor(path: &Path) -> Option<PathBuf> {
+    path.ancestors()
+        .find(|a| a.metadata().map(|m| m.mode() & 0o001 == 0).unwrap_or(true))
+        .map(Path::to_path_buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(p: &Path) -> (u32, u32) {
+        let m = std::fs::metadata(p).unwrap();
+        (m.gid(), m.permissions().mode() & 0o7777)
+    }
+
+    #[test]
+    fn what_a_vmm_may_pass_read_or_never_see() {
+        let d = tempfile::tempdir().unwrap();
+        let l = Layout::new(d.path().join("state"), d.path().join("run"));
+        let img = l.image_dir("bookworm");
+        std::fs::create_dir_all(&img).unwrap();
+        std::fs::write(img.join("rootfs.ext4"), "x").unwrap();
+        std::fs::create_dir_all(&l.state_dir).unwrap();
+        std::fs::write(l.db(), "").unwrap();
+        prepare(&l, 4242).unwrap();
+        assert_eq!(mode(&l.state_dir).1, 0o711);
+        assert_eq!(mode(&l.vms_dir()).1, 0o711);
+        assert_eq!(mode(&l.ssh_dir()).1, 0o700);
+        assert_eq!(mode(&l.db()).1, 0o600);
+        assert_eq!(mode(&l.images_dir()), (4242, 0o750));
+        assert_eq!(mode(&img), (4242, 0o750));
+        assert_eq!(mode(&img.join("rootfs.ext4")), (4242, 0o640));
+        // The tempdir itself is 0700: a VMM could not get in.
+        assert_eq!(
+            unreachable_ancestor(&l.vms_dir()).as_deref(),
+            Some(d.path())
+        );
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        assert_eq!(unreachable_ancestor(&l.vms_dir()), None);
+    }
+}

@@ -1,0 +1,257 @@
+//! What confines a VM's processes (issue: a guest that escapes its VMM
+//! gets nothing): a cgroup with the VM's limits, which its VMM and the
+//! VMM's helpers start in, and for QEMU an unprivileged identity of its
+//! own that owns exactly the files and sockets its VMM uses.
+//!
+//! - **Identity**: uid = gid = `--vmm-uid-base` + the VM's address slot
+//!   (unique among the instance's VMs, stable for the VM's life, so its
+//!   files keep their owner across stop/start), with one supplementary
+//!   group, the base itself, which may read the images (`kvm`'s group is
+//!   added where the VMM uses KVM). Firecracker keeps root until it runs
+//!   under its jailer; it gets the cgroup all the same.
+//! - **Files**: the VM's state dir is `root:<uid> 0710` (the VMM passes
+//!   through it, cannot list it, create, rename or delete in it: no link
+//!   can be planted where the daemon writes); the files its VMM opens (the
+//!   writable disks, the console log, the initrd) are `<uid> 0600`
+//!   ([`hand_over`], by the VMM's resource); its runtime dir, where its
+//!   processes make their sockets, is `<uid> 0700` (the daemon connects
+//!   there only through `banger_agent::connect_nofollow`); a volume is
+//!   `<uid> 0600` while the VM has it and root's again after.
+//! - **cgroup** (`banger_host::cgroup`): memory = the VM's memory plus
+//!   `--vmm-memory-overhead` (the VMM's own use, measured: docs/BENCHMARKS.md),
+//!   no swap, pids, a CPU weight of 100 per vCPU; an OOM kill in it is the
+//!   VM's last error ([`oom_message`]).
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use banger_core::{Release, VmHandles, VmRecord, VmmKind};
+use banger_host::cgroup::{Cgroups, Limits};
+use banger_host::confine::{Confinement, Identity};
+use nix::unistd::{Gid, Uid};
+use serde_json::{json, Value};
+
+use super::{Acq, End, Resource};
+use crate::daemon::Daemon;
+use crate::error::{DaemonError, Result};
+
+#[derive(Debug)]
+pub struct Jail;
+
+impl Daemon {
+    /// The host's cgroup hierarchy, or why a VM cannot be confined here.
+    pub fn cgroups(&self) -> Result<&Cgroups> {
+        self.cgroups
+            .as_ref()
+            .map_err(|e| DaemonError::Unsupported(e.clone()))
+    }
+}
+
+/// The identity the VM's VMM and vsock backend run as; none where the VMM
+/// keeps root (Firecracker without its jailer).
+pub fn identity(d: &Daemon, vm: &VmRecord) -> Result<Option<Identity>> {
+    if vm.spec.vmm != VmmKind::Qemu {
+        return Ok(None);
+    }
+    let slot = d.guest_net(vm)?.slot;
+    let base = d.cfg.vmm_uid_base;
+    let uid = base.checked_add(slot).ok_or_else(|| {
+        DaemonError::Invalid(format!(
+            "vm {:?}: --vmm-uid-base {base} + slot {slot} overflows a uid",
+            vm.name
+        ))
+    })?;
+    let mut groups = vec![base];
+    if vm.spec.accel == "kvm" {
+        if let Ok(m) = std::fs::metadata("/dev/kvm") {
+            groups.push(m.gid());
+        }
+    }
+    Ok(Some(Identity {
+        uid,
+        gid: uid,
+        groups,
+    }))
+}
+
+/// What the VM's processes start with: its identity (if any) and its
+/// cgroups.
+pub fn confinement(d: &Daemon, vm: &VmRecord, id: Option<Identity>) -> Result<Confinement> {
+    Ok(Confinement {
+        identity: id,
+        cgroup_procs: d.cgroups()?.procs_files(&vm.id),
+    })
+}
+
+/// The VM's limits.
+pub fn limits(d: &Daemon, vm: &VmRecord) -> Limits {
+    let s = &vm.spec.sizing;
+    Limits {
+        memory_bytes: (s.memory_mib + d.cfg.vmm_memory_overhead_mib) << 20,
+        pids: d.cfg.vmm_pids_max,
+        cpu_weight: 100 * u64::from(s.cpus.max(1)),
+    }
+}
+
+fn chown(path: &Path, uid: u32, gid: u32, mode: u32) -> Result<()> {
+    nix::unistd::fchownat(
+        None,
+        path,
+        Some(Uid::from_raw(uid)),
+        Some(Gid::from_raw(gid)),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .map_err(|e| DaemonError::Invalid(format!("chown {}: {e}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| DaemonError::Invalid(format!("chmod {}: {e}", path.display())))
+}
+
+/// Gives the VMM's identity the files it opens (a missing one is skipped:
+/// the VMM reports it). Block devices (a dm-snapshot) included.
+pub fn hand_over(id: Option<&Identity>, paths: &[&Path]) -> Result<()> {
+    let Some(id) = id else {
+        return Ok(());
+    };
+    for p in paths {
+        if p.symlink_metadata().is_ok() {
+            chown(p, id.uid, id.gid, 0o600)?;
+        }
+    }
+    Ok(())
+}
+
+fn volumes(d: &Daemon, vm: &VmRecord) -> Vec<PathBuf> {
+    vm.spec
+        .volumes
+        .iter()
+        .map(|m| d.cfg.layout.volume(&m.name))
+        .collect()
+}
+
+fn give_back_volumes(held: &Value) -> Result<()> {
+    for p in held["volumes"].as_array().into_iter().flatten() {
+        if let Some(p) = p.as_str().map(Path::new) {
+            if p.exists() {
+                chown(p, 0, 0, 0o600)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// How long the last exits in a VM's cgroup may take.
+const EMPTY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn remove_cgroup(d: &Daemon, vm_id: &str, held: &Value, wait: bool) -> Result<()> {
+    let Ok(c) = d.cgroups() else {
+        return Ok(());
+    };
+    // The dirs recorded (the daemon's own cgroup may have moved since).
+    let mut dirs: Vec<PathBuf> = held["cgroup"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.as_str().map(PathBuf::from))
+        .collect();
+    if dirs.is_empty() {
+        dirs = c.dirs(vm_id);
+    }
+    if wait {
+        c.kill_and_remove(&dirs, EMPTY_WAIT)
+    } else {
+        c.remove_dirs(&dirs)
+    }
+    .map_err(|e| DaemonError::Release {
+        vm: vm_id.to_string(),
+        resource: "jail",
+        reason: e.to_string(),
+    })
+}
+
+impl Resource for Jail {
+    fn name(&self) -> &'static str {
+        "jail"
+    }
+
+    fn phase(&self) -> &'static str {
+        "confine"
+    }
+
+    fn acquire(&self, d: &Daemon, cx: &mut Acq<'_>) -> Result<()> {
+        let c: &Cgroups = d.cgroups()?;
+        // Recorded first: a failed create leaves nothing, a later failure
+        // finds the dirs in the handles.
+        cx.handles.cgroup_dirs = c.dirs(&cx.vm.id);
+        c.create(&cx.vm.id, &limits(d, cx.vm))
+            .map_err(|e| DaemonError::Invalid(format!("vm {:?}: {e}", cx.vm.name)))?;
+        let Some(id) = identity(d, cx.vm)? else {
+            return Ok(());
+        };
+        let l = &d.cfg.layout;
+        for top in [l.vms_dir(), l.runtime_dir.join("vms")] {
+            if let Some(a) = crate::perms::unreachable_ancestor(&top) {
+                return Err(DaemonError::Invalid(format!(
+                    "vm {:?}: its VMM runs as uid {} and cannot pass through {} to reach its \
+                     files: `chmod o+x {}` (search only; nothing becomes readable)",
+                    cx.vm.name,
+                    id.uid,
+                    a.display(),
+                    a.display()
+                )));
+            }
+        }
+        let rt = l.vm_runtime_dir(&cx.vm.id);
+        banger_host::fsutil::create_dir_all(&rt)?;
+        chown(&l.vm_dir(&cx.vm.id), 0, id.gid, 0o710)?;
+        chown(&rt, id.uid, id.gid, 0o700)?;
+        for v in volumes(d, cx.vm) {
+            chown(&v, id.uid, id.gid, 0o600)?;
+        }
+        Ok(())
+    }
+
+    fn held(&self, d: &Daemon, vm: &VmRecord, h: &VmHandles) -> Option<Value> {
+        let dirs: Vec<PathBuf> = if h.cgroup_dirs.is_empty() {
+            d.cgroups().map(|c| c.dirs(&vm.id)).unwrap_or_default()
+        } else {
+            h.cgroup_dirs.clone()
+        };
+        let dirs: Vec<PathBuf> = dirs.into_iter().filter(|p| p.exists()).collect();
+        let vols: Vec<PathBuf> = volumes(d, vm)
+            .into_iter()
+            .filter(|p| p.metadata().map(|m| m.uid() != 0).unwrap_or(false))
+            .collect();
+        (!dirs.is_empty() || !vols.is_empty()).then(|| json!({ "cgroup": dirs, "volumes": vols }))
+    }
+
+    fn end(&self, d: &Daemon, vm: &VmRecord, held: Value, _how: End) -> Result<Option<Value>> {
+        give_back_volumes(&held)?;
+        // Busy while a deleted VM's VMM is still dying: after the reply.
+        match remove_cgroup(d, &vm.id, &held, false) {
+            Ok(()) => Ok(None),
+            Err(_) => Ok(Some(json!({ "cgroup": held["cgroup"] }))),
+        }
+    }
+
+    fn release(&self, d: &Daemon, r: &Release, held: &Value) -> Result<()> {
+        give_back_volumes(held)?;
+        remove_cgroup(d, &r.vm_id, held, true)
+    }
+}
+
+/// Why a VMM that exited on its own did, if the kernel's OOM killer
+/// killed it (or a helper) in the VM's cgroup.
+pub fn oom_message(d: &Daemon, vm: &VmRecord) -> Option<String> {
+    let c = d.cgroups().ok()?;
+    let kills = c.oom_kills(&vm.id)?;
+    if kills == 0 {
+        return None;
+    }
+    let limit = c.memory_limit(&vm.id).map(|b| b >> 20).unwrap_or(0);
+    Some(format!(
+        "the kernel's OOM killer stopped the VM: its VMM and helpers used more than their \
+         memory limit of {limit} MiB ({} MiB of guest memory + {} MiB for the VMM); \
+         give it more with --memory, or raise bangerd --vmm-memory-overhead",
+        vm.spec.sizing.memory_mib, d.cfg.vmm_memory_overhead_mib
+    ))
+}
