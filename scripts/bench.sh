@@ -5,7 +5,8 @@
 # network namespace it creates; prints a table and appends it to
 # docs/BENCHMARKS.md. Options: --runs N, --parallel N, --vmm qemu|firecracker,
 # --network-only (per-VM network setup and teardown, alone and among 100),
-# --agent-only (exec round trips and copies), --storage-only (root-disk
+# --agent-only (exec round trips and copies), --memory-only (the VMM's memory
+# beyond the guest's, in its cgroup), --storage-only (root-disk
 # preparation per strategy, 1 GiB and 8 GiB images, 20 VMs in a row).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -216,6 +216,11 @@ pub struct VmStats {
     pub cpu_percent: f64,
     /// The VMM's resident memory.
     pub rss_bytes: u64,
+    /// What the VM's cgroup (the VMM and its helpers) uses, and its limit.
+    #[serde(default)]
+    pub cgroup_memory_bytes: u64,
+    #[serde(default)]
+    pub memory_limit_bytes: u64,
     /// Bytes allocated on the host by the VM's disks (root and work).
     pub disk_bytes: u64,
     /// Bytes through the VM's tap, as the guest sees them (rx: received by

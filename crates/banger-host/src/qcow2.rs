@@ -24,6 +24,8 @@ pub enum Qcow2Error {
     BackingTooLong { path: PathBuf, backing: PathBuf },
     #[error("qcow2 overlay {path}: virtual size {size} is too large for one L1 cluster")]
     TooLarge { path: PathBuf, size: u64 },
+    #[error("qcow2 overlay {path}: {reason}: refusing to read it")]
+    Hostile { path: PathBuf, reason: String },
     #[error("qcow2 overlay {path}: {source}")]
     Io {
         path: PathBuf,
@@ -116,6 +118,101 @@ pub fn create_overlay(path: &Path, backing: &Path, grow_to: Option<u64>) -> Resu
     Ok(())
 }
 
+/// What a qcow2 header says, of the fields that decide what reading the
+/// image opens or trusts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub version: u32,
+    pub cluster_bits: u32,
+    pub size: u64,
+    pub crypt_method: u32,
+    pub incompatible: u64,
+}
+
+/// Incompatible feature bits QEMU knows: dirty, corrupt, external data
+/// file, compression type, extended L2 entries.
+const INCOMPAT_EXTERNAL_DATA: u64 = 1 << 2;
+const INCOMPAT_KNOWN: u64 = 0b1_1111;
+
+/// Reads and checks the header of a qcow2 root disk that its VMM, which
+/// a guest may have taken over, could have rewritten: before the host
+/// reads the image (`vm commit`), a header that would make the reader
+/// open another file (an external data file; the backing file is given
+/// explicitly by the caller, never taken from the header), decrypt, or
+/// use a feature nobody knows is refused. Never panics on any input.
+pub fn check_header(bytes: &[u8]) -> Result<Header, String> {
+    let be32 = |o: usize| -> Option<u32> {
+        Some(u32::from_be_bytes(bytes.get(o..o + 4)?.try_into().ok()?))
+    };
+    let be64 = |o: usize| -> Option<u64> {
+        Some(u64::from_be_bytes(bytes.get(o..o + 8)?.try_into().ok()?))
+    };
+    let short = || "the header is cut short".to_string();
+    if be32(0).ok_or_else(short)? != 0x5146_49fb {
+        return Err("not a qcow2 image (bad magic)".into());
+    }
+    let h = Header {
+        version: be32(4).ok_or_else(short)?,
+        cluster_bits: be32(20).ok_or_else(short)?,
+        size: be64(24).ok_or_else(short)?,
+        crypt_method: be32(32).ok_or_else(short)?,
+        incompatible: if be32(4) == Some(2) {
+            0
+        } else {
+            be64(72).ok_or_else(short)?
+        },
+    };
+    if !(2..=3).contains(&h.version) {
+        return Err(format!("version {} is not 2 or 3", h.version));
+    }
+    if !(9..=21).contains(&h.cluster_bits) {
+        return Err(format!("cluster bits {} out of range", h.cluster_bits));
+    }
+    if h.crypt_method != 0 {
+        return Err("it is encrypted".into());
+    }
+    if h.incompatible & INCOMPAT_EXTERNAL_DATA != 0 {
+        return Err("it names an external data file".into());
+    }
+    if h.incompatible & !INCOMPAT_KNOWN != 0 {
+        return Err(format!(
+            "unknown incompatible features {:#x}",
+            h.incompatible
+        ));
+    }
+    Ok(h)
+}
+
+/// [`check_header`] on the first cluster of the file at `path`.
+pub fn check_file(path: &Path) -> Result<Header, Qcow2Error> {
+    use std::io::Read;
+    let mut buf = Vec::with_capacity(4096);
+    std::fs::File::open(path)
+        .and_then(|f| f.take(4096).read_to_end(&mut buf))
+        .map_err(|source| Qcow2Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    check_header(&buf).map_err(|reason| Qcow2Error::Hostile {
+        path: path.to_path_buf(),
+        reason,
+    })
+}
+
+/// A `qemu-img` filename that reads the qcow2 `top` over the raw `backing`
+/// given here, whatever backing file its header names.
+pub fn explicit_backing_spec(top: &Path, backing: &Path) -> String {
+    let spec = serde_json::json!({
+        "driver": "qcow2",
+        "file": { "driver": "file", "filename": top },
+        "backing": {
+            "driver": "raw",
+            "file": { "driver": "file", "filename": backing },
+        },
+    });
+    format!("json:{spec}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,6 +278,56 @@ mod tests {
         let check = crate::cmd::run("qemu-img", ["check".as_ref(), ov.as_os_str()]);
         assert!(check.is_ok(), "after a write: {check:?}");
         assert_eq!(std::fs::metadata(&base).unwrap().len(), 3 << 30);
+    }
+
+    #[test]
+    fn headers_that_would_open_other_files_are_refused() {
+        let ours = overlay_bytes(Path::new("/img/rootfs.ext4"), 1 << 30).unwrap();
+        let h = check_header(&ours).unwrap();
+        assert_eq!((h.version, h.cluster_bits, h.size), (3, 16, 1 << 30));
+        let with = |off: usize, v: &[u8]| {
+            let mut b = ours.clone();
+            b[off..off + v.len()].copy_from_slice(v);
+            check_header(&b)
+        };
+        let e = with(72, &(1u64 << 2).to_be_bytes()).unwrap_err();
+        assert!(e.contains("external data file"), "{e}");
+        assert!(with(72, &(1u64 << 9).to_be_bytes())
+            .unwrap_err()
+            .contains("unknown"));
+        assert!(with(32, &1u32.to_be_bytes())
+            .unwrap_err()
+            .contains("encrypted"));
+        assert!(with(20, &40u32.to_be_bytes())
+            .unwrap_err()
+            .contains("cluster"));
+        assert!(with(0, b"QFI\0").unwrap_err().contains("magic"));
+        for n in 0..80 {
+            assert!(check_header(&ours[..n]).is_err(), "{n} bytes");
+        }
+        // qemu-img reads through the explicit backing, not the header's.
+        let d = tempfile::tempdir().unwrap();
+        let real = d.path().join("real.raw");
+        std::fs::write(&real, vec![7u8; 1 << 16]).unwrap();
+        let top = d.path().join("top.qcow2");
+        std::fs::write(
+            &top,
+            overlay_bytes(Path::new("/nonexistent/elsewhere"), 1 << 16).unwrap(),
+        )
+        .unwrap();
+        let out = d.path().join("out.raw");
+        let st = std::process::Command::new("qemu-img")
+            .args(["convert", "-O", "raw"])
+            .arg(explicit_backing_spec(&top, &real))
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(
+            st.status.success(),
+            "{}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+        assert_eq!(std::fs::read(&out).unwrap(), vec![7u8; 1 << 16]);
     }
 
     #[test]

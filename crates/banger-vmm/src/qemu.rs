@@ -15,6 +15,9 @@ use crate::{qmp, VmConfig, Vmm, VmmError, VmmProcess};
 
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
 
+/// MiB of TCG's translation cache.
+pub const TCG_TB_MIB: u64 = 256;
+
 /// `-sandbox`: QEMU's own seccomp filter with every optional deny on.
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
@@ -40,6 +43,16 @@ impl Qemu {
         let mut push = |s: &str| a.push(OsString::from(s));
         push("-name");
         push(&format!("banger-{}", cfg.name));
+        push("-accel");
+        // TCG's translation cache is bounded (QEMU's default is 1 GiB of
+        // host memory, grown as the guest runs new code), so that the
+        // VMM's memory beyond the guest's has a ceiling its cgroup can
+        // count on (`bangerd --vmm-memory-overhead`).
+        push(&if self.accel == "tcg" {
+            format!("tcg,tb-size={TCG_TB_MIB}")
+        } else {
+            self.accel.clone()
+        });
         push("-M");
         // vhost-user devices need the guest's memory shared with their
         // backend process: a memfd.
@@ -48,10 +61,7 @@ impl Qemu {
         } else {
             ""
         };
-        push(&format!(
-            "pc,accel={},usb=off,vmport=off{shared}",
-            self.accel
-        ));
+        push(&format!("pc,usb=off,vmport=off{shared}"));
         push("-cpu");
         push(if self.accel == "kvm" { "host" } else { "max" });
         push("-smp");
@@ -272,7 +282,7 @@ mod tests {
     #[test]
     fn command_line() {
         let s = joined(&Qemu::new(false));
-        assert!(s.contains("-M pc,accel=tcg"), "{s}");
+        assert!(s.contains("-accel tcg,tb-size=256 -M pc,usb=off"), "{s}");
         assert!(s.contains("-cpu max"), "{s}");
         assert!(s.contains("-smp 2 -m 1024M"), "{s}");
         assert!(
@@ -318,7 +328,10 @@ mod tests {
         // The root disk comes first so that it is /dev/vda.
         assert!(s.find("id=root").unwrap() < s.find("id=work").unwrap());
         let k = joined(&Qemu::new(true));
-        assert!(k.contains("accel=kvm") && k.contains("-cpu host"), "{k}");
+        assert!(
+            k.contains("-accel kvm -M pc") && k.contains("-cpu host"),
+            "{k}"
+        );
         assert!(
             !s.contains("memory-backend"),
             "no shared memory without vsock: {s}"
@@ -337,7 +350,7 @@ mod tests {
             .collect::<Vec<_>>()
             .join(" ");
         assert!(
-            v.contains("-M pc,accel=tcg,usb=off,vmport=off,memory-backend=mem"),
+            v.contains("-M pc,usb=off,vmport=off,memory-backend=mem"),
             "{v}"
         );
         assert!(

@@ -141,8 +141,18 @@ pub(crate) fn bytes(n: u64) -> String {
 pub fn print_stats(stats: &[VmStats]) {
     let w = stats.iter().map(|s| s.name.len()).max().unwrap_or(0).max(4);
     println!(
-        "{:<w$} {:>6} {:>10} {:>10} {:>10} {:>10} {:>9} {:>8} {:>10} {:>5}",
-        "NAME", "CPU%", "MEMORY", "DISK", "NET RX", "NET TX", "UPTIME", "IDLE", "GUEST MEM", "LOAD"
+        "{:<w$} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>8} {:>10} {:>5}",
+        "NAME",
+        "CPU%",
+        "MEMORY",
+        "LIMIT",
+        "DISK",
+        "NET RX",
+        "NET TX",
+        "UPTIME",
+        "IDLE",
+        "GUEST MEM",
+        "LOAD"
     );
     for s in stats {
         // The guest's own numbers (used memory, 1-minute load), if its
@@ -155,10 +165,20 @@ pub fn print_stats(stats: &[VmStats]) {
             None => ("-".into(), "-".into()),
         };
         println!(
-            "{:<w$} {:>6.1} {:>10} {:>10} {:>10} {:>10} {:>9} {:>8} {:>10} {:>5}",
+            "{:<w$} {:>6.1} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>8} {:>10} {:>5}",
             s.name,
             s.cpu_percent,
-            bytes(s.rss_bytes),
+            // The cgroup's figure (the VMM and its helpers) where there is one.
+            bytes(if s.cgroup_memory_bytes > 0 {
+                s.cgroup_memory_bytes
+            } else {
+                s.rss_bytes
+            }),
+            if s.memory_limit_bytes > 0 {
+                bytes(s.memory_limit_bytes)
+            } else {
+                "-".into()
+            },
             bytes(s.disk_bytes),
             bytes(s.net_rx_bytes),
             bytes(s.net_tx_bytes),

@@ -231,6 +231,18 @@ fn stats_status_and_logs_escaped_and_bounded() {
     let s = &stats[0];
     assert_eq!(s["name"], "noisy");
     assert!(s["rss_bytes"].as_u64().unwrap() > 1 << 20, "{s}");
+    // Its cgroup: in use, below its limit of the VM's memory plus the
+    // VMM's overhead.
+    let limit = s["memory_limit_bytes"].as_u64().unwrap();
+    let used = s["cgroup_memory_bytes"].as_u64().unwrap();
+    let mib_of = |v: u64| v >> 20;
+    assert!(used > 1 << 20 && used < limit, "{s}");
+    assert_eq!(
+        mib_of(limit),
+        inst.vm("noisy").unwrap()["memory_mib"].as_u64().unwrap()
+            + bangerd::config::DEFAULT_VMM_MEMORY_OVERHEAD_MIB,
+        "{s}"
+    );
     assert!(s["disk_bytes"].as_u64().unwrap() > 0, "{s}");
     assert!(s["cpu_secs"].as_f64().unwrap() > 0.0, "{s}");
     // The guest's own numbers, from its agent: at most the VM's memory

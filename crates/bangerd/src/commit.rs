@@ -86,14 +86,19 @@ impl Daemon {
         let vm_dir = self.cfg.layout.vm_dir(&vm.id);
         match kind {
             RootDiskKind::Qcow2 => {
+                // The overlay was the VMM's to write: its header is
+                // checked, and the backing file is the image's, named
+                // here, never the one the header names.
                 let src = vm_dir.join(vmfiles::ROOT_DISK);
+                banger_host::qcow2::check_file(&src)?;
+                let spec = banger_host::qcow2::explicit_backing_spec(&src, &base.rootfs);
                 cmd::run_with(
                     "qemu-img",
                     [
                         "convert".as_ref(),
                         "-O".as_ref(),
                         "raw".as_ref(),
-                        src.as_os_str(),
+                        std::ffi::OsStr::new(&spec),
                         out.as_os_str(),
                     ],
                     None,

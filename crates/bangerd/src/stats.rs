@@ -1,5 +1,5 @@
 //! The stats poller (seed): every `stats_interval`, per running VM, the
-//! VMM's CPU time and resident memory, the bytes its disks take on the
+//! VMM's CPU time and resident memory, its cgroup's memory and limit, the bytes its disks take on the
 //! host, and its tap's traffic. It enforces `AutoStop` (a TTL, an idle
 //! timeout) through the same path as `vm stop`, and keeps console logs
 //! bounded.
@@ -171,6 +171,16 @@ impl Daemon {
                 cpu_secs: cpu_ticks as f64 / tps,
                 cpu_percent,
                 rss_bytes: process::rss_bytes(p.pid).unwrap_or(0),
+                cgroup_memory_bytes: self
+                    .cgroups()
+                    .ok()
+                    .and_then(|c| c.memory_current(&vm.id))
+                    .unwrap_or(0),
+                memory_limit_bytes: self
+                    .cgroups()
+                    .ok()
+                    .and_then(|c| c.memory_limit(&vm.id))
+                    .unwrap_or(0),
                 disk_bytes,
                 net_rx_bytes: rx,
                 net_tx_bytes: tx,

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use test_infra::{text, Instance};
 
 mod agent;
+mod memory;
 mod storage;
 
 fn stats(v: &[f64]) -> (f64, f64, f64) {
@@ -399,6 +400,18 @@ fn main() {
             &table,
             "none booted (vm create only: the root disk's preparation)",
         );
+        return;
+    }
+    // `--memory-only`: the VMM's memory beyond the guest's.
+    if args.iter().any(|a| a == "--memory-only") {
+        let banger = std::env::current_exe()
+            .expect("current exe")
+            .with_file_name("banger");
+        let mut table = String::from(
+            "| scenario | median | min | max | unit | runs |\n|---|---|---|---|---|---|\n",
+        );
+        memory::bench(&mut table, &banger, 3);
+        append(&table, "3 VMs of 512 MiB, one after another");
         return;
     }
     // `--agent-only`: the guest agent's section alone.
