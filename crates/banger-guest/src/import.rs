@@ -273,7 +273,7 @@ pub(crate) fn unpack_file(src: &Path, root: &Path, layer: bool) -> Result<u64, I
 /// `layer` (an OCI layer), whiteout entries are skipped (see
 /// [`oci::whiteouts`]) and an entry replaces what lower layers left at its
 /// path when the kinds differ (a directory over a file, or the reverse).
-pub(crate) fn unpack(r: impl Read, root: &Path, layer: bool) -> std::io::Result<u64> {
+pub fn unpack(r: impl Read, root: &Path, layer: bool) -> std::io::Result<u64> {
     let mut ar = tar::Archive::new(r);
     ar.set_preserve_permissions(true);
     ar.set_preserve_ownerships(true);

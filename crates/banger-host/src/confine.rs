@@ -8,8 +8,9 @@
 //! order: write "0" into each `cgroup.procs` (the files are opened by the
 //! daemon before the fork, so no path is resolved in the child), then
 //! `setgroups`, `setgid`, `setuid` (which drops every capability), then
-//! `prctl(PR_SET_NO_NEW_PRIVS)`. Only async-signal-safe system calls run
-//! there.
+//! `prctl(PR_SET_NO_NEW_PRIVS)`; before the identity changes, a network
+//! namespace of its own where asked. Only async-signal-safe system calls
+//! run there.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -46,6 +47,13 @@ pub struct Confinement {
     pub identity: Option<Identity>,
     /// `cgroup.procs` files, one per hierarchy.
     pub cgroup_procs: Vec<PathBuf>,
+    /// A network namespace of its own, empty (no interface but a loopback
+    /// that is down): a process that needs no network (QEMU, which gets
+    /// its tap as a descriptor that keeps working across namespaces; the
+    /// vsock backend, which speaks Unix sockets) then has none, so a
+    /// guest that takes it over cannot reach the host's networks, the
+    /// metadata address or abstract Unix sockets from there.
+    pub new_netns: bool,
 }
 
 /// The environment a confined process starts with: nothing of the
@@ -61,10 +69,11 @@ impl Confinement {
             .map(|p| open_procs(p))
             .collect::<Result<_, _>>()?;
         let id = self.identity.clone();
+        let new_netns = self.new_netns;
         cmd.env_clear().env("PATH", SAFE_PATH);
         // SAFETY: the closure runs in the forked child before exec and
-        // makes only async-signal-safe system calls (write, setgroups,
-        // setgid, setuid, prctl) on data prepared before the fork; it
+        // makes only async-signal-safe system calls (write, unshare,
+        // setgroups, setgid, setuid, prctl) on data prepared before the fork; it
         // allocates nothing.
         unsafe {
             cmd.pre_exec(move || {
@@ -74,6 +83,9 @@ impl Confinement {
                     if libc::write(f.as_raw_fd(), b.as_ptr().cast(), 1) != 1 {
                         return Err(std::io::Error::last_os_error());
                     }
+                }
+                if new_netns && libc::unshare(libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
                 }
                 if let Some(id) = &id {
                     // SAFETY: a pointer to `len` gid_t values that outlive
@@ -185,11 +197,12 @@ mod tests {
                 groups: vec![1_879_000_000],
             }),
             cgroup_procs: Vec::new(),
+            new_netns: true,
         };
         let mut cmd = Command::new("/bin/sh");
         cmd.env("KEPT", "no")
             .arg("-c")
-            .arg("grep -E '^(Uid|Groups|NoNewPrivs|CapEff):' /proc/self/status; echo \"KEPT=$KEPT\"; cat \"$1\" && echo READ")
+            .arg("grep -E '^(Uid|Groups|NoNewPrivs|CapEff):' /proc/self/status; echo \"KEPT=$KEPT\"; echo \"NET=$(readlink /proc/self/ns/net)\"; cat \"$1\" && echo READ")
             .arg("sh")
             .arg(&secret);
         c.apply(&mut cmd).unwrap();
@@ -202,6 +215,12 @@ mod tests {
         assert!(o.no_new_privs, "{s}");
         assert_eq!(o.cap_eff.as_deref(), Some("0000000000000000"), "{s}");
         assert!(s.contains("KEPT=\n"), "the environment is cleared: {s}");
+        let ours = std::fs::read_link("/proc/self/ns/net").unwrap();
+        assert!(s.contains("NET=net:["), "{s}");
+        assert!(
+            !s.contains(&format!("NET={}", ours.display())),
+            "a network namespace of its own: {s}"
+        );
         assert!(!s.contains("READ"), "a root-only file was read: {s}");
         assert!(
             String::from_utf8_lossy(&out.stderr).contains("Permission denied"),

@@ -162,20 +162,44 @@ fn make_persistent_tap(name: &str) -> Result<(), TapError> {
             source,
         });
     }
+    // Owned by root: a tap with no owner may be attached to by anyone who
+    // can open /dev/net/tun (0666 on most distributions), a guest's
+    // traffic read or a start made to fail; owned, only its owner or
+    // CAP_NET_ADMIN can.
+    // SAFETY: `tun` is attached to the tap; the argument is a plain int.
+    if let Err(source) = unsafe { tun_set_owner(tun.as_raw_fd(), 0) } {
+        // SAFETY: as above; undoing the persistence removes the tap when
+        // `tun` closes.
+        let _ = unsafe { tun_set_persist(tun.as_raw_fd(), 0) };
+        return Err(TapError::Ioctl {
+            tap: name.to_string(),
+            op: "set its owner (TUNSETOWNER)",
+            source,
+        });
+    }
     Ok(())
 }
 
 /// A fresh `/dev/net/tun` descriptor attached (`TUNSETIFF`) to the tap
 /// `name` with `flags`: creating it, or attaching to an existing one.
 fn attach(name: &str, flags: libc::c_int, op: &'static str) -> Result<std::fs::File, TapError> {
+    attach_at(std::path::Path::new("/dev/net/tun"), name, flags, op)
+}
+
+fn attach_at(
+    dev: &std::path::Path,
+    name: &str,
+    flags: libc::c_int,
+    op: &'static str,
+) -> Result<std::fs::File, TapError> {
     check_name(name)?;
     let tun = OpenOptions::new()
         .read(true)
         .write(true)
-        .open("/dev/net/tun")
+        .open(dev)
         .map_err(|source| TapError::Io {
             tap: name.to_string(),
-            op: "open /dev/net/tun",
+            op: "open the tun device",
             source,
         })?;
     // SAFETY: ifreq is plain old data, for which all zeroes is a valid value.
@@ -201,12 +225,38 @@ fn attach(name: &str, flags: libc::c_int, op: &'static str) -> Result<std::fs::F
 /// close-on-exec; the tap's one queue is this descriptor's until every
 /// copy of it is closed.
 pub fn open_queue(name: &str) -> Result<std::os::fd::OwnedFd, TapError> {
-    let tun = attach(
+    open_queue_at(std::path::Path::new("/dev/net/tun"), name)
+}
+
+/// [`open_queue`] through the tun device node `dev` (a jail's own, as a
+/// jailed Firecracker opens it): an unprivileged caller succeeds only on
+/// a tap whose owner it is ([`set_owner`]).
+pub fn open_queue_at(dev: &std::path::Path, name: &str) -> Result<std::os::fd::OwnedFd, TapError> {
+    let tun = attach_at(
+        dev,
         name,
         libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR,
         "attach (TUNSETIFF)",
     )?;
     Ok(tun.into())
+}
+
+nix::ioctl_write_int_bad!(tun_set_owner, libc::TUNSETOWNER);
+
+/// Makes `uid` the tap's owner (`TUNSETOWNER`): that user may then attach
+/// to it without `CAP_NET_ADMIN` (a jailed Firecracker opens its tap by
+/// name). Root (0) takes it back.
+pub fn set_owner(name: &str, uid: u32) -> Result<(), TapError> {
+    let tun = attach(name, libc::IFF_TAP | libc::IFF_NO_PI, "attach (TUNSETIFF)")?;
+    // SAFETY: `tun` is attached to the tap; the argument is a plain int.
+    unsafe { tun_set_owner(tun.as_raw_fd(), uid as libc::c_int) }.map_err(|source| {
+        TapError::Ioctl {
+            tap: name.to_string(),
+            op: "set its owner (TUNSETOWNER)",
+            source,
+        }
+    })?;
+    Ok(())
 }
 
 /// The message naming `host_ip/prefix` on interface `index`.
@@ -372,6 +422,9 @@ mod tests {
             assert!(addr.contains("inet 172.30.0.9/30"), "{addr}");
             reset("bgtap0", ip4, 30).unwrap();
             reset("bgtap0", ip4, 30).unwrap();
+            // Another owner (a jailed Firecracker's user) and back to root.
+            set_owner("bgtap0", 4242).unwrap();
+            set_owner("bgtap0", 0).unwrap();
             let addr = ip(&["-4", "-o", "addr", "show", "dev", "bgtap0"]);
             assert!(addr.trim().is_empty(), "{addr}");
             assert!(!ip(&["link", "show", "dev", "bgtap0"]).contains(",UP"));

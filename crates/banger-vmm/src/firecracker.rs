@@ -195,7 +195,16 @@ impl Vmm for Firecracker {
     }
 
     fn spawn(&self, cfg: &VmConfig) -> Result<VmmProcess, VmmError> {
-        let calls = requests(cfg)?;
+        // Under the jailer, the API names the files as Firecracker sees
+        // them inside its chroot.
+        let jailed = match &cfg.jail {
+            Some(spec) => {
+                requests(cfg)?;
+                Some(crate::jailer::prepare(cfg, spec, &self.binary)?)
+            }
+            None => None,
+        };
+        let calls = requests(jailed.as_ref().unwrap_or(cfg))?;
         let io = |path: &Path, source| VmmError::Io {
             vmm: "firecracker".into(),
             vm: cfg.name.clone(),
@@ -217,12 +226,33 @@ impl Vmm for Firecracker {
             .map_err(|e| io(&cfg.console_log, e))?;
         // --log-path wants an existing file; Firecracker's stderr goes there
         // too, appended, so the two writers do not overwrite each other.
-        std::fs::File::create(&cfg.vmm_log).map_err(|e| io(&cfg.vmm_log, e))?;
+        // (Under the jailer, the chroot holds a link to it.)
+        let f = std::fs::File::create(&cfg.vmm_log).map_err(|e| io(&cfg.vmm_log, e))?;
+        if let Some(spec) = &cfg.jail {
+            std::os::unix::fs::fchown(&f, Some(spec.uid), Some(spec.gid))
+                .map_err(|e| io(&cfg.vmm_log, e))?;
+        }
         let log2 = std::fs::OpenOptions::new()
             .append(true)
             .open(&cfg.vmm_log)
             .map_err(|e| io(&cfg.vmm_log, e))?;
-        let mut cmd = Command::new(&self.binary);
+        let mut cmd = match (&cfg.jail, &jailed) {
+            (Some(spec), Some(j)) => {
+                let mut c = Command::new(&spec.jailer);
+                c.args(crate::jailer::args(spec, &self.binary, j));
+                c
+            }
+            _ => {
+                let mut c = Command::new(&self.binary);
+                c.arg("--api-sock")
+                    .arg(&cfg.api_sock)
+                    .arg("--id")
+                    .arg(&cfg.name)
+                    .arg("--log-path")
+                    .arg(&cfg.vmm_log);
+                c
+            }
+        };
         cfg.confine
             .apply(&mut cmd)
             .map_err(|source| VmmError::Confine {
@@ -231,12 +261,6 @@ impl Vmm for Firecracker {
                 source,
             })?;
         let child = cmd
-            .arg("--api-sock")
-            .arg(&cfg.api_sock)
-            .arg("--id")
-            .arg(&cfg.name)
-            .arg("--log-path")
-            .arg(&cfg.vmm_log)
             .stdin(Stdio::null())
             .stdout(console)
             .stderr(log2)
@@ -325,6 +349,7 @@ mod tests {
                 fd: None,
             }],
             confine: Default::default(),
+            jail: None,
             console_log: "/v/console.log".into(),
             vmm_log: "/v/vmm.log".into(),
             api_sock: "/r/api.sock".into(),

@@ -16,6 +16,7 @@ use banger_core::VmmKind;
 use thiserror::Error;
 
 pub mod firecracker;
+pub mod jailer;
 pub mod qemu;
 pub mod qmp;
 
@@ -62,6 +63,9 @@ pub struct VmConfig {
     pub shares: Vec<FsShare>,
     /// Who the VMM runs as and the cgroups it starts in.
     pub confine: banger_host::confine::Confinement,
+    /// Firecracker only: start it through its jailer (`jailer`); the
+    /// API socket and the vsock socket above are then inside the chroot.
+    pub jail: Option<jailer::JailSpec>,
 }
 
 /// A `vhost-user-fs` device: its backend's (virtiofsd's) socket and the

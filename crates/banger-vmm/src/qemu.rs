@@ -268,6 +268,7 @@ mod tests {
             vsock: None,
             shares: Vec::new(),
             confine: Default::default(),
+            jail: None,
         }
     }
 

@@ -132,6 +132,15 @@ fn vmms_run_as_their_own_unprivileged_users_and_reach_nothing_else() {
         .parse()
         .unwrap();
     assert_ne!(ua, ub, "each VM has its own uid");
+    // No network of its own to speak of: an empty namespace (its tap is a
+    // descriptor), not the daemon's.
+    let ns = |pid: i32| std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+    assert_ne!(
+        ns(qa),
+        ns(inst.daemon_pid()),
+        "QEMU shares the daemon's network"
+    );
+    assert_ne!(ns(qa), ns(qb));
     // Its vsock backend is the same user.
     let backend = procs(&inst, "vhost-device-vsock")
         .into_iter()
@@ -279,5 +288,96 @@ fn a_vm_over_its_memory_limit_is_stopped_and_the_others_run_on() {
     );
     assert_eq!(inst.vm("calm").unwrap()["state"], "running");
     ok(&inst.banger(&["vm", "delete", "hog", "calm"]), "delete");
+    inst.assert_baseline();
+}
+
+/// Firecracker through its jailer (played here by `jailer-double`, which
+/// does what the jailer does but the `pivot_root`, and execs the
+/// spec-checking `firecracker-double`): the VMM runs as the VM's user in
+/// its chroot, every file the API names is inside that chroot, the tap is
+/// attached from inside as that user (so banger must have made it the
+/// tap's owner), and the chroot goes with the VM.
+#[test]
+fn firecracker_runs_under_its_jailer_as_the_vms_user() {
+    let bin = banger_bin();
+    let double = bin.with_file_name("firecracker-double");
+    let jailer = bin.with_file_name("jailer-double");
+    assert!(
+        double.is_file() && jailer.is_file(),
+        "build the doubles: cargo build --workspace --bins"
+    );
+    let inst = Instance::new(&bin)
+        .with_image()
+        .with_env("BANGER_FIRECRACKER", double.to_str().unwrap())
+        .with_env("BANGER_JAILER", jailer.to_str().unwrap());
+    let out = inst.banger(&[
+        "vm",
+        "run",
+        "--vmm",
+        "firecracker",
+        "--name",
+        "fj",
+        "--",
+        "cat",
+        "/etc/hostname",
+    ]);
+    assert_eq!(ok(&out, "vm run under the jailer").trim(), "fj");
+    let show: serde_json::Value =
+        serde_json::from_str(&ok(&inst.banger(&["vm", "show", "fj", "--json"]), "show")).unwrap();
+    let id = show["id"].as_str().unwrap().to_string();
+    let jail = inst.state().join("jail/firecracker-double").join(&id[..8]);
+    let root = jail.join("root");
+    let fc: Vec<i32> = procs(&inst, "--start-time-us");
+    assert_eq!(fc.len(), 1, "{:?}", inst.processes());
+    let st = status(fc[0]);
+    let uid: u32 = field(&st, "Uid")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(uid >= 65_536, "the jailed Firecracker runs as {uid}: {st}");
+    assert_eq!(field(&st, "Groups"), "", "no supplementary group: {st}");
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{}/cwd", fc[0])).unwrap(),
+        root,
+        "it runs in its chroot"
+    );
+    // What the jailer made and what banger put in the chroot.
+    for f in [
+        "firecracker-double",
+        "dev/net/tun",
+        "dev/kvm",
+        "api.sock",
+        "vsock.sock",
+        "vmlinux",
+        "initrd.img",
+        "drive-root",
+        "drive-work",
+        "vmm.log",
+    ] {
+        assert!(
+            root.join(f).symlink_metadata().is_ok(),
+            "{f} missing in {}",
+            root.display()
+        );
+    }
+    let log = std::fs::read_to_string(root.join("vmm.log")).unwrap();
+    assert!(log.contains("\"path_on_host\":\"/drive-root\""), "{log}");
+    assert!(!log.contains("-> 400"), "a request was refused:\n{log}");
+    // Stop and start: the chroot is made again.
+    ok(&inst.banger(&["vm", "stop", "fj"]), "stop");
+    assert!(!jail.exists(), "the jail outlived the boot");
+    ok(&inst.banger(&["vm", "start", "fj"]), "start");
+    assert_eq!(
+        ok(
+            &inst.banger(&["vm", "exec", "fj", "--", "hostname"]),
+            "exec"
+        ),
+        "fj\n"
+    );
+    ok(&inst.banger(&["vm", "delete", "fj"]), "delete");
+    inst.settle();
+    assert!(!jail.exists(), "the jail outlived the VM");
     inst.assert_baseline();
 }

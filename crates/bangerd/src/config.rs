@@ -59,6 +59,10 @@ pub struct Config {
     pub vmm_memory_overhead_mib: u64,
     /// The pids limit of a VM's cgroup (the VMM's threads and helpers).
     pub vmm_pids_max: u64,
+    /// Firecracker's jailer (`BANGER_JAILER`, else `jailer` on the
+    /// daemon's PATH): with it, Firecracker runs chrooted as the VM's
+    /// user; without it, as root (`resources::jail`).
+    pub jailer: Option<PathBuf>,
     /// The VMs' parent cgroup's name (default `banger` under the daemon's
     /// own in cgroup v1, `banger.slice` at the root in v2).
     pub cgroup_parent: Option<String>,
@@ -98,6 +102,7 @@ impl Config {
             vmm_memory_overhead_mib: DEFAULT_VMM_MEMORY_OVERHEAD_MIB,
             vmm_pids_max: 512,
             cgroup_parent: None,
+            jailer: None,
         }
     }
 }

@@ -148,6 +148,21 @@ fn real_main() -> anyhow::Result<()> {
         .filter(|v| !v.is_empty())
         .map(std::path::PathBuf::from)
         .or_else(|| banger_host::cmd::which("firecracker"));
+    // The jailer is only looked for where Firecracker is.
+    cfg.jailer = cfg.firecracker.as_ref().and_then(|_| {
+        std::env::var_os("BANGER_JAILER")
+            .filter(|v| !v.is_empty())
+            .map(std::path::PathBuf::from)
+            .or_else(|| banger_host::cmd::which("jailer"))
+    });
+    for (what, p) in [
+        ("BANGER_FIRECRACKER", &cfg.firecracker),
+        ("BANGER_JAILER", &cfg.jailer),
+    ] {
+        if let Some(p) = p.as_ref().filter(|p| !p.is_absolute()) {
+            bail!("{what}={}: give an absolute path", p.display());
+        }
+    }
     let env_path = |k: &str| {
         std::env::var_os(k)
             .filter(|v| !v.is_empty())

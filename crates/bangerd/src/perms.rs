@@ -121,6 +121,7 @@ mod tests {
     #[test]
     fn what_a_vmm_may_pass_read_or_never_see() {
         let d = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
         let l = Layout::new(d.path().join("state"), d.path().join("run"));
         let img = l.image_dir("bookworm");
         std::fs::create_dir_all(&img).unwrap();

@@ -82,8 +82,10 @@ pub struct NetNs {
     pub outside: String,
     pub inside_ip: String,
     pub outside_ip: String,
-    /// A process whose mount namespace commands in `ns` run in (`cmd`).
-    holder: Option<std::process::Child>,
+    /// A process whose mount namespace commands in `ns` run in (`cmd`),
+    /// started by the first command: mounts the test made before (an XFS
+    /// state dir) are in it.
+    holder: std::sync::Mutex<Option<std::process::Child>>,
 }
 
 impl NetNs {
@@ -96,8 +98,8 @@ impl NetNs {
         let octet = (std::process::id() as u32 + n) % 250 + 1;
         let inside_ip = format!("198.18.{octet}.2");
         let outside_ip = format!("198.18.{octet}.1");
-        let mut me = NetNs {
-            holder: None,
+        let me = NetNs {
+            holder: std::sync::Mutex::new(None),
             ns: ns.clone(),
             outside: outside.clone(),
             inside_ip: inside_ip.clone(),
@@ -132,7 +134,6 @@ impl NetNs {
         ip(&["-n", &ns, "link", "set", "uplink0", "up"]);
         ip(&["-n", &outside, "link", "set", "world0", "up"]);
         ip(&["-n", &ns, "route", "add", "default", "via", &outside_ip]);
-        me.holder = Some(mount_holder(&ns));
         me
     }
 
@@ -144,11 +145,12 @@ impl NetNs {
     /// under `/sys/fs/cgroup`, as a daemon in the host's namespaces sees
     /// them.
     pub fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let Some(holder) = &self.holder else {
-            panic!("namespace {} has no mount holder", self.ns);
+        let pid = {
+            let mut h = self.holder.lock().unwrap_or_else(|p| p.into_inner());
+            h.get_or_insert_with(|| mount_holder(&self.ns)).id()
         };
         let mut c = Command::new("nsenter");
-        c.arg(format!("--mount=/proc/{}/ns/mnt", holder.id()))
+        c.arg(format!("--mount=/proc/{pid}/ns/mnt"))
             .arg(format!("--net=/run/netns/{}", self.ns))
             .arg("--")
             .arg(program);
@@ -276,7 +278,8 @@ exec sleep infinity
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        if let Some(mut h) = self.holder.take() {
+        let holder = self.holder.get_mut().map(Option::take).unwrap_or(None);
+        if let Some(mut h) = holder {
             let _ = h.kill();
             let _ = h.wait();
         }

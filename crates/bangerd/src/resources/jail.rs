@@ -47,10 +47,35 @@ impl Daemon {
     }
 }
 
+/// Whether the VM's Firecracker runs under its jailer.
+pub fn jailed(d: &Daemon, vm: &VmRecord) -> bool {
+    vm.spec.vmm == VmmKind::Firecracker && d.cfg.jailer.is_some()
+}
+
+/// Where the jailer puts its chroots (on the VMs' filesystem: the files a
+/// jailed Firecracker opens are hard-linked in).
+pub fn chroot_base(d: &Daemon) -> PathBuf {
+    d.cfg.layout.state_dir.join("jail")
+}
+
+/// The jailed Firecracker's `/` for this VM, if it is jailed.
+pub fn chroot(d: &Daemon, vm: &VmRecord) -> Option<PathBuf> {
+    let fc = d.cfg.firecracker.as_ref()?;
+    jailed(d, vm).then(|| banger_vmm::jailer::chroot_dir(&chroot_base(d), fc, vm.short_id()))
+}
+
+/// Where the VM's VMM makes its sockets (API, vsock): its runtime dir, or
+/// its chroot when jailed.
+pub fn socket_dir(d: &Daemon, vm: &VmRecord) -> PathBuf {
+    chroot(d, vm).unwrap_or_else(|| d.cfg.layout.vm_runtime_dir(&vm.id))
+}
+
 /// The identity the VM's VMM and vsock backend run as; none where the VMM
-/// keeps root (Firecracker without its jailer).
+/// keeps root (Firecracker without its jailer). A jailed Firecracker's
+/// group is the images' (the jailer leaves it no supplementary group).
 pub fn identity(d: &Daemon, vm: &VmRecord) -> Result<Option<Identity>> {
-    if vm.spec.vmm != VmmKind::Qemu {
+    let fc_jailed = jailed(d, vm);
+    if vm.spec.vmm != VmmKind::Qemu && !fc_jailed {
         return Ok(None);
     }
     let slot = d.guest_net(vm)?.slot;
@@ -67,6 +92,13 @@ pub fn identity(d: &Daemon, vm: &VmRecord) -> Result<Option<Identity>> {
             groups.push(m.gid());
         }
     }
+    if fc_jailed {
+        return Ok(Some(Identity {
+            uid,
+            gid: base,
+            groups: Vec::new(),
+        }));
+    }
     Ok(Some(Identity {
         uid,
         gid: uid,
@@ -74,10 +106,44 @@ pub fn identity(d: &Daemon, vm: &VmRecord) -> Result<Option<Identity>> {
     }))
 }
 
+/// The jailer's part of the VMM's configuration, for a jailed VM.
+pub fn jail_spec(d: &Daemon, vm: &VmRecord) -> Result<Option<banger_vmm::jailer::JailSpec>> {
+    let (Some(jailer), true) = (d.cfg.jailer.clone(), jailed(d, vm)) else {
+        return Ok(None);
+    };
+    let Some(id) = identity(d, vm)? else {
+        return Ok(None);
+    };
+    Ok(Some(banger_vmm::jailer::JailSpec {
+        jailer,
+        chroot_base: chroot_base(d),
+        // The short id: the sockets' paths in the chroot must stay within
+        // a Unix socket's 108 bytes.
+        id: vm.short_id().to_string(),
+        uid: id.uid,
+        gid: id.gid,
+    }))
+}
+
+/// The jail dir the jailer made for the VM (`<base>/<exec name>/<short id>`).
+fn jail_dir(d: &Daemon, vm: &VmRecord) -> Option<PathBuf> {
+    let fc = d.cfg.firecracker.as_ref()?;
+    Some(banger_vmm::jailer::jail_dir(
+        &chroot_base(d),
+        fc,
+        vm.short_id(),
+    ))
+}
+
 /// What the VM's processes start with: its identity (if any) and its
 /// cgroups.
 pub fn confinement(d: &Daemon, vm: &VmRecord, id: Option<Identity>) -> Result<Confinement> {
     Ok(Confinement {
+        // A confined process needs no network (QEMU has its tap as a
+        // descriptor; the vsock backend speaks Unix sockets): it gets an
+        // empty network namespace of its own. (A jailed Firecracker opens
+        // its tap by name: the host's namespace.)
+        new_netns: id.is_some() && vm.spec.vmm == VmmKind::Qemu,
         identity: id,
         cgroup_procs: d.cgroups()?.procs_files(&vm.id),
     })
@@ -134,6 +200,17 @@ fn give_back_volumes(held: &Value) -> Result<()> {
             if p.exists() {
                 chown(p, 0, 0, 0o600)?;
             }
+        }
+    }
+    Ok(())
+}
+
+/// Removes a jailed Firecracker's chroot (links to the VM's files, device
+/// nodes, its sockets): only ever a dir under the chroot base.
+fn remove_jail(d: &Daemon, held: &Value) -> Result<()> {
+    if let Some(p) = held["jail"].as_str().map(PathBuf::from) {
+        if p.starts_with(chroot_base(d)) {
+            banger_host::fsutil::remove_dir_all_if_exists(&p)?;
         }
     }
     Ok(())
@@ -202,10 +279,17 @@ impl Resource for Jail {
         }
         let rt = l.vm_runtime_dir(&cx.vm.id);
         banger_host::fsutil::create_dir_all(&rt)?;
-        chown(&l.vm_dir(&cx.vm.id), 0, id.gid, 0o710)?;
+        chown(&l.vm_dir(&cx.vm.id), 0, id.uid, 0o710)?;
         chown(&rt, id.uid, id.gid, 0o700)?;
         for v in volumes(d, cx.vm) {
             chown(&v, id.uid, id.gid, 0o600)?;
+        }
+        if let Some(root) = chroot(d, cx.vm) {
+            // A jailed Firecracker opens its tap by name, as its user.
+            if let Some(tap) = &cx.handles.tap_device {
+                banger_host::tap::set_owner(tap, id.uid)?;
+            }
+            banger_host::fsutil::create_dir_all(&root)?;
         }
         Ok(())
     }
@@ -221,11 +305,14 @@ impl Resource for Jail {
             .into_iter()
             .filter(|p| p.metadata().map(|m| m.uid() != 0).unwrap_or(false))
             .collect();
-        (!dirs.is_empty() || !vols.is_empty()).then(|| json!({ "cgroup": dirs, "volumes": vols }))
+        let jail = jail_dir(d, vm).filter(|p| p.exists());
+        (!dirs.is_empty() || !vols.is_empty() || jail.is_some())
+            .then(|| json!({ "cgroup": dirs, "volumes": vols, "jail": jail }))
     }
 
     fn end(&self, d: &Daemon, vm: &VmRecord, held: Value, _how: End) -> Result<Option<Value>> {
         give_back_volumes(&held)?;
+        remove_jail(d, &held)?;
         // Busy while a deleted VM's VMM is still dying: after the reply.
         match remove_cgroup(d, &vm.id, &held, false) {
             Ok(()) => Ok(None),
@@ -235,6 +322,7 @@ impl Resource for Jail {
 
     fn release(&self, d: &Daemon, r: &Release, held: &Value) -> Result<()> {
         give_back_volumes(held)?;
+        remove_jail(d, held)?;
         remove_cgroup(d, &r.vm_id, held, true)
     }
 }

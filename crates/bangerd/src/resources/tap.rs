@@ -147,7 +147,10 @@ impl Daemon {
         if spare.len() >= self.cfg.tap_pool || !tap::exists(name) {
             return false;
         }
-        if let Err(e) = tap::reset(name, host_ip, GUEST_PREFIX) {
+        // Root's again (a jailed Firecracker's user owned it).
+        if let Err(e) =
+            tap::reset(name, host_ip, GUEST_PREFIX).and_then(|()| tap::set_owner(name, 0))
+        {
             warn!(tap = %name, err = %e, "cannot reset a tap for the pool; deleting it");
             return false;
         }

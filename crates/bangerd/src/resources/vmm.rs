@@ -35,7 +35,19 @@ pub fn find(vm: &VmRecord, h: &VmHandles) -> Option<ProcId> {
         let id = ProcId { pid, start_time };
         return id.exists().then_some(id);
     }
-    let needle = process::path_needle(vm.runtime.api_sock_path.as_ref()?);
+    let api = vm.runtime.api_sock_path.as_ref()?;
+    // A jailed Firecracker's command line names its socket as seen in its
+    // chroot; its `--id` is the VM's id.
+    let in_jail = api
+        .parent()
+        .and_then(std::path::Path::parent)
+        .and_then(std::path::Path::file_name)
+        .is_some_and(|n| n == vm.short_id());
+    let needle = if in_jail && !vm.id.is_empty() {
+        vm.short_id().to_string()
+    } else {
+        process::path_needle(api)
+    };
     let pid = match h.pid {
         Some(p) if process::matches(p, &needle) => p,
         _ if vm.runtime.state().is_up() => *process::find_by_arg(&needle).first()?,
@@ -73,7 +85,8 @@ impl Resource for VmmProcess {
         let dir = d.cfg.layout.vm_dir(&cx.vm.id);
         let rt_dir = d.cfg.layout.vm_runtime_dir(&cx.vm.id);
         fsutil::create_dir_all(&rt_dir)?;
-        let api_sock = rt_dir.join(vmfiles::API_SOCK);
+        // In the jail's chroot for a jailed Firecracker.
+        let api_sock = super::jail::socket_dir(d, cx.vm).join(vmfiles::API_SOCK);
         fsutil::remove_file_if_exists(&api_sock)?;
         let console = dir.join(vmfiles::CONSOLE_LOG);
         crate::console::reset(&console)?;
@@ -145,7 +158,13 @@ impl Resource for VmmProcess {
                     socket: super::virtiofs::socket(&rt_dir, i),
                 })
                 .collect(),
-            confine: super::jail::confinement(d, cx.vm, id.clone())?,
+            // The jailer starts as root and drops to the identity itself.
+            confine: super::jail::confinement(
+                d,
+                cx.vm,
+                id.clone().filter(|_| !super::jail::jailed(d, cx.vm)),
+            )?,
+            jail: super::jail::jail_spec(d, cx.vm)?,
         };
         // The files it opens become its identity's (the read-only ones are
         // the image's, which it reads through the images' group).

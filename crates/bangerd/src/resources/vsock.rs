@@ -60,7 +60,8 @@ impl Resource for Vsock {
     fn acquire(&self, d: &Daemon, cx: &mut Acq<'_>) -> Result<()> {
         let rt_dir = d.cfg.layout.vm_runtime_dir(&cx.vm.id);
         fsutil::create_dir_all(&rt_dir)?;
-        let uds = rt_dir.join(vmfiles::VSOCK);
+        // In the jail's chroot for a jailed Firecracker (which binds it).
+        let uds = super::jail::socket_dir(d, cx.vm).join(vmfiles::VSOCK);
         {
             let _n = lock(&d.net_lock);
             let store = d.store();

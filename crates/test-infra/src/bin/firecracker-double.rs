@@ -57,6 +57,17 @@ struct Double {
     log: Mutex<std::fs::File>,
 }
 
+/// The chroot a jailed Firecracker would see as `/` (unset: not jailed).
+static ROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// A path as this Firecracker sees it: inside its chroot when jailed.
+fn at(p: &str) -> PathBuf {
+    match ROOT.get() {
+        Some(root) => root.join(p.trim_start_matches('/')),
+        None => PathBuf::from(p),
+    }
+}
+
 fn die(msg: &str) -> ! {
     eprintln!("firecracker-double: {msg}");
     std::process::exit(1);
@@ -65,21 +76,41 @@ fn die(msg: &str) -> ! {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (mut sock, mut id, mut log) = (None, None, None);
+    let mut jailed = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
-        let mut val = || {
-            it.next()
-                .cloned()
-                .unwrap_or_else(|| die(&format!("{a} needs a value")))
+        // Firecracker takes `--flag value` and `--flag=value`.
+        let (flag, inline) = match a.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f, Some(v.to_string())),
+            _ => (a.as_str(), None),
         };
-        match a.as_str() {
+        let mut val = || {
+            inline
+                .clone()
+                .or_else(|| it.next().cloned())
+                .unwrap_or_else(|| die(&format!("{flag} needs a value")))
+        };
+        match flag {
             "--api-sock" => sock = Some(val()),
             "--id" => id = Some(val()),
             "--log-path" => log = Some(val()),
+            // What the jailer passes: Firecracker runs in its chroot.
+            "--start-time-us" | "--start-time-cpu-us" | "--parent-cpu-time-us" => {
+                let v = val();
+                v.parse::<u64>()
+                    .unwrap_or_else(|_| die(&format!("{flag} {v:?}: not a number")));
+                jailed = true;
+            }
             other => die(&format!("unknown argument {other:?}")),
         }
     }
-    let sock = PathBuf::from(sock.unwrap_or_else(|| die("--api-sock is required")));
+    // Under the (double) jailer, `/` is the chroot, which the jailer made
+    // the working directory: every path given is resolved there.
+    if jailed {
+        let root = std::env::current_dir().unwrap_or_else(|e| die(&format!("cwd: {e}")));
+        let _ = ROOT.set(root);
+    }
+    let sock = at(&sock.unwrap_or_else(|| die("--api-sock is required")));
     if let Some(id) = &id {
         let ok = !id.is_empty()
             && id.len() <= 64
@@ -92,7 +123,7 @@ fn main() {
     // Like Firecracker, the log file must exist already.
     let log = std::fs::OpenOptions::new()
         .append(true)
-        .open(&log)
+        .open(at(&log))
         .unwrap_or_else(|e| die(&format!("--log-path {log}: {e}")));
     let listener =
         UnixListener::bind(&sock).unwrap_or_else(|e| die(&format!("bind {}: {e}", sock.display())));
@@ -213,7 +244,11 @@ fn handle(d: &Double, method: &str, path: &str, body: &[u8]) -> Result<(), Strin
             }
             // Firecracker opens the backing file when the drive is added.
             let f = body["path_on_host"].as_str().unwrap_or("");
-            std::fs::metadata(f).map_err(|e| format!("drive {id}: {f}: {e}"))?;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(body["is_read_only"] != true)
+                .open(at(f))
+                .map_err(|e| format!("drive {id}: {f}: {e}"))?;
             match vm.drives.iter_mut().find(|(k, _)| *k == id) {
                 Some(slot) => slot.1 = body,
                 None => vm.drives.push((id, body)),
@@ -229,7 +264,7 @@ fn handle(d: &Double, method: &str, path: &str, body: &[u8]) -> Result<(), Strin
             // Firecracker binds the socket itself: one already there is
             // refused (EADDRINUSE).
             let uds = body["uds_path"].as_str().unwrap_or("");
-            if std::path::Path::new(uds).exists() {
+            if at(uds).exists() {
                 return Err(format!("vsock: {uds}: Address in use (os error 98)"));
             }
             vm.vsock = Some(body);
@@ -274,6 +309,8 @@ fn qmp_sock(d: &Double) -> PathBuf {
 /// exits with it.
 fn start(d: &Double, vm: &Vm, boot: &Value) -> Result<(), String> {
     let s = |v: &Value| v.as_str().unwrap_or("").to_string();
+    // Paths as this Firecracker sees them (inside its chroot when jailed).
+    let p = |v: &Value| at(v.as_str().unwrap_or(""));
     let machine = vm
         .machine
         .clone()
@@ -291,9 +328,9 @@ fn start(d: &Double, vm: &Vm, boot: &Value) -> Result<(), String> {
             "-no-reboot",
         ])
         .arg("-kernel")
-        .arg(s(&boot["kernel_image_path"]));
+        .arg(p(&boot["kernel_image_path"]));
     if boot.get("initrd_path").is_some() {
-        c.arg("-initrd").arg(s(&boot["initrd_path"]));
+        c.arg("-initrd").arg(p(&boot["initrd_path"]));
     }
     c.arg("-append").arg(s(&boot["boot_args"]));
     c.args(["-serial", "stdio"]);
@@ -307,17 +344,25 @@ fn start(d: &Double, vm: &Vm, boot: &Value) -> Result<(), String> {
         } else {
             "off"
         };
-        let file = s(&dr["path_on_host"]).replace(',', ",,");
+        let file = p(&dr["path_on_host"]).to_string_lossy().replace(',', ",,");
         c.arg("-drive").arg(format!(
             "id=d{i},file={file},format=raw,if=none,readonly={ro}"
         ));
         c.args(["-device", &format!("virtio-blk-pci,drive=d{i}")]);
     }
+    // Firecracker opens /dev/net/tun (its jail's own) and attaches to the
+    // tap by name: as an unprivileged user that works only on a tap it
+    // owns (TUNSETOWNER). The double does the same and hands QEMU the
+    // descriptor.
+    let mut taps = Vec::new();
     for (i, n) in vm.nics.values().enumerate() {
+        let fd = banger_host::tap::open_queue_at(&at("/dev/net/tun"), &s(&n["host_dev_name"]))
+            .map_err(|e| format!("network interface {i}: {e}"))?;
         c.arg("-netdev").arg(format!(
-            "tap,id=n{i},ifname={},script=no,downscript=no",
-            s(&n["host_dev_name"])
+            "tap,id=n{i},fd={}",
+            std::os::fd::AsRawFd::as_raw_fd(&fd)
         ));
+        taps.push(fd);
         let mut dev = format!("virtio-net-pci,netdev=n{i}");
         if n.get("guest_mac").is_some() {
             dev.push_str(&format!(",mac={}", s(&n["guest_mac"])));
@@ -336,15 +381,20 @@ fn start(d: &Double, vm: &Vm, boot: &Value) -> Result<(), String> {
         be_sock.push(".vhost-vsock");
         let be_sock = PathBuf::from(be_sock);
         let _ = std::fs::remove_file(&be_sock);
-        let bin =
-            std::env::var_os("BANGER_VHOST_VSOCK").unwrap_or_else(|| "vhost-device-vsock".into());
+        // (A jailed double has no environment.)
+        let bin = std::env::var_os("BANGER_VHOST_VSOCK")
+            .or_else(|| {
+                let p = std::path::Path::new("/usr/local/bin/vhost-device-vsock");
+                p.exists().then(|| p.as_os_str().to_owned())
+            })
+            .unwrap_or_else(|| "vhost-device-vsock".into());
         let mut b = Command::new(bin);
         b.arg("--guest-cid")
             .arg(v["guest_cid"].to_string())
             .arg("--socket")
             .arg(&be_sock)
             .arg("--uds-path")
-            .arg(s(&v["uds_path"]))
+            .arg(p(&v["uds_path"]))
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         die_with_double(&mut b);
@@ -368,12 +418,25 @@ fn start(d: &Double, vm: &Vm, boot: &Value) -> Result<(), String> {
         ]);
     }
     die_with_double(&mut c);
+    let keep: Vec<i32> = taps.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
+    // SAFETY: fcntl on descriptors held open (`taps`) until QEMU is spawned.
+    unsafe {
+        c.pre_exec(move || {
+            for fd in &keep {
+                if nix::libc::fcntl(*fd, nix::libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
     // PDEATHSIG fires when the spawning *thread* exits, so QEMU (and the
     // vsock backend) are spawned by a thread that lives as long as QEMU
     // does (and then ends the double: Firecracker exits when its guest
     // reboots or stops).
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
+        let _taps = taps;
         let _backend = match backend.as_mut().map(Command::spawn).transpose() {
             Ok(b) => b,
             Err(e) => {
