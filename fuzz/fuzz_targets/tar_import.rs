@@ -18,7 +18,12 @@ fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
     }
 }
 
+/// A directory outside every root, which the seeds' links point at (an
+/// escape would have the fuzzer write there): it must stay empty.
+const SENTINEL: &str = "/dev/shm/banger-fuzz-sentinel";
+
 fuzz_target!(|data: &[u8]| {
+    std::fs::create_dir_all(SENTINEL).unwrap();
     // In memory (tmpfs) when it can: each run unpacks to a fresh dir.
     let base = if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm" } else { "/tmp" };
     let scratch = tempfile::tempdir_in(base).unwrap();
@@ -37,4 +42,6 @@ fuzz_target!(|data: &[u8]| {
     // alone.
     let top: Vec<_> = std::fs::read_dir(scratch.path()).unwrap().flatten().collect();
     assert_eq!(top.len(), 1);
+    let escaped: Vec<_> = std::fs::read_dir(SENTINEL).unwrap().flatten().collect();
+    assert!(escaped.is_empty(), "written outside the root: {escaped:?}");
 });

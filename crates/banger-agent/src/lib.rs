@@ -74,3 +74,24 @@ pub fn connect(uds: &Path, port: u32, timeout: Duration) -> std::io::Result<Unix
         ),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connects_to_a_socket_never_through_a_link() {
+        let d = tempfile::tempdir().unwrap();
+        let sock = d.path().join("s.sock");
+        let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        connect_nofollow(&sock).expect("the socket itself");
+        let link = d.path().join("link.sock");
+        std::os::unix::fs::symlink(&sock, &link).unwrap();
+        let e = connect_nofollow(&link).unwrap_err();
+        assert!(e.to_string().contains("not a socket"), "{e}");
+        let file = d.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        assert!(connect_nofollow(&file).is_err());
+        assert!(connect_nofollow(&d.path().join("missing")).is_err());
+    }
+}

@@ -225,6 +225,9 @@ pub struct VmHandles {
     /// The VM's cgroup directories (one per hierarchy), as made.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cgroup_dirs: Vec<std::path::PathBuf>,
+    /// A jailed Firecracker's jail dir (`<chroot base>/<exec>/<id>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail_dir: Option<std::path::PathBuf>,
 }
 
 /// One host resource a VM still holds, as its module recorded it: the

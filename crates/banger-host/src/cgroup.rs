@@ -261,11 +261,16 @@ impl Cgroups {
             Cgroups::V1 { memory, pids, cpu } => {
                 let m = memory.join(name);
                 mkdir_all(&m)?;
+                // memsw may never be below the limit: lifted first (a group
+                // reused with a smaller one), set last.
+                let memsw = m.join("memory.memsw.limit_in_bytes");
+                if memsw.exists() {
+                    write(&memsw, "-1")?;
+                }
                 write(
                     &m.join("memory.limit_in_bytes"),
                     &l.memory_bytes.to_string(),
                 )?;
-                let memsw = m.join("memory.memsw.limit_in_bytes");
                 if memsw.exists() {
                     write(&memsw, &l.memory_bytes.to_string())?;
                 }
@@ -334,14 +339,7 @@ impl Cgroups {
     ) -> Result<(), CgroupError> {
         let end = std::time::Instant::now() + timeout;
         loop {
-            for d in dirs {
-                for pid in read_procs(&d.join("cgroup.procs")) {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-            }
+            self.kill_all(dirs);
             match self.remove_dirs(dirs) {
                 Err(CgroupError::Io { source, .. })
                     if source.raw_os_error() == Some(nix::libc::EBUSY)
@@ -350,6 +348,18 @@ impl Cgroups {
                     std::thread::sleep(std::time::Duration::from_millis(5));
                 }
                 r => return r,
+            }
+        }
+    }
+
+    /// SIGKILLs every process in the groups `dirs` (without waiting).
+    pub fn kill_all(&self, dirs: &[PathBuf]) {
+        for d in dirs {
+            for pid in read_procs(&d.join("cgroup.procs")) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
         }
     }

@@ -54,7 +54,15 @@ pub struct Confinement {
     /// guest that takes it over cannot reach the host's networks, the
     /// metadata address or abstract Unix sockets from there.
     pub new_netns: bool,
+    /// A mount namespace of its own in which `/tmp` and `/dev/shm` are
+    /// small private tmpfs: a process that uses neither (QEMU, the vsock
+    /// backend) cannot fill the host's, or leave files there for the next
+    /// VM of its uid.
+    pub private_tmp: bool,
 }
+
+/// The size of the private `/tmp` and `/dev/shm`.
+const PRIVATE_TMP_OPTS: &std::ffi::CStr = c"size=1m,mode=1777";
 
 /// The environment a confined process starts with: nothing of the
 /// daemon's (or of whichever CLI started the daemon) but a fixed PATH.
@@ -70,6 +78,7 @@ impl Confinement {
             .collect::<Result<_, _>>()?;
         let id = self.identity.clone();
         let new_netns = self.new_netns;
+        let private_tmp = self.private_tmp;
         cmd.env_clear().env("PATH", SAFE_PATH);
         // SAFETY: the closure runs in the forked child before exec and
         // makes only async-signal-safe system calls (write, unshare,
@@ -86,6 +95,9 @@ impl Confinement {
                 }
                 if new_netns && libc::unshare(libc::CLONE_NEWNET) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if private_tmp {
+                    private_tmpfs()?;
                 }
                 if let Some(id) = &id {
                     // SAFETY: a pointer to `len` gid_t values that outlive
@@ -105,6 +117,43 @@ impl Confinement {
         }
         Ok(())
     }
+}
+
+/// In the child: a mount namespace of its own (nothing propagates back),
+/// with fresh small tmpfs on `/tmp` and `/dev/shm`. Only system calls, on
+/// constant strings.
+fn private_tmpfs() -> std::io::Result<()> {
+    let err = || Err(std::io::Error::last_os_error());
+    // SAFETY: unshare and mount take constant NUL-terminated strings (or
+    // null) that outlive the calls; no memory is allocated.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            return err();
+        }
+        if libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            return err();
+        }
+        for dir in [c"/tmp", c"/dev/shm"] {
+            if libc::mount(
+                c"tmpfs".as_ptr(),
+                dir.as_ptr(),
+                c"tmpfs".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                PRIVATE_TMP_OPTS.as_ptr().cast(),
+            ) != 0
+            {
+                return err();
+            }
+        }
+    }
+    Ok(())
 }
 
 fn open_procs(p: &Path) -> Result<OwnedFd, ConfineError> {
@@ -184,7 +233,8 @@ mod tests {
     #[test]
     fn a_confined_child_is_who_it_was_told() {
         assert!(nix::unistd::geteuid().is_root(), "this test needs root");
-        let t = tempfile::tempdir().unwrap();
+        // (Not under /tmp: the child has a private one.)
+        let t = tempfile::tempdir_in("/var/tmp").unwrap();
         let secret = t.path().join("secret");
         std::fs::write(&secret, "x").unwrap();
         use std::os::unix::fs::PermissionsExt;
@@ -198,11 +248,12 @@ mod tests {
             }),
             cgroup_procs: Vec::new(),
             new_netns: true,
+            private_tmp: true,
         };
         let mut cmd = Command::new("/bin/sh");
         cmd.env("KEPT", "no")
             .arg("-c")
-            .arg("grep -E '^(Uid|Groups|NoNewPrivs|CapEff):' /proc/self/status; echo \"KEPT=$KEPT\"; echo \"NET=$(readlink /proc/self/ns/net)\"; cat \"$1\" && echo READ")
+            .arg("grep -E '^(Uid|Groups|NoNewPrivs|CapEff):' /proc/self/status; echo \"KEPT=$KEPT\"; echo \"NET=$(readlink /proc/self/ns/net)\"; echo \"TMP=$(ls -A /tmp | wc -l) $(df -k /tmp | tail -1 | tr -s ' ' | cut -d' ' -f2)\"; cat \"$1\" && echo READ")
             .arg("sh")
             .arg(&secret);
         c.apply(&mut cmd).unwrap();
@@ -215,6 +266,8 @@ mod tests {
         assert!(o.no_new_privs, "{s}");
         assert_eq!(o.cap_eff.as_deref(), Some("0000000000000000"), "{s}");
         assert!(s.contains("KEPT=\n"), "the environment is cleared: {s}");
+        // An empty 1 MiB /tmp of its own (1024 KiB).
+        assert!(s.contains("TMP=0 1024\n"), "a private /tmp: {s}");
         let ours = std::fs::read_link("/proc/self/ns/net").unwrap();
         assert!(s.contains("NET=net:["), "{s}");
         assert!(

@@ -41,6 +41,32 @@ pub fn write_atomic(path: &Path, data: impl AsRef<[u8]>) -> Result<(), FsError> 
     std::fs::rename(&tmp, path).with_path("rename into", path)
 }
 
+/// Sets the owner and mode of `path` itself, never of what a symlink there
+/// points at (a directory a confined VMM owns may hold a link it planted
+/// where a file of the daemon's was): the inode is pinned by an
+/// `O_PATH|O_NOFOLLOW` descriptor, a link is refused, and the changes go
+/// through that descriptor's `/proc/self/fd` name.
+pub fn set_owner_mode(path: &Path, uid: u32, gid: u32, mode: u32) -> Result<(), FsError> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let pinned = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_PATH | nix::libc::O_NOFOLLOW)
+        .open(path)
+        .with_path("open", path)?;
+    let m = pinned.metadata().with_path("stat", path)?;
+    if m.file_type().is_symlink() {
+        return Err(FsError {
+            op: "refuse to chown a link at",
+            path: path.to_path_buf(),
+            source: std::io::Error::from_raw_os_error(nix::libc::ELOOP),
+        });
+    }
+    let via = PathBuf::from(format!("/proc/self/fd/{}", pinned.as_raw_fd()));
+    std::os::unix::fs::chown(&via, Some(uid), Some(gid)).with_path("chown", path)?;
+    std::fs::set_permissions(&via, std::fs::Permissions::from_mode(mode)).with_path("chmod", path)
+}
+
 pub fn read_to_string(path: &Path) -> Result<String, FsError> {
     std::fs::read_to_string(path).with_path("read", path)
 }
@@ -230,6 +256,27 @@ mod tests {
     use std::os::unix::fs::MetadataExt;
 
     use super::*;
+
+    #[test]
+    fn owner_and_mode_never_go_through_a_link() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let (f, l) = (d.path().join("f"), d.path().join("l"));
+        std::fs::write(&f, "x").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::os::unix::fs::symlink(&f, &l).unwrap();
+        let e = set_owner_mode(&l, 4242, 4242, 0o600).unwrap_err();
+        assert!(e.to_string().contains("link"), "{e}");
+        let m = std::fs::metadata(&f).unwrap();
+        assert_eq!(
+            (m.uid(), m.mode() & 0o777),
+            (0, 0o644),
+            "the target is untouched"
+        );
+        set_owner_mode(&f, 4242, 4243, 0o600).unwrap();
+        let m = std::fs::metadata(&f).unwrap();
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o777), (4242, 4243, 0o600));
+    }
 
     #[test]
     fn sparse_copy_keeps_data_and_holes() {

@@ -51,9 +51,11 @@ pub struct Config {
     pub virtiofsd: Option<PathBuf>,
     /// Force a root-disk strategy instead of choosing by host and VMM.
     pub root_disk: Option<banger_core::RootDiskKind>,
-    /// VMMs run as uid/gid `base + slot` (`resources::jail`); `base` itself
-    /// is the group that reads images.
+    /// VMMs run as uid/gid `base + slot` (`resources::jail`).
     pub vmm_uid_base: u32,
+    /// The group that reads images (every VMM has it): one for all the
+    /// daemons of a host, since images may be hard links of each other.
+    pub vmm_images_gid: u32,
     /// What a VM's cgroup allows beyond its guest memory: the VMM's own
     /// memory (QEMU's, TCG's translation cache, the vsock backend).
     pub vmm_memory_overhead_mib: u64,
@@ -99,6 +101,7 @@ impl Config {
             virtiofsd: None,
             root_disk: None,
             vmm_uid_base: DEFAULT_VMM_UID_BASE,
+            vmm_images_gid: DEFAULT_VMM_UID_BASE,
             vmm_memory_overhead_mib: DEFAULT_VMM_MEMORY_OVERHEAD_MIB,
             vmm_pids_max: 512,
             cgroup_parent: None,

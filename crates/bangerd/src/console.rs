@@ -39,10 +39,19 @@ pub fn rotate_if_big(path: &Path, max: u64) -> Result<bool> {
     }
     // Copy, then truncate in place: the VMM keeps its descriptor, and its
     // O_APPEND writes land at the new end. (What it writes between the two
-    // steps is lost: a few bytes out of a megabyte.)
+    // steps is lost: a few bytes out of a megabyte.) Only the last `max`
+    // bytes are kept: the VMM owns the file and could make it sparse and
+    // huge, which a whole copy would make dense on the host's disk.
     let old = older(path);
     let tmp = old.with_extension("tmp");
-    std::fs::copy(path, &tmp).with_path("copy", path)?;
+    {
+        use std::io::{Seek, SeekFrom};
+        let mut src = std::fs::File::open(path).with_path("open", path)?;
+        src.seek(SeekFrom::Start(meta.len().saturating_sub(max)))
+            .with_path("seek", path)?;
+        let mut dst = std::fs::File::create(&tmp).with_path("create", &tmp)?;
+        std::io::copy(&mut std::io::Read::take(src, max), &mut dst).with_path("copy", path)?;
+    }
     std::fs::rename(&tmp, &old).with_path("rename into", &old)?;
     std::fs::OpenOptions::new()
         .write(true)
@@ -154,6 +163,16 @@ mod tests {
         let (bytes, pos) = read_from(&log, 1 << 20).unwrap();
         assert_eq!(bytes, b"after\n");
         assert_eq!(pos, 6);
+        // A console the VMM made sparse and huge: only the last `max`
+        // bytes are copied (not a TiB of zeros).
+        let huge = d.path().join("huge.log");
+        std::fs::File::create(&huge)
+            .unwrap()
+            .set_len(1 << 40)
+            .unwrap();
+        rotate_if_big(&huge, 4096).unwrap();
+        assert_eq!(std::fs::metadata(older(&huge)).unwrap().len(), 4096);
+        assert_eq!(std::fs::metadata(&huge).unwrap().len(), 0);
         // A new boot keeps the previous one's log as the older part.
         reset(&log).unwrap();
         assert_eq!(std::fs::read(older(&log)).unwrap(), b"after\n");

@@ -69,7 +69,10 @@ impl Daemon {
 
     /// A new image in the index, its files readable by the VMMs' group.
     pub(crate) fn add_image(&self, rec: &ImageRecord) -> Result<()> {
-        crate::perms::share_image(&self.cfg.layout.image_dir(&rec.name), self.cfg.vmm_uid_base)?;
+        crate::perms::share_image(
+            &self.cfg.layout.image_dir(&rec.name),
+            self.cfg.vmm_images_gid,
+        )?;
         self.store().upsert_image(rec)?;
         Ok(())
     }

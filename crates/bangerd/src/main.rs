@@ -54,6 +54,10 @@ struct Args {
     /// that reads images.
     #[arg(long, env = "BANGER_VMM_UID_BASE", default_value_t = bangerd::config::DEFAULT_VMM_UID_BASE)]
     vmm_uid_base: u32,
+    /// The group that reads images (every VMM has it; the same for every
+    /// daemon of a host).
+    #[arg(long, env = "BANGER_VMM_IMAGES_GID", default_value_t = bangerd::config::DEFAULT_VMM_UID_BASE)]
+    vmm_images_gid: u32,
     /// MiB a VM's cgroup allows beyond its guest memory, for the VMM itself.
     #[arg(long, env = "BANGER_VMM_MEMORY_OVERHEAD", default_value_t = bangerd::config::DEFAULT_VMM_MEMORY_OVERHEAD_MIB)]
     vmm_memory_overhead: u64,
@@ -133,6 +137,7 @@ fn real_main() -> anyhow::Result<()> {
         );
     }
     cfg.vmm_uid_base = args.vmm_uid_base;
+    cfg.vmm_images_gid = args.vmm_images_gid;
     cfg.vmm_memory_overhead_mib = args.vmm_memory_overhead;
     cfg.cgroup_parent = args.cgroup_parent;
     cfg.subnet = banger_core::net::Subnet::from_cidr(args.subnet)?;
@@ -196,13 +201,20 @@ fn real_main() -> anyhow::Result<()> {
     {
         cfg.release_delay = Duration::from_millis(ms);
     }
+    // This daemon's VMM uids are no other daemon's (held until exit).
+    let _uids = bangerd::perms::claim_uids(cfg.vmm_uid_base, cfg.subnet.slots())?;
     // Open and reconcile before the socket exists: a client that can connect
     // talks to a daemon that is ready.
     let daemon = bangerd::open(cfg)?;
     let sock = layout.socket();
     // We hold the lock, so a socket file left here belongs to a dead daemon.
     let _ = std::fs::remove_file(&sock);
-    let listener = UnixListener::bind(&sock).with_context(|| format!("bind {}", sock.display()))?;
+    // Made owner-only from the start (the runtime dir is searchable by the
+    // VMMs' users): no moment in which another user could connect.
+    let old_mask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    let bound = UnixListener::bind(&sock);
+    nix::sys::stat::umask(old_mask);
+    let listener = bound.with_context(|| format!("bind {}", sock.display()))?;
     // The socket is root's: whoever talks to it can create VMs.
     {
         use std::os::unix::fs::PermissionsExt;

@@ -15,27 +15,16 @@
 //! | a VM's state dir | root:`<vm uid>`, 0710 (jail) |
 //! | a VM's runtime dir | `<vm uid>`, 0700 (jail) |
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use banger_core::Layout;
 use banger_host::fsutil::{self, WrapIo};
-use nix::unistd::{Gid, Uid};
 
-use crate::error::{DaemonError, Result};
+use crate::error::Result;
 
 fn set(path: &Path, gid: u32, mode: u32) -> Result<()> {
-    nix::unistd::fchownat(
-        None,
-        path,
-        Some(Uid::from_raw(0)),
-        Some(Gid::from_raw(gid)),
-        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-    )
-    .map_err(|e| DaemonError::Invalid(format!("chown {}: {e}", path.display())))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .with_path("chmod", path)?;
-    Ok(())
+    Ok(fsutil::set_owner_mode(path, 0, gid, mode)?)
 }
 
 /// Sets the modes above on what exists (idempotent; run at every start,
@@ -101,6 +90,45 @@ pub fn share_image(dir: &Path, vmm_gid: u32) -> Result<()> {
     Ok(())
 }
 
+/// Where daemons claim the uid ranges their VMMs run as (host-wide, not
+/// per state dir: two daemons must never hand one uid to two VMs).
+pub const UID_CLAIMS: &str = "/run/banger-uids";
+/// Claims are made in blocks of this many uids.
+const UID_BLOCK: u64 = 16_384;
+
+/// Claims `base + 1 .. base + count` (slot 0 is never a VM's) for this daemon's VMMs for as long
+/// as the returned locks live: an exclusive `flock` on every block of
+/// uids the range touches. Another daemon whose range overlaps holds one
+/// of them, and this one refuses to start, naming the fix.
+pub fn claim_uids(base: u32, count: u32) -> Result<Vec<nix::fcntl::Flock<std::fs::File>>> {
+    fsutil::create_dir_all(Path::new(UID_CLAIMS))?;
+    let first = (u64::from(base) + 1) / UID_BLOCK;
+    let top = u64::from(base) + u64::from(count.max(2)) - 1;
+    let last = top / UID_BLOCK;
+    let mut held = Vec::new();
+    for block in first..=last {
+        let path = Path::new(UID_CLAIMS).join(format!("{}.lock", block * UID_BLOCK));
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_path("open", &path)?;
+        let lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| {
+                crate::error::DaemonError::Invalid(format!(
+                    "the VMM uids {}..={top} of --vmm-uid-base {base} are another bangerd's ({}: {e}): \
+                     give this daemon a base of its own (--vmm-uid-base, at least {} apart)",
+                    u64::from(base) + 1,
+                    path.display(),
+                    UID_BLOCK
+                ))
+            })?;
+        held.push(lock);
+    }
+    Ok(held)
+}
+
 /// The first dir above `path` (inclusive) that a user other than root
 /// cannot pass through: a confined VMM could not reach its files.
 pub fn unreachable_ancestor(path: &Path) -> Option<PathBuf> {
@@ -111,11 +139,26 @@ pub fn unreachable_ancestor(path: &Path) -> Option<PathBuf> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     fn mode(p: &Path) -> (u32, u32) {
         let m = std::fs::metadata(p).unwrap();
         (m.gid(), m.permissions().mode() & 0o7777)
+    }
+
+    #[test]
+    fn uid_ranges_are_one_daemons_each() {
+        // Far above any default: 16384-uid blocks of their own.
+        let base = 244_000 * 16_384;
+        let a = claim_uids(base, 16_384).unwrap();
+        let e = claim_uids(base + 100, 16_384).unwrap_err().to_string();
+        assert!(e.contains("another bangerd's"), "{e}");
+        let b = claim_uids(base + 16_384, 16_384).expect("the next block is free");
+        drop(a);
+        claim_uids(base + 100, 16_000).expect("free again once the first daemon is gone");
+        drop(b);
     }
 
     #[test]

@@ -423,7 +423,11 @@ impl Instance {
             net,
             dir,
             banger: banger.to_path_buf(),
-            env: vec![("BANGER_CGROUP_PARENT".into(), cgroup_parent)],
+            env: vec![
+                ("BANGER_CGROUP_PARENT".into(), cgroup_parent),
+                // VMM uids of its own: no two instances' VMs share one.
+                ("BANGER_VMM_UID_BASE".into(), uid_base().to_string()),
+            ],
             xfs: false,
         };
         std::fs::create_dir_all(me.state().join("images")).expect("mkdir images");
@@ -735,6 +739,16 @@ impl Instance {
             .collect();
         assert!(cgroups.is_empty(), "cgroups left: {cgroups:?}");
     }
+}
+
+/// A `--vmm-uid-base` no other instance of this run has (the daemon
+/// refuses one whose range another daemon claimed): blocks of 16384 uids
+/// above the default one.
+fn uid_base() -> u32 {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::SeqCst) % 64;
+    let k = (std::process::id() % 1024) * 64 + n + 1;
+    1_879_048_192 + k * 16_384
 }
 
 /// `banger-test-<the instance dir's random suffix>`.

@@ -65,6 +65,27 @@ fn main() {
     d.set_cksum();
     t.append_data(&mut d, "usr/", std::io::empty()).unwrap();
     put(&dir, "tar_import", "tree", &t.into_inner().unwrap());
+    // Links out of the tree, then writes through them (the fuzz target's
+    // sentinel dir is where they point).
+    let mut t = tar::Builder::new(Vec::new());
+    for (link, target) in [("etc/out", "/dev/shm/banger-fuzz-sentinel"), ("up", "../../../../dev/shm/banger-fuzz-sentinel")] {
+        let mut l = tar::Header::new_gnu();
+        l.set_entry_type(tar::EntryType::Symlink);
+        l.set_size(0);
+        t.append_link(&mut l, link, target).unwrap();
+    }
+    for name in ["etc/out/x", "up/y"] {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(2);
+        h.set_mode(0o644);
+        h.set_cksum();
+        t.append_data(&mut h, name, &b"x\n"[..]).unwrap();
+    }
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Link);
+    h.set_size(0);
+    t.append_link(&mut h, "hard", "/dev/shm/banger-fuzz-sentinel/z").unwrap();
+    put(&dir, "tar_import", "escapes", &t.into_inner().unwrap());
 
     let q = banger_host::qcow2::overlay_bytes(Path::new("/var/lib/banger/images/x/rootfs.ext4"), 1 << 30)
         .unwrap();

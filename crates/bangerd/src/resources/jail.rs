@@ -5,8 +5,9 @@
 //!
 //! - **Identity**: uid = gid = `--vmm-uid-base` + the VM's address slot
 //!   (unique among the instance's VMs, stable for the VM's life, so its
-//!   files keep their owner across stop/start), with one supplementary
-//!   group, the base itself, which may read the images (`kvm`'s group is
+//!   files keep their owner across stop/start; the daemon claims its range
+//!   host-wide at start, `perms::claim_uids`), with one supplementary
+//!   group, `--vmm-images-gid`, which may read the images (`kvm`'s group is
 //!   added where the VMM uses KVM). Firecracker keeps root until it runs
 //!   under its jailer; it gets the cgroup all the same.
 //! - **Files**: the VM's state dir is `root:<uid> 0710` (the VMM passes
@@ -22,13 +23,12 @@
 //!   no swap, pids, a CPU weight of 100 per vCPU; an OOM kill in it is the
 //!   VM's last error ([`oom_message`]).
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use banger_core::{Release, VmHandles, VmRecord, VmmKind};
 use banger_host::cgroup::{Cgroups, Limits};
 use banger_host::confine::{Confinement, Identity};
-use nix::unistd::{Gid, Uid};
 use serde_json::{json, Value};
 
 use super::{Acq, End, Resource};
@@ -61,7 +61,7 @@ pub fn chroot_base(d: &Daemon) -> PathBuf {
 /// The jailed Firecracker's `/` for this VM, if it is jailed.
 pub fn chroot(d: &Daemon, vm: &VmRecord) -> Option<PathBuf> {
     let fc = d.cfg.firecracker.as_ref()?;
-    jailed(d, vm).then(|| banger_vmm::jailer::chroot_dir(&chroot_base(d), fc, vm.short_id()))
+    jailed(d, vm).then(|| banger_vmm::jailer::chroot_dir(&chroot_base(d), fc, jail_id(vm)))
 }
 
 /// Where the VM's VMM makes its sockets (API, vsock): its runtime dir, or
@@ -86,8 +86,15 @@ pub fn identity(d: &Daemon, vm: &VmRecord) -> Result<Option<Identity>> {
             vm.name
         ))
     })?;
-    let mut groups = vec![base];
-    if vm.spec.accel == "kvm" {
+    let images = d.cfg.vmm_images_gid;
+    let mut groups = vec![images];
+    // The accelerator the VMM uses now (a VM created before KVM was
+    // usable boots with it once it is).
+    let accel = d
+        .vmm(vm.spec.vmm)
+        .map(|v| v.accel().to_string())
+        .unwrap_or_default();
+    if accel == "kvm" {
         if let Ok(m) = std::fs::metadata("/dev/kvm") {
             groups.push(m.gid());
         }
@@ -95,7 +102,7 @@ pub fn identity(d: &Daemon, vm: &VmRecord) -> Result<Option<Identity>> {
     if fc_jailed {
         return Ok(Some(Identity {
             uid,
-            gid: base,
+            gid: images,
             groups: Vec::new(),
         }));
     }
@@ -117,22 +124,28 @@ pub fn jail_spec(d: &Daemon, vm: &VmRecord) -> Result<Option<banger_vmm::jailer:
     Ok(Some(banger_vmm::jailer::JailSpec {
         jailer,
         chroot_base: chroot_base(d),
-        // The short id: the sockets' paths in the chroot must stay within
-        // a Unix socket's 108 bytes.
-        id: vm.short_id().to_string(),
+        id: jail_id(vm).to_string(),
         uid: id.uid,
         gid: id.gid,
     }))
 }
 
-/// The jail dir the jailer made for the VM (`<base>/<exec name>/<short id>`).
+/// The jail dir the jailer makes for a jailed VM (`<base>/<exec
+/// name>/<jail id>`), where no handle recorded it.
 fn jail_dir(d: &Daemon, vm: &VmRecord) -> Option<PathBuf> {
-    let fc = d.cfg.firecracker.as_ref()?;
+    let fc = d.cfg.firecracker.as_ref().filter(|_| jailed(d, vm))?;
     Some(banger_vmm::jailer::jail_dir(
         &chroot_base(d),
         fc,
-        vm.short_id(),
+        jail_id(vm),
     ))
+}
+
+/// The jailer's `--id` for the VM: 16 hex digits of its id, few enough
+/// that its sockets' paths in the chroot stay within a Unix socket's 108
+/// bytes, enough that two VMs never share one.
+pub fn jail_id(vm: &VmRecord) -> &str {
+    &vm.id[..vm.id.len().min(16)]
 }
 
 /// What the VM's processes start with: its identity (if any) and its
@@ -144,6 +157,7 @@ pub fn confinement(d: &Daemon, vm: &VmRecord, id: Option<Identity>) -> Result<Co
         // empty network namespace of its own. (A jailed Firecracker opens
         // its tap by name: the host's namespace.)
         new_netns: id.is_some() && vm.spec.vmm == VmmKind::Qemu,
+        private_tmp: id.is_some() && vm.spec.vmm == VmmKind::Qemu,
         identity: id,
         cgroup_procs: d.cgroups()?.procs_files(&vm.id),
     })
@@ -160,16 +174,7 @@ pub fn limits(d: &Daemon, vm: &VmRecord) -> Limits {
 }
 
 fn chown(path: &Path, uid: u32, gid: u32, mode: u32) -> Result<()> {
-    nix::unistd::fchownat(
-        None,
-        path,
-        Some(Uid::from_raw(uid)),
-        Some(Gid::from_raw(gid)),
-        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-    )
-    .map_err(|e| DaemonError::Invalid(format!("chown {}: {e}", path.display())))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| DaemonError::Invalid(format!("chmod {}: {e}", path.display())))
+    Ok(banger_host::fsutil::set_owner_mode(path, uid, gid, mode)?)
 }
 
 /// Gives the VMM's identity the files it opens (a missing one is skipped:
@@ -179,8 +184,15 @@ pub fn hand_over(id: Option<&Identity>, paths: &[&Path]) -> Result<()> {
         return Ok(());
     };
     for p in paths {
+        // A device (a dm-snapshot under /dev/mapper, a link udev made) is
+        // the node itself; anything else is never followed.
+        let p = if p.starts_with("/dev/") {
+            std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+        } else {
+            p.to_path_buf()
+        };
         if p.symlink_metadata().is_ok() {
-            chown(p, id.uid, id.gid, 0o600)?;
+            chown(&p, id.uid, id.gid, 0o600)?;
         }
     }
     Ok(())
@@ -216,6 +228,21 @@ fn remove_jail(d: &Daemon, held: &Value) -> Result<()> {
     Ok(())
 }
 
+fn cgroup_dirs(held: &Value) -> Vec<PathBuf> {
+    held["cgroup"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.as_str().map(PathBuf::from))
+        .collect()
+}
+
+fn kill_cgroup(d: &Daemon, held: &Value) {
+    if let Ok(c) = d.cgroups() {
+        c.kill_all(&cgroup_dirs(held));
+    }
+}
+
 /// How long the last exits in a VM's cgroup may take.
 const EMPTY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -224,12 +251,7 @@ fn remove_cgroup(d: &Daemon, vm_id: &str, held: &Value, wait: bool) -> Result<()
         return Ok(());
     };
     // The dirs recorded (the daemon's own cgroup may have moved since).
-    let mut dirs: Vec<PathBuf> = held["cgroup"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p.as_str().map(PathBuf::from))
-        .collect();
+    let mut dirs = cgroup_dirs(held);
     if dirs.is_empty() {
         dirs = c.dirs(vm_id);
     }
@@ -289,6 +311,9 @@ impl Resource for Jail {
             if let Some(tap) = &cx.handles.tap_device {
                 banger_host::tap::set_owner(tap, id.uid)?;
             }
+            // Recorded before it exists: a teardown removes it whatever
+            // Firecracker binary is configured by then.
+            cx.handles.jail_dir = root.parent().map(Path::to_path_buf);
             banger_host::fsutil::create_dir_all(&root)?;
         }
         Ok(())
@@ -301,16 +326,26 @@ impl Resource for Jail {
             h.cgroup_dirs.clone()
         };
         let dirs: Vec<PathBuf> = dirs.into_iter().filter(|p| p.exists()).collect();
+        // Only the volumes this VM's user owns (a volume another running
+        // VM has is that VM's user's, and stays so).
+        let me = identity(d, vm).ok().flatten().map(|i| i.uid);
         let vols: Vec<PathBuf> = volumes(d, vm)
             .into_iter()
-            .filter(|p| p.metadata().map(|m| m.uid() != 0).unwrap_or(false))
+            .filter(|p| p.metadata().is_ok_and(|m| Some(m.uid()) == me))
             .collect();
-        let jail = jail_dir(d, vm).filter(|p| p.exists());
+        let jail = h
+            .jail_dir
+            .clone()
+            .or_else(|| jail_dir(d, vm))
+            .filter(|p| p.exists());
         (!dirs.is_empty() || !vols.is_empty() || jail.is_some())
             .then(|| json!({ "cgroup": dirs, "volumes": vols, "jail": jail }))
     }
 
     fn end(&self, d: &Daemon, vm: &VmRecord, held: Value, _how: End) -> Result<Option<Value>> {
+        // Whatever is left of the VM's processes (a helper a hijacked
+        // backend forked) dies before its volumes go to another VM.
+        kill_cgroup(d, &held);
         give_back_volumes(&held)?;
         remove_jail(d, &held)?;
         // Busy while a deleted VM's VMM is still dying: after the reply.

@@ -42,15 +42,44 @@ pub fn find(vm: &VmRecord, h: &VmHandles) -> Option<ProcId> {
         .parent()
         .and_then(std::path::Path::parent)
         .and_then(std::path::Path::file_name)
-        .is_some_and(|n| n == vm.short_id());
+        .is_some_and(|n| n == super::jail::jail_id(vm));
     let needle = if in_jail && !vm.id.is_empty() {
-        vm.short_id().to_string()
+        super::jail::jail_id(vm).to_string()
     } else {
         process::path_needle(api)
     };
+    // The jailer gives the chroot to the VM's user.
+    let jailed_uid = api
+        .parent()
+        .and_then(|root| root.metadata().ok())
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m));
+    // (Under the jailer other processes' arguments may name the chroot,
+    // and so the id, too: the VMM is a Firecracker whose `--id` is the
+    // id, running as the VM's user.)
+    let id_arg = needle.clone();
+    let uid = jailed_uid;
+    let the_vmm = |p: &i32| {
+        if !in_jail {
+            return true;
+        }
+        let args = process::cmdline(*p).unwrap_or_default();
+        let is_fc = args.first().is_some_and(|a0| {
+            std::path::Path::new(a0)
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().contains("firecracker"))
+        });
+        let has_id = args.windows(2).any(|w| w[0] == "--id" && w[1] == id_arg)
+            || args.iter().any(|a| *a == format!("--id={id_arg}"));
+        let owner = std::fs::metadata(format!("/proc/{p}"))
+            .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+            .ok();
+        is_fc && has_id && uid.is_some() && owner == uid
+    };
     let pid = match h.pid {
-        Some(p) if process::matches(p, &needle) => p,
-        _ if vm.runtime.state().is_up() => *process::find_by_arg(&needle).first()?,
+        Some(p) if process::matches(p, &needle) && the_vmm(&p) => p,
+        _ if vm.runtime.state().is_up() => {
+            *process::find_by_arg(&needle).iter().find(|p| the_vmm(p))?
+        }
         _ => return None,
     };
     ProcId::of(pid)
