@@ -119,6 +119,24 @@ impl Confinement {
     }
 }
 
+/// Makes `fds` (held open by the caller until the spawn) survive `exec`
+/// in `cmd`'s child under the same numbers, for a VMM told them on its
+/// command line (QEMU's `-netdev tap,fd=N`).
+pub fn inherit_fds(cmd: &mut Command, fds: Vec<i32>) {
+    // SAFETY: fcntl on descriptors the caller keeps open; no allocation in
+    // the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            for fd in &fds {
+                if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
 /// In the child: a mount namespace of its own (nothing propagates back),
 /// with fresh small tmpfs on `/tmp` and `/dev/shm`. Only system calls, on
 /// constant strings.

@@ -192,19 +192,7 @@ impl Vmm for Qemu {
             })?;
         // The taps' descriptors stay open across exec (under the numbers
         // the command line names).
-        let keep: Vec<i32> = cfg.nics.iter().filter_map(|n| n.fd).collect();
-        // SAFETY: fcntl on descriptors the caller keeps open; no allocation
-        // in the child.
-        unsafe {
-            cmd.pre_exec(move || {
-                for fd in &keep {
-                    if nix::libc::fcntl(*fd, nix::libc::F_SETFD, 0) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
+        banger_host::confine::inherit_fds(&mut cmd, cfg.nics.iter().filter_map(|n| n.fd).collect());
         let child = cmd
             .args(self.args(cfg))
             .stdin(Stdio::null())

@@ -30,29 +30,18 @@ fn set(path: &Path, gid: u32, mode: u32) -> Result<()> {
 /// Sets the modes above on what exists (idempotent; run at every start,
 /// so older state dirs are brought in line).
 pub fn prepare(l: &Layout, vmm_gid: u32) -> Result<()> {
-    for d in [
-        l.state_dir.clone(),
-        l.runtime_dir.clone(),
-        l.vms_dir(),
-        l.runtime_dir.join("vms"),
-        l.volumes_dir(),
-        l.ssh_dir(),
-        l.cache_dir(),
-        l.images_dir(),
+    for (d, gid, mode) in [
+        (l.state_dir.clone(), 0, 0o711),
+        (l.runtime_dir.clone(), 0, 0o711),
+        (l.vms_dir(), 0, 0o711),
+        (l.runtime_dir.join("vms"), 0, 0o711),
+        (l.volumes_dir(), 0, 0o711),
+        (l.ssh_dir(), 0, 0o700),
+        (l.cache_dir(), 0, 0o700),
+        (l.images_dir(), vmm_gid, 0o750),
     ] {
         fsutil::create_dir_all(&d)?;
-    }
-    for d in [
-        l.state_dir.clone(),
-        l.runtime_dir.clone(),
-        l.vms_dir(),
-        l.runtime_dir.join("vms"),
-        l.volumes_dir(),
-    ] {
-        set(&d, 0, 0o711)?;
-    }
-    for d in [l.ssh_dir(), l.cache_dir()] {
-        set(&d, 0, 0o700)?;
+        set(&d, gid, mode)?;
     }
     for f in [
         l.db(),
@@ -65,7 +54,6 @@ pub fn prepare(l: &Layout, vmm_gid: u32) -> Result<()> {
             set(&f, 0, 0o600)?;
         }
     }
-    set(&l.images_dir(), vmm_gid, 0o750)?;
     for e in std::fs::read_dir(l.images_dir()).with_path("list", &l.images_dir())? {
         let p = e.with_path("list", &l.images_dir())?.path();
         if p.is_dir() && p.extension().is_none() {

@@ -52,6 +52,10 @@ pub fn wait(
             return Err(DaemonError::Cancelled(vm.name.clone()));
         }
         if !vmm.is_running() {
+            // Killed by the kernel over its cgroup's memory limit: say so.
+            if let Some(oom) = crate::resources::jail::oom_message(d, vm) {
+                return Err(boot_err(oom));
+            }
             return Err(boot_err(format!(
                 "the VMM exited. Its log:\n{}\nConsole:\n{}",
                 guest_tail(&dir.join(vmfiles::VMM_LOG), 10),

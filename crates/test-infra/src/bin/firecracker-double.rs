@@ -418,18 +418,11 @@ fn start(d: &Double, vm: &Vm, boot: &Value) -> Result<(), String> {
         ]);
     }
     die_with_double(&mut c);
-    let keep: Vec<i32> = taps.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
-    // SAFETY: fcntl on descriptors held open (`taps`) until QEMU is spawned.
-    unsafe {
-        c.pre_exec(move || {
-            for fd in &keep {
-                if nix::libc::fcntl(*fd, nix::libc::F_SETFD, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
+    // (Held open, `taps`, until QEMU is spawned.)
+    banger_host::confine::inherit_fds(
+        &mut c,
+        taps.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect(),
+    );
     // PDEATHSIG fires when the spawning *thread* exits, so QEMU (and the
     // vsock backend) are spawned by a thread that lives as long as QEMU
     // does (and then ends the double: Firecracker exits when its guest
