@@ -48,7 +48,10 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 /// kernel appends the decompressed size after the last block).
 fn decode_legacy(mut data: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::new();
-    let mut block = vec![0u8; LZ4_LEGACY_BLOCK];
+    // Grown as blocks need it: a block of `size` compressed bytes decodes
+    // to at most 255 bytes each (LZ4's longest run per byte), so a small
+    // or bogus block never costs the full 8 MiB.
+    let mut block: Vec<u8> = Vec::new();
     while data.len() >= 4 {
         let size = u32::from_le_bytes([data[0], data[1], data[2], data[3]]) as usize;
         if size == 0
@@ -57,7 +60,11 @@ fn decode_legacy(mut data: &[u8]) -> Option<Vec<u8>> {
         {
             break;
         }
-        match lz4_flex::block::decompress_into(&data[4..4 + size], &mut block) {
+        let most = LZ4_LEGACY_BLOCK.min(size.saturating_mul(255).saturating_add(16));
+        if block.len() < most {
+            block.resize(most, 0);
+        }
+        match lz4_flex::block::decompress_into(&data[4..4 + size], &mut block[..most]) {
             Ok(n) => out.extend_from_slice(&block[..n]),
             Err(_) => break,
         }
