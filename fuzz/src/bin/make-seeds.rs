@@ -87,6 +87,18 @@ fn main() {
     t.append_link(&mut h, "hard", "/dev/shm/banger-fuzz-sentinel/z").unwrap();
     put(&dir, "tar_import", "escapes", &t.into_inner().unwrap());
 
+    // An OCI layout's index, then (after a NUL) its manifest, naming the
+    // fuzz target's fixed blobs.
+    let a = "a".repeat(64);
+    let b = "b".repeat(64);
+    let index = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:{a}","size":300,"platform":{{"architecture":"amd64","os":"linux"}}}}]}}"#
+    );
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{a}","size":2}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:{b}","size":1024}}]}}"#
+    );
+    put(&dir, "oci_layout", "one-layer", format!("{index}\0{manifest}").as_bytes());
+
     let q = banger_host::qcow2::overlay_bytes(Path::new("/var/lib/banger/images/x/rootfs.ext4"), 1 << 30)
         .unwrap();
     put(&dir, "qcow2_header", "overlay", &q[..4096]);
