@@ -15,8 +15,17 @@ fn no_controls(s: &str, keep_lines: bool) -> bool {
 
 fuzz_target!(|data: &[u8]| {
     let s = String::from_utf8_lossy(data);
-    assert!(no_controls(&banger_core::text::escape_control(&s, true), true));
-    assert!(no_controls(&banger_core::text::escape_control(&s, false), false));
+    assert!(no_controls(
+        &banger_core::text::escape_control(&s, true),
+        true
+    ));
+    assert!(no_controls(
+        &banger_core::text::escape_control(&s, false),
+        false
+    ));
     let cell = banger_core::text::one_line(&s);
-    assert!(!cell.contains('\n') && no_controls(&cell, false), "{cell:?}");
+    assert!(
+        !cell.contains('\n') && no_controls(&cell, false),
+        "{cell:?}"
+    );
 });

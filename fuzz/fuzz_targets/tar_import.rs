@@ -25,7 +25,11 @@ const SENTINEL: &str = "/dev/shm/banger-fuzz-sentinel";
 fuzz_target!(|data: &[u8]| {
     std::fs::create_dir_all(SENTINEL).unwrap();
     // In memory (tmpfs) when it can: each run unpacks to a fresh dir.
-    let base = if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm" } else { "/tmp" };
+    let base = if std::path::Path::new("/dev/shm").is_dir() {
+        "/dev/shm"
+    } else {
+        "/tmp"
+    };
     let scratch = tempfile::tempdir_in(base).unwrap();
     let root = scratch.path().join("root");
     std::fs::create_dir(&root).unwrap();
@@ -40,7 +44,10 @@ fuzz_target!(|data: &[u8]| {
     // Symlinks may point anywhere (they are the tree's); what matters is
     // that nothing was written through one: the scratch dir holds the root
     // alone.
-    let top: Vec<_> = std::fs::read_dir(scratch.path()).unwrap().flatten().collect();
+    let top: Vec<_> = std::fs::read_dir(scratch.path())
+        .unwrap()
+        .flatten()
+        .collect();
     assert_eq!(top.len(), 1);
     let escaped: Vec<_> = std::fs::read_dir(SENTINEL).unwrap().flatten().collect();
     assert!(escaped.is_empty(), "written outside the root: {escaped:?}");

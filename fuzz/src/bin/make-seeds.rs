@@ -18,7 +18,12 @@ fn main() {
     use banger_core::api::{Envelope, Request, PROTOCOL_VERSION};
     for (n, r) in [
         ("ls", Request::VmList),
-        ("start", Request::VmStart { name: "web-1".into() }),
+        (
+            "start",
+            Request::VmStart {
+                name: "web-1".into(),
+            },
+        ),
         (
             "import",
             Request::ImageImport {
@@ -31,7 +36,12 @@ fn main() {
             version: PROTOCOL_VERSION,
             request: r,
         };
-        put(&dir, "daemon_request", n, serde_json::to_string(&env).unwrap().as_bytes());
+        put(
+            &dir,
+            "daemon_request",
+            n,
+            serde_json::to_string(&env).unwrap().as_bytes(),
+        );
     }
 
     use banger_agent::proto;
@@ -53,7 +63,8 @@ fn main() {
     h.set_size(3);
     h.set_mode(0o644);
     h.set_cksum();
-    t.append_data(&mut h.clone(), "etc/hostname", &b"vm\n"[..]).unwrap();
+    t.append_data(&mut h.clone(), "etc/hostname", &b"vm\n"[..])
+        .unwrap();
     let mut l = tar::Header::new_gnu();
     l.set_entry_type(tar::EntryType::Symlink);
     l.set_size(0);
@@ -68,7 +79,10 @@ fn main() {
     // Links out of the tree, then writes through them (the fuzz target's
     // sentinel dir is where they point).
     let mut t = tar::Builder::new(Vec::new());
-    for (link, target) in [("etc/out", "/dev/shm/banger-fuzz-sentinel"), ("up", "../../../../dev/shm/banger-fuzz-sentinel")] {
+    for (link, target) in [
+        ("etc/out", "/dev/shm/banger-fuzz-sentinel"),
+        ("up", "../../../../dev/shm/banger-fuzz-sentinel"),
+    ] {
         let mut l = tar::Header::new_gnu();
         l.set_entry_type(tar::EntryType::Symlink);
         l.set_size(0);
@@ -84,7 +98,8 @@ fn main() {
     let mut h = tar::Header::new_gnu();
     h.set_entry_type(tar::EntryType::Link);
     h.set_size(0);
-    t.append_link(&mut h, "hard", "/dev/shm/banger-fuzz-sentinel/z").unwrap();
+    t.append_link(&mut h, "hard", "/dev/shm/banger-fuzz-sentinel/z")
+        .unwrap();
     put(&dir, "tar_import", "escapes", &t.into_inner().unwrap());
 
     // An OCI layout's index, then (after a NUL) its manifest, naming the
@@ -97,10 +112,18 @@ fn main() {
     let manifest = format!(
         r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{a}","size":2}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:{b}","size":1024}}]}}"#
     );
-    put(&dir, "oci_layout", "one-layer", format!("{index}\0{manifest}").as_bytes());
+    put(
+        &dir,
+        "oci_layout",
+        "one-layer",
+        format!("{index}\0{manifest}").as_bytes(),
+    );
 
-    let q = banger_host::qcow2::overlay_bytes(Path::new("/var/lib/banger/images/x/rootfs.ext4"), 1 << 30)
-        .unwrap();
+    let q = banger_host::qcow2::overlay_bytes(
+        Path::new("/var/lib/banger/images/x/rootfs.ext4"),
+        1 << 30,
+    )
+    .unwrap();
     put(&dir, "qcow2_header", "overlay", &q[..4096]);
 
     use hickory_proto::op::{Message, MessageType, OpCode, Query};
@@ -110,8 +133,16 @@ fn main() {
     m.metadata.message_type = MessageType::Query;
     m.metadata.op_code = OpCode::Query;
     m.metadata.recursion_desired = true;
-    m.add_query(Query::query(Name::from_ascii("web.vm.").unwrap(), RecordType::A));
+    m.add_query(Query::query(
+        Name::from_ascii("web.vm.").unwrap(),
+        RecordType::A,
+    ));
     put(&dir, "dns_query", "a", &m.to_vec().unwrap());
 
-    put(&dir, "console_text", "escapes", "boot\x1b[2J\r\nok\u{9b}31m\x07\n".as_bytes());
+    put(
+        &dir,
+        "console_text",
+        "escapes",
+        "boot\x1b[2J\r\nok\u{9b}31m\x07\n".as_bytes(),
+    );
 }
