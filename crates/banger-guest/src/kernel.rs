@@ -8,6 +8,8 @@ use thiserror::Error;
 const LZ4_LEGACY_MAGIC: [u8; 4] = [0x02, 0x21, 0x4c, 0x18];
 const LZ4_LEGACY_BLOCK: usize = 8 << 20;
 const ELF_MAGIC: &[u8] = b"\x7fELF";
+/// No kernel is larger (Debian's vmlinux is about 60 MiB).
+const MAX_VMLINUX: u64 = 512 << 20;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum KernelError {
@@ -67,6 +69,11 @@ fn decode_legacy(mut data: &[u8]) -> Option<Vec<u8>> {
         match lz4_flex::block::decompress_into(&data[4..4 + size], &mut block[..most]) {
             Ok(n) => out.extend_from_slice(&block[..n]),
             Err(_) => break,
+        }
+        // Not a kernel's payload (an image's "kernel" may be anything):
+        // stop before decoding the rest.
+        if !out.starts_with(ELF_MAGIC) || out.len() as u64 > MAX_VMLINUX {
+            return None;
         }
         data = &data[4 + size..];
     }

@@ -352,6 +352,11 @@ impl Cgroups {
         }
     }
 
+    /// The pids in the group directory `dir`.
+    pub fn procs_in(&self, dir: &Path) -> Vec<i32> {
+        read_procs(&dir.join("cgroup.procs"))
+    }
+
     /// SIGKILLs every process in the groups `dirs` (without waiting).
     pub fn kill_all(&self, dirs: &[PathBuf]) {
         for d in dirs {

@@ -152,7 +152,10 @@ fn private_tmpfs() -> std::io::Result<()> {
             std::ptr::null(),
             c"/".as_ptr(),
             std::ptr::null(),
-            libc::MS_REC | libc::MS_PRIVATE,
+            // Slave, not private: the host's unmounts still reach this
+            // copy (a disk unmounted while a VM runs is not kept busy),
+            // nothing of it reaches the host.
+            libc::MS_REC | libc::MS_SLAVE,
             std::ptr::null(),
         ) != 0
         {

@@ -74,7 +74,15 @@ pub fn read_to_string(path: &Path) -> Result<String, FsError> {
 /// The last `n` lines of a text file, for error messages (empty if the file
 /// cannot be read).
 pub fn tail_lines(path: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    // The last 64 KiB at most: a log a VMM owns may be huge (and sparse).
+    use std::io::{Read, Seek, SeekFrom};
+    let mut bytes = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
+        let _ = f.take(64 * 1024).read_to_end(&mut bytes);
+    }
+    let text = String::from_utf8_lossy(&bytes);
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }

@@ -22,12 +22,16 @@ pub fn older(path: &Path) -> PathBuf {
 /// An empty console log for a new boot (the previous boot's is kept as the
 /// older part, so `vm logs` still shows how it ended).
 pub fn reset(path: &Path) -> Result<()> {
+    // Its tail only (a VMM owns the log and may have made it huge).
     if std::fs::metadata(path).is_ok_and(|m| m.len() > 0) {
-        std::fs::rename(path, older(path)).with_path("rotate", path)?;
+        rotate_if_big(path, 0).map(|_| ())?;
     }
     fsutil::write(path, "")?;
     Ok(())
 }
+
+/// What a rotation keeps of a log at most, whatever the configured bound.
+const KEEP_MAX: u64 = 4 << 20;
 
 /// Rotates the log if it passed `max` bytes; returns whether it did.
 pub fn rotate_if_big(path: &Path, max: u64) -> Result<bool> {
@@ -44,13 +48,18 @@ pub fn rotate_if_big(path: &Path, max: u64) -> Result<bool> {
     // huge, which a whole copy would make dense on the host's disk.
     let old = older(path);
     let tmp = old.with_extension("tmp");
+    // (A reset rotates with `max` 0: it keeps up to `KEEP_MAX`.)
+    let keep = if max == 0 {
+        KEEP_MAX
+    } else {
+        max.min(KEEP_MAX)
+    };
     {
-        use std::io::{Seek, SeekFrom};
         let mut src = std::fs::File::open(path).with_path("open", path)?;
-        src.seek(SeekFrom::Start(meta.len().saturating_sub(max)))
+        src.seek(SeekFrom::Start(meta.len().saturating_sub(keep)))
             .with_path("seek", path)?;
         let mut dst = std::fs::File::create(&tmp).with_path("create", &tmp)?;
-        std::io::copy(&mut std::io::Read::take(src, max), &mut dst).with_path("copy", path)?;
+        std::io::copy(&mut std::io::Read::take(src, keep), &mut dst).with_path("copy", path)?;
     }
     std::fs::rename(&tmp, &old).with_path("rename into", &old)?;
     std::fs::OpenOptions::new()
@@ -71,9 +80,14 @@ pub fn read_from(path: &Path, pos: u64) -> Result<(Vec<u8>, u64)> {
     };
     let len = f.metadata().with_path("stat", path)?.len();
     let pos = if len < pos { 0 } else { pos };
+    // Never more than `KEEP_MAX` at once, from the end (a log a VMM made
+    // huge is not read whole into the daemon).
+    let pos = pos.max(len.saturating_sub(KEEP_MAX));
     f.seek(SeekFrom::Start(pos)).with_path("seek", path)?;
     let mut buf = Vec::new();
-    f.read_to_end(&mut buf).with_path("read", path)?;
+    f.take(KEEP_MAX)
+        .read_to_end(&mut buf)
+        .with_path("read", path)?;
     let end = pos + buf.len() as u64;
     Ok((buf, end))
 }

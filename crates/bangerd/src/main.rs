@@ -137,6 +137,13 @@ fn real_main() -> anyhow::Result<()> {
         );
     }
     cfg.vmm_uid_base = args.vmm_uid_base;
+    if args.vmm_images_gid < 65_536 {
+        bail!(
+            "--vmm-images-gid {}: below 65536 it would give every VMM an account's group; the default is {}",
+            args.vmm_images_gid,
+            bangerd::config::DEFAULT_VMM_UID_BASE
+        );
+    }
     cfg.vmm_images_gid = args.vmm_images_gid;
     cfg.vmm_memory_overhead_mib = args.vmm_memory_overhead;
     cfg.cgroup_parent = args.cgroup_parent;

@@ -23,8 +23,11 @@ use banger_host::fsutil::{self, WrapIo};
 
 use crate::error::Result;
 
+/// (The dirs `prepare` sets are the administrator's: a state dir that is a
+/// link to another disk is followed, once, here.)
 fn set(path: &Path, gid: u32, mode: u32) -> Result<()> {
-    Ok(fsutil::set_owner_mode(path, 0, gid, mode)?)
+    let real = std::fs::canonicalize(path).with_path("resolve", path)?;
+    Ok(fsutil::set_owner_mode(&real, 0, gid, mode)?)
 }
 
 /// Sets the modes above on what exists (idempotent; run at every start,
@@ -89,19 +92,26 @@ const UID_BLOCK: u64 = 16_384;
 /// uids the range touches. Another daemon whose range overlaps holds one
 /// of them, and this one refuses to start, naming the fix.
 pub fn claim_uids(base: u32, count: u32) -> Result<Vec<nix::fcntl::Flock<std::fs::File>>> {
+    // Root's alone: a lock file anyone could open and flock would let
+    // anyone keep a daemon from starting.
     fsutil::create_dir_all(Path::new(UID_CLAIMS))?;
+    set(Path::new(UID_CLAIMS), 0, 0o700)?;
     let first = (u64::from(base) + 1) / UID_BLOCK;
     let top = u64::from(base) + u64::from(count.max(2)) - 1;
     let last = top / UID_BLOCK;
     let mut held = Vec::new();
     for block in first..=last {
         let path = Path::new(UID_CLAIMS).join(format!("{}.lock", block * UID_BLOCK));
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .with_path("open", &path)?;
+        let f = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o600)
+                .open(&path)
+                .with_path("open", &path)?
+        };
         let lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
             .map_err(|(_, e)| {
                 crate::error::DaemonError::Invalid(format!(

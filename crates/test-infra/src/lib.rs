@@ -525,8 +525,9 @@ impl Instance {
 /// above the default one.
 fn uid_base() -> u32 {
     static N: AtomicU32 = AtomicU32::new(0);
-    let n = N.fetch_add(1, Ordering::SeqCst) % 64;
-    let k = (std::process::id() % 1024) * 64 + n + 1;
+    // Below 2^31 (some tools read uids as signed).
+    let n = N.fetch_add(1, Ordering::SeqCst) % 16;
+    let k = (std::process::id() % 256) * 16 + n + 1;
     1_879_048_192 + k * 16_384
 }
 

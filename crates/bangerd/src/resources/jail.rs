@@ -206,10 +206,18 @@ fn volumes(d: &Daemon, vm: &VmRecord) -> Vec<PathBuf> {
         .collect()
 }
 
-fn give_back_volumes(held: &Value) -> Result<()> {
+/// Gives the VM's volumes back to root, each only while this VM's user
+/// still owns it (a release after the reply must not take a volume from
+/// the VM that has it since), under the volume lock that attaching them
+/// takes too.
+fn give_back_volumes(d: &Daemon, held: &Value) -> Result<()> {
+    let Some(uid) = held["uid"].as_u64().and_then(|u| u32::try_from(u).ok()) else {
+        return Ok(());
+    };
+    let _v = crate::daemon::lock(&d.volume_lock);
     for p in held["volumes"].as_array().into_iter().flatten() {
         if let Some(p) = p.as_str().map(Path::new) {
-            if p.exists() {
+            if p.symlink_metadata().is_ok_and(|m| m.uid() == uid) {
                 chown(p, 0, 0, 0o600)?;
             }
         }
@@ -237,11 +245,29 @@ fn cgroup_dirs(held: &Value) -> Vec<PathBuf> {
         .collect()
 }
 
-fn kill_cgroup(d: &Daemon, held: &Value) {
-    if let Ok(c) = d.cgroups() {
-        c.kill_all(&cgroup_dirs(held));
+/// Kills what is left in the VM's cgroup and waits up to `wait` for it to
+/// be empty; whether it is.
+fn kill_cgroup(d: &Daemon, held: &Value, wait: std::time::Duration) -> bool {
+    let Ok(c) = d.cgroups() else {
+        return true;
+    };
+    let dirs = cgroup_dirs(held);
+    let end = std::time::Instant::now() + wait;
+    loop {
+        c.kill_all(&dirs);
+        if dirs.iter().all(|d| c.procs_in(d).is_empty()) {
+            return true;
+        }
+        if std::time::Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
+
+/// How long a teardown waits for a VM's last processes before it leaves
+/// its volumes to the release.
+const END_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How long the last exits in a VM's cgroup may take.
 const EMPTY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -303,8 +329,11 @@ impl Resource for Jail {
         banger_host::fsutil::create_dir_all(&rt)?;
         chown(&l.vm_dir(&cx.vm.id), 0, id.uid, 0o710)?;
         chown(&rt, id.uid, id.gid, 0o700)?;
-        for v in volumes(d, cx.vm) {
-            chown(&v, id.uid, id.gid, 0o600)?;
+        {
+            let _v = crate::daemon::lock(&d.volume_lock);
+            for v in volumes(d, cx.vm) {
+                chown(&v, id.uid, id.gid, 0o600)?;
+            }
         }
         if let Some(root) = chroot(d, cx.vm) {
             // A jailed Firecracker opens its tap by name, as its user.
@@ -328,25 +357,48 @@ impl Resource for Jail {
         let dirs: Vec<PathBuf> = dirs.into_iter().filter(|p| p.exists()).collect();
         // Only the volumes this VM's user owns (a volume another running
         // VM has is that VM's user's, and stays so).
-        let me = identity(d, vm).ok().flatten().map(|i| i.uid);
+        let me = d
+            .guest_net(vm)
+            .ok()
+            .and_then(|n| d.cfg.vmm_uid_base.checked_add(n.slot));
         let vols: Vec<PathBuf> = volumes(d, vm)
             .into_iter()
             .filter(|p| p.metadata().is_ok_and(|m| Some(m.uid()) == me))
             .collect();
+        // Recorded; else where the VM's API socket says (a jail of an older
+        // banger's); else where this configuration would put it.
+        let from_api = vm
+            .runtime
+            .api_sock_path
+            .as_ref()
+            .and_then(|a| a.parent()?.parent())
+            .filter(|p| p.starts_with(chroot_base(d)))
+            .map(Path::to_path_buf);
         let jail = h
             .jail_dir
             .clone()
+            .or(from_api)
             .or_else(|| jail_dir(d, vm))
             .filter(|p| p.exists());
         (!dirs.is_empty() || !vols.is_empty() || jail.is_some())
-            .then(|| json!({ "cgroup": dirs, "volumes": vols, "jail": jail }))
+            .then(|| json!({ "cgroup": dirs, "volumes": vols, "uid": me, "jail": jail }))
     }
 
-    fn end(&self, d: &Daemon, vm: &VmRecord, held: Value, _how: End) -> Result<Option<Value>> {
+    fn end(&self, d: &Daemon, vm: &VmRecord, held: Value, how: End) -> Result<Option<Value>> {
         // Whatever is left of the VM's processes (a helper a hijacked
-        // backend forked) dies before its volumes go to another VM.
-        kill_cgroup(d, &held);
-        give_back_volumes(&held)?;
+        // backend forked) dies before its volumes go to another VM; while
+        // any is still exiting, the volumes wait for the release. (A
+        // delete does not wait for its VMM to free its memory: the release
+        // does.)
+        let wait = if how.wait_vmm {
+            END_WAIT
+        } else {
+            std::time::Duration::ZERO
+        };
+        if !kill_cgroup(d, &held, wait) {
+            return Ok(Some(held));
+        }
+        give_back_volumes(d, &held)?;
         remove_jail(d, &held)?;
         // Busy while a deleted VM's VMM is still dying: after the reply.
         match remove_cgroup(d, &vm.id, &held, false) {
@@ -356,9 +408,11 @@ impl Resource for Jail {
     }
 
     fn release(&self, d: &Daemon, r: &Release, held: &Value) -> Result<()> {
-        give_back_volumes(held)?;
-        remove_jail(d, held)?;
-        remove_cgroup(d, &r.vm_id, held, true)
+        // Everything of the VM gone first (as in `end`), then its volumes
+        // and jail.
+        remove_cgroup(d, &r.vm_id, held, true)?;
+        give_back_volumes(d, held)?;
+        remove_jail(d, held)
     }
 }
 

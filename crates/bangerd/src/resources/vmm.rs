@@ -42,12 +42,16 @@ pub fn find(vm: &VmRecord, h: &VmHandles) -> Option<ProcId> {
         .parent()
         .and_then(std::path::Path::parent)
         .and_then(std::path::Path::file_name)
-        .is_some_and(|n| n == super::jail::jail_id(vm));
-    let needle = if in_jail && !vm.id.is_empty() {
-        super::jail::jail_id(vm).to_string()
-    } else {
-        process::path_needle(api)
+        .and_then(|n| n.to_str())
+        // The jail id is a prefix of the VM's id (16 digits; 8 in older
+        // bangers).
+        .filter(|n| n.len() >= 8 && vm.id.starts_with(*n))
+        .map(str::to_string);
+    let needle = match &in_jail {
+        Some(id) => id.clone(),
+        None => process::path_needle(api),
     };
+    let in_jail = in_jail.is_some();
     // The jailer gives the chroot to the VM's user.
     let jailed_uid = api
         .parent()
@@ -70,9 +74,7 @@ pub fn find(vm: &VmRecord, h: &VmHandles) -> Option<ProcId> {
         });
         let has_id = args.windows(2).any(|w| w[0] == "--id" && w[1] == id_arg)
             || args.iter().any(|a| *a == format!("--id={id_arg}"));
-        let owner = std::fs::metadata(format!("/proc/{p}"))
-            .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
-            .ok();
+        let owner = banger_host::confine::observe(*p).and_then(|o| o.uids.first().copied());
         is_fc && has_id && uid.is_some() && owner == uid
     };
     let pid = match h.pid {
