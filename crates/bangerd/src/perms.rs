@@ -91,7 +91,7 @@ const UID_BLOCK: u64 = 16_384;
 /// as the returned locks live: an exclusive `flock` on every block of
 /// uids the range touches. Another daemon whose range overlaps holds one
 /// of them, and this one refuses to start, naming the fix.
-pub fn claim_uids(base: u32, count: u32) -> Result<Vec<nix::fcntl::Flock<std::fs::File>>> {
+pub fn claim_uids(base: u32, count: u32) -> Result<UidClaim> {
     // Root's alone: a lock file anyone could open and flock would let
     // anyone keep a daemon from starting.
     fsutil::create_dir_all(Path::new(UID_CLAIMS))?;
@@ -99,7 +99,7 @@ pub fn claim_uids(base: u32, count: u32) -> Result<Vec<nix::fcntl::Flock<std::fs
     let first = (u64::from(base) + 1) / UID_BLOCK;
     let top = u64::from(base) + u64::from(count.max(2)) - 1;
     let last = top / UID_BLOCK;
-    let mut held = Vec::new();
+    let mut held = UidClaim(Vec::new());
     for block in first..=last {
         let path = Path::new(UID_CLAIMS).join(format!("{}.lock", block * UID_BLOCK));
         let f = {
@@ -112,6 +112,9 @@ pub fn claim_uids(base: u32, count: u32) -> Result<Vec<nix::fcntl::Flock<std::fs
                 .open(&path)
                 .with_path("open", &path)?
         };
+        // The file may have been unlinked by its last holder (a clean
+        // exit removes them) between our open and our lock: the lock
+        // counts only on the file that is still at the path.
         let lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
             .map_err(|(_, e)| {
                 crate::error::DaemonError::Invalid(format!(
@@ -122,9 +125,33 @@ pub fn claim_uids(base: u32, count: u32) -> Result<Vec<nix::fcntl::Flock<std::fs
                     UID_BLOCK
                 ))
             })?;
-        held.push(lock);
+        let same = std::fs::metadata(&path)
+            .ok()
+            .zip(lock.metadata().ok())
+            .is_some_and(|(p, f)| p.ino() == f.ino() && p.dev() == f.dev());
+        if !same {
+            return Err(crate::error::DaemonError::Invalid(format!(
+                "{}: replaced while it was being claimed (another bangerd starting or stopping): start again",
+                path.display()
+            )));
+        }
+        held.0.push((path, lock));
     }
     Ok(held)
+}
+
+/// A daemon's claim on its VMM uids: the lock files go with it at a
+/// clean exit (removed while still locked, so a daemon that opened one
+/// just before sees, by its inode, that it lost the race).
+#[derive(Debug)]
+pub struct UidClaim(Vec<(PathBuf, nix::fcntl::Flock<std::fs::File>)>);
+
+impl Drop for UidClaim {
+    fn drop(&mut self) {
+        for (path, _) in &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 /// The first dir above `path` (inclusive) that a user other than root

@@ -386,6 +386,28 @@ impl Drop for Instance {
         for (pid, _) in self.processes() {
             let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
         }
+        // A test that failed half-way may leave its VMs' cgroups (what is
+        // in them was killed above) and its daemon's uid claims.
+        for parent in self.cgroup_parents() {
+            if let Ok(rd) = std::fs::read_dir(&parent) {
+                for e in rd.flatten().filter(|e| e.path().is_dir()) {
+                    let _ = wait_until(Duration::from_secs(10), || {
+                        std::fs::remove_dir(e.path()).is_ok()
+                    });
+                }
+            }
+            let _ = std::fs::remove_dir(&parent);
+        }
+        for (k, v) in &self.env {
+            if k == "BANGER_VMM_UID_BASE" {
+                if let Ok(base) = v.parse::<u64>() {
+                    let _ = std::fs::remove_file(format!(
+                        "/run/banger-uids/{}.lock",
+                        (base + 1) / 16_384 * 16_384
+                    ));
+                }
+            }
+        }
         if self.xfs {
             // The killed processes' files close as they exit: wait for the
             // filesystem to be free rather than detaching it lazily.
