@@ -129,21 +129,19 @@ fn real_main() -> anyhow::Result<()> {
     cfg.resolv_conf = args.resolv_conf;
     cfg.tap_pool = args.tap_pool.min(1024);
     cfg.root_disk = args.root_disk;
-    if args.vmm_uid_base < 65_536 {
-        bail!(
-            "--vmm-uid-base {}: below 65536 it would share uids with accounts; the default is {}",
-            args.vmm_uid_base,
-            bangerd::config::DEFAULT_VMM_UID_BASE
-        );
+    // Ids an account could have are refused: a VMM would share them.
+    for (flag, v) in [
+        ("--vmm-uid-base", args.vmm_uid_base),
+        ("--vmm-images-gid", args.vmm_images_gid),
+    ] {
+        if v < 65_536 {
+            bail!(
+                "{flag} {v}: below 65536 it would share ids with accounts' users or groups; the default is {}",
+                bangerd::config::DEFAULT_VMM_UID_BASE
+            );
+        }
     }
     cfg.vmm_uid_base = args.vmm_uid_base;
-    if args.vmm_images_gid < 65_536 {
-        bail!(
-            "--vmm-images-gid {}: below 65536 it would give every VMM an account's group; the default is {}",
-            args.vmm_images_gid,
-            bangerd::config::DEFAULT_VMM_UID_BASE
-        );
-    }
     cfg.vmm_images_gid = args.vmm_images_gid;
     cfg.vmm_memory_overhead_mib = args.vmm_memory_overhead;
     cfg.cgroup_parent = args.cgroup_parent;
