@@ -15,6 +15,7 @@ packages=(
   nftables          # per-VM NAT in banger's own table
   openssh-client    # ssh: banger reaches guests over SSH (ssh-keygen checks keys in tests)
   ca-certificates
+  zsh fish          # the tests parse banger's completion scripts for them (bash is always there)
 )
 
 # Two passes: installing one package can make apt remove another that was

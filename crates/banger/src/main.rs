@@ -63,6 +63,12 @@ enum Cmd {
     /// Talk to the daemon itself.
     #[command(subcommand)]
     Daemon(DaemonCmd),
+    /// Print a completion script for a shell: bash, zsh, fish, elvish,
+    /// powershell (`banger completion bash > /etc/bash_completion.d/banger`).
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Helpers for banger's own scripts.
     #[command(subcommand, hide = true)]
     Internal(InternalCmd),
@@ -415,6 +421,18 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Vm(v) => vm::run(&client, *v),
         Cmd::Image(i) => image(&client, i),
         Cmd::Volume(v) => volume::run(&client, v),
+        Cmd::Completion { shell } => {
+            use clap::CommandFactory;
+            use std::io::Write;
+            // Made in memory, then written (clap_complete panics on a
+            // write error, such as a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "banger", &mut script);
+            match std::io::stdout().write_all(&script) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+                _ => Ok(0),
+            }
+        }
         Cmd::Doctor { json } => {
             let Response::Doctor { checks } = client.call(Request::Doctor, &mut progress)? else {
                 bail!("unexpected answer to doctor");
