@@ -168,7 +168,15 @@ impl Daemon {
             }
             let made = {
                 let _t = lock(&self.tap_lock);
-                tap::free_name(&[]).and_then(|n| tap::create_bare(&n).map(|()| n))
+                tap::free_name(&[]).and_then(|n| {
+                    // Recorded before it exists: a daemon killed in between
+                    // leaves a name the next one finds gone, never a tap
+                    // nobody knows of.
+                    let mut names = lock(&self.tap_pool.spare).clone();
+                    names.push(n.clone());
+                    self.save_pool(&names);
+                    tap::create_bare(&n).map(|()| n)
+                })
             };
             match made {
                 Ok(n) => {
@@ -207,7 +215,8 @@ impl Daemon {
                 .collect()
         };
         for n in names.iter().filter(|n| !named.contains(n)) {
-            if n.starts_with(tap::TAP_PREFIX) {
+            // (A name recorded just before its tap was made may have none.)
+            if n.starts_with(tap::TAP_PREFIX) && tap::exists(n) {
                 if let Err(e) = tap::delete(n) {
                     warn!(tap = %n, err = %e, "cannot delete a spare tap");
                 }
