@@ -356,6 +356,13 @@ fn network_bench(table: &mut String, iters: usize, present: u32) {
     }
 }
 
+/// A section of the benchmark that runs alone, filling a table.
+type Section<'a> = dyn Fn(&mut String) + 'a;
+
+/// Every table's head.
+const TABLE_HEAD: &str =
+    "| scenario | median | min | max | unit | runs |\n|---|---|---|---|---|---|\n";
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let runs: usize = args
@@ -377,48 +384,37 @@ fn main() {
         .map(|v| vec!["--vmm".to_string(), v.clone()])
         .unwrap_or_default();
     let vmm_args: Vec<&str> = vmm.iter().map(String::as_str).collect();
-    // `--network-only`: the network setup/teardown section alone.
-    if args.iter().any(|a| a == "--network-only") {
-        let mut table = String::from(
-            "| scenario | median | min | max | unit | runs |\n|---|---|---|---|---|---|\n",
-        );
-        network_bench(&mut table, 20, 100);
-        append(&table, "(no VMs: network setup only)");
-        return;
-    }
-    let mut spec_line = String::new();
-    // `--storage-only`: the root-disk strategies alone.
-    if args.iter().any(|a| a == "--storage-only") {
-        let banger = std::env::current_exe()
-            .expect("current exe")
-            .with_file_name("banger");
-        let mut table = String::from(
-            "| scenario | median | min | max | unit | runs |\n|---|---|---|---|---|---|\n",
-        );
-        storage::bench(&mut table, &banger, 20);
-        append(
-            &table,
-            "none booted (vm create only: the root disk's preparation)",
-        );
-        return;
-    }
-    // `--memory-only`: the VMM's memory beyond the guest's.
-    if args.iter().any(|a| a == "--memory-only") {
-        let banger = std::env::current_exe()
-            .expect("current exe")
-            .with_file_name("banger");
-        let mut table = String::from(
-            "| scenario | median | min | max | unit | runs |\n|---|---|---|---|---|---|\n",
-        );
-        memory::bench(&mut table, &banger, 3);
-        append(&table, "3 VMs of 512 MiB, one after another");
-        return;
-    }
-    // `--agent-only`: the guest agent's section alone.
-    let agent_only = args.iter().any(|a| a == "--agent-only");
+    // One section alone: `--network-only`, `--storage-only`,
+    // `--memory-only`.
     let banger = std::env::current_exe()
         .expect("current exe")
         .with_file_name("banger");
+    let alone: [(&str, &str, &Section); 3] = [
+        ("--network-only", "(no VMs: network setup only)", &|t| {
+            network_bench(t, 20, 100)
+        }),
+        (
+            "--storage-only",
+            "none booted (vm create only: the root disk's preparation)",
+            &|t| storage::bench(t, &banger, 20),
+        ),
+        (
+            "--memory-only",
+            "3 VMs of 512 MiB, one after another",
+            &|t| memory::bench(t, &banger, 3),
+        ),
+    ];
+    for (flag, note, run) in alone {
+        if args.iter().any(|a| a == flag) {
+            let mut table = String::from(TABLE_HEAD);
+            run(&mut table);
+            append(&table, note);
+            return;
+        }
+    }
+    let mut spec_line = String::new();
+    // `--agent-only`: the guest agent's section alone.
+    let agent_only = args.iter().any(|a| a == "--agent-only");
     assert!(
         banger.is_file(),
         "{} missing: build with --release",
@@ -426,9 +422,7 @@ fn main() {
     );
     let inst = Instance::new(&banger).with_image();
     let _ = inst.daemon_pid();
-    let mut table = String::from(
-        "| scenario | median | min | max | unit | runs |\n|---|---|---|---|---|---|\n",
-    );
+    let mut table = String::from(TABLE_HEAD);
     println!("{table}");
     if agent_only {
         agent::bench(&mut table, &inst, &vmm_args, 100);
