@@ -14,7 +14,7 @@ use crate::model::{AutoStop, NetPolicy, VmmKind};
 use crate::sizing::SizeRequest;
 use crate::state::VmState;
 
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -37,8 +37,12 @@ pub enum Request {
     VmKill {
         name: String,
     },
+    /// Refused for a VM that runs (or boots, or stops) unless `force`
+    /// (`vm rm -f`), which kills it first.
     VmDelete {
         name: String,
+        #[serde(default)]
+        force: bool,
     },
     VmGet {
         name: String,

@@ -198,6 +198,20 @@ fn attach_session(name: &str, session: Session, stdin: bool, tty: bool) -> anyho
 }
 
 /// `vm run`'s command (or, with none and a terminal, a login shell).
+/// Starts `command` in the background in VM `name`; its pid.
+pub fn start_detached(client: &Client, name: &str, command: &[String]) -> anyhow::Result<u32> {
+    let flags = ExecFlags {
+        detach: true,
+        ..Default::default()
+    };
+    let spec = spec(&flags, command)?;
+    let session = Session::start(agent(client, name)?, Call::Exec(spec))
+        .map_err(|e| anyhow!("vm {name}: {e}"))?;
+    session
+        .detached_done()
+        .map_err(|e| anyhow!("vm {name}: {e}"))
+}
+
 pub fn run_in(client: &Client, name: &str, command: &[String]) -> anyhow::Result<i32> {
     let interactive_shell = command.is_empty();
     let tty = interactive_shell && std::io::stdin().is_terminal();

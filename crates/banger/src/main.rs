@@ -145,6 +145,10 @@ pub enum VmCmd {
         /// Print how long each phase took.
         #[arg(long)]
         timings: bool,
+        /// Leave the VM running and print its name; a CMD runs in the
+        /// background (`vm ps`, `vm attach` find it).
+        #[arg(short, long, conflicts_with = "rm")]
+        detach: bool,
         /// Command to run in the guest.
         #[arg(last = true)]
         command: Vec<String>,
@@ -161,6 +165,8 @@ pub enum VmCmd {
     Start { name: String },
     /// Power a VM off cleanly (Ctrl-Alt-Del), killing it after a timeout.
     Stop { name: String },
+    /// Stop a running VM (as `vm stop`), then start it again.
+    Restart { name: String },
     /// Kill a VM's VMM at once (a boot in progress is cancelled).
     Kill { name: String },
     /// Delete a VM and everything it has (process, tap, disks, files).
@@ -168,12 +174,28 @@ pub enum VmCmd {
     Delete {
         #[arg(required = true)]
         names: Vec<String>,
+        /// Delete a VM that runs too (its VMM is killed).
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// Delete every VM that is not running (created, stopped, in error).
+    Prune {
+        /// Do not ask.
+        #[arg(short, long)]
+        force: bool,
     },
     /// List VMs.
     #[command(alias = "list")]
     Ls {
         #[arg(long)]
         json: bool,
+        /// Names only, one per line.
+        #[arg(short, long, conflicts_with = "json")]
+        quiet: bool,
+        /// Only VMs that match: state=S, name=PART, image=I, vmm=V,
+        /// network=N (repeatable; all must match).
+        #[arg(long, value_name = "KEY=VALUE")]
+        filter: Vec<vm::Filter>,
     },
     /// Show one VM.
     Show {
@@ -181,9 +203,15 @@ pub enum VmCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Open a shell in a running VM, or run CMD there.
+    /// Open a shell in a running VM, or run CMD there, over SSH.
     Ssh {
         name: String,
+        /// A terminal for CMD too (default: only for a shell on a terminal).
+        #[arg(short = 't', conflicts_with = "no_tty")]
+        tty: bool,
+        /// No terminal, even for a shell.
+        #[arg(short = 'T')]
+        no_tty: bool,
         #[arg(last = true)]
         command: Vec<String>,
     },
@@ -280,6 +308,9 @@ enum ImageCmd {
     Ls {
         #[arg(long)]
         json: bool,
+        /// Names only, one per line.
+        #[arg(short, long, conflicts_with = "json")]
+        quiet: bool,
     },
     /// Delete an image no VM uses.
     Rm { name: String },
@@ -548,11 +579,15 @@ fn image(client: &Client, cmd: ImageCmd) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        ImageCmd::Ls { json } => {
+        ImageCmd::Ls { json, quiet } => {
             let Response::Images { images } = client.call(Request::ImageList, &mut progress)?
             else {
                 bail!("unexpected answer to image ls");
             };
+            if quiet {
+                images.iter().for_each(|i| println!("{}", i.name));
+                return Ok(0);
+            }
             output::emit(json, &images, output::print_images)
         }
         ImageCmd::Rm { name } => {

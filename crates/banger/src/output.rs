@@ -6,6 +6,74 @@ use banger_core::api::{Check, DaemonStatus, ImageInfo, VmInfo, VmStats};
 use banger_core::duration::format_secs;
 use banger_core::text::{escape_control, one_line};
 
+/// A table whose columns are as wide as their widest cell: `>` before a
+/// heading aligns that column right. The last column is never padded.
+pub struct Table {
+    heads: Vec<(String, bool)>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub fn new(heads: &[&str]) -> Table {
+        Table {
+            heads: heads
+                .iter()
+                .map(|h| match h.strip_prefix('>') {
+                    Some(h) => (h.to_string(), true),
+                    None => (h.to_string(), false),
+                })
+                .collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    pub fn render(&self) -> String {
+        let n = self.heads.len();
+        let width = |i: usize| {
+            self.rows
+                .iter()
+                .filter_map(|r| r.get(i))
+                .chain(std::iter::once(&self.heads[i].0))
+                .map(|c| c.chars().count())
+                .max()
+                .unwrap_or(0)
+        };
+        let widths: Vec<usize> = (0..n).map(width).collect();
+        let mut out = String::new();
+        let heads: Vec<String> = self.heads.iter().map(|h| h.0.clone()).collect();
+        for cells in std::iter::once(&heads).chain(self.rows.iter()) {
+            let mut line = String::new();
+            for (i, (_, right)) in self.heads.iter().enumerate() {
+                let c = cells.get(i).map(String::as_str).unwrap_or("");
+                let pad = widths[i].saturating_sub(c.chars().count());
+                if i > 0 {
+                    line.push_str("  ");
+                }
+                if *right {
+                    line.push_str(&" ".repeat(pad));
+                    line.push_str(c);
+                } else {
+                    line.push_str(c);
+                    if i + 1 < n {
+                        line.push_str(&" ".repeat(pad));
+                    }
+                }
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+
+    pub fn print(&self) {
+        print!("{}", self.render());
+    }
+}
+
 /// Prints `items` as pretty JSON (`--json`) or with `table`.
 pub fn emit<T: serde::Serialize>(json: bool, items: &[T], table: fn(&[T])) -> anyhow::Result<i32> {
     if json {
@@ -49,24 +117,29 @@ fn age(created: i64) -> String {
 }
 
 pub fn print_vms(vms: &[VmInfo]) {
-    let w = vms.iter().map(|v| v.name.len()).max().unwrap_or(0).max(4);
-    println!(
-        "{:<w$} {:<9} {:<15} {:>4} {:>8} {:<11} {:>5}  LAST ERROR",
-        "NAME", "STATE", "IP", "VCPU", "MEMORY", "VMM", "AGE"
-    );
+    let mut t = Table::new(&[
+        "NAME",
+        "STATE",
+        "IP",
+        ">VCPU",
+        ">MEMORY",
+        "VMM",
+        ">AGE",
+        "LAST ERROR",
+    ]);
     for v in vms {
-        println!(
-            "{:<w$} {:<9} {:<15} {:>4} {:>8} {:<11} {:>5}  {}",
-            v.name,
+        t.row(vec![
+            v.name.clone(),
             v.state.to_string(),
-            v.guest_ip.as_deref().unwrap_or("-"),
-            v.cpus,
+            v.guest_ip.clone().unwrap_or_else(|| "-".into()),
+            v.cpus.to_string(),
             format!("{}M", v.memory_mib),
             format!("{}/{}", v.vmm, v.accel),
             age(v.created_at),
-            v.last_error.as_deref().map(one_line).unwrap_or_default()
-        );
+            v.last_error.as_deref().map(one_line).unwrap_or_default(),
+        ]);
     }
+    t.print();
 }
 
 /// One VM, whole (its last error on as many lines as it has).
@@ -139,21 +212,19 @@ pub(crate) fn bytes(n: u64) -> String {
 }
 
 pub fn print_stats(stats: &[VmStats]) {
-    let w = stats.iter().map(|s| s.name.len()).max().unwrap_or(0).max(4);
-    println!(
-        "{:<w$} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>8} {:>10} {:>5}",
+    let mut t = Table::new(&[
         "NAME",
-        "CPU%",
-        "MEMORY",
-        "LIMIT",
-        "DISK",
-        "NET RX",
-        "NET TX",
-        "UPTIME",
-        "IDLE",
-        "GUEST MEM",
-        "LOAD"
-    );
+        ">CPU%",
+        ">MEMORY",
+        ">LIMIT",
+        ">DISK",
+        ">NET RX",
+        ">NET TX",
+        ">UPTIME",
+        ">IDLE",
+        ">GUEST MEM",
+        ">LOAD",
+    ]);
     for s in stats {
         // The guest's own numbers (used memory, 1-minute load), if its
         // agent answered.
@@ -164,10 +235,9 @@ pub fn print_stats(stats: &[VmStats]) {
             ),
             None => ("-".into(), "-".into()),
         };
-        println!(
-            "{:<w$} {:>6.1} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>8} {:>10} {:>5}",
-            s.name,
-            s.cpu_percent,
+        t.row(vec![
+            s.name.clone(),
+            format!("{:.1}", s.cpu_percent),
             // The cgroup's figure (the VMM and its helpers) where there is one.
             bytes(if s.cgroup_memory_bytes > 0 {
                 s.cgroup_memory_bytes
@@ -185,18 +255,16 @@ pub fn print_stats(stats: &[VmStats]) {
             format_secs(s.uptime_secs),
             format_secs(s.idle_secs),
             gmem,
-            load
-        );
+            load,
+        ]);
     }
+    t.print();
 }
 
 /// Processes a guest agent reports: what the guest controls (argv, tag)
 /// is escaped before it reaches the terminal.
 pub fn print_procs(procs: &[banger_agent::proto::ProcInfo]) {
-    println!(
-        "{:>7} {:<12} {:<9} {:<10} COMMAND",
-        "PID", "TAG", "MODE", "STATUS"
-    );
+    let mut t = Table::new(&[">PID", "TAG", "MODE", "STATUS", "COMMAND"]);
     for p in procs {
         let status = match p.exit {
             None if p.attached => "attached".to_string(),
@@ -209,50 +277,47 @@ pub fn print_procs(procs: &[banger_agent::proto::ProcInfo]) {
             (false, true) => "tty",
             (false, false) => "-",
         };
-        println!(
-            "{:>7} {:<12} {:<9} {:<10} {}",
-            p.pid,
+        t.row(vec![
+            p.pid.to_string(),
             escape_control(p.tag.as_deref().unwrap_or("-"), false),
-            mode,
+            mode.to_string(),
             status,
-            escape_control(&banger_core::text::one_line(&p.argv.join(" ")), false)
-        );
+            escape_control(&banger_core::text::one_line(&p.argv.join(" ")), false),
+        ]);
     }
+    t.print();
 }
 
 pub fn print_ports(ports: &[banger_core::net::PortMap]) {
-    println!("{:<22} {:>5}  PROTO", "HOST", "GUEST");
+    let mut t = Table::new(&["HOST", ">GUEST", "PROTO"]);
     for p in ports {
-        println!(
-            "{:<22} {:>5}  {}",
+        t.row(vec![
             format!("{}:{}", p.host_addr, p.host_port),
-            p.guest_port,
-            p.proto
-        );
+            p.guest_port.to_string(),
+            p.proto.to_string(),
+        ]);
     }
+    t.print();
 }
 
 pub fn print_images(images: &[ImageInfo]) {
-    println!(
-        "{:<16} {:<24} {:>10} {:>10}  {:<20} DIR",
-        "NAME", "KERNEL", "ROOTFS", "ON DISK", "USED BY"
-    );
+    let mut t = Table::new(&["NAME", "KERNEL", ">ROOTFS", ">ON DISK", "USED BY", "DIR"]);
     for i in images {
         let users = if i.used_by.is_empty() {
             "-".to_string()
         } else {
             i.used_by.join(",")
         };
-        println!(
-            "{:<16} {:<24} {:>9}M {:>10}  {:<20} {}",
-            i.name,
-            i.kernel_version,
-            i.rootfs_bytes / (1024 * 1024),
+        t.row(vec![
+            i.name.clone(),
+            i.kernel_version.clone(),
+            format!("{}M", i.rootfs_bytes / (1024 * 1024)),
             bytes(i.disk_bytes),
             users,
-            i.dir.display()
-        );
+            i.dir.display().to_string(),
+        ]);
     }
+    t.print();
 }
 
 pub fn print_checks(checks: &[Check]) {
@@ -280,4 +345,32 @@ pub fn print_status(st: &DaemonStatus) {
         }
     );
     println!("releases  {} pending", st.pending_releases);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Table;
+
+    #[test]
+    fn columns_fit_their_widest_cell() {
+        let mut t = Table::new(&["NAME", ">SIZE", "NOTE"]);
+        t.row(vec![
+            "a-very-long-vm-name-of-forty-characters-x".into(),
+            "1".into(),
+            "x".into(),
+        ]);
+        t.row(vec!["b".into(), "1024".into(), String::new()]);
+        let out = t.render();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            lines[0],
+            "NAME                                       SIZE  NOTE"
+        );
+        assert_eq!(
+            lines[1],
+            "a-very-long-vm-name-of-forty-characters-x     1  x"
+        );
+        // Right-aligned, and no trailing blanks where the last cell is empty.
+        assert_eq!(lines[2], "b                                          1024");
+    }
 }

@@ -45,7 +45,8 @@ pub fn args(vm: &VmInfo, ip: &str, cmd: &[String], tty: bool) -> Vec<OsString> {
         o("-o".into());
         o(opt);
     }
-    o(if tty { "-t" } else { "-T" }.into());
+    // -tt: a terminal even when stdin is not one (`vm ssh -t` asked).
+    o(if tty { "-tt" } else { "-T" }.into());
     o(format!("{}@{}", vm.ssh.user, ip));
     if !cmd.is_empty() {
         o("--".into());

@@ -107,8 +107,14 @@ pub fn run(client: &Client, cmd: VmCmd) -> anyhow::Result<i32> {
             create,
             rm,
             timings,
+            detach,
             command,
-        } => vm_run(client, &create, rm, timings, &command),
+        } => {
+            if detach {
+                return vm_run_detached(client, &create, timings, &command);
+            }
+            vm_run(client, &create, rm, timings, &command)
+        }
         VmCmd::Create { create, timings } => {
             let t0 = Instant::now();
             let mut phases: Vec<(String, u64)> = Vec::new();
@@ -126,11 +132,23 @@ pub fn run(client: &Client, cmd: VmCmd) -> anyhow::Result<i32> {
         }
         VmCmd::Start { name } => vm_action(client, Request::VmStart { name }),
         VmCmd::Stop { name } => vm_action(client, Request::VmStop { name }),
+        VmCmd::Restart { name } => {
+            let vm = expect_vm(client.call(Request::VmGet { name: name.clone() }, &mut progress)?)?;
+            // A VM that is not running just starts (docker's restart).
+            if vm.state == VmState::Running {
+                client.call(Request::VmStop { name: name.clone() }, &mut progress)?;
+            }
+            vm_action(client, Request::VmStart { name })
+        }
         VmCmd::Kill { name } => vm_action(client, Request::VmKill { name }),
-        VmCmd::Delete { names } => {
+        VmCmd::Delete { names, force } => {
             let mut failed = false;
             for name in names {
-                match client.call(Request::VmDelete { name: name.clone() }, &mut progress) {
+                let req = Request::VmDelete {
+                    name: name.clone(),
+                    force,
+                };
+                match client.call(req, &mut progress) {
                     Ok(_) => println!("{name}"),
                     Err(e) => {
                         eprintln!(
@@ -143,10 +161,23 @@ pub fn run(client: &Client, cmd: VmCmd) -> anyhow::Result<i32> {
             }
             Ok(i32::from(failed))
         }
-        VmCmd::Ls { json } => {
+        VmCmd::Prune { force } => prune(client, force),
+        VmCmd::Ls {
+            json,
+            quiet,
+            filter,
+        } => {
             let Response::Vms { vms } = client.call(Request::VmList, &mut progress)? else {
                 bail!("unexpected answer to vm ls");
             };
+            let vms: Vec<VmInfo> = vms
+                .into_iter()
+                .filter(|v| filter.iter().all(|f| f.matches(v)))
+                .collect();
+            if quiet {
+                vms.iter().for_each(|v| println!("{}", v.name));
+                return Ok(0);
+            }
             emit(json, &vms, print_vms)
         }
         VmCmd::Show { name, json } => {
@@ -158,7 +189,12 @@ pub fn run(client: &Client, cmd: VmCmd) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        VmCmd::Ssh { name, command } => {
+        VmCmd::Ssh {
+            name,
+            tty,
+            no_tty,
+            command,
+        } => {
             let vm = expect_vm(client.call(Request::VmGet { name }, &mut progress)?)?;
             if vm.state != VmState::Running {
                 bail!(
@@ -170,7 +206,9 @@ pub fn run(client: &Client, cmd: VmCmd) -> anyhow::Result<i32> {
             }
             // Ready means the agent is; sshd may still be starting.
             crate::guest::wait_ssh(client, &vm.name)?;
-            let tty = command.is_empty() && std::io::stdin().is_terminal();
+            // ssh's own rule: a terminal for a shell on a terminal; -t asks
+            // for one for CMD too (`vm ssh x -t -- vim`), -T for none.
+            let tty = tty || (!no_tty && command.is_empty() && std::io::stdin().is_terminal());
             let err = ssh_command(&vm, &command, tty)?.exec();
             Err(err).context("exec ssh")
         }
@@ -284,6 +322,158 @@ fn vm_run(
         eprintln!("timing total         {:>9.1} ms", ms(t0));
     }
     Ok(code)
+}
+
+/// `vm run -d`: create and boot, start CMD (if any) in the background
+/// through the agent, print the VM's name.
+fn vm_run_detached(
+    client: &Client,
+    create: &CreateFlags,
+    timings: bool,
+    command: &[String],
+) -> anyhow::Result<i32> {
+    let t0 = Instant::now();
+    let req = create_request(create, true, false)?;
+    let mut phases: Vec<(String, u64)> = Vec::new();
+    let mut on_event = |e: Event| match e {
+        Event::Phase { name, micros } => phases.push((name, micros)),
+        other => progress(other),
+    };
+    let vm = expect_vm(client.call(Request::VmCreate(Box::new(req)), &mut on_event)?)?;
+    if timings {
+        print_timings(&phases, t0.elapsed().as_micros() as u64);
+    }
+    if !command.is_empty() {
+        let pid = crate::guest::start_detached(client, &vm.name, command)?;
+        eprintln!(
+            "{}: started pid {pid} (`banger vm attach {} {pid}`)",
+            vm.name, vm.name
+        );
+    }
+    println!("{}", vm.name);
+    Ok(0)
+}
+
+/// `vm prune`: every VM that is not running (or booting, or stopping) is
+/// deleted, after a question on a terminal; `-f` does not ask.
+fn prune(client: &Client, force: bool) -> anyhow::Result<i32> {
+    let Response::Vms { vms } = client.call(Request::VmList, &mut progress)? else {
+        bail!("unexpected answer to vm ls");
+    };
+    let gone: Vec<&VmInfo> = vms
+        .iter()
+        .filter(|v| {
+            matches!(
+                v.state,
+                VmState::Created | VmState::Stopped | VmState::Error
+            )
+        })
+        .collect();
+    if gone.is_empty() {
+        return Ok(0);
+    }
+    if !force {
+        if !std::io::stdin().is_terminal() {
+            bail!(
+                "vm prune would delete {} VM(s): run it on a terminal to be asked, or with -f",
+                gone.len()
+            );
+        }
+        let names: Vec<&str> = gone.iter().map(|v| v.name.as_str()).collect();
+        eprint!("delete {} (their disks too)? [y/N] ", names.join(", "));
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            return Ok(1);
+        }
+    }
+    let mut failed = false;
+    for v in gone {
+        // Without force: a VM started since the listing is left alone.
+        let req = Request::VmDelete {
+            name: v.name.clone(),
+            force: false,
+        };
+        match client.call(req, &mut progress) {
+            Ok(_) => println!("{}", v.name),
+            Err(e) => {
+                eprintln!(
+                    "banger: {}",
+                    banger_core::text::escape_control(&e.to_string(), true)
+                );
+                failed = true;
+            }
+        }
+    }
+    Ok(i32::from(failed))
+}
+
+/// `vm ls --filter KEY=VALUE`.
+#[derive(Debug, Clone)]
+pub struct Filter {
+    key: FilterKey,
+    value: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FilterKey {
+    State,
+    Name,
+    Image,
+    Vmm,
+    Network,
+}
+
+const STATES: [VmState; 8] = [
+    VmState::Creating,
+    VmState::Created,
+    VmState::Starting,
+    VmState::Running,
+    VmState::Stopping,
+    VmState::Stopped,
+    VmState::Error,
+    VmState::Deleting,
+];
+
+impl std::str::FromStr for Filter {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Filter, String> {
+        let (k, v) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?}: want KEY=VALUE, e.g. state=running"))?;
+        let key = match k {
+            "state" | "status" => FilterKey::State,
+            "name" => FilterKey::Name,
+            "image" => FilterKey::Image,
+            "vmm" => FilterKey::Vmm,
+            "network" => FilterKey::Network,
+            other => {
+                return Err(format!(
+                    "unknown filter {other:?}: state, name, image, vmm or network"
+                ))
+            }
+        };
+        if key == FilterKey::State && !STATES.iter().any(|st| st.to_string() == v) {
+            let all: Vec<String> = STATES.iter().map(|s| s.to_string()).collect();
+            return Err(format!("state {v:?}: one of {}", all.join(", ")));
+        }
+        Ok(Filter {
+            key,
+            value: v.to_string(),
+        })
+    }
+}
+
+impl Filter {
+    pub fn matches(&self, v: &VmInfo) -> bool {
+        match self.key {
+            FilterKey::State => v.state.to_string() == self.value,
+            FilterKey::Name => v.name.contains(&self.value),
+            FilterKey::Image => v.image == self.value,
+            FilterKey::Vmm => v.vmm.to_string() == self.value,
+            FilterKey::Network => v.net.network.as_deref() == Some(self.value.as_str()),
+        }
+    }
 }
 
 fn ms(t: Instant) -> f64 {

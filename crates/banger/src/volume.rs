@@ -23,6 +23,9 @@ pub enum VolumeCmd {
     Ls {
         #[arg(long)]
         json: bool,
+        /// Names only, one per line.
+        #[arg(short, long, conflicts_with = "json")]
+        quiet: bool,
     },
     /// Delete a volume no VM mounts (its data goes).
     Rm { name: String },
@@ -39,11 +42,15 @@ pub fn run(client: &Client, cmd: VolumeCmd) -> anyhow::Result<i32> {
             println!("{}", v.name);
             Ok(0)
         }
-        VolumeCmd::Ls { json } => {
+        VolumeCmd::Ls { json, quiet } => {
             let Response::Volumes { volumes } = client.call(Request::VolumeList, &mut progress)?
             else {
                 bail!("unexpected answer to volume ls");
             };
+            if quiet {
+                volumes.iter().for_each(|v| println!("{}", v.name));
+                return Ok(0);
+            }
             emit(json, &volumes, print)
         }
         VolumeCmd::Rm { name } => {
@@ -55,22 +62,19 @@ pub fn run(client: &Client, cmd: VolumeCmd) -> anyhow::Result<i32> {
 }
 
 fn print(volumes: &[VolumeInfo]) {
-    println!(
-        "{:<20} {:>8} {:>10}  {:<16} USED BY",
-        "NAME", "SIZE", "ON DISK", "ATTACHED TO"
-    );
+    let mut t = crate::output::Table::new(&["NAME", ">SIZE", ">ON DISK", "ATTACHED TO", "USED BY"]);
     for v in volumes {
-        println!(
-            "{:<20} {:>7}M {:>10}  {:<16} {}",
-            v.name,
-            v.size_mib,
+        t.row(vec![
+            v.name.clone(),
+            format!("{}M", v.size_mib),
             bytes(v.disk_bytes),
-            v.attached_to.as_deref().unwrap_or("-"),
+            v.attached_to.clone().unwrap_or_else(|| "-".into()),
             if v.used_by.is_empty() {
                 "-".to_string()
             } else {
                 v.used_by.join(",")
-            }
-        );
+            },
+        ]);
     }
+    t.print();
 }

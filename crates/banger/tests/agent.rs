@@ -206,7 +206,7 @@ fn exec_streams_signals_and_detached_processes() {
         text(&out.stderr)
     );
 
-    ok(&inst.banger(&["vm", "delete", "a"]), "delete");
+    ok(&inst.banger(&["vm", "delete", "-f", "a"]), "delete");
     inst.assert_baseline();
 }
 
@@ -290,7 +290,7 @@ fn a_pty_follows_the_terminal_size() {
         "tty says it is a terminal: {seen:?}"
     );
     assert!(seen.contains("24 80"), "the first size: {seen:?}");
-    ok(&inst.banger(&["vm", "delete", "t"]), "delete");
+    ok(&inst.banger(&["vm", "delete", "-f", "t"]), "delete");
     inst.assert_baseline();
 }
 
@@ -485,7 +485,7 @@ fn trees_copy_both_ways_and_the_agent_and_daemon_come_back() {
         m => panic!("{m:?}"),
     }
 
-    ok(&inst.banger(&["vm", "delete", "c"]), "delete");
+    ok(&inst.banger(&["vm", "delete", "-f", "c"]), "delete");
     inst.assert_baseline();
 }
 
@@ -526,6 +526,9 @@ fn live_vms_never_share_a_cid_even_across_a_daemon_restart() {
         "exec in a stopped VM: {}",
         text(&out.stderr)
     );
-    ok(&inst.banger(&["vm", "delete", "x", "y", "z"]), "delete");
+    ok(
+        &inst.banger(&["vm", "delete", "-f", "x", "y", "z"]),
+        "delete",
+    );
     inst.assert_baseline();
 }

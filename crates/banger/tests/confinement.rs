@@ -258,7 +258,7 @@ fn vmms_run_as_their_own_unprivileged_users_and_reach_nothing_else() {
         ),
         "ca\n"
     );
-    ok(&inst.banger(&["vm", "delete", "ca", "cb"]), "delete");
+    ok(&inst.banger(&["vm", "delete", "-f", "ca", "cb"]), "delete");
     inst.assert_baseline();
 }
 
@@ -307,7 +307,10 @@ fn a_vm_over_its_memory_limit_is_stopped_and_the_others_run_on() {
         "calm\n"
     );
     assert_eq!(inst.vm("calm").unwrap()["state"], "running");
-    ok(&inst.banger(&["vm", "delete", "hog", "calm"]), "delete");
+    ok(
+        &inst.banger(&["vm", "delete", "-f", "hog", "calm"]),
+        "delete",
+    );
     inst.assert_baseline();
 }
 
@@ -411,7 +414,7 @@ fn firecracker_runs_under_its_jailer_as_the_vms_user() {
         "fj\n"
     );
     assert_eq!(procs(&inst, "--start-time-us"), fc, "the same VMM");
-    ok(&inst.banger(&["vm", "delete", "fj"]), "delete");
+    ok(&inst.banger(&["vm", "delete", "-f", "fj"]), "delete");
     inst.settle();
     assert!(!jail.exists(), "the jail outlived the VM");
     inst.assert_baseline();

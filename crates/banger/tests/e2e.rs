@@ -145,7 +145,7 @@ fn lifecycle_run_stop_start_crash_delete() {
     let vms = vm_list(&inst.banger(&["vm", "ls", "--json"]));
     assert_eq!(vms[0]["state"], "running", "reconcile kept the live VM");
 
-    ok(&inst.banger(&["vm", "delete", "hello"]), "vm delete");
+    ok(&inst.banger(&["vm", "delete", "-f", "hello"]), "vm delete");
     assert_baseline(&inst);
 }
 
@@ -182,7 +182,7 @@ fn run_rm_deletes_the_vm_and_keeps_the_status() {
     );
     let doctor = text(&inst.banger(&["doctor"]).stdout);
     assert!(doctor.contains("built by another version"), "{doctor}");
-    ok(&inst.banger(&["vm", "delete", "old"]), "delete");
+    ok(&inst.banger(&["vm", "delete", "-f", "old"]), "delete");
     assert_baseline(&inst);
 }
 
@@ -248,7 +248,7 @@ fn bad_input_is_refused_and_changes_nothing() {
     assert_eq!(vm_list(&inst.banger(&["vm", "ls", "--json"])).len(), 1);
     assert_eq!(inst.vm_files(), files);
     assert!(taps(&inst).is_empty());
-    ok(&inst.banger(&["vm", "delete", "dup"]), "delete dup");
+    ok(&inst.banger(&["vm", "delete", "-f", "dup"]), "delete dup");
     assert_baseline(&inst);
 }
 
@@ -343,7 +343,7 @@ fn dead_vmms_are_cleaned_up_with_or_without_a_daemon() {
     ok(&out, "start after crash");
     let out = inst.banger(&["vm", "ssh", "crashy", "--", "hostname"]);
     assert_eq!(ok(&out, "ssh after crash"), "crashy\n");
-    ok(&inst.banger(&["vm", "delete", "crashy"]), "vm delete");
+    ok(&inst.banger(&["vm", "delete", "-f", "crashy"]), "vm delete");
     assert_baseline(&inst);
 }
 
@@ -382,7 +382,7 @@ fn two_vms_at_once_share_the_nat_table_safely() {
         assert!(inst.in_firewall(ip), "{}", inst.net.ruleset());
     }
 
-    ok(&inst.banger(&["vm", "delete", "one"]), "delete one");
+    ok(&inst.banger(&["vm", "delete", "-f", "one"]), "delete one");
     settle(&inst);
     let rules = inst.net.ruleset();
     assert!(
@@ -403,7 +403,7 @@ fn two_vms_at_once_share_the_nat_table_safely() {
     let out = fetch_from_outside(&inst, "two", "ok");
     assert_eq!(ok(&out, "two still reaches the outside"), "reachable\n");
 
-    ok(&inst.banger(&["vm", "delete", "two"]), "delete two");
+    ok(&inst.banger(&["vm", "delete", "-f", "two"]), "delete two");
     assert_baseline(&inst);
 }
 
@@ -439,7 +439,10 @@ fn sigterm_drains_requests_in_flight() {
     );
     let vms = vm_list(&inst.banger(&["vm", "ls", "--json"]));
     assert_eq!(vms[0]["state"], "running", "a new daemon kept the VM");
-    ok(&inst.banger(&["vm", "delete", "drained"]), "vm delete");
+    ok(
+        &inst.banger(&["vm", "delete", "-f", "drained"]),
+        "vm delete",
+    );
     assert_baseline(&inst);
 }
 
@@ -484,7 +487,7 @@ fn releases_after_the_reply_are_ordered_and_survive_a_daemon_crash() {
     assert_eq!(taps(&inst).len(), 1);
 
     // A deleted VM's address stays reserved while its tap is released.
-    ok(&inst.banger(&["vm", "delete", "a"]), "vm delete");
+    ok(&inst.banger(&["vm", "delete", "-f", "a"]), "vm delete");
     assert_eq!(taps(&inst).len(), 1, "release deferred past the reply");
     ok(&inst.banger(&["vm", "create", "--name", "b"]), "vm create");
     let b = vm_list(&inst.banger(&["vm", "ls", "--json"]));
@@ -493,7 +496,7 @@ fn releases_after_the_reply_are_ordered_and_survive_a_daemon_crash() {
         a_ip,
         "address reused too early"
     );
-    ok(&inst.banger(&["vm", "delete", "b"]), "vm delete b");
+    ok(&inst.banger(&["vm", "delete", "-f", "b"]), "vm delete b");
 
     // The daemon dies with a's release pending; the next one finishes it.
     inst.kill_daemon();
@@ -585,6 +588,6 @@ fn firecracker_driver_runs_stops_and_deletes_through_the_spec_checked_double() {
     ok(&inst.banger(&["vm", "start", "fc"]), "vm start again");
     let out = inst.banger(&["vm", "ssh", "fc", "--", "cat", "/root/f"]);
     assert_eq!(ok(&out, "read the root disk"), "kept\n");
-    ok(&inst.banger(&["vm", "delete", "fc"]), "vm delete");
+    ok(&inst.banger(&["vm", "delete", "-f", "fc"]), "vm delete");
     assert_baseline(&inst);
 }

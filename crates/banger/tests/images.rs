@@ -328,7 +328,7 @@ fn commit_flattens_an_overlay_vm() {
         &inst.banger(&["vm", "commit", "c1", "from-c1"]),
         "commit c1",
     );
-    ok(&inst.banger(&["vm", "delete", "c1"]), "delete c1");
+    ok(&inst.banger(&["vm", "delete", "-f", "c1"]), "delete c1");
     assert_eq!(
         in_guest(
             &inst,
@@ -358,7 +358,7 @@ fn commit_flattens_an_overlay_vm() {
         &inst.banger(&["vm", "commit", "c0", "from-c0"]),
         "commit c0",
     );
-    ok(&inst.banger(&["vm", "delete", "c0"]), "delete c0");
+    ok(&inst.banger(&["vm", "delete", "-f", "c0"]), "delete c0");
     assert_eq!(
         in_guest(&inst, "from-c0", "cut -d. -f1 /etc/debian_version"),
         "12\n"
@@ -403,7 +403,7 @@ fn commit_flattens_a_dm_snapshot_vm() {
         &inst.banger(&["vm", "commit", "d1", "from-d1"]),
         "commit d1",
     );
-    ok(&inst.banger(&["vm", "delete", "d1"]), "delete d1");
+    ok(&inst.banger(&["vm", "delete", "-f", "d1"]), "delete d1");
     assert_eq!(in_guest(&inst, "from-d1", "cat /etc/banger-dm"), "dm\n");
     ok(&inst.banger(&["image", "rm", "from-d1"]), "image rm");
     inst.assert_baseline();

@@ -68,7 +68,7 @@ fn kill_and_delete_cancel_a_boot_in_progress() {
     wait_booting(&inst, "slow");
     let t = Instant::now();
     ok(
-        &inst.banger(&["vm", "delete", "slow"]),
+        &inst.banger(&["vm", "delete", "-f", "slow"]),
         "vm delete during boot",
     );
     eprintln!("vm delete of a booting VM took {:?}", t.elapsed());
@@ -154,7 +154,7 @@ fn ten_runs_at_once_and_ls_answers_during_the_boots() {
     ips.dedup();
     assert_eq!(ips.len(), 10, "distinct addresses");
     assert_eq!(inst.taps().len(), 10, "a tap each");
-    let mut args = vec!["vm", "delete"];
+    let mut args = vec!["vm", "delete", "-f"];
     args.extend(names.iter().map(String::as_str));
     ok(&inst.banger(&args), "delete all");
     inst.assert_baseline();
@@ -199,7 +199,10 @@ fn ttl_and_idle_timeout_stop_their_vms() {
     let out = inst.banger(&["vm", "stats", "ttl"]);
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("is stopped"), "{out:?}");
-    ok(&inst.banger(&["vm", "delete", "ttl", "idle"]), "delete");
+    ok(
+        &inst.banger(&["vm", "delete", "-f", "ttl", "idle"]),
+        "delete",
+    );
     inst.assert_baseline();
 }
 
@@ -376,7 +379,7 @@ fn stats_status_and_logs_escaped_and_bounded() {
     ok(&inst.banger(&["vm", "stop", "noisy"]), "stop");
     let st = follow.wait().unwrap();
     assert!(st.success(), "vm logs -f ends cleanly when the VM stops");
-    ok(&inst.banger(&["vm", "delete", "noisy"]), "delete");
+    ok(&inst.banger(&["vm", "delete", "-f", "noisy"]), "delete");
     inst.assert_baseline();
 }
 
@@ -420,7 +423,7 @@ fn a_warm_tap_pool_hands_out_and_takes_back_taps() {
         "the pool is refilled: {:?}",
         inst.taps()
     );
-    ok(&inst.banger(&["vm", "delete", "w"]), "delete");
+    ok(&inst.banger(&["vm", "delete", "-f", "w"]), "delete");
     inst.settle();
     let left = inst.taps();
     assert_eq!(left.len(), 2, "back to the pool's size: {left:?}");

@@ -66,7 +66,7 @@ fn host_directories_are_shared_and_read_only_ones_stay_so() {
         ),
         "changed on the host\n"
     );
-    ok(&inst.banger(&["vm", "delete", "m1"]), "delete");
+    ok(&inst.banger(&["vm", "delete", "-f", "m1"]), "delete");
 
     // Bad mounts: refused with the reason, nothing created.
     let missing = format!("{}/nope:/x", rw.path().display());

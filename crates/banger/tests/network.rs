@@ -204,7 +204,7 @@ fn guests_reach_the_outside_world_and_nothing_else() {
     assert_eq!(r.get("metadata"), Some(&28), "{r:?}");
 
     ok(
-        &inst.banger(&["vm", "delete", "a", "b", "c", "d"]),
+        &inst.banger(&["vm", "delete", "-f", "a", "b", "c", "d"]),
         "delete",
     );
     inst.assert_baseline();
@@ -264,7 +264,7 @@ fn docker_forward_drop_and_a_firewall_reload() {
     // Docker's table again, then the VM goes: no banger rule anywhere, and
     // forwarding stays on for the firewall that relies on it.
     net.nft(docker);
-    ok(&inst.banger(&["vm", "delete", "e"]), "delete");
+    ok(&inst.banger(&["vm", "delete", "-f", "e"]), "delete");
     inst.settle();
     let rules = net.ruleset();
     assert!(!rules.contains("banger"), "{rules}");
@@ -385,7 +385,7 @@ fn published_ports_reach_the_guest_and_go_with_it() {
         Some("published\n")
     );
 
-    ok(&inst.banger(&["vm", "delete", "p"]), "delete");
+    ok(&inst.banger(&["vm", "delete", "-f", "p"]), "delete");
     assert_eq!(
         host_get(&inst, "http://127.0.0.1:18082/x"),
         None,
@@ -484,9 +484,9 @@ fn vm_names_resolve_and_other_names_are_forwarded() {
     assert_eq!(ok(&out, "ssh b.vm").trim(), "b");
 
     // A deleted VM's name stops resolving.
-    ok(&inst.banger(&["vm", "delete", "b"]), "delete b");
+    ok(&inst.banger(&["vm", "delete", "-f", "b"]), "delete b");
     assert!(!lookup("b.vm").contains(&b_ip));
-    ok(&inst.banger(&["vm", "delete", "a"]), "delete a");
+    ok(&inst.banger(&["vm", "delete", "-f", "a"]), "delete a");
     inst.assert_baseline();
 }
 
@@ -534,7 +534,7 @@ fn vms_on_one_network_reach_and_resolve_each_other() {
     assert!(show.contains("network      lab"), "{show}");
 
     // y goes: its pairs go with it.
-    ok(&inst.banger(&["vm", "delete", "y"]), "delete y");
+    ok(&inst.banger(&["vm", "delete", "-f", "y"]), "delete y");
     inst.settle();
     assert!(
         !inst.net.ruleset().contains(&format!(". {y}")),
@@ -544,6 +544,6 @@ fn vms_on_one_network_reach_and_resolve_each_other() {
     let out = inst.banger(&["vm", "create", "--network", "Not_A_Label"]);
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("--network"), "{out:?}");
-    ok(&inst.banger(&["vm", "delete", "x", "z"]), "delete");
+    ok(&inst.banger(&["vm", "delete", "-f", "x", "z"]), "delete");
     inst.assert_baseline();
 }

@@ -81,7 +81,7 @@ fn five_vms_share_one_image(inst: Instance, strategy: &str, root_fs: &str) {
     assert_eq!(exec(&inst, "s1", "cat /etc/written-by"), "s1\n");
 
     for n in &names {
-        ok(&inst.banger(&["vm", "delete", n]), "delete");
+        ok(&inst.banger(&["vm", "delete", "-f", n]), "delete");
     }
     assert_eq!(image_sum(&inst), before, "the image changed");
     inst.assert_baseline();

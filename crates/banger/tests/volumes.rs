@@ -92,7 +92,7 @@ fn a_volume_outlives_its_vm_and_has_one_running_vm_at_a_time() {
     );
 
     // The data outlives a.
-    ok(&inst.banger(&["vm", "delete", "a"]), "delete a");
+    ok(&inst.banger(&["vm", "delete", "-f", "a"]), "delete a");
     ok(&inst.banger(&["vm", "start", "b"]), "start b");
     let out = inst.banger(&["vm", "exec", "b", "--", "cat", "/data/f"]);
     assert_eq!(text(&out.stdout), "kept\n", "{}", text(&out.stderr));
@@ -101,7 +101,7 @@ fn a_volume_outlives_its_vm_and_has_one_running_vm_at_a_time() {
     inst.kill_daemon();
     assert_eq!(volumes(&inst)[0]["attached_to"], "b");
 
-    ok(&inst.banger(&["vm", "delete", "b"]), "delete b");
+    ok(&inst.banger(&["vm", "delete", "-f", "b"]), "delete b");
     ok(&inst.banger(&["volume", "rm", "data"]), "volume rm");
     assert!(volumes(&inst).is_empty());
     inst.assert_baseline();
@@ -138,6 +138,6 @@ fn root_size_grows_the_root_filesystem() {
         .and_then(|v| v.parse().ok())
         .expect("df's size");
     assert!(size_mib > 3500, "the guest sees about 4 GiB: {line}");
-    ok(&inst.banger(&["vm", "delete", "big"]), "delete");
+    ok(&inst.banger(&["vm", "delete", "-f", "big"]), "delete");
     inst.assert_baseline();
 }

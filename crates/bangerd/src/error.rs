@@ -66,6 +66,8 @@ pub enum DaemonError {
     Injected(String),
     #[error("vm {name:?} has a database record this banger cannot read ({reason}): `banger vm delete {name}` removes it")]
     Broken { name: String, reason: String },
+    #[error("vm {0:?} is {1}: stop it first (`banger vm stop {0}`) or delete it anyway with `banger vm rm -f {0}`")]
+    Running(String, banger_core::VmState),
     #[error("{0}")]
     Invalid(String),
     #[error("{0}")]
@@ -83,6 +85,7 @@ impl DaemonError {
             Store(banger_store::StoreError::NameTaken(_)) => ErrorKind::AlreadyExists,
             Name(_) | Sizing(_) | Invalid(_) | Unsupported(_) => ErrorKind::InvalidInput,
             Transition(_)
+            | Running(..)
             | ImageInUse { .. }
             | VmmSurvives { .. }
             | Cancelled(_)

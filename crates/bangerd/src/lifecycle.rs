@@ -335,14 +335,19 @@ impl Daemon {
 
     // ---- stop, kill, delete -------------------------------------------
 
-    pub fn stop(&self, name: &str) -> Result<VmInfo> {
-        self.stop_because(name, None)
+    pub fn stop(&self, name: &str, events: Events) -> Result<VmInfo> {
+        self.stop_because(name, None, events)
     }
 
     /// A clean power-off (Ctrl-Alt-Del, the VMM killed after the stop
     /// timeout); `why` becomes the VM's last error (the stats poller's
     /// auto-stop says which limit it hit).
-    pub(crate) fn stop_because(&self, name: &str, why: Option<String>) -> Result<VmInfo> {
+    pub(crate) fn stop_because(
+        &self,
+        name: &str,
+        why: Option<String>,
+        events: Events,
+    ) -> Result<VmInfo> {
         let _g = self.lock_vm(name)?;
         let mut vm = self.find(name)?;
         if !self.vm_alive(&vm) && vm.runtime.state() == VmState::Running {
@@ -366,6 +371,15 @@ impl Daemon {
                     .and_then(|v| v.request_shutdown(&sock).map_err(Into::into));
                 if let Err(e) = &asked {
                     warn!(vm = %vm.name, err = %e, "clean shutdown request failed; killing");
+                } else {
+                    events(Event::Progress {
+                        message: format!(
+                            "{}: waiting for the guest to power off (at most {}s; `banger vm kill {}` ends it now)",
+                            vm.name,
+                            self.cfg.stop_timeout.as_secs(),
+                            vm.name
+                        ),
+                    });
                 }
                 asked.is_ok() && p.wait_gone(self.cfg.stop_timeout)
             }
@@ -373,6 +387,9 @@ impl Daemon {
         };
         if !clean {
             warn!(vm = %vm.name, "guest did not power off in time; killing the VMM");
+            events(Event::Progress {
+                message: format!("{}: the guest did not power off: killing its VMM", vm.name),
+            });
         }
         hit("stop.teardown")?;
         self.end_boot(&mut vm, VmState::Stopped, why, true)?;
@@ -392,6 +409,29 @@ impl Daemon {
         hit("kill.begin")?;
         self.end_boot(&mut vm, VmState::Stopped, None, true)?;
         Ok(self.info(&vm))
+    }
+
+    /// `vm rm`: a VM that runs, boots or is stopping is deleted only with
+    /// `force` (docker's `rm -f`), which kills it.
+    pub fn delete_checked(&self, name: &str, force: bool) -> Result<()> {
+        if !force {
+            match self.find(name) {
+                Ok(vm) => {
+                    let st = vm.runtime.state();
+                    // A "running" VM whose VMM died behind our back is
+                    // stopped in all but its record: no -f needed.
+                    let live = st != VmState::Running || self.vm_alive(&vm);
+                    if live
+                        && matches!(st, VmState::Running | VmState::Starting | VmState::Stopping)
+                    {
+                        return Err(DaemonError::Running(vm.name.clone(), st));
+                    }
+                }
+                Err(DaemonError::Broken { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.delete(name)
     }
 
     pub fn delete(&self, name: &str) -> Result<()> {

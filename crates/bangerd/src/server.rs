@@ -276,10 +276,10 @@ pub fn dispatch(
             Response::Vm(Box::new(daemon.create(&c, events, Cancel::default())?))
         }
         Request::VmStart { name } => Response::Vm(Box::new(daemon.start(&name, events)?)),
-        Request::VmStop { name } => Response::Vm(Box::new(daemon.stop(&name)?)),
+        Request::VmStop { name } => Response::Vm(Box::new(daemon.stop(&name, events)?)),
         Request::VmKill { name } => Response::Vm(Box::new(daemon.kill(&name)?)),
-        Request::VmDelete { name } => {
-            daemon.delete(&name)?;
+        Request::VmDelete { name, force } => {
+            daemon.delete_checked(&name, force)?;
             Response::Deleted { name }
         }
         Request::VmGet { name } => {

@@ -204,7 +204,7 @@ impl Daemon {
         let spawned = std::thread::Builder::new()
             .name("auto-stop".into())
             .spawn(move || {
-                if let Err(e) = d.stop_because(&name, Some(why)) {
+                if let Err(e) = d.stop_because(&name, Some(why), &mut |_| {}) {
                     warn!(vm = %name, err = %e, "auto-stop failed");
                 }
                 lock(&d.stats.stopping).remove(&id);

@@ -138,7 +138,7 @@ pub fn bench(table: &mut String, inst: &Instance, vmm_args: &[&str], execs: usiz
         .join()
         .expect("agent bench thread");
     });
-    let _ = inst.banger(&["vm", "delete", "agentbench"]);
+    let _ = inst.banger(&["vm", "delete", "-f", "agentbench"]);
     row(
         table,
         "`vm exec -- true` round trip (agent, vsock)",

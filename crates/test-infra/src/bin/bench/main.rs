@@ -535,7 +535,7 @@ fn main() {
     );
     print!("{ratio}");
     table.push_str(&ratio);
-    let _ = inst.banger(&["vm", "delete", "plain"]);
+    let _ = inst.banger(&["vm", "delete", "-f", "plain"]);
 
     // 4: N VMs started in parallel.
     let base_avail = mem_available_kib();
@@ -584,7 +584,7 @@ fn main() {
     print!("{par}");
     table.push_str(&par);
     for i in 0..parallel {
-        let _ = inst.banger(&["vm", "delete", &format!("par-{i}")]);
+        let _ = inst.banger(&["vm", "delete", "-f", &format!("par-{i}")]);
     }
     agent::bench(&mut table, &inst, &vmm_args, 100);
     dns_bench(&mut table, &inst, 200);
@@ -626,7 +626,7 @@ fn dns_bench(table: &mut String, inst: &Instance, n: usize) {
         .join()
         .expect("dns bench thread");
     });
-    let _ = inst.banger(&["vm", "delete", "dnsbench"]);
+    let _ = inst.banger(&["vm", "delete", "-f", "dnsbench"]);
     let mut sorted = times.clone();
     sorted.sort_by(|a, b| a.total_cmp(b));
     let p99 = sorted[(sorted.len() * 99 / 100).min(sorted.len() - 1)];

@@ -86,7 +86,7 @@ pub fn bench(table: &mut String, banger: &Path, vms: usize) {
         let p = mib(&dir, "memory.max_usage_in_bytes", "memory.peak");
         peak.push(p);
         over.push(p - guest_mib);
-        ok(&inst.banger(&["vm", "delete", &name]), "delete");
+        ok(&inst.banger(&["vm", "delete", "-f", &name]), "delete");
     }
     row(
         table,

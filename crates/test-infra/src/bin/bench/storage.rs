@@ -101,7 +101,7 @@ pub fn bench(table: &mut String, banger: &Path, vms: usize) {
                 ms.push(1e3 * *t.get("root_disk").expect("a root_disk timing"));
                 // Deleted at once: 20 copies of the 8 GiB image would not
                 // fit on the disk.
-                let out = inst.banger(&["vm", "delete", &vm]);
+                let out = inst.banger(&["vm", "delete", "-f", &vm]);
                 assert!(out.status.success(), "{}", text(&out.stderr));
             }
             row(
