@@ -32,6 +32,11 @@ pub struct HostMount {
     /// mounts.
     #[serde(default)]
     pub read_only: bool,
+    /// The uid whose directory this is, when a caller who is not root
+    /// asked for it: set by the daemon from the socket's peer (whatever a
+    /// client sends is replaced), checked again at each start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<u32>,
 }
 
 impl HostMount {
@@ -76,6 +81,7 @@ impl std::str::FromStr for HostMount {
             host: PathBuf::from(host),
             path,
             read_only,
+            owner: None,
         })
     }
 }

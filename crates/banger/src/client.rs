@@ -24,6 +24,17 @@ pub enum ClientError {
         log: PathBuf,
         source: std::io::Error,
     },
+    #[error("permission denied on {path} ({owner}): {hint}")]
+    Denied {
+        path: PathBuf,
+        owner: String,
+        hint: String,
+    },
+    #[error(
+        "bangerd is not running at {0}, and only root can start it: `sudo systemctl start \
+         banger.socket` where systemd runs, else `sudo banger daemon ping`"
+    )]
+    NotRunning(PathBuf),
     #[error("bangerd at {0} closed the connection without an answer (see its log: {1})")]
     NoAnswer(PathBuf, PathBuf),
     #[error("bangerd answered with something unreadable: {0}")]
@@ -47,6 +58,42 @@ pub enum ClientError {
     },
 }
 
+/// Why the socket refused us, and the command that fixes it.
+fn denied(path: &std::path::Path) -> ClientError {
+    use std::os::unix::fs::MetadataExt;
+    let (owner, hint) = match std::fs::metadata(path) {
+        Ok(md) if md.mode() & 0o060 != 0 => {
+            let group = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(md.gid()))
+                .ok()
+                .flatten()
+                .map(|g| g.name)
+                .unwrap_or_else(|| md.gid().to_string());
+            (
+                format!("root:{group} {:o}", md.mode() & 0o777),
+                format!(
+                    "join the group {group}: `sudo usermod -aG {group} $USER`, then log in \
+                     again (or `newgrp {group}`)"
+                ),
+            )
+        }
+        Ok(md) => (
+            format!("uid {} {:o}", md.uid(), md.mode() & 0o777),
+            "only root may use it: create the group (`sudo groupadd --system banger`), \
+             restart bangerd, then join it (`sudo usermod -aG banger $USER`)"
+                .to_string(),
+        ),
+        Err(_) => (
+            "its directory".to_string(),
+            "run as root, or join the group banger".to_string(),
+        ),
+    };
+    ClientError::Denied {
+        path: path.to_path_buf(),
+        owner,
+        hint,
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Client {
     pub layout: Layout,
@@ -57,12 +104,16 @@ impl Client {
         let path = self.layout.socket();
         match UnixStream::connect(&path) {
             Ok(s) => Ok(s),
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(denied(&path)),
             Err(e)
                 if matches!(
                     e.kind(),
                     std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
                 ) =>
             {
+                if !nix::unistd::geteuid().is_root() {
+                    return Err(ClientError::NotRunning(path));
+                }
                 self.start_daemon()?;
                 UnixStream::connect(&path).map_err(|source| ClientError::Io {
                     path,
@@ -104,17 +155,22 @@ impl Client {
                 .open(&log_path)
                 .map_err(spawn_err)?;
             let log2 = log.try_clone().map_err(spawn_err)?;
-            Command::new(&binary)
-                .arg("--state-dir")
+            let mut cmd = Command::new(&binary);
+            cmd.arg("--state-dir")
                 .arg(&self.layout.state_dir)
                 .arg("--runtime-dir")
                 .arg(&self.layout.runtime_dir)
                 .stdin(Stdio::null())
                 .stdout(log)
-                .stderr(log2)
-                .process_group(0)
-                .spawn()
-                .map_err(spawn_err)
+                .stderr(log2);
+            // A session of its own: not the caller's terminal's, so it
+            // does not end at logout or with the shell's job control.
+            // SAFETY: setsid is async-signal-safe; nothing else runs
+            // between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| nix::unistd::setsid().map(drop).map_err(Into::into));
+            }
+            cmd.spawn().map_err(spawn_err)
         };
         let mut child = spawn()?;
         let start = Instant::now();

@@ -3,8 +3,23 @@
 //! nothing from the user's ssh config.
 
 use std::ffi::OsString;
+use std::path::PathBuf;
 
 use banger_core::api::VmInfo;
+
+/// The key and known_hosts this user's ssh can read: root's own (the
+/// VM's pinned key), or, for a member of the socket's group, the group's
+/// copy of the key and the known_hosts of every VM (`bangerd`'s perms.rs).
+fn key_files(key: &std::path::Path, vm_known: &std::path::Path) -> (PathBuf, PathBuf) {
+    if nix::unistd::geteuid().is_root() {
+        (key.to_path_buf(), vm_known.to_path_buf())
+    } else {
+        (
+            key.with_file_name("id_ed25519.group"),
+            key.with_file_name("known_hosts"),
+        )
+    }
+}
 
 /// Quotes `cmd` for the remote shell, which re-splits what ssh sends.
 pub fn remote_command(cmd: &[String]) -> String {
@@ -23,11 +38,12 @@ pub fn args(vm: &VmInfo, ip: &str, cmd: &[String], tty: bool) -> Vec<OsString> {
     let mut o = |s: String| a.push(OsString::from(s));
     o("-F".into());
     o("/dev/null".into());
+    let (key, known) = key_files(&vm.ssh.key, &vm.ssh.known_hosts);
     o("-i".into());
-    o(vm.ssh.key.to_string_lossy().into_owned());
+    o(key.to_string_lossy().into_owned());
     for opt in [
         "IdentitiesOnly=yes".to_string(),
-        format!("UserKnownHostsFile={}", vm.ssh.known_hosts.display()),
+        format!("UserKnownHostsFile={}", known.display()),
         "GlobalKnownHostsFile=/dev/null".into(),
         "StrictHostKeyChecking=yes".into(),
         format!("HostKeyAlias={}", vm.ssh.host_key_alias),
@@ -80,7 +96,7 @@ pub fn config_snippet(layout: &banger_core::Layout, suffix: &str) -> anyhow::Res
          \tUpdateHostKeys no\n\
          \tKexAlgorithms curve25519-sha256,curve25519-sha256@libssh.org\n\
          \tProxyCommand {exe} --state-dir {state} --runtime-dir {run} internal ssh-proxy %h\n",
-        key = q(&layout.client_key())?,
+        key = q(&key_files(&layout.client_key(), &layout.client_key()).0)?,
         known = q(&layout.ssh_dir().join("known_hosts"))?,
         exe = q(&exe)?,
         state = q(&layout.state_dir)?,

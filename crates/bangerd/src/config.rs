@@ -68,6 +68,9 @@ pub struct Config {
     /// The VMs' parent cgroup's name (default `banger` under the daemon's
     /// own in cgroup v1, `banger.slice` at the root in v2).
     pub cgroup_parent: Option<String>,
+    /// The socket's group (`banger`), if it exists: its members also read
+    /// `ssh/` (a copy of the client key, the known hosts).
+    pub socket_gid: Option<u32>,
 }
 
 /// QEMU under TCG with its translation cache bounded (`-accel
@@ -105,6 +108,7 @@ impl Config {
             vmm_memory_overhead_mib: DEFAULT_VMM_MEMORY_OVERHEAD_MIB,
             vmm_pids_max: 512,
             cgroup_parent: None,
+            socket_gid: None,
             jailer: None,
         }
     }

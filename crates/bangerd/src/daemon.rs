@@ -169,7 +169,7 @@ impl Daemon {
         sshkey::ensure(&l.client_key(), "banger")?;
         let store = Store::open(&l.db())?;
         // Who may read what, now that VMMs run as users of their own.
-        crate::perms::prepare(l, cfg.vmm_images_gid)?;
+        crate::perms::prepare(l, cfg.vmm_images_gid, cfg.socket_gid)?;
         let kvm = sysinfo::kvm_status().usable;
         let d = Daemon {
             store: Mutex::new(store),

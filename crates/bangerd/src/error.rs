@@ -40,6 +40,8 @@ pub enum DaemonError {
     Vmm(#[from] banger_vmm::VmmError),
     #[error(transparent)]
     Net(#[from] banger_core::net::NetError),
+    #[error(transparent)]
+    Access(#[from] crate::access::AccessError),
     #[error("vm {vm:?} did not boot: {reason}")]
     Boot { vm: String, reason: String },
     #[error("releasing the {resource} of vm {vm:?}: {reason}")]
@@ -83,7 +85,9 @@ impl DaemonError {
             VmNotFound(_) | ImageMissing(..) => ErrorKind::NotFound,
             VmExists(_) => ErrorKind::AlreadyExists,
             Store(banger_store::StoreError::NameTaken(_)) => ErrorKind::AlreadyExists,
-            Name(_) | Sizing(_) | Invalid(_) | Unsupported(_) => ErrorKind::InvalidInput,
+            Name(_) | Sizing(_) | Invalid(_) | Unsupported(_) | Access(_) => {
+                ErrorKind::InvalidInput
+            }
             Transition(_)
             | Running(..)
             | ImageInUse { .. }

@@ -4,6 +4,7 @@
 //! `run(listener, shutdown)`), so tests can start a daemon on a temporary
 //! socket and state dir.
 
+pub mod access;
 pub mod agent;
 pub mod cancel;
 pub mod commit;

@@ -65,6 +65,10 @@ struct Args {
     /// cgroup v1, `banger.slice` in v2).
     #[arg(long, env = "BANGER_CGROUP_PARENT")]
     cgroup_parent: Option<String>,
+    /// Members of this group may use the socket (`root:GROUP 0660`); while
+    /// no such group exists, only root may (`root 0600`).
+    #[arg(long, env = "BANGER_SOCKET_GROUP", default_value = "banger")]
+    socket_group: String,
 }
 
 fn main() {
@@ -76,6 +80,19 @@ fn main() {
 
 fn real_main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // systemd's socket activation (banger.socket): the listener is fd 3.
+    // Read, then cleared before any thread exists, so that no child sees it.
+    let activated = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        == Some(std::process::id())
+        && std::env::var("LISTEN_FDS")
+            .ok()
+            .and_then(|n| n.parse::<u32>().ok())
+            >= Some(1);
+    for k in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        std::env::remove_var(k);
+    }
     // The tools the daemon runs (nft, mkfs, losetup, qemu-img, ...) are
     // found on a fixed PATH, not on the PATH of whichever shell started
     // it. (Before any thread exists.)
@@ -145,6 +162,9 @@ fn real_main() -> anyhow::Result<()> {
     cfg.vmm_images_gid = args.vmm_images_gid;
     cfg.vmm_memory_overhead_mib = args.vmm_memory_overhead;
     cfg.cgroup_parent = args.cgroup_parent;
+    cfg.socket_gid = nix::unistd::Group::from_name(&args.socket_group)
+        .with_context(|| format!("look up group {:?}", args.socket_group))?
+        .map(|g| g.gid.as_raw());
     cfg.subnet = banger_core::net::Subnet::from_cidr(args.subnet)?;
     if cfg.vmm_uid_base.checked_add(cfg.subnet.slots()).is_none() {
         bail!(
@@ -210,22 +230,18 @@ fn real_main() -> anyhow::Result<()> {
     let _uids = bangerd::perms::claim_uids(cfg.vmm_uid_base, cfg.subnet.slots())?;
     // Open and reconcile before the socket exists: a client that can connect
     // talks to a daemon that is ready.
+    let cfg_socket_gid = cfg.socket_gid;
     let daemon = bangerd::open(cfg)?;
     let sock = layout.socket();
-    // We hold the lock, so a socket file left here belongs to a dead daemon.
-    let _ = std::fs::remove_file(&sock);
-    // Made owner-only from the start (the runtime dir is searchable by the
-    // VMMs' users): no moment in which another user could connect.
-    let old_mask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    let bound = UnixListener::bind(&sock);
-    nix::sys::stat::umask(old_mask);
-    let listener = bound.with_context(|| format!("bind {}", sock.display()))?;
-    // The socket is root's: whoever talks to it can create VMs.
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))
-            .with_context(|| format!("chmod {}", sock.display()))?;
-    }
+    let listener = if activated {
+        // SAFETY: systemd passed fd 3, a listening socket, for us alone
+        // (LISTEN_PID is ours); nothing else in this process owns it.
+        let l = unsafe { <UnixListener as std::os::fd::FromRawFd>::from_raw_fd(3) };
+        tracing::info!(socket = %sock.display(), "listening on the socket systemd passed");
+        l
+    } else {
+        bind(&sock, cfg_socket_gid, &args.socket_group)?
+    };
 
     // SIGTERM/SIGINT: stop serving; VMs keep running and are reconciled by
     // the next daemon.
@@ -247,6 +263,41 @@ fn real_main() -> anyhow::Result<()> {
     }
     tracing::info!(state = %layout.state_dir.display(), socket = %sock.display(), "bangerd serving");
     bangerd::serve(daemon, listener, shutdown);
-    let _ = std::fs::remove_file(&sock);
+    // systemd's socket stays: it starts the next daemon.
+    if !activated {
+        let _ = std::fs::remove_file(&sock);
+    }
     Ok(())
+}
+
+/// Binds the socket `root:GROUP 0660` (`root 0600` while the group does
+/// not exist): whoever talks to it can create VMs.
+fn bind(sock: &std::path::Path, gid: Option<u32>, group: &str) -> anyhow::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    // We hold the lock, so a socket file left here belongs to a dead daemon.
+    let _ = std::fs::remove_file(sock);
+    // Made owner-only from the start (the runtime dir is searchable by the
+    // VMMs' users): no moment in which another user could connect.
+    let old_mask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    let bound = UnixListener::bind(sock);
+    nix::sys::stat::umask(old_mask);
+    let listener = bound.with_context(|| format!("bind {}", sock.display()))?;
+    let mode = match gid {
+        Some(gid) => {
+            let gid = nix::unistd::Gid::from_raw(gid);
+            nix::unistd::chown(sock, Some(nix::unistd::Uid::from_raw(0)), Some(gid))
+                .with_context(|| format!("chown {} to group {group}", sock.display()))?;
+            0o660
+        }
+        None => {
+            tracing::info!(
+                "no group {group:?}: only root can use {} (`groupadd --system {group}`, then restart bangerd)",
+                sock.display()
+            );
+            0o600
+        }
+    };
+    std::fs::set_permissions(sock, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {}", sock.display()))?;
+    Ok(listener)
 }

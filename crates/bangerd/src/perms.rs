@@ -11,7 +11,10 @@
 //! | `images/`, each image dir | root:`<vmm gid>`, 0750 |
 //! | an image's files | root:`<vmm gid>`, 0640 |
 //! | `banger.db` (and `-wal`, `-shm`), `bangerd.log` | root, 0600 |
-//! | `ssh/`, `cache/` | root, 0700 |
+//! | `ssh/` | root:`<socket group>` 0750 (root 0700 without the group) |
+//! | `ssh/id_ed25519` | root, 0600 (root's ssh refuses a key others read) |
+//! | `ssh/id_ed25519.group` | the same key, root:`<socket group>` 0640, for the group's ssh |
+//! | `cache/` | root, 0700 |
 //! | a VM's state dir | root:`<vm uid>`, 0710 (jail) |
 //! | a VM's runtime dir | `<vm uid>`, 0700 (jail) |
 
@@ -32,20 +35,20 @@ fn set(path: &Path, gid: u32, mode: u32) -> Result<()> {
 
 /// Sets the modes above on what exists (idempotent; run at every start,
 /// so older state dirs are brought in line).
-pub fn prepare(l: &Layout, vmm_gid: u32) -> Result<()> {
+pub fn prepare(l: &Layout, vmm_gid: u32, socket_gid: Option<u32>) -> Result<()> {
     for (d, gid, mode) in [
         (l.state_dir.clone(), 0, 0o711),
         (l.runtime_dir.clone(), 0, 0o711),
         (l.vms_dir(), 0, 0o711),
         (l.runtime_dir.join("vms"), 0, 0o711),
         (l.volumes_dir(), 0, 0o711),
-        (l.ssh_dir(), 0, 0o700),
         (l.cache_dir(), 0, 0o700),
         (l.images_dir(), vmm_gid, 0o750),
     ] {
         fsutil::create_dir_all(&d)?;
         set(&d, gid, mode)?;
     }
+    share_client_key(l, socket_gid)?;
     for f in [
         l.db(),
         PathBuf::from(format!("{}-wal", l.db().display())),
@@ -64,6 +67,46 @@ pub fn prepare(l: &Layout, vmm_gid: u32) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The socket's group reads `ssh/` and a copy of the client key (ssh
+/// refuses a key file that its own user shares, so root keeps the 0600
+/// original); without the group, both are root's alone.
+fn share_client_key(l: &Layout, socket_gid: Option<u32>) -> Result<()> {
+    let dir = l.ssh_dir();
+    fsutil::create_dir_all(&dir)?;
+    let shared = group_key(l);
+    match socket_gid {
+        Some(gid) => {
+            set(&dir, gid, 0o750)?;
+            let key = std::fs::read(l.client_key()).with_path("read", &l.client_key())?;
+            let tmp = shared.with_extension("tmp");
+            fsutil::remove_file_if_exists(&tmp)?;
+            {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&tmp)
+                    .with_path("create", &tmp)?;
+                f.write_all(&key).with_path("write", &tmp)?;
+            }
+            fsutil::set_owner_mode(&tmp, 0, gid, 0o640)?;
+            std::fs::rename(&tmp, &shared).with_path("rename into", &shared)?;
+        }
+        None => {
+            set(&dir, 0, 0o700)?;
+            fsutil::remove_file_if_exists(&shared)?;
+        }
+    }
+    Ok(())
+}
+
+/// The group's copy of the client key.
+pub fn group_key(l: &Layout) -> PathBuf {
+    l.client_key().with_file_name("id_ed25519.group")
 }
 
 /// An image dir readable by the VMMs' group: the dir and its files (the
@@ -196,7 +239,7 @@ mod tests {
         std::fs::write(img.join("rootfs.ext4"), "x").unwrap();
         std::fs::create_dir_all(&l.state_dir).unwrap();
         std::fs::write(l.db(), "").unwrap();
-        prepare(&l, 4242).unwrap();
+        prepare(&l, 4242, None).unwrap();
         assert_eq!(mode(&l.state_dir).1, 0o711);
         assert_eq!(mode(&l.vms_dir()).1, 0o711);
         assert_eq!(mode(&l.ssh_dir()).1, 0o700);

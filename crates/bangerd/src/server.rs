@@ -86,6 +86,8 @@ fn write_reply(stream: &mut UnixStream, reply: &Reply) -> bool {
 /// followed log), and whether the daemon is shutting down.
 pub struct Conn<'a> {
     stream: &'a UnixStream,
+    /// Who connected (SO_PEERCRED).
+    pub caller: crate::access::Caller,
     shutdown: &'a AtomicBool,
     in_flight: &'a std::sync::atomic::AtomicUsize,
 }
@@ -129,6 +131,14 @@ fn handle(
             return;
         }
     };
+    let caller = match crate::access::Caller::of(&stream) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(err = %e, "refusing a connection");
+            write_reply(&mut writer, &Reply::Err(DaemonError::from(e).to_api()));
+            return;
+        }
+    };
     let mut line = String::new();
     let mut reader = BufReader::new(stream.take(MAX_REQUEST));
     if reader.read_line(&mut line).is_err() || line.trim().is_empty() {
@@ -167,7 +177,7 @@ fn handle(
         );
         return;
     }
-    let span = info_span!("request", op = op_name(&env.request));
+    let span = info_span!("request", op = op_name(&env.request), uid = caller.uid);
     let _e = span.enter();
     if let Request::VmAgent { name } = &env.request {
         // Not a request in flight: the daemon only hands the connection
@@ -197,6 +207,7 @@ fn handle(
     };
     let conn = Conn {
         stream: &writer,
+        caller,
         shutdown,
         in_flight,
     };
@@ -266,6 +277,7 @@ pub fn dispatch(
     events: &mut dyn FnMut(Event),
     conn: &Conn,
 ) -> Result<Response> {
+    let req = vouch(req, &conn.caller)?;
     Ok(match req {
         Request::Ping => Response::Pong {
             version: PROTOCOL_VERSION,
@@ -348,6 +360,26 @@ pub fn dispatch(
 /// once the VM is up the client is told (`Event::Ready`) and the daemon
 /// waits for it to hang up, then deletes the VM. A daemon shutting down
 /// stops waiting and leaves the VM running (the next daemon adopts it).
+/// What a request names on the host is checked against who sent it (see
+/// `access`): a caller who is not root names only their own paths, and a
+/// mount records whose it is.
+fn vouch(req: Request, caller: &crate::access::Caller) -> Result<Request> {
+    Ok(match req {
+        Request::VmCreate(mut c) => {
+            for m in &mut c.mounts {
+                caller.may_name(&m.host, "--mount")?;
+                m.owner = (!caller.is_root()).then_some(caller.uid);
+            }
+            Request::VmCreate(c)
+        }
+        Request::ImageImport { name, source } => {
+            caller.may_name(&source, "image import")?;
+            Request::ImageImport { name, source }
+        }
+        other => other,
+    })
+}
+
 fn run_rm(
     daemon: &Daemon,
     c: &banger_core::api::CreateVm,

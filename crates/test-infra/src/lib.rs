@@ -6,6 +6,7 @@
 
 pub mod fcspec;
 mod netns;
+pub mod users;
 mod xfs;
 
 pub use netns::NetNs;
@@ -206,6 +207,9 @@ impl Instance {
                 ("BANGER_CGROUP_PARENT".into(), cgroup_parent),
                 // VMM uids of its own: no two instances' VMs share one.
                 ("BANGER_VMM_UID_BASE".into(), uid_base().to_string()),
+                // No socket group unless a test makes one (a host's
+                // `banger` group is not the tests').
+                ("BANGER_SOCKET_GROUP".into(), "banger-test-no-group".into()),
             ],
             xfs: false,
         };
@@ -292,6 +296,29 @@ impl Instance {
             .stdin(Stdio::null())
             .output()
             .expect("run banger")
+    }
+
+    /// `banger ARGS` inside the namespace as `user` (setpriv: its uid, its
+    /// group and its supplementary groups, HOME its home), against this
+    /// instance.
+    pub fn banger_as(&self, user: &users::TestUser, args: &[&str]) -> Output {
+        let mut c = self.net.cmd("setpriv");
+        c.arg(format!("--reuid={}", user.uid))
+            .arg(format!("--regid={}", user.gid))
+            .arg("--init-groups")
+            .arg("--")
+            .arg(&self.banger)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .env("HOME", user.home.path())
+            .env("USER", &user.name)
+            .arg("--state-dir")
+            .arg(self.state())
+            .arg("--runtime-dir")
+            .arg(self.runtime())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run banger as a user")
     }
 
     pub fn banger_cmd(&self, args: &[&str]) -> Command {

@@ -34,7 +34,11 @@ fn write_known_hosts(d: &Daemon) -> Result<()> {
             continue;
         };
         if let Some((_, key)) = line.trim().split_once(' ') {
+            // Both names: `ssh NAME.vm` (ssh-config), and `vm ssh` of a
+            // member of the socket's group (HostKeyAlias NAME), whose ssh
+            // cannot read the VM's own file.
             text.push_str(&format!("{}.{} {key}\n", vm.name, d.cfg.dns_suffix));
+            text.push_str(&format!("{} {key}\n", vm.name));
         }
     }
     fsutil::write_atomic(&d.cfg.layout.ssh_dir().join("known_hosts"), text)?;

@@ -128,6 +128,11 @@ impl Resource for Virtiofs {
         let rt_dir = d.cfg.layout.vm_runtime_dir(&cx.vm.id);
         fsutil::create_dir_all(&rt_dir)?;
         for (i, m) in cx.vm.spec.mounts.clone().iter().enumerate() {
+            // A directory a caller who is not root shared is still theirs
+            // (not swapped for a link since it was checked).
+            if let Some(uid) = m.owner {
+                crate::access::owned_by(uid, None, &m.host, "--mount")?;
+            }
             let sock = socket(&rt_dir, i);
             fsutil::remove_file_if_exists(&sock)?;
             let log = d
