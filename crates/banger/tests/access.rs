@@ -16,7 +16,7 @@ fn banger_bin() -> PathBuf {
 
 #[test]
 fn the_socket_group_uses_vms_without_root() {
-    let group = TestGroup::new();
+    let group = TestGroup::create();
     let member = TestUser::new(&[&group]);
     let stranger = TestUser::new(&[]);
     let inst = Instance::new(&banger_bin())

@@ -41,7 +41,7 @@ pub struct TestGroup {
 }
 
 impl TestGroup {
-    pub fn new() -> TestGroup {
+    pub fn create() -> TestGroup {
         let name = fresh("bgtg");
         run("groupadd", &["--system", &name]);
         let out = Command::new("getent")
