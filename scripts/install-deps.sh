@@ -16,6 +16,9 @@ packages=(
   openssh-client    # ssh: banger reaches guests over SSH (ssh-keygen checks keys in tests)
   ca-certificates
   zsh fish          # the tests parse banger's completion scripts for them (bash is always there)
+  systemd           # systemd-analyze verify checks banger's units; systemd-socket-activate hands bangerd its socket in the tests
+  man-db            # man -l: the tests render banger's man pages
+  passwd            # useradd/groupadd: the socket-group test's accounts
 )
 
 # Two passes: installing one package can make apt remove another that was

@@ -111,6 +111,18 @@ pub enum Request {
     VmAgent {
         name: String,
     },
+    /// The daemon's effective settings and where each came from.
+    ConfigShow,
+}
+
+/// One effective setting of the daemon (`banger config show`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigEntry {
+    /// The config file's key (the flag's name with `_`).
+    pub key: String,
+    pub value: String,
+    /// `default`, `file PATH`, `env VAR` or `flag --NAME`.
+    pub source: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -188,6 +200,9 @@ pub enum Response {
     },
     Doctor {
         checks: Vec<Check>,
+    },
+    Config {
+        entries: Vec<ConfigEntry>,
     },
     /// Every release is done; `retried` failed ones were redone.
     Settled {
@@ -354,6 +369,9 @@ pub struct Check {
     pub name: String,
     pub ok: bool,
     pub detail: String,
+    /// The command that fixes a failed check, where there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
 }
 
 #[cfg(test)]

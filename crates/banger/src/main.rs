@@ -63,6 +63,10 @@ enum Cmd {
     /// Talk to the daemon itself.
     #[command(subcommand)]
     Daemon(DaemonCmd),
+    /// The daemon's settings (/etc/banger/config.toml, its flags and
+    /// environment).
+    #[command(subcommand)]
+    Config(ConfigCmd),
     /// Print a completion script for a shell: bash, zsh, fish, elvish,
     /// powershell (`banger completion bash > /etc/bash_completion.d/banger`).
     Completion {
@@ -353,6 +357,16 @@ enum DaemonCmd {
 }
 
 #[derive(Debug, Subcommand)]
+enum ConfigCmd {
+    /// Every setting's effective value and where it came from (default,
+    /// the file, an environment variable, a flag).
+    Show {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum DnsCmd {
     /// Give banger's DNS the `.vm` routing domain of systemd-resolved (or
     /// NetworkManager's dnsmasq).
@@ -376,6 +390,8 @@ enum InternalCmd {
     /// A VM's firewall and NAT rules (the same code the daemon uses).
     #[command(subcommand)]
     Firewall(FirewallCmd),
+    /// Write banger's man pages (banger.1, banger-vm.1, ...) into DIR.
+    Man { dir: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -473,6 +489,19 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             } else {
                 output::print_checks(&checks);
             }
+            Ok(0)
+        }
+        Cmd::Config(ConfigCmd::Show { json }) => {
+            let Response::Config { entries } = client.call(Request::ConfigShow, &mut progress)?
+            else {
+                bail!("unexpected answer to config show");
+            };
+            output::emit(json, &entries, output::print_config)
+        }
+        Cmd::Internal(InternalCmd::Man { dir }) => {
+            use clap::CommandFactory;
+            std::fs::create_dir_all(&dir)?;
+            clap_mangen::generate_to(Cli::command(), &dir)?;
             Ok(0)
         }
         Cmd::Daemon(DaemonCmd::Ping) => {

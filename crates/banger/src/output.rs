@@ -320,14 +320,31 @@ pub fn print_images(images: &[ImageInfo]) {
     t.print();
 }
 
+pub fn print_config(entries: &[banger_core::api::ConfigEntry]) {
+    let mut t = Table::new(&["KEY", "VALUE", "SOURCE"]);
+    for e in entries {
+        t.row(vec![
+            e.key.clone(),
+            escape_control(&e.value, false),
+            escape_control(&e.source, false),
+        ]);
+    }
+    t.print();
+}
+
+/// One line per check; under a failed one, the command that fixes it.
 pub fn print_checks(checks: &[Check]) {
+    let w = checks.iter().map(|c| c.name.len()).max().unwrap_or(0);
     for c in checks {
         println!(
-            "{:4} {:20} {}",
+            "{:4} {:w$}  {}",
             if c.ok { "ok" } else { "--" },
             c.name,
             escape_control(&c.detail, true)
         );
+        if let Some(fix) = &c.fix {
+            println!("{:4} {:w$}  fix: {}", "", "", escape_control(fix, true));
+        }
     }
 }
 

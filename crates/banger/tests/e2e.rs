@@ -182,6 +182,10 @@ fn run_rm_deletes_the_vm_and_keeps_the_status() {
     );
     let doctor = text(&inst.banger(&["doctor"]).stdout);
     assert!(doctor.contains("built by another version"), "{doctor}");
+    assert!(
+        doctor.contains("fix: banger image build --force"),
+        "{doctor}"
+    );
     ok(&inst.banger(&["vm", "delete", "-f", "old"]), "delete");
     assert_baseline(&inst);
 }

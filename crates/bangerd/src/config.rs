@@ -71,6 +71,12 @@ pub struct Config {
     /// The socket's group (`banger`), if it exists: its members also read
     /// `ssh/` (a copy of the client key, the known hosts).
     pub socket_gid: Option<u32>,
+    /// The image a VM boots unless it names one.
+    pub default_image: String,
+    /// A VM's size where its request does not say (else host-aware).
+    pub default_size: banger_core::sizing::SizeRequest,
+    /// The effective settings and their sources (`banger config show`).
+    pub settings: Vec<banger_core::api::ConfigEntry>,
 }
 
 /// QEMU under TCG with its translation cache bounded (`-accel
@@ -109,6 +115,9 @@ impl Config {
             vmm_pids_max: 512,
             cgroup_parent: None,
             socket_gid: None,
+            default_image: banger_guest::image::DEFAULT_IMAGE.to_string(),
+            default_size: Default::default(),
+            settings: Vec::new(),
             jailer: None,
         }
     }

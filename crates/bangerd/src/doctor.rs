@@ -5,7 +5,7 @@ use banger_guest::image::{self, Recipe, DEFAULT_IMAGE};
 use banger_host::{cmd, firewall, sysinfo};
 
 use crate::daemon::{human_mib, Daemon};
-use crate::server::check;
+use crate::server::{check, check_fix};
 
 pub fn checks(d: &Daemon) -> Vec<Check> {
     let mut v = Vec::new();
@@ -28,53 +28,80 @@ pub fn checks(d: &Daemon) -> Vec<Check> {
             (None, _) => "no firecracker binary (PATH or BANGER_FIRECRACKER); QEMU is used".into(),
         },
     ));
-    for tool in [
-        "qemu-system-x86_64",
-        "mkfs.ext4",
-        "nft",
-        "ssh",
-        "mmdebstrap",
+    for (tool, package) in [
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("qemu-img", "qemu-utils"),
+        ("mkfs.ext4", "e2fsprogs"),
+        ("nft", "nftables"),
+        ("ssh", "openssh-client"),
+        ("mmdebstrap", "mmdebstrap"),
     ] {
         let p = cmd::which(tool);
-        v.push(check(
+        v.push(check_fix(
             tool,
             p.is_some(),
             p.map(|p| p.display().to_string())
-                .unwrap_or_else(|| "missing: run scripts/install-deps.sh".into()),
+                .unwrap_or_else(|| "missing".into()),
+            format!("apt-get install {package}"),
         ));
     }
+    v.push(check_fix(
+        "vhost-device-vsock",
+        d.cfg.vsock_backend.is_some(),
+        match &d.cfg.vsock_backend {
+            Some(p) => format!("{} (QEMU's vsock: the guest agent)", p.display()),
+            None => "missing: QEMU guests get no agent".into(),
+        },
+        "cargo install --locked vhost-device-vsock --root /usr/local",
+    ));
     let tun = std::path::Path::new("/dev/net/tun");
-    v.push(check(
+    v.push(check_fix(
         "tun",
         tun.exists(),
         if tun.exists() {
-            "/dev/net/tun".to_string()
+            "/dev/net/tun"
         } else {
-            "/dev/net/tun missing: modprobe tun".to_string()
+            "/dev/net/tun missing"
         },
+        "modprobe tun",
     ));
-    v.push(check(
+    v.push(check_fix(
         "virtiofsd",
         d.cfg.virtiofsd.is_some(),
         match &d.cfg.virtiofsd {
             Some(p) => format!("{} (--mount, QEMU)", p.display()),
-            None => "missing (only --mount needs it): run scripts/install-deps.sh".into(),
+            None => "missing (only --mount needs it)".into(),
         },
+        "apt-get install virtiofsd",
     ));
     let bb = std::path::Path::new("/bin/busybox");
-    v.push(check(
+    v.push(check_fix(
         "busybox-static",
         bb.exists(),
         if bb.exists() {
-            "/bin/busybox".to_string()
+            "/bin/busybox"
         } else {
-            "missing: apt-get install busybox-static".to_string()
+            "missing"
         },
+        "apt-get install busybox-static",
     ));
-    v.push(check(
-        "tun",
-        std::path::Path::new("/dev/net/tun").exists(),
-        "/dev/net/tun",
+    let group = d
+        .cfg
+        .settings
+        .iter()
+        .find(|e| e.key == "socket_group")
+        .map(|e| e.value.clone())
+        .unwrap_or_else(|| "banger".into());
+    v.push(check_fix(
+        "socket group",
+        d.cfg.socket_gid.is_some(),
+        match d.cfg.socket_gid {
+            Some(_) => {
+                format!("members of {group} use banger without sudo (`usermod -aG {group} USER`)")
+            }
+            None => format!("no group {group}: only root can use banger"),
+        },
+        format!("groupadd --system {group}, then restart bangerd (`systemctl restart banger`)"),
     ));
     match firewall::default_uplink() {
         Some(u) => v.push(check("uplink", true, format!("default route via {u}"))),
@@ -90,7 +117,7 @@ pub fn checks(d: &Daemon) -> Vec<Check> {
         .filter(|(net, dev)| !dev.starts_with("bgtap") && net.overlaps(&guests))
         .map(|(net, dev)| format!("{net} on {dev}"))
         .collect();
-    v.push(check(
+    v.push(check_fix(
         "guest subnet",
         overlapping.is_empty(),
         if overlapping.is_empty() {
@@ -98,10 +125,12 @@ pub fn checks(d: &Daemon) -> Vec<Check> {
         } else {
             format!(
                 "{guests} overlaps the host's route(s) {} (Docker's pools cover 172.16.0.0/12): \
-                 start bangerd with --subnet (or BANGER_SUBNET) set to a free range",
+                 give bangerd a free range",
                 overlapping.join(", ")
             )
         },
+        "echo 'subnet = \"10.213.0.0/16\"' >> /etc/banger/config.toml, then restart bangerd \
+         (any range no host route covers)",
     ));
     match cmd::run_with("nft", ["list", "chains"], None, firewall::NFT_TIMEOUT) {
         Ok(out) => {
@@ -121,10 +150,11 @@ pub fn checks(d: &Daemon) -> Vec<Check> {
                 },
             ));
         }
-        Err(_) => v.push(check(
+        Err(_) => v.push(check_fix(
             "host firewall",
             false,
-            "cannot list the nftables ruleset: run scripts/install-deps.sh (nftables)",
+            "cannot list the nftables ruleset",
+            "apt-get install nftables",
         )),
     }
     v.push(host_dns_check(d));
@@ -148,23 +178,22 @@ pub fn checks(d: &Daemon) -> Vec<Check> {
         Ok(Some(img)) => {
             let current =
                 Recipe::default_for(DEFAULT_IMAGE).is_some_and(|r| image::is_current(&img.dir, &r));
-            v.push(check(
+            v.push(check_fix(
                 "image",
                 current,
                 if current {
                     format!("{DEFAULT_IMAGE}: kernel {}", img.kernel_version)
                 } else {
-                    format!(
-                        "{DEFAULT_IMAGE} was built by another version of banger: \
-                         `banger image build --force` rebuilds it"
-                    )
+                    format!("{DEFAULT_IMAGE} was built by another version of banger")
                 },
+                "banger image build --force",
             ))
         }
-        _ => v.push(check(
+        _ => v.push(check_fix(
             "image",
             false,
-            format!("{DEFAULT_IMAGE} not built: run `banger image build`"),
+            format!("{DEFAULT_IMAGE} not built"),
+            "banger image build",
         )),
     }
     v
@@ -200,13 +229,14 @@ fn host_dns_check(d: &Daemon) -> Check {
             true,
             format!("the host resolves <name>.{suffix} through banger ({listen})"),
         ),
-        _ => check(
+        _ => check_fix(
             "host dns",
             false,
             format!(
-                "the host does not resolve <name>.{suffix}: `banger dns install` routes them to \
-                 banger ({listen}); `ssh NAME.{suffix}` works without it through `banger ssh-config`"
+                "the host does not resolve <name>.{suffix} through banger ({listen}); `ssh \
+                 NAME.{suffix}` works without it through `banger ssh-config`"
             ),
+            "banger dns install",
         ),
     }
 }

@@ -27,6 +27,7 @@ pub mod reconcile;
 pub mod releases;
 pub mod resources;
 pub mod server;
+pub mod settings;
 pub mod stats;
 pub mod volumes;
 

@@ -44,14 +44,21 @@ impl Daemon {
         let image_name = req
             .image
             .clone()
-            .unwrap_or_else(|| DEFAULT_IMAGE.to_string());
+            .unwrap_or_else(|| self.cfg.default_image.clone());
         let host = sysinfo::host_resources(&self.cfg.layout.state_dir);
-        let mut sizing = banger_core::sizing::resolve(&req.size, &host)?;
+        // The request's sizes, else the config's, else the host's.
+        let d = &self.cfg.default_size;
+        let size = banger_core::sizing::SizeRequest {
+            cpus: req.size.cpus.or(d.cpus),
+            memory_mib: req.size.memory_mib.or(d.memory_mib),
+            disk_mib: req.size.disk_mib.or(d.disk_mib),
+        };
+        let mut sizing = banger_core::sizing::resolve(&size, &host)?;
         let (vmm, accel) = self.select_vmm(req.vmm)?;
         // Firecracker's limit, refused before anything exists.
         let fc_max = banger_vmm::firecracker::MAX_VCPUS;
         if vmm == VmmKind::Firecracker && sizing.cpus > fc_max {
-            if req.size.cpus.is_some() {
+            if size.cpus.is_some() {
                 return Err(DaemonError::Invalid(format!(
                     "--cpus {}: Firecracker takes at most {fc_max} vCPUs",
                     sizing.cpus

@@ -8,68 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use banger_core::layout::{RUNTIME_DIR_ENV, STATE_DIR_ENV};
 use banger_core::Layout;
-use clap::Parser;
 use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{SigSet, Signal};
-
-#[derive(Debug, Parser)]
-#[command(name = "bangerd", version, about = "banger's root daemon")]
-struct Args {
-    /// State dir (database, images, VM disks). Default /var/lib/banger.
-    #[arg(long, env = STATE_DIR_ENV)]
-    state_dir: Option<PathBuf>,
-    /// Runtime dir (sockets). Default /run/banger.
-    #[arg(long, env = RUNTIME_DIR_ENV)]
-    runtime_dir: Option<PathBuf>,
-    /// Seconds a guest may take to become ready.
-    #[arg(long, default_value_t = 120)]
-    boot_timeout: u64,
-    /// A guest's console log is rotated past this many bytes (one older
-    /// file kept).
-    #[arg(long, env = "BANGER_CONSOLE_MAX_BYTES", default_value_t = 1 << 20)]
-    console_max_bytes: u64,
-    /// VMs are named `<name>.<suffix>` in banger's DNS.
-    #[arg(long, env = "BANGER_DNS_SUFFIX", default_value = "vm")]
-    dns_suffix: String,
-    /// Where the host can ask banger's DNS (`off`: nowhere).
-    #[arg(long, env = "BANGER_DNS_LISTEN", default_value = "127.0.0.153:53")]
-    dns_listen: String,
-    /// The resolv.conf whose nameservers banger forwards other names to.
-    #[arg(long, env = "BANGER_RESOLV_CONF", default_value = "/etc/resolv.conf")]
-    resolv_conf: PathBuf,
-    /// Spare taps kept warm for starts (0: none).
-    #[arg(long, env = "BANGER_TAP_POOL", default_value_t = 0)]
-    tap_pool: usize,
-    /// The guests' addresses: a /30 per VM out of this network.
-    #[arg(long, env = "BANGER_SUBNET", default_value = "172.30.0.0/16")]
-    subnet: banger_core::net::Cidr,
-    /// How new VMs' root disks are made: qcow2, dm-snapshot, reflink,
-    /// overlay or copy. Default: the best this host and the VMM allow
-    /// (`banger doctor` says which).
-    #[arg(long, env = "BANGER_ROOT_DISK")]
-    root_disk: Option<banger_core::RootDiskKind>,
-    /// VMMs run as uid/gid BASE + the VM's address slot; BASE is the group
-    /// that reads images.
-    #[arg(long, env = "BANGER_VMM_UID_BASE", default_value_t = bangerd::config::DEFAULT_VMM_UID_BASE)]
-    vmm_uid_base: u32,
-    /// The group that reads images (every VMM has it; the same for every
-    /// daemon of a host).
-    #[arg(long, env = "BANGER_VMM_IMAGES_GID", default_value_t = bangerd::config::DEFAULT_VMM_UID_BASE)]
-    vmm_images_gid: u32,
-    /// MiB a VM's cgroup allows beyond its guest memory, for the VMM itself.
-    #[arg(long, env = "BANGER_VMM_MEMORY_OVERHEAD", default_value_t = bangerd::config::DEFAULT_VMM_MEMORY_OVERHEAD_MIB)]
-    vmm_memory_overhead: u64,
-    /// The VMs' parent cgroup (default `banger` under the daemon's own in
-    /// cgroup v1, `banger.slice` in v2).
-    #[arg(long, env = "BANGER_CGROUP_PARENT")]
-    cgroup_parent: Option<String>,
-    /// Members of this group may use the socket (`root:GROUP 0660`); while
-    /// no such group exists, only root may (`root 0600`).
-    #[arg(long, env = "BANGER_SOCKET_GROUP", default_value = "banger")]
-    socket_group: String,
-}
 
 fn main() {
     if let Err(e) = real_main() {
@@ -79,7 +20,21 @@ fn main() {
 }
 
 fn real_main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let (args, settings) = match bangerd::settings::load(std::env::args_os().collect()) {
+        Ok(v) => v,
+        // --help and --version are clap's "errors": printed as they are.
+        Err(bangerd::settings::SettingsError::Args(e)) => e.exit(),
+        Err(e) => return Err(e.into()),
+    };
+    if args.print_man {
+        use clap::CommandFactory;
+        let mut page = Vec::new();
+        clap_mangen::Man::new(bangerd::settings::Args::command())
+            .section("8")
+            .render(&mut page)?;
+        std::io::Write::write_all(&mut std::io::stdout(), &page)?;
+        return Ok(());
+    }
     // systemd's socket activation (banger.socket): the listener is fd 3.
     // Read, then cleared before any thread exists, so that no child sees it.
     let activated = std::env::var("LISTEN_PID")
@@ -99,8 +54,8 @@ fn real_main() -> anyhow::Result<()> {
     std::env::set_var("PATH", banger_host::confine::SAFE_PATH);
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BANGER_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_new(&args.log_level)
+                .with_context(|| format!("--log-level {:?}", args.log_level))?,
         )
         .with_writer(std::io::stderr)
         // A span's close carries its time: per request (info) and per
@@ -166,6 +121,22 @@ fn real_main() -> anyhow::Result<()> {
         .with_context(|| format!("look up group {:?}", args.socket_group))?
         .map(|g| g.gid.as_raw());
     cfg.subnet = banger_core::net::Subnet::from_cidr(args.subnet)?;
+    cfg.vmm = args.vmm;
+    banger_core::validate_name(&args.default_image)
+        .map_err(|e| anyhow::anyhow!("--default-image: {e}"))?;
+    cfg.default_image = args.default_image.clone();
+    let size = |flag: &str, v: &Option<String>| {
+        v.as_deref()
+            .map(banger_core::sizing::parse_size_mib)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("{flag}: {e}"))
+    };
+    cfg.default_size = banger_core::sizing::SizeRequest {
+        cpus: args.cpus,
+        memory_mib: size("--memory", &args.memory)?,
+        disk_mib: size("--disk-size", &args.disk_size)?,
+    };
+    cfg.settings = settings;
     if cfg.vmm_uid_base.checked_add(cfg.subnet.slots()).is_none() {
         bail!(
             "--vmm-uid-base {} + the {} VMs --subnet {} holds overflow a uid: lower the base",

@@ -258,6 +258,7 @@ fn op_name(r: &Request) -> &'static str {
         Request::ImageImport { .. } => "image_import",
         Request::VmCommit { .. } => "vm_commit",
         Request::Doctor => "doctor",
+        Request::ConfigShow => "config_show",
         Request::Settle => "settle",
         Request::VmLogs { .. } => "vm_logs",
         Request::VmStats { .. } => "vm_stats",
@@ -315,6 +316,9 @@ pub fn dispatch(
             Response::Image(daemon.import_image(&name, &source, events)?)
         }
         Request::VmCommit { name, image } => Response::Image(daemon.commit(&name, &image, events)?),
+        Request::ConfigShow => Response::Config {
+            entries: daemon.cfg.settings.clone(),
+        },
         Request::Doctor => Response::Doctor {
             checks: crate::doctor::checks(daemon),
         },
@@ -430,5 +434,15 @@ pub fn check(name: &str, ok: bool, detail: impl Into<String>) -> Check {
         name: name.into(),
         ok,
         detail: detail.into(),
+        fix: None,
     }
+}
+
+/// A check that, failed, says the command that fixes it.
+pub fn check_fix(name: &str, ok: bool, detail: impl Into<String>, fix: impl Into<String>) -> Check {
+    let mut c = check(name, ok, detail);
+    if !ok {
+        c.fix = Some(fix.into());
+    }
+    c
 }

@@ -210,11 +210,19 @@ impl Instance {
                 // No socket group unless a test makes one (a host's
                 // `banger` group is not the tests').
                 ("BANGER_SOCKET_GROUP".into(), "banger-test-no-group".into()),
+                // The host's /etc/banger/config.toml is not the tests'.
+                ("BANGER_CONFIG".into(), "/dev/null".into()),
             ],
             xfs: false,
         };
         std::fs::create_dir_all(me.state().join("images")).expect("mkdir images");
         me
+    }
+
+    /// The environment banger and its daemon get (`with_env` and the
+    /// instance's own).
+    pub fn env(&self) -> &[(String, String)] {
+        &self.env
     }
 
     /// Sets `key=value` in the environment of banger and of the daemon it
