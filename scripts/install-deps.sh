@@ -19,6 +19,7 @@ packages=(
   systemd           # systemd-analyze verify checks banger's units; systemd-socket-activate hands bangerd its socket in the tests
   man-db            # man -l: the tests render banger's man pages
   passwd            # useradd/groupadd: the socket-group test's accounts
+  binutils          # strip: the Debian package's binaries ship without debug info
 )
 
 # Two passes: installing one package can make apt remove another that was

@@ -24,6 +24,12 @@ BANGER_AGENT=$(./scripts/build-agent.sh)
 export BANGER_AGENT
 BANGER_TEST_IMAGE=$(./scripts/test-image.sh target/debug/banger)
 export BANGER_TEST_IMAGE
+# The Debian package (a release build), and the fresh Debian tree the
+# package test installs it into.
+BANGER_TEST_DEB=$(./scripts/package.sh)
+export BANGER_TEST_DEB
+BANGER_TEST_CHROOT=$(./scripts/test-chroot.sh)
+export BANGER_TEST_CHROOT
 
 log=$(mktemp)
 # Tests that cannot run on this host write why here; they are listed at

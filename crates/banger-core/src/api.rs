@@ -113,6 +113,10 @@ pub enum Request {
     },
     /// The daemon's effective settings and where each came from.
     ConfigShow,
+    /// Root only: the daemon stops serving, finishes the requests in
+    /// flight and exits; VMs keep running (the next daemon reconciles
+    /// them).
+    DaemonStop,
 }
 
 /// One effective setting of the daemon (`banger config show`).
@@ -212,6 +216,10 @@ pub enum Response {
         stats: Vec<VmStats>,
     },
     Status(DaemonStatus),
+    /// The daemon is exiting (`DaemonStop`).
+    Stopping {
+        pid: u32,
+    },
     /// The end of a `VmLogs` stream.
     LogEnd,
     /// Sent with the agent connection's descriptor.
@@ -385,7 +393,7 @@ mod tests {
             request: Request::VmStart { name: "a".into() },
         };
         let s = serde_json::to_string(&e).unwrap();
-        assert_eq!(s, r#"{"version":4,"request":{"op":"vm_start","name":"a"}}"#);
+        assert_eq!(s, r#"{"version":5,"request":{"op":"vm_start","name":"a"}}"#);
         assert_eq!(serde_json::from_str::<Envelope>(&s).unwrap(), e);
         let bad = r#"{"version":3,"request":{"op":"vm_start","name":"a","force":true}}"#;
         assert!(serde_json::from_str::<Envelope>(bad).is_err());

@@ -129,6 +129,11 @@ impl Client {
         }
     }
 
+    /// Whether a daemon answers on the socket (none is started).
+    pub fn running(&self) -> bool {
+        UnixStream::connect(self.layout.socket()).is_ok()
+    }
+
     fn daemon_binary() -> PathBuf {
         std::env::current_exe()
             .ok()

@@ -29,13 +29,16 @@ pub fn import(client: &Client, name: &str, source: &Path) -> anyhow::Result<i32>
     // The daemon reads the source: it gets an absolute path.
     let source = std::fs::canonicalize(source)
         .with_context(|| format!("image import: {}", source.display()))?;
-    print_image(client.call(
+    let mut ui = crate::ui::Ui::new(format!("importing image {name}"));
+    let r = client.call(
         Request::ImageImport {
             name: name.to_string(),
             source,
         },
-        &mut progress,
-    )?)
+        &mut |e| ui.event(e),
+    );
+    ui.clear();
+    print_image(r?)
 }
 
 pub fn commit(client: &Client, vm: &str, image: &str) -> anyhow::Result<i32> {
@@ -75,7 +78,12 @@ pub fn customize(
         root_mib: None,
         mounts: Vec::new(),
     }));
-    let (done, _) = client.call_lease(req, &mut progress, |vm| -> anyhow::Result<i32> {
+    let mut ui = crate::ui::Ui::new(format!("booting {from} to customize"));
+    let spinner = ui.handle();
+    let (done, _) = client.call_lease(req, &mut |e| ui.event(e), |vm| -> anyhow::Result<i32> {
+        if let Some(b) = &spinner {
+            b.finish_and_clear();
+        }
         let vm_name = vm.name.clone();
         let conn = client.agent(&vm_name)?;
         banger_agent::client::put_tar(conn, "/tmp", |w| {

@@ -6,13 +6,14 @@ mod guest;
 mod image;
 mod output;
 mod ssh;
+mod ui;
 mod vm;
 mod volume;
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use banger_core::api::{Event, Request, Response};
 use banger_core::layout::{RUNTIME_DIR_ENV, STATE_DIR_ENV};
 use banger_core::net::Cidr;
@@ -349,6 +350,10 @@ enum DaemonCmd {
     /// released (the daemon does that just after replying); retries failed
     /// releases. After it, the host holds nothing of VMs that are gone.
     Settle,
+    /// Stop the daemon (root only) and wait for it to exit: it finishes
+    /// the requests in flight; VMs keep running, and the next daemon
+    /// (started by the next command, or systemd) picks them up.
+    Stop,
     /// The daemon's pid, version, uptime, VMs by state, pending releases.
     Status {
         #[arg(long)]
@@ -511,6 +516,33 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             println!("bangerd pid {pid}, protocol {version}");
             Ok(0)
         }
+        Cmd::Daemon(DaemonCmd::Stop) => {
+            if !client.running() {
+                eprintln!("bangerd is not running");
+                return Ok(0);
+            }
+            let Response::Stopping { pid } = client.call(Request::DaemonStop, &mut progress)?
+            else {
+                bail!("unexpected answer to daemon stop");
+            };
+            // The daemon holds its state dir's lock until it exits: taking
+            // the lock is the wait (it drains requests in flight first).
+            let lock_path = client.layout.lock_file();
+            let lock = std::fs::File::open(&lock_path)
+                .with_context(|| format!("open {}", lock_path.display()))?;
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let _ = tx
+                    .send(nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockShared).is_ok());
+            });
+            match rx.recv_timeout(std::time::Duration::from_secs(200)) {
+                Ok(true) => {}
+                Ok(false) => bail!("cannot wait on {}", lock_path.display()),
+                Err(_) => bail!("bangerd (pid {pid}) is still draining its requests after 200 s"),
+            }
+            println!("{pid}");
+            Ok(0)
+        }
         Cmd::Daemon(DaemonCmd::Settle) => {
             let Response::Settled { retried } = client.call(Request::Settle, &mut progress)? else {
                 bail!("unexpected answer to settle");
@@ -602,7 +634,9 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
 fn image(client: &Client, cmd: ImageCmd) -> anyhow::Result<i32> {
     match cmd {
         ImageCmd::Build { name, force } => {
-            let r = client.call(Request::ImageBuild { name, force }, &mut progress)?;
+            let mut ui = ui::Ui::new(format!("building image {name}"));
+            let r = client.call(Request::ImageBuild { name, force }, &mut |e| ui.event(e))?;
+            ui.clear();
             if let Response::Image(i) = r {
                 println!("{}", i.name);
             }

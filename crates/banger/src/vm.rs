@@ -94,9 +94,18 @@ fn expect_vm(r: Response) -> anyhow::Result<VmInfo> {
     }
 }
 
-/// A request answered with a VM: prints its name.
-fn vm_action(client: &Client, req: Request) -> anyhow::Result<i32> {
-    let vm = expect_vm(client.call(req, &mut progress)?)?;
+/// A request answered with a VM: prints its name. `doing` labels the
+/// spinner ("starting x") on a terminal.
+fn vm_action(client: &Client, req: Request, doing: Option<String>) -> anyhow::Result<i32> {
+    let vm = match doing {
+        Some(d) => {
+            let mut ui = crate::ui::Ui::new(d);
+            let r = client.call(req, &mut |e| ui.event(e));
+            ui.clear();
+            expect_vm(r?)?
+        }
+        None => expect_vm(client.call(req, &mut progress)?)?,
+    };
     println!("{}", vm.name);
     Ok(0)
 }
@@ -118,29 +127,44 @@ pub fn run(client: &Client, cmd: VmCmd) -> anyhow::Result<i32> {
         VmCmd::Create { create, timings } => {
             let t0 = Instant::now();
             let mut phases: Vec<(String, u64)> = Vec::new();
-            let mut on_event = |e: Event| match e {
-                Event::Phase { name, micros } => phases.push((name, micros)),
-                other => progress(other),
+            let mut ui = crate::ui::Ui::new(doing("creating", &create));
+            let mut on_event = |e: Event| {
+                if let Event::Phase { name, micros } = &e {
+                    phases.push((name.clone(), *micros));
+                }
+                ui.event(e)
             };
             let req = Request::VmCreate(Box::new(create_request(&create, false, false)?));
-            let vm = expect_vm(client.call(req, &mut on_event)?)?;
+            let r = client.call(req, &mut on_event);
+            ui.clear();
+            let vm = expect_vm(r?)?;
             if timings {
                 print_timings(&phases, t0.elapsed().as_micros() as u64);
             }
             println!("{}", vm.name);
             Ok(0)
         }
-        VmCmd::Start { name } => vm_action(client, Request::VmStart { name }),
-        VmCmd::Stop { name } => vm_action(client, Request::VmStop { name }),
+        VmCmd::Start { name } => {
+            let doing = format!("starting {name}");
+            vm_action(client, Request::VmStart { name }, Some(doing))
+        }
+        VmCmd::Stop { name } => {
+            let doing = format!("stopping {name}");
+            vm_action(client, Request::VmStop { name }, Some(doing))
+        }
         VmCmd::Restart { name } => {
             let vm = expect_vm(client.call(Request::VmGet { name: name.clone() }, &mut progress)?)?;
             // A VM that is not running just starts (docker's restart).
             if vm.state == VmState::Running {
-                client.call(Request::VmStop { name: name.clone() }, &mut progress)?;
+                let mut ui = crate::ui::Ui::new(format!("stopping {name}"));
+                let r = client.call(Request::VmStop { name: name.clone() }, &mut |e| ui.event(e));
+                ui.clear();
+                r?;
             }
-            vm_action(client, Request::VmStart { name })
+            let doing = format!("starting {name}");
+            vm_action(client, Request::VmStart { name }, Some(doing))
         }
-        VmCmd::Kill { name } => vm_action(client, Request::VmKill { name }),
+        VmCmd::Kill { name } => vm_action(client, Request::VmKill { name }, None),
         VmCmd::Delete { names, force } => {
             let mut failed = false;
             for name in names {
@@ -240,10 +264,10 @@ pub fn run(client: &Client, cmd: VmCmd) -> anyhow::Result<i32> {
             Ok(0)
         }
         VmCmd::Port(PortCmd::Add { name, port }) => {
-            vm_action(client, Request::VmPortAdd { name, port })
+            vm_action(client, Request::VmPortAdd { name, port }, None)
         }
         VmCmd::Port(PortCmd::Rm { name, host }) => {
-            vm_action(client, Request::VmPortRm { name, host })
+            vm_action(client, Request::VmPortRm { name, host }, None)
         }
         VmCmd::Port(PortCmd::Ls { name, json }) => {
             let vm = expect_vm(client.call(Request::VmGet { name }, &mut progress)?)?;
@@ -278,12 +302,18 @@ fn vm_run(
     let t0 = Instant::now();
     let req = create_request(create, true, rm)?;
     let mut phases: Vec<(String, u64)> = Vec::new();
-    let mut on_event = |e: Event| match e {
-        Event::Phase { name, micros } => phases.push((name, micros)),
-        other => progress(other),
+    let mut ui = crate::ui::Ui::new(doing("booting", create));
+    let spinner = ui.handle();
+    let mut on_event = |e: Event| {
+        if let Event::Phase { name, micros } = &e {
+            phases.push((name.clone(), *micros));
+        }
+        ui.event(e)
     };
     if !rm {
-        let vm = expect_vm(client.call(Request::VmCreate(Box::new(req)), &mut on_event)?)?;
+        let r = client.call(Request::VmCreate(Box::new(req)), &mut on_event);
+        ui.clear();
+        let vm = expect_vm(r?)?;
         if timings {
             print_timings(&phases, t0.elapsed().as_micros() as u64);
         }
@@ -300,6 +330,10 @@ fn vm_run(
     let mut t_ssh = None;
     let (code, answer) =
         client.call_lease(Request::VmCreate(Box::new(req)), &mut on_event, |vm| {
+            // The command's own output follows: no spinner over it.
+            if let Some(b) = &spinner {
+                b.finish_and_clear();
+            }
             let t = Instant::now();
             let code = crate::guest::run_in(client, &vm.name, command);
             t_ssh = Some((t, t.elapsed()));
@@ -335,11 +369,16 @@ fn vm_run_detached(
     let t0 = Instant::now();
     let req = create_request(create, true, false)?;
     let mut phases: Vec<(String, u64)> = Vec::new();
-    let mut on_event = |e: Event| match e {
-        Event::Phase { name, micros } => phases.push((name, micros)),
-        other => progress(other),
+    let mut ui = crate::ui::Ui::new(doing("booting", create));
+    let mut on_event = |e: Event| {
+        if let Event::Phase { name, micros } = &e {
+            phases.push((name.clone(), *micros));
+        }
+        ui.event(e)
     };
-    let vm = expect_vm(client.call(Request::VmCreate(Box::new(req)), &mut on_event)?)?;
+    let r = client.call(Request::VmCreate(Box::new(req)), &mut on_event);
+    ui.clear();
+    let vm = expect_vm(r?)?;
     if timings {
         print_timings(&phases, t0.elapsed().as_micros() as u64);
     }
@@ -473,6 +512,14 @@ impl Filter {
             FilterKey::Vmm => v.vmm.to_string() == self.value,
             FilterKey::Network => v.net.network.as_deref() == Some(self.value.as_str()),
         }
+    }
+}
+
+/// The spinner's label: "booting scratch" (or "booting a VM").
+fn doing(verb: &str, f: &CreateFlags) -> String {
+    match &f.name {
+        Some(n) => format!("{verb} {n}"),
+        None => format!("{verb} a VM"),
     }
 }
 

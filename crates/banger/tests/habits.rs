@@ -174,6 +174,36 @@ fn docker_habits() {
     assert_eq!(state(&inst, long), "gone");
     assert_eq!(state(&inst, "bg"), "running");
 
+    // On a terminal, a boot shows a spinner naming its phases; elsewhere
+    // (every call above) plain lines only.
+    let cmd = inst.banger_cmd(&["vm", "run", "--rm", "--name", "spin", "--", "true"]);
+    let words: Vec<String> = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let line = shlex::try_join(words.iter().map(String::as_str)).unwrap();
+    let mut script = std::process::Command::new("script");
+    script.args(["-q", "-e", "-c", &line, "/dev/null"]);
+    for (k, v) in cmd.get_envs() {
+        if let Some(v) = v {
+            script.env(k, v);
+        }
+    }
+    let out = script.stdin(std::process::Stdio::null()).output().unwrap();
+    let tty = text(&out.stdout);
+    assert!(out.status.success(), "{tty}");
+    assert!(
+        tty.contains("booting spin") && tty.contains("disks, network"),
+        "a spinner on the terminal: {tty:?}"
+    );
+    let out = inst.banger(&["vm", "run", "--rm", "--name", "nospin", "--", "true"]);
+    ok(&out, "run");
+    assert!(
+        !text(&out.stderr).contains("booting nospin"),
+        "no spinner off a terminal: {}",
+        text(&out.stderr)
+    );
+
     // rm -f kills and deletes.
     ok(&inst.banger(&["vm", "rm", "-f", "bg"]), "rm -f");
     assert_eq!(ok(&inst.banger(&["vm", "ls", "-q"]), "ls"), "");

@@ -72,7 +72,7 @@ pub fn checks(d: &Daemon) -> Vec<Check> {
             Some(p) => format!("{} (--mount, QEMU)", p.display()),
             None => "missing (only --mount needs it)".into(),
         },
-        "apt-get install virtiofsd",
+        "apt-get install qemu-system-common",
     ));
     let bb = std::path::Path::new("/bin/busybox");
     v.push(check_fix(

@@ -178,9 +178,15 @@ fn real_main() -> anyhow::Result<()> {
         ]
         .into_iter()
         .find(|p| p.is_file())
+        .and_then(|p| std::fs::canonicalize(p).ok())
     });
-    cfg.vsock_backend =
-        env_path("BANGER_VHOST_VSOCK").or_else(|| banger_host::cmd::which("vhost-device-vsock"));
+    // The Debian package ships it beside the agent.
+    cfg.vsock_backend = env_path("BANGER_VHOST_VSOCK")
+        .or_else(|| banger_host::cmd::which("vhost-device-vsock"))
+        .or_else(|| {
+            let exe = std::env::current_exe().ok()?;
+            std::fs::canonicalize(exe.parent()?.join("../lib/banger/vhost-device-vsock")).ok()
+        });
     // Debian ships QEMU's virtiofsd outside PATH.
     cfg.virtiofsd = env_path("BANGER_VIRTIOFSD")
         .or_else(|| banger_host::cmd::which("virtiofsd"))

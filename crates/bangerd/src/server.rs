@@ -259,6 +259,7 @@ fn op_name(r: &Request) -> &'static str {
         Request::VmCommit { .. } => "vm_commit",
         Request::Doctor => "doctor",
         Request::ConfigShow => "config_show",
+        Request::DaemonStop => "daemon_stop",
         Request::Settle => "settle",
         Request::VmLogs { .. } => "vm_logs",
         Request::VmStats { .. } => "vm_stats",
@@ -316,6 +317,19 @@ pub fn dispatch(
             Response::Image(daemon.import_image(&name, &source, events)?)
         }
         Request::VmCommit { name, image } => Response::Image(daemon.commit(&name, &image, events)?),
+        Request::DaemonStop => {
+            if !conn.caller.is_root() {
+                return Err(DaemonError::Invalid(
+                    "only root may stop bangerd (`sudo banger daemon stop`)".into(),
+                ));
+            }
+            conn.shutdown.store(true, Ordering::SeqCst);
+            // Wakes the accept loop, which sees the flag.
+            let _ = UnixStream::connect(daemon.cfg.layout.socket());
+            Response::Stopping {
+                pid: std::process::id(),
+            }
+        }
         Request::ConfigShow => Response::Config {
             entries: daemon.cfg.settings.clone(),
         },

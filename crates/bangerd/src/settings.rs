@@ -320,6 +320,30 @@ mod tests {
     }
 
     #[test]
+    fn the_packaged_example_holds_only_real_keys_and_values() {
+        let example = include_str!("../../../packaging/config.toml");
+        // As shipped: comments only.
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("config.toml");
+        std::fs::write(&f, example).unwrap();
+        let (_, e) = load(argv(&[], &f)).unwrap();
+        assert!(e.iter().all(|c| !c.source.starts_with("file")));
+        // Every `# key = value` line uncommented: each is a key, and its
+        // value is one the flag takes.
+        let live: String = example
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| l.contains(" = "))
+            .map(|l| format!("{}\n", l.split(" #").next().unwrap_or(l)))
+            .collect();
+        assert!(live.lines().count() >= 10, "{live}");
+        std::fs::write(&f, &live).unwrap();
+        let (_, e) = load(argv(&[], &f)).unwrap();
+        let from_file = e.iter().filter(|c| c.source.starts_with("file")).count();
+        assert_eq!(from_file, live.lines().count(), "{live}");
+    }
+
+    #[test]
     fn bad_files_are_refused_naming_the_key() {
         let d = tempfile::tempdir().unwrap();
         let f = d.path().join("config.toml");

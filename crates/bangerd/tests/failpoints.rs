@@ -42,9 +42,9 @@ fn plan(step: &str) -> (Pre, Vec<&'static str>) {
         ),
         "start" => (Pre::Created, vec!["vm", "start", VM]),
         "kill" => (Pre::Running, vec!["vm", "kill", VM]),
-        "delete" => (Pre::Running, vec!["vm", "delete", VM]),
+        "delete" => (Pre::Running, vec!["vm", "delete", "-f", VM]),
         "teardown" if create_res.iter().any(|s| s == step) => {
-            (Pre::Running, vec!["vm", "delete", VM])
+            (Pre::Running, vec!["vm", "delete", "-f", VM])
         }
         "stop" | "teardown" => (Pre::Running, vec!["vm", "stop", VM]),
         _ => panic!("failpoint {step}: no plan for it; add one"),
@@ -177,7 +177,7 @@ fn one(inst: &Instance, step: &str, mode: &str) {
     inst.kill_daemon();
     assert_consistent(inst, &what);
     if inst.vm(VM).is_some() {
-        ok(&inst.banger(&["vm", "delete", VM]), &what);
+        ok(&inst.banger(&["vm", "delete", "-f", VM]), &what);
     }
     inst.assert_baseline();
 }
@@ -292,6 +292,6 @@ fn a_vmm_that_survives_sigkill_keeps_its_vm_from_starting() {
     inst.settle();
     assert!(inst.vmm_processes().is_empty());
     assert!(inst.taps().is_empty());
-    ok(&inst.banger(&["vm", "delete", VM]), "delete");
+    ok(&inst.banger(&["vm", "delete", "-f", VM]), "delete");
     inst.assert_baseline();
 }

@@ -284,8 +284,24 @@ impl Instance {
     /// `banger ARGS` inside the namespace, in the background, its output
     /// piped.
     pub fn spawn(&self, args: &[&str]) -> std::process::Child {
-        self.banger_cmd(args)
-            .stdin(Stdio::null())
+        let mut c = self.banger_cmd(args);
+        // Tests interrupt it with SIGINT as a terminal's Ctrl-C would: a
+        // suite started in the background of a non-interactive shell
+        // (`./scripts/test.sh &`) hands its children SIGINT ignored.
+        // SAFETY: signal(2) is async-signal-safe; nothing else runs between
+        // fork and exec.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            c.pre_exec(|| {
+                nix::sys::signal::signal(
+                    nix::sys::signal::Signal::SIGINT,
+                    nix::sys::signal::SigHandler::SigDfl,
+                )
+                .map(drop)
+                .map_err(std::io::Error::from)
+            });
+        }
+        c.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
