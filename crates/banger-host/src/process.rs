@@ -164,6 +164,36 @@ pub fn find_by_arg(needle: &str) -> Vec<i32> {
     pids
 }
 
+/// The processes (other than this one) with `path` open: `/proc/*/fd`
+/// links compared by device and inode (the daemon that holds its state
+/// dir's lock file, for `banger daemon stop`).
+pub fn holders(path: &std::path::Path) -> Vec<i32> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(want) = std::fs::metadata(path) else {
+        return Vec::new();
+    };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let me = std::process::id() as i32;
+    let mut pids: Vec<i32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| *pid != me)
+        .filter(|pid| {
+            std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .map(|fds| {
+                    fds.flatten().any(|fd| {
+                        std::fs::metadata(fd.path())
+                            .is_ok_and(|m| m.dev() == want.dev() && m.ino() == want.ino())
+                    })
+                })
+                .unwrap_or(false)
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
 /// Sends `sig`; a process that is already gone is not an error.
 pub fn signal(pid: i32, sig: Signal) -> nix::Result<()> {
     match kill(Pid::from_raw(pid), sig) {
@@ -228,6 +258,23 @@ pub fn path_needle(p: &Path) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn holders_of_a_file_are_found_by_its_inode() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("lock");
+        std::fs::write(&f, "").unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .stdin(std::fs::File::open(&f).unwrap())
+            .spawn()
+            .unwrap();
+        let found = super::holders(&f);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(found, vec![child.id() as i32]);
+        assert!(super::holders(&d.path().join("none")).is_empty());
+    }
+
     use super::*;
 
     #[test]

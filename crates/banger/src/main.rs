@@ -521,9 +521,29 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 eprintln!("bangerd is not running");
                 return Ok(0);
             }
-            let Response::Stopping { pid } = client.call(Request::DaemonStop, &mut progress)?
-            else {
-                bail!("unexpected answer to daemon stop");
+            let pid = match client.call(Request::DaemonStop, &mut progress) {
+                Ok(Response::Stopping { pid }) => pid,
+                Ok(other) => bail!("unexpected answer to daemon stop: {other:?}"),
+                // A daemon of another build cannot read the request: it
+                // gets SIGTERM, which drains it the same way.
+                Err(client::ClientError::Api(e))
+                    if e.kind == banger_core::api::ErrorKind::Version =>
+                {
+                    let lock = client.layout.lock_file();
+                    let pid = banger_host::process::holders(&lock)
+                        .into_iter()
+                        .next()
+                        .ok_or_else(|| {
+                            anyhow::anyhow!("{}: no process holds it", lock.display())
+                        })?;
+                    nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGTERM,
+                    )
+                    .with_context(|| format!("SIGTERM to bangerd (pid {pid})"))?;
+                    pid as u32
+                }
+                Err(e) => return Err(e.into()),
             };
             // The daemon holds its state dir's lock until it exits: taking
             // the lock is the wait (it drains requests in flight first).

@@ -114,6 +114,13 @@ fn the_socket_group_uses_vms_without_root() {
         "g2 and g3; the refused creates left nothing"
     );
 
+    // Only root stops the daemon.
+    let out = inst.banger_as(&member, &["daemon", "stop"]);
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("only root may stop bangerd"),
+        "{out:?}"
+    );
+
     // Without a daemon, a member is told who can start one.
     inst.kill_daemon();
     let out = inst.banger_as(&member, &["vm", "ls"]);

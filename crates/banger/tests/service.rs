@@ -264,3 +264,41 @@ fn doctor_says_the_command_that_fixes_each_finding() {
     assert!(table.contains("fix: banger image build"), "{table}");
     inst.assert_baseline();
 }
+
+#[test]
+fn another_build_is_told_how_to_restart_the_daemon_and_stop_stops_it() {
+    use std::io::{BufRead, Write};
+    let inst = Instance::new(&banger_bin());
+    let pid = inst.daemon_pid();
+    // A CLI of an older build (protocol 4), as bytes on the socket.
+    let mut s =
+        std::os::unix::net::UnixStream::connect(inst.runtime().join("bangerd.sock")).unwrap();
+    s.write_all(b"{\"version\":4,\"request\":{\"op\":\"ping\"}}\n")
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(&s).read_line(&mut line).unwrap();
+    let reply: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(reply["kind"], "version", "{line}");
+    let msg = reply["message"].as_str().unwrap();
+    for says in [
+        "this CLI speaks protocol 4",
+        &format!("pid {pid}"),
+        &format!("protocol {}", banger_core::api::PROTOCOL_VERSION),
+        "sudo systemctl restart banger",
+        "sudo banger daemon stop",
+    ] {
+        assert!(msg.contains(says), "{says:?} in {msg}");
+    }
+
+    // daemon stop: it drains and exits; the lock is free after it.
+    let out = inst.banger(&["daemon", "stop"]);
+    assert_eq!(ok(&out, "daemon stop").trim(), pid.to_string());
+    assert!(!banger_host::process::is_running(pid), "bangerd exited");
+    let out = inst.banger(&["daemon", "stop"]);
+    assert!(
+        out.status.success() && text(&out.stderr).contains("not running"),
+        "{out:?}"
+    );
+    assert_ne!(inst.daemon_pid(), pid, "the next command starts a new one");
+    inst.assert_baseline();
+}

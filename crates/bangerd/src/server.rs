@@ -156,7 +156,7 @@ fn handle(
                 _ => ErrorKind::InvalidInput,
             };
             let message = if kind == ErrorKind::Version {
-                format!("this bangerd speaks protocol {PROTOCOL_VERSION}: restart the daemon with the same build as the CLI (`pkill bangerd`)")
+                version_mismatch(None)
             } else {
                 format!("bad request: {e}")
             };
@@ -169,10 +169,7 @@ fn handle(
             &mut writer,
             &Reply::Err(ApiError {
                 kind: ErrorKind::Version,
-                message: format!(
-                    "client speaks protocol {}, this bangerd {PROTOCOL_VERSION}: restart the daemon with the same build as the CLI",
-                    env.version
-                ),
+                message: version_mismatch(Some(env.version)),
             }),
         );
         return;
@@ -220,6 +217,20 @@ fn handle(
         }
     };
     write_reply(&mut writer, &reply);
+}
+
+/// What a CLI of another build is told: which side speaks what, and how
+/// to get a daemon of the CLI's build (VMs keep running across it).
+fn version_mismatch(client: Option<u32>) -> String {
+    let client = client.map_or_else(|| "another".to_string(), |v| v.to_string());
+    format!(
+        "this CLI speaks protocol {client}, the running bangerd (pid {}, version {}) protocol \
+         {PROTOCOL_VERSION}: restart the daemon with the CLI's build (`sudo systemctl restart \
+         banger` where systemd runs it, else `sudo banger daemon stop`: the next command starts \
+         the new one; VMs keep running)",
+        std::process::id(),
+        env!("CARGO_PKG_VERSION")
+    )
 }
 
 /// Writes a reply line with a file descriptor attached (SCM_RIGHTS).
