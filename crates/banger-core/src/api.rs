@@ -174,6 +174,9 @@ pub enum Event {
     Progress { message: String },
     /// The one-line VM spec printed on spawn.
     Spec { line: String },
+    /// How far long work is through an amount it knows (bytes of an
+    /// archive or a layer being unpacked): the CLI's progress bar.
+    Bytes { what: String, done: u64, total: u64 },
     /// A named phase and how long it took, for `--timings`.
     Phase { name: String, micros: u64 },
     /// The VM of an `rm` create is up: the client uses it, then hangs up.

@@ -200,7 +200,7 @@ pub fn build(
     name: &str,
     dir: &Path,
     recipe: &Recipe,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut crate::Progress<'_>,
 ) -> Result<ImageRecord, ImageError> {
     let work = dir.with_extension("building");
     let r = build_into(name, dir, &work, recipe, progress);
@@ -216,7 +216,7 @@ fn build_into(
     dir: &Path,
     work: &Path,
     recipe: &Recipe,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut crate::Progress<'_>,
 ) -> Result<ImageRecord, ImageError> {
     let fs = |source| ImageError::Fs {
         name: name.to_string(),
@@ -226,13 +226,16 @@ fn build_into(
     fsutil::create_dir_all(work).map_err(fs)?;
     let rootfs = work.join("rootfs");
 
-    progress(&format!(
-        "bootstrapping Debian {} with mmdebstrap (about a minute)",
-        recipe.suite
-    ));
+    crate::line(
+        progress,
+        &format!(
+            "bootstrapping Debian {} with mmdebstrap (about a minute)",
+            recipe.suite
+        ),
+    );
     bootstrap(name, recipe, &rootfs, progress)?;
 
-    progress("installing banger's guest init and sshd config");
+    crate::line(progress, "installing banger's guest init and sshd config");
     customize(&rootfs, &recipe.busybox).map_err(fs)?;
     let kernel = KernelFrom::Tree {
         busybox: recipe.busybox.clone(),
@@ -259,7 +262,7 @@ pub(crate) fn assemble(
     rootfs: &Path,
     kernel: &KernelFrom,
     recipe: &str,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut crate::Progress<'_>,
 ) -> Result<ImageRecord, ImageError> {
     let fs = |source| ImageError::Fs {
         name: name.to_string(),
@@ -268,10 +271,13 @@ pub(crate) fn assemble(
     let busybox = match kernel {
         KernelFrom::Tree { busybox } => busybox,
         KernelFrom::Image(base) => {
-            progress(&format!(
-                "no kernel in the tree: using image {}'s (kernel {})",
-                base.name, base.kernel_version
-            ));
+            crate::line(
+                progress,
+                &format!(
+                    "no kernel in the tree: using image {}'s (kernel {})",
+                    base.name, base.kernel_version
+                ),
+            );
             crate::import::borrow_kernel(name, base, rootfs, work)?;
             return finish(
                 name,
@@ -284,7 +290,7 @@ pub(crate) fn assemble(
             );
         }
     };
-    progress("extracting the kernel");
+    crate::line(progress, "extracting the kernel");
     let (kver, vmlinuz) = find_kernel(name, rootfs)?;
     let bz = std::fs::read(&vmlinuz)
         .with_path("read", &vmlinuz)
@@ -296,7 +302,7 @@ pub(crate) fn assemble(
     })?;
     fsutil::write(&work.join(KERNEL_FILE), &elf).map_err(fs)?;
 
-    progress("building the initramfs");
+    crate::line(progress, "building the initramfs");
     let initrd = initramfs(name, rootfs, &kver, busybox)?;
     fsutil::write(&work.join(INITRD_FILE), &initrd).map_err(fs)?;
     finish(name, dir, work, rootfs, &kver, recipe, progress)
@@ -311,7 +317,7 @@ fn finish(
     rootfs: &Path,
     kver: &str,
     recipe: &str,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut crate::Progress<'_>,
 ) -> Result<ImageRecord, ImageError> {
     let fs = |source| ImageError::Fs {
         name: name.to_string(),
@@ -321,7 +327,7 @@ fn finish(
         name: name.to_string(),
         source,
     };
-    progress("writing the ext4 root filesystem");
+    crate::line(progress, "writing the ext4 root filesystem");
     let mib = write_ext4(rootfs, &work.join(ROOTFS_FILE), 0).map_err(cmd_err)?;
     fsutil::remove_dir_all_if_exists(rootfs).map_err(fs)?;
 
@@ -333,10 +339,13 @@ fn finish(
         recipe: recipe.to_string(),
     };
     let rec = install(dir, work, &manifest)?;
-    progress(&format!(
-        "image {name} ready: kernel {}, root filesystem {mib} MiB",
-        manifest.kernel_version
-    ));
+    crate::line(
+        progress,
+        &format!(
+            "image {name} ready: kernel {}, root filesystem {mib} MiB",
+            manifest.kernel_version
+        ),
+    );
     Ok(rec)
 }
 
@@ -413,7 +422,7 @@ fn bootstrap(
     name: &str,
     recipe: &Recipe,
     rootfs: &Path,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut crate::Progress<'_>,
 ) -> Result<(), ImageError> {
     let mut child = Command::new("mmdebstrap")
         .args([
@@ -458,7 +467,7 @@ fn bootstrap(
     if let Some(err) = child.stderr.take() {
         for line in BufReader::new(err).lines().map_while(Result::ok) {
             if let Some(msg) = line.strip_prefix("I: ") {
-                progress(&format!("mmdebstrap: {msg}"));
+                crate::line(progress, &format!("mmdebstrap: {msg}"));
             }
             tail.push(line);
             if tail.len() > 20 {

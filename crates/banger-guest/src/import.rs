@@ -73,7 +73,7 @@ pub fn import(
     src: &Path,
     base: Option<&ImageRecord>,
     busybox: &Path,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut crate::Progress<'_>,
 ) -> Result<ImageRecord, ImageError> {
     let work = dir.with_extension("building");
     let r = import_into(name, dir, &work, src, base, busybox, progress);
@@ -90,7 +90,7 @@ fn import_into(
     src: &Path,
     base: Option<&ImageRecord>,
     busybox: &Path,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut crate::Progress<'_>,
 ) -> Result<ImageRecord, ImageError> {
     let err = |source: ImportError| ImageError::Import {
         name: name.to_string(),
@@ -101,7 +101,7 @@ fn import_into(
         source,
     };
     let format = detect(src).map_err(err)?;
-    progress(&format!("importing {} ({format})", src.display()));
+    crate::line(progress, &format!("importing {} ({format})", src.display()));
     fsutil::remove_dir_all_if_exists(work).map_err(fs)?;
     fsutil::create_dir_all(work).map_err(fs)?;
     // Owner-only while it holds an untrusted tree (setuid files included).
@@ -119,14 +119,14 @@ fn import_into(
         Format::Tar => {
             let input = work.join("input");
             fsutil::create_dir_all(&input).map_err(fs)?;
-            let skipped = unpack_file(src, &input, false).map_err(err)?;
+            let skipped = unpack_file(src, &input, false, "unpacking", progress).map_err(err)?;
             match classify_dir(&input) {
                 Format::OciLayout => {
-                    progress("the archive is an OCI image layout");
+                    crate::line(progress, "the archive is an OCI image layout");
                     oci::unpack_layout(&input, &rootfs, progress).map_err(|e| err(e.into()))?
                 }
                 Format::DockerArchive => {
-                    progress("the archive is docker save output");
+                    crate::line(progress, "the archive is docker save output");
                     oci::unpack_docker(&input, &rootfs, progress).map_err(|e| err(e.into()))?
                 }
                 _ => {
@@ -141,14 +141,17 @@ fn import_into(
     }
     set_mode(&rootfs, 0o755).map_err(err)?;
     check_tree(&rootfs).map_err(err)?;
-    progress("installing banger's guest init and sshd config");
+    crate::line(progress, "installing banger's guest init and sshd config");
     image::customize(&rootfs, busybox).map_err(fs)?;
     let kernel = match (own_kernel(name, &rootfs), base) {
         (Ok(()), _) => KernelFrom::Tree {
             busybox: busybox.to_path_buf(),
         },
         (Err(why), Some(base)) => {
-            progress(&format!("{why}: the kernel will be image {}'s", base.name));
+            crate::line(
+                progress,
+                &format!("{why}: the kernel will be image {}'s", base.name),
+            );
             KernelFrom::Image(base)
         }
         (Err(why), None) => {
@@ -174,11 +177,12 @@ fn set_mode(p: &Path, mode: u32) -> Result<(), ImportError> {
     })
 }
 
-fn report_skipped(n: u64, progress: &mut dyn FnMut(&str)) {
+fn report_skipped(n: u64, progress: &mut crate::Progress<'_>) {
     if n > 0 {
-        progress(&format!(
-            "skipped {n} device node(s) and fifo(s): a banger guest's /dev is devtmpfs"
-        ));
+        crate::line(
+            progress,
+            &format!("skipped {n} device node(s) and fifo(s): a banger guest's /dev is devtmpfs"),
+        );
     }
 }
 
@@ -251,16 +255,24 @@ fn classify_dir(d: &Path) -> Format {
 
 /// Unpacks the tar file `src` (plain or gzip) into `root`; returns how many
 /// device nodes and fifos it skipped.
-pub(crate) fn unpack_file(src: &Path, root: &Path, layer: bool) -> Result<u64, ImportError> {
+/// `what` names it in the byte counts reported through `progress`.
+pub(crate) fn unpack_file(
+    src: &Path,
+    root: &Path,
+    layer: bool,
+    what: &str,
+    progress: &mut crate::Progress<'_>,
+) -> Result<u64, ImportError> {
     let io = |source| ImportError::Io {
         path: src.to_path_buf(),
         source,
     };
     let mut f = std::fs::File::open(src).map_err(io)?;
+    let total = f.metadata().map_err(io)?.len();
     let mut magic = [0u8; 2];
     let n = read_up_to(&mut f, &mut magic).map_err(io)?;
     f.rewind().map_err(io)?;
-    let r = std::io::BufReader::new(f);
+    let r = std::io::BufReader::new(crate::Counting::new(f, what, total, progress));
     let res = if n == 2 && magic == [0x1f, 0x8b] {
         unpack(flate2::read::GzDecoder::new(r), root, layer)
     } else {

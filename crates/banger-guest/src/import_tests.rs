@@ -138,7 +138,7 @@ fn layers_apply_in_order_with_whiteouts() {
         for w in oci::whiteouts(l).unwrap() {
             oci::remove_whited_out(&root, &w).unwrap();
         }
-        unpack_file(l, &root, true).unwrap();
+        unpack_file(l, &root, true, "layer", &mut |_| {}).unwrap();
     }
     assert!(!root.join("etc/gone").exists());
     assert!(!root.join("etc/.wh.gone").exists(), "markers are not files");

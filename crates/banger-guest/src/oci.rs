@@ -41,7 +41,7 @@ pub enum OciError {
 pub fn unpack_layout(
     dir: &Path,
     rootfs: &Path,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut crate::Progress<'_>,
 ) -> Result<(), OciError> {
     let bad = |what: String| OciError::Layout {
         dir: dir.to_path_buf(),
@@ -121,7 +121,7 @@ fn blob_path(dir: &Path, d: &Descriptor) -> Result<String, OciError> {
 pub fn unpack_docker(
     dir: &Path,
     rootfs: &Path,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut crate::Progress<'_>,
 ) -> Result<(), OciError> {
     #[derive(Deserialize)]
     struct Entry {
@@ -158,7 +158,7 @@ fn apply_layers(
     dir: &Path,
     layers: &[String],
     rootfs: &Path,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut crate::Progress<'_>,
 ) -> Result<(), OciError> {
     std::fs::create_dir_all(rootfs).map_err(|e| OciError::Layout {
         dir: dir.to_path_buf(),
@@ -166,7 +166,10 @@ fn apply_layers(
     })?;
     let mut skipped = 0;
     for (i, layer) in layers.iter().enumerate() {
-        progress(&format!("layer {}/{}: {layer}", i + 1, layers.len()));
+        crate::line(
+            progress,
+            &format!("layer {}/{}: {layer}", i + 1, layers.len()),
+        );
         let path = inside(dir, layer)?;
         let failed = |source: ImportError| OciError::Layer {
             dir: dir.to_path_buf(),
@@ -184,12 +187,16 @@ fn apply_layers(
                 })
             })?;
         }
-        skipped += import::unpack_file(&path, rootfs, true).map_err(failed)?;
+        let what = format!("layer {}/{}", i + 1, layers.len());
+        skipped += import::unpack_file(&path, rootfs, true, &what, progress).map_err(failed)?;
     }
     if skipped > 0 {
-        progress(&format!(
-            "skipped {skipped} device node(s) and fifo(s): a banger guest's /dev is devtmpfs"
-        ));
+        crate::line(
+            progress,
+            &format!(
+                "skipped {skipped} device node(s) and fifo(s): a banger guest's /dev is devtmpfs"
+            ),
+        );
     }
     Ok(())
 }

@@ -462,7 +462,9 @@ pub fn progress(e: Event) {
         }
         Event::Spec { line } => eprintln!("{line}"),
         Event::Log { text } => print!("{}", banger_core::text::escape_control(&text, true)),
-        Event::Phase { .. } | Event::Ready { .. } => {}
+        // Byte counts are drawn as a bar on a terminal (`ui.rs`); the
+        // lines say the same in plain text.
+        Event::Phase { .. } | Event::Ready { .. } | Event::Bytes { .. } => {}
     }
 }
 

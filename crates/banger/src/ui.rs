@@ -30,6 +30,20 @@ pub struct Ui {
     bar: Option<ProgressBar>,
     what: String,
     done: Vec<String>,
+    /// The bar is drawn as one (bytes of `what` so far), not a spinner.
+    counting: bool,
+}
+
+fn spinner_style() -> Option<ProgressStyle> {
+    ProgressStyle::with_template("{spinner} {msg} ({elapsed})").ok()
+}
+
+fn bytes_style() -> Option<ProgressStyle> {
+    ProgressStyle::with_template(
+        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} (eta {eta})",
+    )
+    .ok()
+    .map(|s| s.progress_chars("=> "))
 }
 
 impl Ui {
@@ -40,7 +54,7 @@ impl Ui {
         let plain = std::env::var("BANGER_PROGRESS").is_ok_and(|v| v == "plain");
         let bar = (!plain && std::io::stderr().is_terminal()).then(|| {
             let b = ProgressBar::new_spinner();
-            if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} ({elapsed})") {
+            if let Some(style) = spinner_style() {
                 b.set_style(style);
             }
             b.set_message(what.clone());
@@ -51,6 +65,7 @@ impl Ui {
             bar,
             what,
             done: Vec::new(),
+            counting: false,
         }
     }
 
@@ -59,6 +74,7 @@ impl Ui {
         match e {
             Event::Progress { message } => {
                 let m = escape_control(&message, true);
+                self.spin();
                 match &self.bar {
                     Some(b) => {
                         b.println(&m);
@@ -79,11 +95,36 @@ impl Ui {
                     b.set_message(format!("{}: {} done", self.what, self.done.join(", ")));
                 }
             }
+            Event::Bytes { what, done, total } => {
+                if let Some(b) = &self.bar {
+                    if !self.counting {
+                        if let Some(style) = bytes_style() {
+                            b.set_style(style);
+                        }
+                        b.set_position(0);
+                        self.counting = true;
+                    }
+                    b.set_length(total);
+                    b.set_position(done);
+                    b.set_message(format!("{}: {}", self.what, escape_control(&what, true)));
+                }
+            }
             Event::Log { text } => {
                 self.clear();
                 print!("{}", escape_control(&text, true));
             }
             Event::Ready { .. } => self.clear(),
+        }
+    }
+
+    /// Back to a spinner after a bar.
+    fn spin(&mut self) {
+        if let (true, Some(b)) = (self.counting, &self.bar) {
+            if let Some(style) = spinner_style() {
+                b.set_style(style);
+            }
+            b.set_length(0);
+            self.counting = false;
         }
     }
 
@@ -103,5 +144,51 @@ impl Ui {
 impl Drop for Ui {
     fn drop(&mut self) {
         self.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Ui drawing nowhere, its bar inspected instead.
+    fn hidden(what: &str) -> (Ui, ProgressBar) {
+        let b = ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::hidden());
+        let ui = Ui {
+            bar: Some(b.clone()),
+            what: what.into(),
+            done: Vec::new(),
+            counting: false,
+        };
+        (ui, b)
+    }
+
+    #[test]
+    fn phases_name_the_spinner_and_bytes_make_it_a_bar() {
+        let (mut ui, b) = hidden("booting x");
+        for p in ["create", "network", "nat-async", "spawn"] {
+            ui.event(Event::Phase {
+                name: p.into(),
+                micros: 1,
+            });
+        }
+        assert_eq!(b.message(), "booting x: disks, network, VMM done");
+
+        let (mut ui, b) = hidden("importing image i");
+        ui.event(Event::Bytes {
+            what: "layer 1/2".into(),
+            done: 10,
+            total: 100,
+        });
+        assert_eq!((b.position(), b.length()), (10, Some(100)));
+        assert_eq!(b.message(), "importing image i: layer 1/2");
+        // A line after it: back to a spinner, the line's text shown.
+        ui.event(Event::Progress {
+            message: "installing \x1b[2Jinit".into(),
+        });
+        assert!(!ui.counting);
+        assert_eq!(b.message(), "importing image i: installing \\x1b[2Jinit");
+        ui.clear();
+        assert!(b.is_finished());
     }
 }

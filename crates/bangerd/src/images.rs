@@ -139,12 +139,7 @@ impl Daemon {
             self.refuse_if_used(name)?;
         }
         let dir = self.cfg.layout.image_dir(name);
-        let rec = image::build(name, &dir, &recipe, &mut |m| {
-            info!(image = name, "{m}");
-            events(Event::Progress {
-                message: m.to_string(),
-            })
-        })?;
+        let rec = image::build(name, &dir, &recipe, &mut |r| report(name, r, events))?;
         self.add_image(&rec)?;
         Ok(image_info(&rec))
     }
@@ -173,11 +168,8 @@ impl Daemon {
             .unwrap_or_else(|| PathBuf::from("/bin/busybox"));
         let dir = self.cfg.layout.image_dir(name);
         let rec =
-            banger_guest::import::import(name, &dir, source, base.as_ref(), &busybox, &mut |m| {
-                info!(image = name, "{m}");
-                events(Event::Progress {
-                    message: m.to_string(),
-                })
+            banger_guest::import::import(name, &dir, source, base.as_ref(), &busybox, &mut |r| {
+                report(name, r, events)
             })?;
         self.add_image(&rec)?;
         Ok(image_info(&rec))
@@ -253,6 +245,24 @@ fn disk_bytes(dir: &std::path::Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
+}
+
+/// An image build's or import's report as the client's event: a line
+/// (logged too), or a byte count for its progress bar.
+fn report(image: &str, r: banger_guest::Report<'_>, events: Events) {
+    match r {
+        banger_guest::Report::Line(m) => {
+            info!(image, "{m}");
+            events(Event::Progress {
+                message: m.to_string(),
+            })
+        }
+        banger_guest::Report::Bytes { what, done, total } => events(Event::Bytes {
+            what: what.to_string(),
+            done,
+            total,
+        }),
+    }
 }
 
 #[cfg(test)]
