@@ -20,6 +20,7 @@ packages=(
   man-db            # man -l: the tests render banger's man pages
   passwd            # useradd/groupadd: the socket-group test's accounts
   binutils          # strip: the Debian package's binaries ship without debug info
+  socat             # the socket-group test speaks raw JSON to bangerd as a member (what a client that skips the CLI sends)
 )
 
 # Two passes: installing one package can make apt remove another that was

@@ -14,7 +14,7 @@ use crate::model::{AutoStop, NetPolicy, VmmKind};
 use crate::sizing::SizeRequest;
 use crate::state::VmState;
 
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -396,7 +396,7 @@ mod tests {
             request: Request::VmStart { name: "a".into() },
         };
         let s = serde_json::to_string(&e).unwrap();
-        assert_eq!(s, r#"{"version":5,"request":{"op":"vm_start","name":"a"}}"#);
+        assert_eq!(s, r#"{"version":6,"request":{"op":"vm_start","name":"a"}}"#);
         assert_eq!(serde_json::from_str::<Envelope>(&s).unwrap(), e);
         let bad = r#"{"version":3,"request":{"op":"vm_start","name":"a","force":true}}"#;
         assert!(serde_json::from_str::<Envelope>(bad).is_err());

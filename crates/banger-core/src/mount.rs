@@ -40,6 +40,36 @@ pub struct HostMount {
 }
 
 impl HostMount {
+    /// What `from_str` checks, for a mount that came as JSON (a client
+    /// that skips the CLI skips its parser): the daemon calls it on every
+    /// request's mounts.
+    pub fn validate(&self) -> Result<(), MountError> {
+        let bad = |why: &str| MountError::Bad {
+            spec: self.to_string(),
+            why: why.to_string(),
+        };
+        let host = self
+            .host
+            .to_str()
+            .ok_or_else(|| bad("the host path is not UTF-8"))?;
+        if !host.starts_with('/') {
+            return Err(bad("the host path must be absolute"));
+        }
+        if host.len() > MAX_HOST_PATH {
+            return Err(bad("the host path is over 1024 characters"));
+        }
+        if host.contains(',') || host.chars().any(char::is_control) {
+            return Err(bad(
+                "the host path may not hold ',' (virtiofsd's option separator) or control characters",
+            ));
+        }
+        match crate::volume::guest_path(&self.path) {
+            Ok(p) if p == self.path => Ok(()),
+            Ok(_) => Err(bad("the guest path is not in its normal form")),
+            Err(why) => Err(bad(why)),
+        }
+    }
+
     /// The virtio-fs tag of the `i`th mount, which the guest mounts by.
     pub fn tag(i: usize) -> String {
         format!("banger{i}")
@@ -77,12 +107,14 @@ impl std::str::FromStr for HostMount {
             ));
         }
         let path = crate::volume::guest_path(guest).map_err(bad)?;
-        Ok(HostMount {
+        let m = HostMount {
             host: PathBuf::from(host),
             path,
             read_only,
             owner: None,
-        })
+        };
+        m.validate()?;
+        Ok(m)
     }
 }
 

@@ -197,7 +197,6 @@ fn attach_session(name: &str, session: Session, stdin: bool, tty: bool) -> anyho
     Ok(status.shell_code())
 }
 
-/// `vm run`'s command (or, with none and a terminal, a login shell).
 /// Starts `command` in the background in VM `name`; its pid.
 pub fn start_detached(client: &Client, name: &str, command: &[String]) -> anyhow::Result<u32> {
     let flags = ExecFlags {
@@ -212,6 +211,7 @@ pub fn start_detached(client: &Client, name: &str, command: &[String]) -> anyhow
         .map_err(|e| anyhow!("vm {name}: {e}"))
 }
 
+/// `vm run`'s command (or, with none and a terminal, a login shell).
 pub fn run_in(client: &Client, name: &str, command: &[String]) -> anyhow::Result<i32> {
     let interactive_shell = command.is_empty();
     let tty = interactive_shell && std::io::stdin().is_terminal();

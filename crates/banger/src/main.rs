@@ -534,9 +534,14 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     let lock = client.layout.lock_file();
                     let pid = banger_host::process::holders(&lock)
                         .into_iter()
-                        .next()
+                        // The bangerd among those that have it open
+                        // (another `daemon stop` may be waiting on it).
+                        .find(|p| {
+                            std::fs::read_link(format!("/proc/{p}/exe"))
+                                .is_ok_and(|e| e.file_name().is_some_and(|n| n == "bangerd"))
+                        })
                         .ok_or_else(|| {
-                            anyhow::anyhow!("{}: no process holds it", lock.display())
+                            anyhow::anyhow!("{}: no bangerd holds it", lock.display())
                         })?;
                     nix::sys::signal::kill(
                         nix::unistd::Pid::from_raw(pid),
@@ -557,10 +562,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 let _ = tx
                     .send(nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockShared).is_ok());
             });
-            match rx.recv_timeout(std::time::Duration::from_secs(200)) {
+            match rx.recv_timeout(std::time::Duration::from_secs(400)) {
                 Ok(true) => {}
                 Ok(false) => bail!("cannot wait on {}", lock_path.display()),
-                Err(_) => bail!("bangerd (pid {pid}) is still draining its requests after 200 s"),
+                Err(_) => bail!("bangerd (pid {pid}) is still draining its requests after 400 s"),
             }
             println!("{pid}");
             Ok(0)

@@ -9,7 +9,7 @@ use banger_core::api::VmInfo;
 
 /// The key and known_hosts this user's ssh can read: root's own (the
 /// VM's pinned key), or, for a member of the socket's group, the group's
-/// copy of the key and the known_hosts of every VM (`bangerd`'s perms.rs).
+/// own key and the known_hosts of every VM (`bangerd`'s perms.rs).
 fn key_files(key: &std::path::Path, vm_known: &std::path::Path) -> (PathBuf, PathBuf) {
     if nix::unistd::geteuid().is_root() {
         (key.to_path_buf(), vm_known.to_path_buf())

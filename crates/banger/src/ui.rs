@@ -35,7 +35,8 @@ pub struct Ui {
 }
 
 fn spinner_style() -> Option<ProgressStyle> {
-    ProgressStyle::with_template("{spinner} {msg} ({elapsed})").ok()
+    // wide_msg: cut to the terminal's width, never wrapped.
+    ProgressStyle::with_template("{spinner} {elapsed:>3} {wide_msg}").ok()
 }
 
 fn bytes_style() -> Option<ProgressStyle> {
@@ -78,7 +79,11 @@ impl Ui {
                 match &self.bar {
                     Some(b) => {
                         b.println(&m);
-                        b.set_message(format!("{}: {}", self.what, m));
+                        // Work without phases (an image build) is named by
+                        // its lines; a boot by its phases.
+                        if self.done.is_empty() {
+                            b.set_message(format!("{}: {}", self.what, m));
+                        }
                     }
                     None => eprintln!("{m}"),
                 }
@@ -92,7 +97,7 @@ impl Ui {
                     if !name.ends_with("-async") {
                         self.done.push(phase_label(&name).to_string());
                     }
-                    b.set_message(format!("{}: {} done", self.what, self.done.join(", ")));
+                    b.set_message(self.phase_message());
                 }
             }
             Event::Bytes { what, done, total } => {
@@ -115,6 +120,24 @@ impl Ui {
             }
             Event::Ready { .. } => self.clear(),
         }
+    }
+
+    /// "booting x: step 3, network done", and once the VMM runs and until
+    /// the guest says it is up, what the wait is for.
+    fn phase_message(&self) -> String {
+        let last = self.done.last().map(String::as_str).unwrap_or("");
+        let vmm = self.done.iter().any(|p| p == "VMM");
+        let up = self.done.iter().any(|p| p == "guest up");
+        let waiting = if vmm && !up {
+            ", waiting for the guest"
+        } else {
+            ""
+        };
+        format!(
+            "{}: step {}, {last} done{waiting}",
+            self.what,
+            self.done.len()
+        )
     }
 
     /// Back to a spinner after a bar.
@@ -172,7 +195,23 @@ mod tests {
                 micros: 1,
             });
         }
-        assert_eq!(b.message(), "booting x: disks, network, VMM done");
+        assert_eq!(
+            b.message(),
+            "booting x: step 3, VMM done, waiting for the guest"
+        );
+        ui.event(Event::Progress {
+            message: "booting x (qemu tcg)".into(),
+        });
+        assert_eq!(
+            b.message(),
+            "booting x: step 3, VMM done, waiting for the guest",
+            "a boot's spinner follows its phases, not its lines"
+        );
+        ui.event(Event::Phase {
+            name: "boot".into(),
+            micros: 1,
+        });
+        assert_eq!(b.message(), "booting x: step 4, guest up done");
 
         let (mut ui, b) = hidden("importing image i");
         ui.event(Event::Bytes {

@@ -42,7 +42,7 @@ fn the_socket_group_uses_vms_without_root() {
     );
 
     // A member runs a VM through the agent, and reaches it over ssh with
-    // the group's copy of the key.
+    // the group's own key.
     let out = inst.banger_as(
         &member,
         &[
@@ -87,15 +87,25 @@ fn the_socket_group_uses_vms_without_root() {
     );
     let err = text(&out.stderr);
     assert!(!out.status.success() && err.contains("--mount"), "{err}");
-    let out = inst.banger_as(&member, &["image", "import", "stolen", "/root"]);
-    let err = text(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("image import /root"),
-        "{err}"
-    );
     let own = member.home.path().join("src");
     std::fs::create_dir(&own).unwrap();
     std::os::unix::fs::chown(&own, Some(member.uid), Some(member.gid)).unwrap();
+    // Read-write would let the guest's root leave root's files (a setuid
+    // shell) in it: members share read-only.
+    let out = inst.banger_as(
+        &member,
+        &[
+            "vm",
+            "create",
+            "--mount",
+            &format!("{}:/src", own.display()),
+        ],
+    );
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("read-only only (add :ro)"),
+        "{err}"
+    );
     let out = inst.banger_as(
         &member,
         &[
@@ -104,10 +114,138 @@ fn the_socket_group_uses_vms_without_root() {
             "--name",
             "g3",
             "--mount",
-            &format!("{}:/src", own.display()),
+            &format!("{}:/src:ro", own.display()),
         ],
     );
     ok(&out, "member: --mount of their own directory");
+
+    // What a client that skips the CLI sends is checked by the daemon: a
+    // link (which the CLI would have resolved), a ',' (virtiofsd's option
+    // separator), a guest path not in normal form.
+    let comma = member.home.path().join("x,source=");
+    std::fs::create_dir(&comma).unwrap();
+    std::os::unix::fs::chown(&comma, Some(member.uid), Some(member.gid)).unwrap();
+    let v = banger_core::api::PROTOCOL_VERSION;
+    for (host, guest, says) in [
+        (link.display().to_string(), "/mnt", "is a symbolic link"),
+        (
+            format!("{},source=/", comma.display()),
+            "/mnt",
+            "may not hold ','",
+        ),
+        (own.display().to_string(), "/mnt/../etc", "guest path"),
+    ] {
+        let req = serde_json::json!({
+            "version": v,
+            "request": {"op": "vm_create", "name": "raw", "image": null,
+                "size": {"cpus": null, "memory_mib": null, "disk_mib": null},
+                "vmm": null, "start": false, "rm": false,
+                "auto_stop": {"ttl_secs": null, "idle_secs": null},
+                "net": {"none": false, "allow": [], "ports": [], "network": null},
+                "volumes": [], "root_mib": null,
+                "mounts": [{"host": host, "path": guest, "read_only": true, "owner": 0}]}
+        });
+        let reply = inst.raw_request_as(&member, &req.to_string());
+        let msg = reply["message"].as_str().unwrap_or("");
+        assert!(
+            reply["reply"] == "err" && msg.contains(says),
+            "{host}: {reply}"
+        );
+    }
+
+    // Imports: what the member can read, read as the member.
+    let tree = member.home.path().join("tree");
+    for d in ["bin", "usr/sbin", "etc"] {
+        std::fs::create_dir_all(tree.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", tree.join("bin/sh")).unwrap();
+    std::fs::write(tree.join("usr/sbin/sshd"), "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(
+        tree.join("usr/sbin/sshd"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("/etc/shadow", tree.join("etc/shadow")).unwrap();
+    std::fs::write(tree.join("etc/root-only"), "secret\n").unwrap();
+    std::fs::set_permissions(
+        tree.join("etc/root-only"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let chown_r = std::process::Command::new("chown")
+        .arg("-R")
+        .arg(format!("{}:{}", member.uid, member.gid))
+        .arg(&tree)
+        .status()
+        .unwrap();
+    assert!(chown_r.success());
+    std::os::unix::fs::lchown(tree.join("etc/root-only"), Some(0), Some(0)).unwrap();
+    for (src, says) in [
+        ("/root".to_string(), "cannot read it"),
+        ("/etc/shadow".to_string(), "cannot read it"),
+        (tree.display().to_string(), "cannot read it"),
+    ] {
+        let out = inst.banger_as(&member, &["image", "import", "stolen", &src]);
+        let err = text(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{src}: {err}");
+    }
+    std::fs::remove_file(tree.join("etc/root-only")).unwrap();
+    let out = inst.banger_as(
+        &member,
+        &["image", "import", "mine", &tree.display().to_string()],
+    );
+    ok(&out, "member: import of their own tree");
+    // The link came in as a link, not as what it points at.
+    let rootfs = inst.state().join("images/mine/rootfs.ext4");
+    let out = std::process::Command::new("debugfs")
+        .args(["-R", "stat /etc/shadow"])
+        .arg(&rootfs)
+        .output()
+        .unwrap();
+    assert!(
+        text(&out.stdout).contains("Type: symlink"),
+        "{}",
+        text(&out.stdout)
+    );
+    ok(&inst.banger(&["image", "rm", "mine"]), "image rm");
+
+    // A VM root made with a mount of root's: only root may use it (its
+    // agent, its start, and ssh with the group's key all refused).
+    let roots = tempfile::tempdir().unwrap();
+    let out = inst.banger(&[
+        "vm",
+        "run",
+        "-d",
+        "--name",
+        "r1",
+        "--mount",
+        &format!("{}:/x:ro", roots.path().display()),
+    ]);
+    ok(&out, "root: vm run -d with a mount");
+    for args in [
+        vec!["vm", "exec", "r1", "--", "true"],
+        vec!["vm", "stop", "r1"],
+        vec!["vm", "logs", "r1"],
+    ] {
+        let out = inst.banger_as(&member, &args);
+        let err = text(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("only root may use it"),
+            "{args:?}: {err}"
+        );
+    }
+    let out = inst.banger_as(&member, &["vm", "ssh", "r1", "--", "true"]);
+    assert!(!out.status.success(), "{out:?}");
+    // The group's key is among g2's authorized keys, not among r1's.
+    let keys = |vm: &str| {
+        let out = inst.banger(&["vm", "exec", vm, "--", "cat", "/root/.ssh/authorized_keys"]);
+        ok(&out, "authorized_keys")
+            .lines()
+            .filter(|l| !l.is_empty())
+            .count()
+    };
+    assert_eq!((keys("g2"), keys("r1")), (2, 1));
+    ok(&inst.banger(&["vm", "rm", "-f", "r1"]), "rm r1");
     assert_eq!(
         ok(&inst.banger(&["vm", "ls", "-q"]), "ls").lines().count(),
         2,

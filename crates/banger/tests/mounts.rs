@@ -58,6 +58,24 @@ fn host_directories_are_shared_and_read_only_ones_stay_so() {
     // After a stop and a start the shares are back (new virtiofsds).
     ok(&inst.banger(&["vm", "stop", "m1"]), "stop");
     ok(&inst.banger(&["vm", "start", "m1"]), "start");
+    // virtiofsd serves a path of the VM's own dir, where the daemon bound
+    // the directory it opened and checked: the user's path is not on its
+    // command line (a later swap of it redirects nothing).
+    let vfs: Vec<String> = inst
+        .processes()
+        .into_iter()
+        .map(|(_, c)| c)
+        .filter(|c| c.contains("virtiofsd"))
+        .collect();
+    assert_eq!(vfs.len(), 2, "{vfs:?}");
+    for c in &vfs {
+        assert!(
+            c.contains("/share0") || c.contains("/share1"),
+            "source is the VM dir's share: {c}"
+        );
+        assert!(!c.contains(&rw.path().display().to_string()), "{c}");
+        assert!(!c.contains(&ro.path().display().to_string()), "{c}");
+    }
     std::fs::write(rw.path().join("hello"), "changed on the host\n").unwrap();
     assert_eq!(
         ok(

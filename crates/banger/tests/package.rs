@@ -109,6 +109,13 @@ fn the_package_installs_runs_and_purges_cleanly() {
     ] {
         assert!(root.join(f).exists(), "{f} installed");
     }
+    // Enabled as debhelper enables units (no systemd runs in the tree).
+    assert!(
+        root.join("etc/systemd/system/sockets.target.wants/banger.socket")
+            .symlink_metadata()
+            .is_ok(),
+        "banger.socket is enabled"
+    );
     let group = ok(
         &in_tree(&net, &root, &["getent", "group", "banger"]),
         "group",

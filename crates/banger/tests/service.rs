@@ -126,6 +126,18 @@ fn socket_activation_serves_on_the_socket_it_is_given() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("systemd-socket-activate");
+    // A failed assertion below must not leave the activator (or the
+    // bangerd it became) running.
+    struct Reap(u32);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.0 as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+    let reap = Reap(activator.id());
     assert!(
         wait_until(std::time::Duration::from_secs(10), || sock.exists()),
         "the activator made no socket"
@@ -142,6 +154,8 @@ fn socket_activation_serves_on_the_socket_it_is_given() {
     )
     .unwrap();
     let st = activator.wait().unwrap();
+    // Reaped: its pid is no longer ours to signal.
+    std::mem::forget(reap);
     assert!(st.success(), "bangerd exits cleanly: {st:?}");
     assert!(sock.exists(), "the socket stays for the next activation");
     std::fs::remove_file(&sock).unwrap();
@@ -270,6 +284,20 @@ fn another_build_is_told_how_to_restart_the_daemon_and_stop_stops_it() {
     use std::io::{BufRead, Write};
     let inst = Instance::new(&banger_bin());
     let pid = inst.daemon_pid();
+    // The daemon the CLI started leads a session of its own: no terminal's
+    // hangup or job control reaches it.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        fields[3],
+        pid.to_string(),
+        "session id (stat field 6): {stat}"
+    );
     // A CLI of an older build (protocol 4), as bytes on the socket.
     let mut s =
         std::os::unix::net::UnixStream::connect(inst.runtime().join("bangerd.sock")).unwrap();

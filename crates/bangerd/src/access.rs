@@ -41,6 +41,14 @@ pub enum AccessError {
         at: PathBuf,
         uid: u32,
     },
+    #[error("vm {0:?} shares host directories root named (--mount): only root may use it")]
+    RootsVm(String),
+    #[error("image import {path}: uid {uid} cannot read it: {why}")]
+    Unreadable {
+        path: PathBuf,
+        uid: u32,
+        why: String,
+    },
     #[error(
         "{what} {path}: it belongs to uid {owner}, not to you (uid {uid}): a member of the \
          banger group may only name what is their own (or run this as root)"
@@ -93,6 +101,24 @@ impl Caller {
             return Ok(());
         }
         owned_by(self.uid, Some(self.gid), path, what)
+    }
+}
+
+/// A VM only root may use: one that shares a host directory root named
+/// (`--mount` by root: its owner is not recorded). Members of the group
+/// cannot start it, reach its agent, its console or its ports, and their
+/// ssh key is not among its authorized ones.
+pub fn root_only(vm: &banger_core::VmRecord) -> bool {
+    vm.spec.mounts.iter().any(|m| m.owner.is_none())
+}
+
+impl Caller {
+    /// Refuses a caller who is not root a VM only root may use.
+    pub fn may_use(&self, vm: &banger_core::VmRecord) -> Result<(), AccessError> {
+        if self.is_root() || !root_only(vm) {
+            return Ok(());
+        }
+        Err(AccessError::RootsVm(vm.name.clone()))
     }
 }
 
@@ -164,6 +190,148 @@ pub fn owned_by(uid: u32, gid: Option<u32>, path: &Path, what: &str) -> Result<(
         }
     }
     Ok(())
+}
+
+/// A file of the daemon's holding what `source` held, as its caller could
+/// read it (removed when dropped).
+pub struct Staged(PathBuf);
+
+impl Staged {
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// How long reading an import's source as its caller may take.
+const STAGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20 * 60);
+
+/// Reads `source` with `caller`'s ids (their uid, gid and supplementary
+/// groups, no capabilities, an empty environment, no network) into a new
+/// root-owned file under `dir`: a regular file as it is (`cat`), a
+/// directory as a tar stream (`tar --numeric-owner`, which an import reads
+/// like any tarball). Anything else is refused.
+pub fn stage_as(caller: &Caller, source: &Path, dir: &Path) -> Result<Staged, AccessError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use wait_timeout::ChildExt;
+    let what = "image import";
+    let err = |at: &Path, e: std::io::Error| AccessError::Stat {
+        what: what.into(),
+        path: source.into(),
+        at: at.into(),
+        source: e,
+    };
+    // Only what the caller can see says what it is: a stat as root would
+    // tell a stranger whether a path exists.
+    let mut cmd = if source.is_dir() {
+        let mut c = std::process::Command::new("tar");
+        c.arg("--numeric-owner")
+            .arg("-C")
+            .arg(source)
+            .args(["-cf", "-", "."]);
+        c
+    } else {
+        let mut c = std::process::Command::new("cat");
+        c.arg("--").arg(source);
+        c
+    };
+    std::fs::create_dir_all(dir).map_err(|e| err(dir, e))?;
+    let mut name = [0u8; 8];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").map_err(|e| err(Path::new("/dev/urandom"), e))?,
+        &mut name,
+    )
+    .map_err(|e| err(Path::new("/dev/urandom"), e))?;
+    let hex: String = name.iter().map(|b| format!("{b:02x}")).collect();
+    let staged = Staged(dir.join(format!("import-{hex}")));
+    let out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&staged.0)
+        .map_err(|e| err(&staged.0, e))?;
+    let stderr_path = staged.0.with_extension("err");
+    let errf = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&stderr_path)
+        .map_err(|e| err(&stderr_path, e))?;
+    let confine = banger_host::confine::Confinement {
+        identity: Some(banger_host::confine::Identity {
+            uid: caller.uid,
+            gid: caller.gid,
+            groups: caller_groups(caller),
+        }),
+        cgroup_procs: Vec::new(),
+        new_netns: true,
+        private_tmp: false,
+    };
+    confine
+        .apply(&mut cmd)
+        .map_err(|e| err(source, std::io::Error::other(e.to_string())))?;
+    // The helper runs as the caller: it writes to a descriptor of ours,
+    // never a path of ours.
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(out)
+        .stderr(errf)
+        .spawn()
+        .map_err(|e| err(source, e))?;
+    let status = match child.wait_timeout(STAGE_TIMEOUT) {
+        Ok(Some(st)) => st,
+        Ok(None) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = std::fs::remove_file(&stderr_path);
+            return Err(err(
+                source,
+                std::io::Error::other(format!(
+                    "reading it took over {} minutes",
+                    STAGE_TIMEOUT.as_secs() / 60
+                )),
+            ));
+        }
+        Err(e) => return Err(err(source, e)),
+    };
+    let said = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&stderr_path);
+    if !status.success() {
+        let first = said
+            .lines()
+            .next()
+            .unwrap_or("")
+            .chars()
+            .take(300)
+            .collect::<String>();
+        return Err(AccessError::Unreadable {
+            path: source.into(),
+            uid: caller.uid,
+            why: banger_core::text::escape_control(&first, false),
+        });
+    }
+    Ok(staged)
+}
+
+/// The caller's supplementary groups, as the kernel has them for its
+/// process (it is alive: it waits for the reply).
+fn caller_groups(caller: &Caller) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{}/status", caller.pid))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
+                g.split_whitespace()
+                    .filter_map(|n| n.parse().ok())
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -160,30 +160,76 @@ fn servfail(query: &[u8]) -> Option<Vec<u8>> {
     r.to_vec().ok()
 }
 
-/// A listener: a UDP socket answered by a thread of its own until `stop`.
+/// A listener: a UDP socket answered by a thread of its own until `stop`,
+/// which wakes the thread and waits for it, so that the address is free
+/// again when it returns (a VM's restart binds it at once).
 #[derive(Debug)]
 pub struct Listener {
     pub addr: SocketAddr,
     stop: Arc<AtomicBool>,
+    sock: UdpSocket,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// A UDP socket bound to `addr` with SO_REUSEADDR: a reply a forwarding
+/// thread of a stopped listener still sends holds that one open for a
+/// moment, and must not keep the next listener from binding.
+fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    use nix::sys::socket::{
+        bind, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage,
+    };
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrStorage::from(addr),
+    )?;
+    Ok(UdpSocket::from(fd))
 }
 
 impl Listener {
     pub fn start(d: DaemonRef, addr: SocketAddr, asker: Asker) -> Result<Listener> {
-        let sock = UdpSocket::bind(addr)
+        let sock = bind_udp(addr)
             .map_err(|e| DaemonError::Invalid(format!("cannot answer DNS on {addr}: {e}")))?;
         sock.set_read_timeout(Some(Duration::from_millis(500)))
             .map_err(|e| DaemonError::Invalid(format!("DNS socket {addr}: {e}")))?;
+        let theirs = sock
+            .try_clone()
+            .map_err(|e| DaemonError::Invalid(format!("DNS socket {addr}: {e}")))?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("dns".into())
-            .spawn(move || serve(&d, &sock, &asker, &flag))
+            .spawn(move || serve(&d, &theirs, &asker, &flag))
             .map_err(|e| DaemonError::Invalid(format!("cannot start the DNS thread: {e}")))?;
-        Ok(Listener { addr, stop })
+        Ok(Listener {
+            addr,
+            stop,
+            sock,
+            thread: std::sync::Mutex::new(Some(thread)),
+        })
     }
 
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
+        // Wakes its recv at once (a socket shut for reading returns).
+        let _ = nix::sys::socket::shutdown(
+            std::os::fd::AsRawFd::as_raw_fd(&self.sock),
+            nix::sys::socket::Shutdown::Read,
+        );
+        let t = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = t {
+            // Not from the listener's own thread (a DNS request never
+            // stops its listener, but be safe).
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
+        }
     }
 }
 

@@ -151,6 +151,7 @@ impl Daemon {
         &self,
         name: &str,
         source: &std::path::Path,
+        caller: &crate::access::Caller,
         events: Events,
     ) -> Result<ImageInfo> {
         banger_core::validate_name(name)?;
@@ -160,6 +161,29 @@ impl Daemon {
                 source.display()
             )));
         }
+        if caller.is_root() {
+            return self.import_from(name, source, events);
+        }
+        // A caller who is not root imports what they can read: the
+        // source is read by a process with their ids into a file of the
+        // daemon's, which the import then reads (nothing they swap later
+        // reaches it, nothing only root can read gets in).
+        self.refuse_existing(name)?;
+        let staged = crate::access::stage_as(caller, source, &self.cfg.layout.cache_dir())?;
+        events(Event::Progress {
+            message: format!("read {} as uid {}", source.display(), caller.uid),
+        });
+        let r = self.import_from(name, staged.path(), events);
+        drop(staged);
+        r
+    }
+
+    fn import_from(
+        &self,
+        name: &str,
+        source: &std::path::Path,
+        events: Events,
+    ) -> Result<ImageInfo> {
         let _g = lock(&self.image_lock);
         self.refuse_existing(name)?;
         let base = self.store().image(DEFAULT_IMAGE)?;

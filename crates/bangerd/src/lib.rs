@@ -1,6 +1,6 @@
 //! bangerd: the root daemon that owns all of banger's host state.
 //!
-//! `run` takes its listener and a shutdown flag as arguments (mini-redis'
+//! `run` takes its listener and a stopper as arguments (mini-redis'
 //! `run(listener, shutdown)`), so tests can start a daemon on a temporary
 //! socket and state dir.
 
@@ -32,7 +32,6 @@ pub mod stats;
 pub mod volumes;
 
 use std::os::unix::net::UnixListener;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 pub use daemon::{Config, Daemon};
@@ -44,14 +43,14 @@ pub(crate) fn process_nice() -> std::io::Result<()> {
 }
 
 /// Opens the daemon's state, reconciles what survived a restart, and serves
-/// on `listener` until `shutdown` is set.
+/// on `listener` until `stopper` is told to stop.
 pub fn run(
     cfg: Config,
     listener: UnixListener,
-    shutdown: Arc<AtomicBool>,
+    stopper: server::Stopper,
 ) -> Result<(), DaemonError> {
     let daemon = open(cfg)?;
-    serve(daemon, listener, shutdown);
+    serve(daemon, listener, stopper);
     Ok(())
 }
 
@@ -64,9 +63,9 @@ pub fn open(cfg: Config) -> Result<Arc<Daemon>, DaemonError> {
     Ok(daemon)
 }
 
-/// Serves requests until `shutdown` is set; VMM exits reported by the
+/// Serves requests until `stopper` is told to stop; VMM exits reported by the
 /// reaper are handled on a thread of their own.
-pub fn serve(daemon: Arc<Daemon>, listener: UnixListener, shutdown: Arc<AtomicBool>) {
+pub fn serve(daemon: Arc<Daemon>, listener: UnixListener, stopper: server::Stopper) {
     if let Some(rx) = reaper::install() {
         let d = daemon.clone();
         let spawned = std::thread::Builder::new()
@@ -103,5 +102,5 @@ pub fn serve(daemon: Arc<Daemon>, listener: UnixListener, shutdown: Arc<AtomicBo
     {
         tracing::warn!(err = %e, "cannot start the stats poller: no stats, no auto-stop");
     }
-    server::run(daemon, listener, shutdown);
+    server::run(daemon, listener, stopper);
 }

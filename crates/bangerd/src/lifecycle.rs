@@ -421,29 +421,43 @@ impl Daemon {
     /// `vm rm`: a VM that runs, boots or is stopping is deleted only with
     /// `force` (docker's `rm -f`), which kills it.
     pub fn delete_checked(&self, name: &str, force: bool) -> Result<()> {
-        if !force {
-            match self.find(name) {
-                Ok(vm) => {
-                    let st = vm.runtime.state();
-                    // A "running" VM whose VMM died behind our back is
-                    // stopped in all but its record: no -f needed.
-                    let live = st != VmState::Running || self.vm_alive(&vm);
-                    if live
-                        && matches!(st, VmState::Running | VmState::Starting | VmState::Stopping)
-                    {
-                        return Err(DaemonError::Running(vm.name.clone(), st));
-                    }
-                }
-                Err(DaemonError::Broken { .. }) => {}
-                Err(e) => return Err(e),
-            }
+        if force {
+            return self.delete(name);
         }
-        self.delete(name)
+        // At once for a VM that boots (its boot holds the lock), and again
+        // under the lock: a start that slipped in between is not killed.
+        self.refuse_live(name)?;
+        let _g = self.lock_vm(name)?;
+        self.refuse_live(name)?;
+        self.delete_locked(name)
+    }
+
+    /// A VM that runs, boots or stops is not deleted without `-f`.
+    fn refuse_live(&self, name: &str) -> Result<()> {
+        match self.find(name) {
+            Ok(vm) => {
+                let st = vm.runtime.state();
+                // A "running" VM whose VMM died behind our back is stopped
+                // in all but its record: no -f needed.
+                let live = st != VmState::Running || self.vm_alive(&vm);
+                if live && matches!(st, VmState::Running | VmState::Starting | VmState::Stopping) {
+                    return Err(DaemonError::Running(vm.name.clone(), st));
+                }
+                Ok(())
+            }
+            Err(DaemonError::Broken { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     pub fn delete(&self, name: &str) -> Result<()> {
         self.boots.cancel(name);
         let _g = self.lock_vm(name)?;
+        self.delete_locked(name)
+    }
+
+    /// The delete itself, the VM's lock held.
+    fn delete_locked(&self, name: &str) -> Result<()> {
         let t0 = Instant::now();
         let mut vm = match self.find(name) {
             Err(DaemonError::Broken { .. }) => return self.delete_broken(name),

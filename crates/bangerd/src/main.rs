@@ -1,10 +1,8 @@
 //! bangerd's entry point: flags, the one-daemon-per-state-dir lock, the
 //! socket, signals. Everything else lives in the library.
 
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -37,16 +35,22 @@ fn real_main() -> anyhow::Result<()> {
     }
     // systemd's socket activation (banger.socket): the listener is fd 3.
     // Read, then cleared before any thread exists, so that no child sees it.
-    let activated = std::env::var("LISTEN_PID")
+    let for_us = std::env::var("LISTEN_PID")
         .ok()
         .and_then(|p| p.parse::<u32>().ok())
-        == Some(std::process::id())
-        && std::env::var("LISTEN_FDS")
-            .ok()
-            .and_then(|n| n.parse::<u32>().ok())
-            >= Some(1);
+        == Some(std::process::id());
+    let fds = std::env::var("LISTEN_FDS").ok();
+    if for_us && fds.as_deref() != Some("1") {
+        bail!("LISTEN_FDS={fds:?}: bangerd takes exactly one socket (banger.socket)");
+    }
+    let activated = for_us;
     for k in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
         std::env::remove_var(k);
+    }
+    if activated {
+        // systemd passes it without FD_CLOEXEC: set at once, before any
+        // child (nft, mkfs, a VMM) could inherit the listener.
+        check_activated_socket()?;
     }
     // The tools the daemon runs (nft, mkfs, losetup, qemu-img, ...) are
     // found on a fixed PATH, not on the PATH of whichever shell started
@@ -215,6 +219,12 @@ fn real_main() -> anyhow::Result<()> {
         // (LISTEN_PID is ours); nothing else in this process owns it.
         let l = unsafe { <UnixListener as std::os::fd::FromRawFd>::from_raw_fd(3) };
         tracing::info!(socket = %sock.display(), "listening on the socket systemd passed");
+        // Its group is the configured one, whatever the unit says.
+        if let Some(gid) = cfg_socket_gid {
+            if let Err(e) = std::os::unix::fs::chown(&sock, Some(0), Some(gid)) {
+                tracing::warn!(err = %e, socket = %sock.display(), "cannot give the socket its group");
+            }
+        }
         l
     } else {
         bind(&sock, cfg_socket_gid, &args.socket_group)?
@@ -226,23 +236,43 @@ fn real_main() -> anyhow::Result<()> {
     set.add(Signal::SIGTERM);
     set.add(Signal::SIGINT);
     set.thread_block().context("block signals")?;
-    let shutdown = Arc::new(AtomicBool::new(false));
+    let stopper = bangerd::server::Stopper::new().context("make the stop pipe")?;
     {
-        let shutdown = shutdown.clone();
-        let sock = sock.clone();
+        let stopper = stopper.clone();
         std::thread::spawn(move || {
             if let Ok(sig) = set.wait() {
                 tracing::info!(?sig, "shutting down");
             }
-            shutdown.store(true, Ordering::SeqCst);
-            let _ = UnixStream::connect(&sock);
+            stopper.stop();
         });
     }
     tracing::info!(state = %layout.state_dir.display(), socket = %sock.display(), "bangerd serving");
-    bangerd::serve(daemon, listener, shutdown);
+    bangerd::serve(daemon, listener, stopper);
     // systemd's socket stays: it starts the next daemon.
     if !activated {
         let _ = std::fs::remove_file(&sock);
+    }
+    Ok(())
+}
+
+/// fd 3 as systemd passes it: made close-on-exec, and checked to be a
+/// listening Unix stream socket (anything else is refused, not served).
+fn check_activated_socket() -> anyhow::Result<()> {
+    use nix::sys::socket::{getsockname, getsockopt, sockopt, SockType, UnixAddr};
+    use std::os::fd::BorrowedFd;
+    nix::fcntl::fcntl(
+        3,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .context("LISTEN_FDS: fd 3")?;
+    // SAFETY: fd 3 is open (fcntl just succeeded) and stays open for the
+    // daemon's life; the borrow ends within this function.
+    let fd = unsafe { BorrowedFd::borrow_raw(3) };
+    let listening = getsockopt(&fd, sockopt::AcceptConn).unwrap_or(false);
+    let stream = getsockopt(&fd, sockopt::SockType).ok() == Some(SockType::Stream);
+    let unix = getsockname::<UnixAddr>(3).is_ok();
+    if !(listening && stream && unix) {
+        bail!("LISTEN_FDS: fd 3 is not a listening Unix stream socket (systemd's banger.socket passes one)");
     }
     Ok(())
 }

@@ -13,7 +13,7 @@
 //! | `banger.db` (and `-wal`, `-shm`), `bangerd.log` | root, 0600 |
 //! | `ssh/` | root:`<socket group>` 0750 (root 0700 without the group) |
 //! | `ssh/id_ed25519` | root, 0600 (root's ssh refuses a key others read) |
-//! | `ssh/id_ed25519.group` | the same key, root:`<socket group>` 0640, for the group's ssh |
+//! | `ssh/id_ed25519.group` | the group's own key, root:`<socket group>` 0640 |
 //! | `cache/` | root, 0700 |
 //! | a VM's state dir | root:`<vm uid>`, 0710 (jail) |
 //! | a VM's runtime dir | `<vm uid>`, 0700 (jail) |
@@ -69,42 +69,34 @@ pub fn prepare(l: &Layout, vmm_gid: u32, socket_gid: Option<u32>) -> Result<()> 
     Ok(())
 }
 
-/// The socket's group reads `ssh/` and a copy of the client key (ssh
-/// refuses a key file that its own user shares, so root keeps the 0600
-/// original); without the group, both are root's alone.
+/// The socket's group reads `ssh/` and a key of its own (`id_ed25519.group`,
+/// root:group 0640: ssh refuses a key file its own user shares, so root's
+/// stays 0600, and the two keys differ, so that a VM only root may use
+/// does not let the group's in); without the group, `ssh/` is root's alone
+/// and there is no group key. Deleting the group key makes a new one at
+/// the next start (VMs take it at their next boot).
 fn share_client_key(l: &Layout, socket_gid: Option<u32>) -> Result<()> {
     let dir = l.ssh_dir();
     fsutil::create_dir_all(&dir)?;
-    let shared = group_key(l);
+    let key = group_key(l);
+    let public = banger_host::sshkey::pub_path(&key);
     match socket_gid {
         Some(gid) => {
             set(&dir, gid, 0o750)?;
-            let key = std::fs::read(l.client_key()).with_path("read", &l.client_key())?;
-            let tmp = shared.with_extension("tmp");
-            fsutil::remove_file_if_exists(&tmp)?;
-            {
-                use std::io::Write;
-                use std::os::unix::fs::OpenOptionsExt;
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&tmp)
-                    .with_path("create", &tmp)?;
-                f.write_all(&key).with_path("write", &tmp)?;
-            }
-            fsutil::set_owner_mode(&tmp, 0, gid, 0o640)?;
-            std::fs::rename(&tmp, &shared).with_path("rename into", &shared)?;
+            banger_host::sshkey::ensure(&key, "banger-group")?;
+            fsutil::set_owner_mode(&key, 0, gid, 0o640)?;
+            fsutil::set_owner_mode(&public, 0, gid, 0o644)?;
         }
         None => {
             set(&dir, 0, 0o700)?;
-            fsutil::remove_file_if_exists(&shared)?;
+            fsutil::remove_file_if_exists(&key)?;
+            fsutil::remove_file_if_exists(&public)?;
         }
     }
     Ok(())
 }
 
-/// The group's copy of the client key.
+/// The socket group's client key.
 pub fn group_key(l: &Layout) -> PathBuf {
     l.client_key().with_file_name("id_ed25519.group")
 }

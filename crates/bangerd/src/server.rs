@@ -22,20 +22,73 @@ const MAX_REQUEST: u64 = 1 << 20;
 /// build) before it gives up on them.
 const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(180);
 
-/// Serves until `shutdown` is set (and the listener woken by a connection),
-/// then lets the requests in flight finish, so that a SIGTERM never leaves a
-/// half-created VM or a half-torn-down one.
-pub fn run(daemon: Arc<Daemon>, listener: UnixListener, shutdown: Arc<AtomicBool>) {
+/// Asks the accept loop to stop: a flag, and a pipe the loop polls beside
+/// the listener, so that nothing has to connect to wake it (under socket
+/// activation the listener is systemd's, and a wake-up connection would
+/// start the next daemon).
+#[derive(Clone)]
+pub struct Stopper {
+    flag: Arc<AtomicBool>,
+    rx: Arc<std::os::fd::OwnedFd>,
+    tx: Arc<std::os::fd::OwnedFd>,
+}
+
+impl Stopper {
+    pub fn new() -> std::io::Result<Stopper> {
+        let (rx, tx) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+                .map_err(std::io::Error::from)?;
+        Ok(Stopper {
+            flag: Arc::new(AtomicBool::new(false)),
+            rx: Arc::new(rx),
+            tx: Arc::new(tx),
+        })
+    }
+
+    pub fn stop(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        let _ = nix::unistd::write(&*self.tx, &[1]);
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    pub fn flag(&self) -> &AtomicBool {
+        &self.flag
+    }
+}
+
+/// Serves until `stopper` is told to stop, then lets the requests in
+/// flight finish, so that a SIGTERM never leaves a half-created VM or a
+/// half-torn-down one.
+pub fn run(daemon: Arc<Daemon>, listener: UnixListener, stopper: Stopper) {
+    use std::os::fd::AsFd;
     let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    for conn in listener.incoming() {
-        if shutdown.load(Ordering::SeqCst) {
+    if let Err(e) = listener.set_nonblocking(true) {
+        warn!(err = %e, "cannot make the listener non-blocking");
+    }
+    while !stopper.stopping() {
+        let mut fds = [
+            nix::poll::PollFd::new(listener.as_fd(), nix::poll::PollFlags::POLLIN),
+            nix::poll::PollFd::new(stopper.rx.as_fd(), nix::poll::PollFlags::POLLIN),
+        ];
+        match nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => {
+                warn!(err = %e, "poll on the listener failed");
+                break;
+            }
+        }
+        if stopper.stopping() {
             break;
         }
-        match conn {
-            Ok(stream) => {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let _ = stream.set_nonblocking(false);
                 let d = daemon.clone();
                 let count = in_flight.clone();
-                let stop = shutdown.clone();
+                let stop = stopper.clone();
                 count.fetch_add(1, Ordering::SeqCst);
                 let r = std::thread::Builder::new()
                     .name("conn".into())
@@ -48,6 +101,7 @@ pub fn run(daemon: Arc<Daemon>, listener: UnixListener, shutdown: Arc<AtomicBool
                     warn!(err = %e, "cannot start a connection thread");
                 }
             }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => warn!(err = %e, "accept failed"),
         }
     }
@@ -88,7 +142,7 @@ pub struct Conn<'a> {
     stream: &'a UnixStream,
     /// Who connected (SO_PEERCRED).
     pub caller: crate::access::Caller,
-    shutdown: &'a AtomicBool,
+    stopper: &'a Stopper,
     in_flight: &'a std::sync::atomic::AtomicUsize,
 }
 
@@ -114,14 +168,14 @@ impl Conn<'_> {
     }
 
     fn shutting_down(&self) -> bool {
-        self.shutdown.load(Ordering::SeqCst)
+        self.stopper.stopping()
     }
 }
 
 fn handle(
     daemon: &Daemon,
     stream: UnixStream,
-    shutdown: &AtomicBool,
+    stopper: &Stopper,
     in_flight: &std::sync::atomic::AtomicUsize,
 ) {
     let mut writer = match stream.try_clone() {
@@ -179,7 +233,10 @@ fn handle(
     if let Request::VmAgent { name } = &env.request {
         // Not a request in flight: the daemon only hands the connection
         // over.
-        match daemon.find(name).and_then(|vm| daemon.agent_connect(&vm)) {
+        let vm = daemon
+            .find(name)
+            .and_then(|vm| caller.may_use(&vm).map(|_| vm).map_err(Into::into));
+        match vm.and_then(|vm| daemon.agent_connect(&vm)) {
             Ok(agent) => {
                 if let Err(e) = send_with_fd(&writer, &Reply::Ok(Response::Agent), &agent) {
                     info!(err = %e, "could not hand the agent connection over");
@@ -205,7 +262,7 @@ fn handle(
     let conn = Conn {
         stream: &writer,
         caller,
-        shutdown,
+        stopper,
         in_flight,
     };
     let result = dispatch(daemon, env.request, &mut events, &conn);
@@ -290,7 +347,7 @@ pub fn dispatch(
     events: &mut dyn FnMut(Event),
     conn: &Conn,
 ) -> Result<Response> {
-    let req = vouch(req, &conn.caller)?;
+    let req = vouch(daemon, req, &conn.caller)?;
     Ok(match req {
         Request::Ping => Response::Pong {
             version: PROTOCOL_VERSION,
@@ -325,7 +382,7 @@ pub fn dispatch(
             Response::Deleted { name }
         }
         Request::ImageImport { name, source } => {
-            Response::Image(daemon.import_image(&name, &source, events)?)
+            Response::Image(daemon.import_image(&name, &source, &conn.caller, events)?)
         }
         Request::VmCommit { name, image } => Response::Image(daemon.commit(&name, &image, events)?),
         Request::DaemonStop => {
@@ -334,9 +391,7 @@ pub fn dispatch(
                     "only root may stop bangerd (`sudo banger daemon stop`)".into(),
                 ));
             }
-            conn.shutdown.store(true, Ordering::SeqCst);
-            // Wakes the accept loop, which sees the flag.
-            let _ = UnixStream::connect(daemon.cfg.layout.socket());
+            conn.stopper.stop();
             Response::Stopping {
                 pid: std::process::id(),
             }
@@ -356,7 +411,7 @@ pub fn dispatch(
             } else {
                 Cancel::default()
             };
-            daemon.logs(&name, follow, events, &hangup, conn.shutdown)?;
+            daemon.logs(&name, follow, events, &hangup, conn.stopper.flag())?;
             Response::LogEnd
         }
         Request::VmStats { name } => Response::Stats {
@@ -384,31 +439,60 @@ pub fn dispatch(
     })
 }
 
-/// `vm run --rm`: the VM lives as long as the client's connection. A
-/// client that goes away during the boot cancels it (and the VM goes);
-/// once the VM is up the client is told (`Event::Ready`) and the daemon
-/// waits for it to hang up, then deletes the VM. A daemon shutting down
-/// stops waiting and leaves the VM running (the next daemon adopts it).
 /// What a request names on the host is checked against who sent it (see
 /// `access`): a caller who is not root names only their own paths, and a
 /// mount records whose it is.
-fn vouch(req: Request, caller: &crate::access::Caller) -> Result<Request> {
+fn vouch(daemon: &Daemon, req: Request, caller: &crate::access::Caller) -> Result<Request> {
+    // A VM only root may use (access::root_only) is refused to the others.
+    let named = match &req {
+        Request::VmStart { name }
+        | Request::VmStop { name }
+        | Request::VmKill { name }
+        | Request::VmDelete { name, .. }
+        | Request::VmLogs { name, .. }
+        | Request::VmPortAdd { name, .. }
+        | Request::VmPortRm { name, .. }
+        | Request::VmCommit { name, .. }
+        | Request::VmAgent { name } => Some(name.as_str()),
+        Request::VmStats { name } => name.as_deref(),
+        _ => None,
+    };
+    if let (Some(name), false) = (named, caller.is_root()) {
+        match daemon.find(name) {
+            Ok(vm) => caller.may_use(&vm)?,
+            Err(DaemonError::Broken { .. }) | Err(DaemonError::VmNotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
     Ok(match req {
         Request::VmCreate(mut c) => {
             for m in &mut c.mounts {
+                m.validate()
+                    .map_err(|e| DaemonError::Invalid(e.to_string()))?;
                 caller.may_name(&m.host, "--mount")?;
+                // virtiofsd runs as root and keeps the guest's ids: what a
+                // guest's root wrote in a member's directory would be
+                // root's on the host (a setuid shell). Read-only for them.
+                if !caller.is_root() && !m.read_only {
+                    return Err(DaemonError::Invalid(format!(
+                        "--mount {m}: a member of the banger group may share a directory \
+                         read-only only (add :ro): what the guest's root writes there would \
+                         be root's on the host; `banger vm cp` or a volume carries data back"
+                    )));
+                }
                 m.owner = (!caller.is_root()).then_some(caller.uid);
             }
             Request::VmCreate(c)
-        }
-        Request::ImageImport { name, source } => {
-            caller.may_name(&source, "image import")?;
-            Request::ImageImport { name, source }
         }
         other => other,
     })
 }
 
+/// `vm run --rm`: the VM lives as long as the client's connection. A
+/// client that goes away during the boot cancels it (and the VM goes);
+/// once the VM is up the client is told (`Event::Ready`) and the daemon
+/// waits for it to hang up, then deletes the VM. A daemon shutting down
+/// stops waiting and leaves the VM running (the next daemon adopts it).
 fn run_rm(
     daemon: &Daemon,
     c: &banger_core::api::CreateVm,

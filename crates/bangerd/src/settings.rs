@@ -184,17 +184,17 @@ pub fn load(argv: Vec<OsString>) -> Result<(Args, Vec<ConfigEntry>), SettingsErr
         ) {
             continue;
         }
-        let flag = format!("--{}", key.replace('_', "-"));
+        // `--key=value`: a value that starts with `-` stays a value.
+        let flag = format!("--{}={value}", key.replace('_', "-"));
         // Checked alone first, so that an error names the file's key.
         cmd.clone()
-            .try_get_matches_from([OsString::from("bangerd"), flag.clone().into(), value.into()])
+            .try_get_matches_from([OsString::from("bangerd"), flag.clone().into()])
             .map_err(|e| SettingsError::Value {
                 path: path.clone(),
                 key: key.clone(),
                 message: first_line(&e.render().to_string()),
             })?;
         merged.push(flag.into());
-        merged.push(value.into());
         from_file.push(key.clone());
     }
     let matches = cmd.try_get_matches_from(&merged)?;
@@ -351,6 +351,7 @@ mod tests {
             ("tap_pol = 2\n", "unknown key \"tap_pol\""),
             ("state_dir = \"/x\"\n", "unknown key \"state_dir\""),
             ("tap_pool = \"many\"\n", "tap_pool: invalid value 'many'"),
+            ("tap_pool = \"-2\"\n", "tap_pool: invalid value '-2'"),
             ("vmm = \"kvmtool\"\n", "vmm: invalid value 'kvmtool'"),
             ("[net]\nsubnet = \"10.0.0.0/8\"\n", "unknown key \"net\""),
             (

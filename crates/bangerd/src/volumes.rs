@@ -156,6 +156,12 @@ impl Daemon {
             )));
         }
         for (i, m) in mounts.iter().enumerate() {
+            // As the CLI's parser would (a request may come as raw JSON).
+            if banger_core::volume::guest_path(&m.path).ok().as_deref() != Some(m.path.as_str()) {
+                return Err(DaemonError::Invalid(format!(
+                    "--volume {m}: the guest path must be absolute, normal and of [A-Za-z0-9._/-]"
+                )));
+            }
             self.volume_info(&m.name)?;
             if mounts[..i].iter().any(|o| o.name == m.name) {
                 return Err(DaemonError::Invalid(format!(

@@ -345,6 +345,44 @@ impl Instance {
             .expect("run banger as a user")
     }
 
+    /// One raw request line on the daemon's socket, sent by `user` (socat
+    /// run with their ids), as a client that skips the CLI would: the
+    /// reply line, parsed.
+    pub fn raw_request_as(&self, user: &users::TestUser, line: &str) -> serde_json::Value {
+        use std::io::Write;
+        let mut c = self.net.cmd("setpriv");
+        c.arg(format!("--reuid={}", user.uid))
+            .arg(format!("--regid={}", user.gid))
+            .arg("--init-groups")
+            .arg("--")
+            .arg("socat")
+            .arg("-t30")
+            .arg("-")
+            .arg(format!(
+                "UNIX-CONNECT:{}",
+                self.runtime().join("bangerd.sock").display()
+            ))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().expect("socat");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(format!("{line}\n").as_bytes())
+            .expect("write the request");
+        let out = child.wait_with_output().expect("socat");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let last = text.lines().last().unwrap_or("");
+        serde_json::from_str(last).unwrap_or_else(|e| {
+            panic!(
+                "reply {text:?} ({e}); socat: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
     pub fn banger_cmd(&self, args: &[&str]) -> Command {
         let mut c = self.net.cmd(&self.banger);
         c.envs(self.env.iter().map(|(k, v)| (k, v)));

@@ -97,15 +97,18 @@ impl TestUser {
         }
         args.push(&name);
         run("useradd", &args);
-        let uid = id("-u", &name);
-        let gid = id("-g", &name);
-        std::os::unix::fs::chown(home.path(), Some(uid), Some(gid)).expect("chown home");
-        TestUser {
+        // From here on a panic drops it, and the account goes.
+        let mut user = TestUser {
             name,
-            uid,
-            gid,
+            uid: 0,
+            gid: 0,
             home,
-        }
+        };
+        user.uid = id("-u", &user.name);
+        user.gid = id("-g", &user.name);
+        std::os::unix::fs::chown(user.home.path(), Some(user.uid), Some(user.gid))
+            .expect("chown home");
+        user
     }
 }
 

@@ -41,7 +41,13 @@ fn write_known_hosts(d: &Daemon) -> Result<()> {
             text.push_str(&format!("{} {key}\n", vm.name));
         }
     }
-    fsutil::write_atomic(&d.cfg.layout.ssh_dir().join("known_hosts"), text)?;
+    let path = d.cfg.layout.ssh_dir().join("known_hosts");
+    fsutil::write_atomic(&path, text)?;
+    // The socket group's ssh reads it, whatever umask the daemon has.
+    match d.cfg.socket_gid {
+        Some(gid) => fsutil::set_owner_mode(&path, 0, gid, 0o640)?,
+        None => fsutil::set_owner_mode(&path, 0, 0, 0o600)?,
+    }
     Ok(())
 }
 

@@ -32,7 +32,13 @@ impl Resource for Initrd {
         let dir = d.cfg.layout.vm_dir(&cx.vm.id);
         let net = d.guest_net(cx.vm)?;
         cx.boot_id = random_hex(8)?;
-        let client_pub = sshkey::public_key(&d.cfg.layout.client_key())?;
+        let mut client_pub = sshkey::public_key(&d.cfg.layout.client_key())?;
+        // The socket group's key too, unless only root may use this VM.
+        let group_key = crate::perms::group_key(&d.cfg.layout);
+        if d.cfg.socket_gid.is_some() && !crate::access::root_only(cx.vm) && group_key.exists() {
+            client_pub.push('\n');
+            client_pub.push_str(&sshkey::public_key(&group_key)?);
+        }
         let host_key_path = dir.join(vmfiles::HOST_KEY);
         let cfg = banger_guest::config::GuestConfig {
             hostname: cx.vm.name.clone(),

@@ -133,6 +133,13 @@ impl Resource for Virtiofs {
             if let Some(uid) = m.owner {
                 crate::access::owned_by(uid, None, &m.host, "--mount")?;
             }
+            // The directory is opened here and checked by what was opened;
+            // virtiofsd serves that inode, bound at a path only root can
+            // change (so no later swap of the user's path can redirect it).
+            let dir = pin(m)?;
+            let share = d.cfg.layout.vm_dir(&cx.vm.id).join(format!("share{i}"));
+            fsutil::create_dir_all(&share)?;
+            fsutil::set_owner_mode(&share, 0, 0, 0o700)?;
             let sock = socket(&rt_dir, i);
             fsutil::remove_file_if_exists(&sock)?;
             let log = d
@@ -143,7 +150,7 @@ impl Resource for Virtiofs {
             // virtiofsd keeps root (its own sandbox needs it) but starts in
             // the VM's cgroup; its socket is the VMM's to connect to.
             let confine = super::jail::confinement(d, cx.vm, None)?;
-            let (id, up) = spawn(&binary, m, &sock, &log, &cx.vm.name, &confine)?;
+            let (id, up) = spawn(&binary, m, &dir, &share, &sock, &log, &cx.vm.name, &confine)?;
             // Recorded before it is known to be up: a teardown kills it.
             cx.handles.virtiofsd.push((id.pid, id.start_time));
             up?;
@@ -217,9 +224,38 @@ impl Resource for Virtiofs {
 
 /// Starts one virtiofsd and waits for its socket. The process is returned
 /// even when it failed to listen, so that the caller records it.
+/// The mount's directory, opened (`O_PATH`), and, for a caller who is not
+/// root, owned by them: the check is of the inode virtiofsd will serve.
+fn pin(m: &HostMount) -> Result<std::os::fd::OwnedFd> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_PATH | nix::libc::O_DIRECTORY | nix::libc::O_CLOEXEC)
+        .open(&m.host)
+        .map_err(|e| DaemonError::Invalid(format!("--mount {m}: {}: {e}", m.host.display())))?;
+    if let Some(uid) = m.owner {
+        let md = f
+            .metadata()
+            .map_err(|e| DaemonError::Invalid(format!("--mount {m}: {}: {e}", m.host.display())))?;
+        if md.uid() != uid {
+            return Err(crate::access::AccessError::NotOwner {
+                what: "--mount".into(),
+                path: m.host.clone(),
+                owner: md.uid(),
+                uid,
+            }
+            .into());
+        }
+    }
+    Ok(f.into())
+}
+
+#[allow(clippy::too_many_arguments)]
 fn spawn(
     binary: &Path,
     m: &HostMount,
+    dir: &std::os::fd::OwnedFd,
+    share: &Path,
     sock: &Path,
     log_path: &Path,
     vm: &str,
@@ -227,9 +263,16 @@ fn spawn(
 ) -> Result<(ProcId, Result<()>)> {
     let log = std::fs::File::create(log_path).with_path("create", log_path)?;
     let log2 = log.try_clone().with_path("dup", log_path)?;
-    // `-o source=` is split on commas by virtiofsd: HostMount refuses them.
+    // `-o source=` is split on commas by virtiofsd: the path is the VM
+    // dir's (the user's path never reaches virtiofsd's command line).
+    if share.to_string_lossy().contains(',') {
+        return Err(DaemonError::Invalid(format!(
+            "{}: the state dir's path holds a ',', which virtiofsd cannot take",
+            share.display()
+        )));
+    }
     let mut source = std::ffi::OsString::from("source=");
-    source.push(&m.host);
+    source.push(share);
     let mut cmd = Command::new(binary);
     confine
         .apply(&mut cmd)
@@ -243,14 +286,24 @@ fn spawn(
         .stderr(log2)
         // Not in the daemon's process group (as the vsock backend).
         .process_group(0);
-    if m.read_only {
-        let dir = CString::new(m.host.as_os_str().as_bytes()).map_err(|_| {
+    {
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::File::from(dir.try_clone().with_path("dup", &m.host)?)
+            .metadata()
+            .with_path("stat", &m.host)?;
+        let pinned = (md.dev(), md.ino());
+        let host = CString::new(m.host.as_os_str().as_bytes()).map_err(|_| {
             DaemonError::Invalid(format!("--mount {m}: the host path holds a NUL byte"))
         })?;
+        let at = CString::new(share.as_os_str().as_bytes()).map_err(|_| {
+            DaemonError::Invalid(format!("{}: the path holds a NUL byte", share.display()))
+        })?;
+        let ro = m.read_only;
         // SAFETY: between fork and exec only async-signal-safe system
-        // calls run (unshare, mount), on memory prepared before the fork.
+        // calls run (unshare, open, fstat, mount), on memory prepared
+        // before the fork.
         unsafe {
-            cmd.pre_exec(move || read_only_view(&dir));
+            cmd.pre_exec(move || shared_view(&host, pinned, &at, ro));
         }
     }
     let mut child = cmd
@@ -293,9 +346,15 @@ fn spawn(
     ))
 }
 
-/// In the child before exec: a mount namespace of its own in which `dir`
-/// is a read-only bind mount of itself (nothing propagates to the host's).
-fn read_only_view(dir: &CString) -> std::io::Result<()> {
+/// In the child before exec: a mount namespace of its own in which the
+/// directory at `host` is bound at `at`, read-only with `ro` (nothing
+/// propagates to the host's). It is opened again in the new namespace (a
+/// bind takes its source from the caller's own mounts) and must be the
+/// inode the daemon checked (`pinned`: device, inode): a path swapped
+/// since then fails the start. Not recursive for a read-only share:
+/// mounts below the directory are not shared (their own flags would be
+/// writable).
+fn shared_view(host: &CString, pinned: (u64, u64), at: &CString, ro: bool) -> std::io::Result<()> {
     use nix::mount::{mount, MsFlags};
     let err = |e: nix::Error| std::io::Error::from_raw_os_error(e as i32);
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(err)?;
@@ -307,22 +366,62 @@ fn read_only_view(dir: &CString) -> std::io::Result<()> {
         None::<&str>,
     )
     .map_err(err)?;
-    mount(
-        Some(dir.as_c_str()),
-        dir.as_c_str(),
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .map_err(err)?;
-    mount(
-        None::<&str>,
-        dir.as_c_str(),
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-        None::<&str>,
-    )
-    .map_err(err)
+    // SAFETY: a NUL-terminated path; the descriptor is this child's.
+    let fd = unsafe {
+        nix::libc::open(
+            host.as_ptr(),
+            nix::libc::O_PATH | nix::libc::O_DIRECTORY | nix::libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a zeroed stat buffer the kernel fills.
+    let mut st: nix::libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is open; `st` is a valid buffer.
+    if unsafe { nix::libc::fstat(fd, &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if (st.st_dev, st.st_ino) != pinned {
+        return Err(std::io::Error::from_raw_os_error(nix::libc::ESTALE));
+    }
+    // "/proc/self/fd/<fd>", written without allocating.
+    let mut from = [0u8; 40];
+    let prefix = b"/proc/self/fd/";
+    from[..prefix.len()].copy_from_slice(prefix);
+    let mut digits = [0u8; 12];
+    let mut n = fd as u32;
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        from[prefix.len() + i] = digits[len - 1 - i];
+    }
+    let from = std::ffi::CStr::from_bytes_until_nul(&from)
+        .map_err(|_| std::io::Error::from_raw_os_error(nix::libc::EINVAL))?;
+    let bind = if ro {
+        MsFlags::MS_BIND
+    } else {
+        MsFlags::MS_BIND | MsFlags::MS_REC
+    };
+    mount(Some(from), at.as_c_str(), None::<&str>, bind, None::<&str>).map_err(err)?;
+    if ro {
+        mount(
+            None::<&str>,
+            at.as_c_str(),
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .map_err(err)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -236,7 +236,10 @@ impl Resource for VmmProcess {
 
     fn end(&self, _d: &Daemon, vm: &VmRecord, held: Value, how: End) -> Result<Option<Value>> {
         let rest = match id_of(&held) {
-            Some(id) if how.wait_vmm => {
+            // A VM with volumes: its VMM is gone before they are detached
+            // (`volumes.rs`, next in the teardown), or the next VM to
+            // attach one meets the dying VMM's lock on it.
+            Some(id) if how.wait_vmm || !vm.spec.volumes.is_empty() => {
                 // (The failpoint plays a VMM that survives: the test build
                 // cannot put a process in state D on demand.)
                 let survived =
