@@ -62,12 +62,15 @@ impl Resource for Dns {
     }
 
     fn end(&self, d: &Daemon, vm: &VmRecord, _held: Value, _how: End) -> Result<Option<Value>> {
-        lock(&d.dns_listeners).remove(&vm.id);
+        // Dropped (stopped, its thread joined) after the map's lock is let go.
+        let l = lock(&d.dns_listeners).remove(&vm.id);
+        drop(l);
         Ok(None)
     }
 
     fn release(&self, d: &Daemon, r: &Release, _held: &Value) -> Result<()> {
-        lock(&d.dns_listeners).remove(&r.vm_id);
+        let l = lock(&d.dns_listeners).remove(&r.vm_id);
+        drop(l);
         Ok(())
     }
 
