@@ -165,26 +165,7 @@ pub fn run(client: &Client, cmd: VmCmd) -> anyhow::Result<i32> {
             vm_action(client, Request::VmStart { name }, Some(doing))
         }
         VmCmd::Kill { name } => vm_action(client, Request::VmKill { name }, None),
-        VmCmd::Delete { names, force } => {
-            let mut failed = false;
-            for name in names {
-                let req = Request::VmDelete {
-                    name: name.clone(),
-                    force,
-                };
-                match client.call(req, &mut progress) {
-                    Ok(_) => println!("{name}"),
-                    Err(e) => {
-                        eprintln!(
-                            "banger: {}",
-                            banger_core::text::escape_control(&e.to_string(), true)
-                        );
-                        failed = true;
-                    }
-                }
-            }
-            Ok(i32::from(failed))
-        }
+        VmCmd::Delete { names, force } => Ok(delete_each(client, &names, force)),
         VmCmd::Prune { force } => prune(client, force),
         VmCmd::Ls {
             json,
@@ -426,15 +407,22 @@ fn prune(client: &Client, force: bool) -> anyhow::Result<i32> {
             return Ok(1);
         }
     }
+    // Without force: a VM started since the listing is left alone.
+    let names: Vec<String> = gone.iter().map(|v| v.name.clone()).collect();
+    Ok(delete_each(client, &names, false))
+}
+
+/// Deletes each VM, printing the names deleted and each failure; 1 if any
+/// failed (the others are still deleted).
+fn delete_each(client: &Client, names: &[String], force: bool) -> i32 {
     let mut failed = false;
-    for v in gone {
-        // Without force: a VM started since the listing is left alone.
+    for name in names {
         let req = Request::VmDelete {
-            name: v.name.clone(),
-            force: false,
+            name: name.clone(),
+            force,
         };
         match client.call(req, &mut progress) {
-            Ok(_) => println!("{}", v.name),
+            Ok(_) => println!("{name}"),
             Err(e) => {
                 eprintln!(
                     "banger: {}",
@@ -444,7 +432,7 @@ fn prune(client: &Client, force: bool) -> anyhow::Result<i32> {
             }
         }
     }
-    Ok(i32::from(failed))
+    i32::from(failed)
 }
 
 /// `vm ls --filter KEY=VALUE`.

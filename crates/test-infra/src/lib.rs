@@ -322,17 +322,24 @@ impl Instance {
             .expect("run banger")
     }
 
-    /// `banger ARGS` inside the namespace as `user` (setpriv: its uid, its
-    /// group and its supplementary groups, HOME its home), against this
-    /// instance.
-    pub fn banger_as(&self, user: &users::TestUser, args: &[&str]) -> Output {
+    /// `program` inside the namespace with `user`'s ids (setpriv: its uid,
+    /// its group and its supplementary groups).
+    fn as_user(&self, user: &users::TestUser, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut c = self.net.cmd("setpriv");
         c.arg(format!("--reuid={}", user.uid))
             .arg(format!("--regid={}", user.gid))
             .arg("--init-groups")
             .arg("--")
-            .arg(&self.banger)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .arg(program);
+        c
+    }
+
+    /// `banger ARGS` inside the namespace as `user` (setpriv: its uid, its
+    /// group and its supplementary groups, HOME its home), against this
+    /// instance.
+    pub fn banger_as(&self, user: &users::TestUser, args: &[&str]) -> Output {
+        let mut c = self.as_user(user, &self.banger);
+        c.envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("HOME", user.home.path())
             .env("USER", &user.name)
             .arg("--state-dir")
@@ -350,13 +357,8 @@ impl Instance {
     /// reply line, parsed.
     pub fn raw_request_as(&self, user: &users::TestUser, line: &str) -> serde_json::Value {
         use std::io::Write;
-        let mut c = self.net.cmd("setpriv");
-        c.arg(format!("--reuid={}", user.uid))
-            .arg(format!("--regid={}", user.gid))
-            .arg("--init-groups")
-            .arg("--")
-            .arg("socat")
-            .arg("-t30")
+        let mut c = self.as_user(user, "socat");
+        c.arg("-t30")
             .arg("-")
             .arg(format!(
                 "UNIX-CONNECT:{}",
