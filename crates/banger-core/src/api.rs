@@ -358,6 +358,12 @@ pub struct VolumeInfo {
     pub used_by: Vec<String>,
     /// The running VM that has it now, if any.
     pub attached_to: Option<String>,
+    /// The uid that made it (0: root, or made before owners were kept).
+    #[serde(default)]
+    pub owner: u32,
+    /// Only root may use it (a VM only root may use mounted it).
+    #[serde(default)]
+    pub root_only: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -373,6 +379,12 @@ pub struct ImageInfo {
     /// The VMs made from it (it cannot be removed while there are any).
     #[serde(default)]
     pub used_by: Vec<String>,
+    /// The uid that made it (0: root, or made before owners were kept).
+    #[serde(default)]
+    pub owner: u32,
+    /// Only root may use it (committed from a VM only root may use).
+    #[serde(default)]
+    pub root_only: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -59,6 +59,10 @@ pub struct Confinement {
     /// backend) cannot fill the host's, or leave files there for the next
     /// VM of its uid.
     pub private_tmp: bool,
+    /// The largest file it may write (`RLIMIT_FSIZE`; past it a write
+    /// fails with EFBIG): a helper writing into a descriptor of the
+    /// daemon's cannot fill the host's disk.
+    pub max_file_bytes: Option<u64>,
 }
 
 /// The size of the private `/tmp` and `/dev/shm`.
@@ -79,6 +83,10 @@ impl Confinement {
         let id = self.identity.clone();
         let new_netns = self.new_netns;
         let private_tmp = self.private_tmp;
+        let max_file = self.max_file_bytes.map(|b| libc::rlimit {
+            rlim_cur: b,
+            rlim_max: b,
+        });
         cmd.env_clear().env("PATH", SAFE_PATH);
         // SAFETY: the closure runs in the forked child before exec and
         // makes only async-signal-safe system calls (write, unshare,
@@ -99,6 +107,12 @@ impl Confinement {
                 if private_tmp {
                     private_tmpfs()?;
                 }
+                // SAFETY: a pointer to an rlimit prepared before the fork.
+                if let Some(lim) = &max_file {
+                    if libc::setrlimit(libc::RLIMIT_FSIZE, lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 if let Some(id) = &id {
                     // SAFETY: a pointer to `len` gid_t values that outlive
                     // the call.
@@ -116,6 +130,39 @@ impl Confinement {
             });
         }
         Ok(())
+    }
+}
+
+/// The supplementary groups of the process at the other end of a Unix
+/// socket, as they were when it connected (`SO_PEERGROUPS`): what the
+/// kernel recorded, not what `/proc/<pid>` says now (the pid may be
+/// another process's by then).
+pub fn peer_groups(sock: &impl AsRawFd) -> std::io::Result<Vec<u32>> {
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+        // SAFETY: a buffer of `len` bytes that outlives the call.
+        let r = unsafe {
+            libc::getsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        if r == 0 {
+            groups.truncate(len as usize / std::mem::size_of::<libc::gid_t>());
+            return Ok(groups);
+        }
+        let e = std::io::Error::last_os_error();
+        let needed = len as usize / std::mem::size_of::<libc::gid_t>();
+        // ERANGE: `len` says how much it needs (NGROUPS_MAX bounds it).
+        if e.raw_os_error() == Some(libc::ERANGE) && needed > groups.len() && needed <= 65_536 {
+            groups.resize(needed, 0);
+            continue;
+        }
+        return Err(e);
     }
 }
 
@@ -270,6 +317,7 @@ mod tests {
             cgroup_procs: Vec::new(),
             new_netns: true,
             private_tmp: true,
+            max_file_bytes: None,
         };
         let mut cmd = Command::new("/bin/sh");
         cmd.env("KEPT", "no")
@@ -300,5 +348,41 @@ mod tests {
             String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
             "{out:?}"
         );
+    }
+
+    #[test]
+    fn peer_groups_are_the_kernels() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut got = peer_groups(&a).unwrap();
+        got.sort_unstable();
+        let mut mine: Vec<u32> = nix::unistd::getgroups()
+            .unwrap()
+            .iter()
+            .map(|g| g.as_raw())
+            .collect();
+        mine.sort_unstable();
+        mine.dedup();
+        got.dedup();
+        assert_eq!(got, mine);
+    }
+
+    #[test]
+    fn a_file_size_limit_stops_the_writer() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("out");
+        let out = File::create(&path).unwrap();
+        let c = Confinement {
+            identity: None,
+            cgroup_procs: Vec::new(),
+            new_netns: false,
+            private_tmp: false,
+            max_file_bytes: Some(1 << 20),
+        };
+        let mut cmd = Command::new("head");
+        cmd.args(["-c", "4194304", "/dev/zero"]);
+        c.apply(&mut cmd).unwrap();
+        let st = cmd.stdout(out).status().unwrap();
+        assert!(!st.success(), "{st:?}");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 20);
     }
 }

@@ -79,7 +79,40 @@ const MIGRATIONS: &[&str] = &[
      DROP TABLE releases;
      ALTER TABLE releases_v3 RENAME TO releases;
      CREATE INDEX releases_vm ON releases (vm_id);",
+    // 4: who made an image or a volume (no row: root), and whether only
+    // root may use it (it holds what a VM only root may use could see).
+    "CREATE TABLE owners (
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        uid INTEGER NOT NULL,
+        root_only INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (kind, name)
+     );",
 ];
+
+/// What an `owners` row is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owned {
+    Image,
+    Volume,
+}
+
+impl Owned {
+    fn key(self) -> &'static str {
+        match self {
+            Owned::Image => "image",
+            Owned::Volume => "volume",
+        }
+    }
+}
+
+/// Who made an image or a volume (root when nothing is recorded), and
+/// whether only root may use it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Owner {
+    pub uid: u32,
+    pub root_only: bool,
+}
 
 /// A `vms` row that does not decode (written by a newer banger, or damaged):
 /// listed with the reason, deletable, otherwise left alone.
@@ -414,6 +447,51 @@ impl Store {
     }
 
     /// Names of VMs that use the image.
+    /// Root's (not only root's) when no row says otherwise.
+    pub fn owner(&self, kind: Owned, name: &str) -> Result<Owner, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT uid, root_only FROM owners WHERE kind = ?1 AND name = ?2",
+                params![kind.key(), name],
+                |r| {
+                    Ok(Owner {
+                        uid: r.get(0)?,
+                        root_only: r.get(1)?,
+                    })
+                },
+            )
+            .optional()?
+            .unwrap_or_default())
+    }
+
+    pub fn set_owner(&self, kind: Owned, name: &str, owner: Owner) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO owners (kind, name, uid, root_only) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (kind, name) DO UPDATE SET uid = ?3, root_only = ?4",
+            params![kind.key(), name, owner.uid, owner.root_only],
+        )?;
+        Ok(())
+    }
+
+    /// Only root may use it from now on (its owner stays).
+    pub fn mark_root_only(&self, kind: Owned, name: &str) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO owners (kind, name, uid, root_only) VALUES (?1, ?2, 0, 1)
+             ON CONFLICT (kind, name) DO UPDATE SET root_only = 1",
+            params![kind.key(), name],
+        )?;
+        Ok(())
+    }
+
+    pub fn forget_owner(&self, kind: Owned, name: &str) -> Result<(), StoreError> {
+        self.conn.execute(
+            "DELETE FROM owners WHERE kind = ?1 AND name = ?2",
+            params![kind.key(), name],
+        )?;
+        Ok(())
+    }
+
     pub fn vms_using_image(&self, image: &str) -> Result<Vec<String>, StoreError> {
         Ok(self
             .list_vms()?
@@ -601,6 +679,31 @@ mod tests {
         s.conn.pragma_update(None, "user_version", 99).unwrap();
         drop(s);
         assert!(matches!(Store::open(&p), Err(StoreError::TooNew(99, _))));
+    }
+
+    #[test]
+    fn owners_default_to_root_and_root_only_sticks() {
+        let s = Store::open_in_memory().unwrap();
+        assert_eq!(s.owner(Owned::Image, "a").unwrap(), Owner::default());
+        let alice = Owner {
+            uid: 4321,
+            root_only: false,
+        };
+        s.set_owner(Owned::Volume, "a", alice).unwrap();
+        assert_eq!(s.owner(Owned::Volume, "a").unwrap(), alice);
+        assert_eq!(s.owner(Owned::Image, "a").unwrap(), Owner::default());
+        s.mark_root_only(Owned::Volume, "a").unwrap();
+        assert_eq!(
+            s.owner(Owned::Volume, "a").unwrap(),
+            Owner {
+                uid: 4321,
+                root_only: true
+            }
+        );
+        s.mark_root_only(Owned::Image, "b").unwrap();
+        assert_eq!(s.owner(Owned::Image, "b").unwrap().uid, 0);
+        s.forget_owner(Owned::Volume, "a").unwrap();
+        assert_eq!(s.owner(Owned::Volume, "a").unwrap(), Owner::default());
     }
 
     #[test]

@@ -207,7 +207,51 @@ fn the_socket_group_uses_vms_without_root() {
         "{}",
         text(&out.stdout)
     );
-    ok(&inst.banger(&["image", "rm", "mine"]), "image rm");
+    // Members remove only what they made: their image, not root's.
+    let listed: serde_json::Value = serde_json::from_str(&ok(
+        &inst.banger(&["image", "ls", "--json"]),
+        "image ls --json",
+    ))
+    .unwrap();
+    let mine = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "mine")
+        .unwrap();
+    assert_eq!(mine["owner"], member.uid, "{mine}");
+    let roots_image = ok(&inst.banger(&["image", "ls", "-q"]), "image ls")
+        .lines()
+        .find(|l| *l != "mine")
+        .unwrap()
+        .to_string();
+    let out = inst.banger_as(&member, &["image", "rm", &roots_image]);
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("belongs to uid 0") && err.contains("remove"),
+        "{err}"
+    );
+    ok(
+        &inst.banger_as(&member, &["image", "rm", "mine"]),
+        "member: image rm of their own",
+    );
+    ok(
+        &inst.banger(&["volume", "create", "rv", "--size", "16M"]),
+        "root: volume create",
+    );
+    let out = inst.banger_as(&member, &["volume", "rm", "rv"]);
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("belongs to uid 0"),
+        "{out:?}"
+    );
+    ok(
+        &inst.banger_as(&member, &["volume", "create", "mv", "--size", "16M"]),
+        "member: volume create",
+    );
+    ok(
+        &inst.banger_as(&member, &["volume", "rm", "mv"]),
+        "member: volume rm of their own",
+    );
 
     // A VM root made with a mount of root's: only root may use it (its
     // agent, its start, and ssh with the group's key all refused).
@@ -220,8 +264,17 @@ fn the_socket_group_uses_vms_without_root() {
         "r1",
         "--mount",
         &format!("{}:/x:ro", roots.path().display()),
+        "--volume",
+        "rv:/data",
     ]);
     ok(&out, "root: vm run -d with a mount");
+    // What r1's guest may write on its volume stays root's.
+    let out = inst.banger_as(&member, &["vm", "create", "--volume", "rv:/data"]);
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("volume \"rv\" holds what a VM only root may use"),
+        "{err}"
+    );
     for args in [
         vec!["vm", "exec", "r1", "--", "true"],
         vec!["vm", "stop", "r1"],
@@ -245,7 +298,18 @@ fn the_socket_group_uses_vms_without_root() {
             .count()
     };
     assert_eq!((keys("g2"), keys("r1")), (2, 1));
+    // And so does an image committed from it.
+    ok(&inst.banger(&["vm", "stop", "r1"]), "stop r1");
+    ok(&inst.banger(&["vm", "commit", "r1", "rimg"]), "commit r1");
+    let out = inst.banger_as(&member, &["vm", "create", "--image", "rimg"]);
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("image \"rimg\" holds what"),
+        "{err}"
+    );
     ok(&inst.banger(&["vm", "rm", "-f", "r1"]), "rm r1");
+    ok(&inst.banger(&["image", "rm", "rimg"]), "rm rimg");
+    ok(&inst.banger(&["volume", "rm", "rv"]), "rm rv");
     assert_eq!(
         ok(&inst.banger(&["vm", "ls", "-q"]), "ls").lines().count(),
         2,

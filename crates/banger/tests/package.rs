@@ -66,7 +66,7 @@ fn processes_in(root: &Path) -> Vec<i32> {
 }
 
 #[test]
-fn the_package_installs_runs_and_purges_cleanly() {
+fn the_package_installs_runs_reinstalls_and_purges_cleanly() {
     let deb = env_path("BANGER_TEST_DEB", "scripts/package.sh builds it");
     let tree = env_path("BANGER_TEST_CHROOT", "scripts/test-chroot.sh builds it");
     let net = NetNs::new();
@@ -161,6 +161,29 @@ fn the_package_installs_runs_and_purges_cleanly() {
         "{cfg}"
     );
     assert_eq!(processes_in(&root).len(), 1, "one bangerd runs in the tree");
+
+    // Removed (not purged) then installed again: the removal stopped the
+    // daemon and masked the socket; the install lifts the mask.
+    ok(
+        &in_tree(&net, &root, &["dpkg", "--remove", "banger"]),
+        "dpkg --remove",
+    );
+    assert!(
+        processes_in(&root).is_empty(),
+        "the removal stopped the daemon"
+    );
+    let wants = root.join("etc/systemd/system/sockets.target.wants/banger.socket");
+    ok(
+        &in_tree(&net, &root, &["dpkg", "-i", "/tmp/banger.deb"]),
+        "dpkg -i after a removal",
+    );
+    assert!(wants.symlink_metadata().is_ok(), "enabled again");
+    let masked = root.join("etc/systemd/system/banger.socket");
+    assert!(
+        masked.symlink_metadata().is_err(),
+        "no mask left: {:?}",
+        std::fs::read_link(&masked)
+    );
 
     // Purge: the daemon stops, every file and the group go.
     let out = in_tree(&net, &root, &["dpkg", "--purge", "banger"]);

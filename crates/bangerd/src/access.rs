@@ -13,6 +13,7 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Component, Path, PathBuf};
 
+use banger_store::Owned;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -41,8 +42,32 @@ pub enum AccessError {
         at: PathBuf,
         uid: u32,
     },
+    #[error(
+        "{what}: fs.protected_hardlinks is off on this host, so a member could link root's \
+         files into their directory: only root may share directories until `sysctl -w \
+         fs.protected_hardlinks=1` (and a line in /etc/sysctl.d/)"
+    )]
+    HardlinksUnprotected { what: String },
     #[error("vm {0:?} shares host directories root named (--mount): only root may use it")]
     RootsVm(String),
+    #[error(
+        "{kind} {name:?} holds what a VM only root may use could see (it was made from or \
+         used by one): only root may use it"
+    )]
+    RootsData { kind: &'static str, name: String },
+    #[error(
+        "{kind} {name:?} belongs to uid {owner}, not to you (uid {uid}): only its owner or root \
+         may {act} it"
+    )]
+    NotYours {
+        kind: &'static str,
+        name: String,
+        owner: u32,
+        uid: u32,
+        act: &'static str,
+    },
+    #[error("vm {0:?} is made of data only root may use: only root may use it")]
+    RootsDataVm(String),
     #[error("image import {path}: uid {uid} cannot read it: {why}")]
     Unreadable {
         path: PathBuf,
@@ -63,21 +88,27 @@ pub enum AccessError {
 
 /// The process at the other end of a connection, as the kernel saw it
 /// connect.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
     pub uid: u32,
     pub gid: u32,
     pub pid: i32,
+    /// Its supplementary groups when it connected (`SO_PEERGROUPS`).
+    pub groups: Vec<u32>,
 }
 
 impl Caller {
     pub fn of(stream: &UnixStream) -> Result<Caller, AccessError> {
         let c = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
             .map_err(AccessError::PeerCred)?;
+        let groups = banger_host::confine::peer_groups(stream).map_err(|e| {
+            AccessError::PeerCred(nix::Error::from_raw(e.raw_os_error().unwrap_or(0)))
+        })?;
         Ok(Caller {
             uid: c.uid(),
             gid: c.gid(),
             pid: c.pid(),
+            groups,
         })
     }
 
@@ -87,6 +118,7 @@ impl Caller {
             uid: 0,
             gid: 0,
             pid: std::process::id() as i32,
+            groups: Vec::new(),
         }
     }
 
@@ -110,6 +142,96 @@ impl Caller {
 /// ssh key is not among its authorized ones.
 pub fn root_only(vm: &banger_core::VmRecord) -> bool {
     vm.spec.mounts.iter().any(|m| m.owner.is_none())
+}
+
+/// What an image or a volume is called in errors.
+fn kind_name(kind: Owned) -> &'static str {
+    match kind {
+        Owned::Image => "image",
+        Owned::Volume => "volume",
+    }
+}
+
+/// Who may do what to images and volumes (`banger_store::Owner`): each
+/// records who made it; members may remove or replace only their own
+/// (or a member could swap the image root boots with `--mount` for one
+/// of theirs), and nothing a VM only root may use could write (a volume
+/// it mounted, an image committed from it) is a member's to use.
+impl Caller {
+    /// Refuses removing or replacing `name` to a member who did not make it.
+    pub fn may_replace(
+        &self,
+        store: &banger_store::Store,
+        kind: Owned,
+        name: &str,
+        act: &'static str,
+    ) -> Result<(), crate::error::DaemonError> {
+        if self.is_root() {
+            return Ok(());
+        }
+        let o = store.owner(kind, name)?;
+        if o.uid != self.uid {
+            return Err(AccessError::NotYours {
+                kind: kind_name(kind),
+                name: name.into(),
+                owner: o.uid,
+                uid: self.uid,
+                act,
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Refuses a member an image or volume only root may use.
+    pub fn may_read(
+        &self,
+        store: &banger_store::Store,
+        kind: Owned,
+        name: &str,
+    ) -> Result<(), crate::error::DaemonError> {
+        if !self.is_root() && store.owner(kind, name)?.root_only {
+            return Err(AccessError::RootsData {
+                kind: kind_name(kind),
+                name: name.into(),
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Refuses a member a VM only root may use: root's `--mount`s, or an
+    /// image or a volume only root may use.
+    pub fn may_use_in(
+        &self,
+        store: &banger_store::Store,
+        vm: &banger_core::VmRecord,
+    ) -> Result<(), crate::error::DaemonError> {
+        if self.is_root() {
+            return Ok(());
+        }
+        self.may_use(vm)?;
+        if root_only_data(store, vm)? {
+            return Err(AccessError::RootsDataVm(vm.name.clone()).into());
+        }
+        Ok(())
+    }
+}
+
+/// A VM whose image or a volume only root may use.
+pub fn root_only_data(
+    store: &banger_store::Store,
+    vm: &banger_core::VmRecord,
+) -> Result<bool, banger_store::StoreError> {
+    if store.owner(Owned::Image, &vm.spec.image)?.root_only {
+        return Ok(true);
+    }
+    for v in &vm.spec.volumes {
+        if store.owner(Owned::Volume, &v.name)?.root_only {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 impl Caller {
@@ -192,6 +314,21 @@ pub fn owned_by(uid: u32, gid: Option<u32>, path: &Path, what: &str) -> Result<(
     Ok(())
 }
 
+/// Members share directories through a virtiofsd that runs as root: with
+/// `fs.protected_hardlinks` off, a member could hard-link a file of
+/// root's into their own directory and read it from the guest.
+pub fn hardlinks_protected(what: &str) -> Result<(), AccessError> {
+    let path = Path::new("/proc/sys/fs/protected_hardlinks");
+    let on = std::fs::read_to_string(path)
+        .map(|s| s.trim() == "1")
+        .unwrap_or(false);
+    if on {
+        Ok(())
+    } else {
+        Err(AccessError::HardlinksUnprotected { what: what.into() })
+    }
+}
+
 /// A file of the daemon's holding what `source` held, as its caller could
 /// read it (removed when dropped).
 pub struct Staged(PathBuf);
@@ -210,15 +347,22 @@ impl Drop for Staged {
 
 /// How long reading an import's source as its caller may take.
 const STAGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20 * 60);
+/// The most an import's source may hold, as staged (a file or a tar
+/// stream of a directory): a member cannot fill the daemon's disk.
+pub const STAGE_MAX_BYTES: u64 = 64 << 30;
+/// What staged files are called in the cache dir (stale ones go at the
+/// next start).
+pub const STAGED_PREFIX: &str = "import-";
 
 /// Reads `source` with `caller`'s ids (their uid, gid and supplementary
-/// groups, no capabilities, an empty environment, no network) into a new
+/// groups, no capabilities, an empty environment, no network, its own
+/// process group, at most `STAGE_MAX_BYTES` written) into a new
 /// root-owned file under `dir`: a regular file as it is (`cat`), a
 /// directory as a tar stream (`tar --numeric-owner`, which an import reads
-/// like any tarball). Anything else is refused.
+/// like any tarball). Which of the two it is, the caller's own `test -d`
+/// says: a stat as root would tell a stranger whether a path exists.
 pub fn stage_as(caller: &Caller, source: &Path, dir: &Path) -> Result<Staged, AccessError> {
     use std::os::unix::fs::OpenOptionsExt;
-    use wait_timeout::ChildExt;
     let what = "image import";
     let err = |at: &Path, e: std::io::Error| AccessError::Stat {
         what: what.into(),
@@ -226,9 +370,39 @@ pub fn stage_as(caller: &Caller, source: &Path, dir: &Path) -> Result<Staged, Ac
         at: at.into(),
         source: e,
     };
-    // Only what the caller can see says what it is: a stat as root would
-    // tell a stranger whether a path exists.
-    let mut cmd = if source.is_dir() {
+    if !source.is_absolute() {
+        return Err(AccessError::Relative {
+            what: what.into(),
+            path: source.into(),
+        });
+    }
+    std::fs::create_dir_all(dir).map_err(|e| err(dir, e))?;
+    let mut name = [0u8; 8];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").map_err(|e| err(Path::new("/dev/urandom"), e))?,
+        &mut name,
+    )
+    .map_err(|e| err(Path::new("/dev/urandom"), e))?;
+    let hex: String = name.iter().map(|b| format!("{b:02x}")).collect();
+    let staged = Staged(dir.join(format!("{STAGED_PREFIX}{hex}")));
+    let stderr_path = staged.0.with_extension("err");
+    let open = |p: &Path, new: bool| {
+        let mut o = std::fs::OpenOptions::new();
+        o.write(true).mode(0o600);
+        if new {
+            o.create_new(true);
+        } else {
+            o.create(true).truncate(true);
+        }
+        o.open(p).map_err(|e| err(p, e))
+    };
+    let is_dir = {
+        let mut test = std::process::Command::new("test");
+        test.arg("-d").arg(source);
+        let st = run_as(caller, test, None, None, &stderr_path, &err, source)?;
+        st.success()
+    };
+    let cmd = if is_dir {
         let mut c = std::process::Command::new("tar");
         c.arg("--numeric-owner")
             .arg("-C")
@@ -240,76 +414,31 @@ pub fn stage_as(caller: &Caller, source: &Path, dir: &Path) -> Result<Staged, Ac
         c.arg("--").arg(source);
         c
     };
-    std::fs::create_dir_all(dir).map_err(|e| err(dir, e))?;
-    let mut name = [0u8; 8];
-    std::io::Read::read_exact(
-        &mut std::fs::File::open("/dev/urandom").map_err(|e| err(Path::new("/dev/urandom"), e))?,
-        &mut name,
-    )
-    .map_err(|e| err(Path::new("/dev/urandom"), e))?;
-    let hex: String = name.iter().map(|b| format!("{b:02x}")).collect();
-    let staged = Staged(dir.join(format!("import-{hex}")));
-    let out = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&staged.0)
-        .map_err(|e| err(&staged.0, e))?;
-    let stderr_path = staged.0.with_extension("err");
-    let errf = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&stderr_path)
-        .map_err(|e| err(&stderr_path, e))?;
-    let confine = banger_host::confine::Confinement {
-        identity: Some(banger_host::confine::Identity {
-            uid: caller.uid,
-            gid: caller.gid,
-            groups: caller_groups(caller),
-        }),
-        cgroup_procs: Vec::new(),
-        new_netns: true,
-        private_tmp: false,
-    };
-    confine
-        .apply(&mut cmd)
-        .map_err(|e| err(source, std::io::Error::other(e.to_string())))?;
-    // The helper runs as the caller: it writes to a descriptor of ours,
-    // never a path of ours.
-    let mut child = cmd
-        .stdin(std::process::Stdio::null())
-        .stdout(out)
-        .stderr(errf)
-        .spawn()
-        .map_err(|e| err(source, e))?;
-    let status = match child.wait_timeout(STAGE_TIMEOUT) {
-        Ok(Some(st)) => st,
-        Ok(None) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            let _ = std::fs::remove_file(&stderr_path);
-            return Err(err(
-                source,
-                std::io::Error::other(format!(
-                    "reading it took over {} minutes",
-                    STAGE_TIMEOUT.as_secs() / 60
-                )),
-            ));
-        }
-        Err(e) => return Err(err(source, e)),
-    };
+    let out = open(&staged.0, true)?;
+    let errf = open(&stderr_path, false)?;
+    let status = run_as(
+        caller,
+        cmd,
+        Some(out),
+        Some(errf),
+        &stderr_path,
+        &err,
+        source,
+    )?;
     let said = std::fs::read_to_string(&stderr_path).unwrap_or_default();
     let _ = std::fs::remove_file(&stderr_path);
     if !status.success() {
-        let first = said
-            .lines()
-            .next()
-            .unwrap_or("")
-            .chars()
-            .take(300)
-            .collect::<String>();
+        let size = std::fs::metadata(&staged.0).map(|m| m.len()).unwrap_or(0);
+        let first = if size >= STAGE_MAX_BYTES {
+            format!("it holds over {} GiB", STAGE_MAX_BYTES >> 30)
+        } else {
+            said.lines()
+                .next()
+                .unwrap_or("")
+                .chars()
+                .take(300)
+                .collect::<String>()
+        };
         return Err(AccessError::Unreadable {
             path: source.into(),
             uid: caller.uid,
@@ -319,19 +448,56 @@ pub fn stage_as(caller: &Caller, source: &Path, dir: &Path) -> Result<Staged, Ac
     Ok(staged)
 }
 
-/// The caller's supplementary groups, as the kernel has them for its
-/// process (it is alive: it waits for the reply).
-fn caller_groups(caller: &Caller) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{}/status", caller.pid))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
-                g.split_whitespace()
-                    .filter_map(|n| n.parse().ok())
-                    .collect()
-            })
-        })
-        .unwrap_or_default()
+/// Runs `cmd` confined as `caller` (see `stage_as`), in a process group
+/// of its own, killed after `STAGE_TIMEOUT`.
+fn run_as(
+    caller: &Caller,
+    mut cmd: std::process::Command,
+    out: Option<std::fs::File>,
+    errf: Option<std::fs::File>,
+    stderr_path: &Path,
+    err: &dyn Fn(&Path, std::io::Error) -> AccessError,
+    source: &Path,
+) -> Result<std::process::ExitStatus, AccessError> {
+    use std::os::unix::process::CommandExt;
+    use wait_timeout::ChildExt;
+    let confine = banger_host::confine::Confinement {
+        identity: Some(banger_host::confine::Identity {
+            uid: caller.uid,
+            gid: caller.gid,
+            groups: caller.groups.clone(),
+        }),
+        cgroup_procs: Vec::new(),
+        new_netns: true,
+        private_tmp: false,
+        max_file_bytes: Some(STAGE_MAX_BYTES),
+    };
+    confine
+        .apply(&mut cmd)
+        .map_err(|e| err(source, std::io::Error::other(e.to_string())))?;
+    // The helper runs as the caller: it writes to descriptors of ours,
+    // never a path of ours; a signal to the daemon's group misses it.
+    cmd.process_group(0)
+        .stdin(std::process::Stdio::null())
+        .stdout(out.map_or_else(std::process::Stdio::null, Into::into))
+        .stderr(errf.map_or_else(std::process::Stdio::null, Into::into));
+    let mut child = cmd.spawn().map_err(|e| err(source, e))?;
+    match child.wait_timeout(STAGE_TIMEOUT) {
+        Ok(Some(st)) => Ok(st),
+        Ok(None) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = std::fs::remove_file(stderr_path);
+            Err(err(
+                source,
+                std::io::Error::other(format!(
+                    "reading it took over {} minutes",
+                    STAGE_TIMEOUT.as_secs() / 60
+                )),
+            ))
+        }
+        Err(e) => Err(err(source, e)),
+    }
 }
 
 #[cfg(test)]
@@ -350,6 +516,7 @@ mod tests {
             uid: 4321,
             gid: 4321,
             pid: 1,
+            groups: Vec::new(),
         };
         alice.may_name(&mine, "--mount").unwrap();
         Caller::root()

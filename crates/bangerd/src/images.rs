@@ -230,6 +230,8 @@ impl Daemon {
             let mut info = image_info(&rec);
             info.used_by = store.vms_using_image(&rec.name)?;
             info.disk_bytes = disk_bytes(&rec.dir);
+            let o = store.owner(banger_store::Owned::Image, &rec.name)?;
+            (info.owner, info.root_only) = (o.uid, o.root_only);
             out.push(info);
         }
         Ok(out)
@@ -254,6 +256,8 @@ pub fn image_info(r: &ImageRecord) -> ImageInfo {
         created_at: r.created_at,
         disk_bytes: 0,
         used_by: Vec::new(),
+        owner: 0,
+        root_only: false,
     }
 }
 

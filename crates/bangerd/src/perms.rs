@@ -49,6 +49,18 @@ pub fn prepare(l: &Layout, vmm_gid: u32, socket_gid: Option<u32>) -> Result<()> 
         set(&d, gid, mode)?;
     }
     share_client_key(l, socket_gid)?;
+    // What an import staged (access::stage_as) and a daemon that died
+    // mid-import left.
+    for e in std::fs::read_dir(l.cache_dir()).with_path("list", &l.cache_dir())? {
+        let p = e.with_path("list", &l.cache_dir())?.path();
+        let stale = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(crate::access::STAGED_PREFIX));
+        if stale && p.symlink_metadata().is_ok_and(|m| m.is_file()) {
+            fsutil::remove_file_if_exists(&p)?;
+        }
+    }
     for f in [
         l.db(),
         PathBuf::from(format!("{}-wal", l.db().display())),
@@ -80,6 +92,30 @@ fn share_client_key(l: &Layout, socket_gid: Option<u32>) -> Result<()> {
     fsutil::create_dir_all(&dir)?;
     let key = group_key(l);
     let public = banger_host::sshkey::pub_path(&key);
+    // A build before the group had a key of its own gave it a copy of
+    // root's (and no `.pub`): root's key is then known to the group, so
+    // both are made again (guests take them at their next boot).
+    if key.exists() {
+        let client = l.client_key();
+        let copied = !public.exists()
+            || std::fs::read(&key).with_path("read", &key)?
+                == std::fs::read(&client).with_path("read", &client)?;
+        if copied {
+            tracing::warn!(
+                key = %key.display(),
+                "the group's ssh key was a copy of root's: making new keys for both"
+            );
+            for f in [
+                key.clone(),
+                public.clone(),
+                client.clone(),
+                banger_host::sshkey::pub_path(&client),
+            ] {
+                fsutil::remove_file_if_exists(&f)?;
+            }
+            banger_host::sshkey::ensure(&client, "banger")?;
+        }
+    }
     match socket_gid {
         Some(gid) => {
             set(&dir, gid, 0o750)?;

@@ -102,7 +102,17 @@ pub fn run(daemon: Arc<Daemon>, listener: UnixListener, stopper: Stopper) {
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => warn!(err = %e, "accept failed"),
+            Err(e) => {
+                // Out of descriptors (EMFILE, ENFILE) or memory: the
+                // connection stays queued and the listener readable, so
+                // the loop backs off rather than spin (waking for a stop).
+                warn!(err = %e, "accept failed; retrying in 100 ms");
+                let mut fds = [nix::poll::PollFd::new(
+                    stopper.rx.as_fd(),
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16));
+            }
         }
     }
     drop(listener);
@@ -235,7 +245,7 @@ fn handle(
         // over.
         let vm = daemon
             .find(name)
-            .and_then(|vm| caller.may_use(&vm).map(|_| vm).map_err(Into::into));
+            .and_then(|vm| caller.may_use_in(&daemon.store(), &vm).map(|_| vm));
         match vm.and_then(|vm| daemon.agent_connect(&vm)) {
             Ok(agent) => {
                 if let Err(e) = send_with_fd(&writer, &Reply::Ok(Response::Agent), &agent) {
@@ -347,7 +357,19 @@ pub fn dispatch(
     events: &mut dyn FnMut(Event),
     conn: &Conn,
 ) -> Result<Response> {
+    use banger_store::{Owned, Owner};
     let req = vouch(daemon, req, &conn.caller)?;
+    let caller = &conn.caller;
+    let own = |kind: Owned, name: &str, root_only: bool| {
+        daemon.store().set_owner(
+            kind,
+            name,
+            Owner {
+                uid: caller.uid,
+                root_only,
+            },
+        )
+    };
     Ok(match req {
         Request::Ping => Response::Pong {
             version: PROTOCOL_VERSION,
@@ -372,19 +394,32 @@ pub fn dispatch(
             vms: daemon.list()?,
         },
         Request::ImageBuild { name, force } => {
-            Response::Image(daemon.build_image(&name, force, events)?)
+            let built = daemon.build_image(&name, force, events)?;
+            own(Owned::Image, &name, false)?;
+            Response::Image(built)
         }
         Request::ImageList => Response::Images {
             images: daemon.list_images()?,
         },
         Request::ImageDelete { name } => {
             daemon.delete_image(&name)?;
+            daemon.store().forget_owner(Owned::Image, &name)?;
             Response::Deleted { name }
         }
         Request::ImageImport { name, source } => {
-            Response::Image(daemon.import_image(&name, &source, &conn.caller, events)?)
+            let made = daemon.import_image(&name, &source, caller, events)?;
+            own(Owned::Image, &name, false)?;
+            Response::Image(made)
         }
-        Request::VmCommit { name, image } => Response::Image(daemon.commit(&name, &image, events)?),
+        Request::VmCommit { name, image } => {
+            // What a VM only root may use held stays root's.
+            let vm = daemon.find(&name)?;
+            let root_only = crate::access::root_only(&vm)
+                || crate::access::root_only_data(&daemon.store(), &vm)?;
+            let made = daemon.commit(&name, &image, events)?;
+            own(Owned::Image, &image, root_only)?;
+            Response::Image(made)
+        }
         Request::DaemonStop => {
             if !conn.caller.is_root() {
                 return Err(DaemonError::Invalid(
@@ -421,13 +456,16 @@ pub fn dispatch(
         Request::VmPortAdd { name, port } => Response::Vm(Box::new(daemon.port_add(&name, port)?)),
         Request::VmPortRm { name, host } => Response::Vm(Box::new(daemon.port_rm(&name, &host)?)),
         Request::VolumeCreate { name, size_mib } => {
-            Response::Volume(daemon.create_volume(&name, size_mib)?)
+            let made = daemon.create_volume(&name, size_mib)?;
+            own(Owned::Volume, &name, false)?;
+            Response::Volume(made)
         }
         Request::VolumeList => Response::Volumes {
             volumes: daemon.list_volumes()?,
         },
         Request::VolumeDelete { name } => {
             daemon.delete_volume(&name)?;
+            daemon.store().forget_owner(Owned::Volume, &name)?;
             Response::Deleted { name }
         }
         // Served by `handle` (it passes a descriptor).
@@ -457,19 +495,55 @@ fn vouch(daemon: &Daemon, req: Request, caller: &crate::access::Caller) -> Resul
         Request::VmStats { name } => name.as_deref(),
         _ => None,
     };
+    use banger_store::Owned;
     if let (Some(name), false) = (named, caller.is_root()) {
         match daemon.find(name) {
-            Ok(vm) => caller.may_use(&vm)?,
+            Ok(vm) => caller.may_use_in(&daemon.store(), &vm)?,
             Err(DaemonError::Broken { .. }) | Err(DaemonError::VmNotFound(_)) => {}
             Err(e) => return Err(e),
         }
     }
+    // Images and volumes: members remove or replace only their own.
+    match &req {
+        Request::ImageDelete { name } => {
+            caller.may_replace(&daemon.store(), Owned::Image, name, "remove")?
+        }
+        Request::ImageBuild { name, force: true } => {
+            let exists = daemon.store().image(name)?.is_some();
+            if exists {
+                caller.may_replace(&daemon.store(), Owned::Image, name, "rebuild")?
+            }
+        }
+        Request::VolumeDelete { name } => {
+            caller.may_replace(&daemon.store(), Owned::Volume, name, "remove")?
+        }
+        _ => {}
+    }
     Ok(match req {
         Request::VmCreate(mut c) => {
+            if !caller.is_root() {
+                let store = daemon.store();
+                let image = c.image.as_deref().unwrap_or(&daemon.cfg.default_image);
+                caller.may_read(&store, Owned::Image, image)?;
+                for v in &c.volumes {
+                    caller.may_read(&store, Owned::Volume, &v.name)?;
+                }
+            } else if !c.mounts.is_empty() {
+                // A VM only root may use: what its guest writes on a
+                // volume stays root's (marked before the VM exists, so no
+                // member's VM can take the volume in between).
+                let store = daemon.store();
+                for v in &c.volumes {
+                    store.mark_root_only(Owned::Volume, &v.name)?;
+                }
+            }
             for m in &mut c.mounts {
                 m.validate()
                     .map_err(|e| DaemonError::Invalid(e.to_string()))?;
                 caller.may_name(&m.host, "--mount")?;
+                if !caller.is_root() {
+                    crate::access::hardlinks_protected("--mount")?;
+                }
                 // virtiofsd runs as root and keeps the guest's ids: what a
                 // guest's root wrote in a member's directory would be
                 // root's on the host (a setuid shell). Read-only for them.

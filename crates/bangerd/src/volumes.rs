@@ -101,6 +101,7 @@ impl Daemon {
             ))
         })?;
         let vms = self.store().list_vms()?;
+        let owner = self.store().owner(banger_store::Owned::Volume, name)?;
         let used_by = vms
             .iter()
             .filter(|v| v.spec.volumes.iter().any(|m| m.name == name))
@@ -117,6 +118,8 @@ impl Daemon {
             path,
             used_by,
             attached_to,
+            owner: owner.uid,
+            root_only: owner.root_only,
         })
     }
 

@@ -158,6 +158,7 @@ pub fn confinement(d: &Daemon, vm: &VmRecord, id: Option<Identity>) -> Result<Co
         // its tap by name: the host's namespace.)
         new_netns: id.is_some() && vm.spec.vmm == VmmKind::Qemu,
         private_tmp: id.is_some() && vm.spec.vmm == VmmKind::Qemu,
+        max_file_bytes: None,
         identity: id,
         cgroup_procs: d.cgroups()?.procs_files(&vm.id),
     })

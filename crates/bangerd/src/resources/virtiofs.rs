@@ -129,10 +129,16 @@ impl Resource for Virtiofs {
         fsutil::create_dir_all(&rt_dir)?;
         for (i, m) in cx.vm.spec.mounts.clone().iter().enumerate() {
             // A directory a caller who is not root shared is still theirs
-            // (not swapped for a link since it was checked).
+            // (not swapped for a link since it was checked), and shared
+            // read-only whatever its record says (a build before that
+            // rule let members share read-write).
+            let mut m = m.clone();
             if let Some(uid) = m.owner {
                 crate::access::owned_by(uid, None, &m.host, "--mount")?;
+                crate::access::hardlinks_protected("--mount")?;
+                m.read_only = true;
             }
+            let m = &m;
             // The directory is opened here and checked by what was opened;
             // virtiofsd serves that inode, bound at a path only root can
             // change (so no later swap of the user's path can redirect it).
@@ -412,11 +418,22 @@ fn shared_view(host: &CString, pinned: (u64, u64), at: &CString, ro: bool) -> st
     };
     mount(Some(from), at.as_c_str(), None::<&str>, bind, None::<&str>).map_err(err)?;
     if ro {
+        // A remount sets every flag anew: the source mount's own
+        // (nosuid, nodev, noexec, atime) are kept.
+        // (glibc's statvfs is statfs(2) and a copy: the kernel reports
+        // the flags, ST_VALID, so it reads no /proc/mounts.)
+        // SAFETY: a zeroed statvfs buffer the call fills.
+        let mut sfs: nix::libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: a NUL-terminated path and a valid buffer.
+        if unsafe { nix::libc::statvfs(at.as_ptr(), &mut sfs) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let flags = remount_flags(sfs.f_flag);
         mount(
             None::<&str>,
             at.as_c_str(),
             None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | flags,
             None::<&str>,
         )
         .map_err(err)?;
@@ -424,10 +441,41 @@ fn shared_view(host: &CString, pinned: (u64, u64), at: &CString, ro: bool) -> st
     Ok(())
 }
 
+/// The mount flags of a mount whose `statfs` says `st` (`ST_*`), to keep
+/// across a bind remount.
+fn remount_flags(st: u64) -> nix::mount::MsFlags {
+    use nix::mount::MsFlags;
+    let mut f = MsFlags::empty();
+    for (st_bit, ms) in [
+        (nix::libc::ST_NOSUID, MsFlags::MS_NOSUID),
+        (nix::libc::ST_NODEV, MsFlags::MS_NODEV),
+        (nix::libc::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (nix::libc::ST_NOATIME, MsFlags::MS_NOATIME),
+        (nix::libc::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (nix::libc::ST_RELATIME, MsFlags::MS_RELATIME),
+    ] {
+        if st & st_bit != 0 {
+            f |= ms;
+        }
+    }
+    f
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::daemon::testutil::daemon;
+
+    #[test]
+    fn a_read_only_remount_keeps_the_sources_flags() {
+        use nix::mount::MsFlags;
+        let st = nix::libc::ST_NOSUID | nix::libc::ST_NODEV | nix::libc::ST_RELATIME | 32;
+        assert_eq!(
+            remount_flags(st),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_RELATIME
+        );
+        assert_eq!(remount_flags(0), MsFlags::empty());
+    }
 
     #[test]
     fn firecracker_and_a_missing_virtiofsd_are_refused_naming_the_fix() {
