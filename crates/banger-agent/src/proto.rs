@@ -311,7 +311,25 @@ pub struct Identity {
     pub address: Option<(String, String)>,
     /// The sshd host key pair (OpenSSH private key, public line).
     pub host_key: Option<(String, String)>,
+    /// eth0's MAC address (`02:..`, lowercase): a clone on a shared
+    /// network must not answer ARP with its template's.
+    pub mac: Option<String>,
+    /// `/etc/resolv.conf`'s nameservers (IPv4, at most 3).
+    pub nameservers: Option<Vec<String>>,
+    /// root's `authorized_keys` (public key lines).
+    pub authorized_keys: Option<String>,
+    /// `/etc/machine-id` (32 lowercase hex digits).
+    pub machine_id: Option<String>,
+    /// Random bytes from the host (32 to 512), credited to the guest's
+    /// entropy pool and its CRNG reseeded with them: clones of one
+    /// snapshot would otherwise draw the same "random" numbers.
+    pub entropy: Option<Vec<u8>>,
+    /// The new boot id the daemon's readiness checks look for (hex).
+    pub boot_id: Option<String>,
 }
+
+/// The largest `authorized_keys` an identity may carry.
+pub const MAX_AUTHORIZED_KEYS: usize = 16 << 10;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcInfo {

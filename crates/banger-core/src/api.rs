@@ -14,7 +14,7 @@ use crate::model::{AutoStop, NetPolicy, VmmKind};
 use crate::sizing::SizeRequest;
 use crate::state::VmState;
 
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -109,6 +109,12 @@ pub enum Request {
     /// handshake; the client then speaks the agent protocol on it directly
     /// (so a session outlives a daemon restart).
     VmAgent {
+        name: String,
+    },
+    /// Gives a running guest its VM's identity again through its agent
+    /// (hostname, MAC, address, nameservers, keys) with a new machine id,
+    /// boot id and entropy: what a clone restored from a snapshot needs.
+    VmReidentify {
         name: String,
     },
     /// The daemon's effective settings and where each came from.

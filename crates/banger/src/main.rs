@@ -397,6 +397,10 @@ enum InternalCmd {
     Firewall(FirewallCmd),
     /// Write banger's man pages (banger.1, banger-vm.1, ...) into DIR.
     Man { dir: PathBuf },
+    /// Gives a running VM's guest its identity again (hostname, MAC,
+    /// address, nameservers, keys, a new machine id and entropy), as the
+    /// restore of a snapshot's clone does.
+    Reidentify { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -615,6 +619,14 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Cmd::Internal(InternalCmd::SshProxy { host }) => ssh::proxy(&client, &host),
+        Cmd::Internal(InternalCmd::Reidentify { name }) => {
+            let r = client.call(Request::VmReidentify { name }, &mut progress)?;
+            let Response::Vm(vm) = r else {
+                bail!("unexpected answer to reidentify");
+            };
+            println!("{}", vm.name);
+            Ok(0)
+        }
         Cmd::Internal(InternalCmd::Firewall(f)) => {
             use banger_host::firewall::{self, GuestRules};
             match f {

@@ -485,6 +485,128 @@ fn trees_copy_both_ways_and_the_agent_and_daemon_come_back() {
         m => panic!("{m:?}"),
     }
 
+    // A clone's identity: scrambled as a guest restored from another VM's
+    // snapshot would be (its address, MAC, resolver, machine id), then
+    // `reidentify` gives it this VM's again, from the VM's record.
+    let guest = |cmd: &[&str]| {
+        let mut args = vec!["c", "--"];
+        args.extend_from_slice(cmd);
+        text(&exec(&inst, &args).stdout)
+    };
+    let mac = guest(&["cat", "/sys/class/net/eth0/address"]);
+    let resolv = guest(&["cat", "/etc/resolv.conf"]);
+    let ip = inst.vm("c").unwrap()["guest_ip"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let template = banger_agent::proto::Identity {
+        address: Some(("10.99.0.2/30".into(), "10.99.0.1".into())),
+        mac: Some("02:aa:bb:cc:dd:ee".into()),
+        nameservers: Some(vec!["10.99.0.1".into()]),
+        machine_id: Some("0".repeat(32)),
+        entropy: Some(vec![7; 32]),
+        ..Default::default()
+    };
+    assert_eq!(
+        call(banger_agent::proto::Call::SetIdentity(template)),
+        banger_agent::proto::Msg::Done
+    );
+    assert_eq!(
+        guest(&["cat", "/sys/class/net/eth0/address"]),
+        "02:aa:bb:cc:dd:ee\n"
+    );
+    assert!(guest(&[
+        "/usr/lib/banger/busybox",
+        "ip",
+        "-4",
+        "-o",
+        "addr",
+        "show",
+        "eth0"
+    ])
+    .contains("10.99.0.2/30"));
+    // Refused whole: a multicast MAC, four nameservers, too little
+    // entropy, a machine id that is not hex; nothing of it is applied.
+    for bad in [
+        banger_agent::proto::Identity {
+            hostname: Some("half".into()),
+            mac: Some("01:00:5e:00:00:01".into()),
+            ..Default::default()
+        },
+        banger_agent::proto::Identity {
+            hostname: Some("half".into()),
+            nameservers: Some(vec!["10.0.0.1".into(); 4]),
+            ..Default::default()
+        },
+        banger_agent::proto::Identity {
+            hostname: Some("half".into()),
+            entropy: Some(vec![1; 8]),
+            ..Default::default()
+        },
+        banger_agent::proto::Identity {
+            hostname: Some("half".into()),
+            machine_id: Some("../../etc/passwd".into()),
+            ..Default::default()
+        },
+    ] {
+        let s = banger_agent::connect(
+            &uds,
+            banger_agent::proto::AGENT_PORT,
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        let r = banger_agent::client::call(s, banger_agent::proto::Call::SetIdentity(bad.clone()));
+        assert!(r.is_err(), "{bad:?}: {r:?}");
+    }
+    assert_eq!(guest(&["hostname"]), "renamed\n");
+
+    ok(&inst.banger(&["internal", "reidentify", "c"]), "reidentify");
+    assert_eq!(guest(&["hostname"]), "c\n");
+    assert_eq!(guest(&["cat", "/sys/class/net/eth0/address"]), mac);
+    assert!(
+        guest(&[
+            "/usr/lib/banger/busybox",
+            "ip",
+            "-4",
+            "-o",
+            "addr",
+            "show",
+            "eth0"
+        ])
+        .contains(&format!("{ip}/30")),
+        "{}",
+        guest(&[
+            "/usr/lib/banger/busybox",
+            "ip",
+            "-4",
+            "-o",
+            "addr",
+            "show",
+            "eth0"
+        ])
+    );
+    assert_eq!(guest(&["cat", "/etc/resolv.conf"]), resolv);
+    let machine_id = guest(&["cat", "/etc/machine-id"]);
+    assert!(
+        machine_id.trim().len() == 32 && machine_id.trim() != "0".repeat(32),
+        "{machine_id}"
+    );
+    // Reachable again over its network, with its pinned host key.
+    assert_eq!(
+        ok(
+            &inst.banger(&["vm", "ssh", "c", "--", "hostname"]),
+            "ssh after reidentify"
+        ),
+        "c\n"
+    );
+    // A stopped VM's guest cannot be re-identified.
+    ok(&inst.banger(&["vm", "stop", "c"]), "stop");
+    let out = inst.banger(&["internal", "reidentify", "c"]);
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("only a running VM"),
+        "{out:?}"
+    );
+
     ok(&inst.banger(&["vm", "delete", "-f", "c"]), "delete");
     inst.assert_baseline();
 }

@@ -94,14 +94,22 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// `n` random bytes as hex, from the kernel's RNG.
-pub fn random_hex(n: usize) -> Result<String> {
+/// `n` random bytes from the kernel's RNG.
+pub fn random_bytes(n: usize) -> Result<Vec<u8>> {
     let path = std::path::Path::new("/dev/urandom");
     let mut buf = vec![0u8; n];
     std::fs::File::open(path)
         .and_then(|mut f| f.read_exact(&mut buf))
         .with_path("read", path)?;
-    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(buf)
+}
+
+/// `n` random bytes as hex.
+pub fn random_hex(n: usize) -> Result<String> {
+    Ok(random_bytes(n)?
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 pub(crate) fn micros(since: Instant) -> u64 {

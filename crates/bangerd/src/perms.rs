@@ -283,4 +283,30 @@ mod tests {
         std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
         assert_eq!(unreachable_ancestor(&l.vms_dir()), None);
     }
+
+    #[test]
+    fn a_group_key_copied_from_roots_is_replaced_with_roots() {
+        let d = tempfile::tempdir().unwrap();
+        let l = Layout::new(d.path().join("s"), d.path().join("r"));
+        std::fs::create_dir_all(l.ssh_dir()).unwrap();
+        banger_host::sshkey::ensure(&l.client_key(), "banger").unwrap();
+        let roots = std::fs::read(l.client_key()).unwrap();
+        // What the build before did: a byte copy, no .pub.
+        std::fs::write(group_key(&l), &roots).unwrap();
+        share_client_key(&l, Some(4242)).unwrap();
+        let (client, group) = (
+            std::fs::read(l.client_key()).unwrap(),
+            std::fs::read(group_key(&l)).unwrap(),
+        );
+        assert_ne!(client, roots, "root's key is made again");
+        assert_ne!(group, roots);
+        assert_ne!(group, client);
+        assert!(banger_host::sshkey::pub_path(&l.client_key()).exists());
+        assert!(banger_host::sshkey::pub_path(&group_key(&l)).exists());
+        assert_eq!(mode(&group_key(&l)), (4242, 0o640));
+        // A group key of its own is kept.
+        share_client_key(&l, Some(4242)).unwrap();
+        assert_eq!(std::fs::read(group_key(&l)).unwrap(), group);
+        assert_eq!(std::fs::read(l.client_key()).unwrap(), client);
+    }
 }

@@ -327,6 +327,7 @@ fn op_name(r: &Request) -> &'static str {
         Request::VmStart { .. } => "vm_start",
         Request::VmStop { .. } => "vm_stop",
         Request::VmKill { .. } => "vm_kill",
+        Request::VmReidentify { .. } => "vm_reidentify",
         Request::VmDelete { .. } => "vm_delete",
         Request::VmGet { .. } => "vm_get",
         Request::VmList => "vm_list",
@@ -382,6 +383,7 @@ pub fn dispatch(
         Request::VmStart { name } => Response::Vm(Box::new(daemon.start(&name, events)?)),
         Request::VmStop { name } => Response::Vm(Box::new(daemon.stop(&name, events)?)),
         Request::VmKill { name } => Response::Vm(Box::new(daemon.kill(&name)?)),
+        Request::VmReidentify { name } => Response::Vm(Box::new(daemon.reidentify(&name)?)),
         Request::VmDelete { name, force } => {
             daemon.delete_checked(&name, force)?;
             Response::Deleted { name }
@@ -486,6 +488,7 @@ fn vouch(daemon: &Daemon, req: Request, caller: &crate::access::Caller) -> Resul
         Request::VmStart { name }
         | Request::VmStop { name }
         | Request::VmKill { name }
+        | Request::VmReidentify { name }
         | Request::VmDelete { name, .. }
         | Request::VmLogs { name, .. }
         | Request::VmPortAdd { name, .. }

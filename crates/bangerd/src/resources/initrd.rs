@@ -30,60 +30,8 @@ impl Resource for Initrd {
 
     fn acquire(&self, d: &Daemon, cx: &mut Acq<'_>) -> Result<()> {
         let dir = d.cfg.layout.vm_dir(&cx.vm.id);
-        let net = d.guest_net(cx.vm)?;
         cx.boot_id = random_hex(8)?;
-        let mut client_pub = sshkey::public_key(&d.cfg.layout.client_key())?;
-        // The socket group's key too, unless only root may use this VM.
-        let group_key = crate::perms::group_key(&d.cfg.layout);
-        if d.cfg.socket_gid.is_some() && !crate::access::root_only(cx.vm) && group_key.exists() {
-            client_pub.push('\n');
-            client_pub.push_str(&sshkey::public_key(&group_key)?);
-        }
-        let host_key_path = dir.join(vmfiles::HOST_KEY);
-        let cfg = banger_guest::config::GuestConfig {
-            hostname: cx.vm.name.clone(),
-            guest_ip: net.guest_ip,
-            gateway: net.host_ip,
-            prefix: GUEST_PREFIX,
-            mac: net.mac(),
-            nameservers: match cx.nameserver {
-                Some(std::net::SocketAddr::V4(ns)) => vec![*ns.ip()],
-                _ => banger_guest::config::guest_nameservers(
-                    &std::fs::read_to_string(&d.cfg.resolv_conf).unwrap_or_default(),
-                ),
-            },
-            authorized_keys: format!("{client_pub}\n"),
-            host_key: fsutil::read_to_string(&host_key_path)?,
-            host_key_pub: sshkey::public_key(&host_key_path)?,
-            boot_id: cx.boot_id.clone(),
-            // An overlay root has no ext4 to grow: its upper disk was made
-            // the size asked for.
-            grow_root: cx.vm.spec.root_mib.is_some()
-                && cx.vm.spec.root_disk() != banger_core::RootDiskKind::Overlay,
-            root_upper: crate::resources::root_disk::overlay::guest_device(cx.vm),
-            mounts: cx
-                .vm
-                .spec
-                .mounts
-                .iter()
-                .enumerate()
-                .map(|(i, m)| {
-                    (
-                        banger_core::mount::HostMount::tag(i),
-                        m.path.clone(),
-                        m.read_only,
-                    )
-                })
-                .collect(),
-            volumes: cx
-                .vm
-                .spec
-                .volumes
-                .iter()
-                .enumerate()
-                .map(|(i, m)| (banger_core::volume::guest_device(i), m.path.clone()))
-                .collect(),
-        };
+        let cfg = guest_config(d, cx.vm, &cx.boot_id, cx.nameserver)?;
         let base = d.image_initrd(cx.img)?;
         let agent = d.agent_archive()?;
         let path = dir.join(vmfiles::INITRD);
@@ -107,4 +55,67 @@ impl Resource for Initrd {
     fn release(&self, _d: &Daemon, _r: &Release, held: &Value) -> Result<()> {
         remove_files(held)
     }
+}
+
+/// What a VM's guest is told about itself (the config archive at each
+/// boot, and `identity` for a clone re-identified after a restore).
+pub(crate) fn guest_config(
+    d: &Daemon,
+    vm: &VmRecord,
+    boot_id: &str,
+    nameserver: Option<std::net::SocketAddr>,
+) -> Result<banger_guest::config::GuestConfig> {
+    let dir = d.cfg.layout.vm_dir(&vm.id);
+    let net = d.guest_net(vm)?;
+    let mut client_pub = sshkey::public_key(&d.cfg.layout.client_key())?;
+    // The socket group's key too, unless only root may use this VM.
+    let group_key = crate::perms::group_key(&d.cfg.layout);
+    let roots = crate::access::root_only(vm) || crate::access::root_only_data(&d.store(), vm)?;
+    if d.cfg.socket_gid.is_some() && !roots && group_key.exists() {
+        client_pub.push('\n');
+        client_pub.push_str(&sshkey::public_key(&group_key)?);
+    }
+    let host_key_path = dir.join(vmfiles::HOST_KEY);
+    Ok(banger_guest::config::GuestConfig {
+        hostname: vm.name.clone(),
+        guest_ip: net.guest_ip,
+        gateway: net.host_ip,
+        prefix: GUEST_PREFIX,
+        mac: net.mac(),
+        nameservers: match nameserver {
+            Some(std::net::SocketAddr::V4(ns)) => vec![*ns.ip()],
+            _ => banger_guest::config::guest_nameservers(
+                &std::fs::read_to_string(&d.cfg.resolv_conf).unwrap_or_default(),
+            ),
+        },
+        authorized_keys: format!("{client_pub}\n"),
+        host_key: fsutil::read_to_string(&host_key_path)?,
+        host_key_pub: sshkey::public_key(&host_key_path)?,
+        boot_id: boot_id.to_string(),
+        // An overlay root has no ext4 to grow: its upper disk was made
+        // the size asked for.
+        grow_root: vm.spec.root_mib.is_some()
+            && vm.spec.root_disk() != banger_core::RootDiskKind::Overlay,
+        root_upper: crate::resources::root_disk::overlay::guest_device(vm),
+        mounts: vm
+            .spec
+            .mounts
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                (
+                    banger_core::mount::HostMount::tag(i),
+                    m.path.clone(),
+                    m.read_only,
+                )
+            })
+            .collect(),
+        volumes: vm
+            .spec
+            .volumes
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (banger_core::volume::guest_device(i), m.path.clone()))
+            .collect(),
+    })
 }

@@ -23,7 +23,7 @@ const HOST_CID: u32 = 2;
 /// VMADDR_CID_ANY.
 const ANY_CID: u32 = u32::MAX;
 
-const BOOT_ID_FILE: &str = "/etc/banger-boot-id";
+pub(crate) const BOOT_ID_FILE: &str = "/etc/banger-boot-id";
 
 fn log(msg: &str) {
     // The console; a full or missing one is no reason to stop.

@@ -82,11 +82,12 @@ fn valid_hostname(h: &str) -> bool {
         && !h.starts_with('-')
 }
 
+/// Gives the guest the identity a restored clone needs: everything is
+/// checked before anything changes, then applied in an order that keeps
+/// the guest reachable by the agent (vsock needs no network).
 pub fn set_identity(id: &Identity) -> Result<(), String> {
+    check_identity(id)?;
     if let Some(h) = &id.hostname {
-        if !valid_hostname(h) {
-            return Err(format!("hostname {h:?} is not a DNS label"));
-        }
         nix::unistd::sethostname(h).map_err(|e| format!("sethostname {h}: {e}"))?;
         write("/etc/hostname", &format!("{h}\n"), 0o644)?;
         write(
@@ -94,6 +95,69 @@ pub fn set_identity(id: &Identity) -> Result<(), String> {
             &format!("127.0.0.1\tlocalhost\n127.0.1.1\t{h}\n"),
             0o644,
         )?;
+    }
+    if let Some(mac) = &id.mac {
+        ip_cmd(&["link", "set", "dev", "eth0", "down"])?;
+        ip_cmd(&["link", "set", "dev", "eth0", "address", mac])?;
+        ip_cmd(&["link", "set", "dev", "eth0", "up"])?;
+    }
+    if let Some((cidr, gw)) = &id.address {
+        ip_cmd(&["addr", "flush", "dev", "eth0"])?;
+        ip_cmd(&["addr", "add", cidr, "dev", "eth0"])?;
+        ip_cmd(&["route", "replace", "default", "via", gw, "dev", "eth0"])?;
+    }
+    if id.mac.is_some() || id.address.is_some() {
+        // The template's neighbours (its gateway's MAC) are not this one's.
+        ip_cmd(&["neigh", "flush", "dev", "eth0"])?;
+    }
+    if let Some(ns) = &id.nameservers {
+        let text: String = ns.iter().map(|n| format!("nameserver {n}\n")).collect();
+        write("/etc/resolv.conf", &text, 0o644)?;
+    }
+    if let Some(keys) = &id.authorized_keys {
+        std::fs::create_dir_all("/root/.ssh").map_err(|e| format!("mkdir /root/.ssh: {e}"))?;
+        write("/root/.ssh/authorized_keys", keys, 0o600)?;
+    }
+    if let Some(m) = &id.machine_id {
+        write("/etc/machine-id", &format!("{m}\n"), 0o444)?;
+    }
+    if let Some(b) = &id.boot_id {
+        write(crate::BOOT_ID_FILE, &format!("{b}\n"), 0o644)?;
+    }
+    if let Some(bytes) = &id.entropy {
+        add_entropy(bytes)?;
+    }
+    if let Some((key, public)) = &id.host_key {
+        write("/etc/ssh/ssh_host_ed25519_key", key, 0o600)?;
+        write("/etc/ssh/ssh_host_ed25519_key.pub", public, 0o644)?;
+        restart_sshd();
+    }
+    Ok(())
+}
+
+/// Every field as the daemon made it (the host is trusted, but each one
+/// goes into a file, a command line or an ioctl here).
+fn check_identity(id: &Identity) -> Result<(), String> {
+    if let Some(h) = &id.hostname {
+        if !valid_hostname(h) {
+            return Err(format!("hostname {h:?} is not a DNS label"));
+        }
+    }
+    if let Some(mac) = &id.mac {
+        let parts: Vec<&str> = mac.split(':').collect();
+        let hex = parts.len() == 6
+            && parts.iter().all(|p| {
+                p.len() == 2
+                    && p.bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            });
+        // Unicast (bit 0 of the first octet clear).
+        let unicast = hex && u8::from_str_radix(parts[0], 16).is_ok_and(|b| b & 1 == 0);
+        if !unicast {
+            return Err(format!(
+                "mac {mac:?} is not a unicast xx:xx:xx:xx:xx:xx address"
+            ));
+        }
     }
     if let Some((cidr, gw)) = &id.address {
         let (ip, prefix) = cidr
@@ -108,14 +172,93 @@ pub fn set_identity(id: &Identity) -> Result<(), String> {
             .ok_or_else(|| format!("prefix {prefix:?} is not 0-32"))?;
         gw.parse::<std::net::Ipv4Addr>()
             .map_err(|_| format!("gateway {gw:?} is not IPv4"))?;
-        ip_cmd(&["addr", "flush", "dev", "eth0"])?;
-        ip_cmd(&["addr", "add", cidr, "dev", "eth0"])?;
-        ip_cmd(&["route", "replace", "default", "via", gw, "dev", "eth0"])?;
+    }
+    if let Some(ns) = &id.nameservers {
+        if ns.len() > 3 {
+            return Err(format!("{} nameservers: resolv.conf takes 3", ns.len()));
+        }
+        for n in ns {
+            n.parse::<std::net::Ipv4Addr>()
+                .map_err(|_| format!("nameserver {n:?} is not IPv4"))?;
+        }
+    }
+    if let Some(keys) = &id.authorized_keys {
+        let line_ok = |l: &str| {
+            l.is_empty()
+                || (l.starts_with("ssh-") || l.starts_with("ecdsa-"))
+                    && l.chars().all(|c| c == ' ' || c.is_ascii_graphic())
+        };
+        if keys.len() > banger_agent::proto::MAX_AUTHORIZED_KEYS || !keys.lines().all(line_ok) {
+            return Err("authorized_keys: only public key lines, at most 16 KiB".into());
+        }
+    }
+    if let Some(m) = &id.machine_id {
+        if m.len() != 32
+            || !m
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(format!("machine id {m:?} is not 32 lowercase hex digits"));
+        }
+    }
+    if let Some(b) = &id.boot_id {
+        if b.is_empty() || b.len() > 64 || !b.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return Err(format!("boot id {b:?} is not 1 to 64 hex digits"));
+        }
+    }
+    if let Some(e) = &id.entropy {
+        if !(32..=512).contains(&e.len()) {
+            return Err(format!("{} bytes of entropy: give 32 to 512", e.len()));
+        }
     }
     if let Some((key, public)) = &id.host_key {
-        write("/etc/ssh/ssh_host_ed25519_key", key, 0o600)?;
-        write("/etc/ssh/ssh_host_ed25519_key.pub", public, 0o644)?;
-        restart_sshd();
+        if !key.starts_with("-----BEGIN OPENSSH PRIVATE KEY-----")
+            || !public.starts_with("ssh-ed25519 ")
+            || key.len() > 4096
+            || public.len() > 1024
+        {
+            return Err("host key: an OpenSSH ed25519 key pair".into());
+        }
+    }
+    Ok(())
+}
+
+/// Credits `bytes` to the kernel's input pool (`RNDADDENTROPY`) and
+/// reseeds its CRNG from it at once (`RNDRESEEDCRNG`), so that what the
+/// guest draws next differs from every other clone's.
+fn add_entropy(bytes: &[u8]) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    // _IOW('R', 0x03, int[2]) and _IO('R', 0x07).
+    const RNDADDENTROPY: u64 = 0x4008_5203;
+    const RNDRESEEDCRNG: u64 = 0x5207;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")
+        .map_err(|e| format!("/dev/urandom: {e}"))?;
+    // struct rand_pool_info { int entropy_count; int buf_size; u32 buf[]; }
+    let mut info = Vec::with_capacity(8 + bytes.len());
+    info.extend_from_slice(&((bytes.len() * 8) as i32).to_ne_bytes());
+    info.extend_from_slice(&(bytes.len() as i32).to_ne_bytes());
+    info.extend_from_slice(bytes);
+    // Whole u32 words for the kernel's copy.
+    while info.len() % 4 != 0 {
+        info.push(0);
+    }
+    // SAFETY: `info` is a rand_pool_info of `bytes.len()` bytes of data
+    // that outlives the call; the second ioctl takes no argument.
+    unsafe {
+        if nix::libc::ioctl(f.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr()) != 0 {
+            return Err(format!(
+                "RNDADDENTROPY: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        if nix::libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG as _) != 0 {
+            return Err(format!(
+                "RNDRESEEDCRNG: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
     }
     Ok(())
 }

@@ -1,0 +1,75 @@
+//! A running guest given its VM's identity again, through its agent: what
+//! a guest restored from another VM's snapshot needs before it counts as
+//! this VM (ARCHITECTURE.md, "Network identity of clones"). Everything the
+//! config archive told the guest at boot is sent once more, from the VM's
+//! own record: hostname, MAC, address and route, nameservers, root's
+//! authorized keys, the sshd host key; and what every clone of one
+//! snapshot would otherwise share: a new machine id, a new boot id, and
+//! entropy from the host, credited to the guest's pool and its CRNG
+//! reseeded (or two clones draw the same "random" numbers).
+
+use std::time::Duration;
+
+use banger_agent::proto::{Call, Identity, Msg};
+use banger_core::api::VmInfo;
+use banger_core::net::GUEST_PREFIX;
+use banger_core::VmState;
+
+use crate::daemon::{lock, random_bytes, random_hex, Daemon};
+use crate::error::{DaemonError, Result};
+
+/// How long the guest may take to apply it (an sshd restart included).
+const IDENTITY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bytes of host entropy a guest is given.
+const ENTROPY_BYTES: usize = 64;
+
+impl Daemon {
+    /// Re-identifies the running VM `name` (`banger internal reidentify`;
+    /// the restore of a snapshot will do it before the clone counts as
+    /// running).
+    pub fn reidentify(&self, name: &str) -> Result<VmInfo> {
+        let _g = self.lock_vm(name)?;
+        let vm = self.find(name)?;
+        if vm.runtime.state() != VmState::Running {
+            return Err(DaemonError::Invalid(format!(
+                "vm {name:?} is {}: only a running VM's guest can be re-identified (`banger vm \
+                 start {name}`)",
+                vm.runtime.state()
+            )));
+        }
+        let nameserver = lock(&self.dns_listeners)
+            .contains_key(&vm.id)
+            .then(|| {
+                self.guest_net(&vm)
+                    .map(|n| std::net::SocketAddr::from((n.host_ip, 53)))
+            })
+            .transpose()?;
+        let boot_id = random_hex(8)?;
+        let cfg = crate::resources::initrd::guest_config(self, &vm, &boot_id, nameserver)?;
+        let entropy = random_bytes(ENTROPY_BYTES)?;
+        let id = Identity {
+            hostname: Some(cfg.hostname.clone()),
+            address: Some((
+                format!("{}/{GUEST_PREFIX}", cfg.guest_ip),
+                cfg.gateway.to_string(),
+            )),
+            host_key: Some((cfg.host_key.clone(), cfg.host_key_pub.clone())),
+            mac: Some(cfg.mac.clone()),
+            nameservers: Some(cfg.nameservers.iter().map(|n| n.to_string()).collect()),
+            authorized_keys: Some(cfg.authorized_keys.clone()),
+            machine_id: Some(random_hex(16)?),
+            entropy: Some(entropy),
+            boot_id: Some(boot_id),
+        };
+        match self.agent_call(&vm, Call::SetIdentity(id), IDENTITY_TIMEOUT)? {
+            Msg::Done => Ok(self.info(&vm)),
+            other => Err(DaemonError::Invalid(format!(
+                "vm {name:?}: the guest agent did not take its identity: {}",
+                banger_core::text::escape_control(&format!("{other:?}"), false)
+                    .chars()
+                    .take(300)
+                    .collect::<String>()
+            ))),
+        }
+    }
+}
