@@ -1,7 +1,7 @@
 //! The guest agent's part of the benchmark: `vm exec -- true` round trips
 //! (p50/p99) against `vm ssh -- true`, and copying 256 MiB each way with
 //! `vm cp` against the same bytes through `vm ssh` (ssh's transport, as
-//! scp uses it).
+//! scp uses it), and re-identifying a guest as a restored clone would be.
 
 use std::process::Stdio;
 use std::time::Instant;
@@ -34,6 +34,7 @@ pub fn bench(table: &mut String, inst: &Instance, vmm_args: &[&str], execs: usiz
     let out = inst.banger(&a);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let (mut exec, mut exec_static, mut ssh) = (Vec::new(), Vec::new(), Vec::new());
+    let mut reidentify = Vec::new();
     let scratch = tempfile::tempdir_in("/var/tmp").expect("scratch dir");
     let blob = scratch.path().join("blob");
     let mib = 256usize;
@@ -134,6 +135,14 @@ pub fn bench(table: &mut String, inst: &Instance, vmm_args: &[&str], execs: usiz
                 std::fs::metadata(&back2).map(|m| m.len()).unwrap_or(0),
                 (mib << 20) as u64
             );
+            // A clone's re-identification (what a restore will add): the
+            // whole identity call, sshd's restart included.
+            for _ in 0..execs.clamp(1, 20) {
+                let t = Instant::now();
+                let out = inst.banger_direct(&["internal", "reidentify", "agentbench"]);
+                reidentify.push(t.elapsed().as_secs_f64() * 1e3);
+                assert!(out.status.success(), "{}", text(&out.stderr));
+            }
         })
         .join()
         .expect("agent bench thread");
@@ -157,6 +166,12 @@ pub fn bench(table: &mut String, inst: &Instance, vmm_args: &[&str], execs: usiz
         table,
         "`vm ssh -- true` round trip (for comparison)",
         &ssh,
+        "ms",
+    );
+    row(
+        table,
+        "`banger internal reidentify` (a clone's identity through the agent)",
+        &reidentify,
         "ms",
     );
     let rate = |ms: f64| mib as f64 / (ms / 1e3);
