@@ -367,6 +367,36 @@ mod tests {
     }
 
     #[test]
+    fn peer_groups_are_the_connecting_processs_even_past_64() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("s.sock");
+        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let groups: Vec<u32> = (1_879_100_000..1_879_100_100).collect();
+        let c = Confinement {
+            identity: Some(Identity {
+                uid: 0,
+                gid: 0,
+                groups: groups.clone(),
+            }),
+            cgroup_procs: Vec::new(),
+            new_netns: false,
+            private_tmp: false,
+            max_file_bytes: None,
+        };
+        let mut cmd = Command::new("socat");
+        cmd.arg("-u")
+            .arg("/dev/null")
+            .arg(format!("UNIX-CONNECT:{}", path.display()));
+        c.apply(&mut cmd).unwrap();
+        let mut child = cmd.spawn().unwrap();
+        let (s, _) = l.accept().unwrap();
+        let mut got = peer_groups(&s).unwrap();
+        got.sort_unstable();
+        assert_eq!(got, groups);
+        let _ = child.wait();
+    }
+
+    #[test]
     fn a_file_size_limit_stops_the_writer() {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("out");

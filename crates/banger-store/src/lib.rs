@@ -439,7 +439,9 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// The image's row and its owner's.
     pub fn delete_image(&self, name: &str) -> Result<bool, StoreError> {
+        self.forget_owner(Owned::Image, name)?;
         Ok(self
             .conn
             .execute("DELETE FROM images WHERE name = ?1", [name])?

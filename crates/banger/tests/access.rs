@@ -235,6 +235,22 @@ fn the_socket_group_uses_vms_without_root() {
         &inst.banger_as(&member, &["image", "rm", "mine"]),
         "member: image rm of their own",
     );
+    // Asking for a build of an image that exists changes nothing: it
+    // stays root's (and a rebuild of it is root's to ask for).
+    ok(
+        &inst.banger_as(&member, &["image", "build", &roots_image]),
+        "member: image build of a built image",
+    );
+    let out = inst.banger_as(&member, &["image", "rm", &roots_image]);
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("belongs to uid 0"),
+        "still root's: {out:?}"
+    );
+    let out = inst.banger_as(&member, &["image", "build", "--force", &roots_image]);
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("may rebuild it"),
+        "{out:?}"
+    );
     ok(
         &inst.banger(&["volume", "create", "rv", "--size", "16M"]),
         "root: volume create",
@@ -307,7 +323,29 @@ fn the_socket_group_uses_vms_without_root() {
         !out.status.success() && err.contains("image \"rimg\" holds what"),
         "{err}"
     );
-    ok(&inst.banger(&["vm", "rm", "-f", "r1"]), "rm r1");
+    // A VM of that image is root's too, and so are its volumes.
+    ok(
+        &inst.banger(&["volume", "create", "rv2", "--size", "16M"]),
+        "rv2",
+    );
+    ok(
+        &inst.banger(&[
+            "vm", "create", "--name", "r2", "--image", "rimg", "--volume", "rv2:/d",
+        ]),
+        "root: vm create of rimg",
+    );
+    let out = inst.banger_as(&member, &["vm", "start", "r2"]);
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("made of data only root may use"),
+        "{out:?}"
+    );
+    let out = inst.banger_as(&member, &["vm", "create", "--volume", "rv2:/d"]);
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("volume \"rv2\" holds what"),
+        "{out:?}"
+    );
+    ok(&inst.banger(&["vm", "rm", "-f", "r1", "r2"]), "rm r1 r2");
+    ok(&inst.banger(&["volume", "rm", "rv2"]), "rm rv2");
     ok(&inst.banger(&["image", "rm", "rimg"]), "rm rimg");
     ok(&inst.banger(&["volume", "rm", "rv"]), "rm rv");
     assert_eq!(

@@ -101,9 +101,16 @@ impl Caller {
     pub fn of(stream: &UnixStream) -> Result<Caller, AccessError> {
         let c = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
             .map_err(AccessError::PeerCred)?;
-        let groups = banger_host::confine::peer_groups(stream).map_err(|e| {
-            AccessError::PeerCred(nix::Error::from_raw(e.raw_os_error().unwrap_or(0)))
-        })?;
+        // Before Linux 4.13 (no SO_PEERGROUPS): the primary group only.
+        let groups = match banger_host::confine::peer_groups(stream) {
+            Ok(g) => g,
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOPROTOOPT) => Vec::new(),
+            Err(e) => {
+                return Err(AccessError::PeerCred(nix::Error::from_raw(
+                    e.raw_os_error().unwrap_or(0),
+                )))
+            }
+        };
         Ok(Caller {
             uid: c.uid(),
             gid: c.gid(),

@@ -40,10 +40,19 @@ use crate::resources::root_disk::dm;
 const FLATTEN_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 impl Daemon {
-    pub fn commit(&self, vm_name: &str, image_name: &str, events: Events) -> Result<ImageInfo> {
+    /// The image is the caller's; it is root-only when the VM was (what
+    /// its guest could see stays root's), recorded with the image.
+    pub fn commit(
+        &self,
+        vm_name: &str,
+        image_name: &str,
+        caller: &crate::access::Caller,
+        events: Events,
+    ) -> Result<ImageInfo> {
         banger_core::validate_name(image_name)?;
         let _images = lock(&self.image_lock);
         self.refuse_existing(image_name)?;
+        self.refuse_reserved(image_name, caller)?;
         let _vm_lock = self.lock_vm(vm_name)?;
         let vm = self.find(vm_name)?;
         if !matches!(vm.runtime.state(), VmState::Stopped | VmState::Created) {
@@ -61,7 +70,15 @@ impl Daemon {
             let _ = fsutil::remove_dir_all_if_exists(&work);
         }
         let rec = r?;
-        self.add_image(&rec)?;
+        let root_only =
+            crate::access::root_only(&vm) || crate::access::root_only_data(&self.store(), &vm)?;
+        self.add_image(
+            &rec,
+            banger_store::Owner {
+                uid: caller.uid,
+                root_only,
+            },
+        )?;
         Ok(image_info(&rec))
     }
 

@@ -55,7 +55,17 @@ impl Daemon {
             )),
             host_key: Some((cfg.host_key.clone(), cfg.host_key_pub.clone())),
             mac: Some(cfg.mac.clone()),
-            nameservers: Some(cfg.nameservers.iter().map(|n| n.to_string()).collect()),
+            // What the boot's resolv.conf holds (the gateway when the host
+            // has no resolver a guest can reach), at most the three a
+            // resolver reads.
+            nameservers: Some(
+                cfg.resolv_conf()
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("nameserver "))
+                    .take(3)
+                    .map(str::to_string)
+                    .collect(),
+            ),
             authorized_keys: Some(cfg.authorized_keys.clone()),
             machine_id: Some(random_hex(16)?),
             entropy: Some(entropy),

@@ -68,12 +68,16 @@ impl Daemon {
     }
 
     /// A new image in the index, its files readable by the VMMs' group.
-    pub(crate) fn add_image(&self, rec: &ImageRecord) -> Result<()> {
+    /// Records a made image with who it is (`owner`), in one store lock:
+    /// there is no moment at which it exists without its owner's row.
+    pub(crate) fn add_image(&self, rec: &ImageRecord, owner: banger_store::Owner) -> Result<()> {
         crate::perms::share_image(
             &self.cfg.layout.image_dir(&rec.name),
             self.cfg.vmm_images_gid,
         )?;
-        self.store().upsert_image(rec)?;
+        let store = self.store();
+        store.set_owner(banger_store::Owned::Image, &rec.name, owner)?;
+        store.upsert_image(rec)?;
         Ok(())
     }
 
@@ -122,7 +126,16 @@ impl Daemon {
         }
     }
 
-    pub fn build_image(&self, name: &str, force: bool, events: Events) -> Result<ImageInfo> {
+    /// An image of banger's recipe is root's whoever asked for it (its
+    /// files are Debian's, not the caller's); a member may rebuild only an
+    /// image of their own (checked under the images' lock).
+    pub fn build_image(
+        &self,
+        name: &str,
+        force: bool,
+        caller: &crate::access::Caller,
+        events: Events,
+    ) -> Result<ImageInfo> {
         let recipe = Recipe::default_for(name)
             .ok_or_else(|| DaemonError::Image(image::ImageError::Unknown(name.to_string())))?;
         let _g = lock(&self.image_lock);
@@ -136,11 +149,12 @@ impl Daemon {
                 });
                 return Ok(image_info(&rec));
             }
+            caller.may_replace(&self.store(), banger_store::Owned::Image, name, "rebuild")?;
             self.refuse_if_used(name)?;
         }
         let dir = self.cfg.layout.image_dir(name);
         let rec = image::build(name, &dir, &recipe, &mut |r| report(name, r, events))?;
-        self.add_image(&rec)?;
+        self.add_image(&rec, banger_store::Owner::default())?;
         Ok(image_info(&rec))
     }
 
@@ -162,18 +176,19 @@ impl Daemon {
             )));
         }
         if caller.is_root() {
-            return self.import_from(name, source, events);
+            return self.import_from(name, source, caller.uid, events);
         }
         // A caller who is not root imports what they can read: the
         // source is read by a process with their ids into a file of the
         // daemon's, which the import then reads (nothing they swap later
         // reaches it, nothing only root can read gets in).
         self.refuse_existing(name)?;
+        self.refuse_reserved(name, caller)?;
         let staged = crate::access::stage_as(caller, source, &self.cfg.layout.cache_dir())?;
         events(Event::Progress {
             message: format!("read {} as uid {}", source.display(), caller.uid),
         });
-        let r = self.import_from(name, staged.path(), events);
+        let r = self.import_from(name, staged.path(), caller.uid, events);
         drop(staged);
         r
     }
@@ -182,6 +197,7 @@ impl Daemon {
         &self,
         name: &str,
         source: &std::path::Path,
+        owner: u32,
         events: Events,
     ) -> Result<ImageInfo> {
         let _g = lock(&self.image_lock);
@@ -195,12 +211,33 @@ impl Daemon {
             banger_guest::import::import(name, &dir, source, base.as_ref(), &busybox, &mut |r| {
                 report(name, r, events)
             })?;
-        self.add_image(&rec)?;
+        self.add_image(
+            &rec,
+            banger_store::Owner {
+                uid: owner,
+                root_only: false,
+            },
+        )?;
         Ok(image_info(&rec))
     }
 
     /// A new image's name must be free (imports and commits never replace
     /// an image).
+    /// A member may not make an image under the name root's VMs get by
+    /// default (a recipe's, or the configured default image's): root would
+    /// boot the member's files without having named them.
+    pub(crate) fn refuse_reserved(&self, name: &str, caller: &crate::access::Caller) -> Result<()> {
+        if !caller.is_root()
+            && (Recipe::default_for(name).is_some() || name == self.cfg.default_image)
+        {
+            return Err(DaemonError::Invalid(format!(
+                "image {name:?} is the name of banger's default image: only root may make an \
+                 image under it; pick another name"
+            )));
+        }
+        Ok(())
+    }
+
     pub(crate) fn refuse_existing(&self, name: &str) -> Result<()> {
         if self.store().image(name)?.is_some() || self.cfg.layout.image_dir(name).exists() {
             return Err(DaemonError::Invalid(format!(
@@ -237,9 +274,12 @@ impl Daemon {
         Ok(out)
     }
 
-    pub fn delete_image(&self, name: &str) -> Result<()> {
+    /// A member may remove only an image of their own (checked under the
+    /// images' lock, so no build or import slips in between).
+    pub fn delete_image(&self, name: &str, caller: &crate::access::Caller) -> Result<()> {
         let _g = lock(&self.image_lock);
         let rec = self.image(name)?;
+        caller.may_replace(&self.store(), banger_store::Owned::Image, name, "remove")?;
         self.refuse_if_used(name)?;
         fsutil::remove_dir_all_if_exists(&rec.dir)?;
         self.store().delete_image(name)?;
@@ -299,6 +339,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::access::Caller;
     use crate::daemon::testutil::{daemon, vm_with_tap};
 
     #[test]
@@ -312,7 +353,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let d2 = daemon.clone();
         std::thread::spawn(move || {
-            let r = d2.build_image(DEFAULT_IMAGE, true, &mut |_| {});
+            let r = d2.build_image(DEFAULT_IMAGE, true, &Caller::root(), &mut |_| {});
             let _ = tx.send(r.map(|_| ()).map_err(|e| e.to_string()));
         });
         let r = rx
@@ -322,7 +363,7 @@ mod tests {
         assert!(e.contains("used by vm(s) user"), "{e}");
         // Without --force the built image is reported, not rebuilt.
         let info = daemon
-            .build_image(DEFAULT_IMAGE, false, &mut |_| {})
+            .build_image(DEFAULT_IMAGE, false, &Caller::root(), &mut |_| {})
             .unwrap();
         assert_eq!(info.kernel_version, "6.1");
     }
@@ -353,8 +394,26 @@ mod tests {
         assert!(daemon.image(DEFAULT_IMAGE).is_ok());
         let e = daemon.image("other").unwrap_err().to_string();
         assert!(e.contains("image \"other\" is not built"), "{e}");
-        daemon.delete_image(DEFAULT_IMAGE).unwrap();
+        daemon.delete_image(DEFAULT_IMAGE, &Caller::root()).unwrap();
         assert!(daemon.image(DEFAULT_IMAGE).is_err());
         assert!(!daemon.cfg.layout.image_dir(DEFAULT_IMAGE).exists());
+    }
+
+    #[test]
+    fn members_make_no_image_under_the_default_images_name() {
+        let d = tempfile::tempdir().unwrap();
+        let daemon = daemon(d.path());
+        let alice = Caller {
+            uid: 4321,
+            gid: 4321,
+            pid: 1,
+            groups: Vec::new(),
+        };
+        let e = daemon.refuse_reserved(DEFAULT_IMAGE, &alice).unwrap_err();
+        assert!(e.to_string().contains("only root may make"), "{e}");
+        daemon.refuse_reserved("mine", &alice).unwrap();
+        daemon
+            .refuse_reserved(DEFAULT_IMAGE, &Caller::root())
+            .unwrap();
     }
 }

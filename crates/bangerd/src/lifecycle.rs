@@ -81,7 +81,7 @@ impl Daemon {
             events(Event::Progress {
                 message: format!("image {image_name} is not built yet: building it now"),
             });
-            self.build_image(&image_name, false, events)?;
+            self.build_image(&image_name, false, &crate::access::Caller::root(), events)?;
         }
         // The image may not be deleted or rebuilt between this lookup and
         // the row that makes it "in use".
@@ -133,6 +133,15 @@ impl Daemon {
             },
             created_at: banger_core::unix_now(),
         };
+        // What a VM only root may use could write on its volumes stays
+        // root's: marked before the VM exists, so that no member's VM
+        // takes such a volume in between.
+        if crate::access::root_only(&vm) || crate::access::root_only_data(&self.store(), &vm)? {
+            let store = self.store();
+            for v in &vm.spec.volumes {
+                store.mark_root_only(banger_store::Owned::Volume, &v.name)?;
+            }
+        }
         hit("create.begin")?;
         self.store().insert_vm(&vm).map_err(|e| match e {
             banger_store::StoreError::NameTaken(n) => DaemonError::VmExists(n),

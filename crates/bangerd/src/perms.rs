@@ -308,5 +308,11 @@ mod tests {
         share_client_key(&l, Some(4242)).unwrap();
         assert_eq!(std::fs::read(group_key(&l)).unwrap(), group);
         assert_eq!(std::fs::read(l.client_key()).unwrap(), client);
+        // A copy with a .pub (the bytes alone say it is root's).
+        std::fs::write(group_key(&l), &client).unwrap();
+        share_client_key(&l, Some(4242)).unwrap();
+        let again = std::fs::read(l.client_key()).unwrap();
+        assert_ne!(again, client, "root's key is made again");
+        assert_ne!(std::fs::read(group_key(&l)).unwrap(), again);
     }
 }

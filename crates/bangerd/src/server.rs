@@ -358,19 +358,8 @@ pub fn dispatch(
     events: &mut dyn FnMut(Event),
     conn: &Conn,
 ) -> Result<Response> {
-    use banger_store::{Owned, Owner};
     let req = vouch(daemon, req, &conn.caller)?;
     let caller = &conn.caller;
-    let own = |kind: Owned, name: &str, root_only: bool| {
-        daemon.store().set_owner(
-            kind,
-            name,
-            Owner {
-                uid: caller.uid,
-                root_only,
-            },
-        )
-    };
     Ok(match req {
         Request::Ping => Response::Pong {
             version: PROTOCOL_VERSION,
@@ -396,31 +385,20 @@ pub fn dispatch(
             vms: daemon.list()?,
         },
         Request::ImageBuild { name, force } => {
-            let built = daemon.build_image(&name, force, events)?;
-            own(Owned::Image, &name, false)?;
-            Response::Image(built)
+            Response::Image(daemon.build_image(&name, force, caller, events)?)
         }
         Request::ImageList => Response::Images {
             images: daemon.list_images()?,
         },
         Request::ImageDelete { name } => {
-            daemon.delete_image(&name)?;
-            daemon.store().forget_owner(Owned::Image, &name)?;
+            daemon.delete_image(&name, caller)?;
             Response::Deleted { name }
         }
         Request::ImageImport { name, source } => {
-            let made = daemon.import_image(&name, &source, caller, events)?;
-            own(Owned::Image, &name, false)?;
-            Response::Image(made)
+            Response::Image(daemon.import_image(&name, &source, caller, events)?)
         }
         Request::VmCommit { name, image } => {
-            // What a VM only root may use held stays root's.
-            let vm = daemon.find(&name)?;
-            let root_only = crate::access::root_only(&vm)
-                || crate::access::root_only_data(&daemon.store(), &vm)?;
-            let made = daemon.commit(&name, &image, events)?;
-            own(Owned::Image, &image, root_only)?;
-            Response::Image(made)
+            Response::Image(daemon.commit(&name, &image, caller, events)?)
         }
         Request::DaemonStop => {
             if !conn.caller.is_root() {
@@ -458,16 +436,13 @@ pub fn dispatch(
         Request::VmPortAdd { name, port } => Response::Vm(Box::new(daemon.port_add(&name, port)?)),
         Request::VmPortRm { name, host } => Response::Vm(Box::new(daemon.port_rm(&name, &host)?)),
         Request::VolumeCreate { name, size_mib } => {
-            let made = daemon.create_volume(&name, size_mib)?;
-            own(Owned::Volume, &name, false)?;
-            Response::Volume(made)
+            Response::Volume(daemon.create_volume(&name, size_mib, caller)?)
         }
         Request::VolumeList => Response::Volumes {
             volumes: daemon.list_volumes()?,
         },
         Request::VolumeDelete { name } => {
-            daemon.delete_volume(&name)?;
-            daemon.store().forget_owner(Owned::Volume, &name)?;
+            daemon.delete_volume(&name, caller)?;
             Response::Deleted { name }
         }
         // Served by `handle` (it passes a descriptor).
@@ -506,22 +481,6 @@ fn vouch(daemon: &Daemon, req: Request, caller: &crate::access::Caller) -> Resul
             Err(e) => return Err(e),
         }
     }
-    // Images and volumes: members remove or replace only their own.
-    match &req {
-        Request::ImageDelete { name } => {
-            caller.may_replace(&daemon.store(), Owned::Image, name, "remove")?
-        }
-        Request::ImageBuild { name, force: true } => {
-            let exists = daemon.store().image(name)?.is_some();
-            if exists {
-                caller.may_replace(&daemon.store(), Owned::Image, name, "rebuild")?
-            }
-        }
-        Request::VolumeDelete { name } => {
-            caller.may_replace(&daemon.store(), Owned::Volume, name, "remove")?
-        }
-        _ => {}
-    }
     Ok(match req {
         Request::VmCreate(mut c) => {
             if !caller.is_root() {
@@ -530,14 +489,6 @@ fn vouch(daemon: &Daemon, req: Request, caller: &crate::access::Caller) -> Resul
                 caller.may_read(&store, Owned::Image, image)?;
                 for v in &c.volumes {
                     caller.may_read(&store, Owned::Volume, &v.name)?;
-                }
-            } else if !c.mounts.is_empty() {
-                // A VM only root may use: what its guest writes on a
-                // volume stays root's (marked before the VM exists, so no
-                // member's VM can take the volume in between).
-                let store = daemon.store();
-                for v in &c.volumes {
-                    store.mark_root_only(Owned::Volume, &v.name)?;
                 }
             }
             for m in &mut c.mounts {

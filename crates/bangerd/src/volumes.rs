@@ -22,7 +22,13 @@ const MIN_MIB: u64 = 16;
 const MAX_MIB: u64 = 16 << 20;
 
 impl Daemon {
-    pub fn create_volume(&self, name: &str, size_mib: u64) -> Result<VolumeInfo> {
+    /// The volume is the caller's (recorded under the volumes' lock).
+    pub fn create_volume(
+        &self,
+        name: &str,
+        size_mib: u64,
+        caller: &crate::access::Caller,
+    ) -> Result<VolumeInfo> {
         banger_core::validate_name(name)
             .map_err(|e| DaemonError::Invalid(format!("volume {name:?}: {e}")))?;
         if !(MIN_MIB..=MAX_MIB).contains(&size_mib) {
@@ -58,6 +64,14 @@ impl Daemon {
                 ],
                 None,
                 std::time::Duration::from_secs(300),
+            )?;
+            self.store().set_owner(
+                banger_store::Owned::Volume,
+                name,
+                banger_store::Owner {
+                    uid: caller.uid,
+                    root_only: false,
+                },
             )?;
             std::fs::rename(&tmp, &path).with_path("rename into", &path)?;
             Ok::<(), DaemonError>(())
@@ -123,9 +137,11 @@ impl Daemon {
         })
     }
 
-    pub fn delete_volume(&self, name: &str) -> Result<()> {
+    /// A member may remove only a volume of their own.
+    pub fn delete_volume(&self, name: &str, caller: &crate::access::Caller) -> Result<()> {
         let _g = lock(&self.volume_lock);
         let info = self.volume_info(name)?;
+        caller.may_replace(&self.store(), banger_store::Owned::Volume, name, "remove")?;
         if !info.used_by.is_empty() {
             return Err(DaemonError::Invalid(format!(
                 "volume {name:?} is mounted by vm(s) {}: delete them first",
@@ -133,6 +149,8 @@ impl Daemon {
             )));
         }
         fsutil::remove_file_if_exists(&info.path)?;
+        self.store()
+            .forget_owner(banger_store::Owned::Volume, name)?;
         Ok(())
     }
 

@@ -87,6 +87,11 @@ fn valid_hostname(h: &str) -> bool {
 /// the guest reachable by the agent (vsock needs no network).
 pub fn set_identity(id: &Identity) -> Result<(), String> {
     check_identity(id)?;
+    // First what can fail for reasons of the guest's own (its kernel's
+    // ioctls), so that a refusal leaves the rest as it was.
+    if let Some(bytes) = &id.entropy {
+        add_entropy(bytes)?;
+    }
     if let Some(h) = &id.hostname {
         nix::unistd::sethostname(h).map_err(|e| format!("sethostname {h}: {e}"))?;
         write("/etc/hostname", &format!("{h}\n"), 0o644)?;
@@ -123,9 +128,6 @@ pub fn set_identity(id: &Identity) -> Result<(), String> {
     }
     if let Some(b) = &id.boot_id {
         write(crate::BOOT_ID_FILE, &format!("{b}\n"), 0o644)?;
-    }
-    if let Some(bytes) = &id.entropy {
-        add_entropy(bytes)?;
     }
     if let Some((key, public)) = &id.host_key {
         write("/etc/ssh/ssh_host_ed25519_key", key, 0o600)?;
@@ -253,11 +255,16 @@ fn add_entropy(bytes: &[u8]) -> Result<(), String> {
                 std::io::Error::last_os_error()
             ));
         }
+        // Before Linux 4.17 there is no RNDRESEEDCRNG: the CRNG takes the
+        // credited entropy at its next reseed.
         if nix::libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG as _) != 0 {
-            return Err(format!(
-                "RNDRESEEDCRNG: {}",
-                std::io::Error::last_os_error()
-            ));
+            let e = std::io::Error::last_os_error();
+            if !matches!(
+                e.raw_os_error(),
+                Some(nix::libc::EINVAL) | Some(nix::libc::ENOTTY)
+            ) {
+                return Err(format!("RNDRESEEDCRNG: {e}"));
+            }
         }
     }
     Ok(())
