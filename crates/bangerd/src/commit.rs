@@ -65,20 +65,20 @@ impl Daemon {
         let base = self.image(&vm.spec.image)?;
         let dir = self.cfg.layout.image_dir(image_name);
         let work = dir.with_extension("building");
-        let r = self.commit_into(&vm, &base, image_name, &dir, &work, events);
+        let root_only =
+            crate::access::root_only(&vm) || crate::access::root_only_data(&self.store(), &vm)?;
+        let owner = banger_store::Owner {
+            uid: caller.uid,
+            root_only,
+        };
+        let r = self.making(image_name, owner, || {
+            self.commit_into(&vm, &base, image_name, &dir, &work, events)
+        });
         if r.is_err() {
             let _ = fsutil::remove_dir_all_if_exists(&work);
         }
         let rec = r?;
-        let root_only =
-            crate::access::root_only(&vm) || crate::access::root_only_data(&self.store(), &vm)?;
-        self.add_image(
-            &rec,
-            banger_store::Owner {
-                uid: caller.uid,
-                root_only,
-            },
-        )?;
+        self.add_image(&rec)?;
         Ok(image_info(&rec))
     }
 

@@ -68,17 +68,37 @@ impl Daemon {
     }
 
     /// A new image in the index, its files readable by the VMMs' group.
-    /// Records a made image with who it is (`owner`), in one store lock:
-    /// there is no moment at which it exists without its owner's row.
-    pub(crate) fn add_image(&self, rec: &ImageRecord, owner: banger_store::Owner) -> Result<()> {
+    /// Records a made image. Its owner's row was written before its dir
+    /// was renamed into place (`making`): a daemon that dies in between
+    /// leaves a dir the next start adopts with the right owner.
+    pub(crate) fn add_image(&self, rec: &ImageRecord) -> Result<()> {
         crate::perms::share_image(
             &self.cfg.layout.image_dir(&rec.name),
             self.cfg.vmm_images_gid,
         )?;
-        let store = self.store();
-        store.set_owner(banger_store::Owned::Image, &rec.name, owner)?;
-        store.upsert_image(rec)?;
+        self.store().upsert_image(rec)?;
         Ok(())
+    }
+
+    /// Runs `make` (which renames the image's dir into place) with the
+    /// image's owner recorded first; a failure takes the row back.
+    pub(crate) fn making<T>(
+        &self,
+        name: &str,
+        owner: banger_store::Owner,
+        make: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        let before = self.store().owner(banger_store::Owned::Image, name)?;
+        self.store()
+            .set_owner(banger_store::Owned::Image, name, owner)?;
+        let r = make();
+        if r.is_err() {
+            // The old image (a failed rebuild keeps it) keeps its owner.
+            let _ = self
+                .store()
+                .set_owner(banger_store::Owned::Image, name, before);
+        }
+        r
     }
 
     pub fn image(&self, name: &str) -> Result<ImageRecord> {
@@ -153,8 +173,12 @@ impl Daemon {
             self.refuse_if_used(name)?;
         }
         let dir = self.cfg.layout.image_dir(name);
-        let rec = image::build(name, &dir, &recipe, &mut |r| report(name, r, events))?;
-        self.add_image(&rec, banger_store::Owner::default())?;
+        let rec = self.making(name, banger_store::Owner::default(), || {
+            Ok(image::build(name, &dir, &recipe, &mut |r| {
+                report(name, r, events)
+            })?)
+        })?;
+        self.add_image(&rec)?;
         Ok(image_info(&rec))
     }
 
@@ -207,17 +231,21 @@ impl Daemon {
             .map(|r| r.busybox)
             .unwrap_or_else(|| PathBuf::from("/bin/busybox"));
         let dir = self.cfg.layout.image_dir(name);
-        let rec =
-            banger_guest::import::import(name, &dir, source, base.as_ref(), &busybox, &mut |r| {
-                report(name, r, events)
-            })?;
-        self.add_image(
-            &rec,
-            banger_store::Owner {
-                uid: owner,
-                root_only: false,
-            },
-        )?;
+        let owner = banger_store::Owner {
+            uid: owner,
+            root_only: false,
+        };
+        let rec = self.making(name, owner, || {
+            Ok(banger_guest::import::import(
+                name,
+                &dir,
+                source,
+                base.as_ref(),
+                &busybox,
+                &mut |r| report(name, r, events),
+            )?)
+        })?;
+        self.add_image(&rec)?;
         Ok(image_info(&rec))
     }
 

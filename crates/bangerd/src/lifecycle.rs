@@ -133,9 +133,13 @@ impl Daemon {
             },
             created_at: banger_core::unix_now(),
         };
-        // What a VM only root may use could write on its volumes stays
-        // root's: marked before the VM exists, so that no member's VM
-        // takes such a volume in between.
+        // Under the volumes' lock, the volumes are checked again and the
+        // row that makes them "in use" written: no `volume rm` (and a
+        // member's `volume create` under the name) slips in between. What
+        // a VM only root may use could write on them stays root's: marked
+        // before the VM exists, so that no member's VM takes one between.
+        let volume_guard = lock(&self.volume_lock);
+        self.check_mounts(&req.volumes)?;
         if crate::access::root_only(&vm) || crate::access::root_only_data(&self.store(), &vm)? {
             let store = self.store();
             for v in &vm.spec.volumes {
@@ -147,6 +151,7 @@ impl Daemon {
             banger_store::StoreError::NameTaken(n) => DaemonError::VmExists(n),
             e => e.into(),
         })?;
+        drop(volume_guard);
         drop(image_guard);
         events(Event::Spec {
             line: format!(

@@ -65,14 +65,23 @@ impl Daemon {
                 None,
                 std::time::Duration::from_secs(300),
             )?;
-            self.store().set_owner(
+            // A VM that still names this volume and made it root-only
+            // keeps it so (its file was gone; this is its new one).
+            let store = self.store();
+            let named = store
+                .list_vms()?
+                .iter()
+                .any(|v| v.spec.volumes.iter().any(|m| m.name == name));
+            let root_only = named && store.owner(banger_store::Owned::Volume, name)?.root_only;
+            store.set_owner(
                 banger_store::Owned::Volume,
                 name,
                 banger_store::Owner {
                     uid: caller.uid,
-                    root_only: false,
+                    root_only,
                 },
             )?;
+            drop(store);
             std::fs::rename(&tmp, &path).with_path("rename into", &path)?;
             Ok::<(), DaemonError>(())
         })();

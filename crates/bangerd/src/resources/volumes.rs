@@ -28,6 +28,16 @@ impl Resource for Volumes {
             return Ok(());
         }
         let _g = lock(&d.volume_lock);
+        // What a VM only root may use (its mounts, or root-only data on
+        // any of its disks) writes on its volumes stays root's: every one
+        // of them is marked, at each start (a volume it took from a
+        // member's VM included).
+        if crate::access::root_only(cx.vm) || crate::access::root_only_data(&d.store(), cx.vm)? {
+            let store = d.store();
+            for m in &cx.vm.spec.volumes {
+                store.mark_root_only(banger_store::Owned::Volume, &m.name)?;
+            }
+        }
         let vms = d.store().list_vms()?;
         let mut attached = lock(&d.attached);
         for m in &cx.vm.spec.volumes {
