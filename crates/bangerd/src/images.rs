@@ -226,7 +226,21 @@ impl Daemon {
     ) -> Result<ImageInfo> {
         let _g = lock(&self.image_lock);
         self.refuse_existing(name)?;
-        let base = self.store().image(DEFAULT_IMAGE)?;
+        // The default image lends its kernel (and modules) to a tree
+        // without one, unless only root may read it and the caller is not
+        // root.
+        let base = {
+            let store = self.store();
+            let lend = owner == 0
+                || !store
+                    .owner(banger_store::Owned::Image, DEFAULT_IMAGE)?
+                    .root_only;
+            if lend {
+                store.image(DEFAULT_IMAGE)?
+            } else {
+                None
+            }
+        };
         let busybox = Recipe::default_for(DEFAULT_IMAGE)
             .map(|r| r.busybox)
             .unwrap_or_else(|| PathBuf::from("/bin/busybox"));
