@@ -100,23 +100,38 @@ fn vsock_main() {
 }
 
 /// Tells the host the agent is up (with this boot's id, so that a hello
-/// from an earlier boot never counts). A host that does not listen (a
-/// restarted daemon) is no error.
+/// from an earlier boot never counts). A connect that times out (the
+/// host's vsock backend busy: many guests booting on few cores) is tried
+/// again, for at most a minute; a host that does not listen (a restarted
+/// daemon) is no error.
 fn hello() {
     let boot_id = boot_id();
-    match vsock::VsockStream::connect_with_cid_port(HOST_CID, HELLO_PORT) {
-        Ok(mut s) => {
-            if let Err(e) = write_msg(
-                &mut s,
-                &Msg::Hello {
-                    version: VERSION,
-                    boot_id,
-                },
-            ) {
-                log(&format!("hello: {e}"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        match vsock::VsockStream::connect_with_cid_port(HOST_CID, HELLO_PORT) {
+            Ok(mut s) => {
+                if let Err(e) = write_msg(
+                    &mut s,
+                    &Msg::Hello {
+                        version: VERSION,
+                        boot_id,
+                    },
+                ) {
+                    log(&format!("hello: {e}"));
+                }
+                return;
+            }
+            Err(e)
+                if e.kind() == std::io::ErrorKind::TimedOut
+                    && std::time::Instant::now() < deadline =>
+            {
+                log(&format!("hello to the host: {e}; trying again"));
+            }
+            Err(e) => {
+                log(&format!("hello to the host: {e}"));
+                return;
             }
         }
-        Err(e) => log(&format!("hello to the host: {e}")),
     }
 }
 
