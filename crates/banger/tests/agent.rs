@@ -436,15 +436,16 @@ fn trees_copy_both_ways_and_the_agent_and_daemon_come_back() {
     // straight on the VM's vsock socket as the daemon speaks to it.
     let id = inst.vm("c").unwrap()["id"].as_str().unwrap().to_string();
     let uds = inst.runtime().join("vms").join(&id).join("vsock.sock");
-    let call = |c: banger_agent::proto::Call| {
+    let try_call = |c: banger_agent::proto::Call| {
         let s = banger_agent::connect(
             &uds,
             banger_agent::proto::AGENT_PORT,
             Duration::from_secs(10),
         )
         .expect("connect to the agent");
-        banger_agent::client::call(s, c).expect("agent call")
+        banger_agent::client::call(s, c)
     };
+    let call = |c: banger_agent::proto::Call| try_call(c).expect("agent call");
     let ident = banger_agent::proto::Identity {
         hostname: Some("renamed".into()),
         ..Default::default()
@@ -465,13 +466,7 @@ fn trees_copy_both_ways_and_the_agent_and_daemon_come_back() {
         hostname: Some("a;reboot".into()),
         ..Default::default()
     };
-    let s = banger_agent::connect(
-        &uds,
-        banger_agent::proto::AGENT_PORT,
-        Duration::from_secs(10),
-    )
-    .unwrap();
-    assert!(banger_agent::client::call(s, banger_agent::proto::Call::SetIdentity(bad)).is_err());
+    assert!(try_call(banger_agent::proto::Call::SetIdentity(bad)).is_err());
     // 2033-05-18: the guest's clock follows.
     let t = 2_000_000_000u64 * 1_000_000_000;
     assert_eq!(
@@ -549,13 +544,7 @@ fn trees_copy_both_ways_and_the_agent_and_daemon_come_back() {
             ..Default::default()
         },
     ] {
-        let s = banger_agent::connect(
-            &uds,
-            banger_agent::proto::AGENT_PORT,
-            Duration::from_secs(10),
-        )
-        .unwrap();
-        let r = banger_agent::client::call(s, banger_agent::proto::Call::SetIdentity(bad.clone()));
+        let r = try_call(banger_agent::proto::Call::SetIdentity(bad.clone()));
         assert!(r.is_err(), "{bad:?}: {r:?}");
     }
     assert_eq!(guest(&["hostname"]), "renamed\n");
