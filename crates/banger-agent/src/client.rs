@@ -62,6 +62,13 @@ impl Control {
         self.close_stdin()
     }
 
+    /// Leaves the call: the connection is shut both ways (the session's
+    /// reader sees its end). A detached process carries on in the guest.
+    pub fn hang_up(&self) {
+        let w = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = w.shutdown(Shutdown::Both);
+    }
+
     /// Ends an `Input` call.
     pub fn done(&self) -> Result<(), ProtoError> {
         self.send(&Msg::Done)

@@ -3,13 +3,16 @@
 //! The daemon hands this process a connection to the agent; everything
 //! after that is the agent protocol (`banger_agent::proto`).
 
-use std::io::{IsTerminal, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use banger_agent::client::{self, Control, Session};
-use banger_agent::proto::{Call, ExecSpec, FileStat, Msg, ProcInfo, Target, WinSize};
+use banger_agent::proto::{Call, ExecSpec, FileStat, Msg, ProcInfo, ProtoError, Target, WinSize};
 use clap::Args;
 use nix::sys::signal::{SigSet, Signal};
 
@@ -125,11 +128,29 @@ impl Drop for RawMode {
     }
 }
 
+/// How a session may be left without ending its process.
+#[derive(Debug, Clone)]
+pub struct Leave {
+    /// Forward INT, TERM, HUP and QUIT to the process (`exec`, `run`);
+    /// without, they detach (`attach` unless `--sig-proxy`).
+    pub sig_proxy: bool,
+    /// A key sequence on the forwarded input that detaches (`attach`).
+    pub keys: Vec<u8>,
+}
+
+impl Leave {
+    const OWN: Leave = Leave {
+        sig_proxy: true,
+        keys: Vec::new(),
+    };
+}
+
 /// Forwards this process's signals to the guest's process: window
 /// changes as resizes, the rest as signals (with a PTY, Ctrl-C is a byte
-/// on stdin, as with ssh -t). Blocked here and taken by one thread with
-/// sigwait: no handler, no polling.
-fn forward_signals(ctl: Control, tty: bool) {
+/// on stdin, as with ssh -t), or, when they are not to be forwarded, as
+/// a detach. Blocked here and taken by one thread with sigwait: no
+/// handler, no polling.
+fn forward_signals(ctl: Control, tty: bool, proxy: bool, detached: Arc<AtomicBool>) {
     let mut set = SigSet::empty();
     for s in [
         Signal::SIGWINCH,
@@ -148,12 +169,99 @@ fn forward_signals(ctl: Control, tty: bool) {
         let r = match sig {
             Signal::SIGWINCH if tty => ctl.resize(terminal_size()),
             Signal::SIGWINCH => Ok(()),
-            s => ctl.signal(s as i32),
+            s if proxy => ctl.signal(s as i32),
+            _ => {
+                detached.store(true, Ordering::SeqCst);
+                ctl.hang_up();
+                return;
+            }
         };
         if r.is_err() {
             return;
         }
     });
+}
+
+/// Copies `input` to the process's stdin until its end (then closes the
+/// process's stdin), or until the detach sequence is typed (then hangs
+/// up, leaving the process running).
+fn feed(
+    ctl: &Control,
+    mut input: impl Read,
+    keys: Vec<u8>,
+    detached: &AtomicBool,
+) -> Result<(), ProtoError> {
+    if keys.is_empty() {
+        return ctl.feed(input);
+    }
+    let mut scan = crate::detach::Scanner::new(keys);
+    let mut buf = vec![0u8; 32 << 10];
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let (pass, done) = scan.scan(&buf[..n]);
+        if !pass.is_empty() {
+            ctl.stdin(&pass)?;
+        }
+        if done {
+            detached.store(true, Ordering::SeqCst);
+            ctl.hang_up();
+            return Ok(());
+        }
+    }
+    if !scan.held().is_empty() {
+        ctl.stdin(scan.held())?;
+    }
+    ctl.close_stdin()
+}
+
+/// The exit status of a command whose VM banger ended under it (its TTL
+/// or idle timeout, an OOM kill, `vm kill`/`vm stop`/`vm rm -f` from
+/// elsewhere): docker's status for a container killed under `docker run`.
+pub const ENDED_WITH_VM: i32 = 137;
+
+/// The agent's connection closed under a running command: if the VM went
+/// (banger ended it, or its VMM died), says why in the VM's own words.
+/// The daemon records why before it ends a VM; a VMM that died by itself
+/// is recorded by its reaper a moment after the connection closes, so a
+/// VM still running is asked again for a few seconds.
+fn ended_under(client: &Client, name: &str, err: ProtoError) -> anyhow::Result<i32> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let why = match client.call(
+            banger_core::api::Request::VmGet {
+                name: name.to_string(),
+            },
+            &mut |_| {},
+        ) {
+            Ok(banger_core::api::Response::Vm(vm)) => match (vm.state, vm.last_error) {
+                (_, Some(e)) => Some(e),
+                (banger_core::VmState::Running, None) => None,
+                (st, None) => Some(format!("the VM is {st}")),
+            },
+            Err(crate::client::ClientError::Api(e))
+                if e.kind == banger_core::api::ErrorKind::NotFound =>
+            {
+                Some("the VM was deleted".into())
+            }
+            _ => None,
+        };
+        if let Some(why) = why {
+            eprintln!(
+                "vm {name}: the command ended with its VM: {}",
+                banger_core::text::escape_control(&why, false)
+            );
+            return Ok(ENDED_WITH_VM);
+        }
+        if Instant::now() >= deadline {
+            bail!("vm {name}: {err} (the VM still runs)");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Runs `command` in VM `name` through its agent, as `docker exec` does;
@@ -167,6 +275,14 @@ pub fn exec(
     if command.is_empty() {
         bail!("vm exec {name}: no command (banger vm exec {name} -- CMD...)");
     }
+    // docker's rule: a terminal's input needs a terminal here (its end
+    // and its signals cannot be passed through a PTY from a pipe).
+    if flags.tty && flags.interactive && !std::io::stdin().is_terminal() {
+        bail!(
+            "vm exec {name} -it: the input is not a terminal: leave out -t \
+             (-i alone passes a pipe or file through, and its end)"
+        );
+    }
     let spec = spec(flags, command)?;
     let conn = agent(client, name)?;
     let session = Session::start(conn, Call::Exec(spec)).map_err(|e| anyhow!("vm {name}: {e}"))?;
@@ -177,24 +293,46 @@ pub fn exec(
         println!("{pid}");
         return Ok(0);
     }
-    attach_session(name, session, flags.interactive, flags.tty)
+    let tty = flags.tty;
+    attach_session(client, name, session, flags.interactive, tty, Leave::OWN)
 }
 
-fn attach_session(name: &str, session: Session, stdin: bool, tty: bool) -> anyhow::Result<i32> {
+fn attach_session(
+    client: &Client,
+    name: &str,
+    session: Session,
+    stdin: bool,
+    tty: bool,
+    leave: Leave,
+) -> anyhow::Result<i32> {
     let ctl = session.control();
-    forward_signals(ctl.clone(), tty);
-    let _raw = RawMode::enter(tty && stdin);
+    let pid = session.pid;
+    let detached = Arc::new(AtomicBool::new(false));
+    forward_signals(ctl.clone(), tty, leave.sig_proxy, detached.clone());
+    let raw = RawMode::enter(tty && stdin);
     if stdin {
-        let c = ctl.clone();
+        let (c, d) = (ctl.clone(), detached.clone());
         std::thread::spawn(move || {
-            let _ = c.feed(std::io::stdin().lock());
+            let _ = feed(&c, std::io::stdin().lock(), leave.keys, &d);
         });
     }
-    let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
-    let status = session
-        .wait(&mut out, &mut err)
-        .map_err(|e| anyhow!("vm {name}: {e}"))?;
-    Ok(status.shell_code())
+    let r = {
+        let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
+        session.wait(&mut out, &mut err)
+    };
+    drop(raw);
+    if detached.load(Ordering::SeqCst) {
+        eprintln!(
+            "detached from pid {pid} in vm {name}: it keeps running \
+             (`banger vm attach {name} {pid}` joins it again)"
+        );
+        return Ok(0);
+    }
+    match r {
+        Ok(status) => Ok(status.shell_code()),
+        Err(e @ (ProtoError::Closed | ProtoError::Io(_))) => ended_under(client, name, e),
+        Err(e) => Err(anyhow!("vm {name}: {e}")),
+    }
 }
 
 /// Starts `command` in the background in VM `name`; its pid.
@@ -243,14 +381,26 @@ pub fn ps(client: &Client, name: &str) -> anyhow::Result<Vec<ProcInfo>> {
     }
 }
 
-pub fn attach(client: &Client, name: &str, target: &str, interactive: bool) -> anyhow::Result<i32> {
+/// `vm attach`: joins a process without owning it. Signals to this
+/// process detach (unless `sig_proxy`), and so does `detach_keys` typed
+/// on the forwarded input.
+pub fn attach(
+    client: &Client,
+    name: &str,
+    target: &str,
+    interactive: bool,
+    sig_proxy: bool,
+    detach_keys: &str,
+) -> anyhow::Result<i32> {
+    let keys = crate::detach::parse(detach_keys)?;
     let target: Target = target.parse().unwrap_or_else(|e| match e {});
     let tty = ps(client, name)?
         .iter()
         .any(|p| p.tty && matches_target(p, &target));
     let session = Session::start(agent(client, name)?, Call::Attach { target })
         .map_err(|e| anyhow!("vm {name}: {e}"))?;
-    attach_session(name, session, interactive, tty)
+    let leave = Leave { sig_proxy, keys };
+    attach_session(client, name, session, interactive, tty, leave)
 }
 
 fn matches_target(p: &ProcInfo, t: &Target) -> bool {

@@ -1,6 +1,7 @@
 //! banger, the CLI: a thin client of bangerd plus ssh.
 
 mod client;
+mod detach;
 mod dnsinstall;
 mod guest;
 mod image;
@@ -175,7 +176,7 @@ pub enum VmCmd {
     /// Kill a VM's VMM at once (a boot in progress is cancelled).
     Kill { name: String },
     /// Delete a VM and everything it has (process, tap, disks, files).
-    #[command(alias = "rm")]
+    #[command(name = "rm", alias = "delete")]
     Delete {
         #[arg(required = true)]
         names: Vec<String>,
@@ -236,7 +237,8 @@ pub enum VmCmd {
         json: bool,
     },
     /// Join a process started with `vm exec -d`: its kept output, then
-    /// live, until it exits.
+    /// live, until it exits. Leaving does not end it: Ctrl-C (or any
+    /// signal) detaches, and so does the detach sequence typed with -i.
     Attach {
         name: String,
         /// Its pid or tag.
@@ -244,6 +246,14 @@ pub enum VmCmd {
         /// Send this terminal's input to it.
         #[arg(short, long)]
         interactive: bool,
+        /// Forward this command's signals (INT, TERM, HUP, QUIT) to the
+        /// process instead of detaching.
+        #[arg(long)]
+        sig_proxy: bool,
+        /// The keys that detach with -i (docker's format: ctrl-LETTER or a
+        /// character, comma-separated); "" for none.
+        #[arg(long, value_name = "KEYS", default_value = crate::detach::DEFAULT)]
+        detach_keys: String,
     },
     /// Send a signal to a process started through the agent.
     Signal {

@@ -230,7 +230,9 @@ pub fn run(client: &Client, cmd: VmCmd) -> anyhow::Result<i32> {
             name,
             target,
             interactive,
-        } => crate::guest::attach(client, &name, &target, interactive),
+            sig_proxy,
+            detach_keys,
+        } => crate::guest::attach(client, &name, &target, interactive, sig_proxy, &detach_keys),
         VmCmd::Signal {
             name,
             target,

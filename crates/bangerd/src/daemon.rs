@@ -149,18 +149,31 @@ pub(crate) fn phase(events: Events, name: &str, us: u64) {
 
 /// The kernel command line for every guest: serial console, no reboot on
 /// panic, the i8042 probes skipped except the keyboard that carries
-/// Ctrl-Alt-Del, PCI interrupts routed without evaluating ACPI's AML link
-/// objects (0.4 s under emulation; ACPI stays on for power-off), and the
-/// boot-time work a disposable VM does not need (timer and TSC checks, crypto
-/// self-tests, audit, speculative-execution mitigations inside the guest)
-/// skipped. The two blacklisted initcalls were the slowest that a VM does
-/// without (kprobe trace events, about 190 ms, and a KDF self-test, about
-/// 40 ms, under emulation with `initcall_debug`). Measured under emulation:
-/// docs/BENCHMARKS.md.
+/// Ctrl-Alt-Del, and the boot-time work a disposable VM does not need
+/// (timer and TSC checks, crypto self-tests, audit, speculative-execution
+/// mitigations inside the guest) skipped. The two blacklisted initcalls
+/// were the slowest that a VM does without (kprobe trace events, about
+/// 190 ms, and a KDF self-test, about 40 ms, under emulation with
+/// `initcall_debug`). Measured under emulation: docs/BENCHMARKS.md.
 pub const KERNEL_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet \
-     i8042.noaux i8042.nomux i8042.nopnp pci=noacpi \
+     i8042.noaux i8042.nomux i8042.nopnp \
      mitigations=off tsc=reliable no_timer_check cryptomgr.notests audit=0 \
      initcall_blacklist=init_kprobe_trace,crypto_kdf108_init";
+
+/// [`KERNEL_CMDLINE`] for a guest of `vcpus` CPUs. A one-CPU guest also
+/// routes PCI interrupts without evaluating ACPI's AML link objects
+/// (`pci=noacpi`, 0.4 s under emulation; ACPI stays on for power-off).
+/// Not with more: `pci=noacpi` also keeps the kernel from reading the
+/// IO-APICs from ACPI's MADT, and a kernel built without the MP-table
+/// parser (Debian's cloud kernel) then boots one CPU of the N it was given
+/// ("smpboot: SMP disabled").
+pub fn kernel_cmdline(vcpus: u32) -> String {
+    if vcpus <= 1 {
+        format!("{KERNEL_CMDLINE} pci=noacpi")
+    } else {
+        KERNEL_CMDLINE.to_string()
+    }
+}
 
 impl Daemon {
     pub fn open(cfg: Config) -> Result<Daemon> {

@@ -30,6 +30,7 @@ pub mod resources;
 pub mod server;
 pub mod settings;
 pub mod stats;
+pub mod uids;
 pub mod volumes;
 
 use std::os::unix::net::UnixListener;

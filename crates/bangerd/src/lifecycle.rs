@@ -21,6 +21,9 @@ use crate::resources::{self, item, Acq, End, Resource, CREATE, START};
 /// guest writes).
 const MAX_ROOT_MIB: u64 = 1 << 20;
 
+/// A killed VM's last word: what a command running in it is told.
+const KILLED: &str = "killed by `banger vm kill`";
+
 impl Daemon {
     // ---- create -------------------------------------------------------
 
@@ -384,6 +387,11 @@ impl Daemon {
         vm.runtime.state().check(&vm.name, "stop")?;
         hit("stop.begin")?;
         vm.runtime.state = Some(VmState::Stopping);
+        // Why, before the guest goes: a command running in it reads this
+        // when its connection closes (`vm run --ttl`).
+        if why.is_some() {
+            vm.runtime.last_error = why.clone();
+        }
         self.save(&vm)?;
         let clean = match (self.vmm_process(&vm), vm.runtime.api_sock_path.clone()) {
             (Some(p), Some(sock)) => {
@@ -428,7 +436,10 @@ impl Daemon {
         }
         vm.runtime.state().check(&vm.name, "kill")?;
         hit("kill.begin")?;
-        self.end_boot(&mut vm, VmState::Stopped, None, true)?;
+        // Why, before the VMM goes (as for a stop).
+        vm.runtime.last_error = Some(KILLED.into());
+        self.save(&vm)?;
+        self.end_boot(&mut vm, VmState::Stopped, Some(KILLED.into()), true)?;
         Ok(self.info(&vm))
     }
 

@@ -108,8 +108,9 @@ fn real_main() -> anyhow::Result<()> {
     // Ids an account could have are refused: a VMM would share them.
     for (flag, v) in [
         ("--vmm-uid-base", args.vmm_uid_base),
-        ("--vmm-images-gid", args.vmm_images_gid),
+        ("--vmm-images-gid", Some(args.vmm_images_gid)),
     ] {
+        let Some(v) = v else { continue };
         if v < 65_536 {
             bail!(
                 "{flag} {v}: below 65536 it would share ids with accounts' users or groups; the default is {}",
@@ -117,7 +118,6 @@ fn real_main() -> anyhow::Result<()> {
             );
         }
     }
-    cfg.vmm_uid_base = args.vmm_uid_base;
     cfg.vmm_images_gid = args.vmm_images_gid;
     cfg.vmm_memory_overhead_mib = args.vmm_memory_overhead;
     cfg.cgroup_parent = args.cgroup_parent;
@@ -141,13 +141,14 @@ fn real_main() -> anyhow::Result<()> {
         disk_mib: size("--disk-size", &args.disk_size)?,
     };
     cfg.settings = settings;
-    if cfg.vmm_uid_base.checked_add(cfg.subnet.slots()).is_none() {
-        bail!(
-            "--vmm-uid-base {} + the {} VMs --subnet {} holds overflow a uid: lower the base",
-            cfg.vmm_uid_base,
-            cfg.subnet.slots(),
-            args.subnet
-        );
+    if let Some(base) = args.vmm_uid_base {
+        if base.checked_add(cfg.subnet.slots()).is_none() {
+            bail!(
+                "--vmm-uid-base {base} + the {} VMs --subnet {} holds overflow a uid: lower the base",
+                cfg.subnet.slots(),
+                args.subnet
+            );
+        }
     }
     cfg.firecracker = std::env::var_os("BANGER_FIRECRACKER")
         .filter(|v| !v.is_empty())
@@ -207,8 +208,24 @@ fn real_main() -> anyhow::Result<()> {
     {
         cfg.release_delay = Duration::from_millis(ms);
     }
-    // This daemon's VMM uids are no other daemon's (held until exit).
-    let _uids = bangerd::perms::claim_uids(cfg.vmm_uid_base, cfg.subnet.slots())?;
+    // This daemon's VMM uids are no other daemon's (held until exit): the
+    // given range, or the one this state dir keeps, or a free one.
+    let uids = bangerd::uids::claim(
+        args.vmm_uid_base,
+        bangerd::config::DEFAULT_VMM_UID_BASE,
+        cfg.subnet.slots(),
+        &layout.state_dir,
+    )?;
+    cfg.vmm_uid_base = uids.base;
+    if uids.chosen {
+        if let Some(e) = cfg.settings.iter_mut().find(|e| e.key == "vmm_uid_base") {
+            e.value = uids.base.to_string();
+            e.source = format!(
+                "chosen (kept in {})",
+                layout.state_dir.join(bangerd::uids::RECORD).display()
+            );
+        }
+    }
     // Open and reconcile before the socket exists: a client that can connect
     // talks to a daemon that is ready.
     let cfg_socket_gid = cfg.socket_gid;

@@ -152,79 +152,6 @@ pub fn share_image(dir: &Path, vmm_gid: u32) -> Result<()> {
     Ok(())
 }
 
-/// Where daemons claim the uid ranges their VMMs run as (host-wide, not
-/// per state dir: two daemons must never hand one uid to two VMs).
-pub const UID_CLAIMS: &str = "/run/banger-uids";
-/// Claims are made in blocks of this many uids.
-const UID_BLOCK: u64 = 16_384;
-
-/// Claims `base + 1 .. base + count` (slot 0 is never a VM's) for this daemon's VMMs for as long
-/// as the returned locks live: an exclusive `flock` on every block of
-/// uids the range touches. Another daemon whose range overlaps holds one
-/// of them, and this one refuses to start, naming the fix.
-pub fn claim_uids(base: u32, count: u32) -> Result<UidClaim> {
-    // Root's alone: a lock file anyone could open and flock would let
-    // anyone keep a daemon from starting.
-    fsutil::create_dir_all(Path::new(UID_CLAIMS))?;
-    set(Path::new(UID_CLAIMS), 0, 0o700)?;
-    let first = (u64::from(base) + 1) / UID_BLOCK;
-    let top = u64::from(base) + u64::from(count.max(2)) - 1;
-    let last = top / UID_BLOCK;
-    let mut held = UidClaim(Vec::new());
-    for block in first..=last {
-        let path = Path::new(UID_CLAIMS).join(format!("{}.lock", block * UID_BLOCK));
-        let f = {
-            use std::os::unix::fs::OpenOptionsExt;
-            std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .mode(0o600)
-                .open(&path)
-                .with_path("open", &path)?
-        };
-        // The file may have been unlinked by its last holder (a clean
-        // exit removes them) between our open and our lock: the lock
-        // counts only on the file that is still at the path.
-        let lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
-            .map_err(|(_, e)| {
-                crate::error::DaemonError::Invalid(format!(
-                    "the VMM uids {}..={top} of --vmm-uid-base {base} are another bangerd's ({}: {e}): \
-                     give this daemon a base of its own (--vmm-uid-base, at least {} apart)",
-                    u64::from(base) + 1,
-                    path.display(),
-                    UID_BLOCK
-                ))
-            })?;
-        let same = std::fs::metadata(&path)
-            .ok()
-            .zip(lock.metadata().ok())
-            .is_some_and(|(p, f)| p.ino() == f.ino() && p.dev() == f.dev());
-        if !same {
-            return Err(crate::error::DaemonError::Invalid(format!(
-                "{}: replaced while it was being claimed (another bangerd starting or stopping): start again",
-                path.display()
-            )));
-        }
-        held.0.push((path, lock));
-    }
-    Ok(held)
-}
-
-/// A daemon's claim on its VMM uids: the lock files go with it at a
-/// clean exit (removed while still locked, so a daemon that opened one
-/// just before sees, by its inode, that it lost the race).
-#[derive(Debug)]
-pub struct UidClaim(Vec<(PathBuf, nix::fcntl::Flock<std::fs::File>)>);
-
-impl Drop for UidClaim {
-    fn drop(&mut self) {
-        for (path, _) in &self.0 {
-            let _ = std::fs::remove_file(path);
-        }
-    }
-}
-
 /// The first dir above `path` (inclusive) that a user other than root
 /// cannot pass through: a confined VMM could not reach its files.
 pub fn unreachable_ancestor(path: &Path) -> Option<PathBuf> {
@@ -242,19 +169,6 @@ mod tests {
     fn mode(p: &Path) -> (u32, u32) {
         let m = std::fs::metadata(p).unwrap();
         (m.gid(), m.permissions().mode() & 0o7777)
-    }
-
-    #[test]
-    fn uid_ranges_are_one_daemons_each() {
-        // Far above any default: 16384-uid blocks of their own.
-        let base = 244_000 * 16_384;
-        let a = claim_uids(base, 16_384).unwrap();
-        let e = claim_uids(base + 100, 16_384).unwrap_err().to_string();
-        assert!(e.contains("another bangerd's"), "{e}");
-        let b = claim_uids(base + 16_384, 16_384).expect("the next block is free");
-        drop(a);
-        claim_uids(base + 100, 16_000).expect("free again once the first daemon is gone");
-        drop(b);
     }
 
     #[test]

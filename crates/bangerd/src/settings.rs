@@ -108,9 +108,11 @@ pub struct Args {
     /// (`banger doctor` says which).
     #[arg(long, env = "BANGER_ROOT_DISK")]
     pub root_disk: Option<banger_core::RootDiskKind>,
-    /// VMMs run as uid/gid BASE + the VM's address slot.
-    #[arg(long, env = "BANGER_VMM_UID_BASE", default_value_t = crate::config::DEFAULT_VMM_UID_BASE)]
-    pub vmm_uid_base: u32,
+    /// VMMs run as uid/gid BASE + the VM's address slot. Default: the
+    /// range this state dir chose before, else the first free one from
+    /// 1879048192 up (kept in <state>/vmm-uid-base).
+    #[arg(long, env = "BANGER_VMM_UID_BASE")]
+    pub vmm_uid_base: Option<u32>,
     /// The group that reads images (every VMM has it; the same for every
     /// daemon of a host).
     #[arg(long, env = "BANGER_VMM_IMAGES_GID", default_value_t = crate::config::DEFAULT_VMM_UID_BASE)]

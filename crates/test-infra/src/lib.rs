@@ -205,8 +205,6 @@ impl Instance {
             banger: banger.to_path_buf(),
             env: vec![
                 ("BANGER_CGROUP_PARENT".into(), cgroup_parent),
-                // VMM uids of its own: no two instances' VMs share one.
-                ("BANGER_VMM_UID_BASE".into(), uid_base().to_string()),
                 // No socket group unless a test makes one (a host's
                 // `banger` group is not the tests').
                 ("BANGER_SOCKET_GROUP".into(), "banger-test-no-group".into()),
@@ -489,13 +487,16 @@ impl Drop for Instance {
             }
             let _ = std::fs::remove_dir(&parent);
         }
-        for (k, v) in &self.env {
-            if k == "BANGER_VMM_UID_BASE" {
-                if let Ok(base) = v.parse::<u64>() {
-                    let _ = std::fs::remove_file(format!(
-                        "/run/banger-uids/{}.lock",
-                        (base + 1) / 16_384 * 16_384
-                    ));
+        // The uid claim a killed daemon left: its lock file, unless some
+        // daemon holds it again.
+        if let Some(base) = std::fs::read_to_string(self.state().join("vmm-uid-base"))
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+        {
+            let lock = format!("/run/banger-uids/{}.lock", (base + 1) / 16_384 * 16_384);
+            if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&lock) {
+                if nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).is_ok() {
+                    let _ = std::fs::remove_file(&lock);
                 }
             }
         }
@@ -631,17 +632,6 @@ impl Instance {
             .collect();
         assert!(cgroups.is_empty(), "cgroups left: {cgroups:?}");
     }
-}
-
-/// A `--vmm-uid-base` no other instance of this run has (the daemon
-/// refuses one whose range another daemon claimed): blocks of 16384 uids
-/// above the default one.
-fn uid_base() -> u32 {
-    static N: AtomicU32 = AtomicU32::new(0);
-    // Below 2^31 (some tools read uids as signed).
-    let n = N.fetch_add(1, Ordering::SeqCst) % 16;
-    let k = (std::process::id() % 256) * 16 + n + 1;
-    1_879_048_192 + k * 16_384
 }
 
 /// `banger-test-<the instance dir's random suffix>`.

@@ -6,7 +6,7 @@
 //! - **Identity**: uid = gid = `--vmm-uid-base` + the VM's address slot
 //!   (unique among the instance's VMs, stable for the VM's life, so its
 //!   files keep their owner across stop/start; the daemon claims its range
-//!   host-wide at start, `perms::claim_uids`), with one supplementary
+//!   host-wide at start, `crate::uids`), with one supplementary
 //!   group, `--vmm-images-gid`, which may read the images (`kvm`'s group is
 //!   added where the VMM uses KVM). Firecracker keeps root until it runs
 //!   under its jailer; it gets the cgroup all the same.

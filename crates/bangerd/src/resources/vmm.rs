@@ -17,7 +17,7 @@ use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 
 use super::{root_disk, Acq, End, Resource};
-use crate::daemon::{Daemon, KERNEL_CMDLINE};
+use crate::daemon::{kernel_cmdline, Daemon};
 use crate::error::{DaemonError, Result};
 
 #[derive(Debug)]
@@ -144,7 +144,7 @@ impl Resource for VmmProcess {
             memory_mib: cx.vm.spec.sizing.memory_mib,
             kernel: cx.img.kernel.clone(),
             initrd,
-            cmdline: KERNEL_CMDLINE.to_string(),
+            cmdline: kernel_cmdline(cx.vm.spec.sizing.cpus),
             disks: vec![
                 root,
                 banger_vmm::Disk {

@@ -172,6 +172,52 @@ fn lookup_user(spec: Option<&str>) -> Result<User, String> {
     })
 }
 
+/// Where the command starts: `-w DIR`, checked here so that a failure
+/// names the directory and why (the spawn's own error would blame the
+/// command), or the user's home, or `/` when the home is not a directory
+/// the user can enter (nobody's `/nonexistent`), as `su` and docker do.
+fn workdir(asked: Option<&str>, user: &User) -> Result<String, String> {
+    let Some(dir) = asked else {
+        return Ok(if enterable(&user.home, user).is_ok() {
+            user.home.clone()
+        } else {
+            "/".into()
+        });
+    };
+    enterable(dir, user).map_err(|why| format!("exec: working directory {dir:?}: {why}"))?;
+    Ok(dir.to_string())
+}
+
+/// Whether `user` can make `dir` its working directory: it exists, is a
+/// directory, and they may search it (root may search any).
+fn enterable(dir: &str, user: &User) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(dir).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => "no such directory in the guest".to_string(),
+        _ => e.to_string(),
+    })?;
+    if !m.is_dir() {
+        return Err("not a directory".into());
+    }
+    let bits = if user.uid == 0 {
+        0o111
+    } else if m.uid() == user.uid {
+        0o100
+    } else if user.groups.contains(&m.gid()) {
+        0o010
+    } else {
+        0o001
+    };
+    if m.mode() & bits == 0 {
+        return Err(format!(
+            "{} may not enter it (mode {:o})",
+            user.name,
+            m.mode() & 0o7777
+        ));
+    }
+    Ok(())
+}
+
 fn validate(spec: &ExecSpec) -> Result<(), String> {
     if spec.argv.is_empty() {
         return Err("exec: no command".into());
@@ -254,7 +300,7 @@ fn spawn(spec: &ExecSpec) -> Result<Arc<Proc>, String> {
     for (k, v) in &spec.env {
         cmd.env(k, v);
     }
-    cmd.current_dir(spec.cwd.as_deref().unwrap_or(&user.home));
+    cmd.current_dir(workdir(spec.cwd.as_deref(), &user)?);
     let mut master = None;
     let mut out_pipes = None;
     let mut stdin_w = None;
@@ -559,6 +605,33 @@ mod tests {
         assert!(validate(&s).unwrap_err().contains("not a number"));
         s.tag = Some("web".into());
         assert!(validate(&s).is_ok());
+    }
+
+    #[test]
+    fn a_working_directory_is_checked_and_a_missing_home_is_the_root() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path().join("wd");
+        std::fs::create_dir(&d).unwrap();
+        let user = |uid: u32, home: &str| User {
+            uid,
+            gid: uid,
+            groups: vec![uid],
+            home: home.into(),
+            name: format!("u{uid}"),
+        };
+        let dir = d.to_str().unwrap();
+        assert_eq!(workdir(None, &user(0, dir)).unwrap(), dir);
+        assert_eq!(workdir(None, &user(65534, "/nonexistent")).unwrap(), "/");
+        let e = workdir(Some("/nonexistent"), &user(0, "/")).unwrap_err();
+        assert!(e.contains("\"/nonexistent\": no such directory"), "{e}");
+        let e = workdir(Some("/etc/hostname"), &user(0, "/")).unwrap_err();
+        assert!(e.contains("not a directory"), "{e}");
+        // 0700 and root's: another user may not enter it.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let e = workdir(Some(dir), &user(4242, "/")).unwrap_err();
+        assert!(e.contains("u4242 may not enter it"), "{e}");
+        assert_eq!(workdir(None, &user(4242, dir)).unwrap(), "/");
     }
 
     #[test]
