@@ -74,12 +74,18 @@ pub fn read_to_string(path: &Path) -> Result<String, FsError> {
 /// The last `n` lines of a text file, for error messages (empty if the file
 /// cannot be read).
 pub fn tail_lines(path: &Path, n: usize) -> String {
+    tail_lines_from(path, 0, n)
+}
+
+/// The last `n` lines of what a text file holds past byte `from` (what a
+/// process appended since: a daemon's log of this start, not earlier ones).
+pub fn tail_lines_from(path: &Path, from: u64, n: usize) -> String {
     // The last 64 KiB at most: a log a VMM owns may be huge (and sparse).
     use std::io::{Read, Seek, SeekFrom};
     let mut bytes = Vec::new();
     if let Ok(mut f) = std::fs::File::open(path) {
         let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-        let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
+        let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024).max(from)));
         let _ = f.take(64 * 1024).read_to_end(&mut bytes);
     }
     let text = String::from_utf8_lossy(&bytes);

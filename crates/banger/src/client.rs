@@ -153,7 +153,10 @@ impl Client {
             source,
         };
         std::fs::create_dir_all(&self.layout.state_dir).map_err(spawn_err)?;
+        // What this start writes to the log, not an earlier one's lines.
+        let from = std::cell::Cell::new(0);
         let spawn = || {
+            from.set(std::fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0));
             let log = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -189,7 +192,10 @@ impl Client {
                 // for another client, or one still exiting), wait a moment
                 // and start another: whichever is left serves. Otherwise
                 // this one failed: say why.
-                let tail = banger_host::fsutil::tail_lines(&log_path, 8);
+                let tail = banger_core::text::escape_control(
+                    &banger_host::fsutil::tail_lines_from(&log_path, from.get(), 8),
+                    true,
+                );
                 if tail.contains("only one daemon per state dir") {
                     std::thread::sleep(Duration::from_millis(20));
                     if UnixStream::connect(self.layout.socket()).is_ok() {
@@ -208,7 +214,10 @@ impl Client {
         }
         Err(ClientError::NoDaemon {
             secs: limit.as_secs(),
-            tail: banger_host::fsutil::tail_lines(&log_path, 8),
+            tail: banger_core::text::escape_control(
+                &banger_host::fsutil::tail_lines_from(&log_path, from.get(), 8),
+                true,
+            ),
             log: log_path,
         })
     }

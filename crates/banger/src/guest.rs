@@ -224,38 +224,47 @@ fn feed(
 /// elsewhere): docker's status for a container killed under `docker run`.
 pub const ENDED_WITH_VM: i32 = 137;
 
+/// Why VM `name` is going or gone, if it is: its recorded reason (the
+/// daemon records it before it ends a VM), or its state.
+fn vm_went(client: &Client, name: &str) -> Option<String> {
+    use banger_core::api::{ErrorKind, Request, Response};
+    let got = client.call(
+        Request::VmGet {
+            name: name.to_string(),
+        },
+        &mut |_| {},
+    );
+    match got {
+        Ok(Response::Vm(vm)) => match (vm.state, vm.last_error) {
+            (banger_core::VmState::Running, None) => None,
+            (_, Some(e)) => Some(e),
+            (st, None) => Some(format!("the VM is {st}")),
+        },
+        Err(crate::client::ClientError::Api(e)) if e.kind == ErrorKind::NotFound => {
+            Some("the VM was deleted".into())
+        }
+        _ => None,
+    }
+}
+
+fn say_went(name: &str, why: &str) -> i32 {
+    eprintln!(
+        "vm {name}: the command ended with its VM: {}",
+        banger_core::text::escape_control(why, false)
+    );
+    ENDED_WITH_VM
+}
+
 /// The agent's connection closed under a running command: if the VM went
-/// (banger ended it, or its VMM died), says why in the VM's own words.
-/// The daemon records why before it ends a VM; a VMM that died by itself
-/// is recorded by its reaper a moment after the connection closes, so a
-/// VM still running is asked again for a few seconds.
+/// (banger ended it, or its VMM died), says why in the VM's own words. A
+/// VMM that died by itself is recorded by its reaper a moment after the
+/// connection closes, so a VM still running is asked again for a few
+/// seconds.
 fn ended_under(client: &Client, name: &str, err: ProtoError) -> anyhow::Result<i32> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let why = match client.call(
-            banger_core::api::Request::VmGet {
-                name: name.to_string(),
-            },
-            &mut |_| {},
-        ) {
-            Ok(banger_core::api::Response::Vm(vm)) => match (vm.state, vm.last_error) {
-                (_, Some(e)) => Some(e),
-                (banger_core::VmState::Running, None) => None,
-                (st, None) => Some(format!("the VM is {st}")),
-            },
-            Err(crate::client::ClientError::Api(e))
-                if e.kind == banger_core::api::ErrorKind::NotFound =>
-            {
-                Some("the VM was deleted".into())
-            }
-            _ => None,
-        };
-        if let Some(why) = why {
-            eprintln!(
-                "vm {name}: the command ended with its VM: {}",
-                banger_core::text::escape_control(&why, false)
-            );
-            return Ok(ENDED_WITH_VM);
+        if let Some(why) = vm_went(client, name) {
+            return Ok(say_went(name, &why));
         }
         if Instant::now() >= deadline {
             bail!("vm {name}: {err} (the VM still runs)");
@@ -329,6 +338,11 @@ fn attach_session(
         return Ok(0);
     }
     match r {
+        // Killed by a signal: by the guest's shutdown, when banger stops
+        // the VM (its TTL), or by someone in the guest.
+        Ok(status) if status.signal.is_some() => Ok(vm_went(client, name)
+            .map(|why| say_went(name, &why))
+            .unwrap_or(status.shell_code())),
         Ok(status) => Ok(status.shell_code()),
         Err(e @ (ProtoError::Closed | ProtoError::Io(_))) => ended_under(client, name, e),
         Err(e) => Err(anyhow!("vm {name}: {e}")),

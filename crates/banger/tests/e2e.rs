@@ -540,11 +540,16 @@ fn firecracker_driver_runs_stops_and_deletes_through_the_spec_checked_double() {
         "firecracker",
         "--name",
         "fc",
+        "--cpus",
+        "2",
         "--",
-        "cat",
-        "/etc/hostname",
+        "sh",
+        "-c",
+        "cat /etc/hostname; nproc",
     ]);
-    assert_eq!(ok(&out, "vm run on firecracker").trim(), "fc");
+    // Every vCPU asked for (the double boots the guest with
+    // `vcpu_count` CPUs and the boot line banger gives Firecracker).
+    assert_eq!(ok(&out, "vm run on firecracker"), "fc\n2\n");
     assert!(
         text(&out.stderr).contains("vmm firecracker (kvm)"),
         "{}",

@@ -95,6 +95,15 @@ fn the_config_file_and_where_each_value_came_from() {
         !out.status.success() && err.contains("tap_pool: invalid value 'lots'"),
         "{err}"
     );
+    // This start's error only (not the failure before it), and no
+    // terminal colour codes, in the CLI's message or in the log.
+    assert!(
+        !err.contains("dns_sufix"),
+        "an earlier start's lines: {err}"
+    );
+    assert!(!err.contains('\x1b'), "colour codes: {err:?}");
+    let log = std::fs::read_to_string(inst.state().join("bangerd.log")).unwrap();
+    assert!(!log.contains('\x1b'), "colour codes in the log: {log:?}");
     std::fs::write(&file, "").unwrap();
     ok(&inst.banger(&["vm", "ls"]), "an empty file is fine");
     inst.assert_baseline();

@@ -62,6 +62,9 @@ fn real_main() -> anyhow::Result<()> {
                 .with_context(|| format!("--log-level {:?}", args.log_level))?,
         )
         .with_writer(std::io::stderr)
+        // Colours for a terminal only: the log file a CLI starts it with
+        // is read by people and quoted in the CLI's errors.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         // A span's close carries its time: per request (info) and per
         // phase of a request (debug).
         .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)

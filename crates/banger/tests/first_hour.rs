@@ -1,0 +1,288 @@
+//! What a new user hits in the first hour (issue 24), each on a real
+//! guest in a namespace of the test's own, as in e2e.rs: every vCPU
+//! asked for, `exec -it` without a terminal, a working directory that
+//! cannot be entered, `attach` that does not own its process, a command
+//! told why its VM went.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use test_infra::{ok, text, wait_until, Instance};
+
+fn banger_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_banger"))
+}
+
+/// The guest sees every vCPU it was given (1 keeps `pci=noacpi`, which
+/// saves its boot 0.4 s; more must not lose it their CPUs).
+#[test]
+fn the_guest_sees_every_vcpu_it_is_given() {
+    let inst = Instance::new(&banger_bin()).with_image();
+    for (cpus, online, noacpi) in [("2", "0-1", false), ("1", "0", true)] {
+        let out = inst.banger(&[
+            "vm",
+            "run",
+            "--rm",
+            "--cpus",
+            cpus,
+            "--",
+            "sh",
+            "-c",
+            "nproc; cat /sys/devices/system/cpu/online; cat /proc/cmdline",
+        ]);
+        let got = ok(&out, "vm run --cpus");
+        let lines: Vec<&str> = got.lines().collect();
+        assert_eq!(&lines[..2], &[cpus, online], "{got}");
+        assert_eq!(lines[2].contains("pci=noacpi"), noacpi, "{got}");
+    }
+    inst.assert_baseline();
+}
+
+#[test]
+fn exec_names_what_is_wrong_instead_of_hanging_or_blaming_the_command() {
+    let inst = Instance::new(&banger_bin()).with_image();
+    ok(
+        &inst.banger(&["vm", "run", "-d", "--name", "ex"]),
+        "vm run -d",
+    );
+
+    // -it with a pipe or /dev/null for input: refused at once, as docker's.
+    let out = inst.banger(&["vm", "exec", "-it", "ex", "--", "bash"]);
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("the input is not a terminal"),
+        "{err}"
+    );
+    assert!(err.contains("leave out -t"), "{err}");
+    // -i alone passes the pipe through, and its end.
+    let mut child = inst
+        .banger_cmd(&["vm", "exec", "-i", "ex", "--", "wc", "-c"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"12345").unwrap();
+    assert_eq!(
+        ok(&child.wait_with_output().unwrap(), "exec -i").trim(),
+        "5"
+    );
+
+    // A user whose home does not exist starts in /.
+    let out = inst.banger(&[
+        "vm",
+        "exec",
+        "-u",
+        "nobody",
+        "ex",
+        "--",
+        "sh",
+        "-c",
+        "id -un; pwd",
+    ]);
+    assert_eq!(ok(&out, "exec -u nobody"), "nobody\n/\n");
+    // A working directory that cannot be entered is named, with why.
+    for (dir, why) in [
+        ("/nonexistent", "no such directory"),
+        ("/etc/hostname", "not a directory"),
+    ] {
+        let out = inst.banger(&["vm", "exec", "-w", dir, "ex", "--", "pwd"]);
+        let err = text(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(&format!("working directory {dir:?}: {why}")),
+            "{dir}: {err}"
+        );
+        assert!(
+            !err.contains("exec \"pwd\""),
+            "the command is not blamed: {err}"
+        );
+    }
+    let out = inst.banger(&[
+        "vm", "exec", "-u", "nobody", "-w", "/root", "ex", "--", "pwd",
+    ]);
+    let err = text(&out.stderr);
+    assert!(err.contains("nobody may not enter it"), "{err}");
+    ok(&inst.banger(&["vm", "rm", "-f", "ex"]), "rm");
+    inst.assert_baseline();
+}
+
+/// Reads `child`'s stdout until a line holds `want`.
+fn read_until(r: &mut impl BufRead, want: &str) {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = r.read_line(&mut line).unwrap();
+        assert!(n > 0, "output ended before {want:?}");
+        if line.contains(want) {
+            return;
+        }
+    }
+}
+
+#[test]
+fn attach_detaches_and_leaves_the_process_running() {
+    let inst = Instance::new(&banger_bin()).with_image();
+    ok(
+        &inst.banger(&["vm", "run", "-d", "--name", "at"]),
+        "vm run -d",
+    );
+    let loop_cmd = "while true; do echo tick; sleep 0.2; done";
+    let start = |tag: &str| {
+        ok(
+            &inst.banger(&[
+                "vm", "exec", "-d", "--tag", tag, "at", "--", "sh", "-c", loop_cmd,
+            ]),
+            "exec -d",
+        );
+    };
+    let running = |tag: &str| {
+        let ps = ok(&inst.banger(&["vm", "ps", "at", "--json"]), "ps");
+        let list: serde_json::Value = serde_json::from_str(&ps).unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["tag"] == tag && p["exit"].is_null())
+    };
+    start("ticker");
+    assert!(running("ticker"));
+
+    // Ctrl-C (SIGINT) and SIGTERM detach; the process carries on.
+    for sig in [
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGTERM,
+    ] {
+        let mut a = inst.spawn(&["vm", "attach", "at", "ticker"]);
+        let mut out = BufReader::new(a.stdout.take().unwrap());
+        read_until(&mut out, "tick");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(a.id() as i32), sig).unwrap();
+        let done = a.wait_with_output().unwrap();
+        assert_eq!(done.status.code(), Some(0), "{sig}: {done:?}");
+        assert!(
+            text(&done.stderr).contains("detached from pid"),
+            "{}",
+            text(&done.stderr)
+        );
+        assert!(running("ticker"), "{sig} ended the process");
+    }
+
+    // The detach keys on the forwarded input (default Ctrl-P Ctrl-Q), and
+    // others when asked.
+    for (flags, keys) in [
+        (vec![], &b"\x10\x11"[..]),
+        (vec!["--detach-keys", "ctrl-x,y"], b"\x18y"),
+    ] {
+        let mut args = vec!["vm", "attach", "-i"];
+        args.extend(flags);
+        args.extend(["at", "ticker"]);
+        let mut a = inst
+            .banger_cmd(&args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(a.stdout.take().unwrap());
+        read_until(&mut out, "tick");
+        let mut stdin = a.stdin.take().unwrap();
+        stdin.write_all(keys).unwrap();
+        let done = a.wait_with_output().unwrap();
+        drop(stdin);
+        assert_eq!(done.status.code(), Some(0), "{keys:?}: {done:?}");
+        assert!(text(&done.stderr).contains("detached from pid"));
+        assert!(running("ticker"), "the detach keys ended the process");
+    }
+    let out = inst.banger(&["vm", "attach", "--detach-keys", "ctrl-1", "at", "ticker"]);
+    assert!(
+        text(&out.stderr).contains("\"ctrl-1\" is not a key"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // --sig-proxy: the signal is the process's.
+    let mut a = inst.spawn(&["vm", "attach", "--sig-proxy", "at", "ticker"]);
+    let mut out = BufReader::new(a.stdout.take().unwrap());
+    read_until(&mut out, "tick");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(a.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let done = a.wait_with_output().unwrap();
+    assert_eq!(done.status.code(), Some(143), "{done:?}");
+    assert!(!running("ticker"));
+    ok(&inst.banger(&["vm", "rm", "-f", "at"]), "rm");
+    inst.assert_baseline();
+}
+
+/// A command whose VM banger ends under it says why, in the VM's words,
+/// and exits 137.
+#[test]
+fn a_command_is_told_why_its_vm_went() {
+    let inst = Instance::new(&banger_bin()).with_image();
+    let out = inst.banger(&["vm", "run", "--rm", "--ttl", "5s", "--", "sleep", "600"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(137), "{err}");
+    assert!(
+        err.contains("stopped by banger: its TTL (5s) passed"),
+        "{err}"
+    );
+    assert!(!err.contains("in the middle of a call"), "{err}");
+    inst.settle();
+    inst.assert_baseline();
+
+    // `vm kill` from another shell.
+    ok(
+        &inst.banger(&["vm", "run", "-d", "--name", "k"]),
+        "vm run -d",
+    );
+    let mut run = inst.spawn(&[
+        "vm",
+        "exec",
+        "k",
+        "--",
+        "sh",
+        "-c",
+        "echo up; exec sleep 600",
+    ]);
+    let mut out = BufReader::new(run.stdout.take().unwrap());
+    read_until(&mut out, "up");
+    ok(&inst.banger(&["vm", "kill", "k"]), "vm kill");
+    let done = run.wait_with_output().unwrap();
+    let err = text(&done.stderr);
+    assert_eq!(done.status.code(), Some(137), "{err}");
+    assert!(err.contains("killed by `banger vm kill`"), "{err}");
+    assert!(
+        wait_until(Duration::from_secs(5), || inst
+            .vm("k")
+            .is_some_and(|v| v["state"] == "stopped")),
+        "{:?}",
+        inst.vm("k")
+    );
+    ok(&inst.banger(&["vm", "rm", "k"]), "rm");
+    inst.assert_baseline();
+}
+
+/// `vm --help` names the command every doc uses.
+#[test]
+fn help_lists_rm_with_delete_as_its_alias() {
+    let out = std::process::Command::new(banger_bin())
+        .args(["vm", "--help"])
+        .output()
+        .unwrap();
+    let help = ok(&out, "vm --help");
+    assert!(
+        help.lines().any(|l| l.trim_start().starts_with("rm ")),
+        "{help}"
+    );
+    assert!(
+        !help.lines().any(|l| l.trim_start().starts_with("delete ")),
+        "{help}"
+    );
+    let out = std::process::Command::new(banger_bin())
+        .args(["vm", "delete", "--help"])
+        .output()
+        .unwrap();
+    ok(&out, "the alias still works");
+}
