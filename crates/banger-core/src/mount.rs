@@ -87,6 +87,12 @@ impl std::str::FromStr for HostMount {
         let (rest, read_only) = match s.rsplit_once(':') {
             Some((r, "ro")) => (r, true),
             Some((r, "rw")) => (r, false),
+            // A last part that is no path is an option: say which.
+            Some((r, opt)) if r.contains(":/") && !opt.contains('/') => {
+                return Err(bad(&format!(
+                    "{opt:?} is not an option: use :ro (read-only) or :rw (the default)"
+                )));
+            }
             _ => (s, false),
         };
         // The guest path is the part after the last ":/" (a host path may
@@ -145,6 +151,8 @@ mod tests {
         ] {
             assert!(bad.parse::<HostMount>().is_err(), "{bad}");
         }
+        let e = "/a:/b:bogus".parse::<HostMount>().unwrap_err().to_string();
+        assert!(e.contains("\"bogus\" is not an option: use :ro"), "{e}");
         assert_eq!(HostMount::tag(0), "banger0");
     }
 }

@@ -29,6 +29,7 @@ pub const ROOTFS_FILE: &str = "rootfs.ext4";
 pub(crate) const INIT: &str = include_str!("../assets/init");
 const INITTAB: &str = include_str!("../assets/inittab");
 const SSHD_CONFIG: &str = include_str!("../assets/sshd_config");
+const SSHD_WRAPPER: &str = include_str!("../assets/sshd");
 
 /// What goes into an image.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,7 +60,7 @@ impl Recipe {
             .iter()
             .chain(OPTIONAL_MODULES)
             .for_each(|m| feed(m));
-        for asset in [INIT, INITTAB, SSHD_CONFIG] {
+        for asset in [INIT, INITTAB, SSHD_CONFIG, SSHD_WRAPPER] {
             feed(asset);
         }
         format!("{h:016x}")
@@ -503,7 +504,7 @@ fn bootstrap(
 }
 
 /// Installs banger's guest side into a root tree: the static busybox (PID 1
-/// and the guest scripts), inittab, sshd config, an empty fstab and
+/// and the guest scripts), inittab, sshd's wrapper and config, an empty fstab and
 /// machine-id, the dirs init mounts on; removes the shared host keys and
 /// generic initrd. Every path is resolved inside `root` ([`tree`]): an
 /// imported tree's symlinks never lead a write out of it.
@@ -520,8 +521,9 @@ pub(crate) fn customize(root: &Path, busybox: &Path) -> Result<(), FsError> {
         tree::create_dir_all(root, d).map_err(io(d))?;
     }
     let bb = std::fs::read(busybox).with_path("read", busybox)?;
-    let files: [(&str, &[u8], u32); 5] = [
+    let files: [(&str, &[u8], u32); 6] = [
         ("/usr/lib/banger/busybox", &bb, 0o755),
+        ("/usr/lib/banger/sshd", SSHD_WRAPPER.as_bytes(), 0o755),
         ("/etc/inittab", INITTAB.as_bytes(), 0o644),
         (
             "/etc/ssh/sshd_config.d/banger.conf",

@@ -52,8 +52,12 @@ fn spec(flags: &ExecFlags, command: &[String]) -> anyhow::Result<ExecSpec> {
     for kv in &flags.env {
         let (k, v) = match kv.split_once('=') {
             Some((k, v)) => (k.to_string(), v.to_string()),
-            // docker's `-e NAME`: this environment's value.
-            None => (kv.clone(), std::env::var(kv).unwrap_or_default()),
+            // docker's `-e NAME`: this environment's value, or nothing.
+            None => match std::env::var(kv) {
+                Ok(v) => (kv.clone(), v),
+                Err(_) if !kv.is_empty() => continue,
+                Err(_) => (kv.clone(), String::new()),
+            },
         };
         if k.is_empty() {
             bail!("-e {kv:?}: want NAME=VALUE");
@@ -601,20 +605,75 @@ fn cp_out(client: &Client, name: &str, path: &str, to: &str) -> anyhow::Result<(
 /// Waits (through the agent) until the guest's sshd listens: a VM is
 /// ready when its agent is, which can be before sshd.
 pub fn wait_ssh(client: &Client, name: &str) -> anyhow::Result<()> {
-    client::call(
-        agent(client, name)?,
-        Call::WaitListen {
-            port: 22,
-            timeout_ms: 60_000,
-        },
-    )
-    .map_err(|e| anyhow!("vm {name}: waiting for sshd: {e}"))?;
-    Ok(())
+    // In slices, asking between them whether the guest has given up on
+    // sshd (none in the image, or one that does not start): said at once,
+    // not after a minute's wait for port 22.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(why) = no_sshd(client, name)? {
+            bail!(
+                "vm {name} has no sshd: {why}\n`vm ssh` needs one; `banger vm exec -it {name} -- sh` \
+                 gives a shell without it, and `banger vm cp` copies files"
+            );
+        }
+        let r = client::call(
+            agent(client, name)?,
+            Call::WaitListen {
+                port: 22,
+                timeout_ms: 1_000,
+            },
+        );
+        match r {
+            Ok(_) => return Ok(()),
+            Err(_) if Instant::now() < deadline => continue,
+            Err(e) => bail!("vm {name}: waiting for sshd: {e}"),
+        }
+    }
+}
+
+/// What the guest's sshd wrapper (`/usr/lib/banger/sshd`) kept of why
+/// there is no sshd, if it gave up.
+fn no_sshd(client: &Client, name: &str) -> anyhow::Result<Option<String>> {
+    let flags = ExecFlags::default();
+    let argv: Vec<String> = ["/usr/lib/banger/busybox", "cat", "/run/banger/sshd.err"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let session = Session::start(agent(client, name)?, Call::Exec(spec(&flags, &argv)?))
+        .map_err(|e| anyhow!("vm {name}: {e}"))?;
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let status = session
+        .wait(&mut out, &mut err)
+        .map_err(|e| anyhow!("vm {name}: {e}"))?;
+    let text = String::from_utf8_lossy(&out);
+    Ok((status.code == Some(0) && !text.trim().is_empty()).then(|| {
+        banger_core::text::escape_control(text.trim_end(), true)
+    }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bare_env_name_passes_this_shells_value_or_nothing() {
+        let flags = ExecFlags {
+            env: vec![
+                "PATH".into(),
+                "BANGER_SURELY_UNSET_IN_TESTS".into(),
+                "A=b".into(),
+            ],
+            ..Default::default()
+        };
+        let s = spec(&flags, &["true".to_string()]).unwrap();
+        let path = std::env::var("PATH").unwrap();
+        assert_eq!(s.env, vec![("PATH".into(), path), ("A".into(), "b".into())]);
+        let bad = ExecFlags {
+            env: vec!["=x".into()],
+            ..Default::default()
+        };
+        assert!(spec(&bad, &["true".to_string()]).is_err());
+    }
 
     #[test]
     fn places_follow_docker_cp() {

@@ -332,8 +332,8 @@ enum ImageCmd {
     /// Import an image: an ext4 image, a root filesystem tarball (plain or
     /// gzip), a directory, or an OCI image (an OCI layout dir, or `docker
     /// save` output). banger's init and sshd config are added; the tree
-    /// needs /bin/sh and /usr/sbin/sshd. Without a kernel of its own it
-    /// boots bookworm's.
+    /// needs /bin/sh (sshd only for `vm ssh`). Without a kernel of its own
+    /// it boots bookworm's.
     Import { name: String, source: PathBuf },
     /// Boot IMAGE with outside access, run SCRIPT in it as root, power it
     /// off and save its root filesystem as image NAME (the VM is deleted

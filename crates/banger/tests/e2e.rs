@@ -232,7 +232,15 @@ fn bad_input_is_refused_and_changes_nothing() {
         &["vm", "create", "--vmm", "firecracker"],
         "no firecracker binary",
     );
-    for verb in ["start", "stop", "kill", "delete", "ssh", "show"] {
+    refused(
+        &["vm", "create", "--net", "none", "--allow-net", "10.9.0.0/16"],
+        "--net none with --allow-net 10.9.0.0/16",
+    );
+    refused(
+        &["vm", "create", "--mount", "/tmp:/b:bogus"],
+        "\"bogus\" is not an option: use :ro",
+    );
+    for verb in ["start", "stop", "kill", "delete", "rm", "ssh", "show"] {
         refused(&["vm", verb, "ghost"], "vm \"ghost\" not found");
     }
     assert!(vm_list(&inst.banger(&["vm", "ls", "--json"])).is_empty());

@@ -376,6 +376,14 @@ fn published_ports_reach_the_guest_and_go_with_it() {
     );
     ok(&inst.banger(&["vm", "port", "rm", "p", "18080"]), "port rm");
     assert_eq!(host_get(&inst, "http://127.0.0.1:18080/x"), None);
+    // A port another VM publishes: that VM is named.
+    let out = inst.banger(&["vm", "create", "--name", "q2", "-p", "18082:80"]);
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("is published by vm \"p\""),
+        "{err}"
+    );
+    assert!(inst.vm("q2").is_none(), "a refused port creates nothing");
 
     // The daemon dies: the next one publishes the kept VM's ports again.
     inst.kill_daemon();

@@ -62,6 +62,8 @@ pub enum DaemonError {
         port: String,
         reason: String,
     },
+    #[error("vm {vm:?}: host port {port} is published by vm {by:?}: pick another host port, or `banger vm port rm {by} {port}`")]
+    PortHeld { vm: String, port: String, by: String },
     #[error("the boot of vm {0:?} was cancelled")]
     Cancelled(String),
     #[error("failpoint {0} (injected by a test)")]
@@ -94,7 +96,8 @@ impl DaemonError {
             | VmmSurvives { .. }
             | Cancelled(_)
             | Broken { .. }
-            | PortInUse { .. } => ErrorKind::Conflict,
+            | PortInUse { .. }
+            | PortHeld { .. } => ErrorKind::Conflict,
             Store(_) => ErrorKind::Internal,
             _ => ErrorKind::Host,
         }

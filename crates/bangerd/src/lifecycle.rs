@@ -76,8 +76,16 @@ impl Daemon {
             banger_core::validate_name(n)
                 .map_err(|e| DaemonError::Invalid(format!("--network {n:?}: {e}")))?;
         }
+        if req.net.none && !req.net.allow.is_empty() {
+            let ranges: Vec<String> = req.net.allow.iter().map(|c| c.to_string()).collect();
+            return Err(DaemonError::Invalid(format!(
+                "--net none with --allow-net {}: a guest with no network reaches no range; \
+                 leave out one of them",
+                ranges.join(",")
+            )));
+        }
         // A published port in use is refused before anything exists.
-        crate::resources::ports::check_free(&name, &req.net.ports)?;
+        crate::resources::ports::check_free_naming(self, &name, &req.net.ports)?;
         self.check_mounts(&req.volumes)?;
         self.check_host_mounts(&name, vmm, &req.mounts, &req.volumes)?;
         if image_name == DEFAULT_IMAGE && self.store().image(&image_name)?.is_none() {

@@ -258,6 +258,25 @@ pub fn check_free(vm: &str, ports: &[PortMap]) -> Result<()> {
     Ok(())
 }
 
+/// [`check_free`], naming the VM that publishes a port in use, if one of
+/// this daemon's does.
+pub fn check_free_naming(d: &Daemon, vm: &str, ports: &[PortMap]) -> Result<()> {
+    check_free(vm, ports).map_err(|e| match e {
+        DaemonError::PortInUse { vm, port, reason } => {
+            let by = d.store().list_vms().ok().and_then(|vms| {
+                vms.into_iter()
+                    .find(|o| o.name != vm && o.spec.net.ports.iter().any(|q| q.host_side() == port))
+                    .map(|o| o.name)
+            });
+            match by {
+                Some(by) => DaemonError::PortHeld { vm, port, by },
+                None => DaemonError::PortInUse { vm, port, reason },
+            }
+        }
+        e => e,
+    })
+}
+
 impl Resource for Ports {
     fn name(&self) -> &'static str {
         "ports"
@@ -327,7 +346,7 @@ impl Daemon {
             let f = Forwarder::start(&vm.name, port, self.guest_net(&vm)?.guest_ip)?;
             self.forwarders.add(&vm.id, f);
         } else {
-            check_free(&vm.name, &[port])?;
+            check_free_naming(self, &vm.name, &[port])?;
         }
         vm.spec.net.ports.push(port);
         if let Err(e) = self.store().update_spec(&vm.id, &vm.spec) {

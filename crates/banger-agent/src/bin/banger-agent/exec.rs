@@ -141,6 +141,8 @@ fn lookup_user(spec: Option<&str>) -> Result<User, String> {
             f[5].to_string(),
             f[0].to_string(),
         ),
+        // An image without /etc/passwd (a bare busybox tree) still has root.
+        None if user == "root" => (0, 0, "/root".to_string(), "root".to_string()),
         None => match user.parse::<u32>() {
             Ok(uid) => (uid, uid, "/".to_string(), user.to_string()),
             Err(_) => return Err(format!("no user {user:?} in the guest's /etc/passwd")),
