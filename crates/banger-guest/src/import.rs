@@ -442,9 +442,10 @@ fn check_tree(root: &Path) -> Result<(), ImportError> {
     if !tree::is_executable(root, "/bin/sh") {
         return Err(ImportError::Missing {
             what: "shell (/bin/sh)".into(),
-            fix: "banger runs guest commands through it; install one (e.g. dash or busybox) in the \
+            fix:
+                "banger runs guest commands through it; install one (e.g. dash or busybox) in the \
                   image and import again"
-                .into(),
+                    .into(),
         });
     }
     Ok(())

@@ -646,9 +646,8 @@ fn no_sshd(client: &Client, name: &str) -> anyhow::Result<Option<String>> {
         .wait(&mut out, &mut err)
         .map_err(|e| anyhow!("vm {name}: {e}"))?;
     let text = String::from_utf8_lossy(&out);
-    Ok((status.code == Some(0) && !text.trim().is_empty()).then(|| {
-        banger_core::text::escape_control(text.trim_end(), true)
-    }))
+    Ok((status.code == Some(0) && !text.trim().is_empty())
+        .then(|| banger_core::text::escape_control(text.trim_end(), true)))
 }
 
 #[cfg(test)]

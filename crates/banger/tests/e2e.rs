@@ -233,7 +233,14 @@ fn bad_input_is_refused_and_changes_nothing() {
         "no firecracker binary",
     );
     refused(
-        &["vm", "create", "--net", "none", "--allow-net", "10.9.0.0/16"],
+        &[
+            "vm",
+            "create",
+            "--net",
+            "none",
+            "--allow-net",
+            "10.9.0.0/16",
+        ],
         "--net none with --allow-net 10.9.0.0/16",
     );
     refused(

@@ -253,18 +253,26 @@ fn images_without_a_working_sshd_boot_and_only_ssh_says_so() {
     let inst = Instance::new(&banger_bin()).with_image();
     let scratch = tempfile::tempdir().unwrap();
     let tree = scratch.path().join("bb");
-    std::fs::create_dir_all(tree.join("bin")).unwrap();
-    std::fs::copy("/bin/busybox", tree.join("bin/busybox")).unwrap();
+    // Merged /usr, as Debian's own: busybox links its applets to where it
+    // runs from (its /proc/self/exe), /usr/bin/busybox.
+    std::fs::create_dir_all(tree.join("usr/bin")).unwrap();
+    std::os::unix::fs::symlink("usr/bin", tree.join("bin")).unwrap();
+    std::fs::copy("/usr/bin/busybox", tree.join("usr/bin/busybox")).unwrap();
     run(
-        Command::new("/bin/busybox")
+        Command::new("/usr/bin/busybox")
             .args(["--install", "-s"])
-            .arg(tree.join("bin")),
+            .arg(tree.join("usr/bin")),
         "busybox --install",
     );
     let tar_of = |name: &str| {
         let t = scratch.path().join(name);
         run(
-            Command::new("tar").arg("-C").arg(&tree).arg("-cf").arg(&t).arg("."),
+            Command::new("tar")
+                .arg("-C")
+                .arg(&tree)
+                .arg("-cf")
+                .arg(&t)
+                .arg("."),
             "tar the tree",
         );
         t
@@ -290,20 +298,44 @@ fn images_without_a_working_sshd_boot_and_only_ssh_says_so() {
             &inst.banger(&["vm", "run", "-d", "--name", image, "--image", image]),
             "vm run -d",
         );
-        let out = inst.banger(&["vm", "exec", image, "--", "sh", "-c", "echo hi; cat /etc/hostname"]);
+        let out = inst.banger(&[
+            "vm",
+            "exec",
+            image,
+            "--",
+            "sh",
+            "-c",
+            "echo hi; cat /etc/hostname",
+        ]);
         assert_eq!(ok(&out, "exec"), format!("hi\n{image}\n"));
         let local = scratch.path().join(format!("{image}.txt"));
         std::fs::write(&local, "copied\n").unwrap();
         let dst = format!("{image}:/root/");
-        ok(&inst.banger(&["vm", "cp", local.to_str().unwrap(), &dst]), "cp in");
-        let out = inst.banger(&["vm", "exec", image, "--", "cat", &format!("/root/{image}.txt")]);
+        ok(
+            &inst.banger(&["vm", "cp", local.to_str().unwrap(), &dst]),
+            "cp in",
+        );
+        let out = inst.banger(&[
+            "vm",
+            "exec",
+            image,
+            "--",
+            "cat",
+            &format!("/root/{image}.txt"),
+        ]);
         assert_eq!(ok(&out, "read it back"), "copied\n");
         let t0 = std::time::Instant::now();
         let out = inst.banger(&["vm", "ssh", image, "--", "true"]);
         let err = text(&out.stderr);
         assert!(!out.status.success(), "{err}");
-        assert!(err.contains(&format!("vm {image} has no sshd")) && err.contains(why), "{err}");
-        assert!(err.contains("vm exec -it"), "names what works instead: {err}");
+        assert!(
+            err.contains(&format!("vm {image} has no sshd")) && err.contains(why),
+            "{err}"
+        );
+        assert!(
+            err.contains("vm exec -it"),
+            "names what works instead: {err}"
+        );
         eprintln!("vm ssh on {image} refused after {:?}", t0.elapsed());
         ok(&inst.banger(&["vm", "rm", "-f", image]), "rm");
     }

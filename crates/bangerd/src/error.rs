@@ -63,7 +63,11 @@ pub enum DaemonError {
         reason: String,
     },
     #[error("vm {vm:?}: host port {port} is published by vm {by:?}: pick another host port, or `banger vm port rm {by} {port}`")]
-    PortHeld { vm: String, port: String, by: String },
+    PortHeld {
+        vm: String,
+        port: String,
+        by: String,
+    },
     #[error("the boot of vm {0:?} was cancelled")]
     Cancelled(String),
     #[error("failpoint {0} (injected by a test)")]

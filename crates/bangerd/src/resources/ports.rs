@@ -265,7 +265,9 @@ pub fn check_free_naming(d: &Daemon, vm: &str, ports: &[PortMap]) -> Result<()> 
         DaemonError::PortInUse { vm, port, reason } => {
             let by = d.store().list_vms().ok().and_then(|vms| {
                 vms.into_iter()
-                    .find(|o| o.name != vm && o.spec.net.ports.iter().any(|q| q.host_side() == port))
+                    .find(|o| {
+                        o.name != vm && o.spec.net.ports.iter().any(|q| q.host_side() == port)
+                    })
                     .map(|o| o.name)
             });
             match by {
