@@ -152,18 +152,14 @@ fn layers_apply_in_order_with_whiteouts() {
 }
 
 #[test]
-fn a_tree_without_sshd_is_refused_naming_it() {
+fn a_tree_needs_a_shell_and_no_sshd() {
     let d = tempfile::tempdir().unwrap();
     let root = d.path();
     let e = check_tree(root).unwrap_err().to_string();
     assert!(e.contains("no shell (/bin/sh)"), "{e}");
     tree::write(root, "/usr/bin/sh", b"#!", 0o755).unwrap();
     std::os::unix::fs::symlink("usr/bin", root.join("bin")).unwrap();
-    let e = check_tree(root).unwrap_err().to_string();
-    assert!(e.contains("no SSH server (/usr/sbin/sshd)"), "{e}");
-    assert!(e.contains("openssh-server"), "{e}");
-    tree::write(root, "/usr/sbin/sshd", b"#!", 0o755).unwrap();
-    check_tree(root).unwrap();
+    check_tree(root).expect("no sshd is fine");
     let e = own_kernel("x", root).unwrap_err();
     assert!(e.contains("no kernel"), "{e}");
 }
