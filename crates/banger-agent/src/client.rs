@@ -48,18 +48,41 @@ impl Control {
 
     /// Copies `input` to the process's stdin until its end, then closes
     /// the process's stdin (what `docker exec -i` does at EOF).
-    pub fn feed(&self, mut input: impl Read) -> Result<(), ProtoError> {
+    pub fn feed(&self, input: impl Read) -> Result<(), ProtoError> {
+        self.feed_until(input, |b, out| {
+            out.extend_from_slice(b);
+            false
+        })?;
+        self.close_stdin()
+    }
+
+    /// Copies `input` to the process's stdin through `pass`, which puts
+    /// what to send of each chunk in its second argument and says whether
+    /// to stop there; true if it did, false at the input's end (stdin is
+    /// left open either way).
+    pub fn feed_until(
+        &self,
+        mut input: impl Read,
+        mut pass: impl FnMut(&[u8], &mut Vec<u8>) -> bool,
+    ) -> Result<bool, ProtoError> {
         let mut buf = vec![0u8; CHUNK];
+        let mut out = Vec::with_capacity(CHUNK);
         loop {
             let n = match input.read(&mut buf) {
-                Ok(0) => break,
+                Ok(0) => return Ok(false),
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e.into()),
             };
-            self.stdin(&buf[..n])?;
+            out.clear();
+            let stop = pass(&buf[..n], &mut out);
+            if !out.is_empty() {
+                self.stdin(&out)?;
+            }
+            if stop {
+                return Ok(true);
+            }
         }
-        self.close_stdin()
     }
 
     /// Leaves the call: the connection is shut both ways (the session's

@@ -191,7 +191,7 @@ fn forward_signals(ctl: Control, tty: bool, proxy: bool, detached: Arc<AtomicBoo
 /// up, leaving the process running).
 fn feed(
     ctl: &Control,
-    mut input: impl Read,
+    input: impl Read,
     keys: Vec<u8>,
     detached: &AtomicBool,
 ) -> Result<(), ProtoError> {
@@ -199,23 +199,15 @@ fn feed(
         return ctl.feed(input);
     }
     let mut scan = crate::detach::Scanner::new(keys);
-    let mut buf = vec![0u8; 32 << 10];
-    loop {
-        let n = match input.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e.into()),
-        };
-        let (pass, done) = scan.scan(&buf[..n]);
-        if !pass.is_empty() {
-            ctl.stdin(&pass)?;
-        }
-        if done {
-            detached.store(true, Ordering::SeqCst);
-            ctl.hang_up();
-            return Ok(());
-        }
+    let stopped = ctl.feed_until(input, |b, out| {
+        let (pass, done) = scan.scan(b);
+        out.extend_from_slice(&pass);
+        done
+    })?;
+    if stopped {
+        detached.store(true, Ordering::SeqCst);
+        ctl.hang_up();
+        return Ok(());
     }
     if !scan.held().is_empty() {
         ctl.stdin(scan.held())?;
