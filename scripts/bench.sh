@@ -7,7 +7,9 @@
 # --network-only (per-VM network setup and teardown, alone and among 100),
 # --agent-only (exec round trips and copies), --memory-only (the VMM's memory
 # beyond the guest's, in its cgroup), --storage-only (root-disk
-# preparation per strategy, 1 GiB and 8 GiB images, 20 VMs in a row).
+# preparation per strategy, 1 GiB and 8 GiB images, 20 VMs in a row),
+# --compare REV (`vm run --rm -- true` and `vm exec` of this tree against
+# revision REV, built in a worktree of its own, taking turns in one run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,4 +19,27 @@ BANGER_AGENT=$(./scripts/build-agent.sh)
 export BANGER_AGENT
 BANGER_TEST_IMAGE=$(./scripts/test-image.sh target/release/banger)
 export BANGER_TEST_IMAGE
+
+args=("$@")
+runs=5
+for i in "${!args[@]}"; do
+  if [ "${args[$i]}" = --runs ]; then runs=${args[$((i + 1))]:-5}; fi
+done
+for i in "${!args[@]}"; do
+  [ "${args[$i]}" = --compare ] || continue
+  rev=${args[$((i + 1))]:?--compare takes a revision}
+  sha=$(git rev-parse --verify "$rev^{commit}")
+  tree=/var/tmp/banger-bench-$sha
+  other=/var/tmp/banger-bench-target
+  git worktree prune
+  [ -d "$tree" ] || git worktree add --detach "$tree" "$sha" >/dev/null
+  # Its own target dir, kept between runs (a rebuild is incremental). Its
+  # agent is where build-agent.sh builds it under that dir (the script
+  # prints the path of its own tree's target). Other flags are not passed on.
+  (cd "$tree" && export CARGO_TARGET_DIR=$other &&
+     cargo build --release --locked -p banger -p bangerd &&
+     ./scripts/build-agent.sh >/dev/null)
+  exec target/release/bench --runs "$runs" --compare "$other/release/banger" \
+    "$other/x86_64-unknown-linux-gnu/agent/banger-agent" "$(git rev-parse --short "$sha")"
+done
 exec target/release/bench "$@"

@@ -21,6 +21,7 @@ packages=(
   passwd            # useradd/groupadd: the socket-group test's accounts
   binutils          # strip: the Debian package's binaries ship without debug info
   socat             # the socket-group test speaks raw JSON to bangerd as a member (what a client that skips the CLI sends)
+  curl patch        # vhost-device-vsock's source from crates.io, and banger's fix to it
 )
 
 # Two passes: installing one package can make apt remove another that was
@@ -49,10 +50,27 @@ command -v cargo >/dev/null || { echo "cargo not found: install the Rust toolcha
 # QEMU's vsock backend: vhost-device-vsock from the rust-vmm project
 # (crates.io; Debian does not package it). It serves a guest's
 # vhost-user-vsock device with Firecracker's hybrid-vsock interface on a
-# Unix socket, and needs no vhost-vsock kernel module.
+# Unix socket, and needs no vhost-vsock kernel module. Built from the
+# published crate (checked against its checksum) with banger's fix for a
+# stall of full-duplex connections (scripts/patches/, which says why); a
+# copy of the patch beside the binary says which build is installed.
 vsock_version=0.3.0
-if ! /usr/local/bin/vhost-device-vsock --version 2>/dev/null | grep -q "$vsock_version"; then
-  echo "installing vhost-device-vsock $vsock_version from crates.io"
-  cargo install --quiet --locked --root /usr/local vhost-device-vsock --version "$vsock_version"
+vsock_sha256=52ce95d81af89ad693d067c650e42df0f217addfbc96cc4820f7c62eb4a28b13
+vsock_patch=$(dirname "$0")/patches/vhost-device-vsock-$vsock_version-flush.patch
+vsock_built=/usr/local/share/banger-deps/vhost-device-vsock.patch
+if ! /usr/local/bin/vhost-device-vsock --version 2>/dev/null | grep -q "$vsock_version" ||
+   ! cmp -s "$vsock_patch" "$vsock_built"; then
+  echo "building vhost-device-vsock $vsock_version (crates.io) with $vsock_patch"
+  src=$(mktemp -d)
+  trap 'rm -rf "$src"' EXIT
+  curl -fsSL --retry 3 -o "$src/crate.tar.gz" \
+    "https://static.crates.io/crates/vhost-device-vsock/vhost-device-vsock-$vsock_version.crate"
+  echo "$vsock_sha256  $src/crate.tar.gz" | sha256sum --check --quiet
+  tar -xzf "$src/crate.tar.gz" -C "$src"
+  patch --quiet -d "$src/vhost-device-vsock-$vsock_version" -p1 <"$vsock_patch"
+  cargo install --quiet --locked --force --root /usr/local --path "$src/vhost-device-vsock-$vsock_version"
+  install -D -m 0644 "$vsock_patch" "$vsock_built"
+  rm -rf "$src"
+  trap - EXIT
 fi
 /usr/local/bin/vhost-device-vsock --version >/dev/null

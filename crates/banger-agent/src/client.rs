@@ -6,6 +6,9 @@ use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::deadline::Deadline;
 
 use crate::proto::{
     read_frame, read_msg, write_frame, write_msg, write_request, Call, ExitStatus, Frame,
@@ -16,6 +19,14 @@ use crate::proto::{
 pub fn call(mut c: UnixStream, call: Call) -> Result<Msg, ProtoError> {
     write_request(&mut c, call)?;
     read_msg(&mut c)
+}
+
+/// A one-shot call whose whole exchange ends within `within`, however the
+/// agent trickles its answer (the daemon's calls to a guest).
+pub fn call_within(c: UnixStream, call: Call, within: Duration) -> Result<Msg, ProtoError> {
+    let mut d = Deadline::new(&c, within);
+    write_request(&mut d, call)?;
+    read_msg(&mut d)
 }
 
 /// What a session's user sends while the process runs; cheap to clone and
@@ -98,6 +109,10 @@ impl Control {
     }
 }
 
+/// How long an agent may take to say a process started (a guest under
+/// heavy load answers in well under a second).
+pub const START_WITHIN: Duration = Duration::from_secs(30);
+
 /// A process started (or attached to) through the agent.
 pub struct Session {
     r: UnixStream,
@@ -108,9 +123,17 @@ pub struct Session {
 impl Session {
     /// Sends `call` (an `Exec` or an `Attach`) and waits for the process's
     /// pid.
-    pub fn start(mut c: UnixStream, call: Call) -> Result<Session, ProtoError> {
-        write_request(&mut c, call)?;
-        let pid = match read_msg(&mut c)? {
+    pub fn start(c: UnixStream, call: Call) -> Result<Session, ProtoError> {
+        // The request and the agent's word that the process started are
+        // bounded; what the process then does takes as long as it takes.
+        let pid = {
+            let mut d = Deadline::new(&c, START_WITHIN);
+            write_request(&mut d, call)?;
+            read_msg(&mut d)?
+        };
+        c.set_read_timeout(None)?;
+        c.set_write_timeout(None)?;
+        let pid = match pid {
             Msg::Started { pid } => pid,
             other => return Err(ProtoError::Unexpected(format!("{other:?}"))),
         };
@@ -136,31 +159,50 @@ impl Session {
     }
 
     /// Writes the process's output until it exits; returns its status.
-    pub fn wait(
-        mut self,
+    pub fn wait(self, out: &mut dyn Write, err: &mut dyn Write) -> Result<ExitStatus, ProtoError> {
+        let Session { mut r, .. } = self;
+        let status = wait_on(&mut r, out, err);
+        let _ = r.shutdown(Shutdown::Both);
+        status
+    }
+
+    /// [`Session::wait`], all of it within `within` (a short command the
+    /// host asks, whose guest must not hold the caller).
+    pub fn wait_within(
+        self,
         out: &mut dyn Write,
         err: &mut dyn Write,
+        within: Duration,
     ) -> Result<ExitStatus, ProtoError> {
-        loop {
-            match read_frame(&mut self.r)? {
-                Some(Frame::Bytes(Kind::Stdout, b)) => {
-                    out.write_all(&b)?;
-                    out.flush()?;
-                }
-                Some(Frame::Bytes(Kind::Stderr, b)) => {
-                    err.write_all(&b)?;
-                    err.flush()?;
-                }
-                Some(Frame::Msg(Msg::Exited(s))) => {
-                    let _ = self.r.shutdown(Shutdown::Both);
-                    return Ok(s);
-                }
-                Some(Frame::Msg(Msg::Error { message })) => {
-                    return Err(ProtoError::Remote(message))
-                }
-                Some(other) => return Err(ProtoError::Unexpected(format!("{other:?}"))),
-                None => return Err(ProtoError::Closed),
+        let Session { r, .. } = self;
+        let status = wait_on(&mut Deadline::new(&r, within), out, err);
+        let _ = r.shutdown(Shutdown::Both);
+        status
+    }
+}
+
+/// The process's output, written out, until its exit status.
+fn wait_on(
+    r: &mut impl Read,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<ExitStatus, ProtoError> {
+    loop {
+        match read_frame(r)? {
+            Some(Frame::Bytes(Kind::Stdout, b)) => {
+                out.write_all(&b)
+                    .and_then(|()| out.flush())
+                    .map_err(ProtoError::Output)?;
             }
+            Some(Frame::Bytes(Kind::Stderr, b)) => {
+                err.write_all(&b)
+                    .and_then(|()| err.flush())
+                    .map_err(ProtoError::Output)?;
+            }
+            Some(Frame::Msg(Msg::Exited(s))) => return Ok(s),
+            Some(Frame::Msg(Msg::Error { message })) => return Err(ProtoError::Remote(message)),
+            Some(other) => return Err(ProtoError::Unexpected(format!("{other:?}"))),
+            None => return Err(ProtoError::Closed),
         }
     }
 }

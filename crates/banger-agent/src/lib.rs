@@ -2,6 +2,7 @@
 //! hybrid vsock ([`connect`]): the daemon, the CLI and the agent share both.
 
 pub mod client;
+pub mod deadline;
 pub mod proto;
 
 use std::io::{Read, Write};
@@ -39,17 +40,16 @@ pub fn connect_nofollow(path: &Path) -> std::io::Result<UnixStream> {
 /// Opens a connection to guest port `port` through a hybrid vsock's Unix
 /// socket (Firecracker's and vhost-device-vsock's convention: write
 /// `CONNECT <port>\n`, read `OK <host port>\n`). `timeout` bounds the
-/// handshake; the stream returned has no timeouts.
+/// whole handshake; the stream returned has no timeouts.
 pub fn connect(uds: &Path, port: u32, timeout: Duration) -> std::io::Result<UnixStream> {
-    let mut s = connect_nofollow(uds)?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
-    s.write_all(format!("CONNECT {port}\n").as_bytes())?;
+    let s = connect_nofollow(uds)?;
+    let mut d = deadline::Deadline::new(&s, timeout);
+    d.write_all(format!("CONNECT {port}\n").as_bytes())?;
     // Byte by byte: nothing after the line may be consumed here.
     let mut line = Vec::with_capacity(16);
     let mut b = [0u8; 1];
     while line.len() < 64 {
-        match s.read(&mut b)? {
+        match d.read(&mut b)? {
             0 => break,
             _ if b[0] == b'\n' => {
                 let text = String::from_utf8_lossy(&line);

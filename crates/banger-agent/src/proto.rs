@@ -47,6 +47,10 @@ pub enum ProtoError {
     Json(#[from] serde_json::Error),
     #[error("agent connection closed in the middle of a call")]
     Closed,
+    /// Writing a process's output here failed (a closed pipe, a full
+    /// disk): this side's, not the agent's.
+    #[error("writing the output: {0}")]
+    Output(io::Error),
     #[error("agent speaks protocol {theirs}, this banger {VERSION}: rebuild the image's agent or update banger")]
     Version { theirs: u32 },
     #[error("the agent said: {0}")]

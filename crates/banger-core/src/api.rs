@@ -14,7 +14,7 @@ use crate::model::{AutoStop, NetPolicy, VmmKind};
 use crate::sizing::SizeRequest;
 use crate::state::VmState;
 
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -35,6 +35,14 @@ pub enum Request {
         name: String,
     },
     VmKill {
+        name: String,
+    },
+    /// Stops the VM's vCPUs; everything else is kept (`vm pause`).
+    VmPause {
+        name: String,
+    },
+    /// Runs a paused VM's vCPUs again and sets its clock to now.
+    VmResume {
         name: String,
     },
     /// Refused for a VM that runs (or boots, or stops) unless `force`
@@ -295,6 +303,23 @@ pub struct DaemonStatus {
     /// Where the host can ask banger's DNS, if anywhere.
     #[serde(default)]
     pub dns_listen: Option<String>,
+    /// Client connections open now (this one included).
+    #[serde(default)]
+    pub connections: u32,
+    /// Releases that failed and wait for their retry: why, and when.
+    #[serde(default)]
+    pub failed_releases: Vec<FailedRelease>,
+}
+
+/// A VM's release that failed (a tap that would not go, an `nft` that
+/// failed): retried after a backoff while the daemon runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailedRelease {
+    pub vm: String,
+    pub error: String,
+    pub attempts: u32,
+    /// Seconds until the next try.
+    pub retry_in_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -414,7 +439,7 @@ mod tests {
             request: Request::VmStart { name: "a".into() },
         };
         let s = serde_json::to_string(&e).unwrap();
-        assert_eq!(s, r#"{"version":7,"request":{"op":"vm_start","name":"a"}}"#);
+        assert_eq!(s, r#"{"version":8,"request":{"op":"vm_start","name":"a"}}"#);
         assert_eq!(serde_json::from_str::<Envelope>(&s).unwrap(), e);
         let bad = r#"{"version":3,"request":{"op":"vm_start","name":"a","force":true}}"#;
         assert!(serde_json::from_str::<Envelope>(bad).is_err());

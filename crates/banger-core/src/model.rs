@@ -191,11 +191,37 @@ pub struct VmRuntime {
     /// Unix seconds the current boot became ready (TTLs count from it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub started_at: Option<i64>,
+    /// A `--rm` VM's client (pid and start time): the VM is deleted when
+    /// that process is gone, also when the daemon that served it was not
+    /// there to see it hang up (a crash, an upgrade).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rm_client: Option<RmClient>,
+    /// A running VM whose vCPUs are stopped (`vm pause`); cleared by
+    /// `resume` and by every end of the boot.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
+}
+
+/// The process a `--rm` VM lives for: its pid and its start time (clock
+/// ticks after boot, /proc/PID/stat field 22; a recycled pid never
+/// matches).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RmClient {
+    pub pid: i32,
+    pub start_time: u64,
 }
 
 impl VmRuntime {
     pub fn state(&self) -> VmState {
         self.state.unwrap_or(VmState::Created)
+    }
+
+    /// The state users see: [`VmState::Paused`] for a paused running VM.
+    pub fn shown_state(&self) -> VmState {
+        match self.state() {
+            VmState::Running if self.paused => VmState::Paused,
+            s => s,
+        }
     }
 }
 

@@ -22,6 +22,10 @@ pub enum VmState {
     Error,
     /// Being deleted. A VM found in this state at daemon start is deleted.
     Deleting,
+    /// Shown for a running VM whose vCPUs are stopped (`vm pause`): the
+    /// store keeps it `Running` with `runtime.paused` (it holds everything
+    /// a running VM holds), as docker's paused containers are running ones.
+    Paused,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -44,6 +48,7 @@ impl std::fmt::Display for VmState {
             VmState::Stopped => "stopped",
             VmState::Error => "error",
             VmState::Deleting => "deleting",
+            VmState::Paused => "paused",
         })
     }
 }
@@ -52,8 +57,9 @@ impl VmState {
     pub fn can_start(self) -> bool {
         matches!(self, VmState::Created | VmState::Stopped | VmState::Error)
     }
+    /// (A paused VM is resumed first, then stopped.)
     pub fn can_stop(self) -> bool {
-        matches!(self, VmState::Running)
+        matches!(self, VmState::Running | VmState::Paused)
     }
     /// Kill is the forceful stop: allowed whenever a VMM may exist, and in
     /// error (a teardown that could not finish, e.g. a VMM that survived
@@ -61,7 +67,11 @@ impl VmState {
     pub fn can_kill(self) -> bool {
         matches!(
             self,
-            VmState::Running | VmState::Starting | VmState::Stopping | VmState::Error
+            VmState::Running
+                | VmState::Paused
+                | VmState::Starting
+                | VmState::Stopping
+                | VmState::Error
         )
     }
     /// Delete tears down whatever exists, so every state may be deleted; a
@@ -73,7 +83,7 @@ impl VmState {
     pub fn is_up(self) -> bool {
         matches!(
             self,
-            VmState::Running | VmState::Starting | VmState::Stopping
+            VmState::Running | VmState::Paused | VmState::Starting | VmState::Stopping
         )
     }
 
@@ -82,6 +92,14 @@ impl VmState {
             "start" => (self.can_start(), " (it is already up or busy)"),
             "stop" => (self.can_stop(), " (only a running VM can be stopped)"),
             "kill" => (self.can_kill(), " (no VMM is running)"),
+            "pause" => (
+                self == VmState::Running,
+                " (only a running VM can be paused)",
+            ),
+            "resume" => (
+                self == VmState::Paused,
+                " (only a paused VM can be resumed)",
+            ),
             _ => (self.can_delete(), ""),
         };
         if ok {
@@ -117,10 +135,19 @@ mod tests {
         assert!(Running.can_stop());
         assert!(!Stopping.can_stop());
         for s in [
-            Creating, Created, Starting, Running, Stopping, Stopped, Error, Deleting,
+            Creating, Created, Starting, Running, Stopping, Stopped, Error, Deleting, Paused,
         ] {
             assert!(s.can_delete());
         }
+        assert!(Paused.can_stop() && Paused.can_kill() && Paused.is_up());
+        assert!(!Paused.can_start());
+        assert!(Running.check("a", "pause").is_ok());
+        assert!(Paused.check("a", "resume").is_ok());
+        assert_eq!(
+            Paused.check("a", "pause").unwrap_err().to_string(),
+            "vm \"a\" is paused: cannot pause it (only a running VM can be paused)"
+        );
+        assert!(Stopped.check("a", "resume").is_err());
         for s in [Creating, Deleting] {
             assert!(!s.can_start() && !s.can_stop() && !s.can_kill(), "{s}");
         }

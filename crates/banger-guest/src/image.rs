@@ -93,6 +93,11 @@ pub enum ImageError {
     Fs { name: String, source: FsError },
     #[error("image {name}: {source}")]
     Cmd { name: String, source: CmdError },
+    #[error("image {name}: {source}")]
+    Mirrors {
+        name: String,
+        source: crate::mirrors::MirrorError,
+    },
     #[error("image {name}: mmdebstrap failed ({status}); its last lines:\n{tail}")]
     Bootstrap {
         name: String,
@@ -223,6 +228,11 @@ fn build_into(
         name: name.to_string(),
         source,
     };
+    // Offline, mmdebstrap would retry for minutes: asked first, in seconds.
+    crate::mirrors::check().map_err(|source| ImageError::Mirrors {
+        name: name.to_string(),
+        source,
+    })?;
     fsutil::remove_dir_all_if_exists(work).map_err(fs)?;
     fsutil::create_dir_all(work).map_err(fs)?;
     let rootfs = work.join("rootfs");

@@ -72,6 +72,7 @@ pub mod image;
 pub mod import;
 pub mod initramfs;
 pub mod kernel;
+pub mod mirrors;
 pub mod oci;
 pub mod tree;
 

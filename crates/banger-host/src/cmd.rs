@@ -2,7 +2,7 @@
 //! exit status always checked and their stderr kept for the error. Arguments
 //! are passed as a vector: no shell is ever involved.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -87,14 +87,36 @@ where
     let args: Vec<S> = args.into_iter().collect();
     let argv: Vec<&OsStr> = args.iter().map(|a| a.as_ref()).collect();
     let mut cmd = Command::new(program);
-    cmd.args(&argv)
-        .stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args(&argv);
+    let (status, stdout, stderr) = run_prepared(cmd, program, input, timeout)?;
+    if !status.success() {
+        return Err(CmdError::Failed {
+            command: render(program, &argv),
+            status: status.to_string(),
+            stderr: stderr.trim().to_string(),
+        });
+    }
+    Ok((stdout, stderr))
+}
+
+/// Runs `cmd` as it was set up (a confinement applied, say) in a process
+/// group of its own, killed with the group after `timeout`; its status,
+/// whatever it is, and what it wrote. `program` names it in errors.
+pub fn run_prepared(
+    mut cmd: Command,
+    program: &str,
+    input: Option<&str>,
+    timeout: Duration,
+) -> Result<(std::process::ExitStatus, String, String), CmdError> {
+    let argv: Vec<OsString> = cmd.get_args().map(OsStr::to_os_string).collect();
+    let argv: Vec<&OsStr> = argv.iter().map(OsString::as_os_str).collect();
+    cmd.stdin(if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     let spawn_err = |source| CmdError::Spawn {
         program: program.to_string(),
         source,
@@ -143,14 +165,8 @@ where
     };
     let stdout = out_t.join().unwrap_or_default();
     let stderr = err_t.join().unwrap_or_default();
-    if !status.success() {
-        return Err(CmdError::Failed {
-            command: render(program, &argv),
-            status: status.to_string(),
-            stderr: String::from_utf8_lossy(&stderr).trim().to_string(),
-        });
-    }
     Ok((
+        status,
         String::from_utf8_lossy(&stdout).into_owned(),
         String::from_utf8_lossy(&stderr).into_owned(),
     ))

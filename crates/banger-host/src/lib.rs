@@ -2,6 +2,7 @@
 //! network namespace and mount namespace of the calling process, so tests
 //! run the daemon inside a namespace they created.
 
+pub mod acl;
 pub mod cgroup;
 pub mod cmd;
 pub mod confine;

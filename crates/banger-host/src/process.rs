@@ -24,7 +24,12 @@ pub fn cmdline(pid: i32) -> Option<Vec<String>> {
 /// The fields of /proc/PID/stat after the command name (which may contain
 /// spaces or parentheses itself): field 3 (state) first.
 fn stat_fields(pid: i32) -> Option<Vec<String>> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_fields_at(&format!("/proc/{pid}/stat"))
+}
+
+/// As [`stat_fields`], of a `stat` file (a process's or a thread's).
+fn stat_fields_at(path: &str) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(path).ok()?;
     let i = stat.rfind(')')?;
     Some(
         stat[i + 1..]
@@ -44,6 +49,38 @@ pub fn is_running(pid: i32) -> bool {
 /// The process's state letter (R, S, D, Z, T, ...).
 pub fn state(pid: i32) -> Option<char> {
     stat_fields(pid)?.first()?.chars().next()
+}
+
+/// The process's threads: their ids and names (`comm`).
+pub fn threads(pid: i32) -> Vec<(i32, String)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|t| {
+            let tid = t.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            Some((tid, comm.trim_end().to_string()))
+        })
+        .collect()
+}
+
+/// A thread's state letter and its user plus system CPU time in clock
+/// ticks.
+pub fn thread_stat(pid: i32, tid: i32) -> Option<(char, u64)> {
+    let f = stat_fields_at(&format!("/proc/{pid}/task/{tid}/stat"))?;
+    let state = f.first()?.chars().next()?;
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some((state, ticks))
+}
+
+/// Whether every thread of the process is stopped (SIGSTOP: state `T`).
+pub fn all_threads_stopped(pid: i32) -> bool {
+    let ts = threads(pid);
+    !ts.is_empty()
+        && ts
+            .iter()
+            .all(|(tid, _)| matches!(thread_stat(pid, *tid), Some(('T' | 't', _))))
 }
 
 /// When the process started, in clock ticks after boot (field 22).
@@ -82,7 +119,8 @@ pub fn ticks_per_sec() -> u64 {
 
 /// A process's identity: its pid and its start time. A pid that the kernel
 /// has given to a new process has another start time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ProcId {
     pub pid: i32,
     pub start_time: u64,
@@ -150,6 +188,63 @@ pub fn matches(pid: i32, needle: &str) -> bool {
             .unwrap_or(false)
 }
 
+/// The real uid `pid` runs as (`Uid:` of /proc/PID/status).
+pub fn owner(pid: i32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// When `pid` started, in Unix seconds (the boot time of /proc/stat plus
+/// its start time in clock ticks).
+pub fn started_unix(pid: i32) -> Option<i64> {
+    let btime: i64 = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|h| *h > 0)?;
+    let ticks = i64::try_from(start_time(pid)?).ok()?;
+    Some(btime + ticks / hz)
+}
+
+/// What a process found again by its command line must also be: never a
+/// substring alone. Its owner, and not older than the VM it would belong
+/// to (a process another user started with that path among its arguments
+/// is neither).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expect {
+    pub uid: u32,
+    /// Unix seconds: the VM's creation.
+    pub not_before: i64,
+}
+
+impl Expect {
+    pub fn admits(&self, pid: i32) -> bool {
+        owner(pid) == Some(self.uid)
+            // (A second of slack: both clocks round down.)
+            && started_unix(pid).is_some_and(|t| t + 1 >= self.not_before)
+    }
+}
+
+/// [`find_by_arg`], keeping only what `expect` admits.
+pub fn find_by_arg_as(needle: &str, expect: Expect) -> Vec<i32> {
+    find_by_arg(needle)
+        .into_iter()
+        .filter(|p| expect.admits(*p))
+        .collect()
+}
+
 /// All running processes that have an argument containing `needle`.
 pub fn find_by_arg(needle: &str) -> Vec<i32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -192,6 +287,32 @@ pub fn holders(path: &std::path::Path) -> Vec<i32> {
         .collect();
     pids.sort_unstable();
     pids
+}
+
+/// Whether a Unix socket bound at `path` listens, as seen from `pid`'s
+/// network namespace (`/proc/<pid>/net/unix`: `__SO_ACCEPTCON`, 0x10000,
+/// in its flags). A socket file exists from `bind`, before `listen`: a
+/// VMM that connects to it in between is refused.
+pub fn listens_on(pid: i32, path: &Path) -> bool {
+    const ACCEPTCON: u32 = 0x1_0000;
+    let Ok(table) = std::fs::read_to_string(format!("/proc/{pid}/net/unix")) else {
+        return false;
+    };
+    let want = path.as_os_str().as_encoded_bytes();
+    table.lines().skip(1).any(|line| {
+        // Num RefCount Protocol Flags Type St Inode Path: the path is
+        // the rest of the line after the seventh field.
+        let mut rest = line.trim_start();
+        let mut flags = None;
+        for i in 0..7 {
+            let end = rest.find(' ').unwrap_or(rest.len());
+            if i == 3 {
+                flags = u32::from_str_radix(&rest[..end], 16).ok();
+            }
+            rest = rest[end..].trim_start_matches(' ');
+        }
+        rest.as_bytes() == want && flags.is_some_and(|f| f & ACCEPTCON != 0)
+    })
 }
 
 /// Sends `sig`; a process that is already gone is not an error.
@@ -258,6 +379,35 @@ pub fn path_needle(p: &Path) -> String {
 
 #[cfg(test)]
 mod tests {
+    /// A socket that is only bound does not listen; once `listen` is
+    /// called it does.
+    #[test]
+    fn a_bound_socket_listens_only_after_listen() {
+        use nix::sys::socket::{
+            bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+        };
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("s p.sock");
+        let me = std::process::id() as i32;
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::empty(),
+            None,
+        )
+        .unwrap();
+        bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &UnixAddr::new(&path).unwrap(),
+        )
+        .unwrap();
+        assert!(path.exists());
+        assert!(!super::listens_on(me, &path));
+        listen(&fd, Backlog::new(1).unwrap()).unwrap();
+        assert!(super::listens_on(me, &path));
+        assert!(!super::listens_on(me, &d.path().join("s")));
+    }
+
     #[test]
     fn holders_of_a_file_are_found_by_its_inode() {
         let d = tempfile::tempdir().unwrap();
@@ -296,6 +446,28 @@ mod tests {
         assert!(find_by_arg("30").contains(&pid));
         assert!(!matches(pid, &marker), "env is not the command line");
         assert!(find_by_arg("no-such-arg-anywhere-banger").is_empty());
+        // Never by the argument alone: also its owner and its age.
+        let now = started_unix(pid).unwrap();
+        let me = nix::unistd::getuid().as_raw();
+        assert_eq!(owner(pid), Some(me));
+        let ok = Expect {
+            uid: me,
+            not_before: now,
+        };
+        assert!(find_by_arg_as("30", ok).contains(&pid));
+        let other_user = Expect {
+            uid: me.wrapping_add(4242),
+            ..ok
+        };
+        assert!(!find_by_arg_as("30", other_user).contains(&pid));
+        let older = Expect {
+            not_before: now + 3600,
+            ..ok
+        };
+        assert!(
+            !find_by_arg_as("30", older).contains(&pid),
+            "started before its VM"
+        );
         assert!(signal(pid, Signal::SIGKILL).is_ok());
         let _ = child.wait();
         assert!(!is_running(pid));

@@ -95,6 +95,9 @@ const MIGRATIONS: &[&str] = &[
 pub enum Owned {
     Image,
     Volume,
+    /// A `--network NAME`: whoever put its first VM on it, while it has
+    /// VMs.
+    Network,
 }
 
 impl Owned {
@@ -102,6 +105,7 @@ impl Owned {
         match self {
             Owned::Image => "image",
             Owned::Volume => "volume",
+            Owned::Network => "network",
         }
     }
 }

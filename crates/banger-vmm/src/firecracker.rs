@@ -154,14 +154,33 @@ pub fn read_head(r: &mut impl BufRead) -> std::io::Result<(String, usize)> {
 /// One `PUT` on the API socket; a non-2xx answer is an error carrying
 /// Firecracker's `fault_message`.
 pub fn put(sock: &Path, path: &str, body: &Value) -> Result<(), VmmError> {
-    let io = |what: &str, e: std::io::Error| api_err(sock, format!("PUT {path}: {what}: {e}"));
+    call(sock, "PUT", path, body)
+}
+
+/// Pauses the microVM's vCPUs (`PATCH /vm`).
+pub fn pause(sock: &Path) -> Result<(), VmmError> {
+    patch(sock, "/vm", &json!({"state": "Paused"}))
+}
+
+/// Resumes a paused microVM.
+pub fn resume(sock: &Path) -> Result<(), VmmError> {
+    patch(sock, "/vm", &json!({"state": "Resumed"}))
+}
+
+/// One `PATCH` on the API socket, as [`put`].
+pub fn patch(sock: &Path, path: &str, body: &Value) -> Result<(), VmmError> {
+    call(sock, "PATCH", path, body)
+}
+
+fn call(sock: &Path, method: &str, path: &str, body: &Value) -> Result<(), VmmError> {
+    let io = |what: &str, e: std::io::Error| api_err(sock, format!("{method} {path}: {what}: {e}"));
     let mut s = banger_agent::connect_nofollow(sock).map_err(|e| io("connect", e))?;
     s.set_read_timeout(Some(API_TIMEOUT))
         .and_then(|()| s.set_write_timeout(Some(API_TIMEOUT)))
         .map_err(|e| io("set timeout", e))?;
     let body = body.to_string();
     let req = format!(
-        "PUT {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
@@ -172,7 +191,7 @@ pub fn put(sock: &Path, path: &str, body: &Value) -> Result<(), VmmError> {
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .ok_or_else(|| api_err(sock, format!("PUT {path}: bad status line {status:?}")))?;
+        .ok_or_else(|| api_err(sock, format!("{method} {path}: bad status line {status:?}")))?;
     let mut answer = vec![0u8; len.min(1 << 20)];
     r.read_exact(&mut answer).map_err(|e| io("read body", e))?;
     if (200..300).contains(&code) {
@@ -182,7 +201,10 @@ pub fn put(sock: &Path, path: &str, body: &Value) -> Result<(), VmmError> {
         .ok()
         .and_then(|v| v["fault_message"].as_str().map(str::to_string))
         .unwrap_or_else(|| String::from_utf8_lossy(&answer).into_owned());
-    Err(api_err(sock, format!("PUT {path}: HTTP {code}: {fault}")))
+    Err(api_err(
+        sock,
+        format!("{method} {path}: HTTP {code}: {fault}"),
+    ))
 }
 
 impl Vmm for Firecracker {

@@ -65,7 +65,7 @@ fn err(cfg: &VmConfig, path: &Path, source: std::io::Error) -> VmmError {
 /// Puts `host` into the chroot as `name` (a hard link, or a device node
 /// of the same device), owned by `own` where given (shared read-only
 /// files, the image's kernel and disk, keep root as owner and are read
-/// through the group); returns the path the jailed Firecracker sees.
+/// through the VM uid's ACL grant on their inode); returns the path the jailed Firecracker sees.
 fn put(
     cfg: &VmConfig,
     root: &Path,

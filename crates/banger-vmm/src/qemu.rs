@@ -41,8 +41,10 @@ impl Qemu {
     pub fn args(&self, cfg: &VmConfig) -> Vec<OsString> {
         let mut a: Vec<OsString> = Vec::new();
         let mut push = |s: &str| a.push(OsString::from(s));
+        // Threads named for what they run (`CPU 0/TCG`, ...): `top -H`
+        // and the tests tell the vCPUs from QEMU's other threads.
         push("-name");
-        push(&format!("banger-{}", cfg.name));
+        push(&format!("banger-{},debug-threads=on", cfg.name));
         push("-accel");
         // TCG's translation cache is bounded (QEMU's default is 1 GiB of
         // host memory, grown as the guest runs new code), so that the
@@ -193,14 +195,24 @@ impl Vmm for Qemu {
         // The taps' descriptors stay open across exec (under the numbers
         // the command line names).
         banger_host::confine::inherit_fds(&mut cmd, cfg.nics.iter().filter_map(|n| n.fd).collect());
+        // A session of its own (so a group of its own: a signal to the
+        // daemon's group, a Ctrl-C on a foreground daemon, does not reach
+        // the guests). Not only a group: a group in the daemon's session
+        // is orphaned when the daemon dies, and the kernel then sends a
+        // stopped (`vm pause`d) member SIGHUP, which QEMU dies of.
+        // SAFETY: setsid(2) is async-signal-safe; nothing else runs here.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid()
+                    .map(drop)
+                    .map_err(std::io::Error::from)
+            });
+        }
         let child = cmd
             .args(self.args(cfg))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
-            // Its own process group: a signal to the daemon's group (a
-            // Ctrl-C on a foreground daemon) does not reach the guests.
-            .process_group(0)
             .spawn()
             .map_err(|source| VmmError::Spawn {
                 vmm: self.binary.clone(),

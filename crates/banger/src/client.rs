@@ -369,15 +369,24 @@ impl Client {
     /// runs once the daemon says the VM is up; then this side of the
     /// connection is shut, the daemon deletes the VM and answers. If this
     /// process dies (Ctrl-C) the connection closes and the daemon deletes
-    /// the VM all the same, or cancels its boot.
+    /// the VM all the same, or cancels its boot. What `use_vm` returned
+    /// comes back even when the daemon's answer does not (a daemon that
+    /// went meanwhile: the next one deletes the VM once this process is
+    /// gone).
     pub fn call_lease<T>(
         &self,
         req: Request,
         on_event: &mut dyn FnMut(Event),
         use_vm: impl FnOnce(&VmInfo) -> T,
-    ) -> Result<(Option<T>, Response), ClientError> {
-        let stream = self.send(req)?;
-        let writer = stream.try_clone().map_err(|e| self.io_err(e))?;
+    ) -> (Option<T>, Result<Response, ClientError>) {
+        let stream = match self.send(req) {
+            Ok(s) => s,
+            Err(e) => return (None, Err(e)),
+        };
+        let writer = match stream.try_clone() {
+            Ok(w) => w,
+            Err(e) => return (None, Err(self.io_err(e))),
+        };
         let mut used = None;
         let mut use_vm = Some(use_vm);
         let mut events = |e: Event| match e {
@@ -389,7 +398,7 @@ impl Client {
             }
             other => on_event(other),
         };
-        let r = self.answer(stream, &mut events)?;
-        Ok((used, r))
+        let r = self.answer(stream, &mut events);
+        (used, r)
     }
 }

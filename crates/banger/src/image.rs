@@ -80,39 +80,43 @@ pub fn customize(
     }));
     let mut ui = crate::ui::Ui::new(format!("booting {from} to customize"));
     let spinner = ui.handle();
-    let (done, _) = client.call_lease(req, &mut |e| ui.event(e), |vm| -> anyhow::Result<i32> {
-        if let Some(b) = &spinner {
-            b.finish_and_clear();
-        }
-        let vm_name = vm.name.clone();
-        let conn = client.agent(&vm_name)?;
-        banger_agent::client::put_tar(conn, "/tmp", |w| {
-            let mut h = tar::Header::new_gnu();
-            h.set_mode(0o755);
-            h.set_size(body.len() as u64);
-            h.set_mtime(banger_core::unix_now().max(0) as u64);
-            let mut b = tar::Builder::new(w);
-            b.append_data(&mut h, GUEST_SCRIPT, &body[..])?;
-            b.finish()
-        })
-        .map_err(|e| anyhow!("vm {vm_name}: copying the script in: {e}"))?;
-        eprintln!("running {} in vm {vm_name}", script.display());
-        let argv = ["/bin/sh".to_string(), format!("/tmp/{GUEST_SCRIPT}")];
-        let code = crate::guest::exec(client, &vm_name, &ExecFlags::default(), &argv)?;
-        if code != 0 {
-            bail!(
-                "{} exited with status {code} in vm {vm_name}: image {name} not saved",
-                script.display()
-            );
-        }
-        // The script stays behind in /tmp, a tmpfs: not in the image.
-        client.call(
-            Request::VmStop {
-                name: vm_name.clone(),
-            },
-            &mut progress,
-        )?;
-        commit(client, &vm_name, name)
-    })?;
+    let (done, answer) =
+        client.call_lease(req, &mut |e| ui.event(e), |vm| -> anyhow::Result<i32> {
+            if let Some(b) = &spinner {
+                b.finish_and_clear();
+            }
+            let vm_name = vm.name.clone();
+            let conn = client.agent(&vm_name)?;
+            banger_agent::client::put_tar(conn, "/tmp", |w| {
+                let mut h = tar::Header::new_gnu();
+                h.set_mode(0o755);
+                h.set_size(body.len() as u64);
+                h.set_mtime(banger_core::unix_now().max(0) as u64);
+                let mut b = tar::Builder::new(w);
+                b.append_data(&mut h, GUEST_SCRIPT, &body[..])?;
+                b.finish()
+            })
+            .map_err(|e| anyhow!("vm {vm_name}: copying the script in: {e}"))?;
+            eprintln!("running {} in vm {vm_name}", script.display());
+            let argv = ["/bin/sh".to_string(), format!("/tmp/{GUEST_SCRIPT}")];
+            let code = crate::guest::exec(client, &vm_name, &ExecFlags::default(), &argv)?;
+            if code != 0 {
+                bail!(
+                    "{} exited with status {code} in vm {vm_name}: image {name} not saved",
+                    script.display()
+                );
+            }
+            // The script stays behind in /tmp, a tmpfs: not in the image.
+            client.call(
+                Request::VmStop {
+                    name: vm_name.clone(),
+                },
+                &mut progress,
+            )?;
+            commit(client, &vm_name, name)
+        });
+    if done.is_none() {
+        answer?;
+    }
     done.unwrap_or_else(|| Err(anyhow!("image customize: the VM never came up")))
 }

@@ -1,6 +1,7 @@
 //! banger, the CLI: a thin client of bangerd plus ssh.
 
 mod client;
+mod cp;
 mod detach;
 mod dnsinstall;
 mod guest;
@@ -29,11 +30,14 @@ use client::Client;
     about = "Disposable Linux microVMs in one command"
 )]
 struct Cli {
-    /// State dir (database, images, VM disks). Default /var/lib/banger.
-    #[arg(long, global = true, env = STATE_DIR_ENV)]
+    // The variables are read in `main`, not by clap: an option clap filled
+    // from the environment shows in every usage line as if required.
+    /// State dir (database, images, VM disks). Default $BANGER_STATE_DIR,
+    /// else /var/lib/banger.
+    #[arg(long, global = true)]
     state_dir: Option<PathBuf>,
-    /// Runtime dir (sockets). Default /run/banger.
-    #[arg(long, global = true, env = RUNTIME_DIR_ENV)]
+    /// Runtime dir (sockets). Default $BANGER_RUNTIME_DIR, else /run/banger.
+    #[arg(long, global = true)]
     runtime_dir: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
@@ -175,6 +179,11 @@ pub enum VmCmd {
     Restart { name: String },
     /// Kill a VM's VMM at once (a boot in progress is cancelled).
     Kill { name: String },
+    /// Stop a running VM's vCPUs; its memory, network and open sessions
+    /// are kept (`vm resume` goes on).
+    Pause { name: String },
+    /// Run a paused VM again, its clock set to now.
+    Resume { name: String },
     /// Delete a VM and everything it has (process, tap, disks, files).
     #[command(name = "rm", alias = "delete")]
     Delete {
@@ -483,7 +492,17 @@ pub fn progress(e: Event) {
 }
 
 fn run(cli: Cli) -> anyhow::Result<i32> {
-    let layout = Layout::resolve(cli.state_dir, cli.runtime_dir, None, None);
+    let env_dir = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    let layout = Layout::resolve(
+        cli.state_dir,
+        cli.runtime_dir,
+        env_dir(STATE_DIR_ENV),
+        env_dir(RUNTIME_DIR_ENV),
+    );
     let client = Client { layout };
     match cli.cmd {
         Cmd::Vm(v) => vm::run(&client, *v),

@@ -362,6 +362,16 @@ pub fn print_status(st: &DaemonStatus) {
         }
     );
     println!("releases  {} pending", st.pending_releases);
+    for f in &st.failed_releases {
+        println!(
+            "          vm {}: failed {} time(s), retried in {} s: {}",
+            escape_control(&f.vm, false),
+            f.attempts,
+            f.retry_in_secs,
+            escape_control(&f.error, false)
+        );
+    }
+    println!("clients   {} connected", st.connections);
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use banger_core::duration::parse_secs;
 use banger_core::sizing::{parse_size_mib, SizeRequest};
 use banger_core::{AutoStop, VmState};
 
-use crate::client::Client;
+use crate::client::{Client, ClientError};
 use crate::output::{emit, print_ports, print_stats, print_timings, print_vm, print_vms};
 use crate::{progress, ssh, CreateFlags, PortCmd, VmCmd};
 
@@ -155,7 +155,7 @@ pub fn run(client: &Client, cmd: VmCmd) -> anyhow::Result<i32> {
         VmCmd::Restart { name } => {
             let vm = expect_vm(client.call(Request::VmGet { name: name.clone() }, &mut progress)?)?;
             // A VM that is not running just starts (docker's restart).
-            if vm.state == VmState::Running {
+            if matches!(vm.state, VmState::Running | VmState::Paused) {
                 let mut ui = crate::ui::Ui::new(format!("stopping {name}"));
                 let r = client.call(Request::VmStop { name: name.clone() }, &mut |e| ui.event(e));
                 ui.clear();
@@ -165,6 +165,8 @@ pub fn run(client: &Client, cmd: VmCmd) -> anyhow::Result<i32> {
             vm_action(client, Request::VmStart { name }, Some(doing))
         }
         VmCmd::Kill { name } => vm_action(client, Request::VmKill { name }, None),
+        VmCmd::Pause { name } => vm_action(client, Request::VmPause { name }, None),
+        VmCmd::Resume { name } => vm_action(client, Request::VmResume { name }, None),
         VmCmd::Delete { names, force } => Ok(delete_each(client, &names, force)),
         VmCmd::Prune { force } => prune(client, force),
         VmCmd::Ls {
@@ -201,6 +203,13 @@ pub fn run(client: &Client, cmd: VmCmd) -> anyhow::Result<i32> {
             command,
         } => {
             let vm = expect_vm(client.call(Request::VmGet { name }, &mut progress)?)?;
+            if vm.state == VmState::Paused {
+                bail!(
+                    "vm {:?} is paused: resume it first (`banger vm resume {}`)",
+                    vm.name,
+                    vm.name
+                );
+            }
             if vm.state != VmState::Running {
                 bail!(
                     "vm {:?} is {}: start it with `banger vm start {}`",
@@ -243,7 +252,7 @@ pub fn run(client: &Client, cmd: VmCmd) -> anyhow::Result<i32> {
         }
         VmCmd::Commit { name, image } => crate::image::commit(client, &name, &image),
         VmCmd::Cp { src, dst } => {
-            crate::guest::cp(client, &src, &dst)?;
+            crate::cp::cp(client, &src, &dst)?;
             Ok(0)
         }
         VmCmd::Port(PortCmd::Add { name, port }) => {
@@ -311,17 +320,43 @@ fn vm_run(
     // --rm: the VM lives as long as this connection (the daemon deletes it
     // when we hang up, however we go).
     let mut t_ssh = None;
-    let (code, answer) =
-        client.call_lease(Request::VmCreate(Box::new(req)), &mut on_event, |vm| {
-            // The command's own output follows: no spinner over it.
-            if let Some(b) = &spinner {
-                b.finish_and_clear();
-            }
-            let t = Instant::now();
-            let code = crate::guest::run_in(client, &vm.name, command);
-            t_ssh = Some((t, t.elapsed()));
-            code
-        })?;
+    let mut ran_in = None;
+    let (code, answer) = client.call_lease(Request::VmCreate(Box::new(req)), &mut on_event, |vm| {
+        // The command's own output follows: no spinner over it.
+        if let Some(b) = &spinner {
+            b.finish_and_clear();
+        }
+        ran_in = Some(vm.name.clone());
+        let t = Instant::now();
+        let code = crate::guest::run_in(client, &vm.name, command);
+        t_ssh = Some((t, t.elapsed()));
+        code
+    });
+    // The daemon went while the command ran (a crash: no answer; a
+    // shutdown: it answers with the VM it leaves running): the command's
+    // status is still the answer, and the VM goes as this process does
+    // (the next daemon watches for that).
+    let went = match (&answer, &ran_in) {
+        (Err(e @ (ClientError::NoAnswer(..) | ClientError::Io { .. })), Some(name)) => {
+            Some((name.clone(), e.to_string()))
+        }
+        (Ok(Response::Vm(vm)), Some(name)) if code.is_some() => Some((
+            name.clone(),
+            format!("it stopped and left vm {} running", vm.name),
+        )),
+        _ => None,
+    };
+    if let Some((name, why)) = went {
+        eprintln!(
+            "vm {name}: bangerd went while the command ran ({why}): the next bangerd \
+             deletes the VM once this command has ended"
+        );
+        // (Started now if none runs: it finds the VM and watches for this
+        // process to end.)
+        let _ = client.call(Request::Ping, &mut |_| {});
+        return code.unwrap_or(Ok(1));
+    }
+    let answer = answer?;
     if !matches!(answer, Response::Deleted { .. }) {
         bail!("unexpected answer from bangerd: {answer:?}");
     }
@@ -453,11 +488,12 @@ enum FilterKey {
     Network,
 }
 
-const STATES: [VmState; 8] = [
+const STATES: [VmState; 9] = [
     VmState::Creating,
     VmState::Created,
     VmState::Starting,
     VmState::Running,
+    VmState::Paused,
     VmState::Stopping,
     VmState::Stopped,
     VmState::Error,

@@ -190,6 +190,47 @@ fn the_socket_group_uses_vms_without_root() {
         assert!(!out.status.success() && err.contains(says), "{src}: {err}");
     }
     std::fs::remove_file(tree.join("etc/root-only")).unwrap();
+
+    // One staged import at a time per member: a first one held reading a
+    // FIFO of theirs (until they write), a second is refused at once.
+    let fifo = member.home.path().join("slow.tar");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    std::os::unix::fs::chown(&fifo, Some(member.uid), Some(member.gid)).unwrap();
+    let held = inst
+        .banger_as_cmd(
+            &member,
+            &["image", "import", "held", fifo.to_str().unwrap()],
+        )
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let fifo_arg = fifo.display().to_string();
+    let reading = || {
+        std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                .is_ok_and(|c| c.starts_with("cat ") && c.contains(&fifo_arg))
+        })
+    };
+    assert!(
+        test_infra::wait_until(std::time::Duration::from_secs(30), reading),
+        "the first import never started reading its FIFO"
+    );
+    let out = inst.banger_as(
+        &member,
+        &["image", "import", "second", &tree.display().to_string()],
+    );
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("already in progress"),
+        "{err}"
+    );
+    // The writer comes and goes: the first import ends (an empty tarball).
+    drop(std::fs::OpenOptions::new().write(true).open(&fifo).unwrap());
+    let out = test_infra::bounded::wait_output(held);
+    assert!(!out.status.success(), "an empty import failed");
     let out = inst.banger_as(
         &member,
         &["image", "import", "mine", &tree.display().to_string()],
@@ -371,5 +412,142 @@ fn the_socket_group_uses_vms_without_root() {
     );
 
     ok(&inst.banger(&["vm", "rm", "-f", "g2", "g3"]), "rm");
+    inst.assert_baseline();
+}
+
+/// A member cannot pin the daemon's threads or descriptors: a connection
+/// that sends no whole request line within 10 s is closed, and a uid
+/// other than root holds at most 32 at once (the next is refused, naming
+/// the cap); root is never capped.
+#[test]
+fn a_member_cannot_pin_the_daemons_connections() {
+    use std::process::Stdio;
+    let group = TestGroup::create();
+    let member = TestUser::new(&[&group]);
+    let inst = Instance::new(&banger_bin()).with_env("BANGER_SOCKET_GROUP", &group.name);
+    inst.daemon_pid();
+    let connections = || {
+        let out = ok(&inst.banger(&["daemon", "status", "--json"]), "status");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["connections"].as_u64().unwrap()
+    };
+    // 32 clients that connect and never send a request.
+    let mut idle: Vec<std::process::Child> = (0..32)
+        .map(|_| {
+            inst.socket_as(&member)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    // All of them open (and root's status request besides).
+    assert!(
+        test_infra::wait_until(std::time::Duration::from_secs(8), || connections() == 33),
+        "{} connections",
+        connections()
+    );
+    let ping = serde_json::json!({
+        "version": banger_core::api::PROTOCOL_VERSION,
+        "request": {"op": "ping"}
+    })
+    .to_string();
+    let reply = inst.raw_request_as(&member, &ping);
+    let msg = reply["message"].as_str().unwrap_or("");
+    assert!(
+        reply["reply"] == "err" && msg.contains("32 connections") && msg.contains("its cap"),
+        "{reply}"
+    );
+    // The daemon ends each idle one at its request line's deadline: the
+    // clients see the end of their connection and exit, their input still
+    // open (`wait` would close it: `try_wait` does not).
+    for c in &mut idle {
+        let mut status = None;
+        assert!(
+            test_infra::wait_until(std::time::Duration::from_secs(60), || {
+                status = c.try_wait().unwrap();
+                status.is_some()
+            }),
+            "an idle connection was never ended"
+        );
+        assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    }
+    assert_eq!(connections(), 1);
+    let reply = inst.raw_request_as(&member, &ping);
+    assert_eq!(reply["reply"], "ok", "{reply}");
+    inst.assert_baseline();
+}
+
+/// A `--network` is its first VM's creator's while it has VMs: a member
+/// cannot put a VM on root's network or on another member's (its VMs
+/// would reach and resolve theirs), root can join any, and a network
+/// with no VM left is free again.
+#[test]
+fn a_member_joins_only_networks_of_their_own() {
+    let group = TestGroup::create();
+    let alice = TestUser::new(&[&group]);
+    let bob = TestUser::new(&[&group]);
+    let inst = Instance::new(&banger_bin())
+        .with_image()
+        .with_env("BANGER_SOCKET_GROUP", &group.name);
+    ok(
+        &inst.banger(&["vm", "create", "--name", "r1", "--network", "rootnet"]),
+        "root: first VM of rootnet",
+    );
+    ok(
+        &inst.banger_as(
+            &alice,
+            &["vm", "create", "--name", "a1", "--network", "lab"],
+        ),
+        "alice: first VM of lab",
+    );
+    ok(
+        &inst.banger_as(
+            &alice,
+            &["vm", "create", "--name", "a2", "--network", "lab"],
+        ),
+        "alice: her own network again",
+    );
+    let refused = |out: std::process::Output, whose: &str| {
+        let err = text(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(whose) && err.contains("not yours"),
+            "{err}"
+        );
+    };
+    refused(
+        inst.banger_as(
+            &alice,
+            &["vm", "create", "--name", "a3", "--network", "rootnet"],
+        ),
+        "root's",
+    );
+    refused(
+        inst.banger_as(&bob, &["vm", "create", "--name", "b1", "--network", "lab"]),
+        "another member's",
+    );
+    assert!(inst.vm("a3").is_none() && inst.vm("b1").is_none());
+    ok(
+        &inst.banger(&["vm", "create", "--name", "r2", "--network", "lab"]),
+        "root joins any",
+    );
+    for vm in ["a1", "a2", "r2"] {
+        ok(&inst.banger(&["vm", "rm", vm]), "rm");
+    }
+    ok(
+        &inst.banger_as(&bob, &["vm", "create", "--name", "b1", "--network", "lab"]),
+        "bob: lab is free again",
+    );
+    refused(
+        inst.banger_as(
+            &alice,
+            &["vm", "create", "--name", "a4", "--network", "lab"],
+        ),
+        "another member's",
+    );
+    for vm in ["b1", "r1"] {
+        ok(&inst.banger(&["vm", "rm", vm]), "rm");
+    }
     inst.assert_baseline();
 }

@@ -65,10 +65,15 @@ fn read_num(p: &Path) -> u64 {
 /// Runs `sh -c script` as `uid` with the VMM's groups (`setpriv`), and
 /// says whether it succeeded.
 fn as_uid(uid: u32, groups: &str, script: &str, arg: &Path) -> bool {
+    let groups = if groups.is_empty() {
+        "--clear-groups".to_string()
+    } else {
+        format!("--groups={groups}")
+    };
     Command::new("setpriv")
         .arg(format!("--reuid={uid}"))
         .arg(format!("--regid={uid}"))
-        .arg(format!("--groups={groups}"))
+        .arg(groups)
         .args(["--", "sh", "-c", script, "sh"])
         .arg(arg)
         .status()
@@ -79,9 +84,23 @@ fn as_uid(uid: u32, groups: &str, script: &str, arg: &Path) -> bool {
 #[test]
 fn vmms_run_as_their_own_unprivileged_users_and_reach_nothing_else() {
     let inst = Instance::new(&banger_bin()).with_image();
-    for name in ["ca", "cb"] {
+    // cb boots another image: ca's VMM may read its own image only.
+    let bookworm = inst.state().join("images/bookworm");
+    ok(
+        &inst.banger(&[
+            "image",
+            "import",
+            "other",
+            bookworm.join("rootfs.ext4").to_str().unwrap(),
+        ]),
+        "import",
+    );
+    let other = inst.state().join("images/other");
+    for (name, image) in [("ca", "bookworm"), ("cb", "other")] {
         ok(
-            &inst.banger(&["vm", "create", "--name", name, "--memory", "512"]),
+            &inst.banger(&[
+                "vm", "create", "--name", name, "--memory", "512", "--image", image,
+            ]),
             "create",
         );
     }
@@ -91,7 +110,7 @@ fn vmms_run_as_their_own_unprivileged_users_and_reach_nothing_else() {
         .map(|n| inst.spawn(&["vm", "start", n]))
         .collect();
     for s in starts {
-        let out = s.wait_with_output().unwrap();
+        let out = test_infra::bounded::wait_output(s);
         assert!(out.status.success(), "start: {}", text(&out.stderr));
     }
     let show = |n: &str| -> serde_json::Value {
@@ -192,17 +211,34 @@ fn vmms_run_as_their_own_unprivileged_users_and_reach_nothing_else() {
     );
     assert!(used > 0 && used < limit);
 
-    // As ca's VMM: its own disk and the image, yes; anything else, no.
+    // As ca's VMM: its own disk and its image, yes; anything else, no.
     let read = "head -c 1 \"$1\" >/dev/null";
     assert!(
         as_uid(ua, &groups, read, &a_dir.join("root.qcow2")),
         "its own disk"
     );
-    let image = inst.state().join("images/bookworm/rootfs.ext4");
-    assert!(as_uid(ua, &groups, read, &image), "the image");
+    for f in ["rootfs.ext4", "vmlinux"] {
+        assert!(
+            as_uid(ua, &groups, read, &bookworm.join(f)),
+            "its image's {f}"
+        );
+        assert!(
+            !as_uid(ua, &groups, "echo x >> \"$1\"", &bookworm.join(f)),
+            "wrote its image's {f}"
+        );
+        assert!(
+            !as_uid(ua, &groups, read, &other.join(f)),
+            "ca's VMM read cb's image's {f}"
+        );
+        assert!(as_uid(ub, "", read, &other.join(f)), "cb's image's {f}");
+        assert!(
+            !as_uid(ub, "", read, &bookworm.join(f)),
+            "cb's VMM read ca's image's {f}"
+        );
+    }
     assert!(
-        !as_uid(ua, &groups, "echo x >> \"$1\"", &image),
-        "wrote the image"
+        !as_uid(ua, &groups, "ls \"$1\" >/dev/null", &bookworm),
+        "ca's VMM listed its image's dir"
     );
     for other in [
         b_dir.join("root.qcow2"),
@@ -258,7 +294,22 @@ fn vmms_run_as_their_own_unprivileged_users_and_reach_nothing_else() {
         ),
         "ca\n"
     );
+    // A stopped VM's user reads its image no more.
+    ok(&inst.banger(&["vm", "stop", "ca"]), "stop");
+    // (A release may finish after the reply.)
+    inst.settle();
+    assert!(
+        !as_uid(ua, &groups, read, &bookworm.join("rootfs.ext4")),
+        "a stopped VM's user still reads its image"
+    );
     ok(&inst.banger(&["vm", "delete", "-f", "ca", "cb"]), "delete");
+    // (A delete's release ends after its reply.)
+    inst.settle();
+    assert!(
+        !as_uid(ub, "", read, &other.join("rootfs.ext4")),
+        "a deleted VM's user still reads its image"
+    );
+    ok(&inst.banger(&["image", "rm", "other"]), "image rm");
     inst.assert_baseline();
 }
 

@@ -243,6 +243,15 @@ fn bad_input_is_refused_and_changes_nothing() {
         ],
         "--net none with --allow-net 10.9.0.0/16",
     );
+    // --allow-net cannot open the host itself, nor the guests' subnet.
+    refused(
+        &["vm", "create", "--allow-net", "127.0.0.1/32"],
+        "--allow-net 127.0.0.1/32: that is this host's own address",
+    );
+    refused(
+        &["vm", "create", "--allow-net", "172.30.4.0/24"],
+        "that is banger's guest subnet (172.30.0.0/16)",
+    );
     refused(
         &["vm", "create", "--mount", "/tmp:/b:bogus"],
         "\"bogus\" is not an option: use :ro",
@@ -389,7 +398,7 @@ fn two_vms_at_once_share_the_nat_table_safely() {
         })
         .collect();
     for r in runs {
-        let out = r.wait_with_output().expect("vm run");
+        let out = test_infra::bounded::wait_output(r);
         ok(&out, "parallel vm run");
     }
     let vms = vm_list(&inst.banger(&["vm", "ls", "--json"]));
@@ -447,7 +456,7 @@ fn sigterm_drains_requests_in_flight() {
     let _ = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status();
-    let out = run.wait_with_output().expect("vm run");
+    let out = test_infra::bounded::wait_output(run);
     assert_eq!(ok(&out, "vm run across a SIGTERM"), "drained\n");
     assert!(
         wait_until(Duration::from_secs(10), || !inst
@@ -534,18 +543,7 @@ fn releases_after_the_reply_are_ordered_and_survive_a_daemon_crash() {
 #[test]
 fn firecracker_driver_runs_stops_and_deletes_through_the_spec_checked_double() {
     let inst = Instance::new(&banger_bin()).with_image();
-    let double = banger_bin().with_file_name("firecracker-double");
-    assert!(
-        double.is_file(),
-        "{} missing: `cargo build --workspace --bins` builds it (scripts/test.sh does)",
-        double.display()
-    );
-    let out = inst
-        .banger_cmd(&["daemon", "ping"])
-        .env("BANGER_FIRECRACKER", &double)
-        .output()
-        .unwrap();
-    ok(&out, "start a daemon with a firecracker binary");
+    inst.start_daemon_with_firecracker_double();
     let doctor = ok(&inst.banger(&["doctor"]), "doctor");
     assert!(doctor.contains("firecracker-double"), "{doctor}");
     let out = inst.banger(&[

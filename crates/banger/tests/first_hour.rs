@@ -37,6 +37,23 @@ fn the_guest_sees_every_vcpu_it_is_given() {
         assert_eq!(&lines[..2], &[cpus, online], "{got}");
         assert_eq!(lines[2].contains("pci=noacpi"), noacpi, "{got}");
     }
+    // The phases named (on the spinner, and by --timings) are those that
+    // ran: a VM without volumes, mounts or ports has no such phase.
+    let out = inst.banger(&["vm", "run", "--rm", "--timings", "--", "true"]);
+    ok(&out, "vm run --timings");
+    let err = text(&out.stderr);
+    let phases: Vec<&str> = err
+        .lines()
+        .filter_map(|l| l.strip_prefix("timing "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(
+        phases.contains(&"network") && phases.contains(&"boot"),
+        "{err}"
+    );
+    for idle in ["volumes", "virtiofs", "ports"] {
+        assert!(!phases.contains(&idle), "{idle} did nothing: {err}");
+    }
     inst.assert_baseline();
 }
 
@@ -66,7 +83,7 @@ fn exec_names_what_is_wrong_instead_of_hanging_or_blaming_the_command() {
         .unwrap();
     child.stdin.take().unwrap().write_all(b"12345").unwrap();
     assert_eq!(
-        ok(&child.wait_with_output().unwrap(), "exec -i").trim(),
+        ok(&test_infra::bounded::wait_output(child), "exec -i").trim(),
         "5"
     );
 
@@ -157,7 +174,7 @@ fn attach_detaches_and_leaves_the_process_running() {
         let mut out = BufReader::new(a.stdout.take().unwrap());
         read_until(&mut out, "tick");
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(a.id() as i32), sig).unwrap();
-        let done = a.wait_with_output().unwrap();
+        let done = test_infra::bounded::wait_output(a);
         assert_eq!(done.status.code(), Some(0), "{sig}: {done:?}");
         assert!(
             text(&done.stderr).contains("detached from pid"),
@@ -167,32 +184,56 @@ fn attach_detaches_and_leaves_the_process_running() {
         assert!(running("ticker"), "{sig} ended the process");
     }
 
-    // The detach keys on the forwarded input (default Ctrl-P Ctrl-Q), and
-    // others when asked.
+    // The detach keys typed in a terminal (default Ctrl-P Ctrl-Q), and
+    // others when asked, leave a process with a PTY running.
+    ok(
+        &inst.banger(&[
+            "vm", "exec", "-d", "-t", "--tag", "tticker", "at", "--", "sh", "-c", loop_cmd,
+        ]),
+        "exec -dt",
+    );
     for (flags, keys) in [
         (vec![], &b"\x10\x11"[..]),
         (vec!["--detach-keys", "ctrl-x,y"], b"\x18y"),
     ] {
+        let pty = nix::pty::openpty(None, None).unwrap();
         let mut args = vec!["vm", "attach", "-i"];
         args.extend(flags);
-        args.extend(["at", "ticker"]);
+        args.extend(["at", "tticker"]);
         let mut a = inst
             .banger_cmd(&args)
-            .stdin(Stdio::piped())
+            .stdin(std::fs::File::from(pty.slave))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
         let mut out = BufReader::new(a.stdout.take().unwrap());
         read_until(&mut out, "tick");
-        let mut stdin = a.stdin.take().unwrap();
-        stdin.write_all(keys).unwrap();
-        let done = a.wait_with_output().unwrap();
-        drop(stdin);
+        let mut master = std::fs::File::from(pty.master);
+        master.write_all(keys).unwrap();
+        let done = test_infra::bounded::wait_output(a);
         assert_eq!(done.status.code(), Some(0), "{keys:?}: {done:?}");
         assert!(text(&done.stderr).contains("detached from pid"));
-        assert!(running("ticker"), "the detach keys ended the process");
+        assert!(running("tticker"), "the detach keys ended the process");
     }
+    // From a pipe they are the process's bytes (as docker: keys are read
+    // from a terminal only), and the pipe's end is its input's end.
+    ok(
+        &inst.banger(&["vm", "exec", "-d", "-i", "--tag", "cat", "at", "--", "cat"]),
+        "exec -di",
+    );
+    let mut a = inst
+        .banger_cmd(&["vm", "attach", "-i", "at", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    a.stdin.take().unwrap().write_all(b"a\x10\x11b\n").unwrap();
+    let done = test_infra::bounded::wait_output(a);
+    assert_eq!(done.status.code(), Some(0), "{done:?}");
+    assert_eq!(done.stdout, b"a\x10\x11b\n", "{done:?}");
+    assert!(!text(&done.stderr).contains("detached"), "{done:?}");
     let out = inst.banger(&["vm", "attach", "--detach-keys", "ctrl-1", "at", "ticker"]);
     assert!(
         text(&out.stderr).contains("\"ctrl-1\" is not a key"),
@@ -209,7 +250,7 @@ fn attach_detaches_and_leaves_the_process_running() {
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    let done = a.wait_with_output().unwrap();
+    let done = test_infra::bounded::wait_output(a);
     assert_eq!(done.status.code(), Some(143), "{done:?}");
     assert!(!running("ticker"));
     ok(&inst.banger(&["vm", "rm", "-f", "at"]), "rm");
@@ -249,7 +290,7 @@ fn a_command_is_told_why_its_vm_went() {
     let mut out = BufReader::new(run.stdout.take().unwrap());
     read_until(&mut out, "up");
     ok(&inst.banger(&["vm", "kill", "k"]), "vm kill");
-    let done = run.wait_with_output().unwrap();
+    let done = test_infra::bounded::wait_output(run);
     let err = text(&done.stderr);
     assert_eq!(done.status.code(), Some(137), "{err}");
     assert!(err.contains("killed by `banger vm kill`"), "{err}");
@@ -285,4 +326,75 @@ fn help_lists_rm_with_delete_as_its_alias() {
         .output()
         .unwrap();
     ok(&out, "the alias still works");
+}
+
+/// A usage line lists what is required: the state and runtime dirs are
+/// not, whether their variables are set or not, and the variables still
+/// choose them.
+#[test]
+fn usage_lines_do_not_mark_the_dirs_required_when_their_variables_are_set() {
+    let run = |envs: &[(&str, &str)], args: &[&str]| {
+        let mut c = std::process::Command::new(banger_bin());
+        c.args(args)
+            .env_remove("BANGER_STATE_DIR")
+            .env_remove("BANGER_RUNTIME_DIR");
+        for (k, v) in envs {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    let dirs = [
+        ("BANGER_STATE_DIR", "/nonexistent/banger-state"),
+        ("BANGER_RUNTIME_DIR", "/nonexistent/banger-run"),
+    ];
+    let out = run(&dirs, &["vm", "exec"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("Usage: banger vm exec <NAME> -- <COMMAND>..."),
+        "{err}"
+    );
+    assert!(
+        !err.contains("--state-dir") && !err.contains("--runtime-dir"),
+        "{err}"
+    );
+    // A runtime dir that is a file: the socket cannot be in it, so no
+    // daemon is started, and the error names the variable's path.
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let path = file.path().to_str().unwrap();
+    let out = run(
+        &[("BANGER_STATE_DIR", path), ("BANGER_RUNTIME_DIR", path)],
+        &["vm", "ls"],
+    );
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains(path), "{err}");
+}
+
+/// `vm run` with the default image not built says first that it builds
+/// it, and offline (this namespace has no way out) fails at once naming
+/// the mirrors and the way around them, instead of after apt's minutes of
+/// retries. Nothing of the build is left.
+#[test]
+fn building_the_default_image_offline_fails_at_once_and_says_why() {
+    let inst = Instance::new(&banger_bin());
+    let out = inst.banger(&["vm", "run", "--rm", "--", "true"]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    let building = err
+        .find("is not built yet: building it first")
+        .unwrap_or_else(|| panic!("{err}"));
+    let refused = err
+        .find("the Debian mirror the build fetches from does not answer")
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(building < refused, "{err}");
+    assert!(err.contains("banger image import"), "{err}");
+    let images = ok(&inst.banger(&["image", "ls", "--json"]), "image ls");
+    assert_eq!(images.trim(), "[]", "no image row");
+    let dir = inst.state().join("images");
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?} left in {}", dir.display());
+    inst.assert_baseline();
 }

@@ -50,7 +50,19 @@ fn docker_habits() {
             .any(|p| p["argv"][0] == "sh" && p["exit"].is_null()),
         "{ps}"
     );
-    let out = inst.banger(&["vm", "exec", "bg", "--", "cat", "/tmp/mark"]);
+    // The detached command runs on its own time: wait (in the guest,
+    // bounded) for the file it writes rather than racing it.
+    let out = inst.banger(&[
+        "vm",
+        "exec",
+        "bg",
+        "--",
+        "timeout",
+        "120",
+        "sh",
+        "-c",
+        "until [ -s /tmp/mark ]; do sleep 0.05; done; cat /tmp/mark",
+    ]);
     assert_eq!(ok(&out, "mark"), "up\n");
 
     // A long name: the NAME column is as wide as it.

@@ -11,8 +11,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
-use test_infra::{ok, text, Instance};
+use test_infra::{ok, text, wait_until, Instance};
 
 fn banger_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_banger"))
@@ -418,9 +419,25 @@ fn commit_flattens_an_overlay_vm() {
         text(&out.stderr)
     );
     ok(&inst.banger(&["vm", "stop", "c1"]), "stop c1");
+    // The tools that read the guest's disk run as the VM's user, lent the
+    // file while they do: its owner and mode are as they were after.
+    let id = inst.vm("c1").unwrap()["id"].as_str().unwrap().to_string();
+    let upper = inst.state().join("vms").join(&id).join("root-upper.ext4");
+    let meta = |p: &std::path::Path| {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(p).unwrap();
+        (m.uid(), m.gid(), m.mode() & 0o7777)
+    };
+    let before = meta(&upper);
+    assert_ne!(before.0, 0, "the upper disk is the VM user's");
     ok(
         &inst.banger(&["vm", "commit", "c1", "from-c1"]),
         "commit c1",
+    );
+    assert_eq!(meta(&upper), before);
+    ok(
+        &inst.banger(&["vm", "start", "c1"]),
+        "c1 starts again after its commit",
     );
     ok(&inst.banger(&["vm", "delete", "-f", "c1"]), "delete c1");
     assert_eq!(
@@ -500,5 +517,66 @@ fn commit_flattens_a_dm_snapshot_vm() {
     ok(&inst.banger(&["vm", "delete", "-f", "d1"]), "delete d1");
     assert_eq!(in_guest(&inst, "from-d1", "cat /etc/banger-dm"), "dm\n");
     ok(&inst.banger(&["image", "rm", "from-d1"]), "image rm");
+    inst.assert_baseline();
+}
+
+/// An import holds only its own image: while one waits (at a gate the
+/// test holds, inside the import, its image's lock taken), VMs of other
+/// images are created, and the import then finishes.
+#[test]
+fn an_import_in_progress_holds_up_no_other_image() {
+    let inst = Instance::new(&banger_bin()).with_image();
+    let scratch = tempfile::tempdir().unwrap();
+    let tree = scratch.path().join("bb");
+    std::fs::create_dir_all(tree.join("bin")).unwrap();
+    std::fs::copy("/usr/bin/busybox", tree.join("bin/busybox")).unwrap();
+    std::os::unix::fs::symlink("busybox", tree.join("bin/sh")).unwrap();
+    let gate = scratch.path().join("gate");
+    nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    inst.kill_daemon();
+    let out = inst
+        .banger_cmd(&["daemon", "ping"])
+        .env(
+            "FAILPOINTS",
+            format!("image.import.locked=return(gate:{})", gate.display()),
+        )
+        .output()
+        .unwrap();
+    ok(&out, "a daemon whose imports wait at a gate");
+    let mut import = inst.spawn(&["image", "import", "slow", tree.to_str().unwrap()]);
+    // The import is at the gate once the daemon says so.
+    let log = inst.state().join("bangerd.log");
+    assert!(
+        wait_until(Duration::from_secs(30), || std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("failpoint image.import.locked: waiting at the gate")),
+        "the import never reached its gate"
+    );
+    let open_gate = || drop(std::fs::OpenOptions::new().write(true).open(&gate).unwrap());
+    let mut create = inst.spawn(&["vm", "create", "--name", "meanwhile"]);
+    let mut created = None;
+    let done = wait_until(Duration::from_secs(120), || {
+        created = create.try_wait().unwrap();
+        created.is_some()
+    });
+    if !done {
+        open_gate();
+        panic!("vm create waited for another image's import");
+    }
+    assert!(
+        created.unwrap().success(),
+        "vm create: {:?}",
+        create.wait_with_output()
+    );
+    assert!(
+        import.try_wait().unwrap().is_none(),
+        "the import still waits"
+    );
+    // The gate opens: the import goes on and finishes.
+    open_gate();
+    let out = test_infra::bounded::wait_output(import);
+    ok(&out, "the import, once the gate opened");
+    ok(&inst.banger(&["vm", "rm", "meanwhile"]), "rm");
+    ok(&inst.banger(&["image", "rm", "slow"]), "image rm");
     inst.assert_baseline();
 }

@@ -43,7 +43,7 @@ fn kill_and_delete_cancel_a_boot_in_progress() {
     let out = inst.banger(&["vm", "kill", "slow"]);
     eprintln!("vm kill of a booting VM took {:?}", t.elapsed());
     ok(&out, "vm kill during boot");
-    let out = run.wait_with_output().unwrap();
+    let out = test_infra::bounded::wait_output(run);
     assert!(!out.status.success(), "the cancelled run fails");
     assert!(
         text(&out.stderr).contains("cancelled"),
@@ -72,7 +72,7 @@ fn kill_and_delete_cancel_a_boot_in_progress() {
         "vm delete during boot",
     );
     eprintln!("vm delete of a booting VM took {:?}", t.elapsed());
-    let out = start.wait_with_output().unwrap();
+    let out = test_infra::bounded::wait_output(start);
     assert!(!out.status.success(), "the cancelled start fails");
     inst.assert_baseline();
 }
@@ -88,7 +88,7 @@ fn run_rm_clients_that_go_away_take_their_vm_with_them() {
     let _ = std::process::Command::new("kill")
         .args(["-INT", &run.id().to_string()])
         .status();
-    let out = run.wait_with_output().unwrap();
+    let out = test_infra::bounded::wait_output(run);
     assert!(!out.status.success());
     assert!(
         wait_until(Duration::from_secs(30), || inst.vm("intr").is_none()),
@@ -110,6 +110,72 @@ fn run_rm_clients_that_go_away_take_their_vm_with_them() {
     assert!(
         wait_until(Duration::from_secs(30), || inst.vm("lease").is_none()),
         "the killed client's VM is deleted: {:?}",
+        inst.vms()
+    );
+    inst.assert_baseline();
+}
+
+/// `--rm` outlives the daemon that served it: a daemon killed while the
+/// command runs leaves the VM to the next one, which deletes it once the
+/// client process is gone (it waits for a client still running its
+/// command; one gone already, at once). The command's status is still
+/// the client's.
+#[test]
+fn rm_is_kept_across_a_daemon_crash() {
+    use std::io::{BufRead, BufReader, Write};
+    let inst = Instance::new(&banger_bin()).with_image();
+    let mut run = inst
+        .banger_cmd(&[
+            "vm",
+            "run",
+            "--rm",
+            "--name",
+            "dur",
+            "--",
+            "sh",
+            "-c",
+            "echo up; read x; exit 7",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(run.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "up\n");
+    inst.kill_daemon();
+    inst.daemon_pid();
+    // The next daemon keeps it while its client runs the command.
+    assert_eq!(state(&inst, "dur"), "running", "{:?}", inst.vms());
+    run.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let done = test_infra::bounded::wait_output(run);
+    let err = text(&done.stderr);
+    assert_eq!(done.status.code(), Some(7), "{err}");
+    assert!(err.contains("bangerd went while the command ran"), "{err}");
+    assert!(
+        wait_until(Duration::from_secs(30), || inst.vm("dur").is_none()),
+        "the --rm VM outlived its client: {:?}",
+        inst.vms()
+    );
+    inst.assert_baseline();
+
+    // A client killed while no daemon ran: deleted by the next at once.
+    let mut run = inst.spawn(&["vm", "run", "--rm", "--name", "dur2", "--", "sleep", "600"]);
+    assert!(
+        wait_until(Duration::from_secs(60), || state(&inst, "dur2")
+            == "running"),
+        "{:?}",
+        inst.vms()
+    );
+    inst.kill_daemon();
+    let _ = run.kill();
+    let _ = run.wait();
+    inst.daemon_pid();
+    assert!(
+        wait_until(Duration::from_secs(30), || inst.vm("dur2").is_none()),
+        "the --rm VM of a client gone is kept: {:?}",
         inst.vms()
     );
     inst.assert_baseline();
@@ -141,7 +207,7 @@ fn ten_runs_at_once_and_ls_answers_during_the_boots() {
         "vm ls never showed a VM while it booted"
     );
     for (n, r) in names.iter().zip(runs) {
-        let out = r.wait_with_output().unwrap();
+        let out = test_infra::bounded::wait_output(r);
         assert_eq!(ok(&out, "parallel vm run").trim(), n);
     }
     let vms = inst.vms();
@@ -181,7 +247,7 @@ fn ttl_and_idle_timeout_stop_their_vms() {
         ]),
     ];
     for r in runs {
-        ok(&r.wait_with_output().unwrap(), "vm run");
+        ok(&test_infra::bounded::wait_output(r), "vm run");
     }
     for (name, why) in [("ttl", "TTL (5s)"), ("idle", "idle for 4s")] {
         assert!(

@@ -112,12 +112,15 @@ fn guests_reach_the_outside_world_and_nothing_else() {
             "d",
             "--allow-net",
             "10.77.0.0/24",
+            // A range around the guests' subnet: other guests stay closed.
+            "--allow-net",
+            "172.16.0.0/12",
             "--",
             "true",
         ]),
     ];
     for r in runs {
-        ok(&r.wait_with_output().unwrap(), "vm run");
+        ok(&test_infra::bounded::wait_output(r), "vm run");
     }
     let ip = |name: &str| inst.guest_ip(name);
     let (a_ip, b_ip) = (ip("a"), ip("b"));
@@ -193,6 +196,7 @@ fn guests_reach_the_outside_world_and_nothing_else() {
             ("outside", outside.clone()),
             ("private", "http://10.77.0.1:8080/ok".into()),
             ("metadata", "http://169.254.169.254/ok".into()),
+            ("other-guest-ssh", format!("telnet://{b_ip}:22")),
         ],
     );
     assert_eq!(r.get("outside"), Some(&0), "{r:?}");
@@ -202,6 +206,11 @@ fn guests_reach_the_outside_world_and_nothing_else() {
         "--allow-net 10.77.0.0/24: {r:?}"
     );
     assert_eq!(r.get("metadata"), Some(&28), "{r:?}");
+    assert_eq!(
+        r.get("other-guest-ssh"),
+        Some(&28),
+        "--allow-net 172.16.0.0/12 opened another guest: {r:?}"
+    );
 
     ok(
         &inst.banger(&["vm", "delete", "-f", "a", "b", "c", "d"]),
@@ -393,6 +402,91 @@ fn published_ports_reach_the_guest_and_go_with_it() {
         Some("published\n")
     );
 
+    // A TCP client left open across a restart is ended with the stop (no
+    // thread or descriptor of the daemon's stays behind with it), and a
+    // UDP port that served a client is free again at once: the restart
+    // binds both again.
+    ok(
+        &inst.banger(&[
+            "vm",
+            "exec",
+            "-d",
+            "p",
+            "--",
+            "/usr/lib/banger/busybox",
+            "nc",
+            "-l",
+            "-p",
+            "8001",
+        ]),
+        "a guest listener that holds its connection",
+    );
+    ok(
+        &inst.banger(&["vm", "port", "add", "p", "18084:8001"]),
+        "port add tcp",
+    );
+    ok(
+        &inst.banger(&["vm", "port", "add", "p", "18083:9000/udp"]),
+        "port add udp",
+    );
+    let out = inst
+        .net
+        .cmd("sh")
+        .args(["-c", "echo hi | socat - UDP-SENDTO:127.0.0.1:18083"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mut held = inst
+        .net
+        .cmd("busybox")
+        .args(["nc", "127.0.0.1", "18084"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Through the proxy to the guest's listener before the restart: the
+    // guest has the connection established (port 8001 = 0x1F41, state 01;
+    // busybox's listener may be IPv6's, the connection v4-mapped).
+    let established = || {
+        let tcp = ok(
+            &inst.banger(&[
+                "vm",
+                "exec",
+                "p",
+                "--",
+                "sh",
+                "-c",
+                "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null; true",
+            ]),
+            "/proc/net/tcp",
+        );
+        tcp.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1].ends_with(":1F41") && f[3] == "01"
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), established),
+        "the held connection never reached the guest"
+    );
+    ok(
+        &inst.banger(&["vm", "restart", "p"]),
+        "vm restart with a udp port",
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || held
+            .try_wait()
+            .unwrap()
+            .is_some()),
+        "a client connection outlived its VM's stop"
+    );
+    let ls = ok(
+        &inst.banger(&["vm", "port", "ls", "p", "--json"]),
+        "port ls",
+    );
+    assert!(ls.contains("18083:9000/udp"), "{ls}");
+
     ok(&inst.banger(&["vm", "delete", "-f", "p"]), "delete");
     assert_eq!(
         host_get(&inst, "http://127.0.0.1:18082/x"),
@@ -430,7 +524,7 @@ fn vm_names_resolve_and_other_names_are_forwarded() {
         inst.spawn(&["vm", "run", "--name", "b", "--", "true"]),
     ];
     for r in runs {
-        ok(&r.wait_with_output().unwrap(), "vm run");
+        ok(&test_infra::bounded::wait_output(r), "vm run");
     }
     let ip = |name: &str| inst.guest_ip(name);
     let (a_ip, b_ip) = (ip("a"), ip("b"));
@@ -491,6 +585,27 @@ fn vm_names_resolve_and_other_names_are_forwarded() {
         .unwrap();
     assert_eq!(ok(&out, "ssh b.vm").trim(), "b");
 
+    // One guest floods its resolver (answered from the daemon's view of
+    // the VMs, no store lock): another still resolves, the CLI answers.
+    ok(
+        &inst.banger(&[
+            "vm",
+            "exec",
+            "-d",
+            "b",
+            "--",
+            "sh",
+            "-c",
+            "while :; do getent hosts b.vm; getent hosts x.vm; done >/dev/null 2>&1",
+        ]),
+        "flood",
+    );
+    for _ in 0..5 {
+        let own = getent("a", "a.vm").expect("a resolves itself during b's flood");
+        assert!(own.starts_with(&a_ip), "{own}");
+        ok(&inst.banger(&["vm", "ls"]), "vm ls during the flood");
+    }
+
     // A deleted VM's name stops resolving.
     ok(&inst.banger(&["vm", "delete", "-f", "b"]), "delete b");
     assert!(!lookup("b.vm").contains(&b_ip));
@@ -511,7 +626,7 @@ fn vms_on_one_network_reach_and_resolve_each_other() {
         inst.spawn(&["vm", "run", "--name", "z", "--", "true"]),
     ];
     for r in runs {
-        ok(&r.wait_with_output().unwrap(), "vm run");
+        ok(&test_infra::bounded::wait_output(r), "vm run");
     }
     let ip = |name: &str| inst.guest_ip(name);
     let (x, y, z) = (ip("x"), ip("y"), ip("z"));

@@ -46,7 +46,7 @@ fn five_vms_share_one_image(inst: Instance, strategy: &str, root_fs: &str) {
         .map(|n| inst.spawn(&["vm", "start", n]))
         .collect();
     for (n, s) in names.iter().zip(starts) {
-        let out = s.wait_with_output().expect("vm start");
+        let out = test_infra::bounded::wait_output(s);
         ok(&out, &format!("start {n}"));
     }
     for n in &names {

@@ -20,6 +20,13 @@ use thiserror::Error;
 pub enum AccessError {
     #[error("cannot tell who is connected to the socket: {0}")]
     PeerCred(nix::Error),
+    #[error(
+        "image import: an import of yours (uid {uid}) is already in progress; a member \
+         imports one at a time (each may stage up to {} GiB in the daemon's cache): wait \
+         for it to end",
+        STAGE_MAX_BYTES >> 30
+    )]
+    Busy { uid: u32 },
     #[error("{what} {path}: give an absolute path")]
     Relative { what: String, path: PathBuf },
     #[error("{what} {path}: {at} cannot be read ({source})")]
@@ -68,6 +75,17 @@ pub enum AccessError {
     },
     #[error("vm {0:?} is made of data only root may use: only root may use it")]
     RootsDataVm(String),
+    #[error(
+        "--network {name}: that network's VMs are {whose} (uid {owner}), not yours (uid {uid}): \
+         a member joins only networks of their own (its VMs could reach and resolve yours, and \
+         yours theirs); pick another name"
+    )]
+    NotYourNetwork {
+        name: String,
+        owner: u32,
+        uid: u32,
+        whose: &'static str,
+    },
     #[error("image import {path}: uid {uid} cannot read it: {why}")]
     Unreadable {
         path: PathBuf,
@@ -147,6 +165,49 @@ impl Caller {
 /// (`--mount` by root: its owner is not recorded). Members of the group
 /// cannot start it, reach its agent, its console or its ports, and their
 /// ssh key is not among its authorized ones.
+impl Caller {
+    /// A VM of this caller's may join `--network name`: a network is its
+    /// first VM's creator's for as long as it has VMs (then free again).
+    /// Root joins any; a member only their own, or one with no VM. The
+    /// caller is recorded as the owner of a network it starts.
+    pub fn may_join(
+        &self,
+        store: &banger_store::Store,
+        name: &str,
+    ) -> Result<(), crate::error::DaemonError> {
+        let has_vms = store
+            .list_vms()?
+            .iter()
+            .any(|v| v.spec.net.network.as_deref() == Some(name));
+        if has_vms {
+            let owner = store.owner(Owned::Network, name)?.uid;
+            if self.is_root() || owner == self.uid {
+                return Ok(());
+            }
+            return Err(AccessError::NotYourNetwork {
+                name: name.to_string(),
+                owner,
+                uid: self.uid,
+                whose: if owner == 0 {
+                    "root's"
+                } else {
+                    "another member's"
+                },
+            }
+            .into());
+        }
+        store.set_owner(
+            Owned::Network,
+            name,
+            banger_store::Owner {
+                uid: self.uid,
+                root_only: false,
+            },
+        )?;
+        Ok(())
+    }
+}
+
 pub fn root_only(vm: &banger_core::VmRecord) -> bool {
     vm.spec.mounts.iter().any(|m| m.owner.is_none())
 }
@@ -156,6 +217,7 @@ fn kind_name(kind: Owned) -> &'static str {
     match kind {
         Owned::Image => "image",
         Owned::Volume => "volume",
+        Owned::Network => "network",
     }
 }
 
@@ -357,6 +419,40 @@ const STAGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20 * 6
 /// The most an import's source may hold, as staged (a file or a tar
 /// stream of a directory): a member cannot fill the daemon's disk.
 pub const STAGE_MAX_BYTES: u64 = 64 << 30;
+/// The callers with a staged import in progress: one each, so that what
+/// one member may put in the daemon's cache is bounded
+/// (`STAGE_MAX_BYTES`, the staging helper's file size limit).
+#[derive(Debug, Default)]
+pub struct Staging(std::sync::Mutex<std::collections::HashSet<u32>>);
+
+/// A caller's turn to stage an import; theirs until dropped.
+#[derive(Debug)]
+pub struct StagingTurn<'a> {
+    staging: &'a Staging,
+    uid: u32,
+}
+
+impl Staging {
+    /// `uid`'s turn, or `Busy` while it has one.
+    pub fn begin(&self, uid: u32) -> Result<StagingTurn<'_>, AccessError> {
+        let mut set = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if !set.insert(uid) {
+            return Err(AccessError::Busy { uid });
+        }
+        Ok(StagingTurn { staging: self, uid })
+    }
+}
+
+impl Drop for StagingTurn<'_> {
+    fn drop(&mut self) {
+        self.staging
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.uid);
+    }
+}
+
 /// What staged files are called in the cache dir (stale ones go at the
 /// next start).
 pub const STAGED_PREFIX: &str = "import-";
@@ -511,6 +607,18 @@ fn run_as(
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_member_stages_one_import_at_a_time() {
+        let s = Staging::default();
+        let a = s.begin(4321).unwrap();
+        let e = s.begin(4321).unwrap_err();
+        assert!(e.to_string().contains("already in progress"), "{e}");
+        let b = s.begin(4322).expect("another member's own turn");
+        drop(a);
+        let _a = s.begin(4321).expect("a turn again once the first ended");
+        drop(b);
+    }
 
     #[test]
     fn a_callers_own_directory_only() {

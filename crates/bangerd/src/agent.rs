@@ -6,7 +6,7 @@
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use banger_agent::proto::{Call, Msg, AGENT_PORT};
 use banger_core::VmRecord;
@@ -76,6 +76,10 @@ impl Daemon {
 
     /// A connection to the agent of running VM `vm`.
     pub fn agent_connect(&self, vm: &VmRecord) -> Result<UnixStream> {
+        self.agent_connect_within(vm, CONNECT_TIMEOUT)
+    }
+
+    fn agent_connect_within(&self, vm: &VmRecord, within: Duration) -> Result<UnixStream> {
         if !vm.runtime.state().is_up() {
             return Err(DaemonError::Invalid(format!(
                 "vm {:?} is {}: start it first (`banger vm start {}`)",
@@ -84,23 +88,37 @@ impl Daemon {
                 vm.name
             )));
         }
+        if vm.runtime.paused {
+            return Err(DaemonError::Invalid(format!(
+                "vm {:?} is paused: resume it first (`banger vm resume {}`)",
+                vm.name, vm.name
+            )));
+        }
         let uds = vm.runtime.vsock_path.clone().ok_or_else(|| {
             DaemonError::Invalid(format!(
                 "vm {:?} has no vsock (it was started by an older banger): restart it",
                 vm.name
             ))
         })?;
-        banger_agent::connect(&uds, AGENT_PORT, CONNECT_TIMEOUT)
+        banger_agent::connect(&uds, AGENT_PORT, within)
             .map_err(|e| DaemonError::Invalid(format!("vm {:?}: guest agent: {e}", vm.name)))
     }
 
-    /// A one-shot call to a VM's agent, answered within `timeout`.
-    pub fn agent_call(&self, vm: &VmRecord, call: Call, timeout: Duration) -> Result<Msg> {
-        let c = self.agent_connect(vm)?;
-        c.set_read_timeout(Some(timeout))
-            .and_then(|()| c.set_write_timeout(Some(timeout)))
-            .map_err(|e| DaemonError::Invalid(format!("vm {:?}: guest agent: {e}", vm.name)))?;
-        banger_agent::client::call(c, call)
+    /// A one-shot call to a VM's agent: the whole of it (the vsock
+    /// handshake, the request, every byte of the answer) within `within`,
+    /// whatever the guest does.
+    pub fn agent_call(&self, vm: &VmRecord, call: Call, within: Duration) -> Result<Msg> {
+        let t0 = Instant::now();
+        let c = self.agent_connect_within(vm, within.min(CONNECT_TIMEOUT))?;
+        let left = within.saturating_sub(t0.elapsed());
+        if left.is_zero() {
+            return Err(DaemonError::Invalid(format!(
+                "vm {:?}: guest agent: no answer within {:.1} s",
+                vm.name,
+                within.as_secs_f64()
+            )));
+        }
+        banger_agent::client::call_within(c, call, left)
             .map_err(|e| DaemonError::Invalid(format!("vm {:?}: guest agent: {e}", vm.name)))
     }
 }

@@ -19,6 +19,16 @@
 //! Every result is checked and repaired by `e2fsck -fp` (a VM killed
 //! rather than stopped leaves a journal to replay, which a read-only
 //! `noload` mount of the image would otherwise skip).
+//!
+//! The tools that read guest-written bytes (`qemu-img`, every `e2fsck`)
+//! run confined as the VMM would ([`Tools`]): as the VM's own user (where
+//! its VMM has one), in the VM's cgroup (its memory and pids limits) made
+//! for the commit, with no network and a bound on the file they write,
+//! and killed at a deadline; the file they check or write is the VM
+//! user's only while they do. What needs root (the overlay's mounts,
+//! copying a dm device) runs as root, with the deadline. No lock every
+//! create needs is held meanwhile: the new image's own, the VM's, and the
+//! dm lock only while the snapshot is set up and taken down.
 
 use std::path::Path;
 use std::time::Duration;
@@ -34,7 +44,9 @@ use tracing::info;
 use crate::daemon::{lock, Daemon, Events};
 use crate::error::{DaemonError, Result};
 use crate::images::image_info;
+use crate::resources::jail;
 use crate::resources::root_disk::dm;
+use banger_host::confine::Confinement;
 
 /// How long flattening one root disk may take.
 const FLATTEN_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -50,11 +62,14 @@ impl Daemon {
         events: Events,
     ) -> Result<ImageInfo> {
         banger_core::validate_name(image_name)?;
-        let _images = lock(&self.image_lock);
+        let _image = self.image_locks.lock(image_name);
         self.refuse_existing(image_name)?;
         self.refuse_reserved(image_name, caller)?;
         let _vm_lock = self.lock_vm(vm_name)?;
         let vm = self.find(vm_name)?;
+        // What its last stop left is released first: a pending release
+        // would revoke the image grant the commit's tools are given.
+        self.settle_vm(&vm.id)?;
         if !matches!(vm.runtime.state(), VmState::Stopped | VmState::Created) {
             return Err(DaemonError::Invalid(format!(
                 "vm {vm_name:?} is {}: `banger vm stop {vm_name}` first (a running guest's disk \
@@ -62,6 +77,9 @@ impl Daemon {
                 vm.runtime.state()
             )));
         }
+        // Its kernel is the new image's: not rebuilt or removed meanwhile.
+        let _base_lock =
+            (vm.spec.image != image_name).then(|| self.image_locks.lock_shared(&vm.spec.image));
         let base = self.image(&vm.spec.image)?;
         let dir = self.cfg.layout.image_dir(image_name);
         let work = dir.with_extension("building");
@@ -98,6 +116,7 @@ impl Daemon {
         fsutil::remove_dir_all_if_exists(work)?;
         fsutil::create_dir_all(work)?;
         let kind = vm.spec.root_disk();
+        let tools = Tools::new(self, vm)?;
         say(format!("flattening vm {}'s {kind} root disk", vm.name));
         let out = work.join(image::ROOTFS_FILE);
         let vm_dir = self.cfg.layout.vm_dir(&vm.id);
@@ -109,18 +128,27 @@ impl Daemon {
                 let src = vm_dir.join(vmfiles::ROOT_DISK);
                 banger_host::qcow2::check_file(&src)?;
                 let spec = banger_host::qcow2::explicit_backing_spec(&src, &base.rootfs);
-                cmd::run_with(
-                    "qemu-img",
-                    [
-                        "convert".as_ref(),
-                        "-O".as_ref(),
-                        "raw".as_ref(),
-                        std::ffi::OsStr::new(&spec),
-                        out.as_os_str(),
-                    ],
-                    None,
-                    FLATTEN_TIMEOUT,
-                )?;
+                // Written by qemu-img as the VM's user: made here first.
+                std::fs::File::create(&out).with_path("create", &out)?;
+                let (status, stderr) = tools.lend(&out, || {
+                    tools.run(
+                        "qemu-img",
+                        &[
+                            "convert".as_ref(),
+                            "-O".as_ref(),
+                            "raw".as_ref(),
+                            std::ffi::OsStr::new(&spec),
+                            out.as_os_str(),
+                        ],
+                    )
+                })?;
+                if !status.success() {
+                    return Err(DaemonError::Invalid(format!(
+                        "vm commit {}: qemu-img convert failed ({status}): {}",
+                        vm.name,
+                        banger_core::text::escape_control(stderr.trim(), false)
+                    )));
+                }
             }
             RootDiskKind::Reflink | RootDiskKind::Copy => {
                 fsutil::clone_or_copy(&vm_dir.join(vmfiles::ROOT_RAW), &out)?;
@@ -128,11 +156,11 @@ impl Daemon {
             RootDiskKind::DmSnapshot => self.flatten_dm(vm, base, &out)?,
             RootDiskKind::Overlay => {
                 let upper = vm_dir.join(vmfiles::ROOT_UPPER);
-                merge_overlay(&base.rootfs, &upper, &out, base.rootfs_bytes)?;
+                merge_overlay(&tools, &base.rootfs, &upper, &out, base.rootfs_bytes)?;
             }
         }
         say("checking the root filesystem (e2fsck -fp)".into());
-        e2fsck_preen(&out)?;
+        tools.e2fsck_preen(&out)?;
         fsutil::clone_or_copy(&base.kernel, &work.join(image::KERNEL_FILE))?;
         fsutil::clone_or_copy(&base.initrd, &work.join(image::INITRD_FILE))?;
         let bytes = std::fs::metadata(&out).with_path("stat", &out)?.len();
@@ -157,9 +185,14 @@ impl Daemon {
     fn flatten_dm(&self, vm: &VmRecord, base: &ImageRecord, out: &Path) -> Result<()> {
         let cow = self.cfg.layout.vm_dir(&vm.id).join(vmfiles::ROOT_COW);
         let name = dm::dm_name(&vm.id);
-        let _l = lock(&self.dm_lock);
         let mut h = VmHandles::default();
-        let r = dm::activate(&dm::Dmsetup, &base.rootfs, &cow, &name, &mut h).and_then(|()| {
+        // The dm lock (every dm-snapshot start needs it) only while the
+        // snapshot is set up and taken down, not during the copy.
+        let up = {
+            let _l = lock(&self.dm_lock);
+            dm::activate(&dm::Dmsetup, &base.rootfs, &cow, &name, &mut h)
+        };
+        let r = up.and_then(|()| {
             let dev = format!("/dev/mapper/{name}");
             cmd::run_with(
                 "cp",
@@ -170,50 +203,160 @@ impl Daemon {
             .map(drop)
             .map_err(DaemonError::from)
         });
-        let down = dm::deactivate(&dm::Dmsetup, &base.rootfs, &cow, &name);
+        let down = {
+            let _l = lock(&self.dm_lock);
+            dm::deactivate(&dm::Dmsetup, &base.rootfs, &cow, &name)
+        };
         r.and(down)
     }
 }
 
-/// `e2fsck -fp`: replays the journal and makes the safe repairs; a file
-/// system it cannot repair without a human is refused.
-fn e2fsck_preen(fs: &Path) -> Result<()> {
-    let status = std::process::Command::new("e2fsck")
-        .arg("-fp")
-        .arg(fs)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .map_err(|e| DaemonError::Invalid(format!("cannot run e2fsck: {e}")))?;
-    // 0: clean; 1: errors corrected; 2: corrected, reboot advised.
-    match status.code() {
-        Some(0..=2) => Ok(()),
-        _ => Err(DaemonError::Invalid(format!(
-            "{}: e2fsck -fp could not repair it ({status}): the VM's root filesystem is damaged",
-            fs.display()
-        ))),
+/// How a commit runs the host's tools on guest-written bytes: confined as
+/// the VM's VMM would be, in the VM's cgroup (made for the commit, gone
+/// with this).
+struct Tools<'a> {
+    d: &'a Daemon,
+    vm: &'a VmRecord,
+    conf: Confinement,
+    cgroup: bool,
+    /// The image the VM's user may read while the tools run (a qcow2
+    /// root's backing file): granted here, revoked on drop.
+    image: Option<(std::path::PathBuf, u32)>,
+}
+
+impl<'a> Tools<'a> {
+    fn new(d: &'a Daemon, vm: &'a VmRecord) -> Result<Tools<'a>> {
+        let identity = jail::identity(d, vm)?;
+        // The VM is stopped: its cgroup is made again for the commit.
+        let cgroup = d
+            .cgroups()
+            .is_ok_and(|c| c.create(&vm.id, &jail::limits(d, vm)).is_ok());
+        let cgroup_procs = if cgroup {
+            d.cgroups()
+                .map(|c| c.procs_files(&vm.id))
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let mut tools = Tools {
+            d,
+            vm,
+            image: None,
+            conf: Confinement {
+                identity,
+                cgroup_procs,
+                new_netns: true,
+                private_tmp: false,
+                max_file_bytes: Some(MAX_OUT_BYTES),
+            },
+            cgroup,
+        };
+        // The VM is stopped, so its own grant is gone: one for the commit
+        // (recorded first, so that a grant that fails half-way is revoked
+        // with the rest when `tools` drops).
+        if let Some(id) = &tools.conf.identity {
+            let dir = d.cfg.layout.image_dir(&vm.spec.image);
+            let uid = id.uid;
+            tools.image = Some((dir.clone(), uid));
+            jail::grant_image(&dir, uid)?;
+        }
+        Ok(tools)
+    }
+
+    /// `f`, the tool's to read and write while `run` goes (owned by the
+    /// VM's user, mode 0600), then its owner and mode as they were.
+    fn lend<T>(&self, f: &Path, run: impl FnOnce() -> Result<T>) -> Result<T> {
+        use std::os::unix::fs::MetadataExt;
+        let Some(id) = &self.conf.identity else {
+            return run();
+        };
+        let was = std::fs::metadata(f).with_path("stat", f)?;
+        fsutil::set_owner_mode(f, id.uid, id.gid, 0o600)?;
+        let r = run();
+        let back = fsutil::set_owner_mode(f, was.uid(), was.gid(), was.mode() & 0o7777);
+        let r = r?;
+        back?;
+        Ok(r)
+    }
+
+    /// Runs `program args` confined; its status, and stderr for errors.
+    fn run(
+        &self,
+        program: &str,
+        args: &[&std::ffi::OsStr],
+    ) -> Result<(std::process::ExitStatus, String)> {
+        let mut c = std::process::Command::new(program);
+        c.args(args);
+        self.conf
+            .apply(&mut c)
+            .map_err(|e| DaemonError::Invalid(format!("vm commit: confining {program}: {e}")))?;
+        let (status, _, stderr) = cmd::run_prepared(c, program, None, FLATTEN_TIMEOUT)?;
+        Ok((status, stderr))
+    }
+
+    /// `e2fsck -fp`: replays the journal and makes the safe repairs; a
+    /// file system it cannot repair without a human is refused.
+    fn e2fsck_preen(&self, fs: &Path) -> Result<()> {
+        let (status, _) =
+            self.lend(fs, || self.run("e2fsck", &["-fp".as_ref(), fs.as_os_str()]))?;
+        // 0: clean; 1: errors corrected; 2: corrected, reboot advised.
+        match status.code() {
+            Some(0..=2) => Ok(()),
+            _ => Err(DaemonError::Invalid(format!(
+                "{}: e2fsck -fp could not repair it ({status}): the VM's root filesystem is damaged",
+                fs.display()
+            ))),
+        }
+    }
+
+    /// `e2fsck -fn`: a read-only pass that must find nothing.
+    fn e2fsck_clean(&self, fs: &Path) -> Result<()> {
+        let (status, stderr) =
+            self.lend(fs, || self.run("e2fsck", &["-fn".as_ref(), fs.as_os_str()]))?;
+        if status.success() {
+            return Ok(());
+        }
+        Err(DaemonError::Invalid(format!(
+            "{}: the upper disk is not a clean ext4 after repair ({status}): {}",
+            fs.display(),
+            banger_core::text::escape_control(stderr.trim(), false)
+        )))
     }
 }
+
+impl Drop for Tools<'_> {
+    fn drop(&mut self) {
+        if let Some((dir, uid)) = &self.image {
+            if let Err(e) = jail::revoke_image(dir, *uid) {
+                tracing::warn!(vm = %self.vm.name, err = %e, "cannot revoke the commit's image grant");
+            }
+        }
+        if self.cgroup {
+            if let Ok(c) = self.d.cgroups() {
+                if let Err(e) = c.remove(&self.vm.id) {
+                    tracing::warn!(vm = %self.vm.name, err = %e, "cannot remove the commit's cgroup");
+                }
+            }
+        }
+    }
+}
+
+/// The largest file a commit's tool may write (a VM's largest root).
+const MAX_OUT_BYTES: u64 = 1 << 40;
 
 /// The overlay strategy's root: `upper`'s `/root` over `lower`, merged by
 /// the host's overlayfs (both as read-only lower layers, so whiteouts and
 /// opaque dirs apply) in a private mount namespace, written to `out` by
 /// `mkfs.ext4 -d`.
-fn merge_overlay(lower: &Path, upper: &Path, out: &Path, min_bytes: u64) -> Result<()> {
-    e2fsck_preen(upper)?;
-    cmd::run_with(
-        "e2fsck",
-        ["-fn".as_ref(), upper.as_os_str()],
-        None,
-        FLATTEN_TIMEOUT,
-    )
-    .map_err(|e| {
-        DaemonError::Invalid(format!(
-            "{}: the upper disk is not a clean ext4 after repair: {e}",
-            upper.display()
-        ))
-    })?;
+fn merge_overlay(
+    tools: &Tools<'_>,
+    lower: &Path,
+    upper: &Path,
+    out: &Path,
+    min_bytes: u64,
+) -> Result<()> {
+    tools.e2fsck_preen(upper)?;
+    tools.e2fsck_clean(upper)?;
     let mnt = out.with_extension("mnt");
     let (l, u, m) = (mnt.join("lower"), mnt.join("upper"), mnt.join("merged"));
     for d in [&l, &u, &m] {

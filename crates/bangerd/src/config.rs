@@ -53,8 +53,8 @@ pub struct Config {
     pub root_disk: Option<banger_core::RootDiskKind>,
     /// VMMs run as uid/gid `base + slot` (`resources::jail`).
     pub vmm_uid_base: u32,
-    /// The group that reads images (every VMM has it): one for all the
-    /// daemons of a host, since images may be hard links of each other.
+    /// The gid a jailed Firecracker runs with (images are read through an
+    /// ACL grant to each VM's uid: `resources::jail`).
     pub vmm_images_gid: u32,
     /// What a VM's cgroup allows beyond its guest memory: the VMM's own
     /// memory (QEMU's, TCG's translation cache, the vsock backend).

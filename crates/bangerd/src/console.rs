@@ -124,7 +124,7 @@ impl crate::daemon::Daemon {
         if !follow {
             return Ok(());
         }
-        let watch = crate::readiness::ConsoleWatch::new(&log);
+        let watch = crate::watch::Watch::modified(&log);
         loop {
             watch.wait(std::time::Duration::from_millis(250));
             let (new, next) = read_from(&log, pos)?;

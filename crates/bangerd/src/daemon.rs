@@ -3,7 +3,6 @@
 //! What requests do lives in `lifecycle` (VMs), `images`, `releases`,
 //! `reconcile` and `stats`; what a VM holds lives in `resources`.
 
-use std::collections::HashMap;
 use std::io::Read;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -44,42 +43,46 @@ pub struct Daemon {
     pub(crate) janitor_running: AtomicBool,
     /// Serialises guest address allocation.
     pub(crate) net_lock: Mutex<()>,
-    /// Serialises picking a free tap name with creating it.
-    pub(crate) tap_lock: Mutex<()>,
     /// Serialises changes to banger's nftables table (shared with the NAT
     /// threads of boots in progress).
     pub(crate) nat_lock: Arc<Mutex<()>>,
     /// Releases of ended VMs' resources, done after the reply.
     pub janitor: Janitor,
-    pub(crate) image_lock: Mutex<()>,
+    /// Per image: held alone by a build, import, commit or removal of it,
+    /// shared by the creates that use it (and by an import or commit that
+    /// reads its kernel). One member's import never holds up another
+    /// image's VMs.
+    pub(crate) image_locks: KeyedLocks,
+    /// Members' staged imports in progress (one each).
+    pub(crate) staging: crate::access::Staging,
     /// Serialises rewriting `ssh/known_hosts`.
     pub(crate) known_hosts_lock: Mutex<()>,
     /// Serialises making a work-disk template.
     pub(crate) template_lock: Mutex<()>,
     /// The last image initramfs read, keyed by path, size and mtime.
     pub(crate) initrd_cache: Mutex<Option<crate::images::InitrdCacheEntry>>,
-    /// Serialises creating, deleting and attaching volumes.
-    pub(crate) volume_lock: Mutex<()>,
     /// Serialises setting up and tearing down dm-snapshots (their base
     /// loop devices are shared by an image's VMs).
     pub(crate) dm_lock: Mutex<()>,
     /// What this host offers root disks, probed on first use.
     host_disks: std::sync::OnceLock<crate::resources::root_disk::HostDisks>,
-    /// Which running VM has each volume.
-    pub(crate) attached: crate::volumes::Attached,
+    /// Volumes: which running VM has each, and their lock.
+    pub(crate) volumes: crate::volumes::Volumes,
     /// The guest agent's archive, keyed by path, size and mtime.
     pub(crate) agent_cache: Mutex<Option<crate::agent::AgentCacheEntry>>,
     /// Boots in progress, cancellable by name.
     pub(crate) boots: Boots,
     /// The stats poller's last samples.
     pub(crate) stats: crate::stats::Samples,
-    /// Spare taps.
-    pub(crate) tap_pool: crate::resources::tap::TapPool,
+    /// Taps: the spares, and the lock of naming a new one.
+    pub(crate) taps: crate::resources::tap::Taps,
     /// Published ports' listeners, per running VM.
     pub(crate) forwarders: crate::resources::ports::Forwarders,
     /// DNS listeners on running VMs' gateways, and the host's.
-    pub(crate) dns_listeners: Mutex<HashMap<String, crate::dns::Listener>>,
-    pub(crate) host_dns: Mutex<Option<crate::dns::Listener>>,
+    pub(crate) dns: crate::dns::Listeners,
+    /// What DNS answers from (kept as rows are written: `save`,
+    /// `insert_row`, `delete_row`).
+    pub(crate) dns_view: crate::dns::View,
     /// This daemon, for the threads it starts (set by `lib::open`).
     me: std::sync::OnceLock<std::sync::Weak<Daemon>>,
     pub(crate) started: Instant,
@@ -190,7 +193,7 @@ impl Daemon {
         sshkey::ensure(&l.client_key(), "banger")?;
         let store = Store::open(&l.db())?;
         // Who may read what, now that VMMs run as users of their own.
-        crate::perms::prepare(l, cfg.vmm_images_gid, cfg.socket_gid)?;
+        crate::perms::prepare(l, cfg.socket_gid)?;
         let kvm = sysinfo::kvm_status().usable;
         let d = Daemon {
             store: Mutex::new(store),
@@ -199,24 +202,23 @@ impl Daemon {
             release_locks: KeyedLocks::default(),
             janitor_running: AtomicBool::new(false),
             net_lock: Mutex::new(()),
-            tap_lock: Mutex::new(()),
             nat_lock: Arc::new(Mutex::new(())),
             janitor: Janitor::default(),
-            image_lock: Mutex::new(()),
+            image_locks: KeyedLocks::default(),
+            staging: Default::default(),
             template_lock: Mutex::new(()),
             known_hosts_lock: Mutex::new(()),
             initrd_cache: Mutex::new(None),
             agent_cache: Mutex::new(None),
-            volume_lock: Mutex::new(()),
             dm_lock: Mutex::new(()),
             host_disks: std::sync::OnceLock::new(),
-            attached: Default::default(),
+            volumes: Default::default(),
             boots: Boots::default(),
             stats: Default::default(),
-            tap_pool: Default::default(),
+            taps: Default::default(),
             forwarders: Default::default(),
-            dns_listeners: Default::default(),
-            host_dns: Default::default(),
+            dns: Default::default(),
+            dns_view: Default::default(),
             me: Default::default(),
             started: Instant::now(),
             qemu: Qemu::new(kvm),
@@ -227,6 +229,9 @@ impl Daemon {
             cfg,
         };
         d.index_images()?;
+        for vm in d.store().list_vms()? {
+            d.dns_view.put(&vm);
+        }
         Ok(d)
     }
 
@@ -316,6 +321,19 @@ impl Daemon {
         Ok(())
     }
 
+    /// What the VM's VMM (and its vsock backend) is when found again by
+    /// its command line: a process of the VM's own user (root's where
+    /// the VMM keeps root), started since the VM was created.
+    pub(crate) fn expect_vmm(&self, vm: &VmRecord) -> process::Expect {
+        process::Expect {
+            uid: crate::resources::jail::identity(self, vm)
+                .ok()
+                .flatten()
+                .map_or(0, |i| i.uid),
+            not_before: vm.created_at,
+        }
+    }
+
     /// The VM's VMM, if it is still that very process.
     pub(crate) fn vmm_process(&self, vm: &VmRecord) -> Option<ProcId> {
         let h = self.handles.get(&vm.id)?;
@@ -324,9 +342,10 @@ impl Daemon {
             // A scratch file of an older banger: identified by its socket.
             (Some(pid), None) => {
                 let sock = vm.runtime.api_sock_path.as_ref()?;
-                process::matches(pid, &process::path_needle(sock))
-                    .then(|| ProcId::of(pid))
-                    .flatten()
+                (process::matches(pid, &process::path_needle(sock))
+                    && self.expect_vmm(vm).admits(pid))
+                .then(|| ProcId::of(pid))
+                .flatten()
             }
             _ => None,
         }
@@ -366,7 +385,7 @@ impl Daemon {
         VmInfo {
             id: vm.id.clone(),
             name: vm.name.clone(),
-            state: vm.runtime.state(),
+            state: vm.runtime.shown_state(),
             image: vm.spec.image.clone(),
             cpus: vm.spec.sizing.cpus,
             memory_mib: vm.spec.sizing.memory_mib,
@@ -437,6 +456,24 @@ impl Daemon {
 
     pub(crate) fn save(&self, vm: &VmRecord) -> Result<()> {
         self.store().update_runtime(&vm.id, &vm.runtime)?;
+        self.dns_view.update(vm);
+        Ok(())
+    }
+
+    /// A new VM's row (and DNS's view of it).
+    pub(crate) fn insert_row(&self, vm: &VmRecord) -> Result<()> {
+        self.store().insert_vm(vm).map_err(|e| match e {
+            banger_store::StoreError::NameTaken(n) => DaemonError::VmExists(n),
+            e => e.into(),
+        })?;
+        self.dns_view.put(vm);
+        Ok(())
+    }
+
+    /// A VM's row gone (and DNS's view of it).
+    pub(crate) fn delete_row(&self, id: &str) -> Result<()> {
+        self.store().delete_vm(id)?;
+        self.dns_view.remove(id);
         Ok(())
     }
 }

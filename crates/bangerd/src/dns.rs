@@ -38,6 +38,84 @@ pub const MAX_FORWARDS: usize = 16;
 /// names to banger.
 pub const CHECK_LABEL: &str = "_banger";
 
+/// What DNS answers from: every VM's name, id, address and network, kept
+/// current by the lifecycle as it writes rows (create, `Daemon::save`,
+/// delete), so that a query never takes the store's lock nor decodes a
+/// row: a guest flooding its resolver slows neither other guests nor the
+/// CLI.
+#[derive(Debug, Default)]
+pub struct View(std::sync::RwLock<ViewInner>);
+
+#[derive(Debug, Default)]
+struct ViewInner {
+    /// By VM name.
+    by_name: std::collections::HashMap<String, Entry>,
+    /// VM id to name.
+    names: std::collections::HashMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    id: String,
+    ip: Option<Ipv4Addr>,
+    network: Option<String>,
+}
+
+impl View {
+    fn entry(vm: &banger_core::VmRecord) -> Entry {
+        Entry {
+            id: vm.id.clone(),
+            ip: vm.runtime.guest_ip.as_deref().and_then(|i| i.parse().ok()),
+            network: vm.spec.net.network.clone(),
+        }
+    }
+
+    /// A VM's row was written: its entry, new or replaced.
+    pub fn put(&self, vm: &banger_core::VmRecord) {
+        let mut v = self.0.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = v.names.insert(vm.id.clone(), vm.name.clone()) {
+            if old != vm.name {
+                v.by_name.remove(&old);
+            }
+        }
+        v.by_name.insert(vm.name.clone(), Self::entry(vm));
+    }
+
+    /// A VM's runtime was saved: its entry changes, if it has one (a row
+    /// deleted meanwhile does not come back).
+    pub fn update(&self, vm: &banger_core::VmRecord) {
+        let mut v = self.0.write().unwrap_or_else(|p| p.into_inner());
+        if v.names.get(&vm.id) == Some(&vm.name) {
+            v.by_name.insert(vm.name.clone(), Self::entry(vm));
+        }
+    }
+
+    /// A VM's row was deleted.
+    pub fn remove(&self, id: &str) {
+        let mut v = self.0.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(name) = v.names.remove(id) {
+            v.by_name.remove(&name);
+        }
+    }
+
+    /// `name`'s address, for `asker`: the host, any VM; a guest, itself or
+    /// a VM of its network.
+    fn lookup(&self, name: &str, asker: &Asker) -> Option<Ipv4Addr> {
+        let v = self.0.read().unwrap_or_else(|p| p.into_inner());
+        let e = v.by_name.get(name)?;
+        if let Asker::Guest(id) = asker {
+            let same_net = || {
+                let me = v.by_name.get(v.names.get(id)?)?;
+                Some(me.network.is_some() && me.network == e.network)
+            };
+            if *id != e.id && !same_net().unwrap_or(false) {
+                return None;
+            }
+        }
+        e.ip
+    }
+}
+
 /// Who asks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Asker {
@@ -160,15 +238,23 @@ fn servfail(query: &[u8]) -> Option<Vec<u8>> {
     r.to_vec().ok()
 }
 
+/// The daemon's DNS listeners: one per running VM (on its gateway), and
+/// the host's (`--host-dns`).
+#[derive(Debug, Default)]
+pub struct Listeners {
+    /// By VM id.
+    pub(crate) vms: std::sync::Mutex<std::collections::HashMap<String, Listener>>,
+    pub(crate) host: std::sync::Mutex<Option<Listener>>,
+}
+
 /// A listener: a UDP socket answered by a thread of its own until `stop`,
 /// which wakes the thread and waits for it, so that the address is free
 /// again when it returns (a VM's restart binds it at once).
 #[derive(Debug)]
 pub struct Listener {
     pub addr: SocketAddr,
-    stop: Arc<AtomicBool>,
     sock: UdpSocket,
-    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    worker: crate::worker::Worker,
 }
 
 /// A UDP socket bound to `addr` with SO_REUSEADDR: a reply a forwarding
@@ -201,35 +287,21 @@ impl Listener {
         let theirs = sock
             .try_clone()
             .map_err(|e| DaemonError::Invalid(format!("DNS socket {addr}: {e}")))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("dns".into())
-            .spawn(move || serve(&d, &theirs, &asker, &flag))
-            .map_err(|e| DaemonError::Invalid(format!("cannot start the DNS thread: {e}")))?;
-        Ok(Listener {
-            addr,
-            stop,
-            sock,
-            thread: std::sync::Mutex::new(Some(thread)),
+        let worker = crate::worker::Worker::spawn("dns".into(), move |stop| {
+            serve(&d, &theirs, &asker, &stop)
         })
+        .map_err(|e| DaemonError::Invalid(format!("cannot start the DNS thread: {e}")))?;
+        Ok(Listener { addr, sock, worker })
     }
 
     pub fn stop(&self) {
-        self.stop.store(true, Ordering::SeqCst);
-        // Wakes its recv at once (a socket shut for reading returns).
-        let _ = nix::sys::socket::shutdown(
-            std::os::fd::AsRawFd::as_raw_fd(&self.sock),
-            nix::sys::socket::Shutdown::Read,
-        );
-        let t = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(t) = t {
-            // Not from the listener's own thread (a DNS request never
-            // stops its listener, but be safe).
-            if t.thread().id() != std::thread::current().id() {
-                let _ = t.join();
-            }
-        }
+        // Woken out of its recv at once: a socket shut for reading returns.
+        self.worker.stop(|| {
+            let _ = nix::sys::socket::shutdown(
+                std::os::fd::AsRawFd::as_raw_fd(&self.sock),
+                nix::sys::socket::Shutdown::Read,
+            );
+        });
     }
 }
 
@@ -301,25 +373,7 @@ impl Daemon {
                     _ => Some(Ipv4Addr::LOCALHOST),
                 };
             }
-            let vm = self.store().vm_by_name(name).ok()??;
-            if let Asker::Guest(id) = asker {
-                // Itself, or a VM of its network.
-                let same_net = || -> Option<bool> {
-                    let me = self
-                        .store()
-                        .list_vms()
-                        .ok()?
-                        .into_iter()
-                        .find(|v| v.id == *id)?;
-                    Some(
-                        me.spec.net.network.is_some() && me.spec.net.network == vm.spec.net.network,
-                    )
-                };
-                if *id != vm.id && !same_net().unwrap_or(false) {
-                    return None;
-                }
-            }
-            vm.runtime.guest_ip.as_deref()?.parse().ok()
+            self.dns_view.lookup(name, asker)
         };
         plan(query, &self.cfg.dns_suffix, &lookup)
     }
@@ -458,5 +512,42 @@ mod tests {
                 SocketAddr::from(([10, 0, 0, 1], 53))
             ]
         );
+    }
+
+    /// The view answers as the store would: the host any VM, a guest
+    /// itself or its network's; a saved runtime moves the address; a
+    /// deleted row is gone and a late save does not bring it back.
+    #[test]
+    fn the_view_follows_the_rows_and_scopes_guests() {
+        let vm = |id: &str, name: &str, ip: &str, net: Option<&str>| {
+            let mut v = crate::daemon::testutil::vm_with_tap(id, name, None);
+            v.runtime.guest_ip = Some(ip.into());
+            v.spec.net.network = net.map(String::from);
+            v
+        };
+        let view = View::default();
+        let (a, b, c) = (
+            vm("ia", "a", "172.30.0.2", Some("lab")),
+            vm("ib", "b", "172.30.0.6", Some("lab")),
+            vm("ic", "c", "172.30.0.10", None),
+        );
+        for v in [&a, &b, &c] {
+            view.put(v);
+        }
+        let ip = |s: &str| Some(s.parse::<Ipv4Addr>().unwrap());
+        let guest = |id: &str| Asker::Guest(id.into());
+        assert_eq!(view.lookup("c", &Asker::Host), ip("172.30.0.10"));
+        assert_eq!(view.lookup("b", &guest("ia")), ip("172.30.0.6"));
+        assert_eq!(view.lookup("c", &guest("ic")), ip("172.30.0.10"));
+        assert_eq!(view.lookup("a", &guest("ic")), None, "not its network");
+        assert_eq!(view.lookup("c", &guest("ia")), None);
+        assert_eq!(view.lookup("nope", &Asker::Host), None);
+        let mut moved = c.clone();
+        moved.runtime.guest_ip = Some("172.30.0.14".into());
+        view.update(&moved);
+        assert_eq!(view.lookup("c", &Asker::Host), ip("172.30.0.14"));
+        view.remove("ic");
+        view.update(&moved);
+        assert_eq!(view.lookup("c", &Asker::Host), None, "a late save");
     }
 }

@@ -35,6 +35,8 @@ pub enum DaemonError {
     #[error(transparent)]
     Qcow2(#[from] banger_host::qcow2::Qcow2Error),
     #[error(transparent)]
+    Acl(#[from] banger_host::acl::AclError),
+    #[error(transparent)]
     SshKey(#[from] banger_host::sshkey::SshKeyError),
     #[error(transparent)]
     Vmm(#[from] banger_vmm::VmmError),

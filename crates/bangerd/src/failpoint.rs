@@ -4,9 +4,15 @@
 //! the `FAILPOINTS` environment variable, e.g. `start.tap=return(err)`:
 //! - `return(err)` (or `return`): the step fails with an injected error;
 //! - `return(die)`: the daemon process is killed (SIGKILL) at the step, as
-//!   a crash would.
+//!   a crash would;
+//! - `return(gate:PATH)`: the step waits until the test opens the gate: it
+//!   reads PATH (a FIFO the test made) to its end, then goes on.
 
 use crate::error::DaemonError;
+
+/// Failpoints inside an acquire, by resource: what happens between
+/// naming a kernel object in the VM's records and making it.
+const INTERNAL: &[(&str, &str)] = &[("tap", "start.tap.recorded"), ("tap", "start.tap.created")];
 
 /// Every failpoint name, in the order a VM's life meets them. The
 /// failpoint test loops over all of them.
@@ -16,7 +22,17 @@ pub fn names() -> Vec<String> {
     v.extend(CREATE.iter().map(|r| format!("create.{}", r.name())));
     v.push("create.done".into());
     v.push("start.begin".into());
-    v.extend(START.iter().map(|r| format!("start.{}", r.name())));
+    for r in START {
+        v.push(format!("start.{}", r.name()));
+        // Inside an acquire: after the kernel object is recorded, and
+        // after it exists.
+        v.extend(
+            INTERNAL
+                .iter()
+                .filter(|(of, _)| *of == r.name())
+                .map(|(_, p)| p.to_string()),
+        );
+    }
     v.push("start.ready".into());
     v.push("stop.begin".into());
     v.push("stop.teardown".into());
@@ -38,6 +54,12 @@ pub fn names() -> Vec<String> {
 pub fn hit(name: &str) -> Result<(), DaemonError> {
     match fail::eval(name, |arg| arg.unwrap_or_default()) {
         None => Ok(()),
+        Some(a) if a.starts_with("gate:") => {
+            let path = &a["gate:".len()..];
+            tracing::warn!("failpoint {name}: waiting at the gate {path}");
+            let _ = std::fs::read(path);
+            Ok(())
+        }
         Some(a) if a == "die" => {
             tracing::warn!("failpoint {name}: dying");
             let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);

@@ -58,7 +58,7 @@ pub fn remove_file(vm_dir: &Path) -> Result<(), FsError> {
 /// command line carries the VM's API socket, found again and identified by
 /// its own start time. The rest of the scratch file is kept even when the
 /// process is gone, so that cleanup can still tear kernel objects down.
-pub fn rediscover(vm_dir: &Path, api_sock: &Path) -> VmHandles {
+pub fn rediscover(vm_dir: &Path, api_sock: &Path, expect: process::Expect) -> VmHandles {
     let mut h = read_file(vm_dir);
     if let (Some(pid), Some(start_time)) = (h.pid, h.vmm_start_time) {
         if (process::ProcId { pid, start_time }).is_running() {
@@ -66,7 +66,7 @@ pub fn rediscover(vm_dir: &Path, api_sock: &Path) -> VmHandles {
         }
     }
     let needle = process::path_needle(api_sock);
-    let found = process::find_by_arg(&needle)
+    let found = process::find_by_arg_as(&needle, expect)
         .into_iter()
         .next()
         .and_then(process::ProcId::of);
@@ -78,6 +78,14 @@ pub fn rediscover(vm_dir: &Path, api_sock: &Path) -> VmHandles {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// This test process's uid, since `not_before`.
+    fn anyone_since(not_before: i64) -> process::Expect {
+        process::Expect {
+            uid: nix::unistd::getuid().as_raw(),
+            not_before,
+        }
+    }
 
     #[test]
     fn scratch_file_round_trip_and_corruption() {
@@ -105,7 +113,7 @@ mod tests {
             ..Default::default()
         };
         write_file(d.path(), &h).unwrap();
-        let r = rediscover(d.path(), &d.path().join("api.sock"));
+        let r = rediscover(d.path(), &d.path().join("api.sock"), anyone_since(0));
         assert_eq!(r.pid, None, "dead pid dropped");
         assert_eq!(r.tap_device.as_deref(), Some("bgtap9"));
     }
@@ -125,12 +133,18 @@ mod tests {
         let pid = child.id() as i32;
         let mut r = VmHandles::default();
         for _ in 0..200 {
-            r = rediscover(d.path(), &sock);
+            r = rediscover(d.path(), &sock, anyone_since(0));
             if r.pid.is_some() {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
+        // Not another user's, nor one older than its VM.
+        let mut other = anyone_since(0);
+        other.uid = other.uid.wrapping_add(4242);
+        assert_eq!(rediscover(d.path(), &sock, other).pid, None);
+        let later = anyone_since(banger_core::unix_now() + 3600);
+        assert_eq!(rediscover(d.path(), &sock, later).pid, None);
         let _ = child.kill();
         let _ = child.wait();
         assert_eq!(r.pid, Some(pid));

@@ -37,7 +37,7 @@ impl Daemon {
                 vm.runtime.state()
             )));
         }
-        let nameserver = lock(&self.dns_listeners)
+        let nameserver = lock(&self.dns.vms)
             .contains_key(&vm.id)
             .then(|| {
                 self.guest_net(&vm)

@@ -72,10 +72,7 @@ impl Daemon {
     /// was renamed into place (`making`): a daemon that dies in between
     /// leaves a dir the next start adopts with the right owner.
     pub(crate) fn add_image(&self, rec: &ImageRecord) -> Result<()> {
-        crate::perms::share_image(
-            &self.cfg.layout.image_dir(&rec.name),
-            self.cfg.vmm_images_gid,
-        )?;
+        crate::perms::share_image(&self.cfg.layout.image_dir(&rec.name))?;
         self.store().upsert_image(rec)?;
         Ok(())
     }
@@ -148,7 +145,7 @@ impl Daemon {
 
     /// An image of banger's recipe is root's whoever asked for it (its
     /// files are Debian's, not the caller's); a member may rebuild only an
-    /// image of their own (checked under the images' lock).
+    /// image of their own (checked under the image's lock).
     pub fn build_image(
         &self,
         name: &str,
@@ -158,7 +155,7 @@ impl Daemon {
     ) -> Result<ImageInfo> {
         let recipe = Recipe::default_for(name)
             .ok_or_else(|| DaemonError::Image(image::ImageError::Unknown(name.to_string())))?;
-        let _g = lock(&self.image_lock);
+        let _g = self.image_locks.lock(name);
         // Bind first: the store guard must be gone before the store is
         // locked again below.
         let existing = self.store().image(name)?;
@@ -208,6 +205,8 @@ impl Daemon {
         // reaches it, nothing only root can read gets in).
         self.refuse_existing(name)?;
         self.refuse_reserved(name, caller)?;
+        // One at a time per member: what one member stages is bounded.
+        let _turn = self.staging.begin(caller.uid)?;
         let staged = crate::access::stage_as(caller, source, &self.cfg.layout.cache_dir())?;
         events(Event::Progress {
             message: format!("read {} as uid {}", source.display(), caller.uid),
@@ -224,7 +223,12 @@ impl Daemon {
         owner: u32,
         events: Events,
     ) -> Result<ImageInfo> {
-        let _g = lock(&self.image_lock);
+        // (The lender is not rebuilt or removed while it lends its kernel;
+        // taken first, so that a commit into it that waits for this
+        // image's lock cannot hold it against us.)
+        let _lender = (name != DEFAULT_IMAGE).then(|| self.image_locks.lock_shared(DEFAULT_IMAGE));
+        let _g = self.image_locks.lock(name);
+        crate::failpoint::hit("image.import.locked")?;
         self.refuse_existing(name)?;
         // The default image lends its kernel (and modules) to a tree
         // without one, unless only root may read it and the caller is not
@@ -317,12 +321,14 @@ impl Daemon {
     }
 
     /// A member may remove only an image of their own (checked under the
-    /// images' lock, so no build or import slips in between).
+    /// image's lock, so no build or import of it slips in between).
     pub fn delete_image(&self, name: &str, caller: &crate::access::Caller) -> Result<()> {
-        let _g = lock(&self.image_lock);
+        let _g = self.image_locks.lock(name);
         let rec = self.image(name)?;
         caller.may_replace(&self.store(), banger_store::Owned::Image, name, "remove")?;
         self.refuse_if_used(name)?;
+        // A deleted VM's grant may still wait for its release.
+        crate::resources::jail::revoke_all(self, &rec.dir)?;
         fsutil::remove_dir_all_if_exists(&rec.dir)?;
         self.store().delete_image(name)?;
         Ok(())

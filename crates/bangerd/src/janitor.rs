@@ -21,7 +21,7 @@
 //! - shutdown waits for the queue, and `banger daemon settle` waits for it
 //!   (and retries what failed) for anyone who needs the host at baseline.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -37,6 +37,25 @@ struct State {
     queue: VecDeque<Job>,
     /// VM ids queued or in flight.
     busy: HashSet<String>,
+    /// Failed releases waiting for their retry, by VM id.
+    failed: HashMap<String, Failed>,
+}
+
+/// A VM whose last release failed: why, how often, and when it is tried
+/// again (queued then, unless something else did it first).
+#[derive(Debug, Clone)]
+pub struct Failed {
+    pub job: Job,
+    pub error: String,
+    pub attempts: u32,
+    pub due: Instant,
+    /// Its retry is queued or running now.
+    pub retrying: bool,
+}
+
+/// The wait before retry `n` (1 s, 2 s, 4 s, ... at most a minute).
+pub fn backoff(attempts: u32) -> Duration {
+    Duration::from_secs(1u64 << attempts.saturating_sub(1).min(6)).min(Duration::from_secs(60))
 }
 
 #[derive(Debug, Default)]
@@ -63,24 +82,115 @@ impl Janitor {
         self.cv.notify_all();
     }
 
-    /// The next VM to release; blocks until there is one.
+    /// The next VM to release; blocks until there is one (a new one, or a
+    /// failed one whose retry is due).
     pub fn next(&self) -> Job {
         let mut st = self.lock();
         loop {
+            let now = Instant::now();
+            let due: Vec<String> = st
+                .failed
+                .iter()
+                .filter(|(_, f)| !f.retrying && f.due <= now)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in due {
+                if let Some(f) = st.failed.get_mut(&id) {
+                    // Not again until this try says how it went.
+                    f.retrying = true;
+                    let job = f.job.clone();
+                    if st.busy.insert(id) {
+                        st.queue.push_back(job);
+                    }
+                }
+            }
             if let Some(r) = st.queue.pop_front() {
                 return r;
             }
-            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+            let wake = st
+                .failed
+                .values()
+                .filter(|f| !f.retrying)
+                .map(|f| f.due)
+                .min();
+            st = match wake {
+                Some(t) => {
+                    let left = t.saturating_duration_since(Instant::now());
+                    self.cv
+                        .wait_timeout(st, left.max(Duration::from_millis(1)))
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                }
+                None => self.cv.wait(st).unwrap_or_else(|p| p.into_inner()),
+            };
         }
     }
 
-    /// Marks a release finished (done or failed).
-    pub fn done(&self, vm_id: &str) {
+    /// Marks a release finished: done (`None`), or failed with `error`,
+    /// then tried again after a backoff.
+    pub fn done(&self, vm_id: &str, error: Option<String>) {
         let mut st = self.lock();
         if !st.queue.iter().any(|q| q.vm_id == vm_id) {
             st.busy.remove(vm_id);
         }
+        match error {
+            None => {
+                st.failed.remove(vm_id);
+            }
+            Some(error) => {
+                let attempts = st.failed.get(vm_id).map_or(0, |f| f.attempts) + 1;
+                let job = st
+                    .failed
+                    .get(vm_id)
+                    .map(|f| f.job.clone())
+                    .unwrap_or_else(|| Job {
+                        vm_id: vm_id.to_string(),
+                        vm_name: vm_id.to_string(),
+                    });
+                st.failed.insert(
+                    vm_id.to_string(),
+                    Failed {
+                        job,
+                        error,
+                        attempts,
+                        due: Instant::now() + backoff(attempts),
+                        retrying: false,
+                    },
+                );
+            }
+        }
         self.cv.notify_all();
+    }
+
+    /// Records the VM a failed job was for (its name, for the retry).
+    pub fn failed_job(&self, job: &Job, error: String) {
+        {
+            let mut st = self.lock();
+            let attempts = st.failed.get(&job.vm_id).map_or(0, |f| f.attempts);
+            st.failed.insert(
+                job.vm_id.clone(),
+                Failed {
+                    job: job.clone(),
+                    error: error.clone(),
+                    attempts,
+                    due: Instant::now(),
+                    retrying: false,
+                },
+            );
+        }
+        self.done(&job.vm_id, Some(error));
+    }
+
+    /// A VM's releases were done by someone else (`settle`, its start):
+    /// no retry is due.
+    pub fn cleared(&self, vm_id: &str) {
+        self.lock().failed.remove(vm_id);
+        self.cv.notify_all();
+    }
+
+    /// The failed releases waiting for a retry.
+    pub fn failures(&self) -> Vec<Failed> {
+        self.lock().failed.values().cloned().collect()
     }
 
     /// Waits until `pred` holds for the state; false on timeout.
@@ -145,7 +255,7 @@ mod tests {
                 for _ in 0..2 {
                     let r = j.next();
                     seen.push(r.vm_id.clone());
-                    j.done(&r.vm_id);
+                    j.done(&r.vm_id, None);
                 }
                 seen
             })
@@ -162,7 +272,7 @@ mod tests {
         j.submit(rel("a", "bgtap2"));
         let r = j.next();
         assert_eq!(r.vm_id, "a");
-        j.done("a");
+        j.done("a", None);
         assert_eq!(j.pending(), 0);
     }
 
@@ -172,11 +282,41 @@ mod tests {
         j.submit(rel("a", "bgtap0"));
         let first = j.next();
         j.submit(rel("a", "bgtap1"));
-        j.done(&first.vm_id);
+        j.done(&first.vm_id, None);
         assert_eq!(j.pending(), 1, "the second is still queued");
         let second = j.next();
         assert_eq!(second.vm_id, "a");
-        j.done(&second.vm_id);
+        j.done(&second.vm_id, None);
         assert!(j.wait_vm("a", Duration::ZERO));
+    }
+
+    /// A failed release is queued again after its backoff, doubling, and
+    /// is forgotten once done; its error is kept meanwhile.
+    #[test]
+    fn a_failed_release_is_retried_after_a_backoff() {
+        assert_eq!(backoff(1), Duration::from_secs(1));
+        assert_eq!(backoff(2), Duration::from_secs(2));
+        assert_eq!(backoff(30), Duration::from_secs(60));
+        let j = Janitor::default();
+        j.submit(rel("a", ""));
+        let job = j.next();
+        let t0 = Instant::now();
+        j.failed_job(&job, "nft: busy".into());
+        assert_eq!(j.pending(), 0, "not busy while it waits");
+        let f = j.failures();
+        assert_eq!(
+            (f.len(), f[0].attempts, f[0].error.as_str()),
+            (1, 1, "nft: busy")
+        );
+        // The retry comes by itself (no submit), a backoff later.
+        let again = j.next();
+        assert_eq!(again, job);
+        assert!(
+            t0.elapsed() >= Duration::from_millis(900),
+            "{:?}",
+            t0.elapsed()
+        );
+        j.done(&again.vm_id, None);
+        assert!(j.failures().is_empty());
     }
 }

@@ -20,7 +20,9 @@ pub mod identity;
 pub mod images;
 pub mod janitor;
 pub mod lifecycle;
+pub mod limits;
 pub mod locks;
+pub mod pause;
 pub mod perms;
 pub mod readiness;
 pub mod reaper;
@@ -32,6 +34,8 @@ pub mod settings;
 pub mod stats;
 pub mod uids;
 pub mod volumes;
+pub mod watch;
+pub mod worker;
 
 use std::os::unix::net::UnixListener;
 use std::sync::Arc;
@@ -82,6 +86,7 @@ pub fn serve(daemon: Arc<Daemon>, listener: UnixListener, stopper: server::Stopp
         }
         daemon.watch_adopted();
     }
+    daemon.watch_rm_clients();
     let d = daemon.clone();
     let janitor = std::thread::Builder::new()
         .name("janitor".into())
@@ -93,7 +98,7 @@ pub fn serve(daemon: Arc<Daemon>, listener: UnixListener, stopper: server::Stopp
     }
     if let Some(addr) = daemon.cfg.dns_listen {
         match dns::Listener::start(Arc::downgrade(&daemon), addr, dns::Asker::Host) {
-            Ok(l) => *daemon.host_dns.lock().unwrap_or_else(|p| p.into_inner()) = Some(l),
+            Ok(l) => *daemon.dns.host.lock().unwrap_or_else(|p| p.into_inner()) = Some(l),
             Err(e) => tracing::warn!(err = %e, "no DNS for the host"),
         }
     }

@@ -15,7 +15,7 @@ use crate::cancel::Cancel;
 use crate::daemon::{lock, micros, phase, random_hex, Daemon, Events, Phase};
 use crate::error::{DaemonError, Result};
 use crate::failpoint::hit;
-use crate::resources::{self, item, Acq, End, Resource, CREATE, START};
+use crate::resources::{self, Acq, End, Resource, CREATE, START};
 
 /// The largest root disk `--root-size` makes (sparse: it costs what the
 /// guest writes).
@@ -30,6 +30,22 @@ impl Daemon {
     /// Creates a VM (and with `req.start`, boots it; with `req.rm`, deletes
     /// it again if the boot fails). `cancel` cancels the boot.
     pub fn create(&self, req: &CreateVm, events: Events, cancel: Cancel) -> Result<VmInfo> {
+        self.create_for(req, &crate::access::Caller::root(), None, events, cancel)
+    }
+
+    /// [`Daemon::create`] for `caller` (whose VM may join only a network
+    /// of theirs: checked and recorded under the network lock with the
+    /// row's insert, so two first VMs of one network cannot both pass);
+    /// an `rm` create records the process it lives for (`rm_client`),
+    /// before the row exists, so that no crash leaves it without.
+    pub fn create_for(
+        &self,
+        req: &CreateVm,
+        caller: &crate::access::Caller,
+        rm_client: Option<banger_core::RmClient>,
+        events: Events,
+        cancel: Cancel,
+    ) -> Result<VmInfo> {
         let t0 = Instant::now();
         let name = match &req.name {
             Some(n) => {
@@ -84,19 +100,25 @@ impl Daemon {
                 ranges.join(",")
             )));
         }
+        for note in crate::resources::firewall::check_allow(self, &req.net.allow)? {
+            events(Event::Progress { message: note });
+        }
         // A published port in use is refused before anything exists.
         crate::resources::ports::check_free_naming(self, &name, &req.net.ports)?;
         self.check_mounts(&req.volumes)?;
         self.check_host_mounts(&name, vmm, &req.mounts, &req.volumes)?;
         if image_name == DEFAULT_IMAGE && self.store().image(&image_name)?.is_none() {
             events(Event::Progress {
-                message: format!("image {image_name} is not built yet: building it now"),
+                message: format!(
+                    "image {image_name} is not built yet: building it first, from Debian's \
+                     mirrors (a few minutes, once; `banger image build` does it ahead)"
+                ),
             });
             self.build_image(&image_name, false, &crate::access::Caller::root(), events)?;
         }
         // The image may not be deleted or rebuilt between this lookup and
         // the row that makes it "in use".
-        let image_guard = lock(&self.image_lock);
+        let image_guard = self.image_locks.lock_shared(&image_name);
         let img = self.image(&image_name)?;
         self.warn_if_outdated(&img, events);
         let root_disk = crate::resources::root_disk::choose(self, vmm)?;
@@ -140,6 +162,7 @@ impl Daemon {
                         .join(banger_core::layout::vmfiles::API_SOCK),
                 ),
                 vm_dir: Some(self.cfg.layout.vm_dir(&id)),
+                rm_client: if req.rm { rm_client } else { None },
                 ..Default::default()
             },
             created_at: banger_core::unix_now(),
@@ -149,7 +172,7 @@ impl Daemon {
         // member's `volume create` under the name) slips in between. What
         // a VM only root may use could write on them stays root's: marked
         // before the VM exists, so that no member's VM takes one between.
-        let volume_guard = lock(&self.volume_lock);
+        let volume_guard = lock(&self.volumes.lock);
         self.check_mounts(&req.volumes)?;
         if crate::access::root_only(&vm) || crate::access::root_only_data(&self.store(), &vm)? {
             let store = self.store();
@@ -158,10 +181,13 @@ impl Daemon {
             }
         }
         hit("create.begin")?;
-        self.store().insert_vm(&vm).map_err(|e| match e {
-            banger_store::StoreError::NameTaken(n) => DaemonError::VmExists(n),
-            e => e.into(),
-        })?;
+        {
+            let _n = lock(&self.net_lock);
+            if let Some(n) = &req.net.network {
+                caller.may_join(&self.store(), n)?;
+            }
+            self.insert_row(&vm)?;
+        }
         drop(volume_guard);
         drop(image_guard);
         events(Event::Spec {
@@ -188,7 +214,9 @@ impl Daemon {
                 hit(&format!("create.{}", r.name()))?;
                 let t = Phase::start(r.phase());
                 r.acquire(self, &mut cx)?;
-                t.done(cx.events);
+                if r.used(cx.vm) {
+                    t.done(cx.events);
+                }
             }
             cx.vm.runtime.state = Some(VmState::Created);
             self.save(cx.vm)?;
@@ -248,7 +276,8 @@ impl Daemon {
     ) -> Result<VmRecord> {
         vm.runtime.state().check(&vm.name, "start")?;
         // A VMM that survived SIGKILL still uses the disks.
-        if let Some(p) = resources::vmm::find(&vm, &self.current_handles(&vm)) {
+        if let Some(p) = resources::vmm::find(&vm, &self.current_handles(&vm), self.expect_vmm(&vm))
+        {
             if p.is_running() {
                 return Err(DaemonError::VmmSurvives {
                     vm: vm.name.clone(),
@@ -266,6 +295,7 @@ impl Daemon {
         hit("start.begin")?;
         vm.runtime.state = Some(VmState::Starting);
         vm.runtime.last_error = None;
+        vm.runtime.paused = false;
         self.save(&vm)?;
         match self.boot(&mut vm, events, &cancel) {
             Ok(()) => {
@@ -321,7 +351,9 @@ impl Daemon {
                     runtime = Some(cx.vm.runtime.clone());
                 }
                 acquired?;
-                t.done(cx.events);
+                if r.used(cx.vm) {
+                    t.done(cx.events);
+                }
             }
             let vmm = self.vmm_process(cx.vm).ok_or_else(|| {
                 DaemonError::Invalid(format!("vm {:?} has no VMM process", cx.vm.name))
@@ -382,6 +414,11 @@ impl Daemon {
     ) -> Result<VmInfo> {
         let _g = self.lock_vm(name)?;
         let mut vm = self.find(name)?;
+        // The auto-stopper decided on a record read before the lock: a VM
+        // paused since is left alone (its idle time is no reason).
+        if why.is_some() && vm.runtime.paused {
+            return Ok(self.info(&vm));
+        }
         if !self.vm_alive(&vm) && vm.runtime.state() == VmState::Running {
             // Stale: the VMM died behind our back. Clean and report stopped.
             self.end_boot(
@@ -401,8 +438,24 @@ impl Daemon {
             vm.runtime.last_error = why.clone();
         }
         self.save(&vm)?;
-        let clean = match (self.vmm_process(&vm), vm.runtime.api_sock_path.clone()) {
-            (Some(p), Some(sock)) => {
+        // From here a failure still ends the VM (in error, saying why):
+        // it is never left `stopping` for the next daemon to sort out.
+        let stopped = self.stop_stopping(&mut vm, why, events);
+        if let Err(e) = stopped {
+            let _ = self.end_boot(&mut vm, VmState::Error, Some(e.to_string()), true);
+            return Err(e);
+        }
+        Ok(self.info(&vm))
+    }
+
+    /// The rest of a stop, once the VM is `stopping`: a clean shutdown
+    /// asked for and waited for (at most the stop timeout), then the end.
+    fn stop_stopping(&self, vm: &mut VmRecord, why: Option<String>, events: Events) -> Result<()> {
+        // A paused guest cannot hear the request: it runs again first;
+        // if it cannot, it is killed.
+        let can_ask = self.unpause_for(vm, "stop it");
+        let clean = match (self.vmm_process(vm), vm.runtime.api_sock_path.clone()) {
+            (Some(p), Some(sock)) if can_ask => {
                 let asked = self
                     .vmm(vm.spec.vmm)
                     .and_then(|v| v.request_shutdown(&sock).map_err(Into::into));
@@ -429,8 +482,7 @@ impl Daemon {
             });
         }
         hit("stop.teardown")?;
-        self.end_boot(&mut vm, VmState::Stopped, why, true)?;
-        Ok(self.info(&vm))
+        self.end_boot(vm, VmState::Stopped, why, true)
     }
 
     pub fn kill(&self, name: &str) -> Result<VmInfo> {
@@ -444,7 +496,10 @@ impl Daemon {
         }
         vm.runtime.state().check(&vm.name, "kill")?;
         hit("kill.begin")?;
-        // Why, before the VMM goes (as for a stop).
+        // Why, before the VMM goes (as for a stop): a command running in
+        // it asks as its connection closes, and a VM still Running would
+        // not be gone to it.
+        vm.runtime.state = Some(VmState::Stopping);
         vm.runtime.last_error = Some(KILLED.into());
         self.save(&vm)?;
         self.end_boot(&mut vm, VmState::Stopped, Some(KILLED.into()), true)?;
@@ -498,7 +553,10 @@ impl Daemon {
         };
         hit("delete.begin")?;
         // A delete kills the VMM; what the guest wrote to its volumes is
-        // written out first.
+        // written out first (a paused guest runs again for that).
+        if !vm.spec.volumes.is_empty() {
+            self.unpause_for(&mut vm, "flush its volumes");
+        }
         self.flush_volumes(&vm);
         vm.runtime.state = Some(VmState::Deleting);
         self.save(&vm)?;
@@ -508,8 +566,17 @@ impl Daemon {
             let _ = self.save(&vm);
             return Err(e);
         }
-        hit("delete.row")?;
-        self.store().delete_vm(&vm.id)?;
+        // Everything it held is gone: a row that cannot be deleted leaves
+        // a VM in error saying so, for a second `rm`.
+        if let Err(e) = hit("delete.row").and_then(|()| self.delete_row(&vm.id)) {
+            vm.runtime.state = Some(VmState::Error);
+            vm.runtime.last_error = Some(format!(
+                "deleted but for its record ({e}): `banger vm rm {}` again",
+                vm.name
+            ));
+            let _ = self.save(&vm);
+            return Err(e);
+        }
         tracing::debug!(vm = %vm.name, us = micros(t0), "deleted");
         Ok(())
     }
@@ -524,7 +591,7 @@ impl Daemon {
         };
         banger_host::fsutil::remove_dir_all_if_exists(&self.cfg.layout.vm_runtime_dir(&b.id))?;
         banger_host::fsutil::remove_dir_all_if_exists(&self.cfg.layout.vm_dir(&b.id))?;
-        self.store().delete_vm(&b.id)?;
+        self.delete_row(&b.id)?;
         Ok(())
     }
 
@@ -538,7 +605,7 @@ impl Daemon {
             let _ = self.save(vm);
             return;
         }
-        if let Err(e) = self.store().delete_vm(&vm.id) {
+        if let Err(e) = self.delete_row(&vm.id) {
             warn!(vm = %vm.name, err = %e, "cannot delete the row");
         }
     }
@@ -569,9 +636,11 @@ impl Daemon {
                 vm.runtime.state = Some(to);
                 vm.runtime.last_error = why;
                 vm.runtime.started_at = None;
+                vm.runtime.paused = false;
                 self.save(vm)
             }
             Err(e) => {
+                vm.runtime.paused = false;
                 vm.runtime.state = Some(VmState::Error);
                 vm.runtime.last_error = Some(e.to_string());
                 let _ = self.save(vm);
@@ -598,7 +667,7 @@ impl Daemon {
                 let ended = hit(&format!("teardown.{}", r.name()))
                     .and_then(|()| r.end(self, vm, held.clone(), how.end));
                 match ended {
-                    Ok(Some(rest)) => later.push(item(*r, rest)),
+                    Ok(Some(rest)) => later.push(rest.record()),
                     Ok(None) => {}
                     Err(e) if r.blocks_teardown() => {
                         // Nothing after it may go: the handles stay, so a
@@ -607,7 +676,7 @@ impl Daemon {
                     }
                     Err(e) => {
                         warn!(vm = %vm.name, resource = r.name(), err = %e, "left for the release");
-                        later.push(item(*r, held));
+                        later.push(held.record());
                     }
                 }
             }

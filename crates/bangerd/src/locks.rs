@@ -1,14 +1,22 @@
-//! Locks by name (a VM's name, a VM's id): an entry exists only while
-//! someone holds or waits for it, so a stream of requests for names that
-//! never become VMs leaves nothing behind.
+//! Locks by name (a VM's name, a VM's id, an image's name): an entry
+//! exists only while someone holds or waits for it, so a stream of
+//! requests for names that never become VMs leaves nothing behind. A name
+//! is held by one (`lock`) or shared by many (`lock_shared`: the VMs
+//! created from an image while nobody rebuilds or removes it).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 #[derive(Debug, Default)]
 struct Slot {
-    held: Mutex<bool>,
+    held: Mutex<Held>,
     cv: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    one: bool,
+    shared: usize,
 }
 
 #[derive(Debug, Default)]
@@ -26,21 +34,36 @@ pub struct KeyGuard<'a> {
     locks: &'a KeyedLocks,
     key: String,
     slot: Arc<Slot>,
+    shared: bool,
 }
 
 impl KeyedLocks {
     pub fn lock(&self, key: &str) -> KeyGuard<'_> {
+        self.take(key, false)
+    }
+
+    /// Held with any number of other shared holders, never with `lock`'s.
+    pub fn lock_shared(&self, key: &str) -> KeyGuard<'_> {
+        self.take(key, true)
+    }
+
+    fn take(&self, key: &str, shared: bool) -> KeyGuard<'_> {
         let slot = lock(&self.map).entry(key.to_string()).or_default().clone();
         let mut held = lock(&slot.held);
-        while *held {
+        while held.one || (!shared && held.shared > 0) {
             held = slot.cv.wait(held).unwrap_or_else(PoisonError::into_inner);
         }
-        *held = true;
+        if shared {
+            held.shared += 1;
+        } else {
+            held.one = true;
+        }
         drop(held);
         KeyGuard {
             locks: self,
             key: key.to_string(),
             slot,
+            shared,
         }
     }
 
@@ -56,8 +79,15 @@ impl KeyedLocks {
 
 impl Drop for KeyGuard<'_> {
     fn drop(&mut self) {
-        *lock(&self.slot.held) = false;
-        self.slot.cv.notify_one();
+        {
+            let mut held = lock(&self.slot.held);
+            if self.shared {
+                held.shared -= 1;
+            } else {
+                held.one = false;
+            }
+        }
+        self.slot.cv.notify_all();
         // Clones are taken under the map's lock, so a count of two (the
         // map's and ours) means nobody else holds or waits for it.
         let mut map = lock(&self.locks.map);
@@ -98,6 +128,31 @@ mod tests {
             let _b = locks.lock("b");
             assert_eq!(locks.len(), 2, "different names do not exclude");
         }
+        assert!(locks.is_empty());
+    }
+
+    #[test]
+    fn shared_holders_exclude_only_the_one() {
+        let locks = Arc::new(KeyedLocks::default());
+        let a = locks.lock_shared("img");
+        let b = locks.lock_shared("img");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = {
+            let locks = locks.clone();
+            std::thread::spawn(move || {
+                let _one = locks.lock("img");
+                tx.send(()).unwrap();
+            })
+        };
+        assert!(
+            rx.recv_timeout(std::time::Duration::from_millis(200))
+                .is_err(),
+            "taken while shared"
+        );
+        drop(a);
+        drop(b);
+        rx.recv().unwrap();
+        t.join().unwrap();
         assert!(locks.is_empty());
     }
 }

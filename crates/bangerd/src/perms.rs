@@ -1,15 +1,16 @@
 //! Who may read what under the state and runtime dirs, now that each VMM
 //! runs as a user of its own (`resources::jail`): a VMM passes through
 //! the dirs above its own VM's (search permission only, never a listing),
-//! reads the images through their group, and nothing else. The daemon's
+//! reads its own VM's image (an ACL entry for its uid while it runs), and
+//! nothing else. The daemon's
 //! own files (the database, its log, the client key, other VMs' files)
 //! are root's alone.
 //!
 //! | path | owner, mode |
 //! |---|---|
 //! | state dir, runtime dir, `vms/` (both), `volumes/` | root, 0711 |
-//! | `images/`, each image dir | root:`<vmm gid>`, 0750 |
-//! | an image's files | root:`<vmm gid>`, 0640 |
+//! | `images/`, each image dir | root, 0711 |
+//! | an image's files | root, 0600; + `user:<vm uid>:r` while that VM runs (its mask makes the mode 0640) |
 //! | `banger.db` (and `-wal`, `-shm`), `bangerd.log` | root, 0600 |
 //! | `ssh/` | root:`<socket group>` 0750 (root 0700 without the group) |
 //! | `ssh/id_ed25519` | root, 0600 (root's ssh refuses a key others read) |
@@ -35,7 +36,7 @@ fn set(path: &Path, gid: u32, mode: u32) -> Result<()> {
 
 /// Sets the modes above on what exists (idempotent; run at every start,
 /// so older state dirs are brought in line).
-pub fn prepare(l: &Layout, vmm_gid: u32, socket_gid: Option<u32>) -> Result<()> {
+pub fn prepare(l: &Layout, socket_gid: Option<u32>) -> Result<()> {
     for (d, gid, mode) in [
         (l.state_dir.clone(), 0, 0o711),
         (l.runtime_dir.clone(), 0, 0o711),
@@ -43,7 +44,7 @@ pub fn prepare(l: &Layout, vmm_gid: u32, socket_gid: Option<u32>) -> Result<()> 
         (l.runtime_dir.join("vms"), 0, 0o711),
         (l.volumes_dir(), 0, 0o711),
         (l.cache_dir(), 0, 0o700),
-        (l.images_dir(), vmm_gid, 0o750),
+        (l.images_dir(), 0, 0o711),
     ] {
         fsutil::create_dir_all(&d)?;
         set(&d, gid, mode)?;
@@ -75,7 +76,7 @@ pub fn prepare(l: &Layout, vmm_gid: u32, socket_gid: Option<u32>) -> Result<()> 
     for e in std::fs::read_dir(l.images_dir()).with_path("list", &l.images_dir())? {
         let p = e.with_path("list", &l.images_dir())?.path();
         if p.is_dir() && p.extension().is_none() {
-            share_image(&p, vmm_gid)?;
+            share_image(&p)?;
         }
     }
     Ok(())
@@ -137,16 +138,28 @@ pub fn group_key(l: &Layout) -> PathBuf {
     l.client_key().with_file_name("id_ed25519.group")
 }
 
-/// An image dir readable by the VMMs' group: the dir and its files (the
-/// kernel, the initramfs, the root filesystem a qcow2 overlay or an
-/// overlay root reads).
-pub fn share_image(dir: &Path, vmm_gid: u32) -> Result<()> {
-    set(dir, vmm_gid, 0o750)?;
+/// An image dir as a VMM may pass it: search only, the files root's (an
+/// older banger's images group loses them). A file some running VM's uid
+/// may read (an ACL entry: `resources::jail`) keeps the mask that lets it.
+pub fn share_image(dir: &Path) -> Result<()> {
+    set(dir, 0, 0o711)?;
     for e in std::fs::read_dir(dir).with_path("list", dir)? {
         let p = e.with_path("list", dir)?.path();
         let m = p.symlink_metadata().with_path("stat", &p)?;
         if m.is_file() {
-            set(&p, vmm_gid, 0o640)?;
+            // Under the file's ACL lock: a grant of another daemon's (a
+            // hard link's) must not lose its mask between the two steps.
+            let f = banger_host::acl::AclFile::open(&p)?;
+            // A filesystem without ACLs has no grants (a VM that needs one
+            // is refused at its start, naming why).
+            let granted = match f.users() {
+                Ok(u) => !u.is_empty(),
+                Err(e) => {
+                    tracing::warn!(file = %p.display(), err = %e, "cannot read an image file's ACL");
+                    false
+                }
+            };
+            f.set_owner_mode(0, 0, if granted { 0o640 } else { 0o600 })?;
         }
     }
     Ok(())
@@ -181,14 +194,32 @@ mod tests {
         std::fs::write(img.join("rootfs.ext4"), "x").unwrap();
         std::fs::create_dir_all(&l.state_dir).unwrap();
         std::fs::write(l.db(), "").unwrap();
-        prepare(&l, 4242, None).unwrap();
+        std::fs::write(img.join("vmlinux"), "x").unwrap();
+        // An older banger's: the images group read them.
+        for f in ["rootfs.ext4", "vmlinux"] {
+            fsutil::set_owner_mode(&img.join(f), 0, 4242, 0o640).unwrap();
+        }
+        // A running VM's uid may read one of them.
+        let acls = banger_host::acl::grant_read(&img.join("vmlinux"), 4_000_007).is_ok();
+        prepare(&l, None).unwrap();
         assert_eq!(mode(&l.state_dir).1, 0o711);
         assert_eq!(mode(&l.vms_dir()).1, 0o711);
         assert_eq!(mode(&l.ssh_dir()).1, 0o700);
         assert_eq!(mode(&l.db()).1, 0o600);
-        assert_eq!(mode(&l.images_dir()), (4242, 0o750));
-        assert_eq!(mode(&img), (4242, 0o750));
-        assert_eq!(mode(&img.join("rootfs.ext4")), (4242, 0o640));
+        assert_eq!(mode(&l.images_dir()), (0, 0o711));
+        assert_eq!(mode(&img), (0, 0o711));
+        assert_eq!(mode(&img.join("rootfs.ext4")), (0, 0o600));
+        if acls {
+            assert_eq!(
+                mode(&img.join("vmlinux")),
+                (0, 0o640),
+                "the grant's mask kept"
+            );
+            assert_eq!(
+                banger_host::acl::users(&img.join("vmlinux")).unwrap(),
+                vec![4_000_007]
+            );
+        }
         // The tempdir itself is 0700: a VMM could not get in.
         assert_eq!(
             unreachable_ancestor(&l.vms_dir()).as_deref(),

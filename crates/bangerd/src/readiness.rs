@@ -75,13 +75,14 @@ pub fn wait(
         if !poll(&mut fds, PollTimeout::from(100u8)).is_ok_and(|n| n > 0) {
             continue;
         }
-        let Ok((mut conn, _)) = hello.accept() else {
+        let Ok((conn, _)) = hello.accept() else {
             continue;
         };
-        let _ = conn.set_read_timeout(Some(HELLO_READ));
-        // A guest controls what it sends: bounded, and only a hello with
-        // this boot's id counts.
-        match read_msg(&mut (&mut conn).take(4096)) {
+        // A guest controls what it sends: bounded in size and, as a
+        // whole, in time (not per read: a trickle ends too), and only a
+        // hello with this boot's id counts.
+        let d = banger_agent::deadline::Deadline::new(&conn, HELLO_READ);
+        match read_msg(&mut d.take(4096)) {
             Ok(Msg::Hello {
                 version,
                 boot_id: b,
@@ -97,43 +98,6 @@ pub fn wait(
                 warn!(vm = %vm.name, msg = %escape_control(&format!("{other:?}"), true), "not this boot's hello; ignored")
             }
             Err(e) => warn!(vm = %vm.name, err = %e, "a bad hello; ignored"),
-        }
-    }
-}
-
-/// Wakes a reader when a file changes: an inotify watch, or (if inotify is
-/// unavailable, e.g. out of watches) a 10 ms sleep.
-pub struct ConsoleWatch(Option<nix::sys::inotify::Inotify>);
-
-impl ConsoleWatch {
-    pub fn new(path: &Path) -> Self {
-        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
-        let ino = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)
-            .and_then(|i| i.add_watch(path, AddWatchFlags::IN_MODIFY).map(|_| i));
-        match ino {
-            Ok(i) => ConsoleWatch(Some(i)),
-            Err(e) => {
-                warn!(path = %path.display(), err = %e, "no inotify on the console log; polling it");
-                ConsoleWatch(None)
-            }
-        }
-    }
-
-    /// Returns when the file was written since the last call, or after
-    /// `timeout`.
-    pub fn wait(&self, timeout: Duration) {
-        use std::os::fd::AsFd;
-
-        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-        let Some(ino) = &self.0 else {
-            std::thread::sleep(Duration::from_millis(10).min(timeout));
-            return;
-        };
-        let ms = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
-        let mut fds = [PollFd::new(ino.as_fd(), PollFlags::POLLIN)];
-        if poll(&mut fds, ms).is_ok_and(|n| n > 0) {
-            // Drain: one wake-up per batch of writes is enough.
-            while ino.read_events().is_ok_and(|ev| !ev.is_empty()) {}
         }
     }
 }

@@ -24,21 +24,27 @@ pub fn watch_pid(p: ProcId) {
     let spawned = std::thread::Builder::new()
         .name(format!("watch-{}", p.pid))
         .spawn(move || {
-            match pidfd_open(p.pid) {
-                Some(fd) if p.exists() => wait_readable(&fd),
-                // No pidfd (an old kernel): poll the identity.
-                _ => {
-                    while p.is_running() {
-                        std::thread::sleep(std::time::Duration::from_millis(100));
-                    }
-                }
-            }
+            wait_exit(p);
             if let Some(tx) = EXITS.get() {
                 let _ = tx.lock().map(|t| t.send(p.pid));
             }
         });
     if let Err(e) = spawned {
         tracing::warn!(pid = p.pid, err = %e, "cannot start a watcher thread");
+    }
+}
+
+/// Blocks until process `p` has exited (at once if it is gone already):
+/// through a pidfd, whose identity is checked once it is open.
+pub fn wait_exit(p: ProcId) {
+    match pidfd_open(p.pid) {
+        Some(fd) if p.exists() => wait_readable(&fd),
+        // No pidfd (an old kernel): poll the identity.
+        _ => {
+            while p.is_running() {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
     }
 }
 

@@ -36,9 +36,31 @@ impl Daemon {
         for vm in vms {
             self.reconcile_vm(vm)?;
         }
+        // A tap of this daemon's that nothing records would route a slot
+        // another VM gets (belt and braces: an acquire records its tap's
+        // name before making it).
+        self.sweep_stray_taps();
         // The VMs kept running get their firewall back if it went (a host
         // reboot of the firewall, a flush while no daemon ran).
         self.repair_firewalls();
+        // Image grants whose VM is gone (a daemon that died between a VM's
+        // end and its release).
+        let live: Vec<(std::path::PathBuf, u32)> = self
+            .store()
+            .list_vms()?
+            .iter()
+            .filter(|vm| vm.runtime.state() == VmState::Running)
+            .filter_map(|vm| {
+                let uid = self
+                    .cfg
+                    .vmm_uid_base
+                    .checked_add(self.guest_net(vm).ok()?.slot)?;
+                Some((self.cfg.layout.image_dir(&vm.spec.image), uid))
+            })
+            .collect();
+        if let Err(e) = crate::resources::jail::sweep_grants(self, &live) {
+            warn!(err = %e, "reconcile: image grants not swept");
+        }
         Ok(())
     }
 
@@ -95,7 +117,7 @@ impl Daemon {
     fn rediscover(&self, vm: &VmRecord) -> banger_core::VmHandles {
         let dir = self.cfg.layout.vm_dir(&vm.id);
         let sock = vm.runtime.api_sock_path.clone().unwrap_or_default();
-        let mut h = handles::rediscover(&dir, &sock);
+        let mut h = handles::rediscover(&dir, &sock, self.expect_vmm(vm));
         if h.tap_device.is_none() {
             h.tap_device = vm.runtime.tap_device.clone();
         }
@@ -115,6 +137,44 @@ impl Daemon {
             }
             if let Some(p) = self.vmm_process(&vm) {
                 crate::reaper::watch_pid(p);
+            }
+        }
+    }
+
+    /// The `--rm` VMs a daemon finds at its start have no client
+    /// connection to it: each is deleted once its client process is gone
+    /// (at once if it is already), on a thread of its own.
+    pub fn watch_rm_clients(&self) {
+        let Ok(vms) = self.store().list_vms() else {
+            return;
+        };
+        for vm in vms {
+            let Some(c) = vm.runtime.rm_client else {
+                continue;
+            };
+            let me = self.weak();
+            let name = vm.name.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("rm-{}", c.pid))
+                .spawn(move || {
+                    crate::reaper::wait_exit(banger_host::process::ProcId {
+                        pid: c.pid,
+                        start_time: c.start_time,
+                    });
+                    let Some(d) = me.upgrade() else { return };
+                    // Still that VM, still that client's.
+                    let same = d
+                        .find(&vm.name)
+                        .is_ok_and(|v| v.id == vm.id && v.runtime.rm_client == Some(c));
+                    if same {
+                        tracing::info!(vm = %vm.name, pid = c.pid, "its --rm client is gone: deleting it");
+                        if let Err(e) = d.delete(&vm.name) {
+                            tracing::warn!(vm = %vm.name, err = %e, "cannot delete an --rm VM");
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(vm = %name, err = %e, "cannot watch an --rm VM's client");
             }
         }
     }

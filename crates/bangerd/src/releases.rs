@@ -13,7 +13,27 @@ use tracing::warn;
 use crate::daemon::{micros, Daemon};
 use crate::error::{DaemonError, Result};
 use crate::janitor::Job;
-use crate::resources;
+use crate::resources::{self, Item};
+
+/// Items that stay while another of the same release could not go: a
+/// tap stays while its firewall elements (keyed by the tap) or its VMM
+/// do, or the next VM given that tap from the pool would inherit the old
+/// elements and lose its own at the retry; a guest address stays reserved
+/// while its tap (which carries the /30), VMM or elements do, or a new
+/// VM's tap would route to the old one.
+const WAITS_FOR: &[(&str, &[&str])] = &[
+    ("tap", &["firewall", "vmm"]),
+    // The address's slot is the VMM's uid: it goes to another VM only
+    // once that uid's image grant is revoked (jail).
+    ("address", &["tap", "vmm", "firewall", "jail"]),
+];
+
+/// Whether an item of `resource` must stay because of what stays (`left`).
+fn waits(resource: &str, left: &[Held]) -> bool {
+    WAITS_FOR
+        .iter()
+        .any(|(it, on)| *it == resource && left.iter().any(|l| on.contains(&l.resource.as_str())))
+}
 
 /// How long a start or `settle` waits for releases in progress.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -69,26 +89,57 @@ impl Daemon {
         Ok(())
     }
 
-    /// Releases the items in order; a failure keeps it and what follows
-    /// (recorded, for a retry) and fails.
+    /// Releases every item, each on its own: one that fails does not keep
+    /// the others from going, except those that must outlast it
+    /// ([`WAITS_FOR`]). The failed ones stay recorded (for a retry) and
+    /// the error names them all.
     fn release_items(&self, r: &Release) -> Result<Vec<Held>> {
-        for (i, item) in r.items.iter().enumerate() {
-            let res = resources::by_name(&item.resource).ok_or_else(|| DaemonError::Release {
-                vm: r.vm_name.clone(),
-                resource: "record",
-                reason: format!(
-                    "it names a resource this banger does not know ({:?}); a newer banger wrote it",
-                    item.resource
-                ),
+        let mut left: Vec<Held> = Vec::new();
+        let mut errors = Vec::new();
+        for item in resources::held::items(r) {
+            if waits(item.resource(), &left) {
+                left.push(item.record());
+                continue;
+            }
+            let res = match &item {
+                Item::Unknown { why, .. } => Err(DaemonError::Release {
+                    vm: r.vm_name.clone(),
+                    resource: "record",
+                    reason: why.clone(),
+                }),
+                known => resources::by_name(known.resource()).ok_or_else(|| DaemonError::Release {
+                    vm: r.vm_name.clone(),
+                    resource: "record",
+                    reason: format!("no module releases {:?} items", known.resource()),
+                }),
+            };
+            let res = res.and_then(|res| {
+                crate::failpoint::hit(&format!("release.{}", item.resource()))?;
+                res.release(self, r, &item)
             });
-            if let Err(e) = res.and_then(|res| res.release(self, r, &item.data)) {
-                if i > 0 && r.id != 0 {
-                    let _ = self.store().update_release_items(r.id, &r.items[i..]);
-                }
-                return Err(e);
+            if let Err(e) = res {
+                left.push(item.record());
+                errors.push(e);
             }
         }
-        Ok(Vec::new())
+        if errors.is_empty() {
+            return Ok(Vec::new());
+        }
+        if r.id != 0 && left.len() < r.items.len() {
+            let _ = self.store().update_release_items(r.id, &left);
+        }
+        if errors.len() == 1 {
+            return Err(errors.remove(0));
+        }
+        Err(DaemonError::Release {
+            vm: r.vm_name.clone(),
+            resource: "several",
+            reason: errors
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("; "),
+        })
     }
 
     /// The janitor's worker (a thread of `serve`): runs until the process
@@ -106,10 +157,13 @@ impl Daemon {
             if !self.cfg.release_delay.is_zero() {
                 std::thread::sleep(self.cfg.release_delay);
             }
-            if let Err(e) = self.release_vm(&job.vm_id) {
-                warn!(vm = %job.vm_name, err = %e, "release failed; kept for a retry");
+            match self.release_vm(&job.vm_id) {
+                Ok(()) => self.janitor.done(&job.vm_id, None),
+                Err(e) => {
+                    warn!(vm = %job.vm_name, err = %e, "release failed; kept for a retry");
+                    self.janitor.failed_job(&job, e.to_string());
+                }
             }
-            self.janitor.done(&job.vm_id);
             self.fill_tap_pool();
         }
     }
@@ -129,7 +183,9 @@ impl Daemon {
             }
         }
         // A failed one is retried now; its error fails the start.
-        self.release_vm(vm_id)
+        self.release_vm(vm_id)?;
+        self.janitor.cleared(vm_id);
+        Ok(())
     }
 
     /// Waits until every pending release is done, retrying failed ones;
@@ -146,8 +202,9 @@ impl Daemon {
         vms.dedup();
         let mut failed = Vec::new();
         for vm_id in &vms {
-            if let Err(e) = self.release_vm(vm_id) {
-                failed.push(e.to_string());
+            match self.release_vm(vm_id) {
+                Ok(()) => self.janitor.cleared(vm_id),
+                Err(e) => failed.push(e.to_string()),
             }
         }
         if !failed.is_empty() {
@@ -174,11 +231,13 @@ mod tests {
 
     use crate::daemon::testutil::daemon;
 
-    /// Items are released in order; one that fails (here: a resource a
-    /// newer banger recorded) keeps itself and what follows recorded, for a
-    /// retry, and the release says which.
+    /// Items are released each on its own; one that fails (here: a
+    /// resource a newer banger recorded, and a tap record with a
+    /// misspelled key, which must not release as nothing) stays recorded,
+    /// for a retry, the others go all the same, and the release says
+    /// which failed and why.
     #[test]
-    fn a_failed_item_keeps_the_rest_recorded() {
+    fn a_failed_item_stays_recorded_and_the_others_go() {
         let d = tempfile::tempdir().unwrap();
         let daemon = daemon(d.path());
         let held = |resource: &str, data| Held {
@@ -193,15 +252,26 @@ mod tests {
                 held("address", json!({"ip": "172.30.0.6"})),
                 held("warp_drive", json!({})),
                 held("address", json!({"ip": "172.30.0.10"})),
+                held("tap", json!({"nmae": "bgtap9"})),
             ],
         };
         daemon.store().insert_release(&r).unwrap();
         let e = daemon.release_vm("v1").unwrap_err().to_string();
         assert!(e.contains("gone") && e.contains("warp_drive"), "{e}");
+        assert!(e.contains("unknown field `nmae`"), "{e}");
         let left = daemon.store().releases_of("v1").unwrap();
         assert_eq!(left.len(), 1);
-        assert_eq!(left[0].items, r.items[1..].to_vec());
-        // The known one keeps reserving its address meanwhile.
-        assert_eq!(left[0].item("address").unwrap()["ip"], "172.30.0.10");
+        assert_eq!(left[0].items, vec![r.items[1].clone(), r.items[3].clone()]);
+        assert!(left[0].item("address").is_none(), "the addresses went");
+        // An address outlasts a tap, VMM or firewall elements that would
+        // not go; a tap its elements and VMM.
+        for stays in ["tap", "vmm", "firewall"] {
+            assert!(super::waits("address", &[held(stays, json!({}))]));
+        }
+        for stays in ["firewall", "vmm"] {
+            assert!(super::waits("tap", &[held(stays, json!({}))]));
+        }
+        assert!(!super::waits("tap", &[held("dns", json!({}))]));
+        assert!(!super::waits("firewall", &[held("tap", json!({}))]));
     }
 }

@@ -15,9 +15,9 @@ use tracing::{info, info_span, warn};
 use crate::cancel::Cancel;
 use crate::daemon::Daemon;
 use crate::error::{DaemonError, Result};
+use crate::limits::{refuser, Conns, Counted, ShutOnDrop, REQUEST_WITHIN, WRITE_WAIT};
 
-const MAX_REQUEST: u64 = 1 << 20;
-
+pub(crate) const MAX_REQUEST: u64 = 1 << 20;
 /// How long a shutdown waits for requests in flight (a boot wait, an image
 /// build) before it gives up on them.
 const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(180);
@@ -65,6 +65,8 @@ impl Stopper {
 pub fn run(daemon: Arc<Daemon>, listener: UnixListener, stopper: Stopper) {
     use std::os::fd::AsFd;
     let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let conns = Arc::new(Conns::default());
+    let refusals = refuser();
     if let Err(e) = listener.set_nonblocking(true) {
         warn!(err = %e, "cannot make the listener non-blocking");
     }
@@ -86,18 +88,41 @@ pub fn run(daemon: Arc<Daemon>, listener: UnixListener, stopper: Stopper) {
         match listener.accept() {
             Ok((stream, _)) => {
                 let _ = stream.set_nonblocking(false);
+                let _ = stream.set_write_timeout(Some(WRITE_WAIT));
+                // The cap per uid, before a thread is spent on it.
+                let uid = nix::sys::socket::getsockopt(
+                    &stream,
+                    nix::sys::socket::sockopt::PeerCredentials,
+                )
+                .map(|c| c.uid())
+                .unwrap_or(u32::MAX);
+                if !conns.enter(uid) {
+                    // (Not a warning each: a member could fill the log.)
+                    tracing::debug!(uid, "refusing a connection: the uid's cap is reached");
+                    // Told why by the refuser thread (a full queue of
+                    // refusals: closed unanswered).
+                    let _ = refusals.try_send((stream, uid));
+                    continue;
+                }
                 let d = daemon.clone();
                 let count = in_flight.clone();
                 let stop = stopper.clone();
+                let open = conns.clone();
                 count.fetch_add(1, Ordering::SeqCst);
                 let r = std::thread::Builder::new()
                     .name("conn".into())
                     .spawn(move || {
-                        handle(&d, stream, &stop, &count);
-                        count.fetch_sub(1, Ordering::SeqCst);
+                        // Counted out however `handle` ends (a panic too).
+                        let _out = Counted {
+                            in_flight: &count,
+                            conns: &open,
+                            uid,
+                        };
+                        handle(&d, stream, &stop, &count, &open);
                     });
                 if let Err(e) = r {
                     in_flight.fetch_sub(1, Ordering::SeqCst);
+                    conns.leave(uid);
                     warn!(err = %e, "cannot start a connection thread");
                 }
             }
@@ -137,7 +162,7 @@ pub fn run(daemon: Arc<Daemon>, listener: UnixListener, stopper: Stopper) {
     daemon.drain_tap_pool();
 }
 
-fn write_reply(stream: &mut UnixStream, reply: &Reply) -> bool {
+pub(crate) fn write_reply(stream: &mut UnixStream, reply: &Reply) -> bool {
     let mut line = serde_json::to_string(reply).unwrap_or_else(|_| {
         r#"{"reply":"err","kind":"internal","message":"unserialisable reply"}"#.into()
     });
@@ -154,6 +179,7 @@ pub struct Conn<'a> {
     pub caller: crate::access::Caller,
     stopper: &'a Stopper,
     in_flight: &'a std::sync::atomic::AtomicUsize,
+    conns: &'a Conns,
 }
 
 impl Conn<'_> {
@@ -187,6 +213,7 @@ fn handle(
     stream: UnixStream,
     stopper: &Stopper,
     in_flight: &std::sync::atomic::AtomicUsize,
+    conns: &Conns,
 ) {
     let mut writer = match stream.try_clone() {
         Ok(w) => w,
@@ -195,6 +222,7 @@ fn handle(
             return;
         }
     };
+    let _shut = stream.try_clone().ok().map(ShutOnDrop);
     let caller = match crate::access::Caller::of(&stream) {
         Ok(c) => c,
         Err(e) => {
@@ -203,9 +231,20 @@ fn handle(
             return;
         }
     };
+    // The whole line within its deadline (a client trickling it a byte
+    // at a time included); then no timeout: the hang-up watcher reads on.
     let mut line = String::new();
-    let mut reader = BufReader::new(stream.take(MAX_REQUEST));
-    if reader.read_line(&mut line).is_err() || line.trim().is_empty() {
+    let got = {
+        let d = banger_agent::deadline::Deadline::new(&stream, REQUEST_WITHIN);
+        BufReader::new(d.take(MAX_REQUEST)).read_line(&mut line)
+    };
+    if got.is_err() || line.trim().is_empty() || stream.set_read_timeout(None).is_err() {
+        if got.is_err() {
+            info!(
+                uid = caller.uid,
+                "no whole request line within its deadline"
+            );
+        }
         return;
     }
     let env: Envelope = match serde_json::from_str(&line) {
@@ -274,6 +313,7 @@ fn handle(
         caller,
         stopper,
         in_flight,
+        conns,
     };
     let result = dispatch(daemon, env.request, &mut events, &conn);
     let reply = match result {
@@ -327,6 +367,8 @@ fn op_name(r: &Request) -> &'static str {
         Request::VmStart { .. } => "vm_start",
         Request::VmStop { .. } => "vm_stop",
         Request::VmKill { .. } => "vm_kill",
+        Request::VmPause { .. } => "vm_pause",
+        Request::VmResume { .. } => "vm_resume",
         Request::VmReidentify { .. } => "vm_reidentify",
         Request::VmDelete { .. } => "vm_delete",
         Request::VmGet { .. } => "vm_get",
@@ -366,12 +408,18 @@ pub fn dispatch(
             pid: std::process::id(),
         },
         Request::VmCreate(c) if c.rm => return run_rm(daemon, &c, events, conn),
-        Request::VmCreate(c) => {
-            Response::Vm(Box::new(daemon.create(&c, events, Cancel::default())?))
-        }
+        Request::VmCreate(c) => Response::Vm(Box::new(daemon.create_for(
+            &c,
+            caller,
+            None,
+            events,
+            Cancel::default(),
+        )?)),
         Request::VmStart { name } => Response::Vm(Box::new(daemon.start(&name, events)?)),
         Request::VmStop { name } => Response::Vm(Box::new(daemon.stop(&name, events)?)),
         Request::VmKill { name } => Response::Vm(Box::new(daemon.kill(&name)?)),
+        Request::VmPause { name } => Response::Vm(Box::new(daemon.pause(&name)?)),
+        Request::VmResume { name } => Response::Vm(Box::new(daemon.resume(&name)?)),
         Request::VmReidentify { name } => Response::Vm(Box::new(daemon.reidentify(&name)?)),
         Request::VmDelete { name, force } => {
             daemon.delete_checked(&name, force)?;
@@ -432,7 +480,7 @@ pub fn dispatch(
         Request::VmStats { name } => Response::Stats {
             stats: daemon.vm_stats(name.as_deref())?,
         },
-        Request::DaemonStatus => Response::Status(status(daemon)?),
+        Request::DaemonStatus => Response::Status(status(daemon, conn.conns.total())?),
         Request::VmPortAdd { name, port } => Response::Vm(Box::new(daemon.port_add(&name, port)?)),
         Request::VmPortRm { name, host } => Response::Vm(Box::new(daemon.port_rm(&name, &host)?)),
         Request::VolumeCreate { name, size_mib } => {
@@ -463,6 +511,8 @@ fn vouch(daemon: &Daemon, req: Request, caller: &crate::access::Caller) -> Resul
         Request::VmStart { name }
         | Request::VmStop { name }
         | Request::VmKill { name }
+        | Request::VmPause { name }
+        | Request::VmResume { name }
         | Request::VmReidentify { name }
         | Request::VmDelete { name, .. }
         | Request::VmLogs { name, .. }
@@ -520,7 +570,8 @@ fn vouch(daemon: &Daemon, req: Request, caller: &crate::access::Caller) -> Resul
 /// client that goes away during the boot cancels it (and the VM goes);
 /// once the VM is up the client is told (`Event::Ready`) and the daemon
 /// waits for it to hang up, then deletes the VM. A daemon shutting down
-/// stops waiting and leaves the VM running (the next daemon adopts it).
+/// stops waiting and leaves the VM running: the next daemon adopts it and
+/// deletes it when its client process is gone (`watch_rm_clients`).
 fn run_rm(
     daemon: &Daemon,
     c: &banger_core::api::CreateVm,
@@ -528,7 +579,11 @@ fn run_rm(
     conn: &Conn,
 ) -> Result<Response> {
     let hangup = conn.hangup()?;
-    let vm = daemon.create(c, events, hangup.clone())?;
+    let client = banger_host::process::ProcId::of(conn.caller.pid).map(|p| banger_core::RmClient {
+        pid: p.pid,
+        start_time: p.start_time,
+    });
+    let vm = daemon.create_for(c, &conn.caller, client, events, hangup.clone())?;
     let name = vm.name.clone();
     events(Event::Ready { vm: Box::new(vm) });
     // Not a request in flight for the shutdown's drain while it waits.
@@ -545,7 +600,7 @@ fn run_rm(
     }
 }
 
-fn status(daemon: &Daemon) -> Result<DaemonStatus> {
+fn status(daemon: &Daemon, connections: u32) -> Result<DaemonStatus> {
     let vms = daemon.list()?;
     let mut by_state: Vec<(banger_core::VmState, u32)> = Vec::new();
     for v in &vms {
@@ -563,6 +618,24 @@ fn status(daemon: &Daemon) -> Result<DaemonStatus> {
         pending_releases: daemon.store().list_releases()?.len() as u32,
         dns_suffix: daemon.cfg.dns_suffix.clone(),
         dns_listen: daemon.cfg.dns_listen.map(|a| a.to_string()),
+        connections,
+        failed_releases: daemon
+            .janitor
+            .failures()
+            .into_iter()
+            .map(|f| banger_core::api::FailedRelease {
+                vm: f.job.vm_name,
+                error: f.error,
+                attempts: f.attempts,
+                retry_in_secs: if f.retrying {
+                    0
+                } else {
+                    f.due
+                        .saturating_duration_since(std::time::Instant::now())
+                        .as_secs()
+                },
+            })
+            .collect(),
     })
 }
 

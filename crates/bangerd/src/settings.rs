@@ -113,8 +113,8 @@ pub struct Args {
     /// 1879048192 up (kept in <state>/vmm-uid-base).
     #[arg(long, env = "BANGER_VMM_UID_BASE")]
     pub vmm_uid_base: Option<u32>,
-    /// The group that reads images (every VMM has it; the same for every
-    /// daemon of a host).
+    /// The gid a jailed Firecracker runs with (the jailer takes one; images
+    /// are read through a grant to each VM's uid, not through a group).
     #[arg(long, env = "BANGER_VMM_IMAGES_GID", default_value_t = crate::config::DEFAULT_VMM_UID_BASE)]
     pub vmm_images_gid: u32,
     /// MiB a VM's cgroup allows beyond its guest memory, for the VMM itself.

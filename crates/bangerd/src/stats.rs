@@ -58,7 +58,8 @@ pub fn auto_stop_reason(vm: &VmRecord, now_unix: i64, idle_for: Duration) -> Opt
             ));
         }
     }
-    if let Some(idle) = a.idle_secs {
+    // A paused VM is idle by intent: kept until resumed (its TTL runs on).
+    if let (Some(idle), false) = (a.idle_secs, vm.runtime.paused) {
         if idle_for.as_secs() >= idle {
             return Some(format!(
                 "stopped by banger: idle for {} (its --idle-timeout)",
@@ -75,6 +76,9 @@ fn read_u64(path: &str) -> u64 {
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0)
 }
+
+/// How many guests one `vm stats` asks at once.
+const GUEST_ASKS: usize = 16;
 
 impl Daemon {
     /// The poller's thread (started by `serve`).
@@ -153,7 +157,9 @@ impl Daemon {
                 let dt = now.duration_since(prev.at).as_secs_f64().max(1e-3);
                 let cpu = cpu_ticks.saturating_sub(prev.cpu_ticks) as f64 / tps / dt * 100.0;
                 let net = (rx + tx).saturating_sub(prev.net_bytes) as f64 / dt;
-                let idle = is_idle(cpu, net, self.cfg.idle_cpu_percent);
+                // A paused VM is not idle (its pause is no idleness to
+                // count against --idle-timeout once it runs again).
+                let idle = is_idle(cpu, net, self.cfg.idle_cpu_percent) && !vm.runtime.paused;
                 (cpu, if idle { prev.idle_since } else { now })
             }
             None => (0.0, now),
@@ -166,7 +172,7 @@ impl Daemon {
             idle_since,
             stats: VmStats {
                 name: vm.name.clone(),
-                state: vm.runtime.state(),
+                state: vm.runtime.shown_state(),
                 sampled_at: banger_core::unix_now(),
                 cpu_secs: cpu_ticks as f64 / tps,
                 cpu_percent,
@@ -216,7 +222,8 @@ impl Daemon {
     }
 
     /// The last sample of `name`, or of every running VM; a running VM not
-    /// sampled yet is sampled now.
+    /// sampled yet is sampled now. Its guest's own numbers are asked for
+    /// [`GUEST_ASKS`] VMs at a time.
     pub fn vm_stats(&self, name: Option<&str>) -> Result<Vec<VmStats>> {
         let vms = match name {
             Some(n) => {
@@ -237,12 +244,34 @@ impl Daemon {
                 .collect(),
         };
         let mut out = Vec::new();
+        let mut asked = Vec::new();
         for vm in vms {
             let known = lock(&self.stats.last).get(&vm.id).map(|s| s.stats.clone());
-            if let Some(mut s) = known.or_else(|| self.sample(&vm).map(|s| s.stats)) {
-                s.guest = self.guest_sample(&vm);
-                out.push(s);
+            if let Some(s) = known.or_else(|| self.sample(&vm).map(|s| s.stats)) {
+                asked.push((vm, s));
             }
+        }
+        // The guests are asked at once, up to GUEST_ASKS at a time: one
+        // that does not answer costs its own numbers and the call's
+        // deadline, not everyone's in turn. (A thread that cannot be made
+        // leaves that guest's numbers out.)
+        for chunk in asked.chunks(GUEST_ASKS) {
+            std::thread::scope(|scope| {
+                let pending: Vec<_> = chunk
+                    .iter()
+                    .map(|(vm, s)| {
+                        let h = std::thread::Builder::new()
+                            .name("guest-stats".into())
+                            .spawn_scoped(scope, move || self.guest_sample(vm))
+                            .ok();
+                        (h, s.clone())
+                    })
+                    .collect();
+                for (h, mut s) in pending {
+                    s.guest = h.and_then(|h| h.join().ok()).flatten();
+                    out.push(s);
+                }
+            });
         }
         Ok(out)
     }
@@ -296,5 +325,11 @@ mod tests {
         assert_eq!(auto_stop_reason(&idle, 10, Duration::from_secs(89)), None);
         let why = auto_stop_reason(&idle, 10, Duration::from_secs(90)).unwrap();
         assert!(why.contains("idle for 1m30s"), "{why}");
+        let mut paused = idle.clone();
+        paused.runtime.paused = true;
+        assert_eq!(
+            auto_stop_reason(&paused, 10, Duration::from_secs(900)),
+            None
+        );
     }
 }

@@ -10,8 +10,15 @@
 //! - `--vmm-uid-base` given: that range, or a refusal naming its holder.
 //! - not given: the range this state dir claimed before
 //!   (`<state>/vmm-uid-base`, kept across restarts: its running VMs' files
-//!   and processes are that range's), else the first free range from the
-//!   default up, recorded there.
+//!   and processes are that range's), else the default range for a state
+//!   dir an older banger already used (its VMs run as those uids), else the
+//!   first free range from the default up, recorded there.
+//!
+//! Lock files outlive their daemon: VMs keep running across a daemon's
+//! restart, so a range stays its state dir's while that dir still records
+//! it, and a free-range search skips it even with no daemon holding the
+//! lock. A lock file naming a state dir that no longer records that range
+//! (removed, or moved on) is free.
 
 use std::io::{Read, Seek, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -63,9 +70,9 @@ pub enum UidError {
     Fs(#[from] fsutil::FsError),
 }
 
-/// A daemon's claim: its base, and the locks that hold it. The lock files
-/// go with it at a clean exit (removed while still locked, so a daemon
-/// that opened one just before sees, by its inode, that it lost the race).
+/// A daemon's claim: its base, and the locks that hold it until the
+/// daemon exits. The lock files stay (naming the state dir): see the
+/// module's text.
 #[derive(Debug)]
 pub struct UidClaim {
     pub base: u32,
@@ -74,13 +81,8 @@ pub struct UidClaim {
     locks: Vec<(PathBuf, nix::fcntl::Flock<std::fs::File>)>,
 }
 
-impl Drop for UidClaim {
-    fn drop(&mut self) {
-        for (path, _) in &self.locks {
-            let _ = std::fs::remove_file(path);
-        }
-    }
-}
+/// How often a claim is tried again when a lock file was replaced under it.
+const RACE_TRIES: usize = 5;
 
 /// Claims `count` VMM uids for the daemon of `state_dir`: `given`'s range,
 /// or (none given) the one the state dir keeps, or the first free one
@@ -110,7 +112,7 @@ fn claim_in(
         .display()
         .to_string();
     if let Some(base) = given {
-        return claim_range(dir, base, count, &holder, false);
+        return claim_range(dir, base, count, &holder, false, false);
     }
     let record = state_dir.join(RECORD);
     match std::fs::read_to_string(&record) {
@@ -122,7 +124,7 @@ fn claim_in(
                     path: record.clone(),
                     text: text.chars().take(64).collect(),
                 })?;
-            return claim_range(dir, base, count, &holder, true).map_err(|e| match e {
+            return claim_range(dir, base, count, &holder, true, false).map_err(|e| match e {
                 UidError::Taken { holder, .. } => UidError::RecordTaken {
                     base,
                     record: record.clone(),
@@ -131,7 +133,15 @@ fn claim_in(
                 e => e,
             });
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // A state dir an older banger used (it has a database but never
+            // recorded a range): its VMs, if any run, are the default's.
+            if state_dir.join("banger.db").exists() {
+                let c = claim_range(dir, default, count, &holder, true, false)?;
+                fsutil::write_atomic(&record, format!("{default}\n"))?;
+                return Ok(c);
+            }
+        }
         Err(source) => {
             return Err(UidError::Fs(fsutil::FsError {
                 op: "read",
@@ -148,7 +158,7 @@ fn claim_in(
             count,
             from: default,
         })?;
-        match claim_range(dir, b, count, &holder, true) {
+        match claim_range(dir, b, count, &holder, true, true) {
             Ok(c) => {
                 fsutil::write_atomic(&record, format!("{b}\n"))?;
                 return Ok(c);
@@ -164,13 +174,33 @@ fn claim_in(
 }
 
 /// Claims `base + 1 ..= base + count - 1` (slot 0 is never a VM's): every
-/// block the range touches, or none.
+/// block the range touches, or none. With `skip_kept`, a block whose lock
+/// file names another state dir that still records a range over it counts
+/// as taken though no daemon holds it (its VMs may still run).
 fn claim_range(
     dir: &Path,
     base: u32,
     count: u32,
     holder: &str,
     chosen: bool,
+    skip_kept: bool,
+) -> Result<UidClaim, UidError> {
+    let mut tries = 0;
+    loop {
+        match try_claim_range(dir, base, count, holder, chosen, skip_kept) {
+            Err(UidError::Raced(_)) if tries + 1 < RACE_TRIES => tries += 1,
+            r => return r,
+        }
+    }
+}
+
+fn try_claim_range(
+    dir: &Path,
+    base: u32,
+    count: u32,
+    holder: &str,
+    chosen: bool,
+    skip_kept: bool,
 ) -> Result<UidClaim, UidError> {
     let first = u64::from(base) + 1;
     let last = u64::from(base) + u64::from(count.max(2)) - 1;
@@ -178,6 +208,13 @@ fn claim_range(
         base,
         chosen,
         locks: Vec::new(),
+    };
+    let taken = |who: &str, lock: PathBuf| UidError::Taken {
+        base,
+        first,
+        last,
+        holder: banger_core::text::escape_control(who, false),
+        lock,
     };
     for block in first / UID_BLOCK..=last / UID_BLOCK {
         let path = dir.join(format!("{}.lock", block * UID_BLOCK));
@@ -192,27 +229,24 @@ fn claim_range(
         let mut lock = match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
         {
             Ok(l) => l,
-            Err((mut f, _)) => {
-                let mut who = String::new();
-                let _ = (&mut f).take(4096).read_to_string(&mut who);
+            Err((f, _)) => {
                 // (The blocks claimed so far are let go with `held`.)
-                return Err(UidError::Taken {
-                    base,
-                    first,
-                    last,
-                    holder: banger_core::text::escape_control(&who, false),
-                    lock: path,
-                });
+                return Err(taken(&read_holder(&f), path));
             }
         };
-        // The file may have been unlinked by its last holder between our
-        // open and our lock: the lock counts only on the file still there.
+        // The file may have been unlinked (by a test's cleanup, say)
+        // between our open and our lock: the lock counts only on the file
+        // still there.
         let same = std::fs::metadata(&path)
             .ok()
             .zip(lock.metadata().ok())
             .is_some_and(|(p, f)| p.ino() == f.ino() && p.dev() == f.dev());
         if !same {
             return Err(UidError::Raced(path));
+        }
+        let was = read_holder(&lock);
+        if skip_kept && !was.is_empty() && was != holder && keeps(Path::new(&was), block) {
+            return Err(taken(&was, path));
         }
         // Who holds it, for another daemon's refusal.
         let named = lock
@@ -225,18 +259,45 @@ fn claim_range(
     Ok(held)
 }
 
+/// The state dir a lock file names (at most 4 KiB of it).
+fn read_holder(mut f: &std::fs::File) -> String {
+    let mut who = String::new();
+    let _ = f.rewind();
+    let _ = (&mut f).take(4096).read_to_string(&mut who);
+    who
+}
+
+/// Whether `state_dir` still records a range that touches `block`.
+fn keeps(state_dir: &Path, block: u64) -> bool {
+    let Some(base) = std::fs::read_to_string(state_dir.join(RECORD))
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok())
+    else {
+        return false;
+    };
+    // The record keeps the base only; a range runs up from it, and this
+    // state dir's name is in the block's file only if its daemon claimed it.
+    (base + 1) / UID_BLOCK <= block
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const BASE: u32 = 100 * 16_384;
 
+    /// The claims dir and two state dirs (made) under `d`.
+    fn dirs(d: &tempfile::TempDir, a: &str, b: &str) -> (PathBuf, PathBuf, PathBuf) {
+        let (a, b) = (d.path().join(a), d.path().join(b));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        (d.path().join("c"), a, b)
+    }
+
     #[test]
     fn a_given_range_is_one_daemons_and_the_refusal_names_the_holder() {
         let d = tempfile::tempdir().unwrap();
-        let (claims, a, b) = (d.path().join("c"), d.path().join("a"), d.path().join("b"));
-        std::fs::create_dir_all(&a).unwrap();
-        std::fs::create_dir_all(&b).unwrap();
+        let (claims, a, b) = dirs(&d, "a", "b");
         let first = claim_in(&claims, Some(BASE), BASE, 16_384, &a).unwrap();
         assert!(!first.chosen);
         let e = claim_in(&claims, Some(BASE + 100), BASE, 16_384, &b)
@@ -259,9 +320,7 @@ mod tests {
     #[test]
     fn without_a_base_a_free_range_is_chosen_and_kept_for_the_state_dir() {
         let d = tempfile::tempdir().unwrap();
-        let (claims, inst, svc) = (d.path().join("c"), d.path().join("i"), d.path().join("s"));
-        std::fs::create_dir_all(&inst).unwrap();
-        std::fs::create_dir_all(&svc).unwrap();
+        let (claims, inst, svc) = dirs(&d, "i", "s");
         // The installed service holds the default range.
         let service = claim_in(&claims, None, BASE, 16_384, &svc).unwrap();
         assert_eq!((service.base, service.chosen), (BASE, true));
@@ -303,9 +362,7 @@ mod tests {
     #[test]
     fn a_range_over_several_blocks_is_claimed_whole_or_not_at_all() {
         let d = tempfile::tempdir().unwrap();
-        let (claims, a, b) = (d.path().join("c"), d.path().join("a"), d.path().join("b"));
-        std::fs::create_dir_all(&a).unwrap();
-        std::fs::create_dir_all(&b).unwrap();
+        let (claims, a, b) = dirs(&d, "a", "b");
         // `a` holds the second block of what `b` would want first.
         let _a = claim_in(&claims, Some(BASE + 16_384), BASE, 100, &a).unwrap();
         let got = claim_in(&claims, None, BASE, 30_000, &b).unwrap();
@@ -317,5 +374,43 @@ mod tests {
         assert_eq!(got.locks.len(), 2);
         // The first block, tried and let go, is free.
         let _c = claim_in(&claims, Some(BASE), BASE, 100, &d.path().join("c")).unwrap();
+    }
+
+    #[test]
+    fn a_range_stays_its_state_dirs_after_its_daemon_exits_until_the_dir_lets_it_go() {
+        let d = tempfile::tempdir().unwrap();
+        let (claims, a, b) = dirs(&d, "a", "b");
+        drop(claim_in(&claims, None, BASE, 16_384, &a).unwrap());
+        // `a`'s daemon is gone, its VMs may not be: `b` goes past.
+        let got = claim_in(&claims, None, BASE, 16_384, &b).unwrap();
+        assert_eq!(got.base, BASE + 16_384);
+        drop(got);
+        std::fs::remove_file(b.join(RECORD)).unwrap();
+        // Once `a` no longer records it (removed), the range is free.
+        std::fs::remove_dir_all(&a).unwrap();
+        let got = claim_in(&claims, None, BASE, 16_384, &b).unwrap();
+        assert_eq!(got.base, BASE);
+    }
+
+    #[test]
+    fn a_state_dir_an_older_banger_used_keeps_the_default_range() {
+        let d = tempfile::tempdir().unwrap();
+        let (claims, old, new) = dirs(&d, "o", "n");
+        // A newer daemon took the default range first...
+        let n = claim_in(&claims, None, BASE, 16_384, &new).unwrap();
+        // ...the old dir's VMs run as the default's uids: refused, named.
+        std::fs::write(old.join("banger.db"), b"").unwrap();
+        let e = claim_in(&claims, None, BASE, 16_384, &old)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("another bangerd's"), "{e}");
+        assert!(!old.join(RECORD).exists());
+        drop(n);
+        let got = claim_in(&claims, None, BASE, 16_384, &old).unwrap();
+        assert_eq!(got.base, BASE);
+        assert_eq!(
+            std::fs::read_to_string(old.join(RECORD)).unwrap().trim(),
+            BASE.to_string()
+        );
     }
 }

@@ -14,8 +14,14 @@ use banger_host::fsutil::{self, WrapIo};
 use crate::daemon::{lock, Daemon};
 use crate::error::{DaemonError, Result};
 
-/// Volume name -> id of the running VM that has it.
-pub(crate) type Attached = Mutex<HashMap<String, String>>;
+/// The volumes' state in the daemon.
+#[derive(Debug, Default)]
+pub(crate) struct Volumes {
+    /// Volume name -> id of the running VM that has it.
+    pub(crate) attached: Mutex<HashMap<String, String>>,
+    /// Serialises creating, deleting, attaching and giving back volumes.
+    pub(crate) lock: Mutex<()>,
+}
 
 /// The smallest and largest volume banger makes.
 const MIN_MIB: u64 = 16;
@@ -36,7 +42,7 @@ impl Daemon {
                 "volume {name:?}: --size must be {MIN_MIB} MiB to 16 TiB"
             )));
         }
-        let _g = lock(&self.volume_lock);
+        let _g = lock(&self.volumes.lock);
         let path = self.cfg.layout.volume(name);
         if path.exists() {
             return Err(DaemonError::Invalid(format!(
@@ -130,7 +136,7 @@ impl Daemon {
             .filter(|v| v.spec.volumes.iter().any(|m| m.name == name))
             .map(|v| v.name.clone())
             .collect();
-        let attached_to = lock(&self.attached)
+        let attached_to = lock(&self.volumes.attached)
             .get(name)
             .and_then(|id| vms.iter().find(|v| &v.id == id))
             .map(|v| v.name.clone());
@@ -148,7 +154,7 @@ impl Daemon {
 
     /// A member may remove only a volume of their own.
     pub fn delete_volume(&self, name: &str, caller: &crate::access::Caller) -> Result<()> {
-        let _g = lock(&self.volume_lock);
+        let _g = lock(&self.volumes.lock);
         let info = self.volume_info(name)?;
         caller.may_replace(&self.store(), banger_store::Owned::Volume, name, "remove")?;
         if !info.used_by.is_empty() {

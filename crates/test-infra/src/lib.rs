@@ -4,6 +4,8 @@
 //! sent off the machine and the root namespace is never touched. `Drop`
 //! tears it all down (daemon, namespaces, temp dirs).
 
+pub mod bounded;
+mod double;
 pub mod fcspec;
 mod netns;
 pub mod users;
@@ -233,6 +235,18 @@ impl Instance {
     /// Links the prebuilt default image into this instance's state dir
     /// (copies it, reflinked where it can, onto another filesystem).
     pub fn with_image(self) -> Instance {
+        let link = !self.xfs;
+        self.image_linked(link)
+    }
+
+    /// The prebuilt image copied, never hard-linked: for a build whose
+    /// daemon must not share the image's inodes (their modes and ACLs)
+    /// with this tree's (`bench --compare` of an older revision).
+    pub fn with_image_copied(self) -> Instance {
+        self.image_linked(false)
+    }
+
+    fn image_linked(self, link: bool) -> Instance {
         let cache = image_cache();
         if !cache.join("manifest.json").is_file() {
             panic!(
@@ -241,9 +255,18 @@ impl Instance {
                 cache.display()
             );
         }
-        let flags = if self.xfs { "-a" } else { "-al" };
+        // A copy takes no ACL along (a grant of a VM running elsewhere).
+        let flags: &[&str] = if link {
+            &["-al"]
+        } else {
+            &[
+                "-R",
+                "--preserve=mode,ownership,timestamps",
+                "--reflink=auto",
+            ]
+        };
         let st = Command::new("cp")
-            .arg(flags)
+            .args(flags)
             .arg(&cache)
             .arg(self.state().join("images").join("bookworm"))
             .status()
@@ -273,10 +296,10 @@ impl Instance {
 
     /// `banger ARGS` inside the namespace, against this instance.
     pub fn banger(&self, args: &[&str]) -> Output {
-        self.banger_cmd(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run banger")
+        bounded::output_within(
+            self.banger_cmd(args).stdin(Stdio::null()),
+            bounded::COMMAND_LIMIT,
+        )
     }
 
     /// `banger ARGS` inside the namespace, in the background, its output
@@ -309,15 +332,16 @@ impl Instance {
     /// `banger ARGS` started directly, in the caller's namespace (see
     /// `NetNs::enter_on_this_thread`).
     pub fn banger_direct(&self, args: &[&str]) -> Output {
-        Command::new(&self.banger)
-            .arg("--state-dir")
-            .arg(self.state())
-            .arg("--runtime-dir")
-            .arg(self.runtime())
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run banger")
+        bounded::output_within(
+            Command::new(&self.banger)
+                .arg("--state-dir")
+                .arg(self.state())
+                .arg("--runtime-dir")
+                .arg(self.runtime())
+                .args(args)
+                .stdin(Stdio::null()),
+            bounded::COMMAND_LIMIT,
+        )
     }
 
     /// `program` inside the namespace with `user`'s ids (setpriv: its uid,
@@ -336,6 +360,13 @@ impl Instance {
     /// group and its supplementary groups, HOME its home), against this
     /// instance.
     pub fn banger_as(&self, user: &users::TestUser, args: &[&str]) -> Output {
+        let mut c = self.banger_as_cmd(user, args);
+        c.stdin(Stdio::null());
+        bounded::output_within(&mut c, bounded::COMMAND_LIMIT)
+    }
+
+    /// The command `banger_as` runs, to start in the background.
+    pub fn banger_as_cmd(&self, user: &users::TestUser, args: &[&str]) -> Command {
         let mut c = self.as_user(user, &self.banger);
         c.envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("HOME", user.home.path())
@@ -344,10 +375,8 @@ impl Instance {
             .arg(self.state())
             .arg("--runtime-dir")
             .arg(self.runtime())
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run banger as a user")
+            .args(args);
+        c
     }
 
     /// One raw request line on the daemon's socket, sent by `user` (socat
@@ -381,6 +410,18 @@ impl Instance {
                 String::from_utf8_lossy(&out.stderr)
             )
         })
+    }
+
+    /// socat connected to the daemon's socket as `user`, inside the
+    /// namespace: a client that skips the CLI (its stdin is the request;
+    /// it exits a second after the daemon ends the connection).
+    pub fn socket_as(&self, user: &users::TestUser) -> Command {
+        let mut c = self.as_user(user, "socat");
+        c.arg("-t1").arg("-").arg(format!(
+            "UNIX-CONNECT:{}",
+            self.runtime().join("bangerd.sock").display()
+        ));
+        c
     }
 
     pub fn banger_cmd(&self, args: &[&str]) -> Command {
@@ -475,6 +516,12 @@ impl Drop for Instance {
         for (pid, _) in self.processes() {
             let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
         }
+        // Its daemon's image grants (once nothing can make more): the
+        // images are hard links of the shared cache, whose inodes outlive
+        // the instance.
+        for (f, uid) in self.image_grants() {
+            let _ = banger_host::acl::revoke(&f, uid);
+        }
         // A test that failed half-way may leave its VMs' cgroups (what is
         // in them was killed above) and its daemon's uid claims.
         for parent in self.cgroup_parents() {
@@ -487,16 +534,31 @@ impl Drop for Instance {
             }
             let _ = std::fs::remove_dir(&parent);
         }
-        // The uid claim a killed daemon left: its lock file, unless some
-        // daemon holds it again.
+        // The uid claim its daemon left (lock files outlive daemons): gone
+        // with the state dir, unless some daemon holds it again or it
+        // names another state dir by now.
         if let Some(base) = std::fs::read_to_string(self.state().join("vmm-uid-base"))
             .ok()
             .and_then(|t| t.trim().parse::<u64>().ok())
         {
             let lock = format!("/run/banger-uids/{}.lock", (base + 1) / 16_384 * 16_384);
-            if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&lock) {
-                if nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).is_ok() {
-                    let _ = std::fs::remove_file(&lock);
+            let ours = std::fs::canonicalize(self.state())
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            if let Ok(f) = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&lock)
+            {
+                if let Ok(held) =
+                    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
+                {
+                    let mut who = String::new();
+                    let _ = std::io::Read::read_to_string(&mut &*held, &mut who);
+                    if who == ours {
+                        let _ = std::fs::remove_file(&lock);
+                    }
+                    drop(held);
                 }
             }
         }
@@ -631,6 +693,34 @@ impl Instance {
             .filter(|p| p.exists())
             .collect();
         assert!(cgroups.is_empty(), "cgroups left: {cgroups:?}");
+        let grants = self.image_grants();
+        assert!(grants.is_empty(), "image grants left: {grants:?}");
+    }
+
+    /// The ACL entries on the instance's images that name one of its
+    /// daemon's VMM uids (images are hard links shared with other
+    /// instances, whose uids are theirs).
+    pub fn image_grants(&self) -> Vec<(PathBuf, u32)> {
+        let Some(base) = std::fs::read_to_string(self.state().join("vmm-uid-base"))
+            .ok()
+            .and_then(|b| b.trim().parse::<u64>().ok())
+        else {
+            return Vec::new();
+        };
+        let files = std::fs::read_dir(self.state().join("images"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
+            .map(|f| f.path())
+            .filter(|f| f.is_file());
+        files
+            .flat_map(|f| {
+                let users = banger_host::acl::users(&f).unwrap_or_default();
+                users.into_iter().map(move |u| (f.clone(), u))
+            })
+            .filter(|(_, u)| (base..base + 16_384).contains(&u64::from(*u)))
+            .collect()
     }
 }
 

@@ -79,6 +79,7 @@ pub enum FirewallError {
 
 /// One VM's place in the firewall.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct GuestRules {
     /// Names the VM in errors.
     pub vm_id: String,
@@ -164,6 +165,7 @@ pub fn table_script(comment: &str, guests: Cidr) -> String {
          \t\tmeta nfproto != ipv4 drop\n\
          \t\tiifname . ip saddr != @guests drop\n\
          \t\tiifname . ip daddr @peers accept\n\
+         \t\tip daddr {guests} drop\n\
          \t\tiifname @outside ip daddr @dns meta l4proto {{ tcp, udp }} th dport 53 accept\n\
          \t\tiifname . ip daddr @allow accept\n\
          \t\tip daddr @blocked drop\n\
@@ -178,7 +180,8 @@ pub fn table_script(comment: &str, guests: Cidr) -> String {
          \tchain postrouting {{ type nat hook postrouting priority srcnat; policy accept;\n\
          \t\tiifname \"bgtap*\" oifname != \"bgtap*\" masquerade\n\t}}\n\
          }}\n",
-        blocked = blocked.join(", ")
+        blocked = blocked.join(", "),
+        guests = guests,
     )
 }
 
@@ -485,6 +488,13 @@ mod tests {
             t.find("iifname @outside oifname").unwrap(),
         );
         assert!(dns < block && allow < block && block < out, "{t}");
+        // Other guests stay closed whatever --allow-net opens: only a
+        // network's peers are accepted before it.
+        let (peers, guests) = (
+            t.find("@peers accept").unwrap(),
+            t.find("ip daddr 198.19.0.0/16 drop").unwrap(),
+        );
+        assert!(peers < guests && guests < allow, "{t}");
         assert!(
             t.contains("iifname \"bgtap*\" drop"),
             "nothing reaches the host"

@@ -6,9 +6,8 @@
 use std::net::Ipv4Addr;
 
 use banger_core::{Release, VmHandles, VmRecord};
-use serde_json::{json, Value};
 
-use super::{Acq, Resource};
+use super::{held, Acq, Item, Resource};
 use crate::daemon::{lock, Daemon};
 use crate::error::Result;
 
@@ -20,6 +19,10 @@ impl Resource for Address {
         "address"
     }
 
+    fn gives(&self) -> &'static [super::Handoff] {
+        &[super::Handoff::GuestAddress]
+    }
+
     fn acquire(&self, d: &Daemon, cx: &mut Acq<'_>) -> Result<()> {
         let _n = lock(&d.net_lock);
         let used: Vec<Ipv4Addr> = {
@@ -28,14 +31,8 @@ impl Resource for Address {
             let releases = store.list_releases()?;
             vms.iter()
                 .filter(|v| v.id != cx.vm.id)
-                .filter_map(|v| v.runtime.guest_ip.as_deref())
-                .map(str::to_string)
-                .chain(
-                    releases
-                        .iter()
-                        .filter_map(|r| r.item("address")?["ip"].as_str().map(str::to_string)),
-                )
-                .filter_map(|ip| ip.parse().ok())
+                .filter_map(|v| v.runtime.guest_ip.as_deref()?.parse().ok())
+                .chain(held::Reserved::of(&releases).addresses)
                 .collect()
         };
         let net = d.cfg.subnet.allocate(&used)?;
@@ -44,13 +41,14 @@ impl Resource for Address {
         d.save(cx.vm)
     }
 
-    fn held(&self, _d: &Daemon, vm: &VmRecord, _h: &VmHandles) -> Option<Value> {
-        vm.runtime.guest_ip.as_ref().map(|ip| json!({ "ip": ip }))
+    fn held(&self, _d: &Daemon, vm: &VmRecord, _h: &VmHandles) -> Option<Item> {
+        let ip = vm.runtime.guest_ip.as_ref()?.parse().ok()?;
+        Some(Item::Address(held::Address { ip: Some(ip) }))
     }
 
     // `end` keeps the default: released (and so reserved) after the reply.
 
-    fn release(&self, _d: &Daemon, _r: &Release, _held: &Value) -> Result<()> {
+    fn release(&self, _d: &Daemon, _r: &Release, _held: &Item) -> Result<()> {
         // Nothing in the kernel: the record's disappearance frees it.
         Ok(())
     }

@@ -10,9 +10,8 @@ use std::net::SocketAddr;
 
 use banger_core::api::Event;
 use banger_core::{Release, VmHandles, VmRecord};
-use serde_json::{json, Value};
 
-use super::{Acq, End, Resource};
+use super::{Acq, End, Item, Resource};
 use crate::daemon::{lock, Daemon};
 use crate::dns::{Asker, Listener};
 use crate::error::Result;
@@ -24,7 +23,7 @@ impl Daemon {
     /// Opens the VM's listener unless it is open; returns its address.
     fn open_dns(&self, vm: &VmRecord) -> Result<SocketAddr> {
         let addr = SocketAddr::from((self.guest_net(vm)?.host_ip, 53));
-        let mut map = lock(&self.dns_listeners);
+        let mut map = lock(&self.dns.vms);
         if !map.contains_key(&vm.id) {
             let l = Listener::start(self.weak(), addr, Asker::Guest(vm.id.clone()))?;
             map.insert(vm.id.clone(), l);
@@ -36,6 +35,15 @@ impl Daemon {
 impl Resource for Dns {
     fn name(&self) -> &'static str {
         "dns"
+    }
+
+    fn gives(&self) -> &'static [super::Handoff] {
+        &[super::Handoff::Nameserver]
+    }
+
+    fn needs(&self) -> &'static [super::Handoff] {
+        // (It binds the gateway's address, which the tap carries.)
+        &[super::Handoff::GuestAddress, super::Handoff::Tap]
     }
 
     fn acquire(&self, d: &Daemon, cx: &mut Acq<'_>) -> Result<()> {
@@ -55,21 +63,21 @@ impl Resource for Dns {
         Ok(())
     }
 
-    fn held(&self, d: &Daemon, vm: &VmRecord, _h: &VmHandles) -> Option<Value> {
-        lock(&d.dns_listeners)
+    fn held(&self, d: &Daemon, vm: &VmRecord, _h: &VmHandles) -> Option<Item> {
+        lock(&d.dns.vms)
             .contains_key(&vm.id)
-            .then(|| json!({}))
+            .then(|| Item::Dns(Default::default()))
     }
 
-    fn end(&self, d: &Daemon, vm: &VmRecord, _held: Value, _how: End) -> Result<Option<Value>> {
+    fn end(&self, d: &Daemon, vm: &VmRecord, _held: Item, _how: End) -> Result<Option<Item>> {
         // Dropped (stopped, its thread joined) after the map's lock is let go.
-        let l = lock(&d.dns_listeners).remove(&vm.id);
+        let l = lock(&d.dns.vms).remove(&vm.id);
         drop(l);
         Ok(None)
     }
 
-    fn release(&self, d: &Daemon, r: &Release, _held: &Value) -> Result<()> {
-        let l = lock(&d.dns_listeners).remove(&r.vm_id);
+    fn release(&self, d: &Daemon, r: &Release, _held: &Item) -> Result<()> {
+        let l = lock(&d.dns.vms).remove(&r.vm_id);
         drop(l);
         Ok(())
     }

@@ -4,9 +4,8 @@
 use banger_core::layout::vmfiles;
 use banger_core::{Release, VmHandles, VmRecord};
 use banger_host::{fsutil, sshkey};
-use serde_json::Value;
 
-use super::{end_files, files_held, remove_files, Acq, End, Resource};
+use super::{end_files, files_held, Acq, End, Item, Resource};
 use crate::daemon::Daemon;
 use crate::error::Result;
 
@@ -56,6 +55,14 @@ impl Resource for HostKey {
         "host_key"
     }
 
+    fn gives(&self) -> &'static [super::Handoff] {
+        &[super::Handoff::HostKey]
+    }
+
+    fn needs(&self) -> &'static [super::Handoff] {
+        &[super::Handoff::VmDir]
+    }
+
     fn acquire(&self, d: &Daemon, cx: &mut Acq<'_>) -> Result<()> {
         let dir = d.cfg.layout.vm_dir(&cx.vm.id);
         let key = dir.join(vmfiles::HOST_KEY);
@@ -68,22 +75,23 @@ impl Resource for HostKey {
         publish_known_hosts(d)
     }
 
-    fn held(&self, d: &Daemon, vm: &VmRecord, _h: &VmHandles) -> Option<Value> {
+    fn held(&self, d: &Daemon, vm: &VmRecord, _h: &VmHandles) -> Option<Item> {
         let dir = d.cfg.layout.vm_dir(&vm.id);
         files_held(&[
             dir.join(vmfiles::HOST_KEY),
             dir.join(format!("{}.pub", vmfiles::HOST_KEY)),
             dir.join(vmfiles::KNOWN_HOSTS),
         ])
+        .map(Item::HostKey)
     }
 
-    fn end(&self, d: &Daemon, vm: &VmRecord, held: Value, _how: End) -> Result<Option<Value>> {
+    fn end(&self, d: &Daemon, vm: &VmRecord, held: Item, _how: End) -> Result<Option<Item>> {
         let rest = end_files(vm, held)?;
         publish_known_hosts(d)?;
         Ok(rest)
     }
 
-    fn release(&self, _d: &Daemon, _r: &Release, held: &Value) -> Result<()> {
-        remove_files(held)
+    fn release(&self, _d: &Daemon, r: &Release, held: &Item) -> Result<()> {
+        super::release_files(self, r, held)
     }
 }

@@ -10,9 +10,8 @@ use banger_core::net::GUEST_PREFIX;
 use banger_core::{Release, VmHandles, VmRecord};
 use banger_host::fsutil::{self, WrapIo};
 use banger_host::sshkey;
-use serde_json::Value;
 
-use super::{end_files, files_held, remove_files, Acq, End, Resource};
+use super::{end_files, files_held, Acq, End, Item, Resource};
 use crate::daemon::{random_hex, Daemon};
 use crate::error::Result;
 
@@ -22,6 +21,18 @@ pub struct Initrd;
 impl Resource for Initrd {
     fn name(&self) -> &'static str {
         "initrd"
+    }
+
+    fn gives(&self) -> &'static [super::Handoff] {
+        &[super::Handoff::Initrd]
+    }
+
+    fn needs(&self) -> &'static [super::Handoff] {
+        &[
+            super::Handoff::Nameserver,
+            super::Handoff::HostKey,
+            super::Handoff::GuestAddress,
+        ]
     }
 
     fn phase(&self) -> &'static str {
@@ -44,16 +55,16 @@ impl Resource for Initrd {
         Ok(())
     }
 
-    fn held(&self, d: &Daemon, vm: &VmRecord, _h: &VmHandles) -> Option<Value> {
-        files_held(&[d.cfg.layout.vm_dir(&vm.id).join(vmfiles::INITRD)])
+    fn held(&self, d: &Daemon, vm: &VmRecord, _h: &VmHandles) -> Option<Item> {
+        files_held(&[d.cfg.layout.vm_dir(&vm.id).join(vmfiles::INITRD)]).map(Item::Initrd)
     }
 
-    fn end(&self, _d: &Daemon, vm: &VmRecord, held: Value, _how: End) -> Result<Option<Value>> {
+    fn end(&self, _d: &Daemon, vm: &VmRecord, held: Item, _how: End) -> Result<Option<Item>> {
         end_files(vm, held)
     }
 
-    fn release(&self, _d: &Daemon, _r: &Release, held: &Value) -> Result<()> {
-        remove_files(held)
+    fn release(&self, _d: &Daemon, r: &Release, held: &Item) -> Result<()> {
+        super::release_files(self, r, held)
     }
 }
 

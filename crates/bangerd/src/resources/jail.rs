@@ -6,10 +6,18 @@
 //! - **Identity**: uid = gid = `--vmm-uid-base` + the VM's address slot
 //!   (unique among the instance's VMs, stable for the VM's life, so its
 //!   files keep their owner across stop/start; the daemon claims its range
-//!   host-wide at start, `crate::uids`), with one supplementary
-//!   group, `--vmm-images-gid`, which may read the images (`kvm`'s group is
-//!   added where the VMM uses KVM). Firecracker keeps root until it runs
+//!   host-wide at start, `crate::uids`), with no supplementary group but
+//!   `kvm`'s where the VMM uses KVM. Firecracker keeps root until it runs
 //!   under its jailer; it gets the cgroup all the same.
+//! - **Its image, no other**: while the VM's processes live, a POSIX ACL
+//!   entry on each file of its image lets the VM's uid read it (the
+//!   kernel, the root filesystem a qcow2 or overlay root reads); images
+//!   are otherwise root's alone (`perms`). Revoked when the VM's processes
+//!   are gone, before its address (and so its uid) can go to another VM;
+//!   a daemon's start revokes what no running VM holds ([`sweep_grants`]).
+//!   Chosen over a group per image (a second range of ids to claim
+//!   host-wide, and a group kept for every image, used or not) and over
+//!   descriptors handed to the VMM (QEMU's `-kernel` takes only a path).
 //! - **Files**: the VM's state dir is `root:<uid> 0710` (the VMM passes
 //!   through it, cannot list it, create, rename or delete in it: no link
 //!   can be planted where the daemon writes); the files its VMM opens (the
@@ -29,9 +37,8 @@ use std::path::{Path, PathBuf};
 use banger_core::{Release, VmHandles, VmRecord, VmmKind};
 use banger_host::cgroup::{Cgroups, Limits};
 use banger_host::confine::{Confinement, Identity};
-use serde_json::{json, Value};
 
-use super::{Acq, End, Resource};
+use super::{held, Acq, End, Item, Resource};
 use crate::daemon::Daemon;
 use crate::error::{DaemonError, Result};
 
@@ -87,7 +94,7 @@ pub fn identity(d: &Daemon, vm: &VmRecord) -> Result<Option<Identity>> {
         ))
     })?;
     let images = d.cfg.vmm_images_gid;
-    let mut groups = vec![images];
+    let mut groups = Vec::new();
     // The accelerator the VMM uses now (a VM created before KVM was
     // usable boots with it once it is).
     let accel = d
@@ -199,6 +206,111 @@ pub fn hand_over(id: Option<&Identity>, paths: &[&Path]) -> Result<()> {
     Ok(())
 }
 
+/// Serialises the edits of images' ACLs (a read, a change, a write).
+static GRANTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The files of an image dir (never followed).
+fn image_files(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.symlink_metadata().is_ok_and(|m| m.is_file()))
+        .collect()
+}
+
+/// Lets `uid` read the image's files.
+pub(crate) fn grant_image(dir: &Path, uid: u32) -> Result<()> {
+    let _g = crate::daemon::lock(&GRANTS);
+    for f in image_files(dir) {
+        banger_host::acl::grant_read(&f, uid)?;
+    }
+    Ok(())
+}
+
+/// Takes back what [`grant_image`] gave `uid` (an image removed since has
+/// nothing left to take back).
+pub(crate) fn revoke_image(dir: &Path, uid: u32) -> Result<()> {
+    let _g = crate::daemon::lock(&GRANTS);
+    // Every file tried, the first error reported.
+    let mut first = None;
+    for f in image_files(dir) {
+        match banger_host::acl::revoke(&f, uid) {
+            Err(banger_host::acl::AclError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                first.get_or_insert(e);
+            }
+            Ok(()) => {}
+        }
+    }
+    first.map_or(Ok(()), |e| Err(e.into()))
+}
+
+/// Revokes every grant of this daemon's on its images that no running VM
+/// of its holds (a daemon that died between a VM's end and its release):
+/// run at start, after reconcile. `live` is (image dir, uid) of each VM
+/// whose processes run. Only this daemon's uids (its claimed range): an
+/// image's inode may be another daemon's too (a hard link), with grants
+/// of that daemon's VMs.
+pub fn sweep_grants(d: &Daemon, live: &[(PathBuf, u32)]) -> Result<()> {
+    let images = d.cfg.layout.images_dir();
+    let dirs: Vec<PathBuf> = std::fs::read_dir(&images)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.symlink_metadata().is_ok_and(|m| m.is_dir()))
+        .collect();
+    sweep(d, &dirs, live)
+}
+
+/// Revokes every grant of this daemon's on an image that is going away
+/// (no VM uses it; a deleted VM's release may still be pending): on a
+/// hard-linked inode a grant would outlive the dir.
+pub fn revoke_all(d: &Daemon, dir: &Path) -> Result<()> {
+    sweep(d, &[dir.to_path_buf()], &[])
+}
+
+fn sweep(d: &Daemon, dirs: &[PathBuf], live: &[(PathBuf, u32)]) -> Result<()> {
+    let base = d.cfg.vmm_uid_base;
+    let ours = |uid: u32| {
+        uid >= base && u64::from(uid) < u64::from(base) + u64::from(d.cfg.subnet.slots())
+    };
+    let _g = crate::daemon::lock(&GRANTS);
+    // Every file tried, the first error reported.
+    let mut first = None;
+    for dir in dirs {
+        for f in image_files(dir) {
+            let r = banger_host::acl::AclFile::open(&f).and_then(|acl| {
+                for uid in acl.users()? {
+                    if ours(uid) && !live.iter().any(|(d, u)| d == dir && *u == uid) {
+                        tracing::info!(file = %f.display(), uid, "revoking an image grant no VM holds");
+                        acl.revoke(uid)?;
+                    }
+                }
+                Ok(())
+            });
+            if let Err(e) = r {
+                first.get_or_insert(e);
+            }
+        }
+    }
+    first.map_or(Ok(()), |e| Err(e.into()))
+}
+
+/// Revokes the VM's image grant, if it has one; only ever in the images
+/// dir.
+fn revoke_granted(d: &Daemon, held: &held::Jail) -> Result<()> {
+    match (&held.image, held.uid) {
+        (Some(dir), Some(uid)) if dir.starts_with(d.cfg.layout.images_dir()) => {
+            revoke_image(dir, uid)
+        }
+        _ => Ok(()),
+    }
+}
+
 fn volumes(d: &Daemon, vm: &VmRecord) -> Vec<PathBuf> {
     vm.spec
         .volumes
@@ -211,16 +323,14 @@ fn volumes(d: &Daemon, vm: &VmRecord) -> Vec<PathBuf> {
 /// still owns it (a release after the reply must not take a volume from
 /// the VM that has it since), under the volume lock that attaching them
 /// takes too.
-fn give_back_volumes(d: &Daemon, held: &Value) -> Result<()> {
-    let Some(uid) = held["uid"].as_u64().and_then(|u| u32::try_from(u).ok()) else {
+fn give_back_volumes(d: &Daemon, held: &held::Jail) -> Result<()> {
+    let Some(uid) = held.uid else {
         return Ok(());
     };
-    let _v = crate::daemon::lock(&d.volume_lock);
-    for p in held["volumes"].as_array().into_iter().flatten() {
-        if let Some(p) = p.as_str().map(Path::new) {
-            if p.symlink_metadata().is_ok_and(|m| m.uid() == uid) {
-                chown(p, 0, 0, 0o600)?;
-            }
+    let _v = crate::daemon::lock(&d.volumes.lock);
+    for p in &held.volumes {
+        if p.symlink_metadata().is_ok_and(|m| m.uid() == uid) {
+            chown(p, 0, 0, 0o600)?;
         }
     }
     Ok(())
@@ -228,34 +338,25 @@ fn give_back_volumes(d: &Daemon, held: &Value) -> Result<()> {
 
 /// Removes a jailed Firecracker's chroot (links to the VM's files, device
 /// nodes, its sockets): only ever a dir under the chroot base.
-fn remove_jail(d: &Daemon, held: &Value) -> Result<()> {
-    if let Some(p) = held["jail"].as_str().map(PathBuf::from) {
+fn remove_jail(d: &Daemon, held: &held::Jail) -> Result<()> {
+    if let Some(p) = &held.jail {
         if p.starts_with(chroot_base(d)) {
-            banger_host::fsutil::remove_dir_all_if_exists(&p)?;
+            banger_host::fsutil::remove_dir_all_if_exists(p)?;
         }
     }
     Ok(())
 }
 
-fn cgroup_dirs(held: &Value) -> Vec<PathBuf> {
-    held["cgroup"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p.as_str().map(PathBuf::from))
-        .collect()
-}
-
 /// Kills what is left in the VM's cgroup and waits up to `wait` for it to
 /// be empty; whether it is.
-fn kill_cgroup(d: &Daemon, held: &Value, wait: std::time::Duration) -> bool {
+fn kill_cgroup(d: &Daemon, held: &held::Jail, wait: std::time::Duration) -> bool {
     let Ok(c) = d.cgroups() else {
         return true;
     };
-    let dirs = cgroup_dirs(held);
+    let dirs = &held.cgroup;
     let end = std::time::Instant::now() + wait;
     loop {
-        c.kill_all(&dirs);
+        c.kill_all(dirs);
         if dirs.iter().all(|d| c.procs_in(d).is_empty()) {
             return true;
         }
@@ -273,12 +374,12 @@ const END_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// How long the last exits in a VM's cgroup may take.
 const EMPTY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-fn remove_cgroup(d: &Daemon, vm_id: &str, held: &Value, wait: bool) -> Result<()> {
+fn remove_cgroup(d: &Daemon, vm_id: &str, held: &held::Jail, wait: bool) -> Result<()> {
     let Ok(c) = d.cgroups() else {
         return Ok(());
     };
     // The dirs recorded (the daemon's own cgroup may have moved since).
-    let mut dirs = cgroup_dirs(held);
+    let mut dirs = held.cgroup.clone();
     if dirs.is_empty() {
         dirs = c.dirs(vm_id);
     }
@@ -297,6 +398,18 @@ fn remove_cgroup(d: &Daemon, vm_id: &str, held: &Value, wait: bool) -> Result<()
 impl Resource for Jail {
     fn name(&self) -> &'static str {
         "jail"
+    }
+
+    fn gives(&self) -> &'static [super::Handoff] {
+        &[super::Handoff::Confinement]
+    }
+
+    fn needs(&self) -> &'static [super::Handoff] {
+        &[
+            super::Handoff::Tap,
+            super::Handoff::Volumes,
+            super::Handoff::GuestAddress,
+        ]
     }
 
     fn phase(&self) -> &'static str {
@@ -330,8 +443,9 @@ impl Resource for Jail {
         banger_host::fsutil::create_dir_all(&rt)?;
         chown(&l.vm_dir(&cx.vm.id), 0, id.uid, 0o710)?;
         chown(&rt, id.uid, id.gid, 0o700)?;
+        grant_image(&cx.img.dir, id.uid)?;
         {
-            let _v = crate::daemon::lock(&d.volume_lock);
+            let _v = crate::daemon::lock(&d.volumes.lock);
             for v in volumes(d, cx.vm) {
                 chown(&v, id.uid, id.gid, 0o600)?;
             }
@@ -349,7 +463,7 @@ impl Resource for Jail {
         Ok(())
     }
 
-    fn held(&self, d: &Daemon, vm: &VmRecord, h: &VmHandles) -> Option<Value> {
+    fn held(&self, d: &Daemon, vm: &VmRecord, h: &VmHandles) -> Option<Item> {
         let dirs: Vec<PathBuf> = if h.cgroup_dirs.is_empty() {
             d.cgroups().map(|c| c.dirs(&vm.id)).unwrap_or_default()
         } else {
@@ -381,11 +495,25 @@ impl Resource for Jail {
             .or(from_api)
             .or_else(|| jail_dir(d, vm))
             .filter(|p| p.exists());
-        (!dirs.is_empty() || !vols.is_empty() || jail.is_some())
-            .then(|| json!({ "cgroup": dirs, "volumes": vols, "uid": me, "jail": jail }))
+        // Whenever the VMM has an identity of its own, whatever the ACLs
+        // say now (revoking is idempotent; a grant that cannot be read
+        // must still be taken back before the uid goes to another VM).
+        let confined = identity(d, vm).ok().flatten().is_some();
+        let image = (confined && me.is_some()).then(|| d.cfg.layout.image_dir(&vm.spec.image));
+        let some = !dirs.is_empty() || !vols.is_empty() || jail.is_some() || image.is_some();
+        some.then_some(Item::Jail(held::Jail {
+            cgroup: dirs,
+            volumes: vols,
+            uid: me,
+            jail,
+            image,
+        }))
     }
 
-    fn end(&self, d: &Daemon, vm: &VmRecord, held: Value, how: End) -> Result<Option<Value>> {
+    fn end(&self, d: &Daemon, vm: &VmRecord, held: Item, how: End) -> Result<Option<Item>> {
+        let Item::Jail(h) = &held else {
+            return Err(super::mismatch(self, &vm.name, &held));
+        };
         // Whatever is left of the VM's processes (a helper a hijacked
         // backend forked) dies before its volumes go to another VM; while
         // any is still exiting, the volumes wait for the release. (A
@@ -396,23 +524,31 @@ impl Resource for Jail {
         } else {
             std::time::Duration::ZERO
         };
-        if !kill_cgroup(d, &held, wait) {
+        if !kill_cgroup(d, h, wait) {
             return Ok(Some(held));
         }
-        give_back_volumes(d, &held)?;
-        remove_jail(d, &held)?;
+        give_back_volumes(d, h)?;
+        revoke_granted(d, h)?;
+        remove_jail(d, h)?;
         // Busy while a deleted VM's VMM is still dying: after the reply.
-        match remove_cgroup(d, &vm.id, &held, false) {
+        match remove_cgroup(d, &vm.id, h, false) {
             Ok(()) => Ok(None),
-            Err(_) => Ok(Some(json!({ "cgroup": held["cgroup"] }))),
+            Err(_) => Ok(Some(Item::Jail(held::Jail {
+                cgroup: h.cgroup.clone(),
+                ..Default::default()
+            }))),
         }
     }
 
-    fn release(&self, d: &Daemon, r: &Release, held: &Value) -> Result<()> {
+    fn release(&self, d: &Daemon, r: &Release, held: &Item) -> Result<()> {
+        let Item::Jail(held) = held else {
+            return Err(super::mismatch(self, &r.vm_name, held));
+        };
         // Everything of the VM gone first (as in `end`), then its volumes
         // and jail.
         remove_cgroup(d, &r.vm_id, held, true)?;
         give_back_volumes(d, held)?;
+        revoke_granted(d, held)?;
         remove_jail(d, held)
     }
 }
@@ -432,4 +568,36 @@ pub fn oom_message(d: &Daemon, vm: &VmRecord) -> Option<String> {
          give it more with --memory, or raise bangerd --vmm-memory-overhead",
         vm.spec.sizing.memory_mib, d.cfg.vmm_memory_overhead_mib
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sweep takes back this daemon's grants that no running VM holds,
+    /// keeps a running VM's, and leaves another daemon's (a uid outside
+    /// its range, on a hard-linked inode) alone.
+    #[test]
+    fn a_sweep_revokes_only_this_daemons_stale_grants() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = crate::daemon::testutil::daemon(tmp.path());
+        let dir = d.cfg.layout.image_dir(banger_guest::image::DEFAULT_IMAGE);
+        let base = d.cfg.vmm_uid_base;
+        let (stale, running, elsewhere) = (base + 5, base + 6, base - 1);
+        let f = dir.join("rootfs.ext4");
+        for uid in [stale, running, elsewhere] {
+            if let Err(e) = banger_host::acl::grant_read(&f, uid) {
+                eprintln!("NOT RUN: no ACLs here ({e})");
+                return;
+            }
+        }
+        sweep_grants(&d, &[(dir.clone(), running)]).unwrap();
+        let mut users = banger_host::acl::users(&f).unwrap();
+        users.sort();
+        assert_eq!(users, vec![elsewhere, running]);
+        // The image goes: the running VM's grant too (none may use it by
+        // then), another daemon's stays.
+        revoke_all(&d, &dir).unwrap();
+        assert_eq!(banger_host::acl::users(&f).unwrap(), vec![elsewhere]);
+    }
 }

@@ -7,8 +7,9 @@
 //!   truth in cascade (handle cache and scratch file, then the durable
 //!   runtime, then the OS), or nothing;
 //! - `end` is the part of the release done before a request answers; it
-//!   returns what is left to release after the reply (recorded in the
-//!   store as a [`Held`] item of a [`Release`]), or nothing;
+//!   returns what is left to release after the reply (a typed
+//!   [`held::Item`], recorded in the store as an item of a [`Release`]),
+//!   or nothing;
 //! - `release` does that rest, after the reply or at the next daemon
 //!   start. It must succeed on a half-done acquire and on a resource that
 //!   is already gone.
@@ -18,19 +19,22 @@
 //! module and a line in one of them: lifecycle, reconcile and release code
 //! do not change.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use banger_core::api::Event;
-use banger_core::{Held, ImageRecord, Release, VmHandles, VmRecord};
+use banger_core::{ImageRecord, Release, VmHandles, VmRecord};
 use banger_host::fsutil;
-use serde_json::{json, Value};
+
+pub use held::Item;
 
 use crate::daemon::Daemon;
 use crate::error::Result;
 
 pub mod address;
+pub mod backend;
 pub mod dns;
 pub mod firewall;
+pub mod held;
 pub mod host_key;
 pub mod initrd;
 pub mod jail;
@@ -70,6 +74,49 @@ pub const START: &[&dyn Resource] = &[
     // Last: it starts `nft` on a thread, which competes for the CPU.
     &firewall::Firewall,
 ];
+
+/// What one acquire hands the acquires after it (on the runtime, the
+/// handles or a field of [`Acq`]), or the boot's wait after them: each
+/// resource names what it gives and what it needs, and the lists' order
+/// is checked against them (a reordering that starts a resource before
+/// what it uses fails a test, not a boot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handoff {
+    /// `runtime.guest_ip`: the VM's /30.
+    GuestAddress,
+    /// The VM's directory and runtime directory.
+    VmDir,
+    /// `runtime.system_overlay`: the root disk (or its upper layer).
+    RootDisk,
+    /// `runtime.work_disk_path`.
+    WorkDisk,
+    /// The guest's SSH host key, in the VM's dir.
+    HostKey,
+    /// `handles.tap_device` (and `runtime.tap_device`).
+    Tap,
+    /// [`Acq::nameserver`]: what the guest resolves through.
+    Nameserver,
+    /// The VM's named volumes, attached to it alone.
+    Volumes,
+    /// `handles.dm_name`: the root disk's dm device.
+    DmDevice,
+    /// [`Acq::initrd`]: the VM's initramfs.
+    Initrd,
+    /// `handles.cgroup_dirs` and the VMM's identity: where every process
+    /// of the VM starts.
+    Confinement,
+    /// `runtime.vsock_cid`/`vsock_path` and [`Acq::hello`].
+    Vsock,
+    /// `handles.virtiofsd`: the mounts' sockets.
+    Mounts,
+    /// `handles.pid`: the VMM.
+    Vmm,
+    /// [`Acq::background`]: work the boot's wait joins.
+    Background,
+}
+
+/// What the boot waits for after the acquires (`readiness`, `lifecycle`).
+pub const BOOT_NEEDS: &[Handoff] = &[Handoff::Vsock, Handoff::Vmm, Handoff::Background];
 
 /// The module of a recorded item.
 pub fn by_name(name: &str) -> Option<&'static dyn Resource> {
@@ -135,18 +182,38 @@ pub trait Resource: Sync + std::fmt::Debug {
         self.name()
     }
 
+    /// What this acquire hands the ones after it.
+    fn gives(&self) -> &'static [Handoff] {
+        &[]
+    }
+
+    /// What this acquire uses of the ones before it.
+    fn needs(&self) -> &'static [Handoff] {
+        &[]
+    }
+
+    /// Whether `vm` needs this resource at all (volumes when it has some):
+    /// an acquire for a VM that does not is nothing, and reports no phase
+    /// (the spinner names only the work that ran).
+    fn used(&self, _vm: &VmRecord) -> bool {
+        true
+    }
+
     fn acquire(&self, d: &Daemon, cx: &mut Acq<'_>) -> Result<()>;
 
-    fn held(&self, d: &Daemon, vm: &VmRecord, h: &VmHandles) -> Option<Value>;
+    /// What the resource holds for `vm` now: its own variant of [`Item`].
+    fn held(&self, d: &Daemon, vm: &VmRecord, h: &VmHandles) -> Option<Item>;
 
     /// The default ends nothing before the reply: all of it is released
     /// after.
-    fn end(&self, d: &Daemon, vm: &VmRecord, held: Value, how: End) -> Result<Option<Value>> {
+    fn end(&self, d: &Daemon, vm: &VmRecord, held: Item, how: End) -> Result<Option<Item>> {
         let _ = (d, vm, how);
         Ok(Some(held))
     }
 
-    fn release(&self, d: &Daemon, r: &Release, held: &Value) -> Result<()>;
+    /// Releases `held`, an item of this resource's variant (the dispatch
+    /// in `releases.rs` goes by variant; another is [`mismatch`]).
+    fn release(&self, d: &Daemon, r: &Release, held: &Item) -> Result<()>;
 
     /// Whether a failed `end` stops the teardown (a VMM that survives
     /// SIGKILL still uses the VM's tap and disks: nothing after it may be
@@ -163,42 +230,56 @@ pub trait Resource: Sync + std::fmt::Debug {
     }
 }
 
-/// An item for `resource` (a teardown's deferred work).
-pub fn item(resource: &dyn Resource, data: Value) -> Held {
-    Held {
-        resource: resource.name().to_string(),
-        data,
+/// The error for an item handed to a resource that is not its own (a bug:
+/// `releases.rs` dispatches by variant).
+pub fn mismatch(res: &dyn Resource, vm: &str, held: &Item) -> crate::error::DaemonError {
+    crate::error::DaemonError::Release {
+        vm: vm.to_string(),
+        resource: res.name(),
+        reason: format!("handed a {:?} item", held.resource()),
     }
 }
 
 /// For resources that are files: the paths that exist, if any.
-pub fn files_held(paths: &[PathBuf]) -> Option<Value> {
-    let there: Vec<&Path> = paths
+pub fn files_held(paths: &[PathBuf]) -> Option<held::Files> {
+    let there: Vec<PathBuf> = paths
         .iter()
-        .map(PathBuf::as_path)
         .filter(|p| p.symlink_metadata().is_ok())
+        .cloned()
         .collect();
-    (!there.is_empty()).then(|| json!({ "paths": there }))
+    (!there.is_empty()).then_some(held::Files { paths: there })
 }
 
-/// Removes the files `files_held` listed; gone ones count as removed.
-pub fn remove_files(held: &Value) -> Result<()> {
-    for p in held["paths"].as_array().into_iter().flatten() {
-        if let Some(p) = p.as_str() {
-            fsutil::remove_file_if_exists(Path::new(p))?;
-        }
+/// Removes the files listed; gone ones count as removed.
+pub fn remove_files(paths: &[PathBuf]) -> Result<()> {
+    for p in paths {
+        fsutil::remove_file_if_exists(p)?;
     }
     Ok(())
 }
 
 /// Removes files right away; a failure is left for the release to retry.
-pub fn end_files(vm: &VmRecord, held: Value) -> Result<Option<Value>> {
-    match remove_files(&held) {
+pub fn end_files(vm: &VmRecord, held: Item) -> Result<Option<Item>> {
+    let paths = match &held {
+        Item::RootDisk(f) | Item::WorkDisk(f) | Item::HostKey(f) | Item::Initrd(f) => &f.paths,
+        _ => return Ok(Some(held)),
+    };
+    match remove_files(paths) {
         Ok(()) => Ok(None),
         Err(e) => {
             tracing::warn!(vm = %vm.name, err = %e, "removing files failed; retried after the reply");
             Ok(Some(held))
         }
+    }
+}
+
+/// Releases the files of a files resource's item.
+pub fn release_files(res: &dyn Resource, r: &Release, held: &Item) -> Result<()> {
+    match held {
+        Item::RootDisk(f) | Item::WorkDisk(f) | Item::HostKey(f) | Item::Initrd(f) => {
+            remove_files(&f.paths)
+        }
+        other => Err(mismatch(res, &r.vm_name, other)),
     }
 }
 
@@ -221,6 +302,30 @@ mod tests {
         assert_eq!(by_name("nat").map(|r| r.name()), Some("firewall"));
     }
 
+    /// Every resource needs only what one before it in CREATE then START
+    /// gives, and the boot's wait finds what it needs given.
+    #[test]
+    fn the_lists_hand_each_resource_what_it_needs() {
+        let mut given: Vec<Handoff> = Vec::new();
+        for r in CREATE.iter().chain(START.iter()) {
+            for n in r.needs() {
+                assert!(
+                    given.contains(n),
+                    "{} needs {n:?}, which nothing before it gives",
+                    r.name()
+                );
+            }
+            for g in r.gives() {
+                assert!(!given.contains(g), "{g:?} is given twice");
+                given.push(*g);
+            }
+        }
+        for n in BOOT_NEEDS {
+            assert!(given.contains(n), "the boot needs {n:?}");
+        }
+        assert_eq!(given.len(), 15, "every handoff has a giver: {given:?}");
+    }
+
     #[test]
     fn files_are_held_while_they_exist() {
         let d = tempfile::tempdir().unwrap();
@@ -228,8 +333,9 @@ mod tests {
         assert!(files_held(&[a.clone(), b.clone()]).is_none());
         std::fs::write(&a, "x").unwrap();
         let held = files_held(&[a.clone(), b]).unwrap();
-        remove_files(&held).unwrap();
+        assert_eq!(held.paths, vec![a.clone()]);
+        remove_files(&held.paths).unwrap();
         assert!(!a.exists());
-        remove_files(&held).unwrap();
+        remove_files(&held.paths).unwrap();
     }
 }

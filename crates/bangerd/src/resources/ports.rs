@@ -17,10 +17,9 @@ use std::time::{Duration, Instant};
 
 use banger_core::net::{PortMap, Proto};
 use banger_core::{Release, VmHandles, VmRecord};
-use serde_json::{json, Value};
 use tracing::debug;
 
-use super::{Acq, End, Resource};
+use super::{Acq, End, Item, Resource};
 use crate::daemon::{lock, Daemon};
 use crate::error::{DaemonError, Result};
 
@@ -31,18 +30,31 @@ pub struct Ports;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A UDP client silent this long is forgotten.
 const UDP_IDLE: Duration = Duration::from_secs(60);
+/// A TCP connection with no byte either way for this long is closed (it
+/// is ended at once when its VM stops).
+pub const TCP_IDLE: Duration = Duration::from_secs(3600);
+/// How often a listener's or a UDP client's thread looks at its stop flag.
+const TICK: Duration = Duration::from_millis(250);
 /// Connections (TCP) or clients (UDP) served at once per published port;
 /// past it new ones are closed or dropped, so that a flood cannot make the
 /// daemon start threads without bound.
 const MAX_CLIENTS: usize = 256;
 
+/// The TCP connections a listener serves now: both sides of each (the
+/// client's, and the guest's once connected), shut down when the port
+/// stops, so that neither copy thread waits on a guest that went.
+#[derive(Debug, Default)]
+struct Open {
+    next: u64,
+    conns: HashMap<u64, Vec<TcpStream>>,
+}
+
 /// One published port's listener.
 #[derive(Debug)]
 pub struct Forwarder {
     pub port: PortMap,
-    stop: Arc<AtomicBool>,
-    /// Where to knock to wake the accept loop.
-    local: SocketAddr,
+    worker: crate::worker::Worker,
+    open: Arc<Mutex<Open>>,
 }
 
 impl Forwarder {
@@ -54,112 +66,159 @@ impl Forwarder {
             port: port.host_side(),
             reason: e.to_string(),
         };
-        let stop = Arc::new(AtomicBool::new(false));
+        let open = Arc::new(Mutex::new(Open::default()));
         let target = SocketAddr::from((guest, port.guest_port));
         let bind = SocketAddr::from((port.host_addr, port.host_port));
-        let local = match port.proto {
+        let worker = match port.proto {
             Proto::Tcp => {
                 let l = TcpListener::bind(bind).map_err(in_use)?;
-                let local = l.local_addr().map_err(in_use)?;
-                let stop = stop.clone();
-                spawn(&port, move || serve_tcp(l, target, &stop))?;
-                local
+                l.set_nonblocking(true).map_err(in_use)?;
+                let open = open.clone();
+                spawn(&port, move |stop| serve_tcp(l, target, &stop, &open))?
             }
             Proto::Udp => {
                 let s = UdpSocket::bind(bind).map_err(in_use)?;
-                let local = s.local_addr().map_err(in_use)?;
-                s.set_read_timeout(Some(Duration::from_millis(250)))
-                    .map_err(in_use)?;
-                let stop = stop.clone();
-                spawn(&port, move || serve_udp(s, target, &stop))?;
-                local
+                s.set_read_timeout(Some(TICK)).map_err(in_use)?;
+                spawn(&port, move |stop| serve_udp(s, target, &stop))?
             }
         };
-        Ok(Forwarder { port, stop, local })
+        Ok(Forwarder { port, worker, open })
     }
 
-    /// Stops listening (connections already open run to their end).
+    /// Stops listening and ends the connections open: once this returns,
+    /// the port is free (a restart binds it again at once) and nothing of
+    /// it is left (no thread waits on a guest that went).
     pub fn stop(self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if self.port.proto == Proto::Tcp {
-            // Wake the accept loop (a listener on 0.0.0.0 answers on
-            // loopback).
-            let mut knock = self.local;
-            if knock.ip().is_unspecified() {
-                knock.set_ip(Ipv4Addr::LOCALHOST.into());
-            }
-            let _ = TcpStream::connect_timeout(&knock, Duration::from_secs(1));
+        // (Its thread looks at the flag every tick.)
+        self.worker.stop(|| {});
+        for c in lock(&self.open).conns.drain().flat_map(|(_, v)| v) {
+            let _ = c.shutdown(Shutdown::Both);
         }
     }
 }
 
-fn spawn(port: &PortMap, f: impl FnOnce() + Send + 'static) -> Result<()> {
-    std::thread::Builder::new()
-        .name(format!("port-{}", port.host_port))
-        .spawn(f)
-        .map(|_| ())
+fn spawn(
+    port: &PortMap,
+    f: impl FnOnce(Arc<AtomicBool>) + Send + 'static,
+) -> Result<crate::worker::Worker> {
+    crate::worker::Worker::spawn(format!("port-{}", port.host_port), f)
         .map_err(|e| DaemonError::Invalid(format!("cannot start the proxy of {port}: {e}")))
 }
 
-fn serve_tcp(l: TcpListener, target: SocketAddr, stop: &AtomicBool) {
-    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    for conn in l.incoming() {
-        if stop.load(Ordering::SeqCst) {
-            return;
+fn serve_tcp(l: TcpListener, target: SocketAddr, stop: &AtomicBool, open: &Arc<Mutex<Open>>) {
+    use std::os::fd::AsFd;
+    while !stop.load(Ordering::SeqCst) {
+        let mut fds = [nix::poll::PollFd::new(
+            l.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let tick = nix::poll::PollTimeout::try_from(TICK).unwrap_or(nix::poll::PollTimeout::NONE);
+        if !matches!(nix::poll::poll(&mut fds, tick), Ok(n) if n > 0) {
+            continue;
         }
-        let Ok(client) = conn else { continue };
-        if open.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
-            open.fetch_sub(1, Ordering::SeqCst);
+        let Ok((client, _)) = l.accept() else {
+            continue;
+        };
+        if client.set_nonblocking(false).is_err() || lock(open).conns.len() >= MAX_CLIENTS {
             continue; // dropped: closed at once
         }
-        let count = open.clone();
+        let Ok(mine) = client.try_clone() else {
+            continue;
+        };
+        let id = {
+            let mut o = lock(open);
+            o.next += 1;
+            let id = o.next;
+            o.conns.insert(id, vec![mine]);
+            id
+        };
+        let reg = open.clone();
         let spawned = std::thread::Builder::new()
             .name("port-conn".into())
             .spawn(move || {
                 // (The guest's port closed: so is the client's.)
                 if let Ok(guest) = TcpStream::connect_timeout(&target, CONNECT_TIMEOUT) {
-                    pipe(client, guest);
+                    // Registered with the client's side; a port stopped
+                    // meanwhile ends it at once.
+                    let registered = guest.try_clone().is_ok_and(|g| {
+                        let mut o = lock(&reg);
+                        match o.conns.get_mut(&id) {
+                            Some(v) => {
+                                v.push(g);
+                                true
+                            }
+                            None => false,
+                        }
+                    });
+                    if registered {
+                        pipe(client, guest, TCP_IDLE);
+                    } else {
+                        let _ = client.shutdown(Shutdown::Both);
+                    }
                 }
-                count.fetch_sub(1, Ordering::SeqCst);
+                lock(&reg).conns.remove(&id);
             });
         if spawned.is_err() {
-            open.fetch_sub(1, Ordering::SeqCst);
+            lock(open).conns.remove(&id);
         }
     }
 }
 
-/// Copies both ways until each side has said it is done.
-fn pipe(a: TcpStream, b: TcpStream) {
+/// Copies both ways until each side has said it is done, or until no byte
+/// has gone either way for `idle` (then both are shut down).
+fn pipe(a: TcpStream, b: TcpStream, idle: Duration) {
     let (Ok(a2), Ok(b2)) = (a.try_clone(), b.try_clone()) else {
         return;
     };
-    let one = std::thread::spawn(move || copy(a2, b2));
-    copy(b, a);
+    let last = Arc::new(Mutex::new(Instant::now()));
+    let l2 = last.clone();
+    let one = std::thread::spawn(move || copy(a2, b2, idle, &l2));
+    copy(b, a, idle, &last);
     let _ = one.join();
 }
 
-fn copy(mut from: TcpStream, mut to: TcpStream) {
+fn copy(mut from: TcpStream, mut to: TcpStream, idle: Duration, last: &Mutex<Instant>) {
     let mut buf = [0u8; 64 * 1024];
+    let _ = from.set_read_timeout(Some(idle));
     loop {
         match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
+            Ok(0) => break,
             Ok(n) => {
+                *lock(last) = Instant::now();
                 if to.write_all(&buf[..n]).is_err() {
                     break;
                 }
             }
+            // Quiet this way for `idle`: the end if the other way was too.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                if lock(last).elapsed() >= idle {
+                    let _ = from.shutdown(Shutdown::Both);
+                    let _ = to.shutdown(Shutdown::Both);
+                    return;
+                }
+            }
+            Err(_) => break,
         }
     }
     let _ = to.shutdown(Shutdown::Write);
 }
 
-fn serve_udp(s: UdpSocket, target: SocketAddr, stop: &AtomicBool) {
+fn serve_udp(s: UdpSocket, target: SocketAddr, stop: &Arc<AtomicBool>) {
     // One socket toward the guest per client, so that replies find their
-    // way back; forgotten after a minute of silence.
+    // way back; forgotten after a minute of silence. Its reply thread ends
+    // when it is forgotten or the port stops, and is joined before this
+    // returns: then nothing holds the port.
     let mut clients: HashMap<SocketAddr, (Arc<UdpSocket>, Instant)> = HashMap::new();
+    let mut threads: Vec<std::thread::JoinHandle<()>> = Vec::new();
     let mut buf = [0u8; 65_535];
     while !stop.load(Ordering::SeqCst) {
         clients.retain(|_, (_, seen)| seen.elapsed() < UDP_IDLE);
+        threads.retain(|t| !t.is_finished());
         let Ok((n, from)) = s.recv_from(&mut buf) else {
             continue;
         };
@@ -174,29 +233,49 @@ fn serve_udp(s: UdpSocket, target: SocketAddr, stop: &AtomicBool) {
                 let Ok(sock) = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) else {
                     continue;
                 };
-                if sock.connect(target).is_err() {
+                if sock.connect(target).is_err() || sock.set_read_timeout(Some(TICK)).is_err() {
                     continue;
                 }
                 let sock = Arc::new(sock);
-                let (back, reply) = (sock.clone(), s.try_clone());
-                let _ = sock.set_read_timeout(Some(UDP_IDLE));
+                let back = Arc::downgrade(&sock);
+                let (reply, stop) = (s.try_clone(), stop.clone());
                 if let Ok(reply) = reply {
-                    let _ = std::thread::Builder::new()
+                    let t = std::thread::Builder::new()
                         .name("port-udp".into())
                         .spawn(move || {
                             let mut b = [0u8; 65_535];
-                            while let Ok(n) = back.recv(&mut b) {
-                                if reply.send_to(&b[..n], from).is_err() {
-                                    break;
+                            while !stop.load(Ordering::SeqCst) {
+                                // Forgotten (idle): done.
+                                let Some(sock) = back.upgrade() else { return };
+                                match sock.recv(&mut b) {
+                                    Ok(n) => {
+                                        if reply.send_to(&b[..n], from).is_err() {
+                                            return;
+                                        }
+                                    }
+                                    Err(e)
+                                        if matches!(
+                                            e.kind(),
+                                            std::io::ErrorKind::WouldBlock
+                                                | std::io::ErrorKind::TimedOut
+                                        ) => {}
+                                    Err(_) => return,
                                 }
                             }
                         });
+                    if let Ok(t) = t {
+                        threads.push(t);
+                    }
                 }
                 clients.insert(from, (sock.clone(), Instant::now()));
                 sock
             }
         };
         let _ = up.send(&buf[..n]);
+    }
+    drop(clients);
+    for t in threads {
+        let _ = t.join();
     }
 }
 
@@ -259,14 +338,27 @@ pub fn check_free(vm: &str, ports: &[PortMap]) -> Result<()> {
 }
 
 /// [`check_free`], naming the VM that publishes a port in use, if one of
-/// this daemon's does.
+/// this daemon's does (it listens now: a stopped VM's ports are free).
 pub fn check_free_naming(d: &Daemon, vm: &str, ports: &[PortMap]) -> Result<()> {
     check_free(vm, ports).map_err(|e| match e {
         DaemonError::PortInUse { vm, port, reason } => {
-            let by = d.store().list_vms().ok().and_then(|vms| {
+            // The same port and protocol on an address that overlaps
+            // (equal, or either one every address).
+            let clash = |p: &PortMap, q: &PortMap| {
+                p.host_port == q.host_port
+                    && p.proto == q.proto
+                    && (p.host_addr == q.host_addr
+                        || p.host_addr.is_unspecified()
+                        || q.host_addr.is_unspecified())
+            };
+            let asked = ports.iter().find(|p| p.host_side() == port);
+            let by = asked.and_then(|p| {
+                let vms = d.store().list_vms().ok()?;
                 vms.into_iter()
                     .find(|o| {
-                        o.name != vm && o.spec.net.ports.iter().any(|q| q.host_side() == port)
+                        o.name != vm
+                            && d.forwarders.count(&o.id) > 0
+                            && o.spec.net.ports.iter().any(|q| clash(p, q))
                     })
                     .map(|o| o.name)
             });
@@ -284,21 +376,29 @@ impl Resource for Ports {
         "ports"
     }
 
+    fn needs(&self) -> &'static [super::Handoff] {
+        &[super::Handoff::GuestAddress, super::Handoff::Vmm]
+    }
+
+    fn used(&self, vm: &VmRecord) -> bool {
+        !vm.spec.net.ports.is_empty()
+    }
+
     fn acquire(&self, d: &Daemon, cx: &mut Acq<'_>) -> Result<()> {
         d.open_ports(cx.vm)
     }
 
-    fn held(&self, d: &Daemon, vm: &VmRecord, _h: &VmHandles) -> Option<Value> {
+    fn held(&self, d: &Daemon, vm: &VmRecord, _h: &VmHandles) -> Option<Item> {
         let n = d.forwarders.count(&vm.id);
-        (n > 0).then(|| json!({ "listeners": n }))
+        (n > 0).then_some(Item::Ports(super::held::Ports { listeners: n }))
     }
 
-    fn end(&self, d: &Daemon, vm: &VmRecord, _held: Value, _how: End) -> Result<Option<Value>> {
+    fn end(&self, d: &Daemon, vm: &VmRecord, _held: Item, _how: End) -> Result<Option<Item>> {
         d.forwarders.stop(&vm.id, None);
         Ok(None)
     }
 
-    fn release(&self, d: &Daemon, r: &Release, _held: &Value) -> Result<()> {
+    fn release(&self, d: &Daemon, r: &Release, _held: &Item) -> Result<()> {
         d.forwarders.stop(&r.vm_id, None);
         Ok(())
     }
@@ -390,6 +490,17 @@ impl Daemon {
 mod tests {
     use super::*;
 
+    /// A TCP forwarder from a free loopback port to `gport`: it, its map
+    /// and its host port.
+    fn forward_to(gport: u16) -> (Forwarder, PortMap, u16) {
+        let free = TcpListener::bind("127.0.0.1:0").unwrap();
+        let hport = free.local_addr().unwrap().port();
+        drop(free);
+        let map: PortMap = format!("127.0.0.1:{hport}:{gport}").parse().unwrap();
+        let f = Forwarder::start("t", map, Ipv4Addr::LOCALHOST).unwrap();
+        (f, map, hport)
+    }
+
     /// The proxy with real sockets on loopback: TCP both ways with a
     /// half-close, UDP request and reply, a port in use refused by name,
     /// and a stopped listener no longer answering.
@@ -406,11 +517,7 @@ mod tests {
                 let _ = c.write_all(s.to_uppercase().as_bytes());
             }
         });
-        let free = TcpListener::bind("127.0.0.1:0").unwrap();
-        let hport = free.local_addr().unwrap().port();
-        drop(free);
-        let map: PortMap = format!("127.0.0.1:{hport}:{gport}").parse().unwrap();
-        let f = Forwarder::start("t", map, Ipv4Addr::LOCALHOST).unwrap();
+        let (f, map, hport) = forward_to(gport);
         let mut c = TcpStream::connect(("127.0.0.1", hport)).unwrap();
         c.write_all(b"hello through").unwrap();
         c.shutdown(Shutdown::Write).unwrap();
@@ -425,15 +532,23 @@ mod tests {
             "{e}"
         );
         assert!(check_free("t", &[map]).is_err());
+        // A client left open across the stop: its connection ends with it.
+        let mut left = TcpStream::connect(("127.0.0.1", hport)).unwrap();
+        left.write_all(b"x").unwrap();
         f.stop();
-        assert!(
-            (0..500).any(|_| {
-                std::thread::sleep(Duration::from_millis(2));
-                TcpStream::connect(("127.0.0.1", hport)).is_err()
-            }),
-            "a stopped listener still answers"
-        );
+        // Once stop returns, the port is free and answers no more.
+        assert!(TcpStream::connect(("127.0.0.1", hport)).is_err());
         assert!(check_free("t", &[map]).is_ok());
+        left.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        // Ended: shut down if it was being served, reset if it was still
+        // in the listener's queue; never left waiting.
+        let mut rest = Vec::new();
+        let r = left.read_to_end(&mut rest);
+        assert!(
+            !matches!(&r, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
+            "the connection open across the stop was not ended: {r:?}"
+        );
 
         // UDP: a "guest" that answers each datagram reversed.
         let ug = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -459,6 +574,69 @@ mod tests {
         let mut b = [0u8; 16];
         let (n, _) = client.recv_from(&mut b).unwrap();
         assert_eq!(&b[..n], b"cba");
+        // Stopped, the port is free at once (its client's reply thread
+        // included), for a restart to bind it again.
         uf.stop();
+        assert!(check_free("t", &[umap]).is_ok());
+        let again = Forwarder::start("t", umap, Ipv4Addr::LOCALHOST).unwrap();
+        again.stop();
+    }
+
+    /// A connection quiet both ways for `idle` is closed; one that talks
+    /// is not.
+    #[test]
+    fn an_idle_connection_is_closed_and_a_busy_one_is_not() {
+        let server = TcpListener::bind("127.0.0.1:0").unwrap();
+        let front = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (s_addr, f_addr) = (server.local_addr().unwrap(), front.local_addr().unwrap());
+        let proxy = std::thread::spawn(move || {
+            let (client, _) = front.accept().unwrap();
+            let guest = TcpStream::connect(s_addr).unwrap();
+            pipe(client, guest, Duration::from_millis(300));
+        });
+        let mut c = TcpStream::connect(f_addr).unwrap();
+        let (mut g, _) = server.accept().unwrap();
+        // Busy: a byte each 100 ms for a second, each one through.
+        for _ in 0..10 {
+            c.write_all(b"x").unwrap();
+            let mut b = [0u8; 1];
+            g.read_exact(&mut b).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // Then quiet: both ends see theirs close.
+        let mut rest = Vec::new();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        assert_eq!(c.read_to_end(&mut rest).unwrap(), 0);
+        g.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        assert_eq!(g.read_to_end(&mut rest).unwrap(), 0);
+        proxy.join().unwrap();
+    }
+
+    /// A stop ends a connection on the guest's side too: the guest that
+    /// went sends nothing, and no copy thread is left waiting on it.
+    #[test]
+    fn a_stop_ends_both_sides_of_a_connection() {
+        let guest = TcpListener::bind("127.0.0.1:0").unwrap();
+        let gport = guest.local_addr().unwrap().port();
+        let (got, ended) = (std::sync::mpsc::channel(), std::sync::mpsc::channel());
+        std::thread::spawn(move || {
+            let (mut c, _) = guest.accept().unwrap();
+            let mut b = [0u8; 1];
+            c.read_exact(&mut b).unwrap();
+            got.0.send(()).unwrap();
+            // A guest that never writes: only a shutdown ends this read.
+            let mut rest = Vec::new();
+            let _ = c.read_to_end(&mut rest);
+            ended.0.send(()).unwrap();
+        });
+        let (f, _, hport) = forward_to(gport);
+        let mut c = TcpStream::connect(("127.0.0.1", hport)).unwrap();
+        c.write_all(b"x").unwrap();
+        got.1.recv_timeout(Duration::from_secs(10)).unwrap();
+        f.stop();
+        ended
+            .1
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the guest's side of the connection was left open");
     }
 }

@@ -9,6 +9,10 @@
 //! (or deletes it when the pool is full). The spares' names are kept in
 //! `<runtime>/tap-pool`, so that a daemon that died is followed by one
 //! that deletes them; a clean shutdown deletes them too.
+//!
+//! Every tap bears the daemon's mark (its alias: `banger <state dir>`), so
+//! that reconcile can delete the taps of its own that no record names
+//! (`sweep_stray_taps`) and never another daemon's of the namespace.
 
 use std::net::Ipv4Addr;
 use std::sync::Mutex;
@@ -16,10 +20,9 @@ use std::sync::Mutex;
 use banger_core::net::GUEST_PREFIX;
 use banger_core::{Release, VmHandles, VmRecord};
 use banger_host::{fsutil, tap};
-use serde_json::{json, Value};
 use tracing::warn;
 
-use super::{Acq, Resource};
+use super::{held, Acq, Item, Resource};
 use crate::daemon::{lock, Daemon};
 use crate::error::{DaemonError, Result};
 
@@ -31,58 +34,82 @@ impl Resource for Tap {
         "tap"
     }
 
+    fn gives(&self) -> &'static [super::Handoff] {
+        &[super::Handoff::Tap]
+    }
+
+    fn needs(&self) -> &'static [super::Handoff] {
+        &[super::Handoff::GuestAddress]
+    }
+
     fn phase(&self) -> &'static str {
         "network"
     }
 
+    /// The tap's name is recorded (handles and runtime) before the tap is
+    /// made or a spare taken over: a daemon killed in between leaves a
+    /// record naming a tap that is not there (its release is then
+    /// nothing), never a tap no record names.
     fn acquire(&self, d: &Daemon, cx: &mut Acq<'_>) -> Result<()> {
         let net = d.guest_net(cx.vm)?;
-        let spare = d.take_spare();
-        let name = match spare {
-            Some(n) => match tap::assign(&n, net.host_ip, GUEST_PREFIX) {
-                Ok(()) => n,
+        // A spare is never in neither the pool nor a record (the sweep
+        // counts on it): taken and recorded under the naming lock.
+        let spare = {
+            let _t = lock(&d.taps.naming);
+            match d.take_spare() {
+                Some(n) => {
+                    record(d, cx, &n)?;
+                    Some(n)
+                }
+                None => None,
+            }
+        };
+        if let Some(n) = spare {
+            match tap::assign(&n, net.host_ip, GUEST_PREFIX) {
+                Ok(()) => return Ok(()),
                 Err(e) => {
                     warn!(tap = %n, err = %e, "a spare tap would not take the address; a new one");
                     let _ = tap::delete(&n);
-                    new_tap(d, net.host_ip)?
                 }
-            },
-            None => new_tap(d, net.host_ip)?,
-        };
-        cx.handles.tap_device = Some(name.clone());
-        cx.vm.runtime.tap_device = Some(name);
-        Ok(())
+            }
+        }
+        new_tap(d, cx, net.host_ip)
     }
 
     /// Cascade: handles (cache, then scratch file), then the runtime.
-    fn held(&self, d: &Daemon, vm: &VmRecord, h: &VmHandles) -> Option<Value> {
+    fn held(&self, d: &Daemon, vm: &VmRecord, h: &VmHandles) -> Option<Item> {
         let name = h
             .tap_device
             .clone()
             .or_else(|| vm.runtime.tap_device.clone())?;
         let host_ip = d.guest_net(vm).ok().map(|n| n.host_ip);
-        Some(json!({ "name": name, "host_ip": host_ip }))
+        Some(Item::Tap(held::Tap { name, host_ip }))
     }
 
-    fn release(&self, d: &Daemon, r: &Release, held: &Value) -> Result<()> {
-        let Some(name) = held["name"].as_str() else {
-            return Ok(());
+    fn release(&self, d: &Daemon, r: &Release, held: &Item) -> Result<()> {
+        let Item::Tap(held::Tap { name, host_ip }) = held else {
+            return Err(super::mismatch(self, &r.vm_name, held));
         };
+        let name = name.as_str();
         // Only a tap banger names is banger's to delete; and not one that
         // another VM's row names now (a daemon that died between deleting
         // a tap and its record, after the name was reused). The released
         // VM's own row may still name it: its request saves the cleared
         // runtime after handing the release over.
+        // Under the tap lock, with the pool's spares counted: a name this
+        // release records may have been recorded before its tap existed
+        // and never made; if it was made since, it is someone else's.
+        let _t = lock(&d.taps.naming);
         let owned = d
             .store()
             .list_vms()?
             .iter()
-            .any(|v| v.id != r.vm_id && v.runtime.tap_device.as_deref() == Some(name));
+            .any(|v| v.id != r.vm_id && v.runtime.tap_device.as_deref() == Some(name))
+            || lock(&d.taps.spare).iter().any(|s| s == name);
         if !name.starts_with(tap::TAP_PREFIX) || owned {
             return Ok(());
         }
-        let host_ip = held["host_ip"].as_str().and_then(|s| s.parse().ok());
-        if let Some(ip) = host_ip {
+        if let Some(ip) = *host_ip {
             if d.give_back(name, ip) {
                 return Ok(());
             }
@@ -95,18 +122,54 @@ impl Resource for Tap {
     }
 }
 
-/// A new tap with the VM's address, its name chosen under the tap lock.
-fn new_tap(d: &Daemon, host_ip: Ipv4Addr) -> Result<String> {
-    let _t = lock(&d.tap_lock);
-    let name = tap::free_name(&[])?;
-    tap::create(&name, host_ip, GUEST_PREFIX)?;
-    Ok(name)
+/// Names the VM's tap in its handles and runtime, both written out.
+fn record(d: &Daemon, cx: &mut Acq<'_>, name: &str) -> Result<()> {
+    cx.handles.tap_device = Some(name.to_string());
+    cx.vm.runtime.tap_device = Some(name.to_string());
+    d.set_handles(cx.vm, &cx.handles)?;
+    d.save(cx.vm)
 }
 
-/// The spare taps.
+/// The mark of the taps a daemon of `state_dir` makes: the dir itself
+/// where it fits an alias, else a hash of it.
+pub fn mark(state_dir: &std::path::Path) -> String {
+    let plain = format!("banger {}", state_dir.display());
+    let fits =
+        plain.len() <= tap::MARK_MAX && plain.bytes().all(|b| b.is_ascii_graphic() || b == b' ');
+    if fits {
+        return plain;
+    }
+    // FNV-1a over the path's bytes: the same mark from every build.
+    use std::os::unix::ffi::OsStrExt;
+    let h = state_dir
+        .as_os_str()
+        .as_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+    format!("banger #{h:016x}")
+}
+
+/// A new tap with the VM's address, its name chosen, recorded and the tap
+/// made under the tap lock.
+fn new_tap(d: &Daemon, cx: &mut Acq<'_>, host_ip: Ipv4Addr) -> Result<()> {
+    let _t = lock(&d.taps.naming);
+    let name = tap::free_name(&d.tap_names_held()?)?;
+    record(d, cx, &name)?;
+    crate::failpoint::hit("start.tap.recorded")?;
+    tap::create(&name, host_ip, GUEST_PREFIX, &mark(&d.cfg.layout.state_dir))?;
+    crate::failpoint::hit("start.tap.created")?;
+    Ok(())
+}
+
+/// The taps' state in the daemon.
 #[derive(Debug, Default)]
-pub struct TapPool {
-    spare: Mutex<Vec<String>>,
+pub struct Taps {
+    /// The pool's spares.
+    pub(crate) spare: Mutex<Vec<String>>,
+    /// Serialises picking a free tap name with recording and making it.
+    pub(crate) naming: Mutex<()>,
 }
 
 impl Daemon {
@@ -123,7 +186,7 @@ impl Daemon {
     }
 
     fn take_spare(&self) -> Option<String> {
-        let mut spare = lock(&self.tap_pool.spare);
+        let mut spare = lock(&self.taps.spare);
         let n = spare.pop()?;
         self.save_pool(&spare);
         drop(spare);
@@ -142,8 +205,24 @@ impl Daemon {
 
     /// Puts a released tap back in the pool if it has room (address off,
     /// link down); false: the caller deletes it.
+    /// Every tap name something records, made or not yet (VM rows, the
+    /// handles, pending releases, the pool): none is handed out again
+    /// while it is, though the kernel may not list it. Called under the
+    /// tap lock. A store that cannot be read fails it (the sweep would
+    /// take every VM's tap for a stray).
+    fn tap_names_held(&self) -> Result<Vec<String>> {
+        let mut names: Vec<String> = lock(&self.taps.spare).clone();
+        let store = self.store();
+        for v in store.list_vms()? {
+            names.extend(v.runtime.tap_device.clone());
+            names.extend(self.handles.get(&v.id).and_then(|h| h.tap_device));
+        }
+        names.extend(held::Reserved::of(&store.list_releases()?).taps);
+        Ok(names)
+    }
+
     fn give_back(&self, name: &str, host_ip: Ipv4Addr) -> bool {
-        let mut spare = lock(&self.tap_pool.spare);
+        let mut spare = lock(&self.taps.spare);
         if spare.len() >= self.cfg.tap_pool || !tap::exists(name) {
             return false;
         }
@@ -163,24 +242,26 @@ impl Daemon {
     /// release and at start).
     pub fn fill_tap_pool(&self) {
         loop {
-            if lock(&self.tap_pool.spare).len() >= self.cfg.tap_pool {
+            if lock(&self.taps.spare).len() >= self.cfg.tap_pool {
                 return;
             }
-            let made = {
-                let _t = lock(&self.tap_lock);
-                tap::free_name(&[]).and_then(|n| {
-                    // Recorded before it exists: a daemon killed in between
-                    // leaves a name the next one finds gone, never a tap
-                    // nobody knows of.
-                    let mut names = lock(&self.tap_pool.spare).clone();
-                    names.push(n.clone());
-                    self.save_pool(&names);
-                    tap::create_bare(&n).map(|()| n)
-                })
-            };
+            // Under the naming lock until it is a spare: never a tap of
+            // this daemon's that nothing names.
+            let _t = lock(&self.taps.naming);
+            let made = self.tap_names_held().and_then(|held| {
+                let n = tap::free_name(&held)?;
+                // Recorded before it exists: a daemon killed in between
+                // leaves a name the next one finds gone, never a tap
+                // nobody knows of.
+                let mut names = lock(&self.taps.spare).clone();
+                names.push(n.clone());
+                self.save_pool(&names);
+                tap::create_bare(&n, &mark(&self.cfg.layout.state_dir))?;
+                Ok(n)
+            });
             match made {
                 Ok(n) => {
-                    let mut spare = lock(&self.tap_pool.spare);
+                    let mut spare = lock(&self.taps.spare);
                     spare.push(n);
                     self.save_pool(&spare);
                 }
@@ -192,10 +273,35 @@ impl Daemon {
         }
     }
 
+    /// Deletes the taps bearing this daemon's mark that nothing records
+    /// (no VM row, handle, pending release or spare): each would route a
+    /// slot another VM may get. Run by reconcile, before the janitor
+    /// makes spares. Another daemon's taps bear another mark: left alone.
+    /// Nothing is swept when the records cannot be read.
+    pub(crate) fn sweep_stray_taps(&self) {
+        let _t = lock(&self.taps.naming);
+        let held = match self.tap_names_held() {
+            Ok(h) => h,
+            Err(e) => {
+                warn!(err = %e, "reconcile: taps not swept: the records cannot be read");
+                return;
+            }
+        };
+        for name in tap::marked(&mark(&self.cfg.layout.state_dir)) {
+            if held.contains(&name) {
+                continue;
+            }
+            warn!(tap = %name, "reconcile: deleting a tap of this daemon's that no record names");
+            if let Err(e) = tap::delete(&name) {
+                warn!(tap = %name, err = %e, "cannot delete a stray tap");
+            }
+        }
+    }
+
     /// Deletes the spares (a clean shutdown), and those a previous daemon
     /// recorded (reconcile), unless a VM or a pending release names one.
     pub fn drain_tap_pool(&self) {
-        let mut names: Vec<String> = std::mem::take(&mut *lock(&self.tap_pool.spare));
+        let mut names: Vec<String> = std::mem::take(&mut *lock(&self.taps.spare));
         if let Ok(text) = std::fs::read_to_string(self.pool_file()) {
             names.extend(text.lines().map(str::to_string).filter(|l| !l.is_empty()));
         }
@@ -207,11 +313,7 @@ impl Daemon {
             let releases = store.list_releases().unwrap_or_default();
             vms.iter()
                 .filter_map(|v| v.runtime.tap_device.clone())
-                .chain(
-                    releases
-                        .iter()
-                        .filter_map(|r| r.item("tap")?["name"].as_str().map(str::to_string)),
-                )
+                .chain(held::Reserved::of(&releases).taps)
                 .collect()
         };
         for n in names.iter().filter(|n| !named.contains(n)) {
@@ -240,7 +342,7 @@ mod tests {
     /// the janitor), but never a tap another VM's row names. Real taps, in
     /// a network namespace private to the test's thread.
     #[test]
-    fn releases_delete_their_tap_unless_another_vm_owns_it() {
+    fn releases_delete_their_tap_unless_another_vm_owns_it_and_strays_are_swept() {
         let d = tempfile::tempdir().unwrap();
         let daemon = Arc::new(daemon(d.path()));
         let dm = daemon.clone();
@@ -257,8 +359,9 @@ mod tests {
                     data: serde_json::json!({ "name": tap }),
                 }],
             };
+            let mine = super::mark(&dm.cfg.layout.state_dir);
             // Its own row still names the tap: deleted all the same.
-            banger_host::tap::create("bgtap0", ip, 30).unwrap();
+            banger_host::tap::create("bgtap0", ip, 30, &mine).unwrap();
             dm.store()
                 .insert_vm(&vm_with_tap("a1", "a", Some("bgtap0")))
                 .unwrap();
@@ -272,7 +375,7 @@ mod tests {
 
             // Another VM's row names it (a daemon died between deleting a
             // tap and its record, and the name was reused): kept.
-            banger_host::tap::create("bgtap1", ip, 30).unwrap();
+            banger_host::tap::create("bgtap1", ip, 30, &mine).unwrap();
             dm.store()
                 .insert_vm(&vm_with_tap("b2", "b", Some("bgtap1")))
                 .unwrap();
@@ -282,7 +385,30 @@ mod tests {
             dm.release_vm("gone").unwrap();
             assert!(banger_host::tap::exists("bgtap1"), "b's tap is left alone");
             assert!(dm.store().list_releases().unwrap().is_empty());
-            banger_host::tap::delete("bgtap1").unwrap();
+
+            // Reconcile: a tap of this daemon's that nothing records goes;
+            // b's stays, a pending release's stays, and so do another
+            // daemon's and an unmarked one.
+            banger_host::tap::create("bgtap5", ip, 30, &mine).unwrap();
+            banger_host::tap::create_bare("bgtap6", "banger /elsewhere").unwrap();
+            let out = std::process::Command::new("ip")
+                .args(["tuntap", "add", "dev", "bgtap7", "mode", "tap"])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            banger_host::tap::create_bare("bgtap8", &mine).unwrap();
+            dm.store()
+                .insert_release(&release("pending", "bgtap8"))
+                .unwrap();
+            dm.sweep_stray_taps();
+            assert!(
+                !banger_host::tap::exists("bgtap5"),
+                "a stray tap is deleted"
+            );
+            for t in ["bgtap1", "bgtap6", "bgtap7", "bgtap8"] {
+                assert!(banger_host::tap::exists(t), "{t} is left alone");
+                banger_host::tap::delete(t).unwrap();
+            }
         })
         .join()
         .expect("release test thread");

@@ -21,10 +21,8 @@ use banger_core::volume::VolumeMount;
 use banger_core::{Release, VmHandles, VmRecord, VmmKind};
 use banger_host::fsutil::{self, WrapIo};
 use banger_host::process::{self, ProcId};
-use serde_json::{json, Value};
 
-use super::vsock::DirWatch;
-use super::{Acq, End, Resource};
+use super::{Acq, End, Item, Resource};
 use crate::daemon::Daemon;
 use crate::error::{DaemonError, Result};
 
@@ -94,29 +92,25 @@ impl Daemon {
     }
 }
 
-fn ids(held: &Value) -> Vec<ProcId> {
-    held["procs"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|p| {
-                    Some(ProcId {
-                        pid: i32::try_from(p["pid"].as_i64()?).ok()?,
-                        start_time: p["start_time"].as_u64()?,
-                    })
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 impl Resource for Virtiofs {
     fn name(&self) -> &'static str {
         "virtiofs"
     }
 
+    fn gives(&self) -> &'static [super::Handoff] {
+        &[super::Handoff::Mounts]
+    }
+
+    fn needs(&self) -> &'static [super::Handoff] {
+        &[super::Handoff::Confinement]
+    }
+
+    fn used(&self, vm: &VmRecord) -> bool {
+        !vm.spec.mounts.is_empty()
+    }
+
     fn acquire(&self, d: &Daemon, cx: &mut Acq<'_>) -> Result<()> {
-        if cx.vm.spec.mounts.is_empty() {
+        if !self.used(cx.vm) {
             return Ok(());
         }
         let binary = d.cfg.virtiofsd.clone().ok_or_else(|| {
@@ -165,7 +159,7 @@ impl Resource for Virtiofs {
         Ok(())
     }
 
-    fn held(&self, d: &Daemon, vm: &VmRecord, h: &VmHandles) -> Option<Value> {
+    fn held(&self, d: &Daemon, vm: &VmRecord, h: &VmHandles) -> Option<Item> {
         let rt_dir = d.cfg.layout.vm_runtime_dir(&vm.id);
         let socks: Vec<PathBuf> = (0..MAX_MOUNTS)
             .map(|i| socket(&rt_dir, i))
@@ -182,8 +176,13 @@ impl Resource for Virtiofs {
             // one of the VM's sockets.
             for i in 0..vm.spec.mounts.len().min(MAX_MOUNTS) {
                 let needle = process::path_needle(&socket(&rt_dir, i));
+                // virtiofsd runs as root.
+                let expect = process::Expect {
+                    uid: 0,
+                    not_before: vm.created_at,
+                };
                 procs.extend(
-                    process::find_by_arg(&needle)
+                    process::find_by_arg_as(&needle, expect)
                         .into_iter()
                         .filter_map(ProcId::of),
                 );
@@ -192,30 +191,36 @@ impl Resource for Virtiofs {
         if procs.is_empty() && socks.is_empty() {
             return None;
         }
-        Some(json!({
-            "procs": procs.iter().map(|p| json!({"pid": p.pid, "start_time": p.start_time})).collect::<Vec<_>>(),
-            "paths": socks,
+        Some(Item::Virtiofs(super::held::Virtiofs {
+            procs,
+            paths: socks,
         }))
     }
 
-    fn end(&self, _d: &Daemon, vm: &VmRecord, held: Value, _how: End) -> Result<Option<Value>> {
+    fn end(&self, _d: &Daemon, vm: &VmRecord, held: Item, _how: End) -> Result<Option<Item>> {
+        let Item::Virtiofs(h) = &held else {
+            return Err(super::mismatch(self, &vm.name, &held));
+        };
         // They serve only the VMM, gone or going; one that will not die is
         // retried after the reply.
-        for id in ids(&held) {
+        for id in &h.procs {
             let _ = id.signal(nix::sys::signal::Signal::SIGKILL);
         }
-        if let Err(e) = super::remove_files(&held) {
+        if let Err(e) = super::remove_files(&h.paths) {
             tracing::warn!(vm = %vm.name, err = %e, "removing virtiofsd sockets; retried after the reply");
         }
-        Ok(if ids(&held).iter().any(ProcId::exists) {
+        Ok(if h.procs.iter().any(ProcId::exists) {
             Some(held)
         } else {
             None
         })
     }
 
-    fn release(&self, _d: &Daemon, r: &Release, held: &Value) -> Result<()> {
-        for id in ids(held) {
+    fn release(&self, _d: &Daemon, r: &Release, held: &Item) -> Result<()> {
+        let Item::Virtiofs(held) = held else {
+            return Err(super::mismatch(self, &r.vm_name, held));
+        };
+        for id in &held.procs {
             if !id.kill_and_wait(KILL_WAIT) {
                 return Err(DaemonError::Release {
                     vm: r.vm_name.clone(),
@@ -224,7 +229,7 @@ impl Resource for Virtiofs {
                 });
             }
         }
-        super::remove_files(held)
+        super::remove_files(&held.paths)
     }
 }
 
@@ -312,37 +317,16 @@ fn spawn(
             cmd.pre_exec(move || shared_view(&host, pinned, &at, ro));
         }
     }
-    let mut child = cmd
+    let child = cmd
         .spawn()
         .map_err(|e| DaemonError::Invalid(format!("vm {vm:?}: start {}: {e}", binary.display())))?;
-    let pid = child.id() as i32;
-    let id = ProcId {
-        pid,
-        start_time: process::start_time(pid).unwrap_or(0),
-    };
-    let watch = DirWatch::new(sock.parent().unwrap_or(Path::new("/")));
-    let deadline = std::time::Instant::now() + START_WAIT;
-    let up = loop {
-        if sock.exists() {
-            break Ok(());
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            break Err(format!(
-                "virtiofsd for --mount {m} exited ({status}): {}",
-                crate::readiness::guest_tail(log_path, 5)
-            ));
-        }
-        if std::time::Instant::now() >= deadline {
-            break Err(format!(
-                "virtiofsd for --mount {m} did not listen within {}s",
-                START_WAIT.as_secs()
-            ));
-        }
-        watch.wait(Duration::from_millis(100));
-    };
-    let _ = std::thread::Builder::new()
-        .name(format!("reap-virtiofsd-{pid}"))
-        .spawn(move || child.wait());
+    let (id, up) = super::backend::await_socket(
+        child,
+        &format!("virtiofsd for --mount {m}"),
+        sock,
+        log_path,
+        START_WAIT,
+    );
     Ok((
         id,
         up.map_err(|reason| DaemonError::Boot {

@@ -3,27 +3,29 @@
 
 use banger_core::{Release, VmHandles, VmRecord};
 use banger_host::fsutil;
-use serde_json::{json, Value};
 
-use super::{Acq, End, Resource};
+use super::{held, Acq, End, Item, Resource};
 use crate::daemon::Daemon;
 use crate::error::Result;
 
 #[derive(Debug)]
 pub struct VmDir;
 
-fn remove(held: &Value) -> Result<()> {
-    for key in ["dir", "run"] {
-        if let Some(p) = held[key].as_str() {
-            fsutil::remove_dir_all_if_exists(std::path::Path::new(p))?;
-        }
-    }
-    Ok(())
+fn remove(res: &VmDir, vm: &str, held: &Item) -> Result<()> {
+    let Item::VmDir(h) = held else {
+        return Err(super::mismatch(res, vm, held));
+    };
+    fsutil::remove_dir_all_if_exists(&h.dir)?;
+    Ok(fsutil::remove_dir_all_if_exists(&h.run)?)
 }
 
 impl Resource for VmDir {
     fn name(&self) -> &'static str {
         "vm_dir"
+    }
+
+    fn gives(&self) -> &'static [super::Handoff] {
+        &[super::Handoff::VmDir]
     }
 
     fn acquire(&self, d: &Daemon, cx: &mut Acq<'_>) -> Result<()> {
@@ -32,21 +34,21 @@ impl Resource for VmDir {
         Ok(())
     }
 
-    fn held(&self, d: &Daemon, vm: &VmRecord, _h: &VmHandles) -> Option<Value> {
+    fn held(&self, d: &Daemon, vm: &VmRecord, _h: &VmHandles) -> Option<Item> {
         let (dir, run) = (
             d.cfg.layout.vm_dir(&vm.id),
             d.cfg.layout.vm_runtime_dir(&vm.id),
         );
-        (dir.exists() || run.exists()).then(|| json!({ "dir": dir, "run": run }))
+        (dir.exists() || run.exists()).then_some(Item::VmDir(held::VmDir { dir, run }))
     }
 
-    fn end(&self, _d: &Daemon, _vm: &VmRecord, held: Value, _how: End) -> Result<Option<Value>> {
+    fn end(&self, _d: &Daemon, vm: &VmRecord, held: Item, _how: End) -> Result<Option<Item>> {
         // A VM's files go before its row: a failure here fails the delete.
-        remove(&held)?;
+        remove(self, &vm.name, &held)?;
         Ok(None)
     }
 
-    fn release(&self, _d: &Daemon, _r: &Release, held: &Value) -> Result<()> {
-        remove(held)
+    fn release(&self, _d: &Daemon, r: &Release, held: &Item) -> Result<()> {
+        remove(self, &r.vm_name, held)
     }
 }

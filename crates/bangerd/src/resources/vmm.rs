@@ -14,9 +14,8 @@ use banger_core::{Release, VmHandles, VmRecord};
 use banger_host::fsutil;
 use banger_host::process::{self, ProcId};
 use nix::sys::signal::Signal;
-use serde_json::{json, Value};
 
-use super::{root_disk, Acq, End, Resource};
+use super::{held, root_disk, Acq, End, Item, Resource};
 use crate::daemon::{kernel_cmdline, Daemon};
 use crate::error::{DaemonError, Result};
 
@@ -30,7 +29,7 @@ const KILL_WAIT: Duration = Duration::from_secs(10);
 /// a recorded identity, the process whose command line carries the VM's
 /// API socket (the seeds' `pgrep -f <apiSock>`: only when every record of
 /// it is lost, and only for a VM that may be up).
-pub fn find(vm: &VmRecord, h: &VmHandles) -> Option<ProcId> {
+pub fn find(vm: &VmRecord, h: &VmHandles, expect: process::Expect) -> Option<ProcId> {
     if let (Some(pid), Some(start_time)) = (h.pid, h.vmm_start_time) {
         let id = ProcId { pid, start_time };
         return id.exists().then_some(id);
@@ -78,20 +77,13 @@ pub fn find(vm: &VmRecord, h: &VmHandles) -> Option<ProcId> {
         is_fc && has_id && uid.is_some() && owner == uid
     };
     let pid = match h.pid {
-        Some(p) if process::matches(p, &needle) && the_vmm(&p) => p,
-        _ if vm.runtime.state().is_up() => {
-            *process::find_by_arg(&needle).iter().find(|p| the_vmm(p))?
-        }
+        Some(p) if process::matches(p, &needle) && expect.admits(p) && the_vmm(&p) => p,
+        _ if vm.runtime.state().is_up() => *process::find_by_arg_as(&needle, expect)
+            .iter()
+            .find(|p| the_vmm(p))?,
         _ => return None,
     };
     ProcId::of(pid)
-}
-
-fn id_of(held: &Value) -> Option<ProcId> {
-    Some(ProcId {
-        pid: i32::try_from(held["pid"].as_i64()?).ok()?,
-        start_time: held["start_time"].as_u64()?,
-    })
 }
 
 fn survives(vm: &str, id: ProcId) -> DaemonError {
@@ -105,6 +97,24 @@ fn survives(vm: &str, id: ProcId) -> DaemonError {
 impl Resource for VmmProcess {
     fn name(&self) -> &'static str {
         "vmm"
+    }
+
+    fn gives(&self) -> &'static [super::Handoff] {
+        &[super::Handoff::Vmm]
+    }
+
+    fn needs(&self) -> &'static [super::Handoff] {
+        &[
+            super::Handoff::Tap,
+            super::Handoff::Initrd,
+            super::Handoff::RootDisk,
+            super::Handoff::WorkDisk,
+            super::Handoff::DmDevice,
+            super::Handoff::Volumes,
+            super::Handoff::Confinement,
+            super::Handoff::Vsock,
+            super::Handoff::Mounts,
+        ]
     }
 
     fn phase(&self) -> &'static str {
@@ -226,16 +236,28 @@ impl Resource for VmmProcess {
         Ok(())
     }
 
-    fn held(&self, _d: &Daemon, vm: &VmRecord, h: &VmHandles) -> Option<Value> {
+    fn held(&self, d: &Daemon, vm: &VmRecord, h: &VmHandles) -> Option<Item> {
         let sock = vm.runtime.api_sock_path.clone();
-        match find(vm, h) {
-            Some(id) => Some(json!({ "pid": id.pid, "start_time": id.start_time, "sock": sock })),
-            None => sock.filter(|s| s.exists()).map(|s| json!({ "sock": s })),
-        }
+        let held = match find(vm, h, d.expect_vmm(vm)) {
+            Some(id) => held::Vmm {
+                pid: Some(id.pid),
+                start_time: Some(id.start_time),
+                sock,
+            },
+            None => held::Vmm {
+                pid: None,
+                start_time: None,
+                sock: Some(sock.filter(|s| s.exists())?),
+            },
+        };
+        Some(Item::Vmm(held))
     }
 
-    fn end(&self, _d: &Daemon, vm: &VmRecord, held: Value, how: End) -> Result<Option<Value>> {
-        let rest = match id_of(&held) {
+    fn end(&self, _d: &Daemon, vm: &VmRecord, held: Item, how: End) -> Result<Option<Item>> {
+        let Item::Vmm(h) = &held else {
+            return Err(super::mismatch(self, &vm.name, &held));
+        };
+        let rest = match h.process() {
             // A VM with volumes: its VMM is gone before they are detached
             // (`volumes.rs`, next in the teardown), or the next VM to
             // attach one meets the dying VMM's lock on it.
@@ -252,18 +274,25 @@ impl Resource for VmmProcess {
             Some(id) => {
                 process::deprioritize(id.pid);
                 let _ = id.signal(Signal::SIGKILL);
-                Some(json!({ "pid": id.pid, "start_time": id.start_time }))
+                Some(Item::Vmm(held::Vmm {
+                    pid: Some(id.pid),
+                    start_time: Some(id.start_time),
+                    sock: None,
+                }))
             }
             None => None,
         };
-        if let Some(s) = held["sock"].as_str() {
-            fsutil::remove_file_if_exists(std::path::Path::new(s))?;
+        if let Some(s) = &h.sock {
+            fsutil::remove_file_if_exists(s)?;
         }
         Ok(rest)
     }
 
-    fn release(&self, _d: &Daemon, r: &Release, held: &Value) -> Result<()> {
-        let Some(id) = id_of(held) else {
+    fn release(&self, _d: &Daemon, r: &Release, held: &Item) -> Result<()> {
+        let Item::Vmm(held) = held else {
+            return Err(super::mismatch(self, &r.vm_name, held));
+        };
+        let Some(id) = held.process() else {
             return Ok(());
         };
         if id.kill_and_wait(KILL_WAIT) {

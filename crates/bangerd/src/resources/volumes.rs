@@ -5,9 +5,8 @@
 //! init mounts them at their paths.
 
 use banger_core::{Release, VmHandles, VmRecord};
-use serde_json::{json, Value};
 
-use super::{Acq, End, Resource};
+use super::{Acq, End, Item, Resource};
 use crate::daemon::{lock, Daemon};
 use crate::error::{DaemonError, Result};
 
@@ -15,7 +14,7 @@ use crate::error::{DaemonError, Result};
 pub struct Volumes;
 
 fn detach(d: &Daemon, vm_id: &str) {
-    lock(&d.attached).retain(|_, holder| holder != vm_id);
+    lock(&d.volumes.attached).retain(|_, holder| holder != vm_id);
 }
 
 impl Resource for Volumes {
@@ -23,11 +22,19 @@ impl Resource for Volumes {
         "volumes"
     }
 
+    fn gives(&self) -> &'static [super::Handoff] {
+        &[super::Handoff::Volumes]
+    }
+
+    fn used(&self, vm: &VmRecord) -> bool {
+        !vm.spec.volumes.is_empty()
+    }
+
     fn acquire(&self, d: &Daemon, cx: &mut Acq<'_>) -> Result<()> {
-        if cx.vm.spec.volumes.is_empty() {
+        if !self.used(cx.vm) {
             return Ok(());
         }
-        let _g = lock(&d.volume_lock);
+        let _g = lock(&d.volumes.lock);
         // What a VM only root may use (its mounts, or root-only data on
         // any of its disks) writes on its volumes stays root's: every one
         // of them is marked, at each start (a volume it took from a
@@ -39,7 +46,7 @@ impl Resource for Volumes {
             }
         }
         let vms = d.store().list_vms()?;
-        let mut attached = lock(&d.attached);
+        let mut attached = lock(&d.volumes.attached);
         for m in &cx.vm.spec.volumes {
             if !d.cfg.layout.volume(&m.name).is_file() {
                 return Err(DaemonError::Invalid(format!(
@@ -65,29 +72,29 @@ impl Resource for Volumes {
         Ok(())
     }
 
-    fn held(&self, d: &Daemon, vm: &VmRecord, _h: &VmHandles) -> Option<Value> {
-        let names: Vec<String> = lock(&d.attached)
+    fn held(&self, d: &Daemon, vm: &VmRecord, _h: &VmHandles) -> Option<Item> {
+        let names: Vec<String> = lock(&d.volumes.attached)
             .iter()
             .filter(|(_, holder)| **holder == vm.id)
             .map(|(n, _)| n.clone())
             .collect();
-        (!names.is_empty()).then(|| json!({ "names": names }))
+        (!names.is_empty()).then_some(Item::Volumes(super::held::Volumes { names }))
     }
 
     /// Detached before the reply: the VMM, ended before this, no longer
     /// writes the disks.
-    fn end(&self, d: &Daemon, vm: &VmRecord, _held: Value, _how: End) -> Result<Option<Value>> {
+    fn end(&self, d: &Daemon, vm: &VmRecord, _held: Item, _how: End) -> Result<Option<Item>> {
         detach(d, &vm.id);
         Ok(None)
     }
 
-    fn release(&self, d: &Daemon, r: &Release, _held: &Value) -> Result<()> {
+    fn release(&self, d: &Daemon, r: &Release, _held: &Item) -> Result<()> {
         detach(d, &r.vm_id);
         Ok(())
     }
 
     fn adopt(&self, d: &Daemon, vm: &VmRecord) -> Result<()> {
-        let mut attached = lock(&d.attached);
+        let mut attached = lock(&d.volumes.attached);
         for m in &vm.spec.volumes {
             attached.insert(m.name.clone(), vm.id.clone());
         }

@@ -17,9 +17,8 @@ use banger_core::layout::vmfiles;
 use banger_core::{Release, VmHandles, VmRecord, VmmKind};
 use banger_host::fsutil::{self, WrapIo};
 use banger_host::process::{self, ProcId};
-use serde_json::{json, Value};
 
-use super::{Acq, End, Resource};
+use super::{held, Acq, End, Item, Resource};
 use crate::daemon::{lock, Daemon};
 use crate::error::{DaemonError, Result};
 
@@ -45,16 +44,17 @@ pub fn lowest_free(used: &[u32]) -> u32 {
         .unwrap_or(FIRST_CID)
 }
 
-fn backend_id(held: &Value) -> Option<ProcId> {
-    Some(ProcId {
-        pid: i32::try_from(held["pid"].as_i64()?).ok()?,
-        start_time: held["start_time"].as_u64()?,
-    })
-}
-
 impl Resource for Vsock {
     fn name(&self) -> &'static str {
         "vsock"
+    }
+
+    fn gives(&self) -> &'static [super::Handoff] {
+        &[super::Handoff::Vsock]
+    }
+
+    fn needs(&self) -> &'static [super::Handoff] {
+        &[super::Handoff::Confinement]
     }
 
     fn acquire(&self, d: &Daemon, cx: &mut Acq<'_>) -> Result<()> {
@@ -70,13 +70,7 @@ impl Resource for Vsock {
                 .iter()
                 .filter(|v| v.id != cx.vm.id)
                 .filter_map(|v| v.runtime.vsock_cid)
-                .chain(
-                    store
-                        .list_releases()?
-                        .iter()
-                        .filter_map(|r| r.item("vsock")?["cid"].as_u64())
-                        .filter_map(|c| u32::try_from(c).ok()),
-                )
+                .chain(held::Reserved::of(&store.list_releases()?).cids)
                 .collect();
             drop(store);
             cx.vm.runtime.vsock_cid = Some(lowest_free(&used));
@@ -103,7 +97,7 @@ impl Resource for Vsock {
         Ok(())
     }
 
-    fn held(&self, d: &Daemon, vm: &VmRecord, h: &VmHandles) -> Option<Value> {
+    fn held(&self, d: &Daemon, vm: &VmRecord, h: &VmHandles) -> Option<Item> {
         let rt_dir = d.cfg.layout.vm_runtime_dir(&vm.id);
         let uds = vm
             .runtime
@@ -116,7 +110,7 @@ impl Resource for Vsock {
             }
             // Every record lost: the process whose command line names the
             // VM's socket.
-            _ => process::find_by_arg(&process::path_needle(&uds))
+            _ => process::find_by_arg_as(&process::path_needle(&uds), d.expect_vmm(vm))
                 .first()
                 .and_then(|p| ProcId::of(*p)),
         };
@@ -131,21 +125,24 @@ impl Resource for Vsock {
         if backend.is_none() && files.is_empty() && vm.runtime.vsock_cid.is_none() {
             return None;
         }
-        Some(json!({
-            "cid": vm.runtime.vsock_cid,
-            "pid": backend.map(|b| b.pid),
-            "start_time": backend.map(|b| b.start_time),
-            "paths": files,
+        Some(Item::Vsock(held::Vsock {
+            cid: vm.runtime.vsock_cid,
+            pid: backend.map(|b| b.pid),
+            start_time: backend.map(|b| b.start_time),
+            paths: files,
         }))
     }
 
-    fn end(&self, _d: &Daemon, vm: &VmRecord, held: Value, _how: End) -> Result<Option<Value>> {
+    fn end(&self, _d: &Daemon, vm: &VmRecord, held: Item, _how: End) -> Result<Option<Item>> {
+        let Item::Vsock(h) = &held else {
+            return Err(super::mismatch(self, &vm.name, &held));
+        };
         // The backend only serves the VMM, which is gone (or going) by
         // now; a backend that will not die is retried after the reply.
-        if let Some(id) = backend_id(&held) {
+        if let Some(id) = h.backend() {
             let _ = id.signal(nix::sys::signal::Signal::SIGKILL);
         }
-        match super::remove_files(&held) {
+        match super::remove_files(&h.paths) {
             Ok(()) => {}
             Err(e) => {
                 tracing::warn!(vm = %vm.name, err = %e, "removing vsock sockets; retried after the reply")
@@ -156,8 +153,11 @@ impl Resource for Vsock {
         Ok(Some(held))
     }
 
-    fn release(&self, _d: &Daemon, r: &Release, held: &Value) -> Result<()> {
-        if let Some(id) = backend_id(held) {
+    fn release(&self, _d: &Daemon, r: &Release, held: &Item) -> Result<()> {
+        let Item::Vsock(held) = held else {
+            return Err(super::mismatch(self, &r.vm_name, held));
+        };
+        if let Some(id) = held.backend() {
             if !id.kill_and_wait(KILL_WAIT) {
                 return Err(DaemonError::Release {
                     vm: r.vm_name.clone(),
@@ -166,7 +166,7 @@ impl Resource for Vsock {
                 });
             }
         }
-        super::remove_files(held)
+        super::remove_files(&held.paths)
     }
 }
 
@@ -193,7 +193,7 @@ fn spawn_backend(
     confine
         .apply(&mut cmd)
         .map_err(|e| DaemonError::Invalid(format!("vm {:?}: {e}", vm.name)))?;
-    let mut child = cmd
+    let child = cmd
         .arg("--guest-cid")
         .arg(cid.to_string())
         .arg("--socket")
@@ -210,37 +210,14 @@ fn spawn_backend(
         .map_err(|e| {
             DaemonError::Invalid(format!("vm {:?}: start {}: {e}", vm.name, binary.display()))
         })?;
-    let pid = child.id() as i32;
-    let start_time = process::start_time(pid).unwrap_or(0);
-    let id = ProcId { pid, start_time };
     let socket = rt_dir.join(vmfiles::VSOCK_BACKEND);
-    // Created on a thread-free path: inotify on the runtime dir reports the
-    // socket's creation; the loop only bounds how late a dead backend is
-    // noticed.
-    let watch = DirWatch::new(&rt_dir);
-    let deadline = std::time::Instant::now() + BACKEND_START;
-    let up = loop {
-        if socket.exists() {
-            break Ok(());
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            break Err(format!(
-                "vhost-device-vsock exited ({status}): {}",
-                crate::readiness::guest_tail(&log_path, 5)
-            ));
-        }
-        if std::time::Instant::now() >= deadline {
-            break Err(format!(
-                "vhost-device-vsock did not listen within {}s",
-                BACKEND_START.as_secs()
-            ));
-        }
-        watch.wait(Duration::from_millis(100));
-    };
-    // Reaped by a thread of its own; its exit is no event (the VMM's is).
-    let _ = std::thread::Builder::new()
-        .name(format!("reap-vsock-{pid}"))
-        .spawn(move || child.wait());
+    let (id, up) = super::backend::await_socket(
+        child,
+        "vhost-device-vsock",
+        &socket,
+        &log_path,
+        BACKEND_START,
+    );
     let up = up.map_err(|reason| DaemonError::Boot {
         vm: vm.name.clone(),
         reason,
@@ -250,38 +227,6 @@ fn spawn_backend(
 
 /// How long the vsock backend may take to listen.
 const BACKEND_START: Duration = Duration::from_secs(10);
-
-/// Wakes a waiter when an entry is created in a directory.
-pub(crate) struct DirWatch(Option<nix::sys::inotify::Inotify>);
-
-impl DirWatch {
-    pub(crate) fn new(dir: &Path) -> Self {
-        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
-        DirWatch(
-            Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)
-                .and_then(|i| i.add_watch(dir, AddWatchFlags::IN_CREATE).map(|_| i))
-                .ok(),
-        )
-    }
-
-    pub(crate) fn wait(&self, timeout: Duration) {
-        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-        use std::os::fd::AsFd;
-        let Some(ino) = &self.0 else {
-            std::thread::sleep(Duration::from_millis(5));
-            return;
-        };
-        let mut fds = [PollFd::new(ino.as_fd(), PollFlags::POLLIN)];
-        if poll(
-            &mut fds,
-            PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX),
-        )
-        .is_ok_and(|n| n > 0)
-        {
-            while ino.read_events().is_ok_and(|e| !e.is_empty()) {}
-        }
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -8,10 +8,9 @@ use std::time::Duration;
 use banger_core::layout::vmfiles;
 use banger_core::{Release, VmHandles, VmRecord};
 use banger_host::fsutil::{self, WrapIo};
-use serde_json::Value;
 use tracing::info;
 
-use super::{end_files, files_held, remove_files, Acq, End, Resource};
+use super::{end_files, files_held, Acq, End, Item, Resource};
 use crate::daemon::{lock, Daemon};
 use crate::error::Result;
 
@@ -26,6 +25,14 @@ impl Resource for WorkDisk {
         "work_disk"
     }
 
+    fn gives(&self) -> &'static [super::Handoff] {
+        &[super::Handoff::WorkDisk]
+    }
+
+    fn needs(&self) -> &'static [super::Handoff] {
+        &[super::Handoff::VmDir]
+    }
+
     fn acquire(&self, d: &Daemon, cx: &mut Acq<'_>) -> Result<()> {
         let template = work_template(d, cx.vm.spec.sizing.disk_mib)?;
         let path = d.cfg.layout.vm_dir(&cx.vm.id).join(vmfiles::WORK_DISK);
@@ -34,16 +41,16 @@ impl Resource for WorkDisk {
         Ok(())
     }
 
-    fn held(&self, d: &Daemon, vm: &VmRecord, _h: &VmHandles) -> Option<Value> {
-        files_held(&[d.cfg.layout.vm_dir(&vm.id).join(vmfiles::WORK_DISK)])
+    fn held(&self, d: &Daemon, vm: &VmRecord, _h: &VmHandles) -> Option<Item> {
+        files_held(&[d.cfg.layout.vm_dir(&vm.id).join(vmfiles::WORK_DISK)]).map(Item::WorkDisk)
     }
 
-    fn end(&self, _d: &Daemon, vm: &VmRecord, held: Value, _how: End) -> Result<Option<Value>> {
+    fn end(&self, _d: &Daemon, vm: &VmRecord, held: Item, _how: End) -> Result<Option<Item>> {
         end_files(vm, held)
     }
 
-    fn release(&self, _d: &Daemon, _r: &Release, held: &Value) -> Result<()> {
-        remove_files(held)
+    fn release(&self, _d: &Daemon, r: &Release, held: &Item) -> Result<()> {
+        super::release_files(self, r, held)
     }
 }
 

@@ -7,7 +7,11 @@
 //! official spec file (`test_infra::fcspec`) plus the rules Firecracker
 //! enforces beyond the schema: a body id equal to the path's id, pre-boot
 //! resources refused after `InstanceStart`, `InstanceStart` only with a
-//! boot source, `SendCtrlAltDel` only once started. A refused request gets
+//! boot source, `SendCtrlAltDel` and `PATCH /vm` (pause, resume) only once
+//! started, played by stopping and continuing its QEMU (SIGSTOP/SIGCONT:
+//! Firecracker's pause stops the vCPUs while its vsock device goes on; a
+//! QMP `stop` would also stop QEMU's vhost-user vsock device, which the
+//! backend does not survive). A refused request gets
 //! HTTP 400 with `{"fault_message": ...}`, like Firecracker's.
 //!
 //! `InstanceStart` boots the configured guest for real, with QEMU under
@@ -48,6 +52,8 @@ struct Vm {
     nics: BTreeMap<String, Value>,
     vsock: Option<Value>,
     started: bool,
+    /// The QEMU playing the guest, once started.
+    qemu: Option<i32>,
 }
 
 struct Double {
@@ -276,7 +282,7 @@ fn handle(d: &Double, method: &str, path: &str, body: &[u8]) -> Result<(), Strin
                     .boot
                     .clone()
                     .ok_or("Cannot start microvm without kernel configuration.")?;
-                start(d, &vm, &boot)?;
+                vm.qemu = Some(start(d, &vm, &boot)?);
                 vm.started = true;
             }
             Some("SendCtrlAltDel") => {
@@ -290,6 +296,22 @@ fn handle(d: &Double, method: &str, path: &str, body: &[u8]) -> Result<(), Strin
             }
             other => return Err(format!("action {other:?} is not implemented by the double")),
         },
+        ("PATCH", "vm") => {
+            if !vm.started {
+                return Err(
+                    "The requested operation is not supported before starting the microVM.".into(),
+                );
+            }
+            // (The spec's enum let only these two through.)
+            let sig = if body["state"] == "Paused" {
+                nix::sys::signal::Signal::SIGSTOP
+            } else {
+                nix::sys::signal::Signal::SIGCONT
+            };
+            let pid = vm.qemu.ok_or("no guest is running")?;
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig)
+                .map_err(|e| format!("{sig} to the guest's QEMU: {e}"))?;
+        }
         _ => {
             return Err(format!(
                 "{method} {path} is valid but not implemented by the double"
@@ -307,7 +329,7 @@ fn qmp_sock(d: &Double) -> PathBuf {
 
 /// Boots the configured guest with QEMU; the double
 /// exits with it.
-fn start(d: &Double, vm: &Vm, boot: &Value) -> Result<(), String> {
+fn start(d: &Double, vm: &Vm, boot: &Value) -> Result<i32, String> {
     let s = |v: &Value| v.as_str().unwrap_or("").to_string();
     // Paths as this Firecracker sees them (inside its chroot when jailed).
     let p = |v: &Value| at(v.as_str().unwrap_or(""));
@@ -317,6 +339,7 @@ fn start(d: &Double, vm: &Vm, boot: &Value) -> Result<(), String> {
         .unwrap_or(json!({"vcpu_count": 1, "mem_size_mib": 128}));
     let mut c = Command::new("qemu-system-x86_64");
     c.args(["-M", "pc,accel=tcg,usb=off,vmport=off"])
+        .args(["-name", "fc-double,debug-threads=on"])
         .args(["-cpu", "max"])
         .args(["-smp", &machine["vcpu_count"].to_string()])
         .args(["-m", &format!("{}M", machine["mem_size_mib"])])
@@ -418,6 +441,16 @@ fn start(d: &Double, vm: &Vm, boot: &Value) -> Result<(), String> {
         ]);
     }
     die_with_double(&mut c);
+    // A session of its own: a pause stops it, and a stopped member of a
+    // group the daemon's death orphans is sent SIGHUP (as banger's QEMU).
+    // SAFETY: setsid(2) is async-signal-safe.
+    unsafe {
+        c.pre_exec(|| {
+            nix::unistd::setsid()
+                .map(drop)
+                .map_err(std::io::Error::from)
+        });
+    }
     // (Held open, `taps`, until QEMU is spawned.)
     banger_host::confine::inherit_fds(
         &mut c,
@@ -447,7 +480,7 @@ fn start(d: &Double, vm: &Vm, boot: &Value) -> Result<(), String> {
         }
         match c.spawn() {
             Ok(mut child) => {
-                let _ = tx.send(Ok(()));
+                let _ = tx.send(Ok(child.id() as i32));
                 let code = child.wait().map(|s| s.code().unwrap_or(1)).unwrap_or(1);
                 std::process::exit(code);
             }

@@ -191,7 +191,8 @@ fn workdir(asked: Option<&str>, user: &User) -> Result<String, String> {
 }
 
 /// Whether `user` can make `dir` its working directory: it exists, is a
-/// directory, and they may search it (root may search any).
+/// directory, and they may search it (root may search any, mode 000
+/// too: CAP_DAC_OVERRIDE).
 fn enterable(dir: &str, user: &User) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(dir).map_err(|e| match e.kind() {
@@ -201,9 +202,10 @@ fn enterable(dir: &str, user: &User) -> Result<(), String> {
     if !m.is_dir() {
         return Err("not a directory".into());
     }
-    let bits = if user.uid == 0 {
-        0o111
-    } else if m.uid() == user.uid {
+    if user.uid == 0 {
+        return Ok(());
+    }
+    let bits = if m.uid() == user.uid {
         0o100
     } else if user.groups.contains(&m.gid()) {
         0o010
@@ -444,8 +446,15 @@ fn gone(p: &Proc, sink: &Sink) {
         if !p.detached && st.exit.is_none() {
             let _ = kill(Pid::from_raw(-(p.pid as i32)), Signal::SIGKILL);
         }
+        // An attach waiting for this client to go (`join`).
+        p.cv.notify_all();
     }
 }
+
+/// How long an attach waits for the client before it to go: one that
+/// detached a moment ago has hung up, but its reader here may not have
+/// seen the end yet.
+const ATTACH_WAIT: Duration = Duration::from_secs(2);
 
 fn wait(p: &Proc, mut child: std::process::Child) {
     let status = child.wait().ok();
@@ -553,11 +562,20 @@ fn join(p: &Proc, mut c: UnixStream, detach: bool) -> Result<(), ProtoError> {
     let sink: Sink = Arc::new(Mutex::new(c.try_clone()?));
     {
         let mut st = lock(&p.st);
-        if st.sink.is_some() {
-            return write_msg(
-                &mut c,
-                &Msg::error(format!("process {} is attached to another client", p.pid)),
-            );
+        let deadline = std::time::Instant::now() + ATTACH_WAIT;
+        while st.sink.is_some() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                drop(st);
+                return write_msg(
+                    &mut c,
+                    &Msg::error(format!("process {} is attached to another client", p.pid)),
+                );
+            }
+            st =
+                p.cv.wait_timeout(st, left)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
         }
         let mut w = lock(&sink);
         write_msg(&mut *w, &Msg::Started { pid: p.pid })?;
@@ -634,6 +652,12 @@ mod tests {
         let e = workdir(Some(dir), &user(4242, "/")).unwrap_err();
         assert!(e.contains("u4242 may not enter it"), "{e}");
         assert_eq!(workdir(None, &user(4242, dir)).unwrap(), "/");
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o000)).unwrap();
+        assert_eq!(
+            workdir(Some(dir), &user(0, "/")).unwrap(),
+            dir,
+            "root enters any"
+        );
     }
 
     #[test]

@@ -28,11 +28,10 @@ use banger_core::layout::vmfiles;
 use banger_core::{ImageRecord, Release, RootDiskKind, VmHandles, VmRecord};
 use banger_host::cmd::{self, CmdError};
 use banger_host::fsutil::WrapIo;
-use serde_json::{json, Value};
 
 use crate::daemon::{lock, Daemon};
 use crate::error::{DaemonError, Result};
-use crate::resources::{Acq, End, Resource};
+use crate::resources::{held, Acq, End, Item, Resource};
 
 /// The snapshot's chunk: 4 KiB, in 512-byte sectors.
 pub const CHUNK_SECTORS: u64 = 8;
@@ -250,8 +249,20 @@ impl Resource for DmSnapshot {
         "dm_snapshot"
     }
 
+    fn gives(&self) -> &'static [crate::resources::Handoff] {
+        &[crate::resources::Handoff::DmDevice]
+    }
+
+    fn needs(&self) -> &'static [crate::resources::Handoff] {
+        &[crate::resources::Handoff::RootDisk]
+    }
+
+    fn used(&self, vm: &VmRecord) -> bool {
+        vm.spec.root_disk() == RootDiskKind::DmSnapshot
+    }
+
     fn acquire(&self, d: &Daemon, cx: &mut Acq<'_>) -> Result<()> {
-        if cx.vm.spec.root_disk() != RootDiskKind::DmSnapshot {
+        if !self.used(cx.vm) {
             return Ok(());
         }
         let cow = d.cfg.layout.vm_dir(&cx.vm.id).join(vmfiles::ROOT_COW);
@@ -267,7 +278,7 @@ impl Resource for DmSnapshot {
 
     /// Cascade: the handles, else the kernel (the dm name follows from the
     /// VM's id; loops are found by backing file at release).
-    fn held(&self, d: &Daemon, vm: &VmRecord, h: &VmHandles) -> Option<Value> {
+    fn held(&self, d: &Daemon, vm: &VmRecord, h: &VmHandles) -> Option<Item> {
         if vm.spec.root_disk() != RootDiskKind::DmSnapshot {
             return None;
         }
@@ -277,16 +288,19 @@ impl Resource for DmSnapshot {
             || h.cow_loop.is_some()
             || Dmsetup.exists(&name).unwrap_or(true)
             || loops_of(&cow).map(|l| !l.is_empty()).unwrap_or(true);
-        there.then(|| json!({ "name": name, "image": image, "cow": cow }))
+        there.then_some(Item::DmSnapshot(held::DmSnapshot { name, image, cow }))
     }
 
     /// The snapshot goes now if the VMM is gone (stop), else after it is
     /// (delete's release waits for the VMM first).
-    fn end(&self, d: &Daemon, r: &VmRecord, held: Value, how: End) -> Result<Option<Value>> {
+    fn end(&self, d: &Daemon, r: &VmRecord, held: Item, how: End) -> Result<Option<Item>> {
+        let Item::DmSnapshot(h) = &held else {
+            return Err(crate::resources::mismatch(self, &r.name, &held));
+        };
         if !how.wait_vmm {
             return Ok(Some(held));
         }
-        match release_held(d, &held) {
+        match release_held(d, h) {
             Ok(()) => Ok(None),
             Err(e) => {
                 tracing::warn!(vm = %r.name, err = %e, "dm-snapshot teardown failed; retried after the reply");
@@ -295,7 +309,10 @@ impl Resource for DmSnapshot {
         }
     }
 
-    fn release(&self, d: &Daemon, r: &Release, held: &Value) -> Result<()> {
+    fn release(&self, d: &Daemon, r: &Release, held: &Item) -> Result<()> {
+        let Item::DmSnapshot(held) = held else {
+            return Err(crate::resources::mismatch(self, &r.vm_name, held));
+        };
         release_held(d, held).map_err(|e| DaemonError::Release {
             vm: r.vm_name.clone(),
             resource: "dm_snapshot",
@@ -304,16 +321,9 @@ impl Resource for DmSnapshot {
     }
 }
 
-fn release_held(d: &Daemon, held: &Value) -> Result<()> {
-    let (Some(name), Some(image), Some(cow)) = (
-        held["name"].as_str(),
-        held["image"].as_str(),
-        held["cow"].as_str(),
-    ) else {
-        return Ok(());
-    };
+fn release_held(d: &Daemon, held: &held::DmSnapshot) -> Result<()> {
     let _l = lock(&d.dm_lock);
-    deactivate(&Dmsetup, Path::new(image), Path::new(cow), name)
+    deactivate(&Dmsetup, &held.image, &held.cow, &held.name)
 }
 
 #[cfg(test)]

@@ -22,9 +22,8 @@ use std::path::PathBuf;
 use banger_core::layout::vmfiles;
 use banger_core::{ImageRecord, Release, RootDiskKind, VmHandles, VmRecord, VmmKind};
 use banger_host::fsutil::{self, WrapIo};
-use serde_json::Value;
 
-use super::{end_files, files_held, remove_files, Acq, End, Resource};
+use super::{end_files, files_held, Acq, End, Item, Resource};
 use crate::daemon::Daemon;
 use crate::error::{DaemonError, Result};
 
@@ -154,6 +153,14 @@ impl Resource for RootDisk {
         "root_disk"
     }
 
+    fn gives(&self) -> &'static [crate::resources::Handoff] {
+        &[crate::resources::Handoff::RootDisk]
+    }
+
+    fn needs(&self) -> &'static [crate::resources::Handoff] {
+        &[crate::resources::Handoff::VmDir]
+    }
+
     fn acquire(&self, d: &Daemon, cx: &mut Acq<'_>) -> Result<()> {
         let dir = d.cfg.layout.vm_dir(&cx.vm.id);
         // `--root-size`: the disk is made larger than the image (sparse);
@@ -185,16 +192,16 @@ impl Resource for RootDisk {
         Ok(())
     }
 
-    fn held(&self, d: &Daemon, vm: &VmRecord, _h: &VmHandles) -> Option<Value> {
-        files_held(&all_files(&d.cfg.layout.vm_dir(&vm.id)))
+    fn held(&self, d: &Daemon, vm: &VmRecord, _h: &VmHandles) -> Option<Item> {
+        files_held(&all_files(&d.cfg.layout.vm_dir(&vm.id))).map(Item::RootDisk)
     }
 
-    fn end(&self, _d: &Daemon, vm: &VmRecord, held: Value, _how: End) -> Result<Option<Value>> {
+    fn end(&self, _d: &Daemon, vm: &VmRecord, held: Item, _how: End) -> Result<Option<Item>> {
         end_files(vm, held)
     }
 
-    fn release(&self, _d: &Daemon, _r: &Release, held: &Value) -> Result<()> {
-        remove_files(held)
+    fn release(&self, _d: &Daemon, r: &Release, held: &Item) -> Result<()> {
+        super::release_files(self, r, held)
     }
 }
 

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use test_infra::{text, Instance};
 
 mod agent;
+mod compare;
 mod memory;
 mod storage;
 
@@ -258,7 +259,7 @@ fn network_bench(table: &mut String, iters: usize, present: u32) {
             let i = base + k;
             let t = Instant::now();
             let name = tap::free_name(&[]).expect("tap name");
-            tap::create(&name, subnet.slot(i).host_ip, 30).expect("tap");
+            tap::create(&name, subnet.slot(i).host_ip, 30, "banger bench").expect("tap");
             firewall::up(&rules(i, &name)).expect("firewall up");
             up.push(ms(t));
             let t = Instant::now();
@@ -275,7 +276,7 @@ fn network_bench(table: &mut String, iters: usize, present: u32) {
             let mut others = Vec::new();
             for i in 1..=present {
                 let name = tap::free_name(&[]).expect("tap name");
-                tap::create(&name, subnet.slot(i).host_ip, 30).expect("tap");
+                tap::create(&name, subnet.slot(i).host_ip, 30, "banger bench").expect("tap");
                 firewall::up(&rules(i, &name)).expect("firewall up");
                 others.push((i, name));
             }
@@ -301,14 +302,14 @@ fn network_bench(table: &mut String, iters: usize, present: u32) {
             for _ in 0..iters {
                 let name = tap::free_name(&[]).expect("tap name");
                 let t = Instant::now();
-                tap::create(&name, ip, 30).expect("tap");
+                tap::create(&name, ip, 30, "banger bench").expect("tap");
                 made.push(ms(t));
                 let t = Instant::now();
                 tap::delete(&name).expect("tap delete");
                 deleted.push(ms(t));
             }
             let name = tap::free_name(&[]).expect("tap name");
-            tap::create_bare(&name).expect("spare");
+            tap::create_bare(&name, "banger bench").expect("spare");
             for _ in 0..iters {
                 let t = Instant::now();
                 tap::assign(&name, ip, 30).expect("assign");
@@ -389,6 +390,21 @@ fn main() {
     let banger = std::env::current_exe()
         .expect("current exe")
         .with_file_name("banger");
+    // `--compare BANGER AGENT LABEL` (scripts/bench.sh --compare REV):
+    // this build against another's, side by side.
+    if let Some(i) = args.iter().position(|a| a == "--compare") {
+        let (Some(other), Some(agent), Some(label)) =
+            (args.get(i + 1), args.get(i + 2), args.get(i + 3))
+        else {
+            panic!("--compare takes the other build's banger, its agent and a label");
+        };
+        let table = compare::bench(&banger, Path::new(other), agent, label, runs);
+        append(
+            &table,
+            &format!("this build against {label}, taking turns, {runs} runs"),
+        );
+        return;
+    }
     let alone: [(&str, &str, &Section); 3] = [
         ("--network-only", "(no VMs: network setup only)", &|t| {
             network_bench(t, 20, 100)
