@@ -226,13 +226,15 @@ struct Tools<'a> {
 
 impl<'a> Tools<'a> {
     fn new(d: &'a Daemon, vm: &'a VmRecord) -> Result<Tools<'a>> {
-        let identity = jail::identity(d, vm)?;
+        let identity = jail::identity(&d.host(), vm)?;
         // The VM is stopped: its cgroup is made again for the commit.
         let cgroup = d
+            .host()
             .cgroups()
-            .is_ok_and(|c| c.create(&vm.id, &jail::limits(d, vm)).is_ok());
+            .is_ok_and(|c| c.create(&vm.id, &jail::limits(&d.host(), vm)).is_ok());
         let cgroup_procs = if cgroup {
-            d.cgroups()
+            d.host()
+                .cgroups()
                 .map(|c| c.procs_files(&vm.id))
                 .unwrap_or_default()
         } else {
@@ -332,7 +334,7 @@ impl Drop for Tools<'_> {
             }
         }
         if self.cgroup {
-            if let Ok(c) = self.d.cgroups() {
+            if let Ok(c) = self.d.host().cgroups() {
                 if let Err(e) = c.remove(&self.vm.id) {
                     tracing::warn!(vm = %self.vm.name, err = %e, "cannot remove the commit's cgroup");
                 }

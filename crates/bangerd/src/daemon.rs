@@ -326,7 +326,7 @@ impl Daemon {
     /// the VMM keeps root), started since the VM was created.
     pub(crate) fn expect_vmm(&self, vm: &VmRecord) -> process::Expect {
         process::Expect {
-            uid: crate::resources::jail::identity(self, vm)
+            uid: crate::resources::jail::identity(&self.host(), vm)
                 .ok()
                 .flatten()
                 .map_or(0, |i| i.uid),

@@ -45,7 +45,7 @@ impl Daemon {
             })
             .transpose()?;
         let boot_id = random_hex(8)?;
-        let cfg = crate::resources::initrd::guest_config(self, &vm, &boot_id, nameserver)?;
+        let cfg = crate::resources::initrd::guest_config(&self.host(), &vm, &boot_id, nameserver)?;
         let entropy = random_bytes(ENTROPY_BYTES)?;
         let id = Identity {
             hostname: Some(cfg.hostname.clone()),

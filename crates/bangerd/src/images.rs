@@ -328,7 +328,7 @@ impl Daemon {
         caller.may_replace(&self.store(), banger_store::Owned::Image, name, "remove")?;
         self.refuse_if_used(name)?;
         // A deleted VM's grant may still wait for its release.
-        crate::resources::jail::revoke_all(self, &rec.dir)?;
+        crate::resources::jail::revoke_all(&self.host(), &rec.dir)?;
         fsutil::remove_dir_all_if_exists(&rec.dir)?;
         self.store().delete_image(name)?;
         Ok(())

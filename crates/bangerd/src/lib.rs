@@ -16,6 +16,7 @@ pub mod doctor;
 pub mod error;
 pub mod failpoint;
 pub mod handles;
+pub mod host;
 pub mod identity;
 pub mod images;
 pub mod janitor;

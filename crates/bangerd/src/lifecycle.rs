@@ -100,11 +100,11 @@ impl Daemon {
                 ranges.join(",")
             )));
         }
-        for note in crate::resources::firewall::check_allow(self, &req.net.allow)? {
+        for note in crate::resources::firewall::check_allow(&self.host(), &req.net.allow)? {
             events(Event::Progress { message: note });
         }
         // A published port in use is refused before anything exists.
-        crate::resources::ports::check_free_naming(self, &name, &req.net.ports)?;
+        crate::resources::ports::check_free_naming(&self.host(), &name, &req.net.ports)?;
         self.check_mounts(&req.volumes)?;
         self.check_host_mounts(&name, vmm, &req.mounts, &req.volumes)?;
         if image_name == DEFAULT_IMAGE && self.store().image(&image_name)?.is_none() {
@@ -121,7 +121,7 @@ impl Daemon {
         let image_guard = self.image_locks.lock_shared(&image_name);
         let img = self.image(&image_name)?;
         self.warn_if_outdated(&img, events);
-        let root_disk = crate::resources::root_disk::choose(self, vmm)?;
+        let root_disk = crate::resources::root_disk::choose(&self.host(), vmm)?;
         if let Some(mib) = req.root_mib {
             if root_disk == banger_core::RootDiskKind::DmSnapshot {
                 return Err(DaemonError::Invalid(format!(
@@ -213,7 +213,7 @@ impl Daemon {
             for r in CREATE {
                 hit(&format!("create.{}", r.name()))?;
                 let t = Phase::start(r.phase());
-                r.acquire(self, &mut cx)?;
+                r.acquire(&self.host(), &mut cx)?;
                 if r.used(cx.vm) {
                     t.done(cx.events);
                 }
@@ -338,7 +338,7 @@ impl Daemon {
                     return Err(DaemonError::Cancelled(cx.vm.name.clone()));
                 }
                 let t = Phase::start(r.phase());
-                let acquired = r.acquire(self, &mut cx);
+                let acquired = r.acquire(&self.host(), &mut cx);
                 // Recorded before anything else can fail, even a failed
                 // acquire's partial work (a spawned VMM, say); written
                 // only when the step changed them.
@@ -661,11 +661,11 @@ impl Daemon {
         let mut later: Vec<Held> = Vec::new();
         for list in how.lists {
             for r in list.iter().rev() {
-                let Some(held) = r.held(self, vm, &h) else {
+                let Some(held) = r.held(&self.host(), vm, &h) else {
                     continue;
                 };
                 let ended = hit(&format!("teardown.{}", r.name()))
-                    .and_then(|()| r.end(self, vm, held.clone(), how.end));
+                    .and_then(|()| r.end(&self.host(), vm, held.clone(), how.end));
                 match ended {
                     Ok(Some(rest)) => later.push(rest.record()),
                     Ok(None) => {}

@@ -53,7 +53,7 @@ pub fn wait(
         }
         if !vmm.is_running() {
             // Killed by the kernel over its cgroup's memory limit: say so.
-            if let Some(oom) = crate::resources::jail::oom_message(d, vm) {
+            if let Some(oom) = crate::resources::jail::oom_message(&d.host(), vm) {
                 return Err(boot_err(oom));
             }
             return Err(boot_err(format!(

@@ -31,7 +31,7 @@ impl Daemon {
             done.push(r.vm_id);
         }
         // Spare taps a previous daemon left (it died with its pool).
-        self.drain_tap_pool();
+        self.host().drain_tap_pool();
         let vms = self.store().list_vms()?;
         for vm in vms {
             self.reconcile_vm(vm)?;
@@ -39,7 +39,7 @@ impl Daemon {
         // A tap of this daemon's that nothing records would route a slot
         // another VM gets (belt and braces: an acquire records its tap's
         // name before making it).
-        self.sweep_stray_taps();
+        self.host().sweep_stray_taps();
         // The VMs kept running get their firewall back if it went (a host
         // reboot of the firewall, a flush while no daemon ran).
         self.repair_firewalls();
@@ -58,7 +58,7 @@ impl Daemon {
                 Some((self.cfg.layout.image_dir(&vm.spec.image), uid))
             })
             .collect();
-        if let Err(e) = crate::resources::jail::sweep_grants(self, &live) {
+        if let Err(e) = crate::resources::jail::sweep_grants(&self.host(), &live) {
             warn!(err = %e, "reconcile: image grants not swept");
         }
         Ok(())
@@ -90,7 +90,7 @@ impl Daemon {
             let _ = handles::write_file(&self.cfg.layout.vm_dir(&vm.id), &h);
             // What lived in the old daemon's process (listeners).
             for r in crate::resources::START {
-                if let Err(e) = r.adopt(self, &vm) {
+                if let Err(e) = r.adopt(&self.host(), &vm) {
                     warn!(vm = %vm.name, resource = r.name(), err = %e, "reconcile: cannot take it up again");
                 }
             }
@@ -208,7 +208,7 @@ impl Daemon {
         let why = if st == VmState::Error {
             // Its teardown had failed (it survived SIGKILL); now it is gone.
             "its VMM, which had survived SIGKILL, has exited; the VM is stopped".to_string()
-        } else if let Some(oom) = crate::resources::jail::oom_message(self, &vm) {
+        } else if let Some(oom) = crate::resources::jail::oom_message(&self.host(), &vm) {
             warn!(vm = %vm.name, "{oom}");
             oom
         } else {

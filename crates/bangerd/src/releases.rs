@@ -115,7 +115,7 @@ impl Daemon {
             };
             let res = res.and_then(|res| {
                 crate::failpoint::hit(&format!("release.{}", item.resource()))?;
-                res.release(self, r, &item)
+                res.release(&self.host(), r, &item)
             });
             if let Err(e) = res {
                 left.push(item.record());
@@ -151,7 +151,7 @@ impl Daemon {
         if let Err(e) = process::set_thread_nice(0, 10) {
             warn!(err = %e, "cannot lower the janitor's priority");
         }
-        self.fill_tap_pool();
+        self.host().fill_tap_pool();
         loop {
             let job = self.janitor.next();
             if !self.cfg.release_delay.is_zero() {
@@ -164,7 +164,7 @@ impl Daemon {
                     self.janitor.failed_job(&job, e.to_string());
                 }
             }
-            self.fill_tap_pool();
+            self.host().fill_tap_pool();
         }
     }
 

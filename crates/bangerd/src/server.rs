@@ -159,7 +159,7 @@ pub fn run(daemon: Arc<Daemon>, listener: UnixListener, stopper: Stopper) {
             "shutting down with releases pending; the next daemon finishes them"
         );
     }
-    daemon.drain_tap_pool();
+    daemon.host().drain_tap_pool();
 }
 
 pub(crate) fn write_reply(stream: &mut UnixStream, reply: &Reply) -> bool {

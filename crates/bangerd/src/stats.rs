@@ -178,11 +178,13 @@ impl Daemon {
                 cpu_percent,
                 rss_bytes: process::rss_bytes(p.pid).unwrap_or(0),
                 cgroup_memory_bytes: self
+                    .host()
                     .cgroups()
                     .ok()
                     .and_then(|c| c.memory_current(&vm.id))
                     .unwrap_or(0),
                 memory_limit_bytes: self
+                    .host()
                     .cgroups()
                     .ok()
                     .and_then(|c| c.memory_limit(&vm.id))

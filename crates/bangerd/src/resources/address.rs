@@ -8,8 +8,9 @@ use std::net::Ipv4Addr;
 use banger_core::{Release, VmHandles, VmRecord};
 
 use super::{held, Acq, Item, Resource};
-use crate::daemon::{lock, Daemon};
+use crate::daemon::lock;
 use crate::error::Result;
+use crate::host::Host;
 
 #[derive(Debug)]
 pub struct Address;
@@ -23,10 +24,10 @@ impl Resource for Address {
         &[super::Handoff::GuestAddress]
     }
 
-    fn acquire(&self, d: &Daemon, cx: &mut Acq<'_>) -> Result<()> {
-        let _n = lock(&d.net_lock);
+    fn acquire(&self, host: &Host<'_>, cx: &mut Acq<'_>) -> Result<()> {
+        let _n = lock(host.net_lock);
         let used: Vec<Ipv4Addr> = {
-            let store = d.store();
+            let store = host.store();
             let vms = store.list_vms()?;
             let releases = store.list_releases()?;
             vms.iter()
@@ -35,20 +36,20 @@ impl Resource for Address {
                 .chain(held::Reserved::of(&releases).addresses)
                 .collect()
         };
-        let net = d.cfg.subnet.allocate(&used)?;
+        let net = host.cfg.subnet.allocate(&used)?;
         cx.vm.runtime.guest_ip = Some(net.guest_ip.to_string());
         // Saved under the lock: the next allocation sees it.
-        d.save(cx.vm)
+        host.save(cx.vm)
     }
 
-    fn held(&self, _d: &Daemon, vm: &VmRecord, _h: &VmHandles) -> Option<Item> {
+    fn held(&self, _host: &Host<'_>, vm: &VmRecord, _h: &VmHandles) -> Option<Item> {
         let ip = vm.runtime.guest_ip.as_ref()?.parse().ok()?;
         Some(Item::Address(held::Address { ip: Some(ip) }))
     }
 
     // `end` keeps the default: released (and so reserved) after the reply.
 
-    fn release(&self, _d: &Daemon, _r: &Release, _held: &Item) -> Result<()> {
+    fn release(&self, _host: &Host<'_>, _r: &Release, _held: &Item) -> Result<()> {
         // Nothing in the kernel: the record's disappearance frees it.
         Ok(())
     }

@@ -12,20 +12,21 @@ use banger_core::api::Event;
 use banger_core::{Release, VmHandles, VmRecord};
 
 use super::{Acq, End, Item, Resource};
-use crate::daemon::{lock, Daemon};
+use crate::daemon::lock;
 use crate::dns::{Asker, Listener};
 use crate::error::Result;
+use crate::host::Host;
 
 #[derive(Debug)]
 pub struct Dns;
 
-impl Daemon {
+impl Host<'_> {
     /// Opens the VM's listener unless it is open; returns its address.
     fn open_dns(&self, vm: &VmRecord) -> Result<SocketAddr> {
         let addr = SocketAddr::from((self.guest_net(vm)?.host_ip, 53));
         let mut map = lock(&self.dns.vms);
         if !map.contains_key(&vm.id) {
-            let l = Listener::start(self.weak(), addr, Asker::Guest(vm.id.clone()))?;
+            let l = Listener::start(self.dns_answerer(), addr, Asker::Guest(vm.id.clone()))?;
             map.insert(vm.id.clone(), l);
         }
         Ok(addr)
@@ -46,15 +47,15 @@ impl Resource for Dns {
         &[super::Handoff::GuestAddress, super::Handoff::Tap]
     }
 
-    fn acquire(&self, d: &Daemon, cx: &mut Acq<'_>) -> Result<()> {
-        match d.open_dns(cx.vm) {
+    fn acquire(&self, host: &Host<'_>, cx: &mut Acq<'_>) -> Result<()> {
+        match host.open_dns(cx.vm) {
             Ok(addr) => cx.nameserver = Some(addr),
             Err(e) => {
                 (cx.events)(Event::Progress {
                     message: format!(
                         "{e}: the guest uses the host's resolvers, and `<name>.{}` names do not \
                          resolve in it",
-                        d.cfg.dns_suffix
+                        host.cfg.dns_suffix
                     ),
                 });
                 cx.nameserver = None;
@@ -63,26 +64,26 @@ impl Resource for Dns {
         Ok(())
     }
 
-    fn held(&self, d: &Daemon, vm: &VmRecord, _h: &VmHandles) -> Option<Item> {
-        lock(&d.dns.vms)
+    fn held(&self, host: &Host<'_>, vm: &VmRecord, _h: &VmHandles) -> Option<Item> {
+        lock(&host.dns.vms)
             .contains_key(&vm.id)
             .then(|| Item::Dns(Default::default()))
     }
 
-    fn end(&self, d: &Daemon, vm: &VmRecord, _held: Item, _how: End) -> Result<Option<Item>> {
+    fn end(&self, host: &Host<'_>, vm: &VmRecord, _held: Item, _how: End) -> Result<Option<Item>> {
         // Dropped (stopped, its thread joined) after the map's lock is let go.
-        let l = lock(&d.dns.vms).remove(&vm.id);
+        let l = lock(&host.dns.vms).remove(&vm.id);
         drop(l);
         Ok(None)
     }
 
-    fn release(&self, d: &Daemon, r: &Release, _held: &Item) -> Result<()> {
-        let l = lock(&d.dns.vms).remove(&r.vm_id);
+    fn release(&self, host: &Host<'_>, r: &Release, _held: &Item) -> Result<()> {
+        let l = lock(&host.dns.vms).remove(&r.vm_id);
         drop(l);
         Ok(())
     }
 
-    fn adopt(&self, d: &Daemon, vm: &VmRecord) -> Result<()> {
-        d.open_dns(vm).map(|_| ())
+    fn adopt(&self, host: &Host<'_>, vm: &VmRecord) -> Result<()> {
+        host.open_dns(vm).map(|_| ())
     }
 }

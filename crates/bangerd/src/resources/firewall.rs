@@ -19,29 +19,30 @@ use banger_host::firewall::{self, GuestRules};
 use super::{held, Acq, Item, Resource};
 use crate::daemon::{lock, micros, Daemon};
 use crate::error::{DaemonError, Result};
+use crate::host::Host;
 
 #[derive(Debug)]
 pub struct Firewall;
 
 /// The VM's elements: its policy, its tap, the host's resolvers now.
-pub fn rules(d: &Daemon, vm: &VmRecord, tap: &str) -> Result<GuestRules> {
+pub fn rules(host: &Host<'_>, vm: &VmRecord, tap: &str) -> Result<GuestRules> {
     let outside = !vm.spec.net.none;
     Ok(GuestRules {
         vm_id: vm.id.clone(),
         tap: tap.to_string(),
-        guest_ip: d.guest_net(vm)?.guest_ip,
+        guest_ip: host.guest_net(vm)?.guest_ip,
         outside,
         allow: vm.spec.net.allow.clone(),
         dns: if outside {
             banger_guest::config::guest_nameservers(
-                &std::fs::read_to_string(&d.cfg.resolv_conf).unwrap_or_default(),
+                &std::fs::read_to_string(&host.cfg.resolv_conf).unwrap_or_default(),
             )
         } else {
             Vec::new()
         },
-        guests: d.cfg.subnet.cidr(),
+        guests: host.cfg.subnet.cidr(),
         networked: vm.spec.net.network.is_some(),
-        peers: peers(d, vm)?,
+        peers: peers(host, vm)?,
     })
 }
 
@@ -51,11 +52,11 @@ pub fn rules(d: &Daemon, vm: &VmRecord, tap: &str) -> Result<GuestRules> {
 /// input, which takes only DNS from a tap). A range that is nothing but
 /// such addresses is refused; a wider one that holds some is taken, and
 /// what stays closed is said (the returned notes).
-pub fn check_allow(d: &Daemon, allow: &[Cidr]) -> Result<Vec<String>> {
+pub fn check_allow(host: &Host<'_>, allow: &[Cidr]) -> Result<Vec<String>> {
     if allow.is_empty() {
         return Ok(Vec::new());
     }
-    judge_allow(allow, d.cfg.subnet.cidr(), &host_addrs()).map_err(DaemonError::Invalid)
+    judge_allow(allow, host.cfg.subnet.cidr(), &host_addrs()).map_err(DaemonError::Invalid)
 }
 
 /// This host's IPv4 addresses (of the daemon's network namespace), with
@@ -113,16 +114,16 @@ fn judge_allow(
 }
 
 /// The other VMs of the VM's network that have a tap now.
-fn peers(d: &Daemon, vm: &VmRecord) -> Result<Vec<(String, std::net::Ipv4Addr)>> {
+fn peers(host: &Host<'_>, vm: &VmRecord) -> Result<Vec<(String, std::net::Ipv4Addr)>> {
     let Some(net) = &vm.spec.net.network else {
         return Ok(Vec::new());
     };
-    let others = d.store().list_vms()?;
+    let others = host.store().list_vms()?;
     Ok(others
         .iter()
         .filter(|o| o.id != vm.id && o.spec.net.network.as_ref() == Some(net))
         .filter_map(|o| {
-            let tap = d.current_handles(o).tap_device?;
+            let tap = host.current_handles(o).tap_device?;
             let ip = o.runtime.guest_ip.as_deref()?.parse().ok()?;
             Some((tap, ip))
         })
@@ -146,17 +147,17 @@ impl Resource for Firewall {
         "nat"
     }
 
-    fn acquire(&self, d: &Daemon, cx: &mut Acq<'_>) -> Result<()> {
+    fn acquire(&self, host: &Host<'_>, cx: &mut Acq<'_>) -> Result<()> {
         let tap = cx.handles.tap_device.clone().ok_or_else(|| {
             DaemonError::Invalid(format!("vm {:?} has no tap for its firewall", cx.vm.name))
         })?;
-        let spec = rules(d, cx.vm, &tap)?;
+        let spec = rules(host, cx.vm, &tap)?;
         if spec.outside && firewall::default_uplink().is_none() {
             (cx.events)(Event::Progress {
                 message: "no default route on the host: the guest gets no outbound network".into(),
             });
         }
-        let nat_lock = d.nat_lock.clone();
+        let nat_lock = host.nat_lock.clone();
         let job = std::thread::Builder::new()
             .name("firewall-up".into())
             .spawn(move || {
@@ -171,12 +172,12 @@ impl Resource for Firewall {
     }
 
     /// Elements exist only once a tap was recorded.
-    fn held(&self, d: &Daemon, vm: &VmRecord, h: &VmHandles) -> Option<Item> {
+    fn held(&self, host: &Host<'_>, vm: &VmRecord, h: &VmHandles) -> Option<Item> {
         let tap = h
             .tap_device
             .clone()
             .or_else(|| vm.runtime.tap_device.clone())?;
-        Some(Item::Firewall(match rules(d, vm, &tap) {
+        Some(Item::Firewall(match rules(host, vm, &tap) {
             Ok(r) => held::Firewall::Elements(r),
             // (No address to name the element by: only an older banger's
             // rules, found by the VM's tag, can exist.)
@@ -186,7 +187,7 @@ impl Resource for Firewall {
         }))
     }
 
-    fn release(&self, d: &Daemon, r: &Release, held: &Item) -> Result<()> {
+    fn release(&self, host: &Host<'_>, r: &Release, held: &Item) -> Result<()> {
         let Item::Firewall(held) = held else {
             return Err(super::mismatch(self, &r.vm_name, held));
         };
@@ -195,7 +196,7 @@ impl Resource for Firewall {
             resource: "firewall",
             reason: e.to_string(),
         };
-        let _n = lock(&d.nat_lock);
+        let _n = lock(host.nat_lock);
         // What an older banger left (rules tagged with the VM's id in its
         // `ip banger` table); nothing when that table is not there.
         match held {
@@ -239,7 +240,7 @@ impl Daemon {
         };
         let mut repaired = 0;
         for (vm, tap) in &running {
-            let Ok(spec) = rules(self, vm, tap) else {
+            let Ok(spec) = rules(&self.host(), vm, tap) else {
                 continue;
             };
             if present.contains(&(spec.tap.clone(), spec.guest_ip)) {

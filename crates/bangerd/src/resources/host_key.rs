@@ -6,8 +6,8 @@ use banger_core::{Release, VmHandles, VmRecord};
 use banger_host::{fsutil, sshkey};
 
 use super::{end_files, files_held, Acq, End, Item, Resource};
-use crate::daemon::Daemon;
 use crate::error::Result;
+use crate::host::Host;
 
 #[derive(Debug)]
 pub struct HostKey;
@@ -16,19 +16,19 @@ pub struct HostKey;
 /// ssh at) from every VM's pinned key, as `<name>.<suffix> <key>`; one
 /// writer at a time. A convenience for the user's ssh: a failure is
 /// logged, it never fails a create or a delete.
-fn publish_known_hosts(d: &Daemon) -> Result<()> {
-    let _g = crate::daemon::lock(&d.known_hosts_lock);
-    if let Err(e) = write_known_hosts(d) {
+fn publish_known_hosts(host: &Host<'_>) -> Result<()> {
+    let _g = crate::daemon::lock(host.known_hosts_lock);
+    if let Err(e) = write_known_hosts(host) {
         tracing::warn!(err = %e, "cannot update ssh/known_hosts for `banger ssh-config`");
     }
     Ok(())
 }
 
-fn write_known_hosts(d: &Daemon) -> Result<()> {
+fn write_known_hosts(host: &Host<'_>) -> Result<()> {
     let mut text = String::new();
-    let vms = d.store().list_vms()?;
+    let vms = host.store().list_vms()?;
     for vm in vms {
-        let file = d.cfg.layout.vm_dir(&vm.id).join(vmfiles::KNOWN_HOSTS);
+        let file = host.cfg.layout.vm_dir(&vm.id).join(vmfiles::KNOWN_HOSTS);
         let Ok(line) = std::fs::read_to_string(&file) else {
             continue;
         };
@@ -36,14 +36,14 @@ fn write_known_hosts(d: &Daemon) -> Result<()> {
             // Both names: `ssh NAME.vm` (ssh-config), and `vm ssh` of a
             // member of the socket's group (HostKeyAlias NAME), whose ssh
             // cannot read the VM's own file.
-            text.push_str(&format!("{}.{} {key}\n", vm.name, d.cfg.dns_suffix));
+            text.push_str(&format!("{}.{} {key}\n", vm.name, host.cfg.dns_suffix));
             text.push_str(&format!("{} {key}\n", vm.name));
         }
     }
-    let path = d.cfg.layout.ssh_dir().join("known_hosts");
+    let path = host.cfg.layout.ssh_dir().join("known_hosts");
     fsutil::write_atomic(&path, text)?;
     // The socket group's ssh reads it, whatever umask the daemon has.
-    match d.cfg.socket_gid {
+    match host.cfg.socket_gid {
         Some(gid) => fsutil::set_owner_mode(&path, 0, gid, 0o640)?,
         None => fsutil::set_owner_mode(&path, 0, 0, 0o600)?,
     }
@@ -63,8 +63,8 @@ impl Resource for HostKey {
         &[super::Handoff::VmDir]
     }
 
-    fn acquire(&self, d: &Daemon, cx: &mut Acq<'_>) -> Result<()> {
-        let dir = d.cfg.layout.vm_dir(&cx.vm.id);
+    fn acquire(&self, host: &Host<'_>, cx: &mut Acq<'_>) -> Result<()> {
+        let dir = host.cfg.layout.vm_dir(&cx.vm.id);
         let key = dir.join(vmfiles::HOST_KEY);
         sshkey::generate(&key, &format!("root@{}", cx.vm.name))?;
         let pubkey = sshkey::public_key(&key)?;
@@ -72,11 +72,11 @@ impl Resource for HostKey {
             &dir.join(vmfiles::KNOWN_HOSTS),
             format!("{} {pubkey}\n", cx.vm.name),
         )?;
-        publish_known_hosts(d)
+        publish_known_hosts(host)
     }
 
-    fn held(&self, d: &Daemon, vm: &VmRecord, _h: &VmHandles) -> Option<Item> {
-        let dir = d.cfg.layout.vm_dir(&vm.id);
+    fn held(&self, host: &Host<'_>, vm: &VmRecord, _h: &VmHandles) -> Option<Item> {
+        let dir = host.cfg.layout.vm_dir(&vm.id);
         files_held(&[
             dir.join(vmfiles::HOST_KEY),
             dir.join(format!("{}.pub", vmfiles::HOST_KEY)),
@@ -85,13 +85,13 @@ impl Resource for HostKey {
         .map(Item::HostKey)
     }
 
-    fn end(&self, d: &Daemon, vm: &VmRecord, held: Item, _how: End) -> Result<Option<Item>> {
+    fn end(&self, host: &Host<'_>, vm: &VmRecord, held: Item, _how: End) -> Result<Option<Item>> {
         let rest = end_files(vm, held)?;
-        publish_known_hosts(d)?;
+        publish_known_hosts(host)?;
         Ok(rest)
     }
 
-    fn release(&self, _d: &Daemon, r: &Release, held: &Item) -> Result<()> {
+    fn release(&self, _host: &Host<'_>, r: &Release, held: &Item) -> Result<()> {
         super::release_files(self, r, held)
     }
 }

@@ -12,8 +12,9 @@ use banger_host::fsutil::{self, WrapIo};
 use banger_host::sshkey;
 
 use super::{end_files, files_held, Acq, End, Item, Resource};
-use crate::daemon::{random_hex, Daemon};
+use crate::daemon::random_hex;
 use crate::error::Result;
+use crate::host::Host;
 
 #[derive(Debug)]
 pub struct Initrd;
@@ -39,12 +40,12 @@ impl Resource for Initrd {
         "config"
     }
 
-    fn acquire(&self, d: &Daemon, cx: &mut Acq<'_>) -> Result<()> {
-        let dir = d.cfg.layout.vm_dir(&cx.vm.id);
+    fn acquire(&self, host: &Host<'_>, cx: &mut Acq<'_>) -> Result<()> {
+        let dir = host.cfg.layout.vm_dir(&cx.vm.id);
         cx.boot_id = random_hex(8)?;
-        let cfg = guest_config(d, cx.vm, &cx.boot_id, cx.nameserver)?;
-        let base = d.image_initrd(cx.img)?;
-        let agent = d.agent_archive()?;
+        let cfg = guest_config(host, cx.vm, &cx.boot_id, cx.nameserver)?;
+        let base = host.image_initrd(cx.img)?;
+        let agent = host.agent_archive()?;
         let path = dir.join(vmfiles::INITRD);
         let mut f = std::fs::File::create(&path).with_path("create", &path)?;
         f.write_all(&base)
@@ -55,15 +56,15 @@ impl Resource for Initrd {
         Ok(())
     }
 
-    fn held(&self, d: &Daemon, vm: &VmRecord, _h: &VmHandles) -> Option<Item> {
-        files_held(&[d.cfg.layout.vm_dir(&vm.id).join(vmfiles::INITRD)]).map(Item::Initrd)
+    fn held(&self, host: &Host<'_>, vm: &VmRecord, _h: &VmHandles) -> Option<Item> {
+        files_held(&[host.cfg.layout.vm_dir(&vm.id).join(vmfiles::INITRD)]).map(Item::Initrd)
     }
 
-    fn end(&self, _d: &Daemon, vm: &VmRecord, held: Item, _how: End) -> Result<Option<Item>> {
+    fn end(&self, _host: &Host<'_>, vm: &VmRecord, held: Item, _how: End) -> Result<Option<Item>> {
         end_files(vm, held)
     }
 
-    fn release(&self, _d: &Daemon, r: &Release, held: &Item) -> Result<()> {
+    fn release(&self, _host: &Host<'_>, r: &Release, held: &Item) -> Result<()> {
         super::release_files(self, r, held)
     }
 }
@@ -71,18 +72,18 @@ impl Resource for Initrd {
 /// What a VM's guest is told about itself (the config archive at each
 /// boot, and `identity` for a clone re-identified after a restore).
 pub(crate) fn guest_config(
-    d: &Daemon,
+    host: &Host<'_>,
     vm: &VmRecord,
     boot_id: &str,
     nameserver: Option<std::net::SocketAddr>,
 ) -> Result<banger_guest::config::GuestConfig> {
-    let dir = d.cfg.layout.vm_dir(&vm.id);
-    let net = d.guest_net(vm)?;
-    let mut client_pub = sshkey::public_key(&d.cfg.layout.client_key())?;
+    let dir = host.cfg.layout.vm_dir(&vm.id);
+    let net = host.guest_net(vm)?;
+    let mut client_pub = sshkey::public_key(&host.cfg.layout.client_key())?;
     // The socket group's key too, unless only root may use this VM.
-    let group_key = crate::perms::group_key(&d.cfg.layout);
-    let roots = crate::access::root_only(vm) || crate::access::root_only_data(&d.store(), vm)?;
-    if d.cfg.socket_gid.is_some() && !roots && group_key.exists() {
+    let group_key = crate::perms::group_key(&host.cfg.layout);
+    let roots = crate::access::root_only(vm) || crate::access::root_only_data(&host.store(), vm)?;
+    if host.cfg.socket_gid.is_some() && !roots && group_key.exists() {
         client_pub.push('\n');
         client_pub.push_str(&sshkey::public_key(&group_key)?);
     }
@@ -96,7 +97,7 @@ pub(crate) fn guest_config(
         nameservers: match nameserver {
             Some(std::net::SocketAddr::V4(ns)) => vec![*ns.ip()],
             _ => banger_guest::config::guest_nameservers(
-                &std::fs::read_to_string(&d.cfg.resolv_conf).unwrap_or_default(),
+                &std::fs::read_to_string(&host.cfg.resolv_conf).unwrap_or_default(),
             ),
         },
         authorized_keys: format!("{client_pub}\n"),

@@ -39,65 +39,56 @@ use banger_host::cgroup::{Cgroups, Limits};
 use banger_host::confine::{Confinement, Identity};
 
 use super::{held, Acq, End, Item, Resource};
-use crate::daemon::Daemon;
 use crate::error::{DaemonError, Result};
+use crate::host::Host;
 
 #[derive(Debug)]
 pub struct Jail;
 
-impl Daemon {
-    /// The host's cgroup hierarchy, or why a VM cannot be confined here.
-    pub fn cgroups(&self) -> Result<&Cgroups> {
-        self.cgroups
-            .as_ref()
-            .map_err(|e| DaemonError::Unsupported(e.clone()))
-    }
-}
-
 /// Whether the VM's Firecracker runs under its jailer.
-pub fn jailed(d: &Daemon, vm: &VmRecord) -> bool {
-    vm.spec.vmm == VmmKind::Firecracker && d.cfg.jailer.is_some()
+pub fn jailed(host: &Host<'_>, vm: &VmRecord) -> bool {
+    vm.spec.vmm == VmmKind::Firecracker && host.cfg.jailer.is_some()
 }
 
 /// Where the jailer puts its chroots (on the VMs' filesystem: the files a
 /// jailed Firecracker opens are hard-linked in).
-pub fn chroot_base(d: &Daemon) -> PathBuf {
-    d.cfg.layout.state_dir.join("jail")
+pub fn chroot_base(host: &Host<'_>) -> PathBuf {
+    host.cfg.layout.state_dir.join("jail")
 }
 
 /// The jailed Firecracker's `/` for this VM, if it is jailed.
-pub fn chroot(d: &Daemon, vm: &VmRecord) -> Option<PathBuf> {
-    let fc = d.cfg.firecracker.as_ref()?;
-    jailed(d, vm).then(|| banger_vmm::jailer::chroot_dir(&chroot_base(d), fc, jail_id(vm)))
+pub fn chroot(host: &Host<'_>, vm: &VmRecord) -> Option<PathBuf> {
+    let fc = host.cfg.firecracker.as_ref()?;
+    jailed(host, vm).then(|| banger_vmm::jailer::chroot_dir(&chroot_base(host), fc, jail_id(vm)))
 }
 
 /// Where the VM's VMM makes its sockets (API, vsock): its runtime dir, or
 /// its chroot when jailed.
-pub fn socket_dir(d: &Daemon, vm: &VmRecord) -> PathBuf {
-    chroot(d, vm).unwrap_or_else(|| d.cfg.layout.vm_runtime_dir(&vm.id))
+pub fn socket_dir(host: &Host<'_>, vm: &VmRecord) -> PathBuf {
+    chroot(host, vm).unwrap_or_else(|| host.cfg.layout.vm_runtime_dir(&vm.id))
 }
 
 /// The identity the VM's VMM and vsock backend run as; none where the VMM
 /// keeps root (Firecracker without its jailer). A jailed Firecracker's
 /// group is the images' (the jailer leaves it no supplementary group).
-pub fn identity(d: &Daemon, vm: &VmRecord) -> Result<Option<Identity>> {
-    let fc_jailed = jailed(d, vm);
+pub fn identity(host: &Host<'_>, vm: &VmRecord) -> Result<Option<Identity>> {
+    let fc_jailed = jailed(host, vm);
     if vm.spec.vmm != VmmKind::Qemu && !fc_jailed {
         return Ok(None);
     }
-    let slot = d.guest_net(vm)?.slot;
-    let base = d.cfg.vmm_uid_base;
+    let slot = host.guest_net(vm)?.slot;
+    let base = host.cfg.vmm_uid_base;
     let uid = base.checked_add(slot).ok_or_else(|| {
         DaemonError::Invalid(format!(
             "vm {:?}: --vmm-uid-base {base} + slot {slot} overflows a uid",
             vm.name
         ))
     })?;
-    let images = d.cfg.vmm_images_gid;
+    let images = host.cfg.vmm_images_gid;
     let mut groups = Vec::new();
     // The accelerator the VMM uses now (a VM created before KVM was
     // usable boots with it once it is).
-    let accel = d
+    let accel = host
         .vmm(vm.spec.vmm)
         .map(|v| v.accel().to_string())
         .unwrap_or_default();
@@ -121,16 +112,16 @@ pub fn identity(d: &Daemon, vm: &VmRecord) -> Result<Option<Identity>> {
 }
 
 /// The jailer's part of the VMM's configuration, for a jailed VM.
-pub fn jail_spec(d: &Daemon, vm: &VmRecord) -> Result<Option<banger_vmm::jailer::JailSpec>> {
-    let (Some(jailer), true) = (d.cfg.jailer.clone(), jailed(d, vm)) else {
+pub fn jail_spec(host: &Host<'_>, vm: &VmRecord) -> Result<Option<banger_vmm::jailer::JailSpec>> {
+    let (Some(jailer), true) = (host.cfg.jailer.clone(), jailed(host, vm)) else {
         return Ok(None);
     };
-    let Some(id) = identity(d, vm)? else {
+    let Some(id) = identity(host, vm)? else {
         return Ok(None);
     };
     Ok(Some(banger_vmm::jailer::JailSpec {
         jailer,
-        chroot_base: chroot_base(d),
+        chroot_base: chroot_base(host),
         id: jail_id(vm).to_string(),
         uid: id.uid,
         gid: id.gid,
@@ -139,10 +130,10 @@ pub fn jail_spec(d: &Daemon, vm: &VmRecord) -> Result<Option<banger_vmm::jailer:
 
 /// The jail dir the jailer makes for a jailed VM (`<base>/<exec
 /// name>/<jail id>`), where no handle recorded it.
-fn jail_dir(d: &Daemon, vm: &VmRecord) -> Option<PathBuf> {
-    let fc = d.cfg.firecracker.as_ref().filter(|_| jailed(d, vm))?;
+fn jail_dir(host: &Host<'_>, vm: &VmRecord) -> Option<PathBuf> {
+    let fc = host.cfg.firecracker.as_ref().filter(|_| jailed(host, vm))?;
     Some(banger_vmm::jailer::jail_dir(
-        &chroot_base(d),
+        &chroot_base(host),
         fc,
         jail_id(vm),
     ))
@@ -157,7 +148,7 @@ pub fn jail_id(vm: &VmRecord) -> &str {
 
 /// What the VM's processes start with: its identity (if any) and its
 /// cgroups.
-pub fn confinement(d: &Daemon, vm: &VmRecord, id: Option<Identity>) -> Result<Confinement> {
+pub fn confinement(host: &Host<'_>, vm: &VmRecord, id: Option<Identity>) -> Result<Confinement> {
     Ok(Confinement {
         // A confined process needs no network (QEMU has its tap as a
         // descriptor; the vsock backend speaks Unix sockets): it gets an
@@ -167,16 +158,16 @@ pub fn confinement(d: &Daemon, vm: &VmRecord, id: Option<Identity>) -> Result<Co
         private_tmp: id.is_some() && vm.spec.vmm == VmmKind::Qemu,
         max_file_bytes: None,
         identity: id,
-        cgroup_procs: d.cgroups()?.procs_files(&vm.id),
+        cgroup_procs: host.cgroups()?.procs_files(&vm.id),
     })
 }
 
 /// The VM's limits.
-pub fn limits(d: &Daemon, vm: &VmRecord) -> Limits {
+pub fn limits(host: &Host<'_>, vm: &VmRecord) -> Limits {
     let s = &vm.spec.sizing;
     Limits {
-        memory_bytes: (s.memory_mib + d.cfg.vmm_memory_overhead_mib) << 20,
-        pids: d.cfg.vmm_pids_max,
+        memory_bytes: (s.memory_mib + host.cfg.vmm_memory_overhead_mib) << 20,
+        pids: host.cfg.vmm_pids_max,
         cpu_weight: 100 * u64::from(s.cpus.max(1)),
     }
 }
@@ -254,8 +245,8 @@ pub(crate) fn revoke_image(dir: &Path, uid: u32) -> Result<()> {
 /// whose processes run. Only this daemon's uids (its claimed range): an
 /// image's inode may be another daemon's too (a hard link), with grants
 /// of that daemon's VMs.
-pub fn sweep_grants(d: &Daemon, live: &[(PathBuf, u32)]) -> Result<()> {
-    let images = d.cfg.layout.images_dir();
+pub fn sweep_grants(host: &Host<'_>, live: &[(PathBuf, u32)]) -> Result<()> {
+    let images = host.cfg.layout.images_dir();
     let dirs: Vec<PathBuf> = std::fs::read_dir(&images)
         .into_iter()
         .flatten()
@@ -263,20 +254,20 @@ pub fn sweep_grants(d: &Daemon, live: &[(PathBuf, u32)]) -> Result<()> {
         .map(|e| e.path())
         .filter(|p| p.symlink_metadata().is_ok_and(|m| m.is_dir()))
         .collect();
-    sweep(d, &dirs, live)
+    sweep(host, &dirs, live)
 }
 
 /// Revokes every grant of this daemon's on an image that is going away
 /// (no VM uses it; a deleted VM's release may still be pending): on a
 /// hard-linked inode a grant would outlive the dir.
-pub fn revoke_all(d: &Daemon, dir: &Path) -> Result<()> {
-    sweep(d, &[dir.to_path_buf()], &[])
+pub fn revoke_all(host: &Host<'_>, dir: &Path) -> Result<()> {
+    sweep(host, &[dir.to_path_buf()], &[])
 }
 
-fn sweep(d: &Daemon, dirs: &[PathBuf], live: &[(PathBuf, u32)]) -> Result<()> {
-    let base = d.cfg.vmm_uid_base;
+fn sweep(host: &Host<'_>, dirs: &[PathBuf], live: &[(PathBuf, u32)]) -> Result<()> {
+    let base = host.cfg.vmm_uid_base;
     let ours = |uid: u32| {
-        uid >= base && u64::from(uid) < u64::from(base) + u64::from(d.cfg.subnet.slots())
+        uid >= base && u64::from(uid) < u64::from(base) + u64::from(host.cfg.subnet.slots())
     };
     let _g = crate::daemon::lock(&GRANTS);
     // Every file tried, the first error reported.
@@ -302,20 +293,20 @@ fn sweep(d: &Daemon, dirs: &[PathBuf], live: &[(PathBuf, u32)]) -> Result<()> {
 
 /// Revokes the VM's image grant, if it has one; only ever in the images
 /// dir.
-fn revoke_granted(d: &Daemon, held: &held::Jail) -> Result<()> {
+fn revoke_granted(host: &Host<'_>, held: &held::Jail) -> Result<()> {
     match (&held.image, held.uid) {
-        (Some(dir), Some(uid)) if dir.starts_with(d.cfg.layout.images_dir()) => {
+        (Some(dir), Some(uid)) if dir.starts_with(host.cfg.layout.images_dir()) => {
             revoke_image(dir, uid)
         }
         _ => Ok(()),
     }
 }
 
-fn volumes(d: &Daemon, vm: &VmRecord) -> Vec<PathBuf> {
+fn volumes(host: &Host<'_>, vm: &VmRecord) -> Vec<PathBuf> {
     vm.spec
         .volumes
         .iter()
-        .map(|m| d.cfg.layout.volume(&m.name))
+        .map(|m| host.cfg.layout.volume(&m.name))
         .collect()
 }
 
@@ -323,11 +314,11 @@ fn volumes(d: &Daemon, vm: &VmRecord) -> Vec<PathBuf> {
 /// still owns it (a release after the reply must not take a volume from
 /// the VM that has it since), under the volume lock that attaching them
 /// takes too.
-fn give_back_volumes(d: &Daemon, held: &held::Jail) -> Result<()> {
+fn give_back_volumes(host: &Host<'_>, held: &held::Jail) -> Result<()> {
     let Some(uid) = held.uid else {
         return Ok(());
     };
-    let _v = crate::daemon::lock(&d.volumes.lock);
+    let _v = crate::daemon::lock(&host.volumes.lock);
     for p in &held.volumes {
         if p.symlink_metadata().is_ok_and(|m| m.uid() == uid) {
             chown(p, 0, 0, 0o600)?;
@@ -338,9 +329,9 @@ fn give_back_volumes(d: &Daemon, held: &held::Jail) -> Result<()> {
 
 /// Removes a jailed Firecracker's chroot (links to the VM's files, device
 /// nodes, its sockets): only ever a dir under the chroot base.
-fn remove_jail(d: &Daemon, held: &held::Jail) -> Result<()> {
+fn remove_jail(host: &Host<'_>, held: &held::Jail) -> Result<()> {
     if let Some(p) = &held.jail {
-        if p.starts_with(chroot_base(d)) {
+        if p.starts_with(chroot_base(host)) {
             banger_host::fsutil::remove_dir_all_if_exists(p)?;
         }
     }
@@ -349,8 +340,8 @@ fn remove_jail(d: &Daemon, held: &held::Jail) -> Result<()> {
 
 /// Kills what is left in the VM's cgroup and waits up to `wait` for it to
 /// be empty; whether it is.
-fn kill_cgroup(d: &Daemon, held: &held::Jail, wait: std::time::Duration) -> bool {
-    let Ok(c) = d.cgroups() else {
+fn kill_cgroup(host: &Host<'_>, held: &held::Jail, wait: std::time::Duration) -> bool {
+    let Ok(c) = host.cgroups() else {
         return true;
     };
     let dirs = &held.cgroup;
@@ -374,8 +365,8 @@ const END_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// How long the last exits in a VM's cgroup may take.
 const EMPTY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-fn remove_cgroup(d: &Daemon, vm_id: &str, held: &held::Jail, wait: bool) -> Result<()> {
-    let Ok(c) = d.cgroups() else {
+fn remove_cgroup(host: &Host<'_>, vm_id: &str, held: &held::Jail, wait: bool) -> Result<()> {
+    let Ok(c) = host.cgroups() else {
         return Ok(());
     };
     // The dirs recorded (the daemon's own cgroup may have moved since).
@@ -416,17 +407,17 @@ impl Resource for Jail {
         "confine"
     }
 
-    fn acquire(&self, d: &Daemon, cx: &mut Acq<'_>) -> Result<()> {
-        let c: &Cgroups = d.cgroups()?;
+    fn acquire(&self, host: &Host<'_>, cx: &mut Acq<'_>) -> Result<()> {
+        let c: &Cgroups = host.cgroups()?;
         // Recorded first: a failed create leaves nothing, a later failure
         // finds the dirs in the handles.
         cx.handles.cgroup_dirs = c.dirs(&cx.vm.id);
-        c.create(&cx.vm.id, &limits(d, cx.vm))
+        c.create(&cx.vm.id, &limits(host, cx.vm))
             .map_err(|e| DaemonError::Invalid(format!("vm {:?}: {e}", cx.vm.name)))?;
-        let Some(id) = identity(d, cx.vm)? else {
+        let Some(id) = identity(host, cx.vm)? else {
             return Ok(());
         };
-        let l = &d.cfg.layout;
+        let l = &host.cfg.layout;
         for top in [l.vms_dir(), l.runtime_dir.join("vms")] {
             if let Some(a) = crate::perms::unreachable_ancestor(&top) {
                 return Err(DaemonError::Invalid(format!(
@@ -445,12 +436,12 @@ impl Resource for Jail {
         chown(&rt, id.uid, id.gid, 0o700)?;
         grant_image(&cx.img.dir, id.uid)?;
         {
-            let _v = crate::daemon::lock(&d.volumes.lock);
-            for v in volumes(d, cx.vm) {
+            let _v = crate::daemon::lock(&host.volumes.lock);
+            for v in volumes(host, cx.vm) {
                 chown(&v, id.uid, id.gid, 0o600)?;
             }
         }
-        if let Some(root) = chroot(d, cx.vm) {
+        if let Some(root) = chroot(host, cx.vm) {
             // A jailed Firecracker opens its tap by name, as its user.
             if let Some(tap) = &cx.handles.tap_device {
                 banger_host::tap::set_owner(tap, id.uid)?;
@@ -463,20 +454,20 @@ impl Resource for Jail {
         Ok(())
     }
 
-    fn held(&self, d: &Daemon, vm: &VmRecord, h: &VmHandles) -> Option<Item> {
+    fn held(&self, host: &Host<'_>, vm: &VmRecord, h: &VmHandles) -> Option<Item> {
         let dirs: Vec<PathBuf> = if h.cgroup_dirs.is_empty() {
-            d.cgroups().map(|c| c.dirs(&vm.id)).unwrap_or_default()
+            host.cgroups().map(|c| c.dirs(&vm.id)).unwrap_or_default()
         } else {
             h.cgroup_dirs.clone()
         };
         let dirs: Vec<PathBuf> = dirs.into_iter().filter(|p| p.exists()).collect();
         // Only the volumes this VM's user owns (a volume another running
         // VM has is that VM's user's, and stays so).
-        let me = d
+        let me = host
             .guest_net(vm)
             .ok()
-            .and_then(|n| d.cfg.vmm_uid_base.checked_add(n.slot));
-        let vols: Vec<PathBuf> = volumes(d, vm)
+            .and_then(|n| host.cfg.vmm_uid_base.checked_add(n.slot));
+        let vols: Vec<PathBuf> = volumes(host, vm)
             .into_iter()
             .filter(|p| p.metadata().is_ok_and(|m| Some(m.uid()) == me))
             .collect();
@@ -487,19 +478,19 @@ impl Resource for Jail {
             .api_sock_path
             .as_ref()
             .and_then(|a| a.parent()?.parent())
-            .filter(|p| p.starts_with(chroot_base(d)))
+            .filter(|p| p.starts_with(chroot_base(host)))
             .map(Path::to_path_buf);
         let jail = h
             .jail_dir
             .clone()
             .or(from_api)
-            .or_else(|| jail_dir(d, vm))
+            .or_else(|| jail_dir(host, vm))
             .filter(|p| p.exists());
         // Whenever the VMM has an identity of its own, whatever the ACLs
         // say now (revoking is idempotent; a grant that cannot be read
         // must still be taken back before the uid goes to another VM).
-        let confined = identity(d, vm).ok().flatten().is_some();
-        let image = (confined && me.is_some()).then(|| d.cfg.layout.image_dir(&vm.spec.image));
+        let confined = identity(host, vm).ok().flatten().is_some();
+        let image = (confined && me.is_some()).then(|| host.cfg.layout.image_dir(&vm.spec.image));
         let some = !dirs.is_empty() || !vols.is_empty() || jail.is_some() || image.is_some();
         some.then_some(Item::Jail(held::Jail {
             cgroup: dirs,
@@ -510,7 +501,7 @@ impl Resource for Jail {
         }))
     }
 
-    fn end(&self, d: &Daemon, vm: &VmRecord, held: Item, how: End) -> Result<Option<Item>> {
+    fn end(&self, host: &Host<'_>, vm: &VmRecord, held: Item, how: End) -> Result<Option<Item>> {
         let Item::Jail(h) = &held else {
             return Err(super::mismatch(self, &vm.name, &held));
         };
@@ -524,14 +515,14 @@ impl Resource for Jail {
         } else {
             std::time::Duration::ZERO
         };
-        if !kill_cgroup(d, h, wait) {
+        if !kill_cgroup(host, h, wait) {
             return Ok(Some(held));
         }
-        give_back_volumes(d, h)?;
-        revoke_granted(d, h)?;
-        remove_jail(d, h)?;
+        give_back_volumes(host, h)?;
+        revoke_granted(host, h)?;
+        remove_jail(host, h)?;
         // Busy while a deleted VM's VMM is still dying: after the reply.
-        match remove_cgroup(d, &vm.id, h, false) {
+        match remove_cgroup(host, &vm.id, h, false) {
             Ok(()) => Ok(None),
             Err(_) => Ok(Some(Item::Jail(held::Jail {
                 cgroup: h.cgroup.clone(),
@@ -540,23 +531,23 @@ impl Resource for Jail {
         }
     }
 
-    fn release(&self, d: &Daemon, r: &Release, held: &Item) -> Result<()> {
+    fn release(&self, host: &Host<'_>, r: &Release, held: &Item) -> Result<()> {
         let Item::Jail(held) = held else {
             return Err(super::mismatch(self, &r.vm_name, held));
         };
         // Everything of the VM gone first (as in `end`), then its volumes
         // and jail.
-        remove_cgroup(d, &r.vm_id, held, true)?;
-        give_back_volumes(d, held)?;
-        revoke_granted(d, held)?;
-        remove_jail(d, held)
+        remove_cgroup(host, &r.vm_id, held, true)?;
+        give_back_volumes(host, held)?;
+        revoke_granted(host, held)?;
+        remove_jail(host, held)
     }
 }
 
 /// Why a VMM that exited on its own did, if the kernel's OOM killer
 /// killed it (or a helper) in the VM's cgroup.
-pub fn oom_message(d: &Daemon, vm: &VmRecord) -> Option<String> {
-    let c = d.cgroups().ok()?;
+pub fn oom_message(host: &Host<'_>, vm: &VmRecord) -> Option<String> {
+    let c = host.cgroups().ok()?;
     let kills = c.oom_kills(&vm.id)?;
     if kills == 0 {
         return None;
@@ -566,7 +557,7 @@ pub fn oom_message(d: &Daemon, vm: &VmRecord) -> Option<String> {
         "the kernel's OOM killer stopped the VM: its VMM and helpers used more than their \
          memory limit of {limit} MiB ({} MiB of guest memory + {} MiB for the VMM); \
          give it more with --memory, or raise bangerd --vmm-memory-overhead",
-        vm.spec.sizing.memory_mib, d.cfg.vmm_memory_overhead_mib
+        vm.spec.sizing.memory_mib, host.cfg.vmm_memory_overhead_mib
     ))
 }
 
@@ -591,13 +582,13 @@ mod tests {
                 return;
             }
         }
-        sweep_grants(&d, &[(dir.clone(), running)]).unwrap();
+        sweep_grants(&d.host(), &[(dir.clone(), running)]).unwrap();
         let mut users = banger_host::acl::users(&f).unwrap();
         users.sort();
         assert_eq!(users, vec![elsewhere, running]);
         // The image goes: the running VM's grant too (none may use it by
         // then), another daemon's stays.
-        revoke_all(&d, &dir).unwrap();
+        revoke_all(&d.host(), &dir).unwrap();
         assert_eq!(banger_host::acl::users(&f).unwrap(), vec![elsewhere]);
     }
 }

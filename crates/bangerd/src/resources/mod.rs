@@ -18,6 +18,10 @@
 //! acquires, in order; teardown walks them backwards. A new resource is a
 //! module and a line in one of them: lifecycle, reconcile and release code
 //! do not change.
+//!
+//! Every method works in a [`Host`], the daemon's narrow context (the
+//! store, the resources' own states, the host objects' locks), never the
+//! `Daemon` itself.
 
 use std::path::PathBuf;
 
@@ -27,8 +31,8 @@ use banger_host::fsutil;
 
 pub use held::Item;
 
-use crate::daemon::Daemon;
 use crate::error::Result;
+use crate::host::Host;
 
 pub mod address;
 pub mod backend;
@@ -199,21 +203,21 @@ pub trait Resource: Sync + std::fmt::Debug {
         true
     }
 
-    fn acquire(&self, d: &Daemon, cx: &mut Acq<'_>) -> Result<()>;
+    fn acquire(&self, host: &Host<'_>, cx: &mut Acq<'_>) -> Result<()>;
 
     /// What the resource holds for `vm` now: its own variant of [`Item`].
-    fn held(&self, d: &Daemon, vm: &VmRecord, h: &VmHandles) -> Option<Item>;
+    fn held(&self, host: &Host<'_>, vm: &VmRecord, h: &VmHandles) -> Option<Item>;
 
     /// The default ends nothing before the reply: all of it is released
     /// after.
-    fn end(&self, d: &Daemon, vm: &VmRecord, held: Item, how: End) -> Result<Option<Item>> {
-        let _ = (d, vm, how);
+    fn end(&self, host: &Host<'_>, vm: &VmRecord, held: Item, how: End) -> Result<Option<Item>> {
+        let _ = (host, vm, how);
         Ok(Some(held))
     }
 
     /// Releases `held`, an item of this resource's variant (the dispatch
     /// in `releases.rs` goes by variant; another is [`mismatch`]).
-    fn release(&self, d: &Daemon, r: &Release, held: &Item) -> Result<()>;
+    fn release(&self, host: &Host<'_>, r: &Release, held: &Item) -> Result<()>;
 
     /// Whether a failed `end` stops the teardown (a VMM that survives
     /// SIGKILL still uses the VM's tap and disks: nothing after it may be
@@ -224,8 +228,8 @@ pub trait Resource: Sync + std::fmt::Debug {
 
     /// Takes up again, for a VM reconcile keeps running, what lived in the
     /// previous daemon's process (listeners); kernel objects need nothing.
-    fn adopt(&self, d: &Daemon, vm: &VmRecord) -> Result<()> {
-        let _ = (d, vm);
+    fn adopt(&self, host: &Host<'_>, vm: &VmRecord) -> Result<()> {
+        let _ = (host, vm);
         Ok(())
     }
 }

@@ -22,6 +22,7 @@ use tracing::debug;
 use super::{Acq, End, Item, Resource};
 use crate::daemon::{lock, Daemon};
 use crate::error::{DaemonError, Result};
+use crate::host::Host;
 
 #[derive(Debug)]
 pub struct Ports;
@@ -339,7 +340,7 @@ pub fn check_free(vm: &str, ports: &[PortMap]) -> Result<()> {
 
 /// [`check_free`], naming the VM that publishes a port in use, if one of
 /// this daemon's does (it listens now: a stopped VM's ports are free).
-pub fn check_free_naming(d: &Daemon, vm: &str, ports: &[PortMap]) -> Result<()> {
+pub fn check_free_naming(host: &Host<'_>, vm: &str, ports: &[PortMap]) -> Result<()> {
     check_free(vm, ports).map_err(|e| match e {
         DaemonError::PortInUse { vm, port, reason } => {
             // The same port and protocol on an address that overlaps
@@ -353,11 +354,11 @@ pub fn check_free_naming(d: &Daemon, vm: &str, ports: &[PortMap]) -> Result<()> 
             };
             let asked = ports.iter().find(|p| p.host_side() == port);
             let by = asked.and_then(|p| {
-                let vms = d.store().list_vms().ok()?;
+                let vms = host.store().list_vms().ok()?;
                 vms.into_iter()
                     .find(|o| {
                         o.name != vm
-                            && d.forwarders.count(&o.id) > 0
+                            && host.forwarders.count(&o.id) > 0
                             && o.spec.net.ports.iter().any(|q| clash(p, q))
                     })
                     .map(|o| o.name)
@@ -384,31 +385,31 @@ impl Resource for Ports {
         !vm.spec.net.ports.is_empty()
     }
 
-    fn acquire(&self, d: &Daemon, cx: &mut Acq<'_>) -> Result<()> {
-        d.open_ports(cx.vm)
+    fn acquire(&self, host: &Host<'_>, cx: &mut Acq<'_>) -> Result<()> {
+        host.open_ports(cx.vm)
     }
 
-    fn held(&self, d: &Daemon, vm: &VmRecord, _h: &VmHandles) -> Option<Item> {
-        let n = d.forwarders.count(&vm.id);
+    fn held(&self, host: &Host<'_>, vm: &VmRecord, _h: &VmHandles) -> Option<Item> {
+        let n = host.forwarders.count(&vm.id);
         (n > 0).then_some(Item::Ports(super::held::Ports { listeners: n }))
     }
 
-    fn end(&self, d: &Daemon, vm: &VmRecord, _held: Item, _how: End) -> Result<Option<Item>> {
-        d.forwarders.stop(&vm.id, None);
+    fn end(&self, host: &Host<'_>, vm: &VmRecord, _held: Item, _how: End) -> Result<Option<Item>> {
+        host.forwarders.stop(&vm.id, None);
         Ok(None)
     }
 
-    fn release(&self, d: &Daemon, r: &Release, _held: &Item) -> Result<()> {
-        d.forwarders.stop(&r.vm_id, None);
+    fn release(&self, host: &Host<'_>, r: &Release, _held: &Item) -> Result<()> {
+        host.forwarders.stop(&r.vm_id, None);
         Ok(())
     }
 
-    fn adopt(&self, d: &Daemon, vm: &VmRecord) -> Result<()> {
-        d.open_ports(vm)
+    fn adopt(&self, host: &Host<'_>, vm: &VmRecord) -> Result<()> {
+        host.open_ports(vm)
     }
 }
 
-impl Daemon {
+impl Host<'_> {
     /// Opens the VM's published ports that are not open yet; all or none.
     pub(crate) fn open_ports(&self, vm: &VmRecord) -> Result<()> {
         if self.forwarders.count(&vm.id) > 0 {
@@ -429,7 +430,9 @@ impl Daemon {
         }
         Ok(())
     }
+}
 
+impl Daemon {
     /// `vm port add`: recorded, and opened at once if the VM runs; a port
     /// in use (or already published) changes nothing.
     pub fn port_add(&self, name: &str, port: PortMap) -> Result<banger_core::api::VmInfo> {
@@ -448,7 +451,7 @@ impl Daemon {
             let f = Forwarder::start(&vm.name, port, self.guest_net(&vm)?.guest_ip)?;
             self.forwarders.add(&vm.id, f);
         } else {
-            check_free_naming(self, &vm.name, &[port])?;
+            check_free_naming(&self.host(), &vm.name, &[port])?;
         }
         vm.spec.net.ports.push(port);
         if let Err(e) = self.store().update_spec(&vm.id, &vm.spec) {

@@ -23,8 +23,9 @@ use banger_host::{fsutil, tap};
 use tracing::warn;
 
 use super::{held, Acq, Item, Resource};
-use crate::daemon::{lock, Daemon};
+use crate::daemon::lock;
 use crate::error::{DaemonError, Result};
+use crate::host::Host;
 
 #[derive(Debug)]
 pub struct Tap;
@@ -50,15 +51,15 @@ impl Resource for Tap {
     /// made or a spare taken over: a daemon killed in between leaves a
     /// record naming a tap that is not there (its release is then
     /// nothing), never a tap no record names.
-    fn acquire(&self, d: &Daemon, cx: &mut Acq<'_>) -> Result<()> {
-        let net = d.guest_net(cx.vm)?;
+    fn acquire(&self, host: &Host<'_>, cx: &mut Acq<'_>) -> Result<()> {
+        let net = host.guest_net(cx.vm)?;
         // A spare is never in neither the pool nor a record (the sweep
         // counts on it): taken and recorded under the naming lock.
         let spare = {
-            let _t = lock(&d.taps.naming);
-            match d.take_spare() {
+            let _t = lock(&host.taps.naming);
+            match host.take_spare() {
                 Some(n) => {
-                    record(d, cx, &n)?;
+                    record(host, cx, &n)?;
                     Some(n)
                 }
                 None => None,
@@ -73,20 +74,20 @@ impl Resource for Tap {
                 }
             }
         }
-        new_tap(d, cx, net.host_ip)
+        new_tap(host, cx, net.host_ip)
     }
 
     /// Cascade: handles (cache, then scratch file), then the runtime.
-    fn held(&self, d: &Daemon, vm: &VmRecord, h: &VmHandles) -> Option<Item> {
+    fn held(&self, host: &Host<'_>, vm: &VmRecord, h: &VmHandles) -> Option<Item> {
         let name = h
             .tap_device
             .clone()
             .or_else(|| vm.runtime.tap_device.clone())?;
-        let host_ip = d.guest_net(vm).ok().map(|n| n.host_ip);
+        let host_ip = host.guest_net(vm).ok().map(|n| n.host_ip);
         Some(Item::Tap(held::Tap { name, host_ip }))
     }
 
-    fn release(&self, d: &Daemon, r: &Release, held: &Item) -> Result<()> {
+    fn release(&self, host: &Host<'_>, r: &Release, held: &Item) -> Result<()> {
         let Item::Tap(held::Tap { name, host_ip }) = held else {
             return Err(super::mismatch(self, &r.vm_name, held));
         };
@@ -99,18 +100,18 @@ impl Resource for Tap {
         // Under the tap lock, with the pool's spares counted: a name this
         // release records may have been recorded before its tap existed
         // and never made; if it was made since, it is someone else's.
-        let _t = lock(&d.taps.naming);
-        let owned = d
+        let _t = lock(&host.taps.naming);
+        let owned = host
             .store()
             .list_vms()?
             .iter()
             .any(|v| v.id != r.vm_id && v.runtime.tap_device.as_deref() == Some(name))
-            || lock(&d.taps.spare).iter().any(|s| s == name);
+            || lock(&host.taps.spare).iter().any(|s| s == name);
         if !name.starts_with(tap::TAP_PREFIX) || owned {
             return Ok(());
         }
         if let Some(ip) = *host_ip {
-            if d.give_back(name, ip) {
+            if host.give_back(name, ip) {
                 return Ok(());
             }
         }
@@ -123,11 +124,11 @@ impl Resource for Tap {
 }
 
 /// Names the VM's tap in its handles and runtime, both written out.
-fn record(d: &Daemon, cx: &mut Acq<'_>, name: &str) -> Result<()> {
+fn record(host: &Host<'_>, cx: &mut Acq<'_>, name: &str) -> Result<()> {
     cx.handles.tap_device = Some(name.to_string());
     cx.vm.runtime.tap_device = Some(name.to_string());
-    d.set_handles(cx.vm, &cx.handles)?;
-    d.save(cx.vm)
+    host.set_handles(cx.vm, &cx.handles)?;
+    host.save(cx.vm)
 }
 
 /// The mark of the taps a daemon of `state_dir` makes: the dir itself
@@ -153,12 +154,17 @@ pub fn mark(state_dir: &std::path::Path) -> String {
 
 /// A new tap with the VM's address, its name chosen, recorded and the tap
 /// made under the tap lock.
-fn new_tap(d: &Daemon, cx: &mut Acq<'_>, host_ip: Ipv4Addr) -> Result<()> {
-    let _t = lock(&d.taps.naming);
-    let name = tap::free_name(&d.tap_names_held()?)?;
-    record(d, cx, &name)?;
+fn new_tap(host: &Host<'_>, cx: &mut Acq<'_>, host_ip: Ipv4Addr) -> Result<()> {
+    let _t = lock(&host.taps.naming);
+    let name = tap::free_name(&host.tap_names_held()?)?;
+    record(host, cx, &name)?;
     crate::failpoint::hit("start.tap.recorded")?;
-    tap::create(&name, host_ip, GUEST_PREFIX, &mark(&d.cfg.layout.state_dir))?;
+    tap::create(
+        &name,
+        host_ip,
+        GUEST_PREFIX,
+        &mark(&host.cfg.layout.state_dir),
+    )?;
     crate::failpoint::hit("start.tap.created")?;
     Ok(())
 }
@@ -172,7 +178,7 @@ pub struct Taps {
     pub(crate) naming: Mutex<()>,
 }
 
-impl Daemon {
+impl Host<'_> {
     fn pool_file(&self) -> std::path::PathBuf {
         self.cfg.layout.runtime_dir.join("tap-pool")
     }
@@ -191,15 +197,7 @@ impl Daemon {
         self.save_pool(&spare);
         drop(spare);
         // Refilled off the request's path.
-        let me = self.weak();
-        let _ = std::thread::Builder::new()
-            .name("tap-pool".into())
-            .spawn(move || {
-                if let Some(d) = me.upgrade() {
-                    let _ = crate::process_nice();
-                    d.fill_tap_pool();
-                }
-            });
+        self.in_background("tap-pool", |host| host.fill_tap_pool());
         Some(n)
     }
 
@@ -215,7 +213,7 @@ impl Daemon {
         let store = self.store();
         for v in store.list_vms()? {
             names.extend(v.runtime.tap_device.clone());
-            names.extend(self.handles.get(&v.id).and_then(|h| h.tap_device));
+            names.extend(self.cached_handles(&v.id).and_then(|h| h.tap_device));
         }
         names.extend(held::Reserved::of(&store.list_releases()?).taps);
         Ok(names)
@@ -400,7 +398,7 @@ mod tests {
             dm.store()
                 .insert_release(&release("pending", "bgtap8"))
                 .unwrap();
-            dm.sweep_stray_taps();
+            dm.host().sweep_stray_taps();
             assert!(
                 !banger_host::tap::exists("bgtap5"),
                 "a stray tap is deleted"

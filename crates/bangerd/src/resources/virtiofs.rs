@@ -25,6 +25,7 @@ use banger_host::process::{self, ProcId};
 use super::{Acq, End, Item, Resource};
 use crate::daemon::Daemon;
 use crate::error::{DaemonError, Result};
+use crate::host::Host;
 
 #[derive(Debug)]
 pub struct Virtiofs;
@@ -109,17 +110,17 @@ impl Resource for Virtiofs {
         !vm.spec.mounts.is_empty()
     }
 
-    fn acquire(&self, d: &Daemon, cx: &mut Acq<'_>) -> Result<()> {
+    fn acquire(&self, host: &Host<'_>, cx: &mut Acq<'_>) -> Result<()> {
         if !self.used(cx.vm) {
             return Ok(());
         }
-        let binary = d.cfg.virtiofsd.clone().ok_or_else(|| {
+        let binary = host.cfg.virtiofsd.clone().ok_or_else(|| {
             DaemonError::Invalid(format!(
                 "vm {:?}: --mount needs virtiofsd: run ./scripts/install-deps.sh",
                 cx.vm.name
             ))
         })?;
-        let rt_dir = d.cfg.layout.vm_runtime_dir(&cx.vm.id);
+        let rt_dir = host.cfg.layout.vm_runtime_dir(&cx.vm.id);
         fsutil::create_dir_all(&rt_dir)?;
         for (i, m) in cx.vm.spec.mounts.clone().iter().enumerate() {
             // A directory a caller who is not root shared is still theirs
@@ -137,30 +138,30 @@ impl Resource for Virtiofs {
             // virtiofsd serves that inode, bound at a path only root can
             // change (so no later swap of the user's path can redirect it).
             let dir = pin(m)?;
-            let share = d.cfg.layout.vm_dir(&cx.vm.id).join(format!("share{i}"));
+            let share = host.cfg.layout.vm_dir(&cx.vm.id).join(format!("share{i}"));
             fsutil::create_dir_all(&share)?;
             fsutil::set_owner_mode(&share, 0, 0, 0o700)?;
             let sock = socket(&rt_dir, i);
             fsutil::remove_file_if_exists(&sock)?;
-            let log = d
+            let log = host
                 .cfg
                 .layout
                 .vm_dir(&cx.vm.id)
                 .join(format!("virtiofsd-{i}.log"));
             // virtiofsd keeps root (its own sandbox needs it) but starts in
             // the VM's cgroup; its socket is the VMM's to connect to.
-            let confine = super::jail::confinement(d, cx.vm, None)?;
+            let confine = super::jail::confinement(host, cx.vm, None)?;
             let (id, up) = spawn(&binary, m, &dir, &share, &sock, &log, &cx.vm.name, &confine)?;
             // Recorded before it is known to be up: a teardown kills it.
             cx.handles.virtiofsd.push((id.pid, id.start_time));
             up?;
-            super::jail::hand_over(super::jail::identity(d, cx.vm)?.as_ref(), &[&sock])?;
+            super::jail::hand_over(super::jail::identity(host, cx.vm)?.as_ref(), &[&sock])?;
         }
         Ok(())
     }
 
-    fn held(&self, d: &Daemon, vm: &VmRecord, h: &VmHandles) -> Option<Item> {
-        let rt_dir = d.cfg.layout.vm_runtime_dir(&vm.id);
+    fn held(&self, host: &Host<'_>, vm: &VmRecord, h: &VmHandles) -> Option<Item> {
+        let rt_dir = host.cfg.layout.vm_runtime_dir(&vm.id);
         let socks: Vec<PathBuf> = (0..MAX_MOUNTS)
             .map(|i| socket(&rt_dir, i))
             .filter(|p| p.symlink_metadata().is_ok())
@@ -197,7 +198,7 @@ impl Resource for Virtiofs {
         }))
     }
 
-    fn end(&self, _d: &Daemon, vm: &VmRecord, held: Item, _how: End) -> Result<Option<Item>> {
+    fn end(&self, _host: &Host<'_>, vm: &VmRecord, held: Item, _how: End) -> Result<Option<Item>> {
         let Item::Virtiofs(h) = &held else {
             return Err(super::mismatch(self, &vm.name, &held));
         };
@@ -216,7 +217,7 @@ impl Resource for Virtiofs {
         })
     }
 
-    fn release(&self, _d: &Daemon, r: &Release, held: &Item) -> Result<()> {
+    fn release(&self, _host: &Host<'_>, r: &Release, held: &Item) -> Result<()> {
         let Item::Virtiofs(held) = held else {
             return Err(super::mismatch(self, &r.vm_name, held));
         };

@@ -5,8 +5,8 @@ use banger_core::{Release, VmHandles, VmRecord};
 use banger_host::fsutil;
 
 use super::{held, Acq, End, Item, Resource};
-use crate::daemon::Daemon;
 use crate::error::Result;
+use crate::host::Host;
 
 #[derive(Debug)]
 pub struct VmDir;
@@ -28,27 +28,27 @@ impl Resource for VmDir {
         &[super::Handoff::VmDir]
     }
 
-    fn acquire(&self, d: &Daemon, cx: &mut Acq<'_>) -> Result<()> {
-        fsutil::create_dir_all(&d.cfg.layout.vm_dir(&cx.vm.id))?;
-        fsutil::create_dir_all(&d.cfg.layout.vm_runtime_dir(&cx.vm.id))?;
+    fn acquire(&self, host: &Host<'_>, cx: &mut Acq<'_>) -> Result<()> {
+        fsutil::create_dir_all(&host.cfg.layout.vm_dir(&cx.vm.id))?;
+        fsutil::create_dir_all(&host.cfg.layout.vm_runtime_dir(&cx.vm.id))?;
         Ok(())
     }
 
-    fn held(&self, d: &Daemon, vm: &VmRecord, _h: &VmHandles) -> Option<Item> {
+    fn held(&self, host: &Host<'_>, vm: &VmRecord, _h: &VmHandles) -> Option<Item> {
         let (dir, run) = (
-            d.cfg.layout.vm_dir(&vm.id),
-            d.cfg.layout.vm_runtime_dir(&vm.id),
+            host.cfg.layout.vm_dir(&vm.id),
+            host.cfg.layout.vm_runtime_dir(&vm.id),
         );
         (dir.exists() || run.exists()).then_some(Item::VmDir(held::VmDir { dir, run }))
     }
 
-    fn end(&self, _d: &Daemon, vm: &VmRecord, held: Item, _how: End) -> Result<Option<Item>> {
+    fn end(&self, _host: &Host<'_>, vm: &VmRecord, held: Item, _how: End) -> Result<Option<Item>> {
         // A VM's files go before its row: a failure here fails the delete.
         remove(self, &vm.name, &held)?;
         Ok(None)
     }
 
-    fn release(&self, _d: &Daemon, r: &Release, held: &Item) -> Result<()> {
+    fn release(&self, _host: &Host<'_>, r: &Release, held: &Item) -> Result<()> {
         remove(self, &r.vm_name, held)
     }
 }

@@ -16,8 +16,9 @@ use banger_host::process::{self, ProcId};
 use nix::sys::signal::Signal;
 
 use super::{held, root_disk, Acq, End, Item, Resource};
-use crate::daemon::{kernel_cmdline, Daemon};
+use crate::daemon::kernel_cmdline;
 use crate::error::{DaemonError, Result};
+use crate::host::Host;
 
 #[derive(Debug)]
 pub struct VmmProcess;
@@ -121,27 +122,27 @@ impl Resource for VmmProcess {
         "spawn"
     }
 
-    fn acquire(&self, d: &Daemon, cx: &mut Acq<'_>) -> Result<()> {
-        let vmm = d.vmm(cx.vm.spec.vmm)?;
-        let dir = d.cfg.layout.vm_dir(&cx.vm.id);
-        let rt_dir = d.cfg.layout.vm_runtime_dir(&cx.vm.id);
+    fn acquire(&self, host: &Host<'_>, cx: &mut Acq<'_>) -> Result<()> {
+        let vmm = host.vmm(cx.vm.spec.vmm)?;
+        let dir = host.cfg.layout.vm_dir(&cx.vm.id);
+        let rt_dir = host.cfg.layout.vm_runtime_dir(&cx.vm.id);
         fsutil::create_dir_all(&rt_dir)?;
         // In the jail's chroot for a jailed Firecracker.
-        let api_sock = super::jail::socket_dir(d, cx.vm).join(vmfiles::API_SOCK);
+        let api_sock = super::jail::socket_dir(host, cx.vm).join(vmfiles::API_SOCK);
         fsutil::remove_file_if_exists(&api_sock)?;
         let console = dir.join(vmfiles::CONSOLE_LOG);
         crate::console::reset(&console)?;
         cx.vm.runtime.api_sock_path = Some(api_sock.clone());
         cx.vm.runtime.log_path = Some(console.clone());
-        let net = d.guest_net(cx.vm)?;
+        let net = host.guest_net(cx.vm)?;
         let tap = cx.handles.tap_device.clone().ok_or_else(|| {
             DaemonError::Invalid(format!("vm {:?} has no tap for its VMM", cx.vm.name))
         })?;
         let initrd = cx.initrd.clone().ok_or_else(|| {
             DaemonError::Invalid(format!("vm {:?} has no initrd for its VMM", cx.vm.name))
         })?;
-        let (root, upper) = root_disk::vmm_disks(d, cx.vm, cx.img, &cx.handles)?;
-        let id = super::jail::identity(d, cx.vm)?;
+        let (root, upper) = root_disk::vmm_disks(host, cx.vm, cx.img, &cx.handles)?;
+        let id = super::jail::identity(host, cx.vm)?;
         // A confined QEMU cannot open /dev/net/tun: it gets its tap as a
         // descriptor (held here until the spawn is done).
         let tap_fd = match (&id, cx.vm.spec.vmm) {
@@ -168,7 +169,7 @@ impl Resource for VmmProcess {
             // Named volumes after them, in the spec's order (vdc, vdd, ...).
             .chain(cx.vm.spec.volumes.iter().map(|m| banger_vmm::Disk {
                 id: format!("vol-{}", m.name),
-                path: d.cfg.layout.volume(&m.name),
+                path: host.cfg.layout.volume(&m.name),
                 format: "raw".into(),
                 read_only: false,
             }))
@@ -201,11 +202,11 @@ impl Resource for VmmProcess {
                 .collect(),
             // The jailer starts as root and drops to the identity itself.
             confine: super::jail::confinement(
-                d,
+                host,
                 cx.vm,
-                id.clone().filter(|_| !super::jail::jailed(d, cx.vm)),
+                id.clone().filter(|_| !super::jail::jailed(host, cx.vm)),
             )?,
-            jail: super::jail::jail_spec(d, cx.vm)?,
+            jail: super::jail::jail_spec(host, cx.vm)?,
         };
         // The files it opens become its identity's (the read-only ones are
         // the image's, which it reads through the images' group).
@@ -236,9 +237,9 @@ impl Resource for VmmProcess {
         Ok(())
     }
 
-    fn held(&self, d: &Daemon, vm: &VmRecord, h: &VmHandles) -> Option<Item> {
+    fn held(&self, host: &Host<'_>, vm: &VmRecord, h: &VmHandles) -> Option<Item> {
         let sock = vm.runtime.api_sock_path.clone();
-        let held = match find(vm, h, d.expect_vmm(vm)) {
+        let held = match find(vm, h, host.expect_vmm(vm)) {
             Some(id) => held::Vmm {
                 pid: Some(id.pid),
                 start_time: Some(id.start_time),
@@ -253,7 +254,7 @@ impl Resource for VmmProcess {
         Some(Item::Vmm(held))
     }
 
-    fn end(&self, _d: &Daemon, vm: &VmRecord, held: Item, how: End) -> Result<Option<Item>> {
+    fn end(&self, _host: &Host<'_>, vm: &VmRecord, held: Item, how: End) -> Result<Option<Item>> {
         let Item::Vmm(h) = &held else {
             return Err(super::mismatch(self, &vm.name, &held));
         };
@@ -288,7 +289,7 @@ impl Resource for VmmProcess {
         Ok(rest)
     }
 
-    fn release(&self, _d: &Daemon, r: &Release, held: &Item) -> Result<()> {
+    fn release(&self, _host: &Host<'_>, r: &Release, held: &Item) -> Result<()> {
         let Item::Vmm(held) = held else {
             return Err(super::mismatch(self, &r.vm_name, held));
         };

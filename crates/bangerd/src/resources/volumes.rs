@@ -7,14 +7,15 @@
 use banger_core::{Release, VmHandles, VmRecord};
 
 use super::{Acq, End, Item, Resource};
-use crate::daemon::{lock, Daemon};
+use crate::daemon::lock;
 use crate::error::{DaemonError, Result};
+use crate::host::Host;
 
 #[derive(Debug)]
 pub struct Volumes;
 
-fn detach(d: &Daemon, vm_id: &str) {
-    lock(&d.volumes.attached).retain(|_, holder| holder != vm_id);
+fn detach(host: &Host<'_>, vm_id: &str) {
+    lock(&host.volumes.attached).retain(|_, holder| holder != vm_id);
 }
 
 impl Resource for Volumes {
@@ -30,25 +31,25 @@ impl Resource for Volumes {
         !vm.spec.volumes.is_empty()
     }
 
-    fn acquire(&self, d: &Daemon, cx: &mut Acq<'_>) -> Result<()> {
+    fn acquire(&self, host: &Host<'_>, cx: &mut Acq<'_>) -> Result<()> {
         if !self.used(cx.vm) {
             return Ok(());
         }
-        let _g = lock(&d.volumes.lock);
+        let _g = lock(&host.volumes.lock);
         // What a VM only root may use (its mounts, or root-only data on
         // any of its disks) writes on its volumes stays root's: every one
         // of them is marked, at each start (a volume it took from a
         // member's VM included).
-        if crate::access::root_only(cx.vm) || crate::access::root_only_data(&d.store(), cx.vm)? {
-            let store = d.store();
+        if crate::access::root_only(cx.vm) || crate::access::root_only_data(&host.store(), cx.vm)? {
+            let store = host.store();
             for m in &cx.vm.spec.volumes {
                 store.mark_root_only(banger_store::Owned::Volume, &m.name)?;
             }
         }
-        let vms = d.store().list_vms()?;
-        let mut attached = lock(&d.volumes.attached);
+        let vms = host.store().list_vms()?;
+        let mut attached = lock(&host.volumes.attached);
         for m in &cx.vm.spec.volumes {
-            if !d.cfg.layout.volume(&m.name).is_file() {
+            if !host.cfg.layout.volume(&m.name).is_file() {
                 return Err(DaemonError::Invalid(format!(
                     "vm {:?}: volume {:?} is gone (`banger volume ls`)",
                     cx.vm.name, m.name
@@ -72,8 +73,8 @@ impl Resource for Volumes {
         Ok(())
     }
 
-    fn held(&self, d: &Daemon, vm: &VmRecord, _h: &VmHandles) -> Option<Item> {
-        let names: Vec<String> = lock(&d.volumes.attached)
+    fn held(&self, host: &Host<'_>, vm: &VmRecord, _h: &VmHandles) -> Option<Item> {
+        let names: Vec<String> = lock(&host.volumes.attached)
             .iter()
             .filter(|(_, holder)| **holder == vm.id)
             .map(|(n, _)| n.clone())
@@ -83,18 +84,18 @@ impl Resource for Volumes {
 
     /// Detached before the reply: the VMM, ended before this, no longer
     /// writes the disks.
-    fn end(&self, d: &Daemon, vm: &VmRecord, _held: Item, _how: End) -> Result<Option<Item>> {
-        detach(d, &vm.id);
+    fn end(&self, host: &Host<'_>, vm: &VmRecord, _held: Item, _how: End) -> Result<Option<Item>> {
+        detach(host, &vm.id);
         Ok(None)
     }
 
-    fn release(&self, d: &Daemon, r: &Release, _held: &Item) -> Result<()> {
-        detach(d, &r.vm_id);
+    fn release(&self, host: &Host<'_>, r: &Release, _held: &Item) -> Result<()> {
+        detach(host, &r.vm_id);
         Ok(())
     }
 
-    fn adopt(&self, d: &Daemon, vm: &VmRecord) -> Result<()> {
-        let mut attached = lock(&d.volumes.attached);
+    fn adopt(&self, host: &Host<'_>, vm: &VmRecord) -> Result<()> {
+        let mut attached = lock(&host.volumes.attached);
         for m in &vm.spec.volumes {
             attached.insert(m.name.clone(), vm.id.clone());
         }

@@ -19,8 +19,9 @@ use banger_host::fsutil::{self, WrapIo};
 use banger_host::process::{self, ProcId};
 
 use super::{held, Acq, End, Item, Resource};
-use crate::daemon::{lock, Daemon};
+use crate::daemon::lock;
 use crate::error::{DaemonError, Result};
+use crate::host::Host;
 
 #[derive(Debug)]
 pub struct Vsock;
@@ -57,14 +58,14 @@ impl Resource for Vsock {
         &[super::Handoff::Confinement]
     }
 
-    fn acquire(&self, d: &Daemon, cx: &mut Acq<'_>) -> Result<()> {
-        let rt_dir = d.cfg.layout.vm_runtime_dir(&cx.vm.id);
+    fn acquire(&self, host: &Host<'_>, cx: &mut Acq<'_>) -> Result<()> {
+        let rt_dir = host.cfg.layout.vm_runtime_dir(&cx.vm.id);
         fsutil::create_dir_all(&rt_dir)?;
         // In the jail's chroot for a jailed Firecracker (which binds it).
-        let uds = super::jail::socket_dir(d, cx.vm).join(vmfiles::VSOCK);
+        let uds = super::jail::socket_dir(host, cx.vm).join(vmfiles::VSOCK);
         {
-            let _n = lock(&d.net_lock);
-            let store = d.store();
+            let _n = lock(host.net_lock);
+            let store = host.store();
             let used: Vec<u32> = store
                 .list_vms()?
                 .iter()
@@ -76,20 +77,20 @@ impl Resource for Vsock {
             cx.vm.runtime.vsock_cid = Some(lowest_free(&used));
             cx.vm.runtime.vsock_path = Some(uds.clone());
             // Saved under the lock: the next allocation sees it.
-            d.save(cx.vm)?;
+            host.save(cx.vm)?;
         }
         let hello = port_path(&uds, HELLO_PORT);
         for p in [&uds, &hello, &rt_dir.join(vmfiles::VSOCK_BACKEND)] {
             fsutil::remove_file_if_exists(p)?;
         }
         cx.hello = Some(UnixListener::bind(&hello).with_path("listen on", &hello)?);
-        let id = super::jail::identity(d, cx.vm)?;
+        let id = super::jail::identity(host, cx.vm)?;
         // The backend, as the VM's user, connects to it.
         super::jail::hand_over(id.as_ref(), &[&hello])?;
         if cx.vm.spec.vmm == VmmKind::Qemu {
             let cid = cx.vm.runtime.vsock_cid.unwrap_or(FIRST_CID);
-            let confine = super::jail::confinement(d, cx.vm, id)?;
-            let (id, up) = spawn_backend(d, cx.vm, cid, &uds, &confine)?;
+            let confine = super::jail::confinement(host, cx.vm, id)?;
+            let (id, up) = spawn_backend(host, cx.vm, cid, &uds, &confine)?;
             cx.handles.vsock_pid = Some(id.pid);
             cx.handles.vsock_start_time = Some(id.start_time);
             up?;
@@ -97,8 +98,8 @@ impl Resource for Vsock {
         Ok(())
     }
 
-    fn held(&self, d: &Daemon, vm: &VmRecord, h: &VmHandles) -> Option<Item> {
-        let rt_dir = d.cfg.layout.vm_runtime_dir(&vm.id);
+    fn held(&self, host: &Host<'_>, vm: &VmRecord, h: &VmHandles) -> Option<Item> {
+        let rt_dir = host.cfg.layout.vm_runtime_dir(&vm.id);
         let uds = vm
             .runtime
             .vsock_path
@@ -110,7 +111,7 @@ impl Resource for Vsock {
             }
             // Every record lost: the process whose command line names the
             // VM's socket.
-            _ => process::find_by_arg_as(&process::path_needle(&uds), d.expect_vmm(vm))
+            _ => process::find_by_arg_as(&process::path_needle(&uds), host.expect_vmm(vm))
                 .first()
                 .and_then(|p| ProcId::of(*p)),
         };
@@ -133,7 +134,7 @@ impl Resource for Vsock {
         }))
     }
 
-    fn end(&self, _d: &Daemon, vm: &VmRecord, held: Item, _how: End) -> Result<Option<Item>> {
+    fn end(&self, _host: &Host<'_>, vm: &VmRecord, held: Item, _how: End) -> Result<Option<Item>> {
         let Item::Vsock(h) = &held else {
             return Err(super::mismatch(self, &vm.name, &held));
         };
@@ -153,7 +154,7 @@ impl Resource for Vsock {
         Ok(Some(held))
     }
 
-    fn release(&self, _d: &Daemon, r: &Release, held: &Item) -> Result<()> {
+    fn release(&self, _host: &Host<'_>, r: &Release, held: &Item) -> Result<()> {
         let Item::Vsock(held) = held else {
             return Err(super::mismatch(self, &r.vm_name, held));
         };
@@ -175,18 +176,18 @@ impl Resource for Vsock {
 /// The process is returned even when it failed to listen, so that the
 /// caller records it for the teardown.
 fn spawn_backend(
-    d: &Daemon,
+    host: &Host<'_>,
     vm: &VmRecord,
     cid: u32,
     uds: &Path,
     confine: &banger_host::confine::Confinement,
 ) -> Result<(ProcId, Result<()>)> {
-    let binary = d.cfg.vsock_backend.clone().ok_or_else(|| DaemonError::Invalid(format!(
+    let binary = host.cfg.vsock_backend.clone().ok_or_else(|| DaemonError::Invalid(format!(
         "vm {:?}: QEMU's vsock backend vhost-device-vsock is not installed: run ./scripts/install-deps.sh (it installs it from crates.io)",
         vm.name
     )))?;
-    let rt_dir = d.cfg.layout.vm_runtime_dir(&vm.id);
-    let log_path = d.cfg.layout.vm_dir(&vm.id).join(vmfiles::VSOCK_LOG);
+    let rt_dir = host.cfg.layout.vm_runtime_dir(&vm.id);
+    let log_path = host.cfg.layout.vm_dir(&vm.id).join(vmfiles::VSOCK_LOG);
     let log = std::fs::File::create(&log_path).with_path("create", &log_path)?;
     let log2 = log.try_clone().with_path("dup", &log_path)?;
     let mut cmd = Command::new(&binary);

@@ -11,8 +11,9 @@ use banger_host::fsutil::{self, WrapIo};
 use tracing::info;
 
 use super::{end_files, files_held, Acq, End, Item, Resource};
-use crate::daemon::{lock, Daemon};
+use crate::daemon::lock;
 use crate::error::Result;
+use crate::host::Host;
 
 #[derive(Debug)]
 pub struct WorkDisk;
@@ -33,23 +34,23 @@ impl Resource for WorkDisk {
         &[super::Handoff::VmDir]
     }
 
-    fn acquire(&self, d: &Daemon, cx: &mut Acq<'_>) -> Result<()> {
-        let template = work_template(d, cx.vm.spec.sizing.disk_mib)?;
-        let path = d.cfg.layout.vm_dir(&cx.vm.id).join(vmfiles::WORK_DISK);
+    fn acquire(&self, host: &Host<'_>, cx: &mut Acq<'_>) -> Result<()> {
+        let template = work_template(host, cx.vm.spec.sizing.disk_mib)?;
+        let path = host.cfg.layout.vm_dir(&cx.vm.id).join(vmfiles::WORK_DISK);
         fsutil::copy_sparse(&template, &path)?;
         cx.vm.runtime.work_disk_path = Some(path);
         Ok(())
     }
 
-    fn held(&self, d: &Daemon, vm: &VmRecord, _h: &VmHandles) -> Option<Item> {
-        files_held(&[d.cfg.layout.vm_dir(&vm.id).join(vmfiles::WORK_DISK)]).map(Item::WorkDisk)
+    fn held(&self, host: &Host<'_>, vm: &VmRecord, _h: &VmHandles) -> Option<Item> {
+        files_held(&[host.cfg.layout.vm_dir(&vm.id).join(vmfiles::WORK_DISK)]).map(Item::WorkDisk)
     }
 
-    fn end(&self, _d: &Daemon, vm: &VmRecord, held: Item, _how: End) -> Result<Option<Item>> {
+    fn end(&self, _host: &Host<'_>, vm: &VmRecord, held: Item, _how: End) -> Result<Option<Item>> {
         end_files(vm, held)
     }
 
-    fn release(&self, _d: &Daemon, r: &Release, held: &Item) -> Result<()> {
+    fn release(&self, _host: &Host<'_>, r: &Release, held: &Item) -> Result<()> {
         super::release_files(self, r, held)
     }
 }
@@ -57,8 +58,8 @@ impl Resource for WorkDisk {
 /// The empty ext4 of `mib` MiB new work disks are copied from, made on
 /// first use (into a temporary name, then renamed, so that a crash never
 /// leaves half a template).
-pub(crate) fn work_template(d: &Daemon, mib: u64) -> Result<PathBuf> {
-    let path = d.cfg.layout.work_template(mib);
+pub(crate) fn work_template(host: &Host<'_>, mib: u64) -> Result<PathBuf> {
+    let path = host.cfg.layout.work_template(mib);
     let size = banger_core::sizing::mib_to_bytes(mib);
     // Only a template of the right size counts (a crash can leave a short
     // one behind despite the rename; it is made again).
@@ -67,11 +68,11 @@ pub(crate) fn work_template(d: &Daemon, mib: u64) -> Result<PathBuf> {
     if usable(&path) {
         return Ok(path);
     }
-    let _t = lock(&d.template_lock);
+    let _t = lock(host.template_lock);
     if usable(&path) {
         return Ok(path);
     }
-    fsutil::create_dir_all(&d.cfg.layout.cache_dir())?;
+    fsutil::create_dir_all(&host.cfg.layout.cache_dir())?;
     let tmp = path.with_extension("tmp");
     fsutil::remove_file_if_exists(&tmp)?;
     if let Err(e) = make_work_fs(&tmp, mib) {

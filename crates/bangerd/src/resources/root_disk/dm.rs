@@ -29,8 +29,9 @@ use banger_core::{ImageRecord, Release, RootDiskKind, VmHandles, VmRecord};
 use banger_host::cmd::{self, CmdError};
 use banger_host::fsutil::WrapIo;
 
-use crate::daemon::{lock, Daemon};
+use crate::daemon::lock;
 use crate::error::{DaemonError, Result};
+use crate::host::Host;
 use crate::resources::{held, Acq, End, Item, Resource};
 
 /// The snapshot's chunk: 4 KiB, in 512-byte sectors.
@@ -236,11 +237,11 @@ pub fn deactivate(dm: &dyn DeviceMapper, image: &Path, cow: &Path, name: &str) -
 #[derive(Debug)]
 pub struct DmSnapshot;
 
-fn paths(d: &Daemon, vm: &VmRecord) -> Result<(PathBuf, PathBuf)> {
-    let img = d.image(&vm.spec.image)?;
+fn paths(host: &Host<'_>, vm: &VmRecord) -> Result<(PathBuf, PathBuf)> {
+    let img = host.image(&vm.spec.image)?;
     Ok((
         img.rootfs,
-        d.cfg.layout.vm_dir(&vm.id).join(vmfiles::ROOT_COW),
+        host.cfg.layout.vm_dir(&vm.id).join(vmfiles::ROOT_COW),
     ))
 }
 
@@ -261,12 +262,12 @@ impl Resource for DmSnapshot {
         vm.spec.root_disk() == RootDiskKind::DmSnapshot
     }
 
-    fn acquire(&self, d: &Daemon, cx: &mut Acq<'_>) -> Result<()> {
+    fn acquire(&self, host: &Host<'_>, cx: &mut Acq<'_>) -> Result<()> {
         if !self.used(cx.vm) {
             return Ok(());
         }
-        let cow = d.cfg.layout.vm_dir(&cx.vm.id).join(vmfiles::ROOT_COW);
-        let _l = lock(&d.dm_lock);
+        let cow = host.cfg.layout.vm_dir(&cx.vm.id).join(vmfiles::ROOT_COW);
+        let _l = lock(host.dm_lock);
         activate(
             &Dmsetup,
             &cx.img.rootfs,
@@ -278,11 +279,11 @@ impl Resource for DmSnapshot {
 
     /// Cascade: the handles, else the kernel (the dm name follows from the
     /// VM's id; loops are found by backing file at release).
-    fn held(&self, d: &Daemon, vm: &VmRecord, h: &VmHandles) -> Option<Item> {
+    fn held(&self, host: &Host<'_>, vm: &VmRecord, h: &VmHandles) -> Option<Item> {
         if vm.spec.root_disk() != RootDiskKind::DmSnapshot {
             return None;
         }
-        let (image, cow) = paths(d, vm).ok()?;
+        let (image, cow) = paths(host, vm).ok()?;
         let name = h.dm_name.clone().unwrap_or_else(|| dm_name(&vm.id));
         let there = h.dm_name.is_some()
             || h.cow_loop.is_some()
@@ -293,14 +294,14 @@ impl Resource for DmSnapshot {
 
     /// The snapshot goes now if the VMM is gone (stop), else after it is
     /// (delete's release waits for the VMM first).
-    fn end(&self, d: &Daemon, r: &VmRecord, held: Item, how: End) -> Result<Option<Item>> {
+    fn end(&self, host: &Host<'_>, r: &VmRecord, held: Item, how: End) -> Result<Option<Item>> {
         let Item::DmSnapshot(h) = &held else {
             return Err(crate::resources::mismatch(self, &r.name, &held));
         };
         if !how.wait_vmm {
             return Ok(Some(held));
         }
-        match release_held(d, h) {
+        match release_held(host, h) {
             Ok(()) => Ok(None),
             Err(e) => {
                 tracing::warn!(vm = %r.name, err = %e, "dm-snapshot teardown failed; retried after the reply");
@@ -309,11 +310,11 @@ impl Resource for DmSnapshot {
         }
     }
 
-    fn release(&self, d: &Daemon, r: &Release, held: &Item) -> Result<()> {
+    fn release(&self, host: &Host<'_>, r: &Release, held: &Item) -> Result<()> {
         let Item::DmSnapshot(held) = held else {
             return Err(crate::resources::mismatch(self, &r.vm_name, held));
         };
-        release_held(d, held).map_err(|e| DaemonError::Release {
+        release_held(host, held).map_err(|e| DaemonError::Release {
             vm: r.vm_name.clone(),
             resource: "dm_snapshot",
             reason: e.to_string(),
@@ -321,8 +322,8 @@ impl Resource for DmSnapshot {
     }
 }
 
-fn release_held(d: &Daemon, held: &held::DmSnapshot) -> Result<()> {
-    let _l = lock(&d.dm_lock);
+fn release_held(host: &Host<'_>, held: &held::DmSnapshot) -> Result<()> {
+    let _l = lock(host.dm_lock);
     deactivate(&Dmsetup, &held.image, &held.cow, &held.name)
 }
 

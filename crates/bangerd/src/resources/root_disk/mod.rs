@@ -24,8 +24,8 @@ use banger_core::{ImageRecord, Release, RootDiskKind, VmHandles, VmRecord, VmmKi
 use banger_host::fsutil::{self, WrapIo};
 
 use super::{end_files, files_held, Acq, End, Item, Resource};
-use crate::daemon::Daemon;
 use crate::error::{DaemonError, Result};
+use crate::host::Host;
 
 pub mod dm;
 pub mod overlay;
@@ -54,13 +54,13 @@ impl HostDisks {
 /// The strategy for a new VM on `vmm`: the configured one
 /// (`--root-disk`, `BANGER_ROOT_DISK`) if the VMM and host can take it,
 /// else the best this host has.
-pub fn choose(d: &Daemon, vmm: VmmKind) -> Result<RootDiskKind> {
-    let host = d.host_disks();
-    if let Some(k) = d.cfg.root_disk {
-        usable(k, vmm, host).map_err(DaemonError::Invalid)?;
+pub fn choose(host: &Host<'_>, vmm: VmmKind) -> Result<RootDiskKind> {
+    let disks = host.host_disks();
+    if let Some(k) = host.cfg.root_disk {
+        usable(k, vmm, disks).map_err(DaemonError::Invalid)?;
         return Ok(k);
     }
-    Ok(best(vmm, host))
+    Ok(best(vmm, disks))
 }
 
 /// The best strategy for `vmm` on `host`: QEMU reads qcow2 (the only one
@@ -115,12 +115,12 @@ fn all_files(dir: &std::path::Path) -> Vec<PathBuf> {
 /// The disk the VMM boots from (the guest's /dev/vda), and for `overlay`
 /// the upper disk it gets after the VM's other disks.
 pub fn vmm_disks(
-    d: &Daemon,
+    host: &Host<'_>,
     vm: &VmRecord,
     img: &ImageRecord,
     h: &VmHandles,
 ) -> Result<(banger_vmm::Disk, Option<banger_vmm::Disk>)> {
-    let dir = d.cfg.layout.vm_dir(&vm.id);
+    let dir = host.cfg.layout.vm_dir(&vm.id);
     let disk = |path: PathBuf, format: &str, read_only: bool| banger_vmm::Disk {
         id: "root".into(),
         path,
@@ -161,8 +161,8 @@ impl Resource for RootDisk {
         &[crate::resources::Handoff::VmDir]
     }
 
-    fn acquire(&self, d: &Daemon, cx: &mut Acq<'_>) -> Result<()> {
-        let dir = d.cfg.layout.vm_dir(&cx.vm.id);
+    fn acquire(&self, host: &Host<'_>, cx: &mut Acq<'_>) -> Result<()> {
+        let dir = host.cfg.layout.vm_dir(&cx.vm.id);
         // `--root-size`: the disk is made larger than the image (sparse);
         // the guest's init grows the filesystem into it.
         let grow_to = cx.vm.spec.root_mib.map(|m| m << 20);
@@ -185,22 +185,22 @@ impl Resource for RootDisk {
                 }
                 path
             }
-            RootDiskKind::Overlay => overlay::make_upper(d, cx.vm, cx.img)?,
+            RootDiskKind::Overlay => overlay::make_upper(host, cx.vm, cx.img)?,
             RootDiskKind::DmSnapshot => dm::make_cow(&dir, cx.img)?,
         };
         cx.vm.runtime.system_overlay = Some(path);
         Ok(())
     }
 
-    fn held(&self, d: &Daemon, vm: &VmRecord, _h: &VmHandles) -> Option<Item> {
-        files_held(&all_files(&d.cfg.layout.vm_dir(&vm.id))).map(Item::RootDisk)
+    fn held(&self, host: &Host<'_>, vm: &VmRecord, _h: &VmHandles) -> Option<Item> {
+        files_held(&all_files(&host.cfg.layout.vm_dir(&vm.id))).map(Item::RootDisk)
     }
 
-    fn end(&self, _d: &Daemon, vm: &VmRecord, held: Item, _how: End) -> Result<Option<Item>> {
+    fn end(&self, _host: &Host<'_>, vm: &VmRecord, held: Item, _how: End) -> Result<Option<Item>> {
         end_files(vm, held)
     }
 
-    fn release(&self, _d: &Daemon, r: &Release, held: &Item) -> Result<()> {
+    fn release(&self, _host: &Host<'_>, r: &Release, held: &Item) -> Result<()> {
         super::release_files(self, r, held)
     }
 }

@@ -17,8 +17,8 @@ use banger_core::layout::vmfiles;
 use banger_core::{ImageRecord, RootDiskKind, VmRecord};
 use banger_host::fsutil;
 
-use crate::daemon::Daemon;
 use crate::error::Result;
+use crate::host::Host;
 
 /// The upper disk's size when `--root-size` does not say: room for 8 GiB
 /// of writes (sparse: it takes what the guest writes). One size for most
@@ -36,9 +36,9 @@ pub fn upper_mib(vm: &VmRecord, img: &ImageRecord) -> u64 {
 }
 
 /// Makes the VM's upper disk; returns its path.
-pub fn make_upper(d: &Daemon, vm: &VmRecord, img: &ImageRecord) -> Result<PathBuf> {
-    let template = super::super::work_disk::work_template(d, upper_mib(vm, img))?;
-    let path = d.cfg.layout.vm_dir(&vm.id).join(vmfiles::ROOT_UPPER);
+pub fn make_upper(host: &Host<'_>, vm: &VmRecord, img: &ImageRecord) -> Result<PathBuf> {
+    let template = super::super::work_disk::work_template(host, upper_mib(vm, img))?;
+    let path = host.cfg.layout.vm_dir(&vm.id).join(vmfiles::ROOT_UPPER);
     fsutil::copy_sparse(&template, &path)?;
     Ok(path)
 }

@@ -1,0 +1,60 @@
+//! The agent channel's multiplexer: many byte streams (one per agent
+//! call, exec session or copy) over one byte stream that survives a
+//! snapshot (a virtio-serial port on QEMU). The design and why it is not
+//! yamux: docs/design/snapshots-agent-channel.md.
+//!
+//! - [`frame`]: the frames on the wire (COBS, a `0x00` after each, a CRC),
+//!   and a reader that resyncs at the next boundary after anything bad.
+//! - [`session`]: the protocol's state, with no I/O: epochs (a new
+//!   incarnation of either end resets every stream), opens, credit-based
+//!   flow control per stream, half-closes, resets, and the bounds a
+//!   hostile peer meets.
+//! - [`engine`]: the I/O around a session: one thread, one `poll` loop
+//!   over the port, the streams' local sockets and a wake pipe; a
+//!   [`Mux`] handle opens streams from other threads.
+//!
+//! The side that runs on the host is the VMM's helper; the guest agent
+//! runs the other. Neither trusts the other's frames.
+
+pub mod engine;
+pub mod frame;
+pub mod session;
+
+pub use engine::{Engine, Mux, OnIncoming, UnixOrDevice};
+pub use session::{Session, Side};
+
+use thiserror::Error;
+
+/// The mux protocol's version, carried by HELLO: ends of different
+/// versions do not talk (a snapshot restored under a helper of another
+/// build is refused, never misread).
+pub const VERSION: u32 = 1;
+
+/// What each end may have in flight towards the other, per stream
+/// (vsock's default `buf_alloc`).
+pub const WINDOW: u32 = 256 * 1024;
+
+/// Streams open at once, per side of a session.
+pub const MAX_STREAMS: usize = 256;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum MuxError {
+    #[error("mux frame: a payload of {0} bytes is over the limit")]
+    TooLong(usize),
+    #[error("mux frame: {0} bytes is shorter than a header")]
+    TooShort(usize),
+    #[error("mux frame: bad COBS encoding ({0})")]
+    Cobs(String),
+    #[error("mux frame: the CRC does not match")]
+    Crc,
+    #[error("mux frame: unknown kind {0}")]
+    Kind(u8),
+    #[error("mux frame: reserved bits set")]
+    Reserved,
+    #[error("mux frame: a {0:?} frame carries a payload")]
+    Payload(frame::Kind),
+    #[error("mux: {0} streams are open already")]
+    TooManyStreams(usize),
+    #[error("mux stream {0}: not open")]
+    NoStream(u32),
+}
