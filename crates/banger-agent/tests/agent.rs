@@ -4,43 +4,108 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
 use banger_agent::client::{self, Session};
 use banger_agent::proto::{read_msg, write_request, Call, ExecSpec, Msg, Target, WinSize};
 
+/// How the tests reach the agent.
+#[derive(Debug, Clone, Copy)]
+enum Via {
+    /// A Unix socket the agent listens on (`--unix`).
+    Unix,
+    /// The mux over a Unix socket playing the virtio-serial port
+    /// (`--serial`), behind `banger-vport`'s hybrid-vsock socket, as a
+    /// QEMU VM's agent is reached.
+    Mux,
+}
+
 struct Agent {
     child: Child,
+    helper: Option<Child>,
+    via: Via,
     sock: PathBuf,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
+}
+
+/// Starts a binary that says `line` on stdout once it serves.
+fn spawn_until(bin: &str, args: &[&std::ffi::OsStr], line: &str) -> Child {
+    let mut child = Command::new(bin)
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut got = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut got)
+        .unwrap();
+    assert_eq!(got, format!("{line}\n"), "{bin}");
+    child
 }
 
 impl Agent {
-    fn start() -> Agent {
+    fn start(via: Via) -> Agent {
         let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("agent.sock");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_banger-agent"))
-            .arg("--unix")
-            .arg(&sock)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line, "listening\n");
-        Agent {
-            child,
-            sock,
-            _dir: dir,
+        match via {
+            Via::Unix => {
+                let sock = dir.path().join("agent.sock");
+                let child = spawn_until(
+                    env!("CARGO_BIN_EXE_banger-agent"),
+                    &["--unix".as_ref(), sock.as_os_str()],
+                    "listening",
+                );
+                Agent {
+                    child,
+                    helper: None,
+                    via,
+                    sock,
+                    dir,
+                }
+            }
+            Via::Mux => {
+                let sock = dir.path().join("v.sock");
+                let hello = UnixListener::bind(dir.path().join("v.sock_1025")).unwrap();
+                let helper = start_helper(dir.path());
+                let port = dir.path().join("port.sock");
+                let child = spawn_until(
+                    env!("CARGO_BIN_EXE_banger-agent"),
+                    &["--serial".as_ref(), port.as_os_str()],
+                    "serving",
+                );
+                // Owned before anything can fail: dropped, they are killed.
+                let a = Agent {
+                    child,
+                    helper: Some(helper),
+                    via,
+                    sock,
+                    dir,
+                };
+                // The agent's hello reaches the daemon's hello socket.
+                let (mut h, _) = hello.accept().unwrap();
+                match read_msg(&mut h).unwrap() {
+                    Msg::Hello { version, .. } => assert_eq!(version, banger_agent::proto::VERSION),
+                    m => panic!("not a hello: {m:?}"),
+                }
+                a
+            }
         }
     }
 
     fn conn(&self) -> UnixStream {
-        UnixStream::connect(&self.sock).unwrap()
+        self.dialer()()
+    }
+
+    /// A connection maker another thread can own.
+    fn dialer(&self) -> impl Fn() -> UnixStream + Send + 'static {
+        let (via, sock) = (self.via, self.sock.clone());
+        move || match via {
+            Via::Unix => UnixStream::connect(&sock).unwrap(),
+            Via::Mux => {
+                banger_agent::connect(&sock, 1024, std::time::Duration::from_secs(60)).unwrap()
+            }
+        }
     }
 
     fn exec(&self, spec: ExecSpec, stdin: Option<Vec<u8>>) -> (Vec<u8>, Vec<u8>, i32) {
@@ -60,9 +125,28 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for c in std::iter::once(&mut self.child).chain(self.helper.as_mut()) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
+}
+
+/// `banger-vport` for a VM whose files are in `dir`.
+fn start_helper(dir: &std::path::Path) -> Child {
+    let (port, sock) = (dir.join("port.sock"), dir.join("v.sock"));
+    spawn_until(
+        env!("CARGO_BIN_EXE_banger-vport"),
+        &[
+            "--port-socket".as_ref(),
+            port.as_os_str(),
+            "--uds-path".as_ref(),
+            sock.as_os_str(),
+            "--guest-port".as_ref(),
+            "1025".as_ref(),
+        ],
+        "listening",
+    )
 }
 
 /// SIGKILLs the process tagged `tag`, then attaches to it by `pid`.
@@ -92,9 +176,7 @@ fn sh(script: &str) -> ExecSpec {
     }
 }
 
-#[test]
-fn exit_codes_signals_and_separate_streams() {
-    let a = Agent::start();
+fn exit_codes_signals_and_separate_streams(a: &Agent) {
     let (out, err, code) = a.exec(sh("echo out; echo err >&2; exit 7"), None);
     assert_eq!(
         (&out[..], &err[..], code),
@@ -122,9 +204,7 @@ fn exit_codes_signals_and_separate_streams() {
     assert!(e.contains("/no/such/program"), "{e}");
 }
 
-#[test]
-fn binary_data_both_ways_and_a_hundred_megabytes_out() {
-    let a = Agent::start();
+fn binary_data_both_ways_and_a_hundred_megabytes_out(a: &Agent) {
     let data: Vec<u8> = (0..3_000_000u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
@@ -155,9 +235,7 @@ fn binary_data_both_ways_and_a_hundred_megabytes_out() {
     assert_eq!((n.0, st.shell_code()), (100_000_000, 0));
 }
 
-#[test]
-fn a_pty_with_resizes_and_concurrent_execs() {
-    let a = Agent::start();
+fn a_pty_with_resizes_and_concurrent_execs(a: &Agent) {
     let mut spec = sh("tty; stty size; trap 'stty size; exit 3' WINCH; echo waiting; while :; do sleep 0.05; done");
     spec.tty = Some(WinSize { rows: 24, cols: 80 });
     let s = Session::start(a.conn(), Call::Exec(spec)).unwrap();
@@ -194,9 +272,9 @@ fn a_pty_with_resizes_and_concurrent_execs() {
 
     let threads: Vec<_> = (0..8)
         .map(|i| {
-            let sock = a.sock.clone();
+            let dial = a.dialer();
             std::thread::spawn(move || {
-                let c = UnixStream::connect(sock).unwrap();
+                let c = dial();
                 let s = Session::start(c, Call::Exec(sh(&format!("sleep 0.2; echo {i}")))).unwrap();
                 let mut out = Vec::new();
                 s.wait(&mut out, &mut std::io::sink()).unwrap();
@@ -209,9 +287,7 @@ fn a_pty_with_resizes_and_concurrent_execs() {
     }
 }
 
-#[test]
-fn detached_processes_are_listed_fed_attached_and_signalled() {
-    let a = Agent::start();
+fn detached_processes_are_listed_fed_attached_and_signalled(a: &Agent) {
     let spec = ExecSpec {
         argv: vec!["cat".into()],
         detach: true,
@@ -284,14 +360,12 @@ fn detached_processes_are_listed_fed_attached_and_signalled() {
         .unwrap()
         .detached_done()
         .unwrap();
-    let s = kill_and_attach(&a, "sleeper", pid);
+    let s = kill_and_attach(a, "sleeper", pid);
     let st = s.wait(&mut std::io::sink(), &mut std::io::sink()).unwrap();
     assert_eq!(st.signal, Some(9));
 }
 
-#[test]
-fn a_connection_that_drops_kills_its_attached_process() {
-    let a = Agent::start();
+fn a_connection_that_drops_kills_its_attached_process(a: &Agent) {
     let marker = format!("/tmp/banger-agent-test-{}", std::process::id());
     let s = Session::start(
         a.conn(),
@@ -320,9 +394,7 @@ fn a_connection_that_drops_kills_its_attached_process() {
     let _ = std::fs::remove_file(format!("{marker}.pid"));
 }
 
-#[test]
-fn trees_go_in_and_out_with_modes_and_times() {
-    let a = Agent::start();
+fn trees_go_in_and_out_with_modes_and_times(a: &Agent) {
     let src = tempfile::tempdir().unwrap();
     let tree = src.path().join("tree");
     std::fs::create_dir_all(tree.join("sub")).unwrap();
@@ -406,9 +478,7 @@ fn trees_go_in_and_out_with_modes_and_times() {
     assert!(e.contains("/no/such/file"), "{e}");
 }
 
-#[test]
-fn file_operations_and_watch() {
-    let a = Agent::start();
+fn file_operations_and_watch(a: &Agent) {
     let d = tempfile::tempdir().unwrap();
     let p = |s: &str| d.path().join(s).to_string_lossy().into_owned();
     let ok = |call| assert_eq!(client::call(a.conn(), call).unwrap(), Msg::Done);
@@ -480,9 +550,7 @@ fn file_operations_and_watch() {
     assert_eq!(c.read(&mut buf).unwrap(), 0, "one call per connection");
 }
 
-#[test]
-fn detached_output_is_kept_for_a_late_attach() {
-    let a = Agent::start();
+fn detached_output_is_kept_for_a_late_attach(a: &Agent) {
     let d = tempfile::tempdir().unwrap();
     let up = d.path().join("up");
     let spec = ExecSpec {
@@ -505,7 +573,7 @@ fn detached_output_is_kept_for_a_late_attach() {
         assert!(std::time::Instant::now() < deadline, "never started");
         std::thread::yield_now();
     }
-    let s = kill_and_attach(&a, "srv", pid);
+    let s = kill_and_attach(a, "srv", pid);
     let mut out = Vec::new();
     let st = s.wait(&mut out, &mut std::io::sink()).unwrap();
     assert_eq!(
@@ -513,3 +581,109 @@ fn detached_output_is_kept_for_a_late_attach() {
         ("hello\n".to_string(), Some(9))
     );
 }
+
+/// Whether the agent still lists `pid`, asked until it does not or the
+/// deadline passes.
+fn gone_within(a: &Agent, pid: u32, within: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let Msg::Processes { list } = client::call(a.conn(), Call::Ps).unwrap() else {
+            panic!()
+        };
+        if !list.iter().any(|p| p.pid == pid) {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::yield_now();
+    }
+}
+
+/// The helper killed and started again (the daemon respawns a dead one;
+/// a clone gets a new one): the agent's port comes back, the new
+/// helper's epoch ends the streams of the old one (a session open across
+/// it ends, and its process with it), and new calls are served.
+#[test]
+fn a_restarted_helper_serves_again() {
+    let mut a = Agent::start(Via::Mux);
+    let s = Session::start(a.conn(), Call::Exec(sh("exec sleep 600"))).unwrap();
+    let pid = s.pid;
+    let mut helper = a.helper.take().unwrap();
+    helper.kill().unwrap();
+    helper.wait().unwrap();
+    let ended = s.wait(&mut std::io::sink(), &mut std::io::sink());
+    assert!(
+        ended.is_err(),
+        "a session through a dead helper ended: {ended:?}"
+    );
+
+    a.helper = Some(start_helper(a.dir.path()));
+    let m = client::call(a.conn(), Call::Ping).unwrap();
+    assert!(matches!(m, Msg::Pong { .. }), "{m:?}");
+    assert!(
+        gone_within(&a, pid, std::time::Duration::from_secs(30)),
+        "the old helper's session kept its process"
+    );
+}
+
+/// A client of the helper that sends a bad CONNECT line, or asks for a
+/// port the agent does not serve, gets its connection closed; the
+/// helper goes on.
+#[test]
+fn bad_connects_are_closed() {
+    let a = Agent::start(Via::Mux);
+    for line in [&b"CONNECT 9\n"[..], b"HELLO\n", &[b'x'; 100]] {
+        let mut c = UnixStream::connect(&a.sock).unwrap();
+        c.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+            .unwrap();
+        c.write_all(line).unwrap();
+        let mut got = Vec::new();
+        let _ = c.read_to_end(&mut got);
+        assert!(
+            got.is_empty(),
+            "{:?} got {got:?}",
+            String::from_utf8_lossy(line)
+        );
+    }
+    let m = client::call(a.conn(), Call::Ping).unwrap();
+    assert!(matches!(m, Msg::Pong { .. }), "{m:?}");
+}
+
+/// Every test above, once per way of reaching the agent.
+macro_rules! over {
+    ($via:ident, $($name:ident),* $(,)?) => {
+        #[allow(non_snake_case)]
+        mod $via {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name(&super::Agent::start(super::Via::$via));
+                }
+            )*
+        }
+    };
+}
+
+over!(
+    Unix,
+    exit_codes_signals_and_separate_streams,
+    binary_data_both_ways_and_a_hundred_megabytes_out,
+    a_pty_with_resizes_and_concurrent_execs,
+    detached_processes_are_listed_fed_attached_and_signalled,
+    a_connection_that_drops_kills_its_attached_process,
+    trees_go_in_and_out_with_modes_and_times,
+    file_operations_and_watch,
+    detached_output_is_kept_for_a_late_attach
+);
+over!(
+    Mux,
+    exit_codes_signals_and_separate_streams,
+    binary_data_both_ways_and_a_hundred_megabytes_out,
+    a_pty_with_resizes_and_concurrent_execs,
+    detached_processes_are_listed_fed_attached_and_signalled,
+    a_connection_that_drops_kills_its_attached_process,
+    trees_go_in_and_out_with_modes_and_times,
+    file_operations_and_watch,
+    detached_output_is_kept_for_a_late_attach
+);

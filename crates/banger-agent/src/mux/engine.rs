@@ -42,12 +42,25 @@ struct Local {
     read_done: bool,
     /// Its user closed it: nothing is written there any more.
     hup: bool,
+    /// What it reads first, once the peer accepts (`Mux::attach`).
+    greeting: Vec<u8>,
+    /// Bytes at the head of `pending` that are the greeting, not the
+    /// peer's (not granted back when written).
+    uncounted: usize,
+}
+
+/// An open asked for from another thread: the peer's port, the local
+/// end, and what the local end reads first once the peer accepts.
+struct Request {
+    port: u32,
+    sock: UnixStream,
+    greeting: Vec<u8>,
 }
 
 /// A running mux's handle: opens streams to the peer.
 #[derive(Clone)]
 pub struct Mux {
-    requests: Sender<(u32, UnixStream)>,
+    requests: Sender<Request>,
     wake: std::sync::Arc<OwnedFd>,
 }
 
@@ -56,11 +69,23 @@ impl Mux {
     /// A refused or reset stream reads EOF.
     pub fn connect(&self, port: u32) -> std::io::Result<UnixStream> {
         let (mine, theirs) = UnixStream::pair()?;
+        self.attach(port, theirs, Vec::new())?;
+        Ok(mine)
+    }
+
+    /// A stream to the peer's `port` whose local end is `sock` (a client's
+    /// connection): it reads `greeting` once the peer accepts, then the
+    /// stream; a refused one is closed unread.
+    pub fn attach(&self, port: u32, sock: UnixStream, greeting: Vec<u8>) -> std::io::Result<()> {
         self.requests
-            .send((port, theirs))
+            .send(Request {
+                port,
+                sock,
+                greeting,
+            })
             .map_err(|_| std::io::Error::new(ErrorKind::BrokenPipe, "the mux has stopped"))?;
         nix::unistd::write(self.wake.as_fd(), &[1]).map_err(std::io::Error::from)?;
-        Ok(mine)
+        Ok(())
     }
 }
 
@@ -72,8 +97,13 @@ pub struct Engine {
     out: Vec<u8>,
     locals: HashMap<u32, Local>,
     on_incoming: OnIncoming,
-    requests: Receiver<(u32, UnixStream)>,
+    requests: Receiver<Request>,
     wake_rx: OwnedFd,
+    /// Every [`Mux`] handle is gone: the wake pipe is not polled (it
+    /// would report POLLHUP forever).
+    orphaned: bool,
+    /// Turns of the poll loop (a loop that spins shows here).
+    pub turns: u64,
     /// Frames that did not decode, and frames of other epochs.
     pub dropped: u64,
 }
@@ -110,6 +140,8 @@ impl Engine {
                 on_incoming,
                 requests: rx,
                 wake_rx,
+                orphaned: false,
+                turns: 0,
                 dropped: 0,
             },
             Mux {
@@ -123,6 +155,7 @@ impl Engine {
     /// away); what was open stays open, for [`Engine::reattach`].
     pub fn run(&mut self) -> std::io::Result<()> {
         loop {
+            self.turns += 1;
             self.fill_out();
             let mut ids: Vec<u32> = Vec::with_capacity(self.locals.len());
             let (port_ev, wake_ev, local_ev) = {
@@ -132,7 +165,12 @@ impl Engine {
                     port_flags |= PollFlags::POLLOUT;
                 }
                 fds.push(PollFd::new(self.port.0.as_fd(), port_flags));
-                fds.push(PollFd::new(self.wake_rx.as_fd(), PollFlags::POLLIN));
+                // A pipe whose writers are all gone reports POLLHUP
+                // whatever is asked: left out.
+                if !self.orphaned {
+                    fds.push(PollFd::new(self.wake_rx.as_fd(), PollFlags::POLLIN));
+                }
+                let first_local = fds.len();
                 let room = self.out.len() < OUT_HIGH;
                 for (id, l) in &self.locals {
                     let mut f = PollFlags::empty();
@@ -158,11 +196,11 @@ impl Engine {
                 let ev = |f: &PollFd| f.revents().unwrap_or(PollFlags::empty());
                 (
                     ev(&fds[0]),
-                    ev(&fds[1]),
-                    fds[2..].iter().map(ev).collect::<Vec<_>>(),
+                    fds[1..first_local].first().map_or(PollFlags::empty(), ev),
+                    fds[first_local..].iter().map(ev).collect::<Vec<_>>(),
                 )
             };
-            if wake_ev.contains(PollFlags::POLLIN) {
+            if wake_ev.intersects(PollFlags::POLLIN | PollFlags::POLLHUP) {
                 self.take_requests();
             }
             for (id, ev) in ids.iter().zip(local_ev) {
@@ -206,14 +244,26 @@ impl Engine {
 
     fn take_requests(&mut self) {
         let mut buf = [0u8; 64];
-        while matches!(nix::unistd::read(std::os::fd::AsRawFd::as_raw_fd(&self.wake_rx), &mut buf), Ok(n) if n > 0)
-        {
+        loop {
+            match nix::unistd::read(std::os::fd::AsRawFd::as_raw_fd(&self.wake_rx), &mut buf) {
+                Ok(0) => {
+                    self.orphaned = true;
+                    break;
+                }
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(_) => break,
+            }
         }
-        while let Ok((port, sock)) = self.requests.try_recv() {
-            match self.session.open(port) {
-                Ok(id) => self.add_local(id, sock),
+        while let Ok(r) = self.requests.try_recv() {
+            match self.session.open(r.port) {
+                Ok(id) => {
+                    self.add_local(id, r.sock);
+                    if let Some(l) = self.locals.get_mut(&id) {
+                        l.greeting = r.greeting;
+                    }
+                }
                 // Too many streams: the caller's end reads EOF.
-                Err(_) => drop(sock),
+                Err(_) => drop(r.sock),
             }
         }
     }
@@ -232,6 +282,8 @@ impl Engine {
                 close_after: false,
                 read_done: false,
                 hup: false,
+                greeting: Vec::new(),
+                uncounted: 0,
             },
         );
     }
@@ -299,7 +351,19 @@ impl Engine {
                 }
                 None => self.session.refuse(stream),
             },
-            Event::Accepted { .. } | Event::Incompatible { .. } => {}
+            Event::Accepted { stream } => {
+                if let Some(l) = self.locals.get_mut(&stream) {
+                    let g = std::mem::take(&mut l.greeting);
+                    if !g.is_empty() {
+                        // Ahead of the stream's bytes; not the peer's, so
+                        // not granted back.
+                        l.uncounted += g.len();
+                        l.pending.splice(0..0, g);
+                        self.flush_local(stream);
+                    }
+                }
+            }
+            Event::Incompatible { .. } => {}
             Event::Data { stream, bytes } => {
                 if let Some(l) = self.locals.get_mut(&stream) {
                     l.pending.extend_from_slice(&bytes);
@@ -349,9 +413,13 @@ impl Engine {
             }
         }
         l.pending.drain(..wrote);
+        let ours = wrote.min(l.uncounted);
+        l.uncounted -= ours;
+        let wrote = wrote - ours;
         if broken {
             // The local reader is gone: the peer stops sending.
             l.pending.clear();
+            l.uncounted = 0;
             let mut ev = Vec::new();
             self.session.consumed(id, wrote);
             self.session.shutdown_read(id, &mut ev);
@@ -382,6 +450,7 @@ impl Engine {
         }
         l.hup = true;
         l.pending.clear();
+        l.uncounted = 0;
         let mut ev = Vec::new();
         self.session.shutdown_read(id, &mut ev);
         for e in ev {

@@ -187,11 +187,23 @@ impl Session {
         Ok(id)
     }
 
+    /// Sends a local open, and the half-closes its local end made while
+    /// it waited for the peer (a stream's frames never precede its OPEN).
     fn send_open(&mut self, id: u32) {
-        if let Some(s) = self.streams.get_mut(&id) {
-            s.sent = true;
-            let f = Frame::new(Kind::Open, self.epoch, id, s.port);
-            self.control.push_back(f);
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        s.sent = true;
+        let (port, rd, wr) = (s.port, s.sent_rd, s.sent_wr);
+        self.control
+            .push_back(Frame::new(Kind::Open, self.epoch, id, port));
+        if rd {
+            self.control
+                .push_back(Frame::new(Kind::Fin, self.epoch, id, 0).with_flags(SHUT_RD));
+        }
+        if wr {
+            self.data
+                .push_back(Frame::new(Kind::Fin, self.epoch, id, 0).with_flags(SHUT_WR));
         }
     }
 
@@ -211,12 +223,15 @@ impl Session {
 
     /// Aborts a stream: RST, and it is gone.
     pub fn reset(&mut self, id: u32) {
-        if self.streams.remove(&id).is_some() {
+        if let Some(s) = self.streams.remove(&id) {
             self.data.retain(|f| f.stream != id);
             self.control
                 .retain(|f| f.stream != id || f.kind == Kind::Hello);
-            self.control
-                .push_back(Frame::new(Kind::Rst, self.epoch, id, 0));
+            // A stream the peer never heard of ends here.
+            if s.sent {
+                self.control
+                    .push_back(Frame::new(Kind::Rst, self.epoch, id, 0));
+            }
         }
     }
 
@@ -272,8 +287,10 @@ impl Session {
             return;
         }
         s.sent_wr = true;
-        self.data
-            .push_back(Frame::new(Kind::Fin, self.epoch, id, 0).with_flags(SHUT_WR));
+        if s.sent {
+            self.data
+                .push_back(Frame::new(Kind::Fin, self.epoch, id, 0).with_flags(SHUT_WR));
+        }
         self.finish_if_done(id, events);
     }
 
@@ -286,8 +303,10 @@ impl Session {
             return;
         }
         s.sent_rd = true;
-        self.control
-            .push_back(Frame::new(Kind::Fin, self.epoch, id, 0).with_flags(SHUT_RD));
+        if s.sent {
+            self.control
+                .push_back(Frame::new(Kind::Fin, self.epoch, id, 0).with_flags(SHUT_RD));
+        }
         self.finish_if_done(id, events);
     }
 
@@ -302,20 +321,14 @@ impl Session {
         }
     }
 
-    /// The next frame to write: control frames first.
+    /// The next frame to write: control frames first; nothing but HELLO
+    /// before the peer is known.
     pub fn next_frame(&mut self) -> Option<Frame> {
-        if let Some(f) = self.control.pop_front() {
-            return Some(f);
-        }
         if !self.ready() {
-            return None;
+            let i = self.control.iter().position(|f| f.kind == Kind::Hello)?;
+            return self.control.remove(i);
         }
-        self.data.pop_front()
-    }
-
-    /// Whether frames are waiting to be written.
-    pub fn wants_write(&self) -> bool {
-        !self.control.is_empty() || (self.ready() && !self.data.is_empty())
+        self.control.pop_front().or_else(|| self.data.pop_front())
     }
 
     /// Takes a frame from the peer; what the local ends must do goes to

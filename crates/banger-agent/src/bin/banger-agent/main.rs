@@ -5,10 +5,13 @@
 //! the daemon learns that the guest is up.
 //!
 //! `banger-agent --unix PATH` serves the same protocol on a Unix socket
-//! instead: the host-side tests of exec and files use it.
+//! instead: the host-side tests of exec and files use it. `--serial PATH`
+//! serves it through the multiplexer over a Unix socket that plays the
+//! virtio-serial port (`port.rs`; the tests run it with `banger-vport`).
 
 mod exec;
 mod files;
+mod port;
 mod system;
 
 use std::os::fd::OwnedFd;
@@ -52,9 +55,16 @@ fn main() {
                 serve(c);
             }
         }
+        Some("--serial") => {
+            let Some(path) = args.get(2) else {
+                log("usage: banger-agent [--unix PATH | --serial PATH]");
+                std::process::exit(2);
+            };
+            port::serial_main(path)
+        }
         Some(other) => {
             log(&format!(
-                "unknown argument {other:?}; usage: banger-agent [--unix PATH]"
+                "unknown argument {other:?}; usage: banger-agent [--unix PATH | --serial PATH]"
             ));
             std::process::exit(2);
         }

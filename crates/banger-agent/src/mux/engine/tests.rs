@@ -290,3 +290,35 @@ fn an_engine_reattaches_to_a_new_port() {
     drop(h);
     t.join().unwrap().unwrap();
 }
+
+/// An engine whose every handle is gone (the agent's hello thread held
+/// its last) goes on serving, without spinning on the wake pipe's hangup.
+#[test]
+fn an_engine_without_handles_does_not_spin() {
+    let (hp, gp) = UnixStream::pair().unwrap();
+    let (ended_tx, _ended) = mpsc::channel();
+    let (_gate_tx, gate) = mpsc::channel();
+    let (mut g, mux) = Engine::new(
+        Session::new(Side::Guest, 2),
+        gp.into(),
+        guest_services(ended_tx, gate),
+    )
+    .unwrap();
+    drop(mux);
+    let host = thread::spawn(move || {
+        let mut h = RawHost::new(400, hp);
+        let id = h.s.open(1024).unwrap();
+        h.until(|ev| ev.contains(&Event::Accepted { stream: id }));
+        for i in 0..10 {
+            h.echo(id, format!("round {i}").as_bytes());
+        }
+    });
+    // Returns once the host's end closes.
+    g.run().unwrap();
+    host.join().unwrap();
+    assert!(
+        g.turns < 1000,
+        "{} turns of the loop for ten echoes",
+        g.turns
+    );
+}

@@ -344,3 +344,45 @@ fn frames_for_unknown_streams_get_one_rst_and_no_echo() {
     pump(&mut h, &mut g);
     assert!(h.take().is_empty() && g.take().is_empty());
 }
+
+/// A local end that half-closes while its open waits for the HELLO (the
+/// agent's hello: written, then closed at once): nothing of the stream
+/// precedes its OPEN, and its bytes still arrive.
+#[test]
+fn half_closes_before_the_hello_follow_the_open() {
+    let (mut h, mut g) = (End::new(Side::Host, 1), End::new(Side::Guest, 2));
+    let id = g.s.open(1025).unwrap();
+    g.s.shutdown_read(id, &mut g.events);
+    let early: Vec<Frame> = std::iter::from_fn(|| g.s.next_frame()).collect();
+    assert!(
+        early.iter().all(|f| f.kind == Kind::Hello),
+        "only HELLO before the peer is known: {early:?}"
+    );
+    g.s.hello(false);
+    pump(&mut h, &mut g);
+    assert_eq!(
+        h.take(),
+        vec![
+            Event::Incoming {
+                stream: id,
+                port: 1025
+            },
+            Event::PeerShutRead { stream: id }
+        ]
+    );
+    h.s.accept(id).unwrap();
+    pump(&mut h, &mut g);
+    assert_eq!(g.take(), vec![Event::Accepted { stream: id }]);
+    assert_eq!(g.s.send(id, b"hello"), 5);
+    g.s.shutdown_write(id, &mut g.events);
+    pump(&mut h, &mut g);
+    assert_eq!(h.read(id), b"hello");
+    assert_eq!(
+        h.take(),
+        vec![
+            Event::PeerShutWrite { stream: id },
+            Event::Closed { stream: id }
+        ]
+    );
+    assert_eq!(g.take(), vec![Event::Closed { stream: id }]);
+}
