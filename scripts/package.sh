@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Builds banger's Debian package and prints its path: both binaries, the
-# guest agent and QEMU's vsock backend (in /usr/lib/banger), the systemd
+# guest agent, QEMU's agent channel (banger-vport) and vsock backend (in
+# /usr/lib/banger), the systemd
 # units, an example config, completions and man pages. dpkg-deb builds it
 # (the package's tree is laid out here; nothing but Debian's own tools).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
-cargo build --release --locked -p banger -p bangerd >&2
+cargo build --release --locked -p banger -p bangerd -p banger-agent --bin banger-vport >&2
 agent=$(./scripts/build-agent.sh)
 vsock=$(command -v vhost-device-vsock || true)
 [ -n "$vsock" ] || { echo "package: vhost-device-vsock is not installed (scripts/install-deps.sh)" >&2; exit 1; }
@@ -19,8 +20,10 @@ install -D -m 0755 target/release/banger "$root/usr/bin/banger"
 install -D -m 0755 target/release/bangerd "$root/usr/bin/bangerd"
 install -D -m 0755 "$agent" "$root/usr/lib/banger/banger-agent"
 install -D -m 0755 "$vsock" "$root/usr/lib/banger/vhost-device-vsock"
+install -D -m 0755 target/release/banger-vport "$root/usr/lib/banger/banger-vport"
 # Debian's packages ship without debug info (dh_strip's habit).
-strip --strip-debug "$root/usr/bin/banger" "$root/usr/bin/bangerd" "$root/usr/lib/banger/vhost-device-vsock"
+strip --strip-debug "$root/usr/bin/banger" "$root/usr/bin/bangerd" \
+  "$root/usr/lib/banger/vhost-device-vsock" "$root/usr/lib/banger/banger-vport"
 install -D -m 0644 packaging/systemd/banger.socket "$root/lib/systemd/system/banger.socket"
 install -D -m 0644 packaging/systemd/banger.service "$root/lib/systemd/system/banger.service"
 install -D -m 0644 packaging/config.toml "$root/etc/banger/config.toml"

@@ -27,6 +27,10 @@ pub const AGENT_PORT: u32 = 1024;
 /// `<uds_path>_1025` on the host).
 pub const HELLO_PORT: u32 = 1025;
 
+/// The name of the virtio-serial port the agent serves on QEMU
+/// (`/sys/class/virtio-ports/*/name`), through the multiplexer.
+pub const VPORT_NAME: &str = "org.banger.agent";
+
 /// The largest frame either side accepts; data is sent in chunks of at
 /// most [`CHUNK`].
 pub const MAX_FRAME: usize = 1 << 20;

@@ -200,6 +200,11 @@ pub struct VmRuntime {
     /// `resume` and by every end of the boot.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub paused: bool,
+    /// This boot's agent channel rides a virtio-serial port through
+    /// `banger-vport` (QEMU, an image whose initramfs has the driver),
+    /// not a vsock device: what a QEMU snapshot needs.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub vport: bool,
 }
 
 /// The process a `--rm` VM lives for: its pid and its start time (clock

@@ -28,7 +28,27 @@ pub(crate) const INITRAMFS_MODULES: &[&str] = &[
 /// Modules the initramfs loads when the kernel has them: virtio-fs
 /// (`--mount`); a kernel without it boots, and a `--mount` on it fails at
 /// its mount, naming it.
-pub(crate) const OPTIONAL_MODULES: &[&str] = &["virtiofs"];
+pub(crate) const OPTIONAL_MODULES: &[&str] = &["virtiofs", VPORT_MODULE];
+
+/// The virtio-serial driver: the agent's channel on QEMU, through the
+/// multiplexer (`banger_agent::mux`), which a snapshot keeps.
+const VPORT_MODULE: &str = "virtio_console";
+
+/// A file in the initramfs saying its kernel can serve the agent on a
+/// virtio-serial port (the module is in it, or built in). The daemon
+/// reads an image's initramfs for it ([`supports_vport`]): an image
+/// without it (built by an older banger, or a kernel without the
+/// driver) keeps the vsock device.
+pub const VPORT_MARKER: &str = "banger-vport";
+
+/// Whether an initramfs (an uncompressed newc archive, as [`initramfs`]
+/// writes) carries [`VPORT_MARKER`].
+pub fn supports_vport(initrd: &[u8]) -> bool {
+    // A newc entry's name follows its header, NUL-terminated.
+    let mut name = VPORT_MARKER.as_bytes().to_vec();
+    name.push(0);
+    initrd.windows(name.len()).any(|w| w == name.as_slice())
+}
 
 /// Resolves `wanted` against modules.dep text into a load order where every
 /// module comes after its dependencies. Paths are relative to the module dir.
@@ -137,6 +157,14 @@ pub(crate) fn initramfs(
         load.push('\n');
     }
     a.file("modules.load", 0o644, load.as_bytes());
+    let builtin = std::fs::read_to_string(moddir.join("modules.builtin")).unwrap_or_default();
+    let vport = load.lines().any(|m| m == format!("{VPORT_MODULE}.ko"))
+        || builtin
+            .lines()
+            .any(|l| l.ends_with(&format!("/{VPORT_MODULE}.ko")));
+    if vport {
+        a.file(VPORT_MARKER, 0o644, b"");
+    }
     Ok(a.finish())
 }
 
@@ -158,5 +186,20 @@ mod tests {
         assert!(pos("/virtio_pci_legacy_dev.ko") < pos("/virtio_pci.ko"));
         assert_eq!(order.len(), 5, "each module once: {order:?}");
         assert!(module_load_order(dep, &["nope"]).is_err());
+    }
+
+    #[test]
+    fn the_vport_marker_is_found_by_its_entry_name() {
+        let mut a = Archive::new();
+        a.file("modules.load", 0o644, b"virtio_console.ko\n");
+        a.file(
+            "init",
+            0o755,
+            b"banger-vport is named here, not as an entry",
+        );
+        assert!(!supports_vport(&a.finish()));
+        let mut a = Archive::new();
+        a.file(VPORT_MARKER, 0o644, b"");
+        assert!(supports_vport(&a.finish()));
     }
 }

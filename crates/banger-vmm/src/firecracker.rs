@@ -380,6 +380,7 @@ mod tests {
                 cid: 7,
                 uds_path: "/r/vsock.sock".into(),
                 backend: "/r/unused".into(),
+                serial: false,
             }),
         }
     }

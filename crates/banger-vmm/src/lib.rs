@@ -83,9 +83,14 @@ pub struct FsShare {
 pub struct Vsock {
     pub cid: u32,
     pub uds_path: PathBuf,
-    /// QEMU only: the vhost-user socket of the device's backend
-    /// (`vhost-device-vsock`, which serves `uds_path`).
+    /// QEMU only: the socket of the agent channel's host process, which
+    /// serves `uds_path` (Firecracker's hybrid-vsock interface): with
+    /// `serial`, `banger-vport` behind a virtio-serial port; else
+    /// `vhost-device-vsock`, the vhost-user backend of a vsock device.
     pub backend: PathBuf,
+    /// QEMU only: the channel is a virtio-serial port (which a snapshot
+    /// keeps), not a vsock device.
+    pub serial: bool,
 }
 
 #[derive(Debug, Error)]

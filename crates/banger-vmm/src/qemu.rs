@@ -15,6 +15,8 @@ use crate::{qmp, VmConfig, Vmm, VmmError, VmmProcess};
 
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
 
+use banger_agent::proto::VPORT_NAME;
+
 /// MiB of TCG's translation cache.
 pub const TCG_TB_MIB: u64 = 256;
 
@@ -56,9 +58,10 @@ impl Qemu {
             self.accel.clone()
         });
         push("-M");
-        // vhost-user devices need the guest's memory shared with their
-        // backend process: a memfd.
-        let shared = if cfg.vsock.is_some() {
+        // vhost-user devices (a vsock device's backend, virtiofsd) need
+        // the guest's memory shared with their backend process: a memfd.
+        let vhost_vsock = cfg.vsock.as_ref().is_some_and(|v| !v.serial);
+        let shared = if vhost_vsock || !cfg.shares.is_empty() {
             ",memory-backend=mem"
         } else {
             ""
@@ -85,23 +88,45 @@ impl Qemu {
             push(s);
         }
         let path = |p: &Path| p.to_string_lossy().into_owned();
-        if let Some(v) = &cfg.vsock {
+        if !shared.is_empty() {
             push("-object");
             push(&format!(
                 "memory-backend-memfd,id=mem,size={}M,share=on",
                 cfg.memory_mib
             ));
+        }
+        match &cfg.vsock {
+            // The agent's channel on a virtio-serial port, which migrates
+            // (a snapshot keeps it): `banger-vport` listens before QEMU
+            // starts, and QEMU connects again if it restarts. Port 1 by
+            // number: a snapshot's clone must number it the same.
+            Some(v) if v.serial => {
+                push("-device");
+                push("virtio-serial-pci,id=vser0,max_ports=2");
+                push("-chardev");
+                push(&format!(
+                    "socket,id=agent,path={},reconnect=1",
+                    path(&v.backend).replace(',', ",,")
+                ));
+                push("-device");
+                push(&format!(
+                    "virtserialport,bus=vser0.0,nr=1,chardev=agent,name={VPORT_NAME}"
+                ));
+            }
             // The backend (vhost-device-vsock) listens before QEMU starts:
             // the daemon waits for its socket. (No `reconnect`: with it,
             // QEMU 7.2 connects asynchronously and the device's setup,
             // which needs the connection, fails.)
-            push("-chardev");
-            push(&format!(
-                "socket,id=vsock,path={}",
-                path(&v.backend).replace(',', ",,")
-            ));
-            push("-device");
-            push("vhost-user-vsock-pci,chardev=vsock");
+            Some(v) => {
+                push("-chardev");
+                push(&format!(
+                    "socket,id=vsock,path={}",
+                    path(&v.backend).replace(',', ",,")
+                ));
+                push("-device");
+                push("vhost-user-vsock-pci,chardev=vsock");
+            }
+            None => {}
         }
         // virtiofsd listens before QEMU starts (as the vsock backend).
         for (i, s) in cfg.shares.iter().enumerate() {
@@ -343,6 +368,7 @@ mod tests {
             cid: 9,
             uds_path: "/run/vm/vsock.sock".into(),
             backend: "/run/vm/vhost,vsock.sock".into(),
+            serial: false,
         });
         let v = Qemu::new(false)
             .args(&c)
@@ -359,8 +385,51 @@ mod tests {
             "{v}"
         );
         assert!(
-            v.contains("-chardev socket,id=vsock,path=/run/vm/vhost,,vsock.sock -device vhost-user-vsock-pci,chardev=vsock"),
+                        v.contains("-chardev socket,id=vsock,path=/run/vm/vhost,,vsock.sock -device vhost-user-vsock-pci,chardev=vsock"),
             "{v}"
+        );
+
+        // The channel on a virtio-serial port: no shared memory (nothing
+        // vhost-user), port 1 named for the agent, a chardev that
+        // reconnects.
+        c.vsock = Some(crate::Vsock {
+            cid: 9,
+            uds_path: "/run/vm/vsock.sock".into(),
+            backend: "/run/vm/v,port.sock".into(),
+            serial: true,
+        });
+        let p = Qemu::new(false)
+            .args(&c)
+            .iter()
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(
+            !p.contains("memory-backend") && !p.contains("vhost-user"),
+            "{p}"
+        );
+        assert!(
+            p.contains(
+                "-device virtio-serial-pci,id=vser0,max_ports=2 \
+                 -chardev socket,id=agent,path=/run/vm/v,,port.sock,reconnect=1 \
+                 -device virtserialport,bus=vser0.0,nr=1,chardev=agent,name=org.banger.agent"
+            ),
+            "{p}"
+        );
+        // A mount's vhost-user-fs still shares the memory.
+        c.shares.push(crate::FsShare {
+            tag: "m0".into(),
+            socket: "/run/vm/fs0.sock".into(),
+        });
+        let m = Qemu::new(false)
+            .args(&c)
+            .iter()
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(
+            m.contains("-M pc,usb=off,vmport=off,memory-backend=mem"),
+            "{m}"
         );
     }
 
@@ -383,6 +452,17 @@ mod tests {
         c.nics.clear();
         let out = Command::new(QEMU_BINARY).args(q.args(&c)).output().unwrap();
         assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("missing-vmlinux"), "{err}");
+        // With the agent's virtio-serial port (its helper not there: the
+        // chardev reconnects, which is no error).
+        c.vsock = Some(crate::Vsock {
+            cid: 3,
+            uds_path: d.path().join("v.sock"),
+            backend: d.path().join("port.sock"),
+            serial: true,
+        });
+        let out = Command::new(QEMU_BINARY).args(q.args(&c)).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("missing-vmlinux"), "{err}");
     }

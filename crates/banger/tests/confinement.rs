@@ -160,8 +160,9 @@ fn vmms_run_as_their_own_unprivileged_users_and_reach_nothing_else() {
         "QEMU shares the daemon's network"
     );
     assert_ne!(ns(qa), ns(qb));
-    // Its vsock backend is the same user.
-    let backend = procs(&inst, "vhost-device-vsock")
+    // Its agent channel's process (banger-vport: the test image serves
+    // the agent on a virtio-serial port) is the same user.
+    let backend = procs(&inst, "banger-vport")
         .into_iter()
         .find(|p| {
             std::fs::read_to_string(format!("/proc/{p}/cmdline"))

@@ -8,6 +8,13 @@
 //! do not notice. Each command's time is printed (`--nocapture`) for the
 //! closing note; the limits asserted are watchdogs (ten times a bound),
 //! not speed targets. Needs root; `scripts/test.sh` runs it.
+//!
+//! The hostile guest runs on Firecracker (the spec-checked double), whose
+//! guest agent speaks AF_VSOCK: a QEMU guest's agent rides the
+//! multiplexer on a virtio-serial port instead, whose hostile frames
+//! (floods, bad CRCs, streams past the limit, data past the credit) the
+//! mux's own tests feed `banger-vport` (`banger_agent::mux`). The calls'
+//! deadlines are the daemon's, the same over either channel.
 
 use std::path::PathBuf;
 use std::process::Output;
@@ -91,12 +98,23 @@ fn timed(inst: &Instance, args: &[&str], watchdog: Duration) -> (Output, Duratio
 #[test]
 fn a_guest_whose_agent_trickles_stalls_nothing() {
     let inst = Instance::new(&banger_bin()).with_image();
+    inst.start_daemon_with_firecracker_double();
     ok(
         &inst.banger(&["volume", "create", "hv", "--size", "16M"]),
         "volume create",
     );
     ok(
-        &inst.banger(&["vm", "run", "-d", "--name", "h", "--volume", "hv:/data"]),
+        &inst.banger(&[
+            "vm",
+            "run",
+            "-d",
+            "--vmm",
+            "firecracker",
+            "--name",
+            "h",
+            "--volume",
+            "hv:/data",
+        ]),
         "vm run -d h",
     );
     ok(

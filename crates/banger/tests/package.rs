@@ -97,6 +97,7 @@ fn the_package_installs_runs_reinstalls_and_purges_cleanly() {
         "usr/bin/bangerd",
         "usr/lib/banger/banger-agent",
         "usr/lib/banger/vhost-device-vsock",
+        "usr/lib/banger/banger-vport",
         "lib/systemd/system/banger.socket",
         "lib/systemd/system/banger.service",
         "etc/banger/config.toml",
@@ -141,6 +142,7 @@ fn the_package_installs_runs_reinstalls_and_purges_cleanly() {
     for (check, says) in [
         ("qemu-system-x86_64", "/usr/bin/qemu-system-x86_64"),
         ("vhost-device-vsock", "/usr/lib/banger/vhost-device-vsock"),
+        ("banger-vport", "/usr/lib/banger/banger-vport"),
         ("socket group", "members of banger"),
     ] {
         assert!(

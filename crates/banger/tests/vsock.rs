@@ -124,3 +124,71 @@ fn both_directions_backed_up_at_once_do_not_stall() {
     ok(&inst.banger(&["vm", "delete", "-f", "v"]), "delete");
     inst.assert_baseline();
 }
+
+/// A QEMU VM's agent rides a virtio-serial port through `banger-vport`
+/// (the channel a snapshot keeps); an image whose initramfs cannot serve
+/// it (built by an older banger: no marker) keeps the vsock device and
+/// `vhost-device-vsock`. Both answer `vm exec`.
+#[test]
+fn qemu_agents_ride_the_virtio_serial_port_unless_the_image_cannot() {
+    let inst = Instance::new(&banger_bin()).with_image();
+    let id = |n: &str| -> String {
+        let v: serde_json::Value =
+            serde_json::from_str(&ok(&inst.banger(&["vm", "show", n, "--json"]), "show")).unwrap();
+        v["id"].as_str().unwrap().to_string()
+    };
+    let helper = |n: &str| -> Vec<String> {
+        let vm = id(n);
+        inst.processes()
+            .into_iter()
+            .filter(|(_, c)| c.contains(&vm))
+            .filter_map(|(_, c)| {
+                let exe = c.split_whitespace().next()?.rsplit('/').next()?.to_string();
+                (exe == "banger-vport" || exe == "vhost-device-vsock").then_some(exe)
+            })
+            .collect()
+    };
+    let guest = "cat /proc/cmdline; cat /sys/class/virtio-ports/*/name 2>/dev/null; true";
+
+    ok(
+        &inst.banger(&["vm", "run", "-d", "--name", "p"]),
+        "vm run p",
+    );
+    let seen = ok(
+        &inst.banger(&["vm", "exec", "p", "--", "sh", "-c", guest]),
+        "exec p",
+    );
+    assert!(seen.contains("banger.vport=1"), "{seen}");
+    assert!(seen.contains("org.banger.agent"), "{seen}");
+    assert_eq!(helper("p"), vec!["banger-vport".to_string()]);
+
+    // The image as an older banger built it: its initramfs without the
+    // marker (a new file: the cached image it is linked to stays).
+    let initrd = inst.state().join("images/bookworm/initrd.img");
+    let bytes = std::fs::read(&initrd).unwrap();
+    let marker = b"banger-vport\0";
+    let at = bytes
+        .windows(marker.len())
+        .position(|w| w == marker)
+        .expect("the test image's initramfs has the marker");
+    let mut old = bytes.clone();
+    old[at..at + marker.len()].copy_from_slice(b"banger-vpor_\0");
+    let tmp = initrd.with_extension("new");
+    std::fs::write(&tmp, &old).unwrap();
+    std::fs::rename(&tmp, &initrd).unwrap();
+
+    ok(
+        &inst.banger(&["vm", "run", "-d", "--name", "v"]),
+        "vm run v",
+    );
+    let seen = ok(
+        &inst.banger(&["vm", "exec", "v", "--", "sh", "-c", guest]),
+        "exec v",
+    );
+    assert!(!seen.contains("banger.vport"), "{seen}");
+    assert!(!seen.contains("org.banger.agent"), "{seen}");
+    assert_eq!(helper("v"), vec!["vhost-device-vsock".to_string()]);
+
+    ok(&inst.banger(&["vm", "rm", "-f", "p", "v"]), "rm");
+    inst.assert_baseline();
+}

@@ -45,8 +45,13 @@ pub struct Config {
     /// `../lib/banger/`).
     pub agent: Option<PathBuf>,
     /// QEMU's vsock backend (`BANGER_VHOST_VSOCK`, else
-    /// `vhost-device-vsock` on PATH).
+    /// `vhost-device-vsock` on PATH), for images whose initramfs cannot
+    /// serve the agent on a virtio-serial port.
     pub vsock_backend: Option<PathBuf>,
+    /// The agent channel's host process for a QEMU VM's virtio-serial
+    /// port (`BANGER_VPORT`, else `banger-vport` beside bangerd or in
+    /// `../lib/banger/`).
+    pub vport: Option<PathBuf>,
     /// virtiofsd, for `--mount` (QEMU).
     pub virtiofsd: Option<PathBuf>,
     /// Force a root-disk strategy instead of choosing by host and VMM.
@@ -107,6 +112,7 @@ impl Config {
             tap_pool: 0,
             agent: None,
             vsock_backend: None,
+            vport: None,
             virtiofsd: None,
             root_disk: None,
             vmm_uid_base: DEFAULT_VMM_UID_BASE,

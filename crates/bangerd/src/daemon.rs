@@ -170,12 +170,16 @@ pub const KERNEL_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet \
 /// IO-APICs from ACPI's MADT, and a kernel built without the MP-table
 /// parser (Debian's cloud kernel) then boots one CPU of the N it was given
 /// ("smpboot: SMP disabled").
-pub fn kernel_cmdline(vcpus: u32) -> String {
+pub fn kernel_cmdline(vcpus: u32, vport: bool) -> String {
+    let mut c = KERNEL_CMDLINE.to_string();
     if vcpus <= 1 {
-        format!("{KERNEL_CMDLINE} pci=noacpi")
-    } else {
-        KERNEL_CMDLINE.to_string()
+        c.push_str(" pci=noacpi");
     }
+    // The agent serves its virtio-serial port, not vsock.
+    if vport {
+        c.push_str(" banger.vport=1");
+    }
+    c
 }
 
 impl Daemon {

@@ -49,10 +49,26 @@ pub fn checks(d: &Daemon) -> Vec<Check> {
         "vhost-device-vsock",
         d.cfg.vsock_backend.is_some(),
         match &d.cfg.vsock_backend {
-            Some(p) => format!("{} (QEMU's vsock: the guest agent)", p.display()),
-            None => "missing: QEMU guests get no agent".into(),
+            Some(p) => format!(
+                "{} (QEMU's vsock, for images without the virtio-serial driver)",
+                p.display()
+            ),
+            None => "missing: QEMU guests of images without the virtio-serial driver get no agent"
+                .into(),
         },
         "cargo install --locked vhost-device-vsock --root /usr/local",
+    ));
+    v.push(check_fix(
+        "banger-vport",
+        d.cfg.vport.is_some(),
+        match &d.cfg.vport {
+            Some(p) => format!(
+                "{} (QEMU's agent channel on a virtio-serial port)",
+                p.display()
+            ),
+            None => "missing: QEMU guests use a vsock device, and cannot be snapshotted".into(),
+        },
+        "./scripts/setup.sh (the package ships it in /usr/lib/banger)",
     ));
     let tun = std::path::Path::new("/dev/net/tun");
     v.push(check_fix(

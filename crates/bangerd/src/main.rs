@@ -177,17 +177,17 @@ fn real_main() -> anyhow::Result<()> {
             .filter(|v| !v.is_empty())
             .map(std::path::PathBuf::from)
     };
-    cfg.agent = env_path("BANGER_AGENT").or_else(|| {
+    // Beside bangerd (a build tree), or where the Debian package puts it.
+    let shipped = |name: &str| {
         let exe = std::env::current_exe().ok()?;
         let dir = exe.parent()?;
-        [
-            dir.join("banger-agent"),
-            dir.join("../lib/banger/banger-agent"),
-        ]
-        .into_iter()
-        .find(|p| p.is_file())
-        .and_then(|p| std::fs::canonicalize(p).ok())
-    });
+        [dir.join(name), dir.join("../lib/banger").join(name)]
+            .into_iter()
+            .find(|p| p.is_file())
+            .and_then(|p| std::fs::canonicalize(p).ok())
+    };
+    cfg.agent = env_path("BANGER_AGENT").or_else(|| shipped("banger-agent"));
+    cfg.vport = env_path("BANGER_VPORT").or_else(|| shipped("banger-vport"));
     // The Debian package ships it beside the agent.
     cfg.vsock_backend = env_path("BANGER_VHOST_VSOCK")
         .or_else(|| banger_host::cmd::which("vhost-device-vsock"))

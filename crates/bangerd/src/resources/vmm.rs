@@ -155,7 +155,7 @@ impl Resource for VmmProcess {
             memory_mib: cx.vm.spec.sizing.memory_mib,
             kernel: cx.img.kernel.clone(),
             initrd,
-            cmdline: kernel_cmdline(cx.vm.spec.sizing.cpus),
+            cmdline: kernel_cmdline(cx.vm.spec.sizing.cpus, cx.vm.runtime.vport),
             disks: vec![
                 root,
                 banger_vmm::Disk {
@@ -193,6 +193,7 @@ impl Resource for VmmProcess {
                     cid,
                     uds_path,
                     backend: rt_dir.join(vmfiles::VSOCK_BACKEND),
+                    serial: cx.vm.runtime.vport,
                 }),
             shares: (0..cx.vm.spec.mounts.len())
                 .map(|i| banger_vmm::FsShare {

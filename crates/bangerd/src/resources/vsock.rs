@@ -2,9 +2,11 @@
 //! network lock, durable in the runtime, reserved until the VM's release
 //! is done), the hybrid vsock's Unix socket in the VM's runtime dir, the
 //! listener the guest agent says hello on (`<socket>_1025`), and for QEMU
-//! the device's backend process, `vhost-device-vsock`, which speaks
-//! Firecracker's host-side protocol on that socket: above the socket,
-//! both VMMs are one code path.
+//! the process that speaks Firecracker's host-side protocol on that
+//! socket: `banger-vport` behind a virtio-serial port (the agent channel a
+//! snapshot keeps), or `vhost-device-vsock` behind a vsock device for an
+//! image whose initramfs lacks the virtio-serial driver. Above the
+//! socket, both VMMs are one code path.
 
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
@@ -61,6 +63,12 @@ impl Resource for Vsock {
     fn acquire(&self, host: &Host<'_>, cx: &mut Acq<'_>) -> Result<()> {
         let rt_dir = host.cfg.layout.vm_runtime_dir(&cx.vm.id);
         fsutil::create_dir_all(&rt_dir)?;
+        // QEMU's agent channel rides a virtio-serial port (which a
+        // snapshot keeps) where the image's initramfs can serve it and
+        // `banger-vport` is installed; else a vsock device.
+        let vport = cx.vm.spec.vmm == VmmKind::Qemu
+            && host.cfg.vport.is_some()
+            && banger_guest::initramfs::supports_vport(&host.image_initrd(cx.img)?);
         // In the jail's chroot for a jailed Firecracker (which binds it).
         let uds = super::jail::socket_dir(host, cx.vm).join(vmfiles::VSOCK);
         {
@@ -76,6 +84,7 @@ impl Resource for Vsock {
             drop(store);
             cx.vm.runtime.vsock_cid = Some(lowest_free(&used));
             cx.vm.runtime.vsock_path = Some(uds.clone());
+            cx.vm.runtime.vport = vport;
             // Saved under the lock: the next allocation sees it.
             host.save(cx.vm)?;
         }
@@ -90,7 +99,8 @@ impl Resource for Vsock {
         if cx.vm.spec.vmm == VmmKind::Qemu {
             let cid = cx.vm.runtime.vsock_cid.unwrap_or(FIRST_CID);
             let confine = super::jail::confinement(host, cx.vm, id)?;
-            let (id, up) = spawn_backend(host, cx.vm, cid, &uds, &confine)?;
+            let vport = cx.vm.runtime.vport;
+            let (id, up) = spawn_backend(host, cx.vm, cid, &uds, &confine, vport)?;
             cx.handles.vsock_pid = Some(id.pid);
             cx.handles.vsock_start_time = Some(id.start_time);
             up?;
@@ -163,7 +173,7 @@ impl Resource for Vsock {
                 return Err(DaemonError::Release {
                     vm: r.vm_name.clone(),
                     resource: "vsock",
-                    reason: format!("vhost-device-vsock (pid {}) survives SIGKILL", id.pid),
+                    reason: format!("the vsock backend (pid {}) survives SIGKILL", id.pid),
                 });
             }
         }
@@ -171,22 +181,34 @@ impl Resource for Vsock {
     }
 }
 
-/// Starts QEMU's vsock backend for the VM; QEMU connects to it (retrying
-/// until it listens).
-/// The process is returned even when it failed to listen, so that the
-/// caller records it for the teardown.
+/// Starts the VM's agent channel process for QEMU: `banger-vport`
+/// behind the virtio-serial port with `vport`, else `vhost-device-vsock`
+/// behind a vsock device. Either serves Firecracker's hybrid-vsock
+/// interface on `uds`; QEMU connects to its other socket once it
+/// listens. The process is returned even when it failed to listen, so
+/// that the caller records it for the teardown.
 fn spawn_backend(
     host: &Host<'_>,
     vm: &VmRecord,
     cid: u32,
     uds: &Path,
     confine: &banger_host::confine::Confinement,
+    vport: bool,
 ) -> Result<(ProcId, Result<()>)> {
-    let binary = host.cfg.vsock_backend.clone().ok_or_else(|| DaemonError::Invalid(format!(
-        "vm {:?}: QEMU's vsock backend vhost-device-vsock is not installed: run ./scripts/install-deps.sh (it installs it from crates.io)",
-        vm.name
-    )))?;
     let rt_dir = host.cfg.layout.vm_runtime_dir(&vm.id);
+    let socket = rt_dir.join(vmfiles::VSOCK_BACKEND);
+    let (what, binary) = if vport {
+        ("banger-vport", host.cfg.vport.clone())
+    } else {
+        ("vhost-device-vsock", host.cfg.vsock_backend.clone())
+    };
+    let binary = binary.ok_or_else(|| {
+        DaemonError::Invalid(format!(
+            "vm {:?}: QEMU's agent channel needs {what}, which is not installed: \
+             run ./scripts/setup.sh (the package ships it)",
+            vm.name
+        ))
+    })?;
     let log_path = host.cfg.layout.vm_dir(&vm.id).join(vmfiles::VSOCK_LOG);
     let log = std::fs::File::create(&log_path).with_path("create", &log_path)?;
     let log2 = log.try_clone().with_path("dup", &log_path)?;
@@ -194,13 +216,23 @@ fn spawn_backend(
     confine
         .apply(&mut cmd)
         .map_err(|e| DaemonError::Invalid(format!("vm {:?}: {e}", vm.name)))?;
+    if vport {
+        cmd.arg("--port-socket")
+            .arg(&socket)
+            .arg("--uds-path")
+            .arg(uds)
+            // The agent's hello is the only stream a guest may open.
+            .arg("--guest-port")
+            .arg(HELLO_PORT.to_string());
+    } else {
+        cmd.arg("--guest-cid")
+            .arg(cid.to_string())
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--uds-path")
+            .arg(uds);
+    }
     let child = cmd
-        .arg("--guest-cid")
-        .arg(cid.to_string())
-        .arg("--socket")
-        .arg(rt_dir.join(vmfiles::VSOCK_BACKEND))
-        .arg("--uds-path")
-        .arg(uds)
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2)
@@ -211,14 +243,7 @@ fn spawn_backend(
         .map_err(|e| {
             DaemonError::Invalid(format!("vm {:?}: start {}: {e}", vm.name, binary.display()))
         })?;
-    let socket = rt_dir.join(vmfiles::VSOCK_BACKEND);
-    let (id, up) = super::backend::await_socket(
-        child,
-        "vhost-device-vsock",
-        &socket,
-        &log_path,
-        BACKEND_START,
-    );
+    let (id, up) = super::backend::await_socket(child, what, &socket, &log_path, BACKEND_START);
     let up = up.map_err(|reason| DaemonError::Boot {
         vm: vm.name.clone(),
         reason,

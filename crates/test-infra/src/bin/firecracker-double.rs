@@ -470,11 +470,14 @@ fn start(d: &Double, vm: &Vm, boot: &Value) -> Result<i32, String> {
                 return;
             }
         };
-        // QEMU needs the backend listening (bangerd's own QEMU driver
-        // waits with inotify; the double looks every millisecond, bounded).
-        if let Some(sock) = &be_wait {
+        // QEMU needs the backend listening, not only its socket file
+        // (made at bind, before listen; bangerd's own QEMU driver waits
+        // with inotify; the double looks every millisecond, bounded).
+        if let (Some(sock), Some(b)) = (&be_wait, &_backend) {
             let t = std::time::Instant::now();
-            while !sock.exists() && t.elapsed() < std::time::Duration::from_secs(10) {
+            while !banger_host::process::listens_on(b.id() as i32, sock)
+                && t.elapsed() < std::time::Duration::from_secs(10)
+            {
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
         }

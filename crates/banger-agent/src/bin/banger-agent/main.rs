@@ -68,6 +68,7 @@ fn main() {
             ));
             std::process::exit(2);
         }
+        None if port::wanted() => port::device_main(),
         None => vsock_main(),
     }
 }

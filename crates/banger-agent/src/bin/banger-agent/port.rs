@@ -4,6 +4,12 @@
 //! goes to `serve`); the hello goes out as a stream to the host's hello
 //! port.
 //!
+//! On QEMU (`banger.vport=1` on the kernel's command line) it runs over
+//! the virtio-serial port named [`VPORT_NAME`]; the host's end is
+//! `banger-vport`. While nothing is connected on the host's side (the
+//! helper restarting), the port reads EOF and polls as hung up: the
+//! agent looks again every few tens of milliseconds.
+//!
 //! `--serial PATH` runs it over a Unix socket, as the host-side tests do
 //! with `banger-vport` standing in for QEMU's chardev (the socket plays
 //! the virtio-serial port): when the connection ends it connects again,
@@ -13,8 +19,8 @@ use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use banger_agent::mux::{Engine, Mux, Session, Side};
-use banger_agent::proto::{write_msg, Msg, AGENT_PORT, HELLO_PORT, VERSION};
+use banger_agent::mux::{Engine, Mux, Session, Side, UnixOrDevice};
+use banger_agent::proto::{write_msg, Msg, AGENT_PORT, HELLO_PORT, VERSION, VPORT_NAME};
 
 use crate::{boot_id, log, serve};
 
@@ -28,7 +34,7 @@ fn epoch() -> u32 {
     (u32::from_le_bytes(b) ^ std::process::id().rotate_left(16)).max(1)
 }
 
-fn engine(port: UnixStream) -> std::io::Result<(Engine, Mux)> {
+fn engine(port: UnixOrDevice) -> std::io::Result<(Engine, Mux)> {
     let on_incoming = Box::new(|p: u32| {
         if p != AGENT_PORT {
             return None;
@@ -38,7 +44,7 @@ fn engine(port: UnixStream) -> std::io::Result<(Engine, Mux)> {
         Some(theirs)
     });
     let session = Session::new(Side::Guest, epoch());
-    Engine::new(session, port.into(), on_incoming)
+    Engine::new(session, port, on_incoming)
 }
 
 /// Says hello over the mux (the host's helper relays it to the daemon).
@@ -66,7 +72,7 @@ pub fn serial_main(path: &str) -> ! {
             std::process::exit(1);
         }
     };
-    let (mut engine, mux) = match engine(conn) {
+    let (mut engine, mux) = match engine(conn.into()) {
         Ok(e) => e,
         Err(e) => {
             log(&format!("start the mux: {e}"));
@@ -97,5 +103,109 @@ pub fn serial_main(path: &str) -> ! {
             log(&format!("the port: {e}"));
             std::process::exit(1);
         }
+    }
+}
+
+/// Whether the kernel's command line asks for the port (the daemon says
+/// so for a QEMU VM whose channel is a virtio-serial port).
+pub fn wanted() -> bool {
+    std::fs::read_to_string("/proc/cmdline")
+        .is_ok_and(|c| c.split_whitespace().any(|w| w == "banger.vport=1"))
+}
+
+/// The port's device: `/dev/<port>` for the entry of
+/// `/sys/class/virtio-ports` named [`VPORT_NAME`].
+fn find_port() -> Option<std::path::PathBuf> {
+    std::fs::read_dir("/sys/class/virtio-ports")
+        .ok()?
+        .flatten()
+        .find(|e| {
+            std::fs::read_to_string(e.path().join("name")).is_ok_and(|n| n.trim() == VPORT_NAME)
+        })
+        .map(|e| std::path::Path::new("/dev").join(e.file_name()))
+}
+
+/// How long the port may take to appear (the driver adds it once the
+/// device says so, after the module loaded).
+const PORT_WAIT: Duration = Duration::from_secs(30);
+/// How often a port that is not there yet, or whose host side is not
+/// connected, is looked at again (neither raises an event).
+const LOOK_AGAIN: Duration = Duration::from_millis(20);
+
+pub fn device_main() -> ! {
+    let deadline = Instant::now() + PORT_WAIT;
+    let dev = loop {
+        match find_port() {
+            Some(d) if d.exists() => break d,
+            _ if Instant::now() < deadline => std::thread::sleep(LOOK_AGAIN),
+            _ => {
+                log(&format!(
+                    "no virtio-serial port named {VPORT_NAME} (virtio_console not loaded?)"
+                ));
+                // init restarts the agent; do not spin.
+                std::thread::sleep(Duration::from_secs(5));
+                std::process::exit(1);
+            }
+        }
+    };
+    let open = || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&dev)
+    };
+    let file = match open() {
+        Ok(f) => f,
+        Err(e) => {
+            log(&format!("open {}: {e}", dev.display()));
+            std::thread::sleep(Duration::from_secs(5));
+            std::process::exit(1);
+        }
+    };
+    let port = match file.try_clone() {
+        Ok(p) => p,
+        Err(e) => {
+            log(&format!("{}: {e}", dev.display()));
+            std::process::exit(1);
+        }
+    };
+    let (mut engine, mux) = match engine(UnixOrDevice(port)) {
+        Ok(e) => e,
+        Err(e) => {
+            log(&format!("start the mux on {}: {e}", dev.display()));
+            std::process::exit(1);
+        }
+    };
+    log(&format!("serving on {}", dev.display()));
+    std::thread::spawn(move || hello(mux));
+    loop {
+        if let Err(e) = engine.run() {
+            log(&format!("{}: {e}", dev.display()));
+        }
+        // The host's side went away: look until it is back.
+        while host_absent(&file) {
+            std::thread::sleep(LOOK_AGAIN);
+        }
+        let again = file
+            .try_clone()
+            .map(UnixOrDevice)
+            .and_then(|p| engine.reattach(p));
+        if let Err(e) = again {
+            log(&format!("{}: {e}", dev.display()));
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Whether the port's host side is disconnected (it polls as hung up).
+fn host_absent(port: &std::fs::File) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let mut fds = [PollFd::new(port.as_fd(), PollFlags::POLLOUT)];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(_) => fds[0]
+            .revents()
+            .is_some_and(|r| r.contains(PollFlags::POLLHUP)),
+        Err(_) => false,
     }
 }
