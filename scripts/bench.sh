@@ -15,6 +15,8 @@ cd "$(dirname "$0")/.."
 
 ./scripts/install-deps.sh
 cargo build --release --locked -p banger -p bangerd -p test-infra
+# QEMU's agent channel (bangerd finds it beside itself).
+cargo build --release --locked -p banger-agent --bin banger-vport
 BANGER_AGENT=$(./scripts/build-agent.sh)
 export BANGER_AGENT
 BANGER_TEST_IMAGE=$(./scripts/test-image.sh target/release/banger)

@@ -8,7 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
-cargo build --release --locked -p banger -p bangerd -p banger-agent --bin banger-vport >&2
+cargo build --release --locked -p banger -p bangerd >&2
+# (A target flag selects in every package given: its own build.)
+cargo build --release --locked -p banger-agent --bin banger-vport >&2
 agent=$(./scripts/build-agent.sh)
 vsock=$(command -v vhost-device-vsock || true)
 [ -n "$vsock" ] || { echo "package: vhost-device-vsock is not installed (scripts/install-deps.sh)" >&2; exit 1; }
