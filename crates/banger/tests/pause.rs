@@ -133,6 +133,18 @@ fn pause_keeps_everything_and_resume_goes_on() {
 
     ok(&inst.banger(&["vm", "pause", "p"]), "vm pause");
     assert_eq!(state(&inst, "p"), "paused");
+    // Through QMP (its agent channel is the virtio-serial port, it has no
+    // mount): the process itself is not stopped, its main loop answers.
+    let qemu = inst
+        .vmm_processes()
+        .into_iter()
+        .find(|(_, c)| c.contains("qemu-system"))
+        .map(|(p, _)| p)
+        .expect("QEMU");
+    assert!(
+        !banger_host::process::all_threads_stopped(qemu),
+        "a VM with nothing vhost-user pauses through QMP, not SIGSTOP"
+    );
     let out = inst.banger(&["vm", "ls", "-q", "--filter", "state=paused"]);
     assert_eq!(ok(&out, "ls --filter state=paused"), "p\n");
     // Its agent is not called: exec says what to do.
@@ -261,5 +273,36 @@ fn firecracker_pauses_with_patch_vm_through_the_double() {
         assert!(log.contains(call), "{call:?} missing:\n{log}");
     }
     ok(&inst.banger(&["vm", "rm", "-f", "fc"]), "rm -f");
+    inst.assert_baseline();
+}
+
+/// A VM with a `--mount` (virtiofsd's vhost-user rings, which QMP's
+/// `stop` would stop under it) pauses by stopping its QEMU instead, and
+/// its share works after the resume.
+#[test]
+fn a_vm_with_a_mount_pauses_by_stopping_its_vmm() {
+    let inst = Instance::new(&banger_bin()).with_image();
+    let share = tempfile::tempdir().unwrap();
+    std::fs::write(share.path().join("f"), "shared\n").unwrap();
+    let arg = format!("{}:/host", share.path().display());
+    ok(
+        &inst.banger(&["vm", "run", "-d", "--name", "m", "--mount", &arg]),
+        "vm run with a mount",
+    );
+    ok(&inst.banger(&["vm", "pause", "m"]), "pause");
+    let qemu = inst
+        .vmm_processes()
+        .into_iter()
+        .find(|(_, c)| c.contains("qemu-system"))
+        .map(|(p, _)| p)
+        .expect("QEMU");
+    assert!(
+        banger_host::process::all_threads_stopped(qemu),
+        "a VM with a mount pauses by SIGSTOP"
+    );
+    ok(&inst.banger(&["vm", "resume", "m"]), "resume");
+    let out = inst.banger(&["vm", "exec", "m", "--", "cat", "/host/f"]);
+    assert_eq!(ok(&out, "the share after resume"), "shared\n");
+    ok(&inst.banger(&["vm", "rm", "-f", "m"]), "rm -f");
     inst.assert_baseline();
 }

@@ -10,17 +10,27 @@
 //!
 //! How, per VMM:
 //! - Firecracker: its API (`PATCH /vm` Paused/Resumed).
-//! - QEMU: the VMM process is stopped and continued (SIGSTOP/SIGCONT,
-//!   as docker's freezer stops a container's processes), not QMP's
-//!   `stop`/`cont`: those stop and restart the vhost-user vsock device,
+//! - QEMU whose agent channel is its virtio-serial port and which has no
+//!   `--mount`: QMP's `stop`/`cont` (what a snapshot needs: QEMU saves a
+//!   VM stopped so, and a stopped process cannot answer QMP). `stop`
+//!   returns once every vCPU is paused; `banger-vport` keeps what the
+//!   host sends (a window per stream) until the guest reads it.
+//! - Other QEMU VMs: the VMM process is stopped and continued
+//!   (SIGSTOP/SIGCONT, as docker's freezer stops a container's
+//!   processes). QMP's `stop`/`cont` stop and restart vhost-user devices,
 //!   and vhost-device-vsock 0.3.0 ends its worker thread on any event that
 //!   comes while its rings are stopped (a host connection, data for the
 //!   guest: `handle_event`'s error leaves its epoll loop), which loses the
-//!   agent channel for good. A stopped process runs nothing, vCPUs
-//!   included; the vsock backend, a process of its own, keeps what the
-//!   host sends until the guest reads it. The guest's clock is not
-//!   stopped (its time source is the host's), so the guest sees the pause
-//!   as time that passed; its wall clock is set again all the same.
+//!   agent channel for good; virtiofsd's rings are vhost-user too. A
+//!   stopped process runs nothing, vCPUs included; the vsock backend, a
+//!   process of its own, keeps what the host sends until the guest reads
+//!   it.
+//!
+//! Which way is decided by the VM's record alone (`runtime.vport`, its
+//! mounts), so a daemon restarted in between resumes it the same way.
+//! The guest's clock is not stopped (its time source is the host's), so
+//! the guest sees the pause as time that passed; its wall clock is set
+//! again all the same.
 
 use std::time::{Duration, Instant};
 
@@ -113,6 +123,13 @@ impl Daemon {
                     firecracker::pause(sock)?;
                 }
             }
+            VmmKind::Qemu if qmp_pauses(vm) => {
+                let sock = vm.runtime.api_sock_path.as_deref().ok_or_else(gone)?;
+                let cmd = if run { "cont" } else { "stop" };
+                banger_vmm::qmp::execute(sock, cmd, None).map_err(|e| {
+                    DaemonError::Invalid(format!("vm {:?}: QMP {cmd}: {e}", vm.name))
+                })?;
+            }
             VmmKind::Qemu => {
                 let sig = if run {
                     Signal::SIGCONT
@@ -140,6 +157,12 @@ impl Daemon {
         }
         Ok(())
     }
+}
+
+/// Whether a QEMU VM pauses through QMP (`stop`/`cont`) rather than by
+/// stopping its process: nothing vhost-user in it (see above).
+pub(crate) fn qmp_pauses(vm: &VmRecord) -> bool {
+    vm.spec.vmm == VmmKind::Qemu && vm.runtime.vport && vm.spec.mounts.is_empty()
 }
 
 /// How long a VMM may take to show as stopped after SIGSTOP.
