@@ -92,6 +92,27 @@ pub fn module_load_order(modules_dep: &str, wanted: &[&str]) -> Result<Vec<Strin
     Ok(out)
 }
 
+/// Most of a module list read from an image's tree.
+const LIST_MAX: u64 = 16 << 20;
+
+/// A text file of the tree at `root` (an image's: its links resolved
+/// inside it), which must be a regular file, read up to [`LIST_MAX`].
+fn read_tree_text(root: &Path, guest: &Path) -> Result<String, fsutil::FsError> {
+    use std::io::Read;
+    let inside = root.join(guest.strip_prefix("/").unwrap_or(guest));
+    let path = tree::resolve(root, guest).with_path("resolve", &inside)?;
+    let f = std::fs::File::open(&path).with_path("open", &path)?;
+    let m = f.metadata().with_path("stat", &path)?;
+    if !m.is_file() {
+        return Err(std::io::Error::other("not a regular file")).with_path("read", &path);
+    }
+    let mut text = String::new();
+    f.take(LIST_MAX)
+        .read_to_string(&mut text)
+        .with_path("read", &path)?;
+    Ok(text)
+}
+
 pub(crate) fn initramfs(
     name: &str,
     root: &Path,
@@ -105,7 +126,11 @@ pub(crate) fn initramfs(
     let moddir = tree::resolve(root, &Path::new("/lib/modules").join(kver))
         .with_path("resolve", &root.join("lib/modules"))
         .map_err(fs)?;
-    let dep = fsutil::read_to_string(&moddir.join("modules.dep")).map_err(fs)?;
+    let dep = read_tree_text(
+        root,
+        &Path::new("/lib/modules").join(kver).join("modules.dep"),
+    )
+    .map_err(fs)?;
     let wanted: Vec<&str> = INITRAMFS_MODULES
         .iter()
         .copied()
@@ -157,7 +182,11 @@ pub(crate) fn initramfs(
         load.push('\n');
     }
     a.file("modules.load", 0o644, load.as_bytes());
-    let builtin = std::fs::read_to_string(moddir.join("modules.builtin")).unwrap_or_default();
+    let builtin = read_tree_text(
+        root,
+        &Path::new("/lib/modules").join(kver).join("modules.builtin"),
+    )
+    .unwrap_or_default();
     let vport = load.lines().any(|m| m == format!("{VPORT_MODULE}.ko"))
         || builtin
             .lines()

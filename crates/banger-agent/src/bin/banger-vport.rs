@@ -6,8 +6,9 @@
 //! - `--port-socket PATH`: it listens there; QEMU's `virtserialport`
 //!   chardev connects, and the mux ([`banger_agent::mux`]) runs over
 //!   that connection. When it ends (QEMU gone, or restarted), the next
-//!   connection takes over: the guest's mux learns the new epoch and
-//!   drops the streams of the old one.
+//!   connection takes over as a new incarnation (a new epoch): what was
+//!   in flight is lost, so every stream of the old one ends, here and, at
+//!   the new HELLO, in the guest.
 //! - `--uds-path PATH`: Firecracker's hybrid vsock, exactly: a client
 //!   connects, writes `CONNECT <port>\n`, reads `OK <n>\n` once the guest
 //!   accepted, then the stream; a refused port closes the connection.
@@ -31,6 +32,8 @@ const USAGE: &str = "usage: banger-vport --port-socket PATH --uds-path PATH [--g
 const LINE_MAX: usize = 64;
 const LINE_DEADLINE: Duration = Duration::from_secs(10);
 const HANDSHAKES_MAX: usize = 64;
+/// Refused guest streams logged, at most.
+const LOGGED_REFUSALS: u32 = 16;
 
 fn log(msg: &str) {
     eprintln!("banger-vport: {msg}");
@@ -119,16 +122,28 @@ fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("accept on {}: {e}", args.port_socket.display()))?;
     let uds = args.uds.clone();
     let allowed = args.guest_ports.clone();
+    // A guest decides how often its streams are refused: the log (a
+    // file in the VM's dir) says so a bounded number of times.
+    let mut said = 0u32;
+    let mut say = move |msg: String| {
+        said = said.saturating_add(1);
+        if said <= LOGGED_REFUSALS {
+            log(&msg);
+        }
+        if said == LOGGED_REFUSALS {
+            log("further refused guest streams are not logged");
+        }
+    };
     let on_incoming = Box::new(move |port: u32| {
         if !allowed.contains(&port) {
-            log(&format!("refused the guest's stream to port {port}"));
+            say(format!("refused the guest's stream to port {port}"));
             return None;
         }
         let target = PathBuf::from(format!("{}_{port}", uds.display()));
         match banger_agent::connect_nofollow(&target) {
             Ok(s) => Some(s),
             Err(e) => {
-                log(&format!(
+                say(format!(
                     "guest stream to port {port}: {}: {e}",
                     target.display()
                 ));
@@ -149,7 +164,7 @@ fn run(args: Args) -> Result<(), String> {
             .accept()
             .map_err(|e| format!("accept on {}: {e}", args.port_socket.display()))?;
         engine
-            .reattach(conn.into())
+            .reattach(conn.into(), epoch())
             .map_err(|e| format!("the port: {e}"))?;
     }
 }
@@ -172,6 +187,7 @@ fn serve_clients(l: UnixListener, mux: Mux) {
             busy.fetch_sub(1, Ordering::SeqCst);
             continue;
         }
+        let busy_fallback = busy.clone();
         let (busy, mux, next) = (busy.clone(), mux.clone(), next.clone());
         let spawned = std::thread::Builder::new()
             .name("handshake".into())
@@ -186,6 +202,7 @@ fn serve_clients(l: UnixListener, mux: Mux) {
                 busy.fetch_sub(1, Ordering::SeqCst);
             });
         if spawned.is_err() {
+            busy_fallback.fetch_sub(1, Ordering::SeqCst);
             log("cannot start a handshake thread");
         }
     }

@@ -104,6 +104,8 @@ pub struct Engine {
     orphaned: bool,
     /// Turns of the poll loop (a loop that spins shows here).
     pub turns: u64,
+    /// The peer's mux version, when it is not this one's: `run` ends.
+    incompatible: Option<u32>,
     /// Frames that did not decode, and frames of other epochs.
     pub dropped: u64,
 }
@@ -142,6 +144,7 @@ impl Engine {
                 wake_rx,
                 orphaned: false,
                 turns: 0,
+                incompatible: None,
                 dropped: 0,
             },
             Mux {
@@ -152,15 +155,29 @@ impl Engine {
     }
 
     /// Runs until the port reads EOF or fails (the peer's transport went
-    /// away); what was open stays open, for [`Engine::reattach`].
+    /// away; then [`Engine::reattach`]), or the peer speaks another mux
+    /// version (an error that says so).
     pub fn run(&mut self) -> std::io::Result<()> {
         loop {
+            if let Some(v) = self.incompatible.take() {
+                return Err(std::io::Error::other(format!(
+                    "the other end speaks mux version {v}, this one {}: \
+                     the guest's agent and the host's banger-vport are of different builds",
+                    super::VERSION
+                )));
+            }
             self.turns += 1;
             self.fill_out();
             let mut ids: Vec<u32> = Vec::with_capacity(self.locals.len());
             let (port_ev, wake_ev, local_ev) = {
                 let mut fds = Vec::with_capacity(2 + self.locals.len());
-                let mut port_flags = PollFlags::POLLIN;
+                // A peer that writes and never reads is not read either
+                // once this end's answers to it pile up (they are bounded
+                // so, not by dropping them).
+                let mut port_flags = PollFlags::empty();
+                if self.session.control_backlog() < super::session::CONTROL_HIGH {
+                    port_flags |= PollFlags::POLLIN;
+                }
                 if !self.out.is_empty() {
                     port_flags |= PollFlags::POLLOUT;
                 }
@@ -226,14 +243,22 @@ impl Engine {
 
     /// Goes on over a new port (the transport reconnected): says HELLO
     /// again; a peer that is a new incarnation resets the old streams.
-    pub fn reattach(&mut self, port: UnixOrDevice) -> std::io::Result<()> {
+    /// What was in flight on the old port is lost, so this end starts
+    /// over as a new incarnation (`epoch`): every stream ends (its local
+    /// end closes once what it was handed is flushed), and the peer, on
+    /// the new epoch's HELLO, ends its side of them too.
+    pub fn reattach(&mut self, port: UnixOrDevice, epoch: u32) -> std::io::Result<()> {
         set_nonblocking(&port.0)?;
         self.port = port;
         self.reader = Default::default();
         self.out.clear();
         // A new start: a receiver drops whatever half frame came before.
         self.out.extend_from_slice(&[0, 0]);
-        self.session.hello(false);
+        let mut ev = Vec::new();
+        self.session.restart(epoch, &mut ev);
+        for e in ev {
+            self.apply(e);
+        }
         Ok(())
     }
 
@@ -363,7 +388,7 @@ impl Engine {
                     }
                 }
             }
-            Event::Incompatible { .. } => {}
+            Event::Incompatible { version } => self.incompatible = Some(version),
             Event::Data { stream, bytes } => {
                 if let Some(l) = self.locals.get_mut(&stream) {
                     l.pending.extend_from_slice(&bytes);
@@ -426,6 +451,7 @@ impl Engine {
             for e in ev {
                 self.apply(e);
             }
+            self.reap(id);
             return;
         }
         self.session.consumed(id, wrote);
@@ -451,10 +477,32 @@ impl Engine {
         l.hup = true;
         l.pending.clear();
         l.uncounted = 0;
+        if self.session.accepted(id) == Some(false) && !has_input(&l.sock) {
+            // Given up before the peer answered, nothing said (a client's
+            // timeout): the open is withdrawn. (One that wrote and closed,
+            // as the agent's hello does, is read once accepted.)
+            self.session.reset(id);
+            self.locals.remove(&id);
+            return;
+        }
         let mut ev = Vec::new();
         self.session.shutdown_read(id, &mut ev);
         for e in ev {
             self.apply(e);
+        }
+        self.reap(id);
+    }
+
+    /// Drops the local end of `id` if nothing more can pass through it:
+    /// its stream is gone and nothing waits to be written, or it is hung
+    /// up and its stream is gone or closing.
+    fn reap(&mut self, id: u32) {
+        let Some(l) = self.locals.get(&id) else {
+            return;
+        };
+        let stream_gone = self.session.accepted(id).is_none();
+        if (stream_gone || l.close_after) && (l.pending.is_empty() || l.hup) {
+            self.locals.remove(&id);
         }
     }
 
@@ -487,6 +535,17 @@ impl Engine {
             }
         }
     }
+}
+
+/// Whether bytes wait to be read on `sock` (peeked, not taken).
+fn has_input(sock: &UnixStream) -> bool {
+    use nix::sys::socket::{recv, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let mut b = [0u8; 1];
+    matches!(
+        recv(sock.as_raw_fd(), &mut b, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT),
+        Ok(n) if n > 0
+    )
 }
 
 fn is_gone(e: &std::io::Error) -> bool {

@@ -34,7 +34,7 @@ pub const VERSION: u32 = 1;
 /// (vsock's default `buf_alloc`).
 pub const WINDOW: u32 = 256 * 1024;
 
-/// Streams open at once, per side of a session.
+/// Streams open at once in a session, both ends' together.
 pub const MAX_STREAMS: usize = 256;
 
 #[derive(Debug, Error, PartialEq, Eq)]

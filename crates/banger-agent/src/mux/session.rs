@@ -21,7 +21,7 @@
 //!   local end reads EOF, with [`SHUT_RD`] when it reads no more. A
 //!   stream is gone when both directions are done, or at RST.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 
 use super::frame::{Frame, Kind, HELLO_REPLY, MAX_PAYLOAD, SHUT_RD, SHUT_WR};
 use super::{MuxError, MAX_STREAMS, VERSION, WINDOW};
@@ -121,9 +121,28 @@ pub struct Session {
     control: VecDeque<Frame>,
     /// DATA and FIN, in order per stream.
     data: VecDeque<Frame>,
+    /// Streams this end finished or reset with the current peer (the
+    /// last [`GONE_KEPT`]): their late frames (a WINDOW for bytes the
+    /// peer consumed, DATA sent before our FIN arrived) are dropped
+    /// quietly, never answered with an RST that would overtake what this
+    /// end still has queued for them.
+    gone: VecDeque<u32>,
+    gone_set: HashSet<u32>,
+    /// Streams with an RST queued (one each).
+    rst_queued: HashSet<u32>,
+    /// A HELLO reply is queued (one at a time).
+    reply_queued: bool,
     /// Frames dropped (another epoch, an unknown stream's), for logs.
     pub dropped: u64,
 }
+
+/// How many finished streams' ids are remembered.
+const GONE_KEPT: usize = 1024;
+
+/// Control frames queued beyond which the engine stops reading the peer
+/// (a peer that writes and never reads makes this end queue an answer
+/// per frame: bounded by not reading it).
+pub const CONTROL_HIGH: usize = 4096;
 
 impl Session {
     /// A new incarnation with `epoch` (non-zero, not reused: a restored
@@ -141,10 +160,63 @@ impl Session {
             streams: BTreeMap::new(),
             control: VecDeque::new(),
             data: VecDeque::new(),
+            gone: VecDeque::new(),
+            gone_set: HashSet::new(),
+            rst_queued: HashSet::new(),
+            reply_queued: false,
             dropped: 0,
         };
         s.hello(false);
         s
+    }
+
+    /// Starts over as a new incarnation with `epoch` (the transport
+    /// reconnected: what was in flight is lost, so nothing of the old
+    /// streams can go on). Every stream is [`Event::Closed`]; HELLO
+    /// follows.
+    pub fn restart(&mut self, epoch: u32, events: &mut Vec<Event>) {
+        for id in std::mem::take(&mut self.streams).into_keys() {
+            events.push(Event::Closed { stream: id });
+        }
+        self.epoch = epoch;
+        self.peer = None;
+        self.incompatible = false;
+        self.control.clear();
+        self.data.clear();
+        self.gone.clear();
+        self.gone_set.clear();
+        self.rst_queued.clear();
+        self.reply_queued = false;
+        self.hello(false);
+    }
+
+    /// Control frames waiting (see [`CONTROL_HIGH`]).
+    pub fn control_backlog(&self) -> usize {
+        self.control.len()
+    }
+
+    /// Whether `id` is open and its open was accepted (None: no such
+    /// stream).
+    pub fn accepted(&self, id: u32) -> Option<bool> {
+        self.streams.get(&id).map(|s| s.accepted)
+    }
+
+    fn forget(&mut self, id: u32) {
+        if self.gone_set.insert(id) {
+            self.gone.push_back(id);
+            if self.gone.len() > GONE_KEPT {
+                if let Some(old) = self.gone.pop_front() {
+                    self.gone_set.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn queue_rst(&mut self, id: u32) {
+        if self.rst_queued.insert(id) {
+            self.control
+                .push_back(Frame::new(Kind::Rst, self.epoch, id, 0));
+        }
     }
 
     pub fn epoch(&self) -> u32 {
@@ -159,6 +231,9 @@ impl Session {
     /// Says HELLO again (the transport reconnected: the other end may be
     /// a new incarnation that has not heard of this one).
     pub fn hello(&mut self, reply: bool) {
+        if reply && std::mem::replace(&mut self.reply_queued, true) {
+            return;
+        }
         let f = Frame::new(Kind::Hello, self.epoch, 0, VERSION);
         self.control
             .push_back(if reply { f.with_flags(HELLO_REPLY) } else { f });
@@ -181,6 +256,7 @@ impl Session {
         }
         self.next_id = id.wrapping_add(2);
         self.streams.insert(id, Stream::new(false, port, 0));
+        self.gone_set.remove(&id);
         if self.ready() {
             self.send_open(id);
         }
@@ -229,8 +305,8 @@ impl Session {
                 .retain(|f| f.stream != id || f.kind == Kind::Hello);
             // A stream the peer never heard of ends here.
             if s.sent {
-                self.control
-                    .push_back(Frame::new(Kind::Rst, self.epoch, id, 0));
+                self.forget(id);
+                self.queue_rst(id);
             }
         }
     }
@@ -317,6 +393,7 @@ impl Session {
             .is_some_and(|s| s.out_done() && s.in_done())
         {
             self.streams.remove(&id);
+            self.forget(id);
             events.push(Event::Closed { stream: id });
         }
     }
@@ -324,11 +401,20 @@ impl Session {
     /// The next frame to write: control frames first; nothing but HELLO
     /// before the peer is known.
     pub fn next_frame(&mut self) -> Option<Frame> {
-        if !self.ready() {
+        let f = if self.ready() {
+            self.control.pop_front().or_else(|| self.data.pop_front())
+        } else {
             let i = self.control.iter().position(|f| f.kind == Kind::Hello)?;
-            return self.control.remove(i);
+            self.control.remove(i)
+        }?;
+        match f.kind {
+            Kind::Rst => {
+                self.rst_queued.remove(&f.stream);
+            }
+            Kind::Hello if f.flags & HELLO_REPLY != 0 => self.reply_queued = false,
+            _ => {}
         }
-        self.control.pop_front().or_else(|| self.data.pop_front())
+        Some(f)
     }
 
     /// Takes a frame from the peer; what the local ends must do goes to
@@ -349,15 +435,19 @@ impl Session {
             Kind::Rst => {
                 if self.streams.remove(&id).is_some() {
                     self.data.retain(|d| d.stream != id);
+                    self.forget(id);
                     events.push(Event::Closed { stream: id });
                 }
             }
-            _ if !self.streams.contains_key(&id) => {
-                // A stream this end reset or never had: say so once (never
-                // in answer to an RST).
+            _ if self.gone_set.contains(&id) => {
+                // A late frame of a stream this end is done with.
                 self.dropped += 1;
-                self.control
-                    .push_back(Frame::new(Kind::Rst, self.epoch, id, 0));
+            }
+            _ if !self.streams.contains_key(&id) => {
+                // A stream this end never had: said once (and never in
+                // answer to an RST).
+                self.dropped += 1;
+                self.queue_rst(id);
             }
             Kind::Accept => {
                 let s = self.streams.get_mut(&id).filter(|s| !s.accepted && s.sent);
@@ -441,12 +531,19 @@ impl Session {
             self.drop_all(events, false);
             self.data.clear();
             self.control.retain(|c| c.kind == Kind::Hello);
+            self.rst_queued.clear();
+            self.gone.clear();
+            self.gone_set.clear();
+            // The reply first: a peer that missed this end's HELLO learns
+            // its epoch before the opens that carry it.
+            if !reply {
+                self.hello(true);
+            }
             let pending: Vec<u32> = self.streams.keys().copied().collect();
             for id in pending {
                 self.send_open(id);
             }
-        }
-        if !reply {
+        } else if !reply {
             self.hello(true);
         }
     }
@@ -474,16 +571,15 @@ impl Session {
         }
         if ours(self.side, id) || id == 0 {
             self.dropped += 1;
-            self.control
-                .push_back(Frame::new(Kind::Rst, self.epoch, id, 0));
+            self.queue_rst(id);
             return;
         }
         if self.streams.len() >= MAX_STREAMS {
-            self.control
-                .push_back(Frame::new(Kind::Rst, self.epoch, id, 0));
+            self.queue_rst(id);
             return;
         }
         self.streams.insert(id, Stream::new(true, port, WINDOW));
+        self.gone_set.remove(&id);
         events.push(Event::Incoming { stream: id, port });
     }
 
@@ -494,14 +590,7 @@ impl Session {
             events.push(Event::Closed { stream: id });
         }
         self.reset(id);
-        if !self
-            .control
-            .iter()
-            .any(|f| f.kind == Kind::Rst && f.stream == id)
-        {
-            self.control
-                .push_back(Frame::new(Kind::Rst, self.epoch, id, 0));
-        }
+        self.queue_rst(id);
     }
 }
 

@@ -85,6 +85,8 @@ pub fn serial_main(path: &str) -> ! {
     loop {
         if let Err(e) = engine.run() {
             log(&format!("the port: {e}"));
+            // Not a hot loop against a host that cannot be spoken to.
+            std::thread::sleep(Duration::from_secs(1));
         }
         let deadline = Instant::now() + RECONNECT_FOR;
         let conn = loop {
@@ -99,7 +101,7 @@ pub fn serial_main(path: &str) -> ! {
                 }
             }
         };
-        if let Err(e) = engine.reattach(conn.into()) {
+        if let Err(e) = engine.reattach(conn.into(), epoch()) {
             log(&format!("the port: {e}"));
             std::process::exit(1);
         }
@@ -181,6 +183,7 @@ pub fn device_main() -> ! {
     loop {
         if let Err(e) = engine.run() {
             log(&format!("{}: {e}", dev.display()));
+            std::thread::sleep(Duration::from_secs(1));
         }
         // The host's side went away: look until it is back.
         while host_absent(&file) {
@@ -189,7 +192,7 @@ pub fn device_main() -> ! {
         let again = file
             .try_clone()
             .map(UnixOrDevice)
-            .and_then(|p| engine.reattach(p));
+            .and_then(|p| engine.reattach(p, epoch()));
         if let Err(e) = again {
             log(&format!("{}: {e}", dev.display()));
             std::process::exit(1);

@@ -149,9 +149,14 @@ struct RawHost {
 
 impl RawHost {
     fn new(epoch: u32, port: UnixStream) -> RawHost {
+        RawHost::on(Side::Host, epoch, port)
+    }
+
+    /// The test as either end.
+    fn on(side: Side, epoch: u32, port: UnixStream) -> RawHost {
         port.set_read_timeout(Some(HANG)).unwrap();
         RawHost {
-            s: Session::new(Side::Host, epoch),
+            s: Session::new(side, epoch),
             port,
             reader: Reader::default(),
         }
@@ -270,7 +275,7 @@ fn an_engine_reattaches_to_a_new_port() {
     g.run().unwrap();
 
     let (hp, gp) = UnixStream::pair().unwrap();
-    g.reattach(gp.into()).unwrap();
+    g.reattach(gp.into(), 7).unwrap();
     let t = thread::spawn(move || g.run());
     let mut h = RawHost::new(300, hp);
     // The guest's HELLO (not a reply) comes first after the new start.
@@ -321,4 +326,68 @@ fn an_engine_without_handles_does_not_spin() {
         "{} turns of the loop for ten echoes",
         g.turns
     );
+}
+
+/// Local ends are dropped once nothing more can pass through them: a
+/// client that gives up before the peer accepted (its open withdrawn
+/// with an RST), and one that closes while bytes for it still wait (its
+/// stream reset by the peer).
+#[test]
+fn local_ends_that_can_carry_nothing_more_are_dropped() {
+    let (hp, gp) = UnixStream::pair().unwrap();
+    let (mut host, mux) =
+        Engine::new(Session::new(Side::Host, 1), hp.into(), Box::new(|_| None)).unwrap();
+    let (give_up_tx, give_up) = mpsc::channel::<()>();
+    let (gone_tx, gone) = mpsc::channel::<()>();
+    let client = thread::spawn(move || {
+        let patient = mux.connect(1024).unwrap();
+        let impatient = mux.connect(1024).unwrap();
+        give_up.recv().unwrap();
+        drop(impatient);
+        gone.recv().unwrap();
+        drop(patient);
+    });
+    // The test as the guest (on a thread of its own while the host's
+    // engine runs here): it accepts the first open only, sends it bytes
+    // its client never reads, and resets it.
+    let guest = thread::spawn(move || {
+        let mut g = RawHost::on(Side::Guest, 2, gp);
+        let ev = g.until(|ev| {
+            ev.iter()
+                .filter(|e| matches!(e, Event::Incoming { .. }))
+                .count()
+                == 2
+        });
+        let ids: Vec<u32> = ev
+            .iter()
+            .filter_map(|e| match e {
+                Event::Incoming { stream, .. } => Some(*stream),
+                _ => None,
+            })
+            .collect();
+        let (patient, impatient) = (ids[0], ids[1]);
+        g.s.accept(patient).unwrap();
+        give_up_tx.send(()).unwrap();
+        g.until(|ev| ev.contains(&Event::Closed { stream: impatient }));
+        // More than the client's socket takes: some wait in the engine.
+        let n = super::super::WINDOW as usize;
+        assert_eq!(g.s.send(patient, &vec![9u8; n]), n);
+        g.flush();
+        g.s.reset(patient);
+        // A probe the host refuses: by its RST, the host's engine has
+        // taken in everything before it (the reset included).
+        let probe = g.s.open(5).unwrap();
+        g.until(|ev| ev.contains(&Event::Closed { stream: probe }));
+        gone_tx.send(()).unwrap();
+        client.join().unwrap();
+        // Another: the host's engine has taken in the client's close (a
+        // poll reports both, and local ends are handled before the
+        // port), and the test ends.
+        let probe = g.s.open(5).unwrap();
+        g.until(|ev| ev.contains(&Event::Closed { stream: probe }));
+    });
+    // Returns once the guest's end closes.
+    host.run().unwrap();
+    guest.join().unwrap();
+    assert_eq!(host.streams(), 0, "a local end was kept");
 }

@@ -386,3 +386,79 @@ fn half_closes_before_the_hello_follow_the_open() {
     );
     assert_eq!(g.take(), vec![Event::Closed { stream: id }]);
 }
+
+/// A stream finished both ways, then a late WINDOW (for bytes the peer
+/// consumed before it saw the FIN) and late DATA: dropped quietly, no
+/// RST that would overtake what this end still had queued.
+#[test]
+fn late_frames_of_a_finished_stream_are_dropped_quietly() {
+    let (mut h, mut g) = pair();
+    let id = connect(&mut h, &mut g);
+    h.s.shutdown_write(id, &mut h.events);
+    g.s.shutdown_write(id, &mut g.events);
+    pump(&mut h, &mut g);
+    assert_eq!((h.s.streams(), g.s.streams()), (0, 0));
+    g.take();
+    let mut wire = Vec::new();
+    Frame::new(Kind::Window, 11, id, 4096)
+        .encode(&mut wire)
+        .unwrap();
+    Frame::new(Kind::Fin, 11, id, 0)
+        .with_flags(SHUT_RD)
+        .encode(&mut wire)
+        .unwrap();
+    g.feed(&wire);
+    assert!(std::iter::from_fn(|| g.s.next_frame()).next().is_none());
+    assert!(g.take().is_empty());
+}
+
+/// What a peer that writes and never reads can make this end queue: one
+/// HELLO reply however many HELLOs, one RST per unknown stream however
+/// many frames for it.
+#[test]
+fn answers_to_a_flooding_peer_do_not_pile_up() {
+    let (_h, mut g) = pair();
+    let mut wire = Vec::new();
+    for _ in 0..1000 {
+        Frame::new(Kind::Hello, 11, 0, VERSION)
+            .encode(&mut wire)
+            .unwrap();
+        Frame::new(Kind::Window, 11, 99, 1)
+            .encode(&mut wire)
+            .unwrap();
+    }
+    g.feed(&wire);
+    assert_eq!(g.s.control_backlog(), 2, "one reply, one RST");
+    let sent: Vec<Frame> = std::iter::from_fn(|| g.s.next_frame()).collect();
+    assert_eq!(sent.len(), 2);
+    // Once sent, a new one may be queued again.
+    g.feed(&wire[..wire.len() / 1000]);
+    assert_eq!(g.s.control_backlog(), 2);
+}
+
+/// A restart (the transport came back): every stream closed, a new
+/// epoch's HELLO, and the peer resets its side too.
+#[test]
+fn a_restart_closes_every_stream_on_both_ends() {
+    let (mut h, mut g) = pair();
+    let a = connect(&mut h, &mut g);
+    let b = connect(&mut g, &mut h);
+    let mut ev = Vec::new();
+    g.s.restart(23, &mut ev);
+    assert_eq!(
+        ev,
+        vec![Event::Closed { stream: a }, Event::Closed { stream: b }]
+    );
+    assert!(!g.s.ready());
+    pump(&mut h, &mut g);
+    let mut closed = h.take();
+    closed.sort_by_key(|e| format!("{e:?}"));
+    assert_eq!(
+        closed,
+        vec![Event::Closed { stream: a }, Event::Closed { stream: b }]
+    );
+    let c = connect(&mut h, &mut g);
+    assert_eq!(h.s.send(c, b"again"), 5);
+    pump(&mut h, &mut g);
+    assert_eq!(g.read(c), b"again");
+}
