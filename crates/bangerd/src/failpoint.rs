@@ -12,7 +12,12 @@ use crate::error::DaemonError;
 
 /// Failpoints inside an acquire, by resource: what happens between
 /// naming a kernel object in the VM's records and making it.
-const INTERNAL: &[(&str, &str)] = &[("tap", "start.tap.recorded"), ("tap", "start.tap.created")];
+const INTERNAL: &[(&str, &str)] = &[
+    ("tap", "start.tap.recorded"),
+    ("tap", "start.tap.created"),
+    ("vsock", "start.vsock.spawned"),
+    ("vmm", "start.vmm.spawned"),
+];
 
 /// Every failpoint name, in the order a VM's life meets them. The
 /// failpoint test loops over all of them.

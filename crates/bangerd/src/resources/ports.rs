@@ -181,6 +181,9 @@ fn pipe(a: TcpStream, b: TcpStream, idle: Duration) {
 fn copy(mut from: TcpStream, mut to: TcpStream, idle: Duration, last: &Mutex<Instant>) {
     let mut buf = [0u8; 64 * 1024];
     let _ = from.set_read_timeout(Some(idle));
+    // A peer that stops reading holds this thread no longer than a quiet
+    // connection lasts.
+    let _ = to.set_write_timeout(Some(idle));
     loop {
         match from.read(&mut buf) {
             Ok(0) => break,

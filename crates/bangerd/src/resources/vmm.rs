@@ -227,6 +227,9 @@ impl Resource for VmmProcess {
         if let Some(child) = spawned.child {
             crate::reaper::watch(child);
         }
+        // The VMM runs and is not recorded yet: found again by its
+        // command line, owner and age.
+        crate::failpoint::hit("start.vmm.spawned")?;
         cx.handles.pid = Some(spawned.pid);
         cx.handles.vmm_start_time = start_time;
         (cx.events)(Event::Progress {

@@ -101,6 +101,9 @@ impl Resource for Vsock {
             let confine = super::jail::confinement(host, cx.vm, id)?;
             let vport = cx.vm.runtime.vport;
             let (id, up) = spawn_backend(host, cx.vm, cid, &uds, &confine, vport)?;
+            // The backend runs and is not recorded yet: found again by the
+            // socket its command line names.
+            crate::failpoint::hit("start.vsock.spawned")?;
             cx.handles.vsock_pid = Some(id.pid);
             cx.handles.vsock_start_time = Some(id.start_time);
             up?;
