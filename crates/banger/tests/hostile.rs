@@ -95,42 +95,20 @@ fn timed(inst: &Instance, args: &[&str], watchdog: Duration) -> (Output, Duratio
     }
 }
 
-#[test]
-fn a_guest_whose_agent_trickles_stalls_nothing() {
-    let inst = Instance::new(&banger_bin()).with_image();
-    inst.start_daemon_with_firecracker_double();
-    ok(
-        &inst.banger(&["volume", "create", "hv", "--size", "16M"]),
-        "volume create",
-    );
-    ok(
-        &inst.banger(&[
-            "vm",
-            "run",
-            "-d",
-            "--vmm",
-            "firecracker",
-            "--name",
-            "h",
-            "--volume",
-            "hv:/data",
-        ]),
-        "vm run -d h",
-    );
-    ok(
-        &inst.banger(&["vm", "run", "-d", "--name", "calm"]),
-        "vm run -d calm",
-    );
+/// Runs VM `name` on Firecracker (the double) with `volume`, and swaps
+/// its agent for the hostile one.
+fn turn_hostile(inst: &Instance, name: &str, volume: Option<&str>) {
+    let mut args = vec!["vm", "run", "-d", "--vmm", "firecracker", "--name", name];
+    if let Some(v) = volume {
+        args.extend(["--volume", v]);
+    }
+    ok(&inst.banger(&args), "vm run -d on firecracker");
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("hostile");
     std::fs::write(&script, HOSTILE).unwrap();
+    let to = format!("{name}:/run/banger/hostile");
     ok(
-        &inst.banger(&[
-            "vm",
-            "cp",
-            script.to_str().unwrap(),
-            "h:/run/banger/hostile",
-        ]),
+        &inst.banger(&["vm", "cp", script.to_str().unwrap(), &to]),
         "vm cp",
     );
     // init respawns /run/banger/agent: the hostile program takes its
@@ -140,7 +118,7 @@ fn a_guest_whose_agent_trickles_stalls_nothing() {
             "vm",
             "exec",
             "-d",
-            "h",
+            name,
             "--",
             "/bin/sh",
             "-c",
@@ -153,11 +131,28 @@ fn a_guest_whose_agent_trickles_stalls_nothing() {
     );
     assert!(
         wait_until(Duration::from_secs(60), || text(
-            &inst.banger(&["vm", "logs", "h"]).stdout
+            &inst.banger(&["vm", "logs", name]).stdout
         )
         .contains("banger-hostile: listening")),
         "the hostile agent did not start: {}",
-        text(&inst.banger(&["vm", "logs", "h"]).stdout)
+        text(&inst.banger(&["vm", "logs", name]).stdout)
+    );
+}
+
+#[test]
+fn a_guest_whose_agent_trickles_stalls_nothing() {
+    let inst = Instance::new(&banger_bin()).with_image();
+    inst.start_daemon_with_firecracker_double();
+    ok(
+        &inst.banger(&["volume", "create", "hv", "--size", "16M"]),
+        "volume create",
+    );
+    turn_hostile(&inst, "h", Some("hv:/data"));
+    // A second one, for `vm stop` (the first goes by `rm -f`).
+    turn_hostile(&inst, "h2", None);
+    ok(
+        &inst.banger(&["vm", "run", "-d", "--name", "calm"]),
+        "vm run -d calm",
     );
 
     let mut table = Vec::new();
@@ -175,7 +170,7 @@ fn a_guest_whose_agent_trickles_stalls_nothing() {
     };
     assert!(by("h")["guest"].is_null(), "{stats}");
     assert!(!by("calm")["guest"].is_null(), "{stats}");
-    table.push(("vm stats (both VMs)", t));
+    table.push(("vm stats (three VMs)", t));
 
     let (out, t) = timed(&inst, &["vm", "ls"], Duration::from_secs(10));
     ok(&out, "vm ls");
@@ -220,6 +215,12 @@ fn a_guest_whose_agent_trickles_stalls_nothing() {
     ok(&out, "vm ls");
     table.push(("vm ls", t));
 
+    // A stop needs nothing of the agent (Ctrl-Alt-Del, then the VMM is
+    // killed after the stop timeout).
+    let (out, t) = timed(&inst, &["vm", "stop", "h2"], Duration::from_secs(300));
+    ok(&out, "vm stop h2");
+    table.push(("vm stop h2", t));
+
     // rm -f flushes the volume first (a Sync call, 10 s), then kills.
     let (out, t) = timed(&inst, &["vm", "rm", "-f", "h"], Duration::from_secs(100));
     ok(&out, "vm rm -f h");
@@ -229,7 +230,10 @@ fn a_guest_whose_agent_trickles_stalls_nothing() {
     for (what, t) in &table {
         eprintln!("  {what:<30} {:>8.2} s", t.as_secs_f64());
     }
-    ok(&inst.banger(&["vm", "rm", "-f", "calm"]), "rm calm");
+    ok(
+        &inst.banger(&["vm", "rm", "-f", "calm", "h2"]),
+        "rm calm, h2",
+    );
     ok(&inst.banger(&["volume", "rm", "hv"]), "volume rm");
     inst.assert_baseline();
 }
