@@ -652,7 +652,10 @@ fn bad_connects_are_closed() {
 
 /// Every test above, once per way of reaching the agent.
 macro_rules! over {
-    ($via:ident, $($name:ident),* $(,)?) => {
+    ([$($via:ident),*] $names:tt) => {
+        $( over!(@one $via $names); )*
+    };
+    (@one $via:ident [$($name:ident),* $(,)?]) => {
         #[allow(non_snake_case)]
         mod $via {
             $(
@@ -666,24 +669,15 @@ macro_rules! over {
 }
 
 over!(
-    Unix,
-    exit_codes_signals_and_separate_streams,
-    binary_data_both_ways_and_a_hundred_megabytes_out,
-    a_pty_with_resizes_and_concurrent_execs,
-    detached_processes_are_listed_fed_attached_and_signalled,
-    a_connection_that_drops_kills_its_attached_process,
-    trees_go_in_and_out_with_modes_and_times,
-    file_operations_and_watch,
-    detached_output_is_kept_for_a_late_attach
-);
-over!(
-    Mux,
-    exit_codes_signals_and_separate_streams,
-    binary_data_both_ways_and_a_hundred_megabytes_out,
-    a_pty_with_resizes_and_concurrent_execs,
-    detached_processes_are_listed_fed_attached_and_signalled,
-    a_connection_that_drops_kills_its_attached_process,
-    trees_go_in_and_out_with_modes_and_times,
-    file_operations_and_watch,
-    detached_output_is_kept_for_a_late_attach
+    [Unix, Mux]
+    [
+        exit_codes_signals_and_separate_streams,
+        binary_data_both_ways_and_a_hundred_megabytes_out,
+        a_pty_with_resizes_and_concurrent_execs,
+        detached_processes_are_listed_fed_attached_and_signalled,
+        a_connection_that_drops_kills_its_attached_process,
+        trees_go_in_and_out_with_modes_and_times,
+        file_operations_and_watch,
+        detached_output_is_kept_for_a_late_attach
+    ]
 );

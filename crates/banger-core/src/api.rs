@@ -14,7 +14,7 @@ use crate::model::{AutoStop, NetPolicy, VmmKind};
 use crate::sizing::SizeRequest;
 use crate::state::VmState;
 
-pub const PROTOCOL_VERSION: u32 = 8;
+pub const PROTOCOL_VERSION: u32 = 9;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -108,6 +108,16 @@ pub enum Request {
         size_mib: u64,
     },
     VolumeList,
+    /// The `--network` names that have VMs: whose, which VMs, shared
+    /// with whom.
+    NetworkList,
+    /// Lets `user` (a name or a uid) put VMs on the network `name`
+    /// (`share`), or no longer. Its owner or root only, while it has VMs.
+    NetworkShare {
+        name: String,
+        user: String,
+        share: bool,
+    },
     /// Refused while a VM mounts it (the VMs are named).
     VolumeDelete {
         name: String,
@@ -245,6 +255,9 @@ pub enum Response {
     Volumes {
         volumes: Vec<VolumeInfo>,
     },
+    Networks {
+        networks: Vec<NetworkInfo>,
+    },
 }
 
 /// One sample of the stats poller.
@@ -378,6 +391,17 @@ pub struct SshTarget {
     pub host_key_alias: String,
 }
 
+/// A `--network` name while it has VMs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkInfo {
+    pub name: String,
+    /// Who put its first VM on it (0: root).
+    pub owner: u32,
+    pub vms: Vec<String>,
+    /// The uids its owner lets put VMs on it too.
+    pub shared_with: Vec<u32>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeInfo {
     pub name: String,
@@ -439,7 +463,7 @@ mod tests {
             request: Request::VmStart { name: "a".into() },
         };
         let s = serde_json::to_string(&e).unwrap();
-        assert_eq!(s, r#"{"version":8,"request":{"op":"vm_start","name":"a"}}"#);
+        assert_eq!(s, r#"{"version":9,"request":{"op":"vm_start","name":"a"}}"#);
         assert_eq!(serde_json::from_str::<Envelope>(&s).unwrap(), e);
         let bad = r#"{"version":3,"request":{"op":"vm_start","name":"a","force":true}}"#;
         assert!(serde_json::from_str::<Envelope>(bad).is_err());

@@ -88,6 +88,14 @@ const MIGRATIONS: &[&str] = &[
         root_only INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (kind, name)
      );",
+    // 5: who else an owner lets use what is theirs (`banger network
+    // share`).
+    "CREATE TABLE shares (
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        uid INTEGER NOT NULL,
+        PRIMARY KEY (kind, name, uid)
+     );",
 ];
 
 /// What an `owners` row is about.
@@ -498,6 +506,43 @@ impl Store {
         Ok(())
     }
 
+    /// Lets `uid` use what `name` is (its owner's).
+    pub fn share(&self, kind: Owned, name: &str, uid: u32) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT OR IGNORE INTO shares (kind, name, uid) VALUES (?1, ?2, ?3)",
+            params![kind.key(), name, uid],
+        )?;
+        Ok(())
+    }
+
+    /// Whether `uid` was let use it (and is not any more).
+    pub fn unshare(&self, kind: Owned, name: &str, uid: u32) -> Result<bool, StoreError> {
+        Ok(self.conn.execute(
+            "DELETE FROM shares WHERE kind = ?1 AND name = ?2 AND uid = ?3",
+            params![kind.key(), name, uid],
+        )? > 0)
+    }
+
+    /// Whom its owner lets use it, in uid order.
+    pub fn shared_with(&self, kind: Owned, name: &str) -> Result<Vec<u32>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT uid FROM shares WHERE kind = ?1 AND name = ?2 ORDER BY uid")?;
+        let uids = st
+            .query_map(params![kind.key(), name], |r| r.get(0))?
+            .collect::<Result<Vec<u32>, _>>()?;
+        Ok(uids)
+    }
+
+    /// Nobody else may use it (a new owner's shares start empty).
+    pub fn forget_shares(&self, kind: Owned, name: &str) -> Result<(), StoreError> {
+        self.conn.execute(
+            "DELETE FROM shares WHERE kind = ?1 AND name = ?2",
+            params![kind.key(), name],
+        )?;
+        Ok(())
+    }
+
     pub fn vms_using_image(&self, image: &str) -> Result<Vec<String>, StoreError> {
         Ok(self
             .list_vms()?
@@ -510,6 +555,25 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn shares_are_kept_per_name_and_forgotten_with_their_owner() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(&d.path().join("db")).unwrap();
+        s.share(Owned::Network, "lab", 1001).unwrap();
+        s.share(Owned::Network, "lab", 1000).unwrap();
+        s.share(Owned::Network, "lab", 1000).unwrap();
+        s.share(Owned::Network, "other", 1002).unwrap();
+        assert_eq!(
+            s.shared_with(Owned::Network, "lab").unwrap(),
+            vec![1000, 1001]
+        );
+        assert!(s.unshare(Owned::Network, "lab", 1001).unwrap());
+        assert!(!s.unshare(Owned::Network, "lab", 1001).unwrap());
+        s.forget_shares(Owned::Network, "lab").unwrap();
+        assert!(s.shared_with(Owned::Network, "lab").unwrap().is_empty());
+        assert_eq!(s.shared_with(Owned::Network, "other").unwrap(), vec![1002]);
+    }
+
     use banger_core::sizing::Sizing;
     use banger_core::{VmState, VmmKind};
 

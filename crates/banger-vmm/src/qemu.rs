@@ -298,7 +298,12 @@ mod tests {
     }
 
     fn joined(q: &Qemu) -> String {
-        q.args(&cfg())
+        line(q, &cfg())
+    }
+
+    /// The command line for `c`, as one string.
+    fn line(q: &Qemu, c: &crate::VmConfig) -> String {
+        q.args(c)
             .iter()
             .map(|s| s.to_string_lossy().into_owned())
             .collect::<Vec<_>>()
@@ -333,12 +338,7 @@ mod tests {
         );
         let mut f = cfg();
         f.nics[0].fd = Some(7);
-        let fd = Qemu::new(false)
-            .args(&f)
-            .iter()
-            .map(|s| s.to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-            .join(" ");
+        let fd = line(&Qemu::new(false), &f);
         assert!(fd.contains("-netdev tap,id=net0,fd=7 "), "{fd}");
         assert!(!fd.contains("ifname="), "{fd}");
         assert!(
@@ -370,12 +370,7 @@ mod tests {
             backend: "/run/vm/vhost,vsock.sock".into(),
             serial: false,
         });
-        let v = Qemu::new(false)
-            .args(&c)
-            .iter()
-            .map(|s| s.to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-            .join(" ");
+        let v = line(&Qemu::new(false), &c);
         assert!(
             v.contains("-M pc,usb=off,vmport=off,memory-backend=mem"),
             "{v}"
@@ -398,12 +393,7 @@ mod tests {
             backend: "/run/vm/v,port.sock".into(),
             serial: true,
         });
-        let p = Qemu::new(false)
-            .args(&c)
-            .iter()
-            .map(|s| s.to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-            .join(" ");
+        let p = line(&Qemu::new(false), &c);
         assert!(
             !p.contains("memory-backend") && !p.contains("vhost-user"),
             "{p}"
@@ -421,12 +411,7 @@ mod tests {
             tag: "m0".into(),
             socket: "/run/vm/fs0.sock".into(),
         });
-        let m = Qemu::new(false)
-            .args(&c)
-            .iter()
-            .map(|s| s.to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-            .join(" ");
+        let m = line(&Qemu::new(false), &c);
         assert!(
             m.contains("-M pc,usb=off,vmport=off,memory-backend=mem"),
             "{m}"

@@ -6,6 +6,7 @@ mod detach;
 mod dnsinstall;
 mod guest;
 mod image;
+mod network;
 mod output;
 mod ssh;
 mod ui;
@@ -54,6 +55,9 @@ enum Cmd {
     /// Named volumes: disks that outlive VMs (`vm run --volume NAME:/path`).
     #[command(subcommand)]
     Volume(volume::VolumeCmd),
+    /// Networks of VMs (`vm run --network NAME`): who has one, who may join.
+    #[command(subcommand)]
+    Network(network::NetworkCmd),
     /// Route the host's `<name>.vm` lookups to banger's DNS, or stop.
     #[command(subcommand)]
     Dns(DnsCmd),
@@ -508,6 +512,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Vm(v) => vm::run(&client, *v),
         Cmd::Image(i) => image(&client, i),
         Cmd::Volume(v) => volume::run(&client, v),
+        Cmd::Network(n) => network::run(&client, n),
         Cmd::Completion { shell } => {
             use clap::CommandFactory;
             use std::io::Write;

@@ -551,3 +551,73 @@ fn a_member_joins_only_networks_of_their_own() {
     }
     inst.assert_baseline();
 }
+
+/// A member joins another's network once its owner shares it (`network
+/// share`), and no longer after `unshare`; only the owner (or root)
+/// shares; the shares go with the network when its last VM does.
+#[test]
+fn a_network_is_joined_once_its_owner_shares_it() {
+    let group = TestGroup::create();
+    let alice = TestUser::new(&[&group]);
+    let bob = TestUser::new(&[&group]);
+    let inst = Instance::new(&banger_bin())
+        .with_image()
+        .with_env("BANGER_SOCKET_GROUP", &group.name);
+    let create = |who: &TestUser, vm: &str| {
+        inst.banger_as(who, &["vm", "create", "--name", vm, "--network", "lab"])
+    };
+    let fails = |out: std::process::Output, says: &str| {
+        let err = text(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{says}: {err}");
+    };
+    // Only root starts the daemon.
+    ok(&inst.banger(&["daemon", "ping"]), "daemon ping");
+    ok(&create(&alice, "a1"), "alice: first VM of lab");
+    fails(create(&bob, "b1"), "not yours");
+    fails(
+        inst.banger_as(&bob, &["network", "share", "lab", &bob.name]),
+        "only its owner or root shares it",
+    );
+    ok(
+        &inst.banger_as(&alice, &["network", "share", "lab", &bob.name]),
+        "alice shares lab with bob",
+    );
+    let ls: serde_json::Value =
+        serde_json::from_str(&ok(&inst.banger(&["network", "ls", "--json"]), "ls")).unwrap();
+    assert_eq!(ls[0]["name"], "lab", "{ls}");
+    assert_eq!(ls[0]["owner"], alice.uid, "{ls}");
+    assert_eq!(ls[0]["shared_with"], serde_json::json!([bob.uid]), "{ls}");
+    ok(&create(&bob, "b1"), "bob joins a shared network");
+    ok(
+        &inst.banger_as(&alice, &["network", "unshare", "lab", &bob.uid.to_string()]),
+        "alice takes it back",
+    );
+    fails(create(&bob, "b2"), "not yours");
+    assert!(inst.vm("b1").is_some(), "a VM already there stays");
+    fails(
+        inst.banger_as(&alice, &["network", "share", "nolab", &bob.name]),
+        "has no VMs",
+    );
+    fails(
+        inst.banger_as(&alice, &["network", "share", "lab", "no-such-user-here"]),
+        "no user",
+    );
+    fails(
+        inst.banger_as(&alice, &["network", "unshare", "lab", &bob.name]),
+        "is not shared with",
+    );
+    assert!(inst.vm("b2").is_none());
+
+    // Root shares too; and with the last VM gone, the shares go.
+    ok(
+        &inst.banger(&["network", "share", "lab", &bob.name]),
+        "root shares alice's network",
+    );
+    for vm in ["a1", "b1"] {
+        ok(&inst.banger(&["vm", "rm", vm]), "rm");
+    }
+    ok(&create(&bob, "b3"), "bob: lab is free again, now his");
+    fails(create(&alice, "a2"), "not yours");
+    ok(&inst.banger(&["vm", "rm", "b3"]), "rm");
+    inst.assert_baseline();
+}

@@ -30,11 +30,7 @@ fn state(inst: &Instance, name: &str) -> String {
 /// The CPU time (clock ticks) of the VMM's vCPU threads: QEMU names them
 /// `CPU <n>/TCG` (`-name ...,debug-threads=on`).
 fn vcpu_ticks(inst: &Instance) -> u64 {
-    let vmms = inst.vmm_processes();
-    let (pid, _) = vmms
-        .iter()
-        .find(|(_, c)| c.contains("qemu-system"))
-        .unwrap_or_else(|| panic!("no QEMU among {vmms:?}"));
+    let pid = &qemu_pid(inst);
     let vcpus: Vec<i32> = banger_host::process::threads(*pid)
         .into_iter()
         .filter(|(_, name)| name.starts_with("CPU "))
@@ -46,6 +42,15 @@ fn vcpu_ticks(inst: &Instance) -> u64 {
         .filter_map(|t| banger_host::process::thread_stat(*pid, *t))
         .map(|(_, ticks)| ticks)
         .sum()
+}
+
+/// The instance's one QEMU.
+fn qemu_pid(inst: &Instance) -> i32 {
+    inst.vmm_processes()
+        .into_iter()
+        .find(|(_, c)| c.contains("qemu-system"))
+        .map(|(p, _)| p)
+        .expect("QEMU")
 }
 
 /// An interactive `vm exec -i NAME -- cat`: lines written come back.
@@ -135,12 +140,7 @@ fn pause_keeps_everything_and_resume_goes_on() {
     assert_eq!(state(&inst, "p"), "paused");
     // Through QMP (its agent channel is the virtio-serial port, it has no
     // mount): the process itself is not stopped, its main loop answers.
-    let qemu = inst
-        .vmm_processes()
-        .into_iter()
-        .find(|(_, c)| c.contains("qemu-system"))
-        .map(|(p, _)| p)
-        .expect("QEMU");
+    let qemu = qemu_pid(&inst);
     assert!(
         !banger_host::process::all_threads_stopped(qemu),
         "a VM with nothing vhost-user pauses through QMP, not SIGSTOP"
@@ -290,12 +290,7 @@ fn a_vm_with_a_mount_pauses_by_stopping_its_vmm() {
         "vm run with a mount",
     );
     ok(&inst.banger(&["vm", "pause", "m"]), "pause");
-    let qemu = inst
-        .vmm_processes()
-        .into_iter()
-        .find(|(_, c)| c.contains("qemu-system"))
-        .map(|(p, _)| p)
-        .expect("QEMU");
+    let qemu = qemu_pid(&inst);
     assert!(
         banger_host::process::all_threads_stopped(qemu),
         "a VM with a mount pauses by SIGSTOP"

@@ -77,8 +77,9 @@ pub enum AccessError {
     RootsDataVm(String),
     #[error(
         "--network {name}: that network's VMs are {whose} (uid {owner}), not yours (uid {uid}): \
-         a member joins only networks of their own (its VMs could reach and resolve yours, and \
-         yours theirs); pick another name"
+                  a member joins only networks of their own or shared with them (its VMs could reach and \
+         resolve yours, and yours theirs): pick another name, or ask its owner for \
+         `banger network share {name} <you>`"
     )]
     NotYourNetwork {
         name: String,
@@ -168,8 +169,9 @@ impl Caller {
 impl Caller {
     /// A VM of this caller's may join `--network name`: a network is its
     /// first VM's creator's for as long as it has VMs (then free again).
-    /// Root joins any; a member only their own, or one with no VM. The
-    /// caller is recorded as the owner of a network it starts.
+    /// Root joins any; a member their own, one its owner shares with them
+    /// (`banger network share`), or one with no VM. The caller is
+    /// recorded as the owner of a network it starts, shared with nobody.
     pub fn may_join(
         &self,
         store: &banger_store::Store,
@@ -181,7 +183,10 @@ impl Caller {
             .any(|v| v.spec.net.network.as_deref() == Some(name));
         if has_vms {
             let owner = store.owner(Owned::Network, name)?.uid;
-            if self.is_root() || owner == self.uid {
+            if self.is_root()
+                || owner == self.uid
+                || store.shared_with(Owned::Network, name)?.contains(&self.uid)
+            {
                 return Ok(());
             }
             return Err(AccessError::NotYourNetwork {
@@ -204,6 +209,7 @@ impl Caller {
                 root_only: false,
             },
         )?;
+        store.forget_shares(Owned::Network, name)?;
         Ok(())
     }
 }

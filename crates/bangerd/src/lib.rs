@@ -23,6 +23,7 @@ pub mod janitor;
 pub mod lifecycle;
 pub mod limits;
 pub mod locks;
+pub mod networks;
 pub mod pause;
 pub mod perms;
 pub mod readiness;

@@ -390,6 +390,8 @@ fn op_name(r: &Request) -> &'static str {
         Request::VmAgent { .. } => "vm_agent",
         Request::VolumeCreate { .. } => "volume_create",
         Request::VolumeList => "volume_list",
+        Request::NetworkList => "network_list",
+        Request::NetworkShare { .. } => "network_share",
         Request::VolumeDelete { .. } => "volume_delete",
     }
 }
@@ -488,6 +490,12 @@ pub fn dispatch(
         }
         Request::VolumeList => Response::Volumes {
             volumes: daemon.list_volumes()?,
+        },
+        Request::NetworkList => Response::Networks {
+            networks: daemon.list_networks()?,
+        },
+        Request::NetworkShare { name, user, share } => Response::Networks {
+            networks: vec![daemon.share_network(&name, &user, share, caller)?],
         },
         Request::VolumeDelete { name } => {
             daemon.delete_volume(&name, caller)?;
