@@ -79,14 +79,23 @@ impl Daemon {
     pub fn release_vm(&self, vm_id: &str) -> Result<()> {
         let _g = self.release_locks.lock(vm_id);
         let pending = self.store().releases_of(vm_id)?;
+        // Each record on its own too: one that fails (kept for its retry)
+        // does not hold back the VM's later ones.
+        let mut failed = None;
         for r in pending {
             let t = Instant::now();
-            let left = self.release_items(&r)?;
-            debug_assert!(left.is_empty());
-            self.store().delete_release(r.id)?;
-            tracing::debug!(vm = %r.vm_name, us = micros(t), "released");
+            match self.release_items(&r) {
+                Ok(left) => {
+                    debug_assert!(left.is_empty());
+                    self.store().delete_release(r.id)?;
+                    tracing::debug!(vm = %r.vm_name, us = micros(t), "released");
+                }
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
     /// Releases every item, each on its own: one that fails does not keep
@@ -273,5 +282,34 @@ mod tests {
         }
         assert!(!super::waits("tap", &[held("dns", json!({}))]));
         assert!(!super::waits("firewall", &[held("tap", json!({}))]));
+    }
+
+    /// A VM's releases from several boots: one whose item fails stays for
+    /// its retry, and the later ones still go.
+    #[test]
+    fn a_failed_release_does_not_hold_back_the_vms_later_ones() {
+        let d = tempfile::tempdir().unwrap();
+        let daemon = daemon(d.path());
+        let rec = |items: Vec<Held>| Release {
+            id: 0,
+            vm_id: "v1".into(),
+            vm_name: "gone".into(),
+            items,
+        };
+        let failing = rec(vec![Held {
+            resource: "warp_drive".into(),
+            data: json!({}),
+        }]);
+        let fine = rec(vec![Held {
+            resource: "address".into(),
+            data: json!({"ip": "172.30.0.6"}),
+        }]);
+        daemon.store().insert_release(&failing).unwrap();
+        daemon.store().insert_release(&fine).unwrap();
+        let e = daemon.release_vm("v1").unwrap_err().to_string();
+        assert!(e.contains("warp_drive"), "{e}");
+        let left = daemon.store().releases_of("v1").unwrap();
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert_eq!(left[0].items, failing.items);
     }
 }
