@@ -17,6 +17,7 @@ const INTERNAL: &[(&str, &str)] = &[
     ("tap", "start.tap.created"),
     ("vsock", "start.vsock.spawned"),
     ("vmm", "start.vmm.spawned"),
+    ("firewall", "start.firewall.added"),
 ];
 
 /// Every failpoint name, in the order a VM's life meets them. The

@@ -164,6 +164,8 @@ impl Resource for Firewall {
                 let t = Instant::now();
                 let _n = lock(&nat_lock);
                 firewall::up(&spec)?;
+                // The elements exist; the boot has not joined this yet.
+                crate::failpoint::hit("start.firewall.added")?;
                 Ok(micros(t))
             })
             .map_err(|e| DaemonError::Invalid(format!("cannot start the firewall thread: {e}")))?;
