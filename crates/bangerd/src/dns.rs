@@ -514,6 +514,32 @@ mod tests {
         );
     }
 
+    /// A guest's query is answered while the store is locked (a long
+    /// write, or a flood of other requests holding it): DNS never waits on
+    /// the store. (Answered from the rows, a lookup here would block until
+    /// the lock is let go; the watchdog fails it instead.)
+    #[test]
+    fn queries_are_answered_while_the_store_is_locked() {
+        let d = tempfile::tempdir().unwrap();
+        let daemon = std::sync::Arc::new(crate::daemon::testutil::daemon(d.path()));
+        let mut web = crate::daemon::testutil::vm_with_tap("iw", "web", None);
+        web.runtime.guest_ip = Some("172.30.0.6".into());
+        daemon.insert_row(&web).unwrap();
+        let held = daemon.store();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let asker = daemon.clone();
+        std::thread::spawn(move || {
+            let p = asker.dns_plan(&query("web.vm.", RecordType::A), &Asker::Guest("iw".into()));
+            let _ = tx.send(p);
+        });
+        let p = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("a DNS answer waited on the store's lock");
+        drop(held);
+        let r = answer(p);
+        assert_eq!(r.answers[0].data, RData::A(A(Ipv4Addr::new(172, 30, 0, 6))));
+    }
+
     /// The view answers as the store would: the host any VM, a guest
     /// itself or its network's; a saved runtime moves the address; a
     /// deleted row is gone and a late save does not bring it back.
