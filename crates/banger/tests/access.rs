@@ -616,8 +616,12 @@ fn a_network_is_joined_once_its_owner_shares_it() {
     for vm in ["a1", "b1"] {
         ok(&inst.banger(&["vm", "rm", vm]), "rm");
     }
-    ok(&create(&bob, "b3"), "bob: lab is free again, now his");
-    fails(create(&alice, "a2"), "not yours");
-    ok(&inst.banger(&["vm", "rm", "b3"]), "rm");
+    // Alice owns it anew: bob's share went with its last VM.
+    ok(&create(&alice, "a2"), "alice: lab is free again, hers anew");
+    fails(create(&bob, "b3"), "not yours");
+    let ls: serde_json::Value =
+        serde_json::from_str(&ok(&inst.banger(&["network", "ls", "--json"]), "ls")).unwrap();
+    assert_eq!(ls[0]["shared_with"], serde_json::json!([]), "{ls}");
+    ok(&inst.banger(&["vm", "rm", "a2"]), "rm");
     inst.assert_baseline();
 }

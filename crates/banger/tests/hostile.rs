@@ -169,6 +169,7 @@ fn a_guest_whose_agent_trickles_stalls_nothing() {
             .unwrap_or_else(|| panic!("{n} not in {stats}"))
     };
     assert!(by("h")["guest"].is_null(), "{stats}");
+    assert!(by("h2")["guest"].is_null(), "{stats}");
     assert!(!by("calm")["guest"].is_null(), "{stats}");
     table.push(("vm stats (three VMs)", t));
 

@@ -46,11 +46,11 @@ fn vcpu_ticks(inst: &Instance) -> u64 {
 
 /// The instance's one QEMU.
 fn qemu_pid(inst: &Instance) -> i32 {
-    inst.vmm_processes()
-        .into_iter()
+    let vmms = inst.vmm_processes();
+    vmms.iter()
         .find(|(_, c)| c.contains("qemu-system"))
-        .map(|(p, _)| p)
-        .expect("QEMU")
+        .map(|(p, _)| *p)
+        .unwrap_or_else(|| panic!("no QEMU among {vmms:?}"))
 }
 
 /// An interactive `vm exec -i NAME -- cat`: lines written come back.

@@ -201,6 +201,9 @@ impl Caller {
             }
             .into());
         }
+        // The shares first: no moment where the new owner has the old
+        // one's.
+        store.forget_shares(Owned::Network, name)?;
         store.set_owner(
             Owned::Network,
             name,
@@ -209,7 +212,6 @@ impl Caller {
                 root_only: false,
             },
         )?;
-        store.forget_shares(Owned::Network, name)?;
         Ok(())
     }
 }

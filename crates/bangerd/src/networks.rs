@@ -49,9 +49,11 @@ impl Daemon {
         banger_core::validate_name(name)
             .map_err(|e| DaemonError::Invalid(format!("network {name:?}: {e}")))?;
         let uid = uid_of(user)?;
-        // Under the network lock: no VM joins or leaves in between.
+        // Under the network lock: no VM joins in between (one may leave:
+        // a share row of a network that became free grants nothing, and
+        // the next claim forgets it).
         let _n = crate::daemon::lock(&self.net_lock);
-        let net = self
+        let mut net = self
             .list_networks()?
             .into_iter()
             .find(|n| n.name == name)
@@ -70,7 +72,8 @@ impl Daemon {
         }
         let store = self.store();
         if share {
-            if uid != net.owner {
+            // Its owner and root join it anyway.
+            if uid != net.owner && uid != 0 {
                 store.share(Owned::Network, name, uid)?;
             }
         } else if !store.unshare(Owned::Network, name, uid)? {
@@ -79,11 +82,8 @@ impl Daemon {
                  says with whom it is"
             )));
         }
-        drop(store);
-        self.list_networks()?
-            .into_iter()
-            .find(|n| n.name == name)
-            .ok_or_else(|| DaemonError::Invalid(format!("network {name:?} has no VMs")))
+        net.shared_with = store.shared_with(Owned::Network, name)?;
+        Ok(net)
     }
 }
 

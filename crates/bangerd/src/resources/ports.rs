@@ -190,7 +190,11 @@ fn copy(mut from: TcpStream, mut to: TcpStream, idle: Duration, last: &Mutex<Ins
             Ok(n) => {
                 *lock(last) = Instant::now();
                 if to.write_all(&buf[..n]).is_err() {
-                    break;
+                    // Some bytes may be gone: an abort both ways, not an
+                    // end the peer would take for a whole stream.
+                    let _ = from.shutdown(Shutdown::Both);
+                    let _ = to.shutdown(Shutdown::Both);
+                    return;
                 }
             }
             // Quiet this way for `idle`: the end if the other way was too.
