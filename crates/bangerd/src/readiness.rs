@@ -101,3 +101,84 @@ pub fn wait(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    use std::sync::mpsc;
+
+    use banger_agent::proto::write_msg;
+
+    use super::*;
+
+    /// A hostile guest at boot: a hello connection that trickles a byte at
+    /// a time forever, and one that sends junk, ahead of the real hello.
+    /// The wait gives each its whole-exchange deadline and goes on to
+    /// the real one; it never waits on the trickle. (Read with a timeout
+    /// per read, the trickle would hold the boot until its own deadline;
+    /// the watchdog fails that.)
+    #[test]
+    fn hostile_hellos_at_boot_hold_up_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let daemon = crate::daemon::testutil::daemon(d.path());
+        let vm = crate::daemon::testutil::vm_with_tap("ib", "boot", None);
+        let sock = d.path().join("v.sock_1025");
+        let hello = UnixListener::bind(&sock).unwrap();
+        // The "VMM": any process that runs while the boot waits.
+        let mut vmm = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .unwrap();
+        let id = ProcId::of(vmm.id() as i32).unwrap();
+
+        let (stop_tx, stop) = mpsc::channel::<()>();
+        let guest = {
+            let sock = sock.clone();
+            std::thread::spawn(move || {
+                // Accepted first: a frame of 4000 bytes announced, then a
+                // byte every 100 ms (400 s) until the test ends it.
+                let mut trickle = UnixStream::connect(&sock).unwrap();
+                trickle.write_all(&4000u32.to_be_bytes()).unwrap();
+                let mut junk = UnixStream::connect(&sock).unwrap();
+                junk.write_all(&[0xff; 64]).unwrap();
+                let mut real = UnixStream::connect(&sock).unwrap();
+                write_msg(
+                    &mut real,
+                    &Msg::Hello {
+                        version: VERSION,
+                        boot_id: "this-boot".into(),
+                    },
+                )
+                .unwrap();
+                while stop.try_recv().is_err() {
+                    if trickle.write_all(b"x").is_err() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+        };
+        let (tx, rx) = mpsc::channel();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let _ = tx.send(wait(
+                    &daemon,
+                    &vm,
+                    id,
+                    &hello,
+                    "this-boot",
+                    &Cancel::default(),
+                ));
+            });
+            let r = rx
+                .recv_timeout(Duration::from_secs(60))
+                .expect("the boot waited on a trickling hello");
+            assert!(r.is_ok(), "{r:?}");
+        });
+        stop_tx.send(()).unwrap();
+        guest.join().unwrap();
+        vmm.kill().unwrap();
+        vmm.wait().unwrap();
+    }
+}
