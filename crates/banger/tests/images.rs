@@ -404,8 +404,16 @@ fn customize_saves_what_a_script_did() {
 
 #[test]
 fn commit_flattens_an_overlay_vm() {
+    // Who the commit's tools run as, and in which cgroup (a shell run
+    // confined as they are reports it; failpoint builds only).
+    let probe_dir = tempfile::tempdir().unwrap();
+    let probe = probe_dir.path().join("probe");
     let inst = Instance::new(&banger_bin())
         .with_env("BANGER_ROOT_DISK", "overlay")
+        .with_env(
+            "FAILPOINTS",
+            &format!("commit.tool.probe=return({})", probe.display()),
+        )
         .with_image();
     // Refused while running, then flattened from the overlay: the image
     // and the VM's upper disk merged in a private mount namespace.
@@ -435,6 +443,16 @@ fn commit_flattens_an_overlay_vm() {
         "commit c1",
     );
     assert_eq!(meta(&upper), before);
+    let seen = std::fs::read_to_string(&probe).expect("the commit ran its tools");
+    let mut lines = seen.lines();
+    let tool = lines.next().unwrap_or_default();
+    assert!(tool == "e2fsck" || tool == "qemu-img", "{seen}");
+    let uid: u32 = lines.next().unwrap_or_default().trim().parse().unwrap();
+    assert_eq!(uid, before.0, "a tool runs as the VM's user: {seen}");
+    assert!(
+        lines.any(|l| l.ends_with(&format!("/{id}"))),
+        "a tool runs in the VM's cgroup: {seen}"
+    );
     ok(
         &inst.banger(&["vm", "start", "c1"]),
         "c1 starts again after its commit",
@@ -477,6 +495,66 @@ fn commit_flattens_an_overlay_vm() {
     for img in ["from-c1", "from-c0"] {
         ok(&inst.banger(&["image", "rm", img]), "image rm");
     }
+    inst.assert_baseline();
+}
+
+/// A commit holds nothing a `vm create` needs: while one waits at a gate
+/// (its locks taken, its tools about to run), a VM of the same image is
+/// created; the commit then goes on.
+#[test]
+fn a_commit_in_progress_holds_up_no_create() {
+    let inst = Instance::new(&banger_bin())
+        .with_env("BANGER_ROOT_DISK", "overlay")
+        .with_image();
+    ok(
+        &inst.banger(&["vm", "run", "-d", "--name", "c1"]),
+        "vm run c1",
+    );
+    ok(&inst.banger(&["vm", "stop", "c1"]), "stop c1");
+    let scratch = tempfile::tempdir().unwrap();
+    let gate = scratch.path().join("gate");
+    nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    inst.kill_daemon();
+    let out = inst
+        .banger_cmd(&["daemon", "ping"])
+        .env(
+            "FAILPOINTS",
+            format!("commit.tools=return(gate:{})", gate.display()),
+        )
+        .output()
+        .unwrap();
+    ok(&out, "a daemon whose commits wait at a gate");
+    let commit = inst.spawn(&["vm", "commit", "c1", "from-c1"]);
+    let log = inst.state().join("bangerd.log");
+    assert!(
+        wait_until(Duration::from_secs(60), || std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("failpoint commit.tools: waiting at the gate")),
+        "the commit never reached its gate"
+    );
+    let open_gate = || drop(std::fs::OpenOptions::new().write(true).open(&gate).unwrap());
+    let mut create = inst.spawn(&["vm", "create", "--name", "meanwhile"]);
+    let mut created = None;
+    let done = wait_until(Duration::from_secs(120), || {
+        created = create.try_wait().unwrap();
+        created.is_some()
+    });
+    if !done {
+        open_gate();
+        panic!("vm create waited for a commit");
+    }
+    assert!(
+        created.unwrap().success(),
+        "vm create: {:?}",
+        create.wait_with_output()
+    );
+    open_gate();
+    let out = test_infra::bounded::wait_output(commit);
+    ok(&out, "the commit, once the gate opened");
+    for vm in ["meanwhile", "c1"] {
+        ok(&inst.banger(&["vm", "rm", "-f", vm]), "rm");
+    }
+    ok(&inst.banger(&["image", "rm", "from-c1"]), "image rm");
     inst.assert_baseline();
 }
 

@@ -117,6 +117,9 @@ impl Daemon {
         fsutil::create_dir_all(work)?;
         let kind = vm.spec.root_disk();
         let tools = Tools::new(self, vm)?;
+        // (The tests hold a commit here, its locks taken, its tools' cgroup
+        // made: nothing a `vm create` needs is held.)
+        crate::failpoint::hit("commit.tools")?;
         say(format!("flattening vm {}'s {kind} root disk", vm.name));
         let out = work.join(image::ROOTFS_FILE);
         let vm_dir = self.cfg.layout.vm_dir(&vm.id);
@@ -287,6 +290,18 @@ impl<'a> Tools<'a> {
         program: &str,
         args: &[&std::ffi::OsStr],
     ) -> Result<(std::process::ExitStatus, String)> {
+        // The tests' probe: who a tool runs as, and in which cgroup, told
+        // by a shell confined as the tool is (failpoint builds only).
+        if let Some(path) = crate::failpoint::arg("commit.tool.probe") {
+            let mut p = std::process::Command::new("/bin/sh");
+            p.args(["-c", "id -u; cat /proc/self/cgroup"]);
+            self.conf
+                .apply(&mut p)
+                .map_err(|e| DaemonError::Invalid(format!("vm commit: probe: {e}")))?;
+            let (_, out, _) = cmd::run_prepared(p, "sh", None, FLATTEN_TIMEOUT)?;
+            std::fs::write(&path, format!("{program}\n{out}"))
+                .with_path("write", std::path::Path::new(&path))?;
+        }
         let mut c = std::process::Command::new(program);
         c.args(args);
         self.conf

@@ -84,6 +84,19 @@ pub fn hit(_name: &str) -> Result<(), DaemonError> {
     Ok(())
 }
 
+/// The argument failpoint `name` is set to, for a probe that reports
+/// what the daemon does there (`return(ARG)`); none when it is not set.
+#[cfg(feature = "failpoints")]
+pub fn arg(name: &str) -> Option<String> {
+    fail::eval(name, |arg| arg.unwrap_or_default())
+}
+
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn arg(_name: &str) -> Option<String> {
+    None
+}
+
 /// Set up from `FAILPOINTS`; kept for the daemon's lifetime.
 #[cfg(feature = "failpoints")]
 pub fn setup() -> Option<fail::FailScenario<'static>> {
