@@ -514,6 +514,58 @@ mod tests {
         );
     }
 
+    /// A resolver flooded with names to forward sends at most
+    /// [`MAX_FORWARDS`] upstream at once; the rest get SERVFAIL at once.
+    /// Counted at a silent upstream (it answers nothing: every forward
+    /// waits out its timeout), in a network namespace of the test's
+    /// thread (port 53 on its own loopback).
+    #[test]
+    fn forwards_in_flight_are_capped() {
+        let d = tempfile::tempdir().unwrap();
+        let resolv = d.path().join("resolv.conf");
+        std::fs::write(&resolv, "nameserver 127.0.0.1\n").unwrap();
+        let mut daemon = crate::daemon::testutil::daemon(d.path());
+        daemon.cfg.resolv_conf = resolv;
+        let daemon = std::sync::Arc::new(daemon);
+        let weak = std::sync::Arc::downgrade(&daemon);
+        std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("unshare(CLONE_NEWNET): the tests run as root");
+            let up = std::process::Command::new("ip")
+                .args(["link", "set", "lo", "up"])
+                .status()
+                .unwrap();
+            assert!(up.success());
+            let upstream = UdpSocket::bind("127.0.0.1:53").unwrap();
+            let listener =
+                Listener::start(weak, "127.0.0.1:5353".parse().unwrap(), Asker::Host).unwrap();
+            let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+            client
+                .set_read_timeout(Some(std::time::Duration::from_secs(60)))
+                .unwrap();
+            let n = MAX_FORWARDS + 4;
+            for i in 0..n {
+                let q = query(&format!("name{i}.example.com."), RecordType::A);
+                client.send_to(&q, "127.0.0.1:5353").unwrap();
+            }
+            let mut buf = [0u8; 4096];
+            for _ in 0..n {
+                let got = client.recv(&mut buf).expect("every query is answered");
+                let m = Message::from_vec(&buf[..got]).unwrap();
+                assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+            }
+            upstream.set_nonblocking(true).unwrap();
+            let mut reached = 0;
+            while upstream.recv(&mut buf).is_ok() {
+                reached += 1;
+            }
+            assert_eq!(reached, MAX_FORWARDS, "queries sent upstream at once");
+            drop(listener);
+        })
+        .join()
+        .unwrap();
+    }
+
     /// A guest's query is answered while the store is locked (a long
     /// write, or a flood of other requests holding it): DNS never waits on
     /// the store. (Answered from the rows, a lookup here would block until
