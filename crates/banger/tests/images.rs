@@ -498,6 +498,78 @@ fn commit_flattens_an_overlay_vm() {
     inst.assert_baseline();
 }
 
+/// A failpoint of the instance's daemon (restarted with it) that waits at
+/// a FIFO until the test opens it.
+struct Gate {
+    point: String,
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Gate {
+    fn on(inst: &Instance, point: &str) -> Gate {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gate");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        inst.kill_daemon();
+        let out = inst
+            .banger_cmd(&["daemon", "ping"])
+            .env(
+                "FAILPOINTS",
+                format!("{point}=return(gate:{})", path.display()),
+            )
+            .output()
+            .unwrap();
+        ok(&out, &format!("a daemon that waits at {point}"));
+        Gate {
+            point: point.into(),
+            path,
+            _dir: dir,
+        }
+    }
+
+    /// Waits until the daemon says `what` waits at the gate.
+    fn reached(&self, inst: &Instance, what: &str) {
+        let log = inst.state().join("bangerd.log");
+        let says = format!("failpoint {}: waiting at the gate", self.point);
+        assert!(
+            wait_until(Duration::from_secs(60), || std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains(&says)),
+            "{what} never reached its gate"
+        );
+    }
+
+    fn open(&self) {
+        drop(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&self.path)
+                .unwrap(),
+        );
+    }
+
+    /// A `vm create` of the default image finishes while the gate is
+    /// shut (`held`: what waits at it).
+    fn create_meanwhile(&self, inst: &Instance, held: &str) {
+        let mut create = inst.spawn(&["vm", "create", "--name", "meanwhile"]);
+        let mut created = None;
+        let done = wait_until(Duration::from_secs(120), || {
+            created = create.try_wait().unwrap();
+            created.is_some()
+        });
+        if !done {
+            self.open();
+            panic!("vm create waited for {held}");
+        }
+        assert!(
+            created.unwrap().success(),
+            "vm create: {:?}",
+            create.wait_with_output()
+        );
+    }
+}
+
 /// A commit holds nothing a `vm create` needs: while one waits at a gate
 /// (its locks taken, its tools about to run), a VM of the same image is
 /// created; the commit then goes on.
@@ -511,44 +583,11 @@ fn a_commit_in_progress_holds_up_no_create() {
         "vm run c1",
     );
     ok(&inst.banger(&["vm", "stop", "c1"]), "stop c1");
-    let scratch = tempfile::tempdir().unwrap();
-    let gate = scratch.path().join("gate");
-    nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-    inst.kill_daemon();
-    let out = inst
-        .banger_cmd(&["daemon", "ping"])
-        .env(
-            "FAILPOINTS",
-            format!("commit.tools=return(gate:{})", gate.display()),
-        )
-        .output()
-        .unwrap();
-    ok(&out, "a daemon whose commits wait at a gate");
+    let gate = Gate::on(&inst, "commit.tools");
     let commit = inst.spawn(&["vm", "commit", "c1", "from-c1"]);
-    let log = inst.state().join("bangerd.log");
-    assert!(
-        wait_until(Duration::from_secs(60), || std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("failpoint commit.tools: waiting at the gate")),
-        "the commit never reached its gate"
-    );
-    let open_gate = || drop(std::fs::OpenOptions::new().write(true).open(&gate).unwrap());
-    let mut create = inst.spawn(&["vm", "create", "--name", "meanwhile"]);
-    let mut created = None;
-    let done = wait_until(Duration::from_secs(120), || {
-        created = create.try_wait().unwrap();
-        created.is_some()
-    });
-    if !done {
-        open_gate();
-        panic!("vm create waited for a commit");
-    }
-    assert!(
-        created.unwrap().success(),
-        "vm create: {:?}",
-        create.wait_with_output()
-    );
-    open_gate();
+    gate.reached(&inst, "the commit");
+    gate.create_meanwhile(&inst, "a commit");
+    gate.open();
     let out = test_infra::bounded::wait_output(commit);
     ok(&out, "the commit, once the gate opened");
     for vm in ["meanwhile", "c1"] {
@@ -609,49 +648,16 @@ fn an_import_in_progress_holds_up_no_other_image() {
     std::fs::create_dir_all(tree.join("bin")).unwrap();
     std::fs::copy("/usr/bin/busybox", tree.join("bin/busybox")).unwrap();
     std::os::unix::fs::symlink("busybox", tree.join("bin/sh")).unwrap();
-    let gate = scratch.path().join("gate");
-    nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-    inst.kill_daemon();
-    let out = inst
-        .banger_cmd(&["daemon", "ping"])
-        .env(
-            "FAILPOINTS",
-            format!("image.import.locked=return(gate:{})", gate.display()),
-        )
-        .output()
-        .unwrap();
-    ok(&out, "a daemon whose imports wait at a gate");
+    let gate = Gate::on(&inst, "image.import.locked");
     let mut import = inst.spawn(&["image", "import", "slow", tree.to_str().unwrap()]);
-    // The import is at the gate once the daemon says so.
-    let log = inst.state().join("bangerd.log");
-    assert!(
-        wait_until(Duration::from_secs(30), || std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("failpoint image.import.locked: waiting at the gate")),
-        "the import never reached its gate"
-    );
-    let open_gate = || drop(std::fs::OpenOptions::new().write(true).open(&gate).unwrap());
-    let mut create = inst.spawn(&["vm", "create", "--name", "meanwhile"]);
-    let mut created = None;
-    let done = wait_until(Duration::from_secs(120), || {
-        created = create.try_wait().unwrap();
-        created.is_some()
-    });
-    if !done {
-        open_gate();
-        panic!("vm create waited for another image's import");
-    }
-    assert!(
-        created.unwrap().success(),
-        "vm create: {:?}",
-        create.wait_with_output()
-    );
+    gate.reached(&inst, "the import");
+    gate.create_meanwhile(&inst, "another image's import");
     assert!(
         import.try_wait().unwrap().is_none(),
         "the import still waits"
     );
     // The gate opens: the import goes on and finishes.
-    open_gate();
+    gate.open();
     let out = test_infra::bounded::wait_output(import);
     ok(&out, "the import, once the gate opened");
     ok(&inst.banger(&["vm", "rm", "meanwhile"]), "rm");

@@ -98,8 +98,14 @@ impl Resource for Vsock {
         super::jail::hand_over(id.as_ref(), &[&hello])?;
         if cx.vm.spec.vmm == VmmKind::Qemu {
             let cid = cx.vm.runtime.vsock_cid.unwrap_or(FIRST_CID);
-            let confine = super::jail::confinement(host, cx.vm, id)?;
+            let mut confine = super::jail::confinement(host, cx.vm, id)?;
             let vport = cx.vm.runtime.vport;
+            // banger-vport may be a build tree's, under /tmp, which a
+            // private /tmp would hide from its own exec; it writes no
+            // files (QEMU keeps its private /tmp).
+            if vport {
+                confine.private_tmp = false;
+            }
             let (id, up) = spawn_backend(host, cx.vm, cid, &uds, &confine, vport)?;
             // The backend runs and is not recorded yet: found again by the
             // socket its command line names.
