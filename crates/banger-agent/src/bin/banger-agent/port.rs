@@ -178,7 +178,8 @@ pub fn device_main() -> ! {
             std::process::exit(1);
         }
     };
-    log(&format!("serving on {}", dev.display()));
+    // (The line the console shows, as the vsock agent's.)
+    log(&format!("listening on {}", dev.display()));
     std::thread::spawn(move || hello(mux));
     loop {
         if let Err(e) = engine.run() {
