@@ -78,23 +78,6 @@ fn bind(path: &Path) -> Result<UnixListener, String> {
     UnixListener::bind(path).map_err(|e| format!("listen on {}: {e}", path.display()))
 }
 
-/// A new incarnation's epoch: random (a helper restarted, or a clone's,
-/// never reuses its predecessor's), never 0.
-fn epoch() -> u32 {
-    let mut b = [0u8; 4];
-    let r = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
-    let e = match r {
-        Ok(()) => u32::from_le_bytes(b),
-        Err(_) => {
-            let t = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default();
-            t.subsec_nanos() ^ std::process::id().rotate_left(16)
-        }
-    };
-    e.max(1)
-}
-
 fn main() {
     let args = match parse(std::env::args().skip(1)) {
         Ok(a) => a,
@@ -151,9 +134,12 @@ fn run(args: Args) -> Result<(), String> {
             }
         }
     });
-    let (mut engine, mux) =
-        Engine::new(Session::new(Side::Host, epoch()), conn.into(), on_incoming)
-            .map_err(|e| format!("start the mux: {e}"))?;
+    let (mut engine, mux) = Engine::new(
+        Session::new(Side::Host, banger_agent::mux::new_epoch()),
+        conn.into(),
+        on_incoming,
+    )
+    .map_err(|e| format!("start the mux: {e}"))?;
     std::thread::Builder::new()
         .name("clients".into())
         .spawn(move || serve_clients(clients, mux))
@@ -164,7 +150,7 @@ fn run(args: Args) -> Result<(), String> {
             .accept()
             .map_err(|e| format!("accept on {}: {e}", args.port_socket.display()))?;
         engine
-            .reattach(conn.into(), epoch())
+            .reattach(conn.into(), banger_agent::mux::new_epoch())
             .map_err(|e| format!("the port: {e}"))?;
     }
 }

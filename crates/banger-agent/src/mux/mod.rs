@@ -34,6 +34,24 @@ pub const VERSION: u32 = 1;
 /// (vsock's default `buf_alloc`).
 pub const WINDOW: u32 = 256 * 1024;
 
+/// A new incarnation's epoch: random (a restarted end, or a clone's,
+/// never reuses its predecessor's), never 0. Without /dev/urandom, the
+/// clock and the pid.
+pub fn new_epoch() -> u32 {
+    use std::io::Read;
+    let mut b = [0u8; 4];
+    let e = match std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)) {
+        Ok(()) => u32::from_le_bytes(b),
+        Err(_) => {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            t.subsec_nanos() ^ std::process::id().rotate_left(16)
+        }
+    };
+    e.max(1)
+}
+
 /// Streams open at once in a session, both ends' together.
 pub const MAX_STREAMS: usize = 256;
 

@@ -15,7 +15,6 @@
 //! the virtio-serial port): when the connection ends it connects again,
 //! as a restarted helper's port comes back.
 
-use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
@@ -27,13 +26,6 @@ use crate::{boot_id, log, serve};
 /// How long `--serial` keeps trying to reach its port again.
 const RECONNECT_FOR: Duration = Duration::from_secs(60);
 
-/// A new incarnation's epoch (random, never 0).
-fn epoch() -> u32 {
-    let mut b = [0u8; 4];
-    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
-    (u32::from_le_bytes(b) ^ std::process::id().rotate_left(16)).max(1)
-}
-
 fn engine(port: UnixOrDevice) -> std::io::Result<(Engine, Mux)> {
     let on_incoming = Box::new(|p: u32| {
         if p != AGENT_PORT {
@@ -43,7 +35,7 @@ fn engine(port: UnixOrDevice) -> std::io::Result<(Engine, Mux)> {
         serve(mine);
         Some(theirs)
     });
-    let session = Session::new(Side::Guest, epoch());
+    let session = Session::new(Side::Guest, banger_agent::mux::new_epoch());
     Engine::new(session, port, on_incoming)
 }
 
@@ -101,7 +93,7 @@ pub fn serial_main(path: &str) -> ! {
                 }
             }
         };
-        if let Err(e) = engine.reattach(conn.into(), epoch()) {
+        if let Err(e) = engine.reattach(conn.into(), banger_agent::mux::new_epoch()) {
             log(&format!("the port: {e}"));
             std::process::exit(1);
         }
@@ -193,7 +185,7 @@ pub fn device_main() -> ! {
         let again = file
             .try_clone()
             .map(UnixOrDevice)
-            .and_then(|p| engine.reattach(p, epoch()));
+            .and_then(|p| engine.reattach(p, banger_agent::mux::new_epoch()));
         if let Err(e) = again {
             log(&format!("{}: {e}", dev.display()));
             std::process::exit(1);
