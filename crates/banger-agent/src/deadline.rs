@@ -53,17 +53,29 @@ impl<'a> Deadline<'a> {
 
 impl Read for Deadline<'_> {
     fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
-        let left = self.left()?;
-        self.s.set_read_timeout(Some(left))?;
-        (&mut &*self.s).read(b).map_err(|e| self.named(e))
+        // A signal's interruption is no end of the exchange: read again
+        // (with what is left).
+        loop {
+            let left = self.left()?;
+            self.s.set_read_timeout(Some(left))?;
+            match (&mut &*self.s).read(b) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => return r.map_err(|e| self.named(e)),
+            }
+        }
     }
 }
 
 impl Write for Deadline<'_> {
     fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-        let left = self.left()?;
-        self.s.set_write_timeout(Some(left))?;
-        (&mut &*self.s).write(b).map_err(|e| self.named(e))
+        loop {
+            let left = self.left()?;
+            self.s.set_write_timeout(Some(left))?;
+            match (&mut &*self.s).write(b) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => return r.map_err(|e| self.named(e)),
+            }
+        }
     }
 
     fn flush(&mut self) -> io::Result<()> {

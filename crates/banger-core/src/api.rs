@@ -14,7 +14,7 @@ use crate::model::{AutoStop, NetPolicy, VmmKind};
 use crate::sizing::SizeRequest;
 use crate::state::VmState;
 
-pub const PROTOCOL_VERSION: u32 = 9;
+pub const PROTOCOL_VERSION: u32 = 10;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -135,6 +135,20 @@ pub enum Request {
     VmReidentify {
         name: String,
     },
+    /// A snapshot of a running or paused VM (memory, device state and
+    /// disks); the VM goes on as it was. `snapshot` is its name (none:
+    /// one is made up).
+    VmSnapshot {
+        name: String,
+        snapshot: Option<String>,
+    },
+    SnapshotList,
+    SnapshotGet {
+        name: String,
+    },
+    SnapshotDelete {
+        name: String,
+    },
     /// The daemon's effective settings and where each came from.
     ConfigShow,
     /// Root only: the daemon stops serving, finishes the requests in
@@ -181,6 +195,10 @@ pub struct CreateVm {
     /// `--mount /host:/guest[:ro]` (virtio-fs, QEMU only).
     #[serde(default)]
     pub mounts: Vec<crate::mount::HostMount>,
+    /// `--from SNAP`: the VM is a clone of that snapshot (its image,
+    /// sizes and disks), restored instead of booted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -258,6 +276,33 @@ pub enum Response {
     Networks {
         networks: Vec<NetworkInfo>,
     },
+    Snapshot(Box<SnapshotInfo>),
+    Snapshots {
+        snapshots: Vec<SnapshotInfo>,
+    },
+}
+
+/// A snapshot, as `snapshot ls|show` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub name: String,
+    /// The VM it was taken of.
+    pub vm: String,
+    pub image: String,
+    pub vmm: VmmKind,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    /// What its files take on disk (sparse: what they hold).
+    pub disk_bytes: u64,
+    pub dir: PathBuf,
+    pub created_at: i64,
+    /// VMs made from it that have not started yet (it cannot be removed
+    /// while there are any).
+    pub pending: Vec<String>,
+    /// The uid that made it (0: root).
+    pub owner: u32,
+    /// Only root may use it (taken of a VM only root may use).
+    pub root_only: bool,
 }
 
 /// One sample of the stats poller.

@@ -78,6 +78,13 @@ impl Layout {
     pub fn vm_dir(&self, id: &str) -> PathBuf {
         self.vms_dir().join(id)
     }
+    /// Snapshots (`vm snapshot`): one directory each, by id.
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.state_dir.join("snapshots")
+    }
+    pub fn snapshot_dir(&self, id: &str) -> PathBuf {
+        self.snapshots_dir().join(id)
+    }
     pub fn ssh_dir(&self) -> PathBuf {
         self.state_dir.join("ssh")
     }
@@ -96,6 +103,10 @@ impl Layout {
 /// Per-VM file names inside VMDir.
 pub mod vmfiles {
     pub const HANDLES: &str = "handles.json";
+    /// A snapshot's device state (QEMU's migration stream, RAM left out).
+    pub const SNAP_STATE: &str = "state";
+    /// A snapshot's guest RAM (sparse).
+    pub const SNAP_RAM: &str = "ram";
     /// The root disk: a qcow2 overlay over the image (QEMU)...
     pub const ROOT_DISK: &str = "root.qcow2";
     /// ...or a raw copy of the image, reflinked where the filesystem can

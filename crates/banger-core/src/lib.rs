@@ -15,8 +15,8 @@ pub mod volume;
 
 pub use layout::Layout;
 pub use model::{
-    AutoStop, Held, ImageRecord, NetPolicy, Release, RmClient, RootDiskKind, VmHandles, VmRecord,
-    VmRuntime, VmSpec, VmmKind,
+    AutoStop, Held, ImageRecord, NetPolicy, Release, RmClient, RootDiskKind, SnapshotFile,
+    SnapshotFormat, SnapshotRecord, VmHandles, VmRecord, VmRuntime, VmSpec, VmmKind,
 };
 
 pub mod duration;

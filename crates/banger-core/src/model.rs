@@ -66,6 +66,10 @@ pub struct VmSpec {
     /// [`VmSpec::root_disk`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root_disk: Option<RootDiskKind>,
+    /// The snapshot this VM was made from (`vm create --from`), if any:
+    /// its first start restores it instead of booting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_snapshot: Option<String>,
 }
 
 impl VmSpec {
@@ -205,6 +209,19 @@ pub struct VmRuntime {
     /// not a vsock device: what a QEMU snapshot needs.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub vport: bool,
+    /// This boot's guest RAM is a file of its own (QEMU's
+    /// `memory-backend-file,share=on` on tmpfs): what a snapshot copies.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ram_path: Option<PathBuf>,
+    /// The snapshot the next start restores (a VM made `--from` one that
+    /// has not run yet); cleared once the restored guest has run, after
+    /// which a start boots it from its disks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore: Option<String>,
+    /// A snapshot of this VM was being taken (its vCPUs stopped for it):
+    /// a daemon that finds this after a crash runs them again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub snapshotting: bool,
 }
 
 /// The process a `--rm` VM lives for: its pid and its start time (clock
@@ -331,4 +348,43 @@ pub struct ImageRecord {
     pub rootfs_bytes: u64,
     pub kernel_version: String,
     pub created_at: i64,
+}
+
+/// One row of the `snapshots` table: a running VM's memory, device state
+/// and disks at one moment, consistent with each other (`vm snapshot`);
+/// what `vm create --from` restores. Its files are in `dir` and never
+/// change once recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub name: String,
+    pub id: String,
+    pub dir: PathBuf,
+    /// The VM it was taken of (its name then).
+    pub vm: String,
+    /// That VM's spec then: what a restore must match (image, sizes,
+    /// VMM, accelerator, root-disk strategy).
+    pub spec: VmSpec,
+    /// What made it: a restore by anything else is refused, never misread.
+    pub format: SnapshotFormat,
+    /// Each file and its size; `state` also by its CRC-32.
+    pub files: Vec<SnapshotFile>,
+    pub state_crc32: u32,
+    pub created_at: i64,
+}
+
+/// The makers of a snapshot whose formats must match a restore's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotFormat {
+    /// banger's version (the guest agent's and the daemon's).
+    pub banger: String,
+    /// The agent channel's multiplexer version.
+    pub mux: u32,
+    /// The VMM's version (QEMU's `query-version`).
+    pub vmm_version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotFile {
+    pub name: String,
+    pub bytes: u64,
 }

@@ -10,6 +10,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use thiserror::Error;
 
 mod owners;
+mod snapshots;
 pub use owners::{Owned, Owner};
 
 #[derive(Debug, Error)]
@@ -98,6 +99,13 @@ const MIGRATIONS: &[&str] = &[
         name TEXT NOT NULL,
         uid INTEGER NOT NULL,
         PRIMARY KEY (kind, name, uid)
+     );",
+    // 6: snapshots (`vm snapshot`), each a JSON record.
+    "CREATE TABLE snapshots (
+        name TEXT PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        record_json TEXT NOT NULL,
+        created_at INTEGER NOT NULL
      );",
 ];
 
@@ -472,6 +480,7 @@ mod tests {
                 mounts: Vec::new(),
                 root_mib: None,
                 root_disk: None,
+                from_snapshot: None,
             },
             runtime: VmRuntime {
                 state: Some(VmState::Created),

@@ -13,6 +13,8 @@ pub enum Owned {
     /// A `--network NAME`: whoever put its first VM on it, while it has
     /// VMs.
     Network,
+    /// A snapshot (`vm snapshot`).
+    Snapshot,
 }
 
 impl Owned {
@@ -21,6 +23,7 @@ impl Owned {
             Owned::Image => "image",
             Owned::Volume => "volume",
             Owned::Network => "network",
+            Owned::Snapshot => "snapshot",
         }
     }
 }

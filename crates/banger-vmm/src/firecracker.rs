@@ -372,6 +372,8 @@ mod tests {
             }],
             confine: Default::default(),
             jail: None,
+            ram_fd: None,
+            incoming: false,
             console_log: "/v/console.log".into(),
             vmm_log: "/v/vmm.log".into(),
             api_sock: "/r/api.sock".into(),

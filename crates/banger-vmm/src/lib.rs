@@ -66,6 +66,14 @@ pub struct VmConfig {
     /// Firecracker only: start it through its jailer (`jailer`); the
     /// API socket and the vsock socket above are then inside the chroot.
     pub jail: Option<jailer::JailSpec>,
+    /// QEMU only: the guest's RAM is this file, given as a descriptor the
+    /// VMM inherits and mapped shared (`memory-backend-file,share=on`), so
+    /// that a snapshot copies it instead of streaming it; the caller keeps
+    /// it open until `spawn` returns.
+    pub ram_fd: Option<i32>,
+    /// QEMU only: wait for a saved device state (`-incoming defer`, then
+    /// [`qmp::load_state`]) instead of booting: a restore.
+    pub incoming: bool,
 }
 
 /// A `vhost-user-fs` device: its backend's (virtiofsd's) socket and the

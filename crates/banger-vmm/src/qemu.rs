@@ -60,8 +60,9 @@ impl Qemu {
         push("-M");
         // vhost-user devices (a vsock device's backend, virtiofsd) need
         // the guest's memory shared with their backend process: a memfd.
+        // A RAM file of its own (what a snapshot copies) is shared too.
         let vhost_vsock = cfg.vsock.as_ref().is_some_and(|v| !v.serial);
-        let shared = if vhost_vsock || !cfg.shares.is_empty() {
+        let shared = if vhost_vsock || !cfg.shares.is_empty() || cfg.ram_fd.is_some() {
             ",memory-backend=mem"
         } else {
             ""
@@ -88,12 +89,28 @@ impl Qemu {
             push(s);
         }
         let path = |p: &Path| p.to_string_lossy().into_owned();
-        if !shared.is_empty() {
-            push("-object");
-            push(&format!(
-                "memory-backend-memfd,id=mem,size={}M,share=on",
-                cfg.memory_mib
-            ));
+        match cfg.ram_fd {
+            // Its private /dev/shm hides the file's path: it opens the
+            // descriptor it inherited.
+            Some(fd) => {
+                push("-object");
+                push(&format!(
+                    "memory-backend-file,id=mem,size={}M,mem-path=/proc/self/fd/{fd},share=on",
+                    cfg.memory_mib
+                ));
+            }
+            None if !shared.is_empty() => {
+                push("-object");
+                push(&format!(
+                    "memory-backend-memfd,id=mem,size={}M,share=on",
+                    cfg.memory_mib
+                ));
+            }
+            None => {}
+        }
+        if cfg.incoming {
+            push("-incoming");
+            push("defer");
         }
         match &cfg.vsock {
             // The agent's channel on a virtio-serial port, which migrates
@@ -219,7 +236,14 @@ impl Vmm for Qemu {
             })?;
         // The taps' descriptors stay open across exec (under the numbers
         // the command line names).
-        banger_host::confine::inherit_fds(&mut cmd, cfg.nics.iter().filter_map(|n| n.fd).collect());
+        banger_host::confine::inherit_fds(
+            &mut cmd,
+            cfg.nics
+                .iter()
+                .filter_map(|n| n.fd)
+                .chain(cfg.ram_fd)
+                .collect(),
+        );
         // A session of its own (so a group of its own: a signal to the
         // daemon's group, a Ctrl-C on a foreground daemon, does not reach
         // the guests). Not only a group: a group in the daemon's session
@@ -294,6 +318,8 @@ mod tests {
             shares: Vec::new(),
             confine: Default::default(),
             jail: None,
+            ram_fd: None,
+            incoming: false,
         }
     }
 
@@ -406,6 +432,22 @@ mod tests {
             ),
             "{p}"
         );
+        // A RAM file of its own (what a snapshot copies), by the
+        // descriptor it inherits; a restore waits for the saved state.
+        let mut r = c.clone();
+        r.ram_fd = Some(9);
+        r.incoming = true;
+        let rf = line(&Qemu::new(false), &r);
+        assert!(
+            rf.contains("-M pc,usb=off,vmport=off,memory-backend=mem")
+                && rf.contains(
+                    "-object memory-backend-file,id=mem,size=1024M,mem-path=/proc/self/fd/9,share=on"
+                )
+                && rf.contains("-incoming defer")
+                && !rf.contains("memfd"),
+            "{rf}"
+        );
+        assert!(!p.contains("-incoming"), "{p}");
         // A mount's vhost-user-fs still shares the memory.
         c.shares.push(crate::FsShare {
             tag: "m0".into(),

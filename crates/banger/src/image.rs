@@ -77,6 +77,7 @@ pub fn customize(
         volumes: Vec::new(),
         root_mib: None,
         mounts: Vec::new(),
+        from: None,
     }));
     let mut ui = crate::ui::Ui::new(format!("booting {from} to customize"));
     let spinner = ui.handle();

@@ -8,6 +8,7 @@ mod guest;
 mod image;
 mod network;
 mod output;
+mod snapshot;
 mod ssh;
 mod ui;
 mod vm;
@@ -55,6 +56,9 @@ enum Cmd {
     /// Named volumes: disks that outlive VMs (`vm run --volume NAME:/path`).
     #[command(subcommand)]
     Volume(volume::VolumeCmd),
+    /// Snapshots of VMs (`vm snapshot`; `vm run --from SNAP` restores one).
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCmd),
     /// Networks of VMs (`vm run --network NAME`): who has one, who may join.
     #[command(subcommand)]
     Network(network::NetworkCmd),
@@ -144,6 +148,11 @@ pub struct CreateFlags {
     /// reach and resolve each other as <name>.vm; others cannot.
     #[arg(long, value_name = "NAME")]
     network: Option<String>,
+    /// Make the VM a clone of a snapshot (`vm snapshot`): its image,
+    /// sizes, memory and disks, restored instead of booted, under this
+    /// VM's own name, address and keys.
+    #[arg(long, value_name = "SNAP")]
+    from: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -188,6 +197,12 @@ pub enum VmCmd {
     Pause { name: String },
     /// Run a paused VM again, its clock set to now.
     Resume { name: String },
+    /// Snapshot a running or paused VM (memory, devices, disks); it goes
+    /// on as it was. Prints the snapshot's name (SNAP, or one made up).
+    Snapshot {
+        name: String,
+        snapshot: Option<String>,
+    },
     /// Delete a VM and everything it has (process, tap, disks, files).
     #[command(name = "rm", alias = "delete")]
     Delete {
@@ -512,6 +527,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Vm(v) => vm::run(&client, *v),
         Cmd::Image(i) => image(&client, i),
         Cmd::Volume(v) => volume::run(&client, v),
+        Cmd::Snapshot(s) => snapshot::run(&client, s),
         Cmd::Network(n) => network::run(&client, n),
         Cmd::Completion { shell } => {
             use clap::CommandFactory;

@@ -105,7 +105,7 @@ pub fn print_timings(phases: &[(String, u64)], ready_micros: u64) {
     );
 }
 
-fn age(created: i64) -> String {
+pub fn age(created: i64) -> String {
     let now = banger_core::unix_now();
     let s = (now - created).max(0);
     match s {

@@ -84,6 +84,7 @@ fn create_request(f: &CreateFlags, start: bool, rm: bool) -> anyhow::Result<Crea
             .map(parse_size_mib)
             .transpose()
             .map_err(|e| anyhow!("--root-size: {e}"))?,
+        from: f.from.clone(),
     })
 }
 
@@ -167,6 +168,7 @@ pub fn run(client: &Client, cmd: VmCmd) -> anyhow::Result<i32> {
         VmCmd::Kill { name } => vm_action(client, Request::VmKill { name }, None),
         VmCmd::Pause { name } => vm_action(client, Request::VmPause { name }, None),
         VmCmd::Resume { name } => vm_action(client, Request::VmResume { name }, None),
+        VmCmd::Snapshot { name, snapshot } => crate::snapshot::take(client, name, snapshot),
         VmCmd::Delete { names, force } => Ok(delete_each(client, &names, force)),
         VmCmd::Prune { force } => prune(client, force),
         VmCmd::Ls {

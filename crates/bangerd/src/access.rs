@@ -226,6 +226,7 @@ fn kind_name(kind: Owned) -> &'static str {
         Owned::Image => "image",
         Owned::Volume => "volume",
         Owned::Network => "network",
+        Owned::Snapshot => "snapshot",
     }
 }
 

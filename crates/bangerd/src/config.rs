@@ -52,6 +52,9 @@ pub struct Config {
     /// port (`BANGER_VPORT`, else `banger-vport` beside bangerd or in
     /// `../lib/banger/`).
     pub vport: Option<PathBuf>,
+    /// Where snapshot-able QEMU VMs keep their RAM, one file each: a
+    /// tmpfs (`BANGER_RAM_DIR`, else /dev/shm/banger; `resources::ram`).
+    pub ram_dir: PathBuf,
     /// virtiofsd, for `--mount` (QEMU).
     pub virtiofsd: Option<PathBuf>,
     /// Force a root-disk strategy instead of choosing by host and VMM.
@@ -113,6 +116,7 @@ impl Config {
             agent: None,
             vsock_backend: None,
             vport: None,
+            ram_dir: PathBuf::from("/dev/shm/banger"),
             virtiofsd: None,
             root_disk: None,
             vmm_uid_base: DEFAULT_VMM_UID_BASE,

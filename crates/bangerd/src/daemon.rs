@@ -53,6 +53,9 @@ pub struct Daemon {
     /// reads its kernel). One member's import never holds up another
     /// image's VMs.
     pub(crate) image_locks: KeyedLocks,
+    /// Per snapshot name: a clone's create reads it shared, its removal
+    /// (and its making under that name) exclusively.
+    pub(crate) snapshot_locks: KeyedLocks,
     /// Members' staged imports in progress (one each).
     pub(crate) staging: crate::access::Staging,
     /// Serialises rewriting `ssh/known_hosts`.
@@ -209,6 +212,7 @@ impl Daemon {
             nat_lock: Arc::new(Mutex::new(())),
             janitor: Janitor::default(),
             image_locks: KeyedLocks::default(),
+            snapshot_locks: KeyedLocks::default(),
             staging: Default::default(),
             template_lock: Mutex::new(()),
             known_hosts_lock: Mutex::new(()),
@@ -534,6 +538,7 @@ pub(crate) mod testutil {
                 mounts: Default::default(),
                 root_mib: None,
                 root_disk: None,
+                from_snapshot: None,
             },
             runtime: VmRuntime {
                 tap_device: tap.map(str::to_string),

@@ -18,8 +18,10 @@ pub enum DaemonError {
     Transition(#[from] banger_core::state::TransitionError),
     #[error("image {0:?} is not built: {1}")]
     ImageMissing(String, String),
-    #[error("image {name:?} is used by vm(s) {users}: delete them first")]
+    #[error("image {name:?} is used by {users}: delete them first")]
     ImageInUse { name: String, users: String },
+    #[error("snapshot {0:?} not found: `banger snapshot ls` lists the snapshots")]
+    SnapshotNotFound(String),
     #[error(transparent)]
     Image(#[from] banger_guest::image::ImageError),
     #[error(transparent)]
@@ -90,7 +92,7 @@ impl DaemonError {
     pub fn kind(&self) -> ErrorKind {
         use DaemonError::*;
         match self {
-            VmNotFound(_) | ImageMissing(..) => ErrorKind::NotFound,
+            VmNotFound(_) | ImageMissing(..) | SnapshotNotFound(_) => ErrorKind::NotFound,
             VmExists(_) => ErrorKind::AlreadyExists,
             Store(banger_store::StoreError::NameTaken(_)) => ErrorKind::AlreadyExists,
             Name(_) | Sizing(_) | Invalid(_) | Unsupported(_) | Access(_) => {

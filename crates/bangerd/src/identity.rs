@@ -19,7 +19,7 @@ use crate::daemon::{lock, random_bytes, random_hex, Daemon};
 use crate::error::{DaemonError, Result};
 
 /// How long the guest may take to apply it (an sshd restart included).
-const IDENTITY_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const IDENTITY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bytes of host entropy a guest is given.
 const ENTROPY_BYTES: usize = 64;
 
@@ -37,15 +37,27 @@ impl Daemon {
                 vm.runtime.state()
             )));
         }
+        self.apply_identity(&vm, IDENTITY_TIMEOUT)?;
+        Ok(self.info(&vm))
+    }
+
+    /// Gives `vm`'s guest its identity (the VM's lock held), the whole
+    /// exchange within `within`.
+    pub(crate) fn apply_identity(
+        &self,
+        vm: &banger_core::VmRecord,
+        within: Duration,
+    ) -> Result<()> {
+        let name = &vm.name;
         let nameserver = lock(&self.dns.vms)
             .contains_key(&vm.id)
             .then(|| {
-                self.guest_net(&vm)
+                self.guest_net(vm)
                     .map(|n| std::net::SocketAddr::from((n.host_ip, 53)))
             })
             .transpose()?;
         let boot_id = random_hex(8)?;
-        let cfg = crate::resources::initrd::guest_config(&self.host(), &vm, &boot_id, nameserver)?;
+        let cfg = crate::resources::initrd::guest_config(&self.host(), vm, &boot_id, nameserver)?;
         let entropy = random_bytes(ENTROPY_BYTES)?;
         let id = Identity {
             hostname: Some(cfg.hostname.clone()),
@@ -71,8 +83,8 @@ impl Daemon {
             entropy: Some(entropy),
             boot_id: Some(boot_id),
         };
-        match self.agent_call(&vm, Call::SetIdentity(id), IDENTITY_TIMEOUT)? {
-            Msg::Done => Ok(self.info(&vm)),
+        match self.agent_call(vm, Call::SetIdentity(id), within)? {
+            Msg::Done => Ok(()),
             other => Err(DaemonError::Invalid(format!(
                 "vm {name:?}: the guest agent did not take its identity: {}",
                 banger_core::text::escape_control(&format!("{other:?}"), false)

@@ -294,7 +294,19 @@ impl Daemon {
     }
 
     fn refuse_if_used(&self, name: &str) -> Result<()> {
-        let users = self.store().vms_using_image(name)?;
+        let store = self.store();
+        let mut users: Vec<String> = store
+            .vms_using_image(name)?
+            .into_iter()
+            .map(|v| format!("vm {v}"))
+            .collect();
+        // A snapshot's root disk is an overlay of the image.
+        users.extend(
+            store
+                .snapshots_using_image(name)?
+                .into_iter()
+                .map(|s| format!("snapshot {s}")),
+        );
         if users.is_empty() {
             Ok(())
         } else {
@@ -408,7 +420,7 @@ mod tests {
             .recv_timeout(Duration::from_secs(10))
             .expect("build_image --force hung (store lock taken twice)");
         let e = r.unwrap_err();
-        assert!(e.contains("used by vm(s) user"), "{e}");
+        assert!(e.contains("used by vm user"), "{e}");
         // Without --force the built image is reported, not rebuilt.
         let info = daemon
             .build_image(DEFAULT_IMAGE, false, &Caller::root(), &mut |_| {})

@@ -33,6 +33,7 @@ pub mod releases;
 pub mod resources;
 pub mod server;
 pub mod settings;
+pub mod snapshots;
 pub mod stats;
 pub mod uids;
 pub mod volumes;

@@ -60,10 +60,27 @@ impl Daemon {
                     .into(),
             ));
         }
-        let image_name = req
-            .image
-            .clone()
-            .unwrap_or_else(|| self.cfg.default_image.clone());
+        // A clone takes its snapshot's machine (held shared until its row
+        // names the snapshot: no `snapshot rm` slips in between).
+        let _snap_guard = req
+            .from
+            .as_ref()
+            .map(|n| self.snapshot_locks.lock_shared(n));
+        let snap = match &req.from {
+            Some(from) => {
+                let snap = self.clone_source(from, caller)?;
+                self.check_clone_request(req, &snap)?;
+                Some(snap)
+            }
+            None => None,
+        };
+        let image_name = match &snap {
+            Some(s) => s.spec.image.clone(),
+            None => req
+                .image
+                .clone()
+                .unwrap_or_else(|| self.cfg.default_image.clone()),
+        };
         let host = sysinfo::host_resources(&self.cfg.layout.state_dir);
         // The request's sizes, else the config's, else the host's.
         let d = &self.cfg.default_size;
@@ -72,8 +89,11 @@ impl Daemon {
             memory_mib: req.size.memory_mib.or(d.memory_mib),
             disk_mib: req.size.disk_mib.or(d.disk_mib),
         };
-        let mut sizing = banger_core::sizing::resolve(&size, &host)?;
-        let (vmm, accel) = self.select_vmm(req.vmm)?;
+        let mut sizing = match &snap {
+            Some(s) => s.spec.sizing,
+            None => banger_core::sizing::resolve(&size, &host)?,
+        };
+        let (vmm, accel) = self.select_vmm(snap.as_ref().map(|s| s.spec.vmm).or(req.vmm))?;
         // Firecracker's limit, refused before anything exists.
         let fc_max = banger_vmm::firecracker::MAX_VCPUS;
         if vmm == VmmKind::Firecracker && sizing.cpus > fc_max {
@@ -121,7 +141,10 @@ impl Daemon {
         let image_guard = self.image_locks.lock_shared(&image_name);
         let img = self.image(&image_name)?;
         self.warn_if_outdated(&img, events);
-        let root_disk = crate::resources::root_disk::choose(&self.host(), vmm)?;
+        let root_disk = match &snap {
+            Some(s) => s.spec.root_disk(),
+            None => crate::resources::root_disk::choose(&self.host(), vmm)?,
+        };
         if let Some(mib) = req.root_mib {
             if root_disk == banger_core::RootDiskKind::DmSnapshot {
                 return Err(DaemonError::Invalid(format!(
@@ -152,6 +175,7 @@ impl Daemon {
                 mounts: req.mounts.clone(),
                 root_mib: req.root_mib,
                 root_disk: Some(root_disk),
+                from_snapshot: req.from.clone(),
             },
             runtime: banger_core::VmRuntime {
                 state: Some(VmState::Creating),
@@ -163,6 +187,7 @@ impl Daemon {
                 ),
                 vm_dir: Some(self.cfg.layout.vm_dir(&id)),
                 rm_client: if req.rm { rm_client } else { None },
+                restore: req.from.clone(),
                 ..Default::default()
             },
             created_at: banger_core::unix_now(),
@@ -358,6 +383,12 @@ impl Daemon {
             let vmm = self.vmm_process(cx.vm).ok_or_else(|| {
                 DaemonError::Invalid(format!("vm {:?} has no VMM process", cx.vm.name))
             })?;
+            // A clone's first start restores its snapshot: no boot, no
+            // hello (the guest said it long ago), its identity instead.
+            if cx.vm.runtime.restore.is_some() {
+                self.restore_guest(cx.vm, cx.events)?;
+                return hit("start.ready");
+            }
             let t = Phase::start("boot");
             let hello = cx.hello.take().ok_or_else(|| {
                 DaemonError::Invalid(format!("vm {:?} has no vsock to hear from", cx.vm.name))

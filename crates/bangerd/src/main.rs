@@ -188,6 +188,9 @@ fn real_main() -> anyhow::Result<()> {
     };
     cfg.agent = env_path("BANGER_AGENT").or_else(|| shipped("banger-agent"));
     cfg.vport = env_path("BANGER_VPORT").or_else(|| shipped("banger-vport"));
+    if let Some(d) = env_path("BANGER_RAM_DIR") {
+        cfg.ram_dir = d;
+    }
     // The Debian package ships it beside the agent.
     cfg.vsock_backend = env_path("BANGER_VHOST_VSOCK")
         .or_else(|| banger_host::cmd::which("vhost-device-vsock"))

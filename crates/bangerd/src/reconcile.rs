@@ -40,6 +40,10 @@ impl Daemon {
         // another VM gets (belt and braces: an acquire records its tap's
         // name before making it).
         self.host().sweep_stray_taps();
+        // Snapshots a crash cut short (no row names them).
+        if let Err(e) = self.sweep_snapshots() {
+            warn!(err = %e, "reconcile: snapshots cut short not swept");
+        }
         // The VMs kept running get their firewall back if it went (a host
         // reboot of the firewall, a flush while no daemon ran).
         self.repair_firewalls();
@@ -87,6 +91,8 @@ impl Daemon {
         let h = self.rediscover(&vm);
         if st == VmState::Running && self.vm_alive(&vm) {
             info!(vm = %vm.name, pid = ?h.pid, "reconcile: still running");
+            // Stopped for a snapshot a crash cut short: it runs again.
+            self.finish_snapshotting(&mut vm);
             let _ = handles::write_file(&self.cfg.layout.vm_dir(&vm.id), &h);
             // What lived in the old daemon's process (listeners).
             for r in crate::resources::START {

@@ -393,6 +393,10 @@ fn op_name(r: &Request) -> &'static str {
         Request::NetworkList => "network_list",
         Request::NetworkShare { .. } => "network_share",
         Request::VolumeDelete { .. } => "volume_delete",
+        Request::VmSnapshot { .. } => "vm_snapshot",
+        Request::SnapshotList => "snapshot_list",
+        Request::SnapshotGet { .. } => "snapshot_get",
+        Request::SnapshotDelete { .. } => "snapshot_delete",
     }
 }
 
@@ -501,6 +505,17 @@ pub fn dispatch(
             daemon.delete_volume(&name, caller)?;
             Response::Deleted { name }
         }
+        Request::VmSnapshot { name, snapshot } => Response::Snapshot(Box::new(
+            daemon.snapshot_vm(&name, snapshot.as_deref(), caller)?,
+        )),
+        Request::SnapshotList => Response::Snapshots {
+            snapshots: daemon.list_snapshots()?,
+        },
+        Request::SnapshotGet { name } => Response::Snapshot(Box::new(daemon.snapshot_info(&name)?)),
+        Request::SnapshotDelete { name } => {
+            daemon.delete_snapshot(&name, caller)?;
+            Response::Deleted { name }
+        }
         // Served by `handle` (it passes a descriptor).
         Request::VmAgent { name } => {
             return Err(DaemonError::Invalid(format!(
@@ -527,6 +542,7 @@ fn vouch(daemon: &Daemon, req: Request, caller: &crate::access::Caller) -> Resul
         | Request::VmPortAdd { name, .. }
         | Request::VmPortRm { name, .. }
         | Request::VmCommit { name, .. }
+        | Request::VmSnapshot { name, .. }
         | Request::VmAgent { name } => Some(name.as_str()),
         Request::VmStats { name } => name.as_deref(),
         _ => None,

@@ -201,6 +201,7 @@ impl Instance {
         }
         // Its VMs' cgroups under a parent of its own (gone with its last VM).
         let cgroup_parent = cgroup_parent_of(dir.path());
+        let ram_dir = ram_dir_of(dir.path());
         let me = Instance {
             net,
             dir,
@@ -212,6 +213,9 @@ impl Instance {
                 ("BANGER_SOCKET_GROUP".into(), "banger-test-no-group".into()),
                 // The host's /etc/banger/config.toml is not the tests'.
                 ("BANGER_CONFIG".into(), "/dev/null".into()),
+                // Its VMs' RAM files in a directory of its own (checked
+                // for leaks, removed on drop).
+                ("BANGER_RAM_DIR".into(), ram_dir),
             ],
             xfs: false,
         };
@@ -496,7 +500,11 @@ impl Instance {
     /// Files under the state dir's `vms/` and the runtime dir's `vms/`.
     pub fn vm_files(&self) -> Vec<PathBuf> {
         let mut v = Vec::new();
-        for d in [self.state().join("vms"), self.runtime().join("vms")] {
+        for d in [
+            self.state().join("vms"),
+            self.runtime().join("vms"),
+            PathBuf::from(ram_dir_of(self.dir.path())),
+        ] {
             if let Ok(rd) = std::fs::read_dir(&d) {
                 v.extend(rd.flatten().map(|e| e.path()));
             }
@@ -562,6 +570,7 @@ impl Drop for Instance {
                 }
             }
         }
+        let _ = std::fs::remove_dir_all(ram_dir_of(self.dir.path()));
         if self.xfs {
             // The killed processes' files close as they exit: wait for the
             // filesystem to be free rather than detaching it lazily.
@@ -579,6 +588,12 @@ impl Drop for Instance {
             }
         }
     }
+}
+
+/// Where an instance's VMs keep their RAM files (a tmpfs).
+fn ram_dir_of(dir: &Path) -> String {
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+    format!("/dev/shm/{}", name.unwrap_or_default())
 }
 
 /// Asserts a command succeeded; returns its stdout.

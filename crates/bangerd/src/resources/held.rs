@@ -171,6 +171,7 @@ pub enum Item {
     Jail(Jail),
     Vsock(Vsock),
     Virtiofs(Virtiofs),
+    Ram(Files),
     Vmm(Vmm),
     Ports(Ports),
     /// Older records call it "nat".
@@ -245,6 +246,7 @@ impl Item {
             Item::Jail(_) => "jail",
             Item::Vsock(_) => "vsock",
             Item::Virtiofs(_) => "virtiofs",
+            Item::Ram(_) => "ram",
             Item::Vmm(_) => "vmm",
             Item::Ports(_) => "ports",
             Item::Firewall(_) => "firewall",

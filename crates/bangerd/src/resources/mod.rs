@@ -43,6 +43,7 @@ pub mod host_key;
 pub mod initrd;
 pub mod jail;
 pub mod ports;
+pub mod ram;
 pub mod root_disk;
 pub mod tap;
 pub mod virtiofs;
@@ -73,6 +74,7 @@ pub const START: &[&dyn Resource] = &[
     &jail::Jail,
     &vsock::Vsock,
     &virtiofs::Virtiofs,
+    &ram::Ram,
     &vmm::VmmProcess,
     &ports::Ports,
     // Last: it starts `nft` on a thread, which competes for the CPU.
@@ -113,6 +115,8 @@ pub enum Handoff {
     Vsock,
     /// `handles.virtiofsd`: the mounts' sockets.
     Mounts,
+    /// `runtime.ram_path`: the guest's RAM as a file of its own (or none).
+    Ram,
     /// `handles.pid`: the VMM.
     Vmm,
     /// [`Acq::background`]: work the boot's wait joins.
@@ -265,7 +269,11 @@ pub fn remove_files(paths: &[PathBuf]) -> Result<()> {
 /// Removes files right away; a failure is left for the release to retry.
 pub fn end_files(vm: &VmRecord, held: Item) -> Result<Option<Item>> {
     let paths = match &held {
-        Item::RootDisk(f) | Item::WorkDisk(f) | Item::HostKey(f) | Item::Initrd(f) => &f.paths,
+        Item::RootDisk(f)
+        | Item::WorkDisk(f)
+        | Item::HostKey(f)
+        | Item::Initrd(f)
+        | Item::Ram(f) => &f.paths,
         _ => return Ok(Some(held)),
     };
     match remove_files(paths) {
@@ -280,9 +288,11 @@ pub fn end_files(vm: &VmRecord, held: Item) -> Result<Option<Item>> {
 /// Releases the files of a files resource's item.
 pub fn release_files(res: &dyn Resource, r: &Release, held: &Item) -> Result<()> {
     match held {
-        Item::RootDisk(f) | Item::WorkDisk(f) | Item::HostKey(f) | Item::Initrd(f) => {
-            remove_files(&f.paths)
-        }
+        Item::RootDisk(f)
+        | Item::WorkDisk(f)
+        | Item::HostKey(f)
+        | Item::Initrd(f)
+        | Item::Ram(f) => remove_files(&f.paths),
         other => Err(mismatch(res, &r.vm_name, other)),
     }
 }
@@ -327,7 +337,7 @@ mod tests {
         for n in BOOT_NEEDS {
             assert!(given.contains(n), "the boot needs {n:?}");
         }
-        assert_eq!(given.len(), 15, "every handoff has a giver: {given:?}");
+        assert_eq!(given.len(), 16, "every handoff has a giver: {given:?}");
     }
 
     #[test]

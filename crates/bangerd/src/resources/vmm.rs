@@ -115,6 +115,7 @@ impl Resource for VmmProcess {
             super::Handoff::Confinement,
             super::Handoff::Vsock,
             super::Handoff::Mounts,
+            super::Handoff::Ram,
         ]
     }
 
@@ -148,6 +149,18 @@ impl Resource for VmmProcess {
         let tap_fd = match (&id, cx.vm.spec.vmm) {
             (Some(_), banger_core::VmmKind::Qemu) => Some(banger_host::tap::open_queue(&tap)?),
             _ => None,
+        };
+        // Its RAM file (`ram`), as a descriptor it inherits (held here
+        // until the spawn is done).
+        let ram = match &cx.vm.runtime.ram_path {
+            Some(p) => Some(
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(p)
+                    .map_err(|e| DaemonError::Invalid(format!("{}: {e}", p.display())))?,
+            ),
+            None => None,
         };
         let vmm_cfg = banger_vmm::VmConfig {
             name: cx.vm.name.clone(),
@@ -208,6 +221,8 @@ impl Resource for VmmProcess {
                 id.clone().filter(|_| !super::jail::jailed(host, cx.vm)),
             )?,
             jail: super::jail::jail_spec(host, cx.vm)?,
+            ram_fd: ram.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
+            incoming: cx.vm.runtime.restore.is_some(),
         };
         // The files it opens become its identity's (the read-only ones are
         // the image's, which it reads through the images' group).
@@ -222,6 +237,7 @@ impl Resource for VmmProcess {
         super::jail::hand_over(id.as_ref(), &mine)?;
         let spawned = vmm.spawn(&vmm_cfg)?;
         drop(tap_fd);
+        drop(ram);
         let start_time = process::start_time(spawned.pid);
         // Watched (and so reaped) before anything else can fail.
         if let Some(child) = spawned.child {
@@ -233,10 +249,16 @@ impl Resource for VmmProcess {
         cx.handles.pid = Some(spawned.pid);
         cx.handles.vmm_start_time = start_time;
         (cx.events)(Event::Progress {
-            message: format!(
-                "booting {} ({} {})",
-                cx.vm.name, cx.vm.spec.vmm, cx.vm.spec.accel
-            ),
+            message: match &cx.vm.runtime.restore {
+                Some(snap) => format!(
+                    "restoring {} from snapshot {snap} ({} {})",
+                    cx.vm.name, cx.vm.spec.vmm, cx.vm.spec.accel
+                ),
+                None => format!(
+                    "booting {} ({} {})",
+                    cx.vm.name, cx.vm.spec.vmm, cx.vm.spec.accel
+                ),
+            },
         });
         Ok(())
     }

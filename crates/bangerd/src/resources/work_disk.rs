@@ -35,9 +35,18 @@ impl Resource for WorkDisk {
     }
 
     fn acquire(&self, host: &Host<'_>, cx: &mut Acq<'_>) -> Result<()> {
-        let template = work_template(host, cx.vm.spec.sizing.disk_mib)?;
         let path = host.cfg.layout.vm_dir(&cx.vm.id).join(vmfiles::WORK_DISK);
-        fsutil::copy_sparse(&template, &path)?;
+        match &cx.vm.runtime.restore {
+            // A clone's is a copy of its snapshot's.
+            Some(snap) => {
+                let snap = crate::snapshots::restorable(host, snap, cx.vm)?;
+                fsutil::clone_or_copy(&snap.dir.join(vmfiles::WORK_DISK), &path)?;
+            }
+            None => {
+                let template = work_template(host, cx.vm.spec.sizing.disk_mib)?;
+                fsutil::copy_sparse(&template, &path)?;
+            }
+        }
         cx.vm.runtime.work_disk_path = Some(path);
         Ok(())
     }

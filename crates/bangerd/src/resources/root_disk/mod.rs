@@ -167,6 +167,21 @@ impl Resource for RootDisk {
         // the guest's init grows the filesystem into it.
         let grow_to = cx.vm.spec.root_mib.map(|m| m << 20);
         let rootfs = &cx.img.rootfs;
+        // A clone's is a copy of its snapshot's (a qcow2 overlay of the
+        // same image, or a raw copy).
+        if let Some(snap) = &cx.vm.runtime.restore {
+            let snap = crate::snapshots::restorable(host, snap, cx.vm)?;
+            let file = crate::snapshots::root_file(cx.vm.spec.root_disk()).ok_or_else(|| {
+                DaemonError::Invalid(format!(
+                    "snapshot {:?} has no root disk a clone can copy",
+                    snap.name
+                ))
+            })?;
+            let path = dir.join(file);
+            fsutil::clone_or_copy(&snap.dir.join(file), &path)?;
+            cx.vm.runtime.system_overlay = Some(path);
+            return Ok(());
+        }
         let path = match cx.vm.spec.root_disk() {
             RootDiskKind::Qcow2 => {
                 let path = dir.join(vmfiles::ROOT_DISK);

@@ -1,0 +1,274 @@
+//! Snapshots on real QEMU guests (issue 21): `vm snapshot` of a running
+//! VM, clones made `--from` it at once, each its own machine (hostname,
+//! address, MAC, host key, machine id, files of its own) with the
+//! origin's files; the origin goes on; `snapshot rm` removes every file
+//! and is refused while a clone waits to be restored; what cannot be
+//! restored (damaged files, another banger's snapshot, other sizes, a
+//! `--mount` VM, a stopped VM) is refused with the fix named. Needs root;
+//! `scripts/test.sh` runs it.
+
+use std::path::PathBuf;
+
+use test_infra::{ok, text, Instance};
+
+fn banger_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_banger"))
+}
+
+/// `vm exec NAME -- ARGS`'s output, trimmed.
+fn exec(inst: &Instance, name: &str, args: &[&str]) -> String {
+    let mut a = vec!["vm", "exec", name, "--"];
+    a.extend_from_slice(args);
+    ok(&inst.banger(&a), &format!("exec {args:?} in {name}"))
+        .trim()
+        .to_string()
+}
+
+fn err_of(out: &std::process::Output) -> String {
+    assert!(
+        !out.status.success(),
+        "expected a refusal: {}",
+        text(&out.stdout)
+    );
+    text(&out.stderr)
+}
+
+fn snapshot_dir(inst: &Instance, snap: &str) -> PathBuf {
+    let out = inst.banger(&["snapshot", "show", snap, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&ok(&out, "snapshot show")).unwrap();
+    PathBuf::from(v["dir"].as_str().unwrap())
+}
+
+#[test]
+fn clones_of_a_snapshot_are_machines_of_their_own() {
+    let inst = Instance::new(&banger_bin()).with_image();
+    ok(
+        &inst.banger(&["vm", "run", "-d", "--name", "origin"]),
+        "vm run -d origin",
+    );
+    exec(
+        &inst,
+        "origin",
+        &[
+            "sh",
+            "-c",
+            "echo root-data > /root/r && echo work-data > /work/w && sync",
+        ],
+    );
+    let out = inst.banger(&["vm", "snapshot", "origin", "s1"]);
+    assert_eq!(ok(&out, "vm snapshot"), "s1\n");
+    // The origin goes on, and what it writes now is not the snapshot's.
+    assert_eq!(inst.vm("origin").unwrap()["state"], "running");
+    exec(
+        &inst,
+        "origin",
+        &["sh", "-c", "echo later > /root/later && sync"],
+    );
+    let out = inst.banger(&["snapshot", "ls", "-q"]);
+    assert_eq!(ok(&out, "snapshot ls"), "s1\n");
+    let dir = snapshot_dir(&inst, "s1");
+    for f in ["state", "ram", "root.qcow2", "work.ext4"] {
+        assert!(dir.join(f).is_file(), "{f} in {}", dir.display());
+    }
+
+    // Two clones at once.
+    let spawn = |n: &str| inst.spawn(&["vm", "run", "-d", "--from", "s1", "--name", n]);
+    let (mut a, mut b) = (spawn("c1"), spawn("c2"));
+    for (c, n) in [(&mut a, "c1"), (&mut b, "c2")] {
+        let st = test_infra::bounded::wait_within(c, std::time::Duration::from_secs(300))
+            .expect("a clone is made within its bound");
+        assert!(st.success(), "vm run --from s1 --name {n}: {st}");
+    }
+    let mut machine_ids = vec![exec(&inst, "origin", &["cat", "/etc/machine-id"])];
+    let mut host_keys = vec![exec(
+        &inst,
+        "origin",
+        &["cat", "/etc/ssh/ssh_host_ed25519_key.pub"],
+    )];
+    let mut macs = vec![exec(
+        &inst,
+        "origin",
+        &["cat", "/sys/class/net/eth0/address"],
+    )];
+    for n in ["c1", "c2"] {
+        assert_eq!(inst.vm(n).unwrap()["state"], "running");
+        // Its own name, and the origin's files of the moment.
+        assert_eq!(exec(&inst, n, &["hostname"]), n);
+        assert_eq!(exec(&inst, n, &["cat", "/etc/hostname"]), n);
+        assert_eq!(exec(&inst, n, &["cat", "/root/r"]), "root-data");
+        assert_eq!(exec(&inst, n, &["cat", "/work/w"]), "work-data");
+        let later = inst.banger(&["vm", "exec", n, "--", "test", "-e", "/root/later"]);
+        assert!(!later.status.success(), "{n} sees what origin wrote after");
+        // Its own address, on its own tap: the guest has it, and the host
+        // reaches it by SSH with its own pinned host key.
+        let ip = inst.guest_ip(n);
+        let addrs = exec(&inst, n, &["ip", "-4", "-o", "addr", "show", "eth0"]);
+        assert!(addrs.contains(&format!("{ip}/")), "{n} is at {ip}: {addrs}");
+        let out = inst.banger(&["vm", "ssh", n, "--", "hostname"]);
+        assert_eq!(ok(&out, "vm ssh").trim(), n);
+        machine_ids.push(exec(&inst, n, &["cat", "/etc/machine-id"]));
+        host_keys.push(exec(
+            &inst,
+            n,
+            &["cat", "/etc/ssh/ssh_host_ed25519_key.pub"],
+        ));
+        macs.push(exec(&inst, n, &["cat", "/sys/class/net/eth0/address"]));
+    }
+    for v in [&machine_ids, &host_keys, &macs] {
+        let mut u = v.clone();
+        u.sort();
+        u.dedup();
+        assert_eq!(u.len(), 3, "each machine its own: {v:?}");
+    }
+    assert_ne!(inst.guest_ip("c1"), inst.guest_ip("c2"));
+    // Writes in one are not seen in the others.
+    exec(
+        &inst,
+        "c1",
+        &["sh", "-c", "echo mine > /work/c1-only && sync"],
+    );
+    for n in ["c2", "origin"] {
+        let out = inst.banger(&["vm", "exec", n, "--", "test", "-e", "/work/c1-only"]);
+        assert!(!out.status.success(), "{n} sees c1's file");
+    }
+    // A clone that ran boots from its own disks after a stop.
+    ok(&inst.banger(&["vm", "stop", "c2"]), "stop c2");
+    ok(&inst.banger(&["vm", "start", "c2"]), "start c2");
+    assert_eq!(exec(&inst, "c2", &["cat", "/root/r"]), "root-data");
+    assert_eq!(exec(&inst, "c2", &["hostname"]), "c2");
+
+    // A clone not started yet keeps its snapshot.
+    ok(
+        &inst.banger(&["vm", "create", "--from", "s1", "--name", "c3"]),
+        "vm create --from",
+    );
+    let err = err_of(&inst.banger(&["snapshot", "rm", "s1"]));
+    assert!(err.contains("needed by vm(s) c3"), "{err}");
+    ok(&inst.banger(&["vm", "rm", "c3"]), "vm rm c3");
+    ok(&inst.banger(&["snapshot", "rm", "s1"]), "snapshot rm");
+    assert!(!dir.exists(), "{} is left", dir.display());
+    assert_eq!(ok(&inst.banger(&["snapshot", "ls", "-q"]), "ls"), "");
+    // The clones live on without it.
+    assert_eq!(exec(&inst, "c1", &["cat", "/work/c1-only"]), "mine");
+    ok(
+        &inst.banger(&["vm", "rm", "-f", "origin", "c1", "c2"]),
+        "vm rm -f",
+    );
+    inst.assert_baseline();
+}
+
+#[test]
+fn what_cannot_be_restored_is_refused_with_the_fix() {
+    let inst = Instance::new(&banger_bin()).with_image();
+    ok(
+        &inst.banger(&["vm", "create", "--name", "cold"]),
+        "vm create",
+    );
+    let err = err_of(&inst.banger(&["vm", "snapshot", "cold", "s"]));
+    assert!(err.contains("only a running or paused VM"), "{err}");
+    let err = err_of(&inst.banger(&["vm", "run", "-d", "--from", "nope"]));
+    assert!(err.contains("snapshot \"nope\" not found"), "{err}");
+
+    // A paused VM stays paused through its snapshot.
+    ok(&inst.banger(&["vm", "start", "cold"]), "start");
+    ok(&inst.banger(&["vm", "pause", "cold"]), "pause");
+    ok(
+        &inst.banger(&["vm", "snapshot", "cold", "s"]),
+        "snapshot a paused VM",
+    );
+    assert_eq!(inst.vm("cold").unwrap()["state"], "paused");
+    ok(&inst.banger(&["vm", "resume", "cold"]), "resume");
+    assert_eq!(exec(&inst, "cold", &["echo", "on"]), "on");
+    let err = err_of(&inst.banger(&["vm", "snapshot", "cold", "s"]));
+    assert!(err.contains("snapshot \"s\" already exists"), "{err}");
+
+    // A clone is the snapshot's machine: other sizes are refused.
+    let err = err_of(&inst.banger(&["vm", "run", "-d", "--from", "s", "--memory", "3G"]));
+    assert!(
+        err.contains("--from s: a clone is the snapshot's machine; leave out --memory"),
+        "{err}"
+    );
+
+    let dir = snapshot_dir(&inst, "s");
+    // A damaged device state: refused by its checksum, nothing left.
+    let state = dir.join("state");
+    let mut bytes = std::fs::read(&state).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&state, &bytes).unwrap();
+    let err = err_of(&inst.banger(&["vm", "run", "--rm", "--from", "s", "--", "true"]));
+    assert!(
+        err.contains("is damaged") && err.contains("checksum"),
+        "{err}"
+    );
+    bytes[mid] ^= 0xff;
+    std::fs::write(&state, &bytes).unwrap();
+    // A truncated RAM file: refused by its size before anything is made.
+    let (ram, kept) = (dir.join("ram"), dir.join("ram.kept"));
+    let len = std::fs::metadata(&ram).unwrap().len();
+    std::fs::rename(&ram, &kept).unwrap();
+    let f = std::fs::File::create(&ram).unwrap();
+    f.set_len(len / 2).unwrap();
+    let err = err_of(&inst.banger(&["vm", "create", "--from", "s", "--name", "t"]));
+    assert!(err.contains("is damaged") && err.contains("ram"), "{err}");
+    assert!(inst.vm("t").is_none(), "a refused clone leaves no VM");
+    std::fs::rename(&kept, &ram).unwrap();
+    // Another banger's snapshot is refused, never misread.
+    let store = banger_store::Store::open(&inst.state().join("banger.db")).unwrap();
+    store
+        .raw_execute(
+            "UPDATE snapshots SET record_json = \
+             json_set(record_json, '$.format.banger', '0.0.1') WHERE name = 's'",
+        )
+        .unwrap();
+    let err = err_of(&inst.banger(&["vm", "create", "--from", "s", "--name", "t"]));
+    assert!(err.contains("was made by banger 0.0.1"), "{err}");
+    store
+        .raw_execute(&format!(
+            "UPDATE snapshots SET record_json = \
+             json_set(record_json, '$.format.banger', '{}') WHERE name = 's'",
+            env!("CARGO_PKG_VERSION")
+        ))
+        .unwrap();
+    drop(store);
+    // Repaired, it restores (the paused VM's clone runs).
+    let out = inst.banger(&[
+        "vm",
+        "run",
+        "--rm",
+        "--from",
+        "s",
+        "--",
+        "cat",
+        "/etc/hostname",
+    ]);
+    let name = ok(&out, "vm run --rm --from s");
+    assert!(!name.trim().is_empty() && name.trim() != "cold", "{name}");
+
+    // The image a snapshot needs cannot be removed.
+    let err = err_of(&inst.banger(&["image", "rm", "bookworm"]));
+    assert!(err.contains("snapshot s"), "{err}");
+    ok(&inst.banger(&["snapshot", "rm", "s"]), "snapshot rm");
+    ok(&inst.banger(&["vm", "rm", "-f", "cold"]), "vm rm -f");
+    inst.assert_baseline();
+}
+
+#[test]
+fn a_vm_with_a_mount_is_refused_a_snapshot() {
+    let inst = Instance::new(&banger_bin()).with_image();
+    let shared = tempfile::tempdir_in("/var/tmp").unwrap();
+    let m = format!("{}:/mnt/host:ro", shared.path().display());
+    ok(
+        &inst.banger(&["vm", "run", "-d", "--name", "m", "--mount", &m]),
+        "vm run --mount",
+    );
+    let err = err_of(&inst.banger(&["vm", "snapshot", "m", "s"]));
+    assert!(
+        err.contains("has --mount shares") && err.contains("vm cp"),
+        "{err}"
+    );
+    assert_eq!(ok(&inst.banger(&["snapshot", "ls", "-q"]), "ls"), "");
+    assert_eq!(exec(&inst, "m", &["echo", "on"]), "on");
+    ok(&inst.banger(&["vm", "rm", "-f", "m"]), "vm rm -f");
+    inst.assert_baseline();
+}

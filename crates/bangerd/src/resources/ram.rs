@@ -1,0 +1,141 @@
+//! The guest's RAM as a file of its own, for a QEMU VM that can be
+//! snapshotted (its agent channel on the virtio-serial port, no `--mount`:
+//! `pause::qmp_pauses`): a sparse file on tmpfs (`--ram-dir`,
+//! /dev/shm/banger), mapped shared by QEMU (`memory-backend-file,share=on`).
+//! A snapshot then leaves the RAM out of QEMU's migration stream
+//! (`x-ignore-shared`) and copies this file instead (holes kept), and a
+//! restore copies a snapshot's RAM into a new one before QEMU maps it.
+//!
+//! It costs what anonymous memory would: tmpfs pages are allocated as the
+//! guest touches them and charged to the VM's cgroup. It is the VM's
+//! user's, mode 0600; QEMU, whose private /dev/shm hides the path, gets it
+//! as an inherited descriptor (`resources::vmm`). Made at each start,
+//! removed at each teardown. When the tmpfs has less room free than the
+//! guest's memory, the VM boots without one (it cannot be snapshotted),
+//! with a warning: a full tmpfs would kill the guest when it touches a
+//! page the tmpfs cannot give.
+
+use std::path::{Path, PathBuf};
+
+use banger_core::{Release, VmHandles, VmRecord};
+use banger_host::fsutil::{self, WrapIo};
+use tracing::warn;
+
+use super::{end_files, files_held, Acq, End, Item, Resource};
+use crate::error::{DaemonError, Result};
+use crate::host::Host;
+
+#[derive(Debug)]
+pub struct Ram;
+
+/// The VM's RAM file.
+pub fn path(host: &Host<'_>, vm: &VmRecord) -> PathBuf {
+    host.cfg.ram_dir.join(&vm.id)
+}
+
+/// Bytes free for an unprivileged writer on the filesystem of `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    let s = nix::sys::statvfs::statvfs(dir).ok()?;
+    Some(s.blocks_available() as u64 * s.fragment_size() as u64)
+}
+
+impl Resource for Ram {
+    fn name(&self) -> &'static str {
+        "ram"
+    }
+
+    fn gives(&self) -> &'static [super::Handoff] {
+        &[super::Handoff::Ram]
+    }
+
+    fn needs(&self) -> &'static [super::Handoff] {
+        // The channel decides whether it can be snapshotted; the
+        // confinement whose the file is.
+        &[super::Handoff::Vsock, super::Handoff::Confinement]
+    }
+
+    fn used(&self, vm: &VmRecord) -> bool {
+        crate::pause::qmp_pauses(vm)
+    }
+
+    fn acquire(&self, host: &Host<'_>, cx: &mut Acq<'_>) -> Result<()> {
+        cx.vm.runtime.ram_path = None;
+        let restore = match &cx.vm.runtime.restore {
+            Some(s) => Some(crate::snapshots::restorable(host, s, cx.vm)?),
+            None => None,
+        };
+        if !self.used(cx.vm) {
+            return match restore {
+                Some(_) => Err(DaemonError::Invalid(format!(
+                    "vm {:?} cannot restore snapshot {:?}: its agent channel is not the \
+                     virtio-serial port (the image's initramfs has no virtio_console, or \
+                     banger-vport is missing: `banger doctor`)",
+                    cx.vm.name,
+                    cx.vm.runtime.restore.as_deref().unwrap_or_default()
+                ))),
+                None => Ok(()),
+            };
+        }
+        let dir = &host.cfg.ram_dir;
+        fsutil::create_dir_all(dir)?;
+        // Searchable, not listable: each file is its VM's user's alone.
+        fsutil::set_owner_mode(dir, 0, 0, 0o711)?;
+        let bytes = cx.vm.spec.sizing.memory_mib << 20;
+        let free = free_bytes(dir).unwrap_or(0);
+        if free < bytes {
+            let msg = format!(
+                "{} has {} MiB free, less than vm {:?}'s {} MiB of memory",
+                dir.display(),
+                free >> 20,
+                cx.vm.name,
+                bytes >> 20
+            );
+            if restore.is_some() {
+                return Err(DaemonError::Invalid(format!(
+                    "{msg}: a restore needs its RAM there; free some, or give the tmpfs more \
+                     room (`mount -o remount,size=... {}`)",
+                    dir.display()
+                )));
+            }
+            warn!(vm = %cx.vm.name, "{msg}: it boots without a RAM file and cannot be snapshotted");
+            return Ok(());
+        }
+        let file = path(host, cx.vm);
+        fsutil::remove_file_if_exists(&file)?;
+        // Recorded before it exists: a crash from here on leaves nothing
+        // the release does not find.
+        cx.vm.runtime.ram_path = Some(file.clone());
+        match &restore {
+            Some(snap) => fsutil::copy_sparse(
+                &snap.dir.join(banger_core::layout::vmfiles::SNAP_RAM),
+                &file,
+            )?,
+            None => {
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&file)
+                    .with_path("create", &file)?;
+                f.set_len(bytes).with_path("size", &file)?;
+            }
+        }
+        let id = super::jail::identity(host, cx.vm)?;
+        super::jail::hand_over(id.as_ref(), &[&file])?;
+        Ok(())
+    }
+
+    fn held(&self, host: &Host<'_>, vm: &VmRecord, _h: &VmHandles) -> Option<Item> {
+        // The file of a VM's id is its own, whatever the runtime says (a
+        // crash between its making and the runtime's save).
+        files_held(&[path(host, vm)]).map(Item::Ram)
+    }
+
+    fn end(&self, _host: &Host<'_>, vm: &VmRecord, held: Item, _how: End) -> Result<Option<Item>> {
+        // Unlinked under a running VMM, its pages go when QEMU unmaps them.
+        end_files(vm, held)
+    }
+
+    fn release(&self, _host: &Host<'_>, r: &Release, held: &Item) -> Result<()> {
+        super::release_files(self, r, held)
+    }
+}

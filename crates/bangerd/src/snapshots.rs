@@ -1,0 +1,647 @@
+//! Snapshots: `vm snapshot`, `snapshot ls|show|rm`, and the restore of
+//! one into a new VM (`vm create|run --from`). QEMU only for now (the
+//! Firecracker path comes with its `/snapshot/*` API).
+//!
+//! A snapshot is a directory of files that never change once recorded:
+//! - `state`: QEMU's migration stream of the stopped VM, RAM left out
+//!   (`x-ignore-shared`: the RAM is a shared file, `resources::ram`);
+//! - `ram`: a sparse copy of that file;
+//! - the root disk's file (the qcow2 overlay of the image, or the raw
+//!   copy) and the work disk, copied (reflinks where the state dir has
+//!   them) while the VM is stopped, so that memory and disks agree.
+//!
+//! The row is written last, once every file is synced: a crash before it
+//! leaves a directory no row names, which the next daemon's start
+//! removes ([`Daemon::sweep_snapshots`]). A VM is stopped (QMP `stop`)
+//! for the save and the copies and runs again after, or stays paused; a
+//! daemon that dies in between finds `runtime.snapshotting` and runs it
+//! again ([`Daemon::finish_snapshotting`]).
+//!
+//! A clone is a new VM (its own name, address, MAC, tap, host key) whose
+//! disks are copies of the snapshot's and whose first start restores it:
+//! its RAM file is a copy of the snapshot's, QEMU starts with the same
+//! devices and `-incoming defer`, loads `state`, and runs; its new
+//! `banger-vport` says hello with a new epoch, which drops the streams the
+//! origin had open in the guest; then the guest is given the clone's
+//! identity (`identity`: hostname, address, MAC, keys, machine id, boot
+//! id, entropy) and clock. Once it ran, the clone is a VM like any other:
+//! its next start boots from its disks.
+//!
+//! What a restore checks, each refused with the fix named: the snapshot's
+//! banger and mux versions (a guest agent of another build would be
+//! misread), its files and their sizes, the CRC-32 of `state`, QEMU's
+//! version and accelerator (QEMU cannot load another's state), and room
+//! for the RAM.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use banger_core::api::SnapshotInfo;
+use banger_core::layout::vmfiles;
+use banger_core::{
+    RootDiskKind, SnapshotFile, SnapshotFormat, SnapshotRecord, VmRecord, VmState, VmmKind,
+};
+use banger_host::fsutil::{self, WrapIo};
+use banger_store::{Owned, Owner};
+use tracing::{info, warn};
+
+use crate::access::Caller;
+use crate::daemon::{random_hex, Daemon};
+use crate::error::{DaemonError, Result};
+use crate::failpoint::hit;
+use crate::host::Host;
+
+/// How long QEMU may take to write or read a device state (a few hundred
+/// KiB, plus the ROMs).
+const STATE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a restored guest may take to take its identity.
+const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The snapshot steps the failpoint test walks (a failure or a crash at
+/// each leaves no half snapshot listed and the VM as it was).
+pub const FAILPOINTS: &[&str] = &[
+    "snapshot.begin",
+    "snapshot.stopped",
+    "snapshot.saved",
+    "snapshot.copied",
+    "restore.loaded",
+    "restore.running",
+];
+
+/// This build's format: what a snapshot must have been made with.
+fn this_format(vmm_version: String) -> SnapshotFormat {
+    SnapshotFormat {
+        banger: env!("CARGO_PKG_VERSION").to_string(),
+        mux: banger_agent::mux::VERSION,
+        vmm_version,
+    }
+}
+
+/// The file the root disk of a VM of `kind` is, if a snapshot can copy it.
+pub fn root_file(kind: RootDiskKind) -> Option<&'static str> {
+    match kind {
+        RootDiskKind::Qcow2 => Some(vmfiles::ROOT_DISK),
+        RootDiskKind::Reflink | RootDiskKind::Copy => Some(vmfiles::ROOT_RAW),
+        RootDiskKind::Overlay | RootDiskKind::DmSnapshot => None,
+    }
+}
+
+/// Snapshot `name` if it can be restored by this build for `vm`: its
+/// files are there at their sizes, its versions are this build's, and
+/// `vm` is of its image, sizes and VMM.
+pub fn restorable(host: &Host<'_>, name: &str, vm: &VmRecord) -> Result<SnapshotRecord> {
+    let snap = host
+        .store()
+        .snapshot(name)?
+        .ok_or_else(|| DaemonError::SnapshotNotFound(name.to_string()))?;
+    check_record(&snap)?;
+    let (a, b) = (&snap.spec, &vm.spec);
+    if a.image != b.image || a.sizing != b.sizing || a.vmm != b.vmm {
+        return Err(DaemonError::Invalid(format!(
+            "vm {:?} is not of snapshot {name:?}'s image, sizes and VMM",
+            vm.name
+        )));
+    }
+    Ok(snap)
+}
+
+/// The checks a snapshot passes before anything is made of it.
+fn check_record(snap: &SnapshotRecord) -> Result<()> {
+    let name = &snap.name;
+    let mine = this_format(String::new());
+    if snap.format.banger != mine.banger || snap.format.mux != mine.mux {
+        return Err(DaemonError::Invalid(format!(
+            "snapshot {name:?} was made by banger {} (agent channel v{}); this is banger {} \
+             (v{}): its guest cannot be restored by this one. Boot a VM of its image and \
+             snapshot it again (`banger snapshot rm {name}`)",
+            snap.format.banger, snap.format.mux, mine.banger, mine.mux
+        )));
+    }
+    for f in &snap.files {
+        let p = snap.dir.join(&f.name);
+        match std::fs::metadata(&p) {
+            Ok(m) if m.len() == f.bytes => {}
+            Ok(m) => {
+                return Err(DaemonError::Invalid(format!(
+                    "snapshot {name:?} is damaged: {} is {} bytes, {} when it was made; \
+                     `banger snapshot rm {name}`",
+                    p.display(),
+                    m.len(),
+                    f.bytes
+                )))
+            }
+            Err(e) => {
+                return Err(DaemonError::Invalid(format!(
+                    "snapshot {name:?} is damaged: {}: {e}; `banger snapshot rm {name}`",
+                    p.display()
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The CRC-32 of a file, read in full.
+fn crc32_of(path: &Path) -> Result<u32> {
+    let mut f = std::fs::File::open(path).with_path("open", path)?;
+    let mut h = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = f.read(&mut buf).with_path("read", path)?;
+        if n == 0 {
+            return Ok(h.finalize());
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+/// Syncs a file to disk.
+fn sync(path: &Path) -> Result<()> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .with_path("sync", path)?;
+    Ok(())
+}
+
+/// Why a VM cannot be snapshotted, if it cannot.
+fn refusal(vm: &VmRecord) -> Option<String> {
+    let name = &vm.name;
+    if vm.spec.vmm != VmmKind::Qemu {
+        return Some(format!(
+            "vm {name:?} runs on {}: snapshots are QEMU's for now",
+            vm.spec.vmm
+        ));
+    }
+    if !vm.spec.mounts.is_empty() {
+        return Some(format!(
+            "vm {name:?} has --mount shares: QEMU cannot save a VM with virtio-fs devices \
+             (vhost-user is not migratable); copy the data in with `banger vm cp` instead"
+        ));
+    }
+    if !vm.spec.volumes.is_empty() {
+        return Some(format!(
+            "vm {name:?} has volumes: a volume is one VM's at a time, and a snapshot's clones \
+             would each need it; keep the data on /work or the root disk"
+        ));
+    }
+    if !vm.runtime.vport {
+        return Some(format!(
+            "vm {name:?}'s agent channel is not the virtio-serial port (its image was built \
+             by an older banger, or banger-vport is missing: `banger doctor`); rebuild the \
+             image and restart the VM"
+        ));
+    }
+    if vm.runtime.ram_path.is_none() {
+        return Some(format!(
+            "vm {name:?}'s RAM is not a file of its own (it booted before banger kept one, or \
+             the RAM tmpfs had no room: see the daemon's log); restart it"
+        ));
+    }
+    if root_file(vm.spec.root_disk()).is_none() {
+        return Some(format!(
+            "vm {name:?}'s root disk ({}) cannot be copied by a snapshot",
+            vm.spec.root_disk()
+        ));
+    }
+    None
+}
+
+impl Daemon {
+    /// `vm snapshot NAME [SNAP]`.
+    pub fn snapshot_vm(
+        &self,
+        name: &str,
+        snapshot: Option<&str>,
+        caller: &Caller,
+    ) -> Result<SnapshotInfo> {
+        let snap_name = match snapshot {
+            Some(s) => {
+                banger_core::validate_name(s)
+                    .map_err(|e| DaemonError::Invalid(format!("snapshot name {s:?}: {e}")))?;
+                s.to_string()
+            }
+            None => format!("{name}-{}", random_hex(3)?),
+        };
+        let _g = self.lock_vm(name)?;
+        let _s = self.snapshot_locks.lock(&snap_name);
+        let mut vm = self.find(name)?;
+        if vm.runtime.state() != VmState::Running {
+            return Err(DaemonError::Invalid(format!(
+                "vm {name:?} is {}: only a running or paused VM can be snapshotted \
+                 (`banger vm start {name}`)",
+                vm.runtime.state()
+            )));
+        }
+        if let Some(why) = refusal(&vm) {
+            return Err(DaemonError::Invalid(why));
+        }
+        if self.store().snapshot(&snap_name)?.is_some() {
+            return Err(DaemonError::Invalid(format!(
+                "snapshot {snap_name:?} already exists: pick another name or `banger snapshot \
+                 rm {snap_name}`"
+            )));
+        }
+        let api = vm.runtime.api_sock_path.clone().ok_or_else(|| {
+            DaemonError::Invalid(format!("vm {name:?} has no QMP socket: restart it"))
+        })?;
+        if !self.vm_alive(&vm) {
+            return Err(DaemonError::Invalid(format!(
+                "vm {name:?}: its VMM is not running (`banger vm ls` shows what became of it)"
+            )));
+        }
+        let id = random_hex(16)?;
+        let dir = self.cfg.layout.snapshot_dir(&id);
+        fsutil::create_dir_all(&dir)?;
+        fsutil::set_owner_mode(&dir, 0, 0, 0o700)?;
+        let was_paused = vm.runtime.paused;
+        vm.runtime.snapshotting = true;
+        let t0 = Instant::now();
+        let made = self
+            .save(&vm)
+            .and_then(|()| self.save_files(&vm, &api, &dir, was_paused));
+        // The VM goes on as it was, whatever happened.
+        let resumed = if was_paused {
+            Ok(())
+        } else {
+            banger_vmm::qmp::execute(&api, "cont", None)
+                .map(drop)
+                .map_err(|e| DaemonError::Invalid(format!("vm {name:?}: QMP cont: {e}")))
+        };
+        vm.runtime.snapshotting = false;
+        let saved = self.save(&vm);
+        let rec = match made.and_then(|r| resumed.map(|()| r)) {
+            Ok((files, crc, vmm_version)) => SnapshotRecord {
+                name: snap_name.clone(),
+                id,
+                dir: dir.clone(),
+                vm: vm.name.clone(),
+                spec: vm.spec.clone(),
+                format: this_format(vmm_version),
+                files,
+                state_crc32: crc,
+                created_at: banger_core::unix_now(),
+            },
+            Err(e) => {
+                let _ = fsutil::remove_dir_all_if_exists(&dir);
+                return Err(e);
+            }
+        };
+        saved?;
+        let root_only =
+            crate::access::root_only(&vm) || crate::access::root_only_data(&self.store(), &vm)?;
+        {
+            let store = self.store();
+            if let Err(e) = store.insert_snapshot(&rec) {
+                drop(store);
+                let _ = fsutil::remove_dir_all_if_exists(&dir);
+                return Err(e.into());
+            }
+            store.set_owner(
+                Owned::Snapshot,
+                &snap_name,
+                Owner {
+                    uid: caller.uid,
+                    root_only,
+                },
+            )?;
+        }
+        info!(vm = %name, snapshot = %snap_name, ms = t0.elapsed().as_millis() as u64, "snapshot made");
+        self.snapshot_info(&snap_name)
+    }
+
+    /// The save and the copies, the VM stopped: each file with its size,
+    /// the state's CRC-32 and QEMU's version.
+    fn save_files(
+        &self,
+        vm: &VmRecord,
+        api: &Path,
+        dir: &Path,
+        was_paused: bool,
+    ) -> Result<(Vec<SnapshotFile>, u32, String)> {
+        hit("snapshot.begin")?;
+        let qmp = |e: banger_vmm::VmmError| DaemonError::Invalid(format!("vm {:?}: {e}", vm.name));
+        let mut session = banger_vmm::qmp::Session::open(api).map_err(qmp)?;
+        let vmm_version = banger_vmm::qmp::version(&mut session).map_err(qmp)?;
+        drop(session);
+        if !was_paused {
+            banger_vmm::qmp::execute(api, "stop", None).map_err(qmp)?;
+        }
+        hit("snapshot.stopped")?;
+        let state = dir.join(vmfiles::SNAP_STATE);
+        let out = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&state)
+            .with_path("create", &state)?;
+        banger_vmm::qmp::save_state(api, &out, Instant::now() + STATE_TIMEOUT).map_err(qmp)?;
+        out.sync_all().with_path("sync", &state)?;
+        drop(out);
+        hit("snapshot.saved")?;
+        let vm_dir = self.cfg.layout.vm_dir(&vm.id);
+        let root = root_file(vm.spec.root_disk()).unwrap_or(vmfiles::ROOT_DISK);
+        let ram = vm
+            .runtime
+            .ram_path
+            .clone()
+            .ok_or_else(|| DaemonError::Invalid(format!("vm {:?} has no RAM file", vm.name)))?;
+        let copies: [(PathBuf, &str); 3] = [
+            (ram, vmfiles::SNAP_RAM),
+            (vm_dir.join(root), root),
+            (vm_dir.join(vmfiles::WORK_DISK), vmfiles::WORK_DISK),
+        ];
+        for (from, to) in &copies {
+            let to = dir.join(to);
+            fsutil::clone_or_copy(from, &to)?;
+            sync(&to)?;
+        }
+        hit("snapshot.copied")?;
+        let mut files = Vec::new();
+        for name in [
+            vmfiles::SNAP_STATE,
+            vmfiles::SNAP_RAM,
+            root,
+            vmfiles::WORK_DISK,
+        ] {
+            let p = dir.join(name);
+            let bytes = std::fs::metadata(&p).with_path("stat", &p)?.len();
+            files.push(SnapshotFile {
+                name: name.to_string(),
+                bytes,
+            });
+        }
+        sync(dir)?;
+        Ok((files, crc32_of(&state)?, vmm_version))
+    }
+
+    pub fn snapshot_info(&self, name: &str) -> Result<SnapshotInfo> {
+        let store = self.store();
+        let s = store
+            .snapshot(name)?
+            .ok_or_else(|| DaemonError::SnapshotNotFound(name.to_string()))?;
+        let pending = store.vms_restoring(name)?;
+        let owner = store.owner(Owned::Snapshot, name)?;
+        Ok(info(&s, pending, owner))
+    }
+
+    pub fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        let store = self.store();
+        let mut out = Vec::new();
+        for s in store.list_snapshots()? {
+            let pending = store.vms_restoring(&s.name)?;
+            let owner = store.owner(Owned::Snapshot, &s.name)?;
+            out.push(info(&s, pending, owner));
+        }
+        Ok(out)
+    }
+
+    /// `snapshot rm`: refused while a VM made from it has not started
+    /// (its start reads the snapshot). The row goes first: a crash after
+    /// it leaves a directory the next start removes.
+    pub fn delete_snapshot(&self, name: &str, caller: &Caller) -> Result<()> {
+        let _g = self.snapshot_locks.lock(name);
+        let rec = self
+            .store()
+            .snapshot(name)?
+            .ok_or_else(|| DaemonError::SnapshotNotFound(name.to_string()))?;
+        caller.may_replace(&self.store(), Owned::Snapshot, name, "remove")?;
+        let pending = self.store().vms_restoring(name)?;
+        if !pending.is_empty() {
+            return Err(DaemonError::Invalid(format!(
+                "snapshot {name:?} is needed by vm(s) {} made from it, which have not started \
+                 yet: start or delete them first",
+                pending.join(", ")
+            )));
+        }
+        self.store().delete_snapshot(name)?;
+        fsutil::remove_dir_all_if_exists(&rec.dir)?;
+        Ok(())
+    }
+
+    /// Removes snapshot directories no row names (a save cut short by a
+    /// crash): run at the daemon's start.
+    pub fn sweep_snapshots(&self) -> Result<()> {
+        let ids = self.store().snapshot_ids()?;
+        let dir = self.cfg.layout.snapshots_dir();
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let id = e.file_name().to_string_lossy().into_owned();
+            if !ids.contains(&id) {
+                info!(dir = %e.path().display(), "reconcile: removing a snapshot cut short");
+                fsutil::remove_dir_all_if_exists(&e.path())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A VM found stopped for a snapshot a crash cut short runs again
+    /// (unless it was paused before); called by reconcile for a VM kept
+    /// running.
+    pub(crate) fn finish_snapshotting(&self, vm: &mut VmRecord) {
+        if !vm.runtime.snapshotting {
+            return;
+        }
+        if !vm.runtime.paused {
+            if let Some(api) = &vm.runtime.api_sock_path {
+                if let Err(e) = banger_vmm::qmp::execute(api, "cont", None) {
+                    warn!(vm = %vm.name, err = %e, "reconcile: cannot run a VM a snapshot stopped");
+                }
+            }
+        }
+        vm.runtime.snapshotting = false;
+        if let Err(e) = self.save(vm) {
+            warn!(vm = %vm.name, err = %e, "reconcile: cannot record the snapshot's end");
+        }
+    }
+
+    /// What a `--from SNAP` create takes of the snapshot: its record,
+    /// checked (files, versions, this host's accelerator), and the
+    /// caller's right to it.
+    pub(crate) fn clone_source(&self, name: &str, caller: &Caller) -> Result<SnapshotRecord> {
+        let snap = self
+            .store()
+            .snapshot(name)?
+            .ok_or_else(|| DaemonError::SnapshotNotFound(name.to_string()))?;
+        caller.may_read(&self.store(), Owned::Snapshot, name)?;
+        check_record(&snap)?;
+        let (_, accel) = self.select_vmm(Some(snap.spec.vmm))?;
+        if accel != snap.spec.accel {
+            return Err(DaemonError::Invalid(format!(
+                "snapshot {name:?} was made under {} and this host runs {} under {accel}: \
+                 QEMU cannot load it here",
+                snap.spec.accel, snap.spec.vmm
+            )));
+        }
+        Ok(snap)
+    }
+
+    /// The restore of a clone's first start, its VMM started with
+    /// `-incoming defer` (`resources::vmm`): loads the snapshot's state,
+    /// records that the guest has run (a later start boots from the
+    /// disks), runs it, and gives it this VM's identity and the clock.
+    pub(crate) fn restore_guest(
+        &self,
+        vm: &mut VmRecord,
+        events: crate::daemon::Events,
+    ) -> Result<()> {
+        let name = vm.runtime.restore.clone().unwrap_or_default();
+        let snap = restorable(&self.host(), &name, vm)?;
+        let api =
+            vm.runtime.api_sock_path.clone().ok_or_else(|| {
+                DaemonError::Invalid(format!("vm {:?} has no QMP socket", vm.name))
+            })?;
+        let qmp = |e: banger_vmm::VmmError| {
+            let tail = crate::readiness::guest_tail(
+                &self.cfg.layout.vm_dir(&vm.id).join(vmfiles::VMM_LOG),
+                5,
+            );
+            DaemonError::Invalid(format!(
+                "vm {:?}: restoring snapshot {name:?}: {e}{}",
+                vm.name,
+                if tail.is_empty() {
+                    String::new()
+                } else {
+                    format!("; QEMU said: {tail}")
+                }
+            ))
+        };
+        let t = crate::daemon::Phase::start("restore");
+        let state = snap.dir.join(vmfiles::SNAP_STATE);
+        if crc32_of(&state)? != snap.state_crc32 {
+            return Err(DaemonError::Invalid(format!(
+                "snapshot {name:?} is damaged: {} does not match its checksum; `banger \
+                 snapshot rm {name}`",
+                state.display()
+            )));
+        }
+        let deadline = Instant::now() + STATE_TIMEOUT;
+        let mut session = wait_qmp(&api, deadline).map_err(qmp)?;
+        let version = banger_vmm::qmp::version(&mut session).map_err(qmp)?;
+        drop(session);
+        if version != snap.format.vmm_version {
+            return Err(DaemonError::Invalid(format!(
+                "snapshot {name:?} was made by QEMU {}; this host runs QEMU {version}, which \
+                 cannot load it: boot a VM of its image and snapshot it again",
+                snap.format.vmm_version
+            )));
+        }
+        let input = std::fs::File::open(&state).with_path("open", &state)?;
+        banger_vmm::qmp::load_state(&api, &input, deadline).map_err(qmp)?;
+        hit("restore.loaded")?;
+        vm.runtime.restore = None;
+        self.save(vm)?;
+        banger_vmm::qmp::execute(&api, "cont", None).map_err(qmp)?;
+        t.done(events);
+        hit("restore.running")?;
+        let t = crate::daemon::Phase::start("identity");
+        self.identify_clone(vm)?;
+        t.done(events);
+        if let Err(e) = self.sync_clock(vm) {
+            warn!(vm = %vm.name, err = %e, "restored, but the guest's clock was not set");
+        }
+        Ok(())
+    }
+
+    /// Gives a restored guest its identity: its agent answers once the
+    /// new `banger-vport` and the guest have said hello; a connection
+    /// refused before that is tried again until the deadline.
+    fn identify_clone(&self, vm: &VmRecord) -> Result<()> {
+        let deadline = Instant::now() + IDENTIFY_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.apply_identity(vm, left) {
+                Ok(()) => return Ok(()),
+                Err(e) if left <= Duration::from_millis(50) || !self.vm_alive(vm) => return Err(e),
+                Err(e) => {
+                    tracing::debug!(vm = %vm.name, err = %e, "identity: not yet");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+
+    /// `vm create --from`: the new VM's record takes the snapshot's image,
+    /// sizes, VMM and root-disk strategy (a request that asks for others
+    /// is refused), and its first start restores it.
+    pub(crate) fn check_clone_request(
+        &self,
+        req: &banger_core::api::CreateVm,
+        snap: &SnapshotRecord,
+    ) -> Result<()> {
+        let name = &snap.name;
+        let s = &snap.spec;
+        let mut differs = Vec::new();
+        if req.image.as_deref().is_some_and(|i| i != s.image) {
+            differs.push(format!("--image (it is of image {})", s.image));
+        }
+        if req.vmm.is_some_and(|v| v != s.vmm) {
+            differs.push(format!("--vmm (it runs on {})", s.vmm));
+        }
+        if req.size.cpus.is_some_and(|c| c != s.sizing.cpus) {
+            differs.push(format!("--cpus (it has {})", s.sizing.cpus));
+        }
+        if req
+            .size
+            .memory_mib
+            .is_some_and(|m| m != s.sizing.memory_mib)
+        {
+            differs.push(format!("--memory (it has {} MiB)", s.sizing.memory_mib));
+        }
+        if req.size.disk_mib.is_some_and(|m| m != s.sizing.disk_mib) {
+            differs.push(format!("--disk-size (it has {} MiB)", s.sizing.disk_mib));
+        }
+        if req.root_mib.is_some() {
+            differs.push("--root-size (its root disk is the snapshot's)".into());
+        }
+        if !req.volumes.is_empty() || !req.mounts.is_empty() {
+            differs.push(
+                "--volume and --mount (a restored guest has the devices it was saved with)".into(),
+            );
+        }
+        if differs.is_empty() {
+            Ok(())
+        } else {
+            Err(DaemonError::Invalid(format!(
+                "--from {name}: a clone is the snapshot's machine; leave out {}",
+                differs.join(", ")
+            )))
+        }
+    }
+}
+
+/// QMP once QEMU listens (it was just spawned), by `deadline`.
+fn wait_qmp(
+    api: &Path,
+    deadline: Instant,
+) -> std::result::Result<banger_vmm::qmp::Session, banger_vmm::VmmError> {
+    loop {
+        match banger_vmm::qmp::Session::open(api) {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
+fn info(s: &SnapshotRecord, pending: Vec<String>, owner: Owner) -> SnapshotInfo {
+    use std::os::unix::fs::MetadataExt;
+    let disk_bytes = s
+        .files
+        .iter()
+        .filter_map(|f| std::fs::metadata(s.dir.join(&f.name)).ok())
+        .map(|m| m.blocks() * 512)
+        .sum();
+    SnapshotInfo {
+        name: s.name.clone(),
+        vm: s.vm.clone(),
+        image: s.spec.image.clone(),
+        vmm: s.spec.vmm,
+        cpus: s.spec.sizing.cpus,
+        memory_mib: s.spec.sizing.memory_mib,
+        disk_bytes,
+        dir: s.dir.clone(),
+        created_at: s.created_at,
+        pending,
+        owner: owner.uid,
+        root_only: owner.root_only,
+    }
+}
