@@ -180,6 +180,9 @@ pub struct Instance {
     pub banger: PathBuf,
     /// Environment for banger and the daemon it starts (`with_env`).
     env: Vec<(String, String)>,
+    /// The namespace's ip_forward when it was made (a new namespace takes
+    /// the host's: 1 while the host's own banger runs a VM).
+    forward0: String,
     /// The state dir is an XFS filesystem on a loop device, unmounted on
     /// drop (`on_xfs`).
     xfs: bool,
@@ -188,6 +191,7 @@ pub struct Instance {
 impl Instance {
     pub fn new(banger: &Path) -> Instance {
         let net = NetNs::new();
+        let forward0 = ip_forward(&net);
         let dir = tempfile::Builder::new()
             .prefix("banger-test-")
             .tempdir_in("/var/tmp")
@@ -218,6 +222,7 @@ impl Instance {
                 ("BANGER_RAM_DIR".into(), ram_dir),
             ],
             xfs: false,
+            forward0,
         };
         std::fs::create_dir_all(me.state().join("images")).expect("mkdir images");
         me
@@ -590,6 +595,16 @@ impl Drop for Instance {
     }
 }
 
+/// The namespace's `net.ipv4.ip_forward`.
+fn ip_forward(net: &NetNs) -> String {
+    let out = net
+        .cmd("cat")
+        .arg("/proc/sys/net/ipv4/ip_forward")
+        .output()
+        .expect("read ip_forward");
+    text(&out.stdout).trim().to_string()
+}
+
 /// Where an instance's VMs keep their RAM files (a tmpfs).
 fn ram_dir_of(dir: &Path) -> String {
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
@@ -689,13 +704,7 @@ impl Instance {
             !rules.contains("table inet banger"),
             "NAT table left:\n{rules}"
         );
-        let fwd = self
-            .net
-            .cmd("cat")
-            .arg("/proc/sys/net/ipv4/ip_forward")
-            .output()
-            .expect("read ip_forward");
-        assert_eq!(text(&fwd.stdout).trim(), "0", "ip_forward restored");
+        assert_eq!(ip_forward(&self.net), self.forward0, "ip_forward restored");
         assert!(
             self.vm_files().is_empty(),
             "VM files left: {:?}",

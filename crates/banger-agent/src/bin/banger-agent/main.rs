@@ -11,6 +11,7 @@
 
 mod exec;
 mod files;
+mod netcfg;
 mod port;
 mod system;
 

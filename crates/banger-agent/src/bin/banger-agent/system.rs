@@ -101,20 +101,23 @@ pub fn set_identity(id: &Identity) -> Result<(), String> {
             0o644,
         )?;
     }
-    if let Some(mac) = &id.mac {
-        ip_cmd(&["link", "set", "dev", "eth0", "down"])?;
-        ip_cmd(&["link", "set", "dev", "eth0", "address", mac])?;
-        ip_cmd(&["link", "set", "dev", "eth0", "up"])?;
-    }
-    if let Some((cidr, gw)) = &id.address {
-        ip_cmd(&["addr", "flush", "dev", "eth0"])?;
-        ip_cmd(&["addr", "add", cidr, "dev", "eth0"])?;
-        ip_cmd(&["route", "replace", "default", "via", gw, "dev", "eth0"])?;
-    }
-    if id.mac.is_some() || id.address.is_some() {
-        // The template's neighbours (its gateway's MAC) are not this one's.
-        ip_cmd(&["neigh", "flush", "dev", "eth0"])?;
-    }
+    let mac = match &id.mac {
+        Some(m) => Some(crate::netcfg::parse_mac(m).ok_or_else(|| format!("mac {m:?}"))?),
+        None => None,
+    };
+    let addr = match &id.address {
+        Some((cidr, gw)) => {
+            let bad = || format!("address {cidr:?} via {gw:?}");
+            let (ip, prefix) = cidr.split_once('/').ok_or_else(bad)?;
+            Some((
+                ip.parse().map_err(|_| bad())?,
+                prefix.parse().map_err(|_| bad())?,
+                gw.parse().map_err(|_| bad())?,
+            ))
+        }
+        None => None,
+    };
+    crate::netcfg::set("eth0", mac, addr)?;
     if let Some(ns) = &id.nameservers {
         let text: String = ns.iter().map(|n| format!("nameserver {n}\n")).collect();
         write("/etc/resolv.conf", &text, 0o644)?;
@@ -130,6 +133,9 @@ pub fn set_identity(id: &Identity) -> Result<(), String> {
         write(crate::BOOT_ID_FILE, &format!("{b}\n"), 0o644)?;
     }
     if let Some((key, public)) = &id.host_key {
+        // The sshd wrapper starts it again once it stops (even one that
+        // started in between, from a half-written pair).
+        write(SSHD_RESTART, "", 0o644)?;
         write("/etc/ssh/ssh_host_ed25519_key", key, 0o600)?;
         write("/etc/ssh/ssh_host_ed25519_key.pub", public, 0o644)?;
         restart_sshd();
@@ -279,49 +285,35 @@ fn write(path: &str, text: &str, mode: u32) -> Result<(), String> {
         .map_err(|e| format!("write {path}: {e}"))
 }
 
-fn ip_cmd(args: &[&str]) -> Result<(), String> {
-    let busybox = "/usr/lib/banger/busybox";
-    let mut cmd = if std::path::Path::new(busybox).exists() {
-        let mut c = std::process::Command::new(busybox);
-        c.arg("ip");
-        c
-    } else {
-        std::process::Command::new("ip")
-    };
-    let out = cmd
-        .args(args)
-        .output()
-        .map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
 /// The listening sshd (a child of init) is told to go; init starts it
 /// again with the new key. Sessions already open stay.
+/// Stops the guest's listening sshd (the `/usr/sbin/sshd` whose parent
+/// is not one: sessions' are its children and go on), which its wrapper
+/// starts again with the new host key ([`SSHD_RESTART`]). By executable,
+/// not by name: the wrapper script is called `sshd` too.
 fn restart_sshd() {
+    const SSHD: &str = "/usr/sbin/sshd";
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return;
+    };
+    let is_sshd = |pid: i32| {
+        std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|e| e.as_os_str() == SSHD)
     };
     for e in dir.filter_map(Result::ok) {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
             continue;
         };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        if !is_sshd(pid) {
             continue;
-        };
-        // "pid (comm) state ppid ..."
-        let Some((comm, rest)) = stat.split_once(") ") else {
-            continue;
-        };
-        let ppid = rest.split_whitespace().nth(1);
-        if comm.ends_with("(sshd") && ppid == Some("1") {
+        }
+        // "pid (comm) state ppid ...": the comm may hold ") ".
+        let ppid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|st| {
+                let (_, rest) = st.rsplit_once(") ")?;
+                rest.split_whitespace().nth(1)?.parse::<i32>().ok()
+            });
+        if ppid.is_some_and(|pp| !is_sshd(pp)) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGTERM,
@@ -329,6 +321,10 @@ fn restart_sshd() {
         }
     }
 }
+
+/// Left for the guest's sshd wrapper: the sshd it runs is stopped on
+/// purpose, to be started again.
+const SSHD_RESTART: &str = "/run/banger/sshd.restart";
 
 /// Whether something listens on TCP `port` (IPv4 or IPv6), from
 /// /proc/net/tcp{,6}: state 0A is LISTEN.
