@@ -142,6 +142,13 @@ pub enum Request {
         name: String,
         snapshot: Option<String>,
     },
+    /// Clones of a running VM, through a snapshot of it that goes once
+    /// they run: `new` for one, `new-1` to `new-COUNT` for more.
+    VmFork {
+        name: String,
+        new: String,
+        count: u32,
+    },
     SnapshotList,
     SnapshotGet {
         name: String,

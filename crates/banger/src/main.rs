@@ -203,6 +203,16 @@ pub enum VmCmd {
         name: String,
         snapshot: Option<String>,
     },
+    /// Clones of a running VM, each its own machine (name, address, keys)
+    /// with the VM's memory, processes and files of the moment: NEW, or
+    /// NEW-1 to NEW-COUNT. Prints their names.
+    Fork {
+        name: String,
+        new: String,
+        /// How many clones.
+        #[arg(short = 'n', long, default_value_t = 1)]
+        count: u32,
+    },
     /// Delete a VM and everything it has (process, tap, disks, files).
     #[command(name = "rm", alias = "delete")]
     Delete {

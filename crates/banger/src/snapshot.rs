@@ -47,6 +47,18 @@ pub fn take(client: &Client, name: String, snapshot: Option<String>) -> anyhow::
     Ok(0)
 }
 
+/// `vm fork NAME NEW [-n COUNT]`: prints the clones' names.
+pub fn fork(client: &Client, name: String, new: String, count: u32) -> anyhow::Result<i32> {
+    let mut ui = crate::ui::Ui::new(format!("forking {name}"));
+    let r = client.call(Request::VmFork { name, new, count }, &mut |e| ui.event(e));
+    ui.clear();
+    let Response::Vms { vms } = r? else {
+        bail!("unexpected answer to vm fork");
+    };
+    vms.iter().for_each(|v| println!("{}", v.name));
+    Ok(0)
+}
+
 pub fn run(client: &Client, cmd: SnapshotCmd) -> anyhow::Result<i32> {
     match cmd {
         SnapshotCmd::Ls { json, quiet } => {

@@ -169,6 +169,7 @@ pub fn run(client: &Client, cmd: VmCmd) -> anyhow::Result<i32> {
         VmCmd::Pause { name } => vm_action(client, Request::VmPause { name }, None),
         VmCmd::Resume { name } => vm_action(client, Request::VmResume { name }, None),
         VmCmd::Snapshot { name, snapshot } => crate::snapshot::take(client, name, snapshot),
+        VmCmd::Fork { name, new, count } => crate::snapshot::fork(client, name, new, count),
         VmCmd::Delete { names, force } => Ok(delete_each(client, &names, force)),
         VmCmd::Prune { force } => prune(client, force),
         VmCmd::Ls {

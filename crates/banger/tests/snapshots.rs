@@ -272,3 +272,60 @@ fn a_vm_with_a_mount_is_refused_a_snapshot() {
     ok(&inst.banger(&["vm", "rm", "-f", "m"]), "vm rm -f");
     inst.assert_baseline();
 }
+
+#[test]
+fn a_fork_clones_a_running_vm_with_its_processes() {
+    let inst = Instance::new(&banger_bin()).with_image();
+    ok(
+        &inst.banger(&["vm", "run", "-d", "--name", "o"]),
+        "vm run -d o",
+    );
+    // A detached process that counts in a file: each clone has it too,
+    // and it counts on there, in the clone's own file.
+    let out = inst.banger(&[
+        "vm",
+        "exec",
+        "-d",
+        "--tag",
+        "counter",
+        "o",
+        "--",
+        "sh",
+        "-c",
+        "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done",
+    ]);
+    ok(&out, "exec -d");
+    let err = err_of(&inst.banger(&["vm", "fork", "o", "f", "-n", "0"]));
+    assert!(err.contains("give 1 to 32 clones"), "{err}");
+    let err = err_of(&inst.banger(&["vm", "fork", "o", "o"]));
+    assert!(err.contains("vm \"o\" already exists"), "{err}");
+
+    let out = inst.banger(&["vm", "fork", "o", "f", "-n", "3"]);
+    assert_eq!(ok(&out, "vm fork"), "f-1\nf-2\nf-3\n");
+    // The fork's snapshot is gone with it.
+    assert_eq!(ok(&inst.banger(&["snapshot", "ls", "-q"]), "ls"), "");
+    for n in ["f-1", "f-2", "f-3"] {
+        assert_eq!(inst.vm(n).unwrap()["state"], "running");
+        assert_eq!(exec(&inst, n, &["hostname"]), n);
+        let out = inst.banger(&["vm", "ps", n, "--json"]);
+        let ps: Vec<serde_json::Value> = serde_json::from_str(&ok(&out, "ps")).unwrap();
+        assert!(
+            ps.iter()
+                .any(|p| p["tag"] == "counter" && p["exit"].is_null()),
+            "{n} runs the origin's process: {ps:?}"
+        );
+        let a: u64 = exec(&inst, n, &["cat", "/tmp/count"]).parse().unwrap();
+        let b = test_infra::wait_until(std::time::Duration::from_secs(60), || {
+            exec(&inst, n, &["cat", "/tmp/count"])
+                .parse::<u64>()
+                .is_ok_and(|b| b > a)
+        });
+        assert!(b, "{n}'s counter goes on from {a}");
+    }
+    assert_eq!(exec(&inst, "o", &["hostname"]), "o");
+    ok(
+        &inst.banger(&["vm", "rm", "-f", "o", "f-1", "f-2", "f-3"]),
+        "vm rm -f",
+    );
+    inst.assert_baseline();
+}

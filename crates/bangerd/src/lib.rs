@@ -15,6 +15,7 @@ pub mod dns;
 pub mod doctor;
 pub mod error;
 pub mod failpoint;
+pub mod fork;
 pub mod handles;
 pub mod host;
 pub mod identity;

@@ -394,6 +394,7 @@ fn op_name(r: &Request) -> &'static str {
         Request::NetworkShare { .. } => "network_share",
         Request::VolumeDelete { .. } => "volume_delete",
         Request::VmSnapshot { .. } => "vm_snapshot",
+        Request::VmFork { .. } => "vm_fork",
         Request::SnapshotList => "snapshot_list",
         Request::SnapshotGet { .. } => "snapshot_get",
         Request::SnapshotDelete { .. } => "snapshot_delete",
@@ -508,6 +509,9 @@ pub fn dispatch(
         Request::VmSnapshot { name, snapshot } => Response::Snapshot(Box::new(
             daemon.snapshot_vm(&name, snapshot.as_deref(), caller)?,
         )),
+        Request::VmFork { name, new, count } => Response::Vms {
+            vms: daemon.fork(&name, &new, count, caller)?,
+        },
         Request::SnapshotList => Response::Snapshots {
             snapshots: daemon.list_snapshots()?,
         },
@@ -543,6 +547,7 @@ fn vouch(daemon: &Daemon, req: Request, caller: &crate::access::Caller) -> Resul
         | Request::VmPortRm { name, .. }
         | Request::VmCommit { name, .. }
         | Request::VmSnapshot { name, .. }
+        | Request::VmFork { name, .. }
         | Request::VmAgent { name } => Some(name.as_str()),
         Request::VmStats { name } => name.as_deref(),
         _ => None,
