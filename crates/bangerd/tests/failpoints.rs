@@ -361,3 +361,81 @@ fn a_failed_release_is_retried_by_itself_and_shown() {
     assert!(inst.taps().is_empty(), "{:?}", inst.taps());
     inst.assert_baseline();
 }
+
+/// The snapshots on disk (one directory each) and the ones listed.
+/// (Listed first: that starts the daemon, whose reconcile removes what
+/// a crash left.)
+fn snapshots(inst: &Instance) -> (usize, Vec<String>) {
+    let out = inst.banger(&["snapshot", "ls", "-q"]);
+    let listed = ok(&out, "snapshot ls")
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let dirs = std::fs::read_dir(inst.state().join("snapshots"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    (dirs, listed)
+}
+
+/// Every step of a snapshot and of a clone's restore, failing and
+/// crashing the daemon: no half snapshot is listed or left on disk, the
+/// VM snapshotted runs on (a crash while it was stopped for the save is
+/// undone by the next daemon), and a clone cut short is either gone or a
+/// VM that a start brings up as itself.
+#[test]
+fn every_snapshot_and_restore_step_fails_cleanly_and_survives_a_crash() {
+    let inst = Instance::new(&banger_bin()).with_image();
+    ok(
+        &inst.banger(&["vm", "run", "-d", "--name", "sp"]),
+        "vm run -d sp",
+    );
+    ok(&inst.banger(&["vm", "snapshot", "sp", "s"]), "snapshot s");
+    for step in bangerd::snapshots::FAILPOINTS {
+        for mode in ["err", "die"] {
+            let what = format!("{step}={mode}");
+            inst.kill_daemon();
+            let out = inst
+                .banger_cmd(&["daemon", "ping"])
+                .env("FAILPOINTS", format!("{step}=return({mode})"))
+                .output()
+                .unwrap();
+            ok(&out, &what);
+            let from = log_len(&inst);
+            let snapshot = step.starts_with("snapshot.");
+            let out = if snapshot {
+                inst.banger(&["vm", "snapshot", "sp", "s2"])
+            } else {
+                inst.banger(&["vm", "run", "-d", "--from", "s", "--name", "c"])
+            };
+            let log = log_since(&inst, from);
+            assert!(
+                log.contains(&format!("failpoint {step}:")),
+                "{what}: never met ({}):\n{log}",
+                text(&out.stderr)
+            );
+            assert!(!out.status.success(), "{what}: {out:?}");
+            // The next daemon (without failpoints) makes sense of it.
+            inst.kill_daemon();
+            let (dirs, listed) = snapshots(&inst);
+            assert_eq!(listed, vec!["s"], "{what}: no half snapshot listed");
+            assert_eq!(dirs, 1, "{what}: no half snapshot left on disk");
+            let sp = inst.vm("sp").unwrap();
+            assert_eq!(sp["state"], "running", "{what}: {sp}");
+            let out = inst.banger(&["vm", "exec", "sp", "--", "hostname"]);
+            assert_eq!(ok(&out, &what).trim(), "sp", "{what}");
+            if let Some(c) = inst.vm("c") {
+                if c["state"] != "running" {
+                    assert_eq!(inst.vmm_processes().len(), 1, "{what}: only sp's VMM");
+                    ok(&inst.banger(&["vm", "start", "c"]), &what);
+                }
+                let out = inst.banger(&["vm", "exec", "c", "--", "hostname"]);
+                assert_eq!(ok(&out, &what).trim(), "c", "{what}");
+                ok(&inst.banger(&["vm", "rm", "-f", "c"]), &what);
+            }
+        }
+    }
+    ok(&inst.banger(&["snapshot", "rm", "s"]), "snapshot rm");
+    ok(&inst.banger(&["vm", "rm", "-f", "sp"]), "vm rm -f");
+    assert_eq!(snapshots(&inst).0, 0);
+    inst.assert_baseline();
+}
