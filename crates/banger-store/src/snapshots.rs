@@ -6,11 +6,20 @@
 use banger_core::SnapshotRecord;
 use rusqlite::{params, OptionalExtension};
 
-use crate::{Owned, Store, StoreError};
+use crate::{Owned, Owner, Store, StoreError};
 
 impl Store {
-    /// Records a snapshot; a name already taken is refused.
-    pub fn insert_snapshot(&self, s: &SnapshotRecord) -> Result<(), StoreError> {
+    /// Records a snapshot and its owner, in one transaction; a name
+    /// already taken is refused.
+    pub fn insert_snapshot(&self, s: &SnapshotRecord, owner: Owner) -> Result<(), StoreError> {
+        let tx = self.conn.unchecked_transaction()?;
+        self.insert_snapshot_row(s)?;
+        self.set_owner(Owned::Snapshot, &s.name, owner)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn insert_snapshot_row(&self, s: &SnapshotRecord) -> Result<(), StoreError> {
         let json = serde_json::to_string(s).map_err(|source| StoreError::Json {
             what: format!("snapshot {}", s.name),
             source,
@@ -71,13 +80,16 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// The snapshot's row and its owner's.
+    /// The snapshot's row and its owner's, in one transaction.
     pub fn delete_snapshot(&self, name: &str) -> Result<bool, StoreError> {
-        self.forget_owner(Owned::Snapshot, name)?;
-        Ok(self
+        let tx = self.conn.unchecked_transaction()?;
+        let gone = self
             .conn
             .execute("DELETE FROM snapshots WHERE name = ?1", [name])?
-            > 0)
+            > 0;
+        self.forget_owner(Owned::Snapshot, name)?;
+        tx.commit()?;
+        Ok(gone)
     }
 
     /// Names of snapshots whose VM was made from `image`.
@@ -149,11 +161,12 @@ mod tests {
     fn snapshots_round_trip_and_names_are_unique() {
         let s = Store::open_in_memory().unwrap();
         let a = snap("a", "id-a", "bookworm");
-        s.insert_snapshot(&a).unwrap();
-        s.insert_snapshot(&snap("b", "id-b", "alpine")).unwrap();
+        s.insert_snapshot(&a, Owner::default()).unwrap();
+        s.insert_snapshot(&snap("b", "id-b", "alpine"), Owner::default())
+            .unwrap();
         assert_eq!(s.snapshot("a").unwrap(), Some(a));
         assert!(matches!(
-            s.insert_snapshot(&snap("a", "id-c", "bookworm")),
+            s.insert_snapshot(&snap("a", "id-c", "bookworm"), Owner::default()),
             Err(StoreError::NameTaken(n)) if n == "a"
         ));
         assert_eq!(s.snapshots_using_image("bookworm").unwrap(), vec!["a"]);

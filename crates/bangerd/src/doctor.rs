@@ -70,6 +70,26 @@ pub fn checks(d: &Daemon) -> Vec<Check> {
         },
         "./scripts/setup.sh (the package ships it in /usr/lib/banger)",
     ));
+    // Snapshot-able QEMU VMs keep their RAM there (`resources::ram`).
+    let ram_dir = d
+        .cfg
+        .ram_dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(std::path::Path::new("/"));
+    let free_mib = nix::sys::statvfs::statvfs(ram_dir)
+        .map(|s| (s.blocks_available() * s.fragment_size()) >> 20)
+        .unwrap_or(0);
+    v.push(check_fix(
+        "ram dir",
+        free_mib >= 1280,
+        format!(
+            "{}: {free_mib} MiB free for snapshot-able VMs' RAM (a VM whose memory does not fit \
+             boots without a RAM file, and cannot be snapshotted)",
+            d.cfg.ram_dir.display()
+        ),
+        "mount -o remount,size=75% /dev/shm (or BANGER_RAM_DIR=another tmpfs)",
+    ));
     let tun = std::path::Path::new("/dev/net/tun");
     v.push(check_fix(
         "tun",

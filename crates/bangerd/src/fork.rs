@@ -82,7 +82,15 @@ impl Daemon {
         });
         let failed = made.iter().any(Result::is_err);
         if failed {
+            // Only what this fork made (a name taken meanwhile is
+            // someone else's VM).
             for n in &names {
+                let ours = self
+                    .find(n)
+                    .is_ok_and(|v| v.spec.from_snapshot.as_deref() == Some(snap.as_str()));
+                if !ours {
+                    continue;
+                }
                 match self.delete(n) {
                     Ok(()) | Err(DaemonError::VmNotFound(_)) => {}
                     Err(e) => warn!(vm = %n, err = %e, "fork: a clone not rolled back"),

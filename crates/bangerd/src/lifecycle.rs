@@ -62,7 +62,7 @@ impl Daemon {
         }
         // A clone takes its snapshot's machine (held shared until its row
         // names the snapshot: no `snapshot rm` slips in between).
-        let _snap_guard = req
+        let snap_guard = req
             .from
             .as_ref()
             .map(|n| self.snapshot_locks.lock_shared(n));
@@ -213,6 +213,9 @@ impl Daemon {
             }
             self.insert_row(&vm)?;
         }
+        // Its row names the snapshot now (`runtime.restore`): `snapshot
+        // rm` refuses until it has started.
+        drop(snap_guard);
         drop(volume_guard);
         drop(image_guard);
         events(Event::Spec {

@@ -223,8 +223,10 @@ impl Daemon {
             }
             None => format!("{name}-{}", random_hex(3)?),
         };
-        let _g = self.lock_vm(name)?;
+        // The snapshot name's lock before the VM's, as a clone's create
+        // takes them.
         let _s = self.snapshot_locks.lock(&snap_name);
+        let _g = self.lock_vm(name)?;
         let mut vm = self.find(name)?;
         if vm.runtime.state() != VmState::Running {
             return Err(DaemonError::Invalid(format!(
@@ -260,15 +262,25 @@ impl Daemon {
         let made = self
             .save(&vm)
             .and_then(|()| self.save_files(&vm, &api, &dir, was_paused));
-        // The VM goes on as it was, whatever happened.
-        let resumed = if was_paused {
-            Ok(())
-        } else {
-            banger_vmm::qmp::execute(&api, "cont", None)
+        // A save cut short may still stream: cancelled before the VM runs
+        // again (its end would stop the VM once more).
+        if made.is_err() {
+            let _ = banger_vmm::qmp::execute(&api, "migrate_cancel", None);
+        }
+        // The VM goes on as it was, whatever happened. A paused one runs
+        // for a moment too: after a save QEMU has handed its disks over
+        // (inactive), and only `cont` takes them back.
+        let qmp = |cmd: &str| {
+            banger_vmm::qmp::execute(&api, cmd, None)
                 .map(drop)
-                .map_err(|e| DaemonError::Invalid(format!("vm {name:?}: QMP cont: {e}")))
+                .map_err(|e| DaemonError::Invalid(format!("vm {name:?}: QMP {cmd}: {e}")))
         };
+        let resumed = qmp("cont").and_then(|()| if was_paused { qmp("stop") } else { Ok(()) });
         vm.runtime.snapshotting = false;
+        if resumed.is_err() {
+            // Stopped still: recorded as paused, for `vm resume`.
+            vm.runtime.paused = true;
+        }
         let saved = self.save(&vm);
         let rec = match made.and_then(|r| resumed.map(|()| r)) {
             Ok((files, crc, vmm_version)) => SnapshotRecord {
@@ -287,24 +299,22 @@ impl Daemon {
                 return Err(e);
             }
         };
-        saved?;
+        if let Err(e) = saved {
+            let _ = fsutil::remove_dir_all_if_exists(&dir);
+            return Err(e);
+        }
         let root_only =
             crate::access::root_only(&vm) || crate::access::root_only_data(&self.store(), &vm)?;
-        {
-            let store = self.store();
-            if let Err(e) = store.insert_snapshot(&rec) {
-                drop(store);
-                let _ = fsutil::remove_dir_all_if_exists(&dir);
-                return Err(e.into());
-            }
-            store.set_owner(
-                Owned::Snapshot,
-                &snap_name,
-                Owner {
-                    uid: caller.uid,
-                    root_only,
-                },
-            )?;
+        let inserted = self.store().insert_snapshot(
+            &rec,
+            Owner {
+                uid: caller.uid,
+                root_only,
+            },
+        );
+        if let Err(e) = inserted {
+            let _ = fsutil::remove_dir_all_if_exists(&dir);
+            return Err(e.into());
         }
         info!(vm = %name, snapshot = %snap_name, ms = t0.elapsed().as_millis() as u64, "snapshot made");
         self.snapshot_info(&snap_name)
@@ -427,7 +437,9 @@ impl Daemon {
             let id = e.file_name().to_string_lossy().into_owned();
             if !ids.contains(&id) {
                 info!(dir = %e.path().display(), "reconcile: removing a snapshot cut short");
-                fsutil::remove_dir_all_if_exists(&e.path())?;
+                if let Err(err) = fsutil::remove_dir_all_if_exists(&e.path()) {
+                    warn!(dir = %e.path().display(), err = %err, "reconcile: cannot remove it");
+                }
             }
         }
         Ok(())
@@ -514,7 +526,8 @@ impl Daemon {
             )));
         }
         let deadline = Instant::now() + STATE_TIMEOUT;
-        let mut session = wait_qmp(&api, deadline).map_err(qmp)?;
+        let alive = || self.vm_alive(vm);
+        let mut session = wait_qmp(&api, deadline, &alive).map_err(qmp)?;
         let version = banger_vmm::qmp::version(&mut session).map_err(qmp)?;
         drop(session);
         if version != snap.format.vmm_version {
@@ -608,15 +621,17 @@ impl Daemon {
     }
 }
 
-/// QMP once QEMU listens (it was just spawned), by `deadline`.
+/// QMP once QEMU listens (it was just spawned), by `deadline`, while it
+/// lives.
 fn wait_qmp(
     api: &Path,
     deadline: Instant,
+    alive: &dyn Fn() -> bool,
 ) -> std::result::Result<banger_vmm::qmp::Session, banger_vmm::VmmError> {
     loop {
         match banger_vmm::qmp::Session::open(api) {
             Ok(s) => return Ok(s),
-            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(e) if Instant::now() >= deadline || !alive() => return Err(e),
             Err(_) => std::thread::sleep(Duration::from_millis(5)),
         }
     }

@@ -78,8 +78,11 @@ impl Resource for Ram {
         }
         let dir = &host.cfg.ram_dir;
         fsutil::create_dir_all(dir)?;
-        // Searchable, not listable: each file is its VM's user's alone.
-        fsutil::set_owner_mode(dir, 0, 0, 0o711)?;
+        // Root's alone: QEMU reopens its file through the descriptor it
+        // inherits (/proc/self/fd), which searches no directory, so no
+        // one else can open a file here, not even while a restore fills
+        // one before it is handed over.
+        fsutil::set_owner_mode(dir, 0, 0, 0o700)?;
         let bytes = cx.vm.spec.sizing.memory_mib << 20;
         let free = free_bytes(dir).unwrap_or(0);
         if free < bytes {

@@ -29,7 +29,13 @@ impl Resource for VmDir {
     }
 
     fn acquire(&self, host: &Host<'_>, cx: &mut Acq<'_>) -> Result<()> {
-        fsutil::create_dir_all(&host.cfg.layout.vm_dir(&cx.vm.id))?;
+        let dir = host.cfg.layout.vm_dir(&cx.vm.id);
+        fsutil::create_dir_all(&dir)?;
+        // A clone's disks are copies of another VM's data: nobody else
+        // reads them (its start hands the dir to its VMM's user).
+        if cx.vm.runtime.restore.is_some() {
+            fsutil::set_owner_mode(&dir, 0, 0, 0o700)?;
+        }
         fsutil::create_dir_all(&host.cfg.layout.vm_runtime_dir(&cx.vm.id))?;
         Ok(())
     }

@@ -54,7 +54,7 @@ pub fn set(
         }
     }
     if let Some((ip, prefix, gateway)) = addr {
-        for (old, old_prefix) in ipv4_addresses(ifname) {
+        for (old, old_prefix) in ipv4_addresses(ifname)? {
             let m = address(index, old, old_prefix);
             match request(RouteNetlinkMessage::DelAddress(m), 0) {
                 Err(e) if e.raw_os_error() != Some(nix::libc::EADDRNOTAVAIL) => {
@@ -98,18 +98,16 @@ pub fn parse_mac(mac: &str) -> Option<[u8; 6]> {
 }
 
 /// The interface's IPv4 addresses and prefix lengths.
-fn ipv4_addresses(ifname: &str) -> Vec<(Ipv4Addr, u8)> {
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
-        return Vec::new();
-    };
-    addrs
+fn ipv4_addresses(ifname: &str) -> Result<Vec<(Ipv4Addr, u8)>, String> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| format!("{ifname}: its addresses: {e}"))?;
+    Ok(addrs
         .filter(|a| a.interface_name == ifname)
         .filter_map(|a| {
             let ip = a.address?.as_sockaddr_in()?.ip();
             let mask = a.netmask?.as_sockaddr_in()?.ip();
             Some((ip, u32::from(mask).count_ones() as u8))
         })
-        .collect()
+        .collect())
 }
 
 fn address(index: u32, ip: Ipv4Addr, prefix: u8) -> AddressMessage {

@@ -287,23 +287,24 @@ fn write(path: &str, text: &str, mode: u32) -> Result<(), String> {
 
 /// The listening sshd (a child of init) is told to go; init starts it
 /// again with the new key. Sessions already open stay.
-/// Stops the guest's listening sshd (the `/usr/sbin/sshd` whose parent
-/// is not one: sessions' are its children and go on), which its wrapper
-/// starts again with the new host key ([`SSHD_RESTART`]). By executable,
-/// not by name: the wrapper script is called `sshd` too.
+/// Stops the guest's listening sshd: the `/usr/sbin/sshd` that banger's
+/// sshd wrapper runs (sessions are that one's children, or init's once an
+/// earlier restart orphaned them, and go on), which the wrapper starts
+/// again with the new host key ([`SSHD_RESTART`]). By executable and
+/// parent, not by name: the wrapper script is called `sshd` too. With no
+/// such sshd (not started yet: it will read the new key), the marker goes.
 fn restart_sshd() {
     const SSHD: &str = "/usr/sbin/sshd";
+    const WRAPPER: &[u8] = b"/usr/lib/banger/sshd";
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return;
     };
-    let is_sshd = |pid: i32| {
-        std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|e| e.as_os_str() == SSHD)
-    };
+    let mut stopped = false;
     for e in dir.filter_map(Result::ok) {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
             continue;
         };
-        if !is_sshd(pid) {
+        if !std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|e| e.as_os_str() == SSHD) {
             continue;
         }
         // "pid (comm) state ppid ...": the comm may hold ") ".
@@ -313,12 +314,20 @@ fn restart_sshd() {
                 let (_, rest) = st.rsplit_once(") ")?;
                 rest.split_whitespace().nth(1)?.parse::<i32>().ok()
             });
-        if ppid.is_some_and(|pp| !is_sshd(pp)) {
-            let _ = nix::sys::signal::kill(
+        let by_wrapper = ppid.is_some_and(|pp| {
+            std::fs::read(format!("/proc/{pp}/cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).any(|arg| arg == WRAPPER))
+        });
+        if by_wrapper {
+            stopped |= nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGTERM,
-            );
+            )
+            .is_ok();
         }
+    }
+    if !stopped {
+        let _ = std::fs::remove_file(SSHD_RESTART);
     }
 }
 
