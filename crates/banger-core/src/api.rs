@@ -515,7 +515,10 @@ mod tests {
             request: Request::VmStart { name: "a".into() },
         };
         let s = serde_json::to_string(&e).unwrap();
-        assert_eq!(s, r#"{"version":9,"request":{"op":"vm_start","name":"a"}}"#);
+        assert_eq!(
+            s,
+            r#"{"version":10,"request":{"op":"vm_start","name":"a"}}"#
+        );
         assert_eq!(serde_json::from_str::<Envelope>(&s).unwrap(), e);
         let bad = r#"{"version":3,"request":{"op":"vm_start","name":"a","force":true}}"#;
         assert!(serde_json::from_str::<Envelope>(bad).is_err());

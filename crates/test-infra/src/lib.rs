@@ -190,8 +190,13 @@ pub struct Instance {
 
 impl Instance {
     pub fn new(banger: &Path) -> Instance {
+        // What a new namespace takes (the host's), read here: a command
+        // in the namespace now would fix its mount namespace before
+        // `on_xfs` mounts the state dir.
+        let forward0 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
         let net = NetNs::new();
-        let forward0 = ip_forward(&net);
         let dir = tempfile::Builder::new()
             .prefix("banger-test-")
             .tempdir_in("/var/tmp")
