@@ -14,7 +14,7 @@ use crate::model::{AutoStop, NetPolicy, VmmKind};
 use crate::sizing::SizeRequest;
 use crate::state::VmState;
 
-pub const PROTOCOL_VERSION: u32 = 10;
+pub const PROTOCOL_VERSION: u32 = 11;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -206,6 +206,10 @@ pub struct CreateVm {
     /// sizes and disks), restored instead of booted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
+    /// `--cold`: boot, even where a warm-start snapshot of the image and
+    /// sizes is cached (and leave none).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cold: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -517,7 +521,7 @@ mod tests {
         let s = serde_json::to_string(&e).unwrap();
         assert_eq!(
             s,
-            r#"{"version":10,"request":{"op":"vm_start","name":"a"}}"#
+            r#"{"version":11,"request":{"op":"vm_start","name":"a"}}"#
         );
         assert_eq!(serde_json::from_str::<Envelope>(&s).unwrap(), e);
         let bad = r#"{"version":3,"request":{"op":"vm_start","name":"a","force":true}}"#;

@@ -222,6 +222,23 @@ pub struct VmRuntime {
     /// a daemon that finds this after a crash runs them again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub snapshotting: bool,
+    /// The warm-start snapshot this VM's first boot leaves once its guest
+    /// is up (a cold VM whose image and sizes had none); consumed by that
+    /// start, whatever becomes of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_save: Option<WarmSave>,
+}
+
+/// The names of the warm-start cache's snapshots (`warm.<key>`): no name
+/// a user gives holds a '.'.
+pub const WARM_PREFIX: &str = "warm.";
+
+/// A warm-start snapshot to take: its name (`warm.<key>`) and whose it
+/// will be.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WarmSave {
+    pub snapshot: String,
+    pub uid: u32,
 }
 
 /// The process a `--rm` VM lives for: its pid and its start time (clock

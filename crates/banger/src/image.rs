@@ -78,6 +78,9 @@ pub fn customize(
         root_mib: None,
         mounts: Vec::new(),
         from: None,
+        // A customize session boots the image itself, and leaves no
+        // warm-start snapshot.
+        cold: true,
     }));
     let mut ui = crate::ui::Ui::new(format!("booting {from} to customize"));
     let spinner = ui.handle();

@@ -153,6 +153,10 @@ pub struct CreateFlags {
     /// VM's own name, address and keys.
     #[arg(long, value_name = "SNAP")]
     from: Option<String>,
+    /// Boot the image even where a warm-start snapshot of it (and these
+    /// sizes) is cached, and leave none.
+    #[arg(long, conflicts_with = "from")]
+    cold: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -4,6 +4,7 @@
 
 use anyhow::bail;
 use banger_core::api::{Request, Response, SnapshotInfo};
+use banger_core::WARM_PREFIX;
 use clap::Subcommand;
 
 use crate::client::Client;
@@ -15,6 +16,10 @@ pub enum SnapshotCmd {
     /// Snapshots: the VM each was taken of, its image and sizes.
     #[command(alias = "list")]
     Ls {
+        /// Also the warm-start cache's (`warm.<key>`: snapshots of freshly
+        /// booted guests that `vm run` restores by itself).
+        #[arg(short, long)]
+        all: bool,
         #[arg(long)]
         json: bool,
         /// Names only, one per line.
@@ -61,12 +66,15 @@ pub fn fork(client: &Client, name: String, new: String, count: u32) -> anyhow::R
 
 pub fn run(client: &Client, cmd: SnapshotCmd) -> anyhow::Result<i32> {
     match cmd {
-        SnapshotCmd::Ls { json, quiet } => {
-            let Response::Snapshots { snapshots } =
+        SnapshotCmd::Ls { all, json, quiet } => {
+            let Response::Snapshots { mut snapshots } =
                 client.call(Request::SnapshotList, &mut progress)?
             else {
                 bail!("unexpected answer to snapshot ls");
             };
+            if !all {
+                snapshots.retain(|s| !s.name.starts_with(WARM_PREFIX));
+            }
             if quiet {
                 snapshots.iter().for_each(|s| println!("{}", s.name));
                 return Ok(0);

@@ -85,6 +85,7 @@ fn create_request(f: &CreateFlags, start: bool, rm: bool) -> anyhow::Result<Crea
             .transpose()
             .map_err(|e| anyhow!("--root-size: {e}"))?,
         from: f.from.clone(),
+        cold: f.cold,
     })
 }
 

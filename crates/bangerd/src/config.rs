@@ -55,6 +55,9 @@ pub struct Config {
     /// Where snapshot-able QEMU VMs keep their RAM, one file each: a
     /// tmpfs (`BANGER_RAM_DIR`, else /dev/shm/banger; `resources::ram`).
     pub ram_dir: PathBuf,
+    /// MiB of disk the warm-start snapshots may take (0: none made or
+    /// used; `warm`).
+    pub warm_cache_mib: u64,
     /// virtiofsd, for `--mount` (QEMU).
     pub virtiofsd: Option<PathBuf>,
     /// Force a root-disk strategy instead of choosing by host and VMM.
@@ -117,6 +120,7 @@ impl Config {
             vsock_backend: None,
             vport: None,
             ram_dir: PathBuf::from("/dev/shm/banger"),
+            warm_cache_mib: 0,
             virtiofsd: None,
             root_disk: None,
             vmm_uid_base: DEFAULT_VMM_UID_BASE,

@@ -43,6 +43,8 @@ pub struct Daemon {
     pub(crate) janitor_running: AtomicBool,
     /// Serialises guest address allocation.
     pub(crate) net_lock: Mutex<()>,
+    /// Held while the warm-start cache is trimmed (`warm`).
+    pub(crate) warm_lock: Mutex<()>,
     /// Serialises changes to banger's nftables table (shared with the NAT
     /// threads of boots in progress).
     pub(crate) nat_lock: Arc<Mutex<()>>,
@@ -209,6 +211,7 @@ impl Daemon {
             release_locks: KeyedLocks::default(),
             janitor_running: AtomicBool::new(false),
             net_lock: Mutex::new(()),
+            warm_lock: Mutex::new(()),
             nat_lock: Arc::new(Mutex::new(())),
             janitor: Janitor::default(),
             image_locks: KeyedLocks::default(),

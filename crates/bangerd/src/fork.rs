@@ -64,6 +64,7 @@ impl Daemon {
                         root_mib: None,
                         mounts: Vec::new(),
                         from: Some(snap.clone()),
+                        cold: false,
                     };
                     s.spawn(move || {
                         self.create_for(&req, caller, None, &mut |_| {}, Cancel::default())

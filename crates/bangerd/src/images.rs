@@ -293,7 +293,10 @@ impl Daemon {
         Ok(())
     }
 
+    /// Refused while a VM or a snapshot needs the image; the warm-start
+    /// snapshots of it go first (they would never be used again).
     fn refuse_if_used(&self, name: &str) -> Result<()> {
+        self.drop_warm_of_image(name)?;
         let store = self.store();
         let mut users: Vec<String> = store
             .vms_using_image(name)?

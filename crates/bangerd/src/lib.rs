@@ -38,6 +38,7 @@ pub mod snapshots;
 pub mod stats;
 pub mod uids;
 pub mod volumes;
+pub mod warm;
 pub mod watch;
 pub mod worker;
 

@@ -67,6 +67,12 @@ impl Daemon {
             .as_ref()
             .map(|n| self.snapshot_locks.lock_shared(n));
         let snap = match &req.from {
+            Some(from) if crate::warm::is_warm(from) => {
+                return Err(DaemonError::Invalid(format!(
+                    "--from {from}: that snapshot is the warm-start cache's, which `vm run` \
+                     restores by itself; snapshot a VM of your own (`banger vm snapshot`)"
+                )))
+            }
             Some(from) => {
                 let snap = self.clone_source(from, caller)?;
                 self.check_clone_request(req, &snap)?;
@@ -159,6 +165,32 @@ impl Daemon {
                 )));
             }
         }
+        // A warm start restores a cached snapshot of this image and these
+        // sizes (its name held shared, as `--from`'s, until the row names
+        // it); a cold start of a first VM of them leaves one.
+        let shape = crate::warm::Shape {
+            sizing,
+            root_mib: req.root_mib,
+            vmm,
+            accel: &accel,
+            root_disk,
+        };
+        let plan = self.warm_plan(req, &img, &shape, caller)?;
+        let warm_guard = match &plan {
+            crate::warm::Plan::Restore(s) => Some(self.snapshot_locks.lock_shared(s)),
+            _ => None,
+        };
+        // Held now: checked again (a `snapshot rm` may have come first).
+        let gone = match &plan {
+            crate::warm::Plan::Restore(s) => self.store().snapshot(s)?.is_none(),
+            _ => false,
+        };
+        let plan = if gone { crate::warm::Plan::None } else { plan };
+        let (from, warm_save) = match &plan {
+            crate::warm::Plan::Restore(s) => (Some(s.clone()), None),
+            crate::warm::Plan::Save(w) => (req.from.clone(), Some(w.clone())),
+            crate::warm::Plan::None => (req.from.clone(), None),
+        };
         let _g = self.lock_vm(&name)?;
         let id = random_hex(16)?;
         let mut vm = VmRecord {
@@ -175,7 +207,7 @@ impl Daemon {
                 mounts: req.mounts.clone(),
                 root_mib: req.root_mib,
                 root_disk: Some(root_disk),
-                from_snapshot: req.from.clone(),
+                from_snapshot: from.clone(),
             },
             runtime: banger_core::VmRuntime {
                 state: Some(VmState::Creating),
@@ -187,7 +219,8 @@ impl Daemon {
                 ),
                 vm_dir: Some(self.cfg.layout.vm_dir(&id)),
                 rm_client: if req.rm { rm_client } else { None },
-                restore: req.from.clone(),
+                restore: from.clone(),
+                warm_save,
                 ..Default::default()
             },
             created_at: banger_core::unix_now(),
@@ -216,14 +249,21 @@ impl Daemon {
         // Its row names the snapshot now (`runtime.restore`): `snapshot
         // rm` refuses until it has started.
         drop(snap_guard);
+        drop(warm_guard);
         drop(volume_guard);
         drop(image_guard);
         events(Event::Spec {
             line: format!(
-                "{name}: {} vCPU, {} MiB, {} disk, image {image_name}, vmm {vmm} ({accel})",
+                "{name}: {} vCPU, {} MiB, {} disk, image {image_name}, vmm {vmm} ({accel}){}",
                 sizing.cpus,
                 sizing.memory_mib,
-                crate::daemon::human_mib(sizing.disk_mib)
+                crate::daemon::human_mib(sizing.disk_mib),
+                match (&plan, &req.from) {
+                    (crate::warm::Plan::Restore(_), _) =>
+                        ", warm start (a snapshot of a freshly booted guest; --cold boots)".into(),
+                    (_, Some(s)) => format!(", from snapshot {s}"),
+                    _ => String::new(),
+                }
             ),
         });
         let made = (|| {
@@ -321,11 +361,14 @@ impl Daemon {
         self.settle_vm(&vm.id)?;
         let _boot = self.boots.register(&vm.name, cancel.clone());
         hit("start.begin")?;
+        // Only a VM's first start leaves a warm snapshot: its disks are
+        // still the image's.
+        let warm = vm.runtime.warm_save.take();
         vm.runtime.state = Some(VmState::Starting);
         vm.runtime.last_error = None;
         vm.runtime.paused = false;
         self.save(&vm)?;
-        match self.boot(&mut vm, events, &cancel) {
+        match self.boot(&mut vm, events, &cancel, warm.as_ref()) {
             Ok(()) => {
                 info!(vm = %vm.name, ms = t0.elapsed().as_millis() as u64, "running");
                 Ok(vm)
@@ -344,7 +387,13 @@ impl Daemon {
     }
 
     /// Acquires the boot's resources in order, then waits for the guest.
-    fn boot(&self, vm: &mut VmRecord, events: Events, cancel: &Cancel) -> Result<()> {
+    fn boot(
+        &self,
+        vm: &mut VmRecord,
+        events: Events,
+        cancel: &Cancel,
+        warm: Option<&banger_core::WarmSave>,
+    ) -> Result<()> {
         let img = self.image(&vm.spec.image)?;
         self.vmm(vm.spec.vmm)?;
         let mut cx = Acq {
@@ -407,6 +456,9 @@ impl Daemon {
                     warn!(vm = %cx.vm.name, err = %e, "could not set the guest's clock");
                 }
                 t.done(cx.events);
+            }
+            if let Some(w) = warm {
+                self.save_warm(cx.vm, w, cx.events)?;
             }
             hit("start.ready")
         })();

@@ -35,6 +35,8 @@ pub struct KeyGuard<'a> {
     key: String,
     slot: Arc<Slot>,
     shared: bool,
+    /// False only for a `try_lock` that did not get the name.
+    holds: bool,
 }
 
 impl KeyedLocks {
@@ -45,6 +47,28 @@ impl KeyedLocks {
     /// Held with any number of other shared holders, never with `lock`'s.
     pub fn lock_shared(&self, key: &str) -> KeyGuard<'_> {
         self.take(key, true)
+    }
+
+    /// [`KeyedLocks::lock`] if nobody holds the name now, else `None`
+    /// (for a holder of other locks that must not wait on this one).
+    pub fn try_lock(&self, key: &str) -> Option<KeyGuard<'_>> {
+        let slot = lock(&self.map).entry(key.to_string()).or_default().clone();
+        let mut held = lock(&slot.held);
+        let free = !held.one && held.shared == 0;
+        if free {
+            held.one = true;
+        }
+        drop(held);
+        // Not taken: a guard holding nothing, dropped at once, lets the
+        // entry go if nobody else has it.
+        let g = KeyGuard {
+            locks: self,
+            key: key.to_string(),
+            slot,
+            shared: false,
+            holds: free,
+        };
+        free.then_some(g)
     }
 
     fn take(&self, key: &str, shared: bool) -> KeyGuard<'_> {
@@ -64,6 +88,7 @@ impl KeyedLocks {
             key: key.to_string(),
             slot,
             shared,
+            holds: true,
         }
     }
 
@@ -81,10 +106,10 @@ impl Drop for KeyGuard<'_> {
     fn drop(&mut self) {
         {
             let mut held = lock(&self.slot.held);
-            if self.shared {
-                held.shared -= 1;
-            } else {
-                held.one = false;
+            match (self.holds, self.shared) {
+                (false, _) => {}
+                (true, true) => held.shared -= 1,
+                (true, false) => held.one = false,
             }
         }
         self.slot.cv.notify_all();
@@ -154,5 +179,19 @@ mod tests {
         rx.recv().unwrap();
         t.join().unwrap();
         assert!(locks.is_empty());
+    }
+
+    #[test]
+    fn try_lock_takes_only_a_free_name() {
+        let locks = KeyedLocks::default();
+        let a = locks.lock_shared("s");
+        assert!(locks.try_lock("s").is_none());
+        drop(a);
+        assert!(locks.is_empty(), "a try that failed leaves no entry");
+        let one = locks.try_lock("s").expect("free");
+        assert!(locks.try_lock("s").is_none());
+        drop(one);
+        assert!(locks.is_empty());
+        let _b = locks.lock_shared("s");
     }
 }

@@ -143,6 +143,8 @@ fn real_main() -> anyhow::Result<()> {
         memory_mib: size("--memory", &args.memory)?,
         disk_mib: size("--disk-size", &args.disk_size)?,
     };
+    cfg.warm_cache_mib = banger_core::sizing::parse_size_mib(&args.warm_cache)
+        .map_err(|e| anyhow::anyhow!("--warm-cache: {e}"))?;
     cfg.settings = settings;
     if let Some(base) = args.vmm_uid_base {
         if base.checked_add(cfg.subnet.slots()).is_none() {

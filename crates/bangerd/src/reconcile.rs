@@ -44,6 +44,9 @@ impl Daemon {
         if let Err(e) = self.sweep_snapshots() {
             warn!(err = %e, "reconcile: snapshots cut short not swept");
         }
+        // Warm-start snapshots this build cannot restore, or beyond the
+        // cache's bound (which may have shrunk).
+        self.trim_warm();
         // The VMs kept running get their firewall back if it went (a host
         // reboot of the firewall, a flush while no daemon ran).
         self.repair_firewalls();

@@ -124,6 +124,11 @@ pub struct Args {
     /// cgroup v1, `banger.slice` in v2).
     #[arg(long, env = "BANGER_CGROUP_PARENT")]
     pub cgroup_parent: Option<String>,
+    /// Disk the warm-start cache may take: snapshots of freshly booted
+    /// guests that later `vm run`s of the same image and sizes restore
+    /// instead of booting (4G, 512M; 0: no warm starts).
+    #[arg(long, env = "BANGER_WARM_CACHE", default_value = "4G")]
+    pub warm_cache: String,
     /// Members of this group may use the socket (`root:GROUP 0660`); while
     /// no such group exists, only root may (`root 0600`).
     #[arg(long, env = "BANGER_SOCKET_GROUP", default_value = "banger")]

@@ -70,7 +70,7 @@ pub const FAILPOINTS: &[&str] = &[
 ];
 
 /// This build's format: what a snapshot must have been made with.
-fn this_format(vmm_version: String) -> SnapshotFormat {
+pub(crate) fn this_format(vmm_version: String) -> SnapshotFormat {
     SnapshotFormat {
         banger: env!("CARGO_PKG_VERSION").to_string(),
         mux: banger_agent::mux::VERSION,
@@ -107,7 +107,7 @@ pub fn restorable(host: &Host<'_>, name: &str, vm: &VmRecord) -> Result<Snapshot
 }
 
 /// The checks a snapshot passes before anything is made of it.
-fn check_record(snap: &SnapshotRecord) -> Result<()> {
+pub(crate) fn check_record(snap: &SnapshotRecord) -> Result<()> {
     let name = &snap.name;
     let mine = this_format(String::new());
     if snap.format.banger != mine.banger || snap.format.mux != mine.mux {
@@ -165,7 +165,7 @@ fn sync(path: &Path) -> Result<()> {
 }
 
 /// Why a VM cannot be snapshotted, if it cannot.
-fn refusal(vm: &VmRecord) -> Option<String> {
+pub(crate) fn refusal(vm: &VmRecord) -> Option<String> {
     let name = &vm.name;
     if vm.spec.vmm != VmmKind::Qemu {
         return Some(format!(
@@ -244,14 +244,42 @@ impl Daemon {
                  rm {snap_name}`"
             )));
         }
-        let api = vm.runtime.api_sock_path.clone().ok_or_else(|| {
-            DaemonError::Invalid(format!("vm {name:?} has no QMP socket: restart it"))
-        })?;
+        if vm.runtime.api_sock_path.is_none() {
+            return Err(DaemonError::Invalid(format!(
+                "vm {name:?} has no QMP socket: restart it"
+            )));
+        }
         if !self.vm_alive(&vm) {
             return Err(DaemonError::Invalid(format!(
                 "vm {name:?}: its VMM is not running (`banger vm ls` shows what became of it)"
             )));
         }
+        let root_only =
+            crate::access::root_only(&vm) || crate::access::root_only_data(&self.store(), &vm)?;
+        self.take_snapshot(
+            &mut vm,
+            &snap_name,
+            Owner {
+                uid: caller.uid,
+                root_only,
+            },
+        )?;
+        self.snapshot_info(&snap_name)
+    }
+
+    /// Snapshots `vm` (running or stopped for its start, its lock and the
+    /// snapshot name's held, the name free) as `snap_name` of `owner`: the
+    /// VM goes on as it was (or is recorded paused if it cannot).
+    pub(crate) fn take_snapshot(
+        &self,
+        vm: &mut VmRecord,
+        snap_name: &str,
+        owner: Owner,
+    ) -> Result<()> {
+        let name = vm.name.clone();
+        let api = vm.runtime.api_sock_path.clone().ok_or_else(|| {
+            DaemonError::Invalid(format!("vm {name:?} has no QMP socket: restart it"))
+        })?;
         let id = random_hex(16)?;
         let dir = self.cfg.layout.snapshot_dir(&id);
         fsutil::create_dir_all(&dir)?;
@@ -260,8 +288,8 @@ impl Daemon {
         vm.runtime.snapshotting = true;
         let t0 = Instant::now();
         let made = self
-            .save(&vm)
-            .and_then(|()| self.save_files(&vm, &api, &dir, was_paused));
+            .save(vm)
+            .and_then(|()| self.save_files(vm, &api, &dir, was_paused));
         // A save cut short may still stream: cancelled before the VM runs
         // again (its end would stop the VM once more).
         if made.is_err() {
@@ -281,10 +309,10 @@ impl Daemon {
             // Stopped still: recorded as paused, for `vm resume`.
             vm.runtime.paused = true;
         }
-        let saved = self.save(&vm);
+        let saved = self.save(vm);
         let rec = match made.and_then(|r| resumed.map(|()| r)) {
             Ok((files, crc, vmm_version)) => SnapshotRecord {
-                name: snap_name.clone(),
+                name: snap_name.to_string(),
                 id,
                 dir: dir.clone(),
                 vm: vm.name.clone(),
@@ -303,21 +331,12 @@ impl Daemon {
             let _ = fsutil::remove_dir_all_if_exists(&dir);
             return Err(e);
         }
-        let root_only =
-            crate::access::root_only(&vm) || crate::access::root_only_data(&self.store(), &vm)?;
-        let inserted = self.store().insert_snapshot(
-            &rec,
-            Owner {
-                uid: caller.uid,
-                root_only,
-            },
-        );
-        if let Err(e) = inserted {
+        if let Err(e) = self.store().insert_snapshot(&rec, owner) {
             let _ = fsutil::remove_dir_all_if_exists(&dir);
             return Err(e.into());
         }
         info!(vm = %name, snapshot = %snap_name, ms = t0.elapsed().as_millis() as u64, "snapshot made");
-        self.snapshot_info(&snap_name)
+        Ok(())
     }
 
     /// The save and the copies, the VM stopped: each file with its size,

@@ -225,6 +225,9 @@ impl Instance {
                 // Its VMs' RAM files in a directory of its own (checked
                 // for leaks, removed on drop).
                 ("BANGER_RAM_DIR".into(), ram_dir),
+                // Cold boots: what a test of booting means. The warm
+                // start's tests turn it on (`with_env`, which comes after).
+                ("BANGER_WARM_CACHE".into(), "0".into()),
             ],
             xfs: false,
             forward0,
