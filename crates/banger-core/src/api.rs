@@ -40,6 +40,10 @@ pub enum Request {
     /// Stops the VM's vCPUs; everything else is kept (`vm pause`).
     VmPause {
         name: String,
+        /// `--to-disk`: the guest's state and memory saved, its VMM gone
+        /// (`vm resume` restores it).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        to_disk: bool,
     },
     /// Runs a paused VM's vCPUs again and sets its clock to now.
     VmResume {

@@ -17,7 +17,7 @@ pub use layout::Layout;
 pub use model::{
     AutoStop, Held, ImageRecord, NetPolicy, Release, RmClient, RootDiskKind, SnapshotFile,
     SnapshotFormat, SnapshotRecord, VmHandles, VmRecord, VmRuntime, VmSpec, VmmKind, WarmSave,
-    WARM_PREFIX,
+    SUSPEND_PREFIX, WARM_PREFIX,
 };
 
 pub mod duration;

@@ -227,11 +227,19 @@ pub struct VmRuntime {
     /// start, whatever becomes of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warm_save: Option<WarmSave>,
+    /// Stopped with its guest saved (`vm pause --to-disk`): `restore`
+    /// names the snapshot of its state and RAM (`suspend.<id>`), which
+    /// its next start restores as itself (no new identity) and removes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspended: bool,
 }
 
 /// The names of the warm-start cache's snapshots (`warm.<key>`): no name
 /// a user gives holds a '.'.
 pub const WARM_PREFIX: &str = "warm.";
+
+/// The names of suspended VMs' saved guests (`suspend.<vm id>`).
+pub const SUSPEND_PREFIX: &str = "suspend.";
 
 /// A warm-start snapshot to take: its name (`warm.<key>`) and whose it
 /// will be.
@@ -259,6 +267,7 @@ impl VmRuntime {
     pub fn shown_state(&self) -> VmState {
         match self.state() {
             VmState::Running if self.paused => VmState::Paused,
+            VmState::Stopped if self.suspended => VmState::Suspended,
             s => s,
         }
     }

@@ -26,6 +26,11 @@ pub enum VmState {
     /// store keeps it `Running` with `runtime.paused` (it holds everything
     /// a running VM holds), as docker's paused containers are running ones.
     Paused,
+    /// Shown for a stopped VM whose guest's memory and devices are saved
+    /// (`vm pause --to-disk`): its VMM is gone and its memory given back;
+    /// `vm resume` (or `start`) restores it. Stored `Stopped` with
+    /// `runtime.suspended`.
+    Suspended,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -49,13 +54,17 @@ impl std::fmt::Display for VmState {
             VmState::Error => "error",
             VmState::Deleting => "deleting",
             VmState::Paused => "paused",
+            VmState::Suspended => "suspended",
         })
     }
 }
 
 impl VmState {
     pub fn can_start(self) -> bool {
-        matches!(self, VmState::Created | VmState::Stopped | VmState::Error)
+        matches!(
+            self,
+            VmState::Created | VmState::Stopped | VmState::Error | VmState::Suspended
+        )
     }
     /// (A paused VM is resumed first, then stopped.)
     pub fn can_stop(self) -> bool {
@@ -97,7 +106,7 @@ impl VmState {
                 " (only a running VM can be paused)",
             ),
             "resume" => (
-                self == VmState::Paused,
+                matches!(self, VmState::Paused | VmState::Suspended),
                 " (only a paused VM can be resumed)",
             ),
             _ => (self.can_delete(), ""),

@@ -198,8 +198,16 @@ pub enum VmCmd {
     Kill { name: String },
     /// Stop a running VM's vCPUs; its memory, network and open sessions
     /// are kept (`vm resume` goes on).
-    Pause { name: String },
-    /// Run a paused VM again, its clock set to now.
+    Pause {
+        name: String,
+        /// Save the guest's memory and devices to disk and end its VMM
+        /// (its memory given back, state "suspended"); `vm resume`
+        /// restores it, processes included; open sessions end (QEMU).
+        #[arg(long)]
+        to_disk: bool,
+    },
+    /// Run a paused VM again, its clock set to now (a suspended one is
+    /// restored from disk first).
     Resume { name: String },
     /// Snapshot a running or paused VM (memory, devices, disks); it goes
     /// on as it was. Prints the snapshot's name (SNAP, or one made up).

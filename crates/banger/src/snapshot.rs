@@ -4,7 +4,7 @@
 
 use anyhow::bail;
 use banger_core::api::{Request, Response, SnapshotInfo};
-use banger_core::WARM_PREFIX;
+use banger_core::{SUSPEND_PREFIX, WARM_PREFIX};
 use clap::Subcommand;
 
 use crate::client::Client;
@@ -16,8 +16,9 @@ pub enum SnapshotCmd {
     /// Snapshots: the VM each was taken of, its image and sizes.
     #[command(alias = "list")]
     Ls {
-        /// Also the warm-start cache's (`warm.<key>`: snapshots of freshly
-        /// booted guests that `vm run` restores by itself).
+        /// Also banger's own: the warm-start cache's (`warm.<key>`:
+        /// snapshots of freshly booted guests that `vm run` restores by
+        /// itself) and suspended VMs' saved guests (`suspend.<vm id>`).
         #[arg(short, long)]
         all: bool,
         #[arg(long)]
@@ -73,7 +74,9 @@ pub fn run(client: &Client, cmd: SnapshotCmd) -> anyhow::Result<i32> {
                 bail!("unexpected answer to snapshot ls");
             };
             if !all {
-                snapshots.retain(|s| !s.name.starts_with(WARM_PREFIX));
+                snapshots.retain(|s| {
+                    !s.name.starts_with(WARM_PREFIX) && !s.name.starts_with(SUSPEND_PREFIX)
+                });
             }
             if quiet {
                 snapshots.iter().for_each(|s| println!("{}", s.name));

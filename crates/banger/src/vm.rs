@@ -167,7 +167,10 @@ pub fn run(client: &Client, cmd: VmCmd) -> anyhow::Result<i32> {
             vm_action(client, Request::VmStart { name }, Some(doing))
         }
         VmCmd::Kill { name } => vm_action(client, Request::VmKill { name }, None),
-        VmCmd::Pause { name } => vm_action(client, Request::VmPause { name }, None),
+        VmCmd::Pause { name, to_disk } => {
+            let doing = to_disk.then(|| format!("saving {name}'s guest to disk"));
+            vm_action(client, Request::VmPause { name, to_disk }, doing)
+        }
         VmCmd::Resume { name } => vm_action(client, Request::VmResume { name }, None),
         VmCmd::Snapshot { name, snapshot } => crate::snapshot::take(client, name, snapshot),
         VmCmd::Fork { name, new, count } => crate::snapshot::fork(client, name, new, count),
@@ -492,12 +495,13 @@ enum FilterKey {
     Network,
 }
 
-const STATES: [VmState; 9] = [
+const STATES: [VmState; 10] = [
     VmState::Creating,
     VmState::Created,
     VmState::Starting,
     VmState::Running,
     VmState::Paused,
+    VmState::Suspended,
     VmState::Stopping,
     VmState::Stopped,
     VmState::Error,

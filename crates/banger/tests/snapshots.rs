@@ -329,3 +329,113 @@ fn a_fork_clones_a_running_vm_with_its_processes() {
     );
     inst.assert_baseline();
 }
+
+#[test]
+fn pause_to_disk_ends_the_vmm_and_resume_brings_the_guest_back() {
+    let inst = Instance::new(&banger_bin()).with_image();
+    ok(
+        &inst.banger(&["volume", "create", "sv", "--size", "16M"]),
+        "volume create",
+    );
+    ok(
+        &inst.banger(&["vm", "run", "-d", "--name", "s", "--volume", "sv:/data"]),
+        "vm run -d s",
+    );
+    let out = inst.banger(&[
+        "vm",
+        "exec",
+        "-d",
+        "--tag",
+        "counter",
+        "s",
+        "--",
+        "sh",
+        "-c",
+        "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done",
+    ]);
+    ok(&out, "exec -d");
+    exec(&inst, "s", &["sh", "-c", "echo kept > /data/v && sync"]);
+    let machine_id = exec(&inst, "s", &["cat", "/etc/machine-id"]);
+    let ip = inst.guest_ip("s");
+    let before: u64 = exec(&inst, "s", &["cat", "/tmp/count"]).parse().unwrap();
+
+    ok(
+        &inst.banger(&["vm", "pause", "--to-disk", "s"]),
+        "pause --to-disk",
+    );
+    let vm = inst.vm("s").unwrap();
+    assert_eq!(vm["state"], "suspended");
+    assert!(inst.vmm_processes().is_empty(), "its VMM is gone");
+    let ram_files: Vec<_> = std::fs::read_dir(
+        inst.env()
+            .iter()
+            .find(|(k, _)| k == "BANGER_RAM_DIR")
+            .map(|(_, v)| v.clone())
+            .unwrap(),
+    )
+    .map(|d| d.flatten().map(|e| e.path()).collect())
+    .unwrap_or_default();
+    assert!(
+        ram_files.is_empty(),
+        "its memory is given back: {ram_files:?}"
+    );
+    // Its saved guest is no snapshot of the user's, and no one removes it.
+    assert_eq!(ok(&inst.banger(&["snapshot", "ls", "-q"]), "ls"), "");
+    let saved = ok(&inst.banger(&["snapshot", "ls", "-a", "-q"]), "ls -a");
+    let saved = saved.trim().to_string();
+    assert!(saved.starts_with("suspend."), "{saved}");
+    let err = err_of(&inst.banger(&["snapshot", "rm", &saved]));
+    assert!(err.contains("needed by vm(s) s"), "{err}");
+    let err = err_of(&inst.banger(&["vm", "exec", "s", "--", "true"]));
+    assert!(err.contains("suspended"), "{err}");
+    let err = err_of(&inst.banger(&["vm", "pause", "--to-disk", "s"]));
+    assert!(err.contains("only a running or paused VM"), "{err}");
+
+    // Back as itself, its processes and volume with it.
+    ok(&inst.banger(&["vm", "resume", "s"]), "resume");
+    assert_eq!(inst.vm("s").unwrap()["state"], "running");
+    assert_eq!(exec(&inst, "s", &["cat", "/etc/machine-id"]), machine_id);
+    assert_eq!(exec(&inst, "s", &["hostname"]), "s");
+    assert_eq!(inst.guest_ip("s"), ip);
+    assert_eq!(exec(&inst, "s", &["cat", "/data/v"]), "kept");
+    let ps: Vec<serde_json::Value> =
+        serde_json::from_str(&ok(&inst.banger(&["vm", "ps", "s", "--json"]), "ps")).unwrap();
+    assert!(
+        ps.iter()
+            .any(|p| p["tag"] == "counter" && p["exit"].is_null()),
+        "its process lives: {ps:?}"
+    );
+    let after: u64 = exec(&inst, "s", &["cat", "/tmp/count"]).parse().unwrap();
+    assert!(
+        after >= before,
+        "the counter went on from {before}: {after}"
+    );
+    let goes_on = test_infra::wait_until(std::time::Duration::from_secs(60), || {
+        exec(&inst, "s", &["cat", "/tmp/count"])
+            .parse::<u64>()
+            .is_ok_and(|n| n > after)
+    });
+    assert!(goes_on, "and counts on");
+    // The saved guest went with the resume.
+    assert_eq!(
+        ok(&inst.banger(&["snapshot", "ls", "-a", "-q"]), "ls -a"),
+        ""
+    );
+
+    // A suspended VM deleted takes its saved guest along.
+    ok(
+        &inst.banger(&["vm", "pause", "--to-disk", "s"]),
+        "pause --to-disk",
+    );
+    ok(&inst.banger(&["vm", "rm", "s"]), "vm rm");
+    assert_eq!(
+        ok(&inst.banger(&["snapshot", "ls", "-a", "-q"]), "ls -a"),
+        ""
+    );
+    let left: Vec<_> = std::fs::read_dir(inst.state().join("snapshots"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "snapshot dirs left: {left:?}");
+    ok(&inst.banger(&["volume", "rm", "sv"]), "volume rm");
+    inst.assert_baseline();
+}

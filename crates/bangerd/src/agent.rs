@@ -80,6 +80,13 @@ impl Daemon {
     }
 
     fn agent_connect_within(&self, vm: &VmRecord, within: Duration) -> Result<UnixStream> {
+        if vm.runtime.shown_state() == banger_core::VmState::Suspended {
+            return Err(DaemonError::Invalid(format!(
+                "vm {:?} is suspended (its guest saved to disk): resume it first (`banger vm \
+                 resume {}`)",
+                vm.name, vm.name
+            )));
+        }
         if !vm.runtime.state().is_up() {
             return Err(DaemonError::Invalid(format!(
                 "vm {:?} is {}: start it first (`banger vm start {}`)",
@@ -148,11 +155,20 @@ impl Daemon {
     /// Sets the guest's clock from the host's (Firecracker guests have no
     /// RTC; a restored guest's clock is the snapshot's).
     pub(crate) fn sync_clock(&self, vm: &VmRecord) -> Result<()> {
+        self.sync_clock_within(vm, CONNECT_TIMEOUT)
+    }
+
+    /// [`Daemon::sync_clock`], the whole call within `within`.
+    pub(crate) fn sync_clock_within(
+        &self,
+        vm: &VmRecord,
+        within: std::time::Duration,
+    ) -> Result<()> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
-        self.agent_call(vm, Call::SetClock { unix_ns: now }, CONNECT_TIMEOUT)
+        self.agent_call(vm, Call::SetClock { unix_ns: now }, within)
             .map(drop)
     }
 }

@@ -36,6 +36,7 @@ pub mod server;
 pub mod settings;
 pub mod snapshots;
 pub mod stats;
+pub mod suspend;
 pub mod uids;
 pub mod volumes;
 pub mod warm;

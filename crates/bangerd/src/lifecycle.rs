@@ -377,6 +377,9 @@ impl Daemon {
                 warn!(vm = %vm.name, err = %e, "start failed; rolling back");
                 let (to, why) = if cancel.is_cancelled() {
                     (VmState::Stopped, format!("its start was cancelled ({e})"))
+                } else if vm.runtime.suspended {
+                    // Its saved guest is still there: suspended still.
+                    (VmState::Stopped, format!("its resume failed: {e}"))
                 } else {
                     (VmState::Error, e.to_string())
                 };
@@ -662,6 +665,15 @@ impl Daemon {
             ));
             let _ = self.save(&vm);
             return Err(e);
+        }
+        // A suspended VM's saved guest goes with it (a crash before this
+        // leaves it to the next start's sweep).
+        if let Some(s) = vm.runtime.restore.as_deref() {
+            if vm.runtime.suspended {
+                if let Err(e) = self.forget_saved(s) {
+                    warn!(vm = %vm.name, err = %e, "its saved guest is left for the next start");
+                }
+            }
         }
         tracing::debug!(vm = %vm.name, us = micros(t0), "deleted");
         Ok(())

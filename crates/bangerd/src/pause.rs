@@ -65,6 +65,11 @@ impl Daemon {
         let _g = self.lock_vm(name)?;
         let mut vm = self.find(name)?;
         vm.runtime.shown_state().check(&vm.name, "resume")?;
+        // Suspended to disk: its start restores it.
+        if vm.runtime.suspended {
+            let vm = self.start_locked(vm, &mut |_| {}, crate::cancel::Cancel::default())?;
+            return Ok(self.info(&vm));
+        }
         self.resume_locked(&mut vm)?;
         Ok(self.info(&vm))
     }

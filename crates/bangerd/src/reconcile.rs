@@ -44,6 +44,8 @@ impl Daemon {
         if let Err(e) = self.sweep_snapshots() {
             warn!(err = %e, "reconcile: snapshots cut short not swept");
         }
+        // Saved guests no VM restores (a suspend cut short).
+        self.sweep_suspends();
         // Warm-start snapshots this build cannot restore, or beyond the
         // cache's bound (which may have shrunk).
         self.trim_warm();
@@ -94,8 +96,11 @@ impl Daemon {
         let h = self.rediscover(&vm);
         if st == VmState::Running && self.vm_alive(&vm) {
             info!(vm = %vm.name, pid = ?h.pid, "reconcile: still running");
-            // Stopped for a snapshot a crash cut short: it runs again.
-            self.finish_snapshotting(&mut vm);
+            // Stopped for a snapshot a crash cut short: it runs again (or
+            // its suspend is finished, and it runs no more).
+            if !self.finish_snapshotting(&mut vm) {
+                return Ok(());
+            }
             let _ = handles::write_file(&self.cfg.layout.vm_dir(&vm.id), &h);
             // What lived in the old daemon's process (listeners).
             for r in crate::resources::START {
@@ -108,6 +113,12 @@ impl Daemon {
         info!(vm = %vm.name, "reconcile: not running; cleaning up");
         let (to, why) = if st == VmState::Error {
             (VmState::Error, vm.runtime.last_error.clone())
+        } else if st == VmState::Starting && vm.runtime.suspended {
+            // A resume cut short: its saved guest is still there.
+            (
+                VmState::Stopped,
+                Some("the daemon restarted while the VM was resuming".to_string()),
+            )
         } else if st == VmState::Starting {
             (
                 VmState::Error,

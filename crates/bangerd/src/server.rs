@@ -425,7 +425,14 @@ pub fn dispatch(
         Request::VmStart { name } => Response::Vm(Box::new(daemon.start(&name, events)?)),
         Request::VmStop { name } => Response::Vm(Box::new(daemon.stop(&name, events)?)),
         Request::VmKill { name } => Response::Vm(Box::new(daemon.kill(&name)?)),
-        Request::VmPause { name } => Response::Vm(Box::new(daemon.pause(&name)?)),
+        Request::VmPause {
+            name,
+            to_disk: false,
+        } => Response::Vm(Box::new(daemon.pause(&name)?)),
+        Request::VmPause {
+            name,
+            to_disk: true,
+        } => Response::Vm(Box::new(daemon.suspend(&name)?)),
         Request::VmResume { name } => Response::Vm(Box::new(daemon.resume(&name)?)),
         Request::VmReidentify { name } => Response::Vm(Box::new(daemon.reidentify(&name)?)),
         Request::VmDelete { name, force } => {
@@ -538,7 +545,7 @@ fn vouch(daemon: &Daemon, req: Request, caller: &crate::access::Caller) -> Resul
         Request::VmStart { name }
         | Request::VmStop { name }
         | Request::VmKill { name }
-        | Request::VmPause { name }
+        | Request::VmPause { name, .. }
         | Request::VmResume { name }
         | Request::VmReidentify { name }
         | Request::VmDelete { name, .. }

@@ -164,8 +164,10 @@ fn sync(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Why a VM cannot be snapshotted, if it cannot.
-pub(crate) fn refusal(vm: &VmRecord) -> Option<String> {
+/// Why a VM cannot be snapshotted, if it cannot: for clones (its disks
+/// copied), or (`clones` false) for its own suspend, which keeps its
+/// disks and volumes where they are.
+pub(crate) fn refusal(vm: &VmRecord, clones: bool) -> Option<String> {
     let name = &vm.name;
     if vm.spec.vmm != VmmKind::Qemu {
         return Some(format!(
@@ -179,7 +181,7 @@ pub(crate) fn refusal(vm: &VmRecord) -> Option<String> {
              (vhost-user is not migratable); copy the data in with `banger vm cp` instead"
         ));
     }
-    if !vm.spec.volumes.is_empty() {
+    if clones && !vm.spec.volumes.is_empty() {
         return Some(format!(
             "vm {name:?} has volumes: a volume is one VM's at a time, and a snapshot's clones \
              would each need it; keep the data on /work or the root disk"
@@ -198,7 +200,7 @@ pub(crate) fn refusal(vm: &VmRecord) -> Option<String> {
              the RAM tmpfs had no room: see the daemon's log); restart it"
         ));
     }
-    if root_file(vm.spec.root_disk()).is_none() {
+    if clones && root_file(vm.spec.root_disk()).is_none() {
         return Some(format!(
             "vm {name:?}'s root disk ({}) cannot be copied by a snapshot",
             vm.spec.root_disk()
@@ -235,7 +237,7 @@ impl Daemon {
                 vm.runtime.state()
             )));
         }
-        if let Some(why) = refusal(&vm) {
+        if let Some(why) = refusal(&vm, true) {
             return Err(DaemonError::Invalid(why));
         }
         if self.store().snapshot(&snap_name)?.is_some() {
@@ -263,18 +265,23 @@ impl Daemon {
                 uid: caller.uid,
                 root_only,
             },
+            false,
         )?;
         self.snapshot_info(&snap_name)
     }
 
     /// Snapshots `vm` (running or stopped for its start, its lock and the
     /// snapshot name's held, the name free) as `snap_name` of `owner`: the
-    /// VM goes on as it was (or is recorded paused if it cannot).
+    /// VM goes on as it was (or is recorded paused if it cannot). With
+    /// `suspend` (`vm pause --to-disk`), only its state and RAM are saved
+    /// (its disks stay its own) and, once the row is written, it is left
+    /// stopped and recorded `snapshotting` for the caller to end.
     pub(crate) fn take_snapshot(
         &self,
         vm: &mut VmRecord,
         snap_name: &str,
         owner: Owner,
+        suspend: bool,
     ) -> Result<()> {
         let name = vm.name.clone();
         let api = vm.runtime.api_sock_path.clone().ok_or_else(|| {
@@ -289,17 +296,58 @@ impl Daemon {
         let t0 = Instant::now();
         let made = self
             .save(vm)
-            .and_then(|()| self.save_files(vm, &api, &dir, was_paused));
+            .and_then(|()| self.save_files(vm, &api, &dir, was_paused, !suspend));
         // A save cut short may still stream: cancelled before the VM runs
         // again (its end would stop the VM once more).
         if made.is_err() {
             let _ = banger_vmm::qmp::execute(&api, "migrate_cancel", None);
         }
-        // The VM goes on as it was, whatever happened. A paused one runs
-        // for a moment too: after a save QEMU has handed its disks over
-        // (inactive), and only `cont` takes them back.
+        let rec = made.map(|(files, crc, vmm_version)| SnapshotRecord {
+            name: snap_name.to_string(),
+            id,
+            dir: dir.clone(),
+            vm: vm.name.clone(),
+            spec: vm.spec.clone(),
+            format: this_format(vmm_version),
+            files,
+            state_crc32: crc,
+            created_at: banger_core::unix_now(),
+        });
+        if suspend {
+            // Recorded, it stays stopped for its suspend; else it runs.
+            let inserted = rec.and_then(|r| Ok(self.store().insert_snapshot(&r, owner)?));
+            if let Err(e) = inserted {
+                let _ = fsutil::remove_dir_all_if_exists(&dir);
+                let _ = self.run_again(vm, &api, was_paused);
+                return Err(e);
+            }
+            info!(vm = %name, snapshot = %snap_name, ms = t0.elapsed().as_millis() as u64, "state saved for a suspend");
+            return Ok(());
+        }
+        // The VM goes on as it was, whatever happened.
+        let resumed = self.run_again(vm, &api, was_paused);
+        let rec = match rec.and_then(|r| resumed.map(|()| r)) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = fsutil::remove_dir_all_if_exists(&dir);
+                return Err(e);
+            }
+        };
+        if let Err(e) = self.store().insert_snapshot(&rec, owner) {
+            let _ = fsutil::remove_dir_all_if_exists(&dir);
+            return Err(e.into());
+        }
+        info!(vm = %name, snapshot = %snap_name, ms = t0.elapsed().as_millis() as u64, "snapshot made");
+        Ok(())
+    }
+
+    /// A VM stopped for a save runs again (a paused one for a moment too:
+    /// after a save QEMU has handed its disks over (inactive), and only
+    /// `cont` takes them back); recorded, as paused if it cannot run.
+    pub(crate) fn run_again(&self, vm: &mut VmRecord, api: &Path, was_paused: bool) -> Result<()> {
+        let name = vm.name.clone();
         let qmp = |cmd: &str| {
-            banger_vmm::qmp::execute(&api, cmd, None)
+            banger_vmm::qmp::execute(api, cmd, None)
                 .map(drop)
                 .map_err(|e| DaemonError::Invalid(format!("vm {name:?}: QMP {cmd}: {e}")))
         };
@@ -310,33 +358,7 @@ impl Daemon {
             vm.runtime.paused = true;
         }
         let saved = self.save(vm);
-        let rec = match made.and_then(|r| resumed.map(|()| r)) {
-            Ok((files, crc, vmm_version)) => SnapshotRecord {
-                name: snap_name.to_string(),
-                id,
-                dir: dir.clone(),
-                vm: vm.name.clone(),
-                spec: vm.spec.clone(),
-                format: this_format(vmm_version),
-                files,
-                state_crc32: crc,
-                created_at: banger_core::unix_now(),
-            },
-            Err(e) => {
-                let _ = fsutil::remove_dir_all_if_exists(&dir);
-                return Err(e);
-            }
-        };
-        if let Err(e) = saved {
-            let _ = fsutil::remove_dir_all_if_exists(&dir);
-            return Err(e);
-        }
-        if let Err(e) = self.store().insert_snapshot(&rec, owner) {
-            let _ = fsutil::remove_dir_all_if_exists(&dir);
-            return Err(e.into());
-        }
-        info!(vm = %name, snapshot = %snap_name, ms = t0.elapsed().as_millis() as u64, "snapshot made");
-        Ok(())
+        resumed.and(saved)
     }
 
     /// The save and the copies, the VM stopped: each file with its size,
@@ -347,6 +369,7 @@ impl Daemon {
         api: &Path,
         dir: &Path,
         was_paused: bool,
+        disks: bool,
     ) -> Result<(Vec<SnapshotFile>, u32, String)> {
         hit("snapshot.begin")?;
         let qmp = |e: banger_vmm::VmmError| DaemonError::Invalid(format!("vm {:?}: {e}", vm.name));
@@ -374,11 +397,11 @@ impl Daemon {
             .ram_path
             .clone()
             .ok_or_else(|| DaemonError::Invalid(format!("vm {:?} has no RAM file", vm.name)))?;
-        let copies: [(PathBuf, &str); 3] = [
-            (ram, vmfiles::SNAP_RAM),
-            (vm_dir.join(root), root),
-            (vm_dir.join(vmfiles::WORK_DISK), vmfiles::WORK_DISK),
-        ];
+        let mut copies: Vec<(PathBuf, &str)> = vec![(ram, vmfiles::SNAP_RAM)];
+        if disks {
+            copies.push((vm_dir.join(root), root));
+            copies.push((vm_dir.join(vmfiles::WORK_DISK), vmfiles::WORK_DISK));
+        }
         for (from, to) in &copies {
             let to = dir.join(to);
             fsutil::clone_or_copy(from, &to)?;
@@ -386,12 +409,8 @@ impl Daemon {
         }
         hit("snapshot.copied")?;
         let mut files = Vec::new();
-        for name in [
-            vmfiles::SNAP_STATE,
-            vmfiles::SNAP_RAM,
-            root,
-            vmfiles::WORK_DISK,
-        ] {
+        let names = std::iter::once(vmfiles::SNAP_STATE).chain(copies.iter().map(|(_, n)| *n));
+        for name in names {
             let p = dir.join(name);
             let bytes = std::fs::metadata(&p).with_path("stat", &p)?.len();
             files.push(SnapshotFile {
@@ -465,11 +484,19 @@ impl Daemon {
     }
 
     /// A VM found stopped for a snapshot a crash cut short runs again
-    /// (unless it was paused before); called by reconcile for a VM kept
-    /// running.
-    pub(crate) fn finish_snapshotting(&self, vm: &mut VmRecord) {
+    /// (unless it was paused before), and one recorded suspended has its
+    /// VMM ended; called by reconcile for a VM kept running: whether it
+    /// still runs.
+    pub(crate) fn finish_snapshotting(&self, vm: &mut VmRecord) -> bool {
         if !vm.runtime.snapshotting {
-            return;
+            return true;
+        }
+        if vm.runtime.suspended {
+            info!(vm = %vm.name, "reconcile: finishing a suspend");
+            if let Err(e) = self.end_suspended(vm) {
+                warn!(vm = %vm.name, err = %e, "reconcile: cannot end a suspended VM's VMM");
+            }
+            return false;
         }
         if !vm.runtime.paused {
             if let Some(api) = &vm.runtime.api_sock_path {
@@ -482,6 +509,7 @@ impl Daemon {
         if let Err(e) = self.save(vm) {
             warn!(vm = %vm.name, err = %e, "reconcile: cannot record the snapshot's end");
         }
+        true
     }
 
     /// What a `--from SNAP` create takes of the snapshot: its record,
@@ -559,11 +587,28 @@ impl Daemon {
         let input = std::fs::File::open(&state).with_path("open", &state)?;
         banger_vmm::qmp::load_state(&api, &input, deadline).map_err(qmp)?;
         hit("restore.loaded")?;
+        let suspended = vm.runtime.suspended;
         vm.runtime.restore = None;
+        vm.runtime.suspended = false;
         self.save(vm)?;
         banger_vmm::qmp::execute(&api, "cont", None).map_err(qmp)?;
         t.done(events);
         hit("restore.running")?;
+        if suspended {
+            // Itself again: no new identity; its saved guest goes.
+            if let Err(e) = self.forget_saved(&name) {
+                warn!(vm = %vm.name, err = %e, "resumed, but its saved guest was not removed");
+            }
+            let t = crate::daemon::Phase::start("clock");
+            let deadline = Instant::now() + IDENTIFY_TIMEOUT;
+            if let Err(e) =
+                self.until_agent_answers(vm, deadline, &|left| self.sync_clock_within(vm, left))
+            {
+                warn!(vm = %vm.name, err = %e, "resumed, but the guest's clock was not set");
+            }
+            t.done(events);
+            return Ok(());
+        }
         let t = crate::daemon::Phase::start("identity");
         self.identify_clone(vm)?;
         t.done(events);
@@ -578,9 +623,21 @@ impl Daemon {
     /// refused before that is tried again until the deadline.
     fn identify_clone(&self, vm: &VmRecord) -> Result<()> {
         let deadline = Instant::now() + IDENTIFY_TIMEOUT;
+        self.until_agent_answers(vm, deadline, &|left| self.apply_identity(vm, left))
+    }
+
+    /// `call` (given the time left) until the restored guest's agent
+    /// answers it: a connection refused before its new `banger-vport` and
+    /// the guest have said hello is tried again until `deadline`.
+    fn until_agent_answers(
+        &self,
+        vm: &VmRecord,
+        deadline: Instant,
+        call: &dyn Fn(Duration) -> Result<()>,
+    ) -> Result<()> {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.apply_identity(vm, left) {
+            match call(left) {
                 Ok(()) => return Ok(()),
                 Err(e) if left <= Duration::from_millis(50) || !self.vm_alive(vm) => return Err(e),
                 Err(e) => {

@@ -246,7 +246,7 @@ impl Daemon {
         ws: &WarmSave,
         events: crate::daemon::Events,
     ) -> Result<()> {
-        if let Some(why) = crate::snapshots::refusal(vm) {
+        if let Some(why) = crate::snapshots::refusal(vm, true) {
             info!(vm = %vm.name, "warm: no snapshot of this guest: {why}");
             return Ok(());
         }
@@ -268,7 +268,8 @@ impl Daemon {
                         uid: ws.uid,
                         root_only,
                     };
-                    self.take_snapshot(vm, &ws.snapshot, owner).map(|_| true)
+                    self.take_snapshot(vm, &ws.snapshot, owner, false)
+                        .map(|_| true)
                 }
             }
         };

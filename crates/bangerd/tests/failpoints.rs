@@ -366,7 +366,7 @@ fn a_failed_release_is_retried_by_itself_and_shown() {
 /// (Listed first: that starts the daemon, whose reconcile removes what
 /// a crash left.)
 fn snapshots(inst: &Instance) -> (usize, Vec<String>) {
-    let out = inst.banger(&["snapshot", "ls", "-q"]);
+    let out = inst.banger(&["snapshot", "ls", "-a", "-q"]);
     let listed = ok(&out, "snapshot ls")
         .lines()
         .map(str::to_string)
@@ -437,5 +437,101 @@ fn every_snapshot_and_restore_step_fails_cleanly_and_survives_a_crash() {
     ok(&inst.banger(&["snapshot", "rm", "s"]), "snapshot rm");
     ok(&inst.banger(&["vm", "rm", "-f", "sp"]), "vm rm -f");
     assert_eq!(snapshots(&inst).0, 0);
+    inst.assert_baseline();
+}
+
+/// Every step of `vm pause --to-disk` and of the resume, failing and
+/// crashing the daemon: the VM runs on, or is suspended with its saved
+/// guest (and resumes with its memory), or, a resume that failed after its
+/// guest ran, boots again; no saved guest is left without its VM.
+#[test]
+fn every_suspend_and_resume_step_fails_cleanly_and_survives_a_crash() {
+    let inst = Instance::new(&banger_bin()).with_image();
+    ok(
+        &inst.banger(&["vm", "run", "-d", "--name", "sp"]),
+        "vm run -d sp",
+    );
+    let steps = bangerd::snapshots::FAILPOINTS
+        .iter()
+        .chain(bangerd::suspend::FAILPOINTS);
+    for step in steps {
+        for mode in ["err", "die"] {
+            let what = format!("{step}={mode}");
+            // A mark in the guest's memory (tmpfs): there after a resume.
+            let out = inst.banger(&[
+                "vm",
+                "exec",
+                "sp",
+                "--",
+                "sh",
+                "-c",
+                "echo m > /dev/shm/mark",
+            ]);
+            ok(&out, &what);
+            let resume = step.starts_with("restore.");
+            if resume {
+                ok(&inst.banger(&["vm", "pause", "--to-disk", "sp"]), &what);
+            }
+            inst.kill_daemon();
+            let out = inst
+                .banger_cmd(&["daemon", "ping"])
+                .env("FAILPOINTS", format!("{step}=return({mode})"))
+                .output()
+                .unwrap();
+            ok(&out, &what);
+            let from = log_len(&inst);
+            let out = if resume {
+                inst.banger(&["vm", "resume", "sp"])
+            } else {
+                inst.banger(&["vm", "pause", "--to-disk", "sp"])
+            };
+            let log = log_since(&inst, from);
+            assert!(
+                log.contains(&format!("failpoint {step}:")),
+                "{what}: never met ({}):\n{log}",
+                text(&out.stderr)
+            );
+            assert!(!out.status.success(), "{what}: {out:?}");
+            // The next daemon (without failpoints) makes sense of it: the
+            // VM runs, or is suspended, or (a resume that failed once its
+            // guest ran) stopped; each goes on from there.
+            inst.kill_daemon();
+            let sp = inst.vm("sp").unwrap();
+            let state = sp["state"].as_str().unwrap_or_default().to_string();
+            let (dirs, listed) = snapshots(&inst);
+            let saved = usize::from(state == "suspended");
+            assert_eq!(
+                listed.len(),
+                saved,
+                "{what}: {state}, saved guests {listed:?}"
+            );
+            assert_eq!(dirs, saved, "{what}: {state}, no half saved guest on disk");
+            let cold = match state.as_str() {
+                "running" => false,
+                "suspended" => {
+                    ok(&inst.banger(&["vm", "resume", "sp"]), &what);
+                    false
+                }
+                _ => {
+                    ok(&inst.banger(&["vm", "start", "sp"]), &what);
+                    true
+                }
+            };
+            let out = inst.banger(&["vm", "exec", "sp", "--", "hostname"]);
+            assert_eq!(ok(&out, &what).trim(), "sp", "{what}");
+            let mark = inst.banger(&["vm", "exec", "sp", "--", "cat", "/dev/shm/mark"]);
+            assert_eq!(
+                mark.status.success(),
+                !cold,
+                "{what}: the guest's memory kept unless it booted again"
+            );
+            assert_eq!(
+                snapshots(&inst),
+                (0, Vec::new()),
+                "{what}: nothing saved left"
+            );
+        }
+    }
+    ok(&inst.banger(&["vm", "rm", "-f", "sp"]), "vm rm -f");
     inst.assert_baseline();
 }

@@ -1,7 +1,7 @@
 //! banger's benchmark: `vm run` latency against a hand-written QEMU command
 //! line, the per-phase breakdown of banger's own overhead, ten VMs in
 //! parallel, the guest agent (exec round trips, copies), DNS and network
-//! setup. Runs in a network namespace it creates (test_infra::Instance);
+//! setup, snapshots (cold against warm starts, fork, clones' memory). Runs in a network namespace it creates (test_infra::Instance);
 //! prints a table and appends it, with the machine's description, to
 //! docs/BENCHMARKS.md. `scripts/bench.sh` is the way to run it.
 
@@ -16,6 +16,7 @@ use test_infra::{text, Instance};
 mod agent;
 mod compare;
 mod memory;
+mod snapshots;
 mod storage;
 
 fn stats(v: &[f64]) -> (f64, f64, f64) {
@@ -405,7 +406,7 @@ fn main() {
         );
         return;
     }
-    let alone: [(&str, &str, &Section); 3] = [
+    let alone: [(&str, &str, &Section); 4] = [
         ("--network-only", "(no VMs: network setup only)", &|t| {
             network_bench(t, 20, 100)
         }),
@@ -418,6 +419,11 @@ fn main() {
             "--memory-only",
             "3 VMs of 512 MiB, one after another",
             &|t| memory::bench(t, &banger, 3),
+        ),
+        (
+            "--snapshots-only",
+            "default size (1 vCPU, 1280 MiB) but where a row says; QEMU",
+            &|t| snapshots::bench(t, &banger, runs),
         ),
     ];
     for (flag, note, run) in alone {
@@ -605,6 +611,7 @@ fn main() {
     agent::bench(&mut table, &inst, &vmm_args, 100);
     dns_bench(&mut table, &inst, 200);
     network_bench(&mut table, 20, 100);
+    snapshots::bench(&mut table, &banger, runs);
     append(&table, &spec_line);
 }
 
