@@ -301,8 +301,18 @@ pub enum Call {
     SetClock {
         unix_ns: u64,
     },
-    /// Re-identifies a running guest (a restored snapshot's clone).
+    /// Re-identifies a running guest (a restored snapshot's clone); opens
+    /// the gate a [`Call::Hold`] closed.
     SetIdentity(Identity),
+    /// A snapshot is about to be taken: until [`Call::Release`] or
+    /// [`Call::SetIdentity`], the agent answers only `Ping`, `SetClock`,
+    /// `Sync`, `Hold`, `Release` and `SetIdentity` (a clone restored from
+    /// the snapshot wakes up held, and runs nothing for anyone before it
+    /// has its own identity).
+    Hold,
+    /// Opens the gate of [`Call::Hold`] (the VM snapshotted goes on as
+    /// itself; a suspended VM resumed).
+    Release,
     /// `Done` once something listens on TCP `port` in the guest (sshd), or
     /// an error after `timeout_ms`.
     WaitListen {

@@ -650,6 +650,29 @@ fn bad_connects_are_closed() {
     assert!(matches!(m, Msg::Pong { .. }), "{m:?}");
 }
 
+/// Held for a snapshot, the agent runs nothing (exec, files, ps) until it
+/// is released or given an identity; ping, clock and sync still answer.
+fn a_held_agent_runs_nothing_until_released(a: &Agent) {
+    let m = client::call(a.conn(), Call::Hold).unwrap();
+    assert!(matches!(m, Msg::Done), "{m:?}");
+    let e = Session::start(a.conn(), Call::Exec(sh("true")))
+        .err()
+        .expect("an exec while held is refused")
+        .to_string();
+    assert!(e.contains("has not been given its own identity"), "{e}");
+    for call in [Call::Ps, Call::Stats, Call::Stat { path: "/".into() }] {
+        let e = client::call(a.conn(), call).expect_err("refused while held");
+        assert!(e.to_string().contains("own identity"), "{e}");
+    }
+    for call in [Call::Ping, Call::Sync] {
+        client::call(a.conn(), call).expect("answered while held");
+    }
+    let m = client::call(a.conn(), Call::Release).unwrap();
+    assert!(matches!(m, Msg::Done), "{m:?}");
+    let (out, _, code) = a.exec(sh("echo free"), None);
+    assert_eq!((&out[..], code), (&b"free\n"[..], 0));
+}
+
 /// Every test above, once per way of reaching the agent.
 macro_rules! over {
     ([$($via:ident),*] $names:tt) => {
@@ -678,6 +701,7 @@ over!(
         a_connection_that_drops_kills_its_attached_process,
         trees_go_in_and_out_with_modes_and_times,
         file_operations_and_watch,
-        detached_output_is_kept_for_a_late_attach
+        detached_output_is_kept_for_a_late_attach,
+        a_held_agent_runs_nothing_until_released
     ]
 );

@@ -37,6 +37,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use banger_agent::proto::{Call, Msg};
 use banger_core::api::SnapshotInfo;
 use banger_core::layout::vmfiles;
 use banger_core::{
@@ -57,6 +58,8 @@ use crate::host::Host;
 const STATE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a restored guest may take to take its identity.
 const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a guest's agent may take to close or open its gate.
+const HOLD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The snapshot steps the failpoint test walks (a failure or a crash at
 /// each leaves no half snapshot listed and the VM as it was).
@@ -289,13 +292,16 @@ impl Daemon {
         })?;
         let id = random_hex(16)?;
         let dir = self.cfg.layout.snapshot_dir(&id);
-        fsutil::create_dir_all(&dir)?;
-        fsutil::set_owner_mode(&dir, 0, 0, 0o700)?;
         let was_paused = vm.runtime.paused;
+        // The guest's agent closes its gate first: what is restored of
+        // this moment runs nothing for anyone before it has an identity.
+        self.hold_guest(vm, &api, was_paused)?;
         vm.runtime.snapshotting = true;
         let t0 = Instant::now();
         let made = self
             .save(vm)
+            .and_then(|()| fsutil::create_dir_all(&dir).map_err(Into::into))
+            .and_then(|()| fsutil::set_owner_mode(&dir, 0, 0, 0o700).map_err(Into::into))
             .and_then(|()| self.save_files(vm, &api, &dir, was_paused, !suspend));
         // A save cut short may still stream: cancelled before the VM runs
         // again (its end would stop the VM once more).
@@ -343,7 +349,8 @@ impl Daemon {
 
     /// A VM stopped for a save runs again (a paused one for a moment too:
     /// after a save QEMU has handed its disks over (inactive), and only
-    /// `cont` takes them back); recorded, as paused if it cannot run.
+    /// `cont` takes them back), its agent's gate opened; recorded, as
+    /// paused if it cannot run.
     pub(crate) fn run_again(&self, vm: &mut VmRecord, api: &Path, was_paused: bool) -> Result<()> {
         let name = vm.name.clone();
         let qmp = |cmd: &str| {
@@ -351,7 +358,14 @@ impl Daemon {
                 .map(drop)
                 .map_err(|e| DaemonError::Invalid(format!("vm {name:?}: QMP {cmd}: {e}")))
         };
-        let resumed = qmp("cont").and_then(|()| if was_paused { qmp("stop") } else { Ok(()) });
+        let resumed = qmp("cont").and_then(|()| {
+            self.release_guest(vm);
+            if was_paused {
+                qmp("stop")
+            } else {
+                Ok(())
+            }
+        });
         vm.runtime.snapshotting = false;
         if resumed.is_err() {
             // Stopped still: recorded as paused, for `vm resume`.
@@ -359,6 +373,63 @@ impl Daemon {
         }
         let saved = self.save(vm);
         resumed.and(saved)
+    }
+
+    /// Closes the guest agent's gate ([`Call::Hold`]) before a save; a
+    /// paused VM runs for the moment of the call. Refused, nothing done,
+    /// when the agent does not take it.
+    fn hold_guest(&self, vm: &VmRecord, api: &Path, was_paused: bool) -> Result<()> {
+        let name = &vm.name;
+        let qmp = |cmd: &str| {
+            banger_vmm::qmp::execute(api, cmd, None)
+                .map(drop)
+                .map_err(|e| DaemonError::Invalid(format!("vm {name:?}: QMP {cmd}: {e}")))
+        };
+        let mut running = vm.clone();
+        running.runtime.paused = false;
+        if was_paused {
+            qmp("cont")?;
+        }
+        let held = match self.agent_call(&running, Call::Hold, HOLD_TIMEOUT) {
+            Ok(Msg::Done) => Ok(()),
+            Ok(other) => Err(DaemonError::Invalid(format!(
+                "vm {name:?}: its guest agent did not take the hold a snapshot needs ({}): an \
+                 agent of an older banger? restart the VM",
+                banger_core::text::escape_control(&format!("{other:?}"), false)
+                    .chars()
+                    .take(200)
+                    .collect::<String>()
+            ))),
+            Err(e) => Err(e),
+        };
+        if was_paused {
+            qmp("stop")?;
+        }
+        held
+    }
+
+    /// Opens the guest agent's gate again (the VM snapshotted goes on as
+    /// itself; a suspended one resumed), retried while its channel comes
+    /// back; a failure is logged (its agent then refuses calls until the
+    /// VM restarts).
+    pub(crate) fn release_guest(&self, vm: &VmRecord) {
+        let mut running = vm.clone();
+        running.runtime.paused = false;
+        let deadline = Instant::now() + HOLD_TIMEOUT;
+        let released = self.until_agent_answers(&running, deadline, &|left| match self.agent_call(
+            &running,
+            Call::Release,
+            left,
+        )? {
+            Msg::Done => Ok(()),
+            other => Err(DaemonError::Invalid(format!(
+                "vm {:?}: Release answered {other:?}",
+                vm.name
+            ))),
+        });
+        if let Err(e) = released {
+            warn!(vm = %vm.name, err = %e, "its guest agent's gate stays closed");
+        }
     }
 
     /// The save and the copies, the VM stopped: each file with its size,
@@ -498,10 +569,14 @@ impl Daemon {
             }
             return false;
         }
-        if !vm.runtime.paused {
-            if let Some(api) = &vm.runtime.api_sock_path {
-                if let Err(e) = banger_vmm::qmp::execute(api, "cont", None) {
-                    warn!(vm = %vm.name, err = %e, "reconcile: cannot run a VM a snapshot stopped");
+        if let Some(api) = &vm.runtime.api_sock_path {
+            if let Err(e) = banger_vmm::qmp::execute(api, "cont", None) {
+                warn!(vm = %vm.name, err = %e, "reconcile: cannot run a VM a snapshot stopped");
+            } else {
+                // Its agent's gate, closed for the save, opens again.
+                self.release_guest(vm);
+                if vm.runtime.paused {
+                    let _ = banger_vmm::qmp::execute(api, "stop", None);
                 }
             }
         }
@@ -599,6 +674,7 @@ impl Daemon {
             if let Err(e) = self.forget_saved(&name) {
                 warn!(vm = %vm.name, err = %e, "resumed, but its saved guest was not removed");
             }
+            self.release_guest(vm);
             let t = crate::daemon::Phase::start("clock");
             let deadline = Instant::now() + IDENTIFY_TIMEOUT;
             if let Err(e) =

@@ -17,6 +17,7 @@ mod system;
 
 use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use banger_agent::proto::{
     self, write_msg, Call, Msg, ProtoError, AGENT_PORT, HELLO_PORT, VERSION,
@@ -168,6 +169,10 @@ fn serve(c: UnixStream) {
     }
 }
 
+/// Closed by [`Call::Hold`] before a snapshot, opened by `Release` or
+/// `SetIdentity`: a clone wakes up with it closed.
+static HELD: AtomicBool = AtomicBool::new(false);
+
 fn call(mut c: UnixStream) -> Result<(), ProtoError> {
     let req = proto::read_request(&mut c)?;
     if req.v != VERSION {
@@ -179,7 +184,35 @@ fn call(mut c: UnixStream) -> Result<(), ProtoError> {
             )),
         );
     }
+    let held = HELD.load(Ordering::SeqCst);
+    let allowed = matches!(
+        req.call,
+        Call::Ping
+            | Call::SetClock { .. }
+            | Call::Sync
+            | Call::Hold
+            | Call::Release
+            | Call::SetIdentity(_)
+    );
+    if held && !allowed {
+        return write_msg(
+            &mut c,
+            &Msg::error(
+                "this guest was restored from a snapshot and has not been given its own \
+                 identity yet: nothing runs in it before (banger gives it as the VM starts; \
+                 `banger vm restart` if that failed)",
+            ),
+        );
+    }
     let reply = match req.call {
+        Call::Hold => {
+            HELD.store(true, Ordering::SeqCst);
+            Ok(Msg::Done)
+        }
+        Call::Release => {
+            HELD.store(false, Ordering::SeqCst);
+            Ok(Msg::Done)
+        }
         Call::Ping => Ok(Msg::Pong {
             version: VERSION,
             boot_id: boot_id(),
@@ -210,7 +243,10 @@ fn call(mut c: UnixStream) -> Result<(), ProtoError> {
             Ok(Msg::Done)
         }
         Call::SetClock { unix_ns } => system::set_clock(unix_ns).map(|()| Msg::Done),
-        Call::SetIdentity(id) => system::set_identity(&id).map(|()| Msg::Done),
+        Call::SetIdentity(id) => system::set_identity(&id).map(|()| {
+            HELD.store(false, Ordering::SeqCst);
+            Msg::Done
+        }),
         Call::WaitListen { port, timeout_ms } => {
             system::wait_listen(port, timeout_ms).map(|()| Msg::Done)
         }
