@@ -107,7 +107,7 @@ impl VmState {
             ),
             "resume" => (
                 matches!(self, VmState::Paused | VmState::Suspended),
-                " (only a paused VM can be resumed)",
+                " (only a paused or suspended VM can be resumed)",
             ),
             _ => (self.can_delete(), ""),
         };

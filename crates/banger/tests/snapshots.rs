@@ -333,12 +333,23 @@ fn a_fork_clones_a_running_vm_with_its_processes() {
 #[test]
 fn pause_to_disk_ends_the_vmm_and_resume_brings_the_guest_back() {
     let inst = Instance::new(&banger_bin()).with_image();
+    // A VM with a volume keeps it: refused (it would give it up).
     ok(
         &inst.banger(&["volume", "create", "sv", "--size", "16M"]),
         "volume create",
     );
     ok(
-        &inst.banger(&["vm", "run", "-d", "--name", "s", "--volume", "sv:/data"]),
+        &inst.banger(&["vm", "run", "-d", "--name", "v", "--volume", "sv:/data"]),
+        "vm run -d v",
+    );
+    let err = err_of(&inst.banger(&["vm", "pause", "--to-disk", "v"]));
+    assert!(err.contains("has volumes"), "{err}");
+    assert_eq!(inst.vm("v").unwrap()["state"], "running");
+    ok(&inst.banger(&["vm", "rm", "-f", "v"]), "vm rm v");
+    ok(&inst.banger(&["volume", "rm", "sv"]), "volume rm");
+
+    ok(
+        &inst.banger(&["vm", "run", "-d", "--name", "s"]),
         "vm run -d s",
     );
     let out = inst.banger(&[
@@ -354,7 +365,7 @@ fn pause_to_disk_ends_the_vmm_and_resume_brings_the_guest_back() {
         "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done",
     ]);
     ok(&out, "exec -d");
-    exec(&inst, "s", &["sh", "-c", "echo kept > /data/v && sync"]);
+    exec(&inst, "s", &["sh", "-c", "echo kept > /dev/shm/mark"]);
     let machine_id = exec(&inst, "s", &["cat", "/etc/machine-id"]);
     let ip = inst.guest_ip("s");
     let before: u64 = exec(&inst, "s", &["cat", "/tmp/count"]).parse().unwrap();
@@ -385,7 +396,9 @@ fn pause_to_disk_ends_the_vmm_and_resume_brings_the_guest_back() {
     let saved = saved.trim().to_string();
     assert!(saved.starts_with("suspend."), "{saved}");
     let err = err_of(&inst.banger(&["snapshot", "rm", &saved]));
-    assert!(err.contains("needed by vm(s) s"), "{err}");
+    assert!(err.contains("vm \"s\"'s saved guest"), "{err}");
+    let err = err_of(&inst.banger(&["vm", "run", "--from", &saved, "--name", "t"]));
+    assert!(err.contains("only its VM restores"), "{err}");
     let err = err_of(&inst.banger(&["vm", "exec", "s", "--", "true"]));
     assert!(err.contains("suspended"), "{err}");
     let err = err_of(&inst.banger(&["vm", "pause", "--to-disk", "s"]));
@@ -397,7 +410,7 @@ fn pause_to_disk_ends_the_vmm_and_resume_brings_the_guest_back() {
     assert_eq!(exec(&inst, "s", &["cat", "/etc/machine-id"]), machine_id);
     assert_eq!(exec(&inst, "s", &["hostname"]), "s");
     assert_eq!(inst.guest_ip("s"), ip);
-    assert_eq!(exec(&inst, "s", &["cat", "/data/v"]), "kept");
+    assert_eq!(exec(&inst, "s", &["cat", "/dev/shm/mark"]), "kept");
     let ps: Vec<serde_json::Value> =
         serde_json::from_str(&ok(&inst.banger(&["vm", "ps", "s", "--json"]), "ps")).unwrap();
     assert!(
@@ -422,6 +435,21 @@ fn pause_to_disk_ends_the_vmm_and_resume_brings_the_guest_back() {
         ""
     );
 
+    // `vm stop` discards a saved guest: the next start boots.
+    ok(
+        &inst.banger(&["vm", "pause", "--to-disk", "s"]),
+        "pause --to-disk",
+    );
+    ok(&inst.banger(&["vm", "stop", "s"]), "vm stop");
+    assert_eq!(inst.vm("s").unwrap()["state"], "stopped");
+    assert_eq!(
+        ok(&inst.banger(&["snapshot", "ls", "-a", "-q"]), "ls -a"),
+        ""
+    );
+    ok(&inst.banger(&["vm", "start", "s"]), "vm start");
+    let out = inst.banger(&["vm", "exec", "s", "--", "cat", "/dev/shm/mark"]);
+    assert!(!out.status.success(), "a boot has a new memory");
+
     // A suspended VM deleted takes its saved guest along.
     ok(
         &inst.banger(&["vm", "pause", "--to-disk", "s"]),
@@ -436,6 +464,5 @@ fn pause_to_disk_ends_the_vmm_and_resume_brings_the_guest_back() {
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "snapshot dirs left: {left:?}");
-    ok(&inst.banger(&["volume", "rm", "sv"]), "volume rm");
     inst.assert_baseline();
 }

@@ -70,6 +70,13 @@ impl Daemon {
         // What its last stop left is released first: a pending release
         // would revoke the image grant the commit's tools are given.
         self.settle_vm(&vm.id)?;
+        if vm.runtime.suspended {
+            return Err(DaemonError::Invalid(format!(
+                "vm {vm_name:?} is suspended: its guest's memory is not on its disk; `banger vm \
+                 resume {vm_name}` then `banger vm stop {vm_name}` first (or `vm stop` to discard \
+                 the saved guest)"
+            )));
+        }
         if !matches!(vm.runtime.state(), VmState::Stopped | VmState::Created) {
             return Err(DaemonError::Invalid(format!(
                 "vm {vm_name:?} is {}: `banger vm stop {vm_name}` first (a running guest's disk \

@@ -67,6 +67,12 @@ impl Daemon {
             .as_ref()
             .map(|n| self.snapshot_locks.lock_shared(n));
         let snap = match &req.from {
+            Some(from) if from.starts_with(banger_core::SUSPEND_PREFIX) => {
+                return Err(DaemonError::Invalid(format!(
+                    "--from {from}: that is a suspended VM's saved guest, which only its VM \
+                     restores (`banger vm resume`)"
+                )))
+            }
             Some(from) if crate::warm::is_warm(from) => {
                 return Err(DaemonError::Invalid(format!(
                     "--from {from}: that snapshot is the warm-start cache's, which `vm run` \
@@ -175,7 +181,7 @@ impl Daemon {
             accel: &accel,
             root_disk,
         };
-        let plan = self.warm_plan(req, &img, &shape, caller)?;
+        let plan = self.warm_plan(req, &img, &shape, caller);
         let warm_guard = match &plan {
             crate::warm::Plan::Restore(s) => Some(self.snapshot_locks.lock_shared(s)),
             _ => None,
@@ -508,6 +514,12 @@ impl Daemon {
         if why.is_some() && vm.runtime.paused {
             return Ok(self.info(&vm));
         }
+        // Suspended (or a resume that failed): its saved guest goes, and
+        // its next start boots.
+        if why.is_none() && vm.runtime.suspended && !vm.runtime.state().is_up() {
+            self.discard_saved(&mut vm)?;
+            return Ok(self.info(&vm));
+        }
         if !self.vm_alive(&vm) && vm.runtime.state() == VmState::Running {
             // Stale: the VMM died behind our back. Clean and report stopped.
             self.end_boot(
@@ -735,6 +747,7 @@ impl Daemon {
                 vm.runtime.last_error = why;
                 vm.runtime.started_at = None;
                 vm.runtime.paused = false;
+                vm.runtime.snapshotting = false;
                 self.save(vm)
             }
             Err(e) => {

@@ -284,7 +284,19 @@ fn handle(
         // over.
         let vm = daemon
             .find(name)
-            .and_then(|vm| caller.may_use_in(&daemon.store(), &vm).map(|_| vm));
+            .and_then(|vm| caller.may_use_in(&daemon.store(), &vm).map(|_| vm))
+            .and_then(|vm| {
+                // Nothing of a client's runs in a guest before it is
+                // handed over (a first boot's warm snapshot is taken
+                // just before).
+                if vm.runtime.state() == banger_core::VmState::Starting {
+                    Err(DaemonError::Invalid(format!(
+                        "vm {name:?} is starting: its guest is yours once it runs"
+                    )))
+                } else {
+                    Ok(vm)
+                }
+            });
         match vm.and_then(|vm| daemon.agent_connect(&vm)) {
             Ok(agent) => {
                 if let Err(e) = send_with_fd(&writer, &Reply::Ok(Response::Agent), &agent) {

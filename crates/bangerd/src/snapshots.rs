@@ -518,12 +518,29 @@ impl Daemon {
     /// (its start reads the snapshot). The row goes first: a crash after
     /// it leaves a directory the next start removes.
     pub fn delete_snapshot(&self, name: &str, caller: &Caller) -> Result<()> {
+        if let Some(id) = name.strip_prefix(banger_core::SUSPEND_PREFIX) {
+            let vms = self.store().list_vms()?;
+            let vm = vms.into_iter().find(|v| v.id == id).map(|v| v.name);
+            return Err(DaemonError::Invalid(format!(
+                "snapshot {name:?} is {}'s saved guest (`vm pause --to-disk`): `banger vm resume` \
+                 restores it, `banger vm stop` discards it",
+                vm.map(|n| format!("vm {n:?}"))
+                    .unwrap_or_else(|| "a suspended VM".into())
+            )));
+        }
         let _g = self.snapshot_locks.lock(name);
+        caller.may_replace(&self.store(), Owned::Snapshot, name, "remove")?;
+        self.remove_snapshot_held(name)
+    }
+
+    /// Removes snapshot `name` (its name's lock held): refused while a VM
+    /// made from it has not started yet. The row goes first: a crash
+    /// after it leaves a directory the next start removes.
+    pub(crate) fn remove_snapshot_held(&self, name: &str) -> Result<()> {
         let rec = self
             .store()
             .snapshot(name)?
             .ok_or_else(|| DaemonError::SnapshotNotFound(name.to_string()))?;
-        caller.may_replace(&self.store(), Owned::Snapshot, name, "remove")?;
         let pending = self.store().vms_restoring(name)?;
         if !pending.is_empty() {
             return Err(DaemonError::Invalid(format!(
@@ -666,9 +683,20 @@ impl Daemon {
         vm.runtime.restore = None;
         vm.runtime.suspended = false;
         self.save(vm)?;
-        banger_vmm::qmp::execute(&api, "cont", None).map_err(qmp)?;
+        let ran = banger_vmm::qmp::execute(&api, "cont", None)
+            .map_err(qmp)
+            .and_then(|_| hit("restore.running"));
+        if let Err(e) = ran {
+            // Whatever becomes of this start, the saved guest is done
+            // with: the VM's next start boots from its disks.
+            if suspended {
+                if let Err(f) = self.forget_saved(&name) {
+                    warn!(vm = %vm.name, err = %f, "its saved guest is left for the next start");
+                }
+            }
+            return Err(e);
+        }
         t.done(events);
-        hit("restore.running")?;
         if suspended {
             // Itself again: no new identity; its saved guest goes.
             if let Err(e) = self.forget_saved(&name) {

@@ -29,6 +29,9 @@ use crate::daemon::Daemon;
 use crate::error::{DaemonError, Result};
 use crate::failpoint::hit;
 
+/// How long a guest may take to sync its disks before a suspend.
+const SYNC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The suspend steps the failpoint test walks.
 pub const FAILPOINTS: &[&str] = &["suspend.saved", "suspend.recorded"];
 
@@ -45,6 +48,16 @@ impl Daemon {
         if let Some(why) = crate::snapshots::refusal(&vm, false) {
             return Err(DaemonError::Invalid(format!("{why} (vm pause --to-disk)")));
         }
+        // A volume is one VM's while it runs: a suspended VM would give it
+        // up, and another VM could write it under the saved guest's
+        // memory of it.
+        if !vm.spec.volumes.is_empty() {
+            return Err(DaemonError::Invalid(format!(
+                "vm {name:?} has volumes: a VM paused to disk would give them up while its \
+                 guest's memory still holds their filesystems; `banger vm pause {name}` keeps \
+                 everything, or stop it"
+            )));
+        }
         if !self.vm_alive(&vm) {
             return Err(DaemonError::Invalid(format!(
                 "vm {name:?}: its VMM is not running (`banger vm ls` shows what became of it)"
@@ -54,10 +67,22 @@ impl Daemon {
             DaemonError::Invalid(format!("vm {name:?} has no QMP socket: restart it"))
         })?;
         let snap = format!("{SUSPEND_PREFIX}{}", vm.id);
+        let _s = self.snapshot_locks.lock(&snap);
         // What a suspend cut short before this VM was recorded left.
         self.forget_saved(&snap)?;
         let was_paused = vm.runtime.paused;
-        self.take_snapshot(&mut vm, &snap, banger_store::Owner::default(), true)?;
+        // The guest's dirty pages to its disks first: a suspended VM that
+        // is deleted or committed has them there.
+        if !was_paused {
+            if let Err(e) = self.agent_call(&vm, banger_agent::proto::Call::Sync, SYNC_TIMEOUT) {
+                warn!(vm = %name, err = %e, "suspend: the guest did not sync its disks");
+            }
+        }
+        let owner = banger_store::Owner {
+            uid: 0,
+            root_only: true,
+        };
+        self.take_snapshot(&mut vm, &snap, owner, true)?;
         // Stopped now, its state saved and recorded: the VM is recorded
         // suspended, or runs again.
         let recorded = hit("suspend.saved").and_then(|()| {
@@ -76,19 +101,37 @@ impl Daemon {
             }
             return Err(e);
         }
-        hit("suspend.recorded")?;
+        // Recorded suspended: it ends, whatever happens next.
+        let step = hit("suspend.recorded");
         self.end_suspended(&mut vm)?;
+        step?;
         info!(vm = %name, "suspended to disk");
         Ok(self.info(&vm))
     }
 
-    /// Ends a suspended VM's VMM and what it held to run.
+    /// Ends a suspended VM's VMM and what it held to run (`end_boot`
+    /// clears `snapshotting`).
     pub(crate) fn end_suspended(&self, vm: &mut banger_core::VmRecord) -> Result<()> {
         vm.runtime.state = Some(VmState::Stopping);
-        self.save(vm)?;
+        let saved = self.save(vm);
         self.end_boot(vm, VmState::Stopped, None, true)?;
-        vm.runtime.snapshotting = false;
-        self.save(vm)
+        saved
+    }
+
+    /// `vm stop` of a suspended VM: its saved guest is discarded (as a
+    /// power cut would: the disks are as the guest last synced them) and
+    /// its next start boots.
+    pub(crate) fn discard_saved(&self, vm: &mut banger_core::VmRecord) -> Result<()> {
+        let Some(snap) = vm.runtime.restore.clone() else {
+            return Ok(());
+        };
+        let _s = self.snapshot_locks.lock(&snap);
+        vm.runtime.restore = None;
+        vm.runtime.suspended = false;
+        self.save(vm)?;
+        self.forget_saved(&snap)?;
+        info!(vm = %vm.name, "its saved guest discarded");
+        Ok(())
     }
 
     /// Removes a suspend's saved guest (its row, then its files).
@@ -116,9 +159,26 @@ impl Daemon {
                 return;
             }
         };
+        // The VMs' rows, and the ids of those this build cannot read
+        // (whose saved guests are kept: nothing says they are not theirs).
+        let rows = {
+            let store = self.store();
+            match (store.list_vms(), store.broken_vms()) {
+                (Ok(v), Ok(b)) => Some((v, b)),
+                _ => None,
+            }
+        };
+        let Some((vms, broken)) = rows else {
+            warn!("reconcile: cannot list the VMs: saved guests kept");
+            return;
+        };
         for n in names {
-            let waited = self.store().vms_restoring(&n).map(|v| !v.is_empty());
-            if let Ok(false) = waited {
+            let id = n.strip_prefix(SUSPEND_PREFIX).unwrap_or_default();
+            let waited = broken.iter().any(|b| b.id == id)
+                || vms
+                    .iter()
+                    .any(|v| v.id == id && v.runtime.restore.as_deref() == Some(n.as_str()));
+            if !waited {
                 info!(snapshot = %n, "reconcile: removing a saved guest no VM restores");
                 if let Err(e) = self.forget_saved(&n) {
                     warn!(snapshot = %n, err = %e, "reconcile: cannot remove it");

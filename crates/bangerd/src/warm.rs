@@ -148,6 +148,20 @@ impl Daemon {
         img: &ImageRecord,
         shape: &Shape<'_>,
         caller: &Caller,
+    ) -> Plan {
+        // Only a cache: what goes wrong here makes a cold start.
+        self.plan_for(req, img, shape, caller).unwrap_or_else(|e| {
+            warn!(err = %e, "warm: no warm start for this VM");
+            Plan::None
+        })
+    }
+
+    fn plan_for(
+        &self,
+        req: &banger_core::api::CreateVm,
+        img: &ImageRecord,
+        shape: &Shape<'_>,
+        caller: &Caller,
     ) -> Result<Plan> {
         let copyable = crate::snapshots::root_file(shape.root_disk).is_some();
         if self.cfg.warm_cache_mib == 0
@@ -157,21 +171,29 @@ impl Daemon {
             || !req.volumes.is_empty()
             || shape.vmm != VmmKind::Qemu
             || !copyable
+            // A restore needs its RAM on the tmpfs (a boot without room
+            // goes on without a RAM file, and saves nothing).
+            || !crate::resources::ram::room_for(&self.cfg.ram_dir, shape.sizing.memory_mib << 20)
         {
             return Ok(Plan::None);
         }
-        let qemu = banger_host::cmd::which(banger_vmm::qemu::QEMU_BINARY);
-        let k = key(
-            img,
-            shape,
-            caller.uid,
-            qemu.as_deref(),
-            self.cfg.agent.as_deref(),
-        );
-        let name = format!("{PREFIX}{k}");
+        let name = self.warm_name(img, shape, caller.uid);
         // Bound first: the store's guard must be gone before the calls
         // below take it again.
         let found = self.store().snapshot(&name)?;
+        // (The key holds the uid; the owner is checked all the same.)
+        let theirs = match &found {
+            Some(_) => {
+                self.store()
+                    .owner(banger_store::Owned::Snapshot, &name)?
+                    .uid
+                    == caller.uid
+            }
+            None => true,
+        };
+        if !theirs {
+            return Ok(Plan::None);
+        }
         match found {
             Some(snap) => match self.clone_source(&name, caller) {
                 Ok(_) => {
@@ -202,6 +224,14 @@ impl Daemon {
                 }))
             }
         }
+    }
+
+    /// The name of the warm snapshot of a guest of `img` shaped by
+    /// `shape`, for `uid`, with this host's binaries now.
+    fn warm_name(&self, img: &ImageRecord, shape: &Shape<'_>, uid: u32) -> String {
+        let qemu = banger_host::cmd::which(banger_vmm::qemu::QEMU_BINARY);
+        let k = key(img, shape, uid, qemu.as_deref(), self.cfg.agent.as_deref());
+        format!("{PREFIX}{k}")
     }
 
     /// The warm snapshots of the same image name, shape and user as `keep`
@@ -250,6 +280,20 @@ impl Daemon {
             info!(vm = %vm.name, "warm: no snapshot of this guest: {why}");
             return Ok(());
         }
+        // What shapes the guest may have changed since its create (a VM
+        // created, then started later): saved only under today's key.
+        let img = self.image(&vm.spec.image)?;
+        let shape = Shape {
+            sizing: vm.spec.sizing,
+            root_mib: vm.spec.root_mib,
+            vmm: vm.spec.vmm,
+            accel: &vm.spec.accel,
+            root_disk: vm.spec.root_disk(),
+        };
+        if self.warm_name(&img, &shape, ws.uid) != ws.snapshot {
+            info!(vm = %vm.name, "warm: its image or binaries changed since its create: no snapshot");
+            return Ok(());
+        }
         let t = crate::daemon::Phase::start("warm-save");
         let made = {
             // Not waited for (the VM's lock is held, and a create that
@@ -288,10 +332,16 @@ impl Daemon {
         }
     }
 
-    /// Removes a warm snapshot if nothing waits to restore it (logged
-    /// otherwise).
+    /// Removes a warm snapshot if nobody holds its name now (tried, never
+    /// waited for: a first boot's save and trim run under its VM's lock,
+    /// and a create that restores one holds its name, then waits for a
+    /// VM's) and nothing waits to restore it; logged otherwise.
     pub(crate) fn drop_warm(&self, name: &str) {
-        match self.delete_snapshot(name, &Caller::root()) {
+        let Some(_g) = self.snapshot_locks.try_lock(name) else {
+            info!(snapshot = %name, "warm: in use, kept for now");
+            return;
+        };
+        match self.remove_snapshot_held(name) {
             Ok(()) => info!(snapshot = %name, "warm: removed"),
             Err(DaemonError::SnapshotNotFound(_)) => {}
             Err(e) => warn!(snapshot = %name, err = %e, "warm: not removed"),
@@ -309,8 +359,8 @@ impl Daemon {
                 return;
             }
         };
-        warm.sort_by_key(|s| std::cmp::Reverse(last_used(s)));
-        let bound = self.cfg.warm_cache_mib << 20;
+        warm.sort_by_cached_key(|s| std::cmp::Reverse(last_used(s)));
+        let bound = self.cfg.warm_cache_mib.saturating_mul(1 << 20);
         let mut used = 0u64;
         for s in warm {
             if crate::snapshots::check_record(&s).is_err() {

@@ -33,6 +33,17 @@ pub fn path(host: &Host<'_>, vm: &VmRecord) -> PathBuf {
     host.cfg.ram_dir.join(&vm.id)
 }
 
+/// Whether the RAM dir's filesystem (its parent's, before it exists) has
+/// `bytes` free.
+pub fn room_for(dir: &Path, bytes: u64) -> bool {
+    let at = if dir.exists() {
+        dir
+    } else {
+        dir.parent().unwrap_or(dir)
+    };
+    free_bytes(at).is_some_and(|free| free >= bytes)
+}
+
 /// Bytes free for an unprivileged writer on the filesystem of `dir`.
 fn free_bytes(dir: &Path) -> Option<u64> {
     let s = nix::sys::statvfs::statvfs(dir).ok()?;
