@@ -43,7 +43,13 @@ fn snapshot_dir(inst: &Instance, snap: &str) -> PathBuf {
 fn clones_of_a_snapshot_are_machines_of_their_own() {
     let inst = Instance::new(&banger_bin()).with_image();
     ok(
-        &inst.banger(&["vm", "run", "-d", "--name", "origin"]),
+        &inst.banger(&["volume", "create", "ov", "--size", "16M"]),
+        "volume create",
+    );
+    ok(
+        &inst.banger(&[
+            "vm", "run", "-d", "--name", "origin", "--volume", "ov:/data",
+        ]),
         "vm run -d origin",
     );
     exec(
@@ -52,7 +58,8 @@ fn clones_of_a_snapshot_are_machines_of_their_own() {
         &[
             "sh",
             "-c",
-            "echo root-data > /root/r && echo work-data > /work/w && sync",
+            "echo root-data > /root/r && echo work-data > /work/w && echo vol-data > /data/v \
+             && sync",
         ],
     );
     let out = inst.banger(&["vm", "snapshot", "origin", "s1"]);
@@ -97,6 +104,16 @@ fn clones_of_a_snapshot_are_machines_of_their_own() {
         assert_eq!(exec(&inst, n, &["cat", "/etc/hostname"]), n);
         assert_eq!(exec(&inst, n, &["cat", "/root/r"]), "root-data");
         assert_eq!(exec(&inst, n, &["cat", "/work/w"]), "work-data");
+        // A copy of the origin's volume, its own (`<clone>-<volume>`).
+        assert_eq!(exec(&inst, n, &["cat", "/data/v"]), "vol-data");
+        let out = inst.banger(&["volume", "ls", "--json"]);
+        let vols: Vec<serde_json::Value> = serde_json::from_str(&ok(&out, "volume ls")).unwrap();
+        let mine: Vec<&str> = vols
+            .iter()
+            .filter(|v| v["used_by"].as_array().unwrap().iter().any(|u| u == n))
+            .map(|v| v["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(mine, vec![format!("{n}-ov")]);
         let later = inst.banger(&["vm", "exec", n, "--", "test", "-e", "/root/later"]);
         assert!(!later.status.success(), "{n} sees what origin wrote after");
         // Its own address, on its own tap: the guest has it, and the host
@@ -125,11 +142,17 @@ fn clones_of_a_snapshot_are_machines_of_their_own() {
     exec(
         &inst,
         "c1",
-        &["sh", "-c", "echo mine > /work/c1-only && sync"],
+        &[
+            "sh",
+            "-c",
+            "echo mine > /work/c1-only && echo mine > /data/c1-only && sync",
+        ],
     );
     for n in ["c2", "origin"] {
-        let out = inst.banger(&["vm", "exec", n, "--", "test", "-e", "/work/c1-only"]);
-        assert!(!out.status.success(), "{n} sees c1's file");
+        for f in ["/work/c1-only", "/data/c1-only"] {
+            let out = inst.banger(&["vm", "exec", n, "--", "test", "-e", f]);
+            assert!(!out.status.success(), "{n} sees c1's {f}");
+        }
     }
     // A clone that ran boots from its own disks after a stop.
     ok(&inst.banger(&["vm", "stop", "c2"]), "stop c2");
@@ -154,6 +177,12 @@ fn clones_of_a_snapshot_are_machines_of_their_own() {
         &inst.banger(&["vm", "rm", "-f", "origin", "c1", "c2"]),
         "vm rm -f",
     );
+    // The clones' volumes outlive them, as volumes do; c3's too.
+    let out = inst.banger(&["volume", "ls", "-q"]);
+    assert_eq!(ok(&out, "volume ls"), "c1-ov\nc2-ov\nc3-ov\nov\n");
+    for v in ["c1-ov", "c2-ov", "c3-ov", "ov"] {
+        ok(&inst.banger(&["volume", "rm", v]), "volume rm");
+    }
     inst.assert_baseline();
 }
 

@@ -88,12 +88,19 @@ impl Daemon {
             for n in &names {
                 let ours = self
                     .find(n)
-                    .is_ok_and(|v| v.spec.from_snapshot.as_deref() == Some(snap.as_str()));
-                if !ours {
+                    .ok()
+                    .filter(|v| v.spec.from_snapshot.as_deref() == Some(snap.as_str()));
+                let Some(clone) = ours else {
                     continue;
-                }
+                };
                 match self.delete(n) {
-                    Ok(()) | Err(DaemonError::VmNotFound(_)) => {}
+                    Ok(()) | Err(DaemonError::VmNotFound(_)) => {
+                        // Its copies of the origin's volumes too.
+                        let _v = crate::daemon::lock(&self.volumes.lock);
+                        for m in &clone.spec.volumes {
+                            self.forget_volume(&m.name);
+                        }
+                    }
                     Err(e) => warn!(vm = %n, err = %e, "fork: a clone not rolled back"),
                 }
             }

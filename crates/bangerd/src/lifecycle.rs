@@ -197,6 +197,38 @@ impl Daemon {
             crate::warm::Plan::Save(w) => (req.from.clone(), Some(w.clone())),
             crate::warm::Plan::None => (req.from.clone(), None),
         };
+        // A clone of a VM with volumes gets copies of them, named
+        // `<clone>-<volume>`, at the same places.
+        let clone_volumes: Vec<(banger_core::volume::VolumeMount, std::path::PathBuf)> = match &snap
+        {
+            Some(s) => s
+                .spec
+                .volumes
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    let mount = banger_core::volume::VolumeMount {
+                        name: format!("{name}-{}", m.name),
+                        path: m.path.clone(),
+                    };
+                    (mount, s.dir.join(crate::snapshots::volume_file(i)))
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        for (m, _) in &clone_volumes {
+            banger_core::validate_name(&m.name).map_err(|e| {
+                DaemonError::Invalid(format!(
+                    "vm {name:?}: its copy of a volume would be volume {:?}: {e}; pick a shorter \
+                     name",
+                    m.name
+                ))
+            })?;
+        }
+        let volumes = match &snap {
+            Some(_) => clone_volumes.iter().map(|(m, _)| m.clone()).collect(),
+            None => req.volumes.clone(),
+        };
         let _g = self.lock_vm(&name)?;
         let id = random_hex(16)?;
         let mut vm = VmRecord {
@@ -209,7 +241,7 @@ impl Daemon {
                 accel: accel.clone(),
                 auto_stop: req.auto_stop,
                 net: req.net.clone(),
-                volumes: req.volumes.clone(),
+                volumes,
                 mounts: req.mounts.clone(),
                 root_mib: req.root_mib,
                 root_disk: Some(root_disk),
@@ -238,19 +270,32 @@ impl Daemon {
         // before the VM exists, so that no member's VM takes one between.
         let volume_guard = lock(&self.volumes.lock);
         self.check_mounts(&req.volumes)?;
-        if crate::access::root_only(&vm) || crate::access::root_only_data(&self.store(), &vm)? {
-            let store = self.store();
-            for v in &vm.spec.volumes {
-                store.mark_root_only(banger_store::Owned::Volume, &v.name)?;
+        let mut made_volumes: Vec<String> = Vec::new();
+        let inserted = (|| {
+            for (m, from) in &clone_volumes {
+                let owner = banger_store::Owner {
+                    uid: caller.uid,
+                    root_only: false,
+                };
+                self.volume_from(&m.name, from, owner)?;
+                made_volumes.push(m.name.clone());
             }
-        }
-        hit("create.begin")?;
-        {
+            if crate::access::root_only(&vm) || crate::access::root_only_data(&self.store(), &vm)? {
+                let store = self.store();
+                for v in &vm.spec.volumes {
+                    store.mark_root_only(banger_store::Owned::Volume, &v.name)?;
+                }
+            }
+            hit("create.begin")?;
             let _n = lock(&self.net_lock);
             if let Some(n) = &req.net.network {
                 caller.may_join(&self.store(), n)?;
             }
-            self.insert_row(&vm)?;
+            self.insert_row(&vm)
+        })();
+        if let Err(e) = inserted {
+            made_volumes.iter().for_each(|v| self.forget_volume(v));
+            return Err(e);
         }
         // Its row names the snapshot now (`runtime.restore`): `snapshot
         // rm` refuses until it has started.
@@ -299,6 +344,8 @@ impl Daemon {
         if let Err(e) = made {
             warn!(vm = %name, err = %e, "create failed; rolling back");
             self.remove(&mut vm, CREATE_ROLLBACK);
+            let _v = lock(&self.volumes.lock);
+            made_volumes.iter().for_each(|v| self.forget_volume(v));
             return Err(e);
         }
         phase(events, "create", micros(t0));
@@ -313,6 +360,7 @@ impl Daemon {
                     // was cancelled goes too.
                     if let Ok(mut vm) = self.find(&name) {
                         self.remove(&mut vm, DELETE);
+                        self.forget_rm_clone_volumes(&vm);
                     }
                 }
                 Err(e)
@@ -678,6 +726,7 @@ impl Daemon {
             let _ = self.save(&vm);
             return Err(e);
         }
+        self.forget_rm_clone_volumes(&vm);
         // A suspended VM's saved guest goes with it (a crash before this
         // leaves it to the next start's sweep).
         if let Some(s) = vm.runtime.restore.as_deref() {
@@ -689,6 +738,17 @@ impl Daemon {
         }
         tracing::debug!(vm = %vm.name, us = micros(t0), "deleted");
         Ok(())
+    }
+
+    /// A `--rm` clone's copies of its snapshot's volumes go with it (as
+    /// docker's anonymous volumes with `--rm`); another VM's stay.
+    fn forget_rm_clone_volumes(&self, vm: &VmRecord) {
+        if vm.runtime.rm_client.is_some() && vm.spec.from_snapshot.is_some() {
+            let _v = lock(&self.volumes.lock);
+            for m in &vm.spec.volumes {
+                self.forget_volume(&m.name);
+            }
+        }
     }
 
     /// A row this banger cannot read: its directories and the row go (what

@@ -81,6 +81,11 @@ pub(crate) fn this_format(vmm_version: String) -> SnapshotFormat {
     }
 }
 
+/// A snapshot's copy of its VM's volume number `i` (in the spec's order).
+pub fn volume_file(i: usize) -> String {
+    format!("volume-{i}.ext4")
+}
+
 /// The file the root disk of a VM of `kind` is, if a snapshot can copy it.
 pub fn root_file(kind: RootDiskKind) -> Option<&'static str> {
     match kind {
@@ -182,12 +187,6 @@ pub(crate) fn refusal(vm: &VmRecord, clones: bool) -> Option<String> {
         return Some(format!(
             "vm {name:?} has --mount shares: QEMU cannot save a VM with virtio-fs devices \
              (vhost-user is not migratable); copy the data in with `banger vm cp` instead"
-        ));
-    }
-    if clones && !vm.spec.volumes.is_empty() {
-        return Some(format!(
-            "vm {name:?} has volumes: a volume is one VM's at a time, and a snapshot's clones \
-             would each need it; keep the data on /work or the root disk"
         ));
     }
     if !vm.runtime.vport {
@@ -468,10 +467,14 @@ impl Daemon {
             .ram_path
             .clone()
             .ok_or_else(|| DaemonError::Invalid(format!("vm {:?} has no RAM file", vm.name)))?;
-        let mut copies: Vec<(PathBuf, &str)> = vec![(ram, vmfiles::SNAP_RAM)];
+        let mut copies: Vec<(PathBuf, String)> = vec![(ram, vmfiles::SNAP_RAM.into())];
         if disks {
-            copies.push((vm_dir.join(root), root));
-            copies.push((vm_dir.join(vmfiles::WORK_DISK), vmfiles::WORK_DISK));
+            copies.push((vm_dir.join(root), root.into()));
+            copies.push((vm_dir.join(vmfiles::WORK_DISK), vmfiles::WORK_DISK.into()));
+            // Its volumes, in their order: each clone gets a copy.
+            for (i, m) in vm.spec.volumes.iter().enumerate() {
+                copies.push((self.cfg.layout.volume(&m.name), volume_file(i)));
+            }
         }
         for (from, to) in &copies {
             let to = dir.join(to);
@@ -480,7 +483,8 @@ impl Daemon {
         }
         hit("snapshot.copied")?;
         let mut files = Vec::new();
-        let names = std::iter::once(vmfiles::SNAP_STATE).chain(copies.iter().map(|(_, n)| *n));
+        let names =
+            std::iter::once(vmfiles::SNAP_STATE).chain(copies.iter().map(|(_, n)| n.as_str()));
         for name in names {
             let p = dir.join(name);
             let bytes = std::fs::metadata(&p).with_path("stat", &p)?.len();

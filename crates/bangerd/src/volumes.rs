@@ -152,6 +152,57 @@ impl Daemon {
         })
     }
 
+    /// A clone's volume `name`, a copy of `source` (a snapshot's copy of
+    /// its origin's), of `owner` (the volumes' lock held): refused if the
+    /// name is taken. Made under a temporary name and renamed.
+    pub(crate) fn volume_from(
+        &self,
+        name: &str,
+        source: &std::path::Path,
+        owner: banger_store::Owner,
+    ) -> Result<()> {
+        banger_core::validate_name(name)
+            .map_err(|e| DaemonError::Invalid(format!("volume {name:?}: {e}")))?;
+        let path = self.cfg.layout.volume(name);
+        if path.exists() {
+            return Err(DaemonError::Invalid(format!(
+                "volume {name:?} exists: a clone's copy of a volume is named \
+                 <clone>-<volume>; `banger volume rm {name}` first, or name the clone otherwise"
+            )));
+        }
+        fsutil::create_dir_all(&self.cfg.layout.volumes_dir())?;
+        let tmp = path.with_extension("making");
+        let made = fsutil::clone_or_copy(source, &tmp)
+            .map_err(DaemonError::from)
+            .and_then(|_| {
+                Ok(self
+                    .store()
+                    .set_owner(banger_store::Owned::Volume, name, owner)?)
+            })
+            .and_then(|()| {
+                std::fs::rename(&tmp, &path)
+                    .with_path("rename into", &path)
+                    .map_err(Into::into)
+            });
+        if let Err(e) = made {
+            let _ = fsutil::remove_file_if_exists(&tmp);
+            let _ = self.store().forget_owner(banger_store::Owned::Volume, name);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Removes a volume a failed clone made (the volumes' lock held).
+    pub(crate) fn forget_volume(&self, name: &str) {
+        if let Err(e) = fsutil::remove_file_if_exists(&self.cfg.layout.volume(name)) {
+            tracing::warn!(volume = %name, err = %e, "a failed clone's volume is left");
+            return;
+        }
+        if let Err(e) = self.store().forget_owner(banger_store::Owned::Volume, name) {
+            tracing::warn!(volume = %name, err = %e, "a failed clone's volume's owner is left");
+        }
+    }
+
     /// A member may remove only a volume of their own.
     pub fn delete_volume(&self, name: &str, caller: &crate::access::Caller) -> Result<()> {
         let _g = lock(&self.volumes.lock);
