@@ -33,6 +33,30 @@ pub fn path(host: &Host<'_>, vm: &VmRecord) -> PathBuf {
     host.cfg.ram_dir.join(&vm.id)
 }
 
+/// The RAM dir is in a world-writable place (/dev/shm): what is there
+/// under its name and is not root's directory (a user's file, link or
+/// directory made first, to stop VMs from starting or to get at their
+/// memory) is moved aside, logged, before the daemon makes its own.
+pub fn claim_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let m = match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        m => m.with_path("stat", dir)?,
+    };
+    if m.is_dir() && m.uid() == 0 {
+        return Ok(());
+    }
+    let aside = dir.with_extension(format!("foreign-{}", crate::daemon::random_hex(4)?));
+    warn!(
+        dir = %dir.display(),
+        uid = m.uid(),
+        aside = %aside.display(),
+        "the RAM dir's name was taken by something not root's: moved aside"
+    );
+    std::fs::rename(dir, &aside).with_path("move aside", dir)?;
+    Ok(())
+}
+
 /// Whether the RAM dir's filesystem (its parent's, before it exists) has
 /// `bytes` free.
 pub fn room_for(dir: &Path, bytes: u64) -> bool {
@@ -88,6 +112,7 @@ impl Resource for Ram {
             };
         }
         let dir = &host.cfg.ram_dir;
+        claim_dir(dir)?;
         fsutil::create_dir_all(dir)?;
         // Root's alone: QEMU reopens its file through the descriptor it
         // inherits (/proc/self/fd), which searches no directory, so no
@@ -151,5 +176,43 @@ impl Resource for Ram {
 
     fn release(&self, _host: &Host<'_>, r: &Release, held: &Item) -> Result<()> {
         super::release_files(self, r, held)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ram_dir_name_someone_else_took_is_moved_aside() {
+        use std::os::unix::fs::MetadataExt;
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("banger");
+        // Nothing there, or root's own directory: left as it is.
+        claim_dir(&dir).unwrap();
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("keep"), b"").unwrap();
+        claim_dir(&dir).unwrap();
+        assert!(dir.join("keep").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+        // A link, a file, another user's directory: moved aside.
+        std::os::unix::fs::symlink("/etc", &dir).unwrap();
+        claim_dir(&dir).unwrap();
+        assert!(std::fs::symlink_metadata(&dir).is_err(), "the link went");
+        std::fs::write(&dir, b"x").unwrap();
+        claim_dir(&dir).unwrap();
+        assert!(!dir.exists());
+        std::fs::create_dir(&dir).unwrap();
+        std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+        claim_dir(&dir).unwrap();
+        assert!(!dir.exists());
+        let aside: Vec<_> = std::fs::read_dir(t.path()).unwrap().flatten().collect();
+        assert!(
+            aside
+                .iter()
+                .any(|e| e.metadata().is_ok_and(|m| m.is_dir() && m.uid() == 65534)),
+            "another user's directory is kept aside, not deleted"
+        );
+        assert!(std::fs::metadata("/etc/passwd").is_ok());
     }
 }
