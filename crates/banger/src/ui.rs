@@ -21,6 +21,9 @@ fn phase_label(name: &str) -> &str {
         "spawn" => "VMM",
         "config" => "VMM configured",
         "boot" => "guest up",
+        "restore" => "guest restored",
+        "identity" => "identity given",
+        "warm-save" => "warm snapshot saved",
         "clock" => "clock",
         other => other,
     }

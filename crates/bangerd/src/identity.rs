@@ -83,7 +83,10 @@ impl Daemon {
             entropy: Some(entropy),
             boot_id: Some(boot_id),
         };
-        match self.agent_call(vm, Call::SetIdentity(id), within)? {
+        let t = std::time::Instant::now();
+        let answer = self.agent_call(vm, Call::SetIdentity(id), within);
+        tracing::debug!(vm = %name, ms = t.elapsed().as_millis() as u64, "identity: the agent's call");
+        match answer? {
             Msg::Done => Ok(()),
             other => Err(DaemonError::Invalid(format!(
                 "vm {name:?}: the guest agent did not take its identity: {}",

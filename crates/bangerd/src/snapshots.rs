@@ -730,8 +730,27 @@ impl Daemon {
     /// new `banger-vport` and the guest have said hello; a connection
     /// refused before that is tried again until the deadline.
     fn identify_clone(&self, vm: &VmRecord) -> Result<()> {
-        let deadline = Instant::now() + IDENTIFY_TIMEOUT;
-        self.until_agent_answers(vm, deadline, &|left| self.apply_identity(vm, left))
+        let t0 = Instant::now();
+        let deadline = t0 + IDENTIFY_TIMEOUT;
+        let tries = std::sync::atomic::AtomicU32::new(0);
+        let last = std::sync::Mutex::new(Duration::ZERO);
+        let r = self.until_agent_answers(vm, deadline, &|left| {
+            tries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let t = Instant::now();
+            let r = self.apply_identity(vm, left);
+            if let Ok(mut l) = last.lock() {
+                *l = t.elapsed();
+            }
+            r
+        });
+        tracing::debug!(
+            vm = %vm.name,
+            tries = tries.load(std::sync::atomic::Ordering::Relaxed),
+            call_ms = last.lock().map(|l| l.as_millis() as u64).unwrap_or(0),
+            ms = t0.elapsed().as_millis() as u64,
+            "identity applied"
+        );
+        r
     }
 
     /// `call` (given the time left) until the restored guest's agent
