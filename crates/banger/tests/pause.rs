@@ -198,7 +198,7 @@ fn pause_keeps_everything_and_resume_goes_on() {
     assert!(skew <= 1, "the guest's clock is {skew} s off after resume");
     let out = inst.banger(&["vm", "resume", "p"]);
     assert!(
-        text(&out.stderr).contains("only a paused VM can be resumed"),
+        text(&out.stderr).contains("only a paused or suspended VM can be resumed"),
         "{}",
         text(&out.stderr)
     );

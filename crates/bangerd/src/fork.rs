@@ -41,6 +41,26 @@ impl Daemon {
             }
         }
         let origin = self.find(name)?;
+        // The clones' copies of its volumes, checked before it is stopped.
+        for n in &names {
+            for v in &origin.spec.volumes {
+                let copy = format!("{n}-{}", v.name);
+                banger_core::validate_name(&copy).map_err(|e| {
+                    DaemonError::Invalid(format!(
+                        "vm fork: clone {n:?}'s copy of volume {:?} would be volume {copy:?}: \
+                         {e}; pick a shorter name",
+                        v.name
+                    ))
+                })?;
+                if self.cfg.layout.volume(&copy).exists() {
+                    return Err(DaemonError::Invalid(format!(
+                        "vm fork: clone {n:?}'s copy of volume {:?} would be volume {copy:?}, \
+                         which exists: `banger volume rm {copy}` first, or pick another name",
+                        v.name
+                    )));
+                }
+            }
+        }
         let snap = format!("fork-{}", random_hex(6)?);
         self.snapshot_vm(name, Some(&snap), caller)?;
         // The clones keep the origin's network policy, but not its

@@ -272,10 +272,20 @@ impl Daemon {
         self.check_mounts(&req.volumes)?;
         let mut made_volumes: Vec<String> = Vec::new();
         let inserted = (|| {
+            // A copy of a root-only snapshot's volume is root-only: so is
+            // the clone, then (`root_only_data`).
+            let snap_root_only = match &snap {
+                Some(s) if !clone_volumes.is_empty() => {
+                    self.store()
+                        .owner(banger_store::Owned::Snapshot, &s.name)?
+                        .root_only
+                }
+                _ => false,
+            };
             for (m, from) in &clone_volumes {
                 let owner = banger_store::Owner {
                     uid: caller.uid,
-                    root_only: false,
+                    root_only: snap_root_only,
                 };
                 self.volume_from(&m.name, from, owner)?;
                 made_volumes.push(m.name.clone());
@@ -742,7 +752,7 @@ impl Daemon {
 
     /// A `--rm` clone's copies of its snapshot's volumes go with it (as
     /// docker's anonymous volumes with `--rm`); another VM's stay.
-    fn forget_rm_clone_volumes(&self, vm: &VmRecord) {
+    pub(crate) fn forget_rm_clone_volumes(&self, vm: &VmRecord) {
         if vm.runtime.rm_client.is_some() && vm.spec.from_snapshot.is_some() {
             let _v = lock(&self.volumes.lock);
             for m in &vm.spec.volumes {

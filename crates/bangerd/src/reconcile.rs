@@ -79,12 +79,20 @@ impl Daemon {
             VmState::Creating => {
                 info!(vm = %vm.name, "reconcile: cut short while being created; removing it");
                 self.remove(&mut vm, CREATE_ROLLBACK);
+                // A clone's volumes are all copies its create made.
+                if vm.spec.from_snapshot.is_some() {
+                    let _v = crate::daemon::lock(&self.volumes.lock);
+                    for m in &vm.spec.volumes {
+                        self.forget_volume(&m.name);
+                    }
+                }
                 return Ok(());
             }
             VmState::Deleting => {
                 info!(vm = %vm.name, "reconcile: cut short while being deleted; finishing");
                 self.rediscover(&vm);
                 self.remove(&mut vm, DELETE);
+                self.forget_rm_clone_volumes(&vm);
                 return Ok(());
             }
             // A VM in error may still hold what a teardown that could not

@@ -292,13 +292,21 @@ impl Daemon {
         let id = random_hex(16)?;
         let dir = self.cfg.layout.snapshot_dir(&id);
         let was_paused = vm.runtime.paused;
-        // The guest's agent closes its gate first: what is restored of
-        // this moment runs nothing for anyone before it has an identity.
-        self.hold_guest(vm, &api, was_paused)?;
+        // Recorded first: a crash from here on has the next daemon run
+        // the VM again and open its agent's gate (`finish_snapshotting`).
         vm.runtime.snapshotting = true;
+        self.save(vm)?;
+        // The guest's agent closes its gate: what is restored of this
+        // moment runs nothing for anyone before it has an identity.
+        if let Err(e) = self.hold_guest(vm, &api, was_paused) {
+            // (A hold whose answer was lost may have been taken.)
+            self.release_guest(vm);
+            vm.runtime.snapshotting = false;
+            let _ = self.save(vm);
+            return Err(e);
+        }
         let t0 = Instant::now();
-        let made = self
-            .save(vm)
+        let made = Ok(())
             .and_then(|()| fsutil::create_dir_all(&dir).map_err(Into::into))
             .and_then(|()| fsutil::set_owner_mode(&dir, 0, 0, 0o700).map_err(Into::into))
             .and_then(|()| self.save_files(vm, &api, &dir, was_paused, !suspend));

@@ -164,14 +164,22 @@ impl Daemon {
         banger_core::validate_name(name)
             .map_err(|e| DaemonError::Invalid(format!("volume {name:?}: {e}")))?;
         let path = self.cfg.layout.volume(name);
-        if path.exists() {
+        let named = self.named_by(name)?;
+        if path.exists() || !named.is_empty() {
             return Err(DaemonError::Invalid(format!(
-                "volume {name:?} exists: a clone's copy of a volume is named \
-                 <clone>-<volume>; `banger volume rm {name}` first, or name the clone otherwise"
+                "volume {name:?} exists{}: a clone's copy of a volume is named \
+                 <clone>-<volume>; `banger volume rm {name}` first, or name the clone otherwise",
+                if named.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (vm(s) {} name it)", named.join(", "))
+                }
             )));
         }
         fsutil::create_dir_all(&self.cfg.layout.volumes_dir())?;
         let tmp = path.with_extension("making");
+        // What a crash in an earlier copy left.
+        fsutil::remove_file_if_exists(&tmp)?;
         let made = fsutil::clone_or_copy(source, &tmp)
             .map_err(DaemonError::from)
             .and_then(|_| {
@@ -192,8 +200,32 @@ impl Daemon {
         Ok(())
     }
 
-    /// Removes a volume a failed clone made (the volumes' lock held).
+    /// The VMs whose spec names volume `name`.
+    fn named_by(&self, name: &str) -> Result<Vec<String>> {
+        Ok(self
+            .store()
+            .list_vms()?
+            .into_iter()
+            .filter(|v| v.spec.volumes.iter().any(|m| m.name == name))
+            .map(|v| v.name)
+            .collect())
+    }
+
+    /// Removes a volume a clone made (the volumes' lock held, the clone's
+    /// row gone), unless a VM names or has it now (kept, logged).
     pub(crate) fn forget_volume(&self, name: &str) {
+        let named = match self.named_by(name) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(volume = %name, err = %e, "a clone's volume kept: cannot list the VMs");
+                return;
+            }
+        };
+        let attached = lock(&self.volumes.attached).contains_key(name);
+        if !named.is_empty() || attached {
+            tracing::warn!(volume = %name, vms = ?named, "a clone's volume kept: a VM names it");
+            return;
+        }
         if let Err(e) = fsutil::remove_file_if_exists(&self.cfg.layout.volume(name)) {
             tracing::warn!(volume = %name, err = %e, "a failed clone's volume is left");
             return;

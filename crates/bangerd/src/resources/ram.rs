@@ -112,13 +112,21 @@ impl Resource for Ram {
             };
         }
         let dir = &host.cfg.ram_dir;
-        claim_dir(dir)?;
-        fsutil::create_dir_all(dir)?;
-        // Root's alone: QEMU reopens its file through the descriptor it
-        // inherits (/proc/self/fd), which searches no directory, so no
-        // one else can open a file here, not even while a restore fills
-        // one before it is handed over.
-        fsutil::set_owner_mode(dir, 0, 0, 0o700)?;
+        {
+            // One start at a time claims and makes it (two would move
+            // each other's directory aside).
+            static CLAIM: std::sync::Mutex<()> = std::sync::Mutex::new(());
+            let _c = CLAIM
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            claim_dir(dir)?;
+            fsutil::create_dir_all(dir)?;
+            // Root's alone: QEMU reopens its file through the descriptor
+            // it inherits (/proc/self/fd), which searches no directory, so
+            // no one else can open a file here, not even while a restore
+            // fills one before it is handed over.
+            fsutil::set_owner_mode(dir, 0, 0, 0o700)?;
+        }
         let bytes = cx.vm.spec.sizing.memory_mib << 20;
         let free = free_bytes(dir).unwrap_or(0);
         if free < bytes {
