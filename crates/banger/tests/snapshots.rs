@@ -33,6 +33,24 @@ fn err_of(out: &std::process::Output) -> String {
     text(&out.stderr)
 }
 
+/// A detached process in `name` that counts in /tmp/count, tagged
+/// `counter`.
+fn start_counter(inst: &Instance, name: &str) {
+    let out = inst.banger(&[
+        "vm",
+        "exec",
+        "-d",
+        "--tag",
+        "counter",
+        name,
+        "--",
+        "sh",
+        "-c",
+        "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done",
+    ]);
+    ok(&out, "exec -d");
+}
+
 fn snapshot_dir(inst: &Instance, snap: &str) -> PathBuf {
     let out = inst.banger(&["snapshot", "show", snap, "--json"]);
     let v: serde_json::Value = serde_json::from_str(&ok(&out, "snapshot show")).unwrap();
@@ -311,19 +329,7 @@ fn a_fork_clones_a_running_vm_with_its_processes() {
     );
     // A detached process that counts in a file: each clone has it too,
     // and it counts on there, in the clone's own file.
-    let out = inst.banger(&[
-        "vm",
-        "exec",
-        "-d",
-        "--tag",
-        "counter",
-        "o",
-        "--",
-        "sh",
-        "-c",
-        "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done",
-    ]);
-    ok(&out, "exec -d");
+    start_counter(&inst, "o");
     let err = err_of(&inst.banger(&["vm", "fork", "o", "f", "-n", "0"]));
     assert!(err.contains("give 1 to 32 clones"), "{err}");
     let err = err_of(&inst.banger(&["vm", "fork", "o", "o"]));
@@ -381,19 +387,7 @@ fn pause_to_disk_ends_the_vmm_and_resume_brings_the_guest_back() {
         &inst.banger(&["vm", "run", "-d", "--name", "s"]),
         "vm run -d s",
     );
-    let out = inst.banger(&[
-        "vm",
-        "exec",
-        "-d",
-        "--tag",
-        "counter",
-        "s",
-        "--",
-        "sh",
-        "-c",
-        "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done",
-    ]);
-    ok(&out, "exec -d");
+    start_counter(&inst, "s");
     exec(&inst, "s", &["sh", "-c", "echo kept > /dev/shm/mark"]);
     let machine_id = exec(&inst, "s", &["cat", "/etc/machine-id"]);
     let ip = inst.guest_ip("s");

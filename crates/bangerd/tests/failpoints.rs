@@ -365,6 +365,18 @@ fn a_failed_release_is_retried_by_itself_and_shown() {
 /// The snapshots on disk (one directory each) and the ones listed.
 /// (Listed first: that starts the daemon, whose reconcile removes what
 /// a crash left.)
+/// The request `out` met failpoint `step` (in the daemon's log since
+/// `from`) and failed.
+fn failed_at(inst: &Instance, from: usize, step: &str, what: &str, out: &std::process::Output) {
+    let log = log_since(inst, from);
+    assert!(
+        log.contains(&format!("failpoint {step}:")),
+        "{what}: never met ({}):\n{log}",
+        text(&out.stderr)
+    );
+    assert!(!out.status.success(), "{what}: {out:?}");
+}
+
 fn snapshots(inst: &Instance) -> (usize, Vec<String>) {
     let out = inst.banger(&["snapshot", "ls", "-a", "-q"]);
     let listed = ok(&out, "snapshot ls")
@@ -407,13 +419,7 @@ fn every_snapshot_and_restore_step_fails_cleanly_and_survives_a_crash() {
             } else {
                 inst.banger(&["vm", "run", "-d", "--from", "s", "--name", "c"])
             };
-            let log = log_since(&inst, from);
-            assert!(
-                log.contains(&format!("failpoint {step}:")),
-                "{what}: never met ({}):\n{log}",
-                text(&out.stderr)
-            );
-            assert!(!out.status.success(), "{what}: {out:?}");
+            failed_at(&inst, from, step, &what, &out);
             // The next daemon (without failpoints) makes sense of it.
             inst.kill_daemon();
             let (dirs, listed) = snapshots(&inst);
@@ -485,13 +491,7 @@ fn every_suspend_and_resume_step_fails_cleanly_and_survives_a_crash() {
             } else {
                 inst.banger(&["vm", "pause", "--to-disk", "sp"])
             };
-            let log = log_since(&inst, from);
-            assert!(
-                log.contains(&format!("failpoint {step}:")),
-                "{what}: never met ({}):\n{log}",
-                text(&out.stderr)
-            );
-            assert!(!out.status.success(), "{what}: {out:?}");
+            failed_at(&inst, from, step, &what, &out);
             // The next daemon (without failpoints) makes sense of it: the
             // VM runs, or is suspended, or (a resume that failed once its
             // guest ran) stopped; each goes on from there.
