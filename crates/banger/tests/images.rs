@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use test_infra::{ok, text, wait_until, Instance};
+use test_infra::{ok, text, wait_until, Gate, Instance};
 
 fn banger_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_banger"))
@@ -498,76 +498,24 @@ fn commit_flattens_an_overlay_vm() {
     inst.assert_baseline();
 }
 
-/// A failpoint of the instance's daemon (restarted with it) that waits at
-/// a FIFO until the test opens it.
-struct Gate {
-    point: String,
-    path: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Gate {
-    fn on(inst: &Instance, point: &str) -> Gate {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("gate");
-        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-        inst.kill_daemon();
-        let out = inst
-            .banger_cmd(&["daemon", "ping"])
-            .env(
-                "FAILPOINTS",
-                format!("{point}=return(gate:{})", path.display()),
-            )
-            .output()
-            .unwrap();
-        ok(&out, &format!("a daemon that waits at {point}"));
-        Gate {
-            point: point.into(),
-            path,
-            _dir: dir,
-        }
+/// A `vm create` of the default image finishes while the gate is
+/// shut (`held`: what waits at it).
+fn create_meanwhile(gate: &Gate, inst: &Instance, held: &str) {
+    let mut create = inst.spawn(&["vm", "create", "--name", "meanwhile"]);
+    let mut created = None;
+    let done = wait_until(Duration::from_secs(120), || {
+        created = create.try_wait().unwrap();
+        created.is_some()
+    });
+    if !done {
+        gate.open();
+        panic!("vm create waited for {held}");
     }
-
-    /// Waits until the daemon says `what` waits at the gate.
-    fn reached(&self, inst: &Instance, what: &str) {
-        let log = inst.state().join("bangerd.log");
-        let says = format!("failpoint {}: waiting at the gate", self.point);
-        assert!(
-            wait_until(Duration::from_secs(60), || std::fs::read_to_string(&log)
-                .unwrap_or_default()
-                .contains(&says)),
-            "{what} never reached its gate"
-        );
-    }
-
-    fn open(&self) {
-        drop(
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&self.path)
-                .unwrap(),
-        );
-    }
-
-    /// A `vm create` of the default image finishes while the gate is
-    /// shut (`held`: what waits at it).
-    fn create_meanwhile(&self, inst: &Instance, held: &str) {
-        let mut create = inst.spawn(&["vm", "create", "--name", "meanwhile"]);
-        let mut created = None;
-        let done = wait_until(Duration::from_secs(120), || {
-            created = create.try_wait().unwrap();
-            created.is_some()
-        });
-        if !done {
-            self.open();
-            panic!("vm create waited for {held}");
-        }
-        assert!(
-            created.unwrap().success(),
-            "vm create: {:?}",
-            create.wait_with_output()
-        );
-    }
+    assert!(
+        created.unwrap().success(),
+        "vm create: {:?}",
+        create.wait_with_output()
+    );
 }
 
 /// A commit holds nothing a `vm create` needs: while one waits at a gate
@@ -586,7 +534,7 @@ fn a_commit_in_progress_holds_up_no_create() {
     let gate = Gate::on(&inst, "commit.tools");
     let commit = inst.spawn(&["vm", "commit", "c1", "from-c1"]);
     gate.reached(&inst, "the commit");
-    gate.create_meanwhile(&inst, "a commit");
+    create_meanwhile(&gate, &inst, "a commit");
     gate.open();
     let out = test_infra::bounded::wait_output(commit);
     ok(&out, "the commit, once the gate opened");
@@ -651,7 +599,7 @@ fn an_import_in_progress_holds_up_no_other_image() {
     let gate = Gate::on(&inst, "image.import.locked");
     let mut import = inst.spawn(&["image", "import", "slow", tree.to_str().unwrap()]);
     gate.reached(&inst, "the import");
-    gate.create_meanwhile(&inst, "another image's import");
+    create_meanwhile(&gate, &inst, "another image's import");
     assert!(
         import.try_wait().unwrap().is_none(),
         "the import still waits"

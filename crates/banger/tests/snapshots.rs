@@ -9,7 +9,7 @@
 
 use std::path::PathBuf;
 
-use test_infra::{ok, text, Instance};
+use test_infra::{ok, text, wait_until, Gate, Instance};
 
 fn banger_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_banger"))
@@ -487,5 +487,47 @@ fn pause_to_disk_ends_the_vmm_and_resume_brings_the_guest_back() {
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "snapshot dirs left: {left:?}");
+    inst.assert_baseline();
+}
+
+/// A kill while a clone's restore is under way cancels it: the run fails
+/// saying so, and the clone is left stopped with nothing held (its next
+/// start restores it).
+#[test]
+fn a_kill_cancels_a_restore_under_way() {
+    let inst = Instance::new(&banger_bin()).with_image();
+    ok(
+        &inst.banger(&["vm", "run", "-d", "--name", "o"]),
+        "vm run -d o",
+    );
+    ok(&inst.banger(&["vm", "snapshot", "o", "s"]), "vm snapshot");
+    ok(&inst.banger(&["vm", "rm", "-f", "o"]), "vm rm o");
+    let gate = Gate::on(&inst, "restore.loaded");
+    let run = inst.spawn(&["vm", "run", "-d", "--from", "s", "--name", "c"]);
+    gate.reached(&inst, "the restore");
+    let kill = inst.spawn(&["vm", "kill", "c"]);
+    let log = inst.state().join("bangerd.log");
+    assert!(
+        wait_until(std::time::Duration::from_secs(60), || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("kill: cancelling the boot in progress")
+        }),
+        "the kill never cancelled the restore"
+    );
+    gate.open();
+    let out = test_infra::bounded::wait_output(run);
+    assert!(!out.status.success(), "the restore went on: {out:?}");
+    let err = text(&out.stderr);
+    assert!(err.contains("cancel"), "{err}");
+    ok(&test_infra::bounded::wait_output(kill), "vm kill");
+    assert_eq!(inst.vm("c").unwrap()["state"], "stopped");
+    assert!(
+        inst.vmm_processes().is_empty(),
+        "{:?}",
+        inst.vmm_processes()
+    );
+    ok(&inst.banger(&["vm", "rm", "c"]), "vm rm c");
+    ok(&inst.banger(&["snapshot", "rm", "s"]), "snapshot rm");
     inst.assert_baseline();
 }

@@ -113,6 +113,9 @@ impl Daemon {
         // A boot in progress is cancelled first: it holds the VM's lock
         // until it has rolled back.
         let cancelled = self.boots.cancel(name);
+        if cancelled {
+            tracing::info!(vm = %name, "kill: cancelling the boot in progress");
+        }
         let _g = self.lock_vm(name)?;
         let mut vm = self.find(name)?;
         if cancelled && !vm.runtime.state().can_kill() {

@@ -502,7 +502,7 @@ impl Daemon {
             // A clone's first start restores its snapshot: no boot, no
             // hello (the guest said it long ago), its identity instead.
             if cx.vm.runtime.restore.is_some() {
-                self.restore_guest(cx.vm, cx.events)?;
+                self.restore_guest(cx.vm, cx.events, cancel)?;
                 return hit("start.ready");
             }
             let t = Phase::start("boot");

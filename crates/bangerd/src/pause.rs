@@ -81,6 +81,15 @@ impl Daemon {
         self.set_running(vm, true)?;
         vm.runtime.paused = false;
         self.save(vm)?;
+        // A snapshot whose VM could not run again after its save left the
+        // agent's gate closed (`snapshots::run_again`): opened, best effort.
+        if crate::pause::qmp_pauses(vm) {
+            let _ = self.agent_call(
+                vm,
+                banger_agent::proto::Call::Release,
+                Duration::from_secs(2),
+            );
+        }
         if let Err(e) = self.sync_clock(vm) {
             warn!(vm = %vm.name, err = %e, "resumed, but the guest's clock was not set");
         }

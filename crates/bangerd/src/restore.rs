@@ -49,7 +49,15 @@ impl Daemon {
         &self,
         vm: &mut VmRecord,
         events: crate::daemon::Events,
+        cancel: &crate::cancel::Cancel,
     ) -> Result<()> {
+        let cancelled = |vm: &VmRecord| {
+            if cancel.is_cancelled() {
+                Err(DaemonError::Cancelled(vm.name.clone()))
+            } else {
+                Ok(())
+            }
+        };
         let name = vm.runtime.restore.clone().unwrap_or_default();
         let snap = restorable(&self.host(), &name, vm)?;
         let api =
@@ -92,9 +100,12 @@ impl Daemon {
                 snap.format.vmm_version
             )));
         }
+        cancelled(vm)?;
         let input = std::fs::File::open(&state).with_path("open", &state)?;
         banger_vmm::qmp::load_state(&api, &input, deadline).map_err(qmp)?;
         hit("restore.loaded")?;
+        // (Until the guest runs, a cancel leaves the VM as it was.)
+        cancelled(vm)?;
         let suspended = vm.runtime.suspended;
         vm.runtime.restore = None;
         vm.runtime.suspended = false;
@@ -121,16 +132,16 @@ impl Daemon {
             self.release_guest(vm);
             let t = crate::daemon::Phase::start("clock");
             let deadline = Instant::now() + IDENTIFY_TIMEOUT;
-            if let Err(e) =
-                self.until_agent_answers(vm, deadline, &|left| self.sync_clock_within(vm, left))
-            {
+            if let Err(e) = self.until_agent_answers(vm, deadline, Some(cancel), &|left| {
+                self.sync_clock_within(vm, left)
+            }) {
                 warn!(vm = %vm.name, err = %e, "resumed, but the guest's clock was not set");
             }
             t.done(events);
             return Ok(());
         }
         let t = crate::daemon::Phase::start("identity");
-        self.identify_clone(vm)?;
+        self.identify_clone(vm, cancel)?;
         t.done(events);
         if let Err(e) = self.sync_clock(vm) {
             warn!(vm = %vm.name, err = %e, "restored, but the guest's clock was not set");
@@ -141,12 +152,12 @@ impl Daemon {
     /// Gives a restored guest its identity: its agent answers once the
     /// new `banger-vport` and the guest have said hello; a connection
     /// refused before that is tried again until the deadline.
-    fn identify_clone(&self, vm: &VmRecord) -> Result<()> {
+    fn identify_clone(&self, vm: &VmRecord, cancel: &crate::cancel::Cancel) -> Result<()> {
         let t0 = Instant::now();
         let deadline = t0 + IDENTIFY_TIMEOUT;
         let tries = std::sync::atomic::AtomicU32::new(0);
         let last = std::sync::Mutex::new(Duration::ZERO);
-        let r = self.until_agent_answers(vm, deadline, &|left| {
+        let r = self.until_agent_answers(vm, deadline, Some(cancel), &|left| {
             tries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let t = Instant::now();
             let r = self.apply_identity(vm, left);
@@ -167,14 +178,19 @@ impl Daemon {
 
     /// `call` (given the time left) until the restored guest's agent
     /// answers it: a connection refused before its new `banger-vport` and
-    /// the guest have said hello is tried again until `deadline`.
+    /// the guest have said hello is tried again until `deadline`, or
+    /// until `cancel` (a start cancelled).
     pub(crate) fn until_agent_answers(
         &self,
         vm: &VmRecord,
         deadline: Instant,
+        cancel: Option<&crate::cancel::Cancel>,
         call: &dyn Fn(Duration) -> Result<()>,
     ) -> Result<()> {
         loop {
+            if cancel.is_some_and(|c| c.is_cancelled()) {
+                return Err(DaemonError::Cancelled(vm.name.clone()));
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             match call(left) {
                 Ok(()) => return Ok(()),

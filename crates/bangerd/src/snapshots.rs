@@ -423,11 +423,9 @@ impl Daemon {
         let mut running = vm.clone();
         running.runtime.paused = false;
         let deadline = Instant::now() + HOLD_TIMEOUT;
-        let released = self.until_agent_answers(&running, deadline, &|left| match self.agent_call(
-            &running,
-            Call::Release,
-            left,
-        )? {
+        let released = self.until_agent_answers(&running, deadline, None, &|left| match self
+            .agent_call(&running, Call::Release, left)?
+        {
             Msg::Done => Ok(()),
             other => Err(DaemonError::Invalid(format!(
                 "vm {:?}: Release answered {other:?}",
