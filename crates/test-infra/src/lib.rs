@@ -7,10 +7,12 @@
 pub mod bounded;
 mod double;
 pub mod fcspec;
+mod gate;
 mod netns;
 pub mod users;
 mod xfs;
 
+pub use gate::Gate;
 pub use netns::NetNs;
 
 use std::path::{Path, PathBuf};
@@ -799,57 +801,5 @@ mod tests {
             n >= 3
         }));
         assert!(!wait_until(Duration::from_millis(50), || false));
-    }
-}
-
-/// A failpoint of the instance's daemon (restarted with it) that waits at
-/// a FIFO until the test opens it.
-pub struct Gate {
-    point: String,
-    path: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Gate {
-    pub fn on(inst: &Instance, point: &str) -> Gate {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("gate");
-        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-        inst.kill_daemon();
-        let out = inst
-            .banger_cmd(&["daemon", "ping"])
-            .env(
-                "FAILPOINTS",
-                format!("{point}=return(gate:{})", path.display()),
-            )
-            .output()
-            .unwrap();
-        ok(&out, &format!("a daemon that waits at {point}"));
-        Gate {
-            point: point.into(),
-            path,
-            _dir: dir,
-        }
-    }
-
-    /// Waits until the daemon says `what` waits at the gate.
-    pub fn reached(&self, inst: &Instance, what: &str) {
-        let log = inst.state().join("bangerd.log");
-        let says = format!("failpoint {}: waiting at the gate", self.point);
-        assert!(
-            wait_until(Duration::from_secs(60), || std::fs::read_to_string(&log)
-                .unwrap_or_default()
-                .contains(&says)),
-            "{what} never reached its gate"
-        );
-    }
-
-    pub fn open(&self) {
-        drop(
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&self.path)
-                .unwrap(),
-        );
     }
 }
