@@ -9,12 +9,13 @@
 //! closing note; the limits asserted are watchdogs (ten times a bound),
 //! not speed targets. Needs root; `scripts/test.sh` runs it.
 //!
-//! The hostile guest runs on Firecracker (the spec-checked double), whose
-//! guest agent speaks AF_VSOCK: a QEMU guest's agent rides the
-//! multiplexer on a virtio-serial port instead, whose hostile frames
-//! (floods, bad CRCs, streams past the limit, data past the credit) the
-//! mux's own tests feed `banger-vport` (`banger_agent::mux`). The calls'
-//! deadlines are the daemon's, the same over either channel.
+//! The hostile guest runs on QEMU with its image's initramfs as an older
+//! banger built it (no `banger-vport` marker), so its agent speaks
+//! AF_VSOCK through `vhost-device-vsock`: a snapshot-able guest's agent
+//! rides the multiplexer on a virtio-serial port instead, whose hostile
+//! frames (floods, bad CRCs, streams past the limit, data past the credit)
+//! the mux's own tests feed `banger-vport` (`banger_agent::mux`). The
+//! calls' deadlines are the daemon's, the same over either channel.
 
 use std::path::PathBuf;
 use std::process::Output;
@@ -95,14 +96,14 @@ fn timed(inst: &Instance, args: &[&str], watchdog: Duration) -> (Output, Duratio
     }
 }
 
-/// Runs VM `name` on Firecracker (the double) with `volume`, and swaps
-/// its agent for the hostile one.
+/// Runs VM `name` (its agent on AF_VSOCK) with `volume`, and swaps its
+/// agent for the hostile one.
 fn turn_hostile(inst: &Instance, name: &str, volume: Option<&str>) {
-    let mut args = vec!["vm", "run", "-d", "--vmm", "firecracker", "--name", name];
+    let mut args = vec!["vm", "run", "-d", "--name", name];
     if let Some(v) = volume {
         args.extend(["--volume", v]);
     }
-    ok(&inst.banger(&args), "vm run -d on firecracker");
+    ok(&inst.banger(&args), "vm run -d");
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("hostile");
     std::fs::write(&script, HOSTILE).unwrap();
@@ -142,7 +143,7 @@ fn turn_hostile(inst: &Instance, name: &str, volume: Option<&str>) {
 #[test]
 fn a_guest_whose_agent_trickles_stalls_nothing() {
     let inst = Instance::new(&banger_bin()).with_image();
-    inst.start_daemon_with_firecracker_double();
+    inst.strip_vport_marker();
     ok(
         &inst.banger(&["volume", "create", "hv", "--size", "16M"]),
         "volume create",

@@ -162,20 +162,8 @@ fn qemu_agents_ride_the_virtio_serial_port_unless_the_image_cannot() {
     assert!(seen.contains("org.banger.agent"), "{seen}");
     assert_eq!(helper("p"), vec!["banger-vport".to_string()]);
 
-    // The image as an older banger built it: its initramfs without the
-    // marker (a new file: the cached image it is linked to stays).
-    let initrd = inst.state().join("images/bookworm/initrd.img");
-    let bytes = std::fs::read(&initrd).unwrap();
-    let marker = b"banger-vport\0";
-    let at = bytes
-        .windows(marker.len())
-        .position(|w| w == marker)
-        .expect("the test image's initramfs has the marker");
-    let mut old = bytes.clone();
-    old[at..at + marker.len()].copy_from_slice(b"banger-vpor_\0");
-    let tmp = initrd.with_extension("new");
-    std::fs::write(&tmp, &old).unwrap();
-    std::fs::rename(&tmp, &initrd).unwrap();
+    // The image as an older banger built it.
+    inst.strip_vport_marker();
 
     ok(
         &inst.banger(&["vm", "run", "-d", "--name", "v"]),

@@ -258,6 +258,25 @@ impl Instance {
         self.image_linked(link)
     }
 
+    /// The instance's image as an older banger built it: its initramfs
+    /// without the `banger-vport` marker, so that QEMU VMs keep the vsock
+    /// device and `vhost-device-vsock` (a new file: the cached image it is
+    /// linked to stays as it is).
+    pub fn strip_vport_marker(&self) {
+        let initrd = self.state().join("images/bookworm/initrd.img");
+        let bytes = std::fs::read(&initrd).expect("read the image's initramfs");
+        let marker = b"banger-vport\0";
+        let at = bytes
+            .windows(marker.len())
+            .position(|w| w == marker)
+            .expect("the test image's initramfs has the marker");
+        let mut old = bytes.clone();
+        old[at..at + marker.len()].copy_from_slice(b"banger-vpor_\0");
+        let tmp = initrd.with_extension("new");
+        std::fs::write(&tmp, &old).expect("write the initramfs");
+        std::fs::rename(&tmp, &initrd).expect("rename the initramfs");
+    }
+
     /// The prebuilt image copied, never hard-linked: for a build whose
     /// daemon must not share the image's inodes (their modes and ACLs)
     /// with this tree's (`bench --compare` of an older revision).

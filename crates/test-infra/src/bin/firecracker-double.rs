@@ -8,15 +8,19 @@
 //! enforces beyond the schema: a body id equal to the path's id, pre-boot
 //! resources refused after `InstanceStart`, `InstanceStart` only with a
 //! boot source, `SendCtrlAltDel` and `PATCH /vm` (pause, resume) only once
-//! started, played by stopping and continuing its QEMU (SIGSTOP/SIGCONT:
-//! Firecracker's pause stops the vCPUs while its vsock device goes on; a
-//! QMP `stop` would also stop QEMU's vhost-user vsock device, which the
-//! backend does not survive). A refused request gets
+//! started, played by QMP `stop` and `cont` (Firecracker's pause stops the
+//! vCPUs while its vsock device goes on; the double's vsock is a process
+//! of its own). A refused request gets
 //! HTTP 400 with `{"fault_message": ...}`, like Firecracker's.
 //!
 //! `InstanceStart` boots the configured guest for real, with QEMU under
 //! TCG: the same kernel (PVH), initrd, boot arguments, raw drives (root
-//! first) and tap, the serial console on this process's stdout, and
+//! first) and tap, the guest's memory in an unlinked tmpfs file, the
+//! vsock played by `banger-vport` (Firecracker's hybrid protocol on
+//! `uds_path`) behind a virtio-serial port that the guest's agent takes
+//! (`banger.vport=1` added to its command line): nothing in it that QEMU
+//! cannot migrate (what `/snapshot/*` will need). The serial console on
+//! this process's stdout, and
 //! `SendCtrlAltDel` sent through QMP; the guest's reboot ends the VMM. The
 //! double exits when the guest does, as Firecracker does; its QEMU dies
 //! with it (PDEATHSIG).
@@ -302,15 +306,17 @@ fn handle(d: &Double, method: &str, path: &str, body: &[u8]) -> Result<(), Strin
                     "The requested operation is not supported before starting the microVM.".into(),
                 );
             }
-            // (The spec's enum let only these two through.)
-            let sig = if body["state"] == "Paused" {
-                nix::sys::signal::Signal::SIGSTOP
+            // (The spec's enum let only these two through.) The vCPUs
+            // stop; the vsock (`banger-vport`, a process of its own) goes
+            // on, as Firecracker's device thread does.
+            let cmd = if body["state"] == "Paused" {
+                "stop"
             } else {
-                nix::sys::signal::Signal::SIGCONT
+                "cont"
             };
-            let pid = vm.qemu.ok_or("no guest is running")?;
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig)
-                .map_err(|e| format!("{sig} to the guest's QEMU: {e}"))?;
+            vm.qemu.ok_or("no guest is running")?;
+            banger_vmm::qmp::execute(&qmp_sock(d), cmd, None)
+                .map_err(|e| format!("QMP {cmd}: {e}"))?;
         }
         _ => {
             return Err(format!(
@@ -355,7 +361,11 @@ fn start(d: &Double, vm: &Vm, boot: &Value) -> Result<i32, String> {
     if boot.get("initrd_path").is_some() {
         c.arg("-initrd").arg(p(&boot["initrd_path"]));
     }
-    c.arg("-append").arg(s(&boot["boot_args"]));
+    let mut args = s(&boot["boot_args"]);
+    if vm.vsock.is_some() {
+        args.push_str(" banger.vport=1");
+    }
+    c.arg("-append").arg(args);
     c.args(["-serial", "stdio"]);
     // Root first: it is /dev/vda, as under Firecracker.
     let mut drives: Vec<&Value> = vm.drives.iter().map(|(_, v)| v).collect();
@@ -395,49 +405,58 @@ fn start(d: &Double, vm: &Vm, boot: &Value) -> Result<i32, String> {
     let qmp = qmp_sock(d).to_string_lossy().replace(',', ",,");
     c.arg("-qmp").arg(format!("unix:{qmp},server=on,wait=off"));
     c.stdin(Stdio::null());
-    // Firecracker's hybrid vsock, played by vhost-device-vsock (the same
-    // host-side protocol on `uds_path`) behind a vhost-user-vsock device.
+    // The guest's memory in a tmpfs file of the double's, unlinked at
+    // once (nothing is left behind, whatever ends the double), that QEMU
+    // maps shared through the descriptor it inherits: what a snapshot of
+    // the double copies, as banger's own QEMU path does.
+    let ram = ram_file(machine["mem_size_mib"].as_u64().unwrap_or(128))?;
+    c.args([
+        "-object",
+        &format!(
+            "memory-backend-file,id=mem,size={}M,mem-path=/proc/self/fd/{},share=on",
+            machine["mem_size_mib"],
+            std::os::fd::AsRawFd::as_raw_fd(&ram)
+        ),
+        "-machine",
+        "memory-backend=mem",
+    ]);
+    // Firecracker's hybrid vsock, played by `banger-vport` (the same
+    // host-side protocol on `uds_path`, guest-initiated streams to
+    // `uds_path_PORT`) behind a virtio-serial port, which a QEMU
+    // migration keeps; the guest's agent takes the port when its command
+    // line says `banger.vport=1`.
     let mut backend = None;
     let mut be_wait = None;
     if let Some(v) = &vm.vsock {
         let mut be_sock = d.api_sock.clone().into_os_string();
-        be_sock.push(".vhost-vsock");
+        be_sock.push(".vport");
         let be_sock = PathBuf::from(be_sock);
         let _ = std::fs::remove_file(&be_sock);
-        // (A jailed double has no environment.)
-        let bin = std::env::var_os("BANGER_VHOST_VSOCK")
-            .or_else(|| {
-                let p = std::path::Path::new("/usr/local/bin/vhost-device-vsock");
-                p.exists().then(|| p.as_os_str().to_owned())
-            })
-            .unwrap_or_else(|| "vhost-device-vsock".into());
-        let mut b = Command::new(bin);
-        b.arg("--guest-cid")
-            .arg(v["guest_cid"].to_string())
-            .arg("--socket")
+        let mut b = Command::new(vport_binary());
+        b.arg("--port-socket")
             .arg(&be_sock)
             .arg("--uds-path")
             .arg(p(&v["uds_path"]))
+            .arg("--guest-port")
+            .arg(banger_agent::proto::HELLO_PORT.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         die_with_double(&mut b);
         backend = Some(b);
         be_wait = Some(be_sock.clone());
         c.args([
-            "-object",
-            &format!(
-                "memory-backend-memfd,id=mem,size={}M,share=on",
-                machine["mem_size_mib"]
-            ),
-            "-machine",
-            "memory-backend=mem",
+            "-device",
+            "virtio-serial-pci,id=vser0,max_ports=2",
             "-chardev",
             &format!(
-                "socket,id=vsock,path={}",
+                "socket,id=agent,path={},reconnect=1",
                 be_sock.to_string_lossy().replace(',', ",,")
             ),
             "-device",
-            "vhost-user-vsock-pci,chardev=vsock",
+            &format!(
+                "virtserialport,bus=vser0.0,nr=1,chardev=agent,name={}",
+                banger_agent::proto::VPORT_NAME
+            ),
         ]);
     }
     die_with_double(&mut c);
@@ -454,7 +473,10 @@ fn start(d: &Double, vm: &Vm, boot: &Value) -> Result<i32, String> {
     // (Held open, `taps`, until QEMU is spawned.)
     banger_host::confine::inherit_fds(
         &mut c,
-        taps.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect(),
+        taps.iter()
+            .map(std::os::fd::AsRawFd::as_raw_fd)
+            .chain([std::os::fd::AsRawFd::as_raw_fd(&ram)])
+            .collect(),
     );
     // PDEATHSIG fires when the spawning *thread* exits, so QEMU (and the
     // vsock backend) are spawned by a thread that lives as long as QEMU
@@ -463,10 +485,11 @@ fn start(d: &Double, vm: &Vm, boot: &Value) -> Result<i32, String> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let _taps = taps;
+        let _ram = ram;
         let _backend = match backend.as_mut().map(Command::spawn).transpose() {
             Ok(b) => b,
             Err(e) => {
-                let _ = tx.send(Err(format!("start vhost-device-vsock: {e}")));
+                let _ = tx.send(Err(format!("start banger-vport: {e}")));
                 return;
             }
         };
@@ -493,6 +516,41 @@ fn start(d: &Double, vm: &Vm, boot: &Value) -> Result<i32, String> {
         }
     });
     rx.recv().map_err(|e| e.to_string())?
+}
+
+/// A sparse tmpfs file of `mib` MiB, already unlinked: the guest's RAM.
+fn ram_file(mib: u64) -> Result<std::fs::File, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = PathBuf::from(format!(
+        "/dev/shm/fc-double-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    ));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| format!("guest memory {}: {e}", path.display()))?;
+    let _ = std::fs::remove_file(&path);
+    f.set_len(mib << 20)
+        .map_err(|e| format!("guest memory of {mib} MiB: {e}"))?;
+    Ok(f)
+}
+
+/// `banger-vport`: beside this binary (a build tree's, or the jailer
+/// double's copy in the jail), else on the default PATH (a jailed double
+/// has no environment).
+fn vport_binary() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| Some(e.parent()?.join("banger-vport")))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("banger-vport"))
 }
 
 fn die_with_double(c: &mut Command) {

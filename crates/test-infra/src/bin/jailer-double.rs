@@ -11,7 +11,8 @@
 //! arguments); anything else is refused with exit status 1. Then it does
 //! what the jailer does, in its order: closes every descriptor but 0-2,
 //! clears the environment, makes `<chroot_base>/<exec_file_name>/<id>/root`
-//! and copies the exec file in, sets the resource limits (no-file 2048 by
+//! and copies the exec file in (and `banger-vport` from beside it, the
+//! double's vsock helper, which the real Firecracker has inside), sets the resource limits (no-file 2048 by
 //! default), makes and joins the `--cgroup` groups, makes `/dev/net/tun`
 //! and `/dev/kvm` in the chroot (and `/`, `/dev`, `/dev/net`, `/run`, all
 //! 0700) owned by `uid:gid`, joins `--netns`, and execs the copy as
@@ -191,6 +192,17 @@ fn main() {
         .unwrap_or_else(|e| die(&format!("create {}: {e}", root.display())));
     let copy = root.join(&exec_name);
     std::fs::copy(&exec_file, &copy).unwrap_or_else(|e| die(&format!("copy the exec file: {e}")));
+    // The double's own helper, its vsock (`banger-vport`, beside it in a
+    // build tree), goes in too: the real jailer copies Firecracker alone,
+    // whose vsock is inside it.
+    if let Some(vport) = exec_file
+        .parent()
+        .map(|d| d.join("banger-vport"))
+        .filter(|p| p.is_file())
+    {
+        std::fs::copy(&vport, root.join("banger-vport"))
+            .unwrap_or_else(|e| die(&format!("copy {}: {e}", vport.display())));
+    }
 
     let nofile = a
         .limits
