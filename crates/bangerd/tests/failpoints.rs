@@ -147,14 +147,7 @@ fn one(inst: &Instance, step: &str, mode: &str) {
         }
     }
     // A daemon with the failpoint.
-    inst.kill_daemon();
-    let out = inst
-        .banger_cmd(&["daemon", "ping"])
-        .env("FAILPOINTS", format!("{step}=return({mode})"))
-        .output()
-        .unwrap();
-    ok(&out, &what);
-    let from = log_len(inst);
+    let from = daemon_with(inst, step, mode, &what);
     let out = inst.banger(&op);
     let log = log_since(inst, from);
     assert!(
@@ -365,6 +358,19 @@ fn a_failed_release_is_retried_by_itself_and_shown() {
 /// The snapshots on disk (one directory each) and the ones listed.
 /// (Listed first: that starts the daemon, whose reconcile removes what
 /// a crash left.)
+/// The instance's daemon restarted with failpoint `step` set to `mode`:
+/// the daemon log's length then (what follows is this run's).
+fn daemon_with(inst: &Instance, step: &str, mode: &str, what: &str) -> usize {
+    inst.kill_daemon();
+    let out = inst
+        .banger_cmd(&["daemon", "ping"])
+        .env("FAILPOINTS", format!("{step}=return({mode})"))
+        .output()
+        .unwrap();
+    ok(&out, what);
+    log_len(inst)
+}
+
 /// The request `out` met failpoint `step` (in the daemon's log since
 /// `from`) and failed.
 fn failed_at(inst: &Instance, from: usize, step: &str, what: &str, out: &std::process::Output) {
@@ -405,14 +411,7 @@ fn every_snapshot_and_restore_step_fails_cleanly_and_survives_a_crash() {
     for step in bangerd::snapshots::FAILPOINTS {
         for mode in ["err", "die"] {
             let what = format!("{step}={mode}");
-            inst.kill_daemon();
-            let out = inst
-                .banger_cmd(&["daemon", "ping"])
-                .env("FAILPOINTS", format!("{step}=return({mode})"))
-                .output()
-                .unwrap();
-            ok(&out, &what);
-            let from = log_len(&inst);
+            let from = daemon_with(&inst, step, mode, &what);
             let snapshot = step.starts_with("snapshot.");
             let out = if snapshot {
                 inst.banger(&["vm", "snapshot", "sp", "s2"])
@@ -478,14 +477,7 @@ fn every_suspend_and_resume_step_fails_cleanly_and_survives_a_crash() {
             if resume {
                 ok(&inst.banger(&["vm", "pause", "--to-disk", "sp"]), &what);
             }
-            inst.kill_daemon();
-            let out = inst
-                .banger_cmd(&["daemon", "ping"])
-                .env("FAILPOINTS", format!("{step}=return({mode})"))
-                .output()
-                .unwrap();
-            ok(&out, &what);
-            let from = log_len(&inst);
+            let from = daemon_with(&inst, step, mode, &what);
             let out = if resume {
                 inst.banger(&["vm", "resume", "sp"])
             } else {

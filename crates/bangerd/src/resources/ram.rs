@@ -58,14 +58,70 @@ pub fn claim_dir(dir: &Path) -> Result<()> {
 }
 
 /// Whether the RAM dir's filesystem (its parent's, before it exists) has
-/// `bytes` free.
+/// room for `bytes` more of a guest's memory ([`available`], less what
+/// starts under way reserved).
 pub fn room_for(dir: &Path, bytes: u64) -> bool {
+    available(dir).saturating_sub(reserved()) >= bytes
+}
+
+/// Bytes of the RAM dir's filesystem that no VM may yet take: what is
+/// free, less what the sparse RAM files there may still grow by (each
+/// file's size less its allocated blocks: a guest touches its memory
+/// as it runs, so a tmpfs that had room for every VM at its start may
+/// not have it later).
+pub fn available(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
     let at = if dir.exists() {
         dir
     } else {
         dir.parent().unwrap_or(dir)
     };
-    free_bytes(at).is_some_and(|free| free >= bytes)
+    let free = free_bytes(at).unwrap_or(0);
+    let outstanding: u64 = std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len().saturating_sub(m.blocks() * 512))
+                .sum()
+        })
+        .unwrap_or(0);
+    free.saturating_sub(outstanding)
+}
+
+/// RAM files being made (counted before they exist, so that two starts
+/// at once cannot both take the last room).
+static RESERVED: std::sync::Mutex<u64> = std::sync::Mutex::new(0);
+
+fn reserved() -> u64 {
+    *RESERVED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A reservation of `bytes` of the RAM dir, if it has them; given back
+/// when dropped (by then the file exists and counts itself).
+struct Reservation(u64);
+
+impl Reservation {
+    fn take(dir: &Path, bytes: u64) -> Option<Reservation> {
+        let mut r = RESERVED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (available(dir).saturating_sub(*r) >= bytes).then(|| {
+            *r += bytes;
+            Reservation(bytes)
+        })
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut r = RESERVED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *r = r.saturating_sub(self.0);
+    }
 }
 
 /// Bytes free for an unprivileged writer on the filesystem of `dir`.
@@ -128,12 +184,13 @@ impl Resource for Ram {
             fsutil::set_owner_mode(dir, 0, 0, 0o700)?;
         }
         let bytes = cx.vm.spec.sizing.memory_mib << 20;
-        let free = free_bytes(dir).unwrap_or(0);
-        if free < bytes {
+        let reservation = Reservation::take(dir, bytes);
+        if reservation.is_none() {
             let msg = format!(
-                "{} has {} MiB free, less than vm {:?}'s {} MiB of memory",
+                "{} has {} MiB its RAM files may not yet take, less than vm {:?}'s {} MiB of \
+                 memory",
                 dir.display(),
-                free >> 20,
+                available(dir).saturating_sub(reserved()) >> 20,
                 cx.vm.name,
                 bytes >> 20
             );
@@ -166,6 +223,7 @@ impl Resource for Ram {
                 f.set_len(bytes).with_path("size", &file)?;
             }
         }
+        drop(reservation);
         let id = super::jail::identity(host, cx.vm)?;
         super::jail::hand_over(id.as_ref(), &[&file])?;
         Ok(())
@@ -190,6 +248,31 @@ impl Resource for Ram {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_sparse_ram_files_may_still_take_is_not_available() {
+        use std::io::Write;
+        let t = tempfile::tempdir().unwrap();
+        let before = available(t.path());
+        let f = std::fs::File::create(t.path().join("vm")).unwrap();
+        f.set_len(64 << 20).unwrap();
+        (&f).write_all(&[1u8; 1 << 20]).unwrap();
+        f.sync_all().unwrap();
+        let after = available(t.path());
+        // Free shrank by the 1 MiB written; the 63 MiB not yet touched
+        // count as taken too.
+        let taken = before.saturating_sub(after);
+        assert!(
+            (60 << 20..=70 << 20).contains(&taken),
+            "a 64 MiB sparse file took {} MiB of what is available",
+            taken >> 20
+        );
+        // A reservation counts until dropped.
+        let r = Reservation::take(t.path(), 1 << 20).expect("room for 1 MiB");
+        assert!(reserved() >= 1 << 20);
+        drop(r);
+        assert!(Reservation::take(t.path(), u64::MAX / 2).is_none());
+    }
 
     #[test]
     fn a_ram_dir_name_someone_else_took_is_moved_aside() {
