@@ -104,6 +104,15 @@ fn turn_hostile(inst: &Instance, name: &str, volume: Option<&str>) {
         args.extend(["--volume", v]);
     }
     ok(&inst.banger(&args), "vm run -d");
+    // Its agent on AF_VSOCK: the helper is vhost-device-vsock.
+    let id = inst.vm(name).unwrap()["id"].as_str().unwrap().to_string();
+    assert!(
+        inst.processes()
+            .iter()
+            .any(|(_, c)| c.contains("vhost-device-vsock") && c.contains(&id)),
+        "{name}'s agent channel is not the vsock device: {:?}",
+        inst.processes()
+    );
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("hostile");
     std::fs::write(&script, HOSTILE).unwrap();

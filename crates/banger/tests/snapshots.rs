@@ -527,7 +527,12 @@ fn a_kill_cancels_a_restore_under_way() {
         "{:?}",
         inst.vmm_processes()
     );
-    ok(&inst.banger(&["vm", "rm", "c"]), "vm rm c");
+    // Its next start restores it (a daemon without the gate).
+    inst.kill_daemon();
+    ok(&inst.banger(&["vm", "start", "c"]), "vm start c");
+    let out = inst.banger(&["vm", "exec", "c", "--", "cat", "/etc/hostname"]);
+    assert_eq!(ok(&out, "exec c"), "c\n");
+    ok(&inst.banger(&["vm", "rm", "-f", "c"]), "vm rm c");
     ok(&inst.banger(&["snapshot", "rm", "s"]), "snapshot rm");
     inst.assert_baseline();
 }

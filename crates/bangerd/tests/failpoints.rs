@@ -355,9 +355,6 @@ fn a_failed_release_is_retried_by_itself_and_shown() {
     inst.assert_baseline();
 }
 
-/// The snapshots on disk (one directory each) and the ones listed.
-/// (Listed first: that starts the daemon, whose reconcile removes what
-/// a crash left.)
 /// The instance's daemon restarted with failpoint `step` set to `mode`:
 /// the daemon log's length then (what follows is this run's).
 fn daemon_with(inst: &Instance, step: &str, mode: &str, what: &str) -> usize {
@@ -383,6 +380,9 @@ fn failed_at(inst: &Instance, from: usize, step: &str, what: &str, out: &std::pr
     assert!(!out.status.success(), "{what}: {out:?}");
 }
 
+/// The snapshots on disk (one directory each) and the ones listed.
+/// (Listed first: that starts the daemon, whose reconcile removes what
+/// a crash left.)
 fn snapshots(inst: &Instance) -> (usize, Vec<String>) {
     let out = inst.banger(&["snapshot", "ls", "-a", "-q"]);
     let listed = ok(&out, "snapshot ls")

@@ -460,8 +460,8 @@ fn start(d: &Double, vm: &Vm, boot: &Value) -> Result<i32, String> {
         ]);
     }
     die_with_double(&mut c);
-    // A session of its own: a pause stops it, and a stopped member of a
-    // group the daemon's death orphans is sent SIGHUP (as banger's QEMU).
+    // A session of its own: a group the daemon's death orphans sends no
+    // SIGHUP its way (as banger's QEMU).
     // SAFETY: setsid(2) is async-signal-safe.
     unsafe {
         c.pre_exec(|| {
