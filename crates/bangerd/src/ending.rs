@@ -221,11 +221,22 @@ impl Daemon {
     /// A `--rm` clone's copies of its snapshot's volumes go with it (as
     /// docker's anonymous volumes with `--rm`); another VM's stay.
     pub(crate) fn forget_rm_clone_volumes(&self, vm: &VmRecord) {
-        if vm.runtime.rm_client.is_some() && vm.spec.from_snapshot.is_some() {
-            let _v = lock(&self.volumes.lock);
-            for m in &vm.spec.volumes {
-                self.forget_volume(&m.name);
-            }
+        if vm.runtime.rm_client.is_some() {
+            self.forget_clone_volumes(vm);
+        }
+    }
+
+    /// A clone's copies of its snapshot's volumes go (its row gone: a
+    /// failed or cut-short create, a fork rolled back, a `--rm` clone).
+    /// A clone's volumes are all such copies (`--from` takes no
+    /// `--volume`).
+    pub(crate) fn forget_clone_volumes(&self, vm: &VmRecord) {
+        if vm.spec.from_snapshot.is_none() {
+            return;
+        }
+        let _v = lock(&self.volumes.lock);
+        for m in &vm.spec.volumes {
+            self.forget_volume(&m.name);
         }
     }
 

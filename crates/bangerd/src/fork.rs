@@ -114,13 +114,8 @@ impl Daemon {
                     continue;
                 };
                 match self.delete(n) {
-                    Ok(()) | Err(DaemonError::VmNotFound(_)) => {
-                        // Its copies of the origin's volumes too.
-                        let _v = crate::daemon::lock(&self.volumes.lock);
-                        for m in &clone.spec.volumes {
-                            self.forget_volume(&m.name);
-                        }
-                    }
+                    // Its copies of the origin's volumes too.
+                    Ok(()) | Err(DaemonError::VmNotFound(_)) => self.forget_clone_volumes(&clone),
                     Err(e) => warn!(vm = %n, err = %e, "fork: a clone not rolled back"),
                 }
             }

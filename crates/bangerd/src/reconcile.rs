@@ -79,13 +79,7 @@ impl Daemon {
             VmState::Creating => {
                 info!(vm = %vm.name, "reconcile: cut short while being created; removing it");
                 self.remove(&mut vm, CREATE_ROLLBACK);
-                // A clone's volumes are all copies its create made.
-                if vm.spec.from_snapshot.is_some() {
-                    let _v = crate::daemon::lock(&self.volumes.lock);
-                    for m in &vm.spec.volumes {
-                        self.forget_volume(&m.name);
-                    }
-                }
+                self.forget_clone_volumes(&vm);
                 return Ok(());
             }
             VmState::Deleting => {

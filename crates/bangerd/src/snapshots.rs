@@ -172,6 +172,13 @@ fn sync(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// QMP command `cmd` on VM `name`'s socket `api`, its error naming both.
+fn qmp_cmd(name: &str, api: &Path, cmd: &str) -> Result<()> {
+    banger_vmm::qmp::execute(api, cmd, None)
+        .map(drop)
+        .map_err(|e| DaemonError::Invalid(format!("vm {name:?}: QMP {cmd}: {e}")))
+}
+
 /// Why a VM cannot be snapshotted, if it cannot: for clones (its disks
 /// copied), or (`clones` false) for its own suspend, which keeps its
 /// disks and volumes where they are.
@@ -360,11 +367,7 @@ impl Daemon {
     /// paused if it cannot run.
     pub(crate) fn run_again(&self, vm: &mut VmRecord, api: &Path, was_paused: bool) -> Result<()> {
         let name = vm.name.clone();
-        let qmp = |cmd: &str| {
-            banger_vmm::qmp::execute(api, cmd, None)
-                .map(drop)
-                .map_err(|e| DaemonError::Invalid(format!("vm {name:?}: QMP {cmd}: {e}")))
-        };
+        let qmp = |cmd: &str| qmp_cmd(&name, api, cmd);
         let resumed = qmp("cont").and_then(|()| {
             self.release_guest(vm);
             if was_paused {
@@ -387,11 +390,7 @@ impl Daemon {
     /// when the agent does not take it.
     fn hold_guest(&self, vm: &VmRecord, api: &Path, was_paused: bool) -> Result<()> {
         let name = &vm.name;
-        let qmp = |cmd: &str| {
-            banger_vmm::qmp::execute(api, cmd, None)
-                .map(drop)
-                .map_err(|e| DaemonError::Invalid(format!("vm {name:?}: QMP {cmd}: {e}")))
-        };
+        let qmp = |cmd: &str| qmp_cmd(name, api, cmd);
         let mut running = vm.clone();
         running.runtime.paused = false;
         if was_paused {
