@@ -211,8 +211,17 @@ fn wait_on(
 pub fn get_tar(mut c: UnixStream, path: &str, out: &mut dyn Write) -> Result<(), ProtoError> {
     write_request(&mut c, Call::GetTar { path: path.into() })?;
     let mut r = FrameReader::new(c);
-    std::io::copy(&mut r, out)?;
-    Ok(())
+    // A failed write is this side's output, not the connection.
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        };
+        out.write_all(&buf[..n]).map_err(ProtoError::Output)?;
+    }
 }
 
 /// Sends a tar stream, written by `fill`, to be unpacked in the guest's

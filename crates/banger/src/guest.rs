@@ -484,6 +484,11 @@ pub fn wait_ssh(client: &Client, name: &str) -> anyhow::Result<()> {
     // not after a minute's wait for port 22.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
+        // (Checked first too: each question is bounded, the whole wait
+        // by the deadline.)
+        if Instant::now() >= deadline {
+            bail!("vm {name}: waiting for sshd: nothing listens on port 22 after 60 s");
+        }
         if let Some(why) = no_sshd(client, name)? {
             bail!(
                 "vm {name} has no sshd: {why}\n`vm ssh` needs one; `banger vm exec -it {name} -- sh` \

@@ -120,7 +120,38 @@ fn exec_names_what_is_wrong_instead_of_hanging_or_blaming_the_command() {
         "vm", "exec", "-u", "nobody", "-w", "/root", "ex", "--", "pwd",
     ]);
     let err = text(&out.stderr);
-    assert!(err.contains("nobody may not enter it"), "{err}");
+    assert!(err.contains("nobody may not enter it (mode 0700)"), "{err}");
+    // A directory anyone may enter, inside root's home: refused too (the
+    // directories on the way count), never run there.
+    ok(
+        &inst.banger(&[
+            "vm",
+            "exec",
+            "ex",
+            "--",
+            "sh",
+            "-c",
+            "mkdir -p /root/pub && chmod 755 /root/pub",
+        ]),
+        "mkdir /root/pub",
+    );
+    let out = inst.banger(&[
+        "vm",
+        "exec",
+        "-u",
+        "nobody",
+        "-w",
+        "/root/pub",
+        "ex",
+        "--",
+        "pwd",
+    ]);
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("nobody may not pass through /root (mode 0700)"),
+        "{err}"
+    );
+    assert!(text(&out.stdout).is_empty(), "nothing ran: {out:?}");
     ok(&inst.banger(&["vm", "rm", "-f", "ex"]), "rm");
     inst.assert_baseline();
 }

@@ -247,8 +247,8 @@ fn imports_of_every_format_boot() {
 /// /etc/passwd): imported, it boots, runs commands and copies files
 /// through the agent; `vm ssh` says at once that there is no sshd. Then
 /// the same tree with an sshd that cannot start (a dynamic binary whose
-/// loader and libraries the tree lacks): `vm ssh` says that it exited, and
-/// with what.
+/// loader the tree lacks; then one whose library is a dangling link):
+/// `vm ssh` says that it exited, and names what is missing.
 #[test]
 fn images_without_a_working_sshd_boot_and_only_ssh_says_so() {
     let inst = Instance::new(&banger_bin()).with_image();
@@ -283,6 +283,8 @@ fn images_without_a_working_sshd_boot_and_only_ssh_says_so() {
         &inst.banger(&["image", "import", "bb", plain.to_str().unwrap()]),
         "import a busybox-only tree",
     );
+    // A dynamic binary as sshd (ssh-keygen: the host has no sshd), with
+    // neither its loader nor its libraries.
     std::fs::create_dir_all(tree.join("usr/sbin")).unwrap();
     std::fs::copy("/usr/bin/ssh-keygen", tree.join("usr/sbin/sshd")).unwrap();
     let broken = tar_of("broken.tar");
@@ -290,10 +292,35 @@ fn images_without_a_working_sshd_boot_and_only_ssh_says_so() {
         &inst.banger(&["image", "import", "bb-broken", broken.to_str().unwrap()]),
         "import a tree whose sshd cannot start",
     );
+    // Its loader and libraries, one of them a dangling link.
+    let ldd = run(Command::new("ldd").arg("/usr/bin/ssh-keygen"), "ldd");
+    let mut missing = None;
+    for path in ldd
+        .split_whitespace()
+        .filter(|w| w.starts_with('/') && !w.starts_with("/usr/bin"))
+    {
+        let to = tree.join(path.trim_start_matches('/'));
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        if path.contains("libcrypto") {
+            std::os::unix::fs::symlink("libcrypto.so.3.gone", &to).unwrap();
+            missing = Some(to.file_name().unwrap().to_string_lossy().into_owned());
+        } else if !to.exists() {
+            std::fs::copy(path, &to).unwrap();
+        }
+    }
+    let missing = missing.expect("ssh-keygen links libcrypto");
+    let libs = tar_of("libs.tar");
+    ok(
+        &inst.banger(&["image", "import", "bb-libs", libs.to_str().unwrap()]),
+        "import a tree whose sshd has a dangling library link",
+    );
+    let no_loader = "exited with status 127 (its loader /lib64/ld-linux-x86-64.so.2 is missing";
+    let no_lib = format!("{missing}: cannot open shared object file");
 
     for (image, why) in [
         ("bb", "the image has no SSH server (/usr/sbin/sshd)"),
-        ("bb-broken", "exited with status 127"),
+        ("bb-broken", no_loader),
+        ("bb-libs", no_lib.as_str()),
     ] {
         ok(
             &inst.banger(&["vm", "run", "-d", "--name", image, "--image", image]),
@@ -340,7 +367,7 @@ fn images_without_a_working_sshd_boot_and_only_ssh_says_so() {
         eprintln!("vm ssh on {image} refused after {:?}", t0.elapsed());
         ok(&inst.banger(&["vm", "rm", "-f", image]), "rm");
     }
-    for img in ["bb", "bb-broken"] {
+    for img in ["bb", "bb-broken", "bb-libs"] {
         ok(&inst.banger(&["image", "rm", img]), "image rm");
     }
     inst.assert_baseline();

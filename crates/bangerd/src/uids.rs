@@ -7,7 +7,9 @@
 //! every block of [`UID_BLOCK`] uids the range touches; the lock file
 //! holds the claiming state dir, so a refusal names it.
 //!
-//! - `--vmm-uid-base` given: that range, or a refusal naming its holder.
+//! - `--vmm-uid-base` given: that range (recorded as below, so that a
+//!   search passes over it while its VMs may run), or a refusal naming
+//!   its holder.
 //! - not given: the range this state dir claimed before
 //!   (`<state>/vmm-uid-base`, kept across restarts: its running VMs' files
 //!   and processes are that range's), else the default range for a state
@@ -111,10 +113,14 @@ fn claim_in(
         .unwrap_or_else(|_| state_dir.to_path_buf())
         .display()
         .to_string();
-    if let Some(base) = given {
-        return claim_range(dir, base, count, &holder, false, false);
-    }
     let record = state_dir.join(RECORD);
+    if let Some(base) = given {
+        let c = claim_range(dir, base, count, &holder, false, false)?;
+        // Recorded as a chosen range is: once this daemon is gone with
+        // its VMs still running, another's search passes over it.
+        fsutil::write_atomic(&record, format!("{base}\n"))?;
+        return Ok(c);
+    }
     match std::fs::read_to_string(&record) {
         Ok(text) => {
             let base = text
@@ -314,7 +320,16 @@ mod tests {
         claim_in(&claims, Some(BASE + 100), BASE, 16_000, &b)
             .expect("free again once the first daemon is gone");
         drop(next);
-        assert!(!a.join(RECORD).exists(), "a given base is not recorded");
+        // A given base is recorded as a chosen one is: with its daemon
+        // gone (its VMs may run on), another's search passes over it.
+        assert_eq!(
+            std::fs::read_to_string(a.join(RECORD)).unwrap().trim(),
+            BASE.to_string()
+        );
+        let c = d.path().join("c2");
+        std::fs::create_dir_all(&c).unwrap();
+        let other = claim_in(&claims, None, BASE, 16_384, &c).unwrap();
+        assert_eq!(other.base, BASE + 2 * 16_384, "{other:?}");
     }
 
     #[test]

@@ -463,7 +463,13 @@ impl Instance {
     }
 
     pub fn banger_cmd(&self, args: &[&str]) -> Command {
-        let mut c = self.net.cmd(&self.banger);
+        self.banger_cmd_in(None, args)
+    }
+
+    /// As [`Instance::banger_cmd`], started in `wd` (relative paths in
+    /// `args` are the caller's there).
+    pub fn banger_cmd_in(&self, wd: Option<&Path>, args: &[&str]) -> Command {
+        let mut c = self.net.cmd_in(&self.banger, wd);
         c.envs(self.env.iter().map(|(k, v)| (k, v)));
         c.arg("--state-dir")
             .arg(self.state())

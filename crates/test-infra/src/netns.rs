@@ -79,15 +79,27 @@ impl NetNs {
     /// under `/sys/fs/cgroup`, as a daemon in the host's namespaces sees
     /// them.
     pub fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        self.cmd_in(program, None)
+    }
+
+    /// As [`NetNs::cmd`], started in `wd` (entering a mount namespace
+    /// moves a process to its root otherwise).
+    pub fn cmd_in(
+        &self,
+        program: impl AsRef<std::ffi::OsStr>,
+        wd: Option<&std::path::Path>,
+    ) -> Command {
         let pid = {
             let mut h = self.holder.lock().unwrap_or_else(|p| p.into_inner());
             h.get_or_insert_with(|| mount_holder(&self.ns)).id()
         };
         let mut c = Command::new("nsenter");
         c.arg(format!("--mount=/proc/{pid}/ns/mnt"))
-            .arg(format!("--net=/run/netns/{}", self.ns))
-            .arg("--")
-            .arg(program);
+            .arg(format!("--net=/run/netns/{}", self.ns));
+        if let Some(wd) = wd {
+            c.arg(format!("--wd={}", wd.display()));
+        }
+        c.arg("--").arg(program);
         c
     }
 

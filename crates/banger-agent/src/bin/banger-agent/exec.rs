@@ -191,8 +191,10 @@ fn workdir(asked: Option<&str>, user: &User) -> Result<String, String> {
 }
 
 /// Whether `user` can make `dir` its working directory: it exists, is a
-/// directory, and they may search it (root may search any, mode 000
-/// too: CAP_DAC_OVERRIDE).
+/// directory, and they may search it and every directory on the way to
+/// it (root may search any, mode 000 too: CAP_DAC_OVERRIDE). Mode bits
+/// only; the child enters the directory again as the user
+/// (`spawn`), so an ACL that refuses them is enforced all the same.
 fn enterable(dir: &str, user: &User) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(dir).map_err(|e| match e.kind() {
@@ -205,17 +207,33 @@ fn enterable(dir: &str, user: &User) -> Result<(), String> {
     if user.uid == 0 {
         return Ok(());
     }
-    let bits = if m.uid() == user.uid {
-        0o100
-    } else if user.groups.contains(&m.gid()) {
-        0o010
-    } else {
-        0o001
+    let searchable = |m: &std::fs::Metadata| {
+        let bits = if m.uid() == user.uid {
+            0o100
+        } else if user.groups.contains(&m.gid()) {
+            0o010
+        } else {
+            0o001
+        };
+        m.mode() & bits != 0
     };
-    if m.mode() & bits == 0 {
+    if !searchable(&m) {
         return Err(format!(
-            "{} may not enter it (mode {:o})",
+            "{} may not enter it (mode {:04o})",
             user.name,
+            m.mode() & 0o7777
+        ));
+    }
+    // The directories on the way (`/root` of `/root/sub`).
+    let mut on_the_way = std::path::Path::new(dir).ancestors().skip(1);
+    if let Some((a, m)) = on_the_way.find_map(|a| {
+        let m = std::fs::metadata(a).ok()?;
+        (!searchable(&m)).then(|| (a.to_path_buf(), m))
+    }) {
+        return Err(format!(
+            "{} may not pass through {} (mode {:04o})",
+            user.name,
+            a.display(),
             m.mode() & 0o7777
         ));
     }
@@ -304,7 +322,11 @@ fn spawn(spec: &ExecSpec) -> Result<Arc<Proc>, String> {
     for (k, v) in &spec.env {
         cmd.env(k, v);
     }
-    cmd.current_dir(workdir(spec.cwd.as_deref(), &user)?);
+    let cwd = workdir(spec.cwd.as_deref(), &user)?;
+    cmd.current_dir(&cwd);
+    // Entered again once the child is the user: the kernel's own check.
+    let cwd_c = std::ffi::CString::new(cwd.as_str())
+        .map_err(|_| format!("exec: working directory {cwd:?} holds a NUL byte"))?;
     let mut master = None;
     let mut out_pipes = None;
     let mut stdin_w = None;
@@ -336,7 +358,7 @@ fn spawn(spec: &ExecSpec) -> Result<Arc<Proc>, String> {
     let (uid, gid, groups) = (user.uid, user.gid, user.groups.clone());
     // SAFETY: the closure runs between fork and exec and only makes
     // async-signal-safe system calls (setsid, ioctl, setgroups, setgid,
-    // setuid, signal) on values computed before the fork.
+    // setuid, chdir, signal) on values computed before the fork.
     unsafe {
         cmd.pre_exec(move || {
             use nix::libc;
@@ -350,6 +372,9 @@ fn spawn(spec: &ExecSpec) -> Result<Arc<Proc>, String> {
                 || libc::setgid(gid) < 0
                 || libc::setuid(uid) < 0
             {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::chdir(cwd_c.as_ptr()) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             // The agent ignores SIGPIPE (Rust's runtime); its children get
@@ -652,6 +677,16 @@ mod tests {
         let e = workdir(Some(dir), &user(4242, "/")).unwrap_err();
         assert!(e.contains("u4242 may not enter it"), "{e}");
         assert_eq!(workdir(None, &user(4242, dir)).unwrap(), "/");
+        // A directory anyone may enter, inside one they may not reach.
+        let sub = d.join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let e = workdir(Some(sub.to_str().unwrap()), &user(4242, "/")).unwrap_err();
+        assert!(
+            e.contains(&format!("u4242 may not pass through {dir} (mode 0700)")),
+            "{e}"
+        );
+        assert!(workdir(Some(sub.to_str().unwrap()), &user(0, "/")).is_ok());
         std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o000)).unwrap();
         assert_eq!(
             workdir(Some(dir), &user(0, "/")).unwrap(),
