@@ -184,7 +184,10 @@ fn copy_file(src: &Path, dst: &Path, try_reflink: bool) -> Result<bool, FsError>
     r.map(|()| false)
 }
 
-fn copy_extents(
+/// Copies the data of `input` (named `src` in errors) into `output`
+/// (`dst`), sized as `input`: only its data extents, the holes left holes
+/// (`output` must hold nothing yet).
+pub fn copy_extents(
     input: &std::fs::File,
     src: &Path,
     output: &std::fs::File,

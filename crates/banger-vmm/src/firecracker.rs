@@ -26,6 +26,11 @@ use crate::{VmConfig, Vmm, VmmError, VmmProcess};
 const SOCKET_WAIT: Duration = Duration::from_secs(5);
 /// Per API call.
 const API_TIMEOUT: Duration = Duration::from_secs(10);
+/// Per snapshot call: the guest's memory is written, or mapped, whole
+/// while the API waits.
+pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// The longest version string taken from `GET /version`.
+const VERSION_MAX: usize = 64;
 /// The spec's `vcpu_count` maximum.
 pub const MAX_VCPUS: u32 = 32;
 
@@ -154,7 +159,81 @@ pub fn read_head(r: &mut impl BufRead) -> std::io::Result<(String, usize)> {
 /// One `PUT` on the API socket; a non-2xx answer is an error carrying
 /// Firecracker's `fault_message`.
 pub fn put(sock: &Path, path: &str, body: &Value) -> Result<(), VmmError> {
-    call(sock, "PUT", path, body)
+    call(sock, "PUT", path, Some(body), API_TIMEOUT).map(drop)
+}
+
+/// Firecracker's version (`GET /version`), as a snapshot records it:
+/// another version refuses to load it.
+pub fn version(sock: &Path) -> Result<String, VmmError> {
+    let answer = call(sock, "GET", "/version", None, API_TIMEOUT)?;
+    serde_json::from_slice::<Value>(&answer)
+        .ok()
+        .and_then(|v| v["firecracker_version"].as_str().map(str::to_string))
+        .filter(|v| {
+            !v.is_empty() && v.len() <= VERSION_MAX && v.bytes().all(|b| b.is_ascii_graphic())
+        })
+        .ok_or_else(|| {
+            api_err(
+                sock,
+                format!(
+                    "GET /version: no version in {:?}",
+                    String::from_utf8_lossy(&answer[..answer.len().min(VERSION_MAX)])
+                ),
+            )
+        })
+}
+
+/// `PUT /snapshot/create` of a paused microVM: its state and its whole
+/// memory (`Full`) into the two files (paths as Firecracker sees them),
+/// which it creates. Firecracker answers nothing else meanwhile.
+pub fn create_snapshot(sock: &Path, state: &Path, mem: &Path) -> Result<(), VmmError> {
+    let body = json!({
+        "snapshot_type": "Full",
+        "snapshot_path": state.to_string_lossy(),
+        "mem_file_path": mem.to_string_lossy(),
+    });
+    call(
+        sock,
+        "PUT",
+        "/snapshot/create",
+        Some(&body),
+        SNAPSHOT_TIMEOUT,
+    )
+    .map(drop)
+}
+
+/// What a fresh Firecracker loads a snapshot from: paths as it sees
+/// them, and what differs from the microVM saved (the taps by interface,
+/// the vsock's socket).
+#[derive(Debug, Clone)]
+pub struct Load {
+    pub state: PathBuf,
+    /// Mapped privately: the file never changes under it.
+    pub mem: PathBuf,
+    pub taps: Vec<(String, String)>,
+    pub vsock: Option<PathBuf>,
+}
+
+/// `PUT /snapshot/load` on a bare Firecracker (nothing configured but
+/// its logger), the microVM left paused. A failed load ends the process:
+/// Firecracker cannot be given another.
+pub fn load_snapshot(sock: &Path, load: &Load) -> Result<(), VmmError> {
+    let mut body = json!({
+        "snapshot_path": load.state.to_string_lossy(),
+        "mem_backend": {"backend_type": "File", "backend_path": load.mem.to_string_lossy()},
+        "resume_vm": false,
+    });
+    if !load.taps.is_empty() {
+        body["network_overrides"] = load
+            .taps
+            .iter()
+            .map(|(iface, tap)| json!({"iface_id": iface, "host_dev_name": tap}))
+            .collect();
+    }
+    if let Some(uds) = &load.vsock {
+        body["vsock_override"] = json!({"uds_path": uds.to_string_lossy()});
+    }
+    call(sock, "PUT", "/snapshot/load", Some(&body), SNAPSHOT_TIMEOUT).map(drop)
 }
 
 /// Pauses the microVM's vCPUs (`PATCH /vm`).
@@ -169,21 +248,36 @@ pub fn resume(sock: &Path) -> Result<(), VmmError> {
 
 /// One `PATCH` on the API socket, as [`put`].
 pub fn patch(sock: &Path, path: &str, body: &Value) -> Result<(), VmmError> {
-    call(sock, "PATCH", path, body)
+    call(sock, "PATCH", path, Some(body), API_TIMEOUT).map(drop)
 }
 
-fn call(sock: &Path, method: &str, path: &str, body: &Value) -> Result<(), VmmError> {
+/// One request, answered within `timeout`: the answer's body (at most
+/// 1 MiB of it) when its status is 2xx.
+fn call(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    timeout: Duration,
+) -> Result<Vec<u8>, VmmError> {
     let io = |what: &str, e: std::io::Error| api_err(sock, format!("{method} {path}: {what}: {e}"));
     let mut s = banger_agent::connect_nofollow(sock).map_err(|e| io("connect", e))?;
-    s.set_read_timeout(Some(API_TIMEOUT))
-        .and_then(|()| s.set_write_timeout(Some(API_TIMEOUT)))
+    s.set_read_timeout(Some(timeout))
+        .and_then(|()| s.set_write_timeout(Some(timeout)))
         .map_err(|e| io("set timeout", e))?;
-    let body = body.to_string();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
+    let req = match body {
+        Some(body) => {
+            let body = body.to_string();
+            format!(
+                "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n\
+                 Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+        }
+        None => format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n\r\n"
+        ),
+    };
     s.write_all(req.as_bytes()).map_err(|e| io("write", e))?;
     let mut r = BufReader::new(s);
     let (status, len) = read_head(&mut r).map_err(|e| io("read", e))?;
@@ -195,7 +289,7 @@ fn call(sock: &Path, method: &str, path: &str, body: &Value) -> Result<(), VmmEr
     let mut answer = vec![0u8; len.min(1 << 20)];
     r.read_exact(&mut answer).map_err(|e| io("read body", e))?;
     if (200..300).contains(&code) {
-        return Ok(());
+        return Ok(answer);
     }
     let fault = serde_json::from_slice::<Value>(&answer)
         .ok()
@@ -226,7 +320,12 @@ impl Vmm for Firecracker {
             }
             None => None,
         };
-        let calls = requests(jailed.as_ref().unwrap_or(cfg))?;
+        // A restore's Firecracker stays bare: its snapshot is loaded
+        // into it (`load_snapshot`), nothing configured before.
+        let mut calls = requests(jailed.as_ref().unwrap_or(cfg))?;
+        if cfg.incoming {
+            calls.clear();
+        }
         let io = |path: &Path, source| VmmError::Io {
             vmm: "firecracker".into(),
             vm: cfg.name.clone(),

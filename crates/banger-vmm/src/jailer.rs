@@ -48,6 +48,11 @@ pub fn jail_dir(chroot_base: &Path, firecracker: &Path, id: &str) -> PathBuf {
     root.parent().map(Path::to_path_buf).unwrap_or(root)
 }
 
+/// A restore's snapshot files in the chroot, as the daemon puts them
+/// there before the jailed Firecracker loads them.
+pub const SNAPSHOT_STATE: &str = "snapshot.state";
+pub const SNAPSHOT_MEM: &str = "snapshot.mem";
+
 /// Whether `id` is one the jailer takes.
 pub fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
@@ -138,9 +143,11 @@ pub fn prepare(cfg: &VmConfig, spec: &JailSpec, firecracker: &Path) -> Result<Vm
     let mut j = cfg.clone();
     j.kernel = put(cfg, &root, &cfg.kernel, "vmlinux", None)?;
     j.initrd = put(cfg, &root, &cfg.initrd, "initrd.img", own)?;
-    for (d, host) in j.disks.iter_mut().zip(&cfg.disks) {
+    // By position, not id: a snapshot records these paths, and a clone's
+    // drives (its volumes' ids differ) are put at the same ones.
+    for (i, (d, host)) in j.disks.iter_mut().zip(&cfg.disks).enumerate() {
         let owner = if host.read_only { None } else { own };
-        d.path = put(cfg, &root, &host.path, &format!("drive-{}", d.id), owner)?;
+        d.path = put(cfg, &root, &host.path, &format!("drive-{i}"), owner)?;
     }
     // --log-path must exist: the VMM's log is made here, then linked in.
     std::fs::OpenOptions::new()

@@ -71,8 +71,9 @@ pub struct VmConfig {
     /// that a snapshot copies it instead of streaming it; the caller keeps
     /// it open until `spawn` returns.
     pub ram_fd: Option<i32>,
-    /// QEMU only: wait for a saved device state (`-incoming defer`, then
-    /// [`qmp::load_state`]) instead of booting: a restore.
+    /// A restore instead of a boot: QEMU waits for a saved device state
+    /// (`-incoming defer`, then [`qmp::load_state`]); Firecracker stays
+    /// bare, configured by nothing, for [`firecracker::load_snapshot`].
     pub incoming: bool,
 }
 

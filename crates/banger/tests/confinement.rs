@@ -427,8 +427,8 @@ fn firecracker_runs_under_its_jailer_as_the_vms_user() {
         "vsock.sock",
         "vmlinux",
         "initrd.img",
-        "drive-root",
-        "drive-work",
+        "drive-0",
+        "drive-1",
         "vmm.log",
     ] {
         assert!(
@@ -438,7 +438,7 @@ fn firecracker_runs_under_its_jailer_as_the_vms_user() {
         );
     }
     let log = std::fs::read_to_string(root.join("vmm.log")).unwrap();
-    assert!(log.contains("\"path_on_host\":\"/drive-root\""), "{log}");
+    assert!(log.contains("\"path_on_host\":\"/drive-0\""), "{log}");
     assert!(!log.contains("-> 400"), "a request was refused:\n{log}");
     // Stop and start: the chroot is made again.
     ok(&inst.banger(&["vm", "stop", "fj"]), "stop");

@@ -16,6 +16,7 @@ pub mod doctor;
 pub mod ending;
 pub mod error;
 pub mod failpoint;
+pub mod fcsnap;
 pub mod fork;
 pub mod handles;
 pub mod host;

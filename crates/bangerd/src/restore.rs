@@ -1,6 +1,7 @@
 //! A snapshot's restore: what a `--from SNAP` create takes of it and
 //! checks, and a clone's (or a suspended VM's) first start, its VMM
-//! started with `-incoming defer` (`resources::vmm`): the state loaded,
+//! started with `-incoming defer` (`resources::vmm`), or a bare
+//! Firecracker given `/snapshot/load` (`fcsnap`): the state loaded,
 //! the guest run and given its identity (a clone) or only the clock (a
 //! resumed VM). See `snapshots` for the files and their checks.
 
@@ -8,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use banger_core::layout::vmfiles;
-use banger_core::{SnapshotRecord, VmRecord};
+use banger_core::{SnapshotRecord, VmRecord, VmmKind};
 use banger_host::fsutil::WrapIo;
 use banger_store::Owned;
 use tracing::warn;
@@ -62,7 +63,7 @@ impl Daemon {
         let snap = restorable(&self.host(), &name, vm)?;
         let api =
             vm.runtime.api_sock_path.clone().ok_or_else(|| {
-                DaemonError::Invalid(format!("vm {:?} has no QMP socket", vm.name))
+                DaemonError::Invalid(format!("vm {:?} has no API socket", vm.name))
             })?;
         let qmp = |e: banger_vmm::VmmError| {
             let tail = crate::readiness::guest_tail(
@@ -88,21 +89,30 @@ impl Daemon {
                 state.display()
             )));
         }
-        let deadline = Instant::now() + STATE_TIMEOUT;
-        let alive = || self.vm_alive(vm);
-        let mut session = wait_qmp(&api, deadline, &alive).map_err(qmp)?;
-        let version = banger_vmm::qmp::version(&mut session).map_err(qmp)?;
-        drop(session);
-        if version != snap.format.vmm_version {
-            return Err(DaemonError::Invalid(format!(
-                "snapshot {name:?} was made by QEMU {}; this host runs QEMU {version}, which \
-                 cannot load it: boot a VM of its image and snapshot it again",
-                snap.format.vmm_version
-            )));
+        let firecracker = vm.spec.vmm == VmmKind::Firecracker;
+        if firecracker {
+            cancelled(vm)?;
+            let tap = self.current_handles(vm).tap_device.ok_or_else(|| {
+                DaemonError::Invalid(format!("vm {:?} has no tap for its restore", vm.name))
+            })?;
+            crate::fcsnap::load(&self.host(), vm, &snap, &api, &tap)?;
+        } else {
+            let deadline = Instant::now() + STATE_TIMEOUT;
+            let alive = || self.vm_alive(vm);
+            let mut session = wait_qmp(&api, deadline, &alive).map_err(qmp)?;
+            let version = banger_vmm::qmp::version(&mut session).map_err(qmp)?;
+            drop(session);
+            if version != snap.format.vmm_version {
+                return Err(DaemonError::Invalid(format!(
+                    "snapshot {name:?} was made by QEMU {}; this host runs QEMU {version}, \
+                     which cannot load it: boot a VM of its image and snapshot it again",
+                    snap.format.vmm_version
+                )));
+            }
+            cancelled(vm)?;
+            let input = std::fs::File::open(&state).with_path("open", &state)?;
+            banger_vmm::qmp::load_state(&api, &input, deadline).map_err(qmp)?;
         }
-        cancelled(vm)?;
-        let input = std::fs::File::open(&state).with_path("open", &state)?;
-        banger_vmm::qmp::load_state(&api, &input, deadline).map_err(qmp)?;
         hit("restore.loaded")?;
         // (Until the guest runs, a cancel leaves the VM as it was.)
         cancelled(vm)?;
@@ -110,9 +120,14 @@ impl Daemon {
         vm.runtime.restore = None;
         vm.runtime.suspended = false;
         self.save(vm)?;
-        let ran = banger_vmm::qmp::execute(&api, "cont", None)
-            .map_err(qmp)
-            .and_then(|_| hit("restore.running"));
+        let ran = if firecracker {
+            crate::snapshots::set_vcpus(vm, &api, true)
+        } else {
+            banger_vmm::qmp::execute(&api, "cont", None)
+                .map(drop)
+                .map_err(qmp)
+        }
+        .and_then(|()| hit("restore.running"));
         if let Err(e) = ran {
             // Whatever becomes of this start, the saved guest is done
             // with: the VM's next start boots from its disks.

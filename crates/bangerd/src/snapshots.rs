@@ -1,11 +1,12 @@
 //! Snapshots: `vm snapshot`, `snapshot ls|show|rm`, and the restore of
-//! one into a new VM (`vm create|run --from`). QEMU only for now (the
-//! Firecracker path comes with its `/snapshot/*` API).
+//! one into a new VM (`vm create|run --from`), on QEMU and on a jailed
+//! Firecracker (its `/snapshot/*` API: `fcsnap`).
 //!
 //! A snapshot is a directory of files that never change once recorded:
 //! - `state`: QEMU's migration stream of the stopped VM, RAM left out
-//!   (`x-ignore-shared`: the RAM is a shared file, `resources::ram`);
-//! - `ram`: a sparse copy of that file;
+//!   (`x-ignore-shared`: the RAM is a shared file, `resources::ram`), or
+//!   Firecracker's microVM state;
+//! - `ram`: a sparse copy of that file (Firecracker's memory file);
 //! - the root disk's file (the qcow2 overlay of the image, or the raw
 //!   copy) and the work disk, copied (reflinks where the state dir has
 //!   them) while the VM is stopped, so that memory and disks agree.
@@ -86,12 +87,14 @@ pub fn volume_file(i: usize) -> String {
     format!("volume-{i}.ext4")
 }
 
-/// The file the root disk of a VM of `kind` is, if a snapshot can copy it.
+/// The file the root disk of a VM of `kind` is, if a snapshot can copy it
+/// (the overlay's upper disk: the image under it is read-only and shared).
 pub fn root_file(kind: RootDiskKind) -> Option<&'static str> {
     match kind {
         RootDiskKind::Qcow2 => Some(vmfiles::ROOT_DISK),
         RootDiskKind::Reflink | RootDiskKind::Copy => Some(vmfiles::ROOT_RAW),
-        RootDiskKind::Overlay | RootDiskKind::DmSnapshot => None,
+        RootDiskKind::Overlay => Some(vmfiles::ROOT_UPPER),
+        RootDiskKind::DmSnapshot => None,
     }
 }
 
@@ -182,13 +185,10 @@ fn qmp_cmd(name: &str, api: &Path, cmd: &str) -> Result<()> {
 /// Why a VM cannot be snapshotted, if it cannot: for clones (its disks
 /// copied), or (`clones` false) for its own suspend, which keeps its
 /// disks and volumes where they are.
-pub(crate) fn refusal(vm: &VmRecord, clones: bool) -> Option<String> {
+pub(crate) fn refusal(host: &Host<'_>, vm: &VmRecord, clones: bool) -> Option<String> {
     let name = &vm.name;
-    if vm.spec.vmm != VmmKind::Qemu {
-        return Some(format!(
-            "vm {name:?} runs on {}: snapshots are QEMU's for now",
-            vm.spec.vmm
-        ));
+    if vm.spec.vmm == VmmKind::Firecracker {
+        return crate::fcsnap::refusal(host, vm).or_else(|| disks_refusal(vm, clones));
     }
     if !vm.spec.mounts.is_empty() {
         return Some(format!(
@@ -209,13 +209,34 @@ pub(crate) fn refusal(vm: &VmRecord, clones: bool) -> Option<String> {
              the RAM tmpfs had no room: see the daemon's log); restart it"
         ));
     }
+    disks_refusal(vm, clones)
+}
+
+/// Why a clone could not have its own copy of the VM's disks, if not.
+fn disks_refusal(vm: &VmRecord, clones: bool) -> Option<String> {
     if clones && root_file(vm.spec.root_disk()).is_none() {
         return Some(format!(
-            "vm {name:?}'s root disk ({}) cannot be copied by a snapshot",
+            "vm {:?}'s root disk ({}) cannot be copied by a snapshot: create the VM with \
+             --root-disk reflink or copy to snapshot it",
+            vm.name,
             vm.spec.root_disk()
         ));
     }
     None
+}
+
+/// Stops (`run` false) or runs the VM's vCPUs for a save: QMP on QEMU,
+/// `PATCH /vm` on Firecracker.
+pub(crate) fn set_vcpus(vm: &VmRecord, api: &Path, run: bool) -> Result<()> {
+    match vm.spec.vmm {
+        VmmKind::Qemu => qmp_cmd(&vm.name, api, if run { "cont" } else { "stop" }),
+        VmmKind::Firecracker => if run {
+            banger_vmm::firecracker::resume(api)
+        } else {
+            banger_vmm::firecracker::pause(api)
+        }
+        .map_err(|e| DaemonError::Invalid(format!("vm {:?}: {e}", vm.name))),
+    }
 }
 
 impl Daemon {
@@ -246,7 +267,7 @@ impl Daemon {
                 vm.runtime.state()
             )));
         }
-        if let Some(why) = refusal(&vm, true) {
+        if let Some(why) = refusal(&self.host(), &vm, true) {
             return Err(DaemonError::Invalid(why));
         }
         if self.store().snapshot(&snap_name)?.is_some() {
@@ -257,7 +278,7 @@ impl Daemon {
         }
         if vm.runtime.api_sock_path.is_none() {
             return Err(DaemonError::Invalid(format!(
-                "vm {name:?} has no QMP socket: restart it"
+                "vm {name:?} has no API socket: restart it"
             )));
         }
         if !self.vm_alive(&vm) {
@@ -294,7 +315,7 @@ impl Daemon {
     ) -> Result<()> {
         let name = vm.name.clone();
         let api = vm.runtime.api_sock_path.clone().ok_or_else(|| {
-            DaemonError::Invalid(format!("vm {name:?} has no QMP socket: restart it"))
+            DaemonError::Invalid(format!("vm {name:?} has no API socket: restart it"))
         })?;
         let id = random_hex(16)?;
         let dir = self.cfg.layout.snapshot_dir(&id);
@@ -319,7 +340,7 @@ impl Daemon {
             .and_then(|()| self.save_files(vm, &api, &dir, was_paused, !suspend));
         // A save cut short may still stream: cancelled before the VM runs
         // again (its end would stop the VM once more).
-        if made.is_err() {
+        if made.is_err() && vm.spec.vmm == VmmKind::Qemu {
             let _ = banger_vmm::qmp::execute(&api, "migrate_cancel", None);
         }
         let rec = made.map(|(files, crc, vmm_version)| SnapshotRecord {
@@ -363,15 +384,14 @@ impl Daemon {
 
     /// A VM stopped for a save runs again (a paused one for a moment too:
     /// after a save QEMU has handed its disks over (inactive), and only
-    /// `cont` takes them back), its agent's gate opened; recorded, as
-    /// paused if it cannot run.
+    /// `cont` takes them back; its agent's gate opens only while it
+    /// runs), its agent's gate opened; recorded, as paused if it cannot
+    /// run.
     pub(crate) fn run_again(&self, vm: &mut VmRecord, api: &Path, was_paused: bool) -> Result<()> {
-        let name = vm.name.clone();
-        let qmp = |cmd: &str| qmp_cmd(&name, api, cmd);
-        let resumed = qmp("cont").and_then(|()| {
+        let resumed = set_vcpus(vm, api, true).and_then(|()| {
             self.release_guest(vm);
             if was_paused {
-                qmp("stop")
+                set_vcpus(vm, api, false)
             } else {
                 Ok(())
             }
@@ -390,11 +410,10 @@ impl Daemon {
     /// when the agent does not take it.
     fn hold_guest(&self, vm: &VmRecord, api: &Path, was_paused: bool) -> Result<()> {
         let name = &vm.name;
-        let qmp = |cmd: &str| qmp_cmd(name, api, cmd);
         let mut running = vm.clone();
         running.runtime.paused = false;
         if was_paused {
-            qmp("cont")?;
+            set_vcpus(vm, api, true)?;
         }
         let held = match self.agent_call(&running, Call::Hold, HOLD_TIMEOUT) {
             Ok(Msg::Done) => Ok(()),
@@ -409,7 +428,7 @@ impl Daemon {
             Err(e) => Err(e),
         };
         if was_paused {
-            qmp("stop")?;
+            set_vcpus(vm, api, false)?;
         }
         held
     }
@@ -447,32 +466,39 @@ impl Daemon {
         disks: bool,
     ) -> Result<(Vec<SnapshotFile>, u32, String)> {
         hit("snapshot.begin")?;
-        let qmp = |e: banger_vmm::VmmError| DaemonError::Invalid(format!("vm {:?}: {e}", vm.name));
-        let mut session = banger_vmm::qmp::Session::open(api).map_err(qmp)?;
-        let vmm_version = banger_vmm::qmp::version(&mut session).map_err(qmp)?;
-        drop(session);
-        if !was_paused {
-            banger_vmm::qmp::execute(api, "stop", None).map_err(qmp)?;
-        }
-        hit("snapshot.stopped")?;
         let state = dir.join(vmfiles::SNAP_STATE);
-        let out = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&state)
-            .with_path("create", &state)?;
-        banger_vmm::qmp::save_state(api, &out, Instant::now() + STATE_TIMEOUT).map_err(qmp)?;
-        out.sync_all().with_path("sync", &state)?;
-        drop(out);
-        hit("snapshot.saved")?;
+        let (vmm_version, mut copies) = if vm.spec.vmm == VmmKind::Firecracker {
+            // Its state and memory files made by Firecracker itself.
+            let v = crate::fcsnap::save(&self.host(), vm, api, dir, was_paused)?;
+            (v, Vec::new())
+        } else {
+            let qmp =
+                |e: banger_vmm::VmmError| DaemonError::Invalid(format!("vm {:?}: {e}", vm.name));
+            let mut session = banger_vmm::qmp::Session::open(api).map_err(qmp)?;
+            let vmm_version = banger_vmm::qmp::version(&mut session).map_err(qmp)?;
+            drop(session);
+            if !was_paused {
+                banger_vmm::qmp::execute(api, "stop", None).map_err(qmp)?;
+            }
+            hit("snapshot.stopped")?;
+            let out = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&state)
+                .with_path("create", &state)?;
+            banger_vmm::qmp::save_state(api, &out, Instant::now() + STATE_TIMEOUT).map_err(qmp)?;
+            out.sync_all().with_path("sync", &state)?;
+            drop(out);
+            hit("snapshot.saved")?;
+            let ram =
+                vm.runtime.ram_path.clone().ok_or_else(|| {
+                    DaemonError::Invalid(format!("vm {:?} has no RAM file", vm.name))
+                })?;
+            let copies: Vec<(PathBuf, String)> = vec![(ram, vmfiles::SNAP_RAM.into())];
+            (vmm_version, copies)
+        };
         let vm_dir = self.cfg.layout.vm_dir(&vm.id);
         let root = root_file(vm.spec.root_disk()).unwrap_or(vmfiles::ROOT_DISK);
-        let ram = vm
-            .runtime
-            .ram_path
-            .clone()
-            .ok_or_else(|| DaemonError::Invalid(format!("vm {:?} has no RAM file", vm.name)))?;
-        let mut copies: Vec<(PathBuf, String)> = vec![(ram, vmfiles::SNAP_RAM.into())];
         if disks {
             copies.push((vm_dir.join(root), root.into()));
             copies.push((vm_dir.join(vmfiles::WORK_DISK), vmfiles::WORK_DISK.into()));
@@ -488,8 +514,15 @@ impl Daemon {
         }
         hit("snapshot.copied")?;
         let mut files = Vec::new();
-        let names =
-            std::iter::once(vmfiles::SNAP_STATE).chain(copies.iter().map(|(_, n)| n.as_str()));
+        let made_here = if vm.spec.vmm == VmmKind::Firecracker {
+            &[vmfiles::SNAP_STATE, vmfiles::SNAP_RAM][..]
+        } else {
+            &[vmfiles::SNAP_STATE][..]
+        };
+        let names = made_here
+            .iter()
+            .copied()
+            .chain(copies.iter().map(|(_, n)| n.as_str()));
         for name in names {
             let p = dir.join(name);
             let bytes = std::fs::metadata(&p).with_path("stat", &p)?.len();
@@ -596,13 +629,13 @@ impl Daemon {
             return false;
         }
         if let Some(api) = &vm.runtime.api_sock_path {
-            if let Err(e) = banger_vmm::qmp::execute(api, "cont", None) {
+            if let Err(e) = set_vcpus(vm, api, true) {
                 warn!(vm = %vm.name, err = %e, "reconcile: cannot run a VM a snapshot stopped");
             } else {
                 // Its agent's gate, closed for the save, opens again.
                 self.release_guest(vm);
                 if vm.runtime.paused {
-                    let _ = banger_vmm::qmp::execute(api, "stop", None);
+                    let _ = set_vcpus(vm, api, false);
                 }
             }
         }

@@ -45,7 +45,7 @@ impl Daemon {
                 "vm {name:?} is {shown}: only a running or paused VM can be paused to disk"
             )));
         }
-        if let Some(why) = crate::snapshots::refusal(&vm, false) {
+        if let Some(why) = crate::snapshots::refusal(&self.host(), &vm, false) {
             return Err(DaemonError::Invalid(format!("{why} (vm pause --to-disk)")));
         }
         // A volume is one VM's while it runs: a suspended VM would give it
@@ -64,7 +64,7 @@ impl Daemon {
             )));
         }
         let api = vm.runtime.api_sock_path.clone().ok_or_else(|| {
-            DaemonError::Invalid(format!("vm {name:?} has no QMP socket: restart it"))
+            DaemonError::Invalid(format!("vm {name:?} has no API socket: restart it"))
         })?;
         let snap = format!("{SUSPEND_PREFIX}{}", vm.id);
         let _s = self.snapshot_locks.lock(&snap);

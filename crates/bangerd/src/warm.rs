@@ -22,7 +22,7 @@
 //! guest agent before the VM is handed over.
 //!
 //! What has no warm start: `--cold`, `--from`, `--mount` and `--volume`
-//! VMs, Firecracker VMs (until their snapshots), a guest without its
+//! VMs, Firecracker VMs without its jailer, a QEMU guest without its
 //! agent on the virtio-serial port or without a RAM file (`snapshots`
 //! says why), and a daemon with `--warm-cache 0`.
 
@@ -169,11 +169,16 @@ impl Daemon {
             || req.from.is_some()
             || !req.mounts.is_empty()
             || !req.volumes.is_empty()
-            || shape.vmm != VmmKind::Qemu
+            // Firecracker's snapshots need its jailer (`fcsnap`).
+            || (shape.vmm == VmmKind::Firecracker && self.cfg.jailer.is_none())
             || !copyable
-            // A restore needs its RAM on the tmpfs (a boot without room
-            // goes on without a RAM file, and saves nothing).
-            || !crate::resources::ram::room_for(&self.cfg.ram_dir, shape.sizing.memory_mib << 20)
+            // A QEMU restore needs its RAM on the tmpfs (a boot without
+            // room goes on without a RAM file, and saves nothing).
+            || (shape.vmm == VmmKind::Qemu
+                && !crate::resources::ram::room_for(
+                    &self.cfg.ram_dir,
+                    shape.sizing.memory_mib << 20,
+                ))
         {
             return Ok(Plan::None);
         }
@@ -276,7 +281,7 @@ impl Daemon {
         ws: &WarmSave,
         events: crate::daemon::Events,
     ) -> Result<()> {
-        if let Some(why) = crate::snapshots::refusal(vm, true) {
+        if let Some(why) = crate::snapshots::refusal(&self.host(), vm, true) {
             info!(vm = %vm.name, "warm: no snapshot of this guest: {why}");
             return Ok(());
         }

@@ -402,11 +402,23 @@ fn snapshots(inst: &Instance) -> (usize, Vec<String>) {
 /// VM that a start brings up as itself.
 #[test]
 fn every_snapshot_and_restore_step_fails_cleanly_and_survives_a_crash() {
-    let inst = Instance::new(&banger_bin()).with_image();
-    ok(
-        &inst.banger(&["vm", "run", "-d", "--name", "sp"]),
-        "vm run -d sp",
-    );
+    snapshot_steps(Instance::new(&banger_bin()).with_image(), &[]);
+}
+
+/// The same on Firecracker through its jailer (both played by their
+/// doubles here): `/snapshot/create` into the jail, and a clone's bare
+/// Firecracker given `/snapshot/load`.
+#[test]
+fn every_firecracker_snapshot_and_restore_step_fails_cleanly_and_survives_a_crash() {
+    snapshot_steps(firecracker_instance(), &["--vmm", "firecracker"]);
+}
+
+fn snapshot_steps(inst: Instance, vmm: &[&str]) {
+    let mut run = vec!["vm", "run", "-d", "--name", "sp"];
+    run.extend_from_slice(vmm);
+    ok(&inst.banger(&run), "vm run -d sp");
+    // (The double's Firecracker is two processes, itself and its QEMU.)
+    let per_vm = inst.vmm_processes().len();
     ok(&inst.banger(&["vm", "snapshot", "sp", "s"]), "snapshot s");
     for step in bangerd::snapshots::FAILPOINTS {
         for mode in ["err", "die"] {
@@ -430,7 +442,7 @@ fn every_snapshot_and_restore_step_fails_cleanly_and_survives_a_crash() {
             assert_eq!(ok(&out, &what).trim(), "sp", "{what}");
             if let Some(c) = inst.vm("c") {
                 if c["state"] != "running" {
-                    assert_eq!(inst.vmm_processes().len(), 1, "{what}: only sp's VMM");
+                    assert_eq!(inst.vmm_processes().len(), per_vm, "{what}: only sp's VMM");
                     ok(&inst.banger(&["vm", "start", "c"]), &what);
                 }
                 let out = inst.banger(&["vm", "exec", "c", "--", "hostname"]);
@@ -451,11 +463,33 @@ fn every_snapshot_and_restore_step_fails_cleanly_and_survives_a_crash() {
 /// guest ran, boots again; no saved guest is left without its VM.
 #[test]
 fn every_suspend_and_resume_step_fails_cleanly_and_survives_a_crash() {
-    let inst = Instance::new(&banger_bin()).with_image();
-    ok(
-        &inst.banger(&["vm", "run", "-d", "--name", "sp"]),
-        "vm run -d sp",
+    suspend_steps(Instance::new(&banger_bin()).with_image(), &[]);
+}
+
+/// The same on Firecracker through its jailer (their doubles here).
+#[test]
+fn every_firecracker_suspend_and_resume_step_fails_cleanly_and_survives_a_crash() {
+    suspend_steps(firecracker_instance(), &["--vmm", "firecracker"]);
+}
+
+/// An instance whose Firecracker runs under its jailer (both doubles).
+fn firecracker_instance() -> Instance {
+    let bin = banger_bin();
+    let (fc, jailer) = (
+        bin.with_file_name("firecracker-double"),
+        bin.with_file_name("jailer-double"),
     );
+    assert!(fc.is_file() && jailer.is_file(), "build the doubles");
+    Instance::new(&bin)
+        .with_image()
+        .with_env("BANGER_FIRECRACKER", fc.to_str().unwrap())
+        .with_env("BANGER_JAILER", jailer.to_str().unwrap())
+}
+
+fn suspend_steps(inst: Instance, vmm: &[&str]) {
+    let mut run = vec!["vm", "run", "-d", "--name", "sp"];
+    run.extend_from_slice(vmm);
+    ok(&inst.banger(&run), "vm run -d sp");
     let steps = bangerd::snapshots::FAILPOINTS
         .iter()
         .chain(bangerd::suspend::FAILPOINTS);

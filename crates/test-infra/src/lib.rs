@@ -540,11 +540,18 @@ impl Instance {
     /// Files under the state dir's `vms/` and the runtime dir's `vms/`.
     pub fn vm_files(&self) -> Vec<PathBuf> {
         let mut v = Vec::new();
+        // A jailed Firecracker's chroot: `jail/<its binary's name>/<id>`.
+        let jails: Vec<PathBuf> = std::fs::read_dir(self.state().join("jail"))
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
         for d in [
             self.state().join("vms"),
             self.runtime().join("vms"),
             PathBuf::from(ram_dir_of(self.dir.path())),
-        ] {
+        ]
+        .into_iter()
+        .chain(jails)
+        {
             if let Ok(rd) = std::fs::read_dir(&d) {
                 v.extend(rd.flatten().map(|e| e.path()));
             }

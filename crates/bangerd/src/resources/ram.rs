@@ -161,14 +161,17 @@ impl Resource for Ram {
         };
         if !self.used(cx.vm) {
             return match restore {
-                Some(_) => Err(DaemonError::Invalid(format!(
-                    "vm {:?} cannot restore snapshot {:?}: its agent channel is not the \
+                // Firecracker maps its snapshot's memory file itself.
+                Some(_) if cx.vm.spec.vmm == banger_core::VmmKind::Qemu => {
+                    Err(DaemonError::Invalid(format!(
+                        "vm {:?} cannot restore snapshot {:?}: its agent channel is not the \
                      virtio-serial port (the image's initramfs has no virtio_console, or \
                      banger-vport is missing: `banger doctor`)",
-                    cx.vm.name,
-                    cx.vm.runtime.restore.as_deref().unwrap_or_default()
-                ))),
-                None => Ok(()),
+                        cx.vm.name,
+                        cx.vm.runtime.restore.as_deref().unwrap_or_default()
+                    )))
+                }
+                _ => Ok(()),
             };
         }
         let dir = &host.cfg.ram_dir;

@@ -235,6 +235,13 @@ impl Resource for VmmProcess {
                 .map(|disk| disk.path.as_path()),
         );
         super::jail::hand_over(id.as_ref(), &mine)?;
+        // A Firecracker restore: the snapshot's files in its chroot first.
+        if let (Some(snap), banger_core::VmmKind::Firecracker) =
+            (&cx.vm.runtime.restore, cx.vm.spec.vmm)
+        {
+            let snap = crate::snapshots::restorable(host, snap, cx.vm)?;
+            crate::fcsnap::stage(host, cx.vm, &snap)?;
+        }
         let spawned = vmm.spawn(&vmm_cfg)?;
         drop(tap_fd);
         drop(ram);

@@ -45,7 +45,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::{json, Value};
 use test_infra::fcspec::Spec;
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct Vm {
     machine: Option<Value>,
     boot: Option<Value>,
@@ -55,9 +55,21 @@ struct Vm {
     drives: Vec<(String, Value)>,
     nics: BTreeMap<String, Value>,
     vsock: Option<Value>,
+    #[serde(skip)]
     started: bool,
+    /// `PATCH /vm` Paused (or a load without `resume_vm`).
+    #[serde(skip)]
+    paused: bool,
     /// The QEMU playing the guest, once started.
+    #[serde(skip)]
     qemu: Option<i32>,
+    /// The guest's RAM (a descriptor of the double's own).
+    #[serde(skip)]
+    ram: Option<std::fs::File>,
+    /// A failed `/snapshot/load`: the process ends once it has answered,
+    /// as Firecracker's does.
+    #[serde(skip)]
+    fatal: bool,
 }
 
 struct Double {
@@ -181,13 +193,22 @@ fn serve(d: &Double, s: UnixStream) {
                 "{method} {path} {} -> {}",
                 String::from_utf8_lossy(&body),
                 match &verdict {
-                    Ok(()) => "204".to_string(),
+                    Ok(None) => "204".to_string(),
+                    Ok(Some(v)) => format!("200 {v}"),
                     Err(e) => format!("400 {e}"),
                 }
             );
         }
+        let fatal = d.vm.lock().map(|vm| vm.fatal).unwrap_or(true);
         let reply = match verdict {
-            Ok(()) => "HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n".to_string(),
+            Ok(None) => "HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n".to_string(),
+            Ok(Some(v)) => {
+                let b = v.to_string();
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+                    b.len()
+                )
+            }
             Err(e) => {
                 let b = json!({ "fault_message": e }).to_string();
                 format!(
@@ -199,10 +220,17 @@ fn serve(d: &Double, s: UnixStream) {
         if w.write_all(reply.as_bytes()).is_err() {
             return;
         }
+        if fatal {
+            // Firecracker after a failed load: gone, its guest with it.
+            std::process::exit(1);
+        }
     }
 }
 
-fn handle(d: &Double, method: &str, path: &str, body: &[u8]) -> Result<(), String> {
+/// The version the double answers `GET /version` with: the spec's.
+const VERSION: &str = "1.16.1";
+
+fn handle(d: &Double, method: &str, path: &str, body: &[u8]) -> Result<Option<Value>, String> {
     let body: Option<Value> = if body.is_empty() {
         None
     } else {
@@ -227,7 +255,42 @@ fn handle(d: &Double, method: &str, path: &str, body: &[u8]) -> Result<(), Strin
             Ok(())
         }
     };
+    let is_bare = |vm: &Vm| {
+        !vm.started
+            && vm.machine.is_none()
+            && vm.boot.is_none()
+            && vm.drives.is_empty()
+            && vm.nics.is_empty()
+            && vm.vsock.is_none()
+    };
     match (method, path.split('/').nth(1).unwrap_or("")) {
+        ("GET", "version") => {
+            return Ok(Some(json!({ "firecracker_version": VERSION })));
+        }
+        ("PUT", "snapshot") if path == "/snapshot/create" => {
+            if !vm.started {
+                return Err(
+                    "The requested operation is not supported before starting the microVM.".into(),
+                );
+            }
+            if !vm.paused {
+                return Err("Cannot create a snapshot: the microVM is not paused.".into());
+            }
+            if body["snapshot_type"] == "Diff" {
+                return Err("Diff snapshots are not implemented by the double".into());
+            }
+            create_snapshot(d, &vm, &body)?;
+        }
+        ("PUT", "snapshot") => {
+            // (/snapshot/load: the spec let no other path through.)
+            if !is_bare(&vm) {
+                return Err("Loading a microVM snapshot not allowed after configuring boot-specific resources.".into());
+            }
+            // Whatever goes wrong from here, the process is done.
+            vm.fatal = true;
+            load_snapshot(d, &mut vm, &body)?;
+            vm.fatal = false;
+        }
         ("PUT", "machine-config") => {
             pre_boot(&vm)?;
             // Firecracker refuses odd counts above 1 only with SMT on.
@@ -286,7 +349,9 @@ fn handle(d: &Double, method: &str, path: &str, body: &[u8]) -> Result<(), Strin
                     .boot
                     .clone()
                     .ok_or("Cannot start microvm without kernel configuration.")?;
-                vm.qemu = Some(start(d, &vm, &boot)?);
+                let (pid, ram) = start(d, &vm, &boot, None)?;
+                vm.qemu = Some(pid);
+                vm.ram = Some(ram);
                 vm.started = true;
             }
             Some("SendCtrlAltDel") => {
@@ -309,14 +374,12 @@ fn handle(d: &Double, method: &str, path: &str, body: &[u8]) -> Result<(), Strin
             // (The spec's enum let only these two through.) The vCPUs
             // stop; the vsock (`banger-vport`, a process of its own) goes
             // on, as Firecracker's device thread does.
-            let cmd = if body["state"] == "Paused" {
-                "stop"
-            } else {
-                "cont"
-            };
+            let pause = body["state"] == "Paused";
+            let cmd = if pause { "stop" } else { "cont" };
             vm.qemu.ok_or("no guest is running")?;
             banger_vmm::qmp::execute(&qmp_sock(d), cmd, None)
                 .map_err(|e| format!("QMP {cmd}: {e}"))?;
+            vm.paused = pause;
         }
         _ => {
             return Err(format!(
@@ -324,7 +387,190 @@ fn handle(d: &Double, method: &str, path: &str, body: &[u8]) -> Result<(), Strin
             ))
         }
     }
+    Ok(None)
+}
+
+/// What `/snapshot/create` writes first in the state file: the double's
+/// configuration, a line of JSON; QEMU's migration stream follows.
+const STATE_MAGIC: &str = "banger-fc-double-state-1";
+/// The longest such line a load reads.
+const HEADER_MAX: usize = 1 << 20;
+/// How long QEMU may take to save or load a guest's device state.
+const STATE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// `PUT /snapshot/create` of the paused guest: the state file (the
+/// configuration, then QEMU's device state: RAM, a shared file, left
+/// out), then the memory file (a copy of the RAM file's data). Both
+/// created by this process's user; a memory file that exists is
+/// overwritten in place (its inode kept, as Firecracker does).
+fn create_snapshot(d: &Double, vm: &Vm, body: &Value) -> Result<(), String> {
+    let state_path = at(body["snapshot_path"].as_str().unwrap_or(""));
+    let mem_path = at(body["mem_file_path"].as_str().unwrap_or(""));
+    let ram = vm.ram.as_ref().ok_or("no guest memory")?;
+    let mut state = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&state_path)
+        .map_err(|e| format!("snapshot {}: {e}", state_path.display()))?;
+    let header = json!({ "magic": STATE_MAGIC, "vm": vm }).to_string();
+    state
+        .write_all(header.as_bytes())
+        .and_then(|()| state.write_all(b"\n"))
+        .map_err(|e| format!("snapshot {}: {e}", state_path.display()))?;
+    let qmp = qmp_sock(d);
+    banger_vmm::qmp::save_state(&qmp, &state, std::time::Instant::now() + STATE_WAIT)
+        .map_err(|e| format!("save the guest's state: {e}"))?;
+    state
+        .sync_all()
+        .map_err(|e| format!("snapshot {}: {e}", state_path.display()))?;
+    let mem = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&mem_path)
+        .and_then(|f| f.set_len(0).map(|()| f))
+        .map_err(|e| format!("memory file {}: {e}", mem_path.display()))?;
+    banger_host::fsutil::copy_extents(ram, std::path::Path::new("guest memory"), &mem, &mem_path)
+        .map_err(|e| e.to_string())?;
+    mem.sync_all()
+        .map_err(|e| format!("memory file {}: {e}", mem_path.display()))?;
+    // After a save QEMU has handed its disks over; `cont` takes them
+    // back. Paused it stays, as Firecracker's microVM after a create.
+    for cmd in ["cont", "stop"] {
+        banger_vmm::qmp::execute(&qmp, cmd, None).map_err(|e| format!("QMP {cmd}: {e}"))?;
+    }
     Ok(())
+}
+
+/// `PUT /snapshot/load` on a bare double: the configuration read back
+/// from the state file with the overrides applied (taps by interface,
+/// the vsock's socket), the memory file copied into the double's own RAM,
+/// QEMU started with `-incoming defer` and given the device state. Any
+/// failure ends the process (the caller marks it fatal).
+fn load_snapshot(d: &Double, vm: &mut Vm, body: &Value) -> Result<(), String> {
+    let mem_path = match (&body["mem_backend"], &body["mem_file_path"]) {
+        (Value::Object(b), Value::Null) => {
+            if b.get("backend_type").and_then(Value::as_str) != Some("File") {
+                return Err("Uffd memory backends are not implemented by the double".into());
+            }
+            b.get("backend_path").and_then(Value::as_str).unwrap_or("")
+        }
+        (Value::Null, Value::String(p)) => p.as_str(),
+        _ => {
+            return Err("Exactly one of mem_backend and mem_file_path must be given.".into());
+        }
+    };
+    let mem_path = at(mem_path);
+    let state_path = at(body["snapshot_path"].as_str().unwrap_or(""));
+    let mut state = std::fs::File::open(&state_path)
+        .map_err(|e| format!("snapshot {}: {e}", state_path.display()))?;
+    let header =
+        read_header(&mut state).map_err(|e| format!("snapshot {}: {e}", state_path.display()))?;
+    let v: Value = serde_json::from_str(&header)
+        .map_err(|e| format!("snapshot {}: {e}", state_path.display()))?;
+    if v["magic"] != STATE_MAGIC {
+        return Err(format!(
+            "snapshot {}: not a state file of this double",
+            state_path.display()
+        ));
+    }
+    let mut saved: Vm = serde_json::from_value(v["vm"].clone())
+        .map_err(|e| format!("snapshot {}: {e}", state_path.display()))?;
+    for o in body["network_overrides"].as_array().into_iter().flatten() {
+        let iface = o["iface_id"].as_str().unwrap_or("");
+        let nic = saved
+            .nics
+            .get_mut(iface)
+            .ok_or_else(|| format!("Invalid network override: no interface {iface:?}"))?;
+        nic["host_dev_name"] = o["host_dev_name"].clone();
+    }
+    if let Some(uds) = body["vsock_override"]["uds_path"].as_str() {
+        let vs = saved
+            .vsock
+            .as_mut()
+            .ok_or("Invalid vsock override: the snapshot has no vsock device")?;
+        vs["uds_path"] = json!(uds);
+    }
+    // Firecracker binds the vsock's socket afresh: one there is fatal.
+    if let Some(uds) = saved.vsock.as_ref().and_then(|v| v["uds_path"].as_str()) {
+        if at(uds).exists() {
+            return Err(format!("vsock: {uds}: Address in use (os error 98)"));
+        }
+    }
+    // Its drives reopened at the paths it recorded.
+    for (id, dr) in &saved.drives {
+        let f = dr["path_on_host"].as_str().unwrap_or("");
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(dr["is_read_only"] != true)
+            .open(at(f))
+            .map_err(|e| format!("drive {id}: {f}: {e}"))?;
+    }
+    let memory = std::fs::File::open(&mem_path)
+        .map_err(|e| format!("memory file {}: {e}", mem_path.display()))?;
+    let want = saved
+        .machine
+        .as_ref()
+        .and_then(|m| m["mem_size_mib"].as_u64())
+        .unwrap_or(128)
+        << 20;
+    let has = memory.metadata().map(|m| m.len()).unwrap_or(0);
+    if has < want {
+        return Err(format!(
+            "memory file {}: {has} bytes, less than the guest's {want}",
+            mem_path.display()
+        ));
+    }
+    let boot = saved
+        .boot
+        .clone()
+        .ok_or("the snapshot has no boot source")?;
+    let (pid, ram) = start(d, &saved, &boot, Some((&memory, &mem_path)))?;
+    let qmp = qmp_sock(d);
+    let deadline = std::time::Instant::now() + STATE_WAIT;
+    while banger_vmm::qmp::Session::open(&qmp).is_err() {
+        if std::time::Instant::now() >= deadline {
+            return Err("QEMU's QMP socket did not come".into());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    banger_vmm::qmp::load_state(&qmp, &state, deadline)
+        .map_err(|e| format!("load the guest's state: {e}"))?;
+    let resume = body["resume_vm"] == true;
+    if resume {
+        banger_vmm::qmp::execute(&qmp, "cont", None).map_err(|e| format!("QMP cont: {e}"))?;
+    }
+    saved.started = true;
+    saved.paused = !resume;
+    saved.qemu = Some(pid);
+    saved.ram = Some(ram);
+    *vm = saved;
+    Ok(())
+}
+
+/// The state file's first line, the file left just after it (where
+/// QEMU's stream starts).
+fn read_header(f: &mut std::fs::File) -> std::io::Result<String> {
+    use std::io::{Seek, SeekFrom};
+    let mut buf = vec![0u8; HEADER_MAX];
+    let mut have = 0;
+    loop {
+        let n = f.read(&mut buf[have..])?;
+        if let Some(end) = buf[have..have + n].iter().position(|b| *b == b'\n') {
+            let end = have + end;
+            f.seek(SeekFrom::Start(end as u64 + 1))?;
+            return String::from_utf8(buf[..end].to_vec())
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e));
+        }
+        have += n;
+        if n == 0 || have == buf.len() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "no configuration line",
+            ));
+        }
+    }
 }
 
 fn qmp_sock(d: &Double) -> PathBuf {
@@ -333,9 +579,15 @@ fn qmp_sock(d: &Double) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// Boots the configured guest with QEMU; the double
-/// exits with it.
-fn start(d: &Double, vm: &Vm, boot: &Value) -> Result<i32, String> {
+/// Boots the configured guest with QEMU (or, given a memory file, starts
+/// it waiting for a saved device state, its RAM that file's copy); the
+/// double exits with it. Its pid, and the guest's RAM.
+fn start(
+    d: &Double,
+    vm: &Vm,
+    boot: &Value,
+    restore: Option<(&std::fs::File, &std::path::Path)>,
+) -> Result<(i32, std::fs::File), String> {
     let s = |v: &Value| v.as_str().unwrap_or("").to_string();
     // Paths as this Firecracker sees them (inside its chroot when jailed).
     let p = |v: &Value| at(v.as_str().unwrap_or(""));
@@ -410,6 +662,14 @@ fn start(d: &Double, vm: &Vm, boot: &Value) -> Result<i32, String> {
     // maps shared through the descriptor it inherits: what a snapshot of
     // the double copies, as banger's own QEMU path does.
     let ram = ram_file(machine["mem_size_mib"].as_u64().unwrap_or(128))?;
+    if let Some((memory, path)) = restore {
+        // A private copy: the snapshot's memory file never changes.
+        ram.set_len(0).map_err(|e| format!("guest memory: {e}"))?;
+        banger_host::fsutil::copy_extents(memory, path, &ram, std::path::Path::new("guest memory"))
+            .map_err(|e| e.to_string())?;
+        c.args(["-incoming", "defer"]);
+    }
+    let ram_keep = ram.try_clone().map_err(|e| format!("guest memory: {e}"))?;
     c.args([
         "-object",
         &format!(
@@ -515,7 +775,8 @@ fn start(d: &Double, vm: &Vm, boot: &Value) -> Result<i32, String> {
             }
         }
     });
-    rx.recv().map_err(|e| e.to_string())?
+    let pid = rx.recv().map_err(|e| e.to_string())??;
+    Ok((pid, ram_keep))
 }
 
 /// A sparse tmpfs file of `mib` MiB, already unlinked: the guest's RAM.

@@ -1,0 +1,189 @@
+//! Firecracker's side of snapshots (`snapshots` has what both VMMs
+//! share): its `/snapshot/*` API on a jailed Firecracker.
+//!
+//! Firecracker reopens a snapshot's drives at the paths it recorded and
+//! lets a load override only the taps and the vsock's socket, so clones
+//! need the jailer: every VM's chroot holds its drives at the same names
+//! (`drive-0`, `drive-1`, ... by position: `banger_vmm::jailer`), and a
+//! clone's are its own copies. Without the jailer a snapshot is refused,
+//! naming it.
+//!
+//! - Save: the vCPUs paused (`PATCH /vm`), `PUT /snapshot/create`
+//!   (`Full`) into fresh names inside the VM's chroot (Firecracker writes
+//!   a memory file that exists in place: a name is never reused), both
+//!   files moved into the snapshot's directory and given to root; the
+//!   disks are copied by `snapshots` as for QEMU. `GET /version` is
+//!   recorded: another Firecracker refuses to load it.
+//! - Restore: the snapshot's two files copied (reflinked where the state
+//!   dir can) into the clone's chroot, its own (`stage`, before its
+//!   Firecracker starts bare), then `PUT /snapshot/load` with the clone's
+//!   tap and vsock socket, left paused, resumed by the caller. A failed
+//!   load ends that Firecracker (it takes no second one); the start fails
+//!   and is rolled back as any other.
+//!
+//! Firecracker resets the guest's vsock connections at every snapshot (a
+//! transport reset event): a `vm exec` running across one ends; the
+//! guest's listeners, and so the agent, stay.
+
+use std::path::{Path, PathBuf};
+
+use banger_core::layout::vmfiles;
+use banger_core::{SnapshotRecord, VmRecord};
+use banger_host::fsutil::{self, WrapIo};
+use banger_vmm::firecracker::{self, Load};
+use banger_vmm::jailer::{SNAPSHOT_MEM, SNAPSHOT_STATE};
+
+use crate::error::{DaemonError, Result};
+use crate::failpoint::hit;
+use crate::host::Host;
+
+/// Why a Firecracker VM cannot be snapshotted, if it cannot.
+pub(crate) fn refusal(host: &Host<'_>, vm: &VmRecord) -> Option<String> {
+    let jailed = crate::resources::jail::chroot(host, vm).is_some_and(|root| {
+        vm.runtime
+            .api_sock_path
+            .as_ref()
+            .is_none_or(|api| api.starts_with(&root))
+    });
+    if !jailed {
+        return Some(format!(
+            "vm {:?} runs on Firecracker without its jailer: a restored Firecracker reopens the \
+             disks at the paths the snapshot recorded, which only a chroot per VM keeps the same \
+             for every clone; install Firecracker's jailer (`banger doctor` says where it is \
+             looked for) and restart the VM",
+            vm.name
+        ));
+    }
+    None
+}
+
+fn fc_err(vm: &VmRecord) -> impl Fn(banger_vmm::VmmError) -> DaemonError + '_ {
+    move |e| DaemonError::Invalid(format!("vm {:?}: {e}", vm.name))
+}
+
+/// The jailed VM's chroot, and the path inside it of `host_path`.
+fn chroot(host: &Host<'_>, vm: &VmRecord) -> Result<PathBuf> {
+    crate::resources::jail::chroot(host, vm)
+        .ok_or_else(|| DaemonError::Invalid(refusal(host, vm).unwrap_or_default()))
+}
+
+/// Saves the VM's state and memory into `dir` (`state`, `ram`), its
+/// vCPUs paused (they stay so): Firecracker's version.
+pub(crate) fn save(
+    host: &Host<'_>,
+    vm: &VmRecord,
+    api: &Path,
+    dir: &Path,
+    was_paused: bool,
+) -> Result<String> {
+    let version = firecracker::version(api).map_err(fc_err(vm))?;
+    if !was_paused {
+        firecracker::pause(api).map_err(fc_err(vm))?;
+    }
+    hit("snapshot.stopped")?;
+    let root = chroot(host, vm)?;
+    // Fresh names (the snapshot's id): Firecracker overwrites a memory
+    // file that exists in place.
+    let tag = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let made: Vec<(PathBuf, &str)> = vec![
+        (
+            PathBuf::from(format!("/snapshot-{tag}.state")),
+            vmfiles::SNAP_STATE,
+        ),
+        (
+            PathBuf::from(format!("/snapshot-{tag}.mem")),
+            vmfiles::SNAP_RAM,
+        ),
+    ];
+    let on_host = |inside: &Path| root.join(inside.strip_prefix("/").unwrap_or(inside));
+    let saved = firecracker::create_snapshot(api, &made[0].0, &made[1].0)
+        .map_err(fc_err(vm))
+        .and_then(|()| {
+            for (inside, name) in &made {
+                let (from, to) = (on_host(inside), dir.join(name));
+                // Root's from here on (the jailed uid made them): only
+                // copies of them reach another VM.
+                fsutil::set_owner_mode(&from, 0, 0, 0o600)?;
+                std::fs::rename(&from, &to).with_path("move", &from)?;
+                std::fs::File::open(&to)
+                    .and_then(|f| f.sync_all())
+                    .with_path("sync", &to)?;
+            }
+            Ok(())
+        });
+    if saved.is_err() {
+        for (inside, _) in &made {
+            let _ = fsutil::remove_file_if_exists(&on_host(inside));
+        }
+    }
+    saved?;
+    hit("snapshot.saved")?;
+    Ok(version)
+}
+
+/// Puts the snapshot's state and memory into the clone's chroot (before
+/// its Firecracker starts), owned by the clone's VMM user, read-only.
+pub(crate) fn stage(host: &Host<'_>, vm: &VmRecord, snap: &SnapshotRecord) -> Result<()> {
+    let root = chroot(host, vm)?;
+    fsutil::create_dir_all(&root)?;
+    let id = crate::resources::jail::identity(host, vm)?;
+    for (from, to) in [
+        (vmfiles::SNAP_STATE, SNAPSHOT_STATE),
+        (vmfiles::SNAP_RAM, SNAPSHOT_MEM),
+    ] {
+        let to = root.join(to);
+        fsutil::remove_file_if_exists(&to)?;
+        fsutil::clone_or_copy(&snap.dir.join(from), &to)?;
+        if let Some(id) = &id {
+            fsutil::set_owner_mode(&to, id.uid, id.gid, 0o400)?;
+        }
+    }
+    Ok(())
+}
+
+/// Loads the staged snapshot into the clone's bare Firecracker (its
+/// version checked first), with its tap and vsock socket; the microVM is
+/// left paused.
+pub(crate) fn load(
+    host: &Host<'_>,
+    vm: &VmRecord,
+    snap: &SnapshotRecord,
+    api: &Path,
+    tap: &str,
+) -> Result<()> {
+    let version = firecracker::version(api).map_err(fc_err(vm))?;
+    if version != snap.format.vmm_version {
+        return Err(DaemonError::Invalid(format!(
+            "snapshot {:?} was made by Firecracker {}; this host runs Firecracker {version}, \
+             which cannot load it: boot a VM of its image and snapshot it again",
+            snap.name, snap.format.vmm_version
+        )));
+    }
+    let root = chroot(host, vm)?;
+    let inside = |p: &Path| {
+        p.strip_prefix(&root)
+            .map(|rel| Path::new("/").join(rel))
+            .map_err(|_| {
+                DaemonError::Invalid(format!(
+                    "vm {:?}: {} is outside its jail {}",
+                    vm.name,
+                    p.display(),
+                    root.display()
+                ))
+            })
+    };
+    let vsock = vm.runtime.vsock_path.as_deref().map(inside).transpose()?;
+    let load = Load {
+        state: Path::new("/").join(SNAPSHOT_STATE),
+        mem: Path::new("/").join(SNAPSHOT_MEM),
+        taps: vec![("eth0".into(), tap.to_string())],
+        vsock,
+    };
+    firecracker::load_snapshot(api, &load).map_err(fc_err(vm))?;
+    // Read whole by the load; the memory stays (mapped privately).
+    fsutil::remove_file_if_exists(&root.join(SNAPSHOT_STATE))?;
+    Ok(())
+}
