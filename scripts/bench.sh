@@ -9,7 +9,8 @@
 # beyond the guest's, in its cgroup), --storage-only (root-disk
 # preparation per strategy, 1 GiB and 8 GiB images, 20 VMs in a row),
 # --snapshots-only (`vm run` cold against warm, `vm snapshot`, `vm fork`,
-# ten clones' memory, a 4 GiB guest's restore against a 256 MiB one's),
+# ten clones' memory, a 4 GiB guest's restore against a 256 MiB one's; then
+# cold, warm, snapshot and fork on a jailed Firecracker or its doubles),
 # --compare REV (`vm run --rm -- true` and `vm exec` of this tree against
 # revision REV, built in a worktree of its own, taking turns in one run).
 set -euo pipefail

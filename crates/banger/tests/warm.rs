@@ -2,7 +2,8 @@
 //! image and sizes boots and leaves a snapshot of the freshly booted
 //! guest; the next restores it (each VM its own machine); `--cold` boots;
 //! a changed image is booted again and its old snapshot goes; `image rm`
-//! takes the cache's snapshots of the image with it. Needs root;
+//! takes the cache's snapshots of the image with it; on Firecracker
+//! through its jailer too. Needs root;
 //! `scripts/test.sh` runs it.
 
 use std::path::PathBuf;
@@ -137,4 +138,46 @@ fn warm_starts_restore_a_freshly_booted_guest_and_follow_the_image() {
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "snapshot dirs left: {left:?}");
+}
+
+/// Warm starts on Firecracker through its jailer (both played by their
+/// doubles here): the first run boots and saves through
+/// `/snapshot/create`, the next is a clone loaded into a bare
+/// Firecracker; without the jailer there is no warm start, and no
+/// entry.
+#[test]
+fn firecracker_warm_starts_through_its_jailer() {
+    let bin = banger_bin();
+    let (fc, jailer) = (
+        bin.with_file_name("firecracker-double"),
+        bin.with_file_name("jailer-double"),
+    );
+    assert!(fc.is_file() && jailer.is_file(), "build the doubles");
+    let inst = Instance::new(&bin)
+        .with_image()
+        .with_env("BANGER_WARM_CACHE", "4G")
+        .with_env("BANGER_FIRECRACKER", fc.to_str().unwrap())
+        .with_env("BANGER_JAILER", jailer.to_str().unwrap());
+    let fcvm = ["--vmm", "firecracker"];
+    let (host, err) = run(&inst, "f1", &fcvm);
+    assert_eq!(host, "f1");
+    assert!(cold(&err) && err.contains("timing warm-save"), "{err}");
+    assert_eq!(cached(&inst).len(), 1);
+    let (host, err) = run(&inst, "f2", &fcvm);
+    assert_eq!(host, "f2");
+    assert!(warm(&err), "the second run is a warm start: {err}");
+    inst.assert_baseline();
+    drop(inst);
+
+    let inst = Instance::new(&bin)
+        .with_image()
+        .with_env("BANGER_WARM_CACHE", "4G")
+        .with_env("BANGER_FIRECRACKER", fc.to_str().unwrap());
+    for n in ["n1", "n2"] {
+        let (host, err) = run(&inst, n, &fcvm);
+        assert_eq!(host, n);
+        assert!(cold(&err) && !err.contains("warm-save"), "{err}");
+    }
+    assert!(cached(&inst).is_empty());
+    inst.assert_baseline();
 }

@@ -422,7 +422,7 @@ fn main() {
         ),
         (
             "--snapshots-only",
-            "default size (1 vCPU, 1280 MiB) but where a row says; QEMU",
+            "default size (1 vCPU, 1280 MiB) but where a row says; QEMU, then a jailed Firecracker",
             &|t| snapshots::bench(t, &banger, runs),
         ),
     ];

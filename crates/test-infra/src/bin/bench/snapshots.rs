@@ -2,7 +2,8 @@
 //! true` cold and warm; `vm snapshot` of a running VM; `vm fork` to a
 //! clone answering `vm exec`; the host memory each extra clone of one
 //! snapshot takes (ten of them); a restore's time for a 4 GiB guest
-//! against a 256 MiB one.
+//! against a 256 MiB one; then cold, warm, snapshot and fork on a jailed
+//! Firecracker (its doubles here).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -215,5 +216,96 @@ pub fn bench(table: &mut String, banger: &Path, n: usize) {
     // else may be left.
     let left = text(&inst.banger(&["snapshot", "ls", "-q"]).stdout);
     assert!(left.trim().is_empty(), "snapshots left: {left}");
+    inst.assert_baseline();
+    drop(inst);
+    firecracker(table, banger, n);
+}
+
+/// The same first rows on Firecracker under its jailer: the real ones
+/// where `BANGER_FIRECRACKER` and `BANGER_JAILER` name them, else their
+/// doubles (these machines: no KVM), which play the guest with QEMU
+/// under TCG, so their numbers are banger's Firecracker path around
+/// QEMU's save and load, not Firecracker's.
+fn firecracker(table: &mut String, banger: &Path, n: usize) {
+    let named = |var: &str, double: &str| {
+        std::env::var(var)
+            .ok()
+            .map(|v| (v, false))
+            .unwrap_or_else(|| {
+                (
+                    banger.with_file_name(double).to_string_lossy().into_owned(),
+                    true,
+                )
+            })
+    };
+    let (fc, fc_double) = named("BANGER_FIRECRACKER", "firecracker-double");
+    let (jailer, _) = named("BANGER_JAILER", "jailer-double");
+    let what = if fc_double {
+        "Firecracker double"
+    } else {
+        "Firecracker"
+    };
+    let inst = Instance::new(banger)
+        .with_image()
+        .with_env("BANGER_WARM_CACHE", "4G")
+        .with_env("BANGER_FIRECRACKER", &fc)
+        .with_env("BANGER_JAILER", &jailer);
+    let _ = inst.daemon_pid();
+    let fcvm = ["--vmm", "firecracker"];
+    let (cold, _) = runs(&inst, &["--cold", "--vmm", "firecracker"], n);
+    let _ = runs(&inst, &fcvm, 1);
+    let (warm, _) = runs(&inst, &fcvm, n);
+    row(
+        table,
+        &format!("{what}, jailed: `vm run --rm -- true`, cold, wall"),
+        &cold,
+        "ms",
+    );
+    row(
+        table,
+        &format!("{what}, jailed: `vm run --rm -- true`, warm start, wall"),
+        &warm,
+        "ms",
+    );
+    ok(
+        &inst.banger(&[
+            "vm",
+            "run",
+            "-d",
+            "--cold",
+            "--vmm",
+            "firecracker",
+            "--name",
+            "fo",
+        ]),
+        "origin",
+    );
+    let (mut snaps, mut forks) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let s = format!("fs{i}");
+        let t = Instant::now();
+        ok(&inst.banger(&["vm", "snapshot", "fo", &s]), "vm snapshot");
+        snaps.push(ms(t));
+        ok(&inst.banger(&["snapshot", "rm", &s]), "snapshot rm");
+        let c = format!("ff{i}");
+        let t = Instant::now();
+        ok(&inst.banger(&["vm", "fork", "fo", &c]), "vm fork");
+        ok(&inst.banger(&["vm", "exec", &c, "--", "true"]), "exec");
+        forks.push(ms(t));
+        ok(&inst.banger(&["vm", "rm", "-f", &c]), "vm rm");
+    }
+    row(
+        table,
+        &format!("{what}, jailed: `vm snapshot` of a running 1280 MiB VM"),
+        &snaps,
+        "ms",
+    );
+    row(
+        table,
+        &format!("{what}, jailed: `vm fork` to a clone answering `vm exec`"),
+        &forks,
+        "ms",
+    );
+    ok(&inst.banger(&["vm", "rm", "-f", "fo"]), "vm rm");
     inst.assert_baseline();
 }
