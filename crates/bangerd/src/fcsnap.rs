@@ -104,10 +104,15 @@ pub(crate) fn save(
         .and_then(|()| {
             for (inside, name) in &made {
                 let (from, to) = (on_host(inside), dir.join(name));
-                // Root's from here on (the jailed uid made them): only
-                // copies of them reach another VM.
-                fsutil::set_owner_mode(&from, 0, 0, 0o600)?;
+                // Moved first into the snapshot's directory (root's,
+                // 0700), where the VM's user can no longer change the
+                // entry; then it must be a plain file with no other name
+                // (not a link a Firecracker gone bad planted to a host
+                // file), and it becomes root's: only copies of it reach
+                // another VM.
                 std::fs::rename(&from, &to).with_path("move", &from)?;
+                plain_file(vm, &from, &to)?;
+                fsutil::set_owner_mode(&to, 0, 0, 0o600)?;
                 std::fs::File::open(&to)
                     .and_then(|f| f.sync_all())
                     .with_path("sync", &to)?;
@@ -122,6 +127,24 @@ pub(crate) fn save(
     saved?;
     hit("snapshot.saved")?;
     Ok(version)
+}
+
+/// Refuses (and removes) `to`, moved from the VM's chroot at `from`,
+/// unless it is a regular file with one name.
+fn plain_file(vm: &VmRecord, from: &Path, to: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(to).with_path("stat", to)?;
+    if m.file_type().is_file() && m.nlink() == 1 {
+        return Ok(());
+    }
+    // (A link is removed itself, never what it names.)
+    let _ = fsutil::remove_file_if_exists(to);
+    Err(DaemonError::Invalid(format!(
+        "vm {:?}: what its Firecracker left at {} is not a file of its own (a link, or a \
+         file with other names): snapshot refused",
+        vm.name,
+        from.display()
+    )))
 }
 
 /// Puts the snapshot's state and memory into the clone's chroot (before
@@ -186,4 +209,35 @@ pub(crate) fn load(
     // Read whole by the load; the memory stays (mapped privately).
     fsutil::remove_file_if_exists(&root.join(SNAPSHOT_STATE))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_plain_file_with_one_name_is_taken_from_a_jail() {
+        let vm = crate::daemon::testutil::vm_with_tap("1", "fj", None);
+        let d = tempfile::tempdir().unwrap();
+        let host_file = d.path().join("secret");
+        std::fs::write(&host_file, "host's").unwrap();
+        let from = Path::new("/snapshot-x.state");
+        // A link to a host file: refused, the link gone, the file kept.
+        let link = d.path().join("state");
+        std::os::unix::fs::symlink(&host_file, &link).unwrap();
+        let e = plain_file(&vm, from, &link).unwrap_err().to_string();
+        assert!(e.contains("not a file of its own"), "{e}");
+        assert!(link.symlink_metadata().is_err());
+        assert_eq!(std::fs::read_to_string(&host_file).unwrap(), "host's");
+        // Another name of a file: refused too.
+        let hard = d.path().join("ram");
+        std::fs::hard_link(&host_file, &hard).unwrap();
+        assert!(plain_file(&vm, from, &hard).is_err());
+        assert!(!hard.exists() && host_file.exists());
+        // A file of its own: taken.
+        let own = d.path().join("own");
+        std::fs::write(&own, "state").unwrap();
+        plain_file(&vm, from, &own).unwrap();
+        assert!(own.exists());
+    }
 }
