@@ -26,9 +26,6 @@ use crate::{VmConfig, Vmm, VmmError, VmmProcess};
 const SOCKET_WAIT: Duration = Duration::from_secs(5);
 /// Per API call.
 const API_TIMEOUT: Duration = Duration::from_secs(10);
-/// Per snapshot call: the guest's memory is written, or mapped, whole
-/// while the API waits.
-pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// The longest version string taken from `GET /version`.
 const VERSION_MAX: usize = 64;
 /// The spec's `vcpu_count` maximum.
@@ -185,21 +182,20 @@ pub fn version(sock: &Path) -> Result<String, VmmError> {
 
 /// `PUT /snapshot/create` of a paused microVM: its state and its whole
 /// memory (`Full`) into the two files (paths as Firecracker sees them),
-/// which it creates. Firecracker answers nothing else meanwhile.
-pub fn create_snapshot(sock: &Path, state: &Path, mem: &Path) -> Result<(), VmmError> {
+/// which it creates, within `timeout` (the guest's memory is written
+/// whole meanwhile). Firecracker answers nothing else meanwhile.
+pub fn create_snapshot(
+    sock: &Path,
+    state: &Path,
+    mem: &Path,
+    timeout: Duration,
+) -> Result<(), VmmError> {
     let body = json!({
         "snapshot_type": "Full",
         "snapshot_path": state.to_string_lossy(),
         "mem_file_path": mem.to_string_lossy(),
     });
-    call(
-        sock,
-        "PUT",
-        "/snapshot/create",
-        Some(&body),
-        SNAPSHOT_TIMEOUT,
-    )
-    .map(drop)
+    call(sock, "PUT", "/snapshot/create", Some(&body), timeout).map(drop)
 }
 
 /// What a fresh Firecracker loads a snapshot from: paths as it sees
@@ -215,9 +211,9 @@ pub struct Load {
 }
 
 /// `PUT /snapshot/load` on a bare Firecracker (nothing configured but
-/// its logger), the microVM left paused. A failed load ends the process:
-/// Firecracker cannot be given another.
-pub fn load_snapshot(sock: &Path, load: &Load) -> Result<(), VmmError> {
+/// its logger), the microVM left paused, within `timeout`. A failed load
+/// ends the process: Firecracker cannot be given another.
+pub fn load_snapshot(sock: &Path, load: &Load, timeout: Duration) -> Result<(), VmmError> {
     let mut body = json!({
         "snapshot_path": load.state.to_string_lossy(),
         "mem_backend": {"backend_type": "File", "backend_path": load.mem.to_string_lossy()},
@@ -233,7 +229,7 @@ pub fn load_snapshot(sock: &Path, load: &Load) -> Result<(), VmmError> {
     if let Some(uds) = &load.vsock {
         body["vsock_override"] = json!({"uds_path": uds.to_string_lossy()});
     }
-    call(sock, "PUT", "/snapshot/load", Some(&body), SNAPSHOT_TIMEOUT).map(drop)
+    call(sock, "PUT", "/snapshot/load", Some(&body), timeout).map(drop)
 }
 
 /// Pauses the microVM's vCPUs (`PATCH /vm`).
@@ -251,7 +247,8 @@ pub fn patch(sock: &Path, path: &str, body: &Value) -> Result<(), VmmError> {
     call(sock, "PATCH", path, Some(body), API_TIMEOUT).map(drop)
 }
 
-/// One request, answered within `timeout`: the answer's body (at most
+/// One request, answered whole within `timeout` (one deadline for the
+/// exchange, however the answer is cut up): the answer's body (at most
 /// 1 MiB of it) when its status is 2xx.
 fn call(
     sock: &Path,
@@ -261,6 +258,7 @@ fn call(
     timeout: Duration,
 ) -> Result<Vec<u8>, VmmError> {
     let io = |what: &str, e: std::io::Error| api_err(sock, format!("{method} {path}: {what}: {e}"));
+    let deadline = Instant::now() + timeout;
     let mut s = banger_agent::connect_nofollow(sock).map_err(|e| io("connect", e))?;
     s.set_read_timeout(Some(timeout))
         .and_then(|()| s.set_write_timeout(Some(timeout)))
@@ -279,7 +277,7 @@ fn call(
         ),
     };
     s.write_all(req.as_bytes()).map_err(|e| io("write", e))?;
-    let mut r = BufReader::new(s);
+    let mut r = BufReader::new(Within { s, deadline });
     let (status, len) = read_head(&mut r).map_err(|e| io("read", e))?;
     let code: u16 = status
         .split_whitespace()
@@ -299,6 +297,26 @@ fn call(
         sock,
         format!("{method} {path}: HTTP {code}: {fault}"),
     ))
+}
+
+/// A socket whose every read is bounded by what is left to a deadline.
+struct Within {
+    s: std::os::unix::net::UnixStream,
+    deadline: Instant,
+}
+
+impl Read for Within {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no whole answer in time",
+            ));
+        }
+        self.s.set_read_timeout(Some(left))?;
+        self.s.read(buf)
+    }
 }
 
 impl Vmm for Firecracker {

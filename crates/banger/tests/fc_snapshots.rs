@@ -44,15 +44,29 @@ fn count(inst: &Instance, name: &str) -> u64 {
     exec(inst, name, &["cat", "/tmp/count"]).parse().unwrap()
 }
 
+/// `name`'s chroot (while it runs).
+fn jail(inst: &Instance, name: &str) -> PathBuf {
+    let id = inst.vm(name).unwrap()["id"].as_str().unwrap().to_string();
+    inst.state()
+        .join("jail/firecracker-double")
+        .join(&id[..16])
+        .join("root")
+}
+
+/// The snapshot files in `name`'s chroot.
+fn snapshot_files(inst: &Instance, name: &str) -> Vec<String> {
+    std::fs::read_dir(jail(inst, name))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("snapshot"))
+        .collect()
+}
+
 /// What the double logged of the API calls of `name`'s Firecracker (its
 /// jail's `vmm.log`, while it runs).
 fn api_log(inst: &Instance, name: &str) -> String {
-    let id = inst.vm(name).unwrap()["id"].as_str().unwrap().to_string();
-    let log = inst
-        .state()
-        .join("jail/firecracker-double")
-        .join(&id[..16])
-        .join("root/vmm.log");
+    let log = jail(inst, name).join("vmm.log");
     std::fs::read_to_string(&log).unwrap_or_else(|e| panic!("{}: {e}", log.display()))
 }
 
@@ -91,6 +105,12 @@ fn firecracker_snapshots_clone_fork_and_suspend() {
     ok(&inst.banger(&["vm", "snapshot", "fa", "s1"]), "vm snapshot");
     let log = api_log(&inst, "fa");
     assert!(log.contains("GET /version  -> 200"), "{log}");
+    // Moved out of its jail, root's now.
+    assert!(
+        snapshot_files(&inst, "fa").is_empty(),
+        "{:?}",
+        snapshot_files(&inst, "fa")
+    );
     assert!(
         log.contains("PUT /snapshot/create") && !log.contains("-> 400"),
         "{log}"
@@ -120,6 +140,14 @@ fn firecracker_snapshots_clone_fork_and_suspend() {
     ) > at));
     let log = api_log(&inst, "fb");
     assert!(log.contains("PUT /snapshot/load"), "{log}");
+    // Its own copy of the memory stays (mapped), the state's goes.
+    assert_eq!(snapshot_files(&inst, "fb"), vec!["snapshot.mem"]);
+    {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(jail(&inst, "fb").join("snapshot.mem")).unwrap();
+        assert_eq!(m.mode() & 0o777, 0o400);
+        assert_ne!(m.uid(), 0, "its VMM user's");
+    }
     assert!(
         !log.contains("PUT /machine-config") && !log.contains("-> 400"),
         "a restore configures nothing: {log}"

@@ -45,7 +45,18 @@ pub(crate) fn refusal(host: &Host<'_>, vm: &VmRecord) -> Option<String> {
             .as_ref()
             .is_none_or(|api| api.starts_with(&root))
     });
-    if !jailed {
+    if jailed {
+        // Booted by a banger that named the jail's drives by id: its
+        // snapshot would record paths no clone has.
+        let root = crate::resources::jail::chroot(host, vm)?;
+        if vm.runtime.api_sock_path.is_some() && !root.join("drive-0").exists() {
+            return Some(format!(
+                "vm {:?} was started by an older banger, whose jail names its disks otherwise: \
+                 restart it (`banger vm restart {}`) to snapshot it",
+                vm.name, vm.name
+            ));
+        }
+    } else {
         return Some(format!(
             "vm {:?} runs on Firecracker without its jailer: a restored Firecracker reopens the \
              disks at the paths the snapshot recorded, which only a chroot per VM keeps the same \
@@ -65,6 +76,12 @@ fn fc_err(vm: &VmRecord) -> impl Fn(banger_vmm::VmmError) -> DaemonError + '_ {
 fn chroot(host: &Host<'_>, vm: &VmRecord) -> Result<PathBuf> {
     crate::resources::jail::chroot(host, vm)
         .ok_or_else(|| DaemonError::Invalid(refusal(host, vm).unwrap_or_default()))
+}
+
+/// How long Firecracker may take to write a guest's memory and state:
+/// a minute, and 20 s per GiB of memory.
+fn snapshot_deadline(vm: &VmRecord) -> std::time::Duration {
+    std::time::Duration::from_secs(60 + 20 * vm.spec.sizing.memory_mib.div_ceil(1024))
 }
 
 /// Saves the VM's state and memory into `dir` (`state`, `ram`), its
@@ -99,8 +116,9 @@ pub(crate) fn save(
         ),
     ];
     let on_host = |inside: &Path| root.join(inside.strip_prefix("/").unwrap_or(inside));
-    let saved = firecracker::create_snapshot(api, &made[0].0, &made[1].0)
+    let saved = firecracker::create_snapshot(api, &made[0].0, &made[1].0, snapshot_deadline(vm))
         .map_err(fc_err(vm))
+        .and_then(|()| hit("snapshot.created"))
         .and_then(|()| {
             for (inside, name) in &made {
                 let (from, to) = (on_host(inside), dir.join(name));
@@ -110,8 +128,18 @@ pub(crate) fn save(
                 // (not a link a Firecracker gone bad planted to a host
                 // file), and it becomes root's: only copies of it reach
                 // another VM.
-                std::fs::rename(&from, &to).with_path("move", &from)?;
-                plain_file(vm, &from, &to)?;
+                let adopted = to.with_extension("adopted");
+                std::fs::rename(&from, &adopted).with_path("move", &from)?;
+                plain_file(vm, &from, &adopted)?;
+                if *name == vmfiles::SNAP_STATE {
+                    // The state (small) copied into a file of root's: what
+                    // its checksum is taken of cannot change after, even
+                    // through a descriptor the VMM kept.
+                    fsutil::copy_sparse(&adopted, &to)?;
+                    fsutil::remove_file_if_exists(&adopted)?;
+                } else {
+                    std::fs::rename(&adopted, &to).with_path("move", &adopted)?;
+                }
                 fsutil::set_owner_mode(&to, 0, 0, 0o600)?;
                 std::fs::File::open(&to)
                     .and_then(|f| f.sync_all())
@@ -148,7 +176,9 @@ fn plain_file(vm: &VmRecord, from: &Path, to: &Path) -> Result<()> {
 }
 
 /// Puts the snapshot's state and memory into the clone's chroot (before
-/// its Firecracker starts), owned by the clone's VMM user, read-only.
+/// its Firecracker starts), owned by the clone's VMM user, read-only; the
+/// state's copy must match the snapshot's checksum (what is loaded is
+/// what was checked).
 pub(crate) fn stage(host: &Host<'_>, vm: &VmRecord, snap: &SnapshotRecord) -> Result<()> {
     let root = chroot(host, vm)?;
     fsutil::create_dir_all(&root)?;
@@ -164,7 +194,31 @@ pub(crate) fn stage(host: &Host<'_>, vm: &VmRecord, snap: &SnapshotRecord) -> Re
             fsutil::set_owner_mode(&to, id.uid, id.gid, 0o400)?;
         }
     }
+    let staged = root.join(SNAPSHOT_STATE);
+    if crate::snapshots::crc32_of(&staged)? != snap.state_crc32 {
+        return Err(DaemonError::Invalid(format!(
+            "snapshot {:?} is damaged: its state does not match its checksum; `banger snapshot \
+             rm {}`",
+            snap.name, snap.name
+        )));
+    }
     Ok(())
+}
+
+/// What a save cut short (a crash between Firecracker's create and the
+/// files' move) left in the VM's chroot: removed.
+pub(crate) fn clear_leftovers(host: &Host<'_>, vm: &VmRecord) {
+    let Some(root) = crate::resources::jail::chroot(host, vm) else {
+        return;
+    };
+    for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("snapshot-") && (name.ends_with(".state") || name.ends_with(".mem")) {
+            if let Err(err) = fsutil::remove_file_if_exists(&e.path()) {
+                tracing::warn!(vm = %vm.name, file = %e.path().display(), err = %err, "a cut-short snapshot's file is left");
+            }
+        }
+    }
 }
 
 /// Loads the staged snapshot into the clone's bare Firecracker (its
@@ -205,9 +259,24 @@ pub(crate) fn load(
         taps: vec![("eth0".into(), tap.to_string())],
         vsock,
     };
-    firecracker::load_snapshot(api, &load).map_err(fc_err(vm))?;
+    firecracker::load_snapshot(api, &load, snapshot_deadline(vm)).map_err(|e| {
+        let tail =
+            crate::readiness::guest_tail(&host.cfg.layout.vm_dir(&vm.id).join(vmfiles::VMM_LOG), 5);
+        DaemonError::Invalid(format!(
+            "vm {:?}: restoring snapshot {:?}: {e}{}",
+            vm.name,
+            snap.name,
+            if tail.is_empty() {
+                String::new()
+            } else {
+                format!("; Firecracker said: {tail}")
+            }
+        ))
+    })?;
     // Read whole by the load; the memory stays (mapped privately).
-    fsutil::remove_file_if_exists(&root.join(SNAPSHOT_STATE))?;
+    if let Err(e) = fsutil::remove_file_if_exists(&root.join(SNAPSHOT_STATE)) {
+        tracing::warn!(vm = %vm.name, err = %e, "the loaded state's copy is left in the jail");
+    }
     Ok(())
 }
 

@@ -83,7 +83,7 @@ impl Daemon {
         self.save(vm)?;
         // A snapshot whose VM could not run again after its save left the
         // agent's gate closed (`snapshots::run_again`): opened, best effort.
-        if crate::pause::qmp_pauses(vm) {
+        if crate::pause::qmp_pauses(vm) || vm.spec.vmm == VmmKind::Firecracker {
             let _ = self.agent_call(
                 vm,
                 banger_agent::proto::Call::Release,

@@ -67,6 +67,7 @@ const HOLD_TIMEOUT: Duration = Duration::from_secs(10);
 pub const FAILPOINTS: &[&str] = &[
     "snapshot.begin",
     "snapshot.stopped",
+    "snapshot.created",
     "snapshot.saved",
     "snapshot.copied",
     "restore.loaded",
@@ -487,6 +488,7 @@ impl Daemon {
                 .open(&state)
                 .with_path("create", &state)?;
             banger_vmm::qmp::save_state(api, &out, Instant::now() + STATE_TIMEOUT).map_err(qmp)?;
+            hit("snapshot.created")?;
             out.sync_all().with_path("sync", &state)?;
             drop(out);
             hit("snapshot.saved")?;
@@ -628,9 +630,14 @@ impl Daemon {
             }
             return false;
         }
+        if vm.spec.vmm == VmmKind::Firecracker {
+            crate::fcsnap::clear_leftovers(&self.host(), vm);
+        }
         if let Some(api) = &vm.runtime.api_sock_path {
             if let Err(e) = set_vcpus(vm, api, true) {
                 warn!(vm = %vm.name, err = %e, "reconcile: cannot run a VM a snapshot stopped");
+                // Stopped still: recorded as paused, for `vm resume`.
+                vm.runtime.paused = true;
             } else {
                 // Its agent's gate, closed for the save, opens again.
                 self.release_guest(vm);

@@ -116,9 +116,12 @@ fn claim_in(
     let record = state_dir.join(RECORD);
     if let Some(base) = given {
         let c = claim_range(dir, base, count, &holder, false, false)?;
-        // Recorded as a chosen range is: once this daemon is gone with
-        // its VMs still running, another's search passes over it.
-        fsutil::write_atomic(&record, format!("{base}\n"))?;
+        // Recorded as a chosen range is, unless the state dir records one
+        // already (whose VMs may still run): once this daemon is gone
+        // with its VMs still running, another's search passes over it.
+        if !record.exists() {
+            fsutil::write_atomic(&record, format!("{base}\n"))?;
+        }
         return Ok(c);
     }
     match std::fs::read_to_string(&record) {
@@ -317,9 +320,6 @@ mod tests {
         let next = claim_in(&claims, Some(BASE + 16_384), BASE, 16_384, &b)
             .expect("the next block is free");
         drop(first);
-        claim_in(&claims, Some(BASE + 100), BASE, 16_000, &b)
-            .expect("free again once the first daemon is gone");
-        drop(next);
         // A given base is recorded as a chosen one is: with its daemon
         // gone (its VMs may run on), another's search passes over it.
         assert_eq!(
@@ -330,6 +330,16 @@ mod tests {
         std::fs::create_dir_all(&c).unwrap();
         let other = claim_in(&claims, None, BASE, 16_384, &c).unwrap();
         assert_eq!(other.base, BASE + 2 * 16_384, "{other:?}");
+        drop(other);
+        // Given, it is free again once the first daemon is gone; a record
+        // already there is kept (its VMs may still run).
+        claim_in(&claims, Some(BASE + 100), BASE, 16_000, &b)
+            .expect("free again once the first daemon is gone");
+        drop(next);
+        assert_eq!(
+            std::fs::read_to_string(b.join(RECORD)).unwrap().trim(),
+            (BASE + 16_384).to_string()
+        );
     }
 
     #[test]

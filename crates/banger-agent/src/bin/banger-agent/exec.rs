@@ -186,6 +186,13 @@ fn workdir(asked: Option<&str>, user: &User) -> Result<String, String> {
             "/".into()
         });
     };
+    // Absolute, as docker's: the command is started in it twice (as root,
+    // then as the user), from different places.
+    if !dir.starts_with('/') {
+        return Err(format!(
+            "exec: working directory {dir:?}: not an absolute path (-w /{dir}?)"
+        ));
+    }
     enterable(dir, user).map_err(|why| format!("exec: working directory {dir:?}: {why}"))?;
     Ok(dir.to_string())
 }
@@ -671,6 +678,8 @@ mod tests {
         assert!(e.contains("\"/nonexistent\": no such directory"), "{e}");
         let e = workdir(Some("/etc/hostname"), &user(0, "/")).unwrap_err();
         assert!(e.contains("not a directory"), "{e}");
+        let e = workdir(Some("tmp"), &user(0, "/")).unwrap_err();
+        assert!(e.contains("not an absolute path (-w /tmp?)"), "{e}");
         // 0700 and root's: another user may not enter it.
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
