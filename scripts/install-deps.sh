@@ -22,6 +22,7 @@ packages=(
   binutils          # strip: the Debian package's binaries ship without debug info
   socat             # the socket-group test speaks raw JSON to bangerd as a member (what a client that skips the CLI sends)
   curl patch        # vhost-device-vsock's source from crates.io, and banger's fix to it
+  python3 python3-venv  # the tests drive the E2B-compatible API with E2B's own Python SDK (scripts/e2b-sdk.sh)
 )
 
 # Two passes: installing one package can make apt remove another that was

@@ -24,6 +24,9 @@ BANGER_AGENT=$(./scripts/build-agent.sh)
 export BANGER_AGENT
 BANGER_TEST_IMAGE=$(./scripts/test-image.sh target/debug/banger)
 export BANGER_TEST_IMAGE
+# E2B's own SDK, which the E2B-compatible API's tests drive it with.
+BANGER_E2B_PYTHON=$(./scripts/e2b-sdk.sh)
+export BANGER_E2B_PYTHON
 # The Debian package (a release build), and the fresh Debian tree the
 # package test installs it into.
 BANGER_TEST_DEB=$(./scripts/package.sh)

@@ -14,7 +14,7 @@ use crate::model::{AutoStop, NetPolicy, VmmKind};
 use crate::sizing::SizeRequest;
 use crate::state::VmState;
 
-pub const PROTOCOL_VERSION: u32 = 11;
+pub const PROTOCOL_VERSION: u32 = 12;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -162,6 +162,26 @@ pub enum Request {
     },
     /// The daemon's effective settings and where each came from.
     ConfigShow,
+    /// Root only: the daemon serves the E2B-compatible API on `listen` (a
+    /// loopback address and port) from now on, until `ApiStop`.
+    ApiServe {
+        listen: String,
+    },
+    /// Where the API is served, if it is.
+    ApiStatus,
+    /// Root only: the API is no longer served (requests in flight end).
+    ApiStop,
+    /// A new API key for the caller, named `name`: its only sight.
+    ApiTokenCreate {
+        name: String,
+    },
+    /// The caller's API keys (root: everyone's), never the keys.
+    ApiTokenList,
+    /// Removes the caller's key `name` (root: `uid`'s).
+    ApiTokenDelete {
+        name: String,
+        uid: Option<u32>,
+    },
     /// Root only: the daemon stops serving, finishes the requests in
     /// flight and exits; VMs keep running (the next daemon reconciles
     /// them).
@@ -214,6 +234,12 @@ pub struct CreateVm {
     /// sizes is cached (and leave none).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cold: bool,
+    /// Labels (the E2B-compatible API's sandbox metadata).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub metadata: std::collections::BTreeMap<String, String>,
+    /// The environment of the commands the API starts in it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -295,6 +321,27 @@ pub enum Response {
     Snapshots {
         snapshots: Vec<SnapshotInfo>,
     },
+    /// Where the E2B-compatible API is served (none: it is not).
+    Api {
+        listen: Option<String>,
+    },
+    /// A new API key: shown this once.
+    ApiToken {
+        name: String,
+        key: String,
+    },
+    ApiTokens {
+        tokens: Vec<ApiTokenInfo>,
+    },
+}
+
+/// An API key as `banger api token ls` shows it (never the key).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiTokenInfo {
+    pub name: String,
+    /// Its user (the rights its requests have).
+    pub uid: u32,
+    pub created_at: i64,
 }
 
 /// A snapshot, as `snapshot ls|show` shows it.
@@ -440,6 +487,12 @@ pub struct VmInfo {
     /// How its root disk is made over the image.
     #[serde(default)]
     pub root_disk: Option<crate::RootDiskKind>,
+    /// Its labels (the E2B-compatible API's sandbox metadata).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub metadata: std::collections::BTreeMap<String, String>,
+    /// When it started, if it runs (unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -525,7 +578,7 @@ mod tests {
         let s = serde_json::to_string(&e).unwrap();
         assert_eq!(
             s,
-            r#"{"version":11,"request":{"op":"vm_start","name":"a"}}"#
+            r#"{"version":12,"request":{"op":"vm_start","name":"a"}}"#
         );
         assert_eq!(serde_json::from_str::<Envelope>(&s).unwrap(), e);
         let bad = r#"{"version":3,"request":{"op":"vm_start","name":"a","force":true}}"#;

@@ -16,8 +16,8 @@ pub mod volume;
 pub use layout::Layout;
 pub use model::{
     AutoStop, Held, ImageRecord, NetPolicy, Release, RmClient, RootDiskKind, SnapshotFile,
-    SnapshotFormat, SnapshotRecord, VmHandles, VmRecord, VmRuntime, VmSpec, VmmKind, WarmSave,
-    SUSPEND_PREFIX, WARM_PREFIX,
+    SnapshotFormat, SnapshotRecord, TtlAction, VmHandles, VmRecord, VmRuntime, VmSpec, VmmKind,
+    WarmSave, SUSPEND_PREFIX, WARM_PREFIX,
 };
 
 pub mod duration;

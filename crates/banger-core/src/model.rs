@@ -70,6 +70,13 @@ pub struct VmSpec {
     /// its first start restores it instead of booting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_snapshot: Option<String>,
+    /// Labels of the user's (the E2B-compatible API's sandbox metadata).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub metadata: std::collections::BTreeMap<String, String>,
+    /// The environment every command started in it through the API gets
+    /// (its sandbox's `envVars`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<(String, String)>,
 }
 
 impl VmSpec {
@@ -169,6 +176,29 @@ pub struct AutoStop {
     /// Stop once the guest has been idle (no CPU above a small share of a
     /// core, no network traffic) this long.
     pub idle_secs: Option<u64>,
+    /// What the TTL's end does (a sandbox of the E2B-compatible API is
+    /// killed, or paused, as E2B's are).
+    #[serde(skip_serializing_if = "TtlAction::is_stop")]
+    pub at_ttl: TtlAction,
+}
+
+/// What a VM's TTL ends in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TtlAction {
+    /// Stopped (`--ttl`).
+    #[default]
+    Stop,
+    /// Deleted.
+    Delete,
+    /// Paused (to disk where it can be snapshotted).
+    Pause,
+}
+
+impl TtlAction {
+    pub fn is_stop(&self) -> bool {
+        *self == TtlAction::Stop
+    }
 }
 
 /// The durable runtime record (`vms.runtime_json`): facts that are either

@@ -11,7 +11,10 @@ use thiserror::Error;
 
 mod owners;
 mod snapshots;
+mod tokens;
+
 pub use owners::{Owned, Owner};
+pub use tokens::ApiToken;
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -29,6 +32,10 @@ pub enum StoreError {
     },
     #[error("vm {0:?} already exists: pick another name or delete it first")]
     NameTaken(String),
+    #[error(
+        "an API token named {0:?} exists already: pick another name or `banger api token rm {0}`"
+    )]
+    TokenTaken(String),
     #[error("database schema version {0} is newer than this banger ({1}): upgrade banger")]
     TooNew(i64, i64),
 }
@@ -106,6 +113,15 @@ const MIGRATIONS: &[&str] = &[
         id TEXT NOT NULL UNIQUE,
         record_json TEXT NOT NULL,
         created_at INTEGER NOT NULL
+     );",
+    // 7: the E2B-compatible API's keys (`banger api token`), each its
+    // user's, stored as a SHA-256 of the key.
+    "CREATE TABLE api_tokens (
+        uid INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        hash BLOB NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (uid, name)
      );",
 ];
 
@@ -481,6 +497,8 @@ mod tests {
                 root_mib: None,
                 root_disk: None,
                 from_snapshot: None,
+                metadata: Default::default(),
+                env: Vec::new(),
             },
             runtime: VmRuntime {
                 state: Some(VmState::Created),

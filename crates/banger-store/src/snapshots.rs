@@ -142,6 +142,8 @@ mod tests {
                 mounts: Vec::new(),
                 root_disk: None,
                 from_snapshot: None,
+                metadata: Default::default(),
+                env: Vec::new(),
             },
             format: SnapshotFormat {
                 banger: "1".into(),

@@ -81,6 +81,8 @@ pub fn customize(
         // A customize session boots the image itself, and leaves no
         // warm-start snapshot.
         cold: true,
+        metadata: Default::default(),
+        env: Vec::new(),
     }));
     let mut ui = crate::ui::Ui::new(format!("booting {from} to customize"));
     let spinner = ui.handle();

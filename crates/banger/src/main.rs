@@ -1,5 +1,6 @@
 //! banger, the CLI: a thin client of bangerd plus ssh.
 
+mod api;
 mod client;
 mod cp;
 mod detach;
@@ -59,6 +60,9 @@ enum Cmd {
     /// Snapshots of VMs (`vm snapshot`; `vm run --from SNAP` restores one).
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCmd),
+    /// The E2B-compatible API (E2B's SDKs drive banger VMs through it).
+    #[command(subcommand)]
+    Api(api::ApiCmd),
     /// Networks of VMs (`vm run --network NAME`): who has one, who may join.
     #[command(subcommand)]
     Network(network::NetworkCmd),
@@ -97,6 +101,10 @@ pub struct CreateFlags {
     /// VM name: a DNS label (a-z, 0-9, '-'); generated when absent.
     #[arg(long)]
     name: Option<String>,
+    /// A label, KEY=VALUE (repeatable): shown by `vm ls --json` and `vm
+    /// show`, and as an E2B sandbox's metadata.
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
     /// Image to boot (default: bookworm).
     #[arg(long)]
     image: Option<String>,
@@ -550,6 +558,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Image(i) => image(&client, i),
         Cmd::Volume(v) => volume::run(&client, v),
         Cmd::Snapshot(s) => snapshot::run(&client, s),
+        Cmd::Api(a) => api::run(&client, a),
         Cmd::Network(n) => network::run(&client, n),
         Cmd::Completion { shell } => {
             use clap::CommandFactory;

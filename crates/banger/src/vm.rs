@@ -42,7 +42,15 @@ fn create_request(f: &CreateFlags, start: bool, rm: bool) -> anyhow::Result<Crea
             .as_deref()
             .map(|v| parse_secs("--idle-timeout", v))
             .transpose()?,
+        at_ttl: Default::default(),
     };
+    let mut metadata = std::collections::BTreeMap::new();
+    for l in &f.labels {
+        let (k, v) = l
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--label {l:?}: KEY=VALUE"))?;
+        metadata.insert(k.to_string(), v.to_string());
+    }
     Ok(CreateVm {
         name: f.name.clone(),
         image: f.image.clone(),
@@ -55,6 +63,8 @@ fn create_request(f: &CreateFlags, start: bool, rm: bool) -> anyhow::Result<Crea
         start,
         rm,
         auto_stop,
+        metadata,
+        env: Vec::new(),
         net: banger_core::NetPolicy {
             none: f.net == crate::NetMode::None,
             allow: f.allow_net.clone(),

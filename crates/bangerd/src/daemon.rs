@@ -96,6 +96,8 @@ pub struct Daemon {
     kvm_usable: bool,
     /// The host's cgroup hierarchy (or why there is none), found at open.
     pub(crate) cgroups: std::result::Result<banger_host::cgroup::Cgroups, String>,
+    /// The E2B-compatible API's listener, while it is served.
+    pub(crate) api: crate::e2b::Api,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -237,6 +239,7 @@ impl Daemon {
             kvm_usable: kvm,
             cgroups: banger_host::cgroup::Cgroups::detect(cfg.cgroup_parent.as_deref())
                 .map_err(|e| e.to_string()),
+            api: Default::default(),
             cfg,
         };
         d.index_images()?;
@@ -417,6 +420,8 @@ impl Daemon {
             vm_dir: dir,
             auto_stop: vm.spec.auto_stop,
             net: vm.spec.net.clone(),
+            metadata: vm.spec.metadata.clone(),
+            started_at: vm.runtime.started_at.filter(|_| vm.runtime.state().is_up()),
         }
     }
 
@@ -443,6 +448,8 @@ impl Daemon {
                 guest_ip: None,
                 vsock_cid: None,
                 root_disk: None,
+                metadata: Default::default(),
+                started_at: None,
                 created_at: b.created_at,
                 last_error: Some(
                     DaemonError::Broken {
@@ -542,6 +549,8 @@ pub(crate) mod testutil {
                 root_mib: None,
                 root_disk: None,
                 from_snapshot: None,
+                metadata: Default::default(),
+                env: Vec::new(),
             },
             runtime: VmRuntime {
                 tap_device: tap.map(str::to_string),

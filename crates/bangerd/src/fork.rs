@@ -85,6 +85,8 @@ impl Daemon {
                         mounts: Vec::new(),
                         from: Some(snap.clone()),
                         cold: false,
+                        metadata: origin.spec.metadata.clone(),
+                        env: origin.spec.env.clone(),
                     };
                     s.spawn(move || {
                         self.create_for(&req, caller, None, &mut |_| {}, Cancel::default())

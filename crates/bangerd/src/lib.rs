@@ -13,6 +13,7 @@ pub mod console;
 pub mod daemon;
 pub mod dns;
 pub mod doctor;
+pub mod e2b;
 pub mod ending;
 pub mod error;
 pub mod failpoint;

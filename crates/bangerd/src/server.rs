@@ -410,6 +410,12 @@ fn op_name(r: &Request) -> &'static str {
         Request::SnapshotList => "snapshot_list",
         Request::SnapshotGet { .. } => "snapshot_get",
         Request::SnapshotDelete { .. } => "snapshot_delete",
+        Request::ApiServe { .. } => "api_serve",
+        Request::ApiStatus => "api_status",
+        Request::ApiStop => "api_stop",
+        Request::ApiTokenCreate { .. } => "api_token_create",
+        Request::ApiTokenList => "api_token_list",
+        Request::ApiTokenDelete { .. } => "api_token_delete",
     }
 }
 
@@ -539,6 +545,31 @@ pub fn dispatch(
             daemon.delete_snapshot(&name, caller)?;
             Response::Deleted { name }
         }
+        Request::ApiServe { listen } => {
+            root_only(caller, "api serve")?;
+            Response::Api {
+                listen: Some(daemon.api_serve(&listen)?),
+            }
+        }
+        Request::ApiStatus => Response::Api {
+            listen: daemon.api_status(),
+        },
+        Request::ApiStop => {
+            root_only(caller, "api stop")?;
+            daemon.api_stop()?;
+            Response::Api { listen: None }
+        }
+        Request::ApiTokenCreate { name } => {
+            let (name, key) = daemon.api_token_create(caller, &name)?;
+            Response::ApiToken { name, key }
+        }
+        Request::ApiTokenList => Response::ApiTokens {
+            tokens: daemon.api_token_list(caller)?,
+        },
+        Request::ApiTokenDelete { name, uid } => {
+            daemon.api_token_delete(caller, &name, uid)?;
+            Response::Deleted { name }
+        }
         // Served by `handle` (it passes a descriptor).
         Request::VmAgent { name } => {
             return Err(DaemonError::Invalid(format!(
@@ -551,7 +582,11 @@ pub fn dispatch(
 /// What a request names on the host is checked against who sent it (see
 /// `access`): a caller who is not root names only their own paths, and a
 /// mount records whose it is.
-fn vouch(daemon: &Daemon, req: Request, caller: &crate::access::Caller) -> Result<Request> {
+pub(crate) fn vouch(
+    daemon: &Daemon,
+    req: Request,
+    caller: &crate::access::Caller,
+) -> Result<Request> {
     // A VM only root may use (access::root_only) is refused to the others.
     let named = match &req {
         Request::VmStart { name }
@@ -703,4 +738,15 @@ pub fn check_fix(name: &str, ok: bool, detail: impl Into<String>, fix: impl Into
         c.fix = Some(fix.into());
     }
     c
+}
+
+/// Refuses a request only root may make.
+fn root_only(caller: &crate::access::Caller, what: &str) -> Result<()> {
+    if caller.is_root() {
+        Ok(())
+    } else {
+        Err(DaemonError::Invalid(format!(
+            "`banger {what}` is root's: it opens a TCP port for every user's API keys"
+        )))
+    }
 }

@@ -207,12 +207,41 @@ impl Daemon {
         if !lock(&self.stats.stopping).insert(vm.id.clone()) {
             return;
         }
+        // Paused at its TTL already: kept so until resumed.
+        if vm.runtime.paused && vm.spec.auto_stop.at_ttl == banger_core::TtlAction::Pause {
+            return;
+        }
         info!(vm = %vm.name, why = %why, "auto-stop");
+        // A TTL that ends otherwise than in a stop (the E2B-compatible
+        // API's sandboxes: killed, or paused).
+        let ttl_passed = vm
+            .spec
+            .auto_stop
+            .ttl_secs
+            .zip(vm.runtime.started_at)
+            .is_some_and(|(t, s)| banger_core::unix_now().saturating_sub(s) >= t as i64);
+        let action = if ttl_passed {
+            vm.spec.auto_stop.at_ttl
+        } else {
+            banger_core::TtlAction::Stop
+        };
         let (d, name, id) = (self.clone(), vm.name.clone(), vm.id.clone());
+        let paused = vm.runtime.paused;
         let spawned = std::thread::Builder::new()
             .name("auto-stop".into())
             .spawn(move || {
-                if let Err(e) = d.stop_because(&name, Some(why), &mut |_| {}) {
+                let done = match action {
+                    banger_core::TtlAction::Stop => {
+                        d.stop_because(&name, Some(why), &mut |_| {}).map(drop)
+                    }
+                    banger_core::TtlAction::Delete => d.delete_checked(&name, true),
+                    // (Paused already: left so until resumed.)
+                    banger_core::TtlAction::Pause if paused => Ok(()),
+                    banger_core::TtlAction::Pause => {
+                        d.suspend(&name).or_else(|_| d.pause(&name)).map(drop)
+                    }
+                };
+                if let Err(e) = done {
                     warn!(vm = %name, err = %e, "auto-stop failed");
                 }
                 lock(&d.stats.stopping).remove(&id);
@@ -310,7 +339,7 @@ mod tests {
         let ttl = vm(
             AutoStop {
                 ttl_secs: Some(5),
-                idle_secs: None,
+                ..Default::default()
             },
             Some(100),
         );
@@ -319,8 +348,8 @@ mod tests {
         assert!(why.contains("TTL (5s)"), "{why}");
         let idle = vm(
             AutoStop {
-                ttl_secs: None,
                 idle_secs: Some(90),
+                ..Default::default()
             },
             Some(0),
         );

@@ -1,0 +1,225 @@
+//! The E2B-compatible API (issue 22) driven by E2B's own Python SDK
+//! (`e2b` 2.63.0, installed by scripts/e2b-sdk.sh into a venv; the test
+//! runs it inside the daemon's namespace against the loopback port the
+//! daemon serves): create with metadata and envs, commands with output
+//! and exit codes, background commands listed and killed, files written,
+//! read, listed and made, info, list filtered by metadata, timeout,
+//! connect by ID, pause and resume, kill; keys: made, listed, refused
+//! when unknown or removed. Needs root; `scripts/test.sh` runs it.
+
+use std::path::PathBuf;
+use std::process::Output;
+
+use test_infra::{ok, text, Instance};
+
+fn banger_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_banger"))
+}
+
+fn python() -> String {
+    std::env::var("BANGER_E2B_PYTHON").unwrap_or_else(|_| {
+        panic!(
+            "BANGER_E2B_PYTHON is not set: scripts/test.sh sets it (scripts/e2b-sdk.sh installs \
+             E2B's Python SDK and prints its python)"
+        )
+    })
+}
+
+/// `script` run by the SDK's python in the daemon's namespace, against
+/// the API at `addr` with key `key`; its stdout's last line as JSON.
+fn sdk(inst: &Instance, addr: &str, key: &str, script: &str) -> (serde_json::Value, Output) {
+    let url = format!("http://{addr}");
+    let mut c = inst.net.cmd(python());
+    c.arg("-c")
+        .arg(script)
+        .env("E2B_API_URL", &url)
+        .env("E2B_SANDBOX_URL", &url)
+        .env("E2B_API_KEY", key)
+        // Nothing but the loopback port: no proxy, whatever the host's.
+        .env("NO_PROXY", "*")
+        .env_remove("HTTP_PROXY")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("http_proxy")
+        .env_remove("https_proxy")
+        .env_remove("ALL_PROXY")
+        .stdin(std::process::Stdio::null());
+    let out = test_infra::bounded::output_within(&mut c, test_infra::bounded::COMMAND_LIMIT);
+    let stdout = text(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default().to_string();
+    let v = serde_json::from_str(&last).unwrap_or(serde_json::Value::Null);
+    (v, out)
+}
+
+const CREATE: &str = r#"
+import json
+from e2b import Sandbox
+sbx = Sandbox.create(metadata={"purpose": "e2b-test"}, envs={"GREETING": "hi there"}, timeout=600)
+r = sbx.commands.run("echo $GREETING; hostname; id -un")
+print(json.dumps({"id": sbx.sandbox_id, "stdout": r.stdout, "stderr": r.stderr, "exit": r.exit_code}))
+"#;
+
+const USE: &str = r#"
+import json, sys
+from e2b import Sandbox, SandboxQuery, CommandExitException
+sbx = Sandbox.connect(sys.argv[1] if len(sys.argv) > 1 else ID)
+out = {}
+try:
+    sbx.commands.run("echo to-stderr >&2; exit 3")
+except CommandExitException as e:
+    out["failed"] = [e.exit_code, e.stderr]
+bg = sbx.commands.run("sleep 300", background=True)
+out["bg_listed"] = bg.pid in [p.pid for p in sbx.commands.list()]
+out["bg_killed"] = sbx.commands.kill(bg.pid)
+sbx.files.write("/tmp/e2b/hello.txt", "hello world")
+out["read"] = sbx.files.read("/tmp/e2b/hello.txt")
+out["exists"] = [sbx.files.exists("/tmp/e2b/hello.txt"), sbx.files.exists("/nope")]
+out["made"] = sbx.files.make_dir("/tmp/e2b/sub")
+out["listed_files"] = sorted(e.name for e in sbx.files.list("/tmp/e2b"))
+info = sbx.get_info()
+out["info"] = [info.state.value, info.metadata, info.cpu_count > 0]
+page = Sandbox.list(query=SandboxQuery(metadata={"purpose": "e2b-test"})).next_items()
+out["listed"] = [s.sandbox_id for s in page]
+none = Sandbox.list(query=SandboxQuery(metadata={"purpose": "other"})).next_items()
+out["listed_other"] = [s.sandbox_id for s in none]
+sbx.set_timeout(900)
+out["paused"] = sbx.pause()
+out["paused_again"] = sbx.pause()
+back = Sandbox.connect(sbx.sandbox_id)
+out["after_resume"] = back.commands.run("echo back").stdout
+out["killed"] = back.kill()
+out["killed_again"] = Sandbox.kill(sbx.sandbox_id)
+print(json.dumps(out))
+"#;
+
+const BAD_KEY: &str = r#"
+import json
+from e2b import Sandbox
+try:
+    Sandbox.create()
+    print(json.dumps({"refused": False}))
+except Exception as e:
+    print(json.dumps({"refused": True, "kind": type(e).__name__, "message": str(e)}))
+"#;
+
+#[test]
+fn e2bs_sdk_drives_banger_vms() {
+    let inst = Instance::new(&banger_bin()).with_image();
+    let addr = ok(
+        &inst.banger(&["api", "serve", "--listen", "127.0.0.1:0"]),
+        "api serve",
+    )
+    .trim()
+    .to_string();
+    assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+    assert_eq!(
+        ok(&inst.banger(&["api", "status"]), "api status").trim(),
+        addr
+    );
+    let key = ok(
+        &inst.banger(&["api", "token", "create", "sdk"]),
+        "token create",
+    )
+    .lines()
+    .last()
+    .unwrap_or_default()
+    .to_string();
+    assert!(key.starts_with("banger_"), "{key}");
+    let listed = ok(&inst.banger(&["api", "token", "ls", "--json"]), "token ls");
+    assert!(
+        listed.contains("\"sdk\"") && !listed.contains(&key),
+        "{listed}"
+    );
+
+    // Create and a first command.
+    let (v, out) = sdk(&inst, &addr, &key, CREATE);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = v["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        v["stdout"].as_str().unwrap(),
+        format!("hi there\n{id}\nroot\n"),
+        "{v}"
+    );
+    assert_eq!(v["exit"], 0);
+    // A banger VM, with its metadata.
+    let vm = inst.vm(&id).expect("the sandbox is a VM");
+    assert_eq!(vm["state"], "running");
+    assert_eq!(vm["metadata"]["purpose"], "e2b-test", "{vm}");
+
+    // Everything else, from another client connecting by ID.
+    let script = USE.replace("ID", &format!("{id:?}"));
+    let (v, out) = sdk(&inst, &addr, &key, &script);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(v["failed"], serde_json::json!([3, "to-stderr\n"]), "{v}");
+    assert_eq!(v["bg_listed"], true, "{v}");
+    assert_eq!(v["bg_killed"], true, "{v}");
+    assert_eq!(v["read"], "hello world", "{v}");
+    assert_eq!(v["exists"], serde_json::json!([true, false]), "{v}");
+    assert_eq!(v["made"], true, "{v}");
+    assert_eq!(
+        v["listed_files"],
+        serde_json::json!(["hello.txt", "sub"]),
+        "{v}"
+    );
+    assert_eq!(
+        v["info"],
+        serde_json::json!(["running", {"purpose": "e2b-test"}, true]),
+        "{v}"
+    );
+    assert_eq!(v["listed"], serde_json::json!([id]), "{v}");
+    assert_eq!(v["listed_other"], serde_json::json!([]), "{v}");
+    assert_eq!(v["paused"], true, "{v}");
+    assert_eq!(v["paused_again"], false, "a paused sandbox: 409: {v}");
+    assert_eq!(v["after_resume"], "back\n", "{v}");
+    assert_eq!(v["killed"], true, "{v}");
+    assert_eq!(v["killed_again"], false, "gone: 404: {v}");
+    assert!(inst.vm(&id).is_none(), "kill deletes the VM");
+
+    // Keys: an unknown one, and one removed, are refused.
+    let (v, _) = sdk(&inst, &addr, "banger_not-a-key", BAD_KEY);
+    assert_eq!(v["refused"], true, "{v}");
+    assert_eq!(v["kind"], "AuthenticationException", "{v}");
+    ok(&inst.banger(&["api", "token", "rm", "sdk"]), "token rm");
+    let (v, _) = sdk(&inst, &addr, &key, BAD_KEY);
+    assert_eq!(v["refused"], true, "{v}");
+    // Stopped, the port is closed.
+    ok(&inst.banger(&["api", "stop"]), "api stop");
+    assert_eq!(
+        ok(&inst.banger(&["api", "status"]), "api status").trim(),
+        ""
+    );
+    let (v, _) = sdk(&inst, &addr, &key, BAD_KEY);
+    assert_eq!(v["refused"], true, "{v}");
+    inst.assert_baseline();
+}
+
+/// What the API refuses before anything is made: a listen address that
+/// is not loopback, a member serving it, a second serve.
+#[test]
+fn api_serve_refuses_what_it_should() {
+    let inst = Instance::new(&banger_bin());
+    let out = inst.banger(&["api", "serve", "--listen", "0.0.0.0:3999"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("loopback address only"),
+        "{}",
+        text(&out.stderr)
+    );
+    let addr = ok(
+        &inst.banger(&["api", "serve", "--listen", "127.0.0.1:0"]),
+        "api serve",
+    );
+    let out = inst.banger(&["api", "serve", "--listen", "127.0.0.1:0"]);
+    assert!(
+        text(&out.stderr).contains(&format!("served on {} already", addr.trim())),
+        "{}",
+        text(&out.stderr)
+    );
+    ok(&inst.banger(&["api", "stop"]), "api stop");
+    let out = inst.banger(&["api", "stop"]);
+    assert!(
+        text(&out.stderr).contains("not served"),
+        "{}",
+        text(&out.stderr)
+    );
+    inst.assert_baseline();
+}
