@@ -7,6 +7,7 @@ mod detach;
 mod dnsinstall;
 mod guest;
 mod image;
+mod mcp;
 mod network;
 mod output;
 mod snapshot;
@@ -63,6 +64,9 @@ enum Cmd {
     /// The E2B-compatible API (E2B's SDKs drive banger VMs through it).
     #[command(subcommand)]
     Api(api::ApiCmd),
+    /// Serve MCP on stdio: an MCP client creates and uses banger VMs
+    /// (register `banger mcp` as a stdio server; docs/usage.md).
+    Mcp,
     /// Networks of VMs (`vm run --network NAME`): who has one, who may join.
     #[command(subcommand)]
     Network(network::NetworkCmd),
@@ -559,6 +563,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Volume(v) => volume::run(&client, v),
         Cmd::Snapshot(s) => snapshot::run(&client, s),
         Cmd::Api(a) => api::run(&client, a),
+        Cmd::Mcp => mcp::serve(client),
         Cmd::Network(n) => network::run(&client, n),
         Cmd::Completion { shell } => {
             use clap::CommandFactory;
