@@ -222,4 +222,18 @@ fn api_serve_refuses_what_it_should() {
         text(&out.stderr)
     );
     inst.assert_baseline();
+    drop(inst);
+    // The setting serves it from the daemon's start, loopback only.
+    let inst = Instance::new(&banger_bin()).with_env("BANGER_API_LISTEN", "127.0.0.1:0");
+    let at = ok(&inst.banger(&["api", "status"]), "api status");
+    assert!(at.trim().starts_with("127.0.0.1:"), "{at}");
+    drop(inst);
+    let inst = Instance::new(&banger_bin()).with_env("BANGER_API_LISTEN", "0.0.0.0:80");
+    let out = inst.banger(&["api", "status"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("api_listen"),
+        "{}",
+        text(&out.stderr)
+    );
 }

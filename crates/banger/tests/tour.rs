@@ -184,6 +184,10 @@ fn the_readme_tour_runs_as_written() {
                     .collect();
                 assert_eq!(clones.len(), n, "{origin} forked into {clones:?}");
             }
+            ["api", "serve", "--listen", at] => {
+                assert_eq!(out.trim(), *at);
+                ok(&inst.banger(&["api", "stop"]), "api stop");
+            }
             ["vm", "pause", "--to-disk", name] => {
                 assert_eq!(inst.vm(name).unwrap()["state"], "suspended");
             }

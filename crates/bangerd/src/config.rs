@@ -82,6 +82,8 @@ pub struct Config {
     /// The socket's group (`banger`), if it exists: its members also read
     /// `ssh/` (a copy of the client key, the known hosts).
     pub socket_gid: Option<u32>,
+    /// Serve the E2B-compatible API here from the start (`e2b`).
+    pub api_listen: Option<String>,
     /// The image a VM boots unless it names one.
     pub default_image: String,
     /// A VM's size where its request does not say (else host-aware).
@@ -129,6 +131,7 @@ impl Config {
             vmm_pids_max: 512,
             cgroup_parent: None,
             socket_gid: None,
+            api_listen: None,
             default_image: banger_guest::image::DEFAULT_IMAGE.to_string(),
             default_size: Default::default(),
             settings: Vec::new(),

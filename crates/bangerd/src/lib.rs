@@ -112,6 +112,11 @@ pub fn serve(daemon: Arc<Daemon>, listener: UnixListener, stopper: server::Stopp
             Err(e) => tracing::warn!(err = %e, "no DNS for the host"),
         }
     }
+    if let Some(listen) = daemon.cfg.api_listen.clone() {
+        if let Err(e) = daemon.api_serve(&listen) {
+            tracing::warn!(err = %e, "the E2B-compatible API is not served");
+        }
+    }
     let d = daemon.clone();
     if let Err(e) = std::thread::Builder::new()
         .name("stats".into())

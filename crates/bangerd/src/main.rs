@@ -107,6 +107,18 @@ fn real_main() -> anyhow::Result<()> {
     };
     cfg.resolv_conf = args.resolv_conf;
     cfg.tap_pool = args.tap_pool.min(1024);
+    cfg.api_listen = args.api_listen.clone();
+    if let Some(l) = &cfg.api_listen {
+        let ok = l
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| a.ip().is_loopback());
+        if !ok {
+            anyhow::bail!(
+                "api_listen {l:?}: a loopback ADDR:PORT (127.0.0.1:3000, say): the API is served \
+                 on loopback only"
+            );
+        }
+    }
     cfg.root_disk = args.root_disk;
     // Ids an account could have are refused: a VMM would share them.
     for (flag, v) in [

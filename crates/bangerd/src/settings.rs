@@ -129,6 +129,10 @@ pub struct Args {
     /// instead of booting (4G, 512M; 0: no warm starts).
     #[arg(long, env = "BANGER_WARM_CACHE", default_value = "4G")]
     pub warm_cache: String,
+    /// Serve the E2B-compatible API on this loopback ADDR:PORT from the
+    /// start (as `banger api serve --listen` does for a running daemon).
+    #[arg(long, env = "BANGER_API_LISTEN")]
+    pub api_listen: Option<String>,
     /// Members of this group may use the socket (`root:GROUP 0660`); while
     /// no such group exists, only root may (`root 0600`).
     #[arg(long, env = "BANGER_SOCKET_GROUP", default_value = "banger")]
