@@ -3,7 +3,8 @@
 //! runs it inside the daemon's namespace against the loopback port the
 //! daemon serves): create with metadata and envs, commands with output
 //! and exit codes, background commands listed and killed, files written,
-//! read, listed and made, info, list filtered by metadata, timeout,
+//! read, listed and made, directories watched (polled and streamed),
+//! info, list filtered by metadata, timeout,
 //! connect by ID, pause and resume, kill; keys: made, listed, refused
 //! when unknown or removed. Needs root; `scripts/test.sh` runs it.
 
@@ -75,6 +76,31 @@ out["read"] = sbx.files.read("/tmp/e2b/hello.txt")
 out["exists"] = [sbx.files.exists("/tmp/e2b/hello.txt"), sbx.files.exists("/nope")]
 out["made"] = sbx.files.make_dir("/tmp/e2b/sub")
 out["listed_files"] = sorted(e.name for e in sbx.files.list("/tmp/e2b"))
+# Watches: the sync SDK polls a watcher, the async one streams.
+import time, asyncio
+h = sbx.files.watch_dir("/tmp/e2b")
+sbx.files.write("/tmp/e2b/w.txt", "x")
+seen = []
+for _ in range(100):
+    seen += [e.name for e in h.get_new_events()]
+    if "w.txt" in seen:
+        break
+    time.sleep(0.05)
+h.stop()
+out["watched"] = "w.txt" in seen
+from e2b import AsyncSandbox
+async def watch_async():
+    a = await AsyncSandbox.connect(sbx.sandbox_id)
+    names = []
+    wh = await a.files.watch_dir("/tmp/e2b", on_event=lambda e: names.append(e.name))
+    await a.files.write("/tmp/e2b/a.txt", "y")
+    for _ in range(100):
+        if "a.txt" in names:
+            break
+        await asyncio.sleep(0.05)
+    await wh.stop()
+    return "a.txt" in names
+out["async_watched"] = asyncio.run(watch_async())
 info = sbx.get_info()
 out["info"] = [info.state.value, info.metadata, info.cpu_count > 0]
 page = Sandbox.list(query=SandboxQuery(metadata={"purpose": "e2b-test"})).next_items()
@@ -165,6 +191,8 @@ fn e2bs_sdk_drives_banger_vms() {
         serde_json::json!(["running", {"purpose": "e2b-test"}, true]),
         "{v}"
     );
+    assert_eq!(v["watched"], true, "{v}");
+    assert_eq!(v["async_watched"], true, "{v}");
     assert_eq!(v["listed"], serde_json::json!([id]), "{v}");
     assert_eq!(v["listed_other"], serde_json::json!([]), "{v}");
     assert_eq!(v["paused"], true, "{v}");

@@ -18,8 +18,11 @@
 //!   request may take: `http`), and so are the connections served at once.
 
 pub mod envd;
+mod files;
 pub mod http;
+mod process;
 pub mod rest;
+mod watch;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -41,6 +44,8 @@ const CONNS_MAX: usize = 128;
 #[derive(Default)]
 pub struct Api {
     running: Mutex<Option<Running>>,
+    /// envd's watchers (the sync SDK's `watch_dir`).
+    watchers: watch::Watchers,
 }
 
 impl std::fmt::Debug for Api {

@@ -1,0 +1,363 @@
+//! envd's `filesystem.Filesystem` and `GET/POST /files` on the guest
+//! agent: stat, list with depth, make, move, remove; a file read out of the
+//! agent's tar stream as it comes, files written as one-entry tars and
+//! made the user's.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+
+use banger_agent::client::{self as agent, Session};
+use banger_agent::proto::{Call, ExecSpec, Msg};
+use banger_core::VmRecord;
+use serde_json::{json, Value};
+
+use super::envd::{agent_call, entry, plain, resolve, rpc, stat, RpcErr, CALL_WITHIN};
+use super::http::{self, Request};
+use crate::daemon::Daemon;
+
+/// Entries one `ListDir` answers at most (its depth at most 16).
+const LIST_MAX: usize = 10_000;
+
+pub(super) fn filesystem(
+    d: &Daemon,
+    vm: &VmRecord,
+    method: &str,
+    v: &Value,
+    user: Option<&str>,
+) -> Result<Value, RpcErr> {
+    let path = |key: &str| resolve(v[key].as_str().unwrap_or_default(), user);
+    match method {
+        "Stat" => Ok(json!({"entry": entry(&stat(d, vm, &path("path")?)?)})),
+        "ListDir" => {
+            let root = path("path")?;
+            let depth = v["depth"].as_u64().unwrap_or(1).clamp(1, 16);
+            let top = stat(d, vm, &root)?;
+            if top.kind != "dir" {
+                return Err(rpc(
+                    "invalid_argument",
+                    format!("path {root} is not a directory"),
+                ));
+            }
+            let mut out = Vec::new();
+            let mut dirs = vec![(root, 1)];
+            while let Some((dir, level)) = dirs.pop() {
+                let Msg::Entries { mut list } = agent_call(d, vm, Call::List { path: dir })? else {
+                    return Err(rpc("internal", "the agent did not list a directory"));
+                };
+                list.sort_by(|a, b| a.path.cmp(&b.path));
+                for e in list {
+                    if out.len() >= LIST_MAX {
+                        return Err(rpc(
+                            "resource_exhausted",
+                            format!("over {LIST_MAX} entries: ask for less depth"),
+                        ));
+                    }
+                    if e.kind == "dir" && level < depth {
+                        dirs.push((e.path.clone(), level + 1));
+                    }
+                    out.push(entry(&e));
+                }
+            }
+            Ok(json!({"entries": out}))
+        }
+        "MakeDir" => {
+            let p = path("path")?;
+            match stat(d, vm, &p) {
+                Ok(s) if s.kind == "dir" => {
+                    return Err(rpc("already_exists", format!("directory {p} exists")))
+                }
+                Ok(_) => {
+                    return Err(rpc(
+                        "invalid_argument",
+                        format!("path {p} exists and is not a directory"),
+                    ))
+                }
+                Err(e) if e.code == "not_found" => {}
+                Err(e) => return Err(e),
+            }
+            agent_call(
+                d,
+                vm,
+                Call::Mkdir {
+                    path: p.clone(),
+                    mode: 0o755,
+                    parents: true,
+                },
+            )?;
+            chown(d, vm, user, &p)?;
+            Ok(json!({"entry": entry(&stat(d, vm, &p)?)}))
+        }
+        "Move" => {
+            let (from, to) = (path("source")?, path("destination")?);
+            agent_call(
+                d,
+                vm,
+                Call::Move {
+                    from,
+                    to: to.clone(),
+                },
+            )?;
+            Ok(json!({"entry": entry(&stat(d, vm, &to)?)}))
+        }
+        "Remove" => {
+            let p = path("path")?;
+            match agent_call(
+                d,
+                vm,
+                Call::Remove {
+                    path: p,
+                    recursive: true,
+                },
+            ) {
+                Ok(_) => Ok(json!({})),
+                Err(e) if e.code == "not_found" => Ok(json!({})),
+                Err(e) => Err(e),
+            }
+        }
+        m => Err(rpc(
+            "unimplemented",
+            format!("filesystem.Filesystem/{m} is not served by banger's envd yet"),
+        )),
+    }
+}
+
+/// A file made for `user` becomes theirs (`chown`, run as root with the
+/// path as an argument).
+fn chown(d: &Daemon, vm: &VmRecord, user: Option<&str>, path: &str) -> Result<(), RpcErr> {
+    let Some(u) = user.filter(|u| *u != "root" && *u != "0") else {
+        return Ok(());
+    };
+    let spec = ExecSpec {
+        argv: vec!["chown".into(), u.to_string(), path.to_string()],
+        ..Default::default()
+    };
+    let s = Session::start(d.agent_connect(vm)?, Call::Exec(spec))?;
+    let mut err = Vec::new();
+    let st = s.wait_within(&mut std::io::sink(), &mut err, CALL_WITHIN)?;
+    if st.code != Some(0) {
+        return Err(rpc(
+            "unauthenticated",
+            format!(
+                "user {u:?}: {}",
+                String::from_utf8_lossy(&err[..err.len().min(512)]).trim()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `GET /files`: the file's bytes.
+pub(super) fn download(
+    d: &Daemon,
+    vm: &VmRecord,
+    req: &Request,
+    user: Option<&str>,
+    w: &mut TcpStream,
+) -> std::io::Result<bool> {
+    let path = match resolve(req.param("path").unwrap_or_default(), user) {
+        Ok(p) => p,
+        Err(e) => return plain(w, 400, &e.message),
+    };
+    match stat(d, vm, &path) {
+        Ok(s) if s.kind == "file" => {}
+        Ok(_) => return plain(w, 400, &format!("path {path} is not a file")),
+        Err(e) if e.code == "not_found" => return plain(w, 404, &format!("path {path} not found")),
+        Err(e) => return plain(w, 500, &e.message),
+    }
+    let conn = match d.agent_connect(vm) {
+        Ok(c) => c,
+        Err(e) => return plain(w, 502, &e.to_string()),
+    };
+    // The agent's tar stream, read here through a pipe as it comes.
+    let (rfd, wfd) = match nix::unistd::pipe() {
+        Ok(p) => p,
+        Err(e) => return plain(w, 500, &e.to_string()),
+    };
+    let mut tar_out = std::fs::File::from(wfd);
+    let p2 = path.clone();
+    let feeder = std::thread::spawn(move || agent::get_tar(conn, &p2, &mut tar_out));
+    let mut archive = tar::Archive::new(std::fs::File::from(rfd));
+    let sent = (|| -> std::io::Result<bool> {
+        let mut entries = archive.entries()?;
+        let Some(entry) = entries.next() else {
+            return plain(w, 500, &format!("path {path}: the guest sent nothing"));
+        };
+        let mut entry = entry?;
+        let size = entry.size();
+        let len = size.to_string();
+        let mut head = format!("HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {len}\r\n\r\n").into_bytes();
+        w.write_all(&head)?;
+        head.clear();
+        std::io::copy(&mut (&mut entry).take(size), w)?;
+        w.flush()?;
+        // The rest of the stream is drained for the feeder to finish.
+        std::io::copy(&mut archive.into_inner(), &mut std::io::sink())?;
+        Ok(true)
+    })();
+    let _ = feeder.join();
+    sent
+}
+
+/// The files a `POST /files` carries: (path, bytes) each.
+fn uploaded(req: &Request, user: Option<&str>) -> Result<Vec<(String, Vec<u8>)>, String> {
+    let ctype = req.header("content-type").unwrap_or_default();
+    let single = req.param("path");
+    if ctype.starts_with("multipart/form-data") {
+        let boundary = ctype
+            .split(';')
+            .filter_map(|p| p.trim().strip_prefix("boundary="))
+            .next()
+            .map(|b| b.trim_matches('"').to_string())
+            .filter(|b| !b.is_empty() && b.len() <= 200)
+            .ok_or("multipart/form-data without a boundary")?;
+        let mut files = Vec::new();
+        for (headers, body) in multipart(&req.body, &boundary)? {
+            let disp = headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case("content-disposition"))
+                .map(|(_, v)| v.as_str())
+                .unwrap_or_default();
+            let param = |name: &str| {
+                disp.split(';')
+                    .filter_map(|p| p.trim().strip_prefix(&format!("{name}=")))
+                    .next()
+                    .map(|v| v.trim_matches('"').to_string())
+            };
+            if param("name").as_deref() != Some("file") {
+                continue;
+            }
+            let path = match single {
+                Some(p) => p.to_string(),
+                None => param("filename").ok_or("a file part without a filename")?,
+            };
+            files.push((resolve(&path, user).map_err(|e| e.message)?, body));
+        }
+        if files.is_empty() {
+            return Err("no part named \"file\"".into());
+        }
+        Ok(files)
+    } else {
+        if req
+            .header("content-encoding")
+            .is_some_and(|e| !e.eq_ignore_ascii_case("identity"))
+        {
+            return Err("Content-Encoding: only identity is taken".into());
+        }
+        let path = single.ok_or("path is required for an octet-stream upload")?;
+        Ok(vec![(
+            resolve(path, user).map_err(|e| e.message)?,
+            req.body.clone(),
+        )])
+    }
+}
+
+/// A multipart body's parts: (headers, content) each.
+#[allow(clippy::type_complexity)]
+fn multipart(body: &[u8], boundary: &str) -> Result<Vec<(Vec<(String, String)>, Vec<u8>)>, String> {
+    let delim = format!("--{boundary}").into_bytes();
+    let find = |hay: &[u8], from: usize| {
+        hay.get(from..)
+            .and_then(|h| h.windows(delim.len()).position(|w| w == delim.as_slice()))
+            .map(|i| i + from)
+    };
+    let mut parts = Vec::new();
+    let mut at = find(body, 0).ok_or("no multipart boundary in the body")? + delim.len();
+    loop {
+        if body.get(at..at + 2) == Some(b"--") {
+            return Ok(parts);
+        }
+        let next = find(body, at).ok_or("a multipart part without its end")?;
+        let part = body
+            .get(at..next)
+            .ok_or("a bad multipart part")?
+            .strip_prefix(b"\r\n")
+            .ok_or("a multipart part without CRLF")?;
+        let part = part.strip_suffix(b"\r\n").unwrap_or(part);
+        let split = part
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .ok_or("a multipart part without headers")?;
+        let headers = String::from_utf8_lossy(&part[..split])
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect();
+        parts.push((headers, part[split + 4..].to_vec()));
+        if parts.len() > 1000 {
+            return Err("over 1000 multipart parts".into());
+        }
+        at = next + delim.len();
+    }
+}
+
+/// `POST /files`: each file written (parents made), made the user's.
+pub(super) fn upload(
+    d: &Daemon,
+    vm: &VmRecord,
+    req: &Request,
+    user: Option<&str>,
+    w: &mut TcpStream,
+) -> std::io::Result<bool> {
+    let files = match uploaded(req, user) {
+        Ok(f) => f,
+        Err(e) => return plain(w, 400, &e),
+    };
+    let mut written = Vec::new();
+    for (path, data) in &files {
+        if path == "/" {
+            return plain(w, 400, "path / is a directory");
+        }
+        let conn = match d.agent_connect(vm) {
+            Ok(c) => c,
+            Err(e) => return plain(w, 502, &e.to_string()),
+        };
+        let now = banger_core::unix_now().max(0) as u64;
+        let put = agent::put_tar(conn, "/", |out| {
+            let mut b = tar::Builder::new(out);
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_mtime(now);
+            h.set_entry_type(tar::EntryType::Regular);
+            b.append_data(&mut h, path.trim_start_matches('/'), data.as_slice())?;
+            b.finish()
+        });
+        if let Err(e) = put {
+            let e = RpcErr::from(e);
+            let status = if e.message.contains("(os error 28)") {
+                507
+            } else if e.code == "invalid_argument" {
+                400
+            } else {
+                500
+            };
+            return plain(w, status, &format!("write {path}: {}", e.message));
+        }
+        if let Err(e) = chown(d, vm, user, path) {
+            return plain(w, 401, &e.message);
+        }
+        let name = path.rsplit('/').next().unwrap_or_default().to_string();
+        written.push(json!({"path": path, "name": name, "type": "file"}));
+    }
+    http::respond(
+        w,
+        200,
+        &[("Content-Type", "application/json")],
+        Value::Array(written).to_string().as_bytes(),
+    )?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multipart_parts_are_split_at_their_boundary() {
+        let body = b"--XX\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a/b.txt\"\r\nContent-Type: text/plain\r\n\r\nhello\r\n--XX\r\nContent-Disposition: form-data; name=\"other\"\r\n\r\nx\r\n--XX--\r\n";
+        let parts = multipart(body, "XX").unwrap();
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[0].1, b"hello");
+        assert!(multipart(b"--XX\r\nbroken", "XX").is_err());
+    }
+}
