@@ -146,8 +146,9 @@ impl Session {
     }
 
     /// For a detached exec (which answers `Done` instead of output):
-    /// reads that `Done` and returns the pid.
+    /// reads that `Done` (within [`START_WITHIN`]) and returns the pid.
     pub fn detached_done(mut self) -> Result<u32, ProtoError> {
+        self.r.set_read_timeout(Some(START_WITHIN))?;
         match read_msg(&mut self.r)? {
             Msg::Done => Ok(self.pid),
             other => Err(ProtoError::Unexpected(format!("{other:?}"))),

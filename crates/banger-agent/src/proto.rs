@@ -258,6 +258,12 @@ pub enum Call {
         target: Target,
         signal: i32,
     },
+    /// Resizes a process's PTY, without attaching (what another client
+    /// streams it is not disturbed); answered by `Done`.
+    Resize {
+        target: Target,
+        size: WinSize,
+    },
     /// A tar stream of `path` (a file or a tree, named by its last
     /// component) as Data frames, then `Done`.
     GetTar {

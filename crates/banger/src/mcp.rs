@@ -313,21 +313,51 @@ impl Banger {
         path_ok(&a.path)?;
         let client = self.client.clone();
         let r = blocking(move || {
+            // What it is first: a file, and how large.
             let conn = crate::guest::agent(&client, &a.vm)?;
-            let mut tar = Vec::new();
-            banger_agent::client::get_tar(conn, &a.path, &mut Capped::wrap(&mut tar))
-                .map_err(|e| anyhow::anyhow!("vm {}: {}: {e}", a.vm, a.path))?;
-            let mut archive = tar::Archive::new(tar.as_slice());
-            let mut entry = archive
-                .entries()?
-                .next()
-                .context("the guest sent no file")??;
-            if entry.header().entry_type() != tar::EntryType::Regular {
-                anyhow::bail!("vm {}: {} is not a file", a.vm, a.path);
+            let st = match banger_agent::client::call_within(
+                conn,
+                Call::Stat {
+                    path: a.path.clone(),
+                },
+                Duration::from_secs(30),
+            )
+            .map_err(|e| anyhow::anyhow!("vm {}: {}: {e}", a.vm, a.path))?
+            {
+                Msg::Stat(st) => st,
+                Msg::Error { message } => anyhow::bail!("vm {}: {message}", a.vm),
+                other => anyhow::bail!("vm {}: unexpected answer {other:?}", a.vm),
+            };
+            if st.kind != "file" {
+                anyhow::bail!("vm {}: {} is not a file ({})", a.vm, a.path, st.kind);
             }
-            let mut out = Capped::default();
-            std::io::copy(&mut entry, &mut out)?;
-            Ok(out.text())
+            // Its first OUT_MAX bytes (the guest's head, the path an
+            // argument), within a bound.
+            let spec = ExecSpec {
+                argv: vec![
+                    "head".into(),
+                    "-c".into(),
+                    OUT_MAX.to_string(),
+                    "--".into(),
+                    a.path.clone(),
+                ],
+                ..Default::default()
+            };
+            let conn = crate::guest::agent(&client, &a.vm)?;
+            let s = Session::start(conn, Call::Exec(spec))
+                .map_err(|e| anyhow::anyhow!("vm {}: {e}", a.vm))?;
+            let (mut out, mut err) = (Capped::default(), Capped::default());
+            let status = s
+                .wait_within(&mut out, &mut err, Duration::from_secs(60))
+                .map_err(|e| anyhow::anyhow!("vm {}: {}: {e}", a.vm, a.path))?;
+            if status.code != Some(0) {
+                anyhow::bail!("vm {}: {}: {}", a.vm, a.path, err.text().trim());
+            }
+            let mut text = out.text();
+            if st.size > OUT_MAX as u64 {
+                text.push_str(&format!("\n[{} more bytes cut]", st.size - OUT_MAX as u64));
+            }
+            Ok(text)
         })
         .await;
         Ok(match r {
@@ -349,6 +379,9 @@ impl Banger {
         let client = self.client.clone();
         let r = blocking(move || {
             let conn = crate::guest::agent(&client, &a.vm)?;
+            // No read or write of the copy may stall longer.
+            conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+            conn.set_write_timeout(Some(Duration::from_secs(30)))?;
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -457,25 +490,6 @@ impl Banger {
             Ok(t) => CallToolResult::success(vec![ContentBlock::text(t)]),
             Err(e) => failed(e),
         })
-    }
-}
-
-impl Capped {
-    /// A writer into `v` that refuses past [`OUT_MAX`] plus a tar's
-    /// overhead (a read of a larger file is cut, not held whole).
-    fn wrap(v: &mut Vec<u8>) -> impl Write + '_ {
-        struct W<'a>(&'a mut Vec<u8>);
-        impl Write for W<'_> {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                let room = (OUT_MAX + (64 << 10)).saturating_sub(self.0.len());
-                self.0.extend_from_slice(&b[..b.len().min(room)]);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        W(v)
     }
 }
 

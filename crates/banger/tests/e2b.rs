@@ -6,7 +6,11 @@
 //! read, listed and made, directories watched (polled and streamed),
 //! info, list filtered by metadata, timeout,
 //! connect by ID, pause and resume, kill; keys: made, listed, refused
-//! when unknown or removed. Needs root; `scripts/test.sh` runs it.
+//! when unknown or removed; what a raw client may send (no key, a bad
+//! token, oversized or malformed bodies) refused with E2B's errors; PTYs
+//! resized while they stream, stdin and its end, a process joined once
+//! its first client left, a 5 MiB file. Needs root; `scripts/test.sh`
+//! runs it.
 
 use std::path::PathBuf;
 use std::process::Output;
@@ -76,6 +80,28 @@ out["read"] = sbx.files.read("/tmp/e2b/hello.txt")
 out["exists"] = [sbx.files.exists("/tmp/e2b/hello.txt"), sbx.files.exists("/nope")]
 out["made"] = sbx.files.make_dir("/tmp/e2b/sub")
 out["listed_files"] = sorted(e.name for e in sbx.files.list("/tmp/e2b"))
+# Input, and its end.
+p = sbx.commands.run("cat", background=True, stdin=True)
+sbx.commands.send_stdin(p.pid, "through stdin\n")
+sbx.commands.close_stdin(p.pid)
+out["stdin"] = p.wait().stdout
+# A process joined by another client once its first one left.
+p2 = sbx.commands.run("sleep 1; echo joined", background=True)
+p2.disconnect()
+out["joined"] = sbx.commands.connect(p2.pid).wait().stdout
+# A PTY, resized while it streams, typed into.
+from e2b import PtySize
+h = sbx.pty.create(PtySize(rows=24, cols=80))
+sbx.pty.resize(h.pid, PtySize(rows=30, cols=100))
+sbx.pty.send_stdin(h.pid, b"stty size; exit\n")
+chunks = []
+h.wait(on_pty=lambda b: chunks.append(b))
+out["pty"] = "30 100" in b"".join(chunks).decode(errors="replace")
+# A large file both ways.
+big = bytes(range(256)) * (5 * 4096)
+sbx.files.write("/tmp/e2b/big.bin", big)
+out["big"] = sbx.files.read("/tmp/e2b/big.bin", format="bytes") == big
+sbx.files.remove("/tmp/e2b/big.bin")
 # Watches: the sync SDK polls a watcher, the async one streams.
 import time, asyncio
 h = sbx.files.watch_dir("/tmp/e2b")
@@ -114,6 +140,35 @@ back = Sandbox.connect(sbx.sandbox_id)
 out["after_resume"] = back.commands.run("echo back").stdout
 out["killed"] = back.kill()
 out["killed_again"] = Sandbox.kill(sbx.sandbox_id)
+print(json.dumps(out))
+"#;
+
+/// What a client that is not an SDK may send: refused, named, bounded.
+const RAW: &str = r#"
+import json, http.client, os
+host, port = os.environ["E2B_API_URL"][len("http://"):].split(":")
+def ask(method, path, body=b"", headers=None):
+    c = http.client.HTTPConnection(host, int(port), timeout=60)
+    c.request(method, path, body=body, headers=headers or {})
+    r = c.getresponse()
+    data = r.read()
+    c.close()
+    return r.status, data.decode(errors="replace")
+key = {"X-API-Key": os.environ["E2B_API_KEY"], "Content-Type": "application/json"}
+out = {}
+out["no_key"] = ask("GET", "/v2/sandboxes")[0]
+out["too_big"] = ask("POST", "/v2/sandboxes", b"x" * (2 << 20), key)[0]
+out["bad_json"] = ask("POST", "/v2/sandboxes", b"{", key)
+out["unknown"] = ask("GET", "/sandboxes/no-such-sandbox", b"", key)
+sid = SANDBOX
+token = json.loads(ask("GET", "/sandboxes/" + sid, b"", key)[1])["envdAccessToken"]
+envd = {"E2b-Sandbox-Id": sid, "Content-Type": "application/json"}
+out["no_token"] = ask("POST", "/filesystem.Filesystem/Stat", b'{"path":"/"}', envd)[0]
+out["bad_token"] = ask("POST", "/filesystem.Filesystem/Stat", b'{"path":"/"}', dict(envd, **{"X-Access-Token": token[:-1] + "0"}))[0]
+envd["X-Access-Token"] = token
+out["stat"] = ask("POST", "/filesystem.Filesystem/Stat", b'{"path":"/etc/hostname"}', envd)
+envd["Content-Type"] = "application/connect+json"
+out["short_envelope"] = ask("POST", "/process.Process/Start", b"\x00\x00\x00\x10{}", envd)
 print(json.dumps(out))
 "#;
 
@@ -171,6 +226,41 @@ fn e2bs_sdk_drives_banger_vms() {
     assert_eq!(vm["state"], "running");
     assert_eq!(vm["metadata"]["purpose"], "e2b-test", "{vm}");
 
+    // What a client that is not an SDK may send.
+    let (v, out) = sdk(
+        &inst,
+        &addr,
+        &key,
+        &RAW.replace("SANDBOX", &format!("{id:?}")),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(v["no_key"], 401, "{v}");
+    assert_eq!(v["too_big"], 413, "{v}");
+    assert_eq!(v["bad_json"][0], 400, "{v}");
+    assert!(
+        v["bad_json"][1].as_str().unwrap().contains("\"code\":400"),
+        "{v}"
+    );
+    assert_eq!(v["unknown"][0], 404, "{v}");
+    assert_eq!(v["no_token"], 401, "{v}");
+    assert_eq!(v["bad_token"], 401, "{v}");
+    assert_eq!(v["stat"][0], 200, "{v}");
+    assert!(
+        v["stat"][1]
+            .as_str()
+            .unwrap()
+            .contains("\"name\":\"hostname\""),
+        "{v}"
+    );
+    assert_eq!(v["short_envelope"][0], 400, "{v}");
+    assert!(
+        v["short_envelope"][1]
+            .as_str()
+            .unwrap()
+            .contains("invalid_argument"),
+        "{v}"
+    );
+
     // Everything else, from another client connecting by ID.
     let script = USE.replace("ID", &format!("{id:?}"));
     let (v, out) = sdk(&inst, &addr, &key, &script);
@@ -191,6 +281,10 @@ fn e2bs_sdk_drives_banger_vms() {
         serde_json::json!(["running", {"purpose": "e2b-test"}, true]),
         "{v}"
     );
+    assert_eq!(v["stdin"], "through stdin\n", "{v}");
+    assert_eq!(v["joined"], "joined\n", "{v}");
+    assert_eq!(v["pty"], true, "{v}");
+    assert_eq!(v["big"], true, "{v}");
     assert_eq!(v["watched"], true, "{v}");
     assert_eq!(v["async_watched"], true, "{v}");
     assert_eq!(v["listed"], serde_json::json!([id]), "{v}");

@@ -204,11 +204,12 @@ impl Daemon {
     /// Stops the VM on a thread of its own (a clean stop takes seconds),
     /// once.
     fn auto_stop(self: &Arc<Self>, vm: &VmRecord, why: String) {
-        if !lock(&self.stats.stopping).insert(vm.id.clone()) {
+        // Paused with a TTL that pauses or deletes (E2B keeps a paused
+        // sandbox): kept so until resumed.
+        if vm.runtime.paused && vm.spec.auto_stop.at_ttl != banger_core::TtlAction::Stop {
             return;
         }
-        // Paused at its TTL already: kept so until resumed.
-        if vm.runtime.paused && vm.spec.auto_stop.at_ttl == banger_core::TtlAction::Pause {
+        if !lock(&self.stats.stopping).insert(vm.id.clone()) {
             return;
         }
         info!(vm = %vm.name, why = %why, "auto-stop");
@@ -230,7 +231,21 @@ impl Daemon {
         let spawned = std::thread::Builder::new()
             .name("auto-stop".into())
             .spawn(move || {
+                // Decided on a sample: looked at again now (a new timeout,
+                // a pause, may have come since).
+                let still = d.find(&name).ok().filter(|v| v.id == id).is_some_and(|v| {
+                    action == banger_core::TtlAction::Stop
+                        || (!v.runtime.paused
+                            && v.spec
+                                .auto_stop
+                                .ttl_secs
+                                .zip(v.runtime.started_at)
+                                .is_some_and(|(t, s)| {
+                                    banger_core::unix_now().saturating_sub(s) >= t as i64
+                                }))
+                });
                 let done = match action {
+                    _ if !still => Ok(()),
                     banger_core::TtlAction::Stop => {
                         d.stop_because(&name, Some(why), &mut |_| {}).map(drop)
                     }

@@ -63,6 +63,10 @@ impl RpcErr {
     }
 
     /// An agent's error, by the errno it names.
+    pub(super) fn busy(message: String) -> RpcErr {
+        rpc("resource_exhausted", message)
+    }
+
     pub(super) fn from_guest(message: String) -> RpcErr {
         let code = if message.contains("(os error 2)") {
             "not_found"
@@ -159,25 +163,43 @@ pub fn handle(d: &Arc<Daemon>, req: &Request, w: &mut TcpStream) -> std::io::Res
     }
 }
 
-/// The sandbox `id`, if `token` is its access token.
-fn sandbox(
+/// The sandbox `id`, if `token` is an access token of it whose key still
+/// stands and whose holder may still use it (else 401; a sandbox gone,
+/// or one they may not use, is 502, as E2B's edge answers for one that
+/// is not running).
+pub(super) fn sandbox(
     d: &Daemon,
     id: &str,
     token: Option<&str>,
 ) -> std::result::Result<VmRecord, (u16, String)> {
-    let gone = || (502, format!("The sandbox {id} was not found"));
-    if banger_core::validate_name(id).is_err() {
-        return Err(gone());
-    }
-    let vm = d.find(id).map_err(|_| gone())?;
-    let want = super::access_token(d, &vm.id).map_err(|e| (500, e.to_string()))?;
-    let ok = token.is_some_and(|t| bool::from(t.as_bytes().ct_eq(want.as_bytes())));
-    if !ok {
-        return Err((
+    let refused = || {
+        (
             401,
-            format!("sandbox {id}: no X-Access-Token, or not its own"),
-        ));
+            format!("sandbox {id}: no X-Access-Token, or not one banger gave for it"),
+        )
+    };
+    let t = token.ok_or_else(refused)?;
+    let (uid, rest) = t
+        .strip_prefix('u')
+        .and_then(|r| r.split_once('.'))
+        .ok_or_else(refused)?;
+    let (name, _) = rest.rsplit_once('.').ok_or_else(refused)?;
+    let uid: u32 = uid.parse().map_err(|_| refused())?;
+    let key = d
+        .store()
+        .list_tokens(Some(uid))
+        .map_err(|e| (500, e.to_string()))?
+        .into_iter()
+        .find(|k| k.name == name)
+        .ok_or_else(refused)?;
+    let want = super::access_token(d, id, &key).map_err(|e| (500, e.to_string()))?;
+    if !bool::from(t.as_bytes().ct_eq(want.as_bytes())) {
+        return Err(refused());
     }
+    let caller = super::caller_for(d, uid).map_err(|f| (f.status, f.message))?;
+    let gone = || (502, format!("The sandbox {id} was not found"));
+    let vm = d.find(id).map_err(|_| gone())?;
+    caller.may_use_in(&d.store(), &vm).map_err(|_| gone())?;
     Ok(vm)
 }
 
@@ -356,10 +378,11 @@ fn call(
         Err(e) => return unary_err(w, &e),
     };
     let streamed = match (service, method) {
-        ("process.Process", "Start") => Some(process::start(d, vm, &v, user)),
+        ("process.Process", "Start") => Some(process::start(d, vm, req, &v, user)),
         ("process.Process", "Connect") => Some(target(&v).and_then(|t| {
             let s = Session::start(d.agent_connect(vm)?, Call::Attach { target: t })?;
-            Ok((s, false))
+            let tty = process::has_tty(d, vm, s.pid)?;
+            Ok((s, false, tty))
         })),
         _ => None,
     };
@@ -371,7 +394,7 @@ fn call(
     }
     if let Some(started) = streamed {
         return match started {
-            Ok((session, close_stdin)) => process::stream(req, session, close_stdin, w),
+            Ok((session, close_stdin, tty)) => process::stream(req, session, close_stdin, tty, w),
             Err(e) => unary_err(w, &e),
         };
     }
@@ -406,11 +429,15 @@ fn call(
                 rows: size["rows"].as_u64().unwrap_or(24).min(u16::MAX as u64) as u16,
                 cols: size["cols"].as_u64().unwrap_or(80).min(u16::MAX as u64) as u16,
             };
-            let s = Session::start(d.agent_connect(vm)?, Call::Attach { target: t })?;
-            let c = s.control();
-            let r = c.resize(ws);
-            c.hang_up();
-            r.map(|()| json!({})).map_err(RpcErr::from)
+            agent_call(
+                d,
+                vm,
+                Call::Resize {
+                    target: t,
+                    size: ws,
+                },
+            )
+            .map(|_| json!({}))
         }),
         ("filesystem.Filesystem", "CreateWatcher") => watch::create(d, vm, &v, user),
         ("filesystem.Filesystem", "GetWatcherEvents") => watch::events(d, vm, &v),

@@ -15,8 +15,20 @@ use super::envd::{agent_call, entry, plain, resolve, rpc, stat, RpcErr, CALL_WIT
 use super::http::{self, Request};
 use crate::daemon::Daemon;
 
-/// Entries one `ListDir` answers at most (its depth at most 16).
+/// Entries one `ListDir` answers at most (its depth at most 16), and the
+/// time its walk may take.
 const LIST_MAX: usize = 10_000;
+const LIST_WITHIN: std::time::Duration = std::time::Duration::from_secs(60);
+/// A file transfer's connection to the agent: no read or write of it may
+/// stall longer (the guest's side of a copy cannot hold a thread).
+const NO_STALL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `c` with [`NO_STALL`] on each read and write.
+fn no_stall(c: std::os::unix::net::UnixStream) -> std::io::Result<std::os::unix::net::UnixStream> {
+    c.set_read_timeout(Some(NO_STALL))?;
+    c.set_write_timeout(Some(NO_STALL))?;
+    Ok(c)
+}
 
 pub(super) fn filesystem(
     d: &Daemon,
@@ -40,7 +52,15 @@ pub(super) fn filesystem(
             }
             let mut out = Vec::new();
             let mut dirs = vec![(root, 1)];
+            // The whole walk within its own bound, each call within its.
+            let until = std::time::Instant::now() + LIST_WITHIN;
             while let Some((dir, level)) = dirs.pop() {
+                if std::time::Instant::now() >= until {
+                    return Err(rpc(
+                        "deadline_exceeded",
+                        format!("the listing took over {LIST_WITHIN:?}: ask for less depth"),
+                    ));
+                }
                 let Msg::Entries { mut list } = agent_call(d, vm, Call::List { path: dir })? else {
                     return Err(rpc("internal", "the agent did not list a directory"));
                 };
@@ -164,7 +184,10 @@ pub(super) fn download(
         Err(e) if e.code == "not_found" => return plain(w, 404, &format!("path {path} not found")),
         Err(e) => return plain(w, 500, &e.message),
     }
-    let conn = match d.agent_connect(vm) {
+    let conn = match d.agent_connect(vm).and_then(|c| {
+        no_stall(c)
+            .map_err(|e| crate::error::DaemonError::Invalid(format!("the agent connection: {e}")))
+    }) {
         Ok(c) => c,
         Err(e) => return plain(w, 502, &e.to_string()),
     };
@@ -307,7 +330,11 @@ pub(super) fn upload(
         if path == "/" {
             return plain(w, 400, "path / is a directory");
         }
-        let conn = match d.agent_connect(vm) {
+        let conn = match d.agent_connect(vm).and_then(|c| {
+            no_stall(c).map_err(|e| {
+                crate::error::DaemonError::Invalid(format!("the agent connection: {e}"))
+            })
+        }) {
             Ok(c) => c,
             Err(e) => return plain(w, 502, &e.to_string()),
         };

@@ -18,8 +18,42 @@ use thiserror::Error;
 const HEAD_MAX: usize = 32 << 10;
 /// Headers in one request at most.
 const HEADERS_MAX: usize = 100;
+/// How long a request's head may take to arrive, once its first byte has.
+pub const HEAD_WITHIN: Duration = Duration::from_secs(10);
 /// How long a whole request (head and body) may take to arrive.
 pub const REQUEST_WITHIN: Duration = Duration::from_secs(120);
+/// Bodies larger than a JSON request's (uploads) in flight at once, in
+/// bytes at most: past it a request is answered 503.
+const LARGE_BODIES: usize = 512 << 20;
+/// A body up to this size needs no share of [`LARGE_BODIES`].
+const SMALL_BODY: usize = 1 << 20;
+
+static LARGE_IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A large body's share of [`LARGE_BODIES`], given back when dropped
+/// (with its request).
+#[derive(Debug)]
+pub struct BodyShare(usize);
+
+impl BodyShare {
+    fn take(n: usize) -> Option<BodyShare> {
+        use std::sync::atomic::Ordering;
+        let mut cur = LARGE_IN_FLIGHT.load(Ordering::SeqCst);
+        loop {
+            let next = cur.checked_add(n).filter(|t| *t <= LARGE_BODIES)?;
+            match LARGE_IN_FLIGHT.compare_exchange(cur, next, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => return Some(BodyShare(n)),
+                Err(now) => cur = now,
+            }
+        }
+    }
+}
+
+impl Drop for BodyShare {
+    fn drop(&mut self) {
+        LARGE_IN_FLIGHT.fetch_sub(self.0, std::sync::atomic::Ordering::SeqCst);
+    }
+}
 /// How long a kept-alive connection may wait for its next request.
 pub const IDLE: Duration = Duration::from_secs(75);
 
@@ -33,6 +67,11 @@ pub enum HttpError {
     TooLarge(usize),
     #[error("the request did not arrive whole in time")]
     Timeout,
+    /// Refused on its head (no body read): its status and why.
+    #[error("{1}")]
+    Refused(u16, String),
+    #[error("too many large requests at once: try again")]
+    Busy,
     #[error("connection: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -49,6 +88,8 @@ pub struct Request {
     pub body: Vec<u8>,
     /// The client asked to close after this one (or spoke HTTP/1.0).
     pub close: bool,
+    /// A large body's share of the bound, held while it is.
+    share: Option<BodyShare>,
 }
 
 impl Request {
@@ -68,6 +109,10 @@ impl Request {
             .map(|(_, v)| v.as_str())
     }
 }
+
+/// What judges a request's head: the body it may carry, or its refusal
+/// (a status and why).
+pub type BodyMax<'a> = dyn Fn(&Request) -> Result<usize, (u16, String)> + 'a;
 
 /// The connection's reading side, each read bounded by what is left of
 /// the current deadline.
@@ -108,12 +153,12 @@ impl Conn {
         })
     }
 
-    /// The next request (`None` when the client closed between requests),
-    /// its body at most `body_max` bytes (`body_max` says, from the head,
-    /// how much this request may carry).
+    /// The next request (`None` when the client closed between requests).
+    /// `body_max` judges its head before any of its body is read: how much
+    /// it may carry, or its refusal (a status and why).
     pub fn next(
         &mut self,
-        body_max: &dyn Fn(&str, &str) -> usize,
+        body_max: &BodyMax<'_>,
     ) -> Result<Option<Request>, HttpError> {
         self.r.get_mut().deadline = Instant::now() + IDLE;
         let timed_out = |e: std::io::Error| match e.kind() {
@@ -125,7 +170,8 @@ impl Conn {
         if self.r.fill_buf().map_err(timed_out)?.is_empty() {
             return Ok(None);
         }
-        self.r.get_mut().deadline = Instant::now() + REQUEST_WITHIN;
+        let began = Instant::now();
+        self.r.get_mut().deadline = began + HEAD_WITHIN;
         let mut head = Vec::new();
         let mut lines = Vec::new();
         loop {
@@ -186,6 +232,7 @@ impl Conn {
             headers,
             body: Vec::new(),
             close: version == "HTTP/1.0",
+            share: None,
         };
         if req
             .header("connection")
@@ -193,22 +240,33 @@ impl Conn {
         {
             req.close = true;
         }
-        let max = body_max(&req.method, &req.path);
+        let max = body_max(&req).map_err(|(status, why)| HttpError::Refused(status, why))?;
+        self.r.get_mut().deadline = began + REQUEST_WITHIN;
         let chunked = req
             .header("transfer-encoding")
             .is_some_and(|t| t.to_ascii_lowercase().contains("chunked"));
+        let declared = req
+            .header("content-length")
+            .map(|l| {
+                l.parse::<usize>()
+                    .map_err(|_| HttpError::Bad(format!("content-length {l:?}")))
+            })
+            .transpose()?;
+        if let Some(len) = declared.filter(|l| *l > max) {
+            let _ = len;
+            return Err(HttpError::TooLarge(max));
+        }
+        // A large body (an upload) takes its share of the bound first.
+        let expect = if chunked { max } else { declared.unwrap_or(0) };
+        if expect > SMALL_BODY {
+            req.share = Some(BodyShare::take(expect).ok_or(HttpError::Busy)?);
+        }
         if chunked {
             req.body = self.chunked_body(max).map_err(|e| match e {
                 HttpError::Io(e) => timed_out(e),
                 e => e,
             })?;
-        } else if let Some(len) = req.header("content-length") {
-            let len: usize = len
-                .parse()
-                .map_err(|_| HttpError::Bad(format!("content-length {len:?}")))?;
-            if len > max {
-                return Err(HttpError::TooLarge(max));
-            }
+        } else if let Some(len) = declared {
             let mut body = vec![0u8; len];
             self.r.read_exact(&mut body).map_err(timed_out)?;
             req.body = body;
@@ -235,7 +293,7 @@ impl Conn {
                     }
                 }
             }
-            if body.len() + n > max {
+            if n > max.saturating_sub(body.len()) {
                 return Err(HttpError::TooLarge(max));
             }
             let at = body.len();
@@ -390,7 +448,7 @@ mod tests {
         });
         let (s, _) = l.accept().unwrap();
         let mut conn = Conn::new(s).unwrap();
-        let r = conn.next(&|_, _| 16);
+        let r = conn.next(&|_| Ok(16));
         drop(conn);
         t.join().unwrap();
         r
@@ -412,6 +470,11 @@ mod tests {
         let e = serve(b"POST /s HTTP/1.1\r\nContent-Length: 17\r\n\r\n").unwrap_err();
         assert!(matches!(e, HttpError::TooLarge(16)), "{e}");
         let e = serve(b"POST /s HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n11\r\n").unwrap_err();
+        assert!(matches!(e, HttpError::TooLarge(16)), "{e}");
+        // A chunk size that would wrap: refused, no panic.
+        let e =
+            serve(b"POST /s HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\n")
+                .unwrap_err();
         assert!(matches!(e, HttpError::TooLarge(16)), "{e}");
         let e = serve(b"GET nothing HTTP/1.1\r\n\r\n").unwrap_err();
         assert!(matches!(e, HttpError::Bad(_)), "{e}");

@@ -25,6 +25,7 @@ pub mod rest;
 mod watch;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -46,6 +47,110 @@ pub struct Api {
     running: Mutex<Option<Running>>,
     /// envd's watchers (the sync SDK's `watch_dir`).
     watchers: watch::Watchers,
+    /// Processes to end at their call's time (`kill_at`).
+    kills: Kills,
+}
+
+/// Processes started through envd to be killed at their deadline
+/// (`Connect-Timeout-Ms`), whoever watches them: one thread, started with
+/// the first, sleeping until the next.
+#[derive(Default)]
+struct Kills {
+    due: Mutex<Vec<Due>>,
+    wake: std::sync::Condvar,
+    started: std::sync::OnceLock<()>,
+}
+
+struct Due {
+    at: std::time::Instant,
+    vm_name: String,
+    vm_id: String,
+    pid: u32,
+}
+
+/// Deadlines kept at once at most.
+const KILLS_MAX: usize = 10_000;
+
+impl Daemon {
+    /// Kills process `pid` of `vm` at `at` (its call's time), if it still
+    /// runs then.
+    fn kill_at(
+        &self,
+        vm: &banger_core::VmRecord,
+        pid: u32,
+        at: std::time::Instant,
+    ) -> std::result::Result<(), envd::RpcErr> {
+        let kills = &self.api.kills;
+        let mut due = lock(&kills.due);
+        if due.len() >= KILLS_MAX {
+            return Err(envd::RpcErr::busy(format!(
+                "over {KILLS_MAX} processes with a time: start one without (timeout 0)"
+            )));
+        }
+        due.push(Due {
+            at,
+            vm_name: vm.name.clone(),
+            vm_id: vm.id.clone(),
+            pid,
+        });
+        kills.wake.notify_all();
+        drop(due);
+        if kills.started.set(()).is_ok() {
+            let weak = self.weak();
+            let spawned = std::thread::Builder::new()
+                .name("e2b-kills".into())
+                .spawn(move || kill_loop(weak));
+            if spawned.is_err() {
+                warn!("cannot start the thread that ends envd processes at their time");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn kill_loop(d: std::sync::Weak<Daemon>) {
+    loop {
+        let Some(daemon) = d.upgrade() else { return };
+        let ready: Vec<Due> = {
+            let kills = &daemon.api.kills;
+            let mut due = lock(&kills.due);
+            let now = std::time::Instant::now();
+            if !due.iter().any(|k| k.at <= now) {
+                let next = due.iter().map(|k| k.at).min();
+                let wait = next.map_or(std::time::Duration::from_secs(60), |n| {
+                    n.saturating_duration_since(now)
+                });
+                // (Woken by a new deadline, or at the next one.)
+                let (g, _) = kills
+                    .wake
+                    .wait_timeout(due, wait)
+                    .unwrap_or_else(|p| p.into_inner());
+                drop(g);
+                continue;
+            }
+            let (ready, later): (Vec<Due>, Vec<Due>) = due.drain(..).partition(|k| k.at <= now);
+            *due = later;
+            ready
+        };
+        for k in ready {
+            let Ok(vm) = daemon.find(&k.vm_name) else {
+                continue;
+            };
+            if vm.id != k.vm_id {
+                continue;
+            }
+            if let Ok(conn) = daemon.agent_connect(&vm) {
+                let _ = banger_agent::client::call_within(
+                    conn,
+                    banger_agent::proto::Call::Signal {
+                        target: banger_agent::proto::Target::Pid(k.pid),
+                        signal: 9,
+                    },
+                    std::time::Duration::from_secs(10),
+                );
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Api {
@@ -219,13 +324,32 @@ impl Daemon {
     }
 }
 
+/// A connection's place among [`CONNS_MAX`], given back when dropped
+/// (whatever ends its thread, a panic included).
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 fn accept_loop(d: Arc<Daemon>, listener: TcpListener, stop: Arc<AtomicBool>) {
     let conns = Arc::new(AtomicUsize::new(0));
     for s in listener.incoming() {
         if stop.load(Ordering::SeqCst) {
             return;
         }
-        let Ok(s) = s else { continue };
+        let s = match s {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of descriptors, say: a moment before the next try,
+                // not a spin.
+                warn!(err = %e, "the API's accept failed");
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                continue;
+            }
+        };
         if conns.fetch_add(1, Ordering::SeqCst) >= CONNS_MAX {
             conns.fetch_sub(1, Ordering::SeqCst);
             let mut s = s;
@@ -240,12 +364,14 @@ fn accept_loop(d: Arc<Daemon>, listener: TcpListener, stop: Arc<AtomicBool>) {
             );
             continue;
         }
-        let (d, conns, stop) = (d.clone(), conns.clone(), stop.clone());
+        let slot = Slot(conns.clone());
+        let (d, stop) = (d.clone(), stop.clone());
+        // (A thread that cannot start drops its slot with the closure.)
         let spawned = std::thread::Builder::new()
             .name("e2b-conn".into())
             .spawn(move || {
+                let _slot = slot;
                 serve(&d, s, &stop);
-                conns.fetch_sub(1, Ordering::SeqCst);
             });
         if spawned.is_err() {
             warn!("cannot start a thread for an API connection");
@@ -253,13 +379,27 @@ fn accept_loop(d: Arc<Daemon>, listener: TcpListener, stop: Arc<AtomicBool>) {
     }
 }
 
-/// The largest body a request may carry: uploads are large, the rest JSON.
-fn body_max(method: &str, path: &str) -> usize {
-    if method == "POST" && path == "/files" {
-        envd::UPLOAD_MAX
-    } else {
-        1 << 20
+/// The body a request may carry, judged on its head, before any of it is
+/// read: its credentials first (a key, or a sandbox's token), then its
+/// size (uploads are large, the rest JSON).
+fn body_max(d: &Daemon, req: &http::Request) -> std::result::Result<usize, (u16, String)> {
+    if let Some(id) = req.header("e2b-sandbox-id") {
+        envd::sandbox(d, id, req.header("x-access-token"))?;
+        return Ok(if req.method == "POST" && req.path == "/files" {
+            envd::UPLOAD_MAX
+        } else {
+            1 << 20
+        });
     }
+    if req.method == "GET" && req.path == "/health" {
+        return Ok(0);
+    }
+    let key = req.header("x-api-key").ok_or((
+        401,
+        "no X-API-Key: make one with `banger api token create`".to_string(),
+    ))?;
+    caller_of(d, key).map_err(|f| (f.status, f.message))?;
+    Ok(1 << 20)
 }
 
 fn serve(d: &Arc<Daemon>, s: TcpStream, stop: &AtomicBool) {
@@ -269,13 +409,15 @@ fn serve(d: &Arc<Daemon>, s: TcpStream, stop: &AtomicBool) {
         Err(_) => return,
     };
     loop {
-        let req = match conn.next(&body_max) {
+        let req = match conn.next(&|r| body_max(d, r)) {
             Ok(Some(r)) => r,
             Ok(None) | Err(http::HttpError::Closed) => return,
             Err(e) => {
                 let status = match e {
                     http::HttpError::TooLarge(_) => 413,
                     http::HttpError::Timeout => 408,
+                    http::HttpError::Refused(s, _) => s,
+                    http::HttpError::Busy => 503,
                     _ => 400,
                 };
                 let _ = rest::fault(&mut conn.w, &Fault::new(status, e.to_string()), true);
@@ -302,7 +444,7 @@ fn route(d: &Arc<Daemon>, req: &http::Request, w: &mut TcpStream) -> std::io::Re
         http::respond(w, 204, &[], b"")?;
         return Ok(true);
     }
-    let caller = match req
+    let (caller, key) = match req
         .header("x-api-key")
         .ok_or_else(|| Fault::new(401, "no X-API-Key: make one with `banger api token create`"))
         .and_then(|k| caller_of(d, k))
@@ -313,12 +455,16 @@ fn route(d: &Arc<Daemon>, req: &http::Request, w: &mut TcpStream) -> std::io::Re
             return Ok(true);
         }
     };
-    rest::handle(d, &caller, req, w)
+    rest::handle(d, &caller, &key, req, w)
 }
 
-/// The local user whose key `key` is, as a caller of theirs: their
-/// groups now (a member who left the socket group has no rights left).
-fn caller_of(d: &Daemon, key: &str) -> std::result::Result<Caller, Fault> {
+/// The API key a request came with (its row).
+pub type Key = banger_store::ApiToken;
+
+/// The local user whose key `key` is, as a caller of theirs (their
+/// groups now: a member who left the socket group has no rights left),
+/// and the key's row.
+fn caller_of(d: &Daemon, key: &str) -> std::result::Result<(Caller, Key), Fault> {
     let hash = Sha256::digest(key.as_bytes());
     let tokens = d
         .store()
@@ -326,12 +472,18 @@ fn caller_of(d: &Daemon, key: &str) -> std::result::Result<Caller, Fault> {
         .map_err(|e| Fault::new(500, e.to_string()))?;
     // Every row compared, in constant time each.
     let mut found = None;
-    for t in &tokens {
+    for t in tokens {
         if bool::from(t.hash.as_slice().ct_eq(hash.as_slice())) {
-            found = Some(t.uid);
+            found = Some(t);
         }
     }
-    let uid = found.ok_or_else(|| Fault::new(401, "this API key is not one of banger's"))?;
+    let key = found.ok_or_else(|| Fault::new(401, "this API key is not one of banger's"))?;
+    Ok((caller_for(d, key.uid)?, key))
+}
+
+/// User `uid` as a caller: their groups now, refused once they are no
+/// longer in the socket group.
+pub(crate) fn caller_for(d: &Daemon, uid: u32) -> std::result::Result<Caller, Fault> {
     if uid == 0 {
         return Ok(Caller::root());
     }
@@ -380,19 +532,41 @@ fn secret(d: &Daemon) -> Result<Vec<u8>> {
         }
     }
     let s = crate::daemon::random_bytes(32)?;
-    banger_host::fsutil::write_atomic(&path, &s)?;
-    banger_host::fsutil::set_owner_mode(&path, 0, 0, 0o600)?;
+    // Root's and 0600 from its creation: never readable by anyone else,
+    // not even for a moment.
+    let tmp = path.with_extension("new");
+    let _ = std::fs::remove_file(&tmp);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| {
+            std::io::Write::write_all(&mut f, &s)?;
+            f.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(DaemonError::Invalid(format!("{}: {e}", path.display())));
+    }
     Ok(s)
 }
 
-/// The envd access token of VM `vm_id` (what its sandbox's create and
-/// connect answer, and every envd request must carry).
-pub(crate) fn access_token(d: &Daemon, vm_id: &str) -> Result<String> {
+/// The envd access token of sandbox `name` for the holder of `key` (what
+/// its create and connect answer, and every envd request must carry):
+/// `u<uid>.<key name>.<MAC>`, the MAC a SHA-256 of the daemon's secret,
+/// the sandbox and the key. It is good while the key is (removed, or its
+/// user out of the group, it is refused) and names its holder.
+pub(crate) fn access_token(d: &Daemon, name: &str, key: &Key) -> Result<String> {
     let mut h = Sha256::new();
     h.update(secret(d)?);
     h.update(b"envd:");
-    h.update(vm_id.as_bytes());
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    h.update(name.as_bytes());
+    h.update(format!(":{}:{}:", key.uid, key.name).as_bytes());
+    h.update(&key.hash);
+    let mac: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    Ok(format!("u{}.{}.{mac}", key.uid, key.name))
 }
 
 /// RFC 3339 (UTC, seconds) of a unix time.

@@ -5,7 +5,6 @@
 
 use std::io::Write;
 use std::net::TcpStream;
-use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -24,12 +23,16 @@ const KEEPALIVE: Duration = Duration::from_secs(50);
 
 /// `Start`: the process started detached (it outlives this stream), then
 /// attached to; whether its stdin is to be closed at once.
+/// `Start`: the process started detached (it outlives this stream), its
+/// end scheduled at `Connect-Timeout-Ms`, then attached to: the session,
+/// whether its stdin is to be closed at once, whether it has a PTY.
 pub(super) fn start(
     d: &Daemon,
     vm: &VmRecord,
+    req: &Request,
     v: &Value,
     user: Option<&str>,
-) -> Result<(Session, bool), RpcErr> {
+) -> Result<(Session, bool, bool), RpcErr> {
     let p = &v["process"];
     let cmd = p["cmd"]
         .as_str()
@@ -100,6 +103,10 @@ pub(super) fn start(
             banger_agent::proto::ProtoError::Remote(m) => rpc("invalid_argument", m),
             e => RpcErr::from(e),
         })?;
+    // As envd: the call's time is the process's, whoever watches it.
+    if let (_, Some(life)) = timing(req) {
+        d.kill_at(vm, pid, Instant::now() + life)?;
+    }
     let session = Session::start(
         d.agent_connect(vm)?,
         Call::Attach {
@@ -108,7 +115,19 @@ pub(super) fn start(
     )?;
     // `stdin: false` (what the SDKs send by default): /dev/null's end at
     // once; absent (older clients): a pipe.
-    Ok((session, v["stdin"] == Value::Bool(false) && tty.is_none()))
+    Ok((
+        session,
+        v["stdin"] == Value::Bool(false) && tty.is_none(),
+        tty.is_some(),
+    ))
+}
+
+/// Whether process `pid` has a PTY (a joined one's output is `pty`).
+pub(super) fn has_tty(d: &Daemon, vm: &VmRecord, pid: u32) -> Result<bool, RpcErr> {
+    let Msg::Processes { list } = agent_call(d, vm, Call::Ps)? else {
+        return Err(rpc("internal", "the agent did not list its processes"));
+    };
+    Ok(list.iter().any(|p| p.pid == pid && p.tty))
 }
 
 /// A stream's keepalive interval (the client's `Keepalive-Ping-Interval`,
@@ -219,6 +238,7 @@ pub(super) fn stream(
     req: &Request,
     session: Session,
     close_stdin: bool,
+    tty: bool,
     w: &mut TcpStream,
 ) -> std::io::Result<bool> {
     let pid = session.pid;
@@ -226,34 +246,64 @@ pub(super) fn stream(
     if close_stdin {
         let _ = control.close_stdin();
     }
-    let tty = req.body.windows(5).any(|x| x == b"\"pty\"");
     let s = Stream::start(w)?;
     s.frame(0, &json!({"event": {"start": {"pid": pid}}}))?;
     let (keepalive, life) = timing(req);
     let timed_out = std::sync::atomic::AtomicBool::new(false);
-    let (done_tx, done_rx) = mpsc::channel::<()>();
+    // The watcher below wakes on the stream's end (this pipe), on the
+    // client's hanging up (its socket readable: it sends nothing during a
+    // stream), or when a keepalive or the call's time is due.
+    let (done_r, done_w) = nix::unistd::pipe().map_err(std::io::Error::from)?;
+    let client = w.try_clone()?;
     let result = std::thread::scope(|sc| {
         let (s, control, timed_out) = (&s, &control, &timed_out);
+        let (done_r, client) = (&done_r, &client);
         sc.spawn(move || {
+            use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+            use std::os::fd::AsFd;
             let started = Instant::now();
             loop {
                 let next = match life {
                     Some(l) => keepalive.min(l.saturating_sub(started.elapsed())),
                     None => keepalive,
                 };
-                match done_rx.recv_timeout(next) {
-                    Err(RecvTimeoutError::Timeout) => {
+                let mut fds = [
+                    PollFd::new(done_r.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(client.as_fd(), PollFlags::POLLIN),
+                ];
+                let ms = next.as_millis().min(i32::MAX as u128) as i32;
+                let n = poll(
+                    &mut fds,
+                    PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+                );
+                let woke = |i: usize| fds[i].revents().is_some_and(|r| !r.is_empty());
+                if woke(0) {
+                    return;
+                }
+                if woke(1) {
+                    // The client hung up: the attach goes (the process
+                    // runs on, for another to join).
+                    control.hang_up();
+                    return;
+                }
+                match n {
+                    Ok(0) => {
+                        // The stream's time is up (a started process is
+                        // killed by its own deadline, `kill_at`).
                         if life.is_some_and(|l| started.elapsed() >= l) {
                             timed_out.store(true, std::sync::atomic::Ordering::SeqCst);
-                            let _ = control.signal(9);
+                            control.hang_up();
                             return;
                         }
                         let quiet = crate::daemon::lock(&s.last).elapsed() >= keepalive;
                         if quiet && s.frame(0, &json!({"event": {"keepalive": {}}})).is_err() {
+                            control.hang_up();
                             return;
                         }
                     }
-                    _ => return,
+                    Ok(_) => {}
+                    Err(nix::errno::Errno::EINTR) => {}
+                    Err(_) => return,
                 }
             }
         });
@@ -263,7 +313,7 @@ pub(super) fn stream(
         };
         let mut err = Events { s, key: "stderr" };
         let r = session.wait(&mut out, &mut err);
-        let _ = done_tx.send(());
+        let _ = nix::unistd::write(&done_w, b"x");
         r
     });
     match result {
@@ -290,6 +340,12 @@ pub(super) fn stream(
         Err(banger_agent::proto::ProtoError::Output(_)) => {
             // The client went away: the process runs on.
             return Ok(false);
+        }
+        Err(_) if timed_out.load(std::sync::atomic::Ordering::SeqCst) => {
+            s.end(Some(rpc(
+                "deadline_exceeded",
+                "the call's time (Connect-Timeout-Ms) ran out",
+            )))?;
         }
         Err(e) => {
             let _ = s.end(Some(rpc(
@@ -344,7 +400,10 @@ pub(super) fn send_input(
             }
             write_msg(&mut c, &Msg::Done)?;
         }
-        None => write_msg(&mut c, &Msg::CloseStdin)?,
+        None => {
+            write_msg(&mut c, &Msg::CloseStdin)?;
+            write_msg(&mut c, &Msg::Done)?;
+        }
     }
     match read_msg(&mut c)? {
         Msg::Done => Ok(()),

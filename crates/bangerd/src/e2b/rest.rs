@@ -49,6 +49,7 @@ fn json_ok(w: &mut TcpStream, status: u16, v: &Value) -> std::io::Result<()> {
 pub fn handle(
     d: &Arc<Daemon>,
     caller: &Caller,
+    key: &super::Key,
     req: &Request,
     w: &mut TcpStream,
 ) -> std::io::Result<bool> {
@@ -71,10 +72,10 @@ pub fn handle(
         return Ok(true);
     }
     let r = match (m, parts.as_slice()) {
-        ("POST", ["sandboxes"]) => create(d, caller, req, false).map(|v| (201, Some(v))),
-        ("POST", ["v2", "sandboxes"]) => create(d, caller, req, true).map(|v| (201, Some(v))),
+        ("POST", ["sandboxes"]) => create(d, caller, key, req, false).map(|v| (201, Some(v))),
+        ("POST", ["v2", "sandboxes"]) => create(d, caller, key, req, true).map(|v| (201, Some(v))),
         ("GET", ["sandboxes", id]) => vm_of(d, caller, id)
-            .and_then(|vm| detail(d, &vm, true))
+            .and_then(|vm| detail(d, &vm, Some(key)))
             .map(|v| (200, Some(v))),
         ("DELETE", ["sandboxes", id]) => kill(d, caller, id).map(|()| (204, None)),
         ("POST", ["sandboxes", id, "timeout"]) => {
@@ -88,9 +89,9 @@ pub fn handle(
                 .map(|()| (204, None))
         }
         ("POST", ["sandboxes", id, "pause"]) => pause(d, caller, id).map(|()| (204, None)),
-        ("POST", ["sandboxes", id, "resume"]) => connect(d, caller, req, id, true),
+        ("POST", ["sandboxes", id, "resume"]) => connect(d, caller, key, req, id, true),
         ("POST", ["sandboxes", id, "connect"]) | ("POST", ["v2", "sandboxes", id, "connect"]) => {
-            connect(d, caller, req, id, false)
+            connect(d, caller, key, req, id, false)
         }
         _ => Err(Fault::new(
             404,
@@ -162,7 +163,13 @@ fn timeout_of(t: Option<u64>, default: u64) -> Result<u64, Fault> {
     Ok(t)
 }
 
-fn create(d: &Arc<Daemon>, caller: &Caller, req: &Request, v2: bool) -> Result<Value, Fault> {
+fn create(
+    d: &Arc<Daemon>,
+    caller: &Caller,
+    key: &super::Key,
+    req: &Request,
+    v2: bool,
+) -> Result<Value, Fault> {
     let n: NewSandbox = body(req)?;
     let unsupported = [
         ("network", n.network.as_ref().is_some_and(|v| !v.is_null())),
@@ -227,7 +234,7 @@ fn create(d: &Arc<Daemon>, caller: &Caller, req: &Request, v2: bool) -> Result<V
         )
         .map_err(Fault::from)?;
     let vm = d.find(&info.name).map_err(Fault::from)?;
-    sandbox(d, &vm)
+    sandbox(d, &vm, key)
 }
 
 /// The VM a sandbox ID names, if the caller may use it.
@@ -258,20 +265,20 @@ fn state_of(vm: &VmRecord) -> Option<&'static str> {
 }
 
 /// The `Sandbox` of a create, connect or resume.
-fn sandbox(d: &Daemon, vm: &VmRecord) -> Result<Value, Fault> {
+fn sandbox(d: &Daemon, vm: &VmRecord, key: &super::Key) -> Result<Value, Fault> {
     Ok(json!({
         "templateID": vm.spec.image,
         "alias": vm.spec.image,
         "sandboxID": vm.name,
         "clientID": "banger",
         "envdVersion": ENVD_VERSION,
-        "envdAccessToken": super::access_token(d, &vm.id).map_err(Fault::from)?,
+        "envdAccessToken": super::access_token(d, &vm.name, key).map_err(Fault::from)?,
         "domain": null,
     }))
 }
 
-/// `SandboxDetail` (`token`), or `ListedSandbox`.
-fn detail(d: &Daemon, vm: &VmRecord, token: bool) -> Result<Value, Fault> {
+/// `SandboxDetail` (with the token of `key`), or `ListedSandbox`.
+fn detail(d: &Daemon, vm: &VmRecord, key: Option<&super::Key>) -> Result<Value, Fault> {
     let state =
         state_of(vm).ok_or_else(|| Fault::new(404, format!("sandbox {:?} not found", vm.name)))?;
     let started = vm.runtime.started_at.unwrap_or(vm.created_at);
@@ -295,8 +302,8 @@ fn detail(d: &Daemon, vm: &VmRecord, token: bool) -> Result<Value, Fault> {
         "metadata": vm.spec.metadata,
         "allowInternetAccess": !vm.spec.net.none,
     });
-    if token {
-        v["envdAccessToken"] = json!(super::access_token(d, &vm.id).map_err(Fault::from)?);
+    if let Some(key) = key {
+        v["envdAccessToken"] = json!(super::access_token(d, &vm.name, key).map_err(Fault::from)?);
     }
     Ok(v)
 }
@@ -361,11 +368,13 @@ fn pause(d: &Daemon, caller: &Caller, id: &str) -> Result<(), Fault> {
 fn connect(
     d: &Daemon,
     caller: &Caller,
+    key: &super::Key,
     req: &Request,
     id: &str,
     strict: bool,
 ) -> Result<(u16, Option<Value>), Fault> {
     let c: Connect = body(req)?;
+    let timeout = c.timeout.map(|t| timeout_of(Some(t), 0)).transpose()?;
     let vm = vm_of(d, caller, id)?;
     let (status, resumed) = match state_of(&vm) {
         Some("running") if strict => {
@@ -381,6 +390,12 @@ fn connect(
                 caller,
             )
             .map_err(Fault::from)?;
+            // Its time set before it runs (an old one that ran out would
+            // pause it again at once), and again after (a resume from
+            // disk starts its clock afresh).
+            let t = timeout.unwrap_or(300);
+            d.set_ttl_from_now(&vm.name, t, false)
+                .map_err(Fault::from)?;
             d.resume(&vm.name).map_err(Fault::from)?;
             (201, true)
         }
@@ -388,14 +403,14 @@ fn connect(
     };
     // A resumed sandbox gets its time afresh (its old one may have run
     // out: that is what paused it); a running one's is only extended.
-    match (c.timeout, resumed) {
-        (Some(t), _) => d.set_ttl_from_now(&vm.name, timeout_of(Some(t), 0)?, !resumed),
+    match (timeout, resumed) {
+        (Some(t), _) => d.set_ttl_from_now(&vm.name, t, !resumed),
         (None, true) => d.set_ttl_from_now(&vm.name, 300, false),
         (None, false) => Ok(()),
     }
     .map_err(Fault::from)?;
     let vm = d.find(&vm.name).map_err(Fault::from)?;
-    Ok((status, Some(sandbox(d, &vm)?)))
+    Ok((status, Some(sandbox(d, &vm, key)?)))
 }
 
 /// `GET /v2/sandboxes` (and the older `GET /sandboxes`: running ones, one
@@ -468,7 +483,7 @@ fn list(d: &Daemon, caller: &Caller, req: &Request, v2: bool) -> Result<(Value, 
         .iter()
         .skip(from)
         .take(if v2 { limit } else { usize::MAX })
-        .map(|vm| detail(d, vm, false))
+        .map(|vm| detail(d, vm, None))
         .collect::<Result<_, _>>()?;
     let next = from + page.len();
     let token = if v2 && next < found.len() {

@@ -103,6 +103,18 @@ pub fn signal(target: &Target, signal: i32) -> Result<(), String> {
     send_signal(&p, signal)
 }
 
+/// Resizes the PTY of a process that has one.
+pub fn resize(target: &Target, ws: WinSize) -> Result<(), String> {
+    let p = find(target)?;
+    if lock(&p.st).exit.is_some() {
+        return Err(format!("process {} has exited", p.pid));
+    }
+    match &p.master {
+        Some(m) => set_winsize(m, ws),
+        None => Err(format!("process {} has no PTY to resize", p.pid)),
+    }
+}
+
 fn send_signal(p: &Proc, signal: i32) -> Result<(), String> {
     let sig = Signal::try_from(signal).map_err(|_| format!("{signal} is not a signal"))?;
     if lock(&p.st).exit.is_some() {

@@ -225,6 +225,7 @@ fn call(mut c: UnixStream) -> Result<(), ProtoError> {
         Call::Input { target } => return exec::input(c, &target),
         Call::Ps => Ok(Msg::Processes { list: exec::ps() }),
         Call::Signal { target, signal } => exec::signal(&target, signal).map(|()| Msg::Done),
+        Call::Resize { target, size } => exec::resize(&target, size).map(|()| Msg::Done),
         Call::GetTar { path } => return files::get_tar(c, &path),
         Call::PutTar { dir } => return files::put_tar(c, &dir),
         Call::Stat { path } => files::stat(&path).map(Msg::Stat),
