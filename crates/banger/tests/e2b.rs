@@ -359,3 +359,112 @@ fn api_serve_refuses_what_it_should() {
         text(&out.stderr)
     );
 }
+
+/// A key has its maker's rights and no more: a member's key does not see
+/// or reach a VM only root may use (root's `--mount`), root's does; once
+/// the member has left the socket group, their key is refused.
+#[test]
+fn a_members_key_has_the_members_rights() {
+    use test_infra::users::{TestGroup, TestUser};
+    let group = TestGroup::create();
+    let member = TestUser::new(&[&group]);
+    let inst = Instance::new(&banger_bin())
+        .with_image()
+        .with_env("BANGER_SOCKET_GROUP", &group.name);
+    ok(
+        &inst.banger(&[
+            "vm",
+            "run",
+            "-d",
+            "--name",
+            "rootvm",
+            "--mount",
+            "/etc:/mnt:ro",
+        ]),
+        "root's VM with root's mount",
+    );
+    let addr = ok(
+        &inst.banger(&["api", "serve", "--listen", "127.0.0.1:0"]),
+        "api serve",
+    )
+    .trim()
+    .to_string();
+    let key_of = |out: std::process::Output| {
+        ok(&out, "token create")
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let root_key = key_of(inst.banger(&["api", "token", "create", "root"]));
+    let member_key = key_of(inst.banger_as(&member, &["api", "token", "create", "mine"]));
+    // A member lists their own keys only; serving is root's.
+    let listed = ok(
+        &inst.banger_as(&member, &["api", "token", "ls", "--json"]),
+        "member token ls",
+    );
+    assert!(
+        listed.contains("\"mine\"") && !listed.contains("\"root\""),
+        "{listed}"
+    );
+    let out = inst.banger_as(&member, &["api", "stop"]);
+    assert!(
+        text(&out.stderr).contains("root's"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    const ASK: &str = r#"
+import json, http.client, os
+host, port = os.environ["E2B_API_URL"][len("http://"):].split(":")
+def ask(method, path):
+    c = http.client.HTTPConnection(host, int(port), timeout=60)
+    c.request(method, path, headers={"X-API-Key": os.environ["E2B_API_KEY"]})
+    r = c.getresponse()
+    body = r.read().decode(errors="replace")
+    return [r.status, body]
+listed = ask("GET", "/v2/sandboxes")
+ids = [s["sandboxID"] for s in json.loads(listed[1])] if listed[0] == 200 else listed
+print(json.dumps({"listed": ids, "info": ask("GET", "/sandboxes/rootvm")[0],
+                  "kill": ask("DELETE", "/sandboxes/rootvm")[0]}))
+"#;
+    let (v, out) = sdk(&inst, &addr, &member_key, ASK);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(v["listed"], serde_json::json!([]), "{v}");
+    assert_eq!(v["info"], 404, "{v}");
+    assert_eq!(v["kill"], 404, "{v}");
+    assert!(
+        inst.vm("rootvm").is_some(),
+        "the member's key removed nothing"
+    );
+    let (v, _) = sdk(
+        &inst,
+        &addr,
+        &root_key,
+        ASK.replace(
+            "\"kill\": ask(\"DELETE\", \"/sandboxes/rootvm\")[0]",
+            "\"kill\": 0",
+        )
+        .as_str(),
+    );
+    assert_eq!(v["listed"], serde_json::json!(["rootvm"]), "{v}");
+    assert_eq!(v["info"], 200, "{v}");
+
+    // Out of the group, the member's key is refused.
+    let gone = std::process::Command::new("gpasswd")
+        .args(["-d", &member.name, &group.name])
+        .output()
+        .unwrap();
+    assert!(gone.status.success(), "{}", text(&gone.stderr));
+    let (v, _) = sdk(&inst, &addr, &member_key, ASK);
+    assert_eq!(v["listed"][0], 401, "{v}");
+    assert!(
+        v["listed"][1]
+            .as_str()
+            .unwrap()
+            .contains("no longer in banger's socket group"),
+        "{v}"
+    );
+    ok(&inst.banger(&["vm", "rm", "-f", "rootvm"]), "rm");
+    inst.assert_baseline();
+}

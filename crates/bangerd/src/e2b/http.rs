@@ -156,10 +156,7 @@ impl Conn {
     /// The next request (`None` when the client closed between requests).
     /// `body_max` judges its head before any of its body is read: how much
     /// it may carry, or its refusal (a status and why).
-    pub fn next(
-        &mut self,
-        body_max: &BodyMax<'_>,
-    ) -> Result<Option<Request>, HttpError> {
+    pub fn next(&mut self, body_max: &BodyMax<'_>) -> Result<Option<Request>, HttpError> {
         self.r.get_mut().deadline = Instant::now() + IDLE;
         let timed_out = |e: std::io::Error| match e.kind() {
             std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => HttpError::Timeout,
