@@ -11,6 +11,8 @@
 # --snapshots-only (`vm run` cold against warm, `vm snapshot`, `vm fork`,
 # ten clones' memory, a 4 GiB guest's restore against a 256 MiB one's; then
 # cold, warm, snapshot and fork on a jailed Firecracker or its doubles),
+# --e2b-only (E2B's Python SDK's create-and-run and command round trip
+# against `vm run` and `vm exec`),
 # --compare REV (`vm run --rm -- true` and `vm exec` of this tree against
 # revision REV, built in a worktree of its own, taking turns in one run).
 set -euo pipefail
@@ -24,6 +26,9 @@ BANGER_AGENT=$(./scripts/build-agent.sh)
 export BANGER_AGENT
 BANGER_TEST_IMAGE=$(./scripts/test-image.sh target/release/banger)
 export BANGER_TEST_IMAGE
+# E2B's own SDK, for --e2b-only.
+BANGER_E2B_PYTHON=$(./scripts/e2b-sdk.sh)
+export BANGER_E2B_PYTHON
 
 args=("$@")
 runs=5

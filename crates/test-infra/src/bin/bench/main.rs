@@ -15,6 +15,7 @@ use test_infra::{text, Instance};
 
 mod agent;
 mod compare;
+mod e2b;
 mod memory;
 mod snapshots;
 mod storage;
@@ -406,7 +407,7 @@ fn main() {
         );
         return;
     }
-    let alone: [(&str, &str, &Section); 4] = [
+    let alone: [(&str, &str, &Section); 5] = [
         ("--network-only", "(no VMs: network setup only)", &|t| {
             network_bench(t, 20, 100)
         }),
@@ -419,6 +420,11 @@ fn main() {
             "--memory-only",
             "3 VMs of 512 MiB, one after another",
             &|t| memory::bench(t, &banger, 3),
+        ),
+        (
+            "--e2b-only",
+            "E2B's Python SDK against the CLI, cold starts (no warm cache)",
+            &|t| e2b::bench(t, &banger, runs),
         ),
         (
             "--snapshots-only",

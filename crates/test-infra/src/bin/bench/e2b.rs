@@ -1,0 +1,130 @@
+//! The E2B-compatible API (issue 22) against the CLI, in one instance,
+//! side by side: E2B's own Python SDK's create → first `commands.run
+//! ("true")` result against `vm run --rm -- true`, and a `commands.run
+//! ("true")` round trip against `vm exec NAME -- true`. The SDK's times
+//! are taken inside its python (its start-up left out); the CLI's from a
+//! thread in the daemon's namespace.
+
+use std::path::Path;
+use std::time::Instant;
+
+use test_infra::{ok, text, Instance};
+
+use crate::{row, stats};
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+const SDK: &str = r#"
+import json, sys, time
+from e2b import Sandbox
+n, m = int(sys.argv[1]), int(sys.argv[2])
+creates, runs = [], []
+for i in range(n):
+    t = time.perf_counter()
+    s = Sandbox.create(timeout=600)
+    s.commands.run("true")
+    creates.append((time.perf_counter() - t) * 1e3)
+    if i == n - 1:
+        for _ in range(m):
+            t = time.perf_counter()
+            s.commands.run("true")
+            runs.append((time.perf_counter() - t) * 1e3)
+    s.kill()
+print(json.dumps({"creates": creates, "runs": runs}))
+"#;
+
+pub fn bench(table: &mut String, banger: &Path, n: usize) {
+    let python = std::env::var("BANGER_E2B_PYTHON")
+        .expect("BANGER_E2B_PYTHON: scripts/bench.sh sets it (scripts/e2b-sdk.sh)");
+    let inst = Instance::new(banger).with_image();
+    let _ = inst.daemon_pid();
+    let m = 50;
+    let (mut cli_runs, mut execs) = (Vec::new(), Vec::new());
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            inst.net.enter_on_this_thread();
+            for i in 0..n {
+                let name = format!("e2b-cli-{i}");
+                let t = Instant::now();
+                let out = inst.banger_direct(&["vm", "run", "--rm", "--name", &name, "--", "true"]);
+                cli_runs.push(ms(t));
+                assert!(out.status.success(), "vm run: {}", text(&out.stderr));
+            }
+            let out = inst.banger_direct(&["vm", "run", "-d", "--name", "e2b-exec"]);
+            assert!(out.status.success(), "vm run -d: {}", text(&out.stderr));
+            for _ in 0..m {
+                let t = Instant::now();
+                let out = inst.banger_direct(&["vm", "exec", "e2b-exec", "--", "true"]);
+                execs.push(ms(t));
+                assert!(out.status.success(), "vm exec: {}", text(&out.stderr));
+            }
+            let out = inst.banger_direct(&["vm", "rm", "-f", "e2b-exec"]);
+            assert!(out.status.success(), "vm rm: {}", text(&out.stderr));
+        })
+        .join()
+        .expect("CLI runs");
+    });
+    let addr = ok(
+        &inst.banger(&["api", "serve", "--listen", "127.0.0.1:0"]),
+        "api serve",
+    )
+    .trim()
+    .to_string();
+    let key = ok(&inst.banger(&["api", "token", "create", "bench"]), "token")
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string();
+    let url = format!("http://{addr}");
+    let out = inst
+        .net
+        .cmd(&python)
+        .arg("-c")
+        .arg(SDK)
+        .arg(n.to_string())
+        .arg(m.to_string())
+        .env("E2B_API_URL", &url)
+        .env("E2B_SANDBOX_URL", &url)
+        .env("E2B_API_KEY", &key)
+        .env("NO_PROXY", "*")
+        .env_remove("HTTP_PROXY")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("http_proxy")
+        .env_remove("https_proxy")
+        .output()
+        .expect("the SDK's python");
+    let printed = ok(&out, "the SDK's runs");
+    let v: serde_json::Value =
+        serde_json::from_str(printed.lines().last().unwrap_or_default()).expect("its JSON");
+    let list = |k: &str| -> Vec<f64> {
+        v[k].as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
+            .unwrap_or_default()
+    };
+    let (creates, runs) = (list("creates"), list("runs"));
+    row(table, "`vm run --rm -- true`, wall", &cli_runs, "ms");
+    row(
+        table,
+        "E2B SDK: `Sandbox.create()` → first `commands.run(\"true\")`",
+        &creates,
+        "ms",
+    );
+    let line = format!(
+        "| … SDK create+run − `vm run` (medians) | {:.0} | | | ms | goal ≤ 50 |\n",
+        stats(&creates).0 - stats(&cli_runs).0
+    );
+    print!("{line}");
+    table.push_str(&line);
+    row(table, "`vm exec NAME -- true`, wall", &execs, "ms");
+    row(table, "E2B SDK: `commands.run(\"true\")`", &runs, "ms");
+    let line = format!(
+        "| … SDK run − `vm exec` (medians) | {:.1} | | | ms | goal ≤ 10 |\n",
+        stats(&runs).0 - stats(&execs).0
+    );
+    print!("{line}");
+    table.push_str(&line);
+    ok(&inst.banger(&["api", "stop"]), "api stop");
+    inst.assert_baseline();
+}
