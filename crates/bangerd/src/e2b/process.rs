@@ -47,8 +47,9 @@ pub(super) fn start(
         })
         .unwrap_or_default();
     // E2B's commands are a login bash; an image without bash runs them
-    // with its sh (a fixed script: the command stays an argument).
-    let argv: Vec<String> = if cmd == "/bin/bash" {
+    // with its sh (a fixed script: the command stays an argument). Whether
+    // it has one is asked once per VM.
+    let argv: Vec<String> = if cmd == "/bin/bash" && !has_bash(d, vm) {
         [
             "/bin/sh",
             "-c",
@@ -120,6 +121,31 @@ pub(super) fn start(
         v["stdin"] == Value::Bool(false) && tty.is_none(),
         tty.is_some(),
     ))
+}
+
+/// Whether the VM's guest has `/bin/bash` (asked once per VM: an image
+/// does not change under a running VM).
+fn has_bash(d: &Daemon, vm: &VmRecord) -> bool {
+    static KNOWN: std::sync::Mutex<Option<std::collections::HashMap<String, bool>>> =
+        std::sync::Mutex::new(None);
+    if let Some(b) = crate::daemon::lock(&KNOWN)
+        .as_ref()
+        .and_then(|m| m.get(&vm.id).copied())
+    {
+        return b;
+    }
+    let b = matches!(
+        agent_call(d, vm, Call::Stat { path: "/bin/bash".into() }),
+        Ok(Msg::Stat(s)) if s.kind == "file" || s.kind == "symlink"
+    );
+    let mut known = crate::daemon::lock(&KNOWN);
+    let m = known.get_or_insert_with(Default::default);
+    // (Bounded: VMs come and go; a full map starts again.)
+    if m.len() >= 4096 {
+        m.clear();
+    }
+    m.insert(vm.id.clone(), b);
+    b
 }
 
 /// Whether process `pid` has a PTY (a joined one's output is `pty`).
