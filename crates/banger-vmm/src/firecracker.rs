@@ -277,7 +277,9 @@ fn call(
         ),
     };
     s.write_all(req.as_bytes()).map_err(|e| io("write", e))?;
-    let mut r = BufReader::new(Within { s, deadline });
+    // (Each read bounded by what is left of the exchange's time.)
+    let left = deadline.saturating_duration_since(Instant::now());
+    let mut r = BufReader::new(banger_agent::deadline::Deadline::new(&s, left));
     let (status, len) = read_head(&mut r).map_err(|e| io("read", e))?;
     let code: u16 = status
         .split_whitespace()
@@ -297,26 +299,6 @@ fn call(
         sock,
         format!("{method} {path}: HTTP {code}: {fault}"),
     ))
-}
-
-/// A socket whose every read is bounded by what is left to a deadline.
-struct Within {
-    s: std::os::unix::net::UnixStream,
-    deadline: Instant,
-}
-
-impl Read for Within {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "no whole answer in time",
-            ));
-        }
-        self.s.set_read_timeout(Some(left))?;
-        self.s.read(buf)
-    }
 }
 
 impl Vmm for Firecracker {

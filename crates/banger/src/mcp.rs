@@ -96,10 +96,13 @@ fn bad(e: impl std::fmt::Display) -> ErrorData {
     ErrorData::invalid_params(e.to_string(), None)
 }
 
-/// A tool's failure as its result (the model reads it), not a protocol
-/// error.
-fn failed(e: anyhow::Error) -> CallToolResult {
-    CallToolResult::error(vec![ContentBlock::text(format!("{e:#}"))])
+/// A tool's text, or its failure as its result (the model reads it), not
+/// a protocol error.
+fn answer(r: anyhow::Result<String>) -> CallToolResult {
+    match r {
+        Ok(t) => CallToolResult::success(vec![ContentBlock::text(t)]),
+        Err(e) => CallToolResult::error(vec![ContentBlock::text(format!("{e:#}"))]),
+    }
 }
 
 fn name_ok(what: &str, n: &str) -> Result<(), ErrorData> {
@@ -239,10 +242,7 @@ impl Banger {
                 },
             )
             .await;
-        Ok(match r {
-            Ok(line) => CallToolResult::success(vec![ContentBlock::text(line)]),
-            Err(e) => failed(e),
-        })
+        Ok(answer(r))
     }
 
     #[tool(
@@ -298,10 +298,7 @@ impl Banger {
             ))
         })
         .await;
-        Ok(match r {
-            Ok(t) => CallToolResult::success(vec![ContentBlock::text(t)]),
-            Err(e) => failed(e),
-        })
+        Ok(answer(r))
     }
 
     #[tool(description = "Read a text file from a banger VM")]
@@ -360,10 +357,7 @@ impl Banger {
             Ok(text)
         })
         .await;
-        Ok(match r {
-            Ok(t) => CallToolResult::success(vec![ContentBlock::text(t)]),
-            Err(e) => failed(e),
-        })
+        Ok(answer(r))
     }
 
     #[tool(description = "Write a text file in a banger VM (its directory is made)")]
@@ -400,10 +394,7 @@ impl Banger {
             Ok(format!("wrote {} bytes to {}", a.content.len(), a.path))
         })
         .await;
-        Ok(match r {
-            Ok(t) => CallToolResult::success(vec![ContentBlock::text(t)]),
-            Err(e) => failed(e),
-        })
+        Ok(answer(r))
     }
 
     #[tool(description = "List a directory in a banger VM: each entry's kind, size and name")]
@@ -445,10 +436,7 @@ impl Banger {
             }
         })
         .await;
-        Ok(match r {
-            Ok(t) => CallToolResult::success(vec![ContentBlock::text(t)]),
-            Err(e) => failed(e),
-        })
+        Ok(answer(r))
     }
 
     #[tool(description = "List banger VMs: name, state, image, sizes, address")]
@@ -462,10 +450,7 @@ impl Banger {
             _ => anyhow::bail!("unexpected answer to the list"),
         })
         .await;
-        Ok(match r {
-            Ok(t) => CallToolResult::success(vec![ContentBlock::text(t)]),
-            Err(e) => failed(e),
-        })
+        Ok(answer(r))
     }
 
     #[tool(description = "Delete a banger VM (stopped first if it runs); everything of it goes")]
@@ -486,10 +471,7 @@ impl Banger {
             Ok(format!("deleted {}", a.vm))
         })
         .await;
-        Ok(match r {
-            Ok(t) => CallToolResult::success(vec![ContentBlock::text(t)]),
-            Err(e) => failed(e),
-        })
+        Ok(answer(r))
     }
 }
 

@@ -23,10 +23,13 @@ const LIST_WITHIN: std::time::Duration = std::time::Duration::from_secs(60);
 /// stall longer (the guest's side of a copy cannot hold a thread).
 const NO_STALL: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// `c` with [`NO_STALL`] on each read and write.
-fn no_stall(c: std::os::unix::net::UnixStream) -> std::io::Result<std::os::unix::net::UnixStream> {
-    c.set_read_timeout(Some(NO_STALL))?;
-    c.set_write_timeout(Some(NO_STALL))?;
+/// A connection to the VM's agent for a file transfer, [`NO_STALL`] on
+/// each of its reads and writes.
+fn transfer_conn(d: &Daemon, vm: &VmRecord) -> Result<std::os::unix::net::UnixStream, String> {
+    let c = d.agent_connect(vm).map_err(|e| e.to_string())?;
+    c.set_read_timeout(Some(NO_STALL))
+        .and_then(|()| c.set_write_timeout(Some(NO_STALL)))
+        .map_err(|e| format!("the agent connection: {e}"))?;
     Ok(c)
 }
 
@@ -184,12 +187,9 @@ pub(super) fn download(
         Err(e) if e.code == "not_found" => return plain(w, 404, &format!("path {path} not found")),
         Err(e) => return plain(w, 500, &e.message),
     }
-    let conn = match d.agent_connect(vm).and_then(|c| {
-        no_stall(c)
-            .map_err(|e| crate::error::DaemonError::Invalid(format!("the agent connection: {e}")))
-    }) {
+    let conn = match transfer_conn(d, vm) {
         Ok(c) => c,
-        Err(e) => return plain(w, 502, &e.to_string()),
+        Err(e) => return plain(w, 502, &e),
     };
     // The agent's tar stream, read here through a pipe as it comes.
     let (rfd, wfd) = match nix::unistd::pipe() {
@@ -330,13 +330,9 @@ pub(super) fn upload(
         if path == "/" {
             return plain(w, 400, "path / is a directory");
         }
-        let conn = match d.agent_connect(vm).and_then(|c| {
-            no_stall(c).map_err(|e| {
-                crate::error::DaemonError::Invalid(format!("the agent connection: {e}"))
-            })
-        }) {
+        let conn = match transfer_conn(d, vm) {
             Ok(c) => c,
-            Err(e) => return plain(w, 502, &e.to_string()),
+            Err(e) => return plain(w, 502, &e),
         };
         let now = banger_core::unix_now().max(0) as u64;
         let put = agent::put_tar(conn, "/", |out| {
