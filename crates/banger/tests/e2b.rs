@@ -80,6 +80,24 @@ out["read"] = sbx.files.read("/tmp/e2b/hello.txt")
 out["exists"] = [sbx.files.exists("/tmp/e2b/hello.txt"), sbx.files.exists("/nope")]
 out["made"] = sbx.files.make_dir("/tmp/e2b/sub")
 out["listed_files"] = sorted(e.name for e in sbx.files.list("/tmp/e2b"))
+# A command's time: watched, it ends as a timeout; unwatched, it ends
+# all the same.
+import time
+from e2b import TimeoutException
+try:
+    sbx.commands.run("sleep 30", timeout=2)
+    out["timed_out"] = False
+except TimeoutException:
+    out["timed_out"] = True
+p3 = sbx.commands.run("sleep 300", background=True, timeout=2)
+p3.disconnect()
+gone = False
+for _ in range(200):
+    if p3.pid not in [q.pid for q in sbx.commands.list()]:
+        gone = True
+        break
+    time.sleep(0.1)
+out["ended_unwatched"] = gone
 # Input, and its end.
 p = sbx.commands.run("cat", background=True, stdin=True)
 sbx.commands.send_stdin(p.pid, "through stdin\n")
@@ -164,7 +182,7 @@ sid = SANDBOX
 token = json.loads(ask("GET", "/sandboxes/" + sid, b"", key)[1])["envdAccessToken"]
 envd = {"E2b-Sandbox-Id": sid, "Content-Type": "application/json"}
 out["no_token"] = ask("POST", "/filesystem.Filesystem/Stat", b'{"path":"/"}', envd)[0]
-out["bad_token"] = ask("POST", "/filesystem.Filesystem/Stat", b'{"path":"/"}', dict(envd, **{"X-Access-Token": token[:-1] + "0"}))[0]
+out["bad_token"] = ask("POST", "/filesystem.Filesystem/Stat", b'{"path":"/"}', dict(envd, **{"X-Access-Token": token[:-1] + ("1" if token[-1] == "0" else "0")}))[0]
 envd["X-Access-Token"] = token
 out["stat"] = ask("POST", "/filesystem.Filesystem/Stat", b'{"path":"/etc/hostname"}', envd)
 envd["Content-Type"] = "application/connect+json"
@@ -281,6 +299,8 @@ fn e2bs_sdk_drives_banger_vms() {
         serde_json::json!(["running", {"purpose": "e2b-test"}, true]),
         "{v}"
     );
+    assert_eq!(v["timed_out"], true, "{v}");
+    assert_eq!(v["ended_unwatched"], true, "{v}");
     assert_eq!(v["stdin"], "through stdin\n", "{v}");
     assert_eq!(v["joined"], "joined\n", "{v}");
     assert_eq!(v["pty"], true, "{v}");
@@ -449,6 +469,55 @@ print(json.dumps({"listed": ids, "info": ask("GET", "/sandboxes/rootvm")[0],
     );
     assert_eq!(v["listed"], serde_json::json!(["rootvm"]), "{v}");
     assert_eq!(v["info"], 200, "{v}");
+
+    // A sandbox of the member's: its envd token ends with their key.
+    const ENVD: &str = r#"
+import json, http.client, os
+host, port = os.environ["E2B_API_URL"][len("http://"):].split(":")
+def ask(method, path, body=b"", headers=None):
+    c = http.client.HTTPConnection(host, int(port), timeout=300)
+    c.request(method, path, body=body, headers=headers or {})
+    r = c.getresponse()
+    return r.status, r.read().decode(errors="replace")
+key = {"X-API-Key": os.environ["E2B_API_KEY"], "Content-Type": "application/json"}
+st, made = ask("POST", "/v2/sandboxes", b'{"templateID":"base"}', key)
+s = json.loads(made)
+envd = {"E2b-Sandbox-Id": s["sandboxID"], "X-Access-Token": s["envdAccessToken"],
+        "Content-Type": "application/json"}
+print(json.dumps({"made": st, "id": s["sandboxID"], "token": s["envdAccessToken"],
+                  "stat": ask("POST", "/filesystem.Filesystem/Stat", b'{"path":"/"}', envd)[0]}))
+"#;
+    let second = key_of(inst.banger_as(&member, &["api", "token", "create", "spare"]));
+    let (v, out) = sdk(&inst, &addr, &member_key, ENVD);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        (v["made"].clone(), v["stat"].clone()),
+        (201.into(), 200.into()),
+        "{v}"
+    );
+    let (sid, token) = (
+        v["id"].as_str().unwrap().to_string(),
+        v["token"].as_str().unwrap().to_string(),
+    );
+    ok(
+        &inst.banger_as(&member, &["api", "token", "rm", "mine"]),
+        "token rm",
+    );
+    let stat_again = format!(
+        r#"
+import json, http.client, os
+host, port = os.environ["E2B_API_URL"][len("http://"):].split(":")
+c = http.client.HTTPConnection(host, int(port), timeout=60)
+c.request("POST", "/filesystem.Filesystem/Stat", body=b'{{"path":"/"}}',
+          headers={{"E2b-Sandbox-Id": "{sid}", "X-Access-Token": "{token}",
+                   "Content-Type": "application/json"}})
+print(json.dumps({{"stat": c.getresponse().status}}))
+"#
+    );
+    let (v, _) = sdk(&inst, &addr, &second, &stat_again);
+    assert_eq!(v["stat"], 401, "the token went with its key: {v}");
+    ok(&inst.banger(&["vm", "rm", "-f", &sid]), "rm the member's");
+    let member_key = second;
 
     // Out of the group, the member's key is refused.
     let gone = std::process::Command::new("gpasswd")

@@ -231,6 +231,15 @@ impl Daemon {
         let spawned = std::thread::Builder::new()
             .name("auto-stop".into())
             .spawn(move || {
+                // Whatever ends this thread (a panic included), the VM
+                // may be auto-stopped again.
+                struct Done<'a>(&'a Daemon, String);
+                impl Drop for Done<'_> {
+                    fn drop(&mut self) {
+                        lock(&self.0.stats.stopping).remove(&self.1);
+                    }
+                }
+                let _done = Done(&d, id.clone());
                 // Decided on a sample: looked at again now (a new timeout,
                 // a pause, may have come since).
                 let still = d.find(&name).ok().filter(|v| v.id == id).is_some_and(|v| {
@@ -259,7 +268,6 @@ impl Daemon {
                 if let Err(e) = done {
                     warn!(vm = %name, err = %e, "auto-stop failed");
                 }
-                lock(&d.stats.stopping).remove(&id);
             });
         if let Err(e) = spawned {
             warn!(vm = %vm.name, err = %e, "cannot start the auto-stop thread");

@@ -382,7 +382,12 @@ fn call(
         ("process.Process", "Connect") => Some(target(&v).and_then(|t| {
             let s = Session::start(d.agent_connect(vm)?, Call::Attach { target: t })?;
             let tty = process::has_tty(d, vm, s.pid)?;
-            Ok((s, false, tty))
+            Ok(process::Started {
+                session: s,
+                close_stdin: false,
+                tty,
+                deadline: None,
+            })
         })),
         _ => None,
     };
@@ -394,7 +399,7 @@ fn call(
     }
     if let Some(started) = streamed {
         return match started {
-            Ok((session, close_stdin, tty)) => process::stream(req, session, close_stdin, tty, w),
+            Ok(started) => process::stream(d, vm, req, started, w),
             Err(e) => unary_err(w, &e),
         };
     }
@@ -438,6 +443,21 @@ fn call(
                 },
             )
             .map(|_| json!({}))
+            .map_err(|e| {
+                if e.code == "unavailable" {
+                    // An agent of an older banger (a guest restored from
+                    // its snapshot) closes on a call it does not know.
+                    rpc(
+                        "unimplemented",
+                        format!(
+                            "{}: if the guest is older than this banger, restart it",
+                            e.message
+                        ),
+                    )
+                } else {
+                    e
+                }
+            })
         }),
         ("filesystem.Filesystem", "CreateWatcher") => watch::create(d, vm, &v, user),
         ("filesystem.Filesystem", "GetWatcherEvents") => watch::events(d, vm, &v),

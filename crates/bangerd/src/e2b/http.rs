@@ -37,12 +37,23 @@ pub struct BodyShare(usize);
 
 impl BodyShare {
     fn take(n: usize) -> Option<BodyShare> {
+        let mut s = BodyShare(0);
+        s.grow(n).then_some(s)
+    }
+
+    /// `n` bytes more, if the bound has room.
+    fn grow(&mut self, n: usize) -> bool {
         use std::sync::atomic::Ordering;
         let mut cur = LARGE_IN_FLIGHT.load(Ordering::SeqCst);
         loop {
-            let next = cur.checked_add(n).filter(|t| *t <= LARGE_BODIES)?;
+            let Some(next) = cur.checked_add(n).filter(|t| *t <= LARGE_BODIES) else {
+                return false;
+            };
             match LARGE_IN_FLIGHT.compare_exchange(cur, next, Ordering::SeqCst, Ordering::SeqCst) {
-                Ok(_) => return Some(BodyShare(n)),
+                Ok(_) => {
+                    self.0 += n;
+                    return true;
+                }
                 Err(now) => cur = now,
             }
         }
@@ -54,8 +65,10 @@ impl Drop for BodyShare {
         LARGE_IN_FLIGHT.fetch_sub(self.0, std::sync::atomic::Ordering::SeqCst);
     }
 }
-/// How long a kept-alive connection may wait for its next request.
+/// How long a kept-alive connection may wait for its next request, and a
+/// new one for its first.
 pub const IDLE: Duration = Duration::from_secs(75);
+const FIRST: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Error)]
 pub enum HttpError {
@@ -119,6 +132,8 @@ pub type BodyMax<'a> = dyn Fn(&Request) -> Result<usize, (u16, String)> + 'a;
 pub struct Conn {
     r: BufReader<Timed>,
     pub w: TcpStream,
+    /// Requests read so far.
+    served: usize,
 }
 
 struct Timed {
@@ -150,14 +165,27 @@ impl Conn {
                 deadline: Instant::now() + IDLE,
             }),
             w,
+            served: 0,
         })
+    }
+
+    /// After a refusal sent with the body unread: the writing side shut
+    /// and what the client still sends read away (at most `max` bytes,
+    /// within `within`), so that it reads the refusal rather than a reset.
+    pub fn drain(&mut self, max: usize, within: Duration) {
+        let _ = self.w.shutdown(std::net::Shutdown::Write);
+        self.r.get_mut().deadline = Instant::now() + within;
+        let _ = std::io::copy(&mut (&mut self.r).take(max as u64), &mut std::io::sink());
     }
 
     /// The next request (`None` when the client closed between requests).
     /// `body_max` judges its head before any of its body is read: how much
     /// it may carry, or its refusal (a status and why).
     pub fn next(&mut self, body_max: &BodyMax<'_>) -> Result<Option<Request>, HttpError> {
-        self.r.get_mut().deadline = Instant::now() + IDLE;
+        // A new connection's first byte comes soon; later ones may wait.
+        let idle = if self.served == 0 { FIRST } else { IDLE };
+        self.served += 1;
+        self.r.get_mut().deadline = Instant::now() + idle;
         let timed_out = |e: std::io::Error| match e.kind() {
             std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => HttpError::Timeout,
             _ => HttpError::Io(e),
@@ -253,16 +281,19 @@ impl Conn {
             let _ = len;
             return Err(HttpError::TooLarge(max));
         }
-        // A large body (an upload) takes its share of the bound first.
-        let expect = if chunked { max } else { declared.unwrap_or(0) };
-        if expect > SMALL_BODY {
+        // A large body (an upload) takes its share of the bound first (a
+        // chunked one as it grows).
+        let expect = declared.unwrap_or(0);
+        if expect > SMALL_BODY || (chunked && max > SMALL_BODY) {
             req.share = Some(BodyShare::take(expect).ok_or(HttpError::Busy)?);
         }
         if chunked {
-            req.body = self.chunked_body(max).map_err(|e| match e {
-                HttpError::Io(e) => timed_out(e),
-                e => e,
-            })?;
+            req.body = self
+                .chunked_body(max, req.share.as_mut())
+                .map_err(|e| match e {
+                    HttpError::Io(e) => timed_out(e),
+                    e => e,
+                })?;
         } else if let Some(len) = declared {
             let mut body = vec![0u8; len];
             self.r.read_exact(&mut body).map_err(timed_out)?;
@@ -271,7 +302,11 @@ impl Conn {
         Ok(Some(req))
     }
 
-    fn chunked_body(&mut self, max: usize) -> Result<Vec<u8>, HttpError> {
+    fn chunked_body(
+        &mut self,
+        max: usize,
+        mut share: Option<&mut BodyShare>,
+    ) -> Result<Vec<u8>, HttpError> {
         let mut body = Vec::new();
         loop {
             let mut size = Vec::new();
@@ -293,7 +328,14 @@ impl Conn {
             if n > max.saturating_sub(body.len()) {
                 return Err(HttpError::TooLarge(max));
             }
+            if let Some(s) = share.as_deref_mut() {
+                let past = (body.len() + n).saturating_sub(s.0);
+                if past > 0 && !s.grow(past) {
+                    return Err(HttpError::Busy);
+                }
+            }
             let at = body.len();
+            body.reserve_exact(n);
             body.resize(at + n, 0);
             self.r.read_exact(&mut body[at..])?;
             let mut crlf = [0u8; 2];

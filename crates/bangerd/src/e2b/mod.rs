@@ -49,6 +49,8 @@ pub struct Api {
     watchers: watch::Watchers,
     /// Processes to end at their call's time (`kill_at`).
     kills: Kills,
+    /// `api.secret`, once read.
+    secret: Mutex<Option<Vec<u8>>>,
 }
 
 /// Processes started through envd to be killed at their deadline
@@ -65,7 +67,12 @@ struct Due {
     at: std::time::Instant,
     vm_name: String,
     vm_id: String,
+    /// The boot its process belongs to (a restarted VM numbers its
+    /// processes afresh: a deadline of the one before is dropped).
+    started: Option<i64>,
     pid: u32,
+    /// Tries left while the VM is paused or its agent does not answer.
+    tries: u8,
 }
 
 /// Deadlines kept at once at most.
@@ -91,7 +98,9 @@ impl Daemon {
             at,
             vm_name: vm.name.clone(),
             vm_id: vm.id.clone(),
+            started: vm.runtime.started_at,
             pid,
+            tries: 20,
         });
         kills.wake.notify_all();
         drop(due);
@@ -105,6 +114,41 @@ impl Daemon {
             }
         }
         Ok(())
+    }
+}
+
+impl Daemon {
+    /// A process whose end was seen needs no deadline any more.
+    fn kill_forget(&self, vm_id: &str, pid: u32) {
+        lock(&self.api.kills.due).retain(|k| !(k.vm_id == vm_id && k.pid == pid));
+    }
+
+    /// Ends one process at its time: its VM's same boot only; a paused or
+    /// silent VM is tried again a little later, a few times.
+    fn kill_due(&self, mut k: Due) {
+        let Ok(vm) = self.find(&k.vm_name) else {
+            return;
+        };
+        if vm.id != k.vm_id || vm.runtime.started_at != k.started {
+            return;
+        }
+        let done = !vm.runtime.paused
+            && self.agent_connect(&vm).is_ok_and(|conn| {
+                banger_agent::client::call_within(
+                    conn,
+                    banger_agent::proto::Call::Signal {
+                        target: banger_agent::proto::Target::Pid(k.pid),
+                        signal: 9,
+                    },
+                    std::time::Duration::from_secs(10),
+                )
+                .is_ok()
+            });
+        if !done && vm.runtime.state().is_up() && k.tries > 0 {
+            k.tries -= 1;
+            k.at = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            lock(&self.api.kills.due).push(k);
+        }
     }
 }
 
@@ -132,23 +176,16 @@ fn kill_loop(d: std::sync::Weak<Daemon>) {
             *due = later;
             ready
         };
-        for k in ready {
-            let Ok(vm) = daemon.find(&k.vm_name) else {
-                continue;
-            };
-            if vm.id != k.vm_id {
-                continue;
-            }
-            if let Ok(conn) = daemon.agent_connect(&vm) {
-                let _ = banger_agent::client::call_within(
-                    conn,
-                    banger_agent::proto::Call::Signal {
-                        target: banger_agent::proto::Target::Pid(k.pid),
-                        signal: 9,
-                    },
-                    std::time::Duration::from_secs(10),
-                );
-            }
+        // Side by side, 16 at a time: one silent guest holds up no other.
+        let mut ready = ready.into_iter().peekable();
+        while ready.peek().is_some() {
+            let batch: Vec<Due> = ready.by_ref().take(16).collect();
+            std::thread::scope(|s| {
+                for k in batch {
+                    let daemon = &daemon;
+                    s.spawn(move || daemon.kill_due(k));
+                }
+            });
         }
     }
 }
@@ -421,6 +458,7 @@ fn serve(d: &Arc<Daemon>, s: TcpStream, stop: &AtomicBool) {
                     _ => 400,
                 };
                 let _ = rest::fault(&mut conn.w, &Fault::new(status, e.to_string()), true);
+                conn.drain(4 << 20, std::time::Duration::from_secs(2));
                 return;
             }
         };
@@ -520,8 +558,16 @@ pub(crate) fn caller_for(d: &Daemon, uid: u32) -> std::result::Result<Caller, Fa
 /// The daemon's secret for envd tokens: `<state>/api.secret`, 32 random
 /// bytes, root's and 0600, made once.
 fn secret(d: &Daemon) -> Result<Vec<u8>> {
-    static MADE: Mutex<()> = Mutex::new(());
-    let _g = lock(&MADE);
+    let mut cached = lock(&d.api.secret);
+    if let Some(s) = cached.as_ref() {
+        return Ok(s.clone());
+    }
+    let s = read_or_make_secret(d)?;
+    *cached = Some(s.clone());
+    Ok(s)
+}
+
+fn read_or_make_secret(d: &Daemon) -> Result<Vec<u8>> {
     let path = d.cfg.layout.state_dir.join("api.secret");
     match std::fs::read(&path) {
         Ok(s) if s.len() == 32 => return Ok(s),

@@ -32,7 +32,7 @@ pub(super) fn start(
     req: &Request,
     v: &Value,
     user: Option<&str>,
-) -> Result<(Session, bool, bool), RpcErr> {
+) -> Result<Started, RpcErr> {
     let p = &v["process"];
     let cmd = p["cmd"]
         .as_str()
@@ -105,8 +105,20 @@ pub(super) fn start(
             e => RpcErr::from(e),
         })?;
     // As envd: the call's time is the process's, whoever watches it.
-    if let (_, Some(life)) = timing(req) {
-        d.kill_at(vm, pid, Instant::now() + life)?;
+    let deadline = timing(req).1.map(|life| Instant::now() + life);
+    if let Some(at) = deadline {
+        if let Err(e) = d.kill_at(vm, pid, at) {
+            // No time kept for it: it does not run on without one.
+            let _ = agent_call(
+                d,
+                vm,
+                Call::Signal {
+                    target: Target::Pid(pid),
+                    signal: 9,
+                },
+            );
+            return Err(e);
+        }
     }
     let session = Session::start(
         d.agent_connect(vm)?,
@@ -116,11 +128,31 @@ pub(super) fn start(
     )?;
     // `stdin: false` (what the SDKs send by default): /dev/null's end at
     // once; absent (older clients): a pipe.
-    Ok((
+    Ok(Started {
         session,
-        v["stdin"] == Value::Bool(false) && tty.is_none(),
-        tty.is_some(),
-    ))
+        close_stdin: v["stdin"] == Value::Bool(false) && tty.is_none(),
+        tty: tty.is_some(),
+        deadline,
+    })
+}
+
+/// A process to stream: its session, whether its stdin closes at once,
+/// whether it has a PTY, and when its time ends (a `Start`'s).
+pub(super) struct Started {
+    pub(super) session: Session,
+    pub(super) close_stdin: bool,
+    pub(super) tty: bool,
+    pub(super) deadline: Option<Instant>,
+}
+
+/// Writes to the pipe the stream's watcher waits on when dropped, however
+/// the stream ends (a panic included).
+struct Wake(std::os::fd::OwnedFd);
+
+impl Drop for Wake {
+    fn drop(&mut self) {
+        let _ = nix::unistd::write(&self.0, b"x");
+    }
 }
 
 /// Whether the VM's guest has `/bin/bash` (asked once per VM: an image
@@ -261,12 +293,18 @@ fn ended(st: &banger_agent::proto::ExitStatus) -> (i32, bool, String) {
 /// Streams a started (or joined) process: `start`, its output, `end`,
 /// keepalives while it is quiet; `Connect-Timeout-Ms` ends its life.
 pub(super) fn stream(
+    d: &Daemon,
+    vm: &VmRecord,
     req: &Request,
-    session: Session,
-    close_stdin: bool,
-    tty: bool,
+    started: Started,
     w: &mut TcpStream,
 ) -> std::io::Result<bool> {
+    let Started {
+        session,
+        close_stdin,
+        tty,
+        deadline,
+    } = started;
     let pid = session.pid;
     let control = session.control();
     if close_stdin {
@@ -280,6 +318,7 @@ pub(super) fn stream(
     // client's hanging up (its socket readable: it sends nothing during a
     // stream), or when a keepalive or the call's time is due.
     let (done_r, done_w) = nix::unistd::pipe().map_err(std::io::Error::from)?;
+    let wake = Wake(done_w);
     let client = w.try_clone()?;
     let result = std::thread::scope(|sc| {
         let (s, control, timed_out) = (&s, &control, &timed_out);
@@ -288,14 +327,23 @@ pub(super) fn stream(
             use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
             use std::os::fd::AsFd;
             let started = Instant::now();
+            // Bytes from the client (a pipelined request) are not its
+            // hanging up: from then on only its end is looked for by
+            // the writes.
+            let mut watch_client = true;
             loop {
                 let next = match life {
                     Some(l) => keepalive.min(l.saturating_sub(started.elapsed())),
                     None => keepalive,
                 };
+                let client_flags = if watch_client {
+                    PollFlags::POLLIN
+                } else {
+                    PollFlags::empty()
+                };
                 let mut fds = [
                     PollFd::new(done_r.as_fd(), PollFlags::POLLIN),
-                    PollFd::new(client.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(client.as_fd(), client_flags),
                 ];
                 let ms = next.as_millis().min(i32::MAX as u128) as i32;
                 let n = poll(
@@ -307,10 +355,15 @@ pub(super) fn stream(
                     return;
                 }
                 if woke(1) {
-                    // The client hung up: the attach goes (the process
-                    // runs on, for another to join).
-                    control.hang_up();
-                    return;
+                    let mut b = [0u8; 1];
+                    if matches!(client.peek(&mut b), Ok(0) | Err(_)) {
+                        // The client hung up: the attach goes (the
+                        // process runs on, for another to join).
+                        control.hang_up();
+                        return;
+                    }
+                    watch_client = false;
+                    continue;
                 }
                 match n {
                     Ok(0) => {
@@ -339,9 +392,14 @@ pub(super) fn stream(
         };
         let mut err = Events { s, key: "stderr" };
         let r = session.wait(&mut out, &mut err);
-        let _ = nix::unistd::write(&done_w, b"x");
+        drop(wake);
         r
     });
+    // Its end seen, its deadline goes (a stream that ends before the
+    // process leaves it for the process's time).
+    if result.is_ok() {
+        d.kill_forget(&vm.id, pid);
+    }
     match result {
         Ok(st) => {
             let (code, exited, status) = ended(&st);
@@ -353,8 +411,10 @@ pub(super) fn stream(
                 end["error"] = json!(status);
             }
             s.frame(0, &json!({"event": {"end": end}}))?;
-            let error = timed_out
-                .load(std::sync::atomic::Ordering::SeqCst)
+            // Killed at its time (`kill_at`): the call's deadline passed.
+            let killed_at_its_time =
+                st.signal == Some(9) && deadline.is_some_and(|at| Instant::now() >= at);
+            let error = (timed_out.load(std::sync::atomic::Ordering::SeqCst) || killed_at_its_time)
                 .then(|| {
                     rpc(
                         "deadline_exceeded",

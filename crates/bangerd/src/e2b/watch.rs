@@ -138,7 +138,16 @@ pub(super) fn create(
         })
         .map_err(|e| rpc("internal", format!("a watcher's thread: {e}")))?;
     let id = crate::daemon::random_hex(12).map_err(RpcErr::from)?;
-    lock(&watchers.map).insert(
+    let mut map = lock(&watchers.map);
+    // (Looked at again: others may have been made meanwhile.)
+    if map.len() >= ALL || map.values().filter(|w| w.vm_id == vm.id).count() >= PER_VM {
+        let _ = conn.shutdown(std::net::Shutdown::Both);
+        return Err(rpc(
+            "resource_exhausted",
+            format!("at most {PER_VM} watchers per sandbox: remove one first"),
+        ));
+    }
+    map.insert(
         id.clone(),
         Watcher {
             vm_id: vm.id.clone(),
@@ -219,6 +228,10 @@ pub(super) fn stream(
                 Some(l) => keepalive.min(l.saturating_sub(started.elapsed())),
                 None => keepalive,
             };
+            if life.is_some_and(|l| started.elapsed() >= l) {
+                s.end(Some(rpc("deadline_exceeded", "the watch's time ran out")))?;
+                return Ok(true);
+            }
             match rx.recv_timeout(wait) {
                 Ok((p, kind)) => s.frame(0, &json!({"filesystem": event(&path, &p, &kind)}))?,
                 Err(RecvTimeoutError::Timeout) => {
