@@ -550,6 +550,51 @@ fn file_operations_and_watch(a: &Agent) {
     assert_eq!(c.read(&mut buf).unwrap(), 0, "one call per connection");
 }
 
+/// Two clients attached to one process at once each get its output from
+/// their attach on, and its exit; one leaving does not end it.
+fn two_clients_attached_both_get_the_output(a: &Agent) {
+    let spec = ExecSpec {
+        argv: vec!["cat".into()],
+        detach: true,
+        tag: Some("shared".into()),
+        ..Default::default()
+    };
+    let pid = Session::start(a.conn(), Call::Exec(spec))
+        .unwrap()
+        .detached_done()
+        .unwrap();
+    let attach = || {
+        Session::start(
+            a.conn(),
+            Call::Attach {
+                target: Target::Pid(pid),
+            },
+        )
+        .unwrap()
+    };
+    let (first, second, third) = (attach(), attach(), attach());
+    // One leaves: the process and the others go on.
+    third.control().hang_up();
+    drop(third);
+    first.control().stdin(b"to both\n").unwrap();
+    first.control().close_stdin().unwrap();
+    let both = std::thread::scope(|s| {
+        let a = s.spawn(move || {
+            let mut out = Vec::new();
+            let st = first.wait(&mut out, &mut std::io::sink()).unwrap();
+            (String::from_utf8(out).unwrap(), st.shell_code())
+        });
+        let b = s.spawn(move || {
+            let mut out = Vec::new();
+            let st = second.wait(&mut out, &mut std::io::sink()).unwrap();
+            (String::from_utf8(out).unwrap(), st.shell_code())
+        });
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert_eq!(both.0, ("to both\n".to_string(), 0));
+    assert_eq!(both.1, ("to both\n".to_string(), 0));
+}
+
 fn detached_output_is_kept_for_a_late_attach(a: &Agent) {
     let d = tempfile::tempdir().unwrap();
     let up = d.path().join("up");
@@ -702,6 +747,7 @@ over!(
         trees_go_in_and_out_with_modes_and_times,
         file_operations_and_watch,
         detached_output_is_kept_for_a_late_attach,
+        two_clients_attached_both_get_the_output,
         a_held_agent_runs_nothing_until_released
     ]
 );

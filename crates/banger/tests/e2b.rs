@@ -107,6 +107,10 @@ out["stdin"] = p.wait().stdout
 p2 = sbx.commands.run("sleep 1; echo joined", background=True)
 p2.disconnect()
 out["joined"] = sbx.commands.connect(p2.pid).wait().stdout
+# Two clients streaming one process at once.
+p4 = sbx.commands.run("sleep 1; echo both", background=True)
+j4 = sbx.commands.connect(p4.pid)
+out["both"] = [j4.wait().stdout, p4.wait().stdout]
 # A PTY, resized while it streams, typed into.
 from e2b import PtySize
 h = sbx.pty.create(PtySize(rows=24, cols=80))
@@ -303,6 +307,7 @@ fn e2bs_sdk_drives_banger_vms() {
     assert_eq!(v["ended_unwatched"], true, "{v}");
     assert_eq!(v["stdin"], "through stdin\n", "{v}");
     assert_eq!(v["joined"], "joined\n", "{v}");
+    assert_eq!(v["both"], serde_json::json!(["both\n", "both\n"]), "{v}");
     assert_eq!(v["pty"], true, "{v}");
     assert_eq!(v["big"], true, "{v}");
     assert_eq!(v["watched"], true, "{v}");

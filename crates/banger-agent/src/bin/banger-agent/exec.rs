@@ -50,7 +50,9 @@ struct Proc {
 
 #[derive(Default)]
 struct State {
-    sink: Option<Sink>,
+    /// The connections attached to it: its output goes to each (at most
+    /// [`SINKS_MAX`]).
+    sinks: Vec<Sink>,
     kept: VecDeque<(Kind, Vec<u8>)>,
     kept_bytes: usize,
     pumps: usize,
@@ -90,7 +92,7 @@ pub fn ps() -> Vec<ProcInfo> {
                 detached: p.detached,
                 started: p.started,
                 exit: st.exit,
-                attached: st.sink.is_some(),
+                attached: !st.sinks.is_empty(),
             }
         })
         .collect();
@@ -454,26 +456,25 @@ fn pump(p: &Proc, kind: Kind, mut f: File) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        let sink = {
+        let sinks = {
             let mut st = lock(&p.st);
-            match &st.sink {
-                Some(s) => s.clone(),
-                None => {
-                    st.kept_bytes += n;
-                    st.kept.push_back((kind, buf[..n].to_vec()));
-                    while st.kept_bytes > KEEP_OUTPUT {
-                        match st.kept.pop_front() {
-                            Some((_, b)) => st.kept_bytes -= b.len(),
-                            None => break,
-                        }
+            if st.sinks.is_empty() {
+                st.kept_bytes += n;
+                st.kept.push_back((kind, buf[..n].to_vec()));
+                while st.kept_bytes > KEEP_OUTPUT {
+                    match st.kept.pop_front() {
+                        Some((_, b)) => st.kept_bytes -= b.len(),
+                        None => break,
                     }
-                    continue;
                 }
+                continue;
             }
+            st.sinks.clone()
         };
-        let sent = write_frame(&mut *lock(&sink), kind, &buf[..n]);
-        if sent.is_err() {
-            gone(p, &sink);
+        for sink in &sinks {
+            if write_frame(&mut *lock(sink), kind, &buf[..n]).is_err() {
+                gone(p, sink);
+            }
         }
     }
     let mut st = lock(&p.st);
@@ -481,24 +482,20 @@ fn pump(p: &Proc, kind: Kind, mut f: File) {
     p.cv.notify_all();
 }
 
-/// The attached connection failed: a detached process carries on alone,
-/// an attached one is killed with its session (as ssh's would be).
+/// An attached connection failed or left: a detached process carries on
+/// (with its other clients, or alone), an attached one is killed with its
+/// last session (as ssh's would be).
 fn gone(p: &Proc, sink: &Sink) {
     let mut st = lock(&p.st);
-    if st.sink.as_ref().is_some_and(|s| Arc::ptr_eq(s, sink)) {
-        st.sink = None;
-        if !p.detached && st.exit.is_none() {
-            let _ = kill(Pid::from_raw(-(p.pid as i32)), Signal::SIGKILL);
-        }
-        // An attach waiting for this client to go (`join`).
-        p.cv.notify_all();
+    let before = st.sinks.len();
+    st.sinks.retain(|s| !Arc::ptr_eq(s, sink));
+    if st.sinks.len() < before && st.sinks.is_empty() && !p.detached && st.exit.is_none() {
+        let _ = kill(Pid::from_raw(-(p.pid as i32)), Signal::SIGKILL);
     }
 }
 
-/// How long an attach waits for the client before it to go: one that
-/// detached a moment ago has hung up, but its reader here may not have
-/// seen the end yet.
-const ATTACH_WAIT: Duration = Duration::from_secs(2);
+/// Connections attached to one process at once at most.
+const SINKS_MAX: usize = 16;
 
 fn wait(p: &Proc, mut child: std::process::Child) {
     let status = child.wait().ok();
@@ -526,7 +523,7 @@ fn wait(p: &Proc, mut child: std::process::Child) {
     }
     st.exit = Some(exit);
     *lock(&p.stdin) = None;
-    if let Some(sink) = st.sink.take() {
+    for sink in std::mem::take(&mut st.sinks) {
         let mut s = lock(&sink);
         let _ = write_msg(&mut *s, &Msg::Exited(exit));
         // Wakes the connection's reader: the call is over.
@@ -599,27 +596,24 @@ pub fn attach(mut c: UnixStream, target: &Target) -> Result<(), ProtoError> {
     }
 }
 
-/// Makes the connection the process's sink: its pid, the output kept so
-/// far, then live output (or its exit, if it is over); then serves the
-/// connection's input until it ends. A detached exec only gets the pid.
+/// Makes the connection one of the process's sinks: its pid, the output
+/// kept while no one was attached, then live output (or its exit, if it
+/// is over); then serves the connection's input until it ends. A detached
+/// exec only gets the pid. Several clients may be attached at once, each
+/// getting all of the output from its attach on.
 fn join(p: &Proc, mut c: UnixStream, detach: bool) -> Result<(), ProtoError> {
     let sink: Sink = Arc::new(Mutex::new(c.try_clone()?));
     {
         let mut st = lock(&p.st);
-        let deadline = std::time::Instant::now() + ATTACH_WAIT;
-        while st.sink.is_some() {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                drop(st);
-                return write_msg(
-                    &mut c,
-                    &Msg::error(format!("process {} is attached to another client", p.pid)),
-                );
-            }
-            st =
-                p.cv.wait_timeout(st, left)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
+        if st.sinks.len() >= SINKS_MAX && !detach {
+            drop(st);
+            return write_msg(
+                &mut c,
+                &Msg::error(format!(
+                    "process {} has {SINKS_MAX} clients attached already",
+                    p.pid
+                )),
+            );
         }
         let mut w = lock(&sink);
         write_msg(&mut *w, &Msg::Started { pid: p.pid })?;
@@ -633,7 +627,7 @@ fn join(p: &Proc, mut c: UnixStream, detach: bool) -> Result<(), ProtoError> {
         if let Some(exit) = st.exit {
             return write_msg(&mut *w, &Msg::Exited(exit));
         }
-        st.sink = Some(sink.clone());
+        st.sinks.push(sink.clone());
     }
     let r = serve_input(p, &mut c, false);
     gone(p, &sink);
