@@ -17,8 +17,9 @@ if [ ! -f "$image/manifest.json" ]; then
   rm -rf /var/cache/banger-test
   mkdir -p "$cache"
   b=("$banger" --state-dir "$cache/state" --runtime-dir "$cache/run")
+  # The daemon the build starts goes with this script, however it ends (a
+  # failed build included); `daemon stop` starts none.
+  trap '"${b[@]}" daemon stop >/dev/null 2>&1 || true' EXIT
   "${b[@]}" image build >&2
-  pid=$("${b[@]}" daemon ping | awk '{print $3}' | tr -d ,)
-  kill "$pid"
 fi
 echo "$image"
