@@ -169,6 +169,30 @@ fn vm_line(v: &VmInfo) -> String {
     )
 }
 
+impl Banger {
+    /// Runs `f` (the CLI's blocking calls, with its client) off the
+    /// protocol's thread: its text, or its failure, is the tool's result.
+    async fn call(
+        &self,
+        f: impl FnOnce(&Client) -> anyhow::Result<String> + Send + 'static,
+    ) -> Result<CallToolResult, ErrorData> {
+        let client = self.client.clone();
+        Ok(answer(blocking(move || f(&client)).await))
+    }
+}
+
+/// One agent call to VM `vm` within 30 s: its answer, an error of the
+/// agent's as an error.
+fn agent_msg(client: &Client, vm: &str, call: Call) -> anyhow::Result<Msg> {
+    let conn = crate::guest::agent(client, vm)?;
+    match banger_agent::client::call_within(conn, call, Duration::from_secs(30))
+        .map_err(|e| anyhow::anyhow!("vm {vm}: {e}"))?
+    {
+        Msg::Error { message } => anyhow::bail!("vm {vm}: {message}"),
+        m => Ok(m),
+    }
+}
+
 #[tool_router]
 impl Banger {
     pub fn new(client: Client) -> Self {
@@ -270,9 +294,8 @@ impl Banger {
             user: a.user,
             ..Default::default()
         };
-        let client = self.client.clone();
-        let r = blocking(move || {
-            let conn = crate::guest::agent(&client, &a.vm)?;
+        self.call(move |client| {
+            let conn = crate::guest::agent(client, &a.vm)?;
             let s = Session::start(conn, Call::Exec(spec))
                 .map_err(|e| anyhow::anyhow!("vm {}: {e}", a.vm))?;
             let control = s.control();
@@ -297,8 +320,7 @@ impl Banger {
                 err.text()
             ))
         })
-        .await;
-        Ok(answer(r))
+        .await
     }
 
     #[tool(description = "Read a text file from a banger VM")]
@@ -308,21 +330,16 @@ impl Banger {
     ) -> Result<CallToolResult, ErrorData> {
         name_ok("vm", &a.vm)?;
         path_ok(&a.path)?;
-        let client = self.client.clone();
-        let r = blocking(move || {
+        self.call(move |client| {
             // What it is first: a file, and how large.
-            let conn = crate::guest::agent(&client, &a.vm)?;
-            let st = match banger_agent::client::call_within(
-                conn,
+            let st = match agent_msg(
+                client,
+                &a.vm,
                 Call::Stat {
                     path: a.path.clone(),
                 },
-                Duration::from_secs(30),
-            )
-            .map_err(|e| anyhow::anyhow!("vm {}: {}: {e}", a.vm, a.path))?
-            {
+            )? {
                 Msg::Stat(st) => st,
-                Msg::Error { message } => anyhow::bail!("vm {}: {message}", a.vm),
                 other => anyhow::bail!("vm {}: unexpected answer {other:?}", a.vm),
             };
             if st.kind != "file" {
@@ -340,7 +357,7 @@ impl Banger {
                 ],
                 ..Default::default()
             };
-            let conn = crate::guest::agent(&client, &a.vm)?;
+            let conn = crate::guest::agent(client, &a.vm)?;
             let s = Session::start(conn, Call::Exec(spec))
                 .map_err(|e| anyhow::anyhow!("vm {}: {e}", a.vm))?;
             let (mut out, mut err) = (Capped::default(), Capped::default());
@@ -356,8 +373,7 @@ impl Banger {
             }
             Ok(text)
         })
-        .await;
-        Ok(answer(r))
+        .await
     }
 
     #[tool(description = "Write a text file in a banger VM (its directory is made)")]
@@ -370,9 +386,8 @@ impl Banger {
         if a.path.ends_with('/') || a.content.len() > 64 << 20 {
             return Err(bad("a file path, and at most 64 MiB of content"));
         }
-        let client = self.client.clone();
-        let r = blocking(move || {
-            let conn = crate::guest::agent(&client, &a.vm)?;
+        self.call(move |client| {
+            let conn = crate::guest::agent(client, &a.vm)?;
             // No read or write of the copy may stall longer.
             conn.set_read_timeout(Some(Duration::from_secs(30)))?;
             conn.set_write_timeout(Some(Duration::from_secs(30)))?;
@@ -393,8 +408,7 @@ impl Banger {
             .map_err(|e| anyhow::anyhow!("vm {}: {}: {e}", a.vm, a.path))?;
             Ok(format!("wrote {} bytes to {}", a.content.len(), a.path))
         })
-        .await;
-        Ok(answer(r))
+        .await
     }
 
     #[tool(description = "List a directory in a banger VM: each entry's kind, size and name")]
@@ -404,18 +418,14 @@ impl Banger {
     ) -> Result<CallToolResult, ErrorData> {
         name_ok("vm", &a.vm)?;
         path_ok(&a.path)?;
-        let client = self.client.clone();
-        let r = blocking(move || {
-            let conn = crate::guest::agent(&client, &a.vm)?;
-            match banger_agent::client::call_within(
-                conn,
+        self.call(move |client| {
+            match agent_msg(
+                client,
+                &a.vm,
                 Call::List {
                     path: a.path.clone(),
                 },
-                Duration::from_secs(30),
-            )
-            .map_err(|e| anyhow::anyhow!("vm {}: {e}", a.vm))?
-            {
+            )? {
                 Msg::Entries { mut list } => {
                     list.sort_by(|x, y| x.path.cmp(&y.path));
                     Ok(list
@@ -431,12 +441,10 @@ impl Banger {
                         .collect::<Vec<_>>()
                         .join("\n"))
                 }
-                Msg::Error { message } => anyhow::bail!("vm {}: {message}", a.vm),
                 other => anyhow::bail!("vm {}: unexpected answer {other:?}", a.vm),
             }
         })
-        .await;
-        Ok(answer(r))
+        .await
     }
 
     #[tool(description = "List banger VMs: name, state, image, sizes, address")]
@@ -444,13 +452,13 @@ impl Banger {
         &self,
         Parameters(_): Parameters<NoArgs>,
     ) -> Result<CallToolResult, ErrorData> {
-        let client = self.client.clone();
-        let r = blocking(move || match client.call(Request::VmList, &mut |_| {})? {
-            Response::Vms { vms } => Ok(vms.iter().map(vm_line).collect::<Vec<_>>().join("\n")),
-            _ => anyhow::bail!("unexpected answer to the list"),
-        })
-        .await;
-        Ok(answer(r))
+        self.call(
+            move |client| match client.call(Request::VmList, &mut |_| {})? {
+                Response::Vms { vms } => Ok(vms.iter().map(vm_line).collect::<Vec<_>>().join("\n")),
+                _ => anyhow::bail!("unexpected answer to the list"),
+            },
+        )
+        .await
     }
 
     #[tool(description = "Delete a banger VM (stopped first if it runs); everything of it goes")]
@@ -459,8 +467,7 @@ impl Banger {
         Parameters(a): Parameters<VmArgs>,
     ) -> Result<CallToolResult, ErrorData> {
         name_ok("vm", &a.vm)?;
-        let client = self.client.clone();
-        let r = blocking(move || {
+        self.call(move |client| {
             client.call(
                 Request::VmDelete {
                     name: a.vm.clone(),
@@ -470,8 +477,7 @@ impl Banger {
             )?;
             Ok(format!("deleted {}", a.vm))
         })
-        .await;
-        Ok(answer(r))
+        .await
     }
 }
 
