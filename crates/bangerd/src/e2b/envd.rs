@@ -121,13 +121,15 @@ pub(super) fn unary_err(w: &mut TcpStream, e: &RpcErr) -> std::io::Result<bool> 
     Ok(true)
 }
 
-/// One envd request: whether the connection may carry another.
-pub fn handle(d: &Arc<Daemon>, req: &Request, w: &mut TcpStream) -> std::io::Result<bool> {
-    let id = req.header("e2b-sandbox-id").unwrap_or_default();
-    let vm = match sandbox(d, id, req.header("x-access-token")) {
-        Ok(vm) => vm,
-        Err((status, m)) => return plain(w, status, &m),
-    };
+/// One envd request for `vm`, whose token was judged on the request's
+/// head (`sandbox`): whether the connection may carry another.
+pub fn handle(
+    d: &Arc<Daemon>,
+    vm: VmRecord,
+    req: &Request,
+    w: &mut TcpStream,
+) -> std::io::Result<bool> {
+    let id = vm.name.clone();
     let user = match user_of(req) {
         Ok(u) => u,
         Err(e) => return plain(w, 401, &e),

@@ -419,24 +419,38 @@ fn accept_loop(d: Arc<Daemon>, listener: TcpListener, stop: Arc<AtomicBool>) {
 /// The body a request may carry, judged on its head, before any of it is
 /// read: its credentials first (a key, or a sandbox's token), then its
 /// size (uploads are large, the rest JSON).
-fn body_max(d: &Daemon, req: &http::Request) -> std::result::Result<usize, (u16, String)> {
+/// What a request's credentials were found to stand for, on its head.
+enum Vouched {
+    /// envd's: the sandbox's VM.
+    Envd(Box<banger_core::VmRecord>),
+    /// REST's: the key's user, and the key.
+    Rest(Box<(Caller, Key)>),
+    /// `GET /health`, which needs none.
+    Health,
+}
+
+fn body_max(
+    d: &Daemon,
+    req: &http::Request,
+) -> std::result::Result<(usize, Vouched), (u16, String)> {
     if let Some(id) = req.header("e2b-sandbox-id") {
-        envd::sandbox(d, id, req.header("x-access-token"))?;
-        return Ok(if req.method == "POST" && req.path == "/files" {
+        let vm = envd::sandbox(d, id, req.header("x-access-token"))?;
+        let max = if req.method == "POST" && req.path == "/files" {
             envd::UPLOAD_MAX
         } else {
             1 << 20
-        });
+        };
+        return Ok((max, Vouched::Envd(Box::new(vm))));
     }
     if req.method == "GET" && req.path == "/health" {
-        return Ok(0);
+        return Ok((0, Vouched::Health));
     }
     let key = req.header("x-api-key").ok_or((
         401,
         "no X-API-Key: make one with `banger api token create`".to_string(),
     ))?;
-    caller_of(d, key).map_err(|f| (f.status, f.message))?;
-    Ok(1 << 20)
+    let who = caller_of(d, key).map_err(|f| (f.status, f.message))?;
+    Ok((1 << 20, Vouched::Rest(Box::new(who))))
 }
 
 fn serve(d: &Arc<Daemon>, s: TcpStream, stop: &AtomicBool) {
@@ -446,7 +460,14 @@ fn serve(d: &Arc<Daemon>, s: TcpStream, stop: &AtomicBool) {
         Err(_) => return,
     };
     loop {
-        let req = match conn.next(&|r| body_max(d, r)) {
+        // Credentials are judged once, on the head; what they stand for
+        // goes on to the handler.
+        let vouched = std::cell::RefCell::new(None);
+        let req = match conn.next(&|r| {
+            let (max, v) = body_max(d, r)?;
+            *vouched.borrow_mut() = Some(v);
+            Ok(max)
+        }) {
             Ok(Some(r)) => r,
             Ok(None) | Err(http::HttpError::Closed) => return,
             Err(e) => {
@@ -462,7 +483,10 @@ fn serve(d: &Arc<Daemon>, s: TcpStream, stop: &AtomicBool) {
                 return;
             }
         };
-        let keep = match route(d, &req, &mut conn.w) {
+        let Some(vouched) = vouched.into_inner() else {
+            return;
+        };
+        let keep = match route(d, &req, vouched, &mut conn.w) {
             Ok(keep) => keep,
             Err(_) => return,
         };
@@ -474,26 +498,23 @@ fn serve(d: &Arc<Daemon>, s: TcpStream, stop: &AtomicBool) {
 
 /// Answers one request: whether the connection may carry another (a
 /// streamed answer ends it).
-fn route(d: &Arc<Daemon>, req: &http::Request, w: &mut TcpStream) -> std::io::Result<bool> {
-    if req.header("e2b-sandbox-id").is_some() {
-        return envd::handle(d, req, w);
-    }
-    if req.method == "GET" && req.path == "/health" {
-        http::respond(w, 204, &[], b"")?;
-        return Ok(true);
-    }
-    let (caller, key) = match req
-        .header("x-api-key")
-        .ok_or_else(|| Fault::new(401, "no X-API-Key: make one with `banger api token create`"))
-        .and_then(|k| caller_of(d, k))
-    {
-        Ok(c) => c,
-        Err(f) => {
-            rest::fault(w, &f, false)?;
-            return Ok(true);
+fn route(
+    d: &Arc<Daemon>,
+    req: &http::Request,
+    vouched: Vouched,
+    w: &mut TcpStream,
+) -> std::io::Result<bool> {
+    match vouched {
+        Vouched::Envd(vm) => envd::handle(d, *vm, req, w),
+        Vouched::Health => {
+            http::respond(w, 204, &[], b"")?;
+            Ok(true)
         }
-    };
-    rest::handle(d, &caller, &key, req, w)
+        Vouched::Rest(who) => {
+            let (caller, key) = *who;
+            rest::handle(d, &caller, &key, req, w)
+        }
+    }
 }
 
 /// The API key a request came with (its row).
