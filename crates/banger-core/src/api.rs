@@ -242,6 +242,46 @@ pub struct CreateVm {
     pub env: Vec<(String, String)>,
 }
 
+/// Labels and environment at most this many each.
+pub const LABELS_MAX: usize = 64;
+
+impl CreateVm {
+    /// A create's labels and environment, bounded: names and values of
+    /// sensible sizes, names without `=` or control characters (they go into
+    /// a guest's environment, and are shown in a terminal escaped).
+    pub fn check_labels(&self) -> Result<(), String> {
+        if self.metadata.len() > LABELS_MAX || self.env.len() > LABELS_MAX {
+            return Err(format!(
+                "at most {LABELS_MAX} metadata entries and {LABELS_MAX} environment variables"
+            ));
+        }
+        for (k, v) in &self.metadata {
+            if k.is_empty() || k.len() > 128 || v.len() > 1024 {
+                return Err(format!(
+                    "metadata {:?}: a key of 1 to 128 bytes, a value of at most 1024",
+                    crate::text::escape_control(&k.chars().take(128).collect::<String>(), false)
+                ));
+            }
+        }
+        for (k, v) in &self.env {
+            let bad = k.is_empty()
+                || k.len() > 256
+                || v.len() > 32 << 10
+                || k.contains('=')
+                || k.chars().any(char::is_control)
+                || v.contains('\0');
+            if bad {
+                return Err(format!(
+                    "environment variable {:?}: a name of 1 to 256 bytes without '=' or control \
+                     characters, a value of at most 32 KiB without NUL",
+                    crate::text::escape_control(&k.chars().take(256).collect::<String>(), false)
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Reply {

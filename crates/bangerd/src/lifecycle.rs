@@ -121,7 +121,7 @@ impl Daemon {
             banger_core::validate_name(n)
                 .map_err(|e| DaemonError::Invalid(format!("--network {n:?}: {e}")))?;
         }
-        check_labels(req)?;
+        req.check_labels().map_err(DaemonError::Invalid)?;
         if req.net.none && !req.net.allow.is_empty() {
             let ranges: Vec<String> = req.net.allow.iter().map(|c| c.to_string()).collect();
             return Err(DaemonError::Invalid(format!(
@@ -669,41 +669,3 @@ pub(crate) const CREATE_ROLLBACK: Teardown = Teardown {
         deleting: true,
     },
 };
-
-/// Labels and environment at most this many each.
-const LABELS_MAX: usize = 64;
-
-/// A create's labels and environment, bounded: names and values of
-/// sensible sizes, names without `=` or control characters (they go into
-/// a guest's environment, and are shown in a terminal escaped).
-fn check_labels(req: &CreateVm) -> Result<()> {
-    if req.metadata.len() > LABELS_MAX || req.env.len() > LABELS_MAX {
-        return Err(DaemonError::Invalid(format!(
-            "at most {LABELS_MAX} metadata entries and {LABELS_MAX} environment variables"
-        )));
-    }
-    for (k, v) in &req.metadata {
-        if k.is_empty() || k.len() > 128 || v.len() > 1024 {
-            return Err(DaemonError::Invalid(format!(
-                "metadata {:?}: a key of 1 to 128 bytes, a value of at most 1024",
-                banger_core::text::escape_control(&k.chars().take(128).collect::<String>(), false)
-            )));
-        }
-    }
-    for (k, v) in &req.env {
-        let bad = k.is_empty()
-            || k.len() > 256
-            || v.len() > 32 << 10
-            || k.contains('=')
-            || k.chars().any(char::is_control)
-            || v.contains('\0');
-        if bad {
-            return Err(DaemonError::Invalid(format!(
-                "environment variable {:?}: a name of 1 to 256 bytes without '=' or control \
-                 characters, a value of at most 32 KiB without NUL",
-                banger_core::text::escape_control(&k.chars().take(256).collect::<String>(), false)
-            )));
-        }
-    }
-    Ok(())
-}
