@@ -36,7 +36,7 @@ fn sdk(inst: &Instance, addr: &str, key: &str, script: &str) -> (serde_json::Val
     let url = format!("http://{addr}");
     let mut c = inst.net.cmd(python());
     c.arg("-c")
-        .arg(script)
+        .arg(format!("{PRELUDE}{script}"))
         .env("E2B_API_URL", &url)
         .env("E2B_SANDBOX_URL", &url)
         .env("E2B_API_KEY", key)
@@ -166,17 +166,22 @@ print(json.dumps(out))
 "#;
 
 /// What a client that is not an SDK may send: refused, named, bounded.
-const RAW: &str = r#"
+/// What every script gets first: raw HTTP to the API (`ask`: the status
+/// and the body) and the key's headers (`key`).
+const PRELUDE: &str = r#"
 import json, http.client, os
 host, port = os.environ["E2B_API_URL"][len("http://"):].split(":")
 def ask(method, path, body=b"", headers=None):
-    c = http.client.HTTPConnection(host, int(port), timeout=60)
+    c = http.client.HTTPConnection(host, int(port), timeout=300)
     c.request(method, path, body=body, headers=headers or {})
     r = c.getresponse()
     data = r.read()
     c.close()
-    return r.status, data.decode(errors="replace")
+    return [r.status, data.decode(errors="replace")]
 key = {"X-API-Key": os.environ["E2B_API_KEY"], "Content-Type": "application/json"}
+"#;
+
+const RAW: &str = r#"
 out = {}
 out["no_key"] = ask("GET", "/v2/sandboxes")[0]
 out["too_big"] = ask("POST", "/v2/sandboxes", b"x" * (2 << 20), key)[0]
@@ -440,18 +445,10 @@ fn a_members_key_has_the_members_rights() {
     );
 
     const ASK: &str = r#"
-import json, http.client, os
-host, port = os.environ["E2B_API_URL"][len("http://"):].split(":")
-def ask(method, path):
-    c = http.client.HTTPConnection(host, int(port), timeout=60)
-    c.request(method, path, headers={"X-API-Key": os.environ["E2B_API_KEY"]})
-    r = c.getresponse()
-    body = r.read().decode(errors="replace")
-    return [r.status, body]
-listed = ask("GET", "/v2/sandboxes")
+listed = ask("GET", "/v2/sandboxes", headers=key)
 ids = [s["sandboxID"] for s in json.loads(listed[1])] if listed[0] == 200 else listed
-print(json.dumps({"listed": ids, "info": ask("GET", "/sandboxes/rootvm")[0],
-                  "kill": ask("DELETE", "/sandboxes/rootvm")[0]}))
+print(json.dumps({"listed": ids, "info": ask("GET", "/sandboxes/rootvm", headers=key)[0],
+                  "kill": ask("DELETE", "/sandboxes/rootvm", headers=key)[0]}))
 "#;
     let (v, out) = sdk(&inst, &addr, &member_key, ASK);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -467,7 +464,7 @@ print(json.dumps({"listed": ids, "info": ask("GET", "/sandboxes/rootvm")[0],
         &addr,
         &root_key,
         ASK.replace(
-            "\"kill\": ask(\"DELETE\", \"/sandboxes/rootvm\")[0]",
+            "\"kill\": ask(\"DELETE\", \"/sandboxes/rootvm\", headers=key)[0]",
             "\"kill\": 0",
         )
         .as_str(),
@@ -477,14 +474,6 @@ print(json.dumps({"listed": ids, "info": ask("GET", "/sandboxes/rootvm")[0],
 
     // A sandbox of the member's: its envd token ends with their key.
     const ENVD: &str = r#"
-import json, http.client, os
-host, port = os.environ["E2B_API_URL"][len("http://"):].split(":")
-def ask(method, path, body=b"", headers=None):
-    c = http.client.HTTPConnection(host, int(port), timeout=300)
-    c.request(method, path, body=body, headers=headers or {})
-    r = c.getresponse()
-    return r.status, r.read().decode(errors="replace")
-key = {"X-API-Key": os.environ["E2B_API_KEY"], "Content-Type": "application/json"}
 st, made = ask("POST", "/v2/sandboxes", b'{"templateID":"base"}', key)
 s = json.loads(made)
 envd = {"E2b-Sandbox-Id": s["sandboxID"], "X-Access-Token": s["envdAccessToken"],
@@ -510,13 +499,10 @@ print(json.dumps({"made": st, "id": s["sandboxID"], "token": s["envdAccessToken"
     );
     let stat_again = format!(
         r#"
-import json, http.client, os
-host, port = os.environ["E2B_API_URL"][len("http://"):].split(":")
-c = http.client.HTTPConnection(host, int(port), timeout=60)
-c.request("POST", "/filesystem.Filesystem/Stat", body=b'{{"path":"/"}}',
-          headers={{"E2b-Sandbox-Id": "{sid}", "X-Access-Token": "{token}",
-                   "Content-Type": "application/json"}})
-print(json.dumps({{"stat": c.getresponse().status}}))
+st = ask("POST", "/filesystem.Filesystem/Stat", b'{{"path":"/"}}',
+         {{"E2b-Sandbox-Id": "{sid}", "X-Access-Token": "{token}",
+          "Content-Type": "application/json"}})[0]
+print(json.dumps({{"stat": st}}))
 "#
     );
     let (v, _) = sdk(&inst, &addr, &second, &stat_again);
