@@ -196,7 +196,15 @@ impl Conn<'_> {
             .name("hangup".into())
             .spawn(move || {
                 let mut buf = [0u8; 64];
-                while matches!(reader.read(&mut buf), Ok(n) if n > 0) {}
+                // Only the client's end (or a real error) cancels, not
+                // a signal's interruption.
+                loop {
+                    match reader.read(&mut buf) {
+                        Ok(n) if n > 0 => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        _ => break,
+                    }
+                }
                 t.cancel();
             })
             .map_err(|e| DaemonError::Invalid(format!("cannot watch the connection: {e}")))?;

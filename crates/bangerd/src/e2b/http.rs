@@ -151,7 +151,13 @@ impl Read for Timed {
             ));
         }
         self.s.set_read_timeout(Some(left))?;
-        self.s.read(buf)
+        // A signal's interruption (a stop and continue of the daemon
+        // ends a timed socket read with EINTR) is no end of the
+        // connection: the next call reads again with what is left.
+        match self.s.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => self.read(buf),
+            r => r,
+        }
     }
 }
 
@@ -524,5 +530,72 @@ mod tests {
         many.extend_from_slice(b"\r\n");
         assert!(serve(&many).is_err());
         assert!(serve(b"").unwrap().is_none());
+    }
+
+    /// A stop and continue of the daemon (a job-control stop, a freezer,
+    /// a debugger) ends a timed socket read with EINTR; a connection
+    /// waiting for its next request must read on, not answer 400 (CI
+    /// saw `400: connection: Interrupted system call`). The stop would
+    /// hit every test of this process, so it runs in a child process of
+    /// its own.
+    #[test]
+    fn a_stop_and_continue_does_not_end_a_connection() {
+        const CHILD: &str = "BANGER_TEST_STOPPED_CHILD";
+        if std::env::var_os(CHILD).is_none() {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "e2b::http::tests::a_stop_and_continue_does_not_end_a_connection",
+                    "--nocapture",
+                ])
+                .env(CHILD, "1")
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "{text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(text.contains("1 passed"), "the child ran no test: {text}");
+            return;
+        }
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let server = std::thread::spawn(move || {
+            tid_tx.send(nix::unistd::gettid().as_raw()).unwrap();
+            let mut conn = Conn::new(s).unwrap();
+            conn.next(&|_| Ok(16)).map(|r| r.map(|r| r.path))
+        });
+        // Stopped while it waits in its read (the kernel's word for what
+        // the thread is doing, not a guess at how long it takes).
+        let tid = tid_rx.recv().unwrap();
+        let syscall = format!("/proc/self/task/{tid}/syscall");
+        let waits = |nr: &str| {
+            // read(2) and recvfrom(2) on x86_64 and aarch64.
+            let nrs: &[&str] = if cfg!(target_arch = "aarch64") {
+                &["63", "207"]
+            } else {
+                &["0", "45"]
+            };
+            nrs.contains(&nr)
+        };
+        while !std::fs::read_to_string(&syscall)
+            .is_ok_and(|t| waits(t.split(' ').next().unwrap_or("")))
+        {
+            std::thread::yield_now();
+        }
+        // From outside: a stopped process cannot continue itself.
+        let pid = std::process::id().to_string();
+        let st = std::process::Command::new("sh")
+            .args(["-c", "kill -STOP \"$0\" && kill -CONT \"$0\"", &pid])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        c.write_all(b"GET /after HTTP/1.1\r\n\r\n").unwrap();
+        let r = server.join().unwrap();
+        assert_eq!(r.unwrap().as_deref(), Some("/after"));
     }
 }

@@ -210,6 +210,7 @@ fn copy(mut from: TcpStream, mut to: TcpStream, idle: Duration, last: &Mutex<Ins
                     return;
                 }
             }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(_) => break,
         }
     }

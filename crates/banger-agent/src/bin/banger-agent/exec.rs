@@ -453,6 +453,7 @@ fn pump(p: &Proc, kind: Kind, mut f: File) {
     loop {
         // A PTY's master reads EIO once the last slave is closed: its end.
         let n = match f.read(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
