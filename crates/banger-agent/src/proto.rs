@@ -408,6 +408,14 @@ pub struct GuestStats {
     pub load: [f64; 3],
     pub uptime_secs: f64,
     pub processes: u32,
+    /// The page cache (`Cached:`), and the root filesystem's size and
+    /// free bytes (0 from an agent older than these fields).
+    #[serde(default)]
+    pub mem_cached_kib: u64,
+    #[serde(default)]
+    pub disk_total_bytes: u64,
+    #[serde(default)]
+    pub disk_free_bytes: u64,
 }
 
 /// Loads are compared as values (never NaN: parsed from /proc).

@@ -446,6 +446,14 @@ pub struct GuestSample {
     pub mem_available_bytes: u64,
     pub load1: f64,
     pub processes: u32,
+    /// The page cache, and the root filesystem's size and use (0 when the
+    /// guest's agent is older than these numbers).
+    #[serde(default)]
+    pub mem_cached_bytes: u64,
+    #[serde(default)]
+    pub disk_total_bytes: u64,
+    #[serde(default)]
+    pub disk_used_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

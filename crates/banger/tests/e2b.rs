@@ -151,6 +151,9 @@ async def watch_async():
 out["async_watched"] = asyncio.run(watch_async())
 info = sbx.get_info()
 out["info"] = [info.state.value, info.metadata, info.cpu_count > 0]
+m = sbx.get_metrics()
+out["metrics"] = [len(m), m[0].cpu_count == info.cpu_count, 0 < m[0].mem_used < m[0].mem_total,
+    0 < m[0].mem_cache, 0 < m[0].disk_used < m[0].disk_total, 0 <= m[0].cpu_used_pct <= 100]
 page = Sandbox.list(query=SandboxQuery(metadata={"purpose": "e2b-test"})).next_items()
 out["listed"] = [s.sandbox_id for s in page]
 none = Sandbox.list(query=SandboxQuery(metadata={"purpose": "other"})).next_items()
@@ -158,6 +161,7 @@ out["listed_other"] = [s.sandbox_id for s in none]
 sbx.set_timeout(900)
 out["paused"] = sbx.pause()
 out["paused_again"] = sbx.pause()
+out["paused_metrics"] = len(Sandbox.get_metrics(sbx.sandbox_id))
 back = Sandbox.connect(sbx.sandbox_id)
 out["after_resume"] = back.commands.run("echo back").stdout
 out["killed"] = back.kill()
@@ -194,8 +198,14 @@ out["no_token"] = ask("POST", "/filesystem.Filesystem/Stat", b'{"path":"/"}', en
 out["bad_token"] = ask("POST", "/filesystem.Filesystem/Stat", b'{"path":"/"}', dict(envd, **{"X-Access-Token": token[:-1] + ("1" if token[-1] == "0" else "0")}))[0]
 envd["X-Access-Token"] = token
 out["stat"] = ask("POST", "/filesystem.Filesystem/Stat", b'{"path":"/etc/hostname"}', envd)
+# Addressed by host name, as SDKs without E2B_SANDBOX_URL do.
+by_host = {"Host": "49983-" + sid + ".e2b.local", "X-Access-Token": token, "Content-Type": "application/json"}
+out["by_host"] = ask("POST", "/filesystem.Filesystem/Stat", b'{"path":"/etc/hostname"}', by_host)[0]
 envd["Content-Type"] = "application/connect+json"
 out["short_envelope"] = ask("POST", "/process.Process/Start", b"\x00\x00\x00\x10{}", envd)
+many = ask("GET", "/sandboxes/metrics?sandbox_ids=" + sid + ",no-such-sandbox", b"", key)
+out["many_metrics"] = [many[0], sorted(json.loads(many[1])["sandboxes"])]
+out["bad_start"] = ask("GET", "/sandboxes/" + sid + "/metrics?start=soon", b"", key)[0]
 print(json.dumps(out))
 "#;
 
@@ -280,6 +290,9 @@ fn e2bs_sdk_drives_banger_vms() {
         "{v}"
     );
     assert_eq!(v["short_envelope"][0], 400, "{v}");
+    assert_eq!(v["by_host"], 200, "{v}");
+    assert_eq!(v["many_metrics"], serde_json::json!([200, [id]]), "{v}");
+    assert_eq!(v["bad_start"], 400, "{v}");
     assert!(
         v["short_envelope"][1]
             .as_str()
@@ -319,7 +332,16 @@ fn e2bs_sdk_drives_banger_vms() {
     assert_eq!(v["async_watched"], true, "{v}");
     assert_eq!(v["listed"], serde_json::json!([id]), "{v}");
     assert_eq!(v["listed_other"], serde_json::json!([]), "{v}");
+    assert_eq!(
+        v["metrics"],
+        serde_json::json!([1, true, true, true, true, true]),
+        "{v}"
+    );
     assert_eq!(v["paused"], true, "{v}");
+    assert_eq!(
+        v["paused_metrics"], 0,
+        "a paused sandbox has no sample: {v}"
+    );
     assert_eq!(v["paused_again"], false, "a paused sandbox: 409: {v}");
     assert_eq!(v["after_resume"], "back\n", "{v}");
     assert_eq!(v["killed"], true, "{v}");

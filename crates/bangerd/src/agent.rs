@@ -147,6 +147,9 @@ impl Daemon {
                     0.0
                 },
                 processes: s.processes,
+                mem_cached_bytes: s.mem_cached_kib.saturating_mul(1024),
+                disk_total_bytes: s.disk_total_bytes,
+                disk_used_bytes: s.disk_total_bytes.saturating_sub(s.disk_free_bytes),
             }),
             _ => None,
         }

@@ -433,7 +433,10 @@ fn body_max(
     d: &Daemon,
     req: &http::Request,
 ) -> std::result::Result<(usize, Vouched), (u16, String)> {
-    if let Some(id) = req.header("e2b-sandbox-id") {
+    if let Some(id) = req
+        .header("e2b-sandbox-id")
+        .or_else(|| envd_host(req.header("host")))
+    {
         let vm = envd::sandbox(d, id, req.header("x-access-token"))?;
         let max = if req.method == "POST" && req.path == "/files" {
             envd::UPLOAD_MAX
@@ -452,6 +455,19 @@ fn body_max(
     let who = caller_of(d, key).map_err(|f| (f.status, f.message))?;
     Ok((1 << 20, Vouched::Rest(Box::new(who))))
 }
+
+/// The sandbox an envd request names by host, as SDKs without
+/// `E2B_SANDBOX_URL` (and those before the `E2b-Sandbox-Id` header)
+/// address it: `49983-<sandbox ID>.<domain>[:port]`. Any other port's
+/// host (a sandbox's own service) is no envd request.
+fn envd_host(host: Option<&str>) -> Option<&str> {
+    let (label, _) = host?.split_once('.')?;
+    let id = label.strip_prefix(ENVD_PORT_PREFIX)?;
+    (!id.is_empty()).then_some(id)
+}
+
+/// envd's port in E2B's sandboxes, as it starts a host name.
+const ENVD_PORT_PREFIX: &str = "49983-";
 
 fn serve(d: &Arc<Daemon>, s: TcpStream, stop: &AtomicBool) {
     let _ = s.set_nodelay(true);
@@ -662,6 +678,21 @@ pub(crate) fn rfc3339(unix: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn envd_hosts_name_their_sandbox() {
+        assert_eq!(
+            envd_host(Some("49983-keen-seal.e2b.local:3000")),
+            Some("keen-seal")
+        );
+        assert_eq!(envd_host(Some("49983-a.localhost")), Some("a"));
+        // Another port's service, the API's own host, nothing: not envd.
+        assert_eq!(envd_host(Some("8080-keen-seal.e2b.local")), None);
+        assert_eq!(envd_host(Some("api.e2b.local")), None);
+        assert_eq!(envd_host(Some("49983-.e2b.local")), None);
+        assert_eq!(envd_host(Some("127.0.0.1:3000")), None);
+        assert_eq!(envd_host(None), None);
+    }
 
     #[test]
     fn times_are_rfc3339() {

@@ -72,6 +72,10 @@ pub fn handle(
         return Ok(true);
     }
     let r = match (m, parts.as_slice()) {
+        ("GET", ["sandboxes", "metrics"]) => many_metrics(d, caller, req).map(|v| (200, Some(v))),
+        ("GET", ["sandboxes", id, "metrics"]) => vm_of(d, caller, id)
+            .and_then(|vm| metrics(d, &vm, req))
+            .map(|v| (200, Some(v))),
         ("POST", ["sandboxes"]) => create(d, caller, key, req, false).map(|v| (201, Some(v))),
         ("POST", ["v2", "sandboxes"]) => create(d, caller, key, req, true).map(|v| (201, Some(v))),
         ("GET", ["sandboxes", id]) => vm_of(d, caller, id)
@@ -306,6 +310,93 @@ fn detail(d: &Daemon, vm: &VmRecord, key: Option<&super::Key>) -> Result<Value, 
         v["envdAccessToken"] = json!(super::access_token(d, &vm.name, key).map_err(Fault::from)?);
     }
     Ok(v)
+}
+
+/// A `SandboxMetric` of a running sandbox, now: the guest's own numbers
+/// (memory, page cache and root filesystem from its agent), CPU as the
+/// host sees its VMM (its share of the sandbox's vCPUs over the poller's
+/// last interval). A guest that does not answer in time gets the host's
+/// view of memory (its cgroup's use) and disk (its files' blocks) and
+/// the sizes it was given. `None` when it is not running.
+fn metric_of(d: &Daemon, vm: &VmRecord) -> Option<Value> {
+    let s = d.vm_stats(Some(&vm.name)).ok()?.into_iter().next()?;
+    let cpus = vm.spec.sizing.cpus.max(1);
+    let mib = 1024 * 1024;
+    let (mem_used, mem_total, mem_cache, disk_used, disk_total) = match &s.guest {
+        Some(g) if g.disk_total_bytes > 0 => (
+            g.mem_total_bytes.saturating_sub(g.mem_available_bytes),
+            g.mem_total_bytes,
+            g.mem_cached_bytes,
+            g.disk_used_bytes,
+            g.disk_total_bytes,
+        ),
+        _ => (
+            s.cgroup_memory_bytes,
+            u64::from(vm.spec.sizing.memory_mib) * mib,
+            0,
+            s.disk_bytes,
+            u64::from(vm.spec.sizing.disk_mib) * mib,
+        ),
+    };
+    let now = banger_core::unix_now();
+    let pct = (s.cpu_percent / f64::from(cpus)).clamp(0.0, 100.0);
+    Some(json!({
+        "timestamp": super::rfc3339(now),
+        "timestampUnix": now,
+        "cpuCount": cpus,
+        "cpuUsedPct": (pct * 100.0).round() / 100.0,
+        "memUsed": mem_used,
+        "memTotal": mem_total,
+        "memCache": mem_cache,
+        "diskUsed": disk_used,
+        "diskTotal": disk_total,
+    }))
+}
+
+/// `GET /sandboxes/{id}/metrics`: banger keeps no history, so the series
+/// is the one sample of now, if it falls within `start`..`end` (Unix
+/// seconds) and the sandbox runs.
+fn metrics(d: &Daemon, vm: &VmRecord, req: &Request) -> Result<Value, Fault> {
+    let bound = |name: &str| -> Result<Option<i64>, Fault> {
+        req.param(name)
+            .map(|v| {
+                v.parse::<i64>()
+                    .map_err(|_| Fault::new(400, format!("{name} {v:?}: not Unix seconds")))
+            })
+            .transpose()
+    };
+    let (start, end) = (bound("start")?, bound("end")?);
+    let now = banger_core::unix_now();
+    if start.is_some_and(|s| s > now) || end.is_some_and(|e| e < now) {
+        return Ok(json!([]));
+    }
+    Ok(Value::Array(metric_of(d, vm).into_iter().collect()))
+}
+
+/// `GET /sandboxes/metrics?sandbox_ids=a,b`: the latest metric of each
+/// named sandbox the caller may use and that runs (at most 100).
+fn many_metrics(d: &Daemon, caller: &Caller, req: &Request) -> Result<Value, Fault> {
+    let ids: Vec<&str> = req
+        .param("sandbox_ids")
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    if ids.len() > 100 {
+        return Err(Fault::new(
+            400,
+            format!("{} sandbox IDs: ask for at most 100 at once", ids.len()),
+        ));
+    }
+    let mut out = serde_json::Map::new();
+    for id in ids {
+        // One the caller may not see is left out, as an unknown one.
+        if let Some(m) = vm_of(d, caller, id).ok().and_then(|vm| metric_of(d, &vm)) {
+            out.insert(id.to_string(), m);
+        }
+    }
+    Ok(json!({ "sandboxes": out }))
 }
 
 fn kill(d: &Daemon, caller: &Caller, id: &str) -> Result<(), Fault> {

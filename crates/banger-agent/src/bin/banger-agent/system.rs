@@ -36,6 +36,15 @@ pub fn stats() -> Result<GuestStats, String> {
         .next()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
+    // The root filesystem as `df /` sees it: its size, and what is free
+    // to anyone (not the blocks only root may use).
+    let disk = nix::sys::statvfs::statvfs("/").ok().map(|v| {
+        let frag = v.fragment_size() as u64;
+        (
+            (v.blocks() as u64).saturating_mul(frag),
+            (v.blocks_available() as u64).saturating_mul(frag),
+        )
+    });
     let processes = std::fs::read_dir("/proc")
         .map(|d| {
             d.filter_map(Result::ok)
@@ -60,6 +69,9 @@ pub fn stats() -> Result<GuestStats, String> {
         ],
         uptime_secs: uptime,
         processes,
+        mem_cached_kib: kib("Cached:"),
+        disk_total_bytes: disk.map_or(0, |d| d.0),
+        disk_free_bytes: disk.map_or(0, |d| d.1),
     })
 }
 
