@@ -27,6 +27,10 @@ export BANGER_TEST_IMAGE
 # E2B's own SDK, which the E2B-compatible API's tests drive it with.
 BANGER_E2B_PYTHON=$(./scripts/e2b-sdk.sh)
 export BANGER_E2B_PYTHON
+# And its JavaScript SDK (empty where Node.js is too old: that test then
+# says it did not run).
+BANGER_E2B_JS=$(./scripts/e2b-js-sdk.sh)
+export BANGER_E2B_JS
 # The Debian package (a release build), and the fresh Debian tree the
 # package test installs it into.
 BANGER_TEST_DEB=$(./scripts/package.sh)

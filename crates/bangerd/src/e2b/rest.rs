@@ -332,10 +332,10 @@ fn metric_of(d: &Daemon, vm: &VmRecord) -> Option<Value> {
         ),
         _ => (
             s.cgroup_memory_bytes,
-            u64::from(vm.spec.sizing.memory_mib) * mib,
+            vm.spec.sizing.memory_mib.saturating_mul(mib),
             0,
             s.disk_bytes,
-            u64::from(vm.spec.sizing.disk_mib) * mib,
+            vm.spec.sizing.disk_mib.saturating_mul(mib),
         ),
     };
     let now = banger_core::unix_now();

@@ -39,10 +39,10 @@ pub fn stats() -> Result<GuestStats, String> {
     // The root filesystem as `df /` sees it: its size, and what is free
     // to anyone (not the blocks only root may use).
     let disk = nix::sys::statvfs::statvfs("/").ok().map(|v| {
-        let frag = v.fragment_size() as u64;
+        let frag = v.fragment_size();
         (
-            (v.blocks() as u64).saturating_mul(frag),
-            (v.blocks_available() as u64).saturating_mul(frag),
+            v.blocks().saturating_mul(frag),
+            v.blocks_available().saturating_mul(frag),
         )
     });
     let processes = std::fs::read_dir("/proc")
