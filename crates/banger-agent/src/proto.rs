@@ -11,6 +11,7 @@
 //! multiplexer's windows would, and a slow stream never blocks another.
 //! A connection costs one `CONNECT` on the VMM's Unix socket (hybrid vsock).
 
+use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize};
@@ -19,6 +20,41 @@ use thiserror::Error;
 /// Bumped on any incompatible change; a mismatch is refused with both
 /// versions named.
 pub const VERSION: u32 = 1;
+
+/// A file's metadata (E2B's) lives in extended attributes under this
+/// prefix, at most [`META_KEYS`] of them, each key at most
+/// [`META_KEY_MAX`] bytes (the prefix and key within the kernel's 255) of
+/// HTTP token characters, lowercase, each value at most [`META_VALUE_MAX`]
+/// bytes of printable ASCII.
+pub const META_PREFIX: &str = "user.e2b.";
+pub const META_KEYS: usize = 64;
+pub const META_KEY_MAX: usize = 246;
+pub const META_VALUE_MAX: usize = 4096;
+
+/// Why `meta` is no file metadata banger keeps (see [`META_PREFIX`]).
+pub fn check_meta(meta: &BTreeMap<String, String>) -> Result<(), String> {
+    if meta.len() > META_KEYS {
+        return Err(format!("{} metadata keys: at most {META_KEYS}", meta.len()));
+    }
+    for (k, v) in meta {
+        let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+        if k.is_empty() || k.len() > META_KEY_MAX || !k.chars().all(token) {
+            return Err(format!(
+                "metadata key {:?}: 1 to {META_KEY_MAX} letters, digits or !#$%&'*+-.^_`|~",
+                k.chars().take(64).collect::<String>()
+            ));
+        }
+        if k.chars().any(|c| c.is_ascii_uppercase()) {
+            return Err(format!("metadata key {k:?}: keys are lowercase"));
+        }
+        if v.len() > META_VALUE_MAX || !v.chars().all(|c| (' '..='~').contains(&c)) {
+            return Err(format!(
+                "metadata {k:?}: a value is at most {META_VALUE_MAX} printable ASCII characters"
+            ));
+        }
+    }
+    Ok(())
+}
 
 /// The guest port the agent listens on (host-initiated calls).
 pub const AGENT_PORT: u32 = 1024;
@@ -297,6 +333,21 @@ pub enum Call {
     Watch {
         path: String,
         recursive: bool,
+        /// Each event carries the stat of what it is about, where it
+        /// still exists.
+        #[serde(default)]
+        entries: bool,
+        /// A path on a network filesystem (NFS, CIFS/SMB, FUSE, so
+        /// virtio-fs too), whose events may never come, is refused
+        /// unless this is set.
+        #[serde(default)]
+        network_mounts: bool,
+    },
+    /// Makes `meta` the file's whole metadata (see [`META_PREFIX`]): the
+    /// keys it lacks are removed. Answered with the file's [`Msg::Stat`].
+    SetMeta {
+        path: String,
+        meta: BTreeMap<String, String>,
     },
     /// [`Msg::Stats`].
     Stats,
@@ -396,6 +447,15 @@ pub struct FileStat {
     pub uid: u32,
     pub gid: u32,
     pub link: Option<String>,
+    /// Its metadata (see [`META_PREFIX`]; the prefix taken off).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub meta: BTreeMap<String, String>,
+    /// The names of its owner and group in the guest's /etc/passwd and
+    /// /etc/group, where they have one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -457,6 +517,9 @@ pub enum Msg {
         path: String,
         /// "create", "modify", "remove", "rename", "attrib".
         kind: String,
+        /// The stat of `path`, when asked for and it still exists.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        entry: Option<Box<FileStat>>,
     },
     Stats(GuestStats),
     Done,

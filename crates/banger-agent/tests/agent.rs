@@ -509,6 +509,55 @@ fn file_operations_and_watch(a: &Agent) {
         }
         m => panic!("{m:?}"),
     }
+    // Metadata: set as a whole (a key left out goes), read back by stat
+    // and list, checked; owner and group by name.
+    let set = |meta: &[(&str, &str)]| {
+        client::call(
+            a.conn(),
+            Call::SetMeta {
+                path: p("a/g"),
+                meta: meta
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            },
+        )
+    };
+    set(&[("purpose", "test"), ("gone", "soon")]).unwrap();
+    match set(&[("purpose", "kept")]).unwrap() {
+        Msg::Stat(s) => {
+            assert_eq!(
+                s.meta.into_iter().collect::<Vec<_>>(),
+                [("purpose".to_string(), "kept".to_string())]
+            );
+            assert_eq!(
+                (s.owner.as_deref(), s.group.as_deref()),
+                (Some("root"), Some("root"))
+            );
+        }
+        m => panic!("{m:?}"),
+    }
+    match client::call(a.conn(), Call::List { path: p("a") }).unwrap() {
+        Msg::Entries { list } => assert_eq!(list[1].meta["purpose"], "kept", "{list:?}"),
+        m => panic!("{m:?}"),
+    }
+    for bad in [("Upper", "v"), ("sp ace", "v"), ("k", "new\nline")] {
+        let e = set(&[bad]).unwrap_err();
+        assert!(e.to_string().contains("metadata"), "{bad:?}: {e}");
+    }
+    std::os::unix::fs::symlink("g", p("a/l")).unwrap();
+    let e = client::call(
+        a.conn(),
+        Call::SetMeta {
+            path: p("a/l"),
+            meta: Default::default(),
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("symlink"), "{e}");
+    set(&[]).unwrap();
+    assert!(xattr::list(p("a/g")).unwrap().next().is_none(), "cleared");
+
     let e = client::call(
         a.conn(),
         Call::Remove {
@@ -530,13 +579,19 @@ fn file_operations_and_watch(a: &Agent) {
         Call::Watch {
             path: p(""),
             recursive: true,
+            entries: true,
+            network_mounts: false,
         },
     )
     .unwrap();
     assert_eq!(read_msg(&mut c).unwrap(), Msg::Done, "watching");
     std::fs::write(p("new"), "y").unwrap();
     match read_msg(&mut c).unwrap() {
-        Msg::Event { path, kind } => assert_eq!((path, kind.as_str()), (p("new"), "create")),
+        Msg::Event { path, kind, entry } => {
+            assert_eq!((path, kind.as_str()), (p("new"), "create"));
+            let e = entry.expect("asked for");
+            assert_eq!((e.path, e.kind.as_str()), (p("new"), "file"));
+        }
         m => panic!("{m:?}"),
     }
     drop(c);

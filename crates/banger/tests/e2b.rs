@@ -124,18 +124,47 @@ big = bytes(range(256)) * (5 * 4096)
 sbx.files.write("/tmp/e2b/big.bin", big)
 out["big"] = sbx.files.read("/tmp/e2b/big.bin", format="bytes") == big
 sbx.files.remove("/tmp/e2b/big.bin")
+# File metadata (user.e2b.* attributes, on the root filesystem): given on a write, read back by
+# get_info and list, replaced whole by the next write; a gzip upload;
+# owners by name.
+w = sbx.files.write("/root/meta.txt", "m", metadata={"Purpose": "test", "run": "1"})
+out["meta_written"] = w.metadata
+out["meta_info"] = sbx.files.get_info("/root/meta.txt").metadata
+out["meta_listed"] = [e.metadata for e in sbx.files.list("/root") if e.name == "meta.txt"]
+sbx.files.write("/root/meta.txt", "m2")
+out["meta_cleared"] = sbx.files.get_info("/root/meta.txt").metadata
+sbx.files.remove("/root/meta.txt")
+# /tmp is a tmpfs in banger's guests, whose kernel keeps no user
+# attributes there: the file is written, no metadata claimed.
+out["meta_tmpfs"] = sbx.files.write("/tmp/e2b/m.txt", "m", metadata={"k": "v"}).metadata
+sbx.files.remove("/tmp/e2b/m.txt")
+try:
+    sbx.files.write("/tmp/e2b/bad.txt", "x", metadata={"k": "new\nline"})
+    out["meta_bad"] = "written"
+except Exception as e:
+    out["meta_bad"] = type(e).__name__
+sbx.files.write("/tmp/e2b/gz.txt", "zipped " * 1000, gzip=True)
+out["gzip"] = sbx.files.read("/tmp/e2b/gz.txt") == "zipped " * 1000
+sbx.files.remove("/tmp/e2b/gz.txt")
+hello = sbx.files.get_info("/tmp/e2b/hello.txt")
+out["owner"] = [hello.owner, hello.group]
 # Watches: the sync SDK polls a watcher, the async one streams.
 import time, asyncio
-h = sbx.files.watch_dir("/tmp/e2b")
+h = sbx.files.watch_dir("/tmp/e2b", include_entry=True)
 sbx.files.write("/tmp/e2b/w.txt", "x")
 seen = []
+entries = []
 for _ in range(100):
-    seen += [e.name for e in h.get_new_events()]
+    for e in h.get_new_events():
+        seen.append(e.name)
+        if e.entry is not None:
+            entries.append([e.entry.name, e.entry.type.value])
     if "w.txt" in seen:
         break
     time.sleep(0.05)
 h.stop()
 out["watched"] = "w.txt" in seen
+out["watch_entry"] = ["w.txt", "file"] in entries
 from e2b import AsyncSandbox
 async def watch_async():
     a = await AsyncSandbox.connect(sbx.sandbox_id)
@@ -203,9 +232,43 @@ by_host = {"Host": "49983-" + sid + ".e2b.local", "X-Access-Token": token, "Cont
 out["by_host"] = ask("POST", "/filesystem.Filesystem/Stat", b'{"path":"/etc/hostname"}', by_host)[0]
 envd["Content-Type"] = "application/connect+json"
 out["short_envelope"] = ask("POST", "/process.Process/Start", b"\x00\x00\x00\x10{}", envd)
+# Uploads: too much metadata, an unknown coding, a gzip bomb.
+raw = dict(envd, **{"Content-Type": "application/octet-stream"})  # (envd's is connect+json by now)
+out["meta_many"] = ask("POST", "/files?path=/tmp/raw.txt", b"x", dict(raw, **{"X-Metadata-k%d" % i: "v" for i in range(65)}))
+out["coding"] = ask("POST", "/files?path=/tmp/raw.txt", b"x", dict(raw, **{"Content-Encoding": "br"}))[0]
+import zlib
+z = zlib.compressobj(9, zlib.DEFLATED, 31)
+bomb = b"".join(z.compress(bytes(1 << 20)) for _ in range(257)) + z.flush()
+out["bomb"] = [len(bomb) < (1 << 20), ask("POST", "/files?path=/tmp/bomb", bomb, dict(raw, **{"Content-Encoding": "gzip"}))[0]]
+out["stat_after"] = ask("POST", "/filesystem.Filesystem/Stat", b'{"path":"/tmp/bomb"}', dict(envd, **{"Content-Type": "application/json"}))[0]
 many = ask("GET", "/sandboxes/metrics?sandbox_ids=" + sid + ",no-such-sandbox", b"", key)
 out["many_metrics"] = [many[0], sorted(json.loads(many[1])["sandboxes"])]
 out["bad_start"] = ask("GET", "/sandboxes/" + sid + "/metrics?start=soon", b"", key)[0]
+print(json.dumps(out))
+"#;
+
+/// A watch of a network filesystem (a `--mount`: virtio-fs, FUSE to the
+/// guest's kernel) is refused unless asked for, as envd does.
+const NETWORK_WATCH: &str = r#"
+import json, time
+from e2b import Sandbox
+sbx = Sandbox.connect(NAME)
+out = {}
+try:
+    sbx.files.watch_dir("/host")
+    out["refused"] = "watched"
+except Exception as e:
+    out["refused"] = [type(e).__name__, "network filesystem" in str(e)]
+h = sbx.files.watch_dir("/host", allow_network_mounts=True)
+sbx.files.write("/host/seen.txt", "x")
+seen = []
+for _ in range(100):
+    seen += [e.name for e in h.get_new_events()]
+    if "seen.txt" in seen:
+        break
+    time.sleep(0.05)
+h.stop()
+out["allowed"] = "seen.txt" in seen
 print(json.dumps(out))
 "#;
 
@@ -291,6 +354,17 @@ fn e2bs_sdk_drives_banger_vms() {
     );
     assert_eq!(v["short_envelope"][0], 400, "{v}");
     assert_eq!(v["by_host"], 200, "{v}");
+    assert_eq!(v["meta_many"][0], 400, "{v}");
+    assert!(
+        v["meta_many"][1]
+            .as_str()
+            .unwrap()
+            .contains("65 metadata keys: at most 64"),
+        "{v}"
+    );
+    assert_eq!(v["coding"], 415, "{v}");
+    assert_eq!(v["bomb"], serde_json::json!([true, 413]), "{v}");
+    assert_eq!(v["stat_after"], 404, "nothing written: {v}");
     assert_eq!(v["many_metrics"], serde_json::json!([200, [id]]), "{v}");
     assert_eq!(v["bad_start"], 400, "{v}");
     assert!(
@@ -329,6 +403,16 @@ fn e2bs_sdk_drives_banger_vms() {
     assert_eq!(v["pty"], true, "{v}");
     assert_eq!(v["big"], true, "{v}");
     assert_eq!(v["watched"], true, "{v}");
+    assert_eq!(v["watch_entry"], true, "{v}");
+    let meta = serde_json::json!({"purpose": "test", "run": "1"});
+    assert_eq!(v["meta_written"], meta, "{v}");
+    assert_eq!(v["meta_info"], meta, "{v}");
+    assert_eq!(v["meta_listed"], serde_json::json!([meta]), "{v}");
+    assert_eq!(v["meta_cleared"], serde_json::Value::Null, "{v}");
+    assert_eq!(v["meta_tmpfs"], serde_json::Value::Null, "{v}");
+    assert_eq!(v["meta_bad"], "InvalidArgumentException", "{v}");
+    assert_eq!(v["gzip"], true, "{v}");
+    assert_eq!(v["owner"], serde_json::json!(["root", "root"]), "{v}");
     assert_eq!(v["async_watched"], true, "{v}");
     assert_eq!(v["listed"], serde_json::json!([id]), "{v}");
     assert_eq!(v["listed_other"], serde_json::json!([]), "{v}");
@@ -347,6 +431,32 @@ fn e2bs_sdk_drives_banger_vms() {
     assert_eq!(v["killed"], true, "{v}");
     assert_eq!(v["killed_again"], false, "gone: 404: {v}");
     assert!(inst.vm(&id).is_none(), "kill deletes the VM");
+
+    // A network filesystem's watch: refused, unless allowed.
+    let shared = tempfile::tempdir().unwrap();
+    let mount = format!("{}:/host", shared.path().display());
+    ok(
+        &inst.banger(&["vm", "run", "-d", "--name", "mnt", "--mount", &mount]),
+        "vm run -d --mount",
+    );
+    let (v, out) = sdk(
+        &inst,
+        &addr,
+        &key,
+        &NETWORK_WATCH.replace("NAME", "\"mnt\""),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        v["refused"],
+        serde_json::json!(["SandboxException", true]),
+        "{v}"
+    );
+    assert_eq!(v["allowed"], true, "{v}");
+    assert_eq!(
+        std::fs::read_to_string(shared.path().join("seen.txt")).unwrap(),
+        "x"
+    );
+    ok(&inst.banger(&["vm", "rm", "-f", "mnt"]), "vm rm");
 
     // Keys: an unknown one, and one removed, are refused.
     let (v, _) = sdk(&inst, &addr, "banger_not-a-key", BAD_KEY);

@@ -308,13 +308,17 @@ pub(super) fn entry(s: &FileStat) -> Value {
         "size": s.size.to_string(),
         "mode": perm,
         "permissions": perms,
-        "owner": s.uid.to_string(),
-        "group": s.gid.to_string(),
+        // Names where the guest has them, as envd's; else the ids.
+        "owner": s.owner.clone().unwrap_or_else(|| s.uid.to_string()),
+        "group": s.group.clone().unwrap_or_else(|| s.gid.to_string()),
         "modifiedTime": super::rfc3339(s.mtime),
     });
     if let Some(l) = &s.link {
         v["symlinkTarget"] = json!(l);
         v["isSymlink"] = json!(true);
+    }
+    if !s.meta.is_empty() {
+        v["metadata"] = json!(s.meta);
     }
     v
 }
@@ -505,10 +509,15 @@ mod tests {
             mode: 0o100644,
             mtime: 0,
             uid: 0,
-            gid: 0,
+            gid: 1000,
             link: None,
+            meta: [("purpose".to_string(), "test".to_string())].into(),
+            owner: Some("root".into()),
+            group: None,
         });
         assert_eq!(e["name"], "x");
+        assert_eq!((&e["owner"], &e["group"]), (&json!("root"), &json!("1000")));
+        assert_eq!(e["metadata"], json!({"purpose": "test"}));
         assert_eq!(e["size"], "3");
         assert_eq!(e["mode"], 0o644);
         assert_eq!(e["permissions"], "-rw-r--r--");

@@ -3,11 +3,12 @@
 //! agent's tar stream as it comes, files written as one-entry tars and
 //! made the user's.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 
 use banger_agent::client::{self as agent, Session};
-use banger_agent::proto::{Call, ExecSpec, Msg};
+use banger_agent::proto::{check_meta, Call, ExecSpec, FileStat, Msg};
 use banger_core::VmRecord;
 use serde_json::{json, Value};
 
@@ -169,6 +170,31 @@ fn chown(d: &Daemon, vm: &VmRecord, user: Option<&str>, path: &str) -> Result<()
     Ok(())
 }
 
+/// Makes `meta` the whole metadata of the file at `path` (as envd does on
+/// every upload: keys the upload lacks are cleared), and its stat after.
+/// An agent older than metadata is let be when there is none to set, and
+/// so is a filesystem that keeps none.
+fn set_meta(
+    d: &Daemon,
+    vm: &VmRecord,
+    path: &str,
+    meta: &BTreeMap<String, String>,
+) -> Result<Option<FileStat>, RpcErr> {
+    let call = Call::SetMeta {
+        path: path.to_string(),
+        meta: meta.clone(),
+    };
+    match agent_call(d, vm, call) {
+        Ok(Msg::Stat(s)) => Ok(Some(s)),
+        Ok(other) => Err(rpc("internal", format!("the agent answered {other:?}"))),
+        Err(e) if meta.is_empty() && e.message.contains("unknown variant") => Ok(None),
+        // A filesystem without user attributes (as envd: the file is
+        // written, its answer claims no metadata).
+        Err(e) if e.message.contains("(os error 95)") => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// `GET /files`: the file's bytes.
 pub(super) fn download(
     d: &Daemon,
@@ -221,8 +247,57 @@ pub(super) fn download(
     sent
 }
 
-/// The files a `POST /files` carries: (path, bytes) each.
-fn uploaded(req: &Request, user: Option<&str>) -> Result<Vec<(String, Vec<u8>)>, String> {
+/// The metadata a `POST /files` gives every file it carries: its
+/// `X-Metadata-<key>` headers, keys lowercased (as envd does), checked.
+fn metadata(req: &Request) -> Result<BTreeMap<String, String>, String> {
+    const PREFIX: &str = "x-metadata-";
+    let mut meta = BTreeMap::new();
+    for (k, v) in req.headers() {
+        let Some(key) = k
+            .get(..PREFIX.len())
+            .filter(|p| p.eq_ignore_ascii_case(PREFIX))
+            .and_then(|_| k.get(PREFIX.len()..))
+            .filter(|k| !k.is_empty())
+        else {
+            continue;
+        };
+        meta.entry(key.to_ascii_lowercase())
+            .or_insert_with(|| v.to_string());
+    }
+    check_meta(&meta)?;
+    Ok(meta)
+}
+
+/// Files to write: (path, bytes) each.
+type Files = Vec<(String, Vec<u8>)>;
+
+/// The files a `POST /files` carries. A gzip body
+/// (`Content-Encoding: gzip`) is decoded first, within the upload's bound.
+fn uploaded(req: &Request, user: Option<&str>) -> Result<Files, (u16, String)> {
+    let bad = |e: String| (400, e);
+    let decoded;
+    let body: &[u8] = match req.header("content-encoding").map(str::trim) {
+        None | Some("") => &req.body,
+        Some(e) if e.eq_ignore_ascii_case("identity") => &req.body,
+        Some(e) if e.eq_ignore_ascii_case("gzip") => {
+            decoded = http::gunzip(&req.body, super::envd::UPLOAD_MAX).map_err(|e| match e {
+                http::HttpError::TooLarge(_) => (413, e.to_string()),
+                http::HttpError::Busy => (503, e.to_string()),
+                e => (400, e.to_string()),
+            })?;
+            &decoded.0
+        }
+        Some(e) => {
+            return Err((
+                415,
+                format!("Content-Encoding {e:?}: only gzip and identity are taken"),
+            ))
+        }
+    };
+    parts(req, body, user).map_err(bad)
+}
+
+fn parts(req: &Request, body: &[u8], user: Option<&str>) -> Result<Files, String> {
     let ctype = req.header("content-type").unwrap_or_default();
     let single = req.param("path");
     if ctype.starts_with("multipart/form-data") {
@@ -234,7 +309,7 @@ fn uploaded(req: &Request, user: Option<&str>) -> Result<Vec<(String, Vec<u8>)>,
             .filter(|b| !b.is_empty() && b.len() <= 200)
             .ok_or("multipart/form-data without a boundary")?;
         let mut files = Vec::new();
-        for (headers, body) in multipart(&req.body, &boundary)? {
+        for (headers, body) in multipart(body, &boundary)? {
             let disp = headers
                 .iter()
                 .find(|(k, _)| k.eq_ignore_ascii_case("content-disposition"))
@@ -260,16 +335,10 @@ fn uploaded(req: &Request, user: Option<&str>) -> Result<Vec<(String, Vec<u8>)>,
         }
         Ok(files)
     } else {
-        if req
-            .header("content-encoding")
-            .is_some_and(|e| !e.eq_ignore_ascii_case("identity"))
-        {
-            return Err("Content-Encoding: only identity is taken".into());
-        }
         let path = single.ok_or("path is required for an octet-stream upload")?;
         Ok(vec![(
             resolve(path, user).map_err(|e| e.message)?,
-            req.body.clone(),
+            body.to_vec(),
         )])
     }
 }
@@ -321,9 +390,13 @@ pub(super) fn upload(
     user: Option<&str>,
     w: &mut TcpStream,
 ) -> std::io::Result<bool> {
+    let meta = match metadata(req) {
+        Ok(m) => m,
+        Err(e) => return plain(w, 400, &format!("invalid metadata: {e}")),
+    };
     let files = match uploaded(req, user) {
         Ok(f) => f,
-        Err(e) => return plain(w, 400, &e),
+        Err((status, e)) => return plain(w, status, &e),
     };
     let mut written = Vec::new();
     for (path, data) in &files {
@@ -360,7 +433,20 @@ pub(super) fn upload(
             return plain(w, 401, &e.message);
         }
         let name = path.rsplit('/').next().unwrap_or_default().to_string();
-        written.push(json!({"path": path, "name": name, "type": "file"}));
+        let mut info = json!({"path": path, "name": name, "type": "file"});
+        match set_meta(d, vm, path, &meta) {
+            Ok(Some(s)) if !s.meta.is_empty() => info["metadata"] = json!(s.meta),
+            Ok(_) => {}
+            Err(e) => {
+                let status = if e.message.contains("(os error 28)") {
+                    507
+                } else {
+                    500
+                };
+                return plain(w, status, &format!("write {path}: {}", e.message));
+            }
+        }
+        written.push(info);
     }
     http::respond(
         w,

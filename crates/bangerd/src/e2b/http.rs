@@ -114,12 +114,42 @@ impl Request {
             .map(|(_, v)| v.as_str())
     }
 
+    /// Every header (name, value) as sent.
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
     /// A query parameter's (first) value.
     pub fn param(&self, name: &str) -> Option<&str> {
         self.query
             .iter()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A `Content-Encoding: gzip` body decoded: at most `max` bytes, each
+/// taken from the large bodies' bound as the output grows (a small
+/// compressed body may be a large one).
+pub fn gunzip(body: &[u8], max: usize) -> Result<(Vec<u8>, BodyShare), HttpError> {
+    let mut share = BodyShare(0);
+    let mut out = Vec::new();
+    let mut dec = flate2::read::MultiGzDecoder::new(body);
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match dec.read(&mut buf) {
+            Ok(0) => return Ok((out, share)),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(HttpError::Bad(format!("a gzip body: {e}"))),
+        };
+        if out.len() + n > max {
+            return Err(HttpError::TooLarge(max));
+        }
+        if !share.grow(n) {
+            return Err(HttpError::Busy);
+        }
+        out.extend_from_slice(&buf[..n]);
     }
 }
 
@@ -398,6 +428,7 @@ fn reason(status: u16) -> &'static str {
         404 => "Not Found",
         409 => "Conflict",
         413 => "Payload Too Large",
+        415 => "Unsupported Media Type",
         429 => "Too Many Requests",
         500 => "Internal Server Error",
         501 => "Not Implemented",

@@ -18,7 +18,7 @@ use crate::access::Caller;
 use crate::daemon::Daemon;
 
 /// The envd version reported: the highest whose features all work here.
-pub const ENVD_VERSION: &str = "0.5.7";
+pub const ENVD_VERSION: &str = "0.6.4";
 /// A sandbox's timeout at most (E2B's: a day).
 const TIMEOUT_MAX: u64 = 86_400;
 

@@ -11,7 +11,7 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use banger_agent::proto::{read_msg, write_request, Call, Msg};
+use banger_agent::proto::{read_msg, write_request, Call, FileStat, Msg};
 use banger_core::VmRecord;
 use serde_json::{json, Value};
 
@@ -60,15 +60,17 @@ fn event_type(kind: &str) -> &'static str {
 
 /// The agent's watch of `path` begun: its connection, past the agent's
 /// word that it watches.
-fn open(d: &Daemon, vm: &VmRecord, path: &str, recursive: bool) -> Result<UnixStream, RpcErr> {
+fn open(d: &Daemon, vm: &VmRecord, a: &Args) -> Result<UnixStream, RpcErr> {
     let conn = d.agent_connect(vm)?;
     {
         let mut c = banger_agent::deadline::Deadline::new(&conn, CALL_WITHIN);
         write_request(
             &mut c,
             Call::Watch {
-                path: path.to_string(),
-                recursive,
+                path: a.path.clone(),
+                recursive: a.recursive,
+                entries: a.entries,
+                network_mounts: a.network_mounts,
             },
         )?;
         match read_msg(&mut c)? {
@@ -82,18 +84,38 @@ fn open(d: &Daemon, vm: &VmRecord, path: &str, recursive: bool) -> Result<UnixSt
     Ok(conn)
 }
 
-/// A `FilesystemEvent` of the agent's event under `root`.
-fn event(root: &str, path: &str, kind: &str) -> Value {
+/// A `FilesystemEvent` of the agent's event under `root`, with the
+/// `EntryInfo` of what it is about when the watch asked for it.
+fn event(root: &str, path: &str, kind: &str, entry: Option<&FileStat>) -> Value {
     let name = path
         .strip_prefix(root)
         .map(|r| r.trim_start_matches('/'))
         .unwrap_or(path);
-    json!({"name": name, "type": event_type(kind)})
+    let mut e = json!({"name": name, "type": event_type(kind)});
+    if let Some(s) = entry {
+        e["entry"] = super::envd::entry(s);
+    }
+    e
 }
 
-fn args(v: &Value, user: Option<&str>) -> Result<(String, bool), RpcErr> {
-    let path = resolve(v["path"].as_str().unwrap_or_default(), user)?;
-    Ok((path, v["recursive"] == true))
+/// A watch's request: `WatchDirRequest` or `CreateWatcherRequest`.
+struct Args {
+    path: String,
+    recursive: bool,
+    entries: bool,
+    network_mounts: bool,
+}
+
+fn args(v: &Value, user: Option<&str>) -> Result<Args, RpcErr> {
+    // Connect's JSON names fields in lowerCamelCase; the proto's names
+    // are taken too.
+    let flag = |camel: &str, snake: &str| v[camel] == true || v[snake] == true;
+    Ok(Args {
+        path: resolve(v["path"].as_str().unwrap_or_default(), user)?,
+        recursive: v["recursive"] == true,
+        entries: flag("includeEntry", "include_entry"),
+        network_mounts: flag("allowNetworkMounts", "allow_network_mounts"),
+    })
 }
 
 /// `CreateWatcher`: its id.
@@ -103,7 +125,7 @@ pub(super) fn create(
     v: &Value,
     user: Option<&str>,
 ) -> Result<Value, RpcErr> {
-    let (path, recursive) = args(v, user)?;
+    let a = args(v, user)?;
     let watchers = &d.api.watchers;
     {
         let mut map = lock(&watchers.map);
@@ -116,23 +138,24 @@ pub(super) fn create(
             ));
         }
     }
-    let conn = open(d, vm, &path, recursive)?;
+    let conn = open(d, vm, &a)?;
     let reader = conn
         .try_clone()
         .map_err(|e| rpc("internal", e.to_string()))?;
     let events = Arc::new(Mutex::new(VecDeque::new()));
     let live = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let (ev, l2, root) = (events.clone(), live.clone(), path.clone());
+    let (ev, l2, root) = (events.clone(), live.clone(), a.path);
     std::thread::Builder::new()
         .name("e2b-watch".into())
         .spawn(move || {
             let mut r = reader;
-            while let Ok(Msg::Event { path, kind }) = read_msg(&mut r) {
+            while let Ok(Msg::Event { path, kind, entry }) = read_msg(&mut r) {
+                let e = event(&root, &path, &kind, entry.as_deref());
                 let mut q = lock(&ev);
                 if q.len() >= KEPT {
                     q.pop_front();
                 }
-                q.push_back(event(&root, &path, &kind));
+                q.push_back(e);
             }
             l2.store(false, std::sync::atomic::Ordering::SeqCst);
         })
@@ -201,8 +224,9 @@ pub(super) fn stream(
     user: Option<&str>,
     w: &mut TcpStream,
 ) -> Result<std::io::Result<bool>, RpcErr> {
-    let (path, recursive) = args(v, user)?;
-    let conn = open(d, vm, &path, recursive)?;
+    let a = args(v, user)?;
+    let conn = open(d, vm, &a)?;
+    let path = a.path;
     let reader = conn
         .try_clone()
         .map_err(|e| rpc("internal", e.to_string()))?;
@@ -211,8 +235,8 @@ pub(super) fn stream(
         .name("e2b-watchdir".into())
         .spawn(move || {
             let mut r = reader;
-            while let Ok(Msg::Event { path, kind }) = read_msg(&mut r) {
-                if tx.send((path, kind)).is_err() {
+            while let Ok(Msg::Event { path, kind, entry }) = read_msg(&mut r) {
+                if tx.send((path, kind, entry)).is_err() {
                     return;
                 }
             }
@@ -233,7 +257,10 @@ pub(super) fn stream(
                 return Ok(true);
             }
             match rx.recv_timeout(wait) {
-                Ok((p, kind)) => s.frame(0, &json!({"filesystem": event(&path, &p, &kind)}))?,
+                Ok((p, kind, entry)) => s.frame(
+                    0,
+                    &json!({"filesystem": event(&path, &p, &kind, entry.as_deref())}),
+                )?,
                 Err(RecvTimeoutError::Timeout) => {
                     if life.is_some_and(|l| started.elapsed() >= l) {
                         s.end(Some(rpc("deadline_exceeded", "the watch's time ran out")))?;
@@ -262,9 +289,12 @@ mod tests {
     #[test]
     fn events_are_named_under_the_watched_dir() {
         assert_eq!(
-            event("/tmp/w", "/tmp/w/a/b.txt", "create"),
+            event("/tmp/w", "/tmp/w/a/b.txt", "create", None),
             json!({"name": "a/b.txt", "type": "EVENT_TYPE_CREATE"})
         );
-        assert_eq!(event("/tmp/w", "/x", "attrib")["type"], "EVENT_TYPE_CHMOD");
+        assert_eq!(
+            event("/tmp/w", "/x", "attrib", None)["type"],
+            "EVENT_TYPE_CHMOD"
+        );
     }
 }

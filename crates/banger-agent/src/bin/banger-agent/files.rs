@@ -2,13 +2,16 @@
 //! whole in memory), stat, list, mkdir, move, remove, and watching a
 //! directory with inotify.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
-use banger_agent::proto::{write_msg, FileStat, FrameReader, FrameWriter, Kind, Msg, ProtoError};
+use banger_agent::proto::{
+    check_meta, write_msg, FileStat, FrameReader, FrameWriter, Kind, Msg, ProtoError, META_KEYS,
+    META_PREFIX, META_VALUE_MAX,
+};
 
 /// Entries a `list` returns at most.
 const MAX_LIST: usize = 100_000;
@@ -25,7 +28,71 @@ fn kind_of(ft: std::fs::FileType) -> &'static str {
     }
 }
 
+/// Users' and groups' names by id, from the guest's /etc/passwd and
+/// /etc/group (no NSS in a static binary), read once per call.
+#[derive(Default)]
+pub struct Names {
+    users: HashMap<u32, String>,
+    groups: HashMap<u32, String>,
+}
+
+impl Names {
+    pub fn read() -> Names {
+        // `name:x:id:...`, the first of each id; a file over 4 MiB is
+        // none of a sane guest's.
+        let ids = |path: &str| {
+            let mut out = HashMap::new();
+            let mut text = String::new();
+            if let Ok(f) = std::fs::File::open(path) {
+                use std::io::Read;
+                let _ = f.take(4 << 20).read_to_string(&mut text);
+            }
+            for l in text.lines() {
+                let mut f = l.split(':');
+                if let (Some(name), Some(_), Some(Ok(id))) =
+                    (f.next(), f.next(), f.next().map(str::parse::<u32>))
+                {
+                    out.entry(id).or_insert_with(|| name.to_string());
+                }
+            }
+            out
+        };
+        Names {
+            users: ids("/etc/passwd"),
+            groups: ids("/etc/group"),
+        }
+    }
+}
+
+/// The file's metadata: its `user.e2b.*` attributes (a symlink has none;
+/// a filesystem without them, none). At most [`META_KEYS`] values of at
+/// most [`META_VALUE_MAX`] bytes each are read.
+fn meta_of(path: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let Ok(names) = xattr::list(path) else {
+        return out;
+    };
+    for n in names {
+        let Some(key) = n.to_str().and_then(|n| n.strip_prefix(META_PREFIX)) else {
+            continue;
+        };
+        if out.len() == META_KEYS {
+            break;
+        }
+        if let Ok(Some(v)) = xattr::get(path, &n) {
+            if v.len() <= META_VALUE_MAX {
+                out.insert(key.to_string(), String::from_utf8_lossy(&v).into_owned());
+            }
+        }
+    }
+    out
+}
+
 pub fn stat(path: &str) -> Result<FileStat, String> {
+    stat_named(path, &Names::read())
+}
+
+fn stat_named(path: &str, names: &Names) -> Result<FileStat, String> {
     let m = std::fs::symlink_metadata(path).map_err(|e| format!("{path}: {e}"))?;
     Ok(FileStat {
         path: path.to_string(),
@@ -41,17 +108,47 @@ pub fn stat(path: &str) -> Result<FileStat, String> {
             .then(|| std::fs::read_link(path).ok())
             .flatten()
             .map(|l| l.to_string_lossy().into_owned()),
+        meta: if m.file_type().is_symlink() {
+            BTreeMap::new()
+        } else {
+            meta_of(Path::new(path))
+        },
+        owner: names.users.get(&m.uid()).cloned(),
+        group: names.groups.get(&m.gid()).cloned(),
     })
 }
 
+/// Makes `meta` the file's whole metadata: keys it lacks are removed,
+/// the rest set. A symlink is refused (Linux keeps no user attributes on
+/// one); a filesystem without user attributes says so.
+pub fn set_meta(path: &str, meta: &BTreeMap<String, String>) -> Result<FileStat, String> {
+    check_meta(meta)?;
+    let p = Path::new(path);
+    let m = std::fs::symlink_metadata(p).map_err(|e| format!("{path}: {e}"))?;
+    if m.file_type().is_symlink() {
+        return Err(format!("{path}: a symlink keeps no metadata"));
+    }
+    let had = meta_of(p);
+    for k in had.keys().filter(|k| !meta.contains_key(*k)) {
+        xattr::remove(p, format!("{META_PREFIX}{k}"))
+            .map_err(|e| format!("{path}: remove metadata {k:?}: {e}"))?;
+    }
+    for (k, v) in meta {
+        xattr::set(p, format!("{META_PREFIX}{k}"), v.as_bytes())
+            .map_err(|e| format!("{path}: set metadata {k:?}: {e}"))?;
+    }
+    stat(path)
+}
+
 pub fn list(path: &str) -> Result<Vec<FileStat>, String> {
+    let names = Names::read();
     let mut out = Vec::new();
     for e in std::fs::read_dir(path).map_err(|e| format!("{path}: {e}"))? {
         let e = e.map_err(|e| format!("{path}: {e}"))?;
         if out.len() == MAX_LIST {
             return Err(format!("{path}: over {MAX_LIST} entries"));
         }
-        out.push(stat(&e.path().to_string_lossy())?);
+        out.push(stat_named(&e.path().to_string_lossy(), &names)?);
     }
     out.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(out)
@@ -132,7 +229,48 @@ pub fn put_tar(mut c: UnixStream, dir: &str) -> Result<(), ProtoError> {
 }
 
 /// Events under `path` as messages, until the host closes the connection.
-pub fn watch(mut c: UnixStream, path: &str, recursive: bool) -> Result<(), ProtoError> {
+/// Whether `path` is on a network filesystem (NFS, CIFS/SMB, or FUSE,
+/// virtio-fs included), whose changes made elsewhere inotify never sees.
+fn on_network_mount(path: &str) -> Result<bool, String> {
+    const NETWORK: [i64; 5] = [
+        0x6969,      // NFS
+        0xFF53_4D42, // CIFS
+        0x517B,      // SMB
+        0xFE53_4D42, // SMB2
+        0x6573_5546, // FUSE (virtio-fs)
+    ];
+    let s = nix::sys::statfs::statfs(path).map_err(|e| format!("{path}: {e}"))?;
+    // (An i64 on glibc, an unsigned long on musl.)
+    #[allow(clippy::unnecessary_cast)]
+    let ty = s.filesystem_type().0 as i64;
+    Ok(NETWORK.contains(&ty))
+}
+
+/// Events under `path` as messages, until the host closes the connection;
+/// with `entries`, each with the stat of what it is about.
+pub fn watch(
+    mut c: UnixStream,
+    path: &str,
+    recursive: bool,
+    entries: bool,
+    network_mounts: bool,
+) -> Result<(), ProtoError> {
+    if !network_mounts {
+        match on_network_mount(path) {
+            Ok(false) => {}
+            Ok(true) => {
+                return write_msg(
+                    &mut c,
+                    &Msg::error(format!(
+                        "watch {path}: it is on a network filesystem, whose events may never \
+                         come; allow network mounts to watch it anyway"
+                    )),
+                )
+            }
+            Err(e) => return write_msg(&mut c, &Msg::error(format!("watch {e}"))),
+        }
+    }
+    let names = entries.then(Names::read);
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
     let flags = AddWatchFlags::IN_CREATE
@@ -204,11 +342,17 @@ pub fn watch(mut c: UnixStream, path: &str, recursive: bool) -> Result<(), Proto
                 } else {
                     "modify"
                 };
+            let path = full.to_string_lossy().into_owned();
+            let entry = match &names {
+                Some(n) if kind != "remove" => stat_named(&path, n).ok().map(Box::new),
+                _ => None,
+            };
             write_msg(
                 &mut c,
                 &Msg::Event {
-                    path: full.to_string_lossy().into_owned(),
+                    path,
                     kind: kind.into(),
+                    entry,
                 },
             )?;
         }

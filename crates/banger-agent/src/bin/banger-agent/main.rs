@@ -229,6 +229,7 @@ fn call(mut c: UnixStream) -> Result<(), ProtoError> {
         Call::GetTar { path } => return files::get_tar(c, &path),
         Call::PutTar { dir } => return files::put_tar(c, &dir),
         Call::Stat { path } => files::stat(&path).map(Msg::Stat),
+        Call::SetMeta { path, meta } => files::set_meta(&path, &meta).map(Msg::Stat),
         Call::List { path } => files::list(&path).map(|list| Msg::Entries { list }),
         Call::Mkdir {
             path,
@@ -237,7 +238,12 @@ fn call(mut c: UnixStream) -> Result<(), ProtoError> {
         } => files::mkdir(&path, mode, parents).map(|()| Msg::Done),
         Call::Move { from, to } => files::rename(&from, &to).map(|()| Msg::Done),
         Call::Remove { path, recursive } => files::remove(&path, recursive).map(|()| Msg::Done),
-        Call::Watch { path, recursive } => return files::watch(c, &path, recursive),
+        Call::Watch {
+            path,
+            recursive,
+            entries,
+            network_mounts,
+        } => return files::watch(c, &path, recursive, entries, network_mounts),
         Call::Stats => system::stats().map(Msg::Stats),
         Call::Sync => {
             nix::unistd::sync();
