@@ -14,6 +14,7 @@ version=2.51.0
 dir=/var/cache/banger-e2b/js-$version
 if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
   echo "installing Node.js and npm (Debian's) for E2B's JavaScript SDK" >&2
+  apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
 fi
 # >= 20.18.1 (and not 21, which the SDK leaves out).

@@ -74,7 +74,12 @@ impl RpcErr {
             "already_exists"
         } else if message.contains("(os error 13)") || message.contains("(os error 1)") {
             "permission_denied"
-        } else if message.contains("(os error 20)") || message.contains("(os error 21)") {
+        } else if message.contains("(os error 20)")
+            || message.contains("(os error 21)")
+            // (A watch of a network filesystem not allowed: the request's
+            // to change, as envd says.)
+            || message.contains("on a network filesystem")
+        {
             "invalid_argument"
         } else {
             "internal"
@@ -284,6 +289,22 @@ pub(super) fn stat(d: &Daemon, vm: &VmRecord, path: &str) -> Result<FileStat, Rp
     }
 }
 
+/// A user's or group's name as the guest gave it, if it is one (at most
+/// 64 characters of what names are made of); else the id.
+fn name_or_id(name: Option<&str>, id: u32) -> String {
+    match name {
+        Some(n)
+            if !n.is_empty()
+                && n.len() <= 64
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-$".contains(c)) =>
+        {
+            n.to_string()
+        }
+        _ => id.to_string(),
+    }
+}
+
 /// envd's `EntryInfo` of a file.
 pub(super) fn entry(s: &FileStat) -> Value {
     let name = s.path.rsplit('/').next().unwrap_or_default();
@@ -309,15 +330,17 @@ pub(super) fn entry(s: &FileStat) -> Value {
         "mode": perm,
         "permissions": perms,
         // Names where the guest has them, as envd's; else the ids.
-        "owner": s.owner.clone().unwrap_or_else(|| s.uid.to_string()),
-        "group": s.group.clone().unwrap_or_else(|| s.gid.to_string()),
+        "owner": name_or_id(s.owner.as_deref(), s.uid),
+        "group": name_or_id(s.group.as_deref(), s.gid),
         "modifiedTime": super::rfc3339(s.mtime),
     });
     if let Some(l) = &s.link {
         v["symlinkTarget"] = json!(l);
         v["isSymlink"] = json!(true);
     }
-    if !s.meta.is_empty() {
+    // The guest's word, checked as an upload's would be (a guest that
+    // set more, or worse, shows none).
+    if !s.meta.is_empty() && banger_agent::proto::check_meta(&s.meta).is_ok() {
         v["metadata"] = json!(s.meta);
     }
     v

@@ -184,14 +184,41 @@ fn set_meta(
         path: path.to_string(),
         meta: meta.clone(),
     };
-    match agent_call(d, vm, call) {
+    let conn = d.agent_connect(vm)?;
+    match agent::call_within(conn, call, CALL_WITHIN) {
         Ok(Msg::Stat(s)) => Ok(Some(s)),
-        Ok(other) => Err(rpc("internal", format!("the agent answered {other:?}"))),
-        Err(e) if meta.is_empty() && e.message.contains("unknown variant") => Ok(None),
         // A filesystem without user attributes (as envd: the file is
         // written, its answer claims no metadata).
-        Err(e) if e.message.contains("(os error 95)") => Ok(None),
-        Err(e) => Err(e),
+        Ok(Msg::Error { message }) if message.contains("(os error 95)") => Ok(None),
+        Ok(Msg::Error { message }) => Err(RpcErr::from_guest(message)),
+        Ok(other) => Err(rpc("internal", format!("the agent answered {other:?}"))),
+        // An agent older than the call closes the connection unanswered.
+        Err(banger_agent::proto::ProtoError::Closed) if meta.is_empty() => Ok(None),
+        Err(banger_agent::proto::ProtoError::Remote(m)) if m.contains("(os error 95)") => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether the guest's agent keeps file metadata: asked with a `SetMeta`
+/// of no path, which a current agent refuses by name and an agent older
+/// than the call (a guest restored from an older snapshot) answers by
+/// closing the connection. (status, why) when it does not.
+fn keeps_meta(d: &Daemon, vm: &VmRecord) -> Result<(), (u16, String)> {
+    let probe = Call::SetMeta {
+        path: String::new(),
+        meta: BTreeMap::new(),
+    };
+    let conn = d.agent_connect(vm).map_err(|e| (503, e.to_string()))?;
+    match agent::call_within(conn, probe, CALL_WITHIN) {
+        Err(banger_agent::proto::ProtoError::Closed) => Err((
+            501,
+            format!(
+                "sandbox {:?}: its guest agent predates file metadata (restart the sandbox's VM \
+                 to give it the current agent, or write without metadata)",
+                vm.name
+            ),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -268,36 +295,38 @@ fn metadata(req: &Request) -> Result<BTreeMap<String, String>, String> {
     Ok(meta)
 }
 
-/// Files to write: (path, bytes) each.
-type Files = Vec<(String, Vec<u8>)>;
+/// Files to write: (path, bytes of the request's body) each.
+type Files<'a> = Vec<(String, &'a [u8])>;
 
-/// The files a `POST /files` carries. A gzip body
-/// (`Content-Encoding: gzip`) is decoded first, within the upload's bound.
-fn uploaded(req: &Request, user: Option<&str>) -> Result<Files, (u16, String)> {
-    let bad = |e: String| (400, e);
-    let decoded;
-    let body: &[u8] = match req.header("content-encoding").map(str::trim) {
-        None | Some("") => &req.body,
-        Some(e) if e.eq_ignore_ascii_case("identity") => &req.body,
+/// A decoded body, and its share of the uploads in flight.
+type Decoded = (Vec<u8>, http::BodyShare);
+
+/// A gzip body (`Content-Encoding: gzip`) decoded, within the upload's
+/// bound and holding its share of the uploads in flight (kept until the
+/// files are written); `None` for a body sent as it is.
+fn decoded(req: &Request) -> Result<Option<Decoded>, (u16, String)> {
+    match req.header("content-encoding").map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(e) if e.eq_ignore_ascii_case("identity") => Ok(None),
         Some(e) if e.eq_ignore_ascii_case("gzip") => {
-            decoded = http::gunzip(&req.body, super::envd::UPLOAD_MAX).map_err(|e| match e {
-                http::HttpError::TooLarge(_) => (413, e.to_string()),
-                http::HttpError::Busy => (503, e.to_string()),
-                e => (400, e.to_string()),
-            })?;
-            &decoded.0
+            http::gunzip(&req.body, super::envd::UPLOAD_MAX)
+                .map(Some)
+                .map_err(|e| match e {
+                    http::HttpError::TooLarge(_) => (413, e.to_string()),
+                    http::HttpError::Busy => (503, e.to_string()),
+                    e => (400, e.to_string()),
+                })
         }
-        Some(e) => {
-            return Err((
-                415,
-                format!("Content-Encoding {e:?}: only gzip and identity are taken"),
-            ))
-        }
-    };
-    parts(req, body, user).map_err(bad)
+        // (envd answers 400 too.)
+        Some(e) => Err((
+            400,
+            format!("Content-Encoding {e:?}: only gzip and identity are taken"),
+        )),
+    }
 }
 
-fn parts(req: &Request, body: &[u8], user: Option<&str>) -> Result<Files, String> {
+/// The files a `POST /files` carries in `body` (its decoded body).
+fn parts<'a>(req: &Request, body: &'a [u8], user: Option<&str>) -> Result<Files<'a>, String> {
     let ctype = req.header("content-type").unwrap_or_default();
     let single = req.param("path");
     if ctype.starts_with("multipart/form-data") {
@@ -336,16 +365,15 @@ fn parts(req: &Request, body: &[u8], user: Option<&str>) -> Result<Files, String
         Ok(files)
     } else {
         let path = single.ok_or("path is required for an octet-stream upload")?;
-        Ok(vec![(
-            resolve(path, user).map_err(|e| e.message)?,
-            body.to_vec(),
-        )])
+        Ok(vec![(resolve(path, user).map_err(|e| e.message)?, body)])
     }
 }
 
-/// A multipart body's parts: (headers, content) each.
-#[allow(clippy::type_complexity)]
-fn multipart(body: &[u8], boundary: &str) -> Result<Vec<(Vec<(String, String)>, Vec<u8>)>, String> {
+/// A multipart part: its headers, and its content within the body.
+type Part<'a> = (Vec<(String, String)>, &'a [u8]);
+
+/// A multipart body's parts.
+fn multipart<'a>(body: &'a [u8], boundary: &str) -> Result<Vec<Part<'a>>, String> {
     let delim = format!("--{boundary}").into_bytes();
     let find = |hay: &[u8], from: usize| {
         hay.get(from..)
@@ -374,7 +402,7 @@ fn multipart(body: &[u8], boundary: &str) -> Result<Vec<(Vec<(String, String)>, 
             .filter_map(|l| l.split_once(':'))
             .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
             .collect();
-        parts.push((headers, part[split + 4..].to_vec()));
+        parts.push((headers, &part[split + 4..]));
         if parts.len() > 1000 {
             return Err("over 1000 multipart parts".into());
         }
@@ -394,10 +422,25 @@ pub(super) fn upload(
         Ok(m) => m,
         Err(e) => return plain(w, 400, &format!("invalid metadata: {e}")),
     };
-    let files = match uploaded(req, user) {
-        Ok(f) => f,
+    // (The decoded body and its share live until the files are written.)
+    let decoded = match decoded(req) {
+        Ok(d) => d,
         Err((status, e)) => return plain(w, status, &e),
     };
+    let body = decoded
+        .as_ref()
+        .map_or(req.body.as_slice(), |(b, _)| b.as_slice());
+    let files = match parts(req, body, user) {
+        Ok(f) => f,
+        Err(e) => return plain(w, 400, &e),
+    };
+    // Metadata for a guest whose agent cannot keep it: said before
+    // anything is written.
+    if !meta.is_empty() {
+        if let Err(e) = keeps_meta(d, vm) {
+            return plain(w, e.0, &e.1);
+        }
+    }
     let mut written = Vec::new();
     for (path, data) in &files {
         if path == "/" {
@@ -415,7 +458,7 @@ pub(super) fn upload(
             h.set_mode(0o644);
             h.set_mtime(now);
             h.set_entry_type(tar::EntryType::Regular);
-            b.append_data(&mut h, path.trim_start_matches('/'), data.as_slice())?;
+            b.append_data(&mut h, path.trim_start_matches('/'), *data)?;
             b.finish()
         });
         if let Err(e) = put {

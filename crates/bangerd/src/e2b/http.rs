@@ -173,20 +173,22 @@ struct Timed {
 
 impl Read for Timed {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "deadline",
-            ));
-        }
-        self.s.set_read_timeout(Some(left))?;
-        // A signal's interruption (a stop and continue of the daemon
-        // ends a timed socket read with EINTR) is no end of the
-        // connection: the next call reads again with what is left.
-        match self.s.read(buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => self.read(buf),
-            r => r,
+        loop {
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "deadline",
+                ));
+            }
+            self.s.set_read_timeout(Some(left))?;
+            // A signal's interruption (a stop and continue of the daemon
+            // ends a timed socket read with EINTR) is no end of the
+            // connection: read again with what is left.
+            match self.s.read(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => return r,
+            }
         }
     }
 }
@@ -573,15 +575,15 @@ mod tests {
     fn a_stop_and_continue_does_not_end_a_connection() {
         const CHILD: &str = "BANGER_TEST_STOPPED_CHILD";
         if std::env::var_os(CHILD).is_none() {
-            let out = std::process::Command::new(std::env::current_exe().unwrap())
+            let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+            child
                 .args([
                     "--exact",
                     "e2b::http::tests::a_stop_and_continue_does_not_end_a_connection",
                     "--nocapture",
                 ])
-                .env(CHILD, "1")
-                .output()
-                .unwrap();
+                .env(CHILD, "1");
+            let out = test_infra::bounded::output_within(&mut child, Duration::from_secs(60));
             let text = String::from_utf8_lossy(&out.stdout);
             assert!(
                 out.status.success(),
@@ -613,9 +615,14 @@ mod tests {
             };
             nrs.contains(&nr)
         };
+        let until = Instant::now() + Duration::from_secs(30);
         while !std::fs::read_to_string(&syscall)
             .is_ok_and(|t| waits(t.split(' ').next().unwrap_or("")))
         {
+            assert!(
+                !server.is_finished() && Instant::now() < until,
+                "the server never waited in its read"
+            );
             std::thread::yield_now();
         }
         // From outside: a stopped process cannot continue itself.

@@ -23,8 +23,36 @@ use crate::daemon::{lock, Daemon};
 /// Watchers of one sandbox at most, and of all.
 const PER_VM: usize = 16;
 const ALL: usize = 256;
-/// Events a watcher keeps between two polls; past it the oldest go.
+/// Events a watcher keeps between two polls, and their bytes; past
+/// either the oldest go.
 const KEPT: usize = 10_000;
+const KEPT_BYTES: usize = 4 << 20;
+
+/// A watcher's events not yet polled.
+#[derive(Default)]
+struct Kept {
+    q: VecDeque<(Value, usize)>,
+    bytes: usize,
+}
+
+impl Kept {
+    fn push(&mut self, e: Value) {
+        let n = e.to_string().len();
+        self.q.push_back((e, n));
+        self.bytes += n;
+        while self.q.len() > KEPT || self.bytes > KEPT_BYTES {
+            match self.q.pop_front() {
+                Some((_, n)) => self.bytes -= n,
+                None => break,
+            }
+        }
+    }
+
+    fn drain(&mut self) -> Vec<Value> {
+        self.bytes = 0;
+        self.q.drain(..).map(|(e, _)| e).collect()
+    }
+}
 
 /// The sync SDK's watchers, by id.
 #[derive(Default)]
@@ -35,7 +63,7 @@ pub struct Watchers {
 struct Watcher {
     vm_id: String,
     conn: UnixStream,
-    events: Arc<Mutex<VecDeque<Value>>>,
+    events: Arc<Mutex<Kept>>,
     live: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -142,7 +170,7 @@ pub(super) fn create(
     let reader = conn
         .try_clone()
         .map_err(|e| rpc("internal", e.to_string()))?;
-    let events = Arc::new(Mutex::new(VecDeque::new()));
+    let events = Arc::new(Mutex::new(Kept::default()));
     let live = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let (ev, l2, root) = (events.clone(), live.clone(), a.path);
     std::thread::Builder::new()
@@ -151,11 +179,7 @@ pub(super) fn create(
             let mut r = reader;
             while let Ok(Msg::Event { path, kind, entry }) = read_msg(&mut r) {
                 let e = event(&root, &path, &kind, entry.as_deref());
-                let mut q = lock(&ev);
-                if q.len() >= KEPT {
-                    q.pop_front();
-                }
-                q.push_back(e);
+                lock(&ev).push(e);
             }
             l2.store(false, std::sync::atomic::Ordering::SeqCst);
         })
@@ -197,7 +221,7 @@ pub(super) fn events(d: &Daemon, vm: &VmRecord, v: &Value) -> Result<Value, RpcE
         .get(&id)
         .filter(|w| w.vm_id == vm.id)
         .ok_or_else(|| rpc("not_found", format!("watcher {id:?} not found")))?;
-    let drained: Vec<Value> = lock(&w.events).drain(..).collect();
+    let drained = lock(&w.events).drain();
     Ok(json!({"events": drained}))
 }
 
@@ -230,7 +254,9 @@ pub(super) fn stream(
     let reader = conn
         .try_clone()
         .map_err(|e| rpc("internal", e.to_string()))?;
-    let (tx, rx) = mpsc::channel();
+    // Bounded: a client that reads slowly holds the agent's watch back,
+    // not the daemon's memory.
+    let (tx, rx) = mpsc::sync_channel(1024);
     let feeder = std::thread::Builder::new()
         .name("e2b-watchdir".into())
         .spawn(move || {
@@ -285,6 +311,28 @@ pub(super) fn stream(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kept_events_are_bounded_in_number_and_bytes() {
+        let mut k = Kept::default();
+        for i in 0..KEPT + 5 {
+            k.push(json!({"name": i.to_string()}));
+        }
+        assert_eq!(k.q.len(), KEPT);
+        assert_eq!(k.q[0].0["name"], "5", "the oldest went");
+        let big = "x".repeat(1 << 20);
+        for _ in 0..6 {
+            k.push(json!({ "name": big }));
+        }
+        assert!(
+            k.bytes <= KEPT_BYTES && k.q.len() == 3,
+            "{} {}",
+            k.bytes,
+            k.q.len()
+        );
+        assert_eq!(k.drain().len(), 3);
+        assert_eq!((k.bytes, k.q.len()), (0, 0));
+    }
 
     #[test]
     fn events_are_named_under_the_watched_dir() {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use banger_agent::proto::{
     check_meta, write_msg, FileStat, FrameReader, FrameWriter, Kind, Msg, ProtoError, META_KEYS,
-    META_PREFIX, META_VALUE_MAX,
+    META_PREFIX, META_TOTAL_MAX,
 };
 
 /// Entries a `list` returns at most.
@@ -65,27 +65,37 @@ impl Names {
 }
 
 /// The file's metadata: its `user.e2b.*` attributes (a symlink has none;
-/// a filesystem without them, none). At most [`META_KEYS`] values of at
-/// most [`META_VALUE_MAX`] bytes each are read.
+/// a filesystem without them, none), as much of it as banger would set:
+/// at most [`META_KEYS`] keys and [`META_TOTAL_MAX`] bytes (an attribute
+/// set otherwise past that is left out).
 fn meta_of(path: &Path) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
-    let Ok(names) = xattr::list(path) else {
-        return out;
-    };
-    for n in names {
-        let Some(key) = n.to_str().and_then(|n| n.strip_prefix(META_PREFIX)) else {
-            continue;
-        };
+    let mut total = 0;
+    for n in meta_names(path) {
         if out.len() == META_KEYS {
             break;
         }
+        let key = n[META_PREFIX.len()..].to_string();
         if let Ok(Some(v)) = xattr::get(path, &n) {
-            if v.len() <= META_VALUE_MAX {
-                out.insert(key.to_string(), String::from_utf8_lossy(&v).into_owned());
+            if total + key.len() + v.len() <= META_TOTAL_MAX {
+                total += key.len() + v.len();
+                out.insert(key, String::from_utf8_lossy(&v).into_owned());
             }
         }
     }
     out
+}
+
+/// The names of the file's metadata attributes, all of them (the kernel
+/// bounds a file's list of names at 64 KiB).
+fn meta_names(path: &Path) -> Vec<String> {
+    let Ok(names) = xattr::list(path) else {
+        return Vec::new();
+    };
+    names
+        .filter_map(|n| n.into_string().ok())
+        .filter(|n| n.starts_with(META_PREFIX) && n.len() > META_PREFIX.len())
+        .collect()
 }
 
 pub fn stat(path: &str) -> Result<FileStat, String> {
@@ -128,10 +138,10 @@ pub fn set_meta(path: &str, meta: &BTreeMap<String, String>) -> Result<FileStat,
     if m.file_type().is_symlink() {
         return Err(format!("{path}: a symlink keeps no metadata"));
     }
-    let had = meta_of(p);
-    for k in had.keys().filter(|k| !meta.contains_key(*k)) {
-        xattr::remove(p, format!("{META_PREFIX}{k}"))
-            .map_err(|e| format!("{path}: remove metadata {k:?}: {e}"))?;
+    for n in meta_names(p) {
+        if !meta.contains_key(&n[META_PREFIX.len()..]) {
+            xattr::remove(p, &n).map_err(|e| format!("{path}: remove metadata {n:?}: {e}"))?;
+        }
     }
     for (k, v) in meta {
         xattr::set(p, format!("{META_PREFIX}{k}"), v.as_bytes())
@@ -239,7 +249,10 @@ fn on_network_mount(path: &str) -> Result<bool, String> {
         0xFE53_4D42, // SMB2
         0x6573_5546, // FUSE (virtio-fs)
     ];
-    let s = nix::sys::statfs::statfs(path).map_err(|e| format!("{path}: {e}"))?;
+    // (As an io::Error, its message says "(os error N)", which the host
+    // maps to its code.)
+    let s = nix::sys::statfs::statfs(path)
+        .map_err(|e| format!("{path}: {}", std::io::Error::from(e)))?;
     // (An i64 on glibc, an unsigned long on musl.)
     #[allow(clippy::unnecessary_cast)]
     let ty = s.filesystem_type().0 as i64;
@@ -291,6 +304,7 @@ pub fn watch(
         })
     };
     if let Err(e) = add(&ino, &mut dirs, Path::new(path)) {
+        let e = std::io::Error::from(e);
         return write_msg(&mut c, &Msg::error(format!("watch {path}: {e}")));
     }
     if recursive {

@@ -258,5 +258,16 @@ fn call(mut c: UnixStream) -> Result<(), ProtoError> {
             system::wait_listen(port, timeout_ms).map(|()| Msg::Done)
         }
     };
-    write_msg(&mut c, &reply.unwrap_or_else(Msg::error))
+    // An answer over a frame's bound (a huge directory's list) is said,
+    // not a connection closed without a word (nothing was written yet).
+    match write_msg(&mut c, &reply.unwrap_or_else(Msg::error)) {
+        Err(banger_agent::proto::ProtoError::TooLarge(n)) => write_msg(
+            &mut c,
+            &Msg::error(format!(
+                "the answer is {n} bytes, over the agent's {} a message: ask for less",
+                banger_agent::proto::MAX_FRAME
+            )),
+        ),
+        r => r,
+    }
 }

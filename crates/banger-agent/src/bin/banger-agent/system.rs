@@ -36,13 +36,13 @@ pub fn stats() -> Result<GuestStats, String> {
         .next()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
-    // The root filesystem as `df /` sees it: its size, and what is free
-    // to anyone (not the blocks only root may use).
+    // The root filesystem: its size and its free blocks (root's reserve
+    // counted free, as envd's numbers do).
     let disk = nix::sys::statvfs::statvfs("/").ok().map(|v| {
         let frag = v.fragment_size();
         (
             v.blocks().saturating_mul(frag),
-            v.blocks_available().saturating_mul(frag),
+            v.blocks_free().saturating_mul(frag),
         )
     });
     let processes = std::fs::read_dir("/proc")
