@@ -98,6 +98,12 @@ impl View {
         }
     }
 
+    /// Whether a VM is named `name` (with an address or not).
+    fn has(&self, name: &str) -> bool {
+        let v = self.0.read().unwrap_or_else(|p| p.into_inner());
+        v.by_name.contains_key(name)
+    }
+
     /// `name`'s address, for `asker`: the host, any VM; a guest, itself or
     /// a VM of its network.
     fn lookup(&self, name: &str, asker: &Asker) -> Option<Ipv4Addr> {
@@ -373,7 +379,24 @@ impl Daemon {
                     _ => Some(Ipv4Addr::LOCALHOST),
                 };
             }
-            self.dns_view.lookup(name, asker)
+            if let Some(ip) = self.dns_view.lookup(name, asker) {
+                return Some(ip);
+            }
+            // The E2B-compatible API's names, for the host only (a VM of
+            // that name comes first): `api` and `<port>-<sandbox>`.
+            if *asker != Asker::Host {
+                return None;
+            }
+            let api = self.api_ipv4()?;
+            let sandbox = name
+                .split_once('-')
+                .filter(|(port, _)| !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()))
+                .map(|(_, vm)| vm);
+            match sandbox {
+                _ if name == "api" => Some(api),
+                Some(vm) if self.dns_view.has(vm) => Some(api),
+                _ => None,
+            }
         };
         plan(query, &self.cfg.dns_suffix, &lookup)
     }

@@ -22,6 +22,7 @@ mod files;
 pub mod http;
 mod process;
 pub mod rest;
+mod tls;
 mod watch;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -261,6 +262,18 @@ impl Daemon {
             .map_err(|e| DaemonError::Invalid(format!("--listen {addr}: {e}")))?;
         // The secret envd tokens are derived from, made before any request.
         secret(self)?;
+        // HTTPS on the same port (E2B_DOMAIN's clients); without it, plain
+        // HTTP still is.
+        let tls = match tls::Tls::new(&self.cfg.layout.state_dir, &self.cfg.dns_suffix, addr) {
+            Ok((t, ca)) => {
+                info!(ca = %ca.display(), "the API takes HTTPS too");
+                Some(Arc::new(t))
+            }
+            Err(e) => {
+                warn!(err = %e, "the API is served without HTTPS");
+                None
+            }
+        };
         let me = self.weak().upgrade().ok_or_else(|| {
             DaemonError::Invalid("the daemon is not serving (no handle on itself)".into())
         })?;
@@ -268,11 +281,20 @@ impl Daemon {
         let s2 = stop.clone();
         let accept = std::thread::Builder::new()
             .name("e2b-api".into())
-            .spawn(move || accept_loop(me, listener, s2))
+            .spawn(move || accept_loop(me, listener, s2, tls))
             .map_err(|e| DaemonError::Invalid(format!("cannot start the API's thread: {e}")))?;
         info!(%addr, "serving the E2B-compatible API");
         *running = Some(Running { addr, stop, accept });
         Ok(addr.to_string())
+    }
+
+    /// The IPv4 address the API is served on, if it is: what banger's DNS
+    /// answers the host for `api.<suffix>` and `<port>-<sandbox>.<suffix>`.
+    pub(crate) fn api_ipv4(&self) -> Option<std::net::Ipv4Addr> {
+        match lock(&self.api.running).as_ref()?.addr {
+            SocketAddr::V4(a) => Some(*a.ip()),
+            SocketAddr::V6(_) => None,
+        }
     }
 
     /// Where the API is served, if it is.
@@ -371,8 +393,16 @@ impl Drop for Slot {
     }
 }
 
-fn accept_loop(d: Arc<Daemon>, listener: TcpListener, stop: Arc<AtomicBool>) {
+fn accept_loop(
+    d: Arc<Daemon>,
+    listener: TcpListener,
+    stop: Arc<AtomicBool>,
+    tls: Option<Arc<tls::Tls>>,
+) {
     let conns = Arc::new(AtomicUsize::new(0));
+    let Ok(me) = listener.local_addr() else {
+        return;
+    };
     for s in listener.incoming() {
         if stop.load(Ordering::SeqCst) {
             return;
@@ -402,13 +432,16 @@ fn accept_loop(d: Arc<Daemon>, listener: TcpListener, stop: Arc<AtomicBool>) {
             continue;
         }
         let slot = Slot(conns.clone());
-        let (d, stop) = (d.clone(), stop.clone());
+        let (d, stop, tls) = (d.clone(), stop.clone(), tls.clone());
         // (A thread that cannot start drops its slot with the closure.)
         let spawned = std::thread::Builder::new()
             .name("e2b-conn".into())
             .spawn(move || {
                 let _slot = slot;
-                serve(&d, s, &stop);
+                match tls.filter(|_| starts_tls(&s)) {
+                    Some(t) => t.relay(s, me),
+                    None => serve(&d, s, &stop),
+                }
             });
         if spawned.is_err() {
             warn!("cannot start a thread for an API connection");
@@ -454,6 +487,20 @@ fn body_max(
     ))?;
     let who = caller_of(d, key).map_err(|f| (f.status, f.message))?;
     Ok((1 << 20, Vouched::Rest(Box::new(who))))
+}
+
+/// Whether a new connection's first byte (waited for as long as a first
+/// request's) is a TLS handshake's.
+fn starts_tls(s: &TcpStream) -> bool {
+    let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+    let mut b = [0u8; 1];
+    loop {
+        match s.peek(&mut b) {
+            Ok(1) => return b[0] == tls::HANDSHAKE,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            _ => return false,
+        }
+    }
 }
 
 /// The sandbox an envd request names by host, as SDKs without
