@@ -23,8 +23,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
+    BasicConstraints, CertificateParams, CidrSubnet, DnType, ExtendedKeyUsagePurpose,
+    GeneralSubtree, IsCa, Issuer, KeyPair, KeyUsagePurpose, NameConstraints,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -51,11 +51,26 @@ fn invalid(what: &str, e: impl std::fmt::Display) -> DaemonError {
     DaemonError::Invalid(format!("the API's TLS: {what}: {e}"))
 }
 
-/// The CA's name and key use; the same at each start, so that a CA read
-/// back signs as the one first made (its subject and key identify it).
-fn ca_params() -> Result<CertificateParams> {
+/// The CA's name, key use and name constraints; the same at each start,
+/// so that a CA read back signs as the one first made (its subject and
+/// key identify it). It may sign for names under `suffix`, `localhost`
+/// and loopback addresses only: a user who adds it to the system's store
+/// trusts it for nothing else.
+fn ca_params(suffix: &str) -> Result<CertificateParams> {
     let mut p = CertificateParams::new(Vec::<String>::new()).map_err(|e| invalid("CA", e))?;
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.name_constraints = Some(NameConstraints {
+        permitted_subtrees: vec![
+            GeneralSubtree::DnsName(suffix.to_string()),
+            GeneralSubtree::DnsName("localhost".into()),
+            GeneralSubtree::IpAddress(CidrSubnet::V4([127, 0, 0, 0], [255, 0, 0, 0])),
+            GeneralSubtree::IpAddress(CidrSubnet::V6(
+                std::net::Ipv6Addr::LOCALHOST.octets(),
+                [0xff; 16],
+            )),
+        ],
+        excluded_subtrees: Vec::new(),
+    });
     p.distinguished_name
         .push(DnType::CommonName, "banger E2B-compatible API CA");
     p.distinguished_name
@@ -81,22 +96,33 @@ fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<()> {
         })
 }
 
-/// The CA: its key read back from `<state>/api-tls/ca.key`, or made
-/// (with its certificate at `<state>/api-ca.pem`).
-fn ca(state: &Path) -> Result<(KeyPair, PathBuf)> {
+/// The CA for names under `suffix`: its key read back from
+/// `<state>/api-tls/ca.key`, or made (with its certificate at
+/// `<state>/api-ca.pem`); made anew when the suffix it was made for
+/// (`ca.suffix`) is another.
+fn ca(state: &Path, suffix: &str) -> Result<(KeyPair, PathBuf)> {
     let dir = state.join("api-tls");
     let key_path = dir.join("ca.key");
+    let suffix_path = dir.join("ca.suffix");
     let cert_path = state.join(CA_CERT);
-    if let (Ok(pem), true) = (std::fs::read_to_string(&key_path), cert_path.exists()) {
+    let same_suffix = std::fs::read_to_string(&suffix_path).is_ok_and(|s| s == suffix);
+    if let (Ok(pem), true, true) = (
+        std::fs::read_to_string(&key_path),
+        cert_path.exists(),
+        same_suffix,
+    ) {
         let key =
             KeyPair::from_pem(&pem).map_err(|e| invalid(&key_path.display().to_string(), e))?;
         return Ok((key, cert_path));
+    }
+    if cert_path.exists() {
+        tracing::warn!(ca = %cert_path.display(), suffix, "a new CA for the API, for another DNS suffix: clients must trust the new one");
     }
     std::fs::create_dir_all(&dir).map_err(|e| invalid(&dir.display().to_string(), e))?;
     std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .map_err(|e| invalid(&dir.display().to_string(), e))?;
     let key = KeyPair::generate().map_err(|e| invalid("a CA key", e))?;
-    let mut params = ca_params()?;
+    let mut params = ca_params(suffix)?;
     let now = time::OffsetDateTime::now_utc();
     params.not_before = now - time::Duration::days(1);
     params.not_after = now + time::Duration::days(3650);
@@ -105,6 +131,7 @@ fn ca(state: &Path) -> Result<(KeyPair, PathBuf)> {
         .map_err(|e| invalid("the CA's certificate", e))?;
     write_new(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
     write_new(&cert_path, cert.pem().as_bytes(), 0o644)?;
+    write_new(&suffix_path, suffix.as_bytes(), 0o600)?;
     Ok((key, cert_path))
 }
 
@@ -184,8 +211,9 @@ impl Tls {
     /// other name under `suffix` as asked, signed by banger's CA (made the
     /// first time); and where the CA's certificate is.
     pub fn new(state: &Path, suffix: &str, listen: SocketAddr) -> Result<(Tls, PathBuf)> {
-        let (ca_key, ca_path) = ca(state)?;
-        let issuer = Issuer::new(ca_params()?, ca_key);
+        let suffix = suffix.to_ascii_lowercase();
+        let (ca_key, ca_path) = ca(state, &suffix)?;
+        let issuer = Issuer::new(ca_params(&suffix)?, ca_key);
         let mut names = vec![format!("api.{suffix}"), "localhost".to_string()];
         if let IpAddr::V4(ip) = listen.ip() {
             names.push(ip.to_string());
@@ -193,7 +221,7 @@ impl Tls {
         let default = certified(&issuer, names)?;
         let certs = Certs {
             issuer,
-            suffix: suffix.to_ascii_lowercase(),
+            suffix,
             default,
             made: Mutex::new(HashMap::new()),
         };
@@ -339,5 +367,69 @@ fn pump(
         if !inner_open && !conn.wants_write() {
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::pki_types::{ServerName, UnixTime};
+
+    use super::*;
+
+    /// A server certificate checked as a client would, against the CA's
+    /// certificate on disk.
+    fn verify(state: &Path, cert: &CertifiedKey, name: &str) -> std::result::Result<(), String> {
+        let pem = std::fs::read(state.join(CA_CERT)).unwrap();
+        let ca = rustls::pki_types::pem::PemObject::from_pem_slice(&pem).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca).unwrap();
+        #[allow(deprecated)]
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let v =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .unwrap();
+        v.verify_server_cert(
+            &cert.cert[0],
+            &[],
+            &ServerName::try_from(name.to_string()).unwrap(),
+            &[],
+            UnixTime::now(),
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_ca_signs_its_suffixs_names_and_is_trusted_for_no_other() {
+        let d = tempfile::tempdir().unwrap();
+        let (_, ca_path) = Tls::new(d.path(), "vm", "127.0.0.1:3000".parse().unwrap()).unwrap();
+        assert_eq!(ca_path, d.path().join(CA_CERT));
+        let key = std::fs::read_to_string(d.path().join("api-tls/ca.key")).unwrap();
+        let issuer = || Issuer::new(ca_params("vm").unwrap(), KeyPair::from_pem(&key).unwrap());
+        // A second serve reads the same CA back: what it signs verifies
+        // against the certificate clients were given.
+        Tls::new(d.path(), "vm", "127.0.0.1:3000".parse().unwrap()).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("api-tls/ca.key")).unwrap(),
+            key
+        );
+        let c = certified(&issuer(), vec!["49983-keen-seal.vm".into()]).unwrap();
+        verify(d.path(), &c, "49983-keen-seal.vm").unwrap();
+        assert!(
+            verify(d.path(), &c, "other.vm").is_err(),
+            "its own name only"
+        );
+        // Even signed by the CA, a name outside its constraints is refused.
+        let evil = certified(&issuer(), vec!["bank.example".into()]).unwrap();
+        let e = verify(d.path(), &evil, "bank.example").unwrap_err();
+        assert!(e.contains("NameConstraintViolation"), "{e}");
+        // Another suffix: another CA (the old one's constraints exclude it).
+        Tls::new(d.path(), "box", "127.0.0.1:3000".parse().unwrap()).unwrap();
+        assert_ne!(
+            std::fs::read_to_string(d.path().join("api-tls/ca.key")).unwrap(),
+            key
+        );
     }
 }
