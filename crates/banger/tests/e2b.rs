@@ -40,14 +40,8 @@ fn sdk(inst: &Instance, addr: &str, key: &str, script: &str) -> (serde_json::Val
         .env("E2B_API_URL", &url)
         .env("E2B_SANDBOX_URL", &url)
         .env("E2B_API_KEY", key)
-        // Nothing but the loopback port: no proxy, whatever the host's.
-        .env("NO_PROXY", "*")
-        .env_remove("HTTP_PROXY")
-        .env_remove("HTTPS_PROXY")
-        .env_remove("http_proxy")
-        .env_remove("https_proxy")
-        .env_remove("ALL_PROXY")
         .stdin(std::process::Stdio::null());
+    test_infra::e2b::without_proxies(&mut c);
     let out = test_infra::bounded::output_within(&mut c, test_infra::bounded::COMMAND_LIMIT);
     let stdout = text(&out.stdout);
     let last = stdout.lines().last().unwrap_or_default().to_string();

@@ -34,18 +34,8 @@ fn e2b_domain_alone_reaches_banger_over_https() {
     let python = std::env::var("BANGER_E2B_PYTHON")
         .expect("BANGER_E2B_PYTHON: scripts/test.sh sets it (scripts/e2b-sdk.sh)");
     let inst = Instance::new(&PathBuf::from(env!("CARGO_BIN_EXE_banger"))).with_image();
-    let addr = ok(
-        &inst.banger(&["api", "serve", "--listen", "127.0.0.1:0"]),
-        "api serve",
-    )
-    .trim()
-    .to_string();
+    let (addr, key) = inst.serve_e2b_api("tls");
     let port = addr.rsplit(':').next().unwrap_or_default().to_string();
-    let key = ok(&inst.banger(&["api", "token", "create", "tls"]), "token")
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .to_string();
     let ca = inst.state().join("api-ca.pem");
     assert!(ca.exists(), "the CA's certificate at {}", ca.display());
     let resolv = inst.dir.path().join("resolv.conf");
@@ -64,13 +54,8 @@ fn e2b_domain_alone_reaches_banger_over_https() {
             .env("E2B_API_KEY", &key)
             .env_remove("E2B_API_URL")
             .env_remove("E2B_SANDBOX_URL")
-            .env("NO_PROXY", "*")
-            .env_remove("HTTP_PROXY")
-            .env_remove("HTTPS_PROXY")
-            .env_remove("http_proxy")
-            .env_remove("https_proxy")
-            .env_remove("ALL_PROXY")
             .stdin(std::process::Stdio::null());
+        test_infra::e2b::without_proxies(&mut c);
         if trust {
             c.env("SSL_CERT_FILE", &ca);
         } else {

@@ -9,7 +9,7 @@
 
 use std::path::PathBuf;
 
-use test_infra::{ok, text, Instance};
+use test_infra::{text, Instance};
 
 /// What the SDK does, in one Node.js process; its last line is JSON.
 const SCRIPT: &str = r#"
@@ -96,20 +96,7 @@ fn e2bs_javascript_sdk_drives_banger_vms() {
         return;
     };
     let inst = Instance::new(&PathBuf::from(env!("CARGO_BIN_EXE_banger"))).with_image();
-    let addr = ok(
-        &inst.banger(&["api", "serve", "--listen", "127.0.0.1:0"]),
-        "api serve",
-    )
-    .trim()
-    .to_string();
-    let key = ok(
-        &inst.banger(&["api", "token", "create", "js"]),
-        "token create",
-    )
-    .lines()
-    .last()
-    .unwrap_or_default()
-    .to_string();
+    let (addr, key) = inst.serve_e2b_api("js");
     let url = format!("http://{addr}");
     let mut c = inst.net.cmd("node");
     c.arg("-e")
@@ -119,13 +106,8 @@ fn e2bs_javascript_sdk_drives_banger_vms() {
         .env("E2B_API_URL", &url)
         .env("E2B_SANDBOX_URL", &url)
         .env("E2B_API_KEY", &key)
-        .env("NO_PROXY", "*")
-        .env_remove("HTTP_PROXY")
-        .env_remove("HTTPS_PROXY")
-        .env_remove("http_proxy")
-        .env_remove("https_proxy")
-        .env_remove("ALL_PROXY")
         .stdin(std::process::Stdio::null());
+    test_infra::e2b::without_proxies(&mut c);
     let out = test_infra::bounded::output_within(&mut c, test_infra::bounded::COMMAND_LIMIT);
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));

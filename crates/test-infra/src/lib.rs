@@ -6,6 +6,7 @@
 
 pub mod bounded;
 mod double;
+pub mod e2b;
 pub mod fcspec;
 mod gate;
 mod netns;

@@ -100,33 +100,17 @@ pub fn bench(table: &mut String, banger: &Path, n: usize) {
         .join()
         .expect("CLI runs");
     });
-    let addr = ok(
-        &inst.banger(&["api", "serve", "--listen", "127.0.0.1:0"]),
-        "api serve",
-    )
-    .trim()
-    .to_string();
-    let key = ok(&inst.banger(&["api", "token", "create", "bench"]), "token")
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .to_string();
+    let (addr, key) = inst.serve_e2b_api("bench");
     let url = format!("http://{addr}");
-    let out = inst
-        .net
-        .cmd(&python)
-        .arg("-c")
+    let mut c = inst.net.cmd(&python);
+    c.arg("-c")
         .arg(SDK)
         .arg(n.to_string())
         .arg(m.to_string())
         .env("E2B_API_URL", &url)
         .env("E2B_SANDBOX_URL", &url)
-        .env("E2B_API_KEY", &key)
-        .env("NO_PROXY", "*")
-        .env_remove("HTTP_PROXY")
-        .env_remove("HTTPS_PROXY")
-        .env_remove("http_proxy")
-        .env_remove("https_proxy")
+        .env("E2B_API_KEY", &key);
+    let out = test_infra::e2b::without_proxies(&mut c)
         .output()
         .expect("the SDK's python");
     let printed = ok(&out, "the SDK's runs");
