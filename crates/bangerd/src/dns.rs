@@ -382,6 +382,10 @@ impl Daemon {
             if let Some(ip) = self.dns_view.lookup(name, asker) {
                 return Some(ip);
             }
+            // (A VM of that name without an address is still that VM.)
+            if self.dns_view.has(name) {
+                return None;
+            }
             // The E2B-compatible API's names, for the host only (a VM of
             // that name comes first): `api` and `<port>-<sandbox>`.
             if *asker != Asker::Host {

@@ -417,7 +417,12 @@ fn accept_loop(
                 continue;
             }
         };
-        if conns.fetch_add(1, Ordering::SeqCst) >= CONNS_MAX {
+        // A TLS relay's own connection: its client holds the slot, and
+        // what it carries is plaintext.
+        let relayed = tls
+            .as_ref()
+            .is_some_and(|t| s.peer_addr().is_ok_and(|p| t.relays.take(p)));
+        if !relayed && conns.fetch_add(1, Ordering::SeqCst) >= CONNS_MAX {
             conns.fetch_sub(1, Ordering::SeqCst);
             let mut s = s;
             let _ = http::respond(
@@ -431,14 +436,14 @@ fn accept_loop(
             );
             continue;
         }
-        let slot = Slot(conns.clone());
+        let slot = (!relayed).then(|| Slot(conns.clone()));
         let (d, stop, tls) = (d.clone(), stop.clone(), tls.clone());
         // (A thread that cannot start drops its slot with the closure.)
         let spawned = std::thread::Builder::new()
             .name("e2b-conn".into())
             .spawn(move || {
                 let _slot = slot;
-                match tls.filter(|_| starts_tls(&s)) {
+                match tls.filter(|_| !relayed && starts_tls(&s)) {
                     Some(t) => t.relay(s, me),
                     None => serve(&d, s, &stop),
                 }

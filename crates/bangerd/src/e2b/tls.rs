@@ -45,6 +45,7 @@ pub const CA_CERT: &str = "api-ca.pem";
 /// What serves HTTPS: the server's configuration.
 pub struct Tls {
     config: Arc<rustls::ServerConfig>,
+    pub relays: Relays,
 }
 
 fn invalid(what: &str, e: impl std::fmt::Display) -> DaemonError {
@@ -81,7 +82,9 @@ fn ca_params(suffix: &str) -> Result<CertificateParams> {
 
 /// Writes `data` at `path` with `mode`, whole or not at all.
 fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<()> {
-    let tmp = path.with_extension("new");
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".new");
+    let tmp = PathBuf::from(tmp);
     let _ = std::fs::remove_file(&tmp);
     std::fs::OpenOptions::new()
         .write(true)
@@ -96,43 +99,61 @@ fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<()> {
         })
 }
 
-/// The CA for names under `suffix`: its key read back from
-/// `<state>/api-tls/ca.key`, or made (with its certificate at
-/// `<state>/api-ca.pem`); made anew when the suffix it was made for
-/// (`ca.suffix`) is another.
+/// The CA for names under `suffix`, kept in `<state>/api-tls/` (root's,
+/// 0700): its key (`ca.key`, 0600), its certificate (`ca.pem`) and the
+/// suffix it was made for (`ca.suffix`, written last: a CA whose making
+/// was cut short has none and is made again). Read back when all three
+/// are there and the suffix is this one; else made anew. The copy for
+/// clients, `<state>/api-ca.pem` (0644), is written from it at each start.
 fn ca(state: &Path, suffix: &str) -> Result<(KeyPair, PathBuf)> {
     let dir = state.join("api-tls");
     let key_path = dir.join("ca.key");
+    let own_cert = dir.join("ca.pem");
     let suffix_path = dir.join("ca.suffix");
-    let cert_path = state.join(CA_CERT);
-    let same_suffix = std::fs::read_to_string(&suffix_path).is_ok_and(|s| s == suffix);
-    if let (Ok(pem), true, true) = (
-        std::fs::read_to_string(&key_path),
-        cert_path.exists(),
-        same_suffix,
-    ) {
-        let key =
-            KeyPair::from_pem(&pem).map_err(|e| invalid(&key_path.display().to_string(), e))?;
-        return Ok((key, cert_path));
-    }
-    if cert_path.exists() {
-        tracing::warn!(ca = %cert_path.display(), suffix, "a new CA for the API, for another DNS suffix: clients must trust the new one");
-    }
+    let public = state.join(CA_CERT);
     std::fs::create_dir_all(&dir).map_err(|e| invalid(&dir.display().to_string(), e))?;
     std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .map_err(|e| invalid(&dir.display().to_string(), e))?;
-    let key = KeyPair::generate().map_err(|e| invalid("a CA key", e))?;
-    let mut params = ca_params(suffix)?;
-    let now = time::OffsetDateTime::now_utc();
-    params.not_before = now - time::Duration::days(1);
-    params.not_after = now + time::Duration::days(3650);
-    let cert = params
-        .self_signed(&key)
-        .map_err(|e| invalid("the CA's certificate", e))?;
-    write_new(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
-    write_new(&cert_path, cert.pem().as_bytes(), 0o644)?;
-    write_new(&suffix_path, suffix.as_bytes(), 0o600)?;
-    Ok((key, cert_path))
+    let kept = std::fs::read_to_string(&suffix_path)
+        .ok()
+        .filter(|s| s == suffix)
+        .and_then(|_| {
+            let key = std::fs::read_to_string(&key_path).ok()?;
+            let cert = std::fs::read_to_string(&own_cert).ok()?;
+            match KeyPair::from_pem(&key) {
+                Ok(k) => Some((k, cert)),
+                Err(e) => {
+                    tracing::warn!(key = %key_path.display(), err = %e, "the API's CA key does not read: a new CA");
+                    None
+                }
+            }
+        });
+    let (key, cert) = match kept {
+        Some(k) => k,
+        None => {
+            if suffix_path.exists() {
+                tracing::warn!(ca = %public.display(), suffix, "a new CA for the API (another DNS suffix, or the old one's files are damaged): clients must trust the new one");
+            }
+            let _ = std::fs::remove_file(&suffix_path);
+            let key = KeyPair::generate().map_err(|e| invalid("a CA key", e))?;
+            let mut params = ca_params(suffix)?;
+            let now = time::OffsetDateTime::now_utc();
+            params.not_before = now - time::Duration::days(1);
+            params.not_after = now + time::Duration::days(3650);
+            let cert = params
+                .self_signed(&key)
+                .map_err(|e| invalid("the CA's certificate", e))?
+                .pem();
+            write_new(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
+            write_new(&own_cert, cert.as_bytes(), 0o600)?;
+            write_new(&suffix_path, suffix.as_bytes(), 0o600)?;
+            (key, cert)
+        }
+    };
+    if std::fs::read_to_string(&public).ok().as_deref() != Some(cert.as_str()) {
+        write_new(&public, cert.as_bytes(), 0o644)?;
+    }
+    Ok((key, public))
 }
 
 /// How many names' certificates are kept (past it, all are made anew).
@@ -238,28 +259,26 @@ impl Tls {
         Ok((
             Tls {
                 config: Arc::new(config),
+                relays: Relays::default(),
             },
             ca_path,
         ))
     }
 
-    /// Terminates TLS on `client` (its handshake within
-    /// [`HANDSHAKE_WITHIN`]) and relays its plaintext to `plain` (a
-    /// connection to the API's own port) and back, until either side ends
-    /// or both stay quiet for [`QUIET`].
+    /// Terminates TLS on `client` (its whole handshake within
+    /// [`HANDSHAKE_WITHIN`]) and relays its plaintext to the API's own
+    /// port at `plain` and back, until the API's side ends or both stay
+    /// quiet for [`QUIET`]. The connection to `plain` is the relay's own
+    /// (`Relays`: neither counted against the connections nor taken for
+    /// TLS again).
     pub fn relay(&self, mut client: TcpStream, plain: SocketAddr) {
         let Ok(mut conn) = rustls::ServerConnection::new(self.config.clone()) else {
             return;
         };
-        let _ = client.set_write_timeout(Some(HANDSHAKE_WITHIN));
-        let _ = client.set_read_timeout(Some(HANDSHAKE_WITHIN));
-        let until = Instant::now() + HANDSHAKE_WITHIN;
-        while conn.is_handshaking() {
-            if Instant::now() >= until || conn.complete_io(&mut client).is_err() {
-                return;
-            }
+        if handshake(&mut conn, &mut client).is_err() {
+            return;
         }
-        let Ok(mut inner) = TcpStream::connect_timeout(&plain, Duration::from_secs(2)) else {
+        let Ok(mut inner) = self.relays.connect(plain) else {
             return;
         };
         let _ = inner.set_write_timeout(Some(QUIET));
@@ -267,29 +286,133 @@ impl Tls {
         let _ = pump(&mut conn, &mut client, &mut inner);
         let _ = inner.shutdown(std::net::Shutdown::Both);
         conn.send_close_notify();
-        let _ = conn.complete_io(&mut client);
+        let _ = flush(&mut conn, &mut client);
     }
 }
 
-/// The plaintext the connection holds, written to `inner`: whether the
-/// client has closed its side.
+/// The relays' own connections to the API's port, by their local
+/// address, from their making until the accept loop has seen them.
+#[derive(Default)]
+pub struct Relays(Mutex<std::collections::HashSet<SocketAddr>>);
+
+impl Relays {
+    /// A connection to `to` from a local address recorded first.
+    fn connect(&self, to: SocketAddr) -> std::io::Result<TcpStream> {
+        use nix::sys::socket::{
+            bind, connect, getsockname, socket, AddressFamily, SockFlag, SockType, SockaddrStorage,
+        };
+        use std::os::fd::AsRawFd;
+        let family = if to.is_ipv4() {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+        bind(
+            fd.as_raw_fd(),
+            &SockaddrStorage::from(SocketAddr::new(to.ip(), 0)),
+        )?;
+        let local = getsockname::<SockaddrStorage>(fd.as_raw_fd())?;
+        let local = match (local.as_sockaddr_in(), local.as_sockaddr_in6()) {
+            (Some(v4), _) => SocketAddr::from(std::net::SocketAddrV4::from(*v4)),
+            (_, Some(v6)) => SocketAddr::from(std::net::SocketAddrV6::from(*v6)),
+            _ => return Err(std::io::Error::other("a socket of no address family")),
+        };
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(local);
+        if let Err(e) = connect(fd.as_raw_fd(), &SockaddrStorage::from(to)) {
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&local);
+            return Err(e.into());
+        }
+        Ok(TcpStream::from(fd))
+    }
+
+    /// Whether `peer` is a relay's own connection (then forgotten).
+    pub fn take(&self, peer: SocketAddr) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&peer)
+    }
+}
+
+/// What rustls has to send, sent (a signal's interruption retried).
+fn flush(conn: &mut rustls::ServerConnection, client: &mut TcpStream) -> std::io::Result<()> {
+    while conn.wants_write() {
+        match conn.write_tls(client) {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The handshake, whole within [`HANDSHAKE_WITHIN`] (each read given
+/// what is left: a client trickling its hello holds nothing longer).
+fn handshake(conn: &mut rustls::ServerConnection, client: &mut TcpStream) -> std::io::Result<()> {
+    let until = Instant::now() + HANDSHAKE_WITHIN;
+    let _ = client.set_write_timeout(Some(HANDSHAKE_WITHIN));
+    while conn.is_handshaking() {
+        flush(conn, client)?;
+        if !conn.wants_read() {
+            continue;
+        }
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                ErrorKind::TimedOut,
+                "the TLS handshake",
+            ));
+        }
+        client.set_read_timeout(Some(left))?;
+        match conn.read_tls(client) {
+            Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+        if let Err(e) = conn.process_new_packets() {
+            // (Its alert, for the client to read why.)
+            let _ = flush(conn, client);
+            return Err(std::io::Error::new(ErrorKind::InvalidData, e));
+        }
+    }
+    flush(conn, client)
+}
+
+/// The plaintext the connection holds, written to `inner` while it takes
+/// it (once it refuses, the rest is dropped: what the API answered still
+/// comes back). Whether the client has closed its side.
 fn to_inner(
     conn: &mut rustls::ServerConnection,
     inner: &mut TcpStream,
+    inner_takes: &mut bool,
     buf: &mut [u8],
 ) -> std::io::Result<bool> {
     loop {
         match conn.reader().read(buf) {
             Ok(0) => return Ok(true),
-            Ok(n) => inner.write_all(&buf[..n])?,
+            Ok(n) if *inner_takes => {
+                if inner.write_all(&buf[..n]).is_err() {
+                    *inner_takes = false;
+                }
+            }
+            Ok(_) => {}
             Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
             Err(e) => return Err(e),
         }
     }
 }
 
-/// Both ways at once, on one thread: what the client's TLS carries to
-/// `inner`, what `inner` answers back through it.
+/// Both ways at once, on one thread, until the API's side ends (a client
+/// that closes its side still gets the answer) or nothing moves for
+/// [`QUIET`].
 fn pump(
     conn: &mut rustls::ServerConnection,
     client: &mut TcpStream,
@@ -297,20 +420,23 @@ fn pump(
 ) -> std::io::Result<()> {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let mut buf = vec![0u8; 16 << 10];
-    let mut inner_open = true;
+    let mut client_open = true;
+    let mut inner_takes = true;
     let quiet = PollTimeout::try_from(QUIET).unwrap_or(PollTimeout::NONE);
-    // What came with the handshake's last records is read already.
-    if to_inner(conn, inner, &mut buf)? {
+    let client_closed = |open: &mut bool, inner: &mut TcpStream| {
+        *open = false;
         let _ = inner.shutdown(std::net::Shutdown::Write);
+    };
+    // What came with the handshake's last records is read already.
+    if to_inner(conn, inner, &mut inner_takes, &mut buf)? {
+        client_closed(&mut client_open, inner);
     }
     loop {
-        while conn.wants_write() {
-            conn.write_tls(client)?;
-        }
+        flush(conn, client)?;
         let (c_ready, i_ready) = {
-            let mut fds = vec![PollFd::new(client.as_fd(), PollFlags::POLLIN)];
-            if inner_open {
-                fds.push(PollFd::new(inner.as_fd(), PollFlags::POLLIN));
+            let mut fds = vec![PollFd::new(inner.as_fd(), PollFlags::POLLIN)];
+            if client_open {
+                fds.push(PollFd::new(client.as_fd(), PollFlags::POLLIN));
             }
             match poll(&mut fds, quiet) {
                 Ok(0) => return Ok(()),
@@ -319,53 +445,47 @@ fn pump(
                 Err(e) => return Err(e.into()),
             }
             let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
-            (ready(&fds[0]), fds.get(1).is_some_and(ready))
+            (fds.get(1).is_some_and(ready), ready(&fds[0]))
         };
         if c_ready {
             match conn.read_tls(client) {
-                Ok(0) => return Ok(()),
-                Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-            conn.process_new_packets()
-                .map_err(|e| std::io::Error::new(ErrorKind::InvalidData, e))?;
-            if to_inner(conn, inner, &mut buf)? {
-                let _ = inner.shutdown(std::net::Shutdown::Write);
-            }
-        }
-        if i_ready {
-            match inner.read(&mut buf) {
-                Ok(0) => {
-                    inner_open = false;
-                    conn.send_close_notify();
-                }
-                Ok(n) => {
-                    // rustls takes what its buffer has room for; the
-                    // rest goes once that is sent.
-                    let mut off = 0;
-                    while off < n {
-                        let took = conn.writer().write(&buf[off..n])?;
-                        off += took;
-                        let mut sent = false;
-                        while conn.wants_write() {
-                            conn.write_tls(client)?;
-                            sent = true;
-                        }
-                        if took == 0 && !sent {
-                            return Err(std::io::Error::new(
-                                ErrorKind::WriteZero,
-                                "the TLS connection takes nothing",
-                            ));
-                        }
+                Ok(0) => client_closed(&mut client_open, inner),
+                Ok(_) => {
+                    let state = conn
+                        .process_new_packets()
+                        .map_err(|e| std::io::Error::new(ErrorKind::InvalidData, e))?;
+                    let closed = state.peer_has_closed();
+                    if to_inner(conn, inner, &mut inner_takes, &mut buf)? || closed {
+                        client_closed(&mut client_open, inner);
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
-        if !inner_open && !conn.wants_write() {
-            return Ok(());
+        if i_ready {
+            let n = match inner.read(&mut buf) {
+                // The API's side is done: all it said is relayed.
+                Ok(0) => return flush(conn, client),
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            // rustls takes what its buffer has room for; the rest goes
+            // once that is sent.
+            let mut off = 0;
+            while off < n {
+                let took = conn.writer().write(&buf[off..n])?;
+                off += took;
+                let had = conn.wants_write();
+                flush(conn, client)?;
+                if took == 0 && !had {
+                    return Err(std::io::Error::new(
+                        ErrorKind::WriteZero,
+                        "the TLS connection takes nothing",
+                    ));
+                }
+            }
         }
     }
 }
@@ -425,11 +545,22 @@ mod tests {
         let evil = certified(&issuer(), vec!["bank.example".into()]).unwrap();
         let e = verify(d.path(), &evil, "bank.example").unwrap_err();
         assert!(e.contains("NameConstraintViolation"), "{e}");
+        // The clients' copy, lost, is written again from the CA's own.
+        let public = std::fs::read_to_string(&ca_path).unwrap();
+        std::fs::remove_file(&ca_path).unwrap();
+        Tls::new(d.path(), "vm", "127.0.0.1:3000".parse().unwrap()).unwrap();
+        assert_eq!(std::fs::read_to_string(&ca_path).unwrap(), public);
+        let read_key = || std::fs::read_to_string(d.path().join("api-tls/ca.key")).unwrap();
+        assert_eq!(read_key(), key);
         // Another suffix: another CA (the old one's constraints exclude it).
         Tls::new(d.path(), "box", "127.0.0.1:3000".parse().unwrap()).unwrap();
-        assert_ne!(
-            std::fs::read_to_string(d.path().join("api-tls/ca.key")).unwrap(),
-            key
-        );
+        let boxed = read_key();
+        assert_ne!(boxed, key);
+        assert_ne!(std::fs::read_to_string(&ca_path).unwrap(), public);
+        // A damaged key: a new CA, not a port without HTTPS.
+        std::fs::write(d.path().join("api-tls/ca.key"), "garbage").unwrap();
+        Tls::new(d.path(), "box", "127.0.0.1:3000".parse().unwrap()).unwrap();
+        let again = read_key();
+        assert!(again != "garbage" && again != boxed);
     }
 }
