@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod deadline;
+pub mod meta;
 pub mod mux;
 pub mod proto;
 

@@ -14,54 +14,14 @@
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 
+pub use crate::meta::{check_meta, META_KEYS, META_KEY_MAX, META_PREFIX, META_TOTAL_MAX};
+
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// Bumped on any incompatible change; a mismatch is refused with both
 /// versions named.
 pub const VERSION: u32 = 1;
-
-/// A file's metadata (E2B's) lives in extended attributes under this
-/// prefix, at most [`META_KEYS`] of them, each key at most
-/// [`META_KEY_MAX`] bytes (the prefix and key within the kernel's 255) of
-/// HTTP token characters, lowercase, values of printable ASCII, keys and
-/// values at most [`META_TOTAL_MAX`] bytes in all (as envd: what ext4 keeps
-/// in the one block a file's attributes share).
-pub const META_PREFIX: &str = "user.e2b.";
-pub const META_KEYS: usize = 64;
-pub const META_KEY_MAX: usize = 246;
-pub const META_TOTAL_MAX: usize = 3072;
-
-/// Why `meta` is no file metadata banger keeps (see [`META_PREFIX`]).
-pub fn check_meta(meta: &BTreeMap<String, String>) -> Result<(), String> {
-    if meta.len() > META_KEYS {
-        return Err(format!("{} metadata keys: at most {META_KEYS}", meta.len()));
-    }
-    let total: usize = meta.iter().map(|(k, v)| k.len() + v.len()).sum();
-    if total > META_TOTAL_MAX {
-        return Err(format!(
-            "{total} bytes of metadata keys and values: at most {META_TOTAL_MAX} in all"
-        ));
-    }
-    for (k, v) in meta {
-        let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
-        if k.is_empty() || k.len() > META_KEY_MAX || !k.chars().all(token) {
-            return Err(format!(
-                "metadata key {:?}: 1 to {META_KEY_MAX} letters, digits or !#$%&'*+-.^_`|~",
-                k.chars().take(64).collect::<String>()
-            ));
-        }
-        if k.chars().any(|c| c.is_ascii_uppercase()) {
-            return Err(format!("metadata key {k:?}: keys are lowercase"));
-        }
-        if !v.chars().all(|c| (' '..='~').contains(&c)) {
-            return Err(format!(
-                "metadata {k:?}: a value is printable ASCII characters only"
-            ));
-        }
-    }
-    Ok(())
-}
 
 /// The guest port the agent listens on (host-initiated calls).
 pub const AGENT_PORT: u32 = 1024;
