@@ -125,6 +125,7 @@ pub fn print_vms(vms: &[VmInfo]) {
         ">MEMORY",
         "VMM",
         ">AGE",
+        "LABELS",
         "LAST ERROR",
     ]);
     for v in vms {
@@ -136,10 +137,28 @@ pub fn print_vms(vms: &[VmInfo]) {
             format!("{}M", v.memory_mib),
             format!("{}/{}", v.vmm, v.accel),
             age(v.created_at),
+            labels(&v.metadata),
             v.last_error.as_deref().map(one_line).unwrap_or_default(),
         ]);
     }
     t.print();
+}
+
+/// A VM's labels (an E2B sandbox's metadata) in a table's cell: `k=v`
+/// joined by commas, escaped (a client set them), cut at 40 characters.
+fn labels(m: &std::collections::BTreeMap<String, String>) -> String {
+    const CELL: usize = 40;
+    if m.is_empty() {
+        return "-".into();
+    }
+    let all: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let text = escape_control(&all.join(","), false);
+    if text.chars().count() <= CELL {
+        return text;
+    }
+    let mut cut: String = text.chars().take(CELL - 1).collect();
+    cut.push('…');
+    cut
 }
 
 /// One VM, whole (its last error on as many lines as it has).
@@ -376,7 +395,23 @@ pub fn print_status(st: &DaemonStatus) {
 
 #[cfg(test)]
 mod tests {
-    use super::Table;
+    use super::{labels, Table};
+
+    #[test]
+    fn labels_are_escaped_and_cut() {
+        let m = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(labels(&m(&[])), "-");
+        assert_eq!(labels(&m(&[("b", "2"), ("a", "1")])), "a=1,b=2");
+        assert_eq!(labels(&m(&[("k", "\x1b[2Jx")])), "k=\\x1b[2Jx");
+        let long = labels(&m(&[("k", &"v".repeat(100))]));
+        assert_eq!(long.chars().count(), 40);
+        assert!(long.ends_with('…'));
+    }
 
     #[test]
     fn columns_fit_their_widest_cell() {

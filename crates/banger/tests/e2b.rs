@@ -316,6 +316,14 @@ fn e2bs_sdk_drives_banger_vms() {
     let vm = inst.vm(&id).expect("the sandbox is a VM");
     assert_eq!(vm["state"], "running");
     assert_eq!(vm["metadata"]["purpose"], "e2b-test", "{vm}");
+    let table = ok(&inst.banger(&["vm", "ls"]), "vm ls");
+    assert!(
+        table.lines().next().unwrap_or_default().contains("LABELS")
+            && table
+                .lines()
+                .any(|l| l.starts_with(&id) && l.contains("purpose=e2b-test")),
+        "vm ls shows a sandbox's metadata: {table}"
+    );
 
     // What a client that is not an SDK may send.
     let (v, out) = sdk(
