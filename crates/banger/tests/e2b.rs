@@ -231,6 +231,17 @@ import zlib
 z = zlib.compressobj(9, zlib.DEFLATED, 31)
 bomb = b"".join(z.compress(bytes(1 << 20)) for _ in range(257)) + z.flush()
 out["bomb"] = [len(bomb) < (1 << 20), ask("POST", "/files?path=/tmp/bomb", bomb, dict(raw, **{"Content-Encoding": "gzip"}))[0]]
+# Unknown services and methods, and a user's write where it may not.
+j = dict(envd, **{"Content-Type": "application/json"})
+out["no_service"] = ask("POST", "/nope.Nope/Stat", b'{}', j)
+out["no_method"] = ask("POST", "/filesystem.Filesystem/Explode", b'{"path":"/"}', j)
+import base64
+nobody = dict(j, **{"Authorization": "Basic " + base64.b64encode(b"nobody:").decode()})
+out["mkdir_not_yours"] = ask("POST", "/filesystem.Filesystem/MakeDir", b'{"path":"/root/nope/deeper"}', nobody)
+out["mkdir_yours"] = ask("POST", "/filesystem.Filesystem/MakeDir", b'{"path":"/tmp/nobodys/dir"}', nobody)
+out["remove_not_yours"] = ask("POST", "/filesystem.Filesystem/Remove", b'{"path":"/etc/hostname"}', nobody)[0]
+out["hostname_kept"] = ask("POST", "/filesystem.Filesystem/Stat", b'{"path":"/etc/hostname"}', j)[0]
+out["not_yours"] = ask("POST", "/files?path=/root/denied.txt&username=nobody", b"x", dict(raw, **{"Content-Type": "application/octet-stream"}))[0]
 out["stat_after"] = ask("POST", "/filesystem.Filesystem/Stat", b'{"path":"/tmp/bomb"}', dict(envd, **{"Content-Type": "application/json"}))[0]
 many = ask("GET", "/sandboxes/metrics?sandbox_ids=" + sid + ",no-such-sandbox", b"", key)
 out["many_metrics"] = [many[0], sorted(json.loads(many[1])["sandboxes"])]
@@ -364,6 +375,32 @@ fn e2bs_sdk_drives_banger_vms() {
     assert_eq!(v["coding"], 400, "{v}");
     assert_eq!(v["bomb"], serde_json::json!([true, 413]), "{v}");
     assert_eq!(v["stat_after"], 404, "nothing written: {v}");
+    for k in ["no_service", "no_method"] {
+        assert_eq!(v[k][0], 501, "{k}: {v}");
+        assert!(
+            v[k][1].as_str().unwrap().contains("unimplemented"),
+            "{k}: {v}"
+        );
+    }
+    assert_eq!(v["not_yours"], 403, "nobody may not write /root: {v}");
+    assert_eq!(v["mkdir_not_yours"][0], 403, "{v}");
+    assert!(
+        v["mkdir_not_yours"][1]
+            .as_str()
+            .unwrap()
+            .contains("permission_denied"),
+        "{v}"
+    );
+    assert_eq!(v["mkdir_yours"][0], 200, "{v}");
+    assert!(
+        v["mkdir_yours"][1]
+            .as_str()
+            .unwrap()
+            .contains("\"owner\":\"nobody\""),
+        "made as theirs: {v}"
+    );
+    assert_eq!(v["remove_not_yours"], 403, "{v}");
+    assert_eq!(v["hostname_kept"], 200, "nothing removed: {v}");
     assert_eq!(v["many_metrics"], serde_json::json!([200, [id]]), "{v}");
     assert_eq!(v["bad_start"], 400, "{v}");
     assert!(

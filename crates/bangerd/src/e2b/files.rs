@@ -99,40 +99,54 @@ pub(super) fn filesystem(
                 Err(e) if e.code == "not_found" => {}
                 Err(e) => return Err(e),
             }
-            agent_call(
-                d,
-                vm,
-                Call::Mkdir {
-                    path: p.clone(),
-                    mode: 0o755,
-                    parents: true,
-                },
-            )?;
-            chown(d, vm, user, &p)?;
+            match other_user(user) {
+                // Made by the user (theirs, where they may).
+                Some(u) => as_user(d, vm, u, &["mkdir", "-p", "--", &p])?,
+                None => {
+                    agent_call(
+                        d,
+                        vm,
+                        Call::Mkdir {
+                            path: p.clone(),
+                            mode: 0o755,
+                            parents: true,
+                        },
+                    )?;
+                }
+            }
             Ok(json!({"entry": entry(&stat(d, vm, &p)?)}))
         }
         "Move" => {
             let (from, to) = (path("source")?, path("destination")?);
-            agent_call(
-                d,
-                vm,
-                Call::Move {
-                    from,
-                    to: to.clone(),
-                },
-            )?;
+            match other_user(user) {
+                Some(u) => as_user(d, vm, u, &["mv", "-T", "--", &from, &to])?,
+                None => {
+                    agent_call(
+                        d,
+                        vm,
+                        Call::Move {
+                            from,
+                            to: to.clone(),
+                        },
+                    )?;
+                }
+            }
             Ok(json!({"entry": entry(&stat(d, vm, &to)?)}))
         }
         "Remove" => {
             let p = path("path")?;
-            match agent_call(
-                d,
-                vm,
-                Call::Remove {
-                    path: p,
-                    recursive: true,
-                },
-            ) {
+            let removed = match other_user(user) {
+                Some(u) => as_user(d, vm, u, &["rm", "-rf", "--", &p]).map(|()| Msg::Done),
+                None => agent_call(
+                    d,
+                    vm,
+                    Call::Remove {
+                        path: p,
+                        recursive: true,
+                    },
+                ),
+            };
+            match removed {
                 Ok(_) => Ok(json!({})),
                 Err(e) if e.code == "not_found" => Ok(json!({})),
                 Err(e) => Err(e),
@@ -145,10 +159,58 @@ pub(super) fn filesystem(
     }
 }
 
+/// The user a write is made for, when it is not root (whose writes go
+/// straight to the agent).
+fn other_user(user: Option<&str>) -> Option<&str> {
+    user.filter(|u| *u != "root" && *u != "0")
+}
+
+/// Runs `argv` in the guest as `user` (the kernel judges what they may
+/// do): its failure in the code its message names (a `permission_denied`
+/// for what the user may not write), nothing done.
+fn as_user(d: &Daemon, vm: &VmRecord, user: &str, argv: &[&str]) -> Result<(), RpcErr> {
+    let spec = ExecSpec {
+        argv: argv.iter().map(|a| a.to_string()).collect(),
+        user: Some(user.to_string()),
+        cwd: Some("/".into()),
+        ..Default::default()
+    };
+    let s = Session::start(d.agent_connect(vm)?, Call::Exec(spec))?;
+    let mut err = Vec::new();
+    let st = s.wait_within(&mut std::io::sink(), &mut err, CALL_WITHIN)?;
+    if st.code == Some(0) {
+        return Ok(());
+    }
+    let msg = banger_core::text::escape_control(
+        String::from_utf8_lossy(&err[..err.len().min(512)]).trim(),
+        false,
+    );
+    let code = if msg.contains("Permission denied") || msg.contains("may not write") {
+        "permission_denied"
+    } else if msg.contains("No such file") {
+        "not_found"
+    } else if msg.contains("File exists") {
+        "already_exists"
+    } else if msg.contains("no user") || msg.contains("unknown user") {
+        "unauthenticated"
+    } else {
+        "internal"
+    };
+    Err(rpc(code, format!("as user {user:?}: {msg}")))
+}
+
+/// Whether `user` may write the file at `path`: its directory made (as
+/// theirs, where missing), then the file writable by them if it exists,
+/// else its directory.
+const MAY_WRITE: &str = r#"p=$1; d=${p%/*}; [ -n "$d" ] || d=/
+mkdir -p -- "$d" || exit 1
+if [ -e "$p" ]; then w=$p; else w=$d; fi
+[ -w "$w" ] && [ ! -d "$p" ] || { echo "$w: Permission denied (the user may not write it)" >&2; exit 1; }"#;
+
 /// A file made for `user` becomes theirs (`chown`, run as root with the
 /// path as an argument).
 fn chown(d: &Daemon, vm: &VmRecord, user: Option<&str>, path: &str) -> Result<(), RpcErr> {
-    let Some(u) = user.filter(|u| *u != "root" && *u != "0") else {
+    let Some(u) = other_user(user) else {
         return Ok(());
     };
     let spec = ExecSpec {
@@ -445,6 +507,18 @@ pub(super) fn upload(
     for (path, data) in &files {
         if path == "/" {
             return plain(w, 400, "path / is a directory");
+        }
+        // Only where the user may write (what a write as root would not
+        // ask), judged in the guest as that user.
+        if let Some(u) = other_user(user) {
+            if let Err(e) = as_user(d, vm, u, &["sh", "-c", MAY_WRITE, "sh", path]) {
+                let status = match e.code {
+                    "permission_denied" => 403,
+                    "unauthenticated" => 401,
+                    _ => 500,
+                };
+                return plain(w, status, &e.message);
+            }
         }
         let conn = match transfer_conn(d, vm) {
             Ok(c) => c,
