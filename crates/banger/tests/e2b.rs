@@ -241,7 +241,12 @@ out["mkdir_not_yours"] = ask("POST", "/filesystem.Filesystem/MakeDir", b'{"path"
 out["mkdir_yours"] = ask("POST", "/filesystem.Filesystem/MakeDir", b'{"path":"/tmp/nobodys/dir"}', nobody)
 out["remove_not_yours"] = ask("POST", "/filesystem.Filesystem/Remove", b'{"path":"/etc/hostname"}', nobody)[0]
 out["hostname_kept"] = ask("POST", "/filesystem.Filesystem/Stat", b'{"path":"/etc/hostname"}', j)[0]
+octet = dict(raw, **{"Content-Type": "application/octet-stream"})
+out["upload_yours"] = ask("POST", "/files?path=/tmp/nobodys/f.txt&username=nobody", b"mine", octet)[0]
+out["upload_yours_owner"] = ask("POST", "/filesystem.Filesystem/Stat", b'{"path":"/tmp/nobodys/f.txt"}', j)
+out["upload_onto_dir"] = ask("POST", "/files?path=/tmp/nobodys&username=nobody", b"x", octet)[0]
 out["not_yours"] = ask("POST", "/files?path=/root/denied.txt&username=nobody", b"x", dict(raw, **{"Content-Type": "application/octet-stream"}))[0]
+out["denied_absent"] = ask("POST", "/filesystem.Filesystem/Stat", b'{"path":"/root/denied.txt"}', j)[0]
 out["stat_after"] = ask("POST", "/filesystem.Filesystem/Stat", b'{"path":"/tmp/bomb"}', dict(envd, **{"Content-Type": "application/json"}))[0]
 many = ask("GET", "/sandboxes/metrics?sandbox_ids=" + sid + ",no-such-sandbox", b"", key)
 out["many_metrics"] = [many[0], sorted(json.loads(many[1])["sandboxes"])]
@@ -383,6 +388,16 @@ fn e2bs_sdk_drives_banger_vms() {
         );
     }
     assert_eq!(v["not_yours"], 403, "nobody may not write /root: {v}");
+    assert_eq!(v["denied_absent"], 404, "nothing written: {v}");
+    assert_eq!(v["upload_yours"], 200, "{v}");
+    assert!(
+        v["upload_yours_owner"][1]
+            .as_str()
+            .unwrap()
+            .contains("\"owner\":\"nobody\""),
+        "written as theirs: {v}"
+    );
+    assert_eq!(v["upload_onto_dir"], 400, "{v}");
     assert_eq!(v["mkdir_not_yours"][0], 403, "{v}");
     assert!(
         v["mkdir_not_yours"][1]

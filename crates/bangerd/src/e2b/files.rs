@@ -101,7 +101,7 @@ pub(super) fn filesystem(
             }
             match other_user(user) {
                 // Made by the user (theirs, where they may).
-                Some(u) => as_user(d, vm, u, &["mkdir", "-p", "--", &p])?,
+                Some(u) => as_user(d, vm, u, &["mkdir", "-p", "--", &p], None)?,
                 None => {
                     agent_call(
                         d,
@@ -119,7 +119,7 @@ pub(super) fn filesystem(
         "Move" => {
             let (from, to) = (path("source")?, path("destination")?);
             match other_user(user) {
-                Some(u) => as_user(d, vm, u, &["mv", "-T", "--", &from, &to])?,
+                Some(u) => as_user(d, vm, u, &["mv", "-T", "--", &from, &to], None)?,
                 None => {
                     agent_call(
                         d,
@@ -136,7 +136,7 @@ pub(super) fn filesystem(
         "Remove" => {
             let p = path("path")?;
             let removed = match other_user(user) {
-                Some(u) => as_user(d, vm, u, &["rm", "-rf", "--", &p]).map(|()| Msg::Done),
+                Some(u) => as_user(d, vm, u, &["rm", "-rf", "--", &p], None).map(|()| Msg::Done),
                 None => agent_call(
                     d,
                     vm,
@@ -165,72 +165,84 @@ fn other_user(user: Option<&str>) -> Option<&str> {
     user.filter(|u| *u != "root" && *u != "0")
 }
 
-/// Runs `argv` in the guest as `user` (the kernel judges what they may
-/// do): its failure in the code its message names (a `permission_denied`
-/// for what the user may not write), nothing done.
-fn as_user(d: &Daemon, vm: &VmRecord, user: &str, argv: &[&str]) -> Result<(), RpcErr> {
+/// The first bytes written to it, the rest dropped: a guest's stderr
+/// the daemon keeps, whatever its length.
+struct Capped(Vec<u8>);
+
+impl Write for Capped {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let room = 512usize.saturating_sub(self.0.len());
+        self.0.extend_from_slice(&b[..b.len().min(room)]);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// How a command run as a user ended, by its exit status: the codes the
+/// scripts below exit with, else what its message's last part (the
+/// system's word, after the path) says.
+fn user_failure(user: &str, code: Option<i32>, err: &[u8]) -> RpcErr {
+    let msg = banger_core::text::escape_control(String::from_utf8_lossy(err).trim(), false);
+    let why = msg.rsplit(": ").next().unwrap_or_default();
+    let code = match code {
+        Some(13) => "permission_denied",
+        Some(21) => "invalid_argument",
+        _ if why.starts_with("Permission denied") => "permission_denied",
+        _ if why.starts_with("No such file") => "not_found",
+        _ if why.starts_with("File exists") => "already_exists",
+        _ => "internal",
+    };
+    rpc(code, format!("as user {user:?}: {msg}"))
+}
+
+/// Runs `argv` in the guest as `user`, `input` its stdin (the guest's
+/// kernel judges what they may do): its failure as [`user_failure`] says.
+fn as_user(
+    d: &Daemon,
+    vm: &VmRecord,
+    user: &str,
+    argv: &[&str],
+    input: Option<&[u8]>,
+) -> Result<(), RpcErr> {
     let spec = ExecSpec {
         argv: argv.iter().map(|a| a.to_string()).collect(),
         user: Some(user.to_string()),
         cwd: Some("/".into()),
+        stdin: input.is_some(),
         ..Default::default()
     };
-    let s = Session::start(d.agent_connect(vm)?, Call::Exec(spec))?;
-    let mut err = Vec::new();
-    let st = s.wait_within(&mut std::io::sink(), &mut err, CALL_WITHIN)?;
+    // (No read or write of the connection stalls past NO_STALL.)
+    let conn = transfer_conn(d, vm).map_err(|e| rpc("unavailable", e))?;
+    let s = match Session::start(conn, Call::Exec(spec)) {
+        Ok(s) => s,
+        // A user the guest does not have (as envd's 401).
+        Err(banger_agent::proto::ProtoError::Remote(m)) if m.contains("no user") => {
+            return Err(rpc("unauthenticated", m))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(data) = input {
+        s.control().feed(data)?;
+    }
+    let mut err = Capped(Vec::new());
+    let st = s.wait_within(&mut std::io::sink(), &mut err, NO_STALL)?;
     if st.code == Some(0) {
         return Ok(());
     }
-    let msg = banger_core::text::escape_control(
-        String::from_utf8_lossy(&err[..err.len().min(512)]).trim(),
-        false,
-    );
-    let code = if msg.contains("Permission denied") || msg.contains("may not write") {
-        "permission_denied"
-    } else if msg.contains("No such file") {
-        "not_found"
-    } else if msg.contains("File exists") {
-        "already_exists"
-    } else if msg.contains("no user") || msg.contains("unknown user") {
-        "unauthenticated"
-    } else {
-        "internal"
-    };
-    Err(rpc(code, format!("as user {user:?}: {msg}")))
+    Err(user_failure(user, st.code, &err.0))
 }
 
-/// Whether `user` may write the file at `path`: its directory made (as
-/// theirs, where missing), then the file writable by them if it exists,
-/// else its directory.
-const MAY_WRITE: &str = r#"p=$1; d=${p%/*}; [ -n "$d" ] || d=/
-mkdir -p -- "$d" || exit 1
+/// A file written as the user (their rights, their file; an existing one
+/// truncated in place, as envd does): its directory made where missing,
+/// refused with 13 where they may not write, 21 for a directory.
+const WRITE_AS_USER: &str = r#"p=$1; d=${p%/*}; [ -n "$d" ] || d=/
+[ -d "$p" ] && { printf '%s: is a directory\n' "$p" >&2; exit 21; }
+mkdir -p -- "$d" || exit 13
 if [ -e "$p" ]; then w=$p; else w=$d; fi
-[ -w "$w" ] && [ ! -d "$p" ] || { echo "$w: Permission denied (the user may not write it)" >&2; exit 1; }"#;
-
-/// A file made for `user` becomes theirs (`chown`, run as root with the
-/// path as an argument).
-fn chown(d: &Daemon, vm: &VmRecord, user: Option<&str>, path: &str) -> Result<(), RpcErr> {
-    let Some(u) = other_user(user) else {
-        return Ok(());
-    };
-    let spec = ExecSpec {
-        argv: vec!["chown".into(), u.to_string(), path.to_string()],
-        ..Default::default()
-    };
-    let s = Session::start(d.agent_connect(vm)?, Call::Exec(spec))?;
-    let mut err = Vec::new();
-    let st = s.wait_within(&mut std::io::sink(), &mut err, CALL_WITHIN)?;
-    if st.code != Some(0) {
-        return Err(rpc(
-            "unauthenticated",
-            format!(
-                "user {u:?}: {}",
-                String::from_utf8_lossy(&err[..err.len().min(512)]).trim()
-            ),
-        ));
-    }
-    Ok(())
-}
+[ -w "$w" ] || { printf '%s: Permission denied\n' "$w" >&2; exit 13; }
+exec cat > "$p""#;
 
 /// Makes `meta` the whole metadata of the file at `path` (as envd does on
 /// every upload: keys the upload lacks are cleared), and its stat after.
@@ -508,46 +520,48 @@ pub(super) fn upload(
         if path == "/" {
             return plain(w, 400, "path / is a directory");
         }
-        // Only where the user may write (what a write as root would not
-        // ask), judged in the guest as that user.
-        if let Some(u) = other_user(user) {
-            if let Err(e) = as_user(d, vm, u, &["sh", "-c", MAY_WRITE, "sh", path]) {
-                let status = match e.code {
+        let status_of = |e: &RpcErr| {
+            if e.message.contains("(os error 28)") || e.message.contains("No space left") {
+                507
+            } else {
+                match e.code {
                     "permission_denied" => 403,
                     "unauthenticated" => 401,
+                    "invalid_argument" => 400,
                     _ => 500,
-                };
-                return plain(w, status, &e.message);
+                }
             }
-        }
-        let conn = match transfer_conn(d, vm) {
-            Ok(c) => c,
-            Err(e) => return plain(w, 502, &e),
         };
-        let now = banger_core::unix_now().max(0) as u64;
-        let put = agent::put_tar(conn, "/", |out| {
-            let mut b = tar::Builder::new(out);
-            let mut h = tar::Header::new_gnu();
-            h.set_size(data.len() as u64);
-            h.set_mode(0o644);
-            h.set_mtime(now);
-            h.set_entry_type(tar::EntryType::Regular);
-            b.append_data(&mut h, path.trim_start_matches('/'), *data)?;
-            b.finish()
-        });
-        if let Err(e) = put {
-            let e = RpcErr::from(e);
-            let status = if e.message.contains("(os error 28)") {
-                507
-            } else if e.code == "invalid_argument" {
-                400
-            } else {
-                500
-            };
-            return plain(w, status, &format!("write {path}: {}", e.message));
-        }
-        if let Err(e) = chown(d, vm, user, path) {
-            return plain(w, 401, &e.message);
+        match other_user(user) {
+            // A user other than root writes with their own rights, in the
+            // guest (never root's write of a path they could redirect).
+            Some(u) => {
+                let argv = ["sh", "-c", WRITE_AS_USER, "sh", path.as_str()];
+                if let Err(e) = as_user(d, vm, u, &argv, Some(data)) {
+                    return plain(w, status_of(&e), &format!("write {path}: {}", e.message));
+                }
+            }
+            None => {
+                let conn = match transfer_conn(d, vm) {
+                    Ok(c) => c,
+                    Err(e) => return plain(w, 502, &e),
+                };
+                let now = banger_core::unix_now().max(0) as u64;
+                let put = agent::put_tar(conn, "/", |out| {
+                    let mut b = tar::Builder::new(out);
+                    let mut h = tar::Header::new_gnu();
+                    h.set_size(data.len() as u64);
+                    h.set_mode(0o644);
+                    h.set_mtime(now);
+                    h.set_entry_type(tar::EntryType::Regular);
+                    b.append_data(&mut h, path.trim_start_matches('/'), *data)?;
+                    b.finish()
+                });
+                if let Err(e) = put {
+                    let e = RpcErr::from(e);
+                    return plain(w, status_of(&e), &format!("write {path}: {}", e.message));
+                }
+            }
         }
         let name = path.rsplit('/').next().unwrap_or_default().to_string();
         let mut info = json!({"path": path, "name": name, "type": "file"});
