@@ -5,7 +5,6 @@ use banger_guest::image::{self, Recipe, DEFAULT_IMAGE};
 use banger_host::{cmd, firewall, sysinfo};
 
 use crate::daemon::{human_mib, Daemon};
-use crate::server::{check, check_fix};
 
 pub fn checks(d: &Daemon) -> Vec<Check> {
     let mut v = Vec::new();
@@ -306,4 +305,22 @@ fn root_disk_check(d: &Daemon) -> Check {
         if host.reflink { "yes" } else { "no" }
     ));
     check("root-disk", ok, parts.join("; "))
+}
+
+pub fn check(name: &str, ok: bool, detail: impl Into<String>) -> Check {
+    Check {
+        name: name.into(),
+        ok,
+        detail: detail.into(),
+        fix: None,
+    }
+}
+
+/// A check that, failed, says the command that fixes it.
+pub fn check_fix(name: &str, ok: bool, detail: impl Into<String>, fix: impl Into<String>) -> Check {
+    let mut c = check(name, ok, detail);
+    if !ok {
+        c.fix = Some(fix.into());
+    }
+    c
 }

@@ -11,6 +11,7 @@ pub mod commit;
 pub mod config;
 pub mod console;
 pub mod daemon;
+mod dispatch;
 pub mod dns;
 pub mod doctor;
 pub mod e2b;
