@@ -41,6 +41,30 @@ pub fn write_atomic(path: &Path, data: impl AsRef<[u8]>) -> Result<(), FsError> 
     std::fs::rename(&tmp, path).with_path("rename into", path)
 }
 
+/// Writes a new file whole or not at all, with `mode` from its creation
+/// (a secret's 0600 is never looser, not even for a moment): a temporary
+/// file beside it, synced, then renamed over `path`.
+pub fn write_new_mode(path: &Path, data: impl AsRef<[u8]>, mode: u32) -> Result<(), FsError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".new");
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(data.as_ref()).and_then(|()| f.sync_all()))
+        .with_path("write", &tmp)
+        .and_then(|()| std::fs::rename(&tmp, path).with_path("rename into", path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
 /// Sets the owner and mode of `path` itself, never of what a symlink there
 /// points at (a directory a confined VMM owns may hold a link it planted
 /// where a file of the daemon's was): the inode is pinned by an

@@ -526,52 +526,6 @@ fn e2bs_sdk_drives_banger_vms() {
     inst.assert_baseline();
 }
 
-/// What the API refuses before anything is made: a listen address that
-/// is not loopback, a member serving it, a second serve.
-#[test]
-fn api_serve_refuses_what_it_should() {
-    let inst = Instance::new(&banger_bin());
-    let out = inst.banger(&["api", "serve", "--listen", "0.0.0.0:3999"]);
-    assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("loopback address only"),
-        "{}",
-        text(&out.stderr)
-    );
-    let addr = ok(
-        &inst.banger(&["api", "serve", "--listen", "127.0.0.1:0"]),
-        "api serve",
-    );
-    let out = inst.banger(&["api", "serve", "--listen", "127.0.0.1:0"]);
-    assert!(
-        text(&out.stderr).contains(&format!("served on {} already", addr.trim())),
-        "{}",
-        text(&out.stderr)
-    );
-    ok(&inst.banger(&["api", "stop"]), "api stop");
-    let out = inst.banger(&["api", "stop"]);
-    assert!(
-        text(&out.stderr).contains("not served"),
-        "{}",
-        text(&out.stderr)
-    );
-    inst.assert_baseline();
-    drop(inst);
-    // The setting serves it from the daemon's start, loopback only.
-    let inst = Instance::new(&banger_bin()).with_env("BANGER_API_LISTEN", "127.0.0.1:0");
-    let at = ok(&inst.banger(&["api", "status"]), "api status");
-    assert!(at.trim().starts_with("127.0.0.1:"), "{at}");
-    drop(inst);
-    let inst = Instance::new(&banger_bin()).with_env("BANGER_API_LISTEN", "0.0.0.0:80");
-    let out = inst.banger(&["api", "status"]);
-    assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("api_listen"),
-        "{}",
-        text(&out.stderr)
-    );
-}
-
 /// A key has its maker's rights and no more: a member's key does not see
 /// or reach a VM only root may use (root's `--mount`), root's does; once
 /// the member has left the socket group, their key is refused.

@@ -27,7 +27,6 @@ mod tls;
 mod watch;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -533,22 +532,8 @@ fn read_or_make_secret(d: &Daemon) -> Result<Vec<u8>> {
     let s = crate::daemon::random_bytes(32)?;
     // Root's and 0600 from its creation: never readable by anyone else,
     // not even for a moment.
-    let tmp = path.with_extension("new");
-    let _ = std::fs::remove_file(&tmp);
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .and_then(|mut f| {
-            std::io::Write::write_all(&mut f, &s)?;
-            f.sync_all()
-        })
-        .and_then(|()| std::fs::rename(&tmp, &path));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(DaemonError::Invalid(format!("{}: {e}", path.display())));
-    }
+    banger_host::fsutil::write_new_mode(&path, &s, 0o600)
+        .map_err(|e| DaemonError::Invalid(e.to_string()))?;
     Ok(s)
 }
 

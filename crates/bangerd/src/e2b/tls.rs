@@ -17,7 +17,6 @@ use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::fd::AsFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -82,21 +81,7 @@ fn ca_params(suffix: &str) -> Result<CertificateParams> {
 
 /// Writes `data` at `path` with `mode`, whole or not at all.
 fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".new");
-    let tmp = PathBuf::from(tmp);
-    let _ = std::fs::remove_file(&tmp);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .and_then(|mut f| f.write_all(data).and_then(|()| f.sync_all()))
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            invalid(&path.display().to_string(), e)
-        })
+    banger_host::fsutil::write_new_mode(path, data, mode).map_err(|e| invalid("a file", e))
 }
 
 /// The CA for names under `suffix`, kept in `<state>/api-tls/` (root's,
