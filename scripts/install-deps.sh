@@ -23,6 +23,8 @@ packages=(
   socat             # the socket-group test speaks raw JSON to bangerd as a member (what a client that skips the CLI sends)
   curl patch        # vhost-device-vsock's source from crates.io, and banger's fix to it
   python3 python3-venv  # the tests drive the E2B-compatible API with E2B's own Python SDK (scripts/e2b-sdk.sh)
+  containerd        # the tests run containers through containerd-shim-banger-v2 (a containerd of their own; brings ctr and runc)
+  containernetworking-plugins  # CNI plugins for the containerd tests' pods
 )
 
 # Two passes: installing one package can make apt remove another that was

@@ -230,7 +230,36 @@ pub struct ExecSpec {
     /// [`KEEP_OUTPUT`] bytes) until someone attaches.
     pub detach: bool,
     pub tag: Option<String>,
+    /// Run it inside a container's root filesystem (containerd's shim):
+    /// users, groups and the working directory are the container's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<InRoot>,
 }
+
+/// Where and how a container's process runs: chrooted into `root` (a
+/// directory of the guest, where the host shared the container's root
+/// filesystem), with the guest's /proc, /sys and /dev bound into it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct InRoot {
+    pub root: String,
+    /// The supplementary groups as given (an OCI process's
+    /// `additionalGids`), instead of those /etc/group lists.
+    pub groups: Option<Vec<u32>>,
+    pub rlimits: Vec<Rlimit>,
+}
+
+/// A resource limit, as an OCI process's `rlimits` name it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rlimit {
+    /// `RLIMIT_NOFILE` and the like.
+    pub kind: String,
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// At most this many rlimits (there are 16 kinds).
+pub const MAX_RLIMITS: usize = 16;
 
 /// How much output a detached process keeps for a later attach.
 pub const KEEP_OUTPUT: usize = 1 << 20;

@@ -88,6 +88,7 @@ fn spec(flags: &ExecFlags, command: &[String]) -> anyhow::Result<ExecSpec> {
         stdin: flags.interactive,
         detach: flags.detach,
         tag: flags.tag.clone(),
+        container: None,
     })
 }
 

@@ -1,7 +1,6 @@
 //! banger, the CLI: a thin client of bangerd plus ssh.
 
 mod api;
-mod client;
 mod cp;
 mod detach;
 mod dnsinstall;
@@ -20,12 +19,12 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
+use banger::client::{self, Client};
 use banger_core::api::{Event, Request, Response};
 use banger_core::layout::{RUNTIME_DIR_ENV, STATE_DIR_ENV};
 use banger_core::net::Cidr;
 use banger_core::{Layout, VmmKind};
 use clap::{Args, Parser, Subcommand};
-use client::Client;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -238,7 +237,7 @@ pub enum VmCmd {
         count: u32,
     },
     /// Delete a VM and everything it has (process, tap, disks, files).
-    #[command(name = "rm", alias = "delete")]
+    #[command(name = "rm", visible_alias = "delete")]
     Delete {
         #[arg(required = true)]
         names: Vec<String>,

@@ -73,6 +73,67 @@ fn exec_names_what_is_wrong_instead_of_hanging_or_blaming_the_command() {
         "{err}"
     );
     assert!(err.contains("leave out -t"), "{err}");
+    // From a pipe too, not only /dev/null.
+    let mut child = inst
+        .banger_cmd(&["vm", "exec", "-it", "ex", "--", "bash"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _held_open = child.stdin.take();
+    let out = test_infra::bounded::wait_output(child);
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("the input is not a terminal"),
+        "{out:?}"
+    );
+
+    // -e NAME passes this shell's value, as docker's; unset, nothing.
+    let out = inst
+        .banger_cmd(&[
+            "vm",
+            "exec",
+            "-e",
+            "FIRST_HOUR_SET",
+            "-e",
+            "FIRST_HOUR_UNSET",
+            "ex",
+            "--",
+            "env",
+        ])
+        .env("FIRST_HOUR_SET", "from the host")
+        .env_remove("FIRST_HOUR_UNSET")
+        .output()
+        .unwrap();
+    let env = ok(&out, "exec -e NAME");
+    assert!(
+        env.lines().any(|l| l == "FIRST_HOUR_SET=from the host"),
+        "{env}"
+    );
+    assert!(!env.contains("FIRST_HOUR_UNSET"), "{env}");
+
+    // vm cp to a path that is not absolute: under /root, where exec starts.
+    let local = tempfile::tempdir().unwrap();
+    let f = local.path().join("notes.txt");
+    std::fs::write(&f, "relative\n").unwrap();
+    ok(
+        &inst.banger(&["vm", "cp", f.to_str().unwrap(), "ex:sub-notes.txt"]),
+        "vm cp to a relative path",
+    );
+    ok(
+        &inst.banger(&["vm", "cp", f.to_str().unwrap(), "ex:"]),
+        "vm cp to NAME:",
+    );
+    let out = inst.banger(&[
+        "vm",
+        "exec",
+        "ex",
+        "--",
+        "cat",
+        "/root/sub-notes.txt",
+        "/root/notes.txt",
+    ]);
+    assert_eq!(ok(&out, "cat the copies"), "relative\nrelative\n");
     // -i alone passes the pipe through, and its end.
     let mut child = inst
         .banger_cmd(&["vm", "exec", "-i", "ex", "--", "wc", "-c"])
@@ -350,6 +411,12 @@ fn help_lists_rm_with_delete_as_its_alias() {
     );
     assert!(
         !help.lines().any(|l| l.trim_start().starts_with("delete ")),
+        "{help}"
+    );
+    // The alias is named beside it, as clap shows a visible alias.
+    assert!(
+        help.lines()
+            .any(|l| l.trim_start().starts_with("rm ") && l.contains("[alias: delete]")),
         "{help}"
     );
     let out = std::process::Command::new(banger_bin())

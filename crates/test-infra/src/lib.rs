@@ -5,6 +5,7 @@
 //! tears it all down (daemon, namespaces, temp dirs).
 
 pub mod bounded;
+pub mod containerd;
 mod double;
 pub mod e2b;
 pub mod fcspec;
@@ -493,31 +494,13 @@ impl Instance {
 
     /// Processes whose command line mentions this instance's dirs.
     pub fn processes(&self) -> Vec<(i32, String)> {
-        let needle = self.dir.path().to_string_lossy().into_owned();
-        let mut v = Vec::new();
-        if let Ok(rd) = std::fs::read_dir("/proc") {
-            for e in rd.flatten() {
-                let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                    continue;
-                };
-                if let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) {
-                    let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
-                    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                        .map(|s| {
-                            s.rsplit(')')
-                                .next()
-                                .unwrap_or("")
-                                .trim_start()
-                                .starts_with('Z')
-                        })
-                        .unwrap_or(true);
-                    if cmd.contains(&needle) && !zombie {
-                        v.push((pid, cmd));
-                    }
-                }
-            }
-        }
-        v
+        processes_naming(&self.dir.path().to_string_lossy())
+    }
+
+    /// The instance's own directory (its state and runtime dirs, and what
+    /// a test's fixtures keep beside them).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     /// SIGKILLs the daemon and waits until its socket refuses connections:
@@ -803,6 +786,34 @@ fn cgroup_parent_of(dir: &Path) -> String {
 
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
+}
+
+/// Live (not zombie) processes whose command line holds `needle`.
+pub fn processes_naming(needle: &str) -> Vec<(i32, String)> {
+    let mut v = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            if let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+                let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
+                let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .map(|s| {
+                        s.rsplit(')')
+                            .next()
+                            .unwrap_or("")
+                            .trim_start()
+                            .starts_with('Z')
+                    })
+                    .unwrap_or(true);
+                if cmd.contains(needle) && !zombie {
+                    v.push((pid, cmd));
+                }
+            }
+        }
+    }
+    v
 }
 
 pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {

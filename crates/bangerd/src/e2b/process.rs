@@ -97,6 +97,7 @@ pub(super) fn start(
         stdin: true,
         detach: true,
         tag: v["tag"].as_str().map(str::to_string),
+        container: None,
     };
     let pid = Session::start(d.agent_connect(vm)?, Call::Exec(spec))
         .and_then(Session::detached_done)

@@ -136,14 +136,17 @@ struct User {
     name: String,
 }
 
-fn lookup_user(spec: Option<&str>) -> Result<User, String> {
+/// `spec`'s user, from the passwd and group files under `root` (the
+/// guest's own, or a container's).
+fn lookup_user(spec: Option<&str>, root: &str) -> Result<User, String> {
     let spec = spec.unwrap_or("root");
     let (user, group) = match spec.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),
     };
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    let root = root.trim_end_matches('/');
+    let passwd = std::fs::read_to_string(format!("{root}/etc/passwd")).unwrap_or_default();
+    let groups = std::fs::read_to_string(format!("{root}/etc/group")).unwrap_or_default();
     let entry = passwd
         .lines()
         .map(|l| l.split(':').collect::<Vec<_>>())
@@ -192,7 +195,21 @@ fn lookup_user(spec: Option<&str>) -> Result<User, String> {
 /// names the directory and why (the spawn's own error would blame the
 /// command), or the user's home, or `/` when the home is not a directory
 /// the user can enter (nobody's `/nonexistent`), as `su` and docker do.
-fn workdir(asked: Option<&str>, user: &User) -> Result<String, String> {
+fn workdir(asked: Option<&str>, user: &User, root: &str) -> Result<String, String> {
+    let root = root.trim_end_matches('/');
+    if !root.is_empty() {
+        // A container's: its own (OCI's default is /), checked where it is
+        // in the guest; the child enters it after its chroot.
+        let dir = asked.unwrap_or("/");
+        if !dir.starts_with('/') {
+            return Err(format!(
+                "exec: working directory {dir:?}: not an absolute path"
+            ));
+        }
+        enterable(&format!("{root}{dir}"), user)
+            .map_err(|why| format!("exec: working directory {dir:?}: {why}"))?;
+        return Ok(dir.to_string());
+    }
     let Some(dir) = asked else {
         return Ok(if enterable(&user.home, user).is_ok() {
             user.home.clone()
@@ -323,7 +340,42 @@ fn set_winsize(fd: &impl AsRawFd, ws: WinSize) -> Result<(), String> {
 /// Starts the process; what it reads and writes is wired up by the caller.
 fn spawn(spec: &ExecSpec) -> Result<Arc<Proc>, String> {
     validate(spec)?;
-    let user = lookup_user(spec.user.as_deref())?;
+    let root = match &spec.container {
+        Some(c) => {
+            crate::container::prepare(c)?;
+            c.root.clone()
+        }
+        None => String::new(),
+    };
+    let mut user = lookup_user(spec.user.as_deref(), &root)?;
+    if let Some(groups) = spec.container.as_ref().and_then(|c| c.groups.as_ref()) {
+        user.groups = groups.clone();
+        user.groups.push(user.gid);
+        user.groups.sort_unstable();
+        user.groups.dedup();
+    }
+    let rlimits: Vec<(u32, nix::libc::rlimit)> = match &spec.container {
+        Some(c) => c
+            .rlimits
+            .iter()
+            .map(|r| {
+                crate::container::resource(r).map(|n| {
+                    (
+                        n,
+                        nix::libc::rlimit {
+                            rlim_cur: r.soft,
+                            rlim_max: r.hard,
+                        },
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?,
+        None => Vec::new(),
+    };
+    let root_c = (!root.is_empty())
+        .then(|| std::ffi::CString::new(root.as_str()))
+        .transpose()
+        .map_err(|_| format!("exec: container root {root:?} holds a NUL byte"))?;
     let mut cmd = Command::new(&spec.argv[0]);
     cmd.args(&spec.argv[1..]);
     cmd.env_clear();
@@ -343,8 +395,10 @@ fn spawn(spec: &ExecSpec) -> Result<Arc<Proc>, String> {
     for (k, v) in &spec.env {
         cmd.env(k, v);
     }
-    let cwd = workdir(spec.cwd.as_deref(), &user)?;
-    cmd.current_dir(&cwd);
+    let cwd = workdir(spec.cwd.as_deref(), &user, &root)?;
+    if root.is_empty() {
+        cmd.current_dir(&cwd);
+    }
     // Entered again once the child is the user: the kernel's own check.
     let cwd_c = std::ffi::CString::new(cwd.as_str())
         .map_err(|_| format!("exec: working directory {cwd:?} holds a NUL byte"))?;
@@ -378,8 +432,9 @@ fn spawn(spec: &ExecSpec) -> Result<Arc<Proc>, String> {
     let tty = spec.tty.is_some();
     let (uid, gid, groups) = (user.uid, user.gid, user.groups.clone());
     // SAFETY: the closure runs between fork and exec and only makes
-    // async-signal-safe system calls (setsid, ioctl, setgroups, setgid,
-    // setuid, chdir, signal) on values computed before the fork.
+    // async-signal-safe system calls (setsid, ioctl, chroot, setrlimit,
+    // setgroups, setgid, setuid, chdir, signal) on values computed before
+    // the fork.
     unsafe {
         cmd.pre_exec(move || {
             use nix::libc;
@@ -388,6 +443,18 @@ fn spawn(spec: &ExecSpec) -> Result<Arc<Proc>, String> {
             }
             if tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            // A container's process: its root, then its limits (set while
+            // still root, so a hard limit may be raised), then its user.
+            if let Some(r) = &root_c {
+                if libc::chroot(r.as_ptr()) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for (resource, limit) in &rlimits {
+                if libc::setrlimit(*resource, limit) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             if libc::setgroups(groups.len(), groups.as_ptr()) < 0
                 || libc::setgid(gid) < 0
@@ -679,33 +746,36 @@ mod tests {
             name: format!("u{uid}"),
         };
         let dir = d.to_str().unwrap();
-        assert_eq!(workdir(None, &user(0, dir)).unwrap(), dir);
-        assert_eq!(workdir(None, &user(65534, "/nonexistent")).unwrap(), "/");
-        let e = workdir(Some("/nonexistent"), &user(0, "/")).unwrap_err();
+        assert_eq!(workdir(None, &user(0, dir), "").unwrap(), dir);
+        assert_eq!(
+            workdir(None, &user(65534, "/nonexistent"), "").unwrap(),
+            "/"
+        );
+        let e = workdir(Some("/nonexistent"), &user(0, "/"), "").unwrap_err();
         assert!(e.contains("\"/nonexistent\": no such directory"), "{e}");
-        let e = workdir(Some("/etc/hostname"), &user(0, "/")).unwrap_err();
+        let e = workdir(Some("/etc/hostname"), &user(0, "/"), "").unwrap_err();
         assert!(e.contains("not a directory"), "{e}");
-        let e = workdir(Some("tmp"), &user(0, "/")).unwrap_err();
+        let e = workdir(Some("tmp"), &user(0, "/"), "").unwrap_err();
         assert!(e.contains("not an absolute path (-w /tmp?)"), "{e}");
         // 0700 and root's: another user may not enter it.
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
-        let e = workdir(Some(dir), &user(4242, "/")).unwrap_err();
+        let e = workdir(Some(dir), &user(4242, "/"), "").unwrap_err();
         assert!(e.contains("u4242 may not enter it"), "{e}");
-        assert_eq!(workdir(None, &user(4242, dir)).unwrap(), "/");
+        assert_eq!(workdir(None, &user(4242, dir), "").unwrap(), "/");
         // A directory anyone may enter, inside one they may not reach.
         let sub = d.join("sub");
         std::fs::create_dir(&sub).unwrap();
         std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let e = workdir(Some(sub.to_str().unwrap()), &user(4242, "/")).unwrap_err();
+        let e = workdir(Some(sub.to_str().unwrap()), &user(4242, "/"), "").unwrap_err();
         assert!(
             e.contains(&format!("u4242 may not pass through {dir} (mode 0700)")),
             "{e}"
         );
-        assert!(workdir(Some(sub.to_str().unwrap()), &user(0, "/")).is_ok());
+        assert!(workdir(Some(sub.to_str().unwrap()), &user(0, "/"), "").is_ok());
         std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o000)).unwrap();
         assert_eq!(
-            workdir(Some(dir), &user(0, "/")).unwrap(),
+            workdir(Some(dir), &user(0, "/"), "").unwrap(),
             dir,
             "root enters any"
         );
@@ -713,17 +783,40 @@ mod tests {
 
     #[test]
     fn users_resolve_from_passwd() {
-        let root = lookup_user(None).unwrap();
+        let root = lookup_user(None, "/").unwrap();
         assert_eq!((root.uid, root.gid), (0, 0));
-        assert_eq!(lookup_user(Some("0:0")).unwrap().uid, 0);
-        let n = lookup_user(Some("4242")).unwrap();
+        assert_eq!(lookup_user(Some("0:0"), "/").unwrap().uid, 0);
+        let n = lookup_user(Some("4242"), "/").unwrap();
         assert_eq!(
             (n.uid, n.gid),
             (4242, 4242),
             "a bare uid is allowed, as docker's"
         );
-        assert!(lookup_user(Some("no-such-user-here"))
+        assert!(lookup_user(Some("no-such-user-here"), "/")
             .unwrap_err()
             .contains("/etc/passwd"));
+    }
+
+    #[test]
+    fn a_containers_users_and_directories_are_its_own() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path().to_str().unwrap();
+        std::fs::create_dir_all(root.path().join("etc")).unwrap();
+        std::fs::create_dir_all(root.path().join("srv/app")).unwrap();
+        std::fs::write(
+            root.path().join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\napp:x:1234:2345::/srv/app:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(root.path().join("etc/group"), "extra:x:77:app\n").unwrap();
+        let u = lookup_user(Some("app"), r).unwrap();
+        assert_eq!((u.uid, u.gid, u.home.as_str()), (1234, 2345, "/srv/app"));
+        assert_eq!(u.groups, vec![77, 2345], "the container's /etc/group");
+        assert!(lookup_user(Some("app"), "/").is_err(), "not the guest's");
+        // Its working directory is looked for inside it, OCI's default /.
+        assert_eq!(workdir(Some("/srv/app"), &u, r).unwrap(), "/srv/app");
+        assert_eq!(workdir(None, &u, r).unwrap(), "/");
+        let e = workdir(Some("/nowhere"), &u, r).unwrap_err();
+        assert!(e.contains("\"/nowhere\": no such directory"), "{e}");
     }
 }

@@ -9,6 +9,7 @@
 //! serves it through the multiplexer over a Unix socket that plays the
 //! virtio-serial port (`port.rs`; the tests run it with `banger-vport`).
 
+mod container;
 mod exec;
 mod files;
 mod netcfg;

@@ -1,0 +1,111 @@
+//! `containerd-shim-banger-v2`: banger as a containerd runtime
+//! (`io.containerd.banger.v2`). containerd starts it per container; each
+//! container is a banger VM that bangerd makes and holds for it (listed,
+//! limited, confined and reconciled as any other), its root filesystem
+//! shared in over virtio-fs, its processes run by the guest agent. The
+//! shim asks bangerd through its socket with containerd's rights, and does
+//! no host work of its own beyond mounting the container's rootfs.
+
+mod events;
+mod process;
+mod rootfs;
+mod spec;
+mod stats;
+mod task;
+mod vm;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use banger::client::Client;
+use banger_core::layout::{RUNTIME_DIR_ENV, STATE_DIR_ENV};
+use banger_core::Layout;
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{
+    self as shim, api, util::write_address, Config, DeleteResponse, Error, ExitSignal, Flags,
+    StartOpts,
+};
+
+/// The runtime's name, as containerd's configuration gives it.
+const RUNTIME: &str = "io.containerd.banger.v2";
+
+fn client() -> Client {
+    let env_dir = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    Client {
+        layout: Layout::resolve(None, None, env_dir(STATE_DIR_ENV), env_dir(RUNTIME_DIR_ENV)),
+    }
+}
+
+struct Service {
+    exit: Arc<ExitSignal>,
+    id: String,
+    namespace: String,
+}
+
+impl shim::Shim for Service {
+    type T = task::TaskService;
+
+    fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
+        Service {
+            exit: Arc::new(ExitSignal::default()),
+            id: args.id.clone(),
+            namespace: args.namespace.clone(),
+        }
+    }
+
+    fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
+        // One shim per container (its own VM).
+        let grouping = opts.id.clone();
+        let (_pid, address) = shim::spawn(opts, &grouping, Vec::new())?;
+        // containerd finds the shim again by this file after a restart.
+        write_address(&address)?;
+        Ok(address)
+    }
+
+    /// The shim is gone (killed): what it held is let go. Its VM's lease
+    /// ended with its connection, so the daemon deletes that VM already;
+    /// asking again covers a daemon that was down meanwhile.
+    fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {
+        let bundle = std::env::current_dir().map_err(|e| Error::Other(format!("cwd: {e}")))?;
+        if let Err(e) = rootfs::unmount(&bundle) {
+            log::warn!("{e}");
+        }
+        let name = spec::vm_name(&self.namespace, &self.id);
+        if let Err(e) = vm::delete(&client(), &name) {
+            eprintln!("{RUNTIME}: {e}");
+        }
+        Ok(api::DeleteResponse {
+            pid: 0,
+            exit_status: process::KILLED,
+            exited_at: containerd_shim::protos::protobuf::MessageField::some(events::timestamp(
+                std::time::SystemTime::now(),
+            )),
+            ..Default::default()
+        })
+    }
+
+    fn wait(&mut self) {
+        self.exit.wait();
+    }
+
+    fn create_task_service(&self, publisher: RemotePublisher) -> task::TaskService {
+        let address = std::env::var("TTRPC_ADDRESS").unwrap_or_default();
+        let events = events::Events::start(publisher, address, self.namespace.clone());
+        task::TaskService::new(&self.namespace, client(), events, self.exit.clone())
+    }
+}
+
+fn main() {
+    // The shim starts no processes of its own (bangerd does): no reaping
+    // that could race a wait.
+    let config = Config {
+        no_reaper: true,
+        no_sub_reaper: true,
+        ..Default::default()
+    };
+    shim::run::<Service>(RUNTIME, Some(config));
+}

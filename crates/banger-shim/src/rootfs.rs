@@ -1,0 +1,89 @@
+//! The container's root filesystem, mounted at `<bundle>/rootfs` from the
+//! snapshotter's mount (containerd leaves that to the shim), where the
+//! container's VM shares it in over virtio-fs.
+
+use std::path::Path;
+
+use containerd_shim::protos::types::mount::Mount;
+use nix::mount::{mount as sys_mount, umount2, MntFlags, MsFlags};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum RootfsError {
+    #[error("rootfs: {n} mounts; banger's runtime takes one (an overlayfs or bind snapshot)")]
+    Several { n: usize },
+    #[error("rootfs: a {kind:?} mount is not supported (use the overlayfs or native snapshotter)")]
+    Kind { kind: String },
+    #[error("rootfs: mount {kind} {source_path} on {target}: {errno}")]
+    Mount {
+        kind: String,
+        source_path: String,
+        target: String,
+        errno: nix::errno::Errno,
+    },
+    #[error("rootfs: unmount {target}: {errno}")]
+    Unmount {
+        target: String,
+        errno: nix::errno::Errno,
+    },
+}
+
+/// Mounts `mounts` (at most one) at `<bundle>/rootfs`; false when there
+/// was none (a bundle whose rootfs is already there).
+pub fn mount(bundle: &Path, mounts: &[Mount]) -> Result<bool, RootfsError> {
+    let m = match mounts {
+        [] => return Ok(false),
+        [m] => m,
+        more => return Err(RootfsError::Several { n: more.len() }),
+    };
+    if !matches!(m.type_.as_str(), "overlay" | "bind" | "rbind" | "none") {
+        return Err(RootfsError::Kind {
+            kind: m.type_.clone(),
+        });
+    }
+    let target = bundle.join("rootfs");
+    let mut flags = MsFlags::empty();
+    let mut data = Vec::new();
+    for o in &m.options {
+        match o.as_str() {
+            "ro" => flags |= MsFlags::MS_RDONLY,
+            "rw" => {}
+            "nosuid" => flags |= MsFlags::MS_NOSUID,
+            "nodev" => flags |= MsFlags::MS_NODEV,
+            "noexec" => flags |= MsFlags::MS_NOEXEC,
+            "bind" => flags |= MsFlags::MS_BIND,
+            "rbind" => flags |= MsFlags::MS_BIND | MsFlags::MS_REC,
+            other => data.push(other),
+        }
+    }
+    if m.type_ == "bind" || m.type_ == "rbind" {
+        flags |= MsFlags::MS_BIND;
+    }
+    let data = data.join(",");
+    sys_mount(
+        Some(m.source.as_str()),
+        &target,
+        Some(m.type_.as_str()),
+        flags,
+        (!data.is_empty()).then_some(data.as_str()),
+    )
+    .map_err(|errno| RootfsError::Mount {
+        kind: m.type_.clone(),
+        source_path: m.source.clone(),
+        target: target.display().to_string(),
+        errno,
+    })?;
+    Ok(true)
+}
+
+/// Unmounts `<bundle>/rootfs` if something is mounted there.
+pub fn unmount(bundle: &Path) -> Result<(), RootfsError> {
+    let target = bundle.join("rootfs");
+    match umount2(&target, MntFlags::MNT_DETACH) {
+        Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => Ok(()),
+        Err(errno) => Err(RootfsError::Unmount {
+            target: target.display().to_string(),
+            errno,
+        }),
+    }
+}

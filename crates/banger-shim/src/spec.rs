@@ -1,0 +1,242 @@
+//! What a bundle's OCI spec asks, turned into what banger does: the VM's
+//! size and network, and each process as a guest agent exec inside the
+//! container's root. Whatever banger cannot honour is refused here, naming
+//! the field, before anything is made.
+
+use std::path::Path;
+
+use banger_agent::proto::{ExecSpec, InRoot, Rlimit, WinSize};
+use banger_core::api::CreateVm;
+use banger_core::mount::HostMount;
+use banger_core::sizing::SizeRequest;
+use banger_core::NetPolicy;
+use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum SpecError {
+    #[error("bundle {bundle}: config.json: {why}")]
+    Unreadable { bundle: String, why: String },
+    #[error("container {id}: {why}")]
+    Refused { id: String, why: String },
+}
+
+/// Where the container's root filesystem is in the guest: the VM's one
+/// virtio-fs share of `<bundle>/rootfs`.
+pub const GUEST_ROOT: &str = "/ctr/rootfs";
+
+/// Memory the guest's own system needs beside the container's limit.
+const GUEST_OVERHEAD_MIB: u64 = 128;
+
+/// The spec of the bundle at `bundle`.
+pub fn load(bundle: &Path) -> Result<Spec, SpecError> {
+    let path = bundle.join("config.json");
+    Spec::load(&path).map_err(|e| SpecError::Unreadable {
+        bundle: bundle.display().to_string(),
+        why: e.to_string(),
+    })
+}
+
+/// The VM a container gets: named for it, its root filesystem shared in,
+/// sized by the spec's limits, and labelled with what it serves.
+pub fn vm_for(
+    spec: &Spec,
+    namespace: &str,
+    id: &str,
+    bundle: &Path,
+) -> Result<CreateVm, SpecError> {
+    let refused = |why: String| SpecError::Refused {
+        id: id.to_string(),
+        why,
+    };
+    let mut size = SizeRequest::default();
+    let mut net = NetPolicy::default();
+    if let Some(linux) = spec.linux() {
+        if let Some(res) = linux.resources() {
+            if let Some(limit) = res.memory().as_ref().and_then(|m| m.limit()) {
+                if limit > 0 {
+                    let mib = (limit as u64).div_ceil(1 << 20);
+                    size.memory_mib = Some(mib + GUEST_OVERHEAD_MIB);
+                }
+            }
+            if let Some(cpu) = res.cpu() {
+                if let (Some(quota), Some(period)) = (cpu.quota(), cpu.period()) {
+                    if quota > 0 && period > 0 {
+                        let cpus = (quota as u64).div_ceil(period).max(1);
+                        size.cpus = Some(u32::try_from(cpus).unwrap_or(u32::MAX));
+                    }
+                }
+            }
+        }
+        for ns in linux.namespaces().iter().flatten() {
+            if ns.typ() != LinuxNamespaceType::Network {
+                continue;
+            }
+            match ns.path() {
+                // A network namespace of its own, empty: as runc gives a
+                // container without CNI, a guest with no network.
+                None => net.none = true,
+                Some(p) => {
+                    return Err(refused(format!(
+                        "its network namespace {} is not built into banger's runtime yet \
+                         (pod networking); run it without one (ctr's default) or with \
+                         --net-host for banger's own NAT",
+                        p.display()
+                    )))
+                }
+            }
+        }
+    }
+    for m in spec.mounts().iter().flatten() {
+        let kind = m.typ().as_deref().unwrap_or("");
+        let dest = m.destination().display().to_string();
+        let guest_made = matches!(
+            kind,
+            "proc" | "sysfs" | "tmpfs" | "devpts" | "mqueue" | "cgroup" | "cgroup2"
+        );
+        if !guest_made {
+            return Err(refused(format!(
+                "mount of {} on {dest} (type {kind:?}) is not built into banger's runtime yet: \
+                 only the guest's own /proc, /sys and /dev are given to a container",
+                m.source()
+                    .as_ref()
+                    .map(|s| s.display().to_string())
+                    .unwrap_or_default()
+            )));
+        }
+    }
+    let mut metadata = std::collections::BTreeMap::new();
+    metadata.insert("containerd.namespace".to_string(), namespace.to_string());
+    metadata.insert("containerd.id".to_string(), id.to_string());
+    Ok(CreateVm {
+        name: Some(vm_name(namespace, id)),
+        image: None,
+        size,
+        vmm: None,
+        start: true,
+        rm: true,
+        auto_stop: Default::default(),
+        net,
+        volumes: Vec::new(),
+        root_mib: None,
+        mounts: vec![HostMount {
+            host: bundle.join("rootfs"),
+            path: GUEST_ROOT.to_string(),
+            read_only: false,
+            owner: None,
+        }],
+        from: None,
+        cold: false,
+        metadata,
+        env: Vec::new(),
+    })
+}
+
+/// A VM name (a DNS label) for container `id` of `namespace`: what of the
+/// id is a label's, then a hash of both, so distinct ids never share one.
+pub fn vm_name(namespace: &str, id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut readable: String = id
+        .chars()
+        .map(|c| match c.to_ascii_lowercase() {
+            c @ ('a'..='z' | '0'..='9') => c,
+            _ => '-',
+        })
+        .take(40)
+        .collect();
+    while readable.contains("--") {
+        readable = readable.replace("--", "-");
+    }
+    let readable = readable.trim_matches('-');
+    let hash = Sha256::digest(format!("{namespace}/{id}").as_bytes());
+    let hex: String = hash[..4].iter().map(|b| format!("{b:02x}")).collect();
+    if readable.is_empty() {
+        format!("ctr-{hex}")
+    } else {
+        format!("ctr-{readable}-{hex}")
+    }
+}
+
+/// An OCI process as a guest agent exec in the container's root.
+pub fn exec_for(id: &str, p: &Process, terminal: bool, stdin: bool) -> Result<ExecSpec, SpecError> {
+    let refused = |why: String| SpecError::Refused {
+        id: id.to_string(),
+        why,
+    };
+    let argv = p.args().clone().unwrap_or_default();
+    if argv.is_empty() {
+        return Err(refused("its process has no args: give a command".into()));
+    }
+    let mut env = Vec::new();
+    for kv in p.env().iter().flatten() {
+        match kv.split_once('=') {
+            Some((k, v)) if !k.is_empty() => env.push((k.to_string(), v.to_string())),
+            _ => {
+                return Err(refused(format!(
+                    "environment entry {:?} is not NAME=VALUE",
+                    kv.chars().take(64).collect::<String>()
+                )))
+            }
+        }
+    }
+    let user = p.user();
+    let mut rlimits = Vec::new();
+    for r in p.rlimits().iter().flatten() {
+        let kind = serde_json::to_value(r.typ())
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .ok_or_else(|| refused("an rlimit without a type".into()))?;
+        rlimits.push(Rlimit {
+            kind,
+            soft: r.soft(),
+            hard: r.hard(),
+        });
+    }
+    Ok(ExecSpec {
+        argv,
+        env,
+        cwd: Some(p.cwd().display().to_string()),
+        user: Some(format!("{}:{}", user.uid(), user.gid())),
+        tty: terminal.then(|| {
+            let (rows, cols) = p
+                .console_size()
+                .map(|b| (b.height(), b.width()))
+                .unwrap_or((24, 80));
+            WinSize {
+                rows: u16::try_from(rows).unwrap_or(u16::MAX),
+                cols: u16::try_from(cols).unwrap_or(u16::MAX),
+            }
+        }),
+        stdin,
+        detach: false,
+        tag: None,
+        container: Some(InRoot {
+            root: GUEST_ROOT.to_string(),
+            groups: Some(user.additional_gids().clone().unwrap_or_default()),
+            rlimits,
+        }),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_names_are_labels_and_distinct() {
+        let a = vm_name("default", "t1");
+        assert!(
+            a.starts_with("ctr-t1-") && a.len() == "ctr-t1-".len() + 8,
+            "{a}"
+        );
+        assert_ne!(a, vm_name("k8s.io", "t1"), "the namespace counts");
+        assert_ne!(vm_name("default", "T_1"), vm_name("default", "t-1"));
+        let long = vm_name("k8s.io", &"a".repeat(64));
+        assert!(long.len() <= 63, "{long}");
+        let odd = vm_name("default", "__..__");
+        assert!(odd.starts_with("ctr-") && !odd.contains("--"), "{odd}");
+        for n in [a, long, odd] {
+            assert!(banger_core::validate_name(&n).is_ok(), "{n}");
+        }
+    }
+}

@@ -1,0 +1,595 @@
+//! containerd's Task service (task API v2, over ttrpc): each container a
+//! banger VM held for it, each of its processes a guest agent exec in its
+//! root filesystem.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use banger::client::Client;
+use banger_agent::proto::WinSize;
+use containerd_shim::api;
+use containerd_shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskStart,
+};
+use containerd_shim::protos::protobuf::MessageField;
+use containerd_shim::protos::ttrpc::{self, Code};
+use containerd_shim::protos::types::task::{ProcessInfo, Status as TaskStatus};
+use containerd_shim::{ExitSignal, TtrpcContext, TtrpcResult};
+
+use crate::events::{timestamp, Event, Events};
+use crate::process::{Proc, Status, Stdio};
+use crate::rootfs;
+use crate::spec;
+use crate::vm::{self, Lease};
+
+fn status(code: Code, msg: impl std::fmt::Display) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.to_string()))
+}
+
+fn not_found(what: impl std::fmt::Display) -> ttrpc::Error {
+    status(Code::NOT_FOUND, format!("{what}: not found"))
+}
+
+struct Container {
+    id: String,
+    bundle: PathBuf,
+    init: Arc<Proc>,
+    execs: Mutex<HashMap<String, Arc<Proc>>>,
+    lease: Mutex<Option<Lease>>,
+    rootfs_mounted: bool,
+}
+
+impl Container {
+    fn execs(&self) -> MutexGuard<'_, HashMap<String, Arc<Proc>>> {
+        self.execs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn process(&self, exec_id: &str) -> ttrpc::Result<Arc<Proc>> {
+        if exec_id.is_empty() {
+            return Ok(self.init.clone());
+        }
+        self.execs()
+            .get(exec_id)
+            .cloned()
+            .ok_or_else(|| not_found(format!("exec {exec_id:?} of container {}", self.id)))
+    }
+
+    fn vm(&self) -> ttrpc::Result<String> {
+        self.lease
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|l| l.vm.name.clone())
+            .ok_or_else(|| {
+                status(
+                    Code::FAILED_PRECONDITION,
+                    format!("container {}: its VM is gone", self.id),
+                )
+            })
+    }
+}
+
+pub struct TaskService {
+    namespace: String,
+    client: Client,
+    events: Events,
+    exit: Arc<ExitSignal>,
+    containers: Mutex<HashMap<String, Arc<Container>>>,
+}
+
+impl TaskService {
+    pub fn new(namespace: &str, client: Client, events: Events, exit: Arc<ExitSignal>) -> Self {
+        TaskService {
+            namespace: namespace.to_string(),
+            client,
+            events,
+            exit,
+            containers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn containers(&self) -> MutexGuard<'_, HashMap<String, Arc<Container>>> {
+        self.containers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn container(&self, id: &str) -> ttrpc::Result<Arc<Container>> {
+        self.containers()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| not_found(format!("container {id}")))
+    }
+
+    /// Starts `p` of container `c` and reports it as containerd expects.
+    fn start_process(&self, c: &Arc<Container>, p: &Arc<Proc>) -> ttrpc::Result<u32> {
+        if p.status().0 != Status::Created {
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                format!(
+                    "container {}: process {:?} already started",
+                    c.id, p.exec_id
+                ),
+            ));
+        }
+        let vm = c.vm()?;
+        let agent = self
+            .client
+            .agent(&vm)
+            .map_err(|e| status(Code::UNAVAILABLE, format!("vm {vm}: {e}")))?;
+        let events = self.events.clone();
+        let (cid, exec_id) = (c.id.clone(), p.exec_id.clone());
+        let started = |pid: u32| {
+            self.events.send(if exec_id.is_empty() {
+                Event::Start(TaskStart {
+                    container_id: cid.clone(),
+                    pid,
+                    ..Default::default()
+                })
+            } else {
+                Event::ExecStarted(TaskExecStarted {
+                    container_id: cid.clone(),
+                    exec_id: exec_id.clone(),
+                    pid,
+                    ..Default::default()
+                })
+            });
+        };
+        let (cid2, id2) = (
+            c.id.clone(),
+            if p.exec_id.is_empty() {
+                c.id.clone()
+            } else {
+                p.exec_id.clone()
+            },
+        );
+        let exited = move |pid: u32, exit: crate::process::Exit| {
+            events.send(Event::Exit(TaskExit {
+                container_id: cid2,
+                id: id2,
+                pid,
+                exit_status: exit.status,
+                exited_at: MessageField::some(timestamp(exit.at)),
+                ..Default::default()
+            }));
+        };
+        p.start(agent, started, exited)
+            .map_err(|e| status(Code::UNKNOWN, format!("container {}: {e}", c.id)))
+    }
+
+    /// Lets go of a container's VM and its root filesystem.
+    fn tear_down(&self, c: &Container) {
+        let lease = c.lease.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(l) = lease {
+            if let Err(e) = l.release() {
+                log::warn!("container {}: {e}", c.id);
+            }
+        }
+        if c.rootfs_mounted {
+            if let Err(e) = rootfs::unmount(&c.bundle) {
+                log::warn!("container {}: {e}", c.id);
+            }
+        }
+    }
+}
+
+fn state_of(id: &str, bundle: &Path, p: &Proc) -> api::StateResponse {
+    let (st, pid, exit) = p.status();
+    api::StateResponse {
+        id: id.to_string(),
+        bundle: bundle.display().to_string(),
+        pid,
+        status: match st {
+            Status::Created => TaskStatus::CREATED,
+            Status::Running => TaskStatus::RUNNING,
+            Status::Stopped => TaskStatus::STOPPED,
+        }
+        .into(),
+        stdin: p.stdio.stdin.clone(),
+        stdout: p.stdio.stdout.clone(),
+        stderr: p.stdio.stderr.clone(),
+        terminal: p.stdio.terminal,
+        exit_status: exit.map(|e| e.status).unwrap_or(0),
+        exited_at: exit
+            .map(|e| MessageField::some(timestamp(e.at)))
+            .unwrap_or_default(),
+        exec_id: p.exec_id.clone(),
+        ..Default::default()
+    }
+}
+
+impl containerd_shim::Task for TaskService {
+    fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        let id = req.id.clone();
+        if self.containers().contains_key(&id) {
+            return Err(status(
+                Code::ALREADY_EXISTS,
+                format!("container {id}: already exists"),
+            ));
+        }
+        if !req.checkpoint.is_empty() {
+            return Err(status(
+                Code::UNIMPLEMENTED,
+                format!("container {id}: restoring a checkpoint is not supported"),
+            ));
+        }
+        let bundle = PathBuf::from(&req.bundle);
+        let invalid = |e: &dyn std::fmt::Display| status(Code::INVALID_ARGUMENT, e);
+        let spec = spec::load(&bundle).map_err(|e| invalid(&e))?;
+        let process = spec
+            .process()
+            .as_ref()
+            .ok_or_else(|| invalid(&format!("container {id}: config.json has no process")))?;
+        let exec = spec::exec_for(&id, process, req.terminal, !req.stdin.is_empty())
+            .map_err(|e| invalid(&e))?;
+        let create = spec::vm_for(&spec, &self.namespace, &id, &bundle).map_err(|e| invalid(&e))?;
+        let mounted = rootfs::mount(&bundle, &req.rootfs)
+            .map_err(|e| invalid(&format!("container {id}: {e}")))?;
+        let lease = match vm::boot(&self.client, create) {
+            Ok(l) => l,
+            Err(e) => {
+                if mounted {
+                    let _ = rootfs::unmount(&bundle);
+                }
+                return Err(status(Code::UNKNOWN, format!("container {id}: {e}")));
+            }
+        };
+        let pid = lease.vm.vsock_cid.unwrap_or(0);
+        let init = Proc::new(
+            "",
+            Stdio {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+            },
+            exec,
+        );
+        let c = Arc::new(Container {
+            id: id.clone(),
+            bundle: bundle.clone(),
+            init,
+            execs: Mutex::new(HashMap::new()),
+            lease: Mutex::new(Some(lease)),
+            rootfs_mounted: mounted,
+        });
+        self.containers().insert(id.clone(), c);
+        self.events.send(Event::Create(TaskCreate {
+            container_id: id,
+            bundle: req.bundle,
+            rootfs: req.rootfs,
+            io: MessageField::some(TaskIO {
+                stdin: req.stdin,
+                stdout: req.stdout,
+                stderr: req.stderr,
+                terminal: req.terminal,
+                ..Default::default()
+            }),
+            pid,
+            ..Default::default()
+        }));
+        Ok(api::CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    fn start(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> TtrpcResult<api::StartResponse> {
+        let c = self.container(&req.id)?;
+        let p = c.process(&req.exec_id)?;
+        let pid = self.start_process(&c, &p)?;
+        Ok(api::StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
+        let c = self.container(&req.id)?;
+        let invalid = |e: &dyn std::fmt::Display| status(Code::INVALID_ARGUMENT, e);
+        if req.exec_id.is_empty() || req.exec_id.len() > 128 {
+            return Err(invalid(&format!(
+                "container {}: an exec id of 1 to 128 characters",
+                c.id
+            )));
+        }
+        if c.execs().contains_key(&req.exec_id) {
+            return Err(status(
+                Code::ALREADY_EXISTS,
+                format!("container {}: exec {:?} already exists", c.id, req.exec_id),
+            ));
+        }
+        let any = req
+            .spec
+            .as_ref()
+            .ok_or_else(|| invalid(&format!("container {}: an exec without a process", c.id)))?;
+        let process: oci_spec::runtime::Process = serde_json::from_slice(&any.value)
+            .map_err(|e| invalid(&format!("container {}: exec process: {e}", c.id)))?;
+        let exec = spec::exec_for(&c.id, &process, req.terminal, !req.stdin.is_empty())
+            .map_err(|e| invalid(&e))?;
+        let p = Proc::new(
+            &req.exec_id,
+            Stdio {
+                stdin: req.stdin,
+                stdout: req.stdout,
+                stderr: req.stderr,
+                terminal: req.terminal,
+            },
+            exec,
+        );
+        c.execs().insert(req.exec_id.clone(), p);
+        self.events.send(Event::ExecAdded(TaskExecAdded {
+            container_id: c.id.clone(),
+            exec_id: req.exec_id,
+            ..Default::default()
+        }));
+        Ok(api::Empty::new())
+    }
+
+    fn state(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StateRequest,
+    ) -> TtrpcResult<api::StateResponse> {
+        let c = self.container(&req.id)?;
+        let p = c.process(&req.exec_id)?;
+        Ok(state_of(&c.id, &c.bundle, &p))
+    }
+
+    fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
+        let c = self.container(&req.id)?;
+        let mut pids: Vec<u32> = std::iter::once(c.init.clone())
+            .chain(c.execs().values().cloned())
+            .filter_map(|p| match p.status() {
+                (Status::Running, pid, _) => Some(pid),
+                _ => None,
+            })
+            .collect();
+        pids.sort_unstable();
+        Ok(api::PidsResponse {
+            processes: pids
+                .into_iter()
+                .map(|pid| ProcessInfo {
+                    pid,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+    }
+
+    fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        let c = self.container(&req.id)?;
+        let signal = i32::try_from(req.signal)
+            .ok()
+            .filter(|s| (1..=64).contains(s))
+            .ok_or_else(|| {
+                status(
+                    Code::INVALID_ARGUMENT,
+                    format!("signal {}: not a signal", req.signal),
+                )
+            })?;
+        let targets: Vec<Arc<Proc>> = if req.all && req.exec_id.is_empty() {
+            std::iter::once(c.init.clone())
+                .chain(c.execs().values().cloned())
+                .collect()
+        } else {
+            vec![c.process(&req.exec_id)?]
+        };
+        let mut signalled = 0;
+        for p in &targets {
+            match p.signal(signal) {
+                Ok(()) => signalled += 1,
+                Err(crate::process::ProcError::NotStarted) => {
+                    // Killed before it ran: it never will.
+                    if let Some(exit) = p.end_unstarted(128 + req.signal) {
+                        signalled += 1;
+                        self.events.send(Event::Exit(TaskExit {
+                            container_id: c.id.clone(),
+                            id: if p.exec_id.is_empty() {
+                                c.id.clone()
+                            } else {
+                                p.exec_id.clone()
+                            },
+                            exit_status: exit.status,
+                            exited_at: MessageField::some(timestamp(exit.at)),
+                            ..Default::default()
+                        }));
+                    }
+                }
+                Err(crate::process::ProcError::Finished) => {}
+                Err(e) => return Err(status(Code::UNKNOWN, format!("container {}: {e}", c.id))),
+            }
+        }
+        if signalled == 0 && !req.all {
+            return Err(not_found(format!(
+                "container {}: process already finished",
+                c.id
+            )));
+        }
+        Ok(api::Empty::new())
+    }
+
+    fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
+        let c = self.container(&req.id)?;
+        let p = c.process(&req.exec_id)?;
+        let exit = p.wait();
+        Ok(api::WaitResponse {
+            exit_status: exit.status,
+            exited_at: MessageField::some(timestamp(exit.at)),
+            ..Default::default()
+        })
+    }
+
+    fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
+        let c = self.container(&req.id)?;
+        let p = c.process(&req.exec_id)?;
+        let (st, pid, exit) = p.status();
+        if st == Status::Running {
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                format!(
+                    "container {}: process {pid} is running: kill it first",
+                    c.id
+                ),
+            ));
+        }
+        let exit = exit.unwrap_or(crate::process::Exit {
+            status: 0,
+            at: std::time::SystemTime::now(),
+        });
+        if req.exec_id.is_empty() {
+            self.containers().remove(&c.id);
+            self.tear_down(&c);
+            self.events.send(Event::Delete(TaskDelete {
+                container_id: c.id.clone(),
+                pid,
+                exit_status: exit.status,
+                exited_at: MessageField::some(timestamp(exit.at)),
+                ..Default::default()
+            }));
+        } else {
+            c.execs().remove(&req.exec_id);
+        }
+        Ok(api::DeleteResponse {
+            pid,
+            exit_status: exit.status,
+            exited_at: MessageField::some(timestamp(exit.at)),
+            ..Default::default()
+        })
+    }
+
+    fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResizePtyRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let c = self.container(&req.id)?;
+        let p = c.process(&req.exec_id)?;
+        let ws = WinSize {
+            rows: u16::try_from(req.height).unwrap_or(u16::MAX),
+            cols: u16::try_from(req.width).unwrap_or(u16::MAX),
+        };
+        p.resize(ws).map_err(|e| {
+            status(
+                Code::FAILED_PRECONDITION,
+                format!("container {}: {e}", c.id),
+            )
+        })?;
+        Ok(api::Empty::new())
+    }
+
+    fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
+        let c = self.container(&req.id)?;
+        let p = c.process(&req.exec_id)?;
+        if req.stdin {
+            match p.close_stdin() {
+                Ok(()) | Err(crate::process::ProcError::Finished) => {}
+                Err(e) => {
+                    return Err(status(
+                        Code::FAILED_PRECONDITION,
+                        format!("container {}: {e}", c.id),
+                    ))
+                }
+            }
+        }
+        Ok(api::Empty::new())
+    }
+
+    fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
+        Err(status(
+            Code::UNIMPLEMENTED,
+            format!(
+                "container {}: update is not built into banger's runtime yet",
+                req.id
+            ),
+        ))
+    }
+
+    fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
+        let c = self.container(&req.id)?;
+        let vm = c.vm()?;
+        crate::stats::of_vm(&self.client, &vm)
+            .map(|stats| api::StatsResponse {
+                stats: MessageField::some(stats),
+                ..Default::default()
+            })
+            .map_err(|e| status(Code::UNAVAILABLE, format!("container {}: {e}", c.id)))
+    }
+
+    fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
+        let task_pid = self
+            .containers()
+            .get(&req.id)
+            .map(|c| c.init.status().1)
+            .unwrap_or(0);
+        Ok(api::ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ..Default::default()
+        })
+    }
+
+    fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
+        // One shim may serve several containers (a pod): it ends with the
+        // last.
+        if self.containers().is_empty() {
+            self.exit.signal();
+        }
+        Ok(api::Empty::new())
+    }
+
+    fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        Err(status(
+            Code::UNIMPLEMENTED,
+            format!(
+                "container {}: pause is not supported by banger's runtime",
+                req.id
+            ),
+        ))
+    }
+
+    fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
+        Err(status(
+            Code::UNIMPLEMENTED,
+            format!(
+                "container {}: resume is not supported by banger's runtime",
+                req.id
+            ),
+        ))
+    }
+
+    fn checkpoint(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CheckpointTaskRequest,
+    ) -> TtrpcResult<api::Empty> {
+        Err(status(
+            Code::UNIMPLEMENTED,
+            format!(
+                "container {}: checkpoint is not supported by banger's runtime",
+                req.id
+            ),
+        ))
+    }
+}

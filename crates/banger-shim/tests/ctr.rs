@@ -1,0 +1,219 @@
+//! containerd (Debian's, in the test's namespaces, with its own root and
+//! sockets) runs containers through `containerd-shim-banger-v2`: each a
+//! banger VM of the test's daemon, its rootfs the image containerd
+//! unpacked, its processes the image's.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use test_infra::containerd::{busybox_image, Containerd};
+use test_infra::{ok, text, wait_until, Instance};
+
+const RUNTIME: &str = "io.containerd.banger.v2";
+const IMAGE: &str = "banger.test/busybox:1";
+const APP_IMAGE: &str = "banger.test/busybox-app:1";
+
+fn shim_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_containerd-shim-banger-v2"))
+}
+
+fn banger_bin() -> PathBuf {
+    shim_bin().with_file_name("banger")
+}
+
+/// An instance with its daemon up, a containerd beside it, and the test
+/// images imported.
+fn setup() -> (Instance, Containerd) {
+    let inst = Instance::new(&banger_bin()).with_image();
+    ok(&inst.banger(&["daemon", "ping"]), "daemon ping");
+    let bin_dir = shim_bin()
+        .parent()
+        .map(Path::to_path_buf)
+        .expect("the shim's directory");
+    let ctd = Containerd::start(&inst, &bin_dir);
+    for (name, user, file) in [
+        (IMAGE, None, "busybox.tar"),
+        (APP_IMAGE, Some("app"), "app.tar"),
+    ] {
+        let work = inst.dir().join(format!("img-{file}"));
+        std::fs::create_dir_all(&work).unwrap();
+        let tar = work.join(file);
+        busybox_image(&work, name, user, &tar);
+        ok(
+            &ctd.ctr(&inst, &["images", "import", tar.to_str().unwrap()]),
+            "ctr images import",
+        );
+    }
+    (inst, ctd)
+}
+
+/// Every VM the daemon holds, as `vm ls` lists them.
+fn vms(inst: &Instance) -> String {
+    ok(&inst.banger(&["vm", "ls"]), "vm ls")
+}
+
+fn assert_nothing_left(inst: &Instance, ctd: &Containerd) {
+    assert!(
+        wait_until(Duration::from_secs(30), || ctd.shims().is_empty()),
+        "shims left: {:?}",
+        ctd.shims()
+    );
+    let ls = vms(inst);
+    assert_eq!(ls.lines().count(), 1, "no VM but the header: {ls}");
+    inst.assert_baseline();
+}
+
+#[test]
+fn ctr_run_runs_the_image_in_a_banger_vm_and_leaves_nothing() {
+    let (inst, ctd) = setup();
+    // Output, exit code, the image's and the run's environment, the
+    // working directory, root by default.
+    let out = ctd.ctr(
+        &inst,
+        &[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            "--env",
+            "GREETING=hello",
+            "--cwd",
+            "/tmp",
+            IMAGE,
+            "t1",
+            "sh",
+            "-c",
+            "echo $GREETING $FROM_IMAGE; pwd; id -u; test -d /proc/self && echo proc; \
+             test -e /bin/busybox && ! test -e /usr/lib/banger/busybox && echo own-root; exit 3",
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "ctr run exits with the process's code: {out:?}\n{}",
+        ctd.log_text()
+    );
+    assert_eq!(text(&out.stdout), "hello yes\n/tmp\n0\nproc\nown-root\n");
+    // The image's user, and its groups from its own /etc/group.
+    let out = ctd.ctr(
+        &inst,
+        &["run", "--rm", "--runtime", RUNTIME, APP_IMAGE, "t2", "id"],
+    );
+    let id = ok(&out, "ctr run as the image's user");
+    assert!(id.starts_with("uid=1000(app) gid=1000(app)"), "{id}");
+    assert_eq!(
+        ok(&ctd.ctr(&inst, &["task", "ls", "-q"]), "task ls").trim(),
+        "",
+        "no task left"
+    );
+    assert_nothing_left(&inst, &ctd);
+}
+
+#[test]
+fn a_detached_container_takes_execs_signals_and_questions() {
+    let (inst, ctd) = setup();
+    ok(
+        &ctd.ctr(
+            &inst,
+            &[
+                "run",
+                "-d",
+                "--runtime",
+                RUNTIME,
+                IMAGE,
+                "t3",
+                "sh",
+                "-c",
+                "trap 'echo got TERM; exit 7' TERM; echo up > /tmp/up; \
+                 while true; do sleep 1; done",
+            ],
+        ),
+        "ctr run -d",
+    );
+    // The VM serves it, and says so.
+    let ls = vms(&inst);
+    assert!(ls.contains("containerd.id=t3"), "{ls}");
+    let exec = |args: &[&str]| {
+        let mut a = vec!["task", "exec"];
+        a.extend_from_slice(args);
+        ctd.ctr(&inst, &a)
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            exec(&["--exec-id", "up", "t3", "cat", "/tmp/up"])
+                .status
+                .success()
+        }),
+        "the init ran"
+    );
+    let out = exec(&[
+        "--exec-id",
+        "e1",
+        "t3",
+        "sh",
+        "-c",
+        "echo in $FROM_IMAGE; exit 4",
+    ]);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert_eq!(text(&out.stdout), "in yes\n");
+    let out = exec(&["--exec-id", "e2", "--user", "app", "t3", "id", "-u"]);
+    assert_eq!(ok(&out, "exec --user app").trim(), "1000");
+    // ps lists the init's guest pid; metrics are the VM's.
+    let ps = ok(&ctd.ctr(&inst, &["task", "ps", "t3"]), "task ps");
+    assert!(ps.lines().count() >= 2, "a header and the init: {ps}");
+    let metrics = ok(&ctd.ctr(&inst, &["task", "metrics", "t3"]), "task metrics");
+    // cgroup v2's metrics, as ctr prints them.
+    let usage: u64 = metrics
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("memory.usage"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(usage > 1 << 20, "the guest uses memory: {metrics}");
+    // TERM reaches the init, which says so and exits 7.
+    ok(
+        &ctd.ctr(&inst, &["task", "kill", "-s", "TERM", "t3"]),
+        "task kill TERM",
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            ok(&ctd.ctr(&inst, &["task", "ls"]), "task ls").contains("STOPPED")
+        }),
+        "stopped after TERM"
+    );
+    ok(&ctd.ctr(&inst, &["task", "rm", "t3"]), "task rm");
+    ok(&ctd.ctr(&inst, &["container", "rm", "t3"]), "container rm");
+    // KILL, of all, on another.
+    ok(
+        &ctd.ctr(
+            &inst,
+            &[
+                "run",
+                "-d",
+                "--runtime",
+                RUNTIME,
+                IMAGE,
+                "t4",
+                "sleep",
+                "600",
+            ],
+        ),
+        "ctr run -d t4",
+    );
+    ok(
+        &ctd.ctr(&inst, &["task", "kill", "-a", "-s", "KILL", "t4"]),
+        "task kill -a KILL",
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            ok(&ctd.ctr(&inst, &["task", "ls"]), "task ls").contains("STOPPED")
+        }),
+        "stopped after KILL"
+    );
+    ok(&ctd.ctr(&inst, &["task", "rm", "t4"]), "task rm t4");
+    ok(
+        &ctd.ctr(&inst, &["container", "rm", "t4"]),
+        "container rm t4",
+    );
+    assert_nothing_left(&inst, &ctd);
+}

@@ -1,0 +1,264 @@
+//! A containerd of the test's own (Debian's package), inside the
+//! instance's network and mount namespace, with its own root, state and
+//! sockets (never the host's), its runtimes found on a PATH that starts
+//! with the workspace's binaries; and OCI image tarballs the tests build
+//! (no registry).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use crate::Instance;
+
+/// containerd and what it runs for one test.
+pub struct Containerd {
+    dir: PathBuf,
+    child: Option<Child>,
+    bin_dir: PathBuf,
+    log: PathBuf,
+}
+
+/// How long containerd may take to answer after its start.
+const UP_WITHIN: Duration = Duration::from_secs(60);
+
+impl Containerd {
+    /// Starts it in `inst`'s namespaces; runtimes are looked for first in
+    /// `bin_dir` (where `containerd-shim-banger-v2` was built), and reach
+    /// `inst`'s daemon.
+    pub fn start(inst: &Instance, bin_dir: &Path) -> Containerd {
+        let dir = inst.dir().join("containerd");
+        std::fs::create_dir_all(&dir).expect("mkdir containerd dir");
+        let d = dir.display();
+        let config = format!(
+            r#"version = 2
+root = "{d}/root"
+state = "{d}/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.devmapper", "io.containerd.tracing.processor.v1.otlp",
+  "io.containerd.internal.v1.tracing"]
+[grpc]
+  address = "{d}/containerd.sock"
+[ttrpc]
+  address = "{d}/containerd.sock.ttrpc"
+[debug]
+  level = "debug"
+[metrics]
+  address = ""
+"#
+        );
+        std::fs::write(dir.join("config.toml"), config).expect("write containerd config");
+        let log = dir.join("containerd.log");
+        let log_file = std::fs::File::create(&log).expect("create containerd log");
+        let mut me = Containerd {
+            dir: dir.clone(),
+            child: None,
+            bin_dir: bin_dir.to_path_buf(),
+            log,
+        };
+        let mut cmd = inst.net.cmd("containerd");
+        cmd.arg("--config").arg(dir.join("config.toml"));
+        cmd.env(
+            "PATH",
+            format!(
+                "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                me.bin_dir.display()
+            ),
+        );
+        cmd.envs(inst.env().iter().map(|(k, v)| (k, v)));
+        cmd.env("BANGER_STATE_DIR", inst.state())
+            .env("BANGER_RUNTIME_DIR", inst.runtime());
+        let err = log_file.try_clone().expect("dup containerd log");
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(log_file))
+            .stderr(Stdio::from(err));
+        me.child = Some(cmd.spawn().expect("spawn containerd"));
+        let up = crate::wait_until(UP_WITHIN, || {
+            me.try_ctr(inst, &["version"])
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+        });
+        assert!(
+            up,
+            "containerd did not answer within {UP_WITHIN:?}; its log:\n{}",
+            me.log_text()
+        );
+        me
+    }
+
+    /// The ctr command against this containerd (namespace `default`).
+    pub fn ctr_cmd(&self, inst: &Instance, args: &[&str]) -> Command {
+        let mut c = inst.net.cmd("ctr");
+        c.arg("--address")
+            .arg(self.dir.join("containerd.sock"))
+            .arg("--namespace")
+            .arg("default")
+            .args(args);
+        c
+    }
+
+    fn try_ctr(&self, inst: &Instance, args: &[&str]) -> std::io::Result<Output> {
+        let child = self
+            .ctr_cmd(inst, args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        Ok(crate::bounded::wait_output(child))
+    }
+
+    /// Runs ctr to its end (bounded), stdin closed.
+    pub fn ctr(&self, inst: &Instance, args: &[&str]) -> Output {
+        self.try_ctr(inst, args).expect("spawn ctr")
+    }
+
+    /// What containerd (and the shims, through it) logged.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The containerd's socket path: shims name it on their command line.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("containerd.sock")
+    }
+
+    /// Shim processes serving this containerd.
+    pub fn shims(&self) -> Vec<(i32, String)> {
+        let sock = self.socket().display().to_string();
+        crate::processes_naming(&sock)
+            .into_iter()
+            .filter(|(_, c)| c.contains("containerd-shim") && c.contains(&sock))
+            .collect()
+    }
+
+    /// Stops containerd (its shims go on, as a restart leaves them).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            if crate::bounded::wait_within(&mut child, Duration::from_secs(30)).is_none() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        self.stop();
+        for (pid, _) in self.shims() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        // Snapshots containerd left mounted (a test that failed midway).
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let dir = self.dir.display().to_string();
+        let mut points: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|p| p.starts_with(&dir))
+            .collect();
+        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        for p in points {
+            let _ = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+/// An OCI image layout tarball at `out` named `name` (containerd's
+/// `io.containerd.image.name`): Debian's static busybox as /bin/sh and
+/// its applets, an /etc/passwd with root and `app` (1000:1000, home
+/// /home/app), and `user` as the image's user when given.
+pub fn busybox_image(work: &Path, name: &str, user: Option<&str>, out: &Path) {
+    use sha2::{Digest, Sha256};
+    let tree = work.join("tree");
+    let _ = std::fs::remove_dir_all(&tree);
+    for d in [
+        "bin", "etc", "home/app", "tmp", "proc", "sys", "dev", "root",
+    ] {
+        std::fs::create_dir_all(tree.join(d)).expect("mkdir image tree");
+    }
+    std::fs::copy("/bin/busybox", tree.join("bin/busybox")).expect("copy busybox");
+    for applet in [
+        "sh", "cat", "echo", "env", "id", "pwd", "sleep", "ls", "wc", "stty", "true", "false",
+        "kill", "ps", "hostname", "head", "trap",
+    ] {
+        std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet)).expect("applet link");
+    }
+    std::fs::write(
+        tree.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
+    )
+    .expect("passwd");
+    std::fs::write(
+        tree.join("etc/group"),
+        "root:x:0:\napp:x:1000:\nextra:x:1500:app\n",
+    )
+    .expect("group");
+    let status = Command::new("chown")
+        .args(["1000:1000"])
+        .arg(tree.join("home/app"))
+        .status()
+        .expect("chown");
+    assert!(status.success());
+    let layout = work.join("layout");
+    let _ = std::fs::remove_dir_all(&layout);
+    let blobs = layout.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).expect("mkdir blobs");
+    let layer = work.join("layer.tar");
+    let status = Command::new("tar")
+        .arg("-C")
+        .arg(&tree)
+        .args(["--owner=0", "--group=0", "--numeric-owner", "-cf"])
+        .arg(&layer)
+        .arg(".")
+        .status()
+        .expect("tar the layer");
+    assert!(status.success(), "tar the layer");
+    let put = |bytes: &[u8]| -> (String, usize) {
+        let d: String = Sha256::digest(bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        std::fs::write(blobs.join(&d), bytes).expect("write blob");
+        (d, bytes.len())
+    };
+    let (dl, nl) = put(&std::fs::read(&layer).expect("read layer"));
+    let user_field = user
+        .map(|u| format!(r#""User":"{u}","#))
+        .unwrap_or_default();
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","config":{{{user_field}"Env":["PATH=/bin","FROM_IMAGE=yes"],"Cmd":["/bin/sh"]}},"rootfs":{{"type":"layers","diff_ids":["sha256:{dl}"]}}}}"#
+    );
+    let (dc, nc) = put(config.as_bytes());
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{dc}","size":{nc}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:{dl}","size":{nl}}}]}}"#
+    );
+    let (dm, nm) = put(manifest.as_bytes());
+    std::fs::write(
+        layout.join("index.json"),
+        format!(
+            r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:{dm}","size":{nm},"annotations":{{"io.containerd.image.name":"{name}","org.opencontainers.image.ref.name":"{name}"}}}}]}}"#
+        ),
+    )
+    .expect("index.json");
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .expect("oci-layout");
+    let status = Command::new("tar")
+        .arg("-C")
+        .arg(&layout)
+        .arg("-cf")
+        .arg(out)
+        .arg(".")
+        .status()
+        .expect("tar the layout");
+    assert!(status.success(), "tar the layout");
+}
