@@ -12,14 +12,15 @@
 # ten clones' memory, a 4 GiB guest's restore against a 256 MiB one's; then
 # cold, warm, snapshot and fork on a jailed Firecracker or its doubles),
 # --e2b-only (E2B's Python SDK's create-and-run and command round trip
-# against `vm run` and `vm exec`),
+# against `vm run` and `vm exec`), --containerd-only (`ctr run --rm` through
+# banger's containerd runtime against `vm run --rm` and against runc),
 # --compare REV (`vm run --rm -- true` and `vm exec` of this tree against
 # revision REV, built in a worktree of its own, taking turns in one run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ./scripts/install-deps.sh
-cargo build --release --locked -p banger -p bangerd -p test-infra
+cargo build --release --locked -p banger -p bangerd -p banger-shim -p test-infra
 # QEMU's agent channel (bangerd finds it beside itself).
 cargo build --release --locked -p banger-agent --bin banger-vport
 BANGER_AGENT=$(./scripts/build-agent.sh)

@@ -217,3 +217,162 @@ fn a_detached_container_takes_execs_signals_and_questions() {
     );
     assert_nothing_left(&inst, &ctd);
 }
+
+/// The task's status as `ctr task ls` shows it ("" when it is not listed).
+fn task_status(inst: &Instance, ctd: &Containerd, id: &str) -> String {
+    let ls = ok(&ctd.ctr(inst, &["task", "ls"]), "task ls");
+    ls.lines()
+        .find(|l| l.split_whitespace().next() == Some(id))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .unwrap_or("")
+        .to_string()
+}
+
+#[test]
+fn a_container_outlives_a_containerd_restart_and_goes_with_its_shim() {
+    let (inst, mut ctd) = setup();
+    ok(
+        &ctd.ctr(
+            &inst,
+            &[
+                "run",
+                "-d",
+                "--runtime",
+                RUNTIME,
+                IMAGE,
+                "t5",
+                "sleep",
+                "600",
+            ],
+        ),
+        "ctr run -d",
+    );
+    assert_eq!(task_status(&inst, &ctd, "t5"), "RUNNING");
+    let shims = ctd.shims();
+    assert_eq!(shims.len(), 1, "{shims:?}");
+    // containerd goes and comes back: it finds the shim, and the shim its
+    // VM; an exec still runs.
+    ctd.restart(&inst);
+    assert_eq!(task_status(&inst, &ctd, "t5"), "RUNNING");
+    assert_eq!(ctd.shims(), shims, "the same shim");
+    let out = ctd.ctr(
+        &inst,
+        &[
+            "task",
+            "exec",
+            "--exec-id",
+            "after",
+            "t5",
+            "echo",
+            "still here",
+        ],
+    );
+    assert_eq!(ok(&out, "exec after the restart"), "still here\n");
+    // The shim killed: containerd cleans up through `shim delete`, and the
+    // daemon deletes the VM whose lease the shim held.
+    let (pid, _) = shims[0];
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(60), || task_status(&inst, &ctd, "t5")
+            != "RUNNING"),
+        "the task is not running after its shim's death: {}",
+        ctd.log_text()
+    );
+    assert!(
+        wait_until(Duration::from_secs(60), || vms(&inst).lines().count() == 1),
+        "the VM went with its shim: {}",
+        vms(&inst)
+    );
+    let _ = ctd.ctr(&inst, &["task", "rm", "t5"]);
+    ok(&ctd.ctr(&inst, &["container", "rm", "t5"]), "container rm");
+    assert_nothing_left(&inst, &ctd);
+}
+
+/// `ctr run -t`: the process has a terminal of the client's size, and a
+/// resize of the client's terminal reaches it (SIGWINCH in the guest).
+#[test]
+fn a_terminal_follows_the_clients_size() {
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
+    let (inst, ctd) = setup();
+    let pty = nix::pty::openpty(
+        Some(&nix::pty::Winsize {
+            ws_row: 24,
+            ws_col: 80,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        }),
+        None,
+    )
+    .unwrap();
+    let slave = std::fs::File::from(pty.slave);
+    let mut cmd = ctd.ctr_cmd(
+        &inst,
+        &[
+            "run",
+            "-t",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            IMAGE,
+            "t6",
+            "sh",
+            "-c",
+            "tty; stty size; trap 'stty size; exit 0' WINCH; echo waiting; \
+             while :; do sleep 0.1; done",
+        ],
+    );
+    cmd.stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave.try_clone().unwrap());
+    // SAFETY: setsid and TIOCSCTTY between fork and exec: ctr gets the
+    // PTY as its controlling terminal, as in a real terminal.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::libc::setsid();
+            nix::libc::ioctl(0, nix::libc::TIOCSCTTY, 0);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop(slave);
+    let mut master = std::fs::File::from(pty.master);
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    let mut resized = false;
+    while !seen.contains("40 100") {
+        let n = master.read(&mut buf).unwrap_or(0);
+        assert!(
+            n > 0,
+            "the terminal closed before the resize was seen: {seen:?}\n{}",
+            ctd.log_text()
+        );
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        if !resized && seen.contains("waiting") {
+            let ws = nix::libc::winsize {
+                ws_row: 40,
+                ws_col: 100,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
+            // SAFETY: TIOCSWINSZ reads one winsize from a live local.
+            unsafe {
+                nix::libc::ioctl(
+                    std::os::fd::AsRawFd::as_raw_fd(&master),
+                    nix::libc::TIOCSWINSZ,
+                    &ws,
+                )
+            };
+            resized = true;
+        }
+    }
+    let status = test_infra::bounded::wait_within(&mut child, Duration::from_secs(60));
+    assert!(status.is_some_and(|s| s.success()), "{seen}");
+    assert!(seen.contains("/dev/pts/"), "a terminal: {seen:?}");
+    assert!(seen.contains("24 80"), "the first size: {seen:?}");
+    assert_nothing_left(&inst, &ctd);
+}

@@ -48,14 +48,31 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
 "#
         );
         std::fs::write(dir.join("config.toml"), config).expect("write containerd config");
-        let log = dir.join("containerd.log");
-        let log_file = std::fs::File::create(&log).expect("create containerd log");
         let mut me = Containerd {
             dir: dir.clone(),
             child: None,
             bin_dir: bin_dir.to_path_buf(),
-            log,
+            log: dir.join("containerd.log"),
         };
+        me.spawn(inst);
+        me
+    }
+
+    /// Starts containerd again after [`Containerd::stop`]: it finds the
+    /// shims it left running.
+    pub fn restart(&mut self, inst: &Instance) {
+        self.stop();
+        self.spawn(inst);
+    }
+
+    fn spawn(&mut self, inst: &Instance) {
+        let dir = self.dir.clone();
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open containerd log");
+        let me = self;
         let mut cmd = inst.net.cmd("containerd");
         cmd.arg("--config").arg(dir.join("config.toml"));
         cmd.env(
@@ -83,7 +100,6 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
             "containerd did not answer within {UP_WITHIN:?}; its log:\n{}",
             me.log_text()
         );
-        me
     }
 
     /// The ctr command against this containerd (namespace `default`).

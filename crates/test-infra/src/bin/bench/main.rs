@@ -15,6 +15,7 @@ use test_infra::{text, Instance};
 
 mod agent;
 mod compare;
+mod containerd;
 mod e2b;
 mod memory;
 mod snapshots;
@@ -407,7 +408,7 @@ fn main() {
         );
         return;
     }
-    let alone: [(&str, &str, &Section); 5] = [
+    let alone: [(&str, &str, &Section); 6] = [
         ("--network-only", "(no VMs: network setup only)", &|t| {
             network_bench(t, 20, 100)
         }),
@@ -425,6 +426,11 @@ fn main() {
             "--e2b-only",
             "E2B's Python SDK against the CLI, cold starts (no warm cache)",
             &|t| e2b::bench(t, &banger, runs),
+        ),
+        (
+            "--containerd-only",
+            "containerd's runtimes against the CLI, cold starts (no warm cache)",
+            &|t| containerd::bench(t, &banger, runs),
         ),
         (
             "--snapshots-only",
