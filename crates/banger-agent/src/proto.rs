@@ -247,7 +247,117 @@ pub struct InRoot {
     /// `additionalGids`), instead of those /etc/group lists.
     pub groups: Option<Vec<u32>>,
     pub rlimits: Vec<Rlimit>,
+    /// The container's hostname (a UTS namespace of its own per process).
+    pub hostname: Option<String>,
+    /// Guest paths bound into the root (the container's mounts of host
+    /// directories, shared into the guest; its files, copied in).
+    pub binds: Vec<Bind>,
 }
+
+impl InRoot {
+    /// Everything that can be checked without the guest's files: the
+    /// root and the binds' paths absolute and normal, the hostname a
+    /// hostname, the rlimits known and consistent, and few of each.
+    pub fn check_shape(&self) -> Result<(), String> {
+        if !container_path(&self.root) || self.root.trim_end_matches('/').is_empty() {
+            return Err(format!(
+                "container root {:?}: an absolute path other than /, without . or ..",
+                self.root
+            ));
+        }
+        if self.binds.len() > MAX_BINDS {
+            return Err(format!("container: over {MAX_BINDS} mounts"));
+        }
+        for b in &self.binds {
+            let root = b.target.trim_end_matches('/').is_empty();
+            if !container_path(&b.source) || !container_path(&b.target) || root {
+                return Err(format!(
+                    "container mount {:?} on {:?}: absolute paths without . or .., not /",
+                    b.source, b.target
+                ));
+            }
+        }
+        if let Some(h) = &self.hostname {
+            let ok = !h.is_empty()
+                && h.len() <= 64
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
+            if !ok {
+                return Err(format!(
+                    "container hostname {:?}: 1 to 64 letters, digits, '-', '.' or '_'",
+                    h.chars().take(64).collect::<String>()
+                ));
+            }
+        }
+        if self.rlimits.len() > MAX_RLIMITS {
+            return Err(format!("container: over {MAX_RLIMITS} rlimits"));
+        }
+        for r in &self.rlimits {
+            rlimit_resource(&r.kind).ok_or_else(|| {
+                format!(
+                    "container: unknown rlimit {:?}",
+                    r.kind.chars().take(32).collect::<String>()
+                )
+            })?;
+            if r.soft > r.hard {
+                return Err(format!(
+                    "container: {} soft limit {} over its hard limit {}",
+                    r.kind, r.soft, r.hard
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A path in a container: absolute, without empty, `.` or `..` parts (a
+/// trailing / aside), nor NUL.
+fn container_path(p: &str) -> bool {
+    p.starts_with('/')
+        && !p.contains('\0')
+        && p.trim_end_matches('/')
+            .split('/')
+            .skip(1)
+            .all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
+/// The resource number of an OCI rlimit's name (`RLIMIT_NOFILE`).
+pub fn rlimit_resource(kind: &str) -> Option<u32> {
+    use nix::libc;
+    let n = match kind {
+        "RLIMIT_AS" => libc::RLIMIT_AS,
+        "RLIMIT_CORE" => libc::RLIMIT_CORE,
+        "RLIMIT_CPU" => libc::RLIMIT_CPU,
+        "RLIMIT_DATA" => libc::RLIMIT_DATA,
+        "RLIMIT_FSIZE" => libc::RLIMIT_FSIZE,
+        "RLIMIT_LOCKS" => libc::RLIMIT_LOCKS,
+        "RLIMIT_MEMLOCK" => libc::RLIMIT_MEMLOCK,
+        "RLIMIT_MSGQUEUE" => libc::RLIMIT_MSGQUEUE,
+        "RLIMIT_NICE" => libc::RLIMIT_NICE,
+        "RLIMIT_NOFILE" => libc::RLIMIT_NOFILE,
+        "RLIMIT_NPROC" => libc::RLIMIT_NPROC,
+        "RLIMIT_RSS" => libc::RLIMIT_RSS,
+        "RLIMIT_RTPRIO" => libc::RLIMIT_RTPRIO,
+        "RLIMIT_RTTIME" => libc::RLIMIT_RTTIME,
+        "RLIMIT_SIGPENDING" => libc::RLIMIT_SIGPENDING,
+        "RLIMIT_STACK" => libc::RLIMIT_STACK,
+        _ => return None,
+    };
+    // The constants are c_uint on glibc and c_int on musl.
+    #[allow(clippy::unnecessary_cast)]
+    Some(n as u32)
+}
+
+/// A guest path bound at `target` inside a container's root.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bind {
+    pub source: String,
+    pub target: String,
+    pub read_only: bool,
+}
+
+/// At most this many binds per container.
+pub const MAX_BINDS: usize = 32;
 
 /// A resource limit, as an OCI process's `rlimits` name it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -5,9 +5,9 @@
 
 use std::path::Path;
 
-use banger_agent::proto::{ExecSpec, InRoot, Rlimit, WinSize};
+use banger_agent::proto::{Bind, ExecSpec, InRoot, Rlimit, WinSize};
 use banger_core::api::CreateVm;
-use banger_core::mount::HostMount;
+use banger_core::mount::{HostMount, MAX_MOUNTS};
 use banger_core::sizing::SizeRequest;
 use banger_core::NetPolicy;
 use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
@@ -30,21 +30,37 @@ const GUEST_OVERHEAD_MIB: u64 = 128;
 
 /// The spec of the bundle at `bundle`.
 pub fn load(bundle: &Path) -> Result<Spec, SpecError> {
-    let path = bundle.join("config.json");
-    Spec::load(&path).map_err(|e| SpecError::Unreadable {
+    let unreadable = |why: String| SpecError::Unreadable {
         bundle: bundle.display().to_string(),
-        why: e.to_string(),
-    })
+        why,
+    };
+    let path = bundle.join("config.json");
+    let f = std::fs::File::open(&path).map_err(|e| unreadable(e.to_string()))?;
+    // Read by serde_json itself, whose errors say what and where.
+    serde_json::from_reader(std::io::BufReader::new(f)).map_err(|e| unreadable(e.to_string()))
+}
+
+/// Where the container's mounts of host directories are in the guest
+/// (`<MOUNTS>/<i>`), and its mounts of host files, copied in
+/// (`<FILES>/<i>/file`).
+pub const GUEST_MOUNTS: &str = "/ctr/mounts";
+pub const GUEST_FILES: &str = "/ctr/files";
+
+/// The largest host file a container mounts (copied into the guest).
+pub const MAX_FILE: u64 = 1 << 20;
+
+/// What a container gets: its VM, what of its root every process shares
+/// (hostname, mounts), and the host files to copy in once the VM is up.
+pub struct Plan {
+    pub create: CreateVm,
+    pub base: InRoot,
+    /// A host file and where in the guest it goes (`<FILES>/<i>`).
+    pub files: Vec<(std::path::PathBuf, String)>,
 }
 
 /// The VM a container gets: named for it, its root filesystem shared in,
 /// sized by the spec's limits, and labelled with what it serves.
-pub fn vm_for(
-    spec: &Spec,
-    namespace: &str,
-    id: &str,
-    bundle: &Path,
-) -> Result<CreateVm, SpecError> {
+pub fn plan(spec: &Spec, namespace: &str, id: &str, bundle: &Path) -> Result<Plan, SpecError> {
     let refused = |why: String| SpecError::Refused {
         id: id.to_string(),
         why,
@@ -87,28 +103,112 @@ pub fn vm_for(
             }
         }
     }
+    let mut mounts = vec![HostMount {
+        host: bundle.join("rootfs"),
+        path: GUEST_ROOT.to_string(),
+        read_only: false,
+        owner: None,
+    }];
+    let mut binds = Vec::new();
+    let mut files = Vec::new();
     for m in spec.mounts().iter().flatten() {
         let kind = m.typ().as_deref().unwrap_or("");
         let dest = m.destination().display().to_string();
-        let guest_made = matches!(
-            kind,
-            "proc" | "sysfs" | "tmpfs" | "devpts" | "mqueue" | "cgroup" | "cgroup2"
-        );
-        if !guest_made {
+        let options = m.options().clone().unwrap_or_default();
+        let is_bind = kind == "bind" || options.iter().any(|o| o == "bind" || o == "rbind");
+        if !is_bind {
+            if matches!(
+                kind,
+                "proc" | "sysfs" | "tmpfs" | "devpts" | "mqueue" | "cgroup" | "cgroup2"
+            ) {
+                // The guest's own /proc, /sys and /dev are bound instead.
+                continue;
+            }
             return Err(refused(format!(
-                "mount of {} on {dest} (type {kind:?}) is not built into banger's runtime yet: \
-                 only the guest's own /proc, /sys and /dev are given to a container",
-                m.source()
-                    .as_ref()
-                    .map(|s| s.display().to_string())
-                    .unwrap_or_default()
+                "its mount on {dest} is of type {kind:?}; banger's runtime takes bind mounts \
+                 of host directories and files, and gives the guest's own /proc, /sys and /dev"
+            )));
+        }
+        let source = m.source().clone().unwrap_or_default();
+        if !source.is_absolute() {
+            return Err(refused(format!(
+                "its bind mount on {dest}: the source {:?} is not an absolute path",
+                source.display()
+            )));
+        }
+        let read_only = options.iter().any(|o| o == "ro");
+        // Looked at with the shim's rights, which are its containerd's.
+        let md = std::fs::metadata(&source).map_err(|e| {
+            refused(format!(
+                "its bind mount of {} on {dest}: {e}",
+                source.display()
+            ))
+        })?;
+        if md.is_dir() {
+            if mounts.len() >= MAX_MOUNTS {
+                return Err(refused(format!(
+                    "over {} bind mounts of directories: a VM shares at most {MAX_MOUNTS} \
+                     (its root filesystem is one)",
+                    MAX_MOUNTS - 1
+                )));
+            }
+            let guest = format!("{GUEST_MOUNTS}/{}", mounts.len());
+            mounts.push(HostMount {
+                host: source.clone(),
+                path: guest.clone(),
+                read_only,
+                owner: None,
+            });
+            binds.push(Bind {
+                source: guest,
+                target: dest,
+                read_only,
+            });
+        } else if md.is_file() {
+            if md.len() > MAX_FILE {
+                return Err(refused(format!(
+                    "its bind mount of {} on {dest}: a file of {} bytes; files are copied into \
+                     the guest, at most {MAX_FILE} bytes (mount its directory instead)",
+                    source.display(),
+                    md.len()
+                )));
+            }
+            // Readable by the shim, checked now rather than at the copy.
+            std::fs::File::open(&source).map_err(|e| {
+                refused(format!(
+                    "its bind mount of {} on {dest}: {e}",
+                    source.display()
+                ))
+            })?;
+            let guest = format!("{GUEST_FILES}/{}", files.len());
+            binds.push(Bind {
+                source: format!("{guest}/file"),
+                target: dest,
+                read_only,
+            });
+            files.push((source.clone(), guest));
+        } else {
+            return Err(refused(format!(
+                "its bind mount of {} on {dest}: neither a directory nor a regular file",
+                source.display()
             )));
         }
     }
+    for mount in &mounts {
+        mount.validate().map_err(|e| refused(e.to_string()))?;
+    }
+    let base = InRoot {
+        root: GUEST_ROOT.to_string(),
+        groups: None,
+        rlimits: Vec::new(),
+        hostname: spec.hostname().clone().filter(|h| !h.is_empty()),
+        binds,
+    };
+    base.check_shape().map_err(refused)?;
     let mut metadata = std::collections::BTreeMap::new();
     metadata.insert("containerd.namespace".to_string(), namespace.to_string());
     metadata.insert("containerd.id".to_string(), id.to_string());
-    Ok(CreateVm {
+    let create = CreateVm {
         name: Some(vm_name(namespace, id)),
         image: None,
         size,
@@ -119,16 +219,17 @@ pub fn vm_for(
         net,
         volumes: Vec::new(),
         root_mib: None,
-        mounts: vec![HostMount {
-            host: bundle.join("rootfs"),
-            path: GUEST_ROOT.to_string(),
-            read_only: false,
-            owner: None,
-        }],
+        mounts,
         from: None,
         cold: false,
         metadata,
         env: Vec::new(),
+    };
+    create.check_labels().map_err(refused)?;
+    Ok(Plan {
+        create,
+        base,
+        files,
     })
 }
 
@@ -157,8 +258,15 @@ pub fn vm_name(namespace: &str, id: &str) -> String {
     }
 }
 
-/// An OCI process as a guest agent exec in the container's root.
-pub fn exec_for(id: &str, p: &Process, terminal: bool, stdin: bool) -> Result<ExecSpec, SpecError> {
+/// An OCI process as a guest agent exec in the container's root (`base`:
+/// what every process of the container shares).
+pub fn exec_for(
+    id: &str,
+    p: &Process,
+    base: &InRoot,
+    terminal: bool,
+    stdin: bool,
+) -> Result<ExecSpec, SpecError> {
     let refused = |why: String| SpecError::Refused {
         id: id.to_string(),
         why,
@@ -166,6 +274,12 @@ pub fn exec_for(id: &str, p: &Process, terminal: bool, stdin: bool) -> Result<Ex
     let argv = p.args().clone().unwrap_or_default();
     if argv.is_empty() {
         return Err(refused("its process has no args: give a command".into()));
+    }
+    let cwd = p.cwd().display().to_string();
+    if !cwd.starts_with('/') {
+        return Err(refused(format!(
+            "its process's cwd {cwd:?} is not an absolute path"
+        )));
     }
     let mut env = Vec::new();
     for kv in p.env().iter().flatten() {
@@ -192,10 +306,16 @@ pub fn exec_for(id: &str, p: &Process, terminal: bool, stdin: bool) -> Result<Ex
             hard: r.hard(),
         });
     }
+    let container = InRoot {
+        groups: Some(user.additional_gids().clone().unwrap_or_default()),
+        rlimits,
+        ..base.clone()
+    };
+    container.check_shape().map_err(refused)?;
     Ok(ExecSpec {
         argv,
         env,
-        cwd: Some(p.cwd().display().to_string()),
+        cwd: Some(cwd),
         user: Some(format!("{}:{}", user.uid(), user.gid())),
         tty: terminal.then(|| {
             let (rows, cols) = p
@@ -210,11 +330,7 @@ pub fn exec_for(id: &str, p: &Process, terminal: bool, stdin: bool) -> Result<Ex
         stdin,
         detach: false,
         tag: None,
-        container: Some(InRoot {
-            root: GUEST_ROOT.to_string(),
-            groups: Some(user.additional_gids().clone().unwrap_or_default()),
-            rlimits,
-        }),
+        container: Some(container),
     })
 }
 

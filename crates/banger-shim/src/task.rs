@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use banger::client::Client;
-use banger_agent::proto::WinSize;
+use banger_agent::proto::{InRoot, WinSize};
 use containerd_shim::api;
 use containerd_shim::protos::events::task::{
     TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskStart,
@@ -34,6 +34,8 @@ fn not_found(what: impl std::fmt::Display) -> ttrpc::Error {
 struct Container {
     id: String,
     bundle: PathBuf,
+    /// What each of its processes shares (its root, hostname, mounts).
+    base: InRoot,
     init: Arc<Proc>,
     execs: Mutex<HashMap<String, Arc<Proc>>>,
     lease: Mutex<Option<Lease>>,
@@ -223,12 +225,28 @@ impl containerd_shim::Task for TaskService {
             .process()
             .as_ref()
             .ok_or_else(|| invalid(&format!("container {id}: config.json has no process")))?;
-        let exec = spec::exec_for(&id, process, req.terminal, !req.stdin.is_empty())
-            .map_err(|e| invalid(&e))?;
-        let create = spec::vm_for(&spec, &self.namespace, &id, &bundle).map_err(|e| invalid(&e))?;
+        let plan = spec::plan(&spec, &self.namespace, &id, &bundle).map_err(|e| invalid(&e))?;
+        let exec = spec::exec_for(
+            &id,
+            process,
+            &plan.base,
+            req.terminal,
+            !req.stdin.is_empty(),
+        )
+        .map_err(|e| invalid(&e))?;
         let mounted = rootfs::mount(&bundle, &req.rootfs)
             .map_err(|e| invalid(&format!("container {id}: {e}")))?;
-        let lease = match vm::boot(&self.client, create) {
+        let started = std::time::Instant::now();
+        let booted = vm::boot(&self.client, plan.create).and_then(|lease| {
+            match vm::copy_files(&self.client, &lease.vm.name, &plan.files) {
+                Ok(()) => Ok(lease),
+                Err(e) => {
+                    let _ = lease.release();
+                    Err(e)
+                }
+            }
+        });
+        let lease = match booted {
             Ok(l) => l,
             Err(e) => {
                 if mounted {
@@ -237,7 +255,13 @@ impl containerd_shim::Task for TaskService {
                 return Err(status(Code::UNKNOWN, format!("container {id}: {e}")));
             }
         };
-        let pid = lease.vm.vsock_cid.unwrap_or(0);
+        log::info!(
+            "container {id}: vm {} up in {} ms",
+            lease.vm.name,
+            started.elapsed().as_millis()
+        );
+        // No process of the container runs yet: the task is the shim's.
+        let pid = std::process::id();
         let init = Proc::new(
             "",
             Stdio {
@@ -251,6 +275,7 @@ impl containerd_shim::Task for TaskService {
         let c = Arc::new(Container {
             id: id.clone(),
             bundle: bundle.clone(),
+            base: plan.base,
             init,
             execs: Mutex::new(HashMap::new()),
             lease: Mutex::new(Some(lease)),
@@ -312,8 +337,14 @@ impl containerd_shim::Task for TaskService {
             .ok_or_else(|| invalid(&format!("container {}: an exec without a process", c.id)))?;
         let process: oci_spec::runtime::Process = serde_json::from_slice(&any.value)
             .map_err(|e| invalid(&format!("container {}: exec process: {e}", c.id)))?;
-        let exec = spec::exec_for(&c.id, &process, req.terminal, !req.stdin.is_empty())
-            .map_err(|e| invalid(&e))?;
+        let exec = spec::exec_for(
+            &c.id,
+            &process,
+            &c.base,
+            req.terminal,
+            !req.stdin.is_empty(),
+        )
+        .map_err(|e| invalid(&e))?;
         let p = Proc::new(
             &req.exec_id,
             Stdio {

@@ -376,3 +376,133 @@ fn a_terminal_follows_the_clients_size() {
     assert!(seen.contains("24 80"), "the first size: {seen:?}");
     assert_nothing_left(&inst, &ctd);
 }
+
+/// What a bad container asks for is refused through containerd, naming
+/// the problem, and leaves nothing: a spec banger cannot read (containerd
+/// took it), more memory than the host has, a user the image lacks, a
+/// host path that is not there; mounts of a host directory and a file,
+/// and a hostname, are honoured.
+#[test]
+fn bad_containers_are_refused_by_name_and_mounts_are_honoured() {
+    let (inst, ctd) = setup();
+    let run = |args: &[&str]| {
+        let mut a = vec!["run", "--rm", "--runtime", RUNTIME];
+        a.extend_from_slice(args);
+        ctd.ctr(&inst, &a)
+    };
+    let refused = |out: &std::process::Output, what: &str| {
+        let err = text(&out.stderr);
+        eprintln!("refused: {err}");
+        assert!(
+            !out.status.success() && err.contains(what),
+            "wanted {what:?}: {out:?}\n{}",
+            ctd.log_text()
+        );
+    };
+    // A spec containerd passes on but banger cannot read (runc refuses it
+    // too): an unknown kind of namespace.
+    let spec_out = ok(&ctd.ctr(&inst, &["oci", "spec"]), "ctr oci spec");
+    let mut spec: serde_json::Value = serde_json::from_str(&spec_out).unwrap();
+    spec["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"type": "bogus"}));
+    spec["process"]["args"] = serde_json::json!(["true"]);
+    let bad = inst.dir().join("bad-spec.json");
+    std::fs::write(&bad, spec.to_string()).unwrap();
+    let out = run(&["--config", bad.to_str().unwrap(), "b1"]);
+    refused(&out, "config.json");
+    // More memory than the host has.
+    let out = run(&["--memory-limit", "1099511627776000", IMAGE, "b2", "true"]);
+    refused(&out, "memory");
+    // A user the image does not have (containerd resolves it, from the
+    // image's own /etc/passwd).
+    ok(
+        &ctd.ctr(
+            &inst,
+            &[
+                "run",
+                "-d",
+                "--runtime",
+                RUNTIME,
+                IMAGE,
+                "b3",
+                "sleep",
+                "600",
+            ],
+        ),
+        "run -d",
+    );
+    let out = ctd.ctr(
+        &inst,
+        &[
+            "task",
+            "exec",
+            "--exec-id",
+            "x",
+            "--user",
+            "ghost",
+            "b3",
+            "id",
+        ],
+    );
+    // (containerd's own words: it looks the name up before any runtime.)
+    refused(&out, "no users found");
+    ok(
+        &ctd.ctr(&inst, &["task", "kill", "-s", "KILL", "b3"]),
+        "kill b3",
+    );
+    assert!(wait_until(Duration::from_secs(30), || task_status(
+        &inst, &ctd, "b3"
+    ) == "STOPPED"));
+    ok(&ctd.ctr(&inst, &["task", "rm", "b3"]), "task rm b3");
+    ok(
+        &ctd.ctr(&inst, &["container", "rm", "b3"]),
+        "container rm b3",
+    );
+    // A host path that is not there.
+    let out = run(&[
+        "--mount",
+        "type=bind,src=/nonexistent-banger,dst=/data,options=rbind:ro",
+        IMAGE,
+        "b4",
+        "true",
+    ]);
+    refused(&out, "/nonexistent-banger");
+    for id in ["b1", "b2", "b4"] {
+        let _ = ctd.ctr(&inst, &["container", "rm", id]);
+    }
+    // A directory (read-only) and a file, mounted.
+    let share = inst.dir().join("share");
+    std::fs::create_dir_all(&share).unwrap();
+    std::fs::write(share.join("hello"), "from the host\n").unwrap();
+    let file = inst.dir().join("greeting");
+    std::fs::write(&file, "a file\n").unwrap();
+    let dir_mount = format!(
+        "type=bind,src={},dst=/data,options=rbind:ro",
+        share.display()
+    );
+    let file_mount = format!(
+        "type=bind,src={},dst=/etc/greeting,options=rbind:ro",
+        file.display()
+    );
+    let out = run(&[
+        "--mount",
+        &dir_mount,
+        "--mount",
+        &file_mount,
+        IMAGE,
+        "m1",
+        "sh",
+        "-c",
+        "cat /data/hello /etc/greeting; touch /data/new 2>/dev/null || echo read-only",
+    ]);
+    assert_eq!(
+        ok(&out, "run with mounts"),
+        "from the host\na file\nread-only\n",
+        "{}",
+        ctd.log_text()
+    );
+    assert!(!share.join("new").exists());
+    assert_nothing_left(&inst, &ctd);
+}

@@ -11,7 +11,9 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Mutex;
 
-use banger_agent::proto::{InRoot, Rlimit, MAX_RLIMITS};
+#[cfg(test)]
+use banger_agent::proto::Rlimit;
+use banger_agent::proto::{Bind, InRoot};
 
 /// What is bound from the guest into each root.
 const BOUND: &[&str] = &["proc", "sys", "dev"];
@@ -58,72 +60,91 @@ pub fn prepare(c: &InRoot) -> Result<(), String> {
         )
         .map_err(|e| format!("container root: bind /{d} on {}: {e}", inside.display()))?;
     }
+    for b in &c.binds {
+        bind(root, b)?;
+    }
     Ok(())
 }
 
-/// The root is an absolute, normal path of the guest, an existing
-/// directory; the rlimits are known and few.
+/// Binds `b.source` (a guest path) at `b.target` in `root`, once: a
+/// target that is already `b.source` is left alone.
+fn bind(root: &Path, b: &Bind) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let source = Path::new(&b.source);
+    let what =
+        std::fs::metadata(source).map_err(|e| format!("container mount {}: {e}", b.source))?;
+    let inside = root.join(b.target.trim_start_matches('/'));
+    // Made where missing, of the source's kind; never through a link (the
+    // image's own: a bind must not land outside the root).
+    let mut at = root.to_path_buf();
+    let parts: Vec<&str> = b.target.split('/').filter(|p| !p.is_empty()).collect();
+    for (i, part) in parts.iter().enumerate() {
+        at.push(part);
+        let last = i + 1 == parts.len();
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(format!(
+                    "container mount {}: {} is a symbolic link in the image",
+                    b.target,
+                    at.display()
+                ))
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let made = if last && !what.is_dir() {
+                    std::fs::File::create(&at).map(drop)
+                } else {
+                    std::fs::create_dir(&at)
+                };
+                made.map_err(|e| {
+                    format!("container mount {}: make {}: {e}", b.target, at.display())
+                })?;
+            }
+            Err(e) => {
+                return Err(format!(
+                    "container mount {}: {}: {e}",
+                    b.target,
+                    at.display()
+                ))
+            }
+        }
+    }
+    let now =
+        std::fs::metadata(&inside).map_err(|e| format!("container mount {}: {e}", b.target))?;
+    if (now.dev(), now.ino()) == (what.dev(), what.ino()) {
+        return Ok(()); // bound already
+    }
+    use nix::mount::MsFlags;
+    nix::mount::mount(
+        Some(source),
+        &inside,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| format!("container mount {}: bind {}: {e}", b.target, b.source))?;
+    if b.read_only {
+        nix::mount::mount(
+            None::<&str>,
+            &inside,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .map_err(|e| format!("container mount {}: read-only: {e}", b.target))?;
+    }
+    Ok(())
+}
+
+/// The root is an existing directory of the guest; the rest is as
+/// [`InRoot::check_shape`] wants it.
 fn check(c: &InRoot) -> Result<(), String> {
-    let root = Path::new(&c.root);
-    let normal = c.root.starts_with('/')
-        && c.root
-            .split('/')
-            .skip(1)
-            .all(|p| !p.is_empty() && p != "." && p != "..");
-    if !normal || c.root.contains('\0') {
-        return Err(format!(
-            "container root {:?}: an absolute path other than /, without . or ..",
-            c.root
-        ));
+    c.check_shape()?;
+    match std::fs::symlink_metadata(&c.root) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(format!("container root {}: not a directory", c.root)),
+        Err(e) => Err(format!("container root {}: {e}", c.root)),
     }
-    match std::fs::symlink_metadata(root) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => return Err(format!("container root {}: not a directory", c.root)),
-        Err(e) => return Err(format!("container root {}: {e}", c.root)),
-    }
-    if c.rlimits.len() > MAX_RLIMITS {
-        return Err(format!("container: over {MAX_RLIMITS} rlimits"));
-    }
-    for r in &c.rlimits {
-        resource(r)?;
-        if r.soft > r.hard {
-            return Err(format!(
-                "container: {} soft limit {} over its hard limit {}",
-                r.kind, r.soft, r.hard
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// The resource number of an OCI rlimit's name.
-pub fn resource(r: &Rlimit) -> Result<u32, String> {
-    use nix::libc;
-    let n = match r.kind.as_str() {
-        "RLIMIT_AS" => libc::RLIMIT_AS,
-        "RLIMIT_CORE" => libc::RLIMIT_CORE,
-        "RLIMIT_CPU" => libc::RLIMIT_CPU,
-        "RLIMIT_DATA" => libc::RLIMIT_DATA,
-        "RLIMIT_FSIZE" => libc::RLIMIT_FSIZE,
-        "RLIMIT_LOCKS" => libc::RLIMIT_LOCKS,
-        "RLIMIT_MEMLOCK" => libc::RLIMIT_MEMLOCK,
-        "RLIMIT_MSGQUEUE" => libc::RLIMIT_MSGQUEUE,
-        "RLIMIT_NICE" => libc::RLIMIT_NICE,
-        "RLIMIT_NOFILE" => libc::RLIMIT_NOFILE,
-        "RLIMIT_NPROC" => libc::RLIMIT_NPROC,
-        "RLIMIT_RSS" => libc::RLIMIT_RSS,
-        "RLIMIT_RTPRIO" => libc::RLIMIT_RTPRIO,
-        "RLIMIT_RTTIME" => libc::RLIMIT_RTTIME,
-        "RLIMIT_SIGPENDING" => libc::RLIMIT_SIGPENDING,
-        "RLIMIT_STACK" => libc::RLIMIT_STACK,
-        other => {
-            return Err(format!(
-                "container: unknown rlimit {:?}",
-                other.chars().take(32).collect::<String>()
-            ))
-        }
-    };
-    Ok(n as u32)
 }
 
 #[cfg(test)]
@@ -163,5 +184,84 @@ mod tests {
         assert!(with("RLIMIT_NOFILE", 10, 1)
             .unwrap_err()
             .contains("over its hard limit"));
+        let bind = |source: &str, target: &str| {
+            check(&InRoot {
+                root: root.clone(),
+                binds: vec![Bind {
+                    source: source.into(),
+                    target: target.into(),
+                    read_only: false,
+                }],
+                ..Default::default()
+            })
+        };
+        assert!(bind("/ctr/mounts/0", "/data").is_ok());
+        assert!(bind("/ctr/mounts/0", "/data/").is_ok());
+        for (s, t) in [
+            ("/ctr/m", "/"),
+            ("/ctr/m", "/a/../etc"),
+            ("rel", "/x"),
+            ("/x", "y"),
+        ] {
+            assert!(bind(s, t).is_err(), "{s} {t}");
+        }
+        let host = |h: &str| {
+            check(&InRoot {
+                root: root.clone(),
+                hostname: Some(h.into()),
+                ..Default::default()
+            })
+        };
+        assert!(host("web-1").is_ok());
+        assert!(host("a b").is_err() && host("").is_err() && host(&"x".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn binds_land_inside_the_root_and_never_through_its_links() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("NOT RUN: binding needs root");
+            return;
+        }
+        // A mount namespace of this thread's own, private: whatever the
+        // test binds goes with it.
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
+        nix::mount::mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let src = dir.path().join("src");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("f"), "shared").unwrap();
+        std::os::unix::fs::symlink("/etc", root.join("evil")).unwrap();
+        let b = |target: &str, read_only| Bind {
+            source: src.to_str().unwrap().into(),
+            target: target.into(),
+            read_only,
+        };
+        let e = bind(&root, &b("/evil/x", false)).unwrap_err();
+        assert!(e.contains("symbolic link"), "{e}");
+        bind(&root, &b("/data/in", true)).unwrap();
+        // Twice is once.
+        bind(&root, &b("/data/in", true)).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(root.join("data/in/f")).unwrap(),
+            "shared"
+        );
+        assert!(
+            std::fs::write(root.join("data/in/g"), "x").is_err(),
+            "read-only"
+        );
+        nix::mount::umount2(&root.join("data/in"), nix::mount::MntFlags::MNT_DETACH).unwrap();
+        assert!(
+            nix::mount::umount2(&root.join("data/in"), nix::mount::MntFlags::MNT_DETACH).is_err(),
+            "bound once"
+        );
     }
 }

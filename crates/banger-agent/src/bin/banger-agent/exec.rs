@@ -359,15 +359,17 @@ fn spawn(spec: &ExecSpec) -> Result<Arc<Proc>, String> {
             .rlimits
             .iter()
             .map(|r| {
-                crate::container::resource(r).map(|n| {
-                    (
-                        n,
-                        nix::libc::rlimit {
-                            rlim_cur: r.soft,
-                            rlim_max: r.hard,
-                        },
-                    )
-                })
+                banger_agent::proto::rlimit_resource(&r.kind)
+                    .ok_or_else(|| format!("exec: unknown rlimit {:?}", r.kind))
+                    .map(|n| {
+                        (
+                            n,
+                            nix::libc::rlimit {
+                                rlim_cur: r.soft,
+                                rlim_max: r.hard,
+                            },
+                        )
+                    })
             })
             .collect::<Result<_, _>>()?,
         None => Vec::new(),
@@ -386,9 +388,21 @@ fn spawn(spec: &ExecSpec) -> Result<Arc<Proc>, String> {
     cmd.env("HOME", &user.home);
     cmd.env("USER", &user.name);
     cmd.env("LOGNAME", &user.name);
-    if let Ok(h) = nix::unistd::gethostname() {
-        cmd.env("HOSTNAME", h);
+    let hostname = spec.container.as_ref().and_then(|c| c.hostname.clone());
+    match &hostname {
+        Some(h) => {
+            cmd.env("HOSTNAME", h);
+        }
+        None => {
+            if let Ok(h) = nix::unistd::gethostname() {
+                cmd.env("HOSTNAME", h);
+            }
+        }
     }
+    let hostname_c = hostname
+        .map(std::ffi::CString::new)
+        .transpose()
+        .map_err(|_| "exec: a hostname holds a NUL byte".to_string())?;
     if spec.tty.is_some() {
         cmd.env("TERM", "xterm");
     }
@@ -432,9 +446,9 @@ fn spawn(spec: &ExecSpec) -> Result<Arc<Proc>, String> {
     let tty = spec.tty.is_some();
     let (uid, gid, groups) = (user.uid, user.gid, user.groups.clone());
     // SAFETY: the closure runs between fork and exec and only makes
-    // async-signal-safe system calls (setsid, ioctl, chroot, setrlimit,
-    // setgroups, setgid, setuid, chdir, signal) on values computed before
-    // the fork.
+    // async-signal-safe system calls (setsid, ioctl, chroot, unshare,
+    // sethostname, setrlimit, setgroups, setgid, setuid, chdir, signal)
+    // on values computed before the fork.
     unsafe {
         cmd.pre_exec(move || {
             use nix::libc;
@@ -448,6 +462,14 @@ fn spawn(spec: &ExecSpec) -> Result<Arc<Proc>, String> {
             // still root, so a hard limit may be raised), then its user.
             if let Some(r) = &root_c {
                 if libc::chroot(r.as_ptr()) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            // Its hostname, in a UTS namespace of its own.
+            if let Some(h) = &hostname_c {
+                if libc::unshare(libc::CLONE_NEWUTS) < 0
+                    || libc::sethostname(h.as_ptr(), h.as_bytes().len()) < 0
+                {
                     return Err(std::io::Error::last_os_error());
                 }
             }
