@@ -7,6 +7,7 @@
 //! no host work of its own beyond mounting the container's rootfs.
 
 mod events;
+mod pod;
 mod process;
 mod rootfs;
 mod spec;
@@ -58,34 +59,50 @@ impl shim::Shim for Service {
     }
 
     fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
-        // One shim per container (its own VM).
-        let grouping = opts.id.clone();
+        // One shim per pod (a Kubernetes sandbox, a banger group, or a
+        // container alone): its containers share its VM. containerd runs
+        // this in the bundle.
+        let grouping = spec::load(std::path::Path::new("."))
+            .map(|s| spec::pod_of(&s, &opts.id))
+            .unwrap_or_else(|_| opts.id.clone());
         let (_pid, address) = shim::spawn(opts, &grouping, Vec::new())?;
         // containerd finds the shim again by this file after a restart.
         write_address(&address)?;
         Ok(address)
     }
 
-    /// The shim is gone (killed): what it held is let go. Its VM's lease
-    /// ended with its connection, so the daemon deletes that VM already;
-    /// asking again covers a daemon that was down meanwhile.
+    /// The shim is gone (killed): what it held is let go. Its pod VM's
+    /// lease ended with its connection, so the daemon deletes that VM
+    /// already; asking again covers a daemon that was down meanwhile. The
+    /// container's mounts in its pod's directory are unmounted here, and
+    /// the directory with its last container.
     fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {
         let bundle = std::env::current_dir().map_err(|e| Error::Other(format!("cwd: {e}")))?;
-        if let Err(e) = rootfs::unmount(&bundle) {
-            log::warn!("{e}");
+        // containerd asks this after every task's delete too (its
+        // connection closed): while the pod's shim still serves, that shim
+        // has let go of what the task held, and the pod's VM is its other
+        // containers'.
+        if shim_serves() {
+            return Ok(deleted());
         }
-        let name = spec::vm_name(&self.namespace, &self.id);
-        if let Err(e) = vm::delete(&client(), &name) {
+        let client = client();
+        let pod_key = spec::load(&bundle)
+            .map(|s| spec::pod_of(&s, &self.id))
+            .unwrap_or_else(|_| self.id.clone());
+        let dir = pod::dir(&client.layout.runtime_dir, &self.namespace, &pod_key);
+        if let Err(e) = pod::unmount_container(&dir, &spec::label(&self.id)) {
             eprintln!("{RUNTIME}: {e}");
         }
-        Ok(api::DeleteResponse {
-            pid: 0,
-            exit_status: process::KILLED,
-            exited_at: containerd_shim::protos::protobuf::MessageField::some(events::timestamp(
-                std::time::SystemTime::now(),
-            )),
-            ..Default::default()
-        })
+        // The pod's last container: its directory goes too.
+        if pod::is_empty(&dir) {
+            if let Err(e) = pod::remove(&dir) {
+                eprintln!("{RUNTIME}: {e}");
+            }
+        }
+        if let Err(e) = vm::delete(&client, &spec::vm_name(&self.namespace, &pod_key)) {
+            eprintln!("{RUNTIME}: {e}");
+        }
+        Ok(deleted())
     }
 
     fn wait(&mut self) {
@@ -97,6 +114,28 @@ impl shim::Shim for Service {
         let events = events::Events::start(publisher, address, self.namespace.clone());
         task::TaskService::new(&self.namespace, client(), events, self.exit.clone())
     }
+}
+
+/// What `delete` answers: the task's end, as runc's shim reports a
+/// killed one.
+fn deleted() -> DeleteResponse {
+    api::DeleteResponse {
+        pid: 0,
+        exit_status: process::KILLED,
+        exited_at: containerd_shim::protos::protobuf::MessageField::some(events::timestamp(
+            std::time::SystemTime::now(),
+        )),
+        ..Default::default()
+    }
+}
+
+/// Whether the shim whose address is in this bundle still answers.
+fn shim_serves() -> bool {
+    let Ok(address) = containerd_shim::util::read_address() else {
+        return false;
+    };
+    let path = address.trim().trim_start_matches("unix://");
+    std::os::unix::net::UnixStream::connect(path).is_ok()
 }
 
 fn main() {

@@ -1,11 +1,11 @@
-//! The container's root filesystem, mounted at `<bundle>/rootfs` from the
-//! snapshotter's mount (containerd leaves that to the shim), where the
-//! container's VM shares it in over virtio-fs.
+//! The container's root filesystem, mounted from the snapshotter's mount
+//! (containerd leaves that to the shim) in its pod's directory, which the
+//! pod's VM shares in over virtio-fs.
 
 use std::path::Path;
 
 use containerd_shim::protos::types::mount::Mount;
-use nix::mount::{mount as sys_mount, umount2, MntFlags, MsFlags};
+use nix::mount::{mount as sys_mount, MsFlags};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -21,16 +21,11 @@ pub enum RootfsError {
         target: String,
         errno: nix::errno::Errno,
     },
-    #[error("rootfs: unmount {target}: {errno}")]
-    Unmount {
-        target: String,
-        errno: nix::errno::Errno,
-    },
 }
 
-/// Mounts `mounts` (at most one) at `<bundle>/rootfs`; false when there
-/// was none (a bundle whose rootfs is already there).
-pub fn mount(bundle: &Path, mounts: &[Mount]) -> Result<bool, RootfsError> {
+/// Mounts `mounts` (at most one) at `target`; false when there was none
+/// (a bundle whose rootfs is already there).
+pub fn mount(target: &Path, mounts: &[Mount]) -> Result<bool, RootfsError> {
     let m = match mounts {
         [] => return Ok(false),
         [m] => m,
@@ -41,7 +36,6 @@ pub fn mount(bundle: &Path, mounts: &[Mount]) -> Result<bool, RootfsError> {
             kind: m.type_.clone(),
         });
     }
-    let target = bundle.join("rootfs");
     let mut flags = MsFlags::empty();
     let mut data = Vec::new();
     for o in &m.options {
@@ -62,7 +56,7 @@ pub fn mount(bundle: &Path, mounts: &[Mount]) -> Result<bool, RootfsError> {
     let data = data.join(",");
     sys_mount(
         Some(m.source.as_str()),
-        &target,
+        target,
         Some(m.type_.as_str()),
         flags,
         (!data.is_empty()).then_some(data.as_str()),
@@ -74,16 +68,4 @@ pub fn mount(bundle: &Path, mounts: &[Mount]) -> Result<bool, RootfsError> {
         errno,
     })?;
     Ok(true)
-}
-
-/// Unmounts `<bundle>/rootfs` if something is mounted there.
-pub fn unmount(bundle: &Path) -> Result<(), RootfsError> {
-    let target = bundle.join("rootfs");
-    match umount2(&target, MntFlags::MNT_DETACH) {
-        Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => Ok(()),
-        Err(errno) => Err(RootfsError::Unmount {
-            target: target.display().to_string(),
-            errno,
-        }),
-    }
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use banger_agent::proto::{Bind, ExecSpec, InRoot, Rlimit, WinSize};
 use banger_core::api::CreateVm;
-use banger_core::mount::{HostMount, MAX_MOUNTS};
+use banger_core::mount::HostMount;
 use banger_core::sizing::SizeRequest;
 use banger_core::NetPolicy;
 use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
@@ -21,12 +21,18 @@ pub enum SpecError {
     Refused { id: String, why: String },
 }
 
-/// Where the container's root filesystem is in the guest: the VM's one
-/// virtio-fs share of `<bundle>/rootfs`.
-pub const GUEST_ROOT: &str = "/ctr/rootfs";
+/// Where a pod's directory is in the guest: the VM's one virtio-fs share.
+/// Each container's root filesystem and mounts are mounted under it on
+/// the host, after the VM booted as well as before (the share propagates
+/// mounts), at `<POD>/<key>/rootfs` and `<POD>/<key>/mounts/<i>`.
+pub const GUEST_POD: &str = "/ctr/pod";
 
 /// Memory the guest's own system needs beside the container's limit.
 const GUEST_OVERHEAD_MIB: u64 = 128;
+
+/// The annotation that puts containers outside Kubernetes in one VM
+/// (`ctr run --annotation io.containerd.banger.v2.group=NAME`).
+pub const GROUP_ANNOTATION: &str = "io.containerd.banger.v2.group";
 
 /// The spec of the bundle at `bundle`.
 pub fn load(bundle: &Path) -> Result<Spec, SpecError> {
@@ -40,31 +46,56 @@ pub fn load(bundle: &Path) -> Result<Spec, SpecError> {
     serde_json::from_reader(std::io::BufReader::new(f)).map_err(|e| unreadable(e.to_string()))
 }
 
-/// Where the container's mounts of host directories are in the guest
-/// (`<MOUNTS>/<i>`), and its mounts of host files, copied in
-/// (`<FILES>/<i>/file`).
-pub const GUEST_MOUNTS: &str = "/ctr/mounts";
-pub const GUEST_FILES: &str = "/ctr/files";
-
-/// The largest host file a container mounts (copied into the guest).
-pub const MAX_FILE: u64 = 1 << 20;
-
-/// What a container gets: its VM, what of its root every process shares
-/// (hostname, mounts), and the host files to copy in once the VM is up.
-pub struct Plan {
-    pub create: CreateVm,
-    pub base: InRoot,
-    /// A host file and where in the guest it goes (`<FILES>/<i>`).
-    pub files: Vec<(std::path::PathBuf, String)>,
+/// The pod a container belongs to: its Kubernetes sandbox, its banger
+/// group, or itself.
+pub fn pod_of(spec: &Spec, id: &str) -> String {
+    let a = spec.annotations().clone().unwrap_or_default();
+    let kind = a
+        .get("io.kubernetes.cri.container-type")
+        .map(String::as_str);
+    match (kind, a.get("io.kubernetes.cri.sandbox-id")) {
+        (Some("container"), Some(sandbox)) if !sandbox.is_empty() => return sandbox.clone(),
+        _ => {}
+    }
+    match a.get(GROUP_ANNOTATION) {
+        Some(g) if !g.is_empty() => g.clone(),
+        _ => id.to_string(),
+    }
 }
 
-/// The VM a container gets: named for it, its root filesystem shared in,
-/// sized by the spec's limits, and labelled with what it serves.
-pub fn plan(spec: &Spec, namespace: &str, id: &str, bundle: &Path) -> Result<Plan, SpecError> {
+/// A host path a container mounts: bound by the shim into the pod's
+/// directory, where the guest sees it.
+#[derive(Debug, Clone)]
+pub struct HostBind {
+    pub source: std::path::PathBuf,
+    pub read_only: bool,
+    pub dir: bool,
+}
+
+/// What a container gets: the VM of its pod when it is the pod's first
+/// (`create`), what of its root every one of its processes shares
+/// (`base`: root, hostname, mounts), and the host paths to bind for it.
+pub struct Plan {
+    pub key: String,
+    pub create: CreateVm,
+    pub base: InRoot,
+    pub binds: Vec<HostBind>,
+}
+
+/// Where container `key`'s root is in the guest.
+pub fn guest_root(key: &str) -> String {
+    format!("{GUEST_POD}/{key}/rootfs")
+}
+
+/// What container `id` of `namespace` gets, its pod's directory on the
+/// host being `pod_dir`.
+pub fn plan(spec: &Spec, namespace: &str, id: &str, pod_dir: &Path) -> Result<Plan, SpecError> {
     let refused = |why: String| SpecError::Refused {
         id: id.to_string(),
         why,
     };
+    let pod = pod_of(spec, id);
+    let key = label(id);
     let mut size = SizeRequest::default();
     let mut net = NetPolicy::default();
     if let Some(linux) = spec.linux() {
@@ -103,14 +134,8 @@ pub fn plan(spec: &Spec, namespace: &str, id: &str, bundle: &Path) -> Result<Pla
             }
         }
     }
-    let mut mounts = vec![HostMount {
-        host: bundle.join("rootfs"),
-        path: GUEST_ROOT.to_string(),
-        read_only: false,
-        owner: None,
-    }];
     let mut binds = Vec::new();
-    let mut files = Vec::new();
+    let mut host_binds = Vec::new();
     for m in spec.mounts().iter().flatten() {
         let kind = m.typ().as_deref().unwrap_or("");
         let dest = m.destination().display().to_string();
@@ -144,61 +169,25 @@ pub fn plan(spec: &Spec, namespace: &str, id: &str, bundle: &Path) -> Result<Pla
                 source.display()
             ))
         })?;
-        if md.is_dir() {
-            if mounts.len() >= MAX_MOUNTS {
-                return Err(refused(format!(
-                    "over {} bind mounts of directories: a VM shares at most {MAX_MOUNTS} \
-                     (its root filesystem is one)",
-                    MAX_MOUNTS - 1
-                )));
-            }
-            let guest = format!("{GUEST_MOUNTS}/{}", mounts.len());
-            mounts.push(HostMount {
-                host: source.clone(),
-                path: guest.clone(),
-                read_only,
-                owner: None,
-            });
-            binds.push(Bind {
-                source: guest,
-                target: dest,
-                read_only,
-            });
-        } else if md.is_file() {
-            if md.len() > MAX_FILE {
-                return Err(refused(format!(
-                    "its bind mount of {} on {dest}: a file of {} bytes; files are copied into \
-                     the guest, at most {MAX_FILE} bytes (mount its directory instead)",
-                    source.display(),
-                    md.len()
-                )));
-            }
-            // Readable by the shim, checked now rather than at the copy.
-            std::fs::File::open(&source).map_err(|e| {
-                refused(format!(
-                    "its bind mount of {} on {dest}: {e}",
-                    source.display()
-                ))
-            })?;
-            let guest = format!("{GUEST_FILES}/{}", files.len());
-            binds.push(Bind {
-                source: format!("{guest}/file"),
-                target: dest,
-                read_only,
-            });
-            files.push((source.clone(), guest));
-        } else {
+        if !md.is_dir() && !md.is_file() {
             return Err(refused(format!(
                 "its bind mount of {} on {dest}: neither a directory nor a regular file",
                 source.display()
             )));
         }
-    }
-    for mount in &mounts {
-        mount.validate().map_err(|e| refused(e.to_string()))?;
+        binds.push(Bind {
+            source: format!("{GUEST_POD}/{key}/mounts/{}", host_binds.len()),
+            target: dest,
+            read_only,
+        });
+        host_binds.push(HostBind {
+            source: source.clone(),
+            read_only,
+            dir: md.is_dir(),
+        });
     }
     let base = InRoot {
-        root: GUEST_ROOT.to_string(),
+        root: guest_root(&key),
         groups: None,
         rlimits: Vec::new(),
         hostname: spec.hostname().clone().filter(|h| !h.is_empty()),
@@ -207,9 +196,16 @@ pub fn plan(spec: &Spec, namespace: &str, id: &str, bundle: &Path) -> Result<Pla
     base.check_shape().map_err(refused)?;
     let mut metadata = std::collections::BTreeMap::new();
     metadata.insert("containerd.namespace".to_string(), namespace.to_string());
-    metadata.insert("containerd.id".to_string(), id.to_string());
+    metadata.insert("containerd.id".to_string(), pod.clone());
+    let share = HostMount {
+        host: pod_dir.to_path_buf(),
+        path: GUEST_POD.to_string(),
+        read_only: false,
+        owner: None,
+    };
+    share.validate().map_err(|e| refused(e.to_string()))?;
     let create = CreateVm {
-        name: Some(vm_name(namespace, id)),
+        name: Some(vm_name(namespace, &pod)),
         image: None,
         size,
         vmm: None,
@@ -219,7 +215,7 @@ pub fn plan(spec: &Spec, namespace: &str, id: &str, bundle: &Path) -> Result<Pla
         net,
         volumes: Vec::new(),
         root_mib: None,
-        mounts,
+        mounts: vec![share],
         from: None,
         cold: false,
         metadata,
@@ -227,17 +223,25 @@ pub fn plan(spec: &Spec, namespace: &str, id: &str, bundle: &Path) -> Result<Pla
     };
     create.check_labels().map_err(refused)?;
     Ok(Plan {
+        key,
         create,
         base,
-        files,
+        binds: host_binds,
     })
 }
 
 /// A VM name (a DNS label) for container `id` of `namespace`: what of the
 /// id is a label's, then a hash of both, so distinct ids never share one.
 pub fn vm_name(namespace: &str, id: &str) -> String {
+    format!("ctr-{}", label(&format!("{namespace}/{id}")))
+}
+
+/// A DNS label for `id`: what of it is a label's, then a hash of it, so
+/// distinct ids never share one (a container's directory in its pod's).
+pub fn label(id: &str) -> String {
     use sha2::{Digest, Sha256};
-    let mut readable: String = id
+    let readable_of = id.rsplit('/').next().unwrap_or(id);
+    let mut readable: String = readable_of
         .chars()
         .map(|c| match c.to_ascii_lowercase() {
             c @ ('a'..='z' | '0'..='9') => c,
@@ -249,12 +253,12 @@ pub fn vm_name(namespace: &str, id: &str) -> String {
         readable = readable.replace("--", "-");
     }
     let readable = readable.trim_matches('-');
-    let hash = Sha256::digest(format!("{namespace}/{id}").as_bytes());
+    let hash = Sha256::digest(id.as_bytes());
     let hex: String = hash[..4].iter().map(|b| format!("{b:02x}")).collect();
     if readable.is_empty() {
-        format!("ctr-{hex}")
+        hex
     } else {
-        format!("ctr-{readable}-{hex}")
+        format!("{readable}-{hex}")
     }
 }
 

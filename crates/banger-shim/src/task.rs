@@ -18,8 +18,8 @@ use containerd_shim::protos::types::task::{ProcessInfo, Status as TaskStatus};
 use containerd_shim::{ExitSignal, TtrpcContext, TtrpcResult};
 
 use crate::events::{timestamp, Event, Events};
+use crate::pod;
 use crate::process::{Proc, Status, Stdio};
-use crate::rootfs;
 use crate::spec;
 use crate::vm::{self, Lease};
 
@@ -38,8 +38,17 @@ struct Container {
     base: InRoot,
     init: Arc<Proc>,
     execs: Mutex<HashMap<String, Arc<Proc>>>,
-    lease: Mutex<Option<Lease>>,
-    rootfs_mounted: bool,
+    /// Its pod, its directory in the pod's, and the pod's VM.
+    pod: String,
+    key: String,
+    vm: String,
+}
+
+/// A pod: its VM, held while any of its containers is there.
+struct Pod {
+    dir: PathBuf,
+    lease: Option<Lease>,
+    members: std::collections::BTreeSet<String>,
 }
 
 impl Container {
@@ -58,17 +67,7 @@ impl Container {
     }
 
     fn vm(&self) -> ttrpc::Result<String> {
-        self.lease
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|l| l.vm.name.clone())
-            .ok_or_else(|| {
-                status(
-                    Code::FAILED_PRECONDITION,
-                    format!("container {}: its VM is gone", self.id),
-                )
-            })
+        Ok(self.vm.clone())
     }
 }
 
@@ -78,6 +77,7 @@ pub struct TaskService {
     events: Events,
     exit: Arc<ExitSignal>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
+    pods: Mutex<HashMap<String, Pod>>,
 }
 
 impl TaskService {
@@ -88,6 +88,7 @@ impl TaskService {
             events,
             exit,
             containers: Mutex::new(HashMap::new()),
+            pods: Mutex::new(HashMap::new()),
         }
     }
 
@@ -158,19 +159,37 @@ impl TaskService {
             .map_err(|e| status(Code::UNKNOWN, format!("container {}: {e}", c.id)))
     }
 
-    /// Lets go of a container's VM and its root filesystem.
+    /// Unmounts a container's root filesystem and mounts; the last of a
+    /// pod lets go of the pod's VM and directory.
     fn tear_down(&self, c: &Container) {
-        let lease = c.lease.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(l) = lease {
-            if let Err(e) = l.release() {
-                log::warn!("container {}: {e}", c.id);
-            }
+        let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(pod) = pods.get_mut(&c.pod) else {
+            return;
+        };
+        if let Err(e) = pod::unmount_container(&pod.dir, &c.key) {
+            log::warn!("container {}: {e}", c.id);
         }
-        if c.rootfs_mounted {
-            if let Err(e) = rootfs::unmount(&c.bundle) {
-                log::warn!("container {}: {e}", c.id);
-            }
+        pod.members.remove(&c.id);
+        if !pod.members.is_empty() {
+            return;
         }
+        let Some(pod) = pods.remove(&c.pod) else {
+            return;
+        };
+        drop(pods);
+        release_pod(pod);
+    }
+}
+
+/// Lets go of a pod's VM (bounded), then of its directory.
+fn release_pod(mut pod: Pod) {
+    if let Some(l) = pod.lease.take() {
+        if let Err(e) = l.release() {
+            log::warn!("{e}");
+        }
+    }
+    if let Err(e) = pod::remove(&pod.dir) {
+        log::warn!("{e}");
     }
 }
 
@@ -225,7 +244,9 @@ impl containerd_shim::Task for TaskService {
             .process()
             .as_ref()
             .ok_or_else(|| invalid(&format!("container {id}: config.json has no process")))?;
-        let plan = spec::plan(&spec, &self.namespace, &id, &bundle).map_err(|e| invalid(&e))?;
+        let pod_key = spec::pod_of(&spec, &id);
+        let pod_dir = pod::dir(&self.client.layout.runtime_dir, &self.namespace, &pod_key);
+        let plan = spec::plan(&spec, &self.namespace, &id, &pod_dir).map_err(|e| invalid(&e))?;
         let exec = spec::exec_for(
             &id,
             process,
@@ -234,32 +255,54 @@ impl containerd_shim::Task for TaskService {
             !req.stdin.is_empty(),
         )
         .map_err(|e| invalid(&e))?;
-        let mounted = rootfs::mount(&bundle, &req.rootfs)
-            .map_err(|e| invalid(&format!("container {id}: {e}")))?;
         let started = std::time::Instant::now();
-        let booted = vm::boot(&self.client, plan.create).and_then(|lease| {
-            match vm::copy_files(&self.client, &lease.vm.name, &plan.files) {
-                Ok(()) => Ok(lease),
+        // The pod's VM: made by its first container, held by its last.
+        let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        let new_pod = !pods.contains_key(&pod_key);
+        if new_pod {
+            pod::make(&pod_dir)
+                .map_err(|e| status(Code::UNKNOWN, format!("container {id}: {e}")))?;
+            match vm::boot(&self.client, plan.create) {
+                Ok(lease) => {
+                    log::info!(
+                        "pod {pod_key}: vm {} up in {} ms",
+                        lease.vm.name,
+                        started.elapsed().as_millis()
+                    );
+                    pods.insert(
+                        pod_key.clone(),
+                        Pod {
+                            dir: pod_dir.clone(),
+                            lease: Some(lease),
+                            members: Default::default(),
+                        },
+                    );
+                }
                 Err(e) => {
-                    let _ = lease.release();
-                    Err(e)
+                    let _ = pod::remove(&pod_dir);
+                    return Err(status(Code::UNKNOWN, format!("container {id}: {e}")));
                 }
             }
-        });
-        let lease = match booted {
-            Ok(l) => l,
-            Err(e) => {
-                if mounted {
-                    let _ = rootfs::unmount(&bundle);
+        }
+        let vm_name = pods
+            .get(&pod_key)
+            .and_then(|p| p.lease.as_ref())
+            .map(|l| l.vm.name.clone())
+            .unwrap_or_default();
+        let mounted = pod::mount_container(&pod_dir, &plan.key, &req.rootfs, &bundle, &plan.binds);
+        if let Err(e) = mounted {
+            if new_pod {
+                if let Some(p) = pods.remove(&pod_key) {
+                    drop(pods);
+                    release_pod(p);
                 }
-                return Err(status(Code::UNKNOWN, format!("container {id}: {e}")));
             }
-        };
-        log::info!(
-            "container {id}: vm {} up in {} ms",
-            lease.vm.name,
-            started.elapsed().as_millis()
-        );
+            return Err(invalid(&format!("container {id}: {e}")));
+        }
+        if let Some(p) = pods.get_mut(&pod_key) {
+            p.members.insert(id.clone());
+        }
+        drop(pods);
         // No process of the container runs yet: the task is the shim's.
         let pid = std::process::id();
         let init = Proc::new(
@@ -278,8 +321,9 @@ impl containerd_shim::Task for TaskService {
             base: plan.base,
             init,
             execs: Mutex::new(HashMap::new()),
-            lease: Mutex::new(Some(lease)),
-            rootfs_mounted: mounted,
+            pod: pod_key,
+            key: plan.key,
+            vm: vm_name,
         });
         self.containers().insert(id.clone(), c);
         self.events.send(Event::Create(TaskCreate {

@@ -17,8 +17,6 @@ pub enum VmError {
     Daemon { name: String, source: ClientError },
     #[error("vm {name}: not up within {secs} s")]
     Slow { name: String, secs: u64 },
-    #[error("vm {name}: copy the container's file mounts in: {why}")]
-    Copy { name: String, why: String },
     #[error("vm {name}: the daemon answered {answer} instead of booting it")]
     Unexpected { name: String, answer: String },
 }
@@ -109,34 +107,6 @@ impl Lease {
             }),
         }
     }
-}
-
-/// Copies host files (the container's file mounts) into the guest:
-/// `(host, guest dir)`, each as `<guest dir>/file`, in one tar stream.
-pub fn copy_files(
-    client: &Client,
-    name: &str,
-    files: &[(std::path::PathBuf, String)],
-) -> Result<(), VmError> {
-    if files.is_empty() {
-        return Ok(());
-    }
-    let conn = client.agent(name).map_err(|source| VmError::Daemon {
-        name: name.to_string(),
-        source,
-    })?;
-    banger_agent::client::put_tar(conn, "/", |w| {
-        let mut b = tar::Builder::new(w);
-        for (host, guest) in files {
-            let to = format!("{}/file", guest.trim_start_matches('/'));
-            b.append_path_with_name(host, &to)?;
-        }
-        b.finish()
-    })
-    .map_err(|e| VmError::Copy {
-        name: name.to_string(),
-        why: e.to_string(),
-    })
 }
 
 /// Deletes VM `name` if it is there (a dead shim's cleanup; the daemon

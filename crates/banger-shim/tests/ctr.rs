@@ -60,6 +60,27 @@ fn assert_nothing_left(inst: &Instance, ctd: &Containerd) {
     );
     let ls = vms(inst);
     assert_eq!(ls.lines().count(), 1, "no VM but the header: {ls}");
+    // No pod directory, nor anything mounted there.
+    let pods = inst.runtime().join("containerd");
+    let left: Vec<_> = std::fs::read_dir(&pods)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "pod dirs left: {left:?}");
+    // (In the namespace containerd and the daemon run in.)
+    let mounts = ok(
+        &inst
+            .net
+            .cmd("cat")
+            .arg("/proc/self/mountinfo")
+            .output()
+            .unwrap(),
+        "mountinfo",
+    );
+    assert!(
+        !mounts.contains(&pods.display().to_string()),
+        "mounts left under {}",
+        pods.display()
+    );
     inst.assert_baseline();
 }
 
@@ -504,5 +525,117 @@ fn bad_containers_are_refused_by_name_and_mounts_are_honoured() {
         ctd.log_text()
     );
     assert!(!share.join("new").exists());
+    assert_nothing_left(&inst, &ctd);
+}
+
+/// Containers of one pod (here a banger group; a Kubernetes sandbox's the
+/// same way) share one VM, each in its own root, and the VM goes with the
+/// last of them.
+#[test]
+fn a_pods_containers_share_one_vm_each_in_its_own_root() {
+    let (inst, ctd) = setup();
+    let group = "--annotation=io.containerd.banger.v2.group=pod1";
+    ok(
+        &ctd.ctr(
+            &inst,
+            &[
+                "run",
+                "-d",
+                "--runtime",
+                RUNTIME,
+                group,
+                IMAGE,
+                "p1",
+                "sh",
+                "-c",
+                "echo one > /tmp/one; exec sleep 600",
+            ],
+        ),
+        "run p1",
+    );
+    ok(
+        &ctd.ctr(
+            &inst,
+            &[
+                "run",
+                "-d",
+                "--runtime",
+                RUNTIME,
+                group,
+                APP_IMAGE,
+                "p2",
+                "sleep",
+                "601",
+            ],
+        ),
+        "run p2",
+    );
+    let ls = vms(&inst);
+    assert_eq!(ls.lines().count(), 2, "one VM for both: {ls}");
+    assert_eq!(
+        ctd.shims().len(),
+        1,
+        "one shim for the pod: {:?}",
+        ctd.shims()
+    );
+    let exec = |id: &str, exec_id: &str, args: &[&str]| {
+        let mut a = vec!["task", "exec", "--exec-id", exec_id, id];
+        a.extend_from_slice(args);
+        ctd.ctr(&inst, &a)
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || exec(
+            "p1",
+            "w",
+            &["cat", "/tmp/one"]
+        )
+        .status
+        .success()),
+        "p1 ran"
+    );
+    // One machine: each sees the other's process.
+    let ps = ok(&exec("p2", "ps", &["ps"]), "ps in p2");
+    assert!(ps.contains("sleep 600") && ps.contains("sleep 601"), "{ps}");
+    // Two roots: p1's file is not p2's, and p2 is the image's user.
+    assert!(!exec("p2", "c", &["cat", "/tmp/one"]).status.success());
+    assert_eq!(
+        ok(&exec("p2", "u", &["id", "-un"]), "id in p2").trim(),
+        "app"
+    );
+    // p1 goes; the VM stays for p2.
+    ok(
+        &ctd.ctr(&inst, &["task", "kill", "-s", "KILL", "p1"]),
+        "kill p1",
+    );
+    assert!(wait_until(Duration::from_secs(30), || task_status(
+        &inst, &ctd, "p1"
+    ) == "STOPPED"));
+    ok(&ctd.ctr(&inst, &["task", "rm", "p1"]), "task rm p1");
+    ok(
+        &ctd.ctr(&inst, &["container", "rm", "p1"]),
+        "container rm p1",
+    );
+    assert_eq!(
+        vms(&inst).lines().count(),
+        2,
+        "the VM stays: {}",
+        ctd.log_text()
+    );
+    assert_eq!(
+        ok(&exec("p2", "again", &["echo", "ok"]), "exec p2").trim(),
+        "ok"
+    );
+    ok(
+        &ctd.ctr(&inst, &["task", "kill", "-s", "KILL", "p2"]),
+        "kill p2",
+    );
+    assert!(wait_until(Duration::from_secs(30), || task_status(
+        &inst, &ctd, "p2"
+    ) == "STOPPED"));
+    ok(&ctd.ctr(&inst, &["task", "rm", "p2"]), "task rm p2");
+    ok(
+        &ctd.ctr(&inst, &["container", "rm", "p2"]),
+        "container rm p2",
+    );
     assert_nothing_left(&inst, &ctd);
 }

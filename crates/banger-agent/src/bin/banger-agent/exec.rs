@@ -206,7 +206,7 @@ fn workdir(asked: Option<&str>, user: &User, root: &str) -> Result<String, Strin
                 "exec: working directory {dir:?}: not an absolute path"
             ));
         }
-        enterable(&format!("{root}{dir}"), user)
+        enterable_in(root, &format!("{root}{dir}"), user)
             .map_err(|why| format!("exec: working directory {dir:?}: {why}"))?;
         return Ok(dir.to_string());
     }
@@ -234,6 +234,12 @@ fn workdir(asked: Option<&str>, user: &User, root: &str) -> Result<String, Strin
 /// only; the child enters the directory again as the user
 /// (`spawn`), so an ACL that refuses them is enforced all the same.
 fn enterable(dir: &str, user: &User) -> Result<(), String> {
+    enterable_in("/", dir, user)
+}
+
+/// [`enterable`], the directories on the way counted from `root` only (a
+/// container's: what is above its root is not on its way after chroot).
+fn enterable_in(root: &str, dir: &str, user: &User) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(dir).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => "no such directory in the guest".to_string(),
@@ -263,7 +269,11 @@ fn enterable(dir: &str, user: &User) -> Result<(), String> {
         ));
     }
     // The directories on the way (`/root` of `/root/sub`).
-    let mut on_the_way = std::path::Path::new(dir).ancestors().skip(1);
+    let root = std::path::Path::new(root);
+    let mut on_the_way = std::path::Path::new(dir)
+        .ancestors()
+        .skip(1)
+        .take_while(|a| a.starts_with(root));
     if let Some((a, m)) = on_the_way.find_map(|a| {
         let m = std::fs::metadata(a).ok()?;
         (!searchable(&m)).then(|| (a.to_path_buf(), m))
@@ -840,5 +850,21 @@ mod tests {
         assert_eq!(workdir(None, &u, r).unwrap(), "/");
         let e = workdir(Some("/nowhere"), &u, r).unwrap_err();
         assert!(e.contains("\"/nowhere\": no such directory"), "{e}");
+        // What is above the root (the guest's 0700 pod directory) is not on
+        // the container's way.
+        use std::os::unix::fs::PermissionsExt;
+        let pod = tempfile::tempdir().unwrap();
+        let inner = pod.path().join("c/rootfs");
+        std::fs::create_dir_all(inner.join("srv/app")).unwrap();
+        std::fs::set_permissions(pod.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let inner_r = inner.to_str().unwrap();
+        assert_eq!(workdir(Some("/srv/app"), &u, inner_r).unwrap(), "/srv/app");
+        std::fs::set_permissions(inner.join("srv"), std::fs::Permissions::from_mode(0o700))
+            .unwrap();
+        let e = workdir(Some("/srv/app"), &u, inner_r).unwrap_err();
+        assert!(
+            e.contains("may not pass through"),
+            "inside the root it counts: {e}"
+        );
     }
 }
