@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds banger's Debian package and prints its path: both binaries, the
-# guest agent, QEMU's agent channel (banger-vport) and vsock backend (in
+# Builds banger's Debian package and prints its path: both binaries,
+# containerd's runtime (containerd-shim-banger-v2) and its config snippet,
+# the guest agent, QEMU's agent channel (banger-vport) and vsock backend (in
 # /usr/lib/banger), the systemd
 # units, an example config, completions and man pages. dpkg-deb builds it
 # (the package's tree is laid out here; nothing but Debian's own tools).
@@ -8,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
-cargo build --release --locked -p banger -p bangerd >&2
+cargo build --release --locked -p banger -p bangerd -p banger-shim >&2
 # (A target flag selects in every package given: its own build.)
 cargo build --release --locked -p banger-agent --bin banger-vport >&2
 agent=$(./scripts/build-agent.sh)
@@ -20,16 +21,19 @@ root=$out/banger_${version}_amd64
 rm -rf "$root"
 install -D -m 0755 target/release/banger "$root/usr/bin/banger"
 install -D -m 0755 target/release/bangerd "$root/usr/bin/bangerd"
+install -D -m 0755 target/release/containerd-shim-banger-v2 "$root/usr/bin/containerd-shim-banger-v2"
 install -D -m 0755 "$agent" "$root/usr/lib/banger/banger-agent"
 install -D -m 0755 "$vsock" "$root/usr/lib/banger/vhost-device-vsock"
 install -D -m 0755 target/release/banger-vport "$root/usr/lib/banger/banger-vport"
 # Debian's packages ship without debug info (dh_strip's habit).
 strip --strip-debug "$root/usr/bin/banger" "$root/usr/bin/bangerd" \
+  "$root/usr/bin/containerd-shim-banger-v2" \
   "$root/usr/lib/banger/vhost-device-vsock" "$root/usr/lib/banger/banger-vport"
 install -D -m 0644 packaging/systemd/banger.socket "$root/lib/systemd/system/banger.socket"
 install -D -m 0644 packaging/systemd/banger.service "$root/lib/systemd/system/banger.service"
 install -D -m 0644 packaging/config.toml "$root/etc/banger/config.toml"
 install -D -m 0644 README.md "$root/usr/share/doc/banger/README.md"
+install -D -m 0644 packaging/containerd-banger.toml "$root/usr/share/doc/banger/containerd-banger.toml"
 
 b=target/release/banger
 mkdir -p "$root/usr/share/bash-completion/completions" "$root/usr/share/zsh/vendor-completions" \

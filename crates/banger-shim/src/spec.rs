@@ -359,4 +359,19 @@ mod tests {
             assert!(banger_core::validate_name(&n).is_ok(), "{n}");
         }
     }
+
+    /// The configuration snippet the package ships names this runtime.
+    #[test]
+    fn the_containerd_snippet_names_this_runtime() {
+        let snippet: toml::Table =
+            toml::from_str(include_str!("../../../packaging/containerd-banger.toml")).unwrap();
+        let banger =
+            &snippet["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"]["banger"];
+        assert_eq!(banger["runtime_type"].as_str(), Some(crate::RUNTIME));
+        let annotations = banger["pod_annotations"].as_array().unwrap();
+        // CRI passes the group annotation of a pod on to its containers.
+        assert!(annotations.iter().any(|a| a
+            .as_str()
+            .is_some_and(|glob| GROUP_ANNOTATION.starts_with(glob.trim_end_matches('*')))));
+    }
 }

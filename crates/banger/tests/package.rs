@@ -95,6 +95,8 @@ fn the_package_installs_runs_reinstalls_and_purges_cleanly() {
     for f in [
         "usr/bin/banger",
         "usr/bin/bangerd",
+        "usr/bin/containerd-shim-banger-v2",
+        "usr/share/doc/banger/containerd-banger.toml",
         "usr/lib/banger/banger-agent",
         "usr/lib/banger/vhost-device-vsock",
         "usr/lib/banger/banger-vport",
