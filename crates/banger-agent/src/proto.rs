@@ -250,8 +250,51 @@ pub struct InRoot {
     /// The container's hostname (a UTS namespace of its own per process).
     pub hostname: Option<String>,
     /// Guest paths bound into the root (the container's mounts of host
-    /// directories, shared into the guest; its files, copied in).
+    /// directories and files, from its pod's directory).
     pub binds: Vec<Bind>,
+    /// The container's cgroup (under the guest's `/sys/fs/cgroup/banger/`),
+    /// which its processes join as they start.
+    pub cgroup: Option<String>,
+}
+
+/// A container's limits ([`Call::Limit`]): what is `None` is left as it
+/// is; 0 lifts a limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Limits {
+    pub memory_max: Option<u64>,
+    /// CFS quota and period, in microseconds.
+    pub cpu_max: Option<(u64, u64)>,
+}
+
+/// What a container's cgroup uses ([`Msg::Cgroup`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CgroupSample {
+    pub memory_bytes: u64,
+    /// 0: no limit.
+    pub memory_max: u64,
+    pub cpu_usec: u64,
+    pub cpu_user_usec: u64,
+    pub cpu_system_usec: u64,
+    pub pids: u64,
+}
+
+/// A container's cgroup name: 1 to 64 of `[a-z0-9-]`.
+pub fn check_cgroup_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "cgroup {:?}: 1 to 64 lowercase letters, digits or '-'",
+            name.chars().take(64).collect::<String>()
+        ))
+    }
 }
 
 impl InRoot {
@@ -288,6 +331,9 @@ impl InRoot {
                     h.chars().take(64).collect::<String>()
                 ));
             }
+        }
+        if let Some(c) = &self.cgroup {
+            check_cgroup_name(c)?;
         }
         if self.rlimits.len() > MAX_RLIMITS {
             return Err(format!("container: over {MAX_RLIMITS} rlimits"));
@@ -457,6 +503,15 @@ pub enum Call {
     },
     /// [`Msg::Stats`].
     Stats,
+    /// Sets a container's cgroup limits ([`InRoot::cgroup`]); `Done`.
+    Limit {
+        cgroup: String,
+        limits: Limits,
+    },
+    /// [`Msg::Cgroup`]: what a container's cgroup uses.
+    CgroupStats {
+        cgroup: String,
+    },
     /// Writes the guest's dirty pages to its disks (`sync`), before the
     /// host kills a VM whose volumes must keep what it wrote.
     Sync,
@@ -628,6 +683,7 @@ pub enum Msg {
         entry: Option<Box<FileStat>>,
     },
     Stats(GuestStats),
+    Cgroup(CgroupSample),
     Done,
 }
 

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use banger_agent::proto::{Bind, ExecSpec, InRoot, Rlimit, WinSize};
+use banger_agent::proto::{Bind, ExecSpec, InRoot, Limits, Rlimit, WinSize};
 use banger_core::api::CreateVm;
 use banger_core::mount::HostMount;
 use banger_core::sizing::SizeRequest;
@@ -77,9 +77,30 @@ pub struct HostBind {
 /// (`base`: root, hostname, mounts), and the host paths to bind for it.
 pub struct Plan {
     pub key: String,
+    /// Its cgroup's limits in the guest, from the spec's resources.
+    pub limits: Limits,
     pub create: CreateVm,
     pub base: InRoot,
     pub binds: Vec<HostBind>,
+}
+
+/// A container's limits in its guest cgroup from OCI resources: the
+/// memory limit, and the CPU quota over its period (none set: none).
+pub fn limits_of(res: &oci_spec::runtime::LinuxResources) -> Limits {
+    let memory_max = res
+        .memory()
+        .as_ref()
+        .and_then(|m| m.limit())
+        .filter(|l| *l > 0)
+        .map(|l| l as u64);
+    let cpu_max = res.cpu().as_ref().and_then(|c| match (c.quota(), c.period()) {
+        (Some(q), p) if q > 0 => Some((q as u64, p.filter(|p| *p > 0).unwrap_or(100_000))),
+        _ => None,
+    });
+    Limits {
+        memory_max,
+        cpu_max,
+    }
 }
 
 /// Where container `key`'s root is in the guest.
@@ -98,8 +119,10 @@ pub fn plan(spec: &Spec, namespace: &str, id: &str, pod_dir: &Path) -> Result<Pl
     let key = label(id);
     let mut size = SizeRequest::default();
     let mut net = NetPolicy::default();
+    let mut limits = Limits::default();
     if let Some(linux) = spec.linux() {
         if let Some(res) = linux.resources() {
+            limits = limits_of(res);
             if let Some(limit) = res.memory().as_ref().and_then(|m| m.limit()) {
                 if limit > 0 {
                     let mib = (limit as u64).div_ceil(1 << 20);
@@ -192,6 +215,7 @@ pub fn plan(spec: &Spec, namespace: &str, id: &str, pod_dir: &Path) -> Result<Pl
         rlimits: Vec::new(),
         hostname: spec.hostname().clone().filter(|h| !h.is_empty()),
         binds,
+        cgroup: Some(key.clone()),
     };
     base.check_shape().map_err(refused)?;
     let mut metadata = std::collections::BTreeMap::new();
@@ -224,6 +248,7 @@ pub fn plan(spec: &Spec, namespace: &str, id: &str, pod_dir: &Path) -> Result<Pl
     create.check_labels().map_err(refused)?;
     Ok(Plan {
         key,
+        limits,
         create,
         base,
         binds: host_binds,

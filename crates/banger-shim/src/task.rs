@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use banger::client::Client;
-use banger_agent::proto::{InRoot, WinSize};
+use banger_agent::proto::{Call, InRoot, Limits, Msg, WinSize};
 use containerd_shim::api;
 use containerd_shim::protos::events::task::{
     TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskStart,
@@ -159,6 +159,21 @@ impl TaskService {
             .map_err(|e| status(Code::UNKNOWN, format!("container {}: {e}", c.id)))
     }
 
+    /// Sets a container's limits on its cgroup in the guest.
+    fn limit(&self, vm: &str, key: &str, limits: Limits) -> Result<(), String> {
+        match agent_call(
+            &self.client,
+            vm,
+            Call::Limit {
+                cgroup: key.to_string(),
+                limits,
+            },
+        )? {
+            Msg::Done => Ok(()),
+            other => Err(format!("vm {vm}: the agent answered {other:?}")),
+        }
+    }
+
     /// Unmounts a container's root filesystem and mounts; the last of a
     /// pod lets go of the pod's VM and directory.
     fn tear_down(&self, c: &Container) {
@@ -179,6 +194,13 @@ impl TaskService {
         drop(pods);
         release_pod(pod);
     }
+}
+
+/// One agent call to VM `vm`, the whole exchange within 10 s.
+fn agent_call(client: &Client, vm: &str, call: Call) -> Result<Msg, String> {
+    let conn = client.agent(vm).map_err(|e| format!("vm {vm}: {e}"))?;
+    banger_agent::client::call_within(conn, call, std::time::Duration::from_secs(10))
+        .map_err(|e| format!("vm {vm}: the agent: {e}"))
 }
 
 /// Lets go of a pod's VM (bounded), then of its directory.
@@ -289,7 +311,18 @@ impl containerd_shim::Task for TaskService {
             .and_then(|p| p.lease.as_ref())
             .map(|l| l.vm.name.clone())
             .unwrap_or_default();
-        let mounted = pod::mount_container(&pod_dir, &plan.key, &req.rootfs, &bundle, &plan.binds);
+        let mounted = pod::mount_container(&pod_dir, &plan.key, &req.rootfs, &bundle, &plan.binds)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                // Its limits, on its cgroup in the guest.
+                if plan.limits == Limits::default() {
+                    return Ok(());
+                }
+                self.limit(&vm_name, &plan.key, plan.limits).map_err(|e| {
+                    let _ = pod::unmount_container(&pod_dir, &plan.key);
+                    e
+                })
+            });
         if let Err(e) = mounted {
             if new_pod {
                 if let Some(p) = pods.remove(&pod_key) {
@@ -582,14 +615,21 @@ impl containerd_shim::Task for TaskService {
         Ok(api::Empty::new())
     }
 
+    /// CPU and memory: the container's cgroup in the guest (the VM's own
+    /// size stays: a memory limit over it is the guest's memory).
     fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
-        Err(status(
-            Code::UNIMPLEMENTED,
-            format!(
-                "container {}: update is not built into banger's runtime yet",
-                req.id
-            ),
-        ))
+        let c = self.container(&req.id)?;
+        let invalid = |e: &dyn std::fmt::Display| status(Code::INVALID_ARGUMENT, e);
+        let any = req
+            .resources
+            .as_ref()
+            .ok_or_else(|| invalid(&format!("container {}: an update without resources", c.id)))?;
+        let res: oci_spec::runtime::LinuxResources = serde_json::from_slice(&any.value)
+            .map_err(|e| invalid(&format!("container {}: resources: {e}", c.id)))?;
+        let limits = spec::limits_of(&res);
+        self.limit(&c.vm, &c.key, limits)
+            .map_err(|e| status(Code::UNAVAILABLE, format!("container {}: {e}", c.id)))?;
+        Ok(api::Empty::new())
     }
 
     fn stats(
@@ -599,7 +639,18 @@ impl containerd_shim::Task for TaskService {
     ) -> TtrpcResult<api::StatsResponse> {
         let c = self.container(&req.id)?;
         let vm = c.vm()?;
-        crate::stats::of_vm(&self.client, &vm)
+        // The container's own cgroup, when one of its processes made it.
+        let cgroup = match agent_call(
+            &self.client,
+            &vm,
+            Call::CgroupStats {
+                cgroup: c.key.clone(),
+            },
+        ) {
+            Ok(Msg::Cgroup(s)) => Some(s),
+            _ => None,
+        };
+        crate::stats::of_vm(&self.client, &vm, cgroup)
             .map(|stats| api::StatsResponse {
                 stats: MessageField::some(stats),
                 ..Default::default()

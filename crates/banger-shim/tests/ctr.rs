@@ -141,6 +141,8 @@ fn a_detached_container_takes_execs_signals_and_questions() {
                 "-d",
                 "--runtime",
                 RUNTIME,
+                "--memory-limit",
+                "104857600",
                 IMAGE,
                 "t3",
                 "sh",
@@ -190,7 +192,27 @@ fn a_detached_container_takes_execs_signals_and_questions() {
         .and_then(|l| l.split_whitespace().last())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    assert!(usage > 1 << 20, "the guest uses memory: {metrics}");
+    assert!(usage > 0, "the container uses memory: {metrics}");
+    // Its limits are its cgroup's in the guest, which its processes are in.
+    let metric = |name: &str| -> u64 {
+        let m = ok(&ctd.ctr(&inst, &["task", "metrics", "t3"]), "task metrics");
+        m.lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {m}"))
+    };
+    assert_eq!(metric("memory.usage_limit"), 104857600);
+    assert!(metric("pids.current") >= 2, "the init and its sleep");
+    let out = exec(&["--exec-id", "cg", "t3", "cat", "/proc/self/cgroup"]);
+    assert!(
+        ok(&out, "cat /proc/self/cgroup").starts_with("0::/banger/t3-"),
+        "{out:?}"
+    );
+    // containerd's Update (ctr 1.6 has no `task update`; CRI's
+    // UpdateContainerResources calls it), asked of the shim directly.
+    update_memory(&ctd, "t3", 209715200);
+    assert_eq!(metric("memory.usage_limit"), 209715200);
     // TERM reaches the init, which says so and exits 7.
     ok(
         &ctd.ctr(&inst, &["task", "kill", "-s", "TERM", "t3"]),
@@ -237,6 +259,30 @@ fn a_detached_container_takes_execs_signals_and_questions() {
         "container rm t4",
     );
     assert_nothing_left(&inst, &ctd);
+}
+
+/// Asks container `id`'s shim, as containerd does, to set its memory
+/// limit to `bytes`.
+fn update_memory(ctd: &Containerd, id: &str, bytes: u64) {
+    use containerd_shim_protos::protobuf::well_known_types::any::Any;
+    use containerd_shim_protos::shim::shim::UpdateTaskRequest;
+    let bundle = ctd.bundle("default", id);
+    let address = std::fs::read_to_string(bundle.join("address")).unwrap();
+    let client = containerd_shim_protos::ttrpc::Client::connect(address.trim()).unwrap();
+    let task = containerd_shim_protos::shim_sync::TaskClient::new(client);
+    let mut resources = Any::new();
+    resources.type_url = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources".into();
+    resources.value = serde_json::to_vec(&serde_json::json!({"memory": {"limit": bytes}})).unwrap();
+    let req = UpdateTaskRequest {
+        id: id.to_string(),
+        resources: containerd_shim_protos::protobuf::MessageField::some(resources),
+        ..Default::default()
+    };
+    task.update(
+        containerd_shim_protos::ttrpc::context::with_timeout(30_000_000_000),
+        &req,
+    )
+    .unwrap();
 }
 
 /// The task's status as `ctr task ls` shows it ("" when it is not listed).

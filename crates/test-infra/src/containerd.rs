@@ -133,6 +133,14 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The bundle of task `id` of containerd namespace `namespace`.
+    pub fn bundle(&self, namespace: &str, id: &str) -> PathBuf {
+        self.dir
+            .join("state/io.containerd.runtime.v2.task")
+            .join(namespace)
+            .join(id)
+    }
+
     /// The containerd's socket path: shims name it on their command line.
     pub fn socket(&self) -> PathBuf {
         self.dir.join("containerd.sock")

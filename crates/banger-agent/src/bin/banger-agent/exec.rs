@@ -350,6 +350,12 @@ fn set_winsize(fd: &impl AsRawFd, ws: WinSize) -> Result<(), String> {
 /// Starts the process; what it reads and writes is wired up by the caller.
 fn spawn(spec: &ExecSpec) -> Result<Arc<Proc>, String> {
     validate(spec)?;
+    // Its cgroup's `cgroup.procs`, which the child writes itself into.
+    let join_cgroup = match spec.container.as_ref().and_then(|c| c.cgroup.as_deref()) {
+        Some(name) => Some(crate::cgroup::prepare(name)?),
+        None => None,
+    };
+    // (Before the root's /sys is bound: the container sees cgroup2.)
     let root = match &spec.container {
         Some(c) => {
             crate::container::prepare(c)?;
@@ -384,6 +390,7 @@ fn spawn(spec: &ExecSpec) -> Result<Arc<Proc>, String> {
             .collect::<Result<_, _>>()?,
         None => Vec::new(),
     };
+    let join_fd = join_cgroup.as_ref().map(|f| f.as_raw_fd());
     let root_c = (!root.is_empty())
         .then(|| std::ffi::CString::new(root.as_str()))
         .transpose()
@@ -456,9 +463,9 @@ fn spawn(spec: &ExecSpec) -> Result<Arc<Proc>, String> {
     let tty = spec.tty.is_some();
     let (uid, gid, groups) = (user.uid, user.gid, user.groups.clone());
     // SAFETY: the closure runs between fork and exec and only makes
-    // async-signal-safe system calls (setsid, ioctl, chroot, unshare,
-    // sethostname, setrlimit, setgroups, setgid, setuid, chdir, signal)
-    // on values computed before the fork.
+    // async-signal-safe system calls (setsid, ioctl, write, chroot,
+    // unshare, sethostname, setrlimit, setgroups, setgid, setuid, chdir,
+    // signal) on values computed before the fork.
     unsafe {
         cmd.pre_exec(move || {
             use nix::libc;
@@ -468,8 +475,14 @@ fn spawn(spec: &ExecSpec) -> Result<Arc<Proc>, String> {
             if tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            // A container's process: its root, then its limits (set while
-            // still root, so a hard limit may be raised), then its user.
+            // A container's process: its cgroup, its root, then its limits
+            // (set while still root, so a hard limit may be raised), then
+            // its user.
+            if let Some(fd) = join_fd {
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             if let Some(r) = &root_c {
                 if libc::chroot(r.as_ptr()) < 0 {
                     return Err(std::io::Error::last_os_error());

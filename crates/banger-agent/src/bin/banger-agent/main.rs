@@ -9,6 +9,7 @@
 //! serves it through the multiplexer over a Unix socket that plays the
 //! virtio-serial port (`port.rs`; the tests run it with `banger-vport`).
 
+mod cgroup;
 mod container;
 mod exec;
 mod files;
@@ -246,6 +247,8 @@ fn call(mut c: UnixStream) -> Result<(), ProtoError> {
             network_mounts,
         } => return files::watch(c, &path, recursive, entries, network_mounts),
         Call::Stats => system::stats().map(Msg::Stats),
+        Call::Limit { cgroup, limits } => cgroup::limit(&cgroup, &limits).map(|()| Msg::Done),
+        Call::CgroupStats { cgroup } => cgroup::sample(&cgroup).map(Msg::Cgroup),
         Call::Sync => {
             nix::unistd::sync();
             Ok(Msg::Done)

@@ -1,0 +1,126 @@
+//! Containers' control groups in the guest (cgroup v2): one per container
+//! under `/sys/fs/cgroup/banger/`, which its processes join as they start
+//! (the child writes `0` to its `cgroup.procs` before exec), with the
+//! memory and CPU limits of its spec, changed by containerd's `update`,
+//! and read back for its metrics.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use banger_agent::proto::{CgroupSample, Limits};
+
+/// Where cgroup2 is (mounted here by the agent when the guest's init did
+/// not).
+const ROOT: &str = "/sys/fs/cgroup";
+/// The parent of every container's.
+const PARENT: &str = "banger";
+/// The controllers containers get.
+const CONTROLLERS: &str = "+memory +cpu +pids";
+
+static MAKING: Mutex<()> = Mutex::new(());
+
+pub use banger_agent::proto::check_cgroup_name as check_name;
+
+fn dir(name: &str) -> PathBuf {
+    Path::new(ROOT).join(PARENT).join(name)
+}
+
+fn write(path: &Path, value: &str) -> Result<(), String> {
+    std::fs::write(path, value).map_err(|e| format!("cgroup: write {value:?} to {}: {e}", path.display()))
+}
+
+/// cgroup2 at [`ROOT`], the controllers on for containers, and `name`'s
+/// group made; its `cgroup.procs`, opened for the child to join.
+pub fn prepare(name: &str) -> Result<File, String> {
+    check_name(name)?;
+    let _one = MAKING.lock().unwrap_or_else(|p| p.into_inner());
+    let root = Path::new(ROOT);
+    if !root.join("cgroup.controllers").exists() {
+        nix::mount::mount(
+            Some("cgroup2"),
+            root,
+            Some("cgroup2"),
+            nix::mount::MsFlags::MS_NOSUID
+                | nix::mount::MsFlags::MS_NODEV
+                | nix::mount::MsFlags::MS_NOEXEC,
+            None::<&str>,
+        )
+        .map_err(|e| format!("cgroup: mount cgroup2 on {ROOT}: {e}"))?;
+    }
+    let parent = root.join(PARENT);
+    if !parent.exists() {
+        write(&root.join("cgroup.subtree_control"), CONTROLLERS)?;
+        std::fs::create_dir(&parent).map_err(|e| format!("cgroup: mkdir {}: {e}", parent.display()))?;
+        write(&parent.join("cgroup.subtree_control"), CONTROLLERS)?;
+    }
+    let d = dir(name);
+    match std::fs::create_dir(&d) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("cgroup: mkdir {}: {e}", d.display())),
+    }
+    let procs = d.join("cgroup.procs");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&procs)
+        .map_err(|e| format!("cgroup: open {}: {e}", procs.display()))
+}
+
+/// Sets `name`'s limits (what is `None` is left as it is; 0 lifts one).
+pub fn limit(name: &str, l: &Limits) -> Result<(), String> {
+    prepare(name)?;
+    let d = dir(name);
+    if let Some(m) = l.memory_max {
+        let v = if m == 0 { "max".to_string() } else { m.to_string() };
+        write(&d.join("memory.max"), &v)?;
+    }
+    if let Some((quota, period)) = l.cpu_max {
+        let period = if period == 0 { 100_000 } else { period };
+        let v = if quota == 0 {
+            format!("max {period}")
+        } else {
+            format!("{quota} {period}")
+        };
+        write(&d.join("cpu.max"), &v)?;
+    }
+    Ok(())
+}
+
+/// What `name` uses now.
+pub fn sample(name: &str) -> Result<CgroupSample, String> {
+    check_name(name)?;
+    let d = dir(name);
+    let read = |f: &str| {
+        std::fs::read_to_string(d.join(f))
+            .map_err(|e| format!("cgroup {name}: read {f}: {e}"))
+    };
+    let number = |s: &str| s.trim().parse::<u64>().unwrap_or(0);
+    let cpu = read("cpu.stat")?;
+    let field = |k: &str| {
+        cpu.lines()
+            .find_map(|l| l.strip_prefix(k)?.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Ok(CgroupSample {
+        memory_bytes: number(&read("memory.current")?),
+        memory_max: number(&read("memory.max")?),
+        cpu_usec: field("usage_usec "),
+        cpu_user_usec: field("user_usec "),
+        cpu_system_usec: field("system_usec "),
+        pids: number(&read("pids.current")?),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_name("t1-9f3a").is_ok());
+        for bad in ["", "../x", "a/b", "UP", &"x".repeat(65)] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+    }
+}
