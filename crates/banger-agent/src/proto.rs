@@ -21,7 +21,7 @@ use thiserror::Error;
 
 /// Bumped on any incompatible change; a mismatch is refused with both
 /// versions named.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// The guest port the agent listens on (host-initiated calls).
 pub const AGENT_PORT: u32 = 1024;
@@ -255,6 +255,28 @@ pub struct InRoot {
     /// The container's cgroup (under the guest's `/sys/fs/cgroup/banger/`),
     /// which its processes join as they start.
     pub cgroup: Option<String>,
+    /// tmpfs mounts of its spec (`/run`, say).
+    pub tmpfs: Vec<Tmpfs>,
+}
+
+/// A tmpfs at `target` inside a container's root: `options` among
+/// nosuid, nodev, noexec, ro, rw, strictatime, relatime, `size=` and
+/// `mode=` (others are refused).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tmpfs {
+    pub target: String,
+    pub options: Vec<String>,
+}
+
+/// Whether a tmpfs option is one the agent takes.
+pub fn tmpfs_option_ok(o: &str) -> bool {
+    let value_ok =
+        |v: &str| !v.is_empty() && v.len() <= 20 && v.bytes().all(|b| b.is_ascii_alphanumeric());
+    matches!(
+        o,
+        "nosuid" | "nodev" | "noexec" | "ro" | "rw" | "strictatime" | "relatime"
+    ) || o.strip_prefix("size=").is_some_and(value_ok)
+        || o.strip_prefix("mode=").is_some_and(value_ok)
 }
 
 /// A container's limits ([`Call::Limit`]): what is `None` is left as it
@@ -334,6 +356,25 @@ impl InRoot {
         }
         if let Some(c) = &self.cgroup {
             check_cgroup_name(c)?;
+        }
+        if self.tmpfs.len() > MAX_BINDS {
+            return Err(format!("container: over {MAX_BINDS} tmpfs mounts"));
+        }
+        for t in &self.tmpfs {
+            if !container_path(&t.target) || t.target.trim_end_matches('/').is_empty() {
+                return Err(format!(
+                    "container tmpfs on {:?}: an absolute path without . or .., not /",
+                    t.target
+                ));
+            }
+            if let Some(o) = t.options.iter().find(|o| !tmpfs_option_ok(o)) {
+                return Err(format!(
+                    "container tmpfs on {}: option {:?} is not taken (nosuid, nodev, noexec, \
+                     ro, rw, size=, mode=)",
+                    t.target,
+                    o.chars().take(32).collect::<String>()
+                ));
+            }
         }
         if self.rlimits.len() > MAX_RLIMITS {
             return Err(format!("container: over {MAX_RLIMITS} rlimits"));
@@ -512,6 +553,12 @@ pub enum Call {
     CgroupStats {
         cgroup: String,
     },
+    /// Signals every process of a container's cgroup (0: none, only the
+    /// list); [`Msg::Pids`] of those it had.
+    CgroupSignal {
+        cgroup: String,
+        signal: i32,
+    },
     /// Writes the guest's dirty pages to its disks (`sync`), before the
     /// host kills a VM whose volumes must keep what it wrote.
     Sync,
@@ -684,6 +731,9 @@ pub enum Msg {
     },
     Stats(GuestStats),
     Cgroup(CgroupSample),
+    Pids {
+        list: Vec<u32>,
+    },
     Done,
 }
 

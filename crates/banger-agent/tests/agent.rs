@@ -605,7 +605,10 @@ fn file_operations_and_watch(a: &Agent) {
     write_request(&mut c, Call::Ping).unwrap();
     assert!(matches!(
         read_msg(&mut c).unwrap(),
-        Msg::Pong { version: 1, .. }
+        Msg::Pong {
+            version: banger_agent::proto::VERSION,
+            ..
+        }
     ));
     assert_eq!(c.read(&mut buf).unwrap(), 0, "one call per connection");
 }

@@ -39,26 +39,46 @@ impl Event {
     }
 }
 
+/// What the publishing thread is given: an event, or a flush to answer
+/// once every event before it is out.
+enum Queued {
+    Event(Event),
+    Flush(mpsc::Sender<()>),
+}
+
 /// Where events are queued; cheap to clone.
 #[derive(Clone)]
-pub struct Events(mpsc::Sender<Event>);
+pub struct Events(mpsc::Sender<Queued>);
 
 impl Events {
     /// Starts the publishing thread on `publisher` (containerd's ttrpc
     /// socket is `address`, for reconnecting).
     pub fn start(publisher: RemotePublisher, address: String, namespace: String) -> Events {
-        let (tx, rx) = mpsc::channel::<Event>();
+        let (tx, rx) = mpsc::channel::<Queued>();
         std::thread::spawn(move || {
             let mut publisher = Some(publisher);
-            for event in rx {
-                publish(&mut publisher, &address, &namespace, &event);
+            for q in rx {
+                match q {
+                    Queued::Event(event) => publish(&mut publisher, &address, &namespace, &event),
+                    Queued::Flush(done) => {
+                        let _ = done.send(());
+                    }
+                }
             }
         });
         Events(tx)
     }
 
     pub fn send(&self, e: Event) {
-        let _ = self.0.send(e);
+        let _ = self.0.send(Queued::Event(e));
+    }
+
+    /// Waits (at most `within`) until every event queued so far is out.
+    pub fn flush(&self, within: std::time::Duration) {
+        let (tx, rx) = mpsc::channel();
+        if self.0.send(Queued::Flush(tx)).is_ok() {
+            let _ = rx.recv_timeout(within);
+        }
     }
 }
 

@@ -85,21 +85,22 @@ impl shim::Shim for Service {
         if shim_serves() {
             return Ok(deleted());
         }
-        let client = client();
-        let pod_key = spec::load(&bundle)
-            .map(|s| spec::pod_of(&s, &self.id))
-            .unwrap_or_else(|_| self.id.clone());
-        let dir = pod::dir(&client.layout.runtime_dir, &self.namespace, &pod_key);
-        if let Err(e) = pod::unmount_container(&dir, &spec::label(&self.id)) {
+        // What the dead shim's pod was, as its create recorded it: only
+        // that (never a later shim's pod of the same name).
+        let Some((vm, dir)) = task::read_pod_record(&bundle) else {
+            return Ok(deleted());
+        };
+        let key = spec::label(&self.id);
+        if let Err(e) = pod::unmount_container(&dir, &key) {
             eprintln!("{RUNTIME}: {e}");
         }
         // The pod's last container: its directory goes too.
-        if pod::is_empty(&dir) {
+        if pod::has_no_container(&dir) {
             if let Err(e) = pod::remove(&dir) {
                 eprintln!("{RUNTIME}: {e}");
             }
         }
-        if let Err(e) = vm::delete(&client, &spec::vm_name(&self.namespace, &pod_key)) {
+        if let Err(e) = vm::delete(&client(), &vm) {
             eprintln!("{RUNTIME}: {e}");
         }
         Ok(deleted())

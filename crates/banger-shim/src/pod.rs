@@ -1,13 +1,24 @@
 //! A pod's directory on the host: the one directory its VM shares (over
-//! virtio-fs, at [`crate::spec::GUEST_POD`]), made a shared mount so that
-//! what the shim mounts under it later (a container's root filesystem,
-//! its bind mounts) propagates into virtiofsd's mount namespace and so
-//! reaches the running guest. One per pod, in banger's runtime dir.
+//! virtio-fs, at [`crate::spec::GUEST_POD`]). It is a small tmpfs of its
+//! own (so the guest, which may write in it, can fill 1 MiB, not the
+//! host's /run), a shared mount in a peer group of its own, so that what
+//! the shim mounts under it later (a container's root filesystem, its bind
+//! mounts) propagates into virtiofsd's mount namespace and so reaches the
+//! running guest. Its parent, `<runtime dir>/containerd`, is a private
+//! mount, so that none of this propagates anywhere else on the host.
+//!
+//! The guest can rename and replace anything in the pod's directory, so
+//! the shim never follows a path there: it makes each entry relative to a
+//! descriptor it holds (`O_NOFOLLOW`, `O_EXCL`), and mounts onto the
+//! descriptor (`/proc/self/fd/N`), never onto a name.
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use containerd_shim::protos::types::mount::Mount;
+use nix::fcntl::OFlag;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::stat::Mode;
 use thiserror::Error;
 
 use crate::spec::HostBind;
@@ -20,111 +31,215 @@ pub enum PodError {
         source: std::io::Error,
     },
     #[error("pod dir {path}: {op}: {errno}")]
-    Mount {
+    Sys {
         path: PathBuf,
         op: &'static str,
         errno: nix::errno::Errno,
     },
+    #[error("pod dir {path}: still mounted after unmounting: {left}")]
+    Busy { path: PathBuf, left: String },
     #[error("{0}")]
     Rootfs(#[from] crate::rootfs::RootfsError),
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PodError + '_ {
-    move |source| PodError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-fn mnt<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(nix::errno::Errno) -> PodError + 'a {
-    move |errno| PodError::Mount {
+fn sys<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(nix::errno::Errno) -> PodError + 'a {
+    move |errno| PodError::Sys {
         path: path.to_path_buf(),
         op,
         errno,
     }
 }
 
-/// Where pod `pod` of containerd namespace `namespace` has its directory.
-pub fn dir(runtime_dir: &Path, namespace: &str, pod: &str) -> PathBuf {
-    runtime_dir
-        .join("containerd")
-        .join(crate::spec::label(&format!("{namespace}/{pod}")))
+/// How big a pod's directory may grow (it holds only mount points).
+const POD_DIR_SIZE: &str = "size=1m,nr_inodes=4096,mode=700";
+
+/// Where pod `pod` of containerd namespace `namespace`, served by the shim
+/// whose instance is `nonce`, has its directory.
+pub fn dir(runtime_dir: &Path, namespace: &str, pod: &str, nonce: &str) -> PathBuf {
+    base(runtime_dir).join(format!(
+        "{}-{nonce}",
+        crate::spec::label(&format!("{namespace}/{pod}"))
+    ))
 }
 
-/// Makes the pod's directory, a shared mount of its own (mode 0700).
+fn base(runtime_dir: &Path) -> PathBuf {
+    // The real path: mountinfo names mounts by it (/var/run is /run).
+    let rt = std::fs::canonicalize(runtime_dir).unwrap_or_else(|_| runtime_dir.to_path_buf());
+    rt.join("containerd")
+}
+
+/// Makes the pod's directory: the private base made once, then a tmpfs
+/// of its own there, shared.
 pub fn make(dir: &Path) -> Result<(), PodError> {
     use std::os::unix::fs::DirBuilderExt;
+    let base = dir.parent().unwrap_or(dir).to_path_buf();
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
-        .create(dir)
-        .map_err(io(dir))?;
-    if is_mount_point(dir) {
-        return Ok(()); // made already (a shim that came back)
+        .create(&base)
+        .map_err(|source| PodError::Io {
+            path: base.clone(),
+            source,
+        })?;
+    if !is_mount_point(&base) {
+        mount(
+            Some(&base),
+            &base,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(sys(&base, "bind onto itself"))?;
+        mount(
+            None::<&str>,
+            &base,
+            None::<&str>,
+            MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+        .map_err(sys(&base, "make private"))?;
     }
-    mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-        .map_err(mnt(dir, "bind onto itself"))?;
-    mount(
-        None::<&str>,
+    match std::fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(source) => {
+            return Err(PodError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })
+        }
+    }
+    let made = mount(
+        Some("banger-pod"),
         dir,
-        None::<&str>,
-        MsFlags::MS_SHARED,
-        None::<&str>,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some(POD_DIR_SIZE),
     )
-    .map_err(mnt(dir, "make shared"))?;
-    Ok(())
+    .map_err(sys(dir, "mount its tmpfs"))
+    .and_then(|()| {
+        mount(
+            None::<&str>,
+            dir,
+            None::<&str>,
+            MsFlags::MS_SHARED,
+            None::<&str>,
+        )
+        .map_err(sys(dir, "make shared"))
+    });
+    if made.is_err() {
+        let _ = remove(dir);
+    }
+    made
+}
+
+/// Opens `path` for `O_PATH` use, not following a final symbolic link.
+fn open_path(at: Option<i32>, name: &str, extra: OFlag) -> nix::Result<OwnedFd> {
+    let fd = nix::fcntl::openat(
+        at,
+        name,
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | extra,
+        Mode::empty(),
+    )?;
+    // SAFETY: openat just returned this descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Makes directory `name` in the directory `at` is, which must not be
+/// there yet (whatever is there was put by the guest), and opens it.
+fn new_dir(at: &OwnedFd, name: &str, shown: &Path) -> Result<OwnedFd, PodError> {
+    nix::sys::stat::mkdirat(Some(at.as_raw_fd()), name, Mode::from_bits_truncate(0o755))
+        .map_err(sys(shown, "make (it must not be there yet)"))?;
+    open_path(Some(at.as_raw_fd()), name, OFlag::O_DIRECTORY).map_err(sys(shown, "open"))
+}
+
+/// Makes an empty file `name` (a file bind's mount point), as `new_dir`.
+fn new_file(at: &OwnedFd, name: &str, shown: &Path) -> Result<OwnedFd, PodError> {
+    let fd = nix::fcntl::openat(
+        Some(at.as_raw_fd()),
+        name,
+        OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o644),
+    )
+    .map_err(sys(shown, "make (it must not be there yet)"))?;
+    // SAFETY: openat just returned this descriptor; nothing else owns it.
+    drop(unsafe { OwnedFd::from_raw_fd(fd) });
+    open_path(Some(at.as_raw_fd()), name, OFlag::empty()).map_err(sys(shown, "open"))
+}
+
+fn fd_path(fd: &OwnedFd) -> String {
+    format!("/proc/self/fd/{}", fd.as_raw_fd())
 }
 
 /// Mounts container `key`'s root filesystem and binds in the pod's
-/// directory; on failure, unmounts what it mounted.
+/// directory (`readonly`: its root read-only); on failure, unmounts what
+/// it mounted.
 pub fn mount_container(
     dir: &Path,
     key: &str,
     rootfs: &[Mount],
     bundle: &Path,
     binds: &[HostBind],
+    readonly: bool,
 ) -> Result<(), PodError> {
     let r = (|| {
-        let c = dir.join(key);
-        let root = c.join("rootfs");
-        std::fs::create_dir_all(&root).map_err(io(&root))?;
-        if !crate::rootfs::mount(&root, rootfs)? {
+        let pod = open_path(None, &dir.to_string_lossy(), OFlag::O_DIRECTORY)
+            .map_err(sys(dir, "open"))?;
+        let c = new_dir(&pod, key, &dir.join(key))?;
+        let root = new_dir(&c, "rootfs", &dir.join(key).join("rootfs"))?;
+        let root_at = fd_path(&root);
+        if !crate::rootfs::mount(Path::new(&root_at), rootfs, readonly)? {
             // No mounts: the bundle's rootfs is the root (ctr --rootfs).
+            let from = bundle.join("rootfs");
+            let flags = MsFlags::MS_BIND | MsFlags::MS_REC;
             mount(
-                Some(&bundle.join("rootfs")),
-                &root,
+                Some(&from),
+                root_at.as_str(),
                 None::<&str>,
-                MsFlags::MS_BIND | MsFlags::MS_REC,
+                flags,
                 None::<&str>,
             )
-            .map_err(mnt(&root, "bind the bundle's rootfs"))?;
+            .map_err(sys(&from, "bind the bundle's rootfs"))?;
         }
+        if binds.is_empty() {
+            return Ok(());
+        }
+        let mounts = new_dir(&c, "mounts", &dir.join(key).join("mounts"))?;
         for (i, b) in binds.iter().enumerate() {
-            let at = c.join("mounts").join(i.to_string());
-            let parent = c.join("mounts");
-            std::fs::create_dir_all(&parent).map_err(io(&parent))?;
-            if b.dir {
-                std::fs::create_dir_all(&at).map_err(io(&at))?;
+            let shown = dir.join(key).join("mounts").join(i.to_string());
+            let at = if b.dir {
+                new_dir(&mounts, &i.to_string(), &shown)?
             } else {
-                std::fs::File::create(&at).map_err(io(&at))?;
-            }
+                new_file(&mounts, &i.to_string(), &shown)?
+            };
+            // Read-only: not recursive (a submount would stay writable).
+            let flags = if b.read_only {
+                MsFlags::MS_BIND
+            } else {
+                MsFlags::MS_BIND | MsFlags::MS_REC
+            };
+            let at_path = fd_path(&at);
             mount(
                 Some(&b.source),
-                &at,
+                at_path.as_str(),
                 None::<&str>,
-                MsFlags::MS_BIND | MsFlags::MS_REC,
+                flags,
                 None::<&str>,
             )
-            .map_err(mnt(&b.source, "bind"))?;
+            .map_err(sys(&b.source, "bind"))?;
             if b.read_only {
+                // The new mount, through the name just made under our
+                // descriptor of its parent (a descriptor of the mount
+                // point is the directory under it).
+                let on = open_path(Some(mounts.as_raw_fd()), &i.to_string(), OFlag::empty())
+                    .map_err(sys(&shown, "open"))?;
                 mount(
                     None::<&str>,
-                    &at,
+                    fd_path(&on).as_str(),
                     None::<&str>,
                     MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
                     None::<&str>,
                 )
-                .map_err(mnt(&at, "remount read-only"))?;
+                .map_err(sys(&shown, "remount read-only"))?;
             }
         }
         Ok(())
@@ -135,38 +250,56 @@ pub fn mount_container(
     r
 }
 
-/// Unmounts everything of container `key` and removes its directory.
+/// Unmounts everything of container `key` (and checks that nothing is
+/// left mounted there before removing its directories, which are then
+/// empty mount points: never a recursive delete).
 pub fn unmount_container(dir: &Path, key: &str) -> Result<(), PodError> {
     let c = dir.join(key);
     unmount_under(&c)?;
-    match std::fs::remove_dir_all(&c) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io(&c)(e)),
+    // What the shim made, deepest first; a name the guest put there is
+    // not removed (the tmpfs goes with the pod).
+    let mounts = c.join("mounts");
+    if let Ok(entries) = std::fs::read_dir(&mounts) {
+        for e in entries.flatten() {
+            let p = e.path();
+            let _ = std::fs::remove_dir(&p).or_else(|_| std::fs::remove_file(&p));
+        }
     }
+    for p in [mounts, c.join("rootfs"), c.clone()] {
+        match std::fs::remove_dir(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => log::warn!("{}: {e}", p.display()),
+        }
+    }
+    Ok(())
 }
 
-/// Unmounts the pod's directory and removes it (its containers first).
-pub fn remove(dir: &Path) -> Result<(), PodError> {
-    unmount_under(dir)?;
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io(dir)(e)),
-    }
-}
-
-/// Whether anything but the pod's own mount is left in it.
-pub fn is_empty(dir: &Path) -> bool {
+/// Whether no container's directory is left in the pod's directory.
+pub fn has_no_container(dir: &Path) -> bool {
     std::fs::read_dir(dir)
         .map(|mut d| d.next().is_none())
         .unwrap_or(true)
 }
 
-/// Every mount point at or under `path`, deepest first (this process's
+/// Unmounts the pod's directory (its containers' mounts first) and
+/// removes it.
+pub fn remove(dir: &Path) -> Result<(), PodError> {
+    unmount_under(dir)?;
+    match std::fs::remove_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(PodError::Io {
+            path: dir.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Every mount point at or under `path`, deepest first (this thread's
 /// mount table).
 fn mounts_under(path: &Path) -> Vec<PathBuf> {
-    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let table = std::fs::read_to_string("/proc/thread-self/mountinfo").unwrap_or_default();
     let mut points: Vec<PathBuf> = table
         .lines()
         .filter_map(|l| l.split(' ').nth(4))
@@ -174,24 +307,42 @@ fn mounts_under(path: &Path) -> Vec<PathBuf> {
         .filter(|p| p.starts_with(path))
         .collect();
     points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    points.dedup();
     points
 }
 
+/// Unmounts (detached) everything at or under `path`, again while
+/// anything is left (mounts stacked on one point), then checks.
 fn unmount_under(path: &Path) -> Result<(), PodError> {
-    for p in mounts_under(path) {
-        match umount2(&p, MntFlags::MNT_DETACH) {
-            Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
-            Err(errno) => {
-                return Err(PodError::Mount {
-                    path: p,
-                    op: "unmount",
-                    errno,
-                })
+    for _ in 0..8 {
+        let points = mounts_under(path);
+        if points.is_empty() {
+            return Ok(());
+        }
+        for p in points {
+            match umount2(&p, MntFlags::MNT_DETACH) {
+                Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+                Err(errno) => {
+                    return Err(PodError::Sys {
+                        path: p,
+                        op: "unmount",
+                        errno,
+                    })
+                }
             }
         }
     }
-    Ok(())
+    let left = mounts_under(path);
+    if left.is_empty() {
+        return Ok(());
+    }
+    Err(PodError::Busy {
+        path: path.to_path_buf(),
+        left: left
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
 }
 
 fn is_mount_point(path: &Path) -> bool {
@@ -232,5 +383,71 @@ mod tests {
         assert_eq!(unescape("/a\\040b/c"), PathBuf::from("/a b/c"));
         assert_eq!(unescape("/plain"), PathBuf::from("/plain"));
         assert_eq!(unescape("/end\\"), PathBuf::from("/end\\"));
+    }
+
+    /// The guest's tricks in a pod's directory: a name put where the shim
+    /// makes one, a symbolic link for a mount point. Nothing is followed
+    /// and nothing outside is touched. (Root: mounts; in a mount namespace
+    /// of this thread's own.)
+    #[test]
+    fn a_guest_cannot_point_the_shim_outside_the_pod() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("NOT RUN: mounting needs root");
+            return;
+        }
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+        .unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("secret"), "host data").unwrap();
+        let source = tmp.path().join("src");
+        std::fs::create_dir(&source).unwrap();
+        let dir = base(tmp.path()).join("pod-1");
+        make(&dir).unwrap();
+        // The guest made the container's directory a link out.
+        std::os::unix::fs::symlink(&outside, dir.join("k1")).unwrap();
+        let bind = HostBind {
+            source: source.clone(),
+            read_only: true,
+            dir: true,
+        };
+        let e = mount_container(&dir, "k1", &[], tmp.path(), std::slice::from_ref(&bind), false);
+        assert!(e.is_err(), "a name the guest put there is refused");
+        assert_eq!(
+            std::fs::read_to_string(outside.join("secret")).unwrap(),
+            "host data"
+        );
+        assert!(mounts_under(&outside).is_empty(), "nothing mounted outside");
+        // A fresh key works, and its removal leaves the host's data.
+        let bundle = tmp.path().join("bundle");
+        std::fs::create_dir_all(bundle.join("rootfs")).unwrap();
+        std::fs::write(bundle.join("rootfs/file"), "rootfs data").unwrap();
+        mount_container(&dir, "k2", &[], &bundle, &[bind], false).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.join("k2/rootfs/file")).unwrap(),
+            "rootfs data"
+        );
+        assert!(
+            std::fs::write(dir.join("k2/mounts/0/x"), "x").is_err(),
+            "read-only"
+        );
+        unmount_container(&dir, "k2").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(bundle.join("rootfs/file")).unwrap(),
+            "rootfs data",
+            "the rootfs is unmounted, never deleted"
+        );
+        remove(&dir).unwrap();
+        assert!(!dir.exists());
+        assert!(mounts_under(&dir).is_empty());
+        umount2(&base(tmp.path()), MntFlags::MNT_DETACH).unwrap();
     }
 }

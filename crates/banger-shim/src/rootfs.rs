@@ -23,9 +23,10 @@ pub enum RootfsError {
     },
 }
 
-/// Mounts `mounts` (at most one) at `target`; false when there was none
-/// (a bundle whose rootfs is already there).
-pub fn mount(target: &Path, mounts: &[Mount]) -> Result<bool, RootfsError> {
+/// Mounts `mounts` (at most one) at `target` (read-only when `readonly`:
+/// the spec's `root.readonly`); false when there was none (a bundle whose
+/// rootfs is already there).
+pub fn mount(target: &Path, mounts: &[Mount], readonly: bool) -> Result<bool, RootfsError> {
     let m = match mounts {
         [] => return Ok(false),
         [m] => m,
@@ -36,7 +37,11 @@ pub fn mount(target: &Path, mounts: &[Mount]) -> Result<bool, RootfsError> {
             kind: m.type_.clone(),
         });
     }
-    let mut flags = MsFlags::empty();
+    let mut flags = if readonly {
+        MsFlags::MS_RDONLY
+    } else {
+        MsFlags::empty()
+    };
     let mut data = Vec::new();
     for o in &m.options {
         match o.as_str() {
@@ -67,5 +72,21 @@ pub fn mount(target: &Path, mounts: &[Mount]) -> Result<bool, RootfsError> {
         target: target.display().to_string(),
         errno,
     })?;
+    // A bind ignores MS_RDONLY on its first mount: a remount sets it.
+    if flags.contains(MsFlags::MS_BIND | MsFlags::MS_RDONLY) {
+        sys_mount(
+            None::<&str>,
+            target,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .map_err(|errno| RootfsError::Mount {
+            kind: "remount read-only".into(),
+            source_path: m.source.clone(),
+            target: target.display().to_string(),
+            errno,
+        })?;
+    }
     Ok(true)
 }

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use banger_agent::proto::{Bind, ExecSpec, InRoot, Limits, Rlimit, WinSize};
+use banger_agent::proto::{Bind, ExecSpec, InRoot, Limits, Rlimit, Tmpfs, WinSize};
 use banger_core::api::CreateVm;
 use banger_core::mount::HostMount;
 use banger_core::sizing::SizeRequest;
@@ -55,6 +55,8 @@ pub fn pod_of(spec: &Spec, id: &str) -> String {
         .map(String::as_str);
     match (kind, a.get("io.kubernetes.cri.sandbox-id")) {
         (Some("container"), Some(sandbox)) if !sandbox.is_empty() => return sandbox.clone(),
+        // A Kubernetes pod is its sandbox, whatever else it says.
+        (Some(_), _) => return id.to_string(),
         _ => {}
     }
     match a.get(GROUP_ANNOTATION) {
@@ -93,10 +95,13 @@ pub fn limits_of(res: &oci_spec::runtime::LinuxResources) -> Limits {
         .and_then(|m| m.limit())
         .filter(|l| *l > 0)
         .map(|l| l as u64);
-    let cpu_max = res.cpu().as_ref().and_then(|c| match (c.quota(), c.period()) {
-        (Some(q), p) if q > 0 => Some((q as u64, p.filter(|p| *p > 0).unwrap_or(100_000))),
-        _ => None,
-    });
+    let cpu_max = res
+        .cpu()
+        .as_ref()
+        .and_then(|c| match (c.quota(), c.period()) {
+            (Some(q), p) if q > 0 => Some((q as u64, p.filter(|p| *p > 0).unwrap_or(100_000))),
+            _ => None,
+        });
     Limits {
         memory_max,
         cpu_max,
@@ -159,12 +164,23 @@ pub fn plan(spec: &Spec, namespace: &str, id: &str, pod_dir: &Path) -> Result<Pl
     }
     let mut binds = Vec::new();
     let mut host_binds = Vec::new();
+    let mut tmpfs = Vec::new();
     for m in spec.mounts().iter().flatten() {
         let kind = m.typ().as_deref().unwrap_or("");
         let dest = m.destination().display().to_string();
         let options = m.options().clone().unwrap_or_default();
         let is_bind = kind == "bind" || options.iter().any(|o| o == "bind" || o == "rbind");
         if !is_bind {
+            let guests = ["/proc", "/sys", "/dev"]
+                .iter()
+                .any(|g| dest == *g || dest.starts_with(&format!("{g}/")));
+            if kind == "tmpfs" && !guests {
+                tmpfs.push(Tmpfs {
+                    target: dest,
+                    options,
+                });
+                continue;
+            }
             if matches!(
                 kind,
                 "proc" | "sysfs" | "tmpfs" | "devpts" | "mqueue" | "cgroup" | "cgroup2"
@@ -216,6 +232,7 @@ pub fn plan(spec: &Spec, namespace: &str, id: &str, pod_dir: &Path) -> Result<Pl
         hostname: spec.hostname().clone().filter(|h| !h.is_empty()),
         binds,
         cgroup: Some(key.clone()),
+        tmpfs,
     };
     base.check_shape().map_err(refused)?;
     let mut metadata = std::collections::BTreeMap::new();
@@ -272,14 +289,14 @@ pub fn label(id: &str) -> String {
             c @ ('a'..='z' | '0'..='9') => c,
             _ => '-',
         })
-        .take(40)
+        .take(30)
         .collect();
     while readable.contains("--") {
         readable = readable.replace("--", "-");
     }
     let readable = readable.trim_matches('-');
     let hash = Sha256::digest(id.as_bytes());
-    let hex: String = hash[..4].iter().map(|b| format!("{b:02x}")).collect();
+    let hex: String = hash[..8].iter().map(|b| format!("{b:02x}")).collect();
     if readable.is_empty() {
         hex
     } else {
@@ -305,9 +322,9 @@ pub fn exec_for(
         return Err(refused("its process has no args: give a command".into()));
     }
     let cwd = p.cwd().display().to_string();
-    if !cwd.starts_with('/') {
+    if !cwd.starts_with('/') || cwd.split('/').any(|c| c == "..") {
         return Err(refused(format!(
-            "its process's cwd {cwd:?} is not an absolute path"
+            "its process's cwd {cwd:?} is not an absolute path without .."
         )));
     }
     let mut env = Vec::new();
@@ -371,7 +388,7 @@ mod tests {
     fn vm_names_are_labels_and_distinct() {
         let a = vm_name("default", "t1");
         assert!(
-            a.starts_with("ctr-t1-") && a.len() == "ctr-t1-".len() + 8,
+            a.starts_with("ctr-t1-") && a.len() == "ctr-t1-".len() + 16,
             "{a}"
         );
         assert_ne!(a, vm_name("k8s.io", "t1"), "the namespace counts");

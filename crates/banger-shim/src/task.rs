@@ -1,13 +1,14 @@
-//! containerd's Task service (task API v2, over ttrpc): each container a
-//! banger VM held for it, each of its processes a guest agent exec in its
-//! root filesystem.
+//! containerd's Task service (task API v2, over ttrpc): each pod a banger
+//! VM held for it, each container a root and a cgroup in it, each of its
+//! processes a guest agent exec there.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use banger::client::Client;
-use banger_agent::proto::{Call, InRoot, Limits, Msg, WinSize};
+use banger_agent::proto::{Call, InRoot, Limits, Msg, Target, WinSize};
 use containerd_shim::api;
 use containerd_shim::protos::events::task::{
     TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskStart,
@@ -19,7 +20,7 @@ use containerd_shim::{ExitSignal, TtrpcContext, TtrpcResult};
 
 use crate::events::{timestamp, Event, Events};
 use crate::pod;
-use crate::process::{Proc, Status, Stdio};
+use crate::process::{Exit, Proc, Status, Stdio, KILLED};
 use crate::spec;
 use crate::vm::{self, Lease};
 
@@ -31,6 +32,16 @@ fn not_found(what: impl std::fmt::Display) -> ttrpc::Error {
     status(Code::NOT_FOUND, format!("{what}: not found"))
 }
 
+/// The guest agent's protocol a container needs (containers' calls).
+const AGENT_VERSION: u32 = 2;
+
+/// How long one agent call may take, the whole exchange.
+const AGENT_WITHIN: Duration = Duration::from_secs(10);
+
+/// The file in a container's bundle that names its pod's VM and
+/// directory, for a `delete` after the shim's death.
+pub const POD_RECORD: &str = "banger-pod";
+
 struct Container {
     id: String,
     bundle: PathBuf,
@@ -38,7 +49,7 @@ struct Container {
     base: InRoot,
     init: Arc<Proc>,
     execs: Mutex<HashMap<String, Arc<Proc>>>,
-    /// Its pod, its directory in the pod's, and the pod's VM.
+    /// Its pod, its directory and cgroup name in the pod's, the pod's VM.
     pod: String,
     key: String,
     vm: String,
@@ -48,7 +59,7 @@ struct Container {
 struct Pod {
     dir: PathBuf,
     lease: Option<Lease>,
-    members: std::collections::BTreeSet<String>,
+    members: BTreeSet<String>,
 }
 
 impl Container {
@@ -66,8 +77,13 @@ impl Container {
             .ok_or_else(|| not_found(format!("exec {exec_id:?} of container {}", self.id)))
     }
 
-    fn vm(&self) -> ttrpc::Result<String> {
-        Ok(self.vm.clone())
+    /// The id containerd names process `p` by.
+    fn id_of(&self, p: &Proc) -> String {
+        if p.exec_id.is_empty() {
+            self.id.clone()
+        } else {
+            p.exec_id.clone()
+        }
     }
 }
 
@@ -76,8 +92,49 @@ pub struct TaskService {
     client: Client,
     events: Events,
     exit: Arc<ExitSignal>,
+    /// This shim's own mark, in its pods' VM names and directories: a
+    /// late cleanup of an earlier shim of the same pod never touches
+    /// this one's.
+    nonce: String,
     containers: Mutex<HashMap<String, Arc<Container>>>,
+    /// Ids whose create is under way.
+    creating: Mutex<HashSet<String>>,
     pods: Mutex<HashMap<String, Pod>>,
+}
+
+/// An id's create under way, let go however the create ends.
+struct Creating<'a>(&'a TaskService, String);
+
+impl Drop for Creating<'_> {
+    fn drop(&mut self) {
+        self.0
+            .creating
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.1);
+    }
+}
+
+/// One agent call to VM `vm`, the whole exchange within [`AGENT_WITHIN`].
+fn agent_call(client: &Client, vm: &str, call: Call) -> Result<Msg, String> {
+    let conn = client.agent(vm).map_err(|e| format!("vm {vm}: {e}"))?;
+    banger_agent::client::call_within(conn, call, AGENT_WITHIN)
+        .map_err(|e| format!("vm {vm}: the agent: {e}"))
+}
+
+/// Signals every process of container `key`'s cgroup; their pids.
+fn signal_all(client: &Client, vm: &str, key: &str, signal: i32) -> Result<Vec<u32>, String> {
+    match agent_call(
+        client,
+        vm,
+        Call::CgroupSignal {
+            cgroup: key.to_string(),
+            signal,
+        },
+    )? {
+        Msg::Pids { list } => Ok(list),
+        other => Err(format!("vm {vm}: the agent answered {other:?}")),
+    }
 }
 
 impl TaskService {
@@ -87,13 +144,19 @@ impl TaskService {
             client,
             events,
             exit,
+            nonce: nonce(),
             containers: Mutex::new(HashMap::new()),
+            creating: Mutex::new(HashSet::new()),
             pods: Mutex::new(HashMap::new()),
         }
     }
 
     fn containers(&self) -> MutexGuard<'_, HashMap<String, Arc<Container>>> {
         self.containers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn pods(&self) -> MutexGuard<'_, HashMap<String, Pod>> {
+        self.pods.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn container(&self, id: &str) -> ttrpc::Result<Arc<Container>> {
@@ -103,23 +166,42 @@ impl TaskService {
             .ok_or_else(|| not_found(format!("container {id}")))
     }
 
+    fn exit_event(&self, c: &Container, p: &Proc, pid: u32, exit: Exit) {
+        self.events.send(Event::Exit(TaskExit {
+            container_id: c.id.clone(),
+            id: c.id_of(p),
+            pid,
+            exit_status: exit.status,
+            exited_at: MessageField::some(timestamp(exit.at)),
+            ..Default::default()
+        }));
+    }
+
     /// Starts `p` of container `c` and reports it as containerd expects.
     fn start_process(&self, c: &Arc<Container>, p: &Arc<Proc>) -> ttrpc::Result<u32> {
-        if p.status().0 != Status::Created {
+        if !p.exec_id.is_empty() && c.init.status().0 != Status::Running {
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                format!("container {}: its init is not running", c.id),
+            ));
+        }
+        if !p.claim_start() {
             return Err(status(
                 Code::FAILED_PRECONDITION,
                 format!(
-                    "container {}: process {:?} already started",
+                    "container {}: process {:?} was started or killed already",
                     c.id, p.exec_id
                 ),
             ));
         }
-        let vm = c.vm()?;
-        let agent = self
-            .client
-            .agent(&vm)
-            .map_err(|e| status(Code::UNAVAILABLE, format!("vm {vm}: {e}")))?;
-        let events = self.events.clone();
+        let agent = match self.client.agent(&c.vm) {
+            Ok(a) => a,
+            Err(e) => {
+                // A failed start changes nothing.
+                p.unclaim();
+                return Err(status(Code::UNAVAILABLE, format!("vm {}: {e}", c.vm)));
+            }
+        };
         let (cid, exec_id) = (c.id.clone(), p.exec_id.clone());
         let started = |pid: u32| {
             self.events.send(if exec_id.is_empty() {
@@ -137,15 +219,18 @@ impl TaskService {
                 })
             });
         };
-        let (cid2, id2) = (
-            c.id.clone(),
-            if p.exec_id.is_empty() {
-                c.id.clone()
-            } else {
-                p.exec_id.clone()
-            },
-        );
-        let exited = move |pid: u32, exit: crate::process::Exit| {
+        let events = self.events.clone();
+        let (client, vm, key) = (self.client.clone(), c.vm.clone(), c.key.clone());
+        let init = p.exec_id.is_empty();
+        let (cid2, id2) = (c.id.clone(), c.id_of(p));
+        let exited = move |pid: u32, exit: Exit| {
+            // The init's end is the container's: the rest of its processes
+            // go with it (its cgroup killed), as with a pid namespace.
+            if init {
+                if let Err(e) = signal_all(&client, &vm, &key, nix::libc::SIGKILL) {
+                    log::warn!("container {cid2}: {e}");
+                }
+            }
             events.send(Event::Exit(TaskExit {
                 container_id: cid2,
                 id: id2,
@@ -174,10 +259,51 @@ impl TaskService {
         }
     }
 
+    /// Boots pod `pod_key`'s VM and checks its agent can run containers.
+    fn boot_pod(&self, create: banger_core::api::CreateVm, dir: &Path) -> Result<Pod, String> {
+        pod::make(dir).map_err(|e| e.to_string())?;
+        let lease = match vm::boot(&self.client, create) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = pod::remove(dir);
+                return Err(e.to_string());
+            }
+        };
+        let pod = Pod {
+            dir: dir.to_path_buf(),
+            lease: Some(lease),
+            members: BTreeSet::new(),
+        };
+        let vm = pod
+            .lease
+            .as_ref()
+            .map(|l| l.vm.name.clone())
+            .unwrap_or_default();
+        let version = match agent_call(&self.client, &vm, Call::Ping) {
+            Ok(Msg::Pong { version, .. }) => Ok(version),
+            Ok(other) => Err(format!("vm {vm}: the agent answered {other:?}")),
+            Err(e) => Err(e),
+        };
+        match version {
+            Ok(v) if v >= AGENT_VERSION => Ok(pod),
+            Ok(v) => {
+                release_pod(pod);
+                Err(format!(
+                    "vm {vm}: its guest agent speaks protocol {v}; containers need {AGENT_VERSION}: \
+                     update banger (the daemon gives guests its own agent)"
+                ))
+            }
+            Err(e) => {
+                release_pod(pod);
+                Err(e)
+            }
+        }
+    }
+
     /// Unmounts a container's root filesystem and mounts; the last of a
     /// pod lets go of the pod's VM and directory.
     fn tear_down(&self, c: &Container) {
-        let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pods = self.pods();
         let Some(pod) = pods.get_mut(&c.pod) else {
             return;
         };
@@ -196,11 +322,22 @@ impl TaskService {
     }
 }
 
-/// One agent call to VM `vm`, the whole exchange within 10 s.
-fn agent_call(client: &Client, vm: &str, call: Call) -> Result<Msg, String> {
-    let conn = client.agent(vm).map_err(|e| format!("vm {vm}: {e}"))?;
-    banger_agent::client::call_within(conn, call, std::time::Duration::from_secs(10))
-        .map_err(|e| format!("vm {vm}: the agent: {e}"))
+/// A mark of this shim instance: 3 random bytes, as hex.
+fn nonce() -> String {
+    let mut b = [0u8; 3];
+    let read = std::fs::File::open("/dev/urandom").and_then(|mut f| {
+        use std::io::Read;
+        f.read_exact(&mut b)
+    });
+    if read.is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0)
+            ^ std::process::id();
+        b.copy_from_slice(&t.to_le_bytes()[..3]);
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Lets go of a pod's VM (bounded), then of its directory.
@@ -215,6 +352,25 @@ fn release_pod(mut pod: Pod) {
     }
 }
 
+/// Writes the pod record into a container's bundle.
+fn record_pod(bundle: &Path, vm: &str, dir: &Path) -> std::io::Result<()> {
+    std::fs::write(
+        bundle.join(POD_RECORD),
+        format!("vm={vm}\ndir={}\n", dir.display()),
+    )
+}
+
+/// What a bundle's pod record says: the pod's VM and directory.
+pub fn read_pod_record(bundle: &Path) -> Option<(String, PathBuf)> {
+    let text = std::fs::read_to_string(bundle.join(POD_RECORD)).ok()?;
+    let field = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(k)?.strip_prefix('='))
+            .map(str::to_string)
+    };
+    Some((field("vm")?, PathBuf::from(field("dir")?)))
+}
+
 fn state_of(id: &str, bundle: &Path, p: &Proc) -> api::StateResponse {
     let (st, pid, exit) = p.status();
     api::StateResponse {
@@ -222,7 +378,7 @@ fn state_of(id: &str, bundle: &Path, p: &Proc) -> api::StateResponse {
         bundle: bundle.display().to_string(),
         pid,
         status: match st {
-            Status::Created => TaskStatus::CREATED,
+            Status::Created | Status::Starting => TaskStatus::CREATED,
             Status::Running => TaskStatus::RUNNING,
             Status::Stopped => TaskStatus::STOPPED,
         }
@@ -247,12 +403,18 @@ impl containerd_shim::Task for TaskService {
         req: api::CreateTaskRequest,
     ) -> TtrpcResult<api::CreateTaskResponse> {
         let id = req.id.clone();
-        if self.containers().contains_key(&id) {
-            return Err(status(
-                Code::ALREADY_EXISTS,
-                format!("container {id}: already exists"),
-            ));
-        }
+        // The id is this create's until it ends.
+        let _creating = {
+            let containers = self.containers();
+            let mut creating = self.creating.lock().unwrap_or_else(|p| p.into_inner());
+            if containers.contains_key(&id) || !creating.insert(id.clone()) {
+                return Err(status(
+                    Code::ALREADY_EXISTS,
+                    format!("container {id}: already exists"),
+                ));
+            }
+            Creating(self, id.clone())
+        };
         if !req.checkpoint.is_empty() {
             return Err(status(
                 Code::UNIMPLEMENTED,
@@ -267,8 +429,18 @@ impl containerd_shim::Task for TaskService {
             .as_ref()
             .ok_or_else(|| invalid(&format!("container {id}: config.json has no process")))?;
         let pod_key = spec::pod_of(&spec, &id);
-        let pod_dir = pod::dir(&self.client.layout.runtime_dir, &self.namespace, &pod_key);
-        let plan = spec::plan(&spec, &self.namespace, &id, &pod_dir).map_err(|e| invalid(&e))?;
+        let pod_dir = pod::dir(
+            &self.client.layout.runtime_dir,
+            &self.namespace,
+            &pod_key,
+            &self.nonce,
+        );
+        let mut plan =
+            spec::plan(&spec, &self.namespace, &id, &pod_dir).map_err(|e| invalid(&e))?;
+        if let Some(name) = plan.create.name.as_mut() {
+            name.push('-');
+            name.push_str(&self.nonce);
+        }
         let exec = spec::exec_for(
             &id,
             process,
@@ -277,53 +449,53 @@ impl containerd_shim::Task for TaskService {
             !req.stdin.is_empty(),
         )
         .map_err(|e| invalid(&e))?;
+        let readonly_root = spec
+            .root()
+            .as_ref()
+            .and_then(|r| r.readonly())
+            .unwrap_or(false);
         let started = std::time::Instant::now();
         // The pod's VM: made by its first container, held by its last.
-        let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pods = self.pods();
         let new_pod = !pods.contains_key(&pod_key);
         if new_pod {
-            pod::make(&pod_dir)
+            let pod = self
+                .boot_pod(plan.create.clone(), &pod_dir)
                 .map_err(|e| status(Code::UNKNOWN, format!("container {id}: {e}")))?;
-            match vm::boot(&self.client, plan.create) {
-                Ok(lease) => {
-                    log::info!(
-                        "pod {pod_key}: vm {} up in {} ms",
-                        lease.vm.name,
-                        started.elapsed().as_millis()
-                    );
-                    pods.insert(
-                        pod_key.clone(),
-                        Pod {
-                            dir: pod_dir.clone(),
-                            lease: Some(lease),
-                            members: Default::default(),
-                        },
-                    );
-                }
-                Err(e) => {
-                    let _ = pod::remove(&pod_dir);
-                    return Err(status(Code::UNKNOWN, format!("container {id}: {e}")));
-                }
-            }
+            log::info!(
+                "pod {pod_key}: vm up in {} ms",
+                started.elapsed().as_millis()
+            );
+            pods.insert(pod_key.clone(), pod);
         }
         let vm_name = pods
             .get(&pod_key)
             .and_then(|p| p.lease.as_ref())
             .map(|l| l.vm.name.clone())
             .unwrap_or_default();
-        let mounted = pod::mount_container(&pod_dir, &plan.key, &req.rootfs, &bundle, &plan.binds)
-            .map_err(|e| e.to_string())
-            .and_then(|()| {
-                // Its limits, on its cgroup in the guest.
-                if plan.limits == Limits::default() {
-                    return Ok(());
-                }
-                self.limit(&vm_name, &plan.key, plan.limits).map_err(|e| {
-                    let _ = pod::unmount_container(&pod_dir, &plan.key);
-                    e
-                })
-            });
-        if let Err(e) = mounted {
+        let made = pod::mount_container(
+            &pod_dir,
+            &plan.key,
+            &req.rootfs,
+            &bundle,
+            &plan.binds,
+            readonly_root,
+        )
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            let undo = |e: String| {
+                let _ = pod::unmount_container(&pod_dir, &plan.key);
+                e
+            };
+            record_pod(&bundle, &vm_name, &pod_dir)
+                .map_err(|e| undo(format!("{}: {e}", bundle.join(POD_RECORD).display())))?;
+            // Its limits, on its cgroup in the guest.
+            if plan.limits != Limits::default() {
+                self.limit(&vm_name, &plan.key, plan.limits).map_err(undo)?;
+            }
+            Ok(())
+        });
+        if let Err(e) = made {
             if new_pod {
                 if let Some(p) = pods.remove(&pod_key) {
                     drop(pods);
@@ -402,10 +574,10 @@ impl containerd_shim::Task for TaskService {
                 c.id
             )));
         }
-        if c.execs().contains_key(&req.exec_id) {
+        if c.init.status().0 != Status::Running {
             return Err(status(
-                Code::ALREADY_EXISTS,
-                format!("container {}: exec {:?} already exists", c.id, req.exec_id),
+                Code::FAILED_PRECONDITION,
+                format!("container {}: its init is not running", c.id),
             ));
         }
         let any = req
@@ -432,7 +604,16 @@ impl containerd_shim::Task for TaskService {
             },
             exec,
         );
-        c.execs().insert(req.exec_id.clone(), p);
+        {
+            let mut execs = c.execs();
+            if execs.contains_key(&req.exec_id) {
+                return Err(status(
+                    Code::ALREADY_EXISTS,
+                    format!("container {}: exec {:?} already exists", c.id, req.exec_id),
+                ));
+            }
+            execs.insert(req.exec_id.clone(), p);
+        }
         self.events.send(Event::ExecAdded(TaskExecAdded {
             container_id: c.id.clone(),
             exec_id: req.exec_id,
@@ -451,15 +632,18 @@ impl containerd_shim::Task for TaskService {
         Ok(state_of(&c.id, &c.bundle, &p))
     }
 
+    /// Every process of the container: its cgroup's, by guest pid.
     fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
         let c = self.container(&req.id)?;
-        let mut pids: Vec<u32> = std::iter::once(c.init.clone())
-            .chain(c.execs().values().cloned())
-            .filter_map(|p| match p.status() {
-                (Status::Running, pid, _) => Some(pid),
-                _ => None,
-            })
-            .collect();
+        let mut pids = match signal_all(&self.client, &c.vm, &c.key, 0) {
+            Ok(list) => list,
+            Err(e) => {
+                return Err(status(
+                    Code::UNAVAILABLE,
+                    format!("container {}: {e}", c.id),
+                ))
+            }
+        };
         pids.sort_unstable();
         Ok(api::PidsResponse {
             processes: pids
@@ -484,43 +668,60 @@ impl containerd_shim::Task for TaskService {
                     format!("signal {}: not a signal", req.signal),
                 )
             })?;
-        let targets: Vec<Arc<Proc>> = if req.all && req.exec_id.is_empty() {
-            std::iter::once(c.init.clone())
-                .chain(c.execs().values().cloned())
-                .collect()
-        } else {
-            vec![c.process(&req.exec_id)?]
-        };
-        let mut signalled = 0;
-        for p in &targets {
-            match p.signal(signal) {
-                Ok(()) => signalled += 1,
-                Err(crate::process::ProcError::NotStarted) => {
-                    // Killed before it ran: it never will.
-                    if let Some(exit) = p.end_unstarted(128 + req.signal) {
-                        signalled += 1;
-                        self.events.send(Event::Exit(TaskExit {
-                            container_id: c.id.clone(),
-                            id: if p.exec_id.is_empty() {
-                                c.id.clone()
-                            } else {
-                                p.exec_id.clone()
-                            },
-                            exit_status: exit.status,
-                            exited_at: MessageField::some(timestamp(exit.at)),
-                            ..Default::default()
-                        }));
+        let p = c.process(&req.exec_id)?;
+        match p.settled() {
+            (Status::Created, _) | (Status::Starting, _) => {
+                // Killed before it ran: it never will.
+                if let Some(exit) = p.end_unstarted(128 + req.signal) {
+                    self.exit_event(&c, &p, 0, exit);
+                }
+            }
+            (Status::Running, pid) => {
+                let r = agent_call(
+                    &self.client,
+                    &c.vm,
+                    Call::Signal {
+                        target: Target::Pid(pid),
+                        signal,
+                    },
+                );
+                match r {
+                    Ok(Msg::Done) => {}
+                    // Gone meanwhile: as containerd expects of a finished one.
+                    Ok(_) | Err(_) if p.status().0 == Status::Stopped => {
+                        if !req.all {
+                            return Err(not_found(format!(
+                                "container {}: process already finished",
+                                c.id
+                            )));
+                        }
+                    }
+                    Ok(other) => {
+                        return Err(status(
+                            Code::UNKNOWN,
+                            format!("container {}: the agent answered {other:?}", c.id),
+                        ))
+                    }
+                    Err(e) => {
+                        return Err(status(
+                            Code::UNAVAILABLE,
+                            format!("container {}: {e}", c.id),
+                        ))
                     }
                 }
-                Err(crate::process::ProcError::Finished) => {}
-                Err(e) => return Err(status(Code::UNKNOWN, format!("container {}: {e}", c.id))),
             }
+            (Status::Stopped, _) if !req.all => {
+                return Err(not_found(format!(
+                    "container {}: process already finished",
+                    c.id
+                )))
+            }
+            (Status::Stopped, _) => {}
         }
-        if signalled == 0 && !req.all {
-            return Err(not_found(format!(
-                "container {}: process already finished",
-                c.id
-            )));
+        // `all`: every process of the container, its children too.
+        if req.all && req.exec_id.is_empty() {
+            signal_all(&self.client, &c.vm, &c.key, signal)
+                .map_err(|e| status(Code::UNAVAILABLE, format!("container {}: {e}", c.id)))?;
         }
         Ok(api::Empty::new())
     }
@@ -543,7 +744,7 @@ impl containerd_shim::Task for TaskService {
     ) -> TtrpcResult<api::DeleteResponse> {
         let c = self.container(&req.id)?;
         let p = c.process(&req.exec_id)?;
-        let (st, pid, exit) = p.status();
+        let (st, pid) = p.settled();
         if st == Status::Running {
             return Err(status(
                 Code::FAILED_PRECONDITION,
@@ -553,13 +754,23 @@ impl containerd_shim::Task for TaskService {
                 ),
             ));
         }
-        let exit = exit.unwrap_or(crate::process::Exit {
-            status: 0,
+        // One that never started: its waiters learn it never will.
+        let exit = p.end_unstarted(KILLED).or(p.status().2).unwrap_or(Exit {
+            status: KILLED,
             at: std::time::SystemTime::now(),
         });
         if req.exec_id.is_empty() {
-            self.containers().remove(&c.id);
+            // Whatever of it still runs (execs, their children) goes, then
+            // its mounts (and the pod's VM with its last container); only
+            // then is it gone from the shim (a Shutdown waits for that).
+            if let Err(e) = signal_all(&self.client, &c.vm, &c.key, nix::libc::SIGKILL) {
+                log::warn!("container {}: {e}", c.id);
+            }
+            for e in c.execs().values() {
+                e.end_unstarted(KILLED);
+            }
             self.tear_down(&c);
+            self.containers().remove(&c.id);
             self.events.send(Event::Delete(TaskDelete {
                 container_id: c.id.clone(),
                 pid,
@@ -585,32 +796,41 @@ impl containerd_shim::Task for TaskService {
     ) -> TtrpcResult<api::Empty> {
         let c = self.container(&req.id)?;
         let p = c.process(&req.exec_id)?;
-        let ws = WinSize {
+        let (Status::Running, pid) = p.settled() else {
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                format!("container {}: the process is not running", c.id),
+            ));
+        };
+        let size = WinSize {
             rows: u16::try_from(req.height).unwrap_or(u16::MAX),
             cols: u16::try_from(req.width).unwrap_or(u16::MAX),
         };
-        p.resize(ws).map_err(|e| {
-            status(
+        match agent_call(
+            &self.client,
+            &c.vm,
+            Call::Resize {
+                target: Target::Pid(pid),
+                size,
+            },
+        ) {
+            Ok(Msg::Done) => Ok(api::Empty::new()),
+            Ok(other) => Err(status(
+                Code::UNKNOWN,
+                format!("container {}: the agent answered {other:?}", c.id),
+            )),
+            Err(e) => Err(status(
                 Code::FAILED_PRECONDITION,
                 format!("container {}: {e}", c.id),
-            )
-        })?;
-        Ok(api::Empty::new())
+            )),
+        }
     }
 
     fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
         let c = self.container(&req.id)?;
         let p = c.process(&req.exec_id)?;
         if req.stdin {
-            match p.close_stdin() {
-                Ok(()) | Err(crate::process::ProcError::Finished) => {}
-                Err(e) => {
-                    return Err(status(
-                        Code::FAILED_PRECONDITION,
-                        format!("container {}: {e}", c.id),
-                    ))
-                }
-            }
+            p.close_stdin();
         }
         Ok(api::Empty::new())
     }
@@ -638,11 +858,10 @@ impl containerd_shim::Task for TaskService {
         req: api::StatsRequest,
     ) -> TtrpcResult<api::StatsResponse> {
         let c = self.container(&req.id)?;
-        let vm = c.vm()?;
         // The container's own cgroup, when one of its processes made it.
         let cgroup = match agent_call(
             &self.client,
-            &vm,
+            &c.vm,
             Call::CgroupStats {
                 cgroup: c.key.clone(),
             },
@@ -650,7 +869,7 @@ impl containerd_shim::Task for TaskService {
             Ok(Msg::Cgroup(s)) => Some(s),
             _ => None,
         };
-        crate::stats::of_vm(&self.client, &vm, cgroup)
+        crate::stats::of_vm(&self.client, &c.vm, cgroup)
             .map(|stats| api::StatsResponse {
                 stats: MessageField::some(stats),
                 ..Default::default()
@@ -678,8 +897,15 @@ impl containerd_shim::Task for TaskService {
 
     fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
         // One shim may serve several containers (a pod): it ends with the
-        // last.
-        if self.containers().is_empty() {
+        // last, once its events are out.
+        let idle = self.containers().is_empty()
+            && self
+                .creating
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty();
+        if idle {
+            self.events.flush(Duration::from_secs(5));
             self.exit.signal();
         }
         Ok(api::Empty::new())

@@ -76,11 +76,12 @@ fn assert_nothing_left(inst: &Instance, ctd: &Containerd) {
             .unwrap(),
         "mountinfo",
     );
-    assert!(
-        !mounts.contains(&pods.display().to_string()),
-        "mounts left under {}",
-        pods.display()
-    );
+    let under = format!("{}/", pods.display());
+    let left: Vec<&str> = mounts
+        .lines()
+        .filter(|l| l.split(' ').nth(4).is_some_and(|p| p.starts_with(&under)))
+        .collect();
+    assert!(left.is_empty(), "mounts left: {left:?}");
     inst.assert_baseline();
 }
 
@@ -115,6 +116,24 @@ fn ctr_run_runs_the_image_in_a_banger_vm_and_leaves_nothing() {
         ctd.log_text()
     );
     assert_eq!(text(&out.stdout), "hello yes\n/tmp\n0\nproc\nown-root\n");
+    // Its input, to its end (containerd's CloseIO).
+    let mut child = ctd
+        .ctr_cmd(
+            &inst,
+            &["run", "--rm", "--runtime", RUNTIME, IMAGE, "t0", "wc", "-c"],
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut input = child.stdin.take().unwrap();
+        input.write_all(&[b'x'; 100_000]).unwrap();
+    }
+    let out = test_infra::bounded::wait_output(child);
+    assert_eq!(ok(&out, "ctr run with stdin").trim(), "100000");
     // The image's user, and its groups from its own /etc/group.
     let out = ctd.ctr(
         &inst,
@@ -224,6 +243,23 @@ fn a_detached_container_takes_execs_signals_and_questions() {
         }),
         "stopped after TERM"
     );
+    // Its trap ran: it exited 7, as containerd's Wait reports it.
+    let waited = shim_of(&ctd, "t3")
+        .wait(
+            ttrpc_deadline(),
+            &containerd_shim_protos::shim::shim::WaitRequest {
+                id: "t3".into(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(waited.exit_status, 7, "the init's TERM trap");
+    // Nothing more runs in it.
+    let late = exec(&["--exec-id", "late", "t3", "true"]);
+    assert!(
+        !late.status.success() && text(&late.stderr).contains("its init is not running"),
+        "{late:?}"
+    );
     ok(&ctd.ctr(&inst, &["task", "rm", "t3"]), "task rm");
     ok(&ctd.ctr(&inst, &["container", "rm", "t3"]), "container rm");
     // KILL, of all, on another.
@@ -261,15 +297,24 @@ fn a_detached_container_takes_execs_signals_and_questions() {
     assert_nothing_left(&inst, &ctd);
 }
 
+/// A client of container `id`'s shim, as containerd has.
+fn shim_of(ctd: &Containerd, id: &str) -> containerd_shim_protos::shim_sync::TaskClient {
+    let bundle = ctd.bundle("default", id);
+    let address = std::fs::read_to_string(bundle.join("address")).unwrap();
+    let client = containerd_shim_protos::ttrpc::Client::connect(address.trim()).unwrap();
+    containerd_shim_protos::shim_sync::TaskClient::new(client)
+}
+
+fn ttrpc_deadline() -> containerd_shim_protos::ttrpc::context::Context {
+    containerd_shim_protos::ttrpc::context::with_timeout(30_000_000_000)
+}
+
 /// Asks container `id`'s shim, as containerd does, to set its memory
 /// limit to `bytes`.
 fn update_memory(ctd: &Containerd, id: &str, bytes: u64) {
     use containerd_shim_protos::protobuf::well_known_types::any::Any;
     use containerd_shim_protos::shim::shim::UpdateTaskRequest;
-    let bundle = ctd.bundle("default", id);
-    let address = std::fs::read_to_string(bundle.join("address")).unwrap();
-    let client = containerd_shim_protos::ttrpc::Client::connect(address.trim()).unwrap();
-    let task = containerd_shim_protos::shim_sync::TaskClient::new(client);
+    let task = shim_of(ctd, id);
     let mut resources = Any::new();
     resources.type_url = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources".into();
     resources.value = serde_json::to_vec(&serde_json::json!({"memory": {"limit": bytes}})).unwrap();
@@ -278,11 +323,7 @@ fn update_memory(ctd: &Containerd, id: &str, bytes: u64) {
         resources: containerd_shim_protos::protobuf::MessageField::some(resources),
         ..Default::default()
     };
-    task.update(
-        containerd_shim_protos::ttrpc::context::with_timeout(30_000_000_000),
-        &req,
-    )
-    .unwrap();
+    task.update(ttrpc_deadline(), &req).unwrap();
 }
 
 /// The task's status as `ctr task ls` shows it ("" when it is not listed).
@@ -412,6 +453,13 @@ fn a_terminal_follows_the_clients_size() {
     let mut buf = [0u8; 4096];
     let mut resized = false;
     while !seen.contains("40 100") {
+        // Each read within a minute: a lost resize fails, not hangs.
+        let mut fds = [nix::poll::PollFd::new(
+            std::os::fd::AsFd::as_fd(&master),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let ready = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(60_000u16)).unwrap_or(0);
+        assert!(ready > 0, "no output for a minute: {seen:?}");
         let n = master.read(&mut buf).unwrap_or(0);
         assert!(
             n > 0,
@@ -643,7 +691,11 @@ fn a_pods_containers_share_one_vm_each_in_its_own_root() {
     let ps = ok(&exec("p2", "ps", &["ps"]), "ps in p2");
     assert!(ps.contains("sleep 600") && ps.contains("sleep 601"), "{ps}");
     // Two roots: p1's file is not p2's, and p2 is the image's user.
-    assert!(!exec("p2", "c", &["cat", "/tmp/one"]).status.success());
+    let other = exec("p2", "c", &["cat", "/tmp/one"]);
+    assert!(
+        !other.status.success() && text(&other.stderr).contains("No such file"),
+        "{other:?}"
+    );
     assert_eq!(
         ok(&exec("p2", "u", &["id", "-un"]), "id in p2").trim(),
         "app"

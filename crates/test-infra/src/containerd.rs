@@ -172,25 +172,36 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
 
 impl Drop for Containerd {
     fn drop(&mut self) {
+        // Snapshots containerd left mounted (a test that failed midway),
+        // in its mount namespace, while it is there to enter.
+        if let Some(pid) = self.child.as_ref().map(Child::id) {
+            let mounts =
+                std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap_or_default();
+            let dir = format!("{}/", self.dir.display());
+            let mut points: Vec<&str> = mounts
+                .lines()
+                .filter_map(|l| l.split(' ').nth(4))
+                .filter(|p| p.starts_with(&dir))
+                .collect();
+            points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+            for p in points {
+                let _ = Command::new("nsenter")
+                    .arg(format!("--mount=/proc/{pid}/ns/mnt"))
+                    .args(["umount", "-l", p])
+                    .status();
+            }
+        }
         self.stop();
-        for (pid, _) in self.shims() {
+        let shims = self.shims();
+        for (pid, _) in &shims {
             let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
+                nix::unistd::Pid::from_raw(*pid),
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
-        // Snapshots containerd left mounted (a test that failed midway).
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let dir = self.dir.display().to_string();
-        let mut points: Vec<&str> = mounts
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .filter(|p| p.starts_with(&dir))
-            .collect();
-        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-        for p in points {
-            let _ = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH);
-        }
+        // Not our children (containerd's, reparented): gone when /proc
+        // says so.
+        let _ = crate::wait_until(Duration::from_secs(10), || self.shims().is_empty());
     }
 }
 

@@ -27,7 +27,8 @@ fn dir(name: &str) -> PathBuf {
 }
 
 fn write(path: &Path, value: &str) -> Result<(), String> {
-    std::fs::write(path, value).map_err(|e| format!("cgroup: write {value:?} to {}: {e}", path.display()))
+    std::fs::write(path, value)
+        .map_err(|e| format!("cgroup: write {value:?} to {}: {e}", path.display()))
 }
 
 /// cgroup2 at [`ROOT`], the controllers on for containers, and `name`'s
@@ -51,7 +52,8 @@ pub fn prepare(name: &str) -> Result<File, String> {
     let parent = root.join(PARENT);
     if !parent.exists() {
         write(&root.join("cgroup.subtree_control"), CONTROLLERS)?;
-        std::fs::create_dir(&parent).map_err(|e| format!("cgroup: mkdir {}: {e}", parent.display()))?;
+        std::fs::create_dir(&parent)
+            .map_err(|e| format!("cgroup: mkdir {}: {e}", parent.display()))?;
         write(&parent.join("cgroup.subtree_control"), CONTROLLERS)?;
     }
     let d = dir(name);
@@ -72,7 +74,11 @@ pub fn limit(name: &str, l: &Limits) -> Result<(), String> {
     prepare(name)?;
     let d = dir(name);
     if let Some(m) = l.memory_max {
-        let v = if m == 0 { "max".to_string() } else { m.to_string() };
+        let v = if m == 0 {
+            "max".to_string()
+        } else {
+            m.to_string()
+        };
         write(&d.join("memory.max"), &v)?;
     }
     if let Some((quota, period)) = l.cpu_max {
@@ -87,13 +93,42 @@ pub fn limit(name: &str, l: &Limits) -> Result<(), String> {
     Ok(())
 }
 
+/// Sends `signal` to every process of `name` (SIGKILL through
+/// `cgroup.kill`, which no fork outruns; 0 only lists them); the pids.
+pub fn signal(name: &str, signal: i32) -> Result<Vec<u32>, String> {
+    check_name(name)?;
+    if !(0..=64).contains(&signal) {
+        return Err(format!("{signal} is not a signal"));
+    }
+    let d = dir(name);
+    let procs = match std::fs::read_to_string(d.join("cgroup.procs")) {
+        Ok(p) => p,
+        // No process of it ever started: none to signal.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("cgroup {name}: read cgroup.procs: {e}")),
+    };
+    let pids: Vec<u32> = procs
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    if signal == nix::libc::SIGKILL {
+        write(&d.join("cgroup.kill"), "1")?;
+    } else if signal != 0 {
+        for pid in &pids {
+            // SAFETY: kill(2) takes a pid and a signal number only. A
+            // process gone meanwhile is no error.
+            unsafe { nix::libc::kill(*pid as i32, signal) };
+        }
+    }
+    Ok(pids)
+}
+
 /// What `name` uses now.
 pub fn sample(name: &str) -> Result<CgroupSample, String> {
     check_name(name)?;
     let d = dir(name);
     let read = |f: &str| {
-        std::fs::read_to_string(d.join(f))
-            .map_err(|e| format!("cgroup {name}: read {f}: {e}"))
+        std::fs::read_to_string(d.join(f)).map_err(|e| format!("cgroup {name}: read {f}: {e}"))
     };
     let number = |s: &str| s.trim().parse::<u64>().unwrap_or(0);
     let cpu = read("cpu.stat")?;

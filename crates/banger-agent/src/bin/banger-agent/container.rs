@@ -7,131 +7,266 @@
 //! the container's files apart from the guest's own, as a chroot does,
 //! so what is bound into it is the guest's, not the host's.
 
-use std::os::unix::fs::MetadataExt;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::Mutex;
 
 #[cfg(test)]
 use banger_agent::proto::Rlimit;
-use banger_agent::proto::{Bind, InRoot};
+use banger_agent::proto::{Bind, InRoot, Tmpfs};
+use nix::fcntl::OFlag;
+use nix::mount::MsFlags;
+use nix::sys::stat::{fstat, Mode, SFlag};
 
 /// What is bound from the guest into each root.
 const BOUND: &[&str] = &["proc", "sys", "dev"];
 
+/// The most of a file of the image's the agent reads (/etc/passwd).
+const SMALL_FILE: u64 = 1 << 20;
+
 /// One preparation at a time (two execs of one container start together).
 static PREPARING: Mutex<()> = Mutex::new(());
 
-/// `c`'s root checked, with /proc, /sys and /dev bound into it.
+/// `c`'s root checked, with /proc, /sys and /dev, its binds and its
+/// tmpfs mounted into it (once: what is there already is left).
 pub fn prepare(c: &InRoot) -> Result<(), String> {
     check(c)?;
     let root = Path::new(&c.root);
     let _one = PREPARING.lock().unwrap_or_else(|p| p.into_inner());
     for d in BOUND {
-        let guest = Path::new("/").join(d);
-        let inside = root.join(d);
-        match std::fs::symlink_metadata(&inside) {
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => {
-                return Err(format!(
-                    "container root {}: /{d} is not a directory",
-                    root.display()
-                ))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::create_dir(&inside)
-                    .map_err(|e| format!("container root: mkdir {}: {e}", inside.display()))?;
-            }
-            Err(e) => return Err(format!("container root: {}: {e}", inside.display())),
-        }
-        let dev = |p: &Path| {
-            std::fs::metadata(p)
-                .map(|m| m.dev())
-                .map_err(|e| format!("container root: {}: {e}", p.display()))
-        };
-        if dev(&inside)? == dev(&guest)? {
+        let guest = format!("/{d}");
+        let at = make_in(root, d, true).map_err(|e| format!("container root: /{d}: {e}"))?;
+        if same_file(&at, &guest) {
             continue; // bound already
         }
-        nix::mount::mount(
-            Some(&guest),
-            &inside,
-            None::<&str>,
-            nix::mount::MsFlags::MS_BIND | nix::mount::MsFlags::MS_REC,
-            None::<&str>,
+        mount_at(
+            Some(guest.as_str()),
+            &at,
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None,
         )
-        .map_err(|e| format!("container root: bind /{d} on {}: {e}", inside.display()))?;
+        .map_err(|e| format!("container root: bind /{d}: {e}"))?;
     }
     for b in &c.binds {
         bind(root, b)?;
+    }
+    for t in &c.tmpfs {
+        tmpfs(root, t)?;
     }
     Ok(())
 }
 
 /// Binds `b.source` (a guest path) at `b.target` in `root`, once: a
-/// target that is already `b.source` is left alone.
+/// target that is already `b.source` is left alone. A read-only bind is
+/// not recursive (a submount would stay writable).
 fn bind(root: &Path, b: &Bind) -> Result<(), String> {
-    use std::os::unix::fs::MetadataExt;
-    let source = Path::new(&b.source);
     let what =
-        std::fs::metadata(source).map_err(|e| format!("container mount {}: {e}", b.source))?;
-    let inside = root.join(b.target.trim_start_matches('/'));
-    // Made where missing, of the source's kind; never through a link (the
-    // image's own: a bind must not land outside the root).
-    let mut at = root.to_path_buf();
-    let parts: Vec<&str> = b.target.split('/').filter(|p| !p.is_empty()).collect();
-    for (i, part) in parts.iter().enumerate() {
-        at.push(part);
-        let last = i + 1 == parts.len();
-        match std::fs::symlink_metadata(&at) {
-            Ok(m) if m.file_type().is_symlink() => {
-                return Err(format!(
-                    "container mount {}: {} is a symbolic link in the image",
-                    b.target,
-                    at.display()
-                ))
-            }
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let made = if last && !what.is_dir() {
-                    std::fs::File::create(&at).map(drop)
-                } else {
-                    std::fs::create_dir(&at)
-                };
-                made.map_err(|e| {
-                    format!("container mount {}: make {}: {e}", b.target, at.display())
-                })?;
-            }
-            Err(e) => {
-                return Err(format!(
-                    "container mount {}: {}: {e}",
-                    b.target,
-                    at.display()
-                ))
-            }
-        }
+        std::fs::metadata(&b.source).map_err(|e| format!("container mount {}: {e}", b.source))?;
+    let at = make_in(root, &b.target, what.is_dir())
+        .map_err(|e| format!("container mount {}: {e}", b.target))?;
+    if same_file(&at, &b.source) {
+        return Ok(());
     }
-    let now =
-        std::fs::metadata(&inside).map_err(|e| format!("container mount {}: {e}", b.target))?;
-    if (now.dev(), now.ino()) == (what.dev(), what.ino()) {
-        return Ok(()); // bound already
-    }
-    use nix::mount::MsFlags;
-    nix::mount::mount(
-        Some(source),
-        &inside,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .map_err(|e| format!("container mount {}: bind {}: {e}", b.target, b.source))?;
+    let flags = if b.read_only {
+        MsFlags::MS_BIND
+    } else {
+        MsFlags::MS_BIND | MsFlags::MS_REC
+    };
+    mount_at(Some(b.source.as_str()), &at, None, flags, None)
+        .map_err(|e| format!("container mount {}: bind {}: {e}", b.target, b.source))?;
     if b.read_only {
-        nix::mount::mount(
-            None::<&str>,
-            &inside,
-            None::<&str>,
+        // The mount just made, looked up again (the descriptor is the
+        // directory under it).
+        let on = make_in(root, &b.target, what.is_dir())
+            .map_err(|e| format!("container mount {}: {e}", b.target))?;
+        mount_at(
+            None,
+            &on,
+            None,
             MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-            None::<&str>,
+            None,
         )
         .map_err(|e| format!("container mount {}: read-only: {e}", b.target))?;
+    }
+    Ok(())
+}
+
+/// A tmpfs at `t.target` in `root`, once.
+fn tmpfs(root: &Path, t: &Tmpfs) -> Result<(), String> {
+    let at =
+        make_in(root, &t.target, true).map_err(|e| format!("container tmpfs {}: {e}", t.target))?;
+    let is_tmpfs = nix::sys::statfs::fstatfs(&at)
+        .map(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+        .unwrap_or(false);
+    if is_tmpfs {
+        return Ok(());
+    }
+    let mut flags = MsFlags::empty();
+    let mut data = Vec::new();
+    for o in &t.options {
+        match o.as_str() {
+            "nosuid" => flags |= MsFlags::MS_NOSUID,
+            "nodev" => flags |= MsFlags::MS_NODEV,
+            "noexec" => flags |= MsFlags::MS_NOEXEC,
+            "ro" => flags |= MsFlags::MS_RDONLY,
+            "rw" | "strictatime" | "relatime" => {}
+            other if other.starts_with("size=") || other.starts_with("mode=") => data.push(other),
+            _ => {} // (check_shape let only these through)
+        }
+    }
+    let data = data.join(",");
+    mount_at(Some("tmpfs"), &at, Some("tmpfs"), flags, Some(&data))
+        .map_err(|e| format!("container tmpfs {}: {e}", t.target))
+}
+
+/// Mounts on the file or directory `at` is open on (`/proc/self/fd/N`:
+/// where it is now, whatever was renamed since).
+fn mount_at(
+    source: Option<&str>,
+    at: &OwnedFd,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> nix::Result<()> {
+    let target = format!("/proc/self/fd/{}", at.as_raw_fd());
+    nix::mount::mount(source, target.as_str(), fstype, flags, data)
+}
+
+/// Whether `at` is the file at guest path `path` (a bind already made).
+fn same_file(at: &OwnedFd, path: &str) -> bool {
+    match (fstat(at.as_raw_fd()), nix::sys::stat::stat(path)) {
+        (Ok(a), Ok(b)) => (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino),
+        _ => false,
+    }
+}
+
+/// Opens (`O_PATH`) `target` inside `root`, making what is missing on the
+/// way (directories; the last a directory when `dir`, else an empty file),
+/// never through a symbolic link: a component that is one is refused, so
+/// nothing of the image's can point a mount outside its root.
+pub fn make_in(root: &Path, target: &str, dir: bool) -> Result<OwnedFd, String> {
+    let open = |at: i32, name: &str, flags: OFlag| -> nix::Result<OwnedFd> {
+        let fd = nix::fcntl::openat(
+            Some(at),
+            name,
+            flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
+            Mode::empty(),
+        )?;
+        // SAFETY: openat just returned this descriptor; nothing else owns it.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    };
+    let mut cur = open(
+        nix::libc::AT_FDCWD,
+        &root.to_string_lossy(),
+        OFlag::O_PATH | OFlag::O_DIRECTORY,
+    )
+    .map_err(|e| format!("{}: {e}", root.display()))?;
+    let parts: Vec<&str> = target.split('/').filter(|p| !p.is_empty()).collect();
+    for (i, part) in parts.iter().enumerate() {
+        let last = i + 1 == parts.len();
+        let next = match open(cur.as_raw_fd(), part, OFlag::O_PATH) {
+            Ok(fd) => fd,
+            Err(nix::errno::Errno::ENOENT) => {
+                let made = if last && !dir {
+                    open(
+                        cur.as_raw_fd(),
+                        part,
+                        OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY,
+                    )
+                    .map(drop)
+                } else {
+                    nix::sys::stat::mkdirat(
+                        Some(cur.as_raw_fd()),
+                        *part,
+                        Mode::from_bits_truncate(0o755),
+                    )
+                };
+                match made {
+                    Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+                    Err(e) => return Err(format!("make {part}: {e}")),
+                }
+                open(cur.as_raw_fd(), part, OFlag::O_PATH).map_err(|e| format!("{part}: {e}"))?
+            }
+            Err(e) => return Err(format!("{part}: {e}")),
+        };
+        let kind = fstat(next.as_raw_fd())
+            .map(|s| SFlag::from_bits_truncate(s.st_mode & SFlag::S_IFMT.bits()))
+            .map_err(|e| format!("{part}: {e}"))?;
+        if kind == SFlag::S_IFLNK {
+            return Err(format!("{part} is a symbolic link in the image"));
+        }
+        if (!last || dir) && kind != SFlag::S_IFDIR {
+            return Err(format!("{part} is not a directory"));
+        }
+        cur = next;
+    }
+    Ok(cur)
+}
+
+/// Reads `path` of the container at `root`, resolved inside it (its
+/// symbolic links as the container sees them), a regular file of at most
+/// 1 MiB; "" when there is none.
+pub fn read_small(root: &str, path: &str) -> Result<String, String> {
+    use nix::fcntl::{openat2, OpenHow, ResolveFlag};
+    use std::io::Read;
+    let root_fd = nix::fcntl::open(
+        root,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("container root {root}: {e}"))?;
+    // SAFETY: open just returned this descriptor; nothing else owns it.
+    let root_fd = unsafe { OwnedFd::from_raw_fd(root_fd) };
+    let how = OpenHow::new()
+        .flags(OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC | OFlag::O_NOCTTY)
+        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    let fd = match openat2(root_fd.as_raw_fd(), path.trim_start_matches('/'), how) {
+        Ok(fd) => fd,
+        Err(nix::errno::Errno::ENOENT) => return Ok(String::new()),
+        Err(e) => return Err(format!("container {path}: {e}")),
+    };
+    // SAFETY: openat2 just returned this descriptor; nothing else owns it.
+    let f = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let md = f.metadata().map_err(|e| format!("container {path}: {e}"))?;
+    if !md.is_file() {
+        return Err(format!("container {path}: not a regular file"));
+    }
+    let mut s = String::new();
+    f.take(SMALL_FILE)
+        .read_to_string(&mut s)
+        .map_err(|e| format!("container {path}: {e}"))?;
+    Ok(s)
+}
+
+/// Whether `dir` is a directory inside the container at `root` (resolved
+/// as the container sees it).
+pub fn is_dir_in(root: &str, dir: &str) -> Result<(), String> {
+    use nix::fcntl::{openat2, OpenHow, ResolveFlag};
+    let root_fd = nix::fcntl::open(
+        root,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("container root {root}: {e}"))?;
+    // SAFETY: open just returned this descriptor; nothing else owns it.
+    let root_fd = unsafe { OwnedFd::from_raw_fd(root_fd) };
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    let rel = match dir.trim_start_matches('/') {
+        "" => ".",
+        rel => rel,
+    };
+    let fd = openat2(root_fd.as_raw_fd(), rel, how).map_err(|e| match e {
+        nix::errno::Errno::ENOENT => "no such directory in the container".to_string(),
+        e => e.to_string(),
+    })?;
+    // SAFETY: openat2 just returned this descriptor; nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let st = fstat(fd.as_raw_fd()).map_err(|e| e.to_string())?;
+    if SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) != SFlag::S_IFDIR {
+        return Err("not a directory".into());
     }
     Ok(())
 }

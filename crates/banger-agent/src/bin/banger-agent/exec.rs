@@ -118,11 +118,22 @@ pub fn resize(target: &Target, ws: WinSize) -> Result<(), String> {
 }
 
 fn send_signal(p: &Proc, signal: i32) -> Result<(), String> {
-    let sig = Signal::try_from(signal).map_err(|_| format!("{signal} is not a signal"))?;
+    // Real-time signals too (32 to 64), which nix's `Signal` does not name.
+    if !(1..=64).contains(&signal) {
+        return Err(format!("{signal} is not a signal"));
+    }
     if lock(&p.st).exit.is_some() {
         return Err(format!("process {} has exited", p.pid));
     }
-    kill(Pid::from_raw(p.pid as i32), sig).map_err(|e| format!("signal process {}: {e}", p.pid))
+    // SAFETY: kill(2) takes a pid and a signal number and touches no memory.
+    if unsafe { nix::libc::kill(p.pid as i32, signal) } < 0 {
+        return Err(format!(
+            "signal process {}: {}",
+            p.pid,
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
 }
 
 /// A user as docker's `-u`: `name|uid[:group|gid]`, from the guest's
@@ -144,13 +155,22 @@ fn lookup_user(spec: Option<&str>, root: &str) -> Result<User, String> {
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),
     };
-    let root = root.trim_end_matches('/');
-    let passwd = std::fs::read_to_string(format!("{root}/etc/passwd")).unwrap_or_default();
-    let groups = std::fs::read_to_string(format!("{root}/etc/group")).unwrap_or_default();
+    // Read within the root, as it sees them (its own symbolic links), a
+    // regular file of at most 1 MiB each: an image's are the image's.
+    let root = match root.trim_end_matches('/') {
+        "" => "/",
+        r => r,
+    };
+    let whose = if root == "/" { "guest" } else { "container" };
+    let passwd = crate::container::read_small(root, "/etc/passwd")?;
+    let groups = crate::container::read_small(root, "/etc/group")?;
+    // A number is a uid (never a name that looks like one: an image's
+    // line "1000:x:0:0:..." does not make uid 1000 root).
+    let numeric = user.parse::<u32>().is_ok();
     let entry = passwd
         .lines()
         .map(|l| l.split(':').collect::<Vec<_>>())
-        .find(|f| f.len() >= 7 && (f[0] == user || (user.parse::<u32>().is_ok() && f[2] == user)));
+        .find(|f| f.len() >= 7 && if numeric { f[2] == user } else { f[0] == user });
     let (uid, mut gid, home, name) = match entry {
         Some(f) => (
             f[2].parse().map_err(|_| format!("bad uid for {user}"))?,
@@ -162,16 +182,17 @@ fn lookup_user(spec: Option<&str>, root: &str) -> Result<User, String> {
         None if user == "root" => (0, 0, "/root".to_string(), "root".to_string()),
         None => match user.parse::<u32>() {
             Ok(uid) => (uid, uid, "/".to_string(), user.to_string()),
-            Err(_) => return Err(format!("no user {user:?} in the guest's /etc/passwd")),
+            Err(_) => return Err(format!("no user {user:?} in the {whose}'s /etc/passwd")),
         },
     };
     let gfields: Vec<Vec<&str>> = groups.lines().map(|l| l.split(':').collect()).collect();
     if let Some(g) = group {
-        gid = match gfields.iter().find(|f| f.len() >= 3 && f[0] == g) {
-            Some(f) => f[2].parse().map_err(|_| format!("bad gid for group {g}"))?,
-            None => g
-                .parse()
-                .map_err(|_| format!("no group {g:?} in the guest's /etc/group"))?,
+        gid = match g.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => match gfields.iter().find(|f| f.len() >= 3 && f[0] == g) {
+                Some(f) => f[2].parse().map_err(|_| format!("bad gid for group {g}"))?,
+                None => return Err(format!("no group {g:?} in the {whose}'s /etc/group")),
+            },
         };
     }
     let mut sup: Vec<u32> = gfields
@@ -198,15 +219,16 @@ fn lookup_user(spec: Option<&str>, root: &str) -> Result<User, String> {
 fn workdir(asked: Option<&str>, user: &User, root: &str) -> Result<String, String> {
     let root = root.trim_end_matches('/');
     if !root.is_empty() {
-        // A container's: its own (OCI's default is /), checked where it is
-        // in the guest; the child enters it after its chroot.
+        // A container's: its own (OCI's default is /), looked up inside it
+        // as it sees it; the child enters it after its chroot, as the
+        // user (the kernel has the word on permissions).
         let dir = asked.unwrap_or("/");
         if !dir.starts_with('/') {
             return Err(format!(
                 "exec: working directory {dir:?}: not an absolute path"
             ));
         }
-        enterable_in(root, &format!("{root}{dir}"), user)
+        crate::container::is_dir_in(root, dir)
             .map_err(|why| format!("exec: working directory {dir:?}: {why}"))?;
         return Ok(dir.to_string());
     }
@@ -234,12 +256,6 @@ fn workdir(asked: Option<&str>, user: &User, root: &str) -> Result<String, Strin
 /// only; the child enters the directory again as the user
 /// (`spawn`), so an ACL that refuses them is enforced all the same.
 fn enterable(dir: &str, user: &User) -> Result<(), String> {
-    enterable_in("/", dir, user)
-}
-
-/// [`enterable`], the directories on the way counted from `root` only (a
-/// container's: what is above its root is not on its way after chroot).
-fn enterable_in(root: &str, dir: &str, user: &User) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(dir).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => "no such directory in the guest".to_string(),
@@ -269,11 +285,7 @@ fn enterable_in(root: &str, dir: &str, user: &User) -> Result<(), String> {
         ));
     }
     // The directories on the way (`/root` of `/root/sub`).
-    let root = std::path::Path::new(root);
-    let mut on_the_way = std::path::Path::new(dir)
-        .ancestors()
-        .skip(1)
-        .take_while(|a| a.starts_with(root));
+    let mut on_the_way = std::path::Path::new(dir).ancestors().skip(1);
     if let Some((a, m)) = on_the_way.find_map(|a| {
         let m = std::fs::metadata(a).ok()?;
         (!searchable(&m)).then(|| (a.to_path_buf(), m))
@@ -872,12 +884,35 @@ mod tests {
         std::fs::set_permissions(pod.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
         let inner_r = inner.to_str().unwrap();
         assert_eq!(workdir(Some("/srv/app"), &u, inner_r).unwrap(), "/srv/app");
-        std::fs::set_permissions(inner.join("srv"), std::fs::Permissions::from_mode(0o700))
-            .unwrap();
-        let e = workdir(Some("/srv/app"), &u, inner_r).unwrap_err();
-        assert!(
-            e.contains("may not pass through"),
-            "inside the root it counts: {e}"
+        // Looked up inside the root: an absolute link is the container's.
+        std::os::unix::fs::symlink("/srv", inner.join("link")).unwrap();
+        assert_eq!(
+            workdir(Some("/link/app"), &u, inner_r).unwrap(),
+            "/link/app"
         );
+        let e = workdir(Some("/srv/app/../../../.."), &u, inner_r);
+        assert!(e.is_ok(), "`..` stays in the root: {e:?}");
+        // A hostile image: a name that looks like a uid is not one, and
+        // /etc/passwd that is not a file is refused, not read.
+        std::fs::write(
+            root.path().join("etc/passwd"),
+            "1234:x:0:0::/root:/bin/sh\napp:x:1234:2345::/srv/app:/bin/sh\n",
+        )
+        .unwrap();
+        let u = lookup_user(Some("1234"), r).unwrap();
+        assert_eq!((u.uid, u.name.as_str()), (1234, "app"));
+        std::fs::remove_file(root.path().join("etc/passwd")).unwrap();
+        // (A link out lands inside the root: the guest's /dev/zero is not
+        // read through it.)
+        std::os::unix::fs::symlink("/dev/zero", root.path().join("etc/passwd")).unwrap();
+        assert!(lookup_user(Some("app"), r).is_err());
+        std::fs::remove_file(root.path().join("etc/passwd")).unwrap();
+        nix::unistd::mkfifo(
+            &root.path().join("etc/passwd"),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
+        let e = lookup_user(Some("app"), r).unwrap_err();
+        assert!(e.contains("not a regular file"), "{e}");
     }
 }

@@ -249,6 +249,9 @@ fn call(mut c: UnixStream) -> Result<(), ProtoError> {
         Call::Stats => system::stats().map(Msg::Stats),
         Call::Limit { cgroup, limits } => cgroup::limit(&cgroup, &limits).map(|()| Msg::Done),
         Call::CgroupStats { cgroup } => cgroup::sample(&cgroup).map(Msg::Cgroup),
+        Call::CgroupSignal { cgroup, signal } => {
+            cgroup::signal(&cgroup, signal).map(|list| Msg::Pids { list })
+        }
         Call::Sync => {
             nix::unistd::sync();
             Ok(Msg::Done)
