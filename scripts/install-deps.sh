@@ -25,6 +25,7 @@ packages=(
   python3 python3-venv  # the tests drive the E2B-compatible API with E2B's own Python SDK (scripts/e2b-sdk.sh)
   containerd        # the tests run containers through containerd-shim-banger-v2 (a containerd of their own; brings ctr and runc)
   containernetworking-plugins  # CNI plugins for the containerd tests' pods
+  protobuf-compiler  # protoc: the containerd tests' CRI client is built from Kubernetes' CRI protos (k8s-cri)
 )
 
 # Two passes: installing one package can make apt remove another that was

@@ -257,6 +257,9 @@ pub struct InRoot {
     pub cgroup: Option<String>,
     /// tmpfs mounts of its spec (`/run`, say).
     pub tmpfs: Vec<Tmpfs>,
+    /// The root read-only (the spec's `root.readonly`), once its mount
+    /// points are made.
+    pub readonly: bool,
 }
 
 /// A tmpfs at `target` inside a container's root: `options` among

@@ -171,15 +171,13 @@ fn fd_path(fd: &OwnedFd) -> String {
 }
 
 /// Mounts container `key`'s root filesystem and binds in the pod's
-/// directory (`readonly`: its root read-only); on failure, unmounts what
-/// it mounted.
+/// directory; on failure, unmounts what it mounted.
 pub fn mount_container(
     dir: &Path,
     key: &str,
     rootfs: &[Mount],
     bundle: &Path,
     binds: &[HostBind],
-    readonly: bool,
 ) -> Result<(), PodError> {
     let r = (|| {
         let pod = open_path(None, &dir.to_string_lossy(), OFlag::O_DIRECTORY)
@@ -187,7 +185,7 @@ pub fn mount_container(
         let c = new_dir(&pod, key, &dir.join(key))?;
         let root = new_dir(&c, "rootfs", &dir.join(key).join("rootfs"))?;
         let root_at = fd_path(&root);
-        if !crate::rootfs::mount(Path::new(&root_at), rootfs, readonly)? {
+        if !crate::rootfs::mount(Path::new(&root_at), rootfs)? {
             // No mounts: the bundle's rootfs is the root (ctr --rootfs).
             let from = bundle.join("rootfs");
             let flags = MsFlags::MS_BIND | MsFlags::MS_REC;
@@ -419,7 +417,7 @@ mod tests {
             read_only: true,
             dir: true,
         };
-        let e = mount_container(&dir, "k1", &[], tmp.path(), std::slice::from_ref(&bind), false);
+        let e = mount_container(&dir, "k1", &[], tmp.path(), std::slice::from_ref(&bind));
         assert!(e.is_err(), "a name the guest put there is refused");
         assert_eq!(
             std::fs::read_to_string(outside.join("secret")).unwrap(),
@@ -430,7 +428,7 @@ mod tests {
         let bundle = tmp.path().join("bundle");
         std::fs::create_dir_all(bundle.join("rootfs")).unwrap();
         std::fs::write(bundle.join("rootfs/file"), "rootfs data").unwrap();
-        mount_container(&dir, "k2", &[], &bundle, &[bind], false).unwrap();
+        mount_container(&dir, "k2", &[], &bundle, &[bind]).unwrap();
         assert_eq!(
             std::fs::read_to_string(dir.join("k2/rootfs/file")).unwrap(),
             "rootfs data"

@@ -23,10 +23,10 @@ pub enum RootfsError {
     },
 }
 
-/// Mounts `mounts` (at most one) at `target` (read-only when `readonly`:
-/// the spec's `root.readonly`); false when there was none (a bundle whose
-/// rootfs is already there).
-pub fn mount(target: &Path, mounts: &[Mount], readonly: bool) -> Result<bool, RootfsError> {
+/// Mounts `mounts` (at most one) at `target`; false when there was none
+/// (a bundle whose rootfs is already there). (A spec's `root.readonly` is
+/// the guest agent's to make, once the mount points are made.)
+pub fn mount(target: &Path, mounts: &[Mount]) -> Result<bool, RootfsError> {
     let m = match mounts {
         [] => return Ok(false),
         [m] => m,
@@ -37,11 +37,7 @@ pub fn mount(target: &Path, mounts: &[Mount], readonly: bool) -> Result<bool, Ro
             kind: m.type_.clone(),
         });
     }
-    let mut flags = if readonly {
-        MsFlags::MS_RDONLY
-    } else {
-        MsFlags::empty()
-    };
+    let mut flags = MsFlags::empty();
     let mut data = Vec::new();
     for o in &m.options {
         match o.as_str() {

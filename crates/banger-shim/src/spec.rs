@@ -151,6 +151,10 @@ pub fn plan(spec: &Spec, namespace: &str, id: &str, pod_dir: &Path) -> Result<Pl
                 // A network namespace of its own, empty: as runc gives a
                 // container without CNI, a guest with no network.
                 None => net.none = true,
+                // A pod's other containers join its sandbox's namespaces
+                // (CRI names them by the sandbox task's pid): they are in
+                // its VM already.
+                Some(_) if pod != id => {}
                 Some(p) => {
                     return Err(refused(format!(
                         "its network namespace {} is not built into banger's runtime yet \
@@ -233,6 +237,11 @@ pub fn plan(spec: &Spec, namespace: &str, id: &str, pod_dir: &Path) -> Result<Pl
         binds,
         cgroup: Some(key.clone()),
         tmpfs,
+        readonly: spec
+            .root()
+            .as_ref()
+            .and_then(|r| r.readonly())
+            .unwrap_or(false),
     };
     base.check_shape().map_err(refused)?;
     let mut metadata = std::collections::BTreeMap::new();

@@ -449,11 +449,6 @@ impl containerd_shim::Task for TaskService {
             !req.stdin.is_empty(),
         )
         .map_err(|e| invalid(&e))?;
-        let readonly_root = spec
-            .root()
-            .as_ref()
-            .and_then(|r| r.readonly())
-            .unwrap_or(false);
         let started = std::time::Instant::now();
         // The pod's VM: made by its first container, held by its last.
         let mut pods = self.pods();
@@ -473,28 +468,21 @@ impl containerd_shim::Task for TaskService {
             .and_then(|p| p.lease.as_ref())
             .map(|l| l.vm.name.clone())
             .unwrap_or_default();
-        let made = pod::mount_container(
-            &pod_dir,
-            &plan.key,
-            &req.rootfs,
-            &bundle,
-            &plan.binds,
-            readonly_root,
-        )
-        .map_err(|e| e.to_string())
-        .and_then(|()| {
-            let undo = |e: String| {
-                let _ = pod::unmount_container(&pod_dir, &plan.key);
-                e
-            };
-            record_pod(&bundle, &vm_name, &pod_dir)
-                .map_err(|e| undo(format!("{}: {e}", bundle.join(POD_RECORD).display())))?;
-            // Its limits, on its cgroup in the guest.
-            if plan.limits != Limits::default() {
-                self.limit(&vm_name, &plan.key, plan.limits).map_err(undo)?;
-            }
-            Ok(())
-        });
+        let made = pod::mount_container(&pod_dir, &plan.key, &req.rootfs, &bundle, &plan.binds)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                let undo = |e: String| {
+                    let _ = pod::unmount_container(&pod_dir, &plan.key);
+                    e
+                };
+                record_pod(&bundle, &vm_name, &pod_dir)
+                    .map_err(|e| undo(format!("{}: {e}", bundle.join(POD_RECORD).display())))?;
+                // Its limits, on its cgroup in the guest.
+                if plan.limits != Limits::default() {
+                    self.limit(&vm_name, &plan.key, plan.limits).map_err(undo)?;
+                }
+                Ok(())
+            });
         if let Err(e) = made {
             if new_pod {
                 if let Some(p) = pods.remove(&pod_key) {

@@ -575,6 +575,10 @@ fn bad_containers_are_refused_by_name_and_mounts_are_honoured() {
         &ctd.ctr(&inst, &["container", "rm", "b3"]),
         "container rm b3",
     );
+    // A network namespace by path (CNI's, a Kubernetes pod's): pod
+    // networking is not built yet, and says so.
+    let out = run(&["--with-ns", "network:/proc/1/ns/net", IMAGE, "b5", "true"]);
+    refused(&out, "pod networking");
     // A host path that is not there.
     let out = run(&[
         "--mount",
@@ -584,7 +588,7 @@ fn bad_containers_are_refused_by_name_and_mounts_are_honoured() {
         "true",
     ]);
     refused(&out, "/nonexistent-banger");
-    for id in ["b1", "b2", "b4"] {
+    for id in ["b1", "b2", "b4", "b5"] {
         let _ = ctd.ctr(&inst, &["container", "rm", id]);
     }
     // A directory (read-only) and a file, mounted.

@@ -26,14 +26,53 @@ impl Containerd {
     /// `bin_dir` (where `containerd-shim-banger-v2` was built), and reach
     /// `inst`'s daemon.
     pub fn start(inst: &Instance, bin_dir: &Path) -> Containerd {
+        Containerd::start_with(inst, bin_dir, false)
+    }
+
+    /// [`Containerd::start`], with its CRI plugin (Kubernetes' API) on
+    /// when `cri`: runtime handler `banger` is banger's, the sandbox
+    /// image `banger.test/pause:1` (the test imports it into `k8s.io`),
+    /// CNI from Debian's plugins with a config dir of its own (empty:
+    /// host-network pods need none).
+    pub fn start_with(inst: &Instance, bin_dir: &Path, cri: bool) -> Containerd {
         let dir = inst.dir().join("containerd");
-        std::fs::create_dir_all(&dir).expect("mkdir containerd dir");
+        std::fs::create_dir_all(dir.join("cni")).expect("mkdir containerd dir");
         let d = dir.display();
+        let disabled_cri = if cri {
+            ""
+        } else {
+            r#""io.containerd.grpc.v1.cri", "#
+        };
+        let cri_config = if cri {
+            format!(
+                r#"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "banger.test/pause:1"
+  disable_apparmor = true
+  enable_selinux = false
+  netns_mounts_under_state_dir = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.banger]
+      runtime_type = "io.containerd.banger.v2"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{d}/cni"
+"#
+            )
+        } else {
+            String::new()
+        };
         let config = format!(
             r#"version = 2
 root = "{d}/root"
 state = "{d}/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs",
+disabled_plugins = [{disabled_cri}"io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.aufs",
   "io.containerd.snapshotter.v1.devmapper", "io.containerd.tracing.processor.v1.otlp",
   "io.containerd.internal.v1.tracing"]
@@ -45,7 +84,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
   level = "debug"
 [metrics]
   address = ""
-"#
+{cri_config}"#
         );
         std::fs::write(dir.join("config.toml"), config).expect("write containerd config");
         let mut me = Containerd {
@@ -104,13 +143,31 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
 
     /// The ctr command against this containerd (namespace `default`).
     pub fn ctr_cmd(&self, inst: &Instance, args: &[&str]) -> Command {
+        self.ctr_cmd_in(inst, "default", args)
+    }
+
+    /// The ctr command against this containerd, in containerd namespace
+    /// `namespace` (`k8s.io` is CRI's).
+    pub fn ctr_cmd_in(&self, inst: &Instance, namespace: &str, args: &[&str]) -> Command {
         let mut c = inst.net.cmd("ctr");
         c.arg("--address")
             .arg(self.dir.join("containerd.sock"))
             .arg("--namespace")
-            .arg("default")
+            .arg(namespace)
             .args(args);
         c
+    }
+
+    /// Runs ctr in containerd namespace `namespace` to its end (bounded).
+    pub fn ctr_in(&self, inst: &Instance, namespace: &str, args: &[&str]) -> Output {
+        let child = self
+            .ctr_cmd_in(inst, namespace, args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ctr");
+        crate::bounded::wait_output(child)
     }
 
     fn try_ctr(&self, inst: &Instance, args: &[&str]) -> std::io::Result<Output> {
@@ -210,6 +267,12 @@ impl Drop for Containerd {
 /// its applets, an /etc/passwd with root and `app` (1000:1000, home
 /// /home/app), and `user` as the image's user when given.
 pub fn busybox_image(work: &Path, name: &str, user: Option<&str>, out: &Path) {
+    busybox_image_with(work, name, user, &["/bin/sh"], out)
+}
+
+/// [`busybox_image`] whose command is `cmd` (a pause image's
+/// `sleep 2147483647`, say).
+pub fn busybox_image_with(work: &Path, name: &str, user: Option<&str>, cmd: &[&str], out: &Path) {
     use sha2::{Digest, Sha256};
     let tree = work.join("tree");
     let _ = std::fs::remove_dir_all(&tree);
@@ -267,8 +330,9 @@ pub fn busybox_image(work: &Path, name: &str, user: Option<&str>, out: &Path) {
     let user_field = user
         .map(|u| format!(r#""User":"{u}","#))
         .unwrap_or_default();
+    let cmd = serde_json::to_string(cmd).expect("the command as JSON");
     let config = format!(
-        r#"{{"architecture":"amd64","os":"linux","config":{{{user_field}"Env":["PATH=/bin","FROM_IMAGE=yes"],"Cmd":["/bin/sh"]}},"rootfs":{{"type":"layers","diff_ids":["sha256:{dl}"]}}}}"#
+        r#"{{"architecture":"amd64","os":"linux","config":{{{user_field}"Env":["PATH=/bin","FROM_IMAGE=yes"],"Cmd":{cmd}}},"rootfs":{{"type":"layers","diff_ids":["sha256:{dl}"]}}}}"#
     );
     let (dc, nc) = put(config.as_bytes());
     let manifest = format!(

@@ -54,7 +54,36 @@ pub fn prepare(c: &InRoot) -> Result<(), String> {
     for t in &c.tmpfs {
         tmpfs(root, t)?;
     }
+    if c.readonly {
+        read_only_root(root)?;
+    }
     Ok(())
+}
+
+/// Makes the root read-only: a bind of itself (its mounts kept), then a
+/// read-only remount of that one mount; once.
+fn read_only_root(root: &Path) -> Result<(), String> {
+    let st = nix::sys::statvfs::statvfs(root)
+        .map_err(|e| format!("container root {}: {e}", root.display()))?;
+    if st.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY) {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some(root),
+        root,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| format!("container root {}: bind: {e}", root.display()))?;
+    nix::mount::mount(
+        None::<&str>,
+        root,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .map_err(|e| format!("container root {}: read-only: {e}", root.display()))
 }
 
 /// Binds `b.source` (a guest path) at `b.target` in `root`, once: a

@@ -1,0 +1,244 @@
+//! The Kubernetes path without a kubelet: a CRI client (Kubernetes' CRI
+//! protos over gRPC, as kubelet speaks them) against containerd's CRI
+//! plugin, whose runtime handler `banger` is banger's runtime. A pod of
+//! two containers: one VM, each container in its own root, exec, status,
+//! stop and remove, nothing left. (A host-network pod: pod networking
+//! from CNI is not built yet; a container with a network namespace by
+//! path is refused, which `ctr.rs` checks.)
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::{
+    ContainerConfig, ContainerMetadata, ContainerStatusRequest, CreateContainerRequest,
+    ExecSyncRequest, ImageSpec, LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceMode,
+    NamespaceOption, PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest,
+    RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
+};
+use test_infra::containerd::{busybox_image, busybox_image_with, Containerd};
+use test_infra::{ok, wait_until, Instance};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+fn shim_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_containerd-shim-banger-v2"))
+}
+
+fn banger_bin() -> PathBuf {
+    shim_bin().with_file_name("banger")
+}
+
+/// A CRI client on containerd's socket, and the runtime it runs on.
+fn cri(socket: &Path) -> (tokio::runtime::Runtime, RuntimeServiceClient<Channel>) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let path = socket.to_path_buf();
+    let channel = rt
+        .block_on(async {
+            Endpoint::try_from("http://[::]")
+                .unwrap()
+                .connect_timeout(Duration::from_secs(30))
+                .timeout(Duration::from_secs(300))
+                .connect_with_connector(tower::service_fn(move |_: Uri| {
+                    let path = path.clone();
+                    async move {
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                            tokio::net::UnixStream::connect(path).await?,
+                        ))
+                    }
+                }))
+                .await
+        })
+        .unwrap();
+    (rt, RuntimeServiceClient::new(channel))
+}
+
+fn pod_config(inst: &Instance, name: &str, network: NamespaceMode) -> PodSandboxConfig {
+    let logs = inst.dir().join(format!("pod-logs-{name}"));
+    std::fs::create_dir_all(&logs).unwrap();
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: format!("{name}-host"),
+        log_directory: logs.display().to_string(),
+        linux: Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(NamespaceOption {
+                    network: network as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_kubernetes_pod_of_two_containers_is_one_banger_vm() {
+    let inst = Instance::new(&banger_bin()).with_image();
+    ok(&inst.banger(&["daemon", "ping"]), "daemon ping");
+    let bin_dir = shim_bin().parent().map(Path::to_path_buf).unwrap();
+    let ctd = Containerd::start_with(&inst, &bin_dir, true);
+    for (name, user, cmd, file) in [
+        (
+            "banger.test/busybox:1",
+            None,
+            vec!["/bin/sh"],
+            "busybox.tar",
+        ),
+        (
+            "banger.test/busybox-app:1",
+            Some("app"),
+            vec!["/bin/sh"],
+            "app.tar",
+        ),
+        (
+            "banger.test/pause:1",
+            None,
+            vec!["sleep", "2147483647"],
+            "pause.tar",
+        ),
+    ] {
+        let work = inst.dir().join(format!("img-{file}"));
+        std::fs::create_dir_all(&work).unwrap();
+        let tar = work.join(file);
+        if cmd == ["/bin/sh"] {
+            busybox_image(&work, name, user, &tar);
+        } else {
+            busybox_image_with(&work, name, user, &cmd, &tar);
+        }
+        ok(
+            &ctd.ctr_in(
+                &inst,
+                "k8s.io",
+                &["images", "import", tar.to_str().unwrap()],
+            ),
+            "ctr -n k8s.io images import",
+        );
+    }
+    let (rt, mut client) = cri(&ctd.socket());
+
+    let config = pod_config(&inst, "web", NamespaceMode::Node);
+    let pod = rt
+        .block_on(client.run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: "banger".into(),
+        }))
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e:?}\n{}", ctd.log_text()))
+        .into_inner()
+        .pod_sandbox_id;
+    let mut ids = Vec::new();
+    for (name, image, command) in [
+        (
+            "one",
+            "banger.test/busybox:1",
+            vec!["sh", "-c", "echo one > /tmp/one; exec sleep 600"],
+        ),
+        ("two", "banger.test/busybox-app:1", vec!["sleep", "601"]),
+    ] {
+        let id = rt
+            .block_on(client.create_container(CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(ContainerConfig {
+                    metadata: Some(ContainerMetadata {
+                        name: name.into(),
+                        attempt: 0,
+                    }),
+                    image: Some(ImageSpec {
+                        image: image.into(),
+                        ..Default::default()
+                    }),
+                    command: command.iter().map(|s| s.to_string()).collect(),
+                    log_path: format!("{name}.log"),
+                    ..Default::default()
+                }),
+                sandbox_config: Some(config.clone()),
+            }))
+            .unwrap_or_else(|e| panic!("CreateContainer {name}: {e:?}\n{}", ctd.log_text()))
+            .into_inner()
+            .container_id;
+        rt.block_on(client.start_container(StartContainerRequest {
+            container_id: id.clone(),
+        }))
+        .unwrap_or_else(|e| panic!("StartContainer {name}: {e:?}\n{}", ctd.log_text()));
+        ids.push(id);
+    }
+    // One VM for the pod.
+    let ls = ok(&inst.banger(&["vm", "ls"]), "vm ls");
+    assert_eq!(ls.lines().count(), 2, "one VM for the pod: {ls}");
+    let exec = |client: &mut RuntimeServiceClient<Channel>, id: &str, cmd: &[&str]| {
+        rt.block_on(client.exec_sync(ExecSyncRequest {
+            container_id: id.to_string(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            timeout: 60,
+        }))
+        .unwrap_or_else(|e| panic!("ExecSync {cmd:?}: {e:?}"))
+        .into_inner()
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || exec(
+            &mut client,
+            &ids[0],
+            &["cat", "/tmp/one"]
+        )
+        .exit_code
+            == 0),
+        "container one ran"
+    );
+    // One machine: two's exec sees one's process; two runs as its image's
+    // user, in its own root.
+    let out = exec(&mut client, &ids[1], &["sh", "-c", "id -un; ps"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.exit_code, 0, "{out:?}");
+    assert!(text.starts_with("app\n"), "{text}");
+    assert!(
+        text.contains("sleep 600") && text.contains("sleep 601"),
+        "{text}"
+    );
+    let out = exec(&mut client, &ids[1], &["cat", "/tmp/one"]);
+    assert_ne!(out.exit_code, 0);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("No such file"),
+        "{out:?}"
+    );
+    let status = rt
+        .block_on(client.container_status(ContainerStatusRequest {
+            container_id: ids[0].clone(),
+            verbose: false,
+        }))
+        .unwrap()
+        .into_inner()
+        .status
+        .expect("a status");
+    assert_eq!(
+        status.state,
+        k8s_cri::v1::ContainerState::ContainerRunning as i32
+    );
+    // Stopped and removed: nothing left.
+    rt.block_on(client.stop_pod_sandbox(StopPodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    }))
+    .unwrap_or_else(|e| panic!("StopPodSandbox: {e:?}\n{}", ctd.log_text()));
+    rt.block_on(client.remove_pod_sandbox(RemovePodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    }))
+    .unwrap_or_else(|e| panic!("RemovePodSandbox: {e:?}\n{}", ctd.log_text()));
+    assert!(
+        wait_until(Duration::from_secs(60), || ctd.shims().is_empty()),
+        "shims left: {:?}",
+        ctd.shims()
+    );
+    let ls = ok(&inst.banger(&["vm", "ls"]), "vm ls");
+    assert_eq!(ls.lines().count(), 1, "no VM left: {ls}");
+    drop(client);
+    drop(rt);
+    inst.assert_baseline();
+}
