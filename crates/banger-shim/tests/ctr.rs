@@ -279,21 +279,7 @@ fn a_detached_container_takes_execs_signals_and_questions() {
         ),
         "ctr run -d t4",
     );
-    ok(
-        &ctd.ctr(&inst, &["task", "kill", "-a", "-s", "KILL", "t4"]),
-        "task kill -a KILL",
-    );
-    assert!(
-        wait_until(Duration::from_secs(30), || {
-            ok(&ctd.ctr(&inst, &["task", "ls"]), "task ls").contains("STOPPED")
-        }),
-        "stopped after KILL"
-    );
-    ok(&ctd.ctr(&inst, &["task", "rm", "t4"]), "task rm t4");
-    ok(
-        &ctd.ctr(&inst, &["container", "rm", "t4"]),
-        "container rm t4",
-    );
+    kill_and_remove(&inst, &ctd, "t4", "KILL", true);
     assert_nothing_left(&inst, &ctd);
 }
 
@@ -324,6 +310,30 @@ fn update_memory(ctd: &Containerd, id: &str, bytes: u64) {
         ..Default::default()
     };
     task.update(ttrpc_deadline(), &req).unwrap();
+}
+
+/// Kills task `id` with `signal` (`-a` when `all`), waits until it has
+/// stopped, and removes it and its container.
+fn kill_and_remove(inst: &Instance, ctd: &Containerd, id: &str, signal: &str, all: bool) {
+    let mut args = vec!["task", "kill", "-s", signal];
+    if all {
+        args.push("-a");
+    }
+    args.push(id);
+    ok(&ctd.ctr(inst, &args), &format!("task kill {id}"));
+    assert!(
+        wait_until(Duration::from_secs(30), || task_status(inst, ctd, id)
+            == "STOPPED"),
+        "{id} stopped after {signal}"
+    );
+    ok(
+        &ctd.ctr(inst, &["task", "rm", id]),
+        &format!("task rm {id}"),
+    );
+    ok(
+        &ctd.ctr(inst, &["container", "rm", id]),
+        &format!("container rm {id}"),
+    );
 }
 
 /// The task's status as `ctr task ls` shows it ("" when it is not listed).
@@ -563,18 +573,7 @@ fn bad_containers_are_refused_by_name_and_mounts_are_honoured() {
     );
     // (containerd's own words: it looks the name up before any runtime.)
     refused(&out, "no users found");
-    ok(
-        &ctd.ctr(&inst, &["task", "kill", "-s", "KILL", "b3"]),
-        "kill b3",
-    );
-    assert!(wait_until(Duration::from_secs(30), || task_status(
-        &inst, &ctd, "b3"
-    ) == "STOPPED"));
-    ok(&ctd.ctr(&inst, &["task", "rm", "b3"]), "task rm b3");
-    ok(
-        &ctd.ctr(&inst, &["container", "rm", "b3"]),
-        "container rm b3",
-    );
+    kill_and_remove(&inst, &ctd, "b3", "KILL", false);
     // A network namespace by path (CNI's, a Kubernetes pod's): pod
     // networking is not built yet, and says so.
     let out = run(&["--with-ns", "network:/proc/1/ns/net", IMAGE, "b5", "true"]);
@@ -705,18 +704,7 @@ fn a_pods_containers_share_one_vm_each_in_its_own_root() {
         "app"
     );
     // p1 goes; the VM stays for p2.
-    ok(
-        &ctd.ctr(&inst, &["task", "kill", "-s", "KILL", "p1"]),
-        "kill p1",
-    );
-    assert!(wait_until(Duration::from_secs(30), || task_status(
-        &inst, &ctd, "p1"
-    ) == "STOPPED"));
-    ok(&ctd.ctr(&inst, &["task", "rm", "p1"]), "task rm p1");
-    ok(
-        &ctd.ctr(&inst, &["container", "rm", "p1"]),
-        "container rm p1",
-    );
+    kill_and_remove(&inst, &ctd, "p1", "KILL", false);
     assert_eq!(
         vms(&inst).lines().count(),
         2,
@@ -727,17 +715,6 @@ fn a_pods_containers_share_one_vm_each_in_its_own_root() {
         ok(&exec("p2", "again", &["echo", "ok"]), "exec p2").trim(),
         "ok"
     );
-    ok(
-        &ctd.ctr(&inst, &["task", "kill", "-s", "KILL", "p2"]),
-        "kill p2",
-    );
-    assert!(wait_until(Duration::from_secs(30), || task_status(
-        &inst, &ctd, "p2"
-    ) == "STOPPED"));
-    ok(&ctd.ctr(&inst, &["task", "rm", "p2"]), "task rm p2");
-    ok(
-        &ctd.ctr(&inst, &["container", "rm", "p2"]),
-        "container rm p2",
-    );
+    kill_and_remove(&inst, &ctd, "p2", "KILL", false);
     assert_nothing_left(&inst, &ctd);
 }

@@ -233,30 +233,44 @@ pub fn make_in(root: &Path, target: &str, dir: bool) -> Result<OwnedFd, String> 
     Ok(cur)
 }
 
-/// Reads `path` of the container at `root`, resolved inside it (its
-/// symbolic links as the container sees them), a regular file of at most
-/// 1 MiB; "" when there is none.
-pub fn read_small(root: &str, path: &str) -> Result<String, String> {
+/// Opens `path` inside the container at `root` with `flags`, resolved as
+/// the container sees it (its absolute links stay in it; no magic links).
+fn open_in_root(root: &str, path: &str, flags: OFlag) -> Result<OwnedFd, nix::errno::Errno> {
     use nix::fcntl::{openat2, OpenHow, ResolveFlag};
-    use std::io::Read;
     let root_fd = nix::fcntl::open(
         root,
         OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
         Mode::empty(),
-    )
-    .map_err(|e| format!("container root {root}: {e}"))?;
+    )?;
     // SAFETY: open just returned this descriptor; nothing else owns it.
     let root_fd = unsafe { OwnedFd::from_raw_fd(root_fd) };
     let how = OpenHow::new()
-        .flags(OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC | OFlag::O_NOCTTY)
+        .flags(flags | OFlag::O_CLOEXEC)
         .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-    let fd = match openat2(root_fd.as_raw_fd(), path.trim_start_matches('/'), how) {
+    let rel = match path.trim_start_matches('/') {
+        "" => ".",
+        rel => rel,
+    };
+    let fd = openat2(root_fd.as_raw_fd(), rel, how)?;
+    // SAFETY: openat2 just returned this descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Reads `path` of the container at `root`, resolved inside it (its
+/// symbolic links as the container sees them), a regular file of at most
+/// 1 MiB; "" when there is none.
+pub fn read_small(root: &str, path: &str) -> Result<String, String> {
+    use std::io::Read;
+    let fd = match open_in_root(
+        root,
+        path,
+        OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY,
+    ) {
         Ok(fd) => fd,
         Err(nix::errno::Errno::ENOENT) => return Ok(String::new()),
         Err(e) => return Err(format!("container {path}: {e}")),
     };
-    // SAFETY: openat2 just returned this descriptor; nothing else owns it.
-    let f = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let f = std::fs::File::from(fd);
     let md = f.metadata().map_err(|e| format!("container {path}: {e}"))?;
     if !md.is_file() {
         return Err(format!("container {path}: not a regular file"));
@@ -271,28 +285,10 @@ pub fn read_small(root: &str, path: &str) -> Result<String, String> {
 /// Whether `dir` is a directory inside the container at `root` (resolved
 /// as the container sees it).
 pub fn is_dir_in(root: &str, dir: &str) -> Result<(), String> {
-    use nix::fcntl::{openat2, OpenHow, ResolveFlag};
-    let root_fd = nix::fcntl::open(
-        root,
-        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| format!("container root {root}: {e}"))?;
-    // SAFETY: open just returned this descriptor; nothing else owns it.
-    let root_fd = unsafe { OwnedFd::from_raw_fd(root_fd) };
-    let how = OpenHow::new()
-        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
-        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-    let rel = match dir.trim_start_matches('/') {
-        "" => ".",
-        rel => rel,
-    };
-    let fd = openat2(root_fd.as_raw_fd(), rel, how).map_err(|e| match e {
+    let fd = open_in_root(root, dir, OFlag::O_PATH).map_err(|e| match e {
         nix::errno::Errno::ENOENT => "no such directory in the container".to_string(),
         e => e.to_string(),
     })?;
-    // SAFETY: openat2 just returned this descriptor; nothing else owns it.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let st = fstat(fd.as_raw_fd()).map_err(|e| e.to_string())?;
     if SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) != SFlag::S_IFDIR {
         return Err("not a directory".into());
