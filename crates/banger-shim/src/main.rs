@@ -43,7 +43,6 @@ fn client() -> Client {
 
 struct Service {
     exit: Arc<ExitSignal>,
-    id: String,
     namespace: String,
 }
 
@@ -53,7 +52,6 @@ impl shim::Shim for Service {
     fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
         Service {
             exit: Arc::new(ExitSignal::default()),
-            id: args.id.clone(),
             namespace: args.namespace.clone(),
         }
     }
@@ -90,17 +88,13 @@ impl shim::Shim for Service {
         let Some((vm, dir)) = task::read_pod_record(&bundle) else {
             return Ok(deleted());
         };
-        let key = spec::label(&self.id);
-        if let Err(e) = pod::unmount_container(&dir, &key) {
+        // The dead shim's VM first (nothing of the guest's may change
+        // under the unmounting), then its pod's whole directory: every
+        // container of it was that shim's.
+        if let Err(e) = vm::delete(&client(), &vm) {
             eprintln!("{RUNTIME}: {e}");
         }
-        // The pod's last container: its directory goes too.
-        if pod::has_no_container(&dir) {
-            if let Err(e) = pod::remove(&dir) {
-                eprintln!("{RUNTIME}: {e}");
-            }
-        }
-        if let Err(e) = vm::delete(&client(), &vm) {
+        if let Err(e) = pod::remove(&dir) {
             eprintln!("{RUNTIME}: {e}");
         }
         Ok(deleted())

@@ -81,23 +81,28 @@ pub fn make(dir: &Path) -> Result<(), PodError> {
             path: base.clone(),
             source,
         })?;
-    if !is_mount_point(&base) {
-        mount(
-            Some(&base),
-            &base,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .map_err(sys(&base, "bind onto itself"))?;
-        mount(
-            None::<&str>,
-            &base,
-            None::<&str>,
-            MsFlags::MS_PRIVATE,
-            None::<&str>,
-        )
-        .map_err(sys(&base, "make private"))?;
+    {
+        // One shim at a time checks and binds it (two first pods at once
+        // would stack two binds, the second hiding the first's pods).
+        let f = std::fs::File::open(&base).map_err(|source| PodError::Io {
+            path: base.clone(),
+            source,
+        })?;
+        let _locked = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| sys(&base, "lock")(e))?;
+        if !is_mount_point(&base) {
+            let flags = MsFlags::MS_BIND | MsFlags::MS_REC;
+            mount(Some(&base), &base, None::<&str>, flags, None::<&str>)
+                .map_err(sys(&base, "bind onto itself"))?;
+            mount(
+                None::<&str>,
+                &base,
+                None::<&str>,
+                MsFlags::MS_PRIVATE,
+                None::<&str>,
+            )
+            .map_err(sys(&base, "make private"))?;
+        }
     }
     match std::fs::create_dir(dir) {
         Ok(()) => {}
@@ -179,24 +184,28 @@ pub fn mount_container(
     bundle: &Path,
     binds: &[HostBind],
 ) -> Result<(), PodError> {
+    let pod = open_dir(dir)?;
+    // Made here, or refused: a name already there is the guest's, and is
+    // neither used nor cleaned up.
+    let c = new_dir(&pod, key, &dir.join(key))?;
     let r = (|| {
-        let pod = open_path(None, &dir.to_string_lossy(), OFlag::O_DIRECTORY)
-            .map_err(sys(dir, "open"))?;
-        let c = new_dir(&pod, key, &dir.join(key))?;
         let root = new_dir(&c, "rootfs", &dir.join(key).join("rootfs"))?;
-        let root_at = fd_path(&root);
-        if !crate::rootfs::mount(Path::new(&root_at), rootfs)? {
+        let ro_bind = crate::rootfs::mount(Path::new(&fd_path(&root)), rootfs)?;
+        if ro_bind.is_none() {
             // No mounts: the bundle's rootfs is the root (ctr --rootfs).
             let from = bundle.join("rootfs");
             let flags = MsFlags::MS_BIND | MsFlags::MS_REC;
             mount(
                 Some(&from),
-                root_at.as_str(),
+                fd_path(&root).as_str(),
                 None::<&str>,
                 flags,
                 None::<&str>,
             )
             .map_err(sys(&from, "bind the bundle's rootfs"))?;
+        }
+        if ro_bind == Some(true) {
+            remount_read_only(&c, "rootfs", &dir.join(key).join("rootfs"))?;
         }
         if binds.is_empty() {
             return Ok(());
@@ -225,63 +234,129 @@ pub fn mount_container(
             )
             .map_err(sys(&b.source, "bind"))?;
             if b.read_only {
-                // The new mount, through the name just made under our
-                // descriptor of its parent (a descriptor of the mount
-                // point is the directory under it).
-                let on = open_path(Some(mounts.as_raw_fd()), &i.to_string(), OFlag::empty())
-                    .map_err(sys(&shown, "open"))?;
-                mount(
-                    None::<&str>,
-                    fd_path(&on).as_str(),
-                    None::<&str>,
-                    MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-                    None::<&str>,
-                )
-                .map_err(sys(&shown, "remount read-only"))?;
+                remount_read_only(&mounts, &i.to_string(), &shown)?;
             }
         }
         Ok(())
     })();
     if r.is_err() {
-        let _ = unmount_container(dir, key);
+        let _ = unmount_container(dir, key, binds.len());
     }
     r
 }
 
-/// Unmounts everything of container `key` (and checks that nothing is
-/// left mounted there before removing its directories, which are then
-/// empty mount points: never a recursive delete).
-pub fn unmount_container(dir: &Path, key: &str) -> Result<(), PodError> {
-    let c = dir.join(key);
-    unmount_under(&c)?;
-    // What the shim made, deepest first; a name the guest put there is
-    // not removed (the tmpfs goes with the pod).
-    let mounts = c.join("mounts");
-    if let Ok(entries) = std::fs::read_dir(&mounts) {
-        for e in entries.flatten() {
-            let p = e.path();
-            let _ = std::fs::remove_dir(&p).or_else(|_| std::fs::remove_file(&p));
+/// Remounts read-only the mount just made on `name` in the directory `at`
+/// is: the name is opened again (a descriptor taken before the mount is
+/// the directory under it, which a remount refuses).
+fn remount_read_only(at: &OwnedFd, name: &str, shown: &Path) -> Result<(), PodError> {
+    let on = open_path(Some(at.as_raw_fd()), name, OFlag::empty()).map_err(sys(shown, "open"))?;
+    mount(
+        None::<&str>,
+        fd_path(&on).as_str(),
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .map_err(sys(shown, "remount read-only"))
+}
+
+/// The pod's directory, opened to work relative to (a real directory,
+/// never a link).
+fn open_dir(dir: &Path) -> Result<OwnedFd, PodError> {
+    let fd = nix::fcntl::open(
+        dir,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(sys(dir, "open"))?;
+    // SAFETY: open just returned this descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Opens directory `name` in the directory `at` is, for listing and
+/// removing in it; never through a link.
+fn open_subdir(at: &OwnedFd, name: &str) -> nix::Result<OwnedFd> {
+    let fd = nix::fcntl::openat(
+        Some(at.as_raw_fd()),
+        name,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    // SAFETY: openat just returned this descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Unmounts whatever is mounted on `name` in the directory `at` is (all
+/// of a stack), by descriptor: the name is opened (crossing into the
+/// mount on it) and that mount unmounted, until nothing is mounted there.
+fn unmount_at(at: &OwnedFd, name: &str, shown: &Path) -> Result<(), PodError> {
+    for _ in 0..8 {
+        let on = match open_path(Some(at.as_raw_fd()), name, OFlag::empty()) {
+            Ok(fd) => fd,
+            Err(nix::errno::Errno::ENOENT) => return Ok(()),
+            Err(e) => return Err(sys(shown, "open")(e)),
+        };
+        match umount2(fd_path(&on).as_str(), MntFlags::MNT_DETACH) {
+            Ok(()) => {}
+            // Not a mount point (any more).
+            Err(nix::errno::Errno::EINVAL) => return Ok(()),
+            Err(e) => return Err(sys(shown, "unmount")(e)),
         }
     }
-    for p in [mounts, c.join("rootfs"), c.clone()] {
-        match std::fs::remove_dir(&p) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => log::warn!("{}: {e}", p.display()),
+    Err(PodError::Busy {
+        path: shown.to_path_buf(),
+        left: "8 mounts stacked".into(),
+    })
+}
+
+/// Unmounts everything of container `key` (its root and its `n` bind
+/// mounts) and removes the directories the shim made for it, all by
+/// descriptor from the pod's directory (the guest may have renamed or
+/// replaced any of it: a link is never followed, a name the shim did not
+/// make is left, and nothing is removed that is not empty).
+pub fn unmount_container(dir: &Path, key: &str, n: usize) -> Result<(), PodError> {
+    use nix::unistd::{unlinkat, UnlinkatFlags};
+    let pod = open_dir(dir)?;
+    let shown = dir.join(key);
+    let c = match open_subdir(&pod, key) {
+        Ok(fd) => fd,
+        Err(nix::errno::Errno::ENOENT) => return Ok(()),
+        Err(e) => return Err(sys(&shown, "open")(e)),
+    };
+    unmount_at(&c, "rootfs", &shown.join("rootfs"))?;
+    let mut left = false;
+    match open_subdir(&c, "mounts") {
+        Ok(mounts) => {
+            for i in 0..n {
+                let name = i.to_string();
+                unmount_at(&mounts, &name, &shown.join("mounts").join(&name))?;
+                let at = Some(mounts.as_raw_fd());
+                let gone = unlinkat(at, name.as_str(), UnlinkatFlags::RemoveDir)
+                    .or_else(|_| unlinkat(at, name.as_str(), UnlinkatFlags::NoRemoveDir));
+                left |= gone.is_err();
+            }
         }
+        Err(nix::errno::Errno::ENOENT) => {}
+        Err(_) => left = true,
+    }
+    for (at, name) in [(&c, "mounts"), (&c, "rootfs"), (&pod, key)] {
+        match unlinkat(Some(at.as_raw_fd()), name, UnlinkatFlags::RemoveDir) {
+            Ok(()) | Err(nix::errno::Errno::ENOENT) => {}
+            Err(_) => left = true,
+        }
+    }
+    if left {
+        // Only mount points were there; what the guest added stays in the
+        // pod's tmpfs, which goes with the pod.
+        log::warn!("{}: left what the guest put there", shown.display());
     }
     Ok(())
 }
 
-/// Whether no container's directory is left in the pod's directory.
-pub fn has_no_container(dir: &Path) -> bool {
-    std::fs::read_dir(dir)
-        .map(|mut d| d.next().is_none())
-        .unwrap_or(true)
-}
-
-/// Unmounts the pod's directory (its containers' mounts first) and
-/// removes it.
+/// Unmounts the pod's directory, its containers' mounts with it (a lazy
+/// unmount detaches the whole tree: nothing is looked up in what the
+/// guest could change), and removes it. Its path is the host's: neither
+/// the base nor the name is the guest's to change.
 pub fn remove(dir: &Path) -> Result<(), PodError> {
     unmount_under(dir)?;
     match std::fs::remove_dir(dir) {
@@ -308,24 +383,22 @@ fn mounts_under(path: &Path) -> Vec<PathBuf> {
     points
 }
 
-/// Unmounts (detached) everything at or under `path`, again while
-/// anything is left (mounts stacked on one point), then checks.
+/// Unmounts (detached, with everything under it) whatever is mounted on
+/// `path` itself, again while something is (mounts stacked on it), then
+/// checks that nothing at or under it is left.
 fn unmount_under(path: &Path) -> Result<(), PodError> {
     for _ in 0..8 {
-        let points = mounts_under(path);
-        if points.is_empty() {
-            return Ok(());
+        if !is_mount_point(path) {
+            break;
         }
-        for p in points {
-            match umount2(&p, MntFlags::MNT_DETACH) {
-                Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
-                Err(errno) => {
-                    return Err(PodError::Sys {
-                        path: p,
-                        op: "unmount",
-                        errno,
-                    })
-                }
+        match umount2(path, MntFlags::MNT_DETACH) {
+            Ok(()) | Err(nix::errno::Errno::EINVAL) => {}
+            Err(errno) => {
+                return Err(PodError::Sys {
+                    path: path.to_path_buf(),
+                    op: "unmount",
+                    errno,
+                })
             }
         }
     }
@@ -437,7 +510,7 @@ mod tests {
             std::fs::write(dir.join("k2/mounts/0/x"), "x").is_err(),
             "read-only"
         );
-        unmount_container(&dir, "k2").unwrap();
+        unmount_container(&dir, "k2", 1).unwrap();
         assert_eq!(
             std::fs::read_to_string(bundle.join("rootfs/file")).unwrap(),
             "rootfs data",

@@ -72,6 +72,8 @@ struct St {
     /// Written to its stdin pump: `c` closes the input (CloseIO) once what
     /// is in the FIFO is passed on, `x` ends the pump (the process ended).
     stop_stdin: Option<File>,
+    /// CloseIO came before the pump was there: it closes at its start.
+    stdin_closed: bool,
 }
 
 pub struct Proc {
@@ -100,6 +102,7 @@ impl Proc {
                 pid: 0,
                 exit: None,
                 stop_stdin: None,
+                stdin_closed: false,
             }),
             cv: Condvar::new(),
         })
@@ -177,15 +180,23 @@ impl Proc {
             .map_err(|source| ProcError::Start { argv0, source })?;
         let pid = session.pid;
         let control = session.control();
-        {
+        let pump = {
+            // Running and its pump's stop in one step: a CloseIO from
+            // now on finds the pump (one before is kept and passed on).
             let mut st = self.st();
             st.status = Status::Running;
             st.pid = pid;
-        }
+            input.map(|(fifo, stop_r, mut stop_w)| {
+                if st.stdin_closed {
+                    let _ = stop_w.write_all(b"c");
+                }
+                st.stop_stdin = Some(stop_w);
+                (fifo, stop_r)
+            })
+        };
         self.cv.notify_all();
         started(pid);
-        if let Some((fifo, stop_r, stop_w)) = input {
-            self.st().stop_stdin = Some(stop_w);
+        if let Some((fifo, stop_r)) = pump {
             std::thread::spawn(move || pump_stdin(fifo, stop_r, &control));
         }
         let me = self.clone();
@@ -221,9 +232,10 @@ impl Proc {
     }
 
     /// A process that will never run (killed before it started, or its
-    /// container deleted): it ends with `status`; None if it had started.
+    /// container deleted): it ends with `status`; None if it had started
+    /// (a start under way is waited for, [`START_WAIT`] at most).
     pub fn end_unstarted(&self, status: u32) -> Option<Exit> {
-        if self.st().status != Status::Created {
+        if self.settled().0 != Status::Created {
             return None;
         }
         let exit = Exit {
@@ -250,6 +262,16 @@ impl Proc {
         (st.status, st.pid)
     }
 
+    /// Its exit, waited for at most `within`.
+    pub fn exit_within(&self, within: Duration) -> Option<Exit> {
+        let st = self.st();
+        let (st, _) = self
+            .cv
+            .wait_timeout_while(st, within, |s| s.exit.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        st.exit
+    }
+
     /// Blocks until it has ended.
     pub fn wait(&self) -> Exit {
         let mut st = self.st();
@@ -264,8 +286,12 @@ impl Proc {
     /// containerd's CloseIO: its input ends once what its client wrote is
     /// passed on.
     pub fn close_stdin(&self) {
-        if let Some(mut w) = self.st().stop_stdin.take() {
-            let _ = w.write_all(b"c");
+        let mut st = self.st();
+        match st.stop_stdin.take() {
+            Some(mut w) => {
+                let _ = w.write_all(b"c");
+            }
+            None => st.stdin_closed = true,
         }
     }
 }

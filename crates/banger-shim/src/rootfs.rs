@@ -23,12 +23,15 @@ pub enum RootfsError {
     },
 }
 
-/// Mounts `mounts` (at most one) at `target`; false when there was none
-/// (a bundle whose rootfs is already there). (A spec's `root.readonly` is
-/// the guest agent's to make, once the mount points are made.)
-pub fn mount(target: &Path, mounts: &[Mount]) -> Result<bool, RootfsError> {
+/// Mounts `mounts` (at most one) at `target`: None when there was none
+/// (a bundle whose rootfs is already there), else whether it is a
+/// read-only bind, which the caller remounts read-only through the name
+/// (a bind ignores `MS_RDONLY` on its first mount). (A spec's
+/// `root.readonly` is the guest agent's to make, once the mount points are
+/// made.)
+pub fn mount(target: &Path, mounts: &[Mount]) -> Result<Option<bool>, RootfsError> {
     let m = match mounts {
-        [] => return Ok(false),
+        [] => return Ok(None),
         [m] => m,
         more => return Err(RootfsError::Several { n: more.len() }),
     };
@@ -68,21 +71,5 @@ pub fn mount(target: &Path, mounts: &[Mount]) -> Result<bool, RootfsError> {
         target: target.display().to_string(),
         errno,
     })?;
-    // A bind ignores MS_RDONLY on its first mount: a remount sets it.
-    if flags.contains(MsFlags::MS_BIND | MsFlags::MS_RDONLY) {
-        sys_mount(
-            None::<&str>,
-            target,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-            None::<&str>,
-        )
-        .map_err(|errno| RootfsError::Mount {
-            kind: "remount read-only".into(),
-            source_path: m.source.clone(),
-            target: target.display().to_string(),
-            errno,
-        })?;
-    }
-    Ok(true)
+    Ok(Some(flags.contains(MsFlags::MS_BIND | MsFlags::MS_RDONLY)))
 }

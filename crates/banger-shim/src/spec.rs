@@ -65,6 +65,16 @@ pub fn pod_of(spec: &Spec, id: &str) -> String {
     }
 }
 
+/// Whether the container is one of a Kubernetes pod's, not its sandbox.
+fn joins_sandbox(spec: &Spec) -> bool {
+    let a = spec.annotations().clone().unwrap_or_default();
+    a.get("io.kubernetes.cri.container-type")
+        .map(String::as_str)
+        == Some("container")
+        && a.get("io.kubernetes.cri.sandbox-id")
+            .is_some_and(|s| !s.is_empty())
+}
+
 /// A host path a container mounts: bound by the shim into the pod's
 /// directory, where the guest sees it.
 #[derive(Debug, Clone)]
@@ -87,21 +97,26 @@ pub struct Plan {
 }
 
 /// A container's limits in its guest cgroup from OCI resources: the
-/// memory limit, and the CPU quota over its period (none set: none).
+/// memory limit, and the CPU quota over its period (unset: left as it
+/// is; -1, OCI's "unlimited": lifted).
 pub fn limits_of(res: &oci_spec::runtime::LinuxResources) -> Limits {
     let memory_max = res
         .memory()
         .as_ref()
         .and_then(|m| m.limit())
-        .filter(|l| *l > 0)
-        .map(|l| l as u64);
-    let cpu_max = res
-        .cpu()
-        .as_ref()
-        .and_then(|c| match (c.quota(), c.period()) {
-            (Some(q), p) if q > 0 => Some((q as u64, p.filter(|p| *p > 0).unwrap_or(100_000))),
+        .and_then(|l| match l {
+            l if l > 0 => Some(l as u64),
+            -1 => Some(0),
             _ => None,
         });
+    let cpu_max = res.cpu().as_ref().and_then(|c| {
+        let period = c.period().filter(|p| *p > 0).unwrap_or(100_000);
+        match c.quota() {
+            Some(q) if q > 0 => Some((q as u64, period)),
+            Some(-1) => Some((0, period)),
+            _ => None,
+        }
+    });
     Limits {
         memory_max,
         cpu_max,
@@ -151,10 +166,10 @@ pub fn plan(spec: &Spec, namespace: &str, id: &str, pod_dir: &Path) -> Result<Pl
                 // A network namespace of its own, empty: as runc gives a
                 // container without CNI, a guest with no network.
                 None => net.none = true,
-                // A pod's other containers join its sandbox's namespaces
-                // (CRI names them by the sandbox task's pid): they are in
-                // its VM already.
-                Some(_) if pod != id => {}
+                // A Kubernetes pod's containers join its sandbox's
+                // namespaces (CRI names them by the sandbox task's pid):
+                // they are in its VM already.
+                Some(_) if joins_sandbox(spec) => {}
                 Some(p) => {
                     return Err(refused(format!(
                         "its network namespace {} is not built into banger's runtime yet \

@@ -58,6 +58,8 @@ struct Container {
 /// A pod: its VM, held while any of its containers is there.
 struct Pod {
     dir: PathBuf,
+    /// The shim's mark in its VM's name and directory.
+    mark: String,
     lease: Option<Lease>,
     members: BTreeSet<String>,
 }
@@ -99,6 +101,9 @@ pub struct TaskService {
     containers: Mutex<HashMap<String, Arc<Container>>>,
     /// Ids whose create is under way.
     creating: Mutex<HashSet<String>>,
+    /// Pods made by this shim so far: the next one's mark (a pod of a
+    /// name released a moment ago is never the next one's).
+    made: std::sync::atomic::AtomicU32,
     pods: Mutex<HashMap<String, Pod>>,
 }
 
@@ -147,6 +152,7 @@ impl TaskService {
             nonce: nonce(),
             containers: Mutex::new(HashMap::new()),
             creating: Mutex::new(HashSet::new()),
+            made: std::sync::atomic::AtomicU32::new(0),
             pods: Mutex::new(HashMap::new()),
         }
     }
@@ -260,7 +266,12 @@ impl TaskService {
     }
 
     /// Boots pod `pod_key`'s VM and checks its agent can run containers.
-    fn boot_pod(&self, create: banger_core::api::CreateVm, dir: &Path) -> Result<Pod, String> {
+    fn boot_pod(
+        &self,
+        create: banger_core::api::CreateVm,
+        dir: &Path,
+        mark: &str,
+    ) -> Result<Pod, String> {
         pod::make(dir).map_err(|e| e.to_string())?;
         let lease = match vm::boot(&self.client, create) {
             Ok(l) => l,
@@ -271,6 +282,7 @@ impl TaskService {
         };
         let pod = Pod {
             dir: dir.to_path_buf(),
+            mark: mark.to_string(),
             lease: Some(lease),
             members: BTreeSet::new(),
         };
@@ -307,7 +319,7 @@ impl TaskService {
         let Some(pod) = pods.get_mut(&c.pod) else {
             return;
         };
-        if let Err(e) = pod::unmount_container(&pod.dir, &c.key) {
+        if let Err(e) = pod::unmount_container(&pod.dir, &c.key, c.base.binds.len()) {
             log::warn!("container {}: {e}", c.id);
         }
         pod.members.remove(&c.id);
@@ -429,17 +441,28 @@ impl containerd_shim::Task for TaskService {
             .as_ref()
             .ok_or_else(|| invalid(&format!("container {id}: config.json has no process")))?;
         let pod_key = spec::pod_of(&spec, &id);
-        let pod_dir = pod::dir(
-            &self.client.layout.runtime_dir,
-            &self.namespace,
-            &pod_key,
-            &self.nonce,
-        );
+        // The pod's directory: its own when it runs already, else a new
+        // one marked with this shim's nonce and its count of pods.
+        // (The pods' lock is held from here to the pod's VM: a pod of
+        // this name let go meanwhile is never mistaken for this one.)
+        let mut pods = self.pods();
+        let existing = pods.get(&pod_key).map(|p| (p.dir.clone(), p.mark.clone()));
+        let (pod_dir, mark) = existing.unwrap_or_else(|| {
+            let n = self.made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mark = format!("{}{n:x}", self.nonce);
+            let dir = pod::dir(
+                &self.client.layout.runtime_dir,
+                &self.namespace,
+                &pod_key,
+                &mark,
+            );
+            (dir, mark)
+        });
         let mut plan =
             spec::plan(&spec, &self.namespace, &id, &pod_dir).map_err(|e| invalid(&e))?;
         if let Some(name) = plan.create.name.as_mut() {
             name.push('-');
-            name.push_str(&self.nonce);
+            name.push_str(&mark);
         }
         let exec = spec::exec_for(
             &id,
@@ -451,11 +474,10 @@ impl containerd_shim::Task for TaskService {
         .map_err(|e| invalid(&e))?;
         let started = std::time::Instant::now();
         // The pod's VM: made by its first container, held by its last.
-        let mut pods = self.pods();
         let new_pod = !pods.contains_key(&pod_key);
         if new_pod {
             let pod = self
-                .boot_pod(plan.create.clone(), &pod_dir)
+                .boot_pod(plan.create.clone(), &pod_dir, &mark)
                 .map_err(|e| status(Code::UNKNOWN, format!("container {id}: {e}")))?;
             log::info!(
                 "pod {pod_key}: vm up in {} ms",
@@ -472,7 +494,7 @@ impl containerd_shim::Task for TaskService {
             .map_err(|e| e.to_string())
             .and_then(|()| {
                 let undo = |e: String| {
-                    let _ = pod::unmount_container(&pod_dir, &plan.key);
+                    let _ = pod::unmount_container(&pod_dir, &plan.key, plan.binds.len());
                     e
                 };
                 record_pod(&bundle, &vm_name, &pod_dir)
@@ -657,54 +679,56 @@ impl containerd_shim::Task for TaskService {
                 )
             })?;
         let p = c.process(&req.exec_id)?;
-        match p.settled() {
-            (Status::Created, _) | (Status::Starting, _) => {
-                // Killed before it ran: it never will.
-                if let Some(exit) = p.end_unstarted(128 + req.signal) {
-                    self.exit_event(&c, &p, 0, exit);
-                }
-            }
-            (Status::Running, pid) => {
-                let r = agent_call(
-                    &self.client,
-                    &c.vm,
-                    Call::Signal {
-                        target: Target::Pid(pid),
-                        signal,
-                    },
-                );
-                match r {
-                    Ok(Msg::Done) => {}
-                    // Gone meanwhile: as containerd expects of a finished one.
-                    Ok(_) | Err(_) if p.status().0 == Status::Stopped => {
-                        if !req.all {
-                            return Err(not_found(format!(
-                                "container {}: process already finished",
-                                c.id
-                            )));
+        // Killed before it ran: it never will (a start under way is
+        // waited for; one that won runs, and is signalled).
+        if let Some(exit) = p.end_unstarted(128 + req.signal) {
+            self.exit_event(&c, &p, 0, exit);
+        } else {
+            match p.settled() {
+                (Status::Running, pid) => {
+                    let r = agent_call(
+                        &self.client,
+                        &c.vm,
+                        Call::Signal {
+                            target: Target::Pid(pid),
+                            signal,
+                        },
+                    );
+                    match r {
+                        Ok(Msg::Done) => {}
+                        // The agent may have reaped it before its end got
+                        // here: as containerd expects of a finished one.
+                        other if p.exit_within(Duration::from_secs(2)).is_some() => {
+                            log::debug!("container {}: kill: {other:?}", c.id);
+                            if !req.all {
+                                return Err(not_found(format!(
+                                    "container {}: process already finished",
+                                    c.id
+                                )));
+                            }
+                        }
+                        Ok(other) => {
+                            return Err(status(
+                                Code::UNKNOWN,
+                                format!("container {}: the agent answered {other:?}", c.id),
+                            ))
+                        }
+                        Err(e) => {
+                            return Err(status(
+                                Code::UNAVAILABLE,
+                                format!("container {}: {e}", c.id),
+                            ))
                         }
                     }
-                    Ok(other) => {
-                        return Err(status(
-                            Code::UNKNOWN,
-                            format!("container {}: the agent answered {other:?}", c.id),
-                        ))
-                    }
-                    Err(e) => {
-                        return Err(status(
-                            Code::UNAVAILABLE,
-                            format!("container {}: {e}", c.id),
-                        ))
-                    }
                 }
+                (Status::Stopped, _) if !req.all => {
+                    return Err(not_found(format!(
+                        "container {}: process already finished",
+                        c.id
+                    )))
+                }
+                _ => {}
             }
-            (Status::Stopped, _) if !req.all => {
-                return Err(not_found(format!(
-                    "container {}: process already finished",
-                    c.id
-                )))
-            }
-            (Status::Stopped, _) => {}
         }
         // `all`: every process of the container, its children too.
         if req.all && req.exec_id.is_empty() {

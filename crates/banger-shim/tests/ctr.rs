@@ -53,36 +53,7 @@ fn vms(inst: &Instance) -> String {
 }
 
 fn assert_nothing_left(inst: &Instance, ctd: &Containerd) {
-    assert!(
-        wait_until(Duration::from_secs(30), || ctd.shims().is_empty()),
-        "shims left: {:?}",
-        ctd.shims()
-    );
-    let ls = vms(inst);
-    assert_eq!(ls.lines().count(), 1, "no VM but the header: {ls}");
-    // No pod directory, nor anything mounted there.
-    let pods = inst.runtime().join("containerd");
-    let left: Vec<_> = std::fs::read_dir(&pods)
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    assert!(left.is_empty(), "pod dirs left: {left:?}");
-    // (In the namespace containerd and the daemon run in.)
-    let mounts = ok(
-        &inst
-            .net
-            .cmd("cat")
-            .arg("/proc/self/mountinfo")
-            .output()
-            .unwrap(),
-        "mountinfo",
-    );
-    let under = format!("{}/", pods.display());
-    let left: Vec<&str> = mounts
-        .lines()
-        .filter(|l| l.split(' ').nth(4).is_some_and(|p| p.starts_with(&under)))
-        .collect();
-    assert!(left.is_empty(), "mounts left: {left:?}");
-    inst.assert_baseline();
+    ctd.assert_clean(inst);
 }
 
 #[test]
@@ -202,7 +173,10 @@ fn a_detached_container_takes_execs_signals_and_questions() {
     assert_eq!(ok(&out, "exec --user app").trim(), "1000");
     // ps lists the init's guest pid; metrics are the VM's.
     let ps = ok(&ctd.ctr(&inst, &["task", "ps", "t3"]), "task ps");
-    assert!(ps.lines().count() >= 2, "a header and the init: {ps}");
+    assert!(
+        ps.lines().count() >= 3,
+        "a header, the init and its sleep (the container's cgroup): {ps}"
+    );
     let metrics = ok(&ctd.ctr(&inst, &["task", "metrics", "t3"]), "task metrics");
     // cgroup v2's metrics, as ctr prints them.
     let usage: u64 = metrics
@@ -578,6 +552,30 @@ fn bad_containers_are_refused_by_name_and_mounts_are_honoured() {
     // networking is not built yet, and says so.
     let out = run(&["--with-ns", "network:/proc/1/ns/net", IMAGE, "b5", "true"]);
     refused(&out, "pod networking");
+    // ... also in a banger group (only a Kubernetes pod's containers
+    // join their sandbox's namespaces).
+    let out = run(&[
+        "--with-ns",
+        "network:/proc/1/ns/net",
+        "--annotation=io.containerd.banger.v2.group=g1",
+        IMAGE,
+        "b6",
+        "true",
+    ]);
+    refused(&out, "pod networking");
+    // A read-only root (a read-only bind of the image's snapshot).
+    let out = run(&[
+        "--read-only",
+        IMAGE,
+        "r1",
+        "sh",
+        "-c",
+        "touch /new 2>/dev/null || echo read-only; cat /etc/passwd | head -1",
+    ]);
+    assert_eq!(
+        ok(&out, "run --read-only"),
+        "read-only\nroot:x:0:0:root:/root:/bin/sh\n"
+    );
     // A host path that is not there.
     let out = run(&[
         "--mount",
@@ -587,7 +585,7 @@ fn bad_containers_are_refused_by_name_and_mounts_are_honoured() {
         "true",
     ]);
     refused(&out, "/nonexistent-banger");
-    for id in ["b1", "b2", "b4", "b5"] {
+    for id in ["b1", "b2", "b4", "b5", "b6"] {
         let _ = ctd.ctr(&inst, &["container", "rm", id]);
     }
     // A directory (read-only) and a file, mounted.

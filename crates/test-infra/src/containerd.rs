@@ -13,6 +13,8 @@ use crate::Instance;
 /// containerd and what it runs for one test.
 pub struct Containerd {
     dir: PathBuf,
+    /// banger's runtime's pod directories (`<runtime>/containerd`).
+    pods: PathBuf,
     child: Option<Child>,
     bin_dir: PathBuf,
     log: PathBuf,
@@ -89,6 +91,7 @@ disabled_plugins = [{disabled_cri}"io.containerd.snapshotter.v1.btrfs",
         std::fs::write(dir.join("config.toml"), config).expect("write containerd config");
         let mut me = Containerd {
             dir: dir.clone(),
+            pods: inst.runtime().join("containerd"),
             child: None,
             bin_dir: bin_dir.to_path_buf(),
             log: dir.join("containerd.log"),
@@ -212,6 +215,40 @@ disabled_plugins = [{disabled_cri}"io.containerd.snapshotter.v1.btrfs",
             .collect()
     }
 
+    /// Asserts that nothing of banger's runtime is left: no shim, no VM
+    /// of the instance, no pod directory or mount under
+    /// `<runtime>/containerd` (in the namespace containerd runs in), and
+    /// the instance's baseline.
+    pub fn assert_clean(&self, inst: &Instance) {
+        assert!(
+            crate::wait_until(Duration::from_secs(30), || self.shims().is_empty()),
+            "shims left: {:?}",
+            self.shims()
+        );
+        let ls = crate::ok(&inst.banger(&["vm", "ls"]), "vm ls");
+        assert_eq!(ls.lines().count(), 1, "no VM but the header: {ls}");
+        let left: Vec<_> = std::fs::read_dir(&self.pods)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "pod dirs left: {left:?}");
+        let mounts = crate::ok(
+            &inst
+                .net
+                .cmd("cat")
+                .arg("/proc/self/mountinfo")
+                .output()
+                .expect("cat mountinfo"),
+            "mountinfo",
+        );
+        let under = format!("{}/", self.pods.display());
+        let left: Vec<&str> = mounts
+            .lines()
+            .filter(|l| l.split(' ').nth(4).is_some_and(|p| p.starts_with(&under)))
+            .collect();
+        assert!(left.is_empty(), "mounts left: {left:?}");
+        inst.assert_baseline();
+    }
+
     /// Stops containerd (its shims go on, as a restart leaves them).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -234,11 +271,14 @@ impl Drop for Containerd {
         if let Some(pid) = self.child.as_ref().map(Child::id) {
             let mounts =
                 std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap_or_default();
-            let dir = format!("{}/", self.dir.display());
+            let dirs = [
+                format!("{}/", self.dir.display()),
+                format!("{}/", self.pods.display()),
+            ];
             let mut points: Vec<&str> = mounts
                 .lines()
                 .filter_map(|l| l.split(' ').nth(4))
-                .filter(|p| p.starts_with(&dir))
+                .filter(|p| dirs.iter().any(|d| p.starts_with(d.as_str())))
                 .collect();
             points.sort_by_key(|p| std::cmp::Reverse(p.len()));
             for p in points {

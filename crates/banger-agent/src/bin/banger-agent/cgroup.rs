@@ -50,12 +50,14 @@ pub fn prepare(name: &str) -> Result<File, String> {
         .map_err(|e| format!("cgroup: mount cgroup2 on {ROOT}: {e}"))?;
     }
     let parent = root.join(PARENT);
-    if !parent.exists() {
-        write(&root.join("cgroup.subtree_control"), CONTROLLERS)?;
-        std::fs::create_dir(&parent)
-            .map_err(|e| format!("cgroup: mkdir {}: {e}", parent.display()))?;
-        write(&parent.join("cgroup.subtree_control"), CONTROLLERS)?;
+    // The controllers on at each level, whatever an earlier try left.
+    enable(root)?;
+    match std::fs::create_dir(&parent) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("cgroup: mkdir {}: {e}", parent.display())),
     }
+    enable(&parent)?;
     let d = dir(name);
     match std::fs::create_dir(&d) {
         Ok(()) => {}
@@ -67,6 +69,20 @@ pub fn prepare(name: &str) -> Result<File, String> {
         .write(true)
         .open(&procs)
         .map_err(|e| format!("cgroup: open {}: {e}", procs.display()))
+}
+
+/// The containers' controllers in `dir`'s subtree, unless they are.
+fn enable(dir: &Path) -> Result<(), String> {
+    let f = dir.join("cgroup.subtree_control");
+    let on = std::fs::read_to_string(&f).unwrap_or_default();
+    let missing = CONTROLLERS.split(' ').any(|c| {
+        !on.split_whitespace()
+            .any(|o| o == c.trim_start_matches('+'))
+    });
+    if missing {
+        write(&f, CONTROLLERS)?;
+    }
+    Ok(())
 }
 
 /// Sets `name`'s limits (what is `None` is left as it is; 0 lifts one).

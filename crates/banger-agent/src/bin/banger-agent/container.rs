@@ -48,11 +48,24 @@ pub fn prepare(c: &InRoot) -> Result<(), String> {
         )
         .map_err(|e| format!("container root: bind /{d}: {e}"))?;
     }
-    for b in &c.binds {
-        bind(root, b)?;
+    // Binds and tmpfs mounts together, the shallower first: a bind
+    // under a tmpfs (`/run`, then `/run/x`) lands on the tmpfs.
+    enum One<'a> {
+        Bind(&'a Bind),
+        Tmpfs(&'a Tmpfs),
     }
-    for t in &c.tmpfs {
-        tmpfs(root, t)?;
+    let mut all: Vec<(usize, One)> = c
+        .binds
+        .iter()
+        .map(|b| (depth(&b.target), One::Bind(b)))
+        .chain(c.tmpfs.iter().map(|t| (depth(&t.target), One::Tmpfs(t))))
+        .collect();
+    all.sort_by_key(|(d, _)| *d);
+    for (_, m) in all {
+        match m {
+            One::Bind(b) => bind(root, b)?,
+            One::Tmpfs(t) => tmpfs(root, t)?,
+        }
     }
     if c.readonly {
         read_only_root(root)?;
@@ -84,6 +97,11 @@ fn read_only_root(root: &Path) -> Result<(), String> {
         None::<&str>,
     )
     .map_err(|e| format!("container root {}: read-only: {e}", root.display()))
+}
+
+/// How many components a path in the container has.
+fn depth(p: &str) -> usize {
+    p.split('/').filter(|c| !c.is_empty()).count()
 }
 
 /// Binds `b.source` (a guest path) at `b.target` in `root`, once: a
@@ -125,10 +143,21 @@ fn bind(root: &Path, b: &Bind) -> Result<(), String> {
 fn tmpfs(root: &Path, t: &Tmpfs) -> Result<(), String> {
     let at =
         make_in(root, &t.target, true).map_err(|e| format!("container tmpfs {}: {e}", t.target))?;
-    let is_tmpfs = nix::sys::statfs::fstatfs(&at)
-        .map(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
-        .unwrap_or(false);
-    if is_tmpfs {
+    // Mounted already: the target (reopened, crossing into what is
+    // mounted on it) is on another device than its parent.
+    let parent = t
+        .target
+        .trim_end_matches('/')
+        .rsplit_once('/')
+        .map(|(p, _)| p)
+        .unwrap_or("");
+    let dev = |path: &str| {
+        make_in(root, path, true)
+            .ok()
+            .and_then(|fd| fstat(fd.as_raw_fd()).ok())
+            .map(|s| s.st_dev)
+    };
+    if dev(&t.target) != dev(parent) {
         return Ok(());
     }
     let mut flags = MsFlags::empty();
