@@ -14,7 +14,9 @@ use crate::model::{AutoStop, NetPolicy, VmmKind};
 use crate::sizing::SizeRequest;
 use crate::state::VmState;
 
-pub const PROTOCOL_VERSION: u32 = 12;
+/// 13: guests' agents speak protocol 2 (containers: roots, cgroups), so a
+/// client of 13 (the containerd shim) knows its VMs' agents can run them.
+pub const PROTOCOL_VERSION: u32 = 13;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

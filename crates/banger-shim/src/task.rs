@@ -32,9 +32,6 @@ fn not_found(what: impl std::fmt::Display) -> ttrpc::Error {
     status(Code::NOT_FOUND, format!("{what}: not found"))
 }
 
-/// The guest agent's protocol a container needs (containers' calls).
-const AGENT_VERSION: u32 = 2;
-
 /// How long one agent call may take, the whole exchange.
 const AGENT_WITHIN: Duration = Duration::from_secs(10);
 
@@ -53,6 +50,8 @@ struct Container {
     pod: String,
     key: String,
     vm: String,
+    /// Its cgroup was killed when its init exited (nothing of it runs).
+    emptied: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A pod: its VM, held while any of its containers is there.
@@ -228,13 +227,15 @@ impl TaskService {
         let events = self.events.clone();
         let (client, vm, key) = (self.client.clone(), c.vm.clone(), c.key.clone());
         let init = p.exec_id.is_empty();
+        let emptied = c.emptied.clone();
         let (cid2, id2) = (c.id.clone(), c.id_of(p));
         let exited = move |pid: u32, exit: Exit| {
             // The init's end is the container's: the rest of its processes
             // go with it (its cgroup killed), as with a pid namespace.
             if init {
-                if let Err(e) = signal_all(&client, &vm, &key, nix::libc::SIGKILL) {
-                    log::warn!("container {cid2}: {e}");
+                match signal_all(&client, &vm, &key, nix::libc::SIGKILL) {
+                    Ok(_) => emptied.store(true, std::sync::atomic::Ordering::SeqCst),
+                    Err(e) => log::warn!("container {cid2}: {e}"),
                 }
             }
             events.send(Event::Exit(TaskExit {
@@ -286,30 +287,10 @@ impl TaskService {
             lease: Some(lease),
             members: BTreeSet::new(),
         };
-        let vm = pod
-            .lease
-            .as_ref()
-            .map(|l| l.vm.name.clone())
-            .unwrap_or_default();
-        let version = match agent_call(&self.client, &vm, Call::Ping) {
-            Ok(Msg::Pong { version, .. }) => Ok(version),
-            Ok(other) => Err(format!("vm {vm}: the agent answered {other:?}")),
-            Err(e) => Err(e),
-        };
-        match version {
-            Ok(v) if v >= AGENT_VERSION => Ok(pod),
-            Ok(v) => {
-                release_pod(pod);
-                Err(format!(
-                    "vm {vm}: its guest agent speaks protocol {v}; containers need {AGENT_VERSION}: \
-                     update banger (the daemon gives guests its own agent)"
-                ))
-            }
-            Err(e) => {
-                release_pod(pod);
-                Err(e)
-            }
-        }
+        // Its agent runs containers: a daemon that speaks this client's
+        // protocol (13) gives its guests agents of protocol 2, and checks
+        // each one's at its boot.
+        Ok(pod)
     }
 
     /// Unmounts a container's root filesystem and mounts; the last of a
@@ -539,6 +520,7 @@ impl containerd_shim::Task for TaskService {
             pod: pod_key,
             key: plan.key,
             vm: vm_name,
+            emptied: Default::default(),
         });
         self.containers().insert(id.clone(), c);
         self.events.send(Event::Create(TaskCreate {
@@ -775,8 +757,11 @@ impl containerd_shim::Task for TaskService {
             // Whatever of it still runs (execs, their children) goes, then
             // its mounts (and the pod's VM with its last container); only
             // then is it gone from the shim (a Shutdown waits for that).
-            if let Err(e) = signal_all(&self.client, &c.vm, &c.key, nix::libc::SIGKILL) {
-                log::warn!("container {}: {e}", c.id);
+            // (Done already when its init's exit killed its cgroup.)
+            if !c.emptied.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Err(e) = signal_all(&self.client, &c.vm, &c.key, nix::libc::SIGKILL) {
+                    log::warn!("container {}: {e}", c.id);
+                }
             }
             for e in c.execs().values() {
                 e.end_unstarted(KILLED);
