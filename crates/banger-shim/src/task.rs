@@ -295,23 +295,22 @@ impl TaskService {
 
     /// Unmounts a container's root filesystem and mounts; the last of a
     /// pod lets go of the pod's VM and directory.
-    fn tear_down(&self, c: &Container) {
+    /// (How long the VM's deletion took, when it was let go.)
+    fn tear_down(&self, c: &Container) -> Option<Duration> {
         let mut pods = self.pods();
         let Some(pod) = pods.get_mut(&c.pod) else {
-            return;
+            return None;
         };
         if let Err(e) = pod::unmount_container(&pod.dir, &c.key, c.base.binds.len()) {
             log::warn!("container {}: {e}", c.id);
         }
         pod.members.remove(&c.id);
         if !pod.members.is_empty() {
-            return;
+            return None;
         }
-        let Some(pod) = pods.remove(&c.pod) else {
-            return;
-        };
+        let pod = pods.remove(&c.pod)?;
         drop(pods);
-        release_pod(pod);
+        Some(release_pod(pod))
     }
 }
 
@@ -333,16 +332,30 @@ fn nonce() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// Lets go of a pod's VM (bounded), then of its directory.
-fn release_pod(mut pod: Pod) {
+/// Lets go of a pod's VM (bounded), then of its directory; how long the
+/// VM's deletion took.
+fn release_pod(mut pod: Pod) -> Duration {
+    let t = std::time::Instant::now();
     if let Some(l) = pod.lease.take() {
         if let Err(e) = l.release() {
             log::warn!("{e}");
         }
     }
+    let vm = t.elapsed();
     if let Err(e) = pod::remove(&pod.dir) {
         log::warn!("{e}");
     }
+    vm
+}
+
+/// Logs how long a call took and how much of it was its VM's boot or
+/// deletion (what `vm run` does too): `bench --containerd-only` reads it.
+fn timing(what: &str, id: &str, total: Duration, vm: Duration) {
+    log::info!(
+        "banger-shim timing {what} {id} total_us={} vm_us={}",
+        total.as_micros(),
+        vm.as_micros()
+    );
 }
 
 /// Writes the pod record into a container's bundle.
@@ -395,6 +408,7 @@ impl containerd_shim::Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::CreateTaskRequest,
     ) -> TtrpcResult<api::CreateTaskResponse> {
+        let called = std::time::Instant::now();
         let id = req.id.clone();
         // The id is this create's until it ends.
         let _creating = {
@@ -453,17 +467,15 @@ impl containerd_shim::Task for TaskService {
             !req.stdin.is_empty(),
         )
         .map_err(|e| invalid(&e))?;
-        let started = std::time::Instant::now();
         // The pod's VM: made by its first container, held by its last.
         let new_pod = !pods.contains_key(&pod_key);
+        let mut boot = Duration::ZERO;
         if new_pod {
+            let t = std::time::Instant::now();
             let pod = self
                 .boot_pod(plan.create.clone(), &pod_dir, &mark)
                 .map_err(|e| status(Code::UNKNOWN, format!("container {id}: {e}")))?;
-            log::info!(
-                "pod {pod_key}: vm up in {} ms",
-                started.elapsed().as_millis()
-            );
+            boot = t.elapsed();
             pods.insert(pod_key.clone(), pod);
         }
         let vm_name = pods
@@ -523,6 +535,7 @@ impl containerd_shim::Task for TaskService {
             emptied: Default::default(),
         });
         self.containers().insert(id.clone(), c);
+        timing("create", &id, called.elapsed(), boot);
         self.events.send(Event::Create(TaskCreate {
             container_id: id,
             bundle: req.bundle,
@@ -736,6 +749,7 @@ impl containerd_shim::Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::DeleteRequest,
     ) -> TtrpcResult<api::DeleteResponse> {
+        let called = std::time::Instant::now();
         let c = self.container(&req.id)?;
         let p = c.process(&req.exec_id)?;
         let (st, pid) = p.settled();
@@ -766,8 +780,9 @@ impl containerd_shim::Task for TaskService {
             for e in c.execs().values() {
                 e.end_unstarted(KILLED);
             }
-            self.tear_down(&c);
+            let vm = self.tear_down(&c).unwrap_or_default();
             self.containers().remove(&c.id);
+            timing("delete", &c.id, called.elapsed(), vm);
             self.events.send(Event::Delete(TaskDelete {
                 container_id: c.id.clone(),
                 pid,
