@@ -298,9 +298,7 @@ impl TaskService {
     /// (How long the VM's deletion took, when it was let go.)
     fn tear_down(&self, c: &Container) -> Option<Duration> {
         let mut pods = self.pods();
-        let Some(pod) = pods.get_mut(&c.pod) else {
-            return None;
-        };
+        let pod = pods.get_mut(&c.pod)?;
         if let Err(e) = pod::unmount_container(&pod.dir, &c.key, c.base.binds.len()) {
             log::warn!("container {}: {e}", c.id);
         }
