@@ -562,6 +562,13 @@ pub enum Call {
         cgroup: String,
         signal: i32,
     },
+    /// A container deleted: every process of its cgroup killed, the
+    /// cgroup removed once empty (2 s at most), and what the agent mounted
+    /// in its root unmounted; `Done`.
+    ContainerGone {
+        root: String,
+        cgroup: String,
+    },
     /// Writes the guest's dirty pages to its disks (`sync`), before the
     /// host kills a VM whose volumes must keep what it wrote.
     Sync,

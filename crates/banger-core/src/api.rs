@@ -628,7 +628,7 @@ mod tests {
         let s = serde_json::to_string(&e).unwrap();
         assert_eq!(
             s,
-            r#"{"version":12,"request":{"op":"vm_start","name":"a"}}"#
+            format!(r#"{{"version":{PROTOCOL_VERSION},"request":{{"op":"vm_start","name":"a"}}}}"#)
         );
         assert_eq!(serde_json::from_str::<Envelope>(&s).unwrap(), e);
         let bad = r#"{"version":3,"request":{"op":"vm_start","name":"a","force":true}}"#;

@@ -235,14 +235,24 @@ impl Proc {
     /// container deleted): it ends with `status`; None if it had started
     /// (a start under way is waited for, [`START_WAIT`] at most).
     pub fn end_unstarted(&self, status: u32) -> Option<Exit> {
-        if self.settled().0 != Status::Created {
+        // Under one guard from the look to the end: no start can claim it
+        // in between.
+        let st = self.st();
+        let (mut st, _) = self
+            .cv
+            .wait_timeout_while(st, START_WAIT, |s| s.status == Status::Starting)
+            .unwrap_or_else(|p| p.into_inner());
+        if st.status != Status::Created {
             return None;
         }
         let exit = Exit {
             status,
             at: SystemTime::now(),
         };
-        self.finish(exit);
+        st.status = Status::Stopped;
+        st.exit = Some(exit);
+        drop(st);
+        self.cv.notify_all();
         Some(exit)
     }
 

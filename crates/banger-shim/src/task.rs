@@ -50,8 +50,6 @@ struct Container {
     pod: String,
     key: String,
     vm: String,
-    /// Its cgroup was killed when its init exited (nothing of it runs).
-    emptied: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A pod: its VM, held while any of its containers is there.
@@ -227,15 +225,13 @@ impl TaskService {
         let events = self.events.clone();
         let (client, vm, key) = (self.client.clone(), c.vm.clone(), c.key.clone());
         let init = p.exec_id.is_empty();
-        let emptied = c.emptied.clone();
         let (cid2, id2) = (c.id.clone(), c.id_of(p));
         let exited = move |pid: u32, exit: Exit| {
             // The init's end is the container's: the rest of its processes
             // go with it (its cgroup killed), as with a pid namespace.
             if init {
-                match signal_all(&client, &vm, &key, nix::libc::SIGKILL) {
-                    Ok(_) => emptied.store(true, std::sync::atomic::Ordering::SeqCst),
-                    Err(e) => log::warn!("container {cid2}: {e}"),
+                if let Err(e) = signal_all(&client, &vm, &key, nix::libc::SIGKILL) {
+                    log::warn!("container {cid2}: {e}");
                 }
             }
             events.send(Event::Exit(TaskExit {
@@ -530,7 +526,6 @@ impl containerd_shim::Task for TaskService {
             pod: pod_key,
             key: plan.key,
             vm: vm_name,
-            emptied: Default::default(),
         });
         self.containers().insert(id.clone(), c);
         timing("create", &id, called.elapsed(), boot);
@@ -766,12 +761,25 @@ impl containerd_shim::Task for TaskService {
             at: std::time::SystemTime::now(),
         });
         if req.exec_id.is_empty() {
-            // Whatever of it still runs (execs, their children) goes, then
-            // its mounts (and the pod's VM with its last container); only
+            // Whatever of it still runs (execs, their children) goes, its
+            // cgroup with it, and what was mounted in its root in the guest
+            // (unless it is its pod's last: the VM goes); then its mounts
+            // on the host, and the pod's VM with its last container; only
             // then is it gone from the shim (a Shutdown waits for that).
-            // (Done already when its init's exit killed its cgroup.)
-            if !c.emptied.load(std::sync::atomic::Ordering::SeqCst) {
-                if let Err(e) = signal_all(&self.client, &c.vm, &c.key, nix::libc::SIGKILL) {
+            let last = self
+                .pods()
+                .get(&c.pod)
+                .is_some_and(|p| p.members.len() == 1 && p.members.contains(&c.id));
+            if !last {
+                let gone = agent_call(
+                    &self.client,
+                    &c.vm,
+                    Call::ContainerGone {
+                        root: c.base.root.clone(),
+                        cgroup: c.key.clone(),
+                    },
+                );
+                if let Err(e) = gone {
                     log::warn!("container {}: {e}", c.id);
                 }
             }

@@ -701,8 +701,30 @@ fn a_pods_containers_share_one_vm_each_in_its_own_root() {
         ok(&exec("p2", "u", &["id", "-un"]), "id in p2").trim(),
         "app"
     );
-    // p1 goes; the VM stays for p2.
+    // p1 goes; the VM stays for p2, and keeps nothing of p1's: no cgroup,
+    // nothing mounted in its root.
     kill_and_remove(&inst, &ctd, "p1", "KILL", false);
+    let left = ok(
+        &exec(
+            "p2",
+            "left",
+            &[
+                "sh",
+                "-c",
+                "ls -d /sys/fs/cgroup/banger/*/; cat /proc/mounts",
+            ],
+        ),
+        "what is left of p1",
+    );
+    let cgroups: Vec<&str> = left
+        .lines()
+        .filter(|l| l.starts_with("/sys/fs/cgroup/banger/"))
+        .collect();
+    assert!(
+        cgroups.len() == 1 && cgroups[0].contains("/p2-"),
+        "only p2's cgroup: {left}"
+    );
+    assert!(!left.contains("/p1-"), "nothing of p1 mounted: {left}");
     assert_eq!(
         vms(&inst).lines().count(),
         2,

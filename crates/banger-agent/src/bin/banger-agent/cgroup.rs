@@ -139,6 +139,47 @@ pub fn signal(name: &str, signal: i32) -> Result<Vec<u32>, String> {
     Ok(pids)
 }
 
+/// Kills every process of `name` and removes it once empty (2 s at most:
+/// a cgroup still emptying is left, and goes with the VM).
+pub fn remove(name: &str) -> Result<(), String> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::io::{Read, Seek};
+    check_name(name)?;
+    let d = dir(name);
+    if !d.exists() {
+        return Ok(());
+    }
+    write(&d.join("cgroup.kill"), "1")?;
+    // cgroup.events says when it is empty, and wakes a poll on a change.
+    let events = d.join("cgroup.events");
+    let mut f = std::fs::File::open(&events)
+        .map_err(|e| format!("cgroup {name}: open cgroup.events: {e}"))?;
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let mut s = String::new();
+        let _ = f.rewind();
+        let _ = f.read_to_string(&mut s);
+        if s.lines().any(|l| l.trim() == "populated 0") {
+            break;
+        }
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Ok(()); // still emptying: left to the VM's end
+        }
+        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(
+            std::os::fd::AsFd::as_fd(&f),
+            PollFlags::POLLPRI,
+        )];
+        let _ = poll(&mut fds, PollTimeout::from(ms));
+    }
+    match std::fs::remove_dir(&d) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("cgroup {name}: rmdir: {e}")),
+    }
+}
+
 /// What `name` uses now.
 pub fn sample(name: &str) -> Result<CgroupSample, String> {
     check_name(name)?;

@@ -73,6 +73,35 @@ pub fn prepare(c: &InRoot) -> Result<(), String> {
     Ok(())
 }
 
+/// Unmounts what the agent mounted in container root `root` (its /proc,
+/// /sys and /dev, binds, tmpfs mounts, read-only self-bind), deepest
+/// first, lazily: a deleted container leaves nothing mounted in the
+/// guest.
+pub fn unmount_root(root: &str) -> Result<(), String> {
+    let c = InRoot {
+        root: root.to_string(),
+        ..Default::default()
+    };
+    c.check_shape()?;
+    let table = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| format!("container root {root}: mountinfo: {e}"))?;
+    let under = format!("{}/", root.trim_end_matches('/'));
+    let mut points: Vec<&str> = table
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| *p == root || p.starts_with(&under))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    points.dedup();
+    for p in points {
+        match nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH) {
+            Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+            Err(e) => return Err(format!("container root {root}: unmount {p}: {e}")),
+        }
+    }
+    Ok(())
+}
+
 /// Makes the root read-only: a bind of itself (its mounts kept), then a
 /// read-only remount of that one mount; once.
 fn read_only_root(root: &Path) -> Result<(), String> {

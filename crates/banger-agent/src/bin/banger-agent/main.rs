@@ -249,6 +249,12 @@ fn call(mut c: UnixStream) -> Result<(), ProtoError> {
         Call::Stats => system::stats().map(Msg::Stats),
         Call::Limit { cgroup, limits } => cgroup::limit(&cgroup, &limits).map(|()| Msg::Done),
         Call::CgroupStats { cgroup } => cgroup::sample(&cgroup).map(Msg::Cgroup),
+        Call::ContainerGone { root, cgroup } => {
+            let killed = cgroup::remove(&cgroup);
+            container::unmount_root(&root)
+                .and(killed)
+                .map(|()| Msg::Done)
+        }
         Call::CgroupSignal { cgroup, signal } => {
             cgroup::signal(&cgroup, signal).map(|list| Msg::Pids { list })
         }

@@ -141,7 +141,7 @@ pub fn bench(table: &mut String, banger: &Path, n: usize) {
     let line = format!(
         "| … banger's runtime − `vm run` (medians) | {:.0} | | | ms | all of containerd's path |\n\
          | … banger's runtime − `vm run --mount` (medians) | {:.0} | | | ms | the same VM work |\n\
-         | … the shim's own (median) | {:.1} | | | ms | goal ≤ 50 |\n",
+         | … the shim's own create + delete (median) | {:.1} | | | ms | goal ≤ 50 |\n",
         stats(&shim_runs).0 - stats(&vm_runs).0,
         stats(&shim_runs).0 - stats(&mount_runs).0,
         stats(&shim_own).0,
