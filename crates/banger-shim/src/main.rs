@@ -44,6 +44,10 @@ fn client() -> Client {
 struct Service {
     exit: Arc<ExitSignal>,
     namespace: String,
+    /// The socket this shim serves on (`-socket`), removed as it ends
+    /// (containerd has removed the bundle, whose `address` names it, by
+    /// then).
+    socket: String,
 }
 
 impl shim::Shim for Service {
@@ -53,6 +57,7 @@ impl shim::Shim for Service {
         Service {
             exit: Arc::new(ExitSignal::default()),
             namespace: args.namespace.clone(),
+            socket: args.socket.clone(),
         }
     }
 
@@ -83,6 +88,10 @@ impl shim::Shim for Service {
         if shim_serves() {
             return Ok(deleted());
         }
+        // The dead shim's socket, which nobody serves any more.
+        if let Ok(address) = containerd_shim::util::read_address() {
+            remove_socket(address.trim());
+        }
         // What the dead shim's pod was, as its create recorded it: only
         // that (never a later shim's pod of the same name).
         let Some((vm, dir)) = task::read_pod_record(&bundle) else {
@@ -102,6 +111,7 @@ impl shim::Shim for Service {
 
     fn wait(&mut self) {
         self.exit.wait();
+        remove_socket(&self.socket);
     }
 
     fn create_task_service(&self, publisher: RemotePublisher) -> task::TaskService {
@@ -121,6 +131,24 @@ fn deleted() -> DeleteResponse {
             std::time::SystemTime::now(),
         )),
         ..Default::default()
+    }
+}
+
+/// Removes the socket file of `address` (`unix:///run/containerd/s/…`),
+/// if it is a socket.
+fn remove_socket(address: &str) {
+    use std::os::unix::fs::FileTypeExt;
+    let path = address.trim_start_matches("unix://");
+    if path.is_empty() {
+        return;
+    }
+    let is_socket = std::fs::symlink_metadata(path)
+        .map(|m| m.file_type().is_socket())
+        .unwrap_or(false);
+    if is_socket {
+        if let Err(e) = std::fs::remove_file(path) {
+            log::warn!("{path}: {e}");
+        }
     }
 }
 

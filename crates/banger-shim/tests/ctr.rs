@@ -118,6 +118,15 @@ fn ctr_run_runs_the_image_in_a_banger_vm_and_leaves_nothing() {
         "no task left"
     );
     assert_nothing_left(&inst, &ctd);
+    // Each shim took its socket with it.
+    for id in ["t0", "t1", "t2"] {
+        let sock = ctd.shim_socket("default", id);
+        assert!(
+            !sock.exists(),
+            "{id}'s shim socket left: {}",
+            sock.display()
+        );
+    }
 }
 
 #[test]
@@ -382,6 +391,13 @@ fn a_container_outlives_a_containerd_restart_and_goes_with_its_shim() {
     let _ = ctd.ctr(&inst, &["task", "rm", "t5"]);
     ok(&ctd.ctr(&inst, &["container", "rm", "t5"]), "container rm");
     assert_nothing_left(&inst, &ctd);
+    // The killed shim's socket went with containerd's cleanup of it.
+    let sock = ctd.shim_socket("default", "t5");
+    assert!(
+        !sock.exists(),
+        "the dead shim's socket left: {}",
+        sock.display()
+    );
 }
 
 /// `ctr run -t`: the process has a terminal of the client's size, and a

@@ -201,6 +201,20 @@ disabled_plugins = [{disabled_cri}"io.containerd.snapshotter.v1.btrfs",
             .join(id)
     }
 
+    /// Where the shim of pod `grouping` (a container's id, for a
+    /// container alone) of containerd namespace `namespace` serves: the
+    /// path containerd's shim crate derives (a hash of the containerd
+    /// socket, the namespace and the grouping, under /run/containerd/s).
+    pub fn shim_socket(&self, namespace: &str, grouping: &str) -> PathBuf {
+        use sha2::{Digest, Sha256};
+        let key = self.socket().join(namespace).join(grouping);
+        let hash: String = Sha256::digest(key.display().to_string().as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Path::new("/run/containerd/s").join(hash)
+    }
+
     /// The containerd's socket path: shims name it on their command line.
     pub fn socket(&self) -> PathBuf {
         self.dir.join("containerd.sock")
