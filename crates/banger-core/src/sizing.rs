@@ -42,6 +42,8 @@ pub enum SizingError {
     Memory(u64, u64),
     #[error("--disk-size {0} MiB is out of range: use {MIN_DISK_MIB} MiB to {1} MiB (free space in the state dir)")]
     Disk(u64, u64),
+    #[error("the state dir's filesystem has {1} MiB free, less than a VM's smallest default work disk ({0} MiB): free some space, or ask for a smaller disk with --disk-size (at least {MIN_DISK_MIB} MiB)")]
+    NoRoomForDefaultDisk(u64, u64),
 }
 
 fn clamp(v: u64, lo: u64, hi: u64) -> u64 {
@@ -76,6 +78,12 @@ pub fn resolve(req: &SizeRequest, host: &HostResources) -> Result<Sizing, Sizing
         return Err(SizingError::Memory(memory_mib, host.memory_mib));
     }
     let disk_mib = req.disk_mib.unwrap_or(d.disk_mib);
+    if req.disk_mib.is_none() && disk_mib > host.free_disk_mib {
+        return Err(SizingError::NoRoomForDefaultDisk(
+            disk_mib,
+            host.free_disk_mib,
+        ));
+    }
     if disk_mib < MIN_DISK_MIB || disk_mib > host.free_disk_mib {
         return Err(SizingError::Disk(disk_mib, host.free_disk_mib));
     }
@@ -184,6 +192,30 @@ mod tests {
         ));
         let e = r(Some(0), None, None).unwrap_err().to_string();
         assert!(e.contains("--cpus 0"), "{e}");
+    }
+
+    /// A nearly full disk: the default work disk does not fit, and the
+    /// error says so without naming a flag the user never passed; an
+    /// explicit small disk still fits.
+    #[test]
+    fn a_default_disk_that_does_not_fit_is_named_as_the_default() {
+        let full = HostResources {
+            free_disk_mib: 635,
+            ..HOST
+        };
+        let e = resolve(&SizeRequest::default(), &full).unwrap_err();
+        assert_eq!(e, SizingError::NoRoomForDefaultDisk(1024, 635));
+        let e = e.to_string();
+        assert!(
+            e.contains("has 635 MiB free") && e.contains("--disk-size"),
+            "{e}"
+        );
+        assert!(!e.contains("--disk-size 1024"), "{e}");
+        let small = SizeRequest {
+            disk_mib: Some(256),
+            ..SizeRequest::default()
+        };
+        assert_eq!(resolve(&small, &full).map(|s| s.disk_mib), Ok(256));
     }
 
     #[test]

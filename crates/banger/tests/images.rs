@@ -62,6 +62,15 @@ fn layer(entries: &[(&str, &[u8])]) -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
+/// Removes an image once its test is done with it: five imports side by
+/// side would need gigabytes of the host's disk at once.
+fn image_rm(inst: &Instance, image: &str) {
+    ok(
+        &inst.banger(&["image", "rm", image]),
+        &format!("image rm {image}"),
+    );
+}
+
 /// Boots `image` and runs `script` in it.
 fn in_guest(inst: &Instance, image: &str, script: &str) -> String {
     ok(
@@ -101,6 +110,7 @@ fn imports_of_every_format_boot() {
         ),
         "sshd\n12\n"
     );
+    image_rm(&inst, "imp-ext4");
 
     // A directory, with a file of its own.
     let tree = s("tree");
@@ -114,6 +124,10 @@ fn imports_of_every_format_boot() {
         in_guest(&inst, "imp-dir", "cat /etc/banger-import"),
         "from a dir\n"
     );
+    // Names are checked; existing images are not replaced.
+    let out = inst.banger(&["image", "import", "imp-dir", tree.to_str().unwrap()]);
+    assert!(text(&out.stderr).contains("image \"imp-dir\" already exists"));
+    image_rm(&inst, "imp-dir");
 
     // A gzip tarball of it.
     std::fs::write(tree.join("etc/banger-import"), "from a tarball\n").unwrap();
@@ -135,6 +149,8 @@ fn imports_of_every_format_boot() {
         in_guest(&inst, "imp-tgz", "cat /etc/banger-import"),
         "from a tarball\n"
     );
+    image_rm(&inst, "imp-tgz");
+    std::fs::remove_dir_all(&tree).unwrap();
 
     // An OCI layout: the tarball as layer 1; layer 2 whites out the marker
     // and everything in /boot (so the image has no kernel) and adds a file.
@@ -200,6 +216,8 @@ fn imports_of_every_format_boot() {
          test -f /lib/modules/$(uname -r)/modules.dep && echo modules",
     );
     assert_eq!(seen, "layer 2\n0\nmodules\n");
+    image_rm(&inst, "imp-oci");
+    std::fs::remove_dir_all(&oci).unwrap();
 
     // `docker save` output, as an archive: the same two layers.
     let docker = s("docker");
@@ -222,6 +240,7 @@ fn imports_of_every_format_boot() {
             .arg("."),
         "tar the docker archive",
     );
+    std::fs::remove_dir_all(&docker).unwrap();
     ok(
         &inst.banger(&["image", "import", "imp-docker", archive.to_str().unwrap()]),
         "import docker archive",
@@ -231,14 +250,8 @@ fn imports_of_every_format_boot() {
         "layer 2\n"
     );
 
-    // Names are checked; existing images are not replaced.
-    let out = inst.banger(&["image", "import", "imp-dir", tree.to_str().unwrap()]);
-    assert!(text(&out.stderr).contains("image \"imp-dir\" already exists"));
-
     assert!(leftovers(&inst).is_empty(), "{:?}", leftovers(&inst));
-    for img in ["imp-ext4", "imp-dir", "imp-tgz", "imp-oci", "imp-docker"] {
-        ok(&inst.banger(&["image", "rm", img]), "image rm");
-    }
+    image_rm(&inst, "imp-docker");
     inst.assert_baseline();
 }
 
