@@ -15,7 +15,7 @@ pub mod volume;
 
 pub use layout::Layout;
 pub use model::{
-    AutoStop, Held, ImageRecord, NetPolicy, Release, RmClient, RootDiskKind, SnapshotFile,
+    AutoStop, Held, ImageRecord, NetPolicy, PodLink, Release, RmClient, RootDiskKind, SnapshotFile,
     SnapshotFormat, SnapshotRecord, TtlAction, VmHandles, VmRecord, VmRuntime, VmSpec, VmmKind,
     WarmSave, SUSPEND_PREFIX, WARM_PREFIX,
 };

@@ -164,6 +164,12 @@ pub struct NetPolicy {
     /// A shared network (`--network NAME`, a DNS label): VMs on one reach
     /// and resolve each other.
     pub network: Option<String>,
+    /// A containerd pod's network namespace (made by CNI; root's API
+    /// only): the VM's NIC is a tap in it, redirected to and from the
+    /// pod's interface, whose MAC and address the guest takes. None of
+    /// banger's own networking (NAT, DNS, firewall, ports) applies.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod_netns: Option<std::path::PathBuf>,
 }
 
 /// Stop conditions the stats poller enforces, through the same path as
@@ -262,6 +268,26 @@ pub struct VmRuntime {
     /// its next start restores as itself (no new identity) and removes.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub suspended: bool,
+    /// A pod VM's network (`NetPolicy::pod_netns`), as this boot found
+    /// the pod's interface: recorded before its tap is made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_link: Option<PodLink>,
+}
+
+/// The pod interface a pod VM's guest takes the place of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodLink {
+    pub netns: std::path::PathBuf,
+    /// The interface CNI made (`eth0`), whose ingress is redirected.
+    pub ifname: String,
+    /// The tap banger made beside it.
+    pub tap: String,
+    /// `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    pub address: std::net::Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Option<std::net::Ipv4Addr>,
 }
 
 /// The names of the warm-start cache's snapshots (`warm.<key>`): no name

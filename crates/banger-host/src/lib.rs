@@ -8,6 +8,7 @@ pub mod cmd;
 pub mod confine;
 pub mod firewall;
 pub mod fsutil;
+pub mod podnet;
 pub mod process;
 pub mod qcow2;
 pub mod sshkey;

@@ -82,7 +82,7 @@ pub fn free_name(reserved: &[String]) -> Result<String, TapError> {
         .ok_or(TapError::Exhausted(MAX))
 }
 
-fn check_name(name: &str) -> Result<(), TapError> {
+pub(crate) fn check_name(name: &str) -> Result<(), TapError> {
     let ok = !name.is_empty()
         && name.len() < libc::IFNAMSIZ
         && name
@@ -195,7 +195,7 @@ pub fn marked(mark: &str) -> Vec<String> {
     names
 }
 
-fn index_of(name: &str) -> Result<u32, TapError> {
+pub(crate) fn index_of(name: &str) -> Result<u32, TapError> {
     nix::net::if_::if_nametoindex(name).map_err(|source| TapError::Ioctl {
         tap: name.to_string(),
         op: "look up the tap's index",
@@ -240,7 +240,7 @@ pub fn reset(name: &str, host_ip: Ipv4Addr, prefix: u8) -> Result<(), TapError> 
 
 /// `TUNSETIFF` with `IFF_TUN_EXCL` (a new tap or an error, never someone
 /// else's), then `TUNSETPERSIST` so that the tap outlives this descriptor.
-fn make_persistent_tap(name: &str) -> Result<(), TapError> {
+pub(crate) fn make_persistent_tap(name: &str) -> Result<(), TapError> {
     let tun = attach(
         name,
         libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_TUN_EXCL,
@@ -422,7 +422,7 @@ pub fn delete(name: &str) -> Result<(), TapError> {
 /// Sends each message with `NLM_F_REQUEST | NLM_F_ACK` (and its extra
 /// flags) and waits for its acknowledgement; the first error stops the
 /// exchange.
-fn rtnetlink(
+pub(crate) fn rtnetlink(
     tap: &str,
     op: &'static str,
     msgs: Vec<(RouteNetlinkMessage, u16)>,
@@ -453,7 +453,7 @@ fn rtnetlink(
 }
 
 /// One request on a fresh NETLINK_ROUTE socket, and its one answer.
-fn exchange(
+pub(crate) fn exchange(
     tap: &str,
     op: &'static str,
     msg: RouteNetlinkMessage,

@@ -170,14 +170,9 @@ pub fn plan(spec: &Spec, namespace: &str, id: &str, pod_dir: &Path) -> Result<Pl
                 // namespaces (CRI names them by the sandbox task's pid):
                 // they are in its VM already.
                 Some(_) if joins_sandbox(spec) => {}
-                Some(p) => {
-                    return Err(refused(format!(
-                        "its network namespace {} is not built into banger's runtime yet \
-                         (pod networking); run it without one (ctr's default) or with \
-                         --net-host for banger's own NAT",
-                        p.display()
-                    )))
-                }
+                // A pod's network namespace (CNI's): the VM's NIC is a
+                // tap there, redirected to the pod's interface.
+                Some(p) => net.pod_netns = Some(p.clone()),
             }
         }
     }

@@ -463,6 +463,16 @@ impl containerd_shim::Task for TaskService {
         .map_err(|e| invalid(&e))?;
         // The pod's VM: made by its first container, held by its last.
         let new_pod = !pods.contains_key(&pod_key);
+        // A group's later container shares its VM's network; a network
+        // namespace of its own cannot be honoured. (A Kubernetes pod's
+        // containers join their sandbox's, and ask for none here.)
+        if let (false, Some(ns)) = (new_pod, &plan.create.net.pod_netns) {
+            return Err(invalid(&format!(
+                "container {id}: joins pod {pod_key:?}'s VM, which has its first container's \
+                 network; its own network namespace {} cannot be given to it (run it on its own)",
+                ns.display()
+            )));
+        }
         let mut boot = Duration::ZERO;
         if new_pod {
             let t = std::time::Instant::now();

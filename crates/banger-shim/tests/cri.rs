@@ -2,10 +2,12 @@
 //! protos over gRPC, as kubelet speaks them) against containerd's CRI
 //! plugin, whose runtime handler `banger` is banger's runtime. A pod of
 //! two containers: one VM, each container in its own root, exec, status,
-//! stop and remove, nothing left. (A host-network pod: pod networking
-//! from CNI is not built yet; a container with a network namespace by
-//! path is refused, which `ctr.rs` checks.)
+//! stop and remove, nothing left (a host-network pod). Then a pod on a
+//! CNI network (Debian's bridge plugin): its VM has the pod's IP, which
+//! the node reaches, and it reaches the node.
 
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -13,8 +15,8 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, ContainerStatusRequest, CreateContainerRequest,
     ExecSyncRequest, ImageSpec, LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceMode,
-    NamespaceOption, PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest,
-    RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
+    NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest,
+    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
 };
 use test_infra::containerd::{busybox_image, busybox_image_with, Containerd};
 use test_infra::{ok, wait_until, Instance};
@@ -233,5 +235,215 @@ fn a_kubernetes_pod_of_two_containers_is_one_banger_vm() {
     .unwrap_or_else(|e| panic!("RemovePodSandbox: {e:?}\n{}", ctd.log_text()));
     drop(client);
     drop(rt);
+    ctd.assert_clean(&inst);
+}
+
+/// Imports the test's busybox and pause images into `k8s.io`.
+fn import_images(inst: &Instance, ctd: &Containerd) {
+    for (name, cmd, file) in [
+        ("banger.test/busybox:1", vec!["/bin/sh"], "busybox.tar"),
+        (
+            "banger.test/pause:1",
+            vec!["sleep", "2147483647"],
+            "pause.tar",
+        ),
+    ] {
+        let work = inst.dir().join(format!("img-{file}"));
+        std::fs::create_dir_all(&work).unwrap();
+        let tar = work.join(file);
+        busybox_image_with(&work, name, None, &cmd, &tar);
+        ok(
+            &ctd.ctr_in(
+                inst,
+                "k8s.io",
+                &["images", "import", tar.to_str().unwrap()],
+            ),
+            "ctr -n k8s.io images import",
+        );
+    }
+}
+
+/// `GET /` from `addr`, with a deadline for the whole exchange: the body,
+/// or the error.
+fn http_get(addr: &str) -> Result<String, String> {
+    let sa = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let mut c =
+        TcpStream::connect_timeout(&sa, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"GET / HTTP/1.0\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut r = String::new();
+    c.read_to_string(&mut r).map_err(|e| e.to_string())?;
+    r.split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .ok_or_else(|| format!("no HTTP answer: {r:?}"))
+}
+
+/// A Kubernetes pod on a CNI network (not the node's): containerd makes
+/// its namespace and CNI's bridge plugin its interface; its VM's guest
+/// takes that interface's address, MAC and route. The pod's IP that CRI
+/// reports is the guest's; a server in the pod answers the node at that
+/// IP, and the pod reaches a server of the node's on the bridge. Removed,
+/// nothing is left (the namespace, and the tap in it, go too).
+#[test]
+fn a_pod_on_a_cni_network_is_its_vm_at_the_pod_ip() {
+    const SUBNET: &str = "10.77.0";
+    let inst = Instance::new(&banger_bin()).with_image();
+    ok(&inst.banger(&["daemon", "ping"]), "daemon ping");
+    let bin_dir = shim_bin().parent().map(Path::to_path_buf).unwrap();
+    let forward = |set: Option<&str>| {
+        let mut c = inst.net.cmd("sysctl");
+        match set {
+            Some(v) => c.args(["-qw", &format!("net.ipv4.ip_forward={v}")]),
+            None => c.args(["-n", "net.ipv4.ip_forward"]),
+        };
+        ok(&c.output().unwrap(), "sysctl net.ipv4.ip_forward")
+    };
+    let forward0 = forward(None);
+    let ctd = Containerd::start_with_cni(&inst, &bin_dir, SUBNET);
+    import_images(&inst, &ctd);
+    let (rt, mut client) = cri(&ctd.socket());
+    let config = pod_config(&inst, "netpod", NamespaceMode::Pod);
+    let pod = rt
+        .block_on(client.run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: "banger".into(),
+        }))
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e:?}\n{}", ctd.log_text()))
+        .into_inner()
+        .pod_sandbox_id;
+    let status = rt
+        .block_on(client.pod_sandbox_status(PodSandboxStatusRequest {
+            pod_sandbox_id: pod.clone(),
+            verbose: false,
+        }))
+        .unwrap()
+        .into_inner()
+        .status
+        .expect("a pod status");
+    let pod_ip = status.network.expect("the pod's network").ip;
+    assert!(pod_ip.starts_with(&format!("{SUBNET}.")), "pod IP {pod_ip}");
+    let id = rt
+        .block_on(
+            client.create_container(CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(ContainerConfig {
+                    metadata: Some(ContainerMetadata {
+                        name: "web".into(),
+                        attempt: 0,
+                    }),
+                    image: Some(ImageSpec {
+                        image: "banger.test/busybox:1".into(),
+                        ..Default::default()
+                    }),
+                    command: [
+                        "sh",
+                        "-c",
+                        "mkdir -p /www && echo served-by-the-pod > /www/index.html && \
+                     exec httpd -f -p 8080 -h /www",
+                    ]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+                    log_path: "web.log".into(),
+                    ..Default::default()
+                }),
+                sandbox_config: Some(config.clone()),
+            }),
+        )
+        .unwrap_or_else(|e| panic!("CreateContainer: {e:?}\n{}", ctd.log_text()))
+        .into_inner()
+        .container_id;
+    rt.block_on(client.start_container(StartContainerRequest {
+        container_id: id.clone(),
+    }))
+    .unwrap_or_else(|e| panic!("StartContainer: {e:?}\n{}", ctd.log_text()));
+    // The pod's VM shows the pod's IP.
+    let vms = inst.vms();
+    assert_eq!(vms.len(), 1, "{vms:?}");
+    assert_eq!(
+        vms[0]["guest_ip"].as_str(),
+        Some(pod_ip.as_str()),
+        "{vms:?}"
+    );
+    let exec = |client: &mut RuntimeServiceClient<Channel>, cmd: &[&str]| {
+        let out = rt
+            .block_on(client.exec_sync(ExecSyncRequest {
+                container_id: id.clone(),
+                cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                timeout: 60,
+            }))
+            .unwrap_or_else(|e| panic!("ExecSync {cmd:?}: {e:?}"))
+            .into_inner();
+        (
+            out.exit_code,
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, addr) = exec(
+        &mut client,
+        &["ip", "-4", "-o", "addr", "show", "dev", "eth0"],
+    );
+    assert_eq!(code, 0);
+    assert!(addr.contains(&format!(" {pod_ip}/24 ")), "{addr}");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            inst.net.enter_on_this_thread();
+            // The node reaches the pod at its IP.
+            let mut last = Err(String::new());
+            let served = wait_until(Duration::from_secs(60), || {
+                last = http_get(&format!("{pod_ip}:8080"));
+                last.is_ok()
+            });
+            assert!(served, "the pod's server at {pod_ip}:8080: {last:?}");
+            assert_eq!(last.unwrap(), "served-by-the-pod\n");
+            // The pod reaches the node on the bridge.
+            let l = TcpListener::bind(format!("{SUBNET}.1:0")).unwrap();
+            let port = l.local_addr().unwrap().port();
+            let server = s.spawn(move || {
+                let (mut c, _) = l.accept().unwrap();
+                c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let mut buf = [0u8; 1024];
+                let _ = c.read(&mut buf).unwrap();
+                c.write_all(b"HTTP/1.0 200 OK\r\n\r\nserved-by-the-node\n")
+                    .unwrap();
+            });
+            let (code, body) = exec(
+                &mut client.clone(),
+                &[
+                    "wget",
+                    "-q",
+                    "-O",
+                    "-",
+                    &format!("http://{SUBNET}.1:{port}/"),
+                ],
+            );
+            assert_eq!((code, body.as_str()), (0, "served-by-the-node\n"));
+            server.join().unwrap();
+        });
+    });
+    rt.block_on(client.stop_pod_sandbox(StopPodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    }))
+    .unwrap_or_else(|e| panic!("StopPodSandbox: {e:?}\n{}", ctd.log_text()));
+    rt.block_on(client.remove_pod_sandbox(RemovePodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    }))
+    .unwrap_or_else(|e| panic!("RemovePodSandbox: {e:?}\n{}", ctd.log_text()));
+    drop(client);
+    drop(rt);
+    // Nothing of the pod's network is left in the node's namespace but
+    // CNI's bridge: no veth, no tap.
+    let links = inst.net.links();
+    assert!(
+        links
+            .iter()
+            .all(|l| !l.starts_with("veth") && !l.starts_with("bgpod")),
+        "{links:?}"
+    );
+    // CNI's bridge plugin (`isGateway`) turned forwarding on in the
+    // node's namespace, and its teardown leaves it (and the bridge), as
+    // on any node: put back, so that the instance's baseline is banger's.
+    forward(Some(forward0.trim()));
     ctd.assert_clean(&inst);
 }

@@ -70,6 +70,7 @@ fn create_request(f: &CreateFlags, start: bool, rm: bool) -> anyhow::Result<Crea
             allow: f.allow_net.clone(),
             ports: f.publish.clone(),
             network: f.network.clone(),
+            pod_netns: None,
         },
         volumes: f.volume.clone(),
         mounts: f

@@ -406,7 +406,11 @@ impl Daemon {
             disk_mib: vm.spec.sizing.disk_mib,
             vmm: vm.spec.vmm,
             accel: vm.spec.accel.clone(),
-            guest_ip: vm.runtime.guest_ip.clone(),
+            // A pod VM's guest has its pod's address, not its /30's.
+            guest_ip: match &vm.runtime.pod_link {
+                Some(p) => Some(p.address.to_string()),
+                None => vm.runtime.guest_ip.clone(),
+            },
             vsock_cid: vm.runtime.vsock_cid,
             root_disk: Some(vm.spec.root_disk()),
             created_at: vm.created_at,

@@ -22,6 +22,63 @@ use crate::resources::{self, Acq, End, Resource, CREATE, START};
 const MAX_ROOT_MIB: u64 = 1 << 20;
 
 impl Daemon {
+    /// A pod network (`NetPolicy::pod_netns`, containerd's shim) is
+    /// root's, alone, and a namespace CNI has given one IPv4 interface:
+    /// checked before anything exists.
+    fn check_pod_net(
+        &self,
+        req: &banger_core::api::CreateVm,
+        clone: bool,
+        caller: &crate::access::Caller,
+    ) -> Result<()> {
+        let Some(path) = &req.net.pod_netns else {
+            return Ok(());
+        };
+        let bad = |why: String| {
+            DaemonError::Invalid(format!("pod network namespace {}: {why}", path.display()))
+        };
+        if caller.uid != 0 {
+            return Err(bad(
+                "only root may give a VM a pod's network (bangerd joins the namespace);                  containerd's shim runs as root"
+                    .into(),
+            ));
+        }
+        let n = &req.net;
+        if n.none || !n.allow.is_empty() || !n.ports.is_empty() || n.network.is_some() {
+            return Err(bad(
+                "a pod VM's network is its pod's (CNI's): --net none, --allow-net, -p and                  --network do not apply; leave them out"
+                    .into(),
+            ));
+        }
+        if clone {
+            return Err(bad(
+                "a clone (--from) has its snapshot's network; a pod VM boots cold".into(),
+            ));
+        }
+        if req.vmm == Some(VmmKind::Firecracker) {
+            return Err(bad(
+                "a pod VM runs on QEMU, which takes its tap as a descriptor from the pod's                  namespace (Firecracker opens its tap by name in its own: not built yet);                  leave --vmm out or give qemu"
+                    .into(),
+            ));
+        }
+        if !path.is_absolute() {
+            return Err(bad("give an absolute path".into()));
+        }
+        let ns = banger_host::podnet::Netns::open(path)
+            .map_err(|e| DaemonError::Invalid(e.to_string()))?;
+        let link = ns
+            .inspect()
+            .map_err(|e| DaemonError::Invalid(e.to_string()))?;
+        if link.gateway.is_none() {
+            return Err(bad(format!(
+                "{} has no default route: a pod VM's guest takes the pod's default route \
+                 (give the CNI network's IPAM a route to 0.0.0.0/0)",
+                link.ifname
+            )));
+        }
+        Ok(())
+    }
+
     // ---- create -------------------------------------------------------
 
     /// Creates a VM (and with `req.start`, boots it; with `req.rm`, deletes
@@ -102,7 +159,12 @@ impl Daemon {
             Some(s) => s.spec.sizing,
             None => banger_core::sizing::resolve(&size, &host)?,
         };
-        let (vmm, accel) = self.select_vmm(snap.as_ref().map(|s| s.spec.vmm).or(req.vmm))?;
+        self.check_pod_net(req, snap.is_some(), caller)?;
+        // A pod VM's tap is handed to QEMU as a descriptor; Firecracker
+        // opens its tap by name, in its own namespace (see check_pod_net).
+        let pod_vmm = req.net.pod_netns.as_ref().map(|_| VmmKind::Qemu);
+        let (vmm, accel) =
+            self.select_vmm(snap.as_ref().map(|s| s.spec.vmm).or(req.vmm).or(pod_vmm))?;
         // Firecracker's limit, refused before anything exists.
         let fc_max = banger_vmm::firecracker::MAX_VCPUS;
         if vmm == VmmKind::Firecracker && sizing.cpus > fc_max {
@@ -628,6 +690,7 @@ impl Daemon {
         let _ = crate::handles::remove_file(&self.cfg.layout.vm_dir(&vm.id));
         self.handles.remove(&vm.id);
         vm.runtime.tap_device = None;
+        vm.runtime.pod_link = None;
         // The CID stays reserved by the release record until it is done.
         vm.runtime.vsock_cid = None;
         vm.runtime.vsock_path = None;

@@ -91,7 +91,7 @@ impl Daemon {
             }
             // A VM in error may still hold what a teardown that could not
             // finish left (its tap, a VMM that survived SIGKILL).
-            VmState::Error if vm.runtime.tap_device.is_some() => {}
+            VmState::Error if vm.runtime.tap_device.is_some() || vm.runtime.pod_link.is_some() => {}
             s if !s.is_up() => return Ok(()),
             _ => {}
         }

@@ -188,6 +188,13 @@ fn qmp_cmd(name: &str, api: &Path, cmd: &str) -> Result<()> {
 /// disks and volumes where they are.
 pub(crate) fn refusal(host: &Host<'_>, vm: &VmRecord, clones: bool) -> Option<String> {
     let name = &vm.name;
+    if let Some(ns) = &vm.spec.net.pod_netns {
+        return Some(format!(
+            "vm {name:?} is a containerd pod's (its network is pod namespace {}'s): a \
+             snapshot would take the pod's address and MAC along",
+            ns.display()
+        ));
+    }
     if vm.spec.vmm == VmmKind::Firecracker {
         return crate::fcsnap::refusal(host, vm).or_else(|| disks_refusal(vm, clones));
     }

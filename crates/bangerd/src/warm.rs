@@ -169,6 +169,8 @@ impl Daemon {
             || req.from.is_some()
             || !req.mounts.is_empty()
             || !req.volumes.is_empty()
+            // A pod VM's network is its pod's (`NetPolicy::pod_netns`).
+            || req.net.pod_netns.is_some()
             // Firecracker's snapshots need its jailer (`fcsnap`).
             || (shape.vmm == VmmKind::Firecracker && self.cfg.jailer.is_none())
             || !copyable

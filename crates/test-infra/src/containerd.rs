@@ -36,6 +36,28 @@ impl Containerd {
     /// image `banger.test/pause:1` (the test imports it into `k8s.io`),
     /// CNI from Debian's plugins with a config dir of its own (empty:
     /// host-network pods need none).
+    /// With the CRI plugin and a CNI network (`cni/10-banger-test.conflist`):
+    /// Debian's bridge plugin, a bridge `bgtcni0` in the instance's
+    /// namespace at `<subnet>.1`, host-local addresses out of
+    /// `<subnet>.0/24` (kept in the instance's dir), a default route
+    /// through the bridge, no masquerade: nothing leaves the namespace.
+    pub fn start_with_cni(inst: &Instance, bin_dir: &Path, subnet: &str) -> Containerd {
+        let dir = inst.dir().join("containerd");
+        std::fs::create_dir_all(dir.join("cni")).expect("mkdir containerd cni dir");
+        let ipam = dir.join("cni-ipam");
+        let conflist = format!(
+            r#"{{"cniVersion": "0.4.0", "name": "banger-test", "plugins": [{{
+  "type": "bridge", "bridge": "bgtcni0", "isGateway": true, "ipMasq": false,
+  "ipam": {{"type": "host-local", "dataDir": "{}",
+    "ranges": [[{{"subnet": "{subnet}.0/24", "gateway": "{subnet}.1"}}]],
+    "routes": [{{"dst": "0.0.0.0/0"}}]}}}}]}}"#,
+            ipam.display()
+        );
+        std::fs::write(dir.join("cni/10-banger-test.conflist"), conflist)
+            .expect("write the CNI network");
+        Containerd::start_with(inst, bin_dir, true)
+    }
+
     pub fn start_with(inst: &Instance, bin_dir: &Path, cri: bool) -> Containerd {
         let dir = inst.dir().join("containerd");
         std::fs::create_dir_all(dir.join("cni")).expect("mkdir containerd dir");
@@ -338,7 +360,7 @@ pub fn busybox_image_with(work: &Path, name: &str, user: Option<&str>, cmd: &[&s
     std::fs::copy("/bin/busybox", tree.join("bin/busybox")).expect("copy busybox");
     for applet in [
         "sh", "cat", "echo", "env", "id", "pwd", "sleep", "ls", "wc", "stty", "true", "false",
-        "kill", "ps", "hostname", "head", "trap",
+        "kill", "ps", "hostname", "head", "trap", "ip", "httpd", "wget", "mkdir",
     ] {
         std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet)).expect("applet link");
     }

@@ -48,6 +48,12 @@ impl Resource for Dns {
     }
 
     fn acquire(&self, host: &Host<'_>, cx: &mut Acq<'_>) -> Result<()> {
+        // A pod VM resolves as its pod does (containerd gives each
+        // container its resolv.conf).
+        if cx.vm.spec.net.pod_netns.is_some() {
+            cx.nameserver = None;
+            return Ok(());
+        }
         match host.open_dns(cx.vm) {
             Ok(addr) => cx.nameserver = Some(addr),
             Err(e) => {

@@ -148,6 +148,11 @@ impl Resource for Firewall {
     }
 
     fn acquire(&self, host: &Host<'_>, cx: &mut Acq<'_>) -> Result<()> {
+        // A pod VM's tap is in its pod's namespace, under its pod's
+        // network policy (CNI's): nothing of the daemon's applies.
+        if cx.vm.spec.net.pod_netns.is_some() {
+            return Ok(());
+        }
         let tap = cx.handles.tap_device.clone().ok_or_else(|| {
             DaemonError::Invalid(format!("vm {:?} has no tap for its firewall", cx.vm.name))
         })?;

@@ -47,6 +47,12 @@ pub struct Tap {
     pub name: String,
     #[serde(default)]
     pub host_ip: Option<Ipv4Addr>,
+    /// A pod VM's tap: in this pod's network namespace (not the
+    /// daemon's), beside `pod_ifname`, whose ingress redirect goes with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_netns: Option<std::path::PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_ifname: Option<String>,
 }
 
 /// Something that lives only in the daemon's process (a DNS listener).
@@ -276,6 +282,9 @@ impl Reserved {
         let mut out = Reserved::default();
         for item in releases.into_iter().flat_map(items) {
             match item {
+                // A pod's tap is in the pod's namespace: no name of the
+                // daemon's own is held by it.
+                Item::Tap(t) if t.pod_netns.is_some() => {}
                 Item::Tap(t) => out.taps.push(t.name),
                 Item::Address(a) => out.addresses.extend(a.ip),
                 Item::Vsock(v) => out.cids.extend(v.cid),

@@ -13,7 +13,7 @@ use banger_host::sshkey;
 
 use super::{end_files, files_held, Acq, End, Item, Resource};
 use crate::daemon::random_hex;
-use crate::error::Result;
+use crate::error::{DaemonError, Result};
 use crate::host::Host;
 
 #[derive(Debug)]
@@ -79,6 +79,23 @@ pub(crate) fn guest_config(
 ) -> Result<banger_guest::config::GuestConfig> {
     let dir = host.cfg.layout.vm_dir(&vm.id);
     let net = host.guest_net(vm)?;
+    // A pod VM's guest takes its pod's interface: its MAC, address and
+    // default route (check_pod_net made sure it has one).
+    let (guest_ip, gateway, prefix, mac) = match &vm.runtime.pod_link {
+        Some(p) => (
+            p.address,
+            p.gateway.ok_or_else(|| {
+                DaemonError::Invalid(format!(
+                    "vm {:?}: pod network namespace {} has no default route",
+                    vm.name,
+                    p.netns.display()
+                ))
+            })?,
+            p.prefix,
+            p.mac.clone(),
+        ),
+        None => (net.guest_ip, net.host_ip, GUEST_PREFIX, net.mac()),
+    };
     let mut client_pub = sshkey::public_key(&host.cfg.layout.client_key())?;
     // The socket group's key too, unless only root may use this VM.
     let group_key = crate::perms::group_key(&host.cfg.layout);
@@ -90,12 +107,14 @@ pub(crate) fn guest_config(
     let host_key_path = dir.join(vmfiles::HOST_KEY);
     Ok(banger_guest::config::GuestConfig {
         hostname: vm.name.clone(),
-        guest_ip: net.guest_ip,
-        gateway: net.host_ip,
-        prefix: GUEST_PREFIX,
-        mac: net.mac(),
+        guest_ip,
+        gateway,
+        prefix,
+        mac,
         nameservers: match nameserver {
             Some(std::net::SocketAddr::V4(ns)) => vec![*ns.ip()],
+            // Its pod's containers get containerd's resolv.conf.
+            _ if vm.runtime.pod_link.is_some() => Vec::new(),
             _ => banger_guest::config::guest_nameservers(
                 &std::fs::read_to_string(&host.cfg.resolv_conf).unwrap_or_default(),
             ),

@@ -19,7 +19,7 @@ use std::sync::Mutex;
 
 use banger_core::net::GUEST_PREFIX;
 use banger_core::{Release, VmHandles, VmRecord};
-use banger_host::{fsutil, tap};
+use banger_host::{fsutil, podnet, tap};
 use tracing::warn;
 
 use super::{held, Acq, Item, Resource};
@@ -52,6 +52,9 @@ impl Resource for Tap {
     /// record naming a tap that is not there (its release is then
     /// nothing), never a tap no record names.
     fn acquire(&self, host: &Host<'_>, cx: &mut Acq<'_>) -> Result<()> {
+        if let Some(ns) = cx.vm.spec.net.pod_netns.clone() {
+            return pod_tap(host, cx, &ns);
+        }
         let net = host.guest_net(cx.vm)?;
         // A spare is never in neither the pool nor a record (the sweep
         // counts on it): taken and recorded under the naming lock.
@@ -79,18 +82,51 @@ impl Resource for Tap {
 
     /// Cascade: handles (cache, then scratch file), then the runtime.
     fn held(&self, host: &Host<'_>, vm: &VmRecord, h: &VmHandles) -> Option<Item> {
+        if let Some(p) = &vm.runtime.pod_link {
+            return Some(Item::Tap(held::Tap {
+                name: p.tap.clone(),
+                host_ip: None,
+                pod_netns: Some(p.netns.clone()),
+                pod_ifname: Some(p.ifname.clone()),
+            }));
+        }
         let name = h
             .tap_device
             .clone()
             .or_else(|| vm.runtime.tap_device.clone())?;
         let host_ip = host.guest_net(vm).ok().map(|n| n.host_ip);
-        Some(Item::Tap(held::Tap { name, host_ip }))
+        Some(Item::Tap(held::Tap {
+            name,
+            host_ip,
+            pod_netns: None,
+            pod_ifname: None,
+        }))
     }
 
     fn release(&self, host: &Host<'_>, r: &Release, held: &Item) -> Result<()> {
-        let Item::Tap(held::Tap { name, host_ip }) = held else {
+        let Item::Tap(held::Tap {
+            name,
+            host_ip,
+            pod_netns,
+            pod_ifname,
+        }) = held
+        else {
             return Err(super::mismatch(self, &r.vm_name, held));
         };
+        if let Some(ns) = pod_netns {
+            // In the pod's namespace, if it is still there (CNI's
+            // teardown deletes it, and the tap with it).
+            return podnet::release(
+                ns,
+                &mark(&host.cfg.layout.state_dir),
+                pod_ifname.as_deref().unwrap_or("eth0"),
+            )
+            .map_err(|e| DaemonError::Release {
+                vm: r.vm_name.clone(),
+                resource: "tap",
+                reason: e.to_string(),
+            });
+        }
         let name = name.as_str();
         // Only a tap banger names is banger's to delete; and not one that
         // another VM's row names now (a daemon that died between deleting
@@ -121,6 +157,34 @@ impl Resource for Tap {
             reason: e.to_string(),
         })
     }
+}
+
+/// A pod VM's tap, in its pod's namespace: the pod's interface is
+/// recorded (runtime, written out) before the tap is made, so that a
+/// daemon killed in between is followed by a release that finds what it
+/// may have made.
+fn pod_tap(host: &Host<'_>, cx: &mut Acq<'_>, path: &std::path::Path) -> Result<()> {
+    let bad = |e: podnet::PodNetError| DaemonError::Invalid(format!("vm {:?}: {e}", cx.vm.name));
+    let ns = podnet::Netns::open(path).map_err(bad)?;
+    let record = |link: &podnet::PodLink| banger_core::PodLink {
+        netns: path.to_path_buf(),
+        ifname: link.ifname.clone(),
+        tap: podnet::POD_TAP.to_string(),
+        mac: link.mac_string(),
+        address: link.address,
+        prefix: link.prefix,
+        gateway: link.gateway,
+    };
+    let seen = ns.inspect().map_err(bad)?;
+    cx.vm.runtime.pod_link = Some(record(&seen));
+    host.save(cx.vm)?;
+    crate::failpoint::hit("start.tap.recorded")?;
+    let link = ns.attach(&mark(&host.cfg.layout.state_dir)).map_err(bad)?;
+    if link != seen {
+        cx.vm.runtime.pod_link = Some(record(&link));
+        host.save(cx.vm)?;
+    }
+    Ok(())
 }
 
 /// Names the VM's tap in its handles and runtime, both written out.

@@ -135,10 +135,16 @@ impl Resource for VmmProcess {
         crate::console::reset(&console)?;
         cx.vm.runtime.api_sock_path = Some(api_sock.clone());
         cx.vm.runtime.log_path = Some(console.clone());
-        let net = host.guest_net(cx.vm)?;
-        let tap = cx.handles.tap_device.clone().ok_or_else(|| {
-            DaemonError::Invalid(format!("vm {:?} has no tap for its VMM", cx.vm.name))
-        })?;
+        let pod = cx.vm.runtime.pod_link.clone();
+        let (tap, mac) = match &pod {
+            Some(p) => (p.tap.clone(), p.mac.clone()),
+            None => {
+                let tap = cx.handles.tap_device.clone().ok_or_else(|| {
+                    DaemonError::Invalid(format!("vm {:?} has no tap for its VMM", cx.vm.name))
+                })?;
+                (tap, host.guest_net(cx.vm)?.mac())
+            }
+        };
         let initrd = cx.initrd.clone().ok_or_else(|| {
             DaemonError::Invalid(format!("vm {:?} has no initrd for its VMM", cx.vm.name))
         })?;
@@ -146,8 +152,17 @@ impl Resource for VmmProcess {
         let id = super::jail::identity(host, cx.vm)?;
         // A confined QEMU cannot open /dev/net/tun: it gets its tap as a
         // descriptor (held here until the spawn is done).
-        let tap_fd = match (&id, cx.vm.spec.vmm) {
-            (Some(_), banger_core::VmmKind::Qemu) => Some(banger_host::tap::open_queue(&tap)?),
+        // A pod VM's tap is in its pod's namespace: opened there, for
+        // QEMU (the only VMM a pod VM is given) to use from its own.
+        let tap_fd = match (&pod, &id, cx.vm.spec.vmm) {
+            (Some(p), _, banger_core::VmmKind::Qemu) => Some(
+                banger_host::podnet::Netns::open(&p.netns)
+                    .and_then(|ns| ns.open_queue())
+                    .map_err(|e| DaemonError::Invalid(format!("vm {:?}: {e}", cx.vm.name)))?,
+            ),
+            (None, Some(_), banger_core::VmmKind::Qemu) => {
+                Some(banger_host::tap::open_queue(&tap)?)
+            }
             _ => None,
         };
         // Its RAM file (`ram`), as a descriptor it inherits (held here
@@ -191,7 +206,7 @@ impl Resource for VmmProcess {
             .collect(),
             nics: vec![banger_vmm::Nic {
                 tap,
-                mac: net.mac(),
+                mac,
                 fd: tap_fd.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
             }],
             console_log: console,

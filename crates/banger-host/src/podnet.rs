@@ -1,0 +1,564 @@
+//! A containerd pod's network, given to a VM as Kata Containers gives it:
+//! CNI made the pod's network namespace and an interface in it (`eth0`,
+//! a veth whose other end is on the CNI bridge); banger adds a tap beside
+//! it, and every frame that arrives on either is redirected to the other
+//! (an ingress qdisc on each, a u32 filter that matches everything, a
+//! `mirred` egress redirect). The guest's NIC takes the interface's MAC,
+//! address and default route, so the pod's IP is the guest's and CNI
+//! plugins work unchanged; nothing of banger's own networking (its /30,
+//! NAT, DNS, firewall) applies.
+//!
+//! Everything here runs on a thread of its own that joins the pod's
+//! namespace (`setns`), never in the daemon's: the namespace is named by
+//! a path the caller gives, opened once and checked to be a network
+//! namespace (nsfs) that is not the daemon's own.
+
+use std::fs::File;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use netlink_packet_core::{NetlinkPayload, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST};
+use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::tc::{
+    TcAction, TcActionAttribute, TcActionGeneric, TcActionMirrorOption, TcActionOption,
+    TcActionType, TcAttribute, TcFilterU32Option, TcHandle, TcMessage, TcMirror,
+    TcMirrorActionType, TcOption, TcU32Key, TcU32Selector, TcU32SelectorFlags,
+};
+use netlink_packet_route::RouteNetlinkMessage;
+use nix::libc;
+use thiserror::Error;
+
+use crate::tap::{self, TapError};
+
+/// The tap banger adds to a pod's namespace (one VM per pod, so one
+/// name); not `bgtap*`, which are the daemon's own namespace's.
+pub const POD_TAP: &str = "bgpod0";
+
+#[derive(Debug, Error)]
+pub enum PodNetError {
+    #[error("pod network namespace {path}: {op}: {source}")]
+    Netns {
+        path: PathBuf,
+        op: &'static str,
+        source: std::io::Error,
+    },
+    #[error("pod network namespace {0}: not a network namespace (a file of nsfs, as CNI's /var/run/netns/NAME is)")]
+    NotNetns(PathBuf),
+    #[error("pod network namespace {0} is bangerd's own: a pod VM needs the pod's namespace, made by CNI")]
+    Own(PathBuf),
+    #[error("pod network namespace {0} is the host's own (pid 1's): a pod VM needs the pod's namespace, made by CNI")]
+    Host(PathBuf),
+    #[error("pod network namespace {path}: {why}")]
+    Interface { path: PathBuf, why: String },
+    #[error("pod network namespace {path}: {source}")]
+    Tap { path: PathBuf, source: TapError },
+}
+
+/// What the guest's NIC takes from the pod's interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodLink {
+    /// The interface CNI made (`eth0`).
+    pub ifname: String,
+    pub mac: [u8; 6],
+    pub address: Ipv4Addr,
+    pub prefix: u8,
+    /// The default route's gateway, if the namespace has one.
+    pub gateway: Option<Ipv4Addr>,
+    pub mtu: u32,
+}
+
+impl PodLink {
+    /// `aa:bb:cc:dd:ee:ff`.
+    pub fn mac_string(&self) -> String {
+        let m = self.mac;
+        format!(
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+/// A pod's network namespace, open.
+#[derive(Debug)]
+pub struct Netns {
+    path: PathBuf,
+    file: File,
+}
+
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+
+impl Netns {
+    /// Opens `path` and checks that it is a network namespace and not the
+    /// calling thread's own.
+    pub fn open(path: &Path) -> Result<Netns, PodNetError> {
+        let err = |op, source| PodNetError::Netns {
+            path: path.to_path_buf(),
+            op,
+            source,
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| err("open", e))?;
+        let fs = nix::sys::statfs::fstatfs(&file).map_err(|e| err("statfs", e.into()))?;
+        if fs.filesystem_type().0 as i64 != NSFS_MAGIC {
+            return Err(PodNetError::NotNetns(path.to_path_buf()));
+        }
+        let ns = file.metadata().map_err(|e| err("stat", e))?;
+        // A namespace file that is not a network one fails setns later;
+        // the daemon's own is refused here.
+        let own = std::fs::metadata("/proc/thread-self/ns/net")
+            .map_err(|e| err("stat the daemon's own namespace", e))?;
+        if (ns.dev(), ns.ino()) == (own.dev(), own.ino()) {
+            return Err(PodNetError::Own(path.to_path_buf()));
+        }
+        // (A daemon without ptrace rights over pid 1 cannot see its
+        // namespace, nor open it by that path: nothing to compare.)
+        if let Ok(host) = std::fs::metadata("/proc/1/ns/net") {
+            if (ns.dev(), ns.ino()) == (host.dev(), host.ino()) {
+                return Err(PodNetError::Host(path.to_path_buf()));
+            }
+        }
+        Ok(Netns {
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` on a thread of its own that has joined the namespace.
+    fn run<T: Send>(
+        &self,
+        f: impl FnOnce() -> Result<T, PodNetError> + Send,
+    ) -> Result<T, PodNetError> {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                nix::sched::setns(self.file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| PodNetError::Netns {
+                        path: self.path.clone(),
+                        op: "join (setns)",
+                        source: e.into(),
+                    })?;
+                f()
+            })
+            .join()
+            .unwrap_or_else(|_| {
+                Err(PodNetError::Interface {
+                    path: self.path.clone(),
+                    why: "the thread that joined it panicked".into(),
+                })
+            })
+        })
+    }
+
+    fn tap_err(&self) -> impl Fn(TapError) -> PodNetError + '_ {
+        move |source| PodNetError::Tap {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// The pod's interface, as CNI left it.
+    pub fn inspect(&self) -> Result<PodLink, PodNetError> {
+        self.run(|| self.inspect_here())
+    }
+
+    fn inspect_here(&self) -> Result<PodLink, PodNetError> {
+        let bad = |why: String| PodNetError::Interface {
+            path: self.path.clone(),
+            why,
+        };
+        let mut v4: Vec<(String, Ipv4Addr, u8)> = Vec::new();
+        let addrs = nix::ifaddrs::getifaddrs().map_err(|e| bad(format!("list interfaces: {e}")))?;
+        for a in addrs {
+            if a.interface_name == "lo" || a.interface_name == POD_TAP {
+                continue;
+            }
+            let (Some(addr), Some(mask)) = (
+                a.address
+                    .as_ref()
+                    .and_then(|s| s.as_sockaddr_in())
+                    .map(|s| s.ip()),
+                a.netmask
+                    .as_ref()
+                    .and_then(|s| s.as_sockaddr_in())
+                    .map(|s| s.ip()),
+            ) else {
+                continue;
+            };
+            v4.push((a.interface_name, addr, u32::from(mask).count_ones() as u8));
+        }
+        let (ifname, address, prefix) = match v4.as_slice() {
+            [one] => one.clone(),
+            [] => {
+                return Err(bad(
+                    "no interface with an IPv4 address: the pod's CNI network gave it none \
+                     (a pod VM takes one IPv4 interface, as CNI's bridge or ptp plugins make)"
+                        .into(),
+                ))
+            }
+            many => {
+                let names: Vec<String> = many
+                    .iter()
+                    .map(|(n, a, p)| format!("{n} {a}/{p}"))
+                    .collect();
+                return Err(bad(format!(
+                    "{} IPv4 addresses ({}): a pod VM takes exactly one interface with one IPv4 address",
+                    many.len(),
+                    names.join(", ")
+                )));
+            }
+        };
+        let index = tap::index_of(&ifname).map_err(self.tap_err())?;
+        let mut link = LinkMessage::default();
+        link.header.index = index;
+        let answer = tap::exchange(
+            &ifname,
+            "read the link",
+            RouteNetlinkMessage::GetLink(link),
+            NLM_F_REQUEST,
+        )
+        .map_err(self.tap_err())?;
+        let NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) = answer else {
+            return Err(bad(format!(
+                "{ifname}: unexpected rtnetlink answer: {answer:?}"
+            )));
+        };
+        let mut mac = None;
+        let mut mtu = 1500;
+        for a in l.attributes {
+            match a {
+                LinkAttribute::Address(b) if b.len() == 6 => {
+                    let mut m = [0u8; 6];
+                    m.copy_from_slice(&b);
+                    mac = Some(m);
+                }
+                LinkAttribute::Mtu(m) => mtu = m,
+                _ => {}
+            }
+        }
+        let mac = mac.ok_or_else(|| bad(format!("{ifname} has no Ethernet address (a pod VM needs an Ethernet interface, a veth as CNI's bridge plugin makes)")))?;
+        let routes = std::fs::read_to_string("/proc/thread-self/net/route")
+            .map_err(|e| bad(format!("read its routes: {e}")))?;
+        Ok(PodLink {
+            gateway: default_gateway(&routes, &ifname),
+            ifname,
+            mac,
+            address,
+            prefix,
+            mtu,
+        })
+    }
+
+    /// Adds the tap `POD_TAP` (bearing `mark`, up, with the interface's
+    /// MTU) and the redirection both ways; on failure, nothing it made is
+    /// left. Returns the interface the guest takes after.
+    pub fn attach(&self, mark: &str) -> Result<PodLink, PodNetError> {
+        self.run(|| {
+            let link = self.inspect_here()?;
+            let mut made = Made::default();
+            let r = self.attach_here(&link, mark, &mut made);
+            if r.is_err() {
+                // Exactly what this attach made, nothing else's.
+                for index in made.qdiscs {
+                    let _ = del_ingress(&link.ifname, index);
+                }
+                if made.tap {
+                    let _ = tap::delete(POD_TAP);
+                }
+            }
+            r.map(|()| link)
+        })
+    }
+
+    fn attach_here(&self, link: &PodLink, mark: &str, made: &mut Made) -> Result<(), PodNetError> {
+        let e = self.tap_err();
+        tap::make_persistent_tap(POD_TAP).map_err(&e)?;
+        made.tap = true;
+        let tap_index = tap::index_of(POD_TAP).map_err(&e)?;
+        let mut up = LinkMessage::default();
+        up.header.index = tap_index;
+        up.header.flags = LinkFlags::Up;
+        up.header.change_mask = LinkFlags::Up;
+        up.attributes.push(LinkAttribute::IfAlias(mark.to_string()));
+        up.attributes.push(LinkAttribute::Mtu(link.mtu));
+        tap::rtnetlink(
+            POD_TAP,
+            "mark and bring up",
+            vec![(RouteNetlinkMessage::SetLink(up), 0)],
+        )
+        .map_err(&e)?;
+        let if_index = tap::index_of(&link.ifname).map_err(&e)?;
+        for (from, from_index, to_index) in [
+            (link.ifname.as_str(), if_index, tap_index),
+            (POD_TAP, tap_index, if_index),
+        ] {
+            tap::rtnetlink(
+                from,
+                "add an ingress qdisc",
+                vec![(
+                    RouteNetlinkMessage::NewQueueDiscipline(ingress_qdisc(from_index)),
+                    NLM_F_CREATE | NLM_F_EXCL,
+                )],
+            )
+            .map_err(&e)?;
+            made.qdiscs.push(from_index);
+            tap::rtnetlink(
+                from,
+                "redirect what arrives (u32 filter, mirred)",
+                vec![(
+                    RouteNetlinkMessage::NewTrafficFilter(redirect(from_index, to_index)),
+                    NLM_F_CREATE | NLM_F_EXCL,
+                )],
+            )
+            .map_err(&e)?;
+        }
+        Ok(())
+    }
+
+    /// A descriptor on the tap's queue, for a VMM that gets its tap as a
+    /// descriptor (it works from any namespace).
+    pub fn open_queue(&self) -> Result<OwnedFd, PodNetError> {
+        self.run(|| tap::open_queue(POD_TAP).map_err(self.tap_err()))
+    }
+
+    /// Deletes the tap (if it bears `mark`) and the interface's ingress
+    /// qdisc (with the redirect); what is gone already is fine.
+    pub fn detach(&self, mark: &str, ifname: &str) -> Result<(), PodNetError> {
+        self.run(|| {
+            // The tap's own qdisc goes with it; the interface's is the
+            // pod VM's only while its tap is there.
+            if matches!(tap::mark_of(POD_TAP), Ok(Some(m)) if m == mark) {
+                let _ = tap::delete(POD_TAP);
+                if let Ok(index) = tap::index_of(ifname) {
+                    let _ = del_ingress(ifname, index);
+                }
+            }
+            match tap::mark_of(POD_TAP) {
+                Ok(Some(m)) if m == mark => Err(PodNetError::Interface {
+                    path: self.path.clone(),
+                    why: format!("tap {POD_TAP} is still there after its deletion"),
+                }),
+                _ => Ok(()),
+            }
+        })
+    }
+}
+
+/// What an attach made so far (its rollback's list).
+#[derive(Default)]
+struct Made {
+    tap: bool,
+    /// Interfaces (by index) given an ingress qdisc.
+    qdiscs: Vec<u32>,
+}
+
+/// Deletes the ingress qdisc of `index` (and so its filters).
+fn del_ingress(ifname: &str, index: u32) -> Result<(), TapError> {
+    tap::rtnetlink(
+        ifname,
+        "delete the ingress qdisc",
+        vec![(
+            RouteNetlinkMessage::DelQueueDiscipline(ingress_qdisc(index)),
+            0,
+        )],
+    )
+}
+
+/// Detaches a pod VM's tap from the namespace at `path`, if it is still
+/// there: a namespace deleted since (CNI's teardown) took the tap with it.
+pub fn release(path: &Path, mark: &str, ifname: &str) -> Result<(), PodNetError> {
+    match Netns::open(path) {
+        Ok(ns) => ns.detach(mark, ifname),
+        Err(PodNetError::Netns { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Ok(())
+        }
+        // Unmounted (a plain file left, or another filesystem): gone.
+        Err(PodNetError::NotNetns(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// `tc qdisc add dev IFINDEX ingress`.
+fn ingress_qdisc(index: u32) -> TcMessage {
+    let mut m = TcMessage::with_index(index as i32);
+    m.header.parent = TcHandle::INGRESS;
+    m.header.handle = TcHandle {
+        major: 0xffff,
+        minor: 0,
+    };
+    m.attributes.push(TcAttribute::Kind("ingress".into()));
+    m
+}
+
+/// `tc filter add dev FROM parent ffff: protocol all u32 match u8 0 0
+/// action mirred egress redirect dev TO` (Kata's; `matchall` is not in
+/// every kernel).
+fn redirect(from: u32, to: u32) -> TcMessage {
+    let mut m = TcMessage::with_index(from as i32);
+    m.header.parent = TcHandle {
+        major: 0xffff,
+        minor: 0,
+    };
+    // Priority 1, protocol ETH_P_ALL in network order.
+    m.header.info = (1 << 16) | u32::from((libc::ETH_P_ALL as u16).to_be());
+    m.attributes.push(TcAttribute::Kind("u32".into()));
+    let mut sel = TcU32Selector::default();
+    sel.flags = TcU32SelectorFlags::Terminal;
+    sel.nkeys = 1;
+    sel.keys = vec![TcU32Key::default()];
+    let mut generic = TcActionGeneric::default();
+    generic.action = TcActionType::Stolen;
+    let mut mirror = TcMirror::default();
+    mirror.generic = generic;
+    mirror.eaction = TcMirrorActionType::EgressRedir;
+    mirror.ifindex = to;
+    let mut act = TcAction::default();
+    act.tab = 1;
+    act.attributes = vec![
+        TcActionAttribute::Kind("mirred".into()),
+        TcActionAttribute::Options(vec![TcActionOption::Mirror(TcActionMirrorOption::Parms(
+            mirror,
+        ))]),
+    ];
+    m.attributes.push(TcAttribute::Options(vec![
+        TcOption::U32(TcFilterU32Option::Selector(sel)),
+        TcOption::U32(TcFilterU32Option::Action(vec![act])),
+    ]));
+    m
+}
+
+/// The gateway of `ifname`'s default route in `/proc/net/route`'s text
+/// (addresses as the kernel's u32 in host order of network-order bytes).
+fn default_gateway(route: &str, ifname: &str) -> Option<Ipv4Addr> {
+    route.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let (iface, dest, gw, mask) = (f.first()?, f.get(1)?, f.get(2)?, f.get(7)?);
+        if *iface != ifname || *dest != "00000000" || *mask != "00000000" {
+            return None;
+        }
+        let g = u32::from_str_radix(gw, 16).ok()?;
+        (g != 0).then(|| Ipv4Addr::from(g.to_le_bytes()))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::Command;
+
+    use super::*;
+
+    #[test]
+    fn the_default_route_is_read_in_network_order() {
+        let t =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+                 eth0\t00000000\t0100580A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+                 eth0\t0000580A\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n";
+        assert_eq!(
+            default_gateway(t, "eth0"),
+            Some(Ipv4Addr::new(10, 88, 0, 1))
+        );
+        assert_eq!(default_gateway(t, "eth1"), None);
+    }
+
+    fn ip(args: &[&str]) {
+        let s = Command::new("ip").args(args).status().expect("ip");
+        assert!(s.success(), "ip {args:?}");
+    }
+
+    /// A namespace laid out as CNI's bridge plugin leaves a pod's (a veth
+    /// `eth0` with an address and a default route): the attach adds the
+    /// tap and both redirects, which `tc` then shows; the detach leaves
+    /// the namespace as it was. A file that is not a namespace, and the
+    /// daemon's own, are refused.
+    #[test]
+    fn a_pod_namespace_gets_a_redirected_tap_and_loses_it() {
+        if !nix::unistd::Uid::effective().is_root() {
+            panic!("this test needs root (it makes network namespaces)");
+        }
+        let name = format!("bgt-podnet-{}", std::process::id());
+        ip(&["netns", "add", &name]);
+        let path = PathBuf::from("/run/netns").join(&name);
+        let run = || {
+            ip(&[
+                "-n", &name, "link", "add", "name", "eth0", "type", "veth", "peer", "name", "peer0",
+            ]);
+            ip(&[
+                "-n",
+                &name,
+                "link",
+                "set",
+                "eth0",
+                "address",
+                "0a:58:0a:58:00:05",
+            ]);
+            ip(&["-n", &name, "addr", "add", "10.88.0.5/16", "dev", "eth0"]);
+            ip(&["-n", &name, "link", "set", "eth0", "up"]);
+            ip(&["-n", &name, "link", "set", "peer0", "up"]);
+            ip(&["-n", &name, "route", "add", "default", "via", "10.88.0.1"]);
+            let ns = Netns::open(&path).unwrap();
+            let link = ns.attach("banger test").unwrap();
+            assert_eq!(link.ifname, "eth0");
+            assert_eq!(link.mac_string(), "0a:58:0a:58:00:05");
+            assert_eq!(
+                (link.address, link.prefix),
+                (Ipv4Addr::new(10, 88, 0, 5), 16)
+            );
+            assert_eq!(link.gateway, Some(Ipv4Addr::new(10, 88, 0, 1)));
+            let tc = |dev: &str| {
+                let o = Command::new("ip")
+                    .args([
+                        "netns", "exec", &name, "tc", "filter", "show", "dev", dev, "ingress",
+                    ])
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&o.stdout).into_owned()
+            };
+            assert!(
+                tc("eth0").contains("Egress Redirect to device bgpod0"),
+                "{}",
+                tc("eth0")
+            );
+            assert!(
+                tc(POD_TAP).contains("Egress Redirect to device eth0"),
+                "{}",
+                tc(POD_TAP)
+            );
+            // A second VM on the same pod is refused, and the first's
+            // tap stays.
+            assert!(ns.attach("banger test").is_err());
+            assert!(tc("eth0").contains("bgpod0"));
+            drop(ns.open_queue().unwrap());
+            release(&path, "banger test", "eth0").unwrap();
+            assert_eq!(tc("eth0"), "");
+            let links = Command::new("ip")
+                .args(["-n", &name, "-o", "link"])
+                .output()
+                .unwrap();
+            assert!(!String::from_utf8_lossy(&links.stdout).contains("bgpod0"));
+            // Twice is fine.
+            release(&path, "banger test", "eth0").unwrap();
+            assert!(matches!(
+                Netns::open(Path::new("/etc/hostname")),
+                Err(PodNetError::NotNetns(_))
+            ));
+            assert!(matches!(
+                Netns::open(Path::new("/proc/thread-self/ns/net")),
+                Err(PodNetError::Own(_))
+            ));
+        };
+        let r = std::panic::catch_unwind(run);
+        ip(&["netns", "del", &name]);
+        // Gone with its namespace: a release is then nothing.
+        release(&path, "banger test", "eth0").unwrap();
+        if let Err(p) = r {
+            std::panic::resume_unwind(p);
+        }
+    }
+}
