@@ -253,11 +253,7 @@ fn import_images(inst: &Instance, ctd: &Containerd) {
         let tar = work.join(file);
         busybox_image_with(&work, name, None, &cmd, &tar);
         ok(
-            &ctd.ctr_in(
-                inst,
-                "k8s.io",
-                &["images", "import", tar.to_str().unwrap()],
-            ),
+            &ctd.ctr_in(inst, "k8s.io", &["images", "import", tar.to_str().unwrap()]),
             "ctr -n k8s.io images import",
         );
     }
