@@ -108,3 +108,49 @@ fn host_directories_are_shared_and_read_only_ones_stay_so() {
     }
     inst.assert_baseline();
 }
+
+/// Where the daemon's default VMM is Firecracker (a KVM host; here the
+/// spec-checked double, and `BANGER_VMM`), a VM that needs virtio-fs
+/// (`--mount`, and so every containerd container) gets QEMU without
+/// asking, and says why; one that needs nothing of it keeps the default;
+/// an explicit `--vmm firecracker` with a mount is refused, naming the
+/// fix. (Created, not booted: the choice is made before anything runs.)
+#[test]
+fn a_mount_picks_qemu_over_a_default_firecracker() {
+    let inst = Instance::new(&banger_bin())
+        .with_image()
+        .with_env("BANGER_VMM", "firecracker");
+    inst.start_daemon_with_firecracker_double();
+    let dir = tempfile::tempdir().unwrap();
+    let mount = format!("{}:/data", dir.path().display());
+    let out = inst.banger(&["vm", "create", "--name", "m", "--mount", &mount]);
+    ok(&out, "vm create --mount");
+    assert!(
+        text(&out.stderr).contains("QEMU, not the default Firecracker: --mount"),
+        "{}",
+        text(&out.stderr)
+    );
+    ok(&inst.banger(&["vm", "create", "--name", "f"]), "vm create");
+    let vmm = |name: &str| inst.vm(name).expect("the VM")["vmm"].clone();
+    assert_eq!(vmm("m"), "qemu");
+    assert_eq!(vmm("f"), "firecracker");
+    let out = inst.banger(&[
+        "vm",
+        "create",
+        "--name",
+        "x",
+        "--vmm",
+        "firecracker",
+        "--mount",
+        &mount,
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("--mount needs virtio-fs, which Firecracker does not have"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(inst.vm("x").is_none());
+    ok(&inst.banger(&["vm", "rm", "m", "f"]), "vm rm");
+    inst.assert_baseline();
+}

@@ -160,11 +160,31 @@ impl Daemon {
             None => banger_core::sizing::resolve(&size, &host)?,
         };
         self.check_pod_net(req, snap.is_some(), caller)?;
-        // A pod VM's tap is handed to QEMU as a descriptor; Firecracker
-        // opens its tap by name, in its own namespace (see check_pod_net).
-        let pod_vmm = req.net.pod_netns.as_ref().map(|_| VmmKind::Qemu);
-        let (vmm, accel) =
-            self.select_vmm(snap.as_ref().map(|s| s.spec.vmm).or(req.vmm).or(pod_vmm))?;
+        // What only QEMU has picks it where no VMM is asked for (the
+        // config's default included): virtio-fs for `--mount` (and so
+        // every containerd container's root), and a pod VM's tap, handed
+        // to QEMU as a descriptor (Firecracker opens its tap by name, in
+        // its own namespace: see check_pod_net).
+        let needs_qemu = if req.net.pod_netns.is_some() {
+            Some("a pod network")
+        } else if !req.mounts.is_empty() {
+            Some("--mount (virtio-fs, which Firecracker does not have)")
+        } else {
+            None
+        };
+        let asked = snap.as_ref().map(|s| s.spec.vmm).or(req.vmm);
+        let (vmm, accel) = match (asked, needs_qemu) {
+            (None, Some(why)) => {
+                let picked = self.select_vmm(Some(VmmKind::Qemu))?;
+                if self.select_vmm(None).is_ok_and(|(d, _)| d != VmmKind::Qemu) {
+                    events(Event::Progress {
+                        message: format!("QEMU, not the default Firecracker: {why} needs it"),
+                    });
+                }
+                picked
+            }
+            _ => self.select_vmm(asked)?,
+        };
         // Firecracker's limit, refused before anything exists.
         let fc_max = banger_vmm::firecracker::MAX_VCPUS;
         if vmm == VmmKind::Firecracker && sizing.cpus > fc_max {
