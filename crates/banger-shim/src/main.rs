@@ -62,6 +62,17 @@ impl shim::Shim for Service {
     }
 
     fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
+        // Refused before anything exists: a rootless containerd's shim
+        // could mount nothing (nor read what its user may not).
+        let uid = nix::unistd::geteuid();
+        if !uid.is_root() {
+            return Err(Error::Other(format!(
+                "{RUNTIME} runs as root, as containerd normally does: it mounts each \
+                 container's snapshot and binds its host paths into the pod's directory; this \
+                 containerd runs as uid {uid} (a rootless containerd is not supported: use \
+                 the system's containerd, or runc)"
+            )));
+        }
         // One shim per pod (a Kubernetes sandbox, a banger group, or a
         // container alone): its containers share its VM. containerd runs
         // this in the bundle.

@@ -754,3 +754,46 @@ fn a_pods_containers_share_one_vm_each_in_its_own_root() {
     kill_and_remove(&inst, &ctd, "p2", "KILL", false);
     assert_nothing_left(&inst, &ctd);
 }
+
+/// A rootless containerd (one running as a user) would start the shim as
+/// that user, who can mount nothing and may not read what the user may
+/// not: the shim refuses at its start, naming why and what to use, and
+/// makes nothing (no socket, no address file in the bundle).
+#[test]
+fn a_shim_started_by_a_non_root_containerd_says_it_needs_root() {
+    use std::os::unix::fs::PermissionsExt;
+    let user = test_infra::users::TestUser::new(&[]);
+    let bundle = tempfile::Builder::new()
+        .prefix("banger-bundle-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    std::fs::set_permissions(bundle.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let socket = bundle.path().join("containerd.sock");
+    let out = test_infra::bounded::output_within(
+        std::process::Command::new("setpriv")
+            .args(["--reuid", &user.uid.to_string()])
+            .args(["--regid", &user.gid.to_string()])
+            .arg("--clear-groups")
+            .arg(shim_bin())
+            .args(["-namespace", "default", "-address"])
+            .arg(&socket)
+            .args(["-publish-binary", "/bin/true", "-id", "t1", "start"])
+            .env("TTRPC_ADDRESS", bundle.path().join("containerd.sock.ttrpc"))
+            .current_dir(bundle.path())
+            .stdin(std::process::Stdio::null()),
+        Duration::from_secs(60),
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!("runs as uid {}", user.uid))
+            && err.contains("a rootless containerd is not supported"),
+        "{err}"
+    );
+    let left: Vec<_> = std::fs::read_dir(bundle.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
