@@ -39,9 +39,24 @@ fn exec(inst: &Instance, name: &str, args: &[&str]) -> String {
         .to_string()
 }
 
-/// The count a detached `counter` in `name` has reached.
+/// The count a detached `counter` in `name` has reached, waited for: its
+/// first write may not have happened yet, and a read may fall between a
+/// write's truncation and its number.
 fn count(inst: &Instance, name: &str) -> u64 {
-    exec(inst, name, &["cat", "/tmp/count"]).parse().unwrap()
+    let mut last = String::new();
+    let mut n = None;
+    let seen = test_infra::wait_until(std::time::Duration::from_secs(30), || {
+        let out = inst.banger(&["vm", "exec", name, "--", "cat", "/tmp/count"]);
+        last = format!("{}{}", text(&out.stdout), text(&out.stderr));
+        n = out
+            .status
+            .success()
+            .then(|| text(&out.stdout).trim().parse::<u64>().ok())
+            .flatten();
+        n.is_some()
+    });
+    assert!(seen, "no count in {name}'s /tmp/count: {last}");
+    n.unwrap_or_default()
 }
 
 /// `name`'s chroot (while it runs).

@@ -51,6 +51,26 @@ fn start_counter(inst: &Instance, name: &str) {
     ok(&out, "exec -d");
 }
 
+/// The count a detached `counter` in `name` has reached, waited for: its
+/// first write may not have happened yet, and a read may fall between a
+/// write's truncation and its number.
+fn read_count(inst: &Instance, name: &str) -> u64 {
+    let mut last = String::new();
+    let mut n = None;
+    let seen = test_infra::wait_until(std::time::Duration::from_secs(30), || {
+        let out = inst.banger(&["vm", "exec", name, "--", "cat", "/tmp/count"]);
+        last = format!("{}{}", text(&out.stdout), text(&out.stderr));
+        n = out
+            .status
+            .success()
+            .then(|| text(&out.stdout).trim().parse::<u64>().ok())
+            .flatten();
+        n.is_some()
+    });
+    assert!(seen, "no count in {name}'s /tmp/count: {last}");
+    n.unwrap_or_default()
+}
+
 fn snapshot_dir(inst: &Instance, snap: &str) -> PathBuf {
     let out = inst.banger(&["snapshot", "show", snap, "--json"]);
     let v: serde_json::Value = serde_json::from_str(&ok(&out, "snapshot show")).unwrap();
@@ -349,7 +369,7 @@ fn a_fork_clones_a_running_vm_with_its_processes() {
                 .any(|p| p["tag"] == "counter" && p["exit"].is_null()),
             "{n} runs the origin's process: {ps:?}"
         );
-        let a: u64 = exec(&inst, n, &["cat", "/tmp/count"]).parse().unwrap();
+        let a = read_count(&inst, n);
         let b = test_infra::wait_until(std::time::Duration::from_secs(60), || {
             exec(&inst, n, &["cat", "/tmp/count"])
                 .parse::<u64>()
@@ -391,7 +411,7 @@ fn pause_to_disk_ends_the_vmm_and_resume_brings_the_guest_back() {
     exec(&inst, "s", &["sh", "-c", "echo kept > /dev/shm/mark"]);
     let machine_id = exec(&inst, "s", &["cat", "/etc/machine-id"]);
     let ip = inst.guest_ip("s");
-    let before: u64 = exec(&inst, "s", &["cat", "/tmp/count"]).parse().unwrap();
+    let before = read_count(&inst, "s");
 
     ok(
         &inst.banger(&["vm", "pause", "--to-disk", "s"]),
@@ -441,7 +461,7 @@ fn pause_to_disk_ends_the_vmm_and_resume_brings_the_guest_back() {
             .any(|p| p["tag"] == "counter" && p["exit"].is_null()),
         "its process lives: {ps:?}"
     );
-    let after: u64 = exec(&inst, "s", &["cat", "/tmp/count"]).parse().unwrap();
+    let after = read_count(&inst, "s");
     assert!(
         after >= before,
         "the counter went on from {before}: {after}"
