@@ -279,6 +279,9 @@ pub struct VmRuntime {
 #[serde(deny_unknown_fields)]
 pub struct PodLink {
     pub netns: std::path::PathBuf,
+    /// The namespace's identity (its nsfs file's device and inode) when
+    /// the tap was made: the path may name another one later.
+    pub netns_id: (u64, u64),
     /// The interface CNI made (`eth0`), whose ingress is redirected.
     pub ifname: String,
     /// The tap banger made beside it.
@@ -288,6 +291,8 @@ pub struct PodLink {
     pub address: std::net::Ipv4Addr,
     pub prefix: u8,
     pub gateway: Option<std::net::Ipv4Addr>,
+    /// The interface's MTU, the guest NIC's too.
+    pub mtu: u32,
 }
 
 /// The names of the warm-start cache's snapshots (`warm.<key>`): no name

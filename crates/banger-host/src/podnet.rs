@@ -100,7 +100,9 @@ impl Netns {
         };
         let file = std::fs::OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_CLOEXEC)
+            // Never blocking (a FIFO), never a controlling terminal: the
+            // path is checked to be a namespace only once it is open.
+            .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY)
             .open(path)
             .map_err(|e| err("open", e))?;
         let fs = nix::sys::statfs::fstatfs(&file).map_err(|e| err("statfs", e.into()))?;
@@ -132,23 +134,40 @@ impl Netns {
         &self.path
     }
 
+    /// The namespace's identity (device and inode of its nsfs file): a
+    /// path bound again to another namespace later has another.
+    pub fn id(&self) -> Result<(u64, u64), PodNetError> {
+        let m = self.file.metadata().map_err(|source| PodNetError::Netns {
+            path: self.path.clone(),
+            op: "stat",
+            source,
+        })?;
+        Ok((m.dev(), m.ino()))
+    }
+
     /// Runs `f` on a thread of its own that has joined the namespace.
     fn run<T: Send>(
         &self,
         f: impl FnOnce() -> Result<T, PodNetError> + Send,
     ) -> Result<T, PodNetError> {
         std::thread::scope(|s| {
-            s.spawn(|| {
-                nix::sched::setns(self.file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-                    .map_err(|e| PodNetError::Netns {
-                        path: self.path.clone(),
-                        op: "join (setns)",
-                        source: e.into(),
-                    })?;
-                f()
-            })
-            .join()
-            .unwrap_or_else(|_| {
+            let t = std::thread::Builder::new()
+                .name("podnet".into())
+                .spawn_scoped(s, || {
+                    nix::sched::setns(self.file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                        .map_err(|e| PodNetError::Netns {
+                            path: self.path.clone(),
+                            op: "join (setns)",
+                            source: e.into(),
+                        })?;
+                    f()
+                })
+                .map_err(|source| PodNetError::Netns {
+                    path: self.path.clone(),
+                    op: "start a thread to join it",
+                    source,
+                })?;
+            t.join().unwrap_or_else(|_| {
                 Err(PodNetError::Interface {
                     path: self.path.clone(),
                     why: "the thread that joined it panicked".into(),
@@ -260,6 +279,7 @@ impl Netns {
     /// MTU) and the redirection both ways; on failure, nothing it made is
     /// left. Returns the interface the guest takes after.
     pub fn attach(&self, mark: &str) -> Result<PodLink, PodNetError> {
+        tap::check_mark(mark).map_err(self.tap_err())?;
         self.run(|| {
             let link = self.inspect_here()?;
             let mut made = Made::default();
@@ -324,29 +344,50 @@ impl Netns {
 
     /// A descriptor on the tap's queue, for a VMM that gets its tap as a
     /// descriptor (it works from any namespace).
-    pub fn open_queue(&self) -> Result<OwnedFd, PodNetError> {
-        self.run(|| tap::open_queue(POD_TAP).map_err(self.tap_err()))
-    }
-
-    /// Deletes the tap (if it bears `mark`) and the interface's ingress
-    /// qdisc (with the redirect); what is gone already is fine.
-    pub fn detach(&self, mark: &str, ifname: &str) -> Result<(), PodNetError> {
+    /// Only the tap bearing `mark` (the VM's own).
+    pub fn open_queue(&self, mark: &str) -> Result<OwnedFd, PodNetError> {
         self.run(|| {
-            // The tap's own qdisc goes with it; the interface's is the
-            // pod VM's only while its tap is there.
-            if matches!(tap::mark_of(POD_TAP), Ok(Some(m)) if m == mark) {
-                let _ = tap::delete(POD_TAP);
-                if let Ok(index) = tap::index_of(ifname) {
-                    let _ = del_ingress(ifname, index);
+            match tap::mark_of(POD_TAP).map_err(self.tap_err())? {
+                Some(m) if m == mark => {}
+                other => {
+                    return Err(PodNetError::Interface {
+                        path: self.path.clone(),
+                        why: format!(
+                            "tap {POD_TAP} is not this VM's (its mark: {other:?}); the pod's \
+                             network changed under it"
+                        ),
+                    })
                 }
             }
-            match tap::mark_of(POD_TAP) {
-                Ok(Some(m)) if m == mark => Err(PodNetError::Interface {
-                    path: self.path.clone(),
-                    why: format!("tap {POD_TAP} is still there after its deletion"),
-                }),
-                _ => Ok(()),
+            tap::open_queue(POD_TAP).map_err(self.tap_err())
+        })
+    }
+
+    /// Deletes the interface's ingress qdisc (with the redirect) and the
+    /// tap, if the tap bears `mark` (the VM's own: another VM's tap on a
+    /// namespace reused is left alone); what is gone already is fine,
+    /// anything else is an error (the release is tried again).
+    pub fn detach(&self, mark: &str, ifname: &str) -> Result<(), PodNetError> {
+        self.run(|| {
+            let e = self.tap_err();
+            match tap::mark_of(POD_TAP).map_err(&e)? {
+                Some(m) if m == mark => {}
+                _ => return Ok(()),
             }
+            // The qdisc first: a tap deleted before it would leave the
+            // pod's interface redirecting into nothing, and no mark to
+            // find it by again.
+            if let Ok(index) = tap::index_of(ifname) {
+                match del_ingress(ifname, index) {
+                    Err(TapError::Io { ref source, .. })
+                        if matches!(
+                            source.raw_os_error(),
+                            Some(libc::ENOENT) | Some(libc::EINVAL)
+                        ) => {}
+                    r => r.map_err(&e)?,
+                }
+            }
+            tap::delete(POD_TAP).map_err(&e)
         })
     }
 }
@@ -373,8 +414,16 @@ fn del_ingress(ifname: &str, index: u32) -> Result<(), TapError> {
 
 /// Detaches a pod VM's tap from the namespace at `path`, if it is still
 /// there: a namespace deleted since (CNI's teardown) took the tap with it.
-pub fn release(path: &Path, mark: &str, ifname: &str) -> Result<(), PodNetError> {
+/// `id`: the namespace's identity when the tap was made; a path that
+/// opens another namespace now is one whose tap went with the old one.
+pub fn release(
+    path: &Path,
+    id: Option<(u64, u64)>,
+    mark: &str,
+    ifname: &str,
+) -> Result<(), PodNetError> {
     match Netns::open(path) {
+        Ok(ns) if id.is_some_and(|id| ns.id().ok() != Some(id)) => Ok(()),
         Ok(ns) => ns.detach(mark, ifname),
         Err(PodNetError::Netns { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
             Ok(())
@@ -444,7 +493,7 @@ fn default_gateway(route: &str, ifname: &str) -> Option<Ipv4Addr> {
             return None;
         }
         let g = u32::from_str_radix(gw, 16).ok()?;
-        (g != 0).then(|| Ipv4Addr::from(g.to_le_bytes()))
+        (g != 0).then(|| Ipv4Addr::from(g.to_ne_bytes()))
     })
 }
 
@@ -534,8 +583,16 @@ mod tests {
             // tap stays.
             assert!(ns.attach("banger test").is_err());
             assert!(tc("eth0").contains("bgpod0"));
-            drop(ns.open_queue().unwrap());
-            release(&path, "banger test", "eth0").unwrap();
+            drop(ns.open_queue("banger test").unwrap());
+            assert!(ns.open_queue("banger other").is_err());
+            // Another VM's release (another mark) leaves it.
+            release(&path, None, "banger other", "eth0").unwrap();
+            assert!(tc("eth0").contains("bgpod0"));
+            // A release of a namespace that is not the one recorded
+            // leaves it too.
+            release(&path, Some((0, 0)), "banger test", "eth0").unwrap();
+            assert!(tc("eth0").contains("bgpod0"));
+            release(&path, Some(ns.id().unwrap()), "banger test", "eth0").unwrap();
             assert_eq!(tc("eth0"), "");
             let links = Command::new("ip")
                 .args(["-n", &name, "-o", "link"])
@@ -543,7 +600,7 @@ mod tests {
                 .unwrap();
             assert!(!String::from_utf8_lossy(&links.stdout).contains("bgpod0"));
             // Twice is fine.
-            release(&path, "banger test", "eth0").unwrap();
+            release(&path, None, "banger test", "eth0").unwrap();
             assert!(matches!(
                 Netns::open(Path::new("/etc/hostname")),
                 Err(PodNetError::NotNetns(_))
@@ -556,7 +613,7 @@ mod tests {
         let r = std::panic::catch_unwind(run);
         ip(&["netns", "del", &name]);
         // Gone with its namespace: a release is then nothing.
-        release(&path, "banger test", "eth0").unwrap();
+        release(&path, None, "banger test", "eth0").unwrap();
         if let Err(p) = r {
             std::panic::resume_unwind(p);
         }

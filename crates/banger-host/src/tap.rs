@@ -54,7 +54,7 @@ pub enum TapError {
 /// netlink sends after it, and the kernel refuses 256.
 pub const MARK_MAX: usize = 254;
 
-fn check_mark(mark: &str) -> Result<(), TapError> {
+pub(crate) fn check_mark(mark: &str) -> Result<(), TapError> {
     let ok = !mark.is_empty()
         && mark.len() <= MARK_MAX
         && mark.bytes().all(|b| b.is_ascii_graphic() || b == b' ');

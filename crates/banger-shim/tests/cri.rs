@@ -382,6 +382,44 @@ fn a_pod_on_a_cni_network_is_its_vm_at_the_pod_ip() {
     );
     assert_eq!(code, 0);
     assert!(addr.contains(&format!(" {pod_ip}/24 ")), "{addr}");
+    // The pod network's MTU (CNI's 1400) is the guest NIC's.
+    let (code, link) = exec(&mut client, &["ip", "-o", "link", "show", "dev", "eth0"]);
+    assert_eq!(code, 0);
+    assert!(link.contains(" mtu 1400 "), "{link}");
+    // A second VM on the pod's namespace (a container outside the pod
+    // given its path) is refused, naming the pod's VM; the pod's own tap
+    // and redirect stay, which the node's reaching it below shows.
+    let netns_dir = inst
+        .dir()
+        .join("containerd/state/io.containerd.grpc.v1.cri/netns");
+    let netns: Vec<PathBuf> = std::fs::read_dir(&netns_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(netns.len(), 1, "{netns:?}");
+    let with_ns = format!("network:{}", netns[0].display());
+    let out = ctd.ctr_in(
+        &inst,
+        "k8s.io",
+        &[
+            "run",
+            "--rm",
+            "--runtime",
+            "io.containerd.banger.v2",
+            "--with-ns",
+            &with_ns,
+            "banger.test/busybox:1",
+            "intruder",
+            "true",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        test_infra::text(&out.stderr).contains("has this pod's network already"),
+        "{}",
+        test_infra::text(&out.stderr)
+    );
     std::thread::scope(|s| {
         s.spawn(|| {
             inst.net.enter_on_this_thread();

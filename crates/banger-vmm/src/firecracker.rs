@@ -468,6 +468,7 @@ mod tests {
                 tap: "bgtap0".into(),
                 mac: "06:00:ac:1e:00:02".into(),
                 fd: None,
+                mtu: None,
             }],
             confine: Default::default(),
             jail: None,

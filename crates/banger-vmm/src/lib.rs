@@ -37,6 +37,9 @@ pub struct Nic {
     /// which the caller keeps open until `spawn` returns: the VMM gets it
     /// instead of opening `/dev/net/tun` (QEMU only).
     pub fd: Option<i32>,
+    /// The MTU the guest's NIC is told (QEMU's `host_mtu`), where it is
+    /// not Ethernet's 1500 (a containerd pod's network).
+    pub mtu: Option<u32>,
 }
 
 /// Everything a VMM needs to boot one guest.

@@ -184,7 +184,11 @@ impl Qemu {
                 None => format!("tap,id=net{i},ifname={},script=no,downscript=no", n.tap),
             });
             push("-device");
-            push(&format!("virtio-net-pci,netdev=net{i},mac={}", n.mac));
+            let mtu = match n.mtu {
+                Some(m) if m != 1500 => format!(",host_mtu={m}"),
+                _ => String::new(),
+            };
+            push(&format!("virtio-net-pci,netdev=net{i},mac={}{mtu}", n.mac));
         }
         // Appended to (O_APPEND), so that the daemon can rotate the console
         // log under the running VMM.
@@ -310,6 +314,7 @@ mod tests {
                 tap: "bgtap0".into(),
                 mac: "06:00:ac:1e:00:06".into(),
                 fd: None,
+                mtu: None,
             }],
             console_log: "/vm/console.log".into(),
             vmm_log: "/vm/vmm.log".into(),
@@ -355,7 +360,15 @@ mod tests {
             s.contains("tap,id=net0,ifname=bgtap0,script=no,downscript=no"),
             "{s}"
         );
-        assert!(s.contains("mac=06:00:ac:1e:00:06"), "{s}");
+        assert!(
+            s.contains("mac=06:00:ac:1e:00:06 "),
+            "no host_mtu at 1500: {s}"
+        );
+        // A pod network's MTU reaches the guest's NIC.
+        let mut c = cfg();
+        c.nics[0].mtu = Some(1450);
+        let s = line(&Qemu::new(false), &c);
+        assert!(s.contains("mac=06:00:ac:1e:00:06,host_mtu=1450 "), "{s}");
         assert!(
             s.contains(
                 "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"

@@ -217,7 +217,9 @@ impl Caller {
 }
 
 pub fn root_only(vm: &banger_core::VmRecord) -> bool {
-    vm.spec.mounts.iter().any(|m| m.owner.is_none())
+    // A pod VM is on its pod's network, outside banger's isolation, and
+    // its start joins whatever namespace the path names then.
+    vm.spec.mounts.iter().any(|m| m.owner.is_none()) || vm.spec.net.pod_netns.is_some()
 }
 
 /// What an image or a volume is called in errors.

@@ -407,9 +407,10 @@ impl Daemon {
             vmm: vm.spec.vmm,
             accel: vm.spec.accel.clone(),
             // A pod VM's guest has its pod's address, not its /30's.
-            guest_ip: match &vm.runtime.pod_link {
-                Some(p) => Some(p.address.to_string()),
-                None => vm.runtime.guest_ip.clone(),
+            guest_ip: match (&vm.runtime.pod_link, &vm.spec.net.pod_netns) {
+                (Some(p), _) => Some(p.address.to_string()),
+                (None, Some(_)) => None,
+                (None, None) => vm.runtime.guest_ip.clone(),
             },
             vsock_cid: vm.runtime.vsock_cid,
             root_disk: Some(vm.spec.root_disk()),

@@ -65,7 +65,14 @@ impl View {
     fn entry(vm: &banger_core::VmRecord) -> Entry {
         Entry {
             id: vm.id.clone(),
-            ip: vm.runtime.guest_ip.as_deref().and_then(|i| i.parse().ok()),
+            // A pod VM's /30 is not its guest's address (it has its
+            // pod's, on the pod's network): not published.
+            ip: vm
+                .runtime
+                .guest_ip
+                .as_deref()
+                .and_then(|i| i.parse().ok())
+                .filter(|_| vm.spec.net.pod_netns.is_none()),
             network: vm.spec.net.network.clone(),
         }
     }

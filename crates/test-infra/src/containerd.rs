@@ -31,14 +31,10 @@ impl Containerd {
         Containerd::start_with(inst, bin_dir, false)
     }
 
-    /// [`Containerd::start`], with its CRI plugin (Kubernetes' API) on
-    /// when `cri`: runtime handler `banger` is banger's, the sandbox
-    /// image `banger.test/pause:1` (the test imports it into `k8s.io`),
-    /// CNI from Debian's plugins with a config dir of its own (empty:
-    /// host-network pods need none).
     /// With the CRI plugin and a CNI network (`cni/10-banger-test.conflist`):
     /// Debian's bridge plugin, a bridge `bgtcni0` in the instance's
-    /// namespace at `<subnet>.1`, host-local addresses out of
+    /// namespace at `<subnet>.1` with an MTU of 1400 (not Ethernet's, so
+    /// that its reaching the guest shows), host-local addresses out of
     /// `<subnet>.0/24` (kept in the instance's dir), a default route
     /// through the bridge, no masquerade: nothing leaves the namespace.
     pub fn start_with_cni(inst: &Instance, bin_dir: &Path, subnet: &str) -> Containerd {
@@ -47,7 +43,7 @@ impl Containerd {
         let ipam = dir.join("cni-ipam");
         let conflist = format!(
             r#"{{"cniVersion": "0.4.0", "name": "banger-test", "plugins": [{{
-  "type": "bridge", "bridge": "bgtcni0", "isGateway": true, "ipMasq": false,
+  "type": "bridge", "bridge": "bgtcni0", "isGateway": true, "ipMasq": false, "mtu": 1400,
   "ipam": {{"type": "host-local", "dataDir": "{}",
     "ranges": [[{{"subnet": "{subnet}.0/24", "gateway": "{subnet}.1"}}]],
     "routes": [{{"dst": "0.0.0.0/0"}}]}}}}]}}"#,
@@ -58,6 +54,11 @@ impl Containerd {
         Containerd::start_with(inst, bin_dir, true)
     }
 
+    /// [`Containerd::start`], with its CRI plugin (Kubernetes' API) on
+    /// when `cri`: runtime handler `banger` is banger's, the sandbox
+    /// image `banger.test/pause:1` (the test imports it into `k8s.io`),
+    /// CNI from Debian's plugins with a config dir of its own (empty:
+    /// host-network pods need none).
     pub fn start_with(inst: &Instance, bin_dir: &Path, cri: bool) -> Containerd {
         let dir = inst.dir().join("containerd");
         std::fs::create_dir_all(dir.join("cni")).expect("mkdir containerd dir");

@@ -53,6 +53,8 @@ pub struct Tap {
     pub pod_netns: Option<std::path::PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_ifname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_netns_id: Option<(u64, u64)>,
 }
 
 /// Something that lives only in the daemon's process (a DNS listener).

@@ -88,6 +88,7 @@ impl Resource for Tap {
                 host_ip: None,
                 pod_netns: Some(p.netns.clone()),
                 pod_ifname: Some(p.ifname.clone()),
+                pod_netns_id: Some(p.netns_id),
             }));
         }
         let name = h
@@ -100,6 +101,7 @@ impl Resource for Tap {
             host_ip,
             pod_netns: None,
             pod_ifname: None,
+            pod_netns_id: None,
         }))
     }
 
@@ -109,6 +111,7 @@ impl Resource for Tap {
             host_ip,
             pod_netns,
             pod_ifname,
+            pod_netns_id,
         }) = held
         else {
             return Err(super::mismatch(self, &r.vm_name, held));
@@ -118,7 +121,8 @@ impl Resource for Tap {
             // teardown deletes it, and the tap with it).
             return podnet::release(
                 ns,
-                &mark(&host.cfg.layout.state_dir),
+                *pod_netns_id,
+                &pod_mark(&r.vm_id),
                 pod_ifname.as_deref().unwrap_or("eth0"),
             )
             .map_err(|e| DaemonError::Release {
@@ -166,8 +170,11 @@ impl Resource for Tap {
 fn pod_tap(host: &Host<'_>, cx: &mut Acq<'_>, path: &std::path::Path) -> Result<()> {
     let bad = |e: podnet::PodNetError| DaemonError::Invalid(format!("vm {:?}: {e}", cx.vm.name));
     let ns = podnet::Netns::open(path).map_err(bad)?;
+    let netns_id = ns.id().map_err(bad)?;
     let record = |link: &podnet::PodLink| banger_core::PodLink {
         netns: path.to_path_buf(),
+        netns_id,
+        mtu: link.mtu,
         ifname: link.ifname.clone(),
         tap: podnet::POD_TAP.to_string(),
         mac: link.mac_string(),
@@ -179,12 +186,18 @@ fn pod_tap(host: &Host<'_>, cx: &mut Acq<'_>, path: &std::path::Path) -> Result<
     cx.vm.runtime.pod_link = Some(record(&seen));
     host.save(cx.vm)?;
     crate::failpoint::hit("start.tap.recorded")?;
-    let link = ns.attach(&mark(&host.cfg.layout.state_dir)).map_err(bad)?;
+    let link = ns.attach(&pod_mark(&cx.vm.id)).map_err(bad)?;
     if link != seen {
         cx.vm.runtime.pod_link = Some(record(&link));
         host.save(cx.vm)?;
     }
     Ok(())
+}
+
+/// The mark of a pod VM's tap: the VM's own (every pod tap is `bgpod0`,
+/// so a release must never take another VM's, on a namespace reused).
+pub fn pod_mark(vm_id: &str) -> String {
+    format!("banger pod {vm_id}")
 }
 
 /// Names the VM's tap in its handles and runtime, both written out.

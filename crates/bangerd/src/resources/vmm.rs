@@ -23,6 +23,23 @@ use crate::host::Host;
 #[derive(Debug)]
 pub struct VmmProcess;
 
+/// A pod VM's tap queue, opened in its pod's namespace: the very
+/// namespace its tap was made in, and the tap bearing the VM's mark.
+fn pod_queue(vm: &VmRecord, p: &banger_core::PodLink) -> Result<std::os::fd::OwnedFd> {
+    let bad = |e: banger_host::podnet::PodNetError| {
+        DaemonError::Invalid(format!("vm {:?}: {e}", vm.name))
+    };
+    let ns = banger_host::podnet::Netns::open(&p.netns).map_err(bad)?;
+    if ns.id().map_err(bad)? != p.netns_id {
+        return Err(DaemonError::Invalid(format!(
+            "vm {:?}: pod network namespace {} is not the one its tap was made in any more",
+            vm.name,
+            p.netns.display()
+        )));
+    }
+    ns.open_queue(&super::tap::pod_mark(&vm.id)).map_err(bad)
+}
+
 /// How long a SIGKILLed VMM may take to be gone.
 const KILL_WAIT: Duration = Duration::from_secs(10);
 
@@ -155,11 +172,13 @@ impl Resource for VmmProcess {
         // A pod VM's tap is in its pod's namespace: opened there, for
         // QEMU (the only VMM a pod VM is given) to use from its own.
         let tap_fd = match (&pod, &id, cx.vm.spec.vmm) {
-            (Some(p), _, banger_core::VmmKind::Qemu) => Some(
-                banger_host::podnet::Netns::open(&p.netns)
-                    .and_then(|ns| ns.open_queue())
-                    .map_err(|e| DaemonError::Invalid(format!("vm {:?}: {e}", cx.vm.name)))?,
-            ),
+            (Some(p), _, banger_core::VmmKind::Qemu) => Some(pod_queue(cx.vm, p)?),
+            (Some(_), _, banger_core::VmmKind::Firecracker) => {
+                return Err(DaemonError::Invalid(format!(
+                    "vm {:?}: a pod network is QEMU's (Firecracker opens its tap by name)",
+                    cx.vm.name
+                )))
+            }
             (None, Some(_), banger_core::VmmKind::Qemu) => {
                 Some(banger_host::tap::open_queue(&tap)?)
             }
@@ -207,6 +226,7 @@ impl Resource for VmmProcess {
             nics: vec![banger_vmm::Nic {
                 tap,
                 mac,
+                mtu: pod.as_ref().map(|p| p.mtu),
                 fd: tap_fd.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
             }],
             console_log: console,
