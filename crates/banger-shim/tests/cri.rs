@@ -83,6 +83,79 @@ fn pod_config(inst: &Instance, name: &str, network: NamespaceMode) -> PodSandbox
     }
 }
 
+/// RunPodSandbox on handler `banger`: the pod's id.
+fn run_pod(
+    rt: &tokio::runtime::Runtime,
+    client: &mut RuntimeServiceClient<Channel>,
+    ctd: &Containerd,
+    config: &PodSandboxConfig,
+) -> String {
+    rt.block_on(client.run_pod_sandbox(RunPodSandboxRequest {
+        config: Some(config.clone()),
+        runtime_handler: "banger".into(),
+    }))
+    .unwrap_or_else(|e| panic!("RunPodSandbox: {e:?}\n{}", ctd.log_text()))
+    .into_inner()
+    .pod_sandbox_id
+}
+
+/// CreateContainer and StartContainer of `name` in `pod`: its id.
+#[allow(clippy::too_many_arguments)]
+fn start_container(
+    rt: &tokio::runtime::Runtime,
+    client: &mut RuntimeServiceClient<Channel>,
+    ctd: &Containerd,
+    pod: &str,
+    config: &PodSandboxConfig,
+    name: &str,
+    image: &str,
+    command: &[&str],
+) -> String {
+    let id = rt
+        .block_on(client.create_container(CreateContainerRequest {
+            pod_sandbox_id: pod.to_string(),
+            config: Some(ContainerConfig {
+                metadata: Some(ContainerMetadata {
+                    name: name.into(),
+                    attempt: 0,
+                }),
+                image: Some(ImageSpec {
+                    image: image.into(),
+                    ..Default::default()
+                }),
+                command: command.iter().map(|s| s.to_string()).collect(),
+                log_path: format!("{name}.log"),
+                ..Default::default()
+            }),
+            sandbox_config: Some(config.clone()),
+        }))
+        .unwrap_or_else(|e| panic!("CreateContainer {name}: {e:?}\n{}", ctd.log_text()))
+        .into_inner()
+        .container_id;
+    rt.block_on(client.start_container(StartContainerRequest {
+        container_id: id.clone(),
+    }))
+    .unwrap_or_else(|e| panic!("StartContainer {name}: {e:?}\n{}", ctd.log_text()));
+    id
+}
+
+/// StopPodSandbox, then RemovePodSandbox.
+fn stop_and_remove(
+    rt: &tokio::runtime::Runtime,
+    client: &mut RuntimeServiceClient<Channel>,
+    ctd: &Containerd,
+    pod: &str,
+) {
+    rt.block_on(client.stop_pod_sandbox(StopPodSandboxRequest {
+        pod_sandbox_id: pod.to_string(),
+    }))
+    .unwrap_or_else(|e| panic!("StopPodSandbox: {e:?}\n{}", ctd.log_text()));
+    rt.block_on(client.remove_pod_sandbox(RemovePodSandboxRequest {
+        pod_sandbox_id: pod.to_string(),
+    }))
+    .unwrap_or_else(|e| panic!("RemovePodSandbox: {e:?}\n{}", ctd.log_text()));
+}
+
 #[test]
 fn a_kubernetes_pod_of_two_containers_is_one_banger_vm() {
     let inst = Instance::new(&banger_bin()).with_image();
@@ -129,14 +202,7 @@ fn a_kubernetes_pod_of_two_containers_is_one_banger_vm() {
     let (rt, mut client) = cri(&ctd.socket());
 
     let config = pod_config(&inst, "web", NamespaceMode::Node);
-    let pod = rt
-        .block_on(client.run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(config.clone()),
-            runtime_handler: "banger".into(),
-        }))
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e:?}\n{}", ctd.log_text()))
-        .into_inner()
-        .pod_sandbox_id;
+    let pod = run_pod(&rt, &mut client, &ctd, &config);
     let mut ids = Vec::new();
     for (name, image, command) in [
         (
@@ -146,31 +212,7 @@ fn a_kubernetes_pod_of_two_containers_is_one_banger_vm() {
         ),
         ("two", "banger.test/busybox-app:1", vec!["sleep", "601"]),
     ] {
-        let id = rt
-            .block_on(client.create_container(CreateContainerRequest {
-                pod_sandbox_id: pod.clone(),
-                config: Some(ContainerConfig {
-                    metadata: Some(ContainerMetadata {
-                        name: name.into(),
-                        attempt: 0,
-                    }),
-                    image: Some(ImageSpec {
-                        image: image.into(),
-                        ..Default::default()
-                    }),
-                    command: command.iter().map(|s| s.to_string()).collect(),
-                    log_path: format!("{name}.log"),
-                    ..Default::default()
-                }),
-                sandbox_config: Some(config.clone()),
-            }))
-            .unwrap_or_else(|e| panic!("CreateContainer {name}: {e:?}\n{}", ctd.log_text()))
-            .into_inner()
-            .container_id;
-        rt.block_on(client.start_container(StartContainerRequest {
-            container_id: id.clone(),
-        }))
-        .unwrap_or_else(|e| panic!("StartContainer {name}: {e:?}\n{}", ctd.log_text()));
+        let id = start_container(&rt, &mut client, &ctd, &pod, &config, name, image, &command);
         ids.push(id);
     }
     // One VM for the pod.
@@ -225,14 +267,7 @@ fn a_kubernetes_pod_of_two_containers_is_one_banger_vm() {
         k8s_cri::v1::ContainerState::ContainerRunning as i32
     );
     // Stopped and removed: nothing left.
-    rt.block_on(client.stop_pod_sandbox(StopPodSandboxRequest {
-        pod_sandbox_id: pod.clone(),
-    }))
-    .unwrap_or_else(|e| panic!("StopPodSandbox: {e:?}\n{}", ctd.log_text()));
-    rt.block_on(client.remove_pod_sandbox(RemovePodSandboxRequest {
-        pod_sandbox_id: pod.clone(),
-    }))
-    .unwrap_or_else(|e| panic!("RemovePodSandbox: {e:?}\n{}", ctd.log_text()));
+    stop_and_remove(&rt, &mut client, &ctd, &pod);
     drop(client);
     drop(rt);
     ctd.assert_clean(&inst);
@@ -300,14 +335,7 @@ fn a_pod_on_a_cni_network_is_its_vm_at_the_pod_ip() {
     import_images(&inst, &ctd);
     let (rt, mut client) = cri(&ctd.socket());
     let config = pod_config(&inst, "netpod", NamespaceMode::Pod);
-    let pod = rt
-        .block_on(client.run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(config.clone()),
-            runtime_handler: "banger".into(),
-        }))
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e:?}\n{}", ctd.log_text()))
-        .into_inner()
-        .pod_sandbox_id;
+    let pod = run_pod(&rt, &mut client, &ctd, &config);
     let status = rt
         .block_on(client.pod_sandbox_status(PodSandboxStatusRequest {
             pod_sandbox_id: pod.clone(),
@@ -319,41 +347,21 @@ fn a_pod_on_a_cni_network_is_its_vm_at_the_pod_ip() {
         .expect("a pod status");
     let pod_ip = status.network.expect("the pod's network").ip;
     assert!(pod_ip.starts_with(&format!("{SUBNET}.")), "pod IP {pod_ip}");
-    let id = rt
-        .block_on(
-            client.create_container(CreateContainerRequest {
-                pod_sandbox_id: pod.clone(),
-                config: Some(ContainerConfig {
-                    metadata: Some(ContainerMetadata {
-                        name: "web".into(),
-                        attempt: 0,
-                    }),
-                    image: Some(ImageSpec {
-                        image: "banger.test/busybox:1".into(),
-                        ..Default::default()
-                    }),
-                    command: [
-                        "sh",
-                        "-c",
-                        "mkdir -p /www && echo served-by-the-pod > /www/index.html && \
-                     exec httpd -f -p 8080 -h /www",
-                    ]
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect(),
-                    log_path: "web.log".into(),
-                    ..Default::default()
-                }),
-                sandbox_config: Some(config.clone()),
-            }),
-        )
-        .unwrap_or_else(|e| panic!("CreateContainer: {e:?}\n{}", ctd.log_text()))
-        .into_inner()
-        .container_id;
-    rt.block_on(client.start_container(StartContainerRequest {
-        container_id: id.clone(),
-    }))
-    .unwrap_or_else(|e| panic!("StartContainer: {e:?}\n{}", ctd.log_text()));
+    let id = start_container(
+        &rt,
+        &mut client,
+        &ctd,
+        &pod,
+        &config,
+        "web",
+        "banger.test/busybox:1",
+        &[
+            "sh",
+            "-c",
+            "mkdir -p /www && echo served-by-the-pod > /www/index.html && \
+             exec httpd -f -p 8080 -h /www",
+        ],
+    );
     // The pod's VM shows the pod's IP.
     let vms = inst.vms();
     assert_eq!(vms.len(), 1, "{vms:?}");
@@ -456,14 +464,7 @@ fn a_pod_on_a_cni_network_is_its_vm_at_the_pod_ip() {
             server.join().unwrap();
         });
     });
-    rt.block_on(client.stop_pod_sandbox(StopPodSandboxRequest {
-        pod_sandbox_id: pod.clone(),
-    }))
-    .unwrap_or_else(|e| panic!("StopPodSandbox: {e:?}\n{}", ctd.log_text()));
-    rt.block_on(client.remove_pod_sandbox(RemovePodSandboxRequest {
-        pod_sandbox_id: pod.clone(),
-    }))
-    .unwrap_or_else(|e| panic!("RemovePodSandbox: {e:?}\n{}", ctd.log_text()));
+    stop_and_remove(&rt, &mut client, &ctd, &pod);
     drop(client);
     drop(rt);
     // Nothing of the pod's network is left in the node's namespace but

@@ -51,24 +51,9 @@ fn start_counter(inst: &Instance, name: &str) {
     ok(&out, "exec -d");
 }
 
-/// The count a detached `counter` in `name` has reached, waited for: its
-/// first write may not have happened yet, and a read may fall between a
-/// write's truncation and its number.
+/// The count a detached `counter` in `name` has reached.
 fn read_count(inst: &Instance, name: &str) -> u64 {
-    let mut last = String::new();
-    let mut n = None;
-    let seen = test_infra::wait_until(std::time::Duration::from_secs(30), || {
-        let out = inst.banger(&["vm", "exec", name, "--", "cat", "/tmp/count"]);
-        last = format!("{}{}", text(&out.stdout), text(&out.stderr));
-        n = out
-            .status
-            .success()
-            .then(|| text(&out.stdout).trim().parse::<u64>().ok())
-            .flatten();
-        n.is_some()
-    });
-    assert!(seen, "no count in {name}'s /tmp/count: {last}");
-    n.unwrap_or_default()
+    inst.guest_number(name, "/tmp/count")
 }
 
 fn snapshot_dir(inst: &Instance, snap: &str) -> PathBuf {

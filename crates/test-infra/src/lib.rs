@@ -697,6 +697,26 @@ impl Instance {
         vm_list(&self.banger(&["vm", "ls", "--json"]))
     }
 
+    /// The number in `path` of VM `name`, waited for: a guest process
+    /// writing it may not have written it yet, and a read may fall
+    /// between a write's truncation and its number.
+    pub fn guest_number(&self, name: &str, path: &str) -> u64 {
+        let mut last = String::new();
+        let mut n = None;
+        let seen = wait_until(Duration::from_secs(30), || {
+            let out = self.banger(&["vm", "exec", name, "--", "cat", path]);
+            last = format!("{}{}", text(&out.stdout), text(&out.stderr));
+            n = out
+                .status
+                .success()
+                .then(|| text(&out.stdout).trim().parse::<u64>().ok())
+                .flatten();
+            n.is_some()
+        });
+        assert!(seen, "no number in {name}'s {path}: {last}");
+        n.unwrap_or_default()
+    }
+
     /// One VM's record as `vm ls --json` shows it.
     pub fn vm(&self, name: &str) -> Option<serde_json::Value> {
         self.vms().into_iter().find(|v| v["name"] == name)
