@@ -281,6 +281,7 @@ pub struct PodLink {
     pub netns: std::path::PathBuf,
     /// The namespace's identity (its nsfs file's device and inode) when
     /// the tap was made: the path may name another one later.
+    #[serde(default)]
     pub netns_id: (u64, u64),
     /// The interface CNI made (`eth0`), whose ingress is redirected.
     pub ifname: String,
@@ -292,7 +293,12 @@ pub struct PodLink {
     pub prefix: u8,
     pub gateway: Option<std::net::Ipv4Addr>,
     /// The interface's MTU, the guest NIC's too.
+    #[serde(default = "ethernet_mtu")]
     pub mtu: u32,
+}
+
+fn ethernet_mtu() -> u32 {
+    1500
 }
 
 /// The names of the warm-start cache's snapshots (`warm.<key>`): no name

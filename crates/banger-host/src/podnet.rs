@@ -67,9 +67,46 @@ pub struct PodLink {
     /// The default route's gateway, if the namespace has one.
     pub gateway: Option<Ipv4Addr>,
     pub mtu: u32,
+    /// The address's subnet is routed straight on the interface (a
+    /// connected route), as the guest will have it: not so under CNI's
+    /// ptp plugin, which routes it through the gateway.
+    pub subnet_on_link: bool,
 }
 
 impl PodLink {
+    /// Why a guest given this interface's address, with a default route
+    /// through its gateway on its link (all the guest takes), would not
+    /// have the pod's network; None when it would.
+    pub fn refusal(&self) -> Option<String> {
+        let Some(gw) = self.gateway else {
+            return Some(format!(
+                "{} has no default route: a pod VM's guest takes the pod's default route \
+                 (give the CNI network's IPAM a route to 0.0.0.0/0)",
+                self.ifname
+            ));
+        };
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(self.prefix))
+            .unwrap_or(0);
+        if u32::from(gw) & mask != u32::from(self.address) & mask || gw == self.address {
+            return Some(format!(
+                "{}'s gateway {gw} is outside its subnet {}/{}: a pod VM takes networks whose \
+                 gateway is on the pod's link (CNI's bridge plugin, and IPAMs like it); a /32 \
+                 with a link-local gateway (Calico, Cilium) is not built yet",
+                self.ifname, self.address, self.prefix
+            ));
+        }
+        if !self.subnet_on_link {
+            return Some(format!(
+                "{}'s subnet {}/{} is not routed on its link (CNI's ptp plugin routes it \
+                 through the gateway): a pod VM's guest takes only the address and the default \
+                 route, which is not built yet for such networks",
+                self.ifname, self.address, self.prefix
+            ));
+        }
+        None
+    }
+
     /// `aa:bb:cc:dd:ee:ff`.
     pub fn mac_string(&self) -> String {
         let m = self.mac;
@@ -267,6 +304,7 @@ impl Netns {
             .map_err(|e| bad(format!("read its routes: {e}")))?;
         Ok(PodLink {
             gateway: default_gateway(&routes, &ifname),
+            subnet_on_link: subnet_on_link(&routes, &ifname, address, prefix),
             ifname,
             mac,
             address,
@@ -285,11 +323,14 @@ impl Netns {
             let mut made = Made::default();
             let r = self.attach_here(&link, mark, &mut made);
             if r.is_err() {
-                // Exactly what this attach made, nothing else's.
-                for index in made.qdiscs {
-                    let _ = del_ingress(&link.ifname, index);
-                }
-                if made.tap {
+                // Exactly what this attach made, nothing else's; the
+                // tap (its mark: what a release finds it all by) only
+                // once no redirect to it is left.
+                let undone = made
+                    .qdiscs
+                    .iter()
+                    .all(|index| del_ingress(&link.ifname, *index).is_ok());
+                if made.tap && undone {
                     let _ = tap::delete(POD_TAP);
                 }
             }
@@ -299,7 +340,9 @@ impl Netns {
 
     fn attach_here(&self, link: &PodLink, mark: &str, made: &mut Made) -> Result<(), PodNetError> {
         let e = self.tap_err();
-        tap::make_persistent_tap(POD_TAP).map_err(&e)?;
+        // Persistent only once it bears its mark: a daemon that dies
+        // before leaves no tap that no release could tell is its own.
+        let tun = tap::make_tap(POD_TAP).map_err(&e)?;
         made.tap = true;
         let tap_index = tap::index_of(POD_TAP).map_err(&e)?;
         let mut up = LinkMessage::default();
@@ -314,6 +357,8 @@ impl Netns {
             vec![(RouteNetlinkMessage::SetLink(up), 0)],
         )
         .map_err(&e)?;
+        tap::persist(POD_TAP, &tun).map_err(&e)?;
+        drop(tun);
         let if_index = tap::index_of(&link.ifname).map_err(&e)?;
         for (from, from_index, to_index) in [
             (link.ifname.as_str(), if_index, tap_index),
@@ -377,7 +422,7 @@ impl Netns {
             // The qdisc first: a tap deleted before it would leave the
             // pod's interface redirecting into nothing, and no mark to
             // find it by again.
-            if let Ok(index) = tap::index_of(ifname) {
+            if let Some(index) = tap::index_if_exists(ifname).map_err(&e)? {
                 match del_ingress(ifname, index) {
                     Err(TapError::Io { ref source, .. })
                         if matches!(
@@ -423,8 +468,13 @@ pub fn release(
     ifname: &str,
 ) -> Result<(), PodNetError> {
     match Netns::open(path) {
-        Ok(ns) if id.is_some_and(|id| ns.id().ok() != Some(id)) => Ok(()),
-        Ok(ns) => ns.detach(mark, ifname),
+        Ok(ns) => match id {
+            Some(id) if ns.id()? != id => Ok(()),
+            _ => ns.detach(mark, ifname),
+        },
+        // Bound to the daemon's or the host's namespace since: not the
+        // pod's, whose tap went with it.
+        Err(PodNetError::Own(_) | PodNetError::Host(_)) => Ok(()),
         Err(PodNetError::Netns { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
             Ok(())
         }
@@ -483,6 +533,22 @@ fn redirect(from: u32, to: u32) -> TcMessage {
     m
 }
 
+/// Whether `/proc/net/route`'s text has `address/prefix`'s subnet routed
+/// on `ifname` with no gateway.
+fn subnet_on_link(route: &str, ifname: &str, address: Ipv4Addr, prefix: u8) -> bool {
+    let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+    let net = Ipv4Addr::from(u32::from(address) & mask);
+    let hex = |a: Ipv4Addr| format!("{:08X}", u32::from_ne_bytes(a.octets()));
+    let (net, mask) = (hex(net), hex(Ipv4Addr::from(mask)));
+    route.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.first() == Some(&ifname)
+            && f.get(1) == Some(&net.as_str())
+            && f.get(2) == Some(&"00000000")
+            && f.get(7) == Some(&mask.as_str())
+    })
+}
+
 /// The gateway of `ifname`'s default route in `/proc/net/route`'s text
 /// (addresses as the kernel's u32 in host order of network-order bytes).
 fn default_gateway(route: &str, ifname: &str) -> Option<Ipv4Addr> {
@@ -514,6 +580,43 @@ mod tests {
             Some(Ipv4Addr::new(10, 88, 0, 1))
         );
         assert_eq!(default_gateway(t, "eth1"), None);
+        let a = Ipv4Addr::new(10, 88, 0, 5);
+        assert!(subnet_on_link(t, "eth0", a, 16));
+        assert!(!subnet_on_link(t, "eth0", a, 24));
+        assert!(!subnet_on_link(t, "eth1", a, 16));
+    }
+
+    /// What a guest could not use is named: no default route, a gateway
+    /// off the link (Calico's /32 and 169.254.1.1), a subnet routed
+    /// through the gateway (ptp).
+    #[test]
+    fn links_a_guest_cannot_use_are_refused() {
+        let ok = PodLink {
+            ifname: "eth0".into(),
+            mac: [2, 0, 0, 0, 0, 1],
+            address: Ipv4Addr::new(10, 88, 0, 5),
+            prefix: 16,
+            gateway: Some(Ipv4Addr::new(10, 88, 0, 1)),
+            mtu: 1500,
+            subnet_on_link: true,
+        };
+        assert_eq!(ok.refusal(), None);
+        let none = PodLink {
+            gateway: None,
+            ..ok.clone()
+        };
+        assert!(none.refusal().unwrap().contains("no default route"));
+        let calico = PodLink {
+            prefix: 32,
+            gateway: Some(Ipv4Addr::new(169, 254, 1, 1)),
+            ..ok.clone()
+        };
+        assert!(calico.refusal().unwrap().contains("outside its subnet"));
+        let ptp = PodLink {
+            subnet_on_link: false,
+            ..ok.clone()
+        };
+        assert!(ptp.refusal().unwrap().contains("ptp"));
     }
 
     fn ip(args: &[&str]) {

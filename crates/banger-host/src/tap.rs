@@ -144,7 +144,7 @@ pub fn create_bare(name: &str, mark: &str) -> Result<(), TapError> {
 /// The mark (alias) the tap bears, if it exists and has one.
 pub fn mark_of(name: &str) -> Result<Option<String>, TapError> {
     check_name(name)?;
-    let Ok(index) = nix::net::if_::if_nametoindex(name) else {
+    let Some(index) = index_if_exists(name)? else {
         return Ok(None);
     };
     let mut link = LinkMessage::default();
@@ -195,6 +195,20 @@ pub fn marked(mark: &str) -> Vec<String> {
     names
 }
 
+/// The interface's index, or None when there is no such interface
+/// (ENODEV; any other failure is an error, never taken for "gone").
+pub(crate) fn index_if_exists(name: &str) -> Result<Option<u32>, TapError> {
+    match nix::net::if_::if_nametoindex(name) {
+        Ok(i) => Ok(Some(i)),
+        Err(nix::errno::Errno::ENODEV) => Ok(None),
+        Err(source) => Err(TapError::Ioctl {
+            tap: name.to_string(),
+            op: "look up its index",
+            source,
+        }),
+    }
+}
+
 pub(crate) fn index_of(name: &str) -> Result<u32, TapError> {
     nix::net::if_::if_nametoindex(name).map_err(|source| TapError::Ioctl {
         tap: name.to_string(),
@@ -241,37 +255,43 @@ pub fn reset(name: &str, host_ip: Ipv4Addr, prefix: u8) -> Result<(), TapError> 
 /// `TUNSETIFF` with `IFF_TUN_EXCL` (a new tap or an error, never someone
 /// else's), then `TUNSETPERSIST` so that the tap outlives this descriptor.
 pub(crate) fn make_persistent_tap(name: &str) -> Result<(), TapError> {
+    let tun = make_tap(name)?;
+    persist(name, &tun)
+}
+
+/// Makes the tap `name` persistent (`TUNSETPERSIST`) through `tun`, the
+/// descriptor that made it ([`make_tap`]).
+pub(crate) fn persist(name: &str, tun: &std::fs::File) -> Result<(), TapError> {
+    // SAFETY: `tun` is attached to the tap; the argument is a plain int.
+    unsafe { tun_set_persist(tun.as_raw_fd(), 1) }.map_err(|source| TapError::Ioctl {
+        tap: name.to_string(),
+        op: "make persistent (TUNSETPERSIST)",
+        source,
+    })?;
+    Ok(())
+}
+
+/// A new tap `name` (`TUNSETIFF` with `IFF_TUN_EXCL`), owned by root, that
+/// lives only while the returned descriptor does, until [`persist`]: a
+/// process that dies before it is persistent leaves nothing.
+pub(crate) fn make_tap(name: &str) -> Result<std::fs::File, TapError> {
     let tun = attach(
         name,
         libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_TUN_EXCL,
         "create (TUNSETIFF)",
     )?;
-    // SAFETY: `tun` is now attached to the tap just created; the argument
-    // is a plain int.
-    if let Err(source) = unsafe { tun_set_persist(tun.as_raw_fd(), 1) } {
-        // Closing the descriptor of a non-persistent tap removes it.
-        return Err(TapError::Ioctl {
-            tap: name.to_string(),
-            op: "make persistent (TUNSETPERSIST)",
-            source,
-        });
-    }
     // Owned by root: a tap with no owner may be attached to by anyone who
     // can open /dev/net/tun (0666 on most distributions), a guest's
     // traffic read or a start made to fail; owned, only its owner or
     // CAP_NET_ADMIN can.
     // SAFETY: `tun` is attached to the tap; the argument is a plain int.
-    if let Err(source) = unsafe { tun_set_owner(tun.as_raw_fd(), 0) } {
-        // SAFETY: as above; undoing the persistence removes the tap when
-        // `tun` closes.
-        let _ = unsafe { tun_set_persist(tun.as_raw_fd(), 0) };
-        return Err(TapError::Ioctl {
-            tap: name.to_string(),
-            op: "set its owner (TUNSETOWNER)",
-            source,
-        });
-    }
-    Ok(())
+    // (Not persistent yet: closing `tun` removes the tap.)
+    unsafe { tun_set_owner(tun.as_raw_fd(), 0) }.map_err(|source| TapError::Ioctl {
+        tap: name.to_string(),
+        op: "set its owner (TUNSETOWNER)",
+        source,
+    })?;
+    Ok(tun)
 }
 
 /// A fresh `/dev/net/tun` descriptor attached (`TUNSETIFF`) to the tap
@@ -401,7 +421,7 @@ fn configure(
 /// on a busy host, which is why the daemon does this after its reply.)
 pub fn delete(name: &str) -> Result<(), TapError> {
     check_name(name)?;
-    let Ok(index) = nix::net::if_::if_nametoindex(name) else {
+    let Some(index) = index_if_exists(name)? else {
         return Ok(());
     };
     let mut link = LinkMessage::default();

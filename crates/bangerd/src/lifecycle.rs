@@ -73,39 +73,20 @@ impl Daemon {
         let link = ns
             .inspect()
             .map_err(|e| DaemonError::Invalid(e.to_string()))?;
-        let Some(gw) = link.gateway else {
-            return Err(bad(format!(
-                "{} has no default route: a pod VM's guest takes the pod's default route \
-                 (give the CNI network's IPAM a route to 0.0.0.0/0)",
-                link.ifname
-            )));
-        };
-        // The guest takes the address and a default route through the
-        // gateway, on its link: a gateway outside the pod's subnet (a /32
-        // with a link-local gateway, as Calico and Cilium give) would
-        // leave it without a route.
-        let on_link = |a: std::net::Ipv4Addr| {
-            let mask = u32::MAX
-                .checked_shl(32 - u32::from(link.prefix))
-                .unwrap_or(0);
-            u32::from(a) & mask == u32::from(link.address) & mask
-        };
-        if !on_link(gw) {
-            return Err(bad(format!(
-                "{}'s gateway {gw} is outside its subnet {}/{}: a pod VM takes networks whose \
-                 gateway is on the pod's link (CNI's bridge plugin, and IPAMs like it); \
-                 a /32 with a link-local gateway (Calico, Cilium) is not built yet",
-                link.ifname, link.address, link.prefix
-            )));
+        if let Some(why) = link.refusal() {
+            return Err(bad(why));
         }
         // One VM per pod namespace: another's tap is there (or will be).
         let id = ns.id().map_err(|e| DaemonError::Invalid(e.to_string()))?;
         for v in self.store().list_vms()? {
+            // (By path; by identity only for a VM up on it now: a
+            // namespace's inode may be a deleted one's again.)
             let same = v.spec.net.pod_netns.as_deref() == Some(path.as_path())
-                || v.runtime
-                    .pod_link
-                    .as_ref()
-                    .is_some_and(|p| p.netns_id == id);
+                || (v.runtime.state().is_up()
+                    && v.runtime
+                        .pod_link
+                        .as_ref()
+                        .is_some_and(|p| p.netns_id == id));
             if same {
                 return Err(bad(format!(
                     "vm {:?} has this pod's network already: one VM per pod namespace",

@@ -183,6 +183,15 @@ fn pod_tap(host: &Host<'_>, cx: &mut Acq<'_>, path: &std::path::Path) -> Result<
         gateway: link.gateway,
     };
     let seen = ns.inspect().map_err(bad)?;
+    // Checked at create, and again here: a stopped pod VM's namespace
+    // may not be what it was.
+    if let Some(why) = seen.refusal() {
+        return Err(DaemonError::Invalid(format!(
+            "vm {:?}: pod network namespace {}: {why}",
+            cx.vm.name,
+            path.display()
+        )));
+    }
     cx.vm.runtime.pod_link = Some(record(&seen));
     host.save(cx.vm)?;
     crate::failpoint::hit("start.tap.recorded")?;
