@@ -67,7 +67,18 @@ pub fn default_sizing(host: &HostResources) -> Sizing {
 /// Resolves a request against the host: defaults fill the gaps, explicit
 /// values are checked against what the host can give.
 pub fn resolve(req: &SizeRequest, host: &HostResources) -> Result<Sizing, SizingError> {
-    let d = default_sizing(host);
+    resolve_with(req, &default_sizing(host), host)
+}
+
+/// [`resolve`] with defaults `d` taken earlier (the daemon's, fixed when
+/// it started: a default that followed the free disk from one VM to the
+/// next would change the warm-start cache's key under it), checked
+/// against what the host can give now.
+pub fn resolve_with(
+    req: &SizeRequest,
+    d: &Sizing,
+    host: &HostResources,
+) -> Result<Sizing, SizingError> {
     let max_cpus = host.cores.clamp(1, MAX_CPUS);
     let cpus = req.cpus.unwrap_or(d.cpus.min(max_cpus));
     if cpus == 0 || cpus > max_cpus {
@@ -192,6 +203,29 @@ mod tests {
         ));
         let e = r(Some(0), None, None).unwrap_err().to_string();
         assert!(e.contains("--cpus 0"), "{e}");
+    }
+
+    /// Defaults taken earlier stay what they were while the free disk
+    /// moves (the warm-start cache is keyed by them), and are still
+    /// checked against what is free now.
+    #[test]
+    fn defaults_taken_earlier_do_not_drift() {
+        let d = default_sizing(&HOST);
+        let later = HostResources {
+            free_disk_mib: HOST.free_disk_mib - 6 * 1024,
+            ..HOST
+        };
+        assert_ne!(default_sizing(&later).disk_mib, d.disk_mib);
+        let r = resolve_with(&SizeRequest::default(), &d, &later).unwrap();
+        assert_eq!(r.disk_mib, d.disk_mib);
+        let full = HostResources {
+            free_disk_mib: 100,
+            ..HOST
+        };
+        assert!(matches!(
+            resolve_with(&SizeRequest::default(), &d, &full),
+            Err(SizingError::NoRoomForDefaultDisk(..))
+        ));
     }
 
     /// A nearly full disk: the default work disk does not fit, and the

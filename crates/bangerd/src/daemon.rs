@@ -33,6 +33,10 @@ pub type Events<'a> = &'a mut dyn FnMut(Event);
 #[derive(Debug)]
 pub struct Daemon {
     pub cfg: Config,
+    /// The host-aware default size, taken once at start: it follows the
+    /// free disk, and a default that moved from one VM to the next would
+    /// move the warm-start cache's key (a miss on every step).
+    pub(crate) default_sizing: banger_core::sizing::Sizing,
     store: Mutex<Store>,
     pub handles: HandleCache,
     /// One per VM name: serialises the operations on one VM.
@@ -213,6 +217,9 @@ impl Daemon {
             release_locks: KeyedLocks::default(),
             janitor_running: AtomicBool::new(false),
             net_lock: Mutex::new(()),
+            default_sizing: banger_core::sizing::default_sizing(
+                &banger_host::sysinfo::host_resources(&cfg.layout.state_dir),
+            ),
             warm_lock: Mutex::new(()),
             nat_lock: Arc::new(Mutex::new(())),
             janitor: Janitor::default(),

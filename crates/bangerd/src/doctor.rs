@@ -194,7 +194,7 @@ pub fn checks(d: &Daemon) -> Vec<Check> {
     }
     v.push(host_dns_check(d));
     let host = sysinfo::host_resources(&d.cfg.layout.state_dir);
-    let s = banger_core::sizing::default_sizing(&host);
+    let s = d.default_sizing;
     v.push(check(
         "sizing",
         true,

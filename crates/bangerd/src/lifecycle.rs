@@ -175,7 +175,7 @@ impl Daemon {
         };
         let mut sizing = match &snap {
             Some(s) => s.spec.sizing,
-            None => banger_core::sizing::resolve(&size, &host)?,
+            None => banger_core::sizing::resolve_with(&size, &self.default_sizing, &host)?,
         };
         self.check_pod_net(req, snap.is_some(), caller)?;
         // What only QEMU has picks it where no VMM is asked for (the
