@@ -264,9 +264,17 @@ disabled_plugins = [{disabled_cri}"io.containerd.snapshotter.v1.btrfs",
         );
         let ls = crate::ok(&inst.banger(&["vm", "ls"]), "vm ls");
         assert_eq!(ls.lines().count(), 1, "no VM but the header: {ls}");
-        let left: Vec<_> = std::fs::read_dir(&self.pods)
-            .map(|d| d.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default();
+        // A dead shim's pod dir goes with containerd's cleanup of it
+        // (`shim delete`), which runs on containerd's side of the shim's
+        // death, after the VM (its lease ended with the shim) is gone:
+        // waited for.
+        let pod_dirs = || -> Vec<PathBuf> {
+            std::fs::read_dir(&self.pods)
+                .map(|d| d.flatten().map(|e| e.path()).collect())
+                .unwrap_or_default()
+        };
+        crate::wait_until(Duration::from_secs(30), || pod_dirs().is_empty());
+        let left = pod_dirs();
         assert!(left.is_empty(), "pod dirs left: {left:?}");
         let mounts = crate::ok(
             &inst
