@@ -22,81 +22,6 @@ use crate::resources::{self, Acq, End, Resource, CREATE, START};
 const MAX_ROOT_MIB: u64 = 1 << 20;
 
 impl Daemon {
-    /// A pod network (`NetPolicy::pod_netns`, containerd's shim) is
-    /// root's, alone, and a namespace CNI has given one IPv4 interface:
-    /// checked before anything exists.
-    fn check_pod_net(
-        &self,
-        req: &banger_core::api::CreateVm,
-        clone: bool,
-        caller: &crate::access::Caller,
-    ) -> Result<()> {
-        let Some(path) = &req.net.pod_netns else {
-            return Ok(());
-        };
-        let bad = |why: String| {
-            DaemonError::Invalid(format!("pod network namespace {}: {why}", path.display()))
-        };
-        if caller.uid != 0 {
-            return Err(bad(
-                "only root may give a VM a pod's network (bangerd joins the namespace); \
-                 containerd's shim runs as root"
-                    .into(),
-            ));
-        }
-        let n = &req.net;
-        if n.none || !n.allow.is_empty() || !n.ports.is_empty() || n.network.is_some() {
-            return Err(bad(
-                "a pod VM's network is its pod's (CNI's): --net none, --allow-net, -p and \
-                 --network do not apply; leave them out"
-                    .into(),
-            ));
-        }
-        if clone {
-            return Err(bad(
-                "a clone (--from) has its snapshot's network; a pod VM boots cold".into(),
-            ));
-        }
-        if req.vmm == Some(VmmKind::Firecracker) {
-            return Err(bad(
-                "a pod VM runs on QEMU, which takes its tap as a descriptor from the pod's \
-                 namespace (Firecracker opens its tap by name in its own: not built yet); \
-                 leave --vmm out or give qemu"
-                    .into(),
-            ));
-        }
-        if !path.is_absolute() {
-            return Err(bad("give an absolute path".into()));
-        }
-        let ns = banger_host::podnet::Netns::open(path)
-            .map_err(|e| DaemonError::Invalid(e.to_string()))?;
-        let link = ns
-            .inspect()
-            .map_err(|e| DaemonError::Invalid(e.to_string()))?;
-        if let Some(why) = link.refusal() {
-            return Err(bad(why));
-        }
-        // One VM per pod namespace: another's tap is there (or will be).
-        let id = ns.id().map_err(|e| DaemonError::Invalid(e.to_string()))?;
-        for v in self.store().list_vms()? {
-            // (By path; by identity only for a VM up on it now: a
-            // namespace's inode may be a deleted one's again.)
-            let same = v.spec.net.pod_netns.as_deref() == Some(path.as_path())
-                || (v.runtime.state().is_up()
-                    && v.runtime
-                        .pod_link
-                        .as_ref()
-                        .is_some_and(|p| p.netns_id == id));
-            if same {
-                return Err(bad(format!(
-                    "vm {:?} has this pod's network already: one VM per pod namespace",
-                    v.name
-                )));
-            }
-        }
-        Ok(())
-    }
-
     // ---- create -------------------------------------------------------
 
     /// Creates a VM (and with `req.start`, boots it; with `req.rm`, deletes
@@ -177,7 +102,7 @@ impl Daemon {
             Some(s) => s.spec.sizing,
             None => banger_core::sizing::resolve_with(&size, &self.default_sizing, &host)?,
         };
-        self.check_pod_net(req, snap.is_some(), caller)?;
+        crate::resources::tap::check_pod_net(&self.host(), req, snap.is_some(), caller)?;
         // What only QEMU has picks it where no VMM is asked for (the
         // config's default included): virtio-fs for `--mount` (and so
         // every containerd container's root), and a pod VM's tap, handed

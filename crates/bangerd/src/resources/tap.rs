@@ -163,6 +163,81 @@ impl Resource for Tap {
     }
 }
 
+/// A pod network (`NetPolicy::pod_netns`, containerd's shim) is
+/// root's, alone, and a namespace CNI has given one IPv4 interface:
+/// checked before anything exists.
+pub(crate) fn check_pod_net(
+    host: &Host<'_>,
+    req: &banger_core::api::CreateVm,
+    clone: bool,
+    caller: &crate::access::Caller,
+) -> Result<()> {
+    let Some(path) = &req.net.pod_netns else {
+        return Ok(());
+    };
+    let bad = |why: String| {
+        DaemonError::Invalid(format!("pod network namespace {}: {why}", path.display()))
+    };
+    if caller.uid != 0 {
+        return Err(bad(
+            "only root may give a VM a pod's network (bangerd joins the namespace); \
+             containerd's shim runs as root"
+                .into(),
+        ));
+    }
+    let n = &req.net;
+    if n.none || !n.allow.is_empty() || !n.ports.is_empty() || n.network.is_some() {
+        return Err(bad(
+            "a pod VM's network is its pod's (CNI's): --net none, --allow-net, -p and \
+             --network do not apply; leave them out"
+                .into(),
+        ));
+    }
+    if clone {
+        return Err(bad(
+            "a clone (--from) has its snapshot's network; a pod VM boots cold".into(),
+        ));
+    }
+    if req.vmm == Some(banger_core::VmmKind::Firecracker) {
+        return Err(bad(
+            "a pod VM runs on QEMU, which takes its tap as a descriptor from the pod's \
+             namespace (Firecracker opens its tap by name in its own: not built yet); \
+             leave --vmm out or give qemu"
+                .into(),
+        ));
+    }
+    if !path.is_absolute() {
+        return Err(bad("give an absolute path".into()));
+    }
+    let ns =
+        banger_host::podnet::Netns::open(path).map_err(|e| DaemonError::Invalid(e.to_string()))?;
+    let link = ns
+        .inspect()
+        .map_err(|e| DaemonError::Invalid(e.to_string()))?;
+    if let Some(why) = link.refusal() {
+        return Err(bad(why));
+    }
+    // One VM per pod namespace: another's tap is there (or will be).
+    let id = ns.id().map_err(|e| DaemonError::Invalid(e.to_string()))?;
+    for v in host.store().list_vms()? {
+        // (By path; by identity only for a VM up on it now: a
+        // namespace's inode may be a deleted one's again.)
+        let same = v.spec.net.pod_netns.as_deref() == Some(path.as_path())
+            || (v.runtime.state().is_up()
+                && v.runtime
+                    .pod_link
+                    .as_ref()
+                    .is_some_and(|p| p.netns_id == id));
+        if same {
+            return Err(bad(format!(
+                "vm {:?} has this pod's network already: one VM per pod namespace",
+                v.name
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// A pod VM's tap, in its pod's namespace: the pod's interface is
 /// recorded (runtime, written out) before the tap is made, so that a
 /// daemon killed in between is followed by a release that finds what it
